@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# One entry point for working on maxwellhub:
+#
+#   ./dev.sh setup            install what is missing, nothing else
+#   ./dev.sh run [ARGS...]    set up, then run the main job (maxwellhub run ARGS...)
+#   ./dev.sh test [ARGS...]   set up, then run pytest (default: -q)
+#
+# Set-up is idempotent and takes about a second when everything is in place:
+#   1. Debian packages (Meep with MPI, mpi4py, OpenMPI, venv, h5py, matplotlib), via apt
+#      when we are root or have passwordless sudo; otherwise prints the command and stops.
+#   2. .venv made by Debian's /usr/bin/python3 with --system-site-packages, so it sees
+#      Debian's Meep and numpy (Meep is built against that numpy; it must never be upgraded).
+#   3. `pip install -e ".[test]"` into .venv, redone only when pyproject.toml changes.
+#   4. Best effort, for tests only: MaxwellLink in its own throwaway venv .peers/maxwelllink
+#      (no system site packages: it brings its own numpy 2 and scipy).
+set -euo pipefail
+
+ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+cd "$ROOT"
+
+# Drivers run one per molecule; a BLAS thread pool in each would oversubscribe the cores.
+export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+SYS_PYTHON=/usr/bin/python3
+VENV="$ROOT/.venv"
+STAMP="$VENV/.maxwellhub-stamp"
+PEER_SPEC="maxwelllink==0.5.0"
+PEER_VENV="$ROOT/.peers/maxwelllink"
+PEER_STAMP="$PEER_VENV/.maxwellhub-stamp"
+PEER_FAILED="$ROOT/.peers/maxwelllink.failed"
+DEB_PACKAGES=(
+    python3-meep-mpi-default
+    python3-mpi4py
+    openmpi-bin
+    python3-venv
+    python3-h5py
+    python3-matplotlib
+)
+
+say() { printf 'dev.sh: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+usage() {
+    cat >&2 <<'EOF'
+usage: ./dev.sh setup | run [ARGS...] | test [PYTEST ARGS...]
+  setup   install what is missing (Debian packages, .venv, editable install, test peer)
+  run     set up, then run the main job: .venv/bin/maxwellhub run ARGS...
+  test    set up, then run the tests: .venv/bin/python -m pytest ARGS... (default: -q)
+EOF
+}
+
+ensure_debian_packages() {
+    if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
+        say "this is not a Debian/Ubuntu (apt) system; maxwellhub's setup needs one."
+        say "Install by hand: Meep's Python bindings with MPI, mpi4py, OpenMPI, h5py and"
+        say "matplotlib for one Python >= 3.11 at /usr/bin/python3, then rerun. On Debian:"
+        say "  apt-get install -y ${DEB_PACKAGES[*]}"
+        exit 1
+    fi
+    local pkg status missing=()
+    for pkg in "${DEB_PACKAGES[@]}"; do
+        status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+        [[ "$status" == "install ok installed" ]] || missing+=("$pkg")
+    done
+    ((${#missing[@]} == 0)) && return 0
+
+    local sudo=()
+    if ((EUID != 0)); then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo=(sudo)
+        else
+            say "missing Debian packages, and installing them needs root (no passwordless sudo):"
+            echo "sudo apt-get install -y ${missing[*]}"
+            exit 1
+        fi
+    fi
+    say "installing Debian packages: ${missing[*]}"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+}
+
+# Exit status of one quick probe of .venv (one interpreter start, ~0.8 s for Meep):
+#   0 all good, 2 Meep does not import, 3 project or test deps not installed here,
+#   4 numpy is not Debian's. Uses find_spec, not import, so a half-written module in
+#   the tree does not make set-up reinstall.
+venv_probe() {
+    "$VENV/bin/python" -I - "$ROOT" >/dev/null 2>&1 <<'EOF'
+import os
+import sys
+from importlib.util import find_spec
+root = os.path.realpath(sys.argv[1])
+try:
+    import meep  # noqa: F401  (prints MPI chatter; the caller discards it)
+except Exception:
+    sys.exit(2)
+import numpy
+if not numpy.__file__.startswith("/usr/lib/python3/dist-packages/"):
+    sys.exit(4)
+want = {"maxwellhub": root + "/maxwellhub/", "maxwellhub_drivers": root + "/drivers/"}
+for name, where in want.items():
+    spec = find_spec(name)
+    if spec is None or not os.path.realpath(spec.origin or "").startswith(where):
+        sys.exit(3)
+for name in ("uvloop", "pytest", "pytest_asyncio", "pytest_timeout", "hypothesis"):
+    if find_spec(name) is None:
+        sys.exit(3)
+EOF
+}
+
+make_venv() {
+    [[ -x "$SYS_PYTHON" ]] || die "$SYS_PYTHON not found (Debian's python3 is needed for Meep)"
+    if ! "$SYS_PYTHON" -c 'import meep' >/dev/null 2>&1; then
+        die "$SYS_PYTHON cannot import meep although python3-meep-mpi-default is installed; try: $SYS_PYTHON -c 'import meep'"
+    fi
+    say "creating .venv with $SYS_PYTHON --system-site-packages"
+    rm -rf "$VENV"
+    "$SYS_PYTHON" -m venv --system-site-packages "$VENV"
+}
+
+project_hash() {
+    sha256sum pyproject.toml | cut -d' ' -f1
+}
+
+check_debian_numpy() {
+    local ours theirs
+    ours="$("$VENV/bin/python" -I -c 'import numpy; print(numpy.__version__)')"
+    theirs="$("$SYS_PYTHON" -I -c 'import numpy; print(numpy.__version__)')"
+    if [[ "$ours" != "$theirs" ]]; then
+        say "FATAL: .venv now has numpy $ours but Debian's is $theirs; Meep is built against"
+        say "Debian's. Something in pyproject.toml's dependencies upgraded it. Fix that, then:"
+        say "  rm -rf .venv && ./dev.sh setup"
+        exit 1
+    fi
+}
+
+ensure_venv_and_project() {
+    local rc=0
+    if [[ -x "$VENV/bin/python" ]]; then
+        venv_probe || rc=$?
+    else
+        rc=2
+    fi
+    if ((rc == 2)); then
+        make_venv
+        rc=3
+    elif ((rc == 4)); then
+        check_debian_numpy
+        die ".venv's numpy does not come from Debian; rm -rf .venv && ./dev.sh setup"
+    fi
+
+    local want
+    want="$(project_hash)"
+    if ((rc == 0)) && [[ -f "$STAMP" && "$(<"$STAMP")" == "$want" ]] \
+        && [[ -x "$VENV/bin/maxwellhub" && -x "$VENV/bin/maxwellhub-driver" ]]; then
+        return 0
+    fi
+    say "installing maxwellhub editable with test extras into .venv"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+    check_debian_numpy
+    printf '%s\n' "$want" >"$STAMP"
+}
+
+# The MaxwellLink peer is optional: tests that need it skip with a reason when it is absent.
+ensure_peer() {
+    if [[ -x "$PEER_VENV/bin/mxl_driver" && -f "$PEER_STAMP" \
+        && "$(<"$PEER_STAMP")" == "$PEER_SPEC" ]]; then
+        return 0
+    fi
+    if [[ -f "$PEER_FAILED" ]]; then
+        return 0  # a failed attempt is not retried on every run; see the warning it printed
+    fi
+    say "installing test peer $PEER_SPEC into .peers/maxwelllink (its own venv)"
+    mkdir -p "$ROOT/.peers"
+    rm -rf "$PEER_VENV"
+    local log="$ROOT/.peers/maxwelllink-install.log"
+    if "$SYS_PYTHON" -m venv "$PEER_VENV" >"$log" 2>&1 \
+        && "$PEER_VENV/bin/python" -m pip install -q --disable-pip-version-check \
+            "$PEER_SPEC" >>"$log" 2>&1 \
+        && [[ -x "$PEER_VENV/bin/mxl_driver" ]]; then
+        printf '%s\n' "$PEER_SPEC" >"$PEER_STAMP"
+        rm -f "$log"
+    else
+        date >"$PEER_FAILED"
+        say "warning: could not install $PEER_SPEC (see .peers/maxwelllink-install.log); peer tests will skip; rm -rf .peers to retry"
+    fi
+}
+
+setup() {
+    ensure_debian_packages
+    ensure_venv_and_project
+    ensure_peer
+}
+
+cmd="${1:-}"
+(($#)) && shift
+case "$cmd" in
+    setup)
+        setup
+        ;;
+    run)
+        setup
+        exec "$VENV/bin/maxwellhub" run "$@"
+        ;;
+    test)
+        setup
+        (($#)) || set -- -q
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    -h | --help | help)
+        usage
+        ;;
+    *)
+        usage
+        exit 2
+        ;;
+esac

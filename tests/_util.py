@@ -1,0 +1,70 @@
+"""Helpers shared by the tests: scaled deadlines, executables, socket names.
+
+Every deadline in the tests is a number of seconds passed through `scaled()`, so a slow
+machine sets MAXWELLHUB_TEST_TIMEOUT_FACTOR (say 3) instead of editing tests. Nothing here
+asserts on wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Environment variable holding a venv directory with MaxwellLink installed.
+MXL_VENV_ENV = "MAXWELLHUB_MXL_VENV"
+
+#: The peer venv ./dev.sh setup makes when it can.
+DEFAULT_MXL_VENV = REPO_ROOT / ".peers" / "maxwelllink"
+
+
+def timeout_factor() -> float:
+    """Return the deadline scale factor from MAXWELLHUB_TEST_TIMEOUT_FACTOR (default 1.0)."""
+    raw = os.environ.get("MAXWELLHUB_TEST_TIMEOUT_FACTOR", "").strip()
+    if not raw:
+        return 1.0
+    try:
+        factor = float(raw)
+    except ValueError:
+        raise ValueError(f"MAXWELLHUB_TEST_TIMEOUT_FACTOR={raw!r} is not a number") from None
+    if not factor > 0:
+        raise ValueError(f"MAXWELLHUB_TEST_TIMEOUT_FACTOR={raw!r} must be > 0")
+    return factor
+
+
+def scaled(seconds: float) -> float:
+    """Return `seconds` times the test timeout factor."""
+    return seconds * timeout_factor()
+
+
+def unix_socket_path(name: str) -> Path:
+    """Return the file a bare UNIX socket name maps to (MaxwellLink's convention)."""
+    return Path(f"/tmp/socketmxl_{name}")
+
+
+def driver_executable() -> Path:
+    """Return our `maxwellhub-driver` console script in the running venv."""
+    return Path(sys.executable).parent / "maxwellhub-driver"
+
+
+def mxl_venv() -> Path:
+    """Return the venv directory expected to hold MaxwellLink (it may not exist)."""
+    override = os.environ.get(MXL_VENV_ENV)
+    return Path(override) if override else DEFAULT_MXL_VENV
+
+
+def mxl_driver_executable() -> Path | None:
+    """Return MaxwellLink's `mxl_driver`, or None when the peer is not installed."""
+    path = mxl_venv() / "bin" / "mxl_driver"
+    return path if os.access(path, os.X_OK) else None
+
+
+def mxl_missing_reason() -> str:
+    """Say why the MaxwellLink peer is unavailable, for pytest.skip()."""
+    return (
+        f"MaxwellLink peer not installed: no executable {mxl_venv() / 'bin' / 'mxl_driver'} "
+        f"(./dev.sh setup installs it when it can, or set {MXL_VENV_ENV} to a venv with "
+        "maxwelllink==0.5.0)"
+    )
