@@ -1,0 +1,21 @@
+"""maxwellhub: the coupling hub between an FDTD solver (Meep) and molecular drivers.
+
+Public API: :class:`SocketHub` (synchronous, MaxwellLink-compatible), :class:`Hub`
+(asyncio), the MPI helpers and the errors. The wire codec is :mod:`maxwellhub.wire`.
+"""
+
+from __future__ import annotations
+
+from .addresses import get_available_host_port, unix_socket_path
+from .errors import (BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError,
+                     UsageError)
+from .hub import Hub, SocketHub, new_event_loop
+from .mpi import am_master, mpi_bcast_from_master
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Hub", "SocketHub", "new_event_loop", "am_master", "mpi_bcast_from_master",
+    "get_available_host_port", "unix_socket_path", "MaxwellHubError", "ProtocolError",
+    "UsageError", "BarrierTimeout", "DriverLost", "__version__",
+]

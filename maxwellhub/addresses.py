@@ -1,0 +1,46 @@
+"""Where hubs listen and drivers connect: socket-path resolution and free TCP ports.
+
+Shared by the hub and the driver so both sides resolve a name the same way. A bare UNIX
+socket name maps to ``/tmp/socketmxl_<name>`` (the path MaxwellLink's drivers look for).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+__all__ = ["UNIX_PREFIX", "DEFAULT_PORT", "unix_socket_path", "get_available_host_port"]
+
+UNIX_PREFIX = "/tmp/socketmxl_"
+DEFAULT_PORT = 31415
+
+
+def unix_socket_path(name_or_path: str | os.PathLike) -> str:
+    """``/tmp/socketmxl_<name>`` for a bare name; a path (absolute, or containing a
+    separator) is used as given, made absolute."""
+    text = os.fspath(name_or_path)
+    if not text:
+        raise ValueError("a UNIX socket name must not be empty")
+    if os.sep in text:
+        return str(Path(text).absolute())
+    return UNIX_PREFIX + text
+
+
+def get_available_host_port(localhost: bool = True,
+                            save_to_file: str | os.PathLike | None = None) -> tuple[str, int]:
+    """Ask the OS for a free TCP port; return ``(host, port)``.
+
+    With ``save_to_file`` the host and the port are written on two lines (written to a
+    temporary file and renamed, so a reader never sees half a file).
+    """
+    host = "127.0.0.1" if localhost else "0.0.0.0"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    if save_to_file is not None:
+        target = Path(save_to_file)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{host}\n{port}\n")
+        os.replace(tmp, target)
+    return host, port

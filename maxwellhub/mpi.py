@@ -1,0 +1,95 @@
+"""Rank-0 helpers for running under MPI; every function also works without mpi4py.
+
+Nothing here pickles: :func:`mpi_bcast_from_master` moves numpy arrays with ``Bcast`` and
+other values as UTF-8 JSON bytes, so data that came from a peer can never be unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+__all__ = ["comm_world", "am_master", "rank_and_size", "mpi_bcast_from_master"]
+
+
+@lru_cache(maxsize=1)
+def comm_world():
+    """MPI.COMM_WORLD, or None when mpi4py is missing or MPI is not initialised."""
+    try:
+        from mpi4py import MPI
+    except Exception:  # mpi4py absent or broken: behave as one process
+        return None
+    return MPI.COMM_WORLD
+
+
+def rank_and_size() -> tuple[int, int]:
+    """(rank, size) of this process; (0, 1) without MPI."""
+    comm = comm_world()
+    if comm is None:
+        return 0, 1
+    return comm.Get_rank(), comm.Get_size()
+
+
+def am_master() -> bool:
+    """True on MPI rank 0 and in a process without MPI."""
+    return rank_and_size()[0] == 0
+
+
+# Kinds of broadcast payload: a header of three int64 says kind, dtype code and length.
+_KIND_JSON, _KIND_ARRAY, _KIND_BYTES = 0, 1, 2
+_DTYPES = [np.dtype("<f8"), np.dtype("<i8"), np.dtype("<c16"), np.dtype("<f4"),
+           np.dtype("<i4"), np.dtype("u1"), np.dtype("?")]
+
+
+def _bcast_buffer(comm, buf: np.ndarray) -> np.ndarray:
+    comm.Bcast(buf, root=0)
+    return buf
+
+
+def mpi_bcast_from_master(value: Any) -> Any:
+    """Broadcast ``value`` from rank 0 to every rank and return it (unchanged without MPI).
+
+    Supported values: numpy arrays (of float64, int64, complex128, float32, int32, uint8,
+    bool; shape kept), bytes, and anything JSON can carry (None, numbers, strings, lists,
+    dicts with string keys). Other ranks' ``value`` is ignored.
+    """
+    comm = comm_world()
+    if comm is None or comm.Get_size() == 1:
+        return value
+    root = comm.Get_rank() == 0
+    header = np.zeros(4, dtype=np.int64)
+    payload = None
+    if root:
+        if isinstance(value, np.ndarray):
+            arr = np.ascontiguousarray(value)
+            code = next((i for i, d in enumerate(_DTYPES) if d == arr.dtype.newbyteorder("<")
+                         or d == arr.dtype), None)
+            if code is None:
+                raise TypeError(f"cannot broadcast arrays of dtype {arr.dtype}")
+            arr = arr.astype(_DTYPES[code], copy=False)
+            header[:] = (_KIND_ARRAY, code, arr.ndim, arr.size)
+            payload = arr
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            payload = np.frombuffer(bytes(value), dtype=np.uint8)
+            header[:] = (_KIND_BYTES, 0, 1, payload.size)
+        else:
+            payload = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+            header[:] = (_KIND_JSON, 0, 1, payload.size)
+    _bcast_buffer(comm, header)
+    kind, code, ndim, size = (int(x) for x in header)
+    if kind == _KIND_ARRAY:
+        shape = np.zeros(ndim, dtype=np.int64)
+        if root:
+            shape[:] = payload.shape
+        _bcast_buffer(comm, shape)
+        buf = payload if root else np.empty(size, dtype=_DTYPES[code])
+        _bcast_buffer(comm, buf.reshape(-1))
+        return value if root else buf.reshape(tuple(int(s) for s in shape))
+    buf = payload if root else np.empty(size, dtype=np.uint8)
+    _bcast_buffer(comm, buf)
+    if root:
+        return value
+    return buf.tobytes() if kind == _KIND_BYTES else json.loads(buf.tobytes().decode())

@@ -1,0 +1,415 @@
+"""Sans-I/O codec for the i-PI family of socket protocols (i-PI, MaxwellLink's EM profile).
+
+Bytes go in with :meth:`Decoder.feed`, events come out; ``encode_*`` functions turn events
+into bytes. This module never touches a socket, never converts units and never trusts a
+length field: every count read off the wire is checked against :class:`Limits` *before*
+any payload is buffered, so a peer cannot make us allocate more than the caps.
+
+Layouts (all little-endian, ``<i4`` integers and ``<f8`` reals; see shared/reference/wire.md):
+
+=============  ==================================================================  ============
+message        payload after the 12-byte space-padded header                       bytes
+=============  ==================================================================  ============
+STATUS         none (reply READY / NEEDINIT / HAVEDATA)                            12
+INIT           int32 id, int32 n, n bytes init string                              20 + n
+POSDATA        9 f64 cell, 9 f64 inverse cell, int32 nat, 3*nat f64 positions      160 + 24 nat
+GETFORCE       none                                                                12
+FORCEREADY     f64 energy, int32 nat, 3*nat f64 forces, 9 f64 virial, int32 m, m   100 + 24 nat + m
+STOP/BYE/EXIT  none                                                                12
+=============  ==================================================================  ============
+
+Cell and virial travel transposed (i-PI keeps lattice vectors as columns): the wire holds
+``h.T`` row-major. Events carry the matrices the way i-PI holds them (``h``).
+
+In the EM profile FIELDDATA = POSDATA (identity cells, nat = 1, the position is the field),
+GETSOURCE = GETFORCE and SOURCEREADY = FORCEREADY (energy 0, nat 1, the force is dmu/dt).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+from .errors import ProtocolError
+
+__all__ = [
+    "HEADER_SIZE", "STATUS", "READY", "NEEDINIT", "HAVEDATA", "INIT", "POSDATA", "GETFORCE",
+    "FORCEREADY", "STOP", "BYE", "EXIT", "FIELDDATA", "GETSOURCE", "SOURCEREADY",
+    "FIELD_STEP_SIZE", "SOURCE_READY_PREFIX_SIZE", "Limits", "Status", "Ready", "NeedInit",
+    "HaveData", "GetForce", "Stop", "Bye", "Exit", "Init", "PosData", "ForceReady", "Event",
+    "Decoder", "encode", "encode_header", "encode_init", "encode_posdata",
+    "encode_forceready", "encode_field_step", "encode_source_ready", "ProtocolError",
+]
+
+HEADER_SIZE = 12
+
+STATUS = b"STATUS"
+READY = b"READY"
+NEEDINIT = b"NEEDINIT"
+HAVEDATA = b"HAVEDATA"
+INIT = b"INIT"
+POSDATA = b"POSDATA"
+GETFORCE = b"GETFORCE"
+FORCEREADY = b"FORCEREADY"
+STOP = b"STOP"
+BYE = b"BYE"
+EXIT = b"EXIT"
+
+FIELDDATA = POSDATA
+GETSOURCE = GETFORCE
+SOURCEREADY = FORCEREADY
+
+_I32 = struct.Struct("<i")
+_F64 = struct.Struct("<d")
+_3F64 = struct.Struct("<3d")
+_MAT = struct.Struct("<9d")
+_INIT_HEAD = struct.Struct("<ii")
+# FIELDDATA (identity cell and inverse, nat = 1, field) fused with GETSOURCE: 196 bytes.
+_FIELD_STEP = struct.Struct("<12s9d9di3d12s")
+FIELD_STEP_SIZE = _FIELD_STEP.size
+# SOURCEREADY fixed part: header, energy, nat = 1, dmu/dt, virial, extras length: 124 bytes.
+_SOURCE_READY = struct.Struct("<12sdi3d9di")
+SOURCE_READY_PREFIX_SIZE = _SOURCE_READY.size
+
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+_ZEROS9 = (0.0,) * 9
+_MiB = 1 << 20
+
+
+def encode_header(name: bytes) -> bytes:
+    """The 12-byte space-padded header of message ``name``."""
+    if len(name) > HEADER_SIZE:
+        raise ValueError(f"message name {name!r} is longer than {HEADER_SIZE} bytes")
+    return name.ljust(HEADER_SIZE, b" ")
+
+
+_H = {name: encode_header(name) for name in
+      (STATUS, READY, NEEDINIT, HAVEDATA, INIT, POSDATA, GETFORCE, FORCEREADY, STOP, BYE, EXIT)}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Caps on what a peer may make us read. Violations are :class:`ProtocolError`."""
+
+    max_nat: int = 1
+    max_init_bytes: int = _MiB
+    max_extras_bytes: int = _MiB
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Hub asks the driver for its state."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Driver is initialised and idle."""
+
+
+@dataclass(frozen=True, slots=True)
+class NeedInit:
+    """Driver waits for INIT."""
+
+
+@dataclass(frozen=True, slots=True)
+class HaveData:
+    """Driver holds a computed result (between POSDATA and GETFORCE)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GetForce:
+    """Hub asks for the result (GETSOURCE in the EM profile)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """MaxwellLink's end of session; the driver answers BYE."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """Driver acknowledges STOP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """Stock i-PI end of session; no reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Init:
+    """INIT: an id (molecule id or bead index) and the init string (MaxwellLink: JSON)."""
+
+    ident: int
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PosData:
+    """POSDATA / FIELDDATA. ``cell`` and ``inverse`` are (3, 3) with lattice vectors as
+    columns; ``positions`` is (nat, 3). In the EM profile ``positions[0]`` is the field."""
+
+    cell: np.ndarray
+    inverse: np.ndarray
+    positions: np.ndarray
+
+    @property
+    def field(self) -> np.ndarray:
+        """The field vector of the EM profile (the first position)."""
+        return self.positions[0]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ForceReady:
+    """FORCEREADY / SOURCEREADY. ``forces`` is (nat, 3), ``virial`` (3, 3); in the EM
+    profile ``forces[0]`` is dmu/dt and ``extras`` the per-step JSON."""
+
+    energy: float
+    forces: np.ndarray
+    virial: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))
+    extras: bytes = b""
+
+    @property
+    def source(self) -> np.ndarray:
+        """dmu/dt of the EM profile (the first force)."""
+        return self.forces[0]
+
+
+Event = Union[Status, Ready, NeedInit, HaveData, GetForce, Stop, Bye, Exit, Init, PosData,
+              ForceReady]
+
+_SIMPLE = {STATUS: Status(), READY: Ready(), NEEDINIT: NeedInit(), HAVEDATA: HaveData(),
+           GETFORCE: GetForce(), STOP: Stop(), BYE: Bye(), EXIT: Exit()}
+_SIMPLE_NAME = {type(ev): name for name, ev in _SIMPLE.items()}
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _matrix_bytes(name: str, m) -> bytes:
+    a = np.asarray(m, dtype=np.float64)
+    if a.shape != (3, 3):
+        raise ValueError(f"{name} must be 3x3, got shape {a.shape}")
+    return np.ascontiguousarray(a.T, dtype="<f8").tobytes()
+
+
+def _rows3(name: str, v) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float64)
+    if a.ndim == 1:
+        a = a.reshape(1, -1)
+    if a.ndim != 2 or a.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (nat, 3), got {np.shape(v)}")
+    return a
+
+
+def encode_init(ident: int, payload: bytes = b"") -> bytes:
+    """INIT with ``ident`` and the raw init string."""
+    return _H[INIT] + _INIT_HEAD.pack(int(ident), len(payload)) + bytes(payload)
+
+
+def encode_posdata(cell, inverse, positions) -> bytes:
+    """POSDATA; ``cell``/``inverse`` with lattice vectors as columns, positions (nat, 3)."""
+    pos = _rows3("positions", positions)
+    return (_H[POSDATA] + _matrix_bytes("cell", cell) + _matrix_bytes("inverse cell", inverse)
+            + _I32.pack(pos.shape[0]) + np.ascontiguousarray(pos, dtype="<f8").tobytes())
+
+
+def encode_forceready(energy: float, forces, virial=None, extras: bytes = b"") -> bytes:
+    """FORCEREADY with forces (nat, 3), virial (3, 3) (zeros if omitted) and extras."""
+    f = _rows3("forces", forces)
+    vir = _matrix_bytes("virial", np.zeros((3, 3)) if virial is None else virial)
+    return (_H[FORCEREADY] + _F64.pack(float(energy)) + _I32.pack(f.shape[0])
+            + np.ascontiguousarray(f, dtype="<f8").tobytes() + vir
+            + _I32.pack(len(extras)) + bytes(extras))
+
+
+def encode_field_step(field3) -> bytes:
+    """The 196-byte FIELDDATA (identity cells, nat 1, the field) + GETSOURCE block."""
+    ex, ey, ez = field3
+    return _FIELD_STEP.pack(_H[POSDATA], *_IDENTITY, *_IDENTITY, 1,
+                            float(ex), float(ey), float(ez), _H[GETFORCE])
+
+
+def encode_source_ready(source3, extras: bytes = b"") -> bytes:
+    """SOURCEREADY: energy 0, nat 1, dmu/dt, zero virial, then ``extras``."""
+    sx, sy, sz = source3
+    return _SOURCE_READY.pack(_H[FORCEREADY], 0.0, 1, float(sx), float(sy), float(sz),
+                              *_ZEROS9, len(extras)) + bytes(extras)
+
+
+def encode(event: Event) -> bytes:
+    """Bytes of any event."""
+    name = _SIMPLE_NAME.get(type(event))
+    if name is not None:
+        return _H[name]
+    if isinstance(event, Init):
+        return encode_init(event.ident, event.payload)
+    if isinstance(event, PosData):
+        return encode_posdata(event.cell, event.inverse, event.positions)
+    if isinstance(event, ForceReady):
+        return encode_forceready(event.energy, event.forces, event.virial, event.extras)
+    raise TypeError(f"not a wire event: {event!r}")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+# Which messages each side may receive. A missing entry is a protocol error.
+_FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT})
+_FROM_DRIVER = frozenset({READY, NEEDINIT, HAVEDATA, FORCEREADY, BYE})
+_READERS = {"driver": (_FROM_HUB, "hub"), "hub": (_FROM_DRIVER, "driver")}
+_KNOWN = {name.ljust(HEADER_SIZE, b" "): name for name in _FROM_HUB | _FROM_DRIVER}
+
+
+def _all_finite(values) -> bool:
+    return all(math.isfinite(x) for x in values)
+
+
+class Decoder:
+    """Incremental decoder of one direction of a connection.
+
+    ``reader="hub"`` decodes what drivers send (READY, NEEDINIT, HAVEDATA, FORCEREADY, BYE);
+    ``reader="driver"`` what hubs send (STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT).
+    :meth:`feed` accepts any split of the byte stream and returns the complete events. A
+    violation raises :class:`ProtocolError`; the decoder then refuses further input.
+    """
+
+    __slots__ = ("_buf", "_accepts", "_sender", "_limits", "_error")
+
+    def __init__(self, reader: str = "hub", limits: Limits | None = None) -> None:
+        if reader not in _READERS:
+            raise ValueError(f"reader must be 'hub' or 'driver', not {reader!r}")
+        self._accepts, self._sender = _READERS[reader]
+        self._limits = limits or Limits()
+        self._buf = bytearray()
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet form a complete message."""
+        return len(self._buf)
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    def feed(self, data) -> list[Event]:
+        """Add received bytes; return the events they complete (possibly none)."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        buf += data
+        events: list[Event] = []
+        pos = 0
+        try:
+            while len(buf) - pos >= HEADER_SIZE:
+                ev, used = self._parse(buf, pos)
+                if ev is None:
+                    break
+                events.append(ev)
+                pos += used
+        except ProtocolError as exc:
+            self._error = exc
+            buf.clear()
+            raise
+        if pos:
+            del buf[:pos]
+        return events
+
+    # One parser per message; each returns (event, bytes used) or (None, 0) if incomplete.
+    def _parse(self, buf: bytearray, pos: int):
+        raw = bytes(buf[pos:pos + HEADER_SIZE])
+        name = _KNOWN.get(raw)
+        if name is None:
+            raise ProtocolError(f"unknown message header {raw!r} from the {self._sender}")
+        if name not in self._accepts:
+            raise ProtocolError(
+                f"message {name.decode()} is not valid from the {self._sender}")
+        simple = _SIMPLE.get(name)
+        if simple is not None:
+            return simple, HEADER_SIZE
+        if name == FORCEREADY:
+            return self._forceready(buf, pos)
+        if name == POSDATA:
+            return self._posdata(buf, pos)
+        return self._init(buf, pos)
+
+    def _nat(self, buf: bytearray, at: int, message: str) -> int:
+        (nat,) = _I32.unpack_from(buf, at)
+        if nat < 0 or nat > self._limits.max_nat:
+            raise ProtocolError(
+                f"{message}: nat = {nat} is outside 0..{self._limits.max_nat} (max_nat)")
+        return nat
+
+    def _forceready(self, buf: bytearray, pos: int):
+        avail = len(buf) - pos
+        if avail < 24:
+            return None, 0
+        nat = self._nat(buf, pos + 20, "FORCEREADY")
+        m_at = 24 + 24 * nat + 72
+        if avail < m_at + 4:
+            return None, 0
+        (m,) = _I32.unpack_from(buf, pos + m_at)
+        if m < 0 or m > self._limits.max_extras_bytes:
+            raise ProtocolError(
+                f"FORCEREADY: extras length {m} bytes is outside "
+                f"0..{self._limits.max_extras_bytes} (max_extras_bytes)")
+        total = m_at + 4 + m
+        if avail < total:
+            return None, 0
+        (energy,) = _F64.unpack_from(buf, pos + 12)
+        if not math.isfinite(energy):
+            raise ProtocolError(f"FORCEREADY: energy is not finite ({energy!r})")
+        if nat == 1:
+            f = _3F64.unpack_from(buf, pos + 24)
+            if not _all_finite(f):
+                raise ProtocolError(f"FORCEREADY: source/force is not finite {f!r}")
+            forces = np.array((f,), dtype=np.float64)
+        else:
+            forces = np.frombuffer(buf, "<f8", 3 * nat, pos + 24).astype(np.float64)
+            if not np.isfinite(forces).all():
+                raise ProtocolError("FORCEREADY: forces are not all finite")
+            forces = forces.reshape(nat, 3)
+        v = _MAT.unpack_from(buf, pos + m_at - 72)
+        if not _all_finite(v):
+            raise ProtocolError("FORCEREADY: virial is not finite")
+        virial = np.array(v, dtype=np.float64).reshape(3, 3).T.copy()
+        extras = bytes(buf[pos + m_at + 4:pos + total])
+        return ForceReady(energy, forces, virial, extras), total
+
+    def _posdata(self, buf: bytearray, pos: int):
+        avail = len(buf) - pos
+        if avail < 160:
+            return None, 0
+        nat = self._nat(buf, pos + 156, "POSDATA")
+        total = 160 + 24 * nat
+        if avail < total:
+            return None, 0
+        mats = np.frombuffer(buf, "<f8", 18, pos + 12).astype(np.float64)
+        if not np.isfinite(mats).all():
+            raise ProtocolError("POSDATA: cell or inverse cell is not finite")
+        positions = np.frombuffer(buf, "<f8", 3 * nat, pos + 160).astype(np.float64)
+        if not np.isfinite(positions).all():
+            raise ProtocolError(
+                f"POSDATA: field/positions are not finite {positions.tolist()!r}")
+        cell = mats[:9].reshape(3, 3).T.copy()
+        inverse = mats[9:].reshape(3, 3).T.copy()
+        return PosData(cell, inverse, positions.reshape(nat, 3)), total
+
+    def _init(self, buf: bytearray, pos: int):
+        avail = len(buf) - pos
+        if avail < 20:
+            return None, 0
+        ident, n = _INIT_HEAD.unpack_from(buf, pos + 12)
+        if n < 0 or n > self._limits.max_init_bytes:
+            raise ProtocolError(
+                f"INIT: init string length {n} bytes is outside "
+                f"0..{self._limits.max_init_bytes} (max_init_bytes)")
+        if avail < 20 + n:
+            return None, 0
+        return Init(ident, bytes(buf[pos + 20:pos + 20 + n])), 20 + n
