@@ -37,7 +37,8 @@ import os
 import socket
 import stat
 from collections import deque
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -729,8 +730,8 @@ class SocketHub:
 
     def step_barrier(self, requests: Mapping[int, Mapping],
                      timeout: float | None = None) -> dict[int, dict]:
-        if self.hub is None:
-            return {}
+        if self.hub is None or self._loop is None:
+            return {}  # not rank 0, or stopped: the "paused" case of the contract
         return self._run(self.hub.step_barrier(requests, timeout))
 
     def step(self, requests: Mapping[int, Mapping], timeout: float | None = None):

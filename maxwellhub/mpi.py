@@ -7,6 +7,8 @@ other values as UTF-8 JSON bytes, so data that came from a peer can never be unp
 from __future__ import annotations
 
 import json
+import os
+import sys
 from functools import lru_cache
 from typing import Any
 
@@ -15,9 +17,20 @@ import numpy as np
 __all__ = ["comm_world", "am_master", "rank_and_size", "mpi_bcast_from_master"]
 
 
+_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
+                  "SLURM_STEP_NUM_TASKS")
+
+
 @lru_cache(maxsize=1)
 def comm_world():
-    """MPI.COMM_WORLD, or None when mpi4py is missing or MPI is not initialised."""
+    """MPI.COMM_WORLD, or None when there is no MPI world to join.
+
+    mpi4py is imported (which initialises MPI) only when an MPI launcher started this
+    process or something else (Meep's MPI build) already imported it: a serial hub or
+    driver never pays for, or gets tangled in, MPI initialisation.
+    """
+    if "mpi4py.MPI" not in sys.modules and not any(v in os.environ for v in _LAUNCHER_VARS):
+        return None
     try:
         from mpi4py import MPI
     except Exception:  # mpi4py absent or broken: behave as one process

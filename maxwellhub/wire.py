@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
@@ -182,8 +181,8 @@ class ForceReady:
         return self.forces[0]
 
 
-Event = Union[Status, Ready, NeedInit, HaveData, GetForce, Stop, Bye, Exit, Init, PosData,
-              ForceReady]
+Event = (Status | Ready | NeedInit | HaveData | GetForce | Stop | Bye | Exit | Init | PosData
+         | ForceReady)
 
 _SIMPLE = {STATUS: Status(), READY: Ready(), NEEDINIT: NeedInit(), HAVEDATA: HaveData(),
            GETFORCE: GetForce(), STOP: Stop(), BYE: Bye(), EXIT: Exit()}

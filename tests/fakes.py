@@ -1,0 +1,96 @@
+"""In-process fake drivers for hub tests: asyncio peers that speak the wire via the codec,
+with hooks to misbehave. They do no physics: the source is a simple function of the field
+and the molecule id, so a test can check every value."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from maxwellhub import wire
+
+
+def fake_source(mid: int, field) -> tuple[float, float, float]:
+    """What a well-behaved fake answers for ``field`` at molecule ``mid``."""
+    return (2.0 * field[0] + mid, 3.0 * field[1] - mid, -field[2] + 0.5)
+
+
+class FakeDriver:
+    """A driver peer. ``silent_after`` fields: stop answering (stay connected);
+    ``close_after`` fields: close the connection on the next field (mid-step)."""
+
+    def __init__(self, address, *, close_after: int | None = None,
+                 silent_after: int | None = None, bad_reply: bytes | None = None) -> None:
+        self.address = address
+        self.close_after = close_after
+        self.silent_after = silent_after
+        self.bad_reply = bad_reply
+        self.fields: list[tuple[float, float, float]] = []
+        self.messages: list[str] = []
+        self.molecule_id: int | None = None
+        self.init_json: dict | None = None
+        self.task: asyncio.Task | None = None
+        self.closed = asyncio.Event()
+
+    def start(self) -> FakeDriver:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def _open(self):
+        if isinstance(self.address, str):
+            return await asyncio.open_unix_connection(self.address)
+        return await asyncio.open_connection(*self.address)
+
+    async def _run(self) -> None:
+        reader, writer = await self._open()
+        decoder = wire.Decoder("driver")
+        initialized = False
+        staged = None
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                for ev in decoder.feed(data):
+                    name = type(ev).__name__
+                    self.messages.append(name)
+                    if isinstance(ev, wire.Status):
+                        reply = wire.READY if initialized else wire.NEEDINIT
+                        if staged is not None:
+                            reply = wire.HAVEDATA
+                        writer.write(wire.encode_header(reply))
+                    elif isinstance(ev, wire.Init):
+                        initialized = True
+                        self.molecule_id = ev.ident
+                        self.init_json = json.loads(ev.payload or b"{}")
+                    elif isinstance(ev, wire.PosData):
+                        f = tuple(float(x) for x in ev.field)
+                        if self.close_after is not None and len(self.fields) >= self.close_after:
+                            writer.close()
+                            return
+                        self.fields.append(f)
+                        staged = f
+                    elif isinstance(ev, wire.GetForce):
+                        if self.bad_reply is not None:
+                            writer.write(self.bad_reply)
+                            await writer.drain()
+                            writer.close()
+                            return
+                        if self.silent_after is not None and len(self.fields) > self.silent_after:
+                            continue
+                        src = fake_source(self.molecule_id, staged)
+                        extras = json.dumps({"n": len(self.fields)}).encode()
+                        writer.write(wire.encode_source_ready(src, extras))
+                        staged = None
+                    elif isinstance(ev, wire.Stop):
+                        writer.write(wire.encode_header(wire.BYE))
+                        await writer.drain()
+                        writer.close()
+                        return
+                    elif isinstance(ev, wire.Exit):
+                        writer.close()
+                        return
+        except (ConnectionError, OSError):
+            return
+        finally:
+            self.closed.set()
