@@ -22,9 +22,10 @@ def unix_socket_path(name_or_path: str | os.PathLike) -> str:
     text = os.fspath(name_or_path)
     if not text:
         raise ValueError("a UNIX socket name must not be empty")
-    if os.sep in text:
-        return str(Path(text).absolute())
-    return UNIX_PREFIX + text
+    path = str(Path(text).absolute()) if os.sep in text else UNIX_PREFIX + text
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the terminating NUL
+        raise ValueError(f"UNIX socket path {path!r} is longer than 107 bytes")
+    return path
 
 
 def get_available_host_port(localhost: bool = True,

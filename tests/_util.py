@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from maxwellhub import addresses
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Environment variable holding a venv directory with MaxwellLink installed.
@@ -41,7 +43,7 @@ def scaled(seconds: float) -> float:
 
 def unix_socket_path(name: str) -> Path:
     """Return the file a bare UNIX socket name maps to (MaxwellLink's convention)."""
-    return Path(f"/tmp/socketmxl_{name}")
+    return Path(addresses.unix_socket_path(name))
 
 
 def driver_executable() -> Path:

@@ -1,0 +1,146 @@
+"""``maxwellhub-driver``: one molecule's model behind a socket, answering a maxwellhub hub.
+
+    maxwellhub-driver --unix demo --model tls --param omega=0.242 --param pe_initial=1e-4
+    maxwellhub-driver --host 127.0.0.1 --port 31415 --model sho --params-file sho.json
+
+Exit status: 0 after STOP or EXIT, 1 when the hub cannot be reached before --timeout or
+goes away early, 2 on a protocol error (or bad arguments), 3 when the model fails.
+"""
+
+# ruff: noqa: E402  (the thread pinning below must run before numpy is imported)
+from __future__ import annotations
+
+import os
+
+# A driver process is one of many on a machine: one BLAS/OpenMP thread each, always.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+             "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+__all__ = ["main", "parse_params", "parse_value"]
+
+
+def parse_value(text: str) -> Any:
+    """A ``--param`` value: bool (true/false), int, float, JSON list/object, else the string."""
+    stripped = text.strip()
+    lowered = stripped.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(stripped)
+        except ValueError:
+            pass
+    if stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"value {text!r} looks like JSON but is not: {exc}") from None
+    return stripped
+
+
+def _split_pairs(text: str) -> list[str]:
+    """Split on commas outside brackets, so MaxwellLink's ``"omega=0.24, mu12=187"`` works
+    and list values such as ``pe_initial=[0.1,0]`` stay whole."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts if part.strip()]
+
+
+def parse_params(pairs: list[str], params_file: str | None = None) -> dict[str, Any]:
+    """Model parameters from a JSON file, then ``key=value`` pairs (which override it)."""
+    params: dict[str, Any] = {}
+    if params_file is not None:
+        try:
+            with open(params_file, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--params-file {params_file}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--params-file {params_file}: expected a JSON object, got "
+                             f"{type(loaded).__name__}")
+        params.update(loaded)
+    for item in pairs:
+        for pair in _split_pairs(item):
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--param {pair!r}: expected key=value")
+            params[key.strip()] = parse_value(value)
+    return params
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maxwellhub-driver",
+        description="Run one molecule's model and answer a maxwellhub (or MaxwellLink) hub "
+                    "over a UNIX or TCP socket.",
+        epilog="Exit status: 0 after STOP or EXIT; 1 hub unreachable or gone; 2 protocol "
+               "error or bad arguments; 3 model failure.")
+    where = parser.add_argument_group("hub address (UNIX socket, or TCP by default)")
+    where.add_argument("--unix", metavar="NAME_OR_PATH",
+                       help="UNIX socket: a bare name means /tmp/socketmxl_NAME, an absolute "
+                            "path is used as given")
+    where.add_argument("--host", help="TCP host of the hub (default 127.0.0.1)")
+    where.add_argument("--port", type=int, default=31415, help="TCP port (default 31415)")
+    parser.add_argument("--model", default="tls",
+                        help="model: a registered name (tls, sho), an entry point of group "
+                             "maxwellhub.models, or package.module:ClassName (default tls)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="model parameter, repeatable; values parse as bool, int, float "
+                             "or JSON list, else string; 'a=1, b=2' also works")
+    parser.add_argument("--params-file", metavar="FILE.json",
+                        help="JSON object of model parameters (--param overrides it)")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="give up connecting after this long (default 60)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``maxwellhub-driver``; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.unix is not None and args.host is not None:
+        parser.error("give either --unix or --host/--port, not both")
+    if not args.timeout > 0:
+        parser.error(f"--timeout {args.timeout:g}: expected a number of seconds > 0")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+        format=("%(asctime)s " if args.verbose else "")
+        + "maxwellhub-driver: %(levelname)s: %(message)s")
+    log = logging.getLogger("maxwellhub.driver")
+
+    from .client import run_client, unix_socket_path
+    from .models import create_model
+
+    try:
+        params = parse_params(args.param, args.params_file)
+        model = create_model(args.model, n=1, **params)
+        if args.unix is not None:
+            unix_socket_path(args.unix)  # reject an overlong path before connecting
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        return run_client(model, unix=args.unix, host=args.host, port=args.port,
+                          timeout=args.timeout, logger=log)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

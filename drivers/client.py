@@ -1,0 +1,309 @@
+"""The driver's blocking client loop: connect to a hub, then answer it with one model.
+
+The session follows the i-PI client state machine in the EM profile (see
+shared/reference/wire.md): STATUS is answered NEEDINIT before INIT, HAVEDATA between
+POSDATA and GETFORCE and READY otherwise; INIT carries the molecule id and UTF-8 JSON with
+``dt_au``; POSDATA stages a step (the field is the single position), GETFORCE commits it and
+answers SOURCEREADY, so a step re-sent before GETFORCE is idempotent; STOP is answered BYE
+and EXIT ends the session silently.
+
+Framing is the shared codec :mod:`maxwellhub.wire`; this module only moves bytes. It never
+prints: it logs, and :func:`run_client` returns an exit status.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from maxwellhub import wire
+from maxwellhub.addresses import DEFAULT_PORT, unix_socket_path
+from maxwellhub.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from .models import Model
+
+__all__ = [
+    "EXIT_CONNECTION", "EXIT_MODEL", "EXIT_OK", "EXIT_PROTOCOL",
+    "DEFAULT_PORT", "connect", "run_client", "serve", "unix_socket_path",
+]
+
+
+#: Exit statuses of :func:`run_client` (and of ``maxwellhub-driver``).
+EXIT_OK = 0
+EXIT_CONNECTION = 1  # could not connect, or the hub went away without STOP/EXIT
+EXIT_PROTOCOL = 2  # the hub sent bad bytes, a message out of turn or an unusable INIT
+EXIT_MODEL = 3  # the model failed (for example a non-finite source)
+
+_LOG = logging.getLogger("maxwellhub.driver")
+_RECV_SIZE = 1 << 16
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 1.0
+# Errors that mean "the hub is not listening yet": keep trying until the deadline.
+_RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
+                 errno.EAGAIN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+class HubClosed(ConnectionError):
+    """The hub closed the connection before STOP or EXIT."""
+
+
+class ModelFailed(RuntimeError):
+    """The model raised while stepping or initialising."""
+
+
+def connect(*, unix: str | None = None, host: str | None = None, port: int = DEFAULT_PORT,
+            timeout: float = 60.0, logger: logging.Logger | None = None) -> socket.socket:
+    """Connect to the hub, retrying with exponential backoff (0.05 s doubling to 1 s)
+    until ``timeout`` seconds have passed; raise :class:`TimeoutError` then.
+
+    ``unix`` (name or absolute path) selects a UNIX socket, otherwise TCP to ``host``
+    (default 127.0.0.1) and ``port``. The returned socket is blocking with no timeout.
+    """
+    log = logger or _LOG
+    if unix is not None:
+        where = f"unix:{unix_socket_path(unix)}"
+        attempt = _unix_attempt(unix_socket_path(unix))
+    else:
+        address = (host or "127.0.0.1", int(port))
+        where = f"tcp:{address[0]}:{address[1]}"
+        attempt = _tcp_attempt(address)
+    deadline = time.monotonic() + timeout
+    delay = _BACKOFF_FIRST
+    tries = 0
+    while True:
+        tries += 1
+        remaining = deadline - time.monotonic()
+        try:
+            sock = attempt(max(remaining, 0.01))
+        except socket.gaierror as exc:
+            raise OSError(f"cannot resolve the hub's host in {where}: {exc}") from exc
+        except OSError as exc:
+            if exc.errno not in _RETRY_ERRNOS and not isinstance(exc, TimeoutError):
+                raise OSError(f"cannot connect to {where}: {exc}") from exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"could not connect to the hub at {where} within {timeout:g} s "
+                    f"({tries} attempts; last error: {exc.strerror or exc})") from None
+            log.debug("connect to %s failed (%s); retrying in %.2f s", where, exc, delay)
+            time.sleep(min(delay, remaining))
+            delay = min(2 * delay, _BACKOFF_MAX)
+            continue
+        log.info("connected to %s", where)
+        return sock
+
+
+def _unix_attempt(path: str):
+    def attempt(limit: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(limit)
+            sock.connect(path)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return attempt
+
+
+def _tcp_attempt(address: tuple[str, int]):
+    def attempt(limit: float) -> socket.socket:
+        sock = socket.create_connection(address, timeout=limit)
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    return attempt
+
+
+def run_client(model: Model, *, unix: str | None = None, host: str | None = None,
+               port: int = DEFAULT_PORT, timeout: float = 60.0,
+               logger: logging.Logger | None = None) -> int:
+    """Connect to the hub and serve ``model`` (one molecule) until the session ends.
+
+    Returns :data:`EXIT_OK` after STOP or EXIT, :data:`EXIT_CONNECTION` if the hub cannot
+    be reached within ``timeout`` seconds or goes away first, :data:`EXIT_PROTOCOL` on a
+    protocol error and :data:`EXIT_MODEL` if the model fails. Errors are logged as one line.
+    """
+    log = logger or _LOG
+    if model.n != 1:
+        raise ValueError(f"a driver connection serves one molecule; the model has n = {model.n}")
+    try:
+        sock = connect(unix=unix, host=host, port=port, timeout=timeout, logger=log)
+    except OSError as exc:  # TimeoutError included
+        log.error("%s", exc)
+        return EXIT_CONNECTION
+    with sock:
+        return serve(sock, model, logger=log)
+
+
+def serve(sock: socket.socket, model: Model, *, logger: logging.Logger | None = None) -> int:
+    """Answer the hub on the connected ``sock`` with ``model``; return an exit status as
+    :func:`run_client` does. The caller owns (and closes) ``sock``."""
+    log = logger or _LOG
+    session = _Session(sock, model, log)
+    try:
+        session.run()
+    except ProtocolError as exc:
+        log.error("protocol error%s: %s", session.who(), exc)
+        return EXIT_PROTOCOL
+    except ModelFailed as exc:
+        log.error("model error%s: %s", session.who(), exc)
+        return EXIT_MODEL
+    except OSError as exc:  # HubClosed, ConnectionResetError, ...
+        log.error("connection lost%s: %s", session.who(), exc)
+        return EXIT_CONNECTION
+    return EXIT_OK
+
+
+_NEEDINIT = wire.encode_header(wire.NEEDINIT)
+_READY = wire.encode_header(wire.READY)
+_HAVEDATA = wire.encode_header(wire.HAVEDATA)
+_BYE = wire.encode_header(wire.BYE)
+_ZERO_SOURCE = (0.0, 0.0, 0.0)
+
+
+class _Session:
+    """One connection's state machine. ``run`` returns when the session ends cleanly."""
+
+    def __init__(self, sock: socket.socket, model: Model, log: logging.Logger) -> None:
+        self.sock = sock
+        self.model = model
+        self.log = log
+        self.decoder = wire.Decoder(reader="driver")
+        self.init: tuple[int, float] | None = None  # (molecule id, dt_au) of the first INIT
+        self.steps = 0
+        self.handlers = {
+            wire.Status: self.on_status,
+            wire.Init: self.on_init,
+            wire.PosData: self.on_posdata,
+            wire.GetForce: self.on_getforce,
+            wire.Stop: self.on_stop,
+            wire.Exit: self.on_exit,
+        }
+
+    def who(self) -> str:
+        return "" if self.init is None else f" (molecule {self.init[0]})"
+
+    def run(self) -> None:
+        buf = bytearray(_RECV_SIZE)
+        view = memoryview(buf)
+        recv_into, feed, handlers = self.sock.recv_into, self.decoder.feed, self.handlers
+        while True:
+            n = recv_into(buf)
+            if n == 0:
+                pending = self.decoder.buffered
+                raise HubClosed(
+                    "the hub closed the connection before STOP or EXIT"
+                    + (f" (in the middle of a message, {pending} bytes buffered)"
+                       if pending else ""))
+            for event in feed(view[:n]):
+                handler = handlers.get(type(event))
+                if handler is None:  # the decoder admits only hub messages; be explicit
+                    raise ProtocolError(f"unexpected message {event!r} from the hub")
+                if handler(event):
+                    return
+
+    # Each handler returns True when the session is over.
+
+    def on_status(self, _event) -> bool:
+        if self.init is None:
+            self.sock.sendall(_NEEDINIT)
+        elif self.model.staged:
+            self.sock.sendall(_HAVEDATA)
+        else:
+            self.sock.sendall(_READY)
+        return False
+
+    def on_init(self, event: wire.Init) -> bool:
+        dt_au = _parse_init(event.payload)
+        if self.init is not None:
+            # Stock i-PI hubs may re-send INIT; the same one changes nothing.
+            if self.init == (event.ident, dt_au):
+                self.log.debug("INIT repeated for molecule %d; ignored", event.ident)
+                return False
+            raise ProtocolError(
+                f"INIT again with molecule id {event.ident} and dt_au {dt_au!r} after "
+                f"molecule id {self.init[0]} and dt_au {self.init[1]!r}")
+        try:
+            self.model.initialize(dt_au=dt_au, molecule_ids=[event.ident])
+        except Exception as exc:
+            raise ModelFailed(f"initialize failed: {type(exc).__name__}: {exc}") from exc
+        self.init = (event.ident, dt_au)
+        self.log.info("initialized molecule %d with dt_au = %r", event.ident, dt_au)
+        return False
+
+    def on_posdata(self, event: wire.PosData) -> bool:
+        if self.init is None:
+            raise ProtocolError("POSDATA (field) before INIT")
+        if event.positions.shape[0] != 1:
+            raise ProtocolError(
+                f"POSDATA with nat = {event.positions.shape[0]}; the EM profile sends the "
+                "field as exactly one position")
+        try:
+            self.model.stage(event.positions)
+        except Exception as exc:
+            raise ModelFailed(f"step {self.steps + 1} failed: {type(exc).__name__}: {exc}") \
+                from exc
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("step %d: field %s", self.steps + 1, event.positions[0].tolist())
+        return False
+
+    def on_getforce(self, _event) -> bool:
+        if self.init is None:
+            raise ProtocolError("GETFORCE (source request) before INIT")
+        try:
+            if self.model.staged:
+                source = self.model.commit()[0]
+                self.steps += 1
+            else:
+                self.log.warning("GETFORCE without a field since the last one; answering a "
+                                 "zero source")
+                source = _ZERO_SOURCE
+            extras = {key: float(value[0]) for key, value in self.model.extras().items()}
+        except Exception as exc:
+            raise ModelFailed(f"commit or extras failed: {type(exc).__name__}: {exc}") from exc
+        payload = json.dumps(extras, ensure_ascii=False, separators=(",", ":"),
+                             sort_keys=True).encode("utf-8")
+        self.sock.sendall(wire.encode_source_ready(source, payload))
+        return False
+
+    def on_stop(self, _event) -> bool:
+        try:
+            self.sock.sendall(_BYE)
+        except OSError:  # the hub may close right after STOP; the session is over anyway
+            pass
+        self.log.info("STOP after %d steps; said BYE", self.steps)
+        return True
+
+    def on_exit(self, _event) -> bool:
+        self.log.info("EXIT after %d steps", self.steps)
+        return True
+
+
+def _parse_init(payload: bytes) -> float:
+    """dt_au from an INIT string: UTF-8 JSON object (empty means {}) with dt_au > 0."""
+    try:
+        text = payload.decode("utf-8")
+        data = json.loads(text) if text.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(
+            f"INIT: the init string is not UTF-8 JSON ({exc}): {payload[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"INIT: the init string is JSON {type(data).__name__}, not an object")
+    if "dt_au" not in data:
+        raise ProtocolError(
+            f"INIT: no 'dt_au' (the time step in atomic units) in the init JSON; keys: "
+            f"{sorted(data)}")
+    dt_au = data["dt_au"]
+    if isinstance(dt_au, bool) or not isinstance(dt_au, int | float) or not dt_au > 0 \
+            or dt_au == float("inf"):
+        raise ProtocolError(f"INIT: dt_au = {dt_au!r} is not allowed; expected a number > 0")
+    return float(dt_au)

@@ -1,0 +1,529 @@
+"""The driver models (tls, sho), their base-class bookkeeping and the model registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+from _util import mxl_venv, scaled
+
+import maxwellhub_drivers.models as models
+from maxwellhub_drivers.models import (
+    Model,
+    SHOModel,
+    TLSModel,
+    create_model,
+    get_model_class,
+    register_model,
+)
+
+OMEGA = 0.24188843
+MU12 = 187.0819866
+DT = 0.5
+# A field whose coupling dt * E * mu12 is of order 0.1 rad per step: strong driving.
+E_SCALE = 1e-3
+
+TLS_EXTRAS = {"time_au", "energy_au", "mux_au", "muy_au", "muz_au", "Pe", "Pg", "Pge_real",
+              "Pge_imag"}
+SHO_EXTRAS = {"time_au", "energy_au", "mux_au", "muy_au", "muz_au", "mux_m_au", "muy_m_au",
+              "muz_m_au", "p_au", "q_au"}
+
+
+def random_fields(steps: int, n: int, seed: int = 0, scale: float = E_SCALE) -> np.ndarray:
+    """(steps, n, 3) random fields in a.u."""
+    return np.random.default_rng(seed).normal(scale=scale, size=(steps, n, 3))
+
+
+def tls_reference_step(rho, field, omega, mu12, axis, dt):
+    """One TLS step with scipy's general matrix exponential (MaxwellLink's formulation)."""
+    h0 = np.diag([0.0, omega]).astype(complex)
+    sigma_x = np.array([[0, 1], [1, 0]], dtype=complex)
+    half = scipy.linalg.expm(-1j * dt * h0 / 2)
+    u = half @ scipy.linalg.expm(1j * dt * field[axis] * mu12 * sigma_x) @ half
+    return u @ rho @ u.conj().T
+
+
+# ---------------------------------------------------------------- TLS physics
+
+
+def test_tls_invariants_over_many_steps():
+    """rho stays Hermitian, unit-trace and positive over 10^4 randomly driven steps."""
+    n, steps = 4, 10_000
+    model = create_model("tls", n=n, pe_initial=[0.0, 0.3, 1.0, 0.5],
+                         e_phase_initial=[0.0, 1.0, 0.0, -2.0], orientation=[0, 1, 2, 2])
+    model.initialize(dt_au=DT)
+    fields = random_fields(steps, n, seed=1)
+    history = np.empty((steps, n, 2, 2), dtype=complex)
+    for k in range(steps):
+        model.step(fields[k])
+        history[k] = model.get_state()["rho"]
+    hermitian_error = np.abs(history - history.conj().swapaxes(-1, -2)).max()
+    trace_error = np.abs(np.trace(history, axis1=-2, axis2=-1) - 1).max()
+    eigenvalues = np.linalg.eigvalsh(0.5 * (history + history.conj().swapaxes(-1, -2)))
+    assert hermitian_error < 1e-13
+    assert trace_error < 1e-12
+    assert eigenvalues.min() > -1e-12
+    assert eigenvalues.max() < 1 + 1e-12
+    assert np.abs(history).max() > 0.1  # the field really drove the molecules
+
+
+def test_tls_closed_form_matches_expm_reference():
+    """Each closed-form step equals the scipy.linalg.expm reference step to 1e-14, and a
+    300-step trajectory stays within 1e-12 of the reference (round-off accumulating)."""
+    params = {"omega": [OMEGA, 0.5, 0.1], "mu12": [MU12, 50.0, -300.0],
+              "orientation": [2, 0, 1], "pe_initial": [0.2, 0.0, 0.9],
+              "e_phase_initial": [0.3, 0.0, -1.0]}
+    n, steps = 3, 300
+    model = create_model("tls", n=n, **params)
+    model.initialize(dt_au=DT)
+    reference = model.get_state()["rho"]
+    fields = random_fields(steps, n, seed=2)
+    for k in range(steps):
+        before = model.get_state()["rho"]
+        sources = model.step(fields[k])
+        after = model.get_state()["rho"]
+        for i in range(n):
+            omega, mu12, axis = (params[key][i] for key in ("omega", "mu12", "orientation"))
+            one_step = tls_reference_step(before[i], fields[k, i], omega, mu12, axis, DT)
+            assert np.abs(after[i] - one_step).max() < 1e-14
+            expected = -2 * omega * mu12 * one_step[0, 1].imag
+            assert abs(sources[i, axis] - expected) < 1e-14 * 2 * omega * abs(mu12)
+            reference[i] = tls_reference_step(reference[i], fields[k, i], omega, mu12, axis,
+                                              DT)
+    assert np.abs(model.get_state()["rho"] - reference).max() < 1e-12
+
+
+def test_tls_free_precession():
+    """At E = 0 populations stay put and rho_01 turns as exp(+i omega t)."""
+    model = create_model("tls", pe_initial=0.25, e_phase_initial=0.7)
+    model.initialize(dt_au=DT)
+    rho0 = model.get_state()["rho"][0]
+    for k in range(1, 2001):
+        sources = model.step(np.zeros((1, 3)))
+        t = k * DT
+        rho = model.get_state()["rho"][0]
+        expected01 = rho0[0, 1] * np.exp(1j * OMEGA * t)
+        assert abs(rho[0, 1] - expected01) < 1e-12
+        assert abs(rho[1, 1].real - 0.25) < 1e-15
+        assert sources[0, 2] == pytest.approx(-2 * OMEGA * MU12 * expected01.imag, abs=1e-9)
+    assert model.time_au == pytest.approx(2000 * DT)
+
+
+def test_tls_batched_equals_single():
+    """n molecules in one model give what n single-molecule models give, to 1e-14."""
+    params = {"omega": [0.2, OMEGA, 0.3, 0.25, 0.4], "mu12": [100.0, MU12, 50.0, 10.0, 300.0],
+              "orientation": [0, 1, 2, 2, 0], "pe_initial": [0.0, 0.1, 0.5, 1.0, 0.01],
+              "e_phase_initial": [0.0, 0.5, 1.0, 1.5, 2.0]}
+    check_batched_equals_single("tls", params, steps=300)
+
+
+def check_batched_equals_single(name: str, params: dict, steps: int) -> None:
+    """Step a batched model and one model per molecule; compare sources and extras."""
+    n = len(next(iter(params.values())))
+    batched = create_model(name, n=n, **params)
+    batched.initialize(dt_au=DT, molecule_ids=list(range(10, 10 + n)))
+    singles = [create_model(name, **{key: value[i] for key, value in params.items()})
+               for i in range(n)]
+    for i, single in enumerate(singles):
+        single.initialize(dt_au=DT, molecule_ids=[10 + i])
+    fields = random_fields(steps, n, seed=3)
+    for k in range(steps):
+        sources = batched.step(fields[k])
+        extras = batched.extras()
+        for i, single in enumerate(singles):
+            one = single.step(fields[k][i:i + 1])
+            np.testing.assert_allclose(sources[i], one[0], rtol=1e-14, atol=1e-14)
+            for key, value in single.extras().items():
+                np.testing.assert_allclose(extras[key][i], value[0], rtol=1e-14, atol=1e-14)
+
+
+def test_stage_is_idempotent():
+    """Staging twice (even with another field first) then committing equals staging once."""
+    for name in ("tls", "sho"):
+        once = create_model(name, n=2)
+        twice = create_model(name, n=2)
+        for model in (once, twice):
+            model.initialize(dt_au=DT)
+        fields = random_fields(50, 2, seed=4)
+        for k in range(50):
+            before = twice.get_state()
+            twice.stage(-fields[k])
+            first = twice.stage(fields[k]).copy()
+            second = twice.stage(fields[k])
+            # staging leaves the committed state and its extras alone
+            for key, value in twice.get_state().items():
+                np.testing.assert_array_equal(value, before[key])
+            np.testing.assert_array_equal(first, second)
+            np.testing.assert_array_equal(twice.commit(), once.step(fields[k]))
+        for key, value in once.get_state().items():
+            np.testing.assert_array_equal(twice.get_state()[key], value)
+
+
+def test_tls_extras_keys_and_values():
+    """TLS extras carry MaxwellLink's keys, per molecule, for the committed state."""
+    model = create_model("tls", n=2, orientation=[0, 2], pe_initial=0.3, e_phase_initial=0.4)
+    model.initialize(dt_au=DT)
+    model.step(random_fields(1, 2, seed=5)[0])
+    extras = model.extras()
+    assert set(extras) == TLS_EXTRAS == {"time_au", *TLSModel.extras_keys}
+    rho = model.get_state()["rho"]
+    dipole = 2 * MU12 * rho[:, 0, 1].real
+    np.testing.assert_array_equal(extras["mux_au"], [dipole[0], 0.0])
+    np.testing.assert_array_equal(extras["muz_au"], [0.0, dipole[1]])
+    np.testing.assert_array_equal(extras["muy_au"], [0.0, 0.0])
+    np.testing.assert_allclose(extras["Pe"] + extras["Pg"], 1.0, rtol=1e-15)
+    np.testing.assert_allclose(extras["energy_au"], OMEGA * extras["Pe"], rtol=1e-15)
+    np.testing.assert_array_equal(extras["time_au"], [DT, DT])
+
+
+# ---------------------------------------------------------------- SHO physics
+
+
+def test_sho_energy_conservation_at_zero_field():
+    """Velocity Verlet at E = 0: K = p^2 + w^2 (1 - h) q^2 with h = (w dt)^2/4 is conserved
+    to 1e-12 relative over 40960 steps, so H = (p^2 + w^2 q^2)/2 stays within a relative
+    h/(1-h) (about 0.37 % at the defaults) and never drifts."""
+    model = create_model("sho", n=2, q_initial=[0.3, 0.0], p_initial=[0.1, -0.2])
+    model.initialize(dt_au=DT)
+    h = (OMEGA * DT) ** 2 / 4
+    steps = 40_960
+    k_values = np.empty((steps, 2))
+    h_values = np.empty((steps, 2))
+    for k in range(steps):
+        model.step(np.zeros((2, 3)))
+        state = model.get_state()
+        p, q = state["p"], state["q"]
+        k_values[k] = p * p + OMEGA**2 * (1 - h) * q * q
+        h_values[k] = 0.5 * (p * p + OMEGA**2 * q * q)
+    assert (np.ptp(k_values, axis=0) / k_values[0]).max() < 1e-12
+    assert (np.ptp(h_values, axis=0) / h_values.min(axis=0)).max() <= h / (1 - h) * (1 + 1e-9)
+    energy = model.extras()["energy_au"]
+    assert np.all(np.abs(energy - 0.5 * k_values[-1]) <= 0.5 * k_values[-1] * h / (1 - h))
+
+
+def test_sho_starts_with_the_force_of_q_initial():
+    """The first step from q_initial uses a = -omega^2 q_initial (MaxwellLink starts at 0)."""
+    q0, p0 = 0.3, 0.1
+    model = create_model("sho", q_initial=q0, p_initial=p0)
+    model.initialize(dt_au=DT)
+    model.step(np.zeros((1, 3)))
+    p_half = p0 - 0.5 * OMEGA**2 * q0 * DT
+    assert model.get_state()["q"][0] == pytest.approx(q0 + p_half * DT, rel=1e-15)
+
+
+def test_sho_follows_velocity_verlet_with_field():
+    """Under a field the SHO steps are MaxwellLink's velocity Verlet and report its extras."""
+    mu0, omega = 150.0, 0.3
+    model = create_model("sho", n=1, mu0=mu0, omega=omega, orientation=1)
+    model.initialize(dt_au=DT)
+    fields = random_fields(100, 1, seed=6)
+    p = q = a = t = 0.0
+    for k in range(100):
+        sources = model.step(fields[k])
+        e = fields[k, 0, 1]
+        p += 0.5 * a * DT
+        q += p * DT
+        a = -omega**2 * q + e * mu0
+        p += 0.5 * a * DT
+        p_half = p + 0.5 * a * DT
+        q_half = q + 0.5 * p_half * DT
+        t += DT
+        assert sources[0].tolist() == [0.0, p_half * mu0, 0.0]
+        extras = {key: value[0] for key, value in model.extras().items()}
+        assert extras == {"time_au": t, "energy_au": 0.5 * omega**2 * q_half**2
+                          + 0.5 * p_half**2, "mux_au": 0.0, "muy_au": mu0 * q_half,
+                          "muz_au": 0.0, "mux_m_au": 0.0, "muy_m_au": mu0 * q,
+                          "muz_m_au": 0.0, "p_au": p, "q_au": q}
+    assert set(model.extras()) == SHO_EXTRAS
+
+
+def test_sho_batched_equals_single():
+    """n SHOs in one model give what n single-molecule models give, to 1e-14."""
+    params = {"omega": [0.2, OMEGA, 0.3], "mu0": [100.0, MU12, 50.0],
+              "orientation": [0, 1, 2], "p_initial": [0.0, 0.1, -0.2],
+              "q_initial": [0.0, 0.5, 0.1]}
+    check_batched_equals_single("sho", params, steps=300)
+
+
+# ---------------------------------------------------------------- base-class bookkeeping
+
+
+@pytest.mark.parametrize("name", ["tls", "sho"])
+def test_state_round_trip(name):
+    """get_state/set_state round-trips exactly and a restored model continues identically."""
+    original = create_model(name, n=2, orientation=[0, 2])
+    original.initialize(dt_au=DT)
+    fields = random_fields(40, 2, seed=7)
+    for k in range(20):
+        original.step(fields[k])
+    state = original.get_state()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    assert float(state["time_au"]) == original.time_au == 20 * DT
+    json.dumps({k: v.tolist() for k, v in state.items() if v.dtype.kind != "c"})
+    restored = create_model(name, n=2, orientation=[0, 2])
+    restored.initialize(dt_au=DT)
+    restored.stage(fields[0])  # a staged step is dropped by set_state
+    restored.set_state(state)
+    assert not restored.staged
+    for value in state.values():  # the model holds its own copies
+        value[...] = 0
+    for k in range(20, 40):
+        np.testing.assert_array_equal(restored.step(fields[k]), original.step(fields[k]))
+    for key, value in original.extras().items():
+        np.testing.assert_array_equal(restored.extras()[key], value)
+
+
+def test_set_state_rejects_foreign_states():
+    """set_state names the wrong keys or shapes instead of accepting them."""
+    tls = create_model("tls", n=2)
+    with pytest.raises(ValueError, match="keys"):
+        tls.set_state(create_model("sho", n=2).get_state())
+    bad = tls.get_state()
+    bad["rho"] = bad["rho"][:1]
+    with pytest.raises(ValueError, match=r"shape \(1, 2, 2\), expected \(2, 2, 2\)"):
+        tls.set_state(bad)
+    bad = tls.get_state()
+    bad["time_au"] = np.array(np.nan)
+    with pytest.raises(ValueError, match="time_au"):
+        tls.set_state(bad)
+
+
+def test_usage_errors_are_clear():
+    """Stepping before initialize, committing nothing and bad fields or dt raise clearly."""
+    model = create_model("tls", n=2)
+    with pytest.raises(RuntimeError, match="initialize"):
+        model.stage(np.zeros((2, 3)))
+    with pytest.raises(RuntimeError, match="nothing staged"):
+        model.commit()
+    for dt in (0.0, -1.0, float("nan"), float("inf"), "x"):
+        with pytest.raises(ValueError, match="dt_au"):
+            model.initialize(dt_au=dt)
+    with pytest.raises(ValueError, match="molecule_ids"):
+        model.initialize(dt_au=DT, molecule_ids=[1])
+    model.initialize(dt_au=DT, molecule_ids=[5, 6])
+    assert model.molecule_ids.tolist() == [5, 6]
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*got shape \(3,\)"):
+        model.stage(np.zeros(3))
+    with pytest.raises(ValueError, match="molecule 6 is not finite"):
+        model.stage([[0.0, 0.0, 0.0], [0.0, np.inf, 0.0]])
+    assert not model.staged
+
+
+class Exploding(Model):
+    """A model whose second molecule's source is NaN."""
+
+    def _initial_state(self):
+        return {"x": np.zeros(self.n)}
+
+    def _stage_impl(self, state, fields):
+        sources = np.zeros((self.n, 3))
+        sources[1:] = np.nan
+        return state, sources
+
+
+def test_non_finite_sources_are_refused():
+    """A model producing a non-finite source raises FloatingPointError naming the molecule."""
+    model = Exploding(n=2)
+    model.initialize(dt_au=DT, molecule_ids=[5, 6])
+    with pytest.raises(FloatingPointError, match="source of molecule 6 is not finite"):
+        model.stage(np.zeros((2, 3)))
+    assert not model.staged and model.time_au == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("tls", {"omega": -1.0}, r"parameter omega = -1.0 is not allowed; expected .*> 0"),
+        ("tls", {"orientation": 3}, r"orientation = 3 is not allowed; expected 0 \(x\)"),
+        ("tls", {"orientation": 1.5}, r"orientation = 1.5 is not an integer"),
+        ("tls", {"pe_initial": 1.5}, r"pe_initial = 1.5 is not allowed; expected .*\[0, 1\]"),
+        ("tls", {"pe_initial": [0.1, 2.0]}, r"pe_initial = 2.0 \(molecule index 1\)"),
+        ("tls", {"pe_initial": [0.1, 0.2, 0.3]}, r"pe_initial .* shape \(3,\); expected a "
+                                                 r"scalar or a sequence of length n = 2"),
+        ("tls", {"mu12": "big"}, r"mu12 = 'big' is not a number"),
+        ("tls", {"mu12": float("nan")}, r"mu12 = nan is not allowed; expected a finite"),
+        ("sho", {"omega": 0}, r"omega = 0 is not allowed"),
+        ("tls", {"mu0": 1.0}, r"unknown parameter\(s\) mu0; allowed: omega, mu12, "
+                              r"orientation, pe_initial, e_phase_initial"),
+        ("sho", {"mu12": 1.0, "verbose": True}, r"unknown parameter\(s\) mu12, verbose; "
+                                                r"allowed: omega, mu0, orientation"),
+    ],
+)
+def test_parameter_validation(name, params, message):
+    """A bad parameter raises ValueError naming it, its value and what is allowed."""
+    with pytest.raises(ValueError, match=message):
+        create_model(name, n=2, **params)
+
+
+def test_parameters_broadcast_and_defaults():
+    """Parameters are MaxwellLink's names and defaults, broadcast to read-only (n,) arrays."""
+    model = create_model("tls", n=3, pe_initial=[0.1, 0.2, 0.3])
+    assert model.params["omega"].tolist() == [OMEGA] * 3
+    assert model.params["mu12"].tolist() == [MU12] * 3
+    assert model.params["orientation"].tolist() == [2, 2, 2]
+    assert model.params["pe_initial"].tolist() == [0.1, 0.2, 0.3]
+    with pytest.raises(ValueError):
+        model.params["omega"][0] = 1.0
+    sho = create_model("sho")
+    assert {k: v.tolist() for k, v in sho.params.items()} == {
+        "omega": [OMEGA], "mu0": [MU12], "orientation": [2], "p_initial": [0.0],
+        "q_initial": [0.0]}
+    with pytest.raises(ValueError, match="n = 0"):
+        create_model("tls", n=0)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_by_name_and_dotted_path():
+    """Models are found by registered name and by 'package.module:ClassName'."""
+    assert get_model_class("tls") is TLSModel
+    assert get_model_class("sho") is SHOModel
+    assert get_model_class("maxwellhub_drivers.models.tls:TLSModel") is TLSModel
+    assert isinstance(create_model("maxwellhub_drivers.models.sho:SHOModel", n=2), SHOModel)
+    with pytest.raises(ValueError, match=r"unknown model 'nope'; known: .*sho.*tls"):
+        get_model_class("nope")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
+        get_model_class("no_such_module_xyz:Model")
+    with pytest.raises(ValueError, match="has no attribute 'Nope'"):
+        get_model_class("maxwellhub_drivers.models.tls:Nope")
+    with pytest.raises(ValueError, match="not a subclass"):
+        get_model_class("json:dumps")
+
+
+def write_user_model(directory: Path) -> None:
+    """A user's module defining a one-parameter model (source = field * gain)."""
+    (directory / "user_models_for_test.py").write_text(textwrap.dedent("""
+        import numpy as np
+        from maxwellhub_drivers.models import Model, Parameter
+
+        class Echo(Model):
+            name = "echo"
+            parameters = {"gain": Parameter(2.0, "source per field")}
+            extras_keys = ("count",)
+
+            def _initial_state(self):
+                return {"count": np.zeros(self.n)}
+
+            def _stage_impl(self, state, fields):
+                return {"count": state["count"] + 1}, fields * self.params["gain"][:, None]
+
+            def _extras_impl(self, state):
+                return {"count": state["count"].copy()}
+    """))
+
+
+def test_user_model_by_dotted_path_register_and_entry_point(tmp_path, monkeypatch):
+    """A user model loads by dotted path, by register_model and by entry point."""
+    write_user_model(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(models, "_registry", dict(models._registry))
+    echo_cls = get_model_class("user_models_for_test:Echo")
+    model = create_model("user_models_for_test:Echo", gain=3.0)
+    model.initialize(dt_au=1.0)
+    assert model.step([[1.0, 2.0, 3.0]]).tolist() == [[3.0, 6.0, 9.0]]
+    assert model.extras() == {"time_au": np.array([1.0]), "count": np.array([1.0])}
+
+    register_model("echo", echo_cls)
+    assert get_model_class("echo") is echo_cls
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("tls", echo_cls)
+
+    @register_model("echo2")
+    class Echo2(echo_cls):
+        pass
+
+    assert get_model_class("echo2") is Echo2
+
+    point = EntryPoint(name="from_ep", value="user_models_for_test:Echo",
+                       group=models.ENTRY_POINT_GROUP)
+
+    def fake_entry_points(group, name=None):
+        assert group == models.ENTRY_POINT_GROUP
+        return [point] if name in (None, point.name) else []
+
+    monkeypatch.setattr(models, "entry_points", fake_entry_points)
+    assert get_model_class("from_ep") is echo_cls
+    assert "from_ep" in models.available_models()
+    assert issubclass(echo_cls, Model)
+
+
+# ---------------------------------------------------------------- MaxwellLink equivalence
+
+
+def mxl_python() -> Path | None:
+    """A Python with MaxwellLink 0.5.0 installed (the peer venv or /tmp/mxlvenv), or None."""
+    for venv in (mxl_venv(), Path("/tmp/mxlvenv")):
+        if (venv / "bin" / "python").exists():
+            return venv / "bin" / "python"
+    return None
+
+
+MXL_SCRIPT = """
+import contextlib, json, sys
+import numpy as np
+from maxwelllink.mxl_drivers.python.models.sho_model import SHOModel
+from maxwelllink.mxl_drivers.python.models.tls_model import TLSModel
+
+job = json.load(sys.stdin)
+out = {}
+with contextlib.redirect_stdout(sys.stderr):  # their initialize() prints
+    for name, cls in (("tls", TLSModel), ("sho", SHOModel)):
+        model = cls(**job[name])
+        model.initialize(job["dt_au"], 0)
+        sources, extras = [], []
+        for field in job["fields"]:
+            model.stage_step(np.array(field))
+            sources.append(model.commit_step().tolist())
+            extras.append(model.append_additional_data())
+        out[name] = {"sources": sources, "extras": extras}
+print(json.dumps(out))
+"""
+
+
+def test_same_sources_as_maxwelllink_models():
+    """Our tls and sho give MaxwellLink 0.5.0's sources and extras to 1e-10 relative."""
+    python = mxl_python()
+    if python is None:
+        pytest.skip(f"MaxwellLink not installed: no {mxl_venv() / 'bin' / 'python'} and no "
+                    "/tmp/mxlvenv/bin/python")
+    steps = 200
+    fields = random_fields(steps, 1, seed=8)[:, 0, :]
+    job = {
+        "dt_au": DT,
+        "fields": fields.tolist(),
+        "tls": {"omega": 0.242, "mu12": 187.0, "orientation": 1, "pe_initial": 0.3,
+                "e_phase_initial": 0.4},
+        "sho": {"omega": 0.3, "mu0": 150.0, "orientation": 0, "p_initial": 0.05},
+    }
+    done = subprocess.run([str(python), "-c", MXL_SCRIPT], input=json.dumps(job),
+                          capture_output=True, text=True, timeout=scaled(60))
+    assert done.returncode == 0, done.stderr
+    theirs = json.loads(done.stdout)
+    for name in ("tls", "sho"):
+        model = create_model(name, **job[name])
+        model.initialize(dt_au=DT, molecule_ids=[0])
+        ours_sources = []
+        ours_extras = []
+        for k in range(steps):
+            ours_sources.append(model.step(fields[k:k + 1])[0])
+            ours_extras.append({key: float(v[0]) for key, v in model.extras().items()})
+        compare_relative(np.array(ours_sources), np.array(theirs[name]["sources"]), name)
+        assert [set(e) for e in ours_extras] == [set(e) for e in theirs[name]["extras"]]
+        for key in ours_extras[0]:
+            compare_relative(np.array([e[key] for e in ours_extras]),
+                             np.array([e[key] for e in theirs[name]["extras"]]),
+                             f"{name} extras {key}")
+
+
+def compare_relative(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
+    """Agreement to 1e-10 relative to the largest magnitude of the series."""
+    scale = max(np.abs(theirs).max(), 1e-300)
+    worst = np.abs(ours - theirs).max() / scale
+    assert worst < 1e-10, f"{what}: relative difference {worst:.3g}"
