@@ -44,7 +44,7 @@ import numpy as np
 
 from . import wire
 from .addresses import DEFAULT_PORT, unix_socket_path
-from .errors import BarrierTimeout, ProtocolError, UsageError
+from .errors import BarrierTimeout, DriverLost, ProtocolError, UsageError
 from .mpi import am_master
 
 __all__ = ["Hub", "SocketHub", "new_event_loop"]
@@ -584,16 +584,25 @@ class Hub:
         when paused, aborted by a lost driver, or incomplete at ``timeout``."""
         return await self._run_barrier(requests, timeout, abort_on_loss=True) or {}
 
-    async def step(self, requests: Mapping[int, Mapping],
-                   timeout: float | None = None) -> dict[int, dict]:
-        """The barrier, waiting for replacement drivers until ``timeout``; raises
-        :class:`BarrierTimeout` naming the missing molecules when it passes."""
-        results = await self._run_barrier(requests, timeout, abort_on_loss=False)
+    async def step(self, requests: Mapping[int, Mapping], timeout: float | None = None,
+                   on_lost: str = "wait") -> dict[int, dict]:
+        """The barrier with a deadline. ``on_lost`` is the policy when a molecule has no
+        driver: ``"wait"`` for a replacement until ``timeout``, then raise
+        :class:`BarrierTimeout` naming the missing molecules; ``"abort"`` raise
+        :class:`DriverLost` at once, naming them (the frozen step is kept either way)."""
+        if on_lost not in ("wait", "abort"):
+            raise UsageError(f"on_lost must be 'wait' or 'abort', not {on_lost!r}")
+        abort = on_lost == "abort"
+        results = await self._run_barrier(requests, timeout, abort_on_loss=abort)
         if results is not None:
             return results
         barrier = self._barrier
         if barrier is None or self.paused:
             raise BarrierTimeout("the hub is stopped; no step can complete")
+        if abort and barrier.lost:
+            lost = sorted(set(barrier.lost))
+            raise DriverLost(f"step {self.step_index}: the driver of molecule(s) {lost} is "
+                             "gone and the policy is to abort")
         missing = sorted(set(barrier.fields) - set(barrier.results))
         unbound = [m for m in missing if self._molecules[m].driver is None]
         wait = self.timeout if timeout is None else timeout
@@ -734,11 +743,12 @@ class SocketHub:
             return {}  # not rank 0, or stopped: the "paused" case of the contract
         return self._run(self.hub.step_barrier(requests, timeout))
 
-    def step(self, requests: Mapping[int, Mapping], timeout: float | None = None):
-        """The barrier with waiting for replacement drivers; raises BarrierTimeout."""
+    def step(self, requests: Mapping[int, Mapping], timeout: float | None = None,
+             on_lost: str = "wait") -> dict[int, dict]:
+        """The barrier with a deadline; see :meth:`Hub.step` (raises instead of ``{}``)."""
         if self.hub is None:
             raise UsageError("step is only available on MPI rank 0")
-        return self._run(self.hub.step(requests, timeout))
+        return self._run(self.hub.step(requests, timeout, on_lost))
 
     def status(self) -> dict:
         return self.hub.status() if self.hub else {}

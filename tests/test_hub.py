@@ -326,3 +326,17 @@ def test_helpers_without_mpi(tmp_path):
     host, port = get_available_host_port(save_to_file=tmp_path / "addr")
     assert host == "127.0.0.1" and 0 < port < 65536
     assert (tmp_path / "addr").read_text().split() == [host, str(port)]
+
+
+async def test_abort_policy_names_the_lost_molecule(hub):
+    """With on_lost='abort', a driver lost mid-step raises DriverLost naming its molecule
+    at once, and the step can still be completed later by a replacement."""
+    from maxwellhub import DriverLost
+
+    ids, fakes = await bind(hub, 3)
+    fakes[2].close_after = 0
+    with pytest.raises(DriverLost, match=rf"\[{ids[2]}\]"):
+        await asyncio.wait_for(hub.step(requests_for(ids, 0), on_lost="abort"), scaled(5))
+    FakeDriver(hub.address).start()
+    check_results(await hub.step(requests_for(ids, 0), timeout=scaled(5)), ids, 0)
+    assert [len(fakes[0].fields), len(fakes[1].fields)] == [1, 1]
