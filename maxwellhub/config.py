@@ -1,0 +1,265 @@
+"""The TOML configuration of ``maxwellhub run``: parsing and validation, nothing else.
+
+Every mistake is reported before anything starts, as a :class:`ConfigError` naming the
+key (dotted, e.g. ``molecules[1].sigma``) and what is allowed. Example (the 2D default)::
+
+    [simulation]
+    dimensions = 2            # 1, 2 or 3
+    cell = [8.0, 8.0]         # Meep length units, one per dimension
+    resolution = 10
+    pml = 3.0
+    time_units_fs = 0.1
+    until = 90                # Meep time units
+
+    [transport]
+    kind = "unix"             # unix (default), tcp or embedded
+
+    [[molecules]]
+    model = "tls"
+    position = [0.0, 0.0]     # or positions = [[x, y], ...]
+    count = 1                 # copies at `position`
+    sigma = 0.1               # Gaussian width; 0 = point kernel
+    axis = "z"
+    [molecules.params]        # the model's own parameters (a.u.)
+    omega = 0.242
+    mu12 = 187.0
+    pe_initial = 1e-4
+
+    [output]
+    directory = "out/relax_2d"
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+__all__ = ["ConfigError", "Config", "Simulation", "Transport", "MoleculeGroup", "Output",
+           "load_config", "parse_config"]
+
+
+class ConfigError(UsageError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class Simulation:
+    dimensions: int
+    cell: tuple[float, ...]
+    resolution: float
+    pml: float
+    time_units_fs: float
+    until: float
+
+
+@dataclass(frozen=True)
+class Transport:
+    kind: str = "unix"
+    name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class MoleculeGroup:
+    model: str
+    positions: tuple[tuple[float, ...], ...]
+    sigma: float = 0.1
+    axis: str = "z"
+    rescaling: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Output:
+    directory: Path
+    record_every: int = 1
+    plot: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    simulation: Simulation
+    transport: Transport
+    molecules: tuple[MoleculeGroup, ...]
+    output: Output
+    source: Path | None = None
+
+    @property
+    def molecule_count(self) -> int:
+        return sum(len(g.positions) for g in self.molecules)
+
+
+_TRANSPORTS = ("unix", "tcp", "embedded")
+_AXES = ("x", "y", "z", "xy", "xz", "yz", "xyz")
+
+
+class _Table:
+    """A TOML table being validated: typed getters that name the key on error."""
+
+    def __init__(self, data: Any, where: str, allowed: tuple[str, ...]) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or 'the file'} must be a table, got {data!r}")
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ConfigError(f"unknown key {self._key(where, unknown[0])}; allowed keys "
+                              f"in {where or 'the top level'}: {', '.join(allowed)}")
+        self.data = data
+        self.where = where
+
+    @staticmethod
+    def _key(where: str, key: str) -> str:
+        return f"{where}.{key}" if where else key
+
+    def key(self, key: str) -> str:
+        return self._key(self.where, key)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise ConfigError(f"missing key {self.key(key)}")
+            return default
+        return self.data[key]
+
+    def number(self, key: str, default: Any = ..., *, low: float | None = None,
+               low_open: bool = False, integer: bool = False) -> Any:
+        value = self.get(key, default)
+        kind = "an integer" if integer else "a number"
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+            raise ConfigError(f"{self.key(key)} = {value!r}; expected {kind}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise ConfigError(f"{self.key(key)} = {value!r}; expected {kind} "
+                              f"{'>' if low_open else '>='} {low:g}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
+        value = self.get(key, default)
+        if value not in choices:
+            raise ConfigError(f"{self.key(key)} = {value!r}; allowed: {', '.join(choices)}")
+        return value
+
+    def vector(self, key: str, length: int, value: Any = ...) -> tuple[float, ...]:
+        value = self.get(key) if value is ... else value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and length == 1:
+            value = [value]
+        if (not isinstance(value, list) or len(value) != length
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                           and math.isfinite(x) for x in value)):
+            raise ConfigError(f"{self.key(key)} = {value!r}; expected a list of {length} "
+                              "numbers (one per dimension)")
+        return tuple(float(x) for x in value)
+
+
+def parse_config(data: dict, source: Path | None = None) -> Config:
+    """Validate a parsed TOML document."""
+    top = _Table(data, "", ("simulation", "transport", "molecules", "output"))
+    sim_t = _Table(top.get("simulation"), "simulation",
+                   ("dimensions", "cell", "resolution", "pml", "time_units_fs", "until"))
+    dims = sim_t.number("dimensions", integer=True)
+    if dims not in (1, 2, 3):
+        raise ConfigError(f"simulation.dimensions = {dims}; allowed: 1, 2, 3")
+    cell = sim_t.vector("cell", dims)
+    if min(cell) <= 0:
+        raise ConfigError(f"simulation.cell = {list(cell)}; every size must be > 0")
+    pml = sim_t.number("pml", 0.0, low=0.0)
+    if min(cell) <= 2 * pml:
+        raise ConfigError(f"simulation.pml = {pml:g} leaves no interior in a cell of "
+                          f"{list(cell)}; need 2*pml < every cell size")
+    simulation = Simulation(
+        dimensions=dims, cell=cell, pml=float(pml),
+        resolution=float(sim_t.number("resolution", low=0.0, low_open=True)),
+        time_units_fs=float(sim_t.number("time_units_fs", 0.1, low=0.0, low_open=True)),
+        until=float(sim_t.number("until", low=0.0, low_open=True)))
+
+    tr_t = _Table(top.get("transport", {}), "transport",
+                  ("kind", "name", "host", "port", "timeout"))
+    kind = tr_t.choice("kind", _TRANSPORTS, "unix")
+    name = tr_t.get("name", None)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ConfigError(f"transport.name = {name!r}; expected a non-empty string")
+    host = tr_t.get("host", "127.0.0.1")
+    if not isinstance(host, str):
+        raise ConfigError(f"transport.host = {host!r}; expected a string")
+    port = tr_t.number("port", 0, low=0, integer=True)
+    if port > 65535:
+        raise ConfigError(f"transport.port = {port}; expected 0..65535 (0 = any free port)")
+    transport = Transport(kind=kind, name=name, host=host, port=port,
+                          timeout=float(tr_t.number("timeout", 60.0, low=0.0, low_open=True)))
+
+    groups_raw = top.get("molecules")
+    if not isinstance(groups_raw, list) or not groups_raw:
+        raise ConfigError("molecules must be a non-empty array of tables ([[molecules]])")
+    groups = []
+    for i, raw in enumerate(groups_raw):
+        where = f"molecules[{i}]"
+        g = _Table(raw, where, ("model", "position", "positions", "count", "sigma", "axis",
+                                "rescaling", "params"))
+        model = g.get("model")
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"{where}.model = {model!r}; expected a model name such as "
+                              "'tls' or 'sho', or 'package.module:Class'")
+        if g.has("position") == g.has("positions"):
+            raise ConfigError(f"{where}: give exactly one of position (with count) or "
+                              "positions")
+        if g.has("position"):
+            count = g.number("count", 1, low=1, integer=True)
+            positions = (g.vector("position", dims),) * count
+        else:
+            if g.has("count"):
+                raise ConfigError(f"{where}.count goes with position, not positions")
+            plist = g.get("positions")
+            if not isinstance(plist, list) or not plist:
+                raise ConfigError(f"{where}.positions must be a non-empty list of points")
+            positions = tuple(g.vector("positions", dims, p) for p in plist)
+        params = g.get("params", {})
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}.params must be a table of model parameters")
+        groups.append(MoleculeGroup(
+            model=model, positions=positions,
+            sigma=float(g.number("sigma", 0.1, low=0.0)),
+            axis=g.choice("axis", _AXES, "z"),
+            rescaling=float(g.number("rescaling", 1.0)),
+            params=dict(params)))
+
+    out_t = _Table(top.get("output", {}), "output", ("directory", "record_every", "plot"))
+    directory = out_t.get("directory", "out")
+    if not isinstance(directory, str) or not directory:
+        raise ConfigError(f"output.directory = {directory!r}; expected a path")
+    plot = out_t.get("plot", True)
+    if not isinstance(plot, bool):
+        raise ConfigError(f"output.plot = {plot!r}; expected true or false")
+    output = Output(directory=Path(directory),
+                    record_every=out_t.number("record_every", 1, low=1, integer=True),
+                    plot=plot)
+    return Config(simulation, transport, tuple(groups), output, source)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Read and validate a TOML file. ``overrides`` maps dotted keys (``simulation.until``)
+    to values, applied before validation (used by tests and ``--set``)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        *parents, last = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {p} is not a table")
+        node[last] = value
+    return parse_config(data, path)
