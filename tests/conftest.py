@@ -31,6 +31,9 @@ from _util import (
 # per driver process, or a few drivers oversubscribe the cores.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
+# Importing Meep's MPI build in a plain process makes Open MPI start an `orted` helper that
+# outlives the test that imported it; a singleton that needs no helper is what we want.
+os.environ.setdefault("OMPI_MCA_ess_singleton_isolated", "1")
 
 # Every process the tests start inherits this marker, so the session-end check also finds
 # grandchildren and orphans that were re-parented away from pytest.

@@ -1,0 +1,581 @@
+"""Molecules inside a Meep simulation: field reads, sources, the step function.
+
+Usage (a 2D cell, one embedded two-level system and one behind a socket driver)::
+
+    import meep as mp
+    from maxwellhub import SocketHub
+    from maxwellhub.em import MeepCoupling
+
+    sim = mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10,
+                        boundary_layers=[mp.PML(3.0)])
+    hub = SocketHub(unixsocket="demo")                 # inert on MPI ranks > 0
+    coupling = MeepCoupling(sim, time_units_fs=0.1, hub=hub)
+    coupling.add_molecules("tls", centers=[(0, 0)], sigma=0.1, axis="z",
+                           omega=0.242, mu12=187.0, orientation=2, pe_initial=1e-4)
+    coupling.add_socket_molecules(centers=[(1, 0)], sigma=0.1, axis="z")
+    sim.run(coupling.step_function(), until=90)        # or coupling.run(until=90)
+    pe = coupling.history()["Pe"]                      # (records, molecules), rank 0
+
+How one step works (Meep calls the step function before each ``fields.step()``, when E
+is at t_n and the molecular state at t_n - dt/2): read the kernel-weighted E of every
+molecule, step every embedded group with one batched ``model.step`` (and the socket
+molecules with one hub barrier), then write the new dmu/dt -- which belongs to
+t_n + dt/2, exactly when Meep evaluates electric currents in that step -- into Meep's
+source amplitudes. The molecular propagation is a midpoint rule on Meep's leapfrog.
+
+Kernels live on the Yee sites of each field component: a Gaussian of width sigma (cut at
+3 sigma) or, with ``sigma=0``, the multilinear "hat" of a point, normalised so that
+sum(w) dV = 1 exactly over the sites (in every chunk and on every MPI rank). The field is
+read as sum(w E) dV and the current emitted as w dmu/dt at the very same sites: read and
+emission are exact transposes for every component.
+
+Reading fields: ``sim.get_array`` costs about 40 ns per point and 5 us per call in Meep
+1.25 (it interpolates to the centred grid through a generic per-point loop). Instead,
+molecules are grouped into a few boxes, and each box has a zero-frequency DFT monitor on
+the Yee grid updated every step: Meep's own C loop then adds E(t_{n+1}) * scale to the
+monitor's accumulator at the end of each step. We view that accumulator with numpy
+(``dft_chunk.dft`` is a raw ``complex<double>*``), read it and zero it: O(1) Python calls
+and about 2 ns per site per step (the tests check the view against ``get_field_point``).
+
+Updating source amplitudes in Meep 1.25 (what we found): ``fields.add_srcdata`` copies
+the amplitudes into the C++ ``src_vol`` and nothing exposes them for writing; the index
+vector of a ``sourcedata`` cannot be built from Python (only Meep fills it, e.g.
+``dft_fields.fourier_sourcedata``); per-molecule ``CustomSource`` time functions cost 4-6
+Python callbacks per molecule per step (MaxwellLink's way); ``change_sources`` rebuilds
+everything, the user's sources included. But ``fields_chunk::add_source`` *combines* a
+new ``src_vol`` with an existing one of the same component, time function and index
+vector by adding the amplitudes in place (``src_vol::combinable`` /
+``add_amplitudes_from``). So ``fourier_sourcedata`` of the same DFT monitor (each site's
+position encoded in the amplitudes it returns) gives every chunk's Yee-site indices once,
+in the monitor's order; we add one ``src_vol`` per box, chunk and component whose time
+function is the constant 1 (one shared ``CustomSource``: a few callbacks per step in
+all), and every step call ``add_srcdata`` once per box, chunk and component with
+new - current amplitudes: O(1) Python calls per step, O(sites) C work, the user's own
+sources untouched. We mirror what Meep holds, so the rounding of the increments never
+accumulates. Consequences: do not call ``change_sources``, ``reset_meep`` or
+``restart_fields`` once the molecules are coupled (detected: the step raises), and
+``until_after_sources`` never ends (the molecule sources never stop).
+
+This module never makes a Python call per molecule or per grid point in a step (except
+the hub's per-socket-molecule requests), never talks to the hub on MPI ranks other than 0,
+never pickles (amplitudes reach the other ranks with ``Bcast``), and never converts units
+itself (:mod:`maxwellhub.units` does). Meep is imported lazily.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import UsageError
+from ..mpi import comm_world, rank_and_size
+from ..units import MeepUnits
+from .kernels import KERNEL_CUTOFF_SIGMAS, group_into_boxes, kernel_samples, self_coulomb_matrices
+
+__all__ = ["MeepCoupling"]
+
+_AXES = {"x": 0, "y": 1, "z": 2}
+
+
+@dataclass
+class _Group:
+    """Molecules driven together: one embedded model, or the socket molecules."""
+
+    rows: np.ndarray             # rows of these molecules in the coupling's arrays
+    ids: np.ndarray              # their molecule ids
+    model: Any = None            # embedded: a maxwellhub_drivers model; None: socket
+    init: Mapping | None = None  # socket: extra INIT payload
+
+
+@dataclass
+class _Patch:
+    """The Yee sites of one field component in one box, owned by one Meep chunk."""
+
+    sourcedata: Any              # Meep's index vector of the sites (for add_srcdata)
+    view: np.ndarray             # complex view of the DFT accumulator at those sites
+    start: int                   # position of the sites in the coupling's site vector
+    stop: int
+
+
+class _Sites:
+    """All Yee sites the molecules read and emit at, and the kernel matrix between them.
+
+    Built collectively (every MPI rank) when the coupling starts. Per box of molecules
+    and per field component, one zero-frequency, every-step DFT monitor over the box
+    makes Meep itself copy E at the box's Yee sites into a buffer after each step (the
+    DFT accumulator, viewed and zeroed by numpy), and ``fourier_sourcedata`` of the
+    same monitor gives the sites' chunk indices in the same order, for ``add_srcdata``.
+    """
+
+    def __init__(self, sim, centers: np.ndarray, sigmas: np.ndarray, axes: np.ndarray,
+                 src_time) -> None:
+        import meep as mp
+
+        fields = sim.fields
+        self.fields = fields
+        self.src_time = src_time
+        dx = 1.0 / sim.resolution
+        cell = np.array([sim.cell_size.x, sim.cell_size.y, sim.cell_size.z])
+        active = cell > 0
+        reach = np.where(sigmas > 0, KERNEL_CUTOFF_SIGMAS * sigmas, dx)
+        lo = np.where(active, centers - reach[:, None], 0.0)
+        hi = np.where(active, centers + reach[:, None], 0.0)
+        _check_inside(sim, lo, hi, active)
+        self.patches: list[_Patch] = []
+        self._scale: float | None = None  # DFT accumulator units per field unit
+        self.offsets = np.zeros((3, 3))   # Yee offset (cells) of Ex, Ey, Ez per axis
+        rows, cols, vals = [], [], []
+        dv = dx ** int(active.sum())
+        self._dfts = []
+        for box_lo, box_hi, members in group_into_boxes(lo, hi, active, dx):
+            center = mp.Vector3(*(0.5 * (box_lo + box_hi)))
+            size = mp.Vector3(*(box_hi - box_lo))
+            volume = mp.Volume(center=center, size=size, dims=sim.dimensions)
+            for axis, component in enumerate((mp.Ex, mp.Ey, mp.Ez)):
+                mols = members[axes[members, axis]]
+                if not mols.size:
+                    continue
+                for patch, sites in self._patches(sim, mp, volume, component, active, dx):
+                    for m in mols:
+                        w = kernel_samples(sites, centers[m][active], float(sigmas[m]), dx)
+                        nz = np.flatnonzero(w)
+                        rows.append(np.full(nz.size, 3 * m + axis))
+                        cols.append(patch.start + nz)
+                        vals.append(w[nz])
+        n_sites = self.patches[-1].stop if self.patches else 0
+        weights = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
+                                                        np.concatenate(cols))),
+                                shape=(3 * len(centers), n_sites))
+        # normalise every molecule's kernel so that sum(w) dV = 1 over all its sites,
+        # which may lie in several chunks and on several MPI ranks
+        totals = np.asarray(weights.sum(axis=1)).ravel()
+        comm = comm_world()
+        if comm is not None and comm.Get_size() > 1:
+            comm.Allreduce(totals.copy(), totals)
+        coupled = axes.ravel()
+        if (totals[coupled] <= 0).any():
+            m = int(np.flatnonzero(coupled & (totals <= 0))[0]) // 3
+            raise UsageError(f"molecule at {list(centers[m])}: its kernel covers no grid "
+                             "point")
+        scale = np.where(totals > 0, 1.0 / np.where(totals > 0, totals, 1.0), 0.0)
+        self.read_matrix = (sp.diags(scale) @ weights).tocsr()       # (3M, sites), * dV
+        self.emit_matrix = (self.read_matrix.T / dv).tocsr()         # (sites, 3M)
+        self.held = np.zeros(n_sites)                                # what Meep holds
+        self._site_field = np.zeros(n_sites)
+        self.self_coulomb = self_coulomb_matrices(centers, sigmas, axes, self.offsets,
+                                                   active, dx)
+
+    def _patches(self, sim, mp, volume, component, active, dx):
+        """Yield (patch, site coordinates) for this rank's chunks of one box."""
+        fields = sim.fields
+        where = volume.swigobj
+        dft = fields.add_dft_fields([component], where, np.array([0.0]), False, 1, False)
+        self._dfts.append(dft)  # keep the monitor alive: it is our field reader
+        shape = [int(n) for n in fields.dft_monitor_size(dft, where, component) if n]
+        # fourier_sourcedata returns -dJ[position] for each site: dJ = position + 1
+        codes = (np.arange(int(np.prod(shape))) + 1.0).astype(np.complex128)
+        sourcedata = list(dft.fourier_sourcedata(where, component, fields, codes))
+        _, corner, _ = sim.get_array_slice_dimensions(component, vol=volume)
+        corner = np.array([corner.x, corner.y, corner.z])
+        # where this component's Yee sites sit within a cell (0 or 1/2 per axis)
+        self.offsets[component_axis(component)] = np.mod(np.rint(2 * corner / dx) / 2, 1.0)
+        corner = corner[active]
+        chunk = dft.chunks
+        for data in sourcedata:
+            if chunk is None:
+                raise RuntimeError("Meep returned more source chunks than DFT chunks")
+            n = int(chunk.N)
+            code = np.rint(-np.asarray(data.amp_arr).real).astype(np.int64) - 1
+            data.amp_arr = mp.ComplexVector()  # decoded; do not copy it every step
+            if code.size != n:
+                raise RuntimeError(f"Meep DFT chunk has {n} points but {code.size} sites")
+            if n:
+                pos = np.stack(np.unravel_index(code, shape), axis=1)[:, :corner.size]
+                buffer = (ctypes.c_double * (2 * n)).from_address(int(chunk.dft))
+                view = np.ctypeslib.as_array(buffer).view(np.complex128)
+                view[:] = 0.0
+                chunk.update_dft(fields.time())  # E now; later steps add theirs
+                if self._scale is None:
+                    self._scale = complex(chunk.scale).real
+                start = self.patches[-1].stop if self.patches else 0
+                patch = _Patch(data, view, start, start + n)
+                self.patches.append(patch)
+                fields.add_srcdata(data, self.src_time, n, np.zeros(n, np.complex128),
+                                   False)
+                yield patch, corner + dx * pos
+            chunk = chunk.next_in_dft
+
+    def read(self) -> np.ndarray:
+        """This rank's part of the kernel-weighted E of every molecule (3M,), Meep units.
+
+        E at the sites is what the last ``fields.step()`` left in the DFT buffers (the
+        buffers are zeroed here so the next step writes the next E alone)."""
+        out = self._site_field
+        for p in self.patches:
+            out[p.start:p.stop] = p.view.real
+            p.view[:] = 0.0
+        if self._scale:
+            return self.read_matrix @ out / self._scale
+        return np.zeros(self.read_matrix.shape[0])
+
+    def emit(self, sources: np.ndarray) -> None:
+        """Make Meep's current at every site equal to the molecules' emission (3M,)."""
+        delta = self.emit_matrix @ sources - self.held
+        self.held += delta  # the same IEEE additions Meep does: `held` is what it holds
+        delta = delta.astype(np.complex128)
+        for p in self.patches:
+            self.fields.add_srcdata(p.sourcedata, self.src_time, p.stop - p.start,
+                                    delta[p.start:p.stop], False)
+
+
+def component_axis(component) -> int:
+    """0, 1, 2 for Meep's Ex, Ey, Ez."""
+    import meep as mp
+
+    return {mp.Ex: 0, mp.Ey: 1, mp.Ez: 2}[component]
+
+
+def _check_inside(sim, lo: np.ndarray, hi: np.ndarray, active: np.ndarray) -> None:
+    """Refuse kernels (support boxes lo..hi, (M, 3)) that reach outside the cell."""
+    size = np.array([sim.cell_size.x, sim.cell_size.y, sim.cell_size.z])
+    center = np.array([sim.geometry_center.x, sim.geometry_center.y, sim.geometry_center.z])
+    low, high = center - size / 2, center + size / 2
+    bad = active & ((lo < low) | (hi > high))
+    if bad.any():
+        m, axis = (int(i[0]) for i in np.nonzero(bad))
+        raise UsageError(f"the kernel of molecule {m} reaches outside the cell along "
+                         f"{'xyz'[axis]}: [{lo[m, axis]:.3g}, {hi[m, axis]:.3g}] is not "
+                         f"inside [{low[axis]:.3g}, {high[axis]:.3g}]; move the molecule "
+                         "or make sigma smaller")
+
+
+def _as_points(centers: Any) -> np.ndarray:
+    """Centres as an (n, 3) float array from Vector3s, tuples or an array."""
+    if hasattr(centers, "x"):
+        centers = [centers]
+    out = []
+    for c in centers:
+        v = [c.x, c.y, c.z] if hasattr(c, "x") else list(np.atleast_1d(c))
+        if not 1 <= len(v) <= 3:
+            raise UsageError(f"a molecule centre needs 1 to 3 coordinates, got {c!r}")
+        out.append([float(a) for a in v] + [0.0] * (3 - len(v)))
+    if not out:
+        raise UsageError("no molecule centres given")
+    arr = np.array(out)
+    if not np.isfinite(arr).all():
+        raise UsageError("molecule centres must be finite")
+    return arr
+
+
+def _per_molecule(name: str, value: Any, n: int, minimum: float) -> np.ndarray:
+    arr = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)).copy() \
+        if np.ndim(value) == 0 or len(value) == n else None
+    if arr is None:
+        raise UsageError(f"{name} must be a number or {n} numbers, got {value!r}")
+    if not (np.isfinite(arr).all() and (arr >= minimum).all()):
+        raise UsageError(f"{name} = {value!r} is not allowed; expected finite numbers "
+                         f">= {minimum}")
+    return arr
+
+
+class MeepCoupling:
+    """Molecules coupled to an ordinary ``mp.Simulation``, serially or under MPI.
+
+    Parameters
+    ----------
+    sim : the Meep simulation (not yet run, or run without molecules so far). Courant
+        factor 0.5 is assumed only through ``sim.fields.dt``; no symmetries, real fields.
+    time_units_fs : the Meep time unit in fs (see :mod:`maxwellhub.units`).
+    hub : a :class:`maxwellhub.SocketHub` for socket molecules (None on ranks > 0 is
+        fine).
+    record_every : record every molecule's extras every this many steps (rank 0);
+        0 records nothing (what the benchmarks do).
+    timeout : seconds to wait for drivers to bind and for each barrier.
+    on_lost : what a barrier does when a socket molecule's driver is gone: ``"wait"`` for
+        a replacement until ``timeout``, or ``"abort"`` the run at once (DriverLost).
+    subtract_self_coulomb : remove from each molecule's field its own longitudinal
+        (Coulomb) field, which a kernel with a divergence (any in-plane or 3D component)
+        feels as a huge instantaneous self-interaction ~ mu/sigma^3; the molecular
+        Hamiltonian already contains it. Coulomb fields between molecules are kept.
+        Exact on Meep's lattice where the molecule sits in vacuum (see
+        ``_self_coulomb_matrices``); no effect on Ez in 2D or on 1D cells.
+
+    Molecules are added with :meth:`add_molecules` (embedded model) and
+    :meth:`add_socket_molecules` (drivers through the hub) before the run starts; each
+    call returns the molecule ids. ``axis`` is "x", "y", "z" or any combination such as
+    "xyz": the field components the molecule reads and emits. In a 1D Meep cell (along
+    z) the components are x and y. ``sigma`` is the Gaussian width in Meep length units
+    (0: point kernel); ``rescaling`` multiplies the molecule's emitted dmu/dt.
+    """
+
+    def __init__(self, sim, time_units_fs: float = 0.1, hub=None, record_every: int = 1,
+                 timeout: float = 60.0, subtract_self_coulomb: bool = True,
+                 on_lost: str = "wait") -> None:
+        if on_lost not in ("wait", "abort"):
+            raise UsageError(f"on_lost = {on_lost!r}; expected 'wait' or 'abort'")
+        self.on_lost = on_lost
+        self.sim = sim
+        self.subtract_self_coulomb = bool(subtract_self_coulomb)
+        self.units = MeepUnits(time_units_fs)
+        self.hub = hub
+        self.timeout = timeout
+        if isinstance(record_every, bool) or not isinstance(record_every, int) \
+                or record_every < 0:
+            raise UsageError(f"record_every = {record_every!r}; expected an int >= 0")
+        self.record_every = record_every
+        self._groups: list[_Group] = []
+        self._centers: list[np.ndarray] = []
+        self._sigmas: list[np.ndarray] = []
+        self._axes: list[np.ndarray] = []
+        self._scales: list[np.ndarray] = []
+        self._ids: list[int] = []
+        self._started = False
+        self._fields = None
+        self._socket_rows = np.zeros(0, np.int64)
+        self._socket_ids = np.zeros(0, np.int64)
+        self._last_step: int | None = None
+        self._records: list[tuple[int, list[dict[str, np.ndarray]]]] = []
+        self.fields_au = np.zeros((0, 3))    # last fields read (a.u.), rank 0
+        self.sources_au = np.zeros((0, 3))   # last dmu/dt (a.u.), every rank
+
+    # ------------------------------------------------------------------ molecules
+
+    @property
+    def molecule_ids(self) -> np.ndarray:
+        """Ids of all molecules in the order they were added."""
+        return np.array(self._ids, dtype=np.int64)
+
+    def add_molecules(self, model: str | type, centers: Any, *, sigma: Any = 0.1,
+                      axis: str = "z", rescaling: Any = 1.0,
+                      molecule_ids: Sequence[int] | None = None, **params: Any) -> np.ndarray:
+        """Add molecules propagated in this process by one batched ``model`` instance.
+
+        ``params`` are the model's parameters (a.u.), each a scalar or one per molecule.
+        """
+        from maxwellhub_drivers.models import create_model
+
+        n = len(_as_points(centers))
+        instance = create_model(model, n=n, **params)
+        return self._add(centers, sigma, axis, rescaling, molecule_ids, model=instance)
+
+    def add_socket_molecules(self, centers: Any, *, sigma: Any = 0.1, axis: str = "z",
+                             rescaling: Any = 1.0, molecule_ids: Sequence[int] | None = None,
+                             init: Mapping | None = None) -> np.ndarray:
+        """Add molecules whose drivers connect to the hub; ``init`` is added to their
+        INIT payload (which always carries ``dt_au``)."""
+        return self._add(centers, sigma, axis, rescaling, molecule_ids, init=dict(init or {}))
+
+    def _add(self, centers, sigma, axis, rescaling, molecule_ids, model=None, init=None):
+        if self._started:
+            raise UsageError("molecules must be added before the run starts")
+        points = _as_points(centers)
+        n = len(points)
+        if not isinstance(axis, str) or not axis or set(axis) - set(_AXES) \
+                or len(set(axis)) != len(axis):
+            raise UsageError(f"axis = {axis!r}; expected 'x', 'y', 'z' or a combination "
+                             "such as 'xyz'")
+        mask = np.zeros(3, dtype=bool)
+        mask[[_AXES[a] for a in axis]] = True
+        if molecule_ids is None:
+            start = max(self._ids, default=-1) + 1
+            ids = np.arange(start, start + n)
+        else:
+            ids = np.asarray(molecule_ids, dtype=np.int64)
+            if ids.shape != (n,):
+                raise UsageError(f"molecule_ids must give {n} ids")
+        if set(ids.tolist()) & set(self._ids) or len(set(ids.tolist())) != n:
+            raise UsageError(f"molecule ids {ids.tolist()} repeat an id")
+        first = len(self._ids)
+        self._groups.append(_Group(np.arange(first, first + n), ids, model, init))
+        self._centers.append(points)
+        self._sigmas.append(_per_molecule("sigma", sigma, n, 0.0))
+        self._axes.append(np.broadcast_to(mask, (n, 3)))
+        self._scales.append(_per_molecule("rescaling", rescaling, n, -np.inf))
+        self._ids.extend(ids.tolist())
+        return ids
+
+    # ------------------------------------------------------------------ running
+
+    def step_function(self) -> Callable:
+        """The function to give ``sim.run``: ``sim.run(coupling.step_function(), until=T)``.
+
+        It advances the molecules once per Meep time step, whatever Meep calls it for
+        (Meep calls step functions once more after the last step; that propagation is
+        the one the next ``run`` starts with)."""
+
+        def maxwellhub_step(sim) -> None:
+            self._step(sim)
+
+        return maxwellhub_step
+
+    def run(self, *step_functions: Callable, until: float) -> None:
+        """``sim.run`` with the molecules' step function (and yours) until ``until``."""
+        self.sim.run(self.step_function(), *step_functions, until=until)
+
+    def _step(self, sim) -> None:
+        n = sim.fields.t
+        if n == self._last_step:
+            return
+        if not self._started:
+            self._start(sim)
+        elif sim.fields is not self._fields:
+            raise UsageError("the Meep fields were re-created (reset_meep, change of "
+                             "structure or sources) after the molecules were coupled")
+        partial = self._sites.read()
+        if self._size > 1:
+            e_meep = np.zeros_like(partial)
+            comm_world().Reduce(partial, e_meep, root=0)
+        else:
+            e_meep = partial
+        e_meep = e_meep.reshape(-1, 3)
+        if self._coulomb is not None:  # remove each molecule's own Coulomb field
+            e_meep = e_meep + np.einsum("mab,mb->ma", self._coulomb, self._emitted)
+        self._propagate(e_meep, n)
+        s_meep = self.units.source_au_to_meep(self.sources_au) * self._scale[:, None]
+        self._sites.emit(s_meep.ravel())
+        self._emitted += s_meep * sim.fields.dt
+        self._last_step = n
+
+    def _propagate(self, e_meep: np.ndarray, step: int) -> None:
+        """Rank 0 steps every molecule; the others receive the sources by broadcast."""
+        rank, size = self._rank, self._size
+        buf = self._bcast
+        if rank == 0:
+            try:
+                self.fields_au = self.units.efield_meep_to_au(e_meep)
+                buf[:-1] = self._drive(self.fields_au, step).ravel()
+                buf[-1] = 0.0
+            except BaseException:
+                if size > 1:  # let the other ranks fail too instead of hanging
+                    buf[-1] = 1.0
+                    comm_world().Bcast(buf, root=0)
+                raise
+        if size > 1:
+            comm_world().Bcast(buf, root=0)
+            if buf[-1] != 0.0:
+                raise RuntimeError("maxwellhub: rank 0 failed to step the molecules")
+        self.sources_au = buf[:-1].reshape(-1, 3)
+
+    def _drive(self, fields_au: np.ndarray, step: int) -> np.ndarray:
+        sources = np.zeros_like(fields_au)
+        record = self.record_every and step % self.record_every == 0
+        extras: list[dict[str, np.ndarray]] = []
+        for group in self._groups:
+            if group.model is not None:
+                sources[group.rows] = group.model.step(fields_au[group.rows])
+                if record:
+                    extras.append(group.model.extras())
+        if self._socket_rows.size:
+            replies = self.hub.step(
+                {int(mid): {"efield_au": fields_au[row]}
+                 for mid, row in zip(self._socket_ids, self._socket_rows, strict=True)},
+                timeout=self.timeout, on_lost=self.on_lost)
+            for mid, row in zip(self._socket_ids, self._socket_rows, strict=True):
+                sources[row] = replies[int(mid)]["amp"]
+            if record:
+                extras.append(_socket_extras(replies, self._socket_ids))
+        if record:
+            self._records.append((step, extras))
+        return sources
+
+    def _start(self, sim) -> None:
+        """Set everything up, collectively, at the first step."""
+        import meep as mp
+
+        if not self._ids:
+            raise UsageError("no molecules: add some before running")
+        if sim.symmetries:
+            raise UsageError("molecules cannot be coupled to a simulation with symmetries")
+        fields = sim.fields
+        if not fields.is_real:
+            raise UsageError("complex fields (k_point or force_complex_fields) are not "
+                             "supported by the molecule coupling")
+        if sim.dimensions == 1 and np.concatenate(self._axes)[:, 2].any():
+            raise UsageError("a 1D Meep cell (along z) has no Ez: use axis 'x' or 'y'")
+        dt_au = self.units.time_meep_to_au(fields.dt)
+        axes = np.concatenate(self._axes)
+        self._scale = np.concatenate(self._scales)
+        for axis, component in enumerate((mp.Ex, mp.Ey, mp.Ez)):
+            if axes[:, axis].any():
+                fields.require_component(component)
+        # one constant time function for all molecule sources: current = amplitude
+        self._src_time = mp.CustomSource(lambda t: 1.0).swigobj
+        fields.register_src_time(self._src_time)
+        self._sites = _Sites(sim, np.concatenate(self._centers),
+                             np.concatenate(self._sigmas), axes, self._src_time)
+        fields.require_source_components()
+        self._fields = fields
+        coulomb = self._sites.self_coulomb
+        self._coulomb = coulomb if self.subtract_self_coulomb and coulomb.any() else None
+        self._emitted = np.zeros((len(self._ids), 3))  # dipole emitted so far, Meep units
+        self._bcast = np.zeros(3 * len(self._ids) + 1)
+        socket = [g for g in self._groups if g.model is None]
+        self._socket_rows = np.concatenate([g.rows for g in socket]) if socket else \
+            np.zeros(0, np.int64)
+        self._socket_ids = np.concatenate([g.ids for g in socket]) if socket else \
+            np.zeros(0, np.int64)
+        self._started = True
+        self._rank, self._size = rank_and_size()
+        if self._rank == 0:
+            self._bind(dt_au, socket)
+
+    def _bind(self, dt_au: float, socket: list[_Group]) -> None:
+        for group in self._groups:
+            if group.model is not None:
+                group.model.initialize(dt_au=dt_au, molecule_ids=group.ids)
+        if not socket:
+            return
+        if self.hub is None:
+            raise UsageError("socket molecules need a hub: MeepCoupling(sim, hub=...)")
+        payloads = {int(mid): {"dt_au": dt_au, **g.init} for g in socket for mid in g.ids}
+        if not self.hub.wait_until_bound(payloads, timeout=self.timeout):
+            missing = [m for m in payloads if not self.hub.all_bound([m])]
+            raise TimeoutError(f"no driver bound molecule(s) {missing} within "
+                               f"{self.timeout} s")
+
+    # ------------------------------------------------------------------ results
+
+    def history(self) -> dict[str, np.ndarray]:
+        """What was recorded so far (rank 0; empty elsewhere).
+
+        ``molecule_id`` (M,), ``step`` (T,), and for every extras key a (T, M) float
+        array (NaN where a molecule does not report that key), e.g. ``time_au``, ``Pe``.
+        """
+        ids = self.molecule_ids
+        out: dict[str, np.ndarray] = {"molecule_id": ids,
+                                      "step": np.array([s for s, _ in self._records])}
+        if not self._records:
+            return out
+        rows = [g.rows for g in self._groups if g.model is not None]
+        if self._socket_rows.size:
+            rows.append(self._socket_rows)
+        keys = sorted({k for _, extras in self._records for e in extras for k in e})
+        for key in keys:
+            table = np.full((len(self._records), len(ids)), np.nan)
+            for t, (_, extras) in enumerate(self._records):
+                for r, e in zip(rows, extras, strict=True):
+                    if key in e:
+                        table[t, r] = e[key]
+            out[key] = table
+        return out
+
+
+def _socket_extras(replies: Mapping[int, Mapping], ids: Iterable[int]) -> dict[str, np.ndarray]:
+    """Per-key arrays from the drivers' JSON extras (NaN where one is missing)."""
+    parsed = []
+    for mid in ids:
+        raw = replies[int(mid)].get("extra") or b"{}"
+        try:
+            value = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            value = {}
+        parsed.append(value if isinstance(value, dict) else {})
+    keys = {k for p in parsed for k, v in p.items() if isinstance(v, int | float)}
+    return {k: np.array([float(p[k]) if isinstance(p.get(k), int | float) else np.nan
+                         for p in parsed]) for k in keys}
