@@ -1,4 +1,7 @@
-"""A hub and two drivers, no Meep: the README's example. Run: .venv/bin/python examples/hub_and_two_drivers.py"""
+"""A hub and two drivers, no Meep (the README example).
+
+Run: .venv/bin/python examples/hub_and_two_drivers.py
+"""
 import json
 import subprocess
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tomllib
 
 __all__ = ["main"]
 
@@ -16,7 +17,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a coupled Meep + molecules job from a TOML config")
     run.add_argument("config", nargs="?", default=None,
-                     help="TOML file (default: the 2D relaxation example)")
+                     help="TOML file (default: examples/relax_2d.toml)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set simulation.until=10 "
+                          "(VALUE in TOML syntax; strings need quotes)")
     demo = sub.add_parser("demo", help="a hub and local TLS drivers exchanging fields, no Meep")
     demo.add_argument("--molecules", type=int, default=2)
     demo.add_argument("--steps", type=int, default=5)
@@ -33,15 +37,20 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.molecules, args.steps, args.transport)
         return 0
     if args.command == "run":
-        try:
-            from .runner import main as run_main
-        except ImportError:
-            from .demo import run_demo
-            print("maxwellhub run: the Meep job is not available yet; running the demo",
-                  file=sys.stderr)
-            run_demo()
-            return 0
-        return run_main(args.config)
+        from .runner import main as run_main
+
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            try:
+                overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"] if sep else None
+            except tomllib.TOMLDecodeError:
+                overrides[key.strip()] = None
+            if overrides[key.strip()] is None:
+                print(f"maxwellhub run: --set {item!r}: expected KEY=VALUE with a TOML value",
+                      file=sys.stderr)
+                return 2
+        return run_main(args.config, overrides)
     return 2
 
 

@@ -1,0 +1,126 @@
+"""What a run leaves behind: the HDF5 file of per-step molecule data, the population plot,
+and progress lines while it runs.
+
+HDF5 layout (one dataset per quantity; rows are recorded steps, columns molecules)::
+
+    /molecule_id   (M,)    int64
+    /step          (T,)    int64     Meep time-step index of each record
+    /time_meep     (T,)    float64   attrs: units = "Meep time (tau fs)"
+    /<key>         (T, M)  float64   every extras key (Pe, Pg, time_au, energy_au, mux_au, ...)
+    attrs on /: complete (bool), time_units_fs, config (TOML text), and the run summary
+
+Each dataset carries a ``units`` attribute. The file is written to a temporary name and
+renamed, so a reader never sees half a file; on failure the runner writes what exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["UNITS", "write_history", "plot_populations", "Progress"]
+
+log = logging.getLogger("maxwellhub.run")
+
+UNITS = {
+    "molecule_id": "1", "step": "1", "time_meep": "Meep time unit (tau fs)",
+    "time_au": "a.u. of time", "energy_au": "Hartree",
+    "mux_au": "e a0", "muy_au": "e a0", "muz_au": "e a0",
+    "mux_m_au": "e a0", "muy_m_au": "e a0", "muz_m_au": "e a0",
+    "Pe": "1 (population)", "Pg": "1 (population)", "Pge_real": "1", "Pge_imag": "1",
+    "p_au": "a.u. of momentum (unit mass)", "q_au": "a.u. of length (unit mass)",
+}
+
+
+def write_history(path: str | os.PathLike, history: Mapping[str, np.ndarray],
+                  attrs: Mapping[str, object]) -> Path:
+    """Write ``history`` (from :meth:`MeepCoupling.history`) and ``attrs`` to HDF5."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with h5py.File(tmp, "w") as f:
+        for key, value in history.items():
+            ds = f.create_dataset(key, data=np.asarray(value))
+            ds.attrs["units"] = UNITS.get(key, "see the model's documentation")
+        for key, value in attrs.items():
+            f.attrs[key] = value if isinstance(value, (str, bool, int, float)) \
+                else json.dumps(value)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_populations(path: str | os.PathLike, time_meep: np.ndarray, pe: np.ndarray,
+                     analytic: np.ndarray | None, title: str) -> Path:
+    """Excited populations (one line per molecule, at most 20) against the analytic
+    curve when there is one; PNG via matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    shown = pe[:, : min(pe.shape[1], 20)]
+    for j in range(shown.shape[1]):
+        ax.plot(time_meep, shown[:, j], lw=2.2 if j == 0 else 1.0, color="tab:blue",
+                alpha=1.0 if j == 0 else 0.4,
+                label="simulated (maxwellhub + Meep)" if j == 0 else None)
+    if analytic is not None:
+        ax.plot(time_meep, analytic, "--", color="tab:red", lw=1.6,
+                label="analytic (golden rule)")
+    ax.set_xlabel("time (Meep units)")
+    ax.set_ylabel("excited population $P_e$")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class Progress:
+    """Logs steps done, steps/s and time left every ``every`` seconds of wall time;
+    ``sim.run(..., progress.step_function(), ...)`` (one clock read per step)."""
+
+    def __init__(self, total_steps: int, every: float = 10.0, logger=log) -> None:
+        self.total = max(int(total_steps), 1)
+        self.every = every
+        self.log = logger
+        self.start = None
+        self.next_report = None
+        self.steps = 0
+
+    def step_function(self):
+        """A plain function for ``sim.run`` (Meep inspects step functions' code)."""
+
+        def maxwellhub_progress(sim) -> None:
+            self.tick()
+
+        return maxwellhub_progress
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.start is None:
+            self.start, self.next_report = now, now + self.every
+            return
+        self.steps += 1
+        if now >= self.next_report:
+            self.next_report = now + self.every
+            self.log.info("%s", self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        elapsed = max(now - (self.start or now), 1e-9)
+        rate = self.steps / elapsed
+        left = (self.total - self.steps) / rate if rate > 0 else float("inf")
+        return (f"step {self.steps}/{self.total} ({100 * self.steps / self.total:.0f}%), "
+                f"{rate:.0f} steps/s, about {left:.0f} s left")

@@ -1,0 +1,284 @@
+"""``maxwellhub run CONFIG.toml``: the main job.
+
+Builds the Meep problem of the config, starts the hub and the configured local drivers
+(rank 0 only under MPI), runs, writes the HDF5 file and the population plot, and prints
+one JSON line: fitted decay rate, golden-rule rate, relative error, steps, wall time and
+output paths. A bad config is refused before anything starts; a driver that dies ends
+the run with a message naming it, and the data recorded until then is written.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, ConfigError, MoleculeGroup, load_config
+from .errors import MaxwellHubError
+from .launch import reap, start_driver
+from .mpi import am_master, rank_and_size
+from .output import Progress, plot_populations, write_history
+
+__all__ = ["main", "run", "DEFAULT_CONFIG"]
+
+log = logging.getLogger("maxwellhub.run")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "relax_2d.toml"
+
+
+def _center(dims: int, position: tuple[float, ...]) -> tuple[float, float, float]:
+    """Config coordinates to Meep's: a 1D cell lies along z, 2D in the x-y plane."""
+    if dims == 1:
+        return (0.0, 0.0, position[0])
+    return tuple(position) + (0.0,) * (3 - len(position))
+
+
+def build_simulation(config: Config):
+    """The ``mp.Simulation`` the config describes (no sources of its own)."""
+    import meep as mp
+
+    s = config.simulation
+    # Meep's own chatter only with -vv: the last line of a run is our JSON summary.
+    chatty = logging.getLogger().isEnabledFor(logging.DEBUG)
+    mp.verbosity(1 if chatty else 0)
+    if not chatty and hasattr(mp, "report_elapsed_time"):
+        atexit.unregister(mp.report_elapsed_time)  # it prints after our summary line
+    if s.dimensions == 1:
+        cell = mp.Vector3(0, 0, s.cell[0])
+    else:
+        cell = mp.Vector3(*s.cell)
+    boundary = [mp.PML(s.pml)] if s.pml > 0 else []
+    return mp.Simulation(cell_size=cell, resolution=s.resolution, boundary_layers=boundary,
+                         dimensions=s.dimensions)
+
+
+def analytic_reference(config: Config, units) -> dict | None:
+    """Golden-rule rate and P0 when every molecule is an identical TLS at one point with
+    rescaling 1 (single-molecule relaxation or superradiance); else None."""
+    from maxwellhub_drivers.models import get_model_class
+
+    from .analysis import golden_rule_rate
+
+    groups = config.molecules
+    points = {p for g in groups for p in g.positions}
+    if len(points) != 1 or any(g.rescaling != 1.0 or len(g.axis) != 1 for g in groups):
+        return None
+    try:
+        classes = {get_model_class(g.model).name for g in groups}
+    except Exception:
+        return None
+    if classes != {"tls"}:
+        return None
+    defaults = {k: p.default for k, p in get_model_class("tls").parameters.items()}
+    params = [dict(defaults, **g.params) for g in groups]
+    keys = ("omega", "mu12", "pe_initial")
+    if any(not all(np.ndim(p[k]) == 0 for k in keys) for p in params):
+        return None
+    first = params[0]
+    if any(any(p[k] != first[k] for k in keys) for p in params[1:]):
+        return None
+    if len({g.sigma for g in groups}) != 1:
+        return None
+    n = config.molecule_count
+    omega = units.frequency_au_to_meep(first["omega"])
+    mu = units.dipole_au_to_meep(first["mu12"])
+    dims = config.simulation.dimensions
+    return {"gamma": n * golden_rule_rate(dims, omega, mu),
+            "gamma_kernel": n * golden_rule_rate(dims, omega, mu, sigma=groups[0].sigma),
+            "p0": float(first["pe_initial"]), "molecules": n}
+
+
+def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
+    """(ids, model, params) per driver, grouped in batches of identical command lines in
+    id order: drivers of one batch may bind in any order among themselves."""
+    batches: list[tuple[list[int], str, dict]] = []
+    for group, ids in zip(config.molecules, ids_by_group, strict=True):
+        for k, mid in enumerate(ids.tolist()):
+            params = {key: (v[k] if isinstance(v, list) else v)
+                      for key, v in group.params.items()}
+            if batches and batches[-1][1] == group.model and batches[-1][2] == params:
+                batches[-1][0].append(mid)
+            else:
+                batches.append(([mid], group.model, params))
+    return batches
+
+
+def run(config: Config, echo=print) -> dict:
+    """Run the job; returns the summary (also printed as one JSON line on rank 0)."""
+    from .em import MeepCoupling
+    from .hub import SocketHub
+
+    t_start = time.perf_counter()
+    master = am_master()
+    out_dir = config.output.directory
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    sim = build_simulation(config)
+    transport = config.transport
+    hub = None
+    if transport.kind != "embedded":
+        if transport.kind == "unix":
+            name = transport.name or f"mxh_run_{os.getpid()}"
+            hub = SocketHub(unixsocket=name, timeout=transport.timeout)
+            where = {"unix": name}
+        else:
+            hub = SocketHub(host=transport.host, port=transport.port,
+                            timeout=transport.timeout)
+            where = {"host": transport.host if transport.host != "0.0.0.0" else "127.0.0.1",
+                     "port": hub.port}
+    coupling = MeepCoupling(sim, time_units_fs=config.simulation.time_units_fs, hub=hub,
+                            record_every=config.output.record_every,
+                            timeout=transport.timeout, on_lost="abort")
+    ids_by_group = [_add_group(coupling, config, g, socket=hub is not None)
+                    for g in config.molecules]
+    procs = []
+    summary: dict = {}
+    failure: BaseException | None = None
+    dt_meep = sim.Courant / sim.resolution
+    steps_total = int(round(config.simulation.until / dt_meep))
+    progress = Progress(steps_total)
+    try:
+        if hub is not None and master:
+            logs = out_dir / "drivers"
+            logs.mkdir(exist_ok=True)
+            for mid in np.concatenate(ids_by_group).tolist():
+                hub.register_molecule(mid)
+            for ids, model, params in _driver_batches(config, ids_by_group):
+                for mid in ids:
+                    procs.append((mid, start_driver(model, params, timeout=transport.timeout,
+                                                    log_path=logs / f"molecule_{mid}.log",
+                                                    **where)))
+                if not hub.wait_until_bound(ids, require_init=False,
+                                            timeout=transport.timeout):
+                    raise MaxwellHubError(_dead_drivers_message(procs, logs) or
+                                          f"drivers for molecules {ids} did not connect "
+                                          f"within {transport.timeout:g} s")
+        sim.run(coupling.step_function(), progress.step_function(), until=config.simulation.until)
+    except BaseException as exc:  # noqa: BLE001 - the data is written, then re-raised
+        failure = exc
+    finally:
+        if master:
+            summary = _finish(config, coupling, failure, procs, t_start, progress)
+        if hub is not None:
+            hub.stop()
+        codes = reap([p for _, p in procs], 10.0)
+        if master and procs:
+            summary["driver_exit_codes"] = codes
+    if failure is not None:
+        if master:
+            dead = _dead_drivers_message(procs, out_dir / "drivers")
+            raise MaxwellHubError(f"run failed: {failure}" + (f"; {dead}" if dead else "")
+                                  + f"; data so far written to {summary.get('hdf5')}"
+                                  ) from failure
+        raise failure
+    if master:
+        echo(json.dumps(summary))
+    return summary
+
+
+def _add_group(coupling, config: Config, group: MoleculeGroup, socket: bool) -> np.ndarray:
+    centers = [_center(config.simulation.dimensions, p) for p in group.positions]
+    kw = dict(sigma=group.sigma, axis=group.axis, rescaling=group.rescaling)
+    if socket:
+        return coupling.add_socket_molecules(centers, **kw)
+    return coupling.add_molecules(group.model, centers, **kw, **group.params)
+
+
+def _dead_drivers_message(procs, logs: Path) -> str:
+    dead = [(mid, p.poll()) for mid, p in procs if p.poll() not in (None, 0)]
+    if not dead:
+        return ""
+    mid, code = dead[0]
+    tail = ""
+    log_file = logs / f"molecule_{mid}.log"
+    with contextlib.suppress(OSError):
+        lines = log_file.read_text(errors="replace").strip().splitlines()
+        tail = f": {lines[-1]}" if lines else ""
+    return (f"the driver of molecule {mid} exited with code {code}{tail} (log {log_file})"
+            + (f"; {len(dead) - 1} more drivers died" if len(dead) > 1 else ""))
+
+
+def _finish(config: Config, coupling, failure, procs, t_start: float,
+            progress: Progress) -> dict:
+    """Write HDF5 (always, with what exists), then the plot and the summary."""
+    from .analysis import compare_to_curve, fit_decay_rate, relaxation_curve
+
+    out_dir = config.output.directory
+    history = coupling.history()
+    units = coupling.units
+    records = len(history["step"])
+    steps_done = int(history["step"][-1]) + 1 if records else 0
+    if "time_au" in history:  # the molecules' own clock, the one the analytic curve uses
+        time_meep = units.time_au_to_meep(np.nanmax(history["time_au"], axis=1))
+        history["time_meep"] = time_meep
+    ref = analytic_reference(config, units)
+    summary: dict = {
+        "complete": failure is None,
+        "steps": steps_done,
+        "molecules": config.molecule_count,
+        "transport": config.transport.kind,
+        "dimensions": config.simulation.dimensions,
+        "mpi_ranks": rank_and_size()[1],
+        "fitted_rate": None, "golden_rule_rate": None, "relative_error": None,
+    }
+    pe = history.get("Pe")
+    analytic = None
+    if ref is not None and pe is not None and records > 2:
+        mean_pe = np.nanmean(pe, axis=1)
+        fitted = fit_decay_rate(time_meep, mean_pe)
+        errors = compare_to_curve(time_meep, mean_pe, ref["gamma"])
+        analytic = relaxation_curve(time_meep, ref["gamma"], float(mean_pe[0]))
+        summary.update(
+            fitted_rate=round(fitted, 8), golden_rule_rate=round(ref["gamma"], 8),
+            relative_error=round(abs(fitted - ref["gamma"]) / ref["gamma"], 6),
+            golden_rule_rate_kernel=round(ref["gamma_kernel"], 8),
+            relative_error_kernel=round(abs(fitted - ref["gamma_kernel"])
+                                        / ref["gamma_kernel"], 6),
+            curve_std_over_p0=float(f"{errors['std']:.3e}"),
+            curve_max_over_p0=float(f"{errors['max']:.3e}"))
+    summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
+    attrs = {"complete": failure is None,
+             "time_units_fs": config.simulation.time_units_fs,
+             "config": config.source.read_text() if config.source else "",
+             "summary": json.dumps(summary)}
+    hdf5 = write_history(out_dir / "molecules.h5", history, attrs)
+    summary["hdf5"] = str(hdf5)
+    if config.output.plot and pe is not None and records and failure is None:
+        title = (f"{config.simulation.dimensions}D, {config.molecule_count} molecule(s), "
+                 f"{config.transport.kind} transport")
+        summary["plot"] = str(plot_populations(out_dir / "populations.png", time_meep, pe,
+                                               analytic, title))
+    if failure is None:
+        log.info("%s", progress.line())
+    return summary
+
+
+def main(config_path: str | None = None, overrides: dict | None = None) -> int:
+    """Entry of ``maxwellhub run``; returns the exit status."""
+    path = Path(config_path) if config_path else DEFAULT_CONFIG
+    try:
+        config = load_config(path, overrides)
+        from maxwellhub_drivers.models import get_model_class
+        for i, g in enumerate(config.molecules):
+            try:
+                cls = get_model_class(g.model)
+                cls(n=len(g.positions), **g.params)  # validates the parameters now
+            except (ValueError, TypeError, ImportError, LookupError) as exc:
+                raise ConfigError(f"molecules[{i}]: {exc}") from None
+    except ConfigError as exc:
+        print(f"maxwellhub run: bad config {path}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run(config)
+    except MaxwellHubError as exc:
+        if am_master():
+            print(f"maxwellhub run: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,160 @@
+"""Every example runs as written (on a short duration), and `maxwellhub run` writes what it
+promises: the HDF5 file with units, the plot, the JSON line, and on a dead driver a clear
+message with the data so far."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _util import scaled
+
+from maxwellhub.launch import driver_command, driver_env, reap
+
+h5py = pytest.importorskip("h5py")
+pytestmark = pytest.mark.meep
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BIN = Path(sys.executable).parent
+TLS = {"omega": 0.242, "mu12": 187, "pe_initial": 1e-4}
+
+
+def run_cli(*args, cwd, timeout=120):
+    return subprocess.run([str(BIN / "maxwellhub"), *args], capture_output=True, text=True,
+                          timeout=scaled(timeout), cwd=cwd)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in EXAMPLES.glob("*.toml")))
+def test_example_config_runs(config, tmp_path):
+    """`maxwellhub run` on each example config (until = 4): JSON line, HDF5, plot."""
+    proc = run_cli("run", str(EXAMPLES / config), "--set", "simulation.until=4",
+                   "--set", f'output.directory="{tmp_path}"', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["complete"] and summary["steps"] > 0
+    assert summary["golden_rule_rate"] > 0 and summary["fitted_rate"] > 0
+    assert Path(summary["plot"]).stat().st_size > 10_000
+    with h5py.File(summary["hdf5"]) as f:
+        assert f.attrs["complete"]
+        n = summary["molecules"]
+        assert f["molecule_id"].shape == (n,)
+        assert f["Pe"].shape == (len(f["step"]), n)
+        assert f["Pe"].attrs["units"].startswith("1")
+        assert f["time_au"].attrs["units"] == "a.u. of time"
+        assert f["time_meep"].shape == (len(f["step"]),)
+        assert "simulation" in f.attrs["config"]
+
+
+def test_api_mixed_example(tmp_path):
+    """The plain-Python API example with an embedded and a socket molecule."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "api_mixed_2d.py"), "--until", "3"],
+                          capture_output=True, text=True, timeout=scaled(120), cwd=tmp_path,
+                          env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("final Pe")][-1]
+    embedded, socket_ = json.loads(line.split(":", 1)[1])
+    assert embedded == pytest.approx(socket_, rel=1e-12)
+
+
+def test_tcp_drivers_started_by_hand(tcp_port, tmp_path):
+    """The TCP example waits for drivers started by hand, then runs with them."""
+    script = subprocess.Popen([sys.executable, "-u", str(EXAMPLES / "tcp_drivers_by_hand.py"),
+                               "--port", str(tcp_port), "--until", "3", "--wait", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path)
+    drivers = []
+    try:
+        seen = ""
+        for _ in range(10):  # Meep may print its banner first
+            seen += script.stdout.readline()
+            if "hub listening" in seen:
+                break
+        assert f"127.0.0.1:{tcp_port}" in seen, seen + script.stderr.read()
+        for _ in range(2):  # as a user would, from the printed command
+            drivers.append(subprocess.Popen(driver_command("tls", TLS, host="127.0.0.1",
+                                                           port=tcp_port),
+                                            env=driver_env(), stdout=subprocess.DEVNULL))
+        out, err = script.communicate(timeout=scaled(120))
+    finally:
+        reap([script], 1)
+    assert script.returncode == 0, err[-3000:]
+    assert "final Pe:" in out
+    assert reap(drivers, scaled(10)) == [0, 0]
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (OpenMPI) not installed")
+def test_mpi_example(tmp_path):
+    """The mpirun example: 2 ranks, hub on rank 0, same result as run serially."""
+    base = [sys.executable, str(EXAMPLES / "mpi_relax_2d.py"), "--until", "3"]
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    env.pop("OMPI_MCA_ess_singleton_isolated", None)
+    parallel = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                               *base], capture_output=True, text=True,
+                              timeout=scaled(180), cwd=tmp_path, env=env)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    serial = subprocess.run(base, capture_output=True, text=True, timeout=scaled(120),
+                            cwd=tmp_path, env=env)
+    assert serial.returncode == 0, serial.stderr[-3000:]
+
+    def final(out):
+        return json.loads([x for x in out.splitlines() if x.startswith("final Pe")][-1]
+                          .split(":", 1)[1])
+
+    assert final(parallel.stdout) == pytest.approx(final(serial.stdout), rel=1e-10)
+
+
+def test_readme_hub_example(tmp_path):
+    """The README's hub-and-two-drivers example runs and both drivers exit 0."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "hub_and_two_drivers.py")],
+                          capture_output=True, text=True, timeout=scaled(60), cwd=tmp_path,
+                          env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("dmu/dt") == 6
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def test_dead_driver_ends_run_with_data_written(tmp_path):
+    """A driver killed mid-run ends `maxwellhub run` with a message naming its molecule,
+    and the steps recorded so far are in the HDF5 file (marked incomplete)."""
+    run = subprocess.Popen([str(BIN / "maxwellhub"), "run", str(EXAMPLES / "relax_2d.toml"),
+                            "--set", "simulation.until=100000",
+                            "--set", f'output.directory="{tmp_path}"'],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + scaled(60)
+        log = tmp_path / "drivers" / "molecule_0.log"
+        driver = None
+        while driver is None and time.monotonic() < deadline:
+            kids = [k for k in _children(run.pid)
+                    if b"maxwellhub-driver" in Path(f"/proc/{k}/cmdline").read_bytes()]
+            if kids and log.exists():
+                driver = kids[0]
+            else:
+                time.sleep(0.2)  # the driver is a grandchild we cannot await
+        assert driver is not None, "the run never started its driver"
+        time.sleep(1.0)  # let it step a while
+        os.kill(driver, signal.SIGKILL)
+        out, err = run.communicate(timeout=scaled(60))
+    finally:
+        reap([run], 1)
+    assert run.returncode == 1, err[-3000:]
+    assert "molecule" in err and "[0]" in err, err[-3000:]
+    assert "data so far written to" in err
+    with h5py.File(tmp_path / "molecules.h5") as f:
+        assert not f.attrs["complete"]
+        assert len(f["step"]) > 10
