@@ -216,3 +216,13 @@ def no_process_left_behind() -> Iterator[None]:
         + "\n  ".join(described),
         pytrace=False,
     )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Keep pytest's summary the last line: Meep registers an atexit print of its run time."""
+    import atexit
+    import sys
+
+    meep = sys.modules.get("meep")
+    if meep is not None and hasattr(meep, "report_elapsed_time"):
+        atexit.unregister(meep.report_elapsed_time)

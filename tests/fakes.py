@@ -10,6 +10,9 @@ import json
 from maxwellhub import wire
 
 
+_RUNNING: set[asyncio.Task] = set()
+
+
 def fake_source(mid: int, field) -> tuple[float, float, float]:
     """What a well-behaved fake answers for ``field`` at molecule ``mid``."""
     return (2.0 * field[0] + mid, 3.0 * field[1] - mid, -field[2] + 0.5)
@@ -34,6 +37,10 @@ class FakeDriver:
 
     def start(self) -> FakeDriver:
         self.task = asyncio.create_task(self._run())
+        # asyncio holds tasks weakly: an unreferenced fake would be garbage-collected
+        # mid-conversation, so every running fake is kept here until it ends.
+        _RUNNING.add(self.task)
+        self.task.add_done_callback(_RUNNING.discard)
         return self
 
     async def _open(self):
