@@ -158,3 +158,18 @@ def test_dead_driver_ends_run_with_data_written(tmp_path):
     with h5py.File(tmp_path / "molecules.h5") as f:
         assert not f.attrs["complete"]
         assert len(f["step"]) > 10
+
+
+@pytest.mark.parametrize("config", ["relax_1d.toml", "relax_2d.toml"])
+def test_main_job_validates_over_sockets(config, tmp_path):
+    """The full 1D and 2D relaxations with socket drivers (`maxwellhub run`, UNIX transport)
+    stay within std < 3e-3 and max < 8e-3 of the golden-rule curve (relative to P0)."""
+    proc = run_cli("run", str(EXAMPLES / config), "--set", f'output.directory="{tmp_path}"',
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["transport"] == "unix" and summary["steps"] == 1801
+    print(f"\n{config}: std {summary['curve_std_over_p0']:.2e} "
+          f"max {summary['curve_max_over_p0']:.2e}")
+    assert summary["curve_std_over_p0"] < 3e-3 and summary["curve_max_over_p0"] < 8e-3
+    assert summary["relative_error_kernel"] < 1e-2
