@@ -36,6 +36,7 @@ import math
 import os
 import socket
 import stat
+import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -47,7 +48,7 @@ from .addresses import DEFAULT_PORT, unix_socket_path
 from .errors import BarrierTimeout, DriverLost, ProtocolError, UsageError
 from .mpi import am_master
 
-__all__ = ["Hub", "SocketHub", "new_event_loop"]
+__all__ = ["Hub", "SocketHub", "StepResult", "new_event_loop"]
 
 log = logging.getLogger("maxwellhub.hub")
 
@@ -60,6 +61,22 @@ _READY = "ready"          # initialised and idle
 _BUSY = "busy"            # field sent; expect FORCEREADY
 _CLOSING = "closing"      # STOP or EXIT sent; expect BYE or close
 _CLOSED = "closed"
+
+_FIELD_STEP = struct.Struct("<12s9d9di3d12s")
+_POSDATA_HEADER = wire.encode_header(wire.POSDATA)
+_GETFORCE_HEADER = wire.encode_header(wire.GETFORCE)
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+_SR_HEADER = wire.encode_header(wire.FORCEREADY)
+_SR_PREFIX = struct.Struct("<12sdi3d72xi")   # header, energy, nat, dmu/dt, (virial), m
+_SR_SIZE = _SR_PREFIX.size                    # 124
+_F64 = struct.Struct("<d")
+_VIRIAL = struct.Struct("<9d")
+_finite = math.isfinite
+
+
+def _virial_finite(data: bytes) -> bool:
+    return all(map(_finite, _VIRIAL.unpack_from(data, 48)))
+
 
 _STOP_BYTES = wire.encode_header(wire.STOP)
 _EXIT_BYTES = wire.encode_header(wire.EXIT)
@@ -83,16 +100,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"INIT payload value {obj!r} of type {type(obj).__name__} is not JSON")
 
 
-def _field3(mid: int, value: Any) -> tuple[float, float, float]:
-    try:
-        ex, ey, ez = (float(x) for x in np.asarray(value, dtype=np.float64).reshape(3))
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"molecule {mid}: efield_au must be 3 numbers, got {value!r}") from exc
-    if not (math.isfinite(ex) and math.isfinite(ey) and math.isfinite(ez)):
-        raise UsageError(f"molecule {mid}: efield_au is not finite: {(ex, ey, ez)}")
-    return ex, ey, ez
-
-
 class _Molecule:
     """A registered molecule id and the driver (if any) bound to it."""
 
@@ -105,16 +112,37 @@ class _Molecule:
         self.initialized = False
 
 
+class _Layout:
+    """The molecule ids of a step and their row in its arrays. Kept while consecutive
+    steps ask for the same ids, so per-driver row indices are computed once."""
+
+    __slots__ = ("ids", "row", "generation")
+
+    def __init__(self, ids: np.ndarray, generation: int) -> None:
+        self.ids = ids
+        self.row = {int(m): r for r, m in enumerate(ids.tolist())}
+        self.generation = generation
+
+
 class _Barrier:
-    """One frozen step: the fields sent and the replies received so far."""
+    """One frozen step: the fields sent and the replies received so far (by row)."""
 
-    __slots__ = ("fields", "results", "waiting", "waiter", "abort_on_loss", "lost")
+    __slots__ = ("layout", "fields", "field_rows", "sources", "batches", "done", "extras",
+                 "batch_extras", "waiting", "waiter", "timer", "abort_on_loss", "lost")
 
-    def __init__(self, fields: dict[int, tuple[float, float, float]]) -> None:
+    def __init__(self, layout: _Layout, fields: np.ndarray) -> None:
+        n = len(layout.ids)
+        self.layout = layout
         self.fields = fields
-        self.results: dict[int, dict] = {}
-        self.waiting = len(fields)
+        self.field_rows = fields.tolist()          # tuples for the single-molecule path
+        self.sources: list = [None] * n           # (sx, sy, sz) per row, single drivers
+        self.batches: list[tuple[np.ndarray, np.ndarray]] = []   # (rows, (M, 3)) ensembles
+        self.done = bytearray(n)                   # 1 where the source has arrived
+        self.extras: list = [None] * n            # JSON bytes per row, single drivers
+        self.batch_extras: list[tuple[np.ndarray, dict]] = []
+        self.waiting = n
         self.waiter: asyncio.Future | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.abort_on_loss = False
         self.lost: list[int] = []
 
@@ -122,9 +150,68 @@ class _Barrier:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(why)
 
+    def missing(self) -> list[int]:
+        ids = self.layout.ids
+        return [int(ids[r]) for r in range(len(ids)) if not self.done[r]]
+
+
+class StepResult:
+    """The outcome of one barrier step in array form (:meth:`Hub.step_arrays`).
+
+    ``ids`` (N,) and ``sources`` (N, 3) dmu/dt in a.u., row for row with the request.
+    :meth:`extras` gives the drivers' per-step data as ``{key: (N,) float64}`` (NaN where
+    a molecule does not report a key); single drivers' JSON is parsed only when asked.
+    """
+
+    __slots__ = ("ids", "sources", "_json", "_batch_extras", "_extras")
+
+    def __init__(self, ids: np.ndarray, sources: np.ndarray, json_rows: list,
+                 batch_extras: list[tuple[np.ndarray, dict]]) -> None:
+        self.ids = ids
+        self.sources = sources
+        self._json = json_rows
+        self._batch_extras = batch_extras
+        self._extras: dict[str, np.ndarray] | None = None
+
+    def extra_bytes(self, row: int) -> bytes:
+        """The extras of one row as MaxwellLink's JSON bytes."""
+        raw = self._json[row]
+        if raw is not None:
+            return raw
+        values = {k: float(v[row]) for k, v in self.extras().items() if v[row] == v[row]}
+        return json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
+
+    def extras(self) -> dict[str, np.ndarray]:
+        if self._extras is None:
+            n = len(self.ids)
+            out: dict[str, np.ndarray] = {}
+            for r, raw in enumerate(self._json):
+                if raw:
+                    try:
+                        parsed = json.loads(raw)
+                    except ValueError:
+                        continue  # extras are informational; a bad one is skipped
+                    for key, value in parsed.items():
+                        if isinstance(value, (int, float)) and not isinstance(value, bool):
+                            out.setdefault(key, np.full(n, np.nan))[r] = value
+            for rows, arrays in self._batch_extras:
+                for key, values in arrays.items():
+                    out.setdefault(key, np.full(n, np.nan))[rows] = values
+            self._extras = out
+        return self._extras
+
+    def as_dict(self) -> dict[int, dict]:
+        """MaxwellLink's shape: ``{molid: {"amp": ndarray(3), "extra": bytes}}``."""
+        return {int(m): {"amp": self.sources[r], "extra": self.extra_bytes(r)}
+                for r, m in enumerate(self.ids.tolist())}
+
 
 class _Driver(asyncio.Protocol):
-    """One driver connection: feeds bytes to the codec and reports events to the hub."""
+    """One driver connection: feeds bytes to the codec and reports events to the hub.
+
+    A plain driver hosts one molecule; a driver that negotiated batched frames
+    (MXHHELLO) hosts ``batch`` molecules and is stepped with one frame for all of them.
+    """
 
     def __init__(self, hub: Hub, number: int) -> None:
         self.hub = hub
@@ -132,16 +219,32 @@ class _Driver(asyncio.Protocol):
         self.decoder = wire.Decoder("hub", hub.limits)
         self.transport: asyncio.Transport | None = None
         self.state = _PROBE
-        self.molecule: _Molecule | None = None
+        self.molecules: list[_Molecule] = []
+        self.batch: int | None = None
+        self.row = -1                              # row of a single driver in the step
+        self.rows: np.ndarray | None = None        # rows of an ensemble in the layout
+        self.rows_generation = -1
         self.peer = f"driver#{number}"
         self.dialect = hub.dialect
         self.bye: asyncio.Future | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
 
+    @property
+    def molecule(self) -> _Molecule | None:
+        return self.molecules[0] if self.molecules else None
+
+    @property
+    def size(self) -> int:
+        return self.batch or 1
+
     # -- naming, for log lines that point at the culprit
     def __str__(self) -> str:
-        mol = f" molecule {self.molecule.id}" if self.molecule is not None else ""
-        return f"{self.peer}{mol}"
+        if not self.molecules:
+            return self.peer
+        if len(self.molecules) == 1:
+            return f"{self.peer} molecule {self.molecules[0].id}"
+        return (f"{self.peer} molecules {self.molecules[0].id}..{self.molecules[-1].id} "
+                f"({len(self.molecules)})")
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,6 +261,16 @@ class _Driver(asyncio.Protocol):
             self.hub.timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
+        # Fast path: exactly one SOURCEREADY with nat = 1 in one read, nothing buffered.
+        if (self.state == _BUSY and len(data) >= _SR_SIZE and not self.decoder.buffered
+                and data[:12] == _SR_HEADER):
+            _, _, nat, sx, sy, sz, m = _SR_PREFIX.unpack_from(data)
+            if nat == 1 and m == len(data) - _SR_SIZE and m <= self.hub.limits.max_extras_bytes:
+                if _finite(sx) and _finite(sy) and _finite(sz) and _finite(
+                        _F64.unpack_from(data, 12)[0]) and _virial_finite(data):
+                    self.state = _READY
+                    self.hub._source_ready(self, sx, sy, sz, data[_SR_SIZE:])
+                    return
         try:
             for event in self.decoder.feed(data):
                 self._on_event(event)
@@ -191,9 +304,17 @@ class _Driver(asyncio.Protocol):
     def _on_event(self, event: wire.Event) -> None:
         kind = type(event)
         state = self.state
-        if kind is wire.ForceReady and state == _BUSY:
+        if kind is wire.ForceReady and state == _BUSY and self.batch is None:
+            if event.forces.shape[0] != 1:
+                self.fail(f"SOURCEREADY carries nat = {event.forces.shape[0]}, the EM "
+                          "profile needs 1")
+                return
             self.state = _READY
-            self.hub._source_ready(self, event)
+            sx, sy, sz = event.forces[0].tolist()
+            self.hub._source_ready(self, sx, sy, sz, event.extras)
+        elif kind is wire.SourcesBatch and state == _BUSY and self.batch is not None:
+            self.state = _READY
+            self.hub._sources_batch(self, event)
         elif kind is wire.Ready and state == _INIT:
             self.state = _READY
             self._cancel_handshake()
@@ -202,6 +323,9 @@ class _Driver(asyncio.Protocol):
             self.state = _UNBOUND
             self._cancel_handshake()
             self.hub._driver_available(self)
+        elif kind is wire.Hello and state == _PROBE and self.batch is None:
+            self.batch = self.decoder.batch = event.molecules
+            self.transport.write(wire.encode_welcome(event.molecules))
         elif kind is wire.Bye and state == _CLOSING:
             if self.bye is not None and not self.bye.done():
                 self.bye.set_result(True)
@@ -215,16 +339,34 @@ class _Driver(asyncio.Protocol):
             self._handshake_timer.cancel()
             self._handshake_timer = None
 
-    def send_init(self, mid: int, payload: dict) -> None:
-        body = json.dumps({**payload, "molecule_id": mid}, default=_json_default).encode()
+    def send_init(self) -> None:
+        mols = self.molecules
+        first = mols[0]
+        payload = dict(first.payload or {})
+        if self.batch is not None:
+            payload["molecule_ids"] = [m.id for m in mols]
+            payload["payloads"] = [m.payload or {} for m in mols]
+        body = json.dumps({**payload, "molecule_id": first.id},
+                          default=_json_default).encode()
         self.state = _INIT
-        self.transport.write(wire.encode_init(mid, body) + _STATUS_BYTES)
+        self.transport.write(wire.encode_init(first.id, body) + _STATUS_BYTES)
         self._handshake_timer = self.hub._loop.call_later(
             self.hub.timeout, self._handshake_expired)
 
-    def send_field(self, field3: tuple[float, float, float]) -> None:
+    def send_step(self, barrier: _Barrier) -> None:
+        """Send this driver its frozen field(s) of ``barrier`` with GETSOURCE."""
         self.state = _BUSY
-        self.transport.write(wire.encode_field_step(field3))
+        if self.batch is None:
+            self.row = r = barrier.layout.row[self.molecules[0].id]
+            self.transport.write(_FIELD_STEP.pack(_POSDATA_HEADER, *_IDENTITY, *_IDENTITY, 1,
+                                                  *barrier.field_rows[r], _GETFORCE_HEADER))
+            return
+        layout = barrier.layout
+        if self.rows_generation != layout.generation:
+            self.rows = np.array([layout.row[m.id] for m in self.molecules], dtype=np.intp)
+            self.rows_generation = layout.generation
+        self.transport.write(wire.encode_fields_batch(barrier.fields[self.rows])
+                             + _GETFORCE_HEADER)
 
     def send_end(self) -> asyncio.Future:
         """STOP (MaxwellLink dialect, answered by BYE) or EXIT (stock i-PI, no answer)."""
@@ -242,13 +384,14 @@ class _Driver(asyncio.Protocol):
 
 
 _EVENT_NAMES = {wire.Ready: "READY", wire.NeedInit: "NEEDINIT", wire.HaveData: "HAVEDATA",
-                wire.ForceReady: "FORCEREADY", wire.Bye: "BYE"}
+                wire.ForceReady: "FORCEREADY", wire.Bye: "BYE", wire.Hello: "MXHHELLO",
+                wire.SourcesBatch: "MXHSOURCES"}
 _EXPECTING = {_PROBE: "waiting for the answer to STATUS",
-              _UNBOUND: "waiting for a molecule to bind to (nothing was asked)",
+              _UNBOUND: "waiting for molecules to bind to (nothing was asked)",
               _BOUND: "bound and waiting for INIT (nothing was asked)",
               _INIT: "waiting for READY after INIT",
               _READY: "idle (nothing was asked)",
-              _BUSY: "waiting for FORCEREADY",
+              _BUSY: "waiting for its source(s)",
               _CLOSING: "waiting for BYE",
               _CLOSED: "closed"}
 
@@ -286,6 +429,8 @@ class Hub:
         self._connections: set[_Driver] = set()
         self._accepted = 0
         self._barrier: _Barrier | None = None
+        self._layout: _Layout | None = None
+        self._generation = 0
         self._changed: asyncio.Future | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -415,7 +560,7 @@ class Hub:
                 mol.payload = dict(payload)
         self._progress_binds()
         for mid in payloads:
-            self._ensure_init(self._molecules[int(mid)])
+            self._ensure_init(self._molecules[int(mid)].driver)
         deadline = self._loop.time() + (self.timeout if timeout is None else timeout)
         while not self.all_bound(payloads, require_init):
             if not await self._wait_change(deadline):
@@ -447,142 +592,219 @@ class Hub:
         self._progress_binds()
 
     def _progress_binds(self) -> None:
-        """Bind waiting anonymous drivers to free molecule ids, in registration order."""
-        if not self._unbound:
-            return
-        for mol in self._molecules.values():
-            if mol.driver is not None:
+        """Bind waiting anonymous drivers, in connection order, to free molecule ids in
+        registration order; an ensemble driver takes as many ids as it hosts."""
+        while self._unbound:
+            driver = self._unbound[0]
+            if driver.state != _UNBOUND:
+                self._unbound.popleft()
                 continue
-            driver = None
-            while self._unbound and driver is None:
-                candidate = self._unbound.popleft()
-                if candidate.state == _UNBOUND:
-                    driver = candidate
-            if driver is None:
+            free = []
+            for mol in self._molecules.values():
+                if mol.driver is None:
+                    free.append(mol)
+                    if len(free) == driver.size:
+                        break
+            if len(free) < driver.size:
                 return
-            mol.driver, driver.molecule, driver.state = driver, mol, _BOUND
-            mol.initialized = False
-            log.info("%s bound to molecule %d", driver.peer, mol.id)
-            self._ensure_init(mol)
+            self._unbound.popleft()
+            for mol in free:
+                mol.driver, mol.initialized = driver, False
+            driver.molecules, driver.state = free, _BOUND
+            driver.rows_generation = -1
+            log.info("%s bound", driver)
+            self._ensure_init(driver)
             self._notify()
 
-    def _ensure_init(self, mol: _Molecule) -> None:
-        driver = mol.driver
+    def _ensure_init(self, driver: _Driver | None) -> None:
+        """Send INIT once the payload of every molecule of ``driver`` is known (or a
+        step needs it now: then a missing payload is sent as ``{}``)."""
         if driver is None or driver.state != _BOUND:
             return
-        payload = mol.payload
-        if payload is None and self._barrier is not None and mol.id in self._barrier.fields:
-            payload = {}
-        if payload is not None:
-            driver.send_init(mol.id, payload)
+        barrier = self._barrier
+        for mol in driver.molecules:
+            if mol.payload is None:
+                if barrier is None or mol.id not in barrier.layout.row:
+                    return
+                mol.payload = {}
+        driver.send_init()
 
     def _driver_initialized(self, driver: _Driver) -> None:
-        mol = driver.molecule
-        mol.initialized = True
+        for mol in driver.molecules:
+            mol.initialized = True
         barrier = self._barrier
-        if barrier is not None and mol.id in barrier.fields and mol.id not in barrier.results:
-            driver.send_field(barrier.fields[mol.id])  # a replacement gets the frozen field
+        if barrier is not None and self._needs_step(driver, barrier):
+            driver.send_step(barrier)  # a replacement gets the frozen field(s)
         self._notify()
+
+    @staticmethod
+    def _needs_step(driver: _Driver, barrier: _Barrier) -> bool:
+        row = barrier.layout.row
+        for mol in driver.molecules:
+            r = row.get(mol.id)
+            if r is not None and not barrier.done[r]:
+                return True
+        return False
 
     def _connection_lost(self, driver: _Driver, previous: str, exc: Exception | None) -> None:
         self._connections.discard(driver)
-        mol = driver.molecule
-        if mol is None or mol.driver is not driver:
+        mols = [m for m in driver.molecules if m.driver is driver]
+        if not mols:
             return
-        mol.driver = None
-        mol.initialized = False
+        for mol in mols:
+            mol.driver = None
+            mol.initialized = False
         barrier = self._barrier
         if previous != _CLOSING:
-            pending = barrier is not None and mol.id in barrier.fields \
-                and mol.id not in barrier.results
+            pending = [] if barrier is None else [
+                m.id for m in mols if (r := barrier.layout.row.get(m.id)) is not None
+                and not barrier.done[r]]
             log.warning("%s disconnected%s%s", driver,
                         " in the middle of a step" if pending else "",
                         f" ({exc})" if exc else "")
             if pending:
-                barrier.lost.append(mol.id)
+                barrier.lost.extend(pending)
                 if barrier.abort_on_loss:
                     barrier.wake("lost")
         self._progress_binds()
         self._notify()
 
-    def _source_ready(self, driver: _Driver, event: wire.ForceReady) -> None:
+    def _source_ready(self, driver: _Driver, sx: float, sy: float, sz: float,
+                      extras: bytes) -> None:
         barrier = self._barrier
-        mid = driver.molecule.id
-        if barrier is None or mid not in barrier.fields or mid in barrier.results:
-            driver.fail("FORCEREADY for a step that was not asked")
+        r = driver.row
+        if barrier is None or r < 0 or barrier.done[r]:
+            driver.fail("SOURCEREADY for a step that was not asked")
             return
-        if event.forces.shape[0] != 1:
-            driver.fail(f"SOURCEREADY carries nat = {event.forces.shape[0]}, the EM profile "
-                        "needs 1")
-            return
-        barrier.results[mid] = {"amp": event.forces[0], "extra": event.extras}
+        barrier.sources[r] = (sx, sy, sz)
+        barrier.extras[r] = extras
+        barrier.done[r] = 1
         barrier.waiting -= 1
+        if barrier.waiting == 0:
+            barrier.wake("done")
+
+    def _sources_batch(self, driver: _Driver, event: wire.SourcesBatch) -> None:
+        barrier = self._barrier
+        rows = driver.rows
+        if barrier is None or rows is None or driver.rows_generation != \
+                barrier.layout.generation:
+            driver.fail("MXHSOURCES for a step that was not asked")
+            return
+        pending = [r for r in rows.tolist() if not barrier.done[r]]
+        barrier.batches.append((rows, event.sources))
+        if event.extras:
+            barrier.batch_extras.append((rows, event.extras))
+        for r in pending:
+            barrier.done[r] = 1
+        barrier.waiting -= len(pending)
         if barrier.waiting == 0:
             barrier.wake("done")
 
     # ------------------------------------------------------------------ barrier
 
-    def _freeze(self, requests: Mapping[int, Mapping]) -> _Barrier:
-        fields = {}
-        for key, req in requests.items():
-            mid = int(key)
-            mol = self._molecules.get(mid)
-            if mol is None:
-                raise UsageError(f"molecule {mid} is not registered with this hub")
-            try:
-                efield = req["efield_au"]
-            except (KeyError, TypeError):
-                raise UsageError(f"molecule {mid}: request lacks 'efield_au'") from None
-            fields[mid] = _field3(mid, efield)
-            init = req.get("init")
-            if init is not None and mol.payload is None:
-                mol.payload = dict(init)
-        return _Barrier(fields)
+    def _freeze(self, ids: np.ndarray, fields: np.ndarray) -> _Barrier:
+        layout = self._layout
+        if layout is None or not np.array_equal(layout.ids, ids):
+            unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
+            if unknown:
+                raise UsageError(f"molecule {unknown[0]} is not registered with this hub"
+                                 + (f" (nor {unknown[1:]})" if len(unknown) > 1 else ""))
+            if len(set(ids.tolist())) != len(ids):
+                raise UsageError("a step names the same molecule twice")
+            self._generation += 1
+            layout = self._layout = _Layout(ids.copy(), self._generation)
+        return _Barrier(layout, fields)
 
-    async def _run_barrier(self, requests: Mapping[int, Mapping], timeout: float | None,
-                           abort_on_loss: bool) -> dict[int, dict] | None:
-        """Run (or continue) the frozen step. The results when complete, else None."""
+    def _begin(self, ids: np.ndarray | None, fields: np.ndarray | None,
+               timeout: float | None, abort_on_loss: bool) -> _Barrier | None:
+        """Freeze (or continue) the step, send what is due; the barrier, or None when
+        paused. Synchronous: the caller then waits on ``barrier.waiter`` if set."""
         if self.paused:
             return None
         barrier = self._barrier
         if barrier is None:
-            barrier = self._barrier = self._freeze(requests)
+            barrier = self._barrier = self._freeze(ids, fields)
         barrier.abort_on_loss = abort_on_loss
         barrier.lost.clear()
         self._progress_binds()
-        for mid, field3 in barrier.fields.items():
-            if mid in barrier.results:
+        molecules = self._molecules
+        seen: set[int] = set()
+        done = barrier.done
+        for r, mid in enumerate(barrier.layout.ids.tolist()):
+            if done[r]:
                 continue
-            mol = self._molecules[mid]
-            driver = mol.driver
+            driver = molecules[mid].driver
             if driver is None:
                 if abort_on_loss:
                     barrier.lost.append(mid)
                 continue
             if driver.state == _READY:
-                driver.send_field(field3)
+                if driver.batch is None:
+                    driver.send_step(barrier)
+                elif driver.number not in seen:
+                    seen.add(driver.number)
+                    driver.send_step(barrier)
             elif driver.state == _BOUND:
-                self._ensure_init(mol)
+                self._ensure_init(driver)
         if barrier.waiting and not (abort_on_loss and barrier.lost):
             barrier.waiter = self._loop.create_future()
             wait = self.timeout if timeout is None else timeout
-            timer = self._loop.call_later(wait, barrier.wake, "timeout")
-            try:
-                await barrier.waiter
-            finally:
-                timer.cancel()
-                barrier.waiter = None
+            barrier.timer = self._loop.call_later(wait, barrier.wake, "timeout")
+        return barrier
+
+    def _end(self, barrier: _Barrier | None) -> StepResult | None:
+        """After waiting: the result when the step is complete, else None."""
+        if barrier is None:
+            return None
+        if barrier.timer is not None:
+            barrier.timer.cancel()
+            barrier.timer = None
+        barrier.waiter = None
         if barrier.waiting:
             return None
         self._barrier = None
         self.step_index += 1
-        return barrier.results
+        if barrier.batches:
+            sources = np.zeros((len(barrier.layout.ids), 3))
+            single = [r for r, s in enumerate(barrier.sources) if s is not None]
+            if single:
+                sources[single] = [barrier.sources[r] for r in single]
+            for rows, values in barrier.batches:
+                sources[rows] = values
+        else:
+            sources = np.array(barrier.sources, dtype=np.float64).reshape(-1, 3)
+        return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
+
+    async def _run(self, ids, fields, timeout, abort_on_loss) -> StepResult | None:
+        barrier = self._begin(ids, fields, timeout, abort_on_loss)
+        if barrier is not None and barrier.waiter is not None:
+            await barrier.waiter
+        return self._end(barrier)
+
+    def _arrays(self, requests: Mapping[int, Mapping]) -> tuple[np.ndarray, np.ndarray]:
+        """ids and fields from MaxwellLink's request dict (and INIT payloads it carries)."""
+        if self._barrier is not None:
+            return None, None  # a frozen step is continued; its fields stay
+        ids = np.fromiter((int(k) for k in requests), dtype=np.int64, count=len(requests))
+        try:
+            efields = [req["efield_au"] for req in requests.values()]
+        except (KeyError, TypeError):
+            bad = next(k for k, req in requests.items()
+                       if not isinstance(req, Mapping) or "efield_au" not in req)
+            raise UsageError(f"molecule {int(bad)}: request lacks 'efield_au'") from None
+        for mid, req in requests.items():
+            init = req.get("init")
+            mol = self._molecules.get(int(mid))
+            if init is not None and mol is not None and mol.payload is None:
+                mol.payload = dict(init)
+        return ids, _fields_array(ids, efields)
 
     async def step_barrier(self, requests: Mapping[int, Mapping],
                            timeout: float | None = None) -> dict[int, dict]:
         """MaxwellLink's barrier: ``{molid: {"amp": ndarray(3), "extra": bytes}}``, or ``{}``
         when paused, aborted by a lost driver, or incomplete at ``timeout``."""
-        return await self._run_barrier(requests, timeout, abort_on_loss=True) or {}
+        result = await self._run(*self._arrays(requests), timeout, abort_on_loss=True)
+        return result.as_dict() if result is not None else {}
 
     async def step(self, requests: Mapping[int, Mapping], timeout: float | None = None,
                    on_lost: str = "wait") -> dict[int, dict]:
@@ -590,12 +812,23 @@ class Hub:
         driver: ``"wait"`` for a replacement until ``timeout``, then raise
         :class:`BarrierTimeout` naming the missing molecules; ``"abort"`` raise
         :class:`DriverLost` at once, naming them (the frozen step is kept either way)."""
-        if on_lost not in ("wait", "abort"):
-            raise UsageError(f"on_lost must be 'wait' or 'abort', not {on_lost!r}")
-        abort = on_lost == "abort"
-        results = await self._run_barrier(requests, timeout, abort_on_loss=abort)
-        if results is not None:
-            return results
+        result = await self.step_arrays(*self._arrays(requests), timeout=timeout,
+                                        on_lost=on_lost)
+        return result.as_dict()
+
+    async def step_arrays(self, ids, fields, timeout: float | None = None,
+                          on_lost: str = "wait") -> StepResult:
+        """The barrier in array form: ``ids`` (N,), ``fields`` (N, 3) a.u. -> a
+        :class:`StepResult` (sources row for row). Same policies as :meth:`step`."""
+        abort = _check_policy(on_lost)
+        if self._barrier is None and ids is not None:
+            ids, fields = _as_step_arrays(ids, fields)
+        return self._outcome(await self._run(ids, fields, timeout, abort), abort, timeout)
+
+    def _outcome(self, result: StepResult | None, abort: bool,
+                 timeout: float | None) -> StepResult:
+        if result is not None:
+            return result
         barrier = self._barrier
         if barrier is None or self.paused:
             raise BarrierTimeout("the hub is stopped; no step can complete")
@@ -603,12 +836,13 @@ class Hub:
             lost = sorted(set(barrier.lost))
             raise DriverLost(f"step {self.step_index}: the driver of molecule(s) {lost} is "
                              "gone and the policy is to abort")
-        missing = sorted(set(barrier.fields) - set(barrier.results))
+        missing = barrier.missing()
         unbound = [m for m in missing if self._molecules[m].driver is None]
         wait = self.timeout if timeout is None else timeout
         raise BarrierTimeout(
-            f"step {self.step_index}: no source from molecule(s) {missing} within {wait:g} s"
-            + (f"; no driver connected for {unbound}" if unbound else ""), missing)
+            f"step {self.step_index}: no source from molecule(s) {_ids_text(missing)} within "
+            f"{wait:g} s" + (f"; no driver connected for {_ids_text(unbound)}" if unbound
+                             else ""), missing)
 
     def status(self) -> dict:
         """A snapshot for humans and the control endpoint."""
@@ -620,6 +854,43 @@ class Hub:
             "connections": len(self._connections),
             "in_step": self._barrier is not None,
         }
+
+
+def _ids_text(ids: list[int], most: int = 20) -> str:
+    """A list of ids for a message, shortened when long."""
+    if len(ids) <= most:
+        return str(ids)
+    return f"{ids[:most]}... ({len(ids)} in all)"
+
+
+def _check_policy(on_lost: str) -> bool:
+    if on_lost not in ("wait", "abort"):
+        raise UsageError(f"on_lost must be 'wait' or 'abort', not {on_lost!r}")
+    return on_lost == "abort"
+
+
+def _fields_array(ids: np.ndarray, efields) -> np.ndarray:
+    """(N, 3) float64 fields, refusing a wrong shape or a non-finite value by molecule."""
+    try:
+        fields = np.array(efields, dtype=np.float64)
+    except (TypeError, ValueError):
+        fields = None
+    if fields is None or fields.shape != (len(ids), 3):
+        for mid, value in zip(ids.tolist(), efields, strict=True):
+            if np.shape(value) != (3,):
+                raise UsageError(f"molecule {mid}: efield_au must be 3 numbers, got {value!r}")
+        raise UsageError(f"fields must have shape ({len(ids)}, 3)")
+    finite = np.isfinite(fields).all(axis=1)
+    if not finite.all():
+        r = int(np.flatnonzero(~finite)[0])
+        raise UsageError(f"molecule {int(ids[r])}: efield_au is not finite: "
+                         f"{fields[r].tolist()}")
+    return fields
+
+
+def _as_step_arrays(ids, fields) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return ids, _fields_array(ids, fields)
 
 
 def _clear_stale_unix_socket(path: str) -> None:
@@ -682,19 +953,21 @@ class SocketHub:
             self._loop = None
             raise
 
+    def _check_no_running_loop(self) -> None:
+        if asyncio._get_running_loop() is not None:
+            raise UsageError("SocketHub's synchronous methods cannot run inside a running "
+                             "event loop; use maxwellhub.Hub and await its methods")
+
     def _run(self, coro):
         loop = self._loop
         if loop is None:
             coro.close()
             raise UsageError("this SocketHub is stopped (or not on MPI rank 0)")
         try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not None:
+            self._check_no_running_loop()
+        except UsageError:
             coro.close()
-            raise UsageError("SocketHub's synchronous methods cannot run inside a running "
-                             "event loop; use maxwellhub.Hub and await its methods")
+            raise
         return loop.run_until_complete(coro)
 
     # -- attributes
@@ -737,18 +1010,40 @@ class SocketHub:
             return False
         return self._run(self.hub.wait_until_bound(init_payloads, require_init, timeout))
 
+    def _barrier(self, ids, fields, timeout, abort: bool):
+        """One barrier attempt without a Task: dispatch synchronously, then run the loop
+        only until this step's waiter resolves (the hot path of Meep's step callback)."""
+        self._check_no_running_loop()
+        hub = self.hub
+        barrier = hub._begin(ids, fields, timeout, abort)
+        if barrier is not None and barrier.waiter is not None:
+            self._loop.run_until_complete(barrier.waiter)
+        return hub._end(barrier)
+
     def step_barrier(self, requests: Mapping[int, Mapping],
                      timeout: float | None = None) -> dict[int, dict]:
         if self.hub is None or self._loop is None:
             return {}  # not rank 0, or stopped: the "paused" case of the contract
-        return self._run(self.hub.step_barrier(requests, timeout))
+        result = self._barrier(*self.hub._arrays(requests), timeout, True)
+        return result.as_dict() if result is not None else {}
 
     def step(self, requests: Mapping[int, Mapping], timeout: float | None = None,
              on_lost: str = "wait") -> dict[int, dict]:
         """The barrier with a deadline; see :meth:`Hub.step` (raises instead of ``{}``)."""
         if self.hub is None:
             raise UsageError("step is only available on MPI rank 0")
-        return self._run(self.hub.step(requests, timeout, on_lost))
+        return self.step_arrays(*self.hub._arrays(requests), timeout=timeout,
+                                on_lost=on_lost).as_dict()
+
+    def step_arrays(self, ids, fields, timeout: float | None = None,
+                    on_lost: str = "wait") -> StepResult:
+        """The barrier in array form; see :meth:`Hub.step_arrays`."""
+        if self.hub is None or self._loop is None:
+            raise UsageError("step_arrays is only available on MPI rank 0 of a running hub")
+        abort = _check_policy(on_lost)
+        if self.hub._barrier is None and ids is not None:
+            ids, fields = _as_step_arrays(ids, fields)
+        return self.hub._outcome(self._barrier(ids, fields, timeout, abort), abort, timeout)
 
     def status(self) -> dict:
         return self.hub.status() if self.hub else {}

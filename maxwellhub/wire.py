@@ -23,6 +23,24 @@ Cell and virial travel transposed (i-PI keeps lattice vectors as columns): the w
 
 In the EM profile FIELDDATA = POSDATA (identity cells, nat = 1, the position is the field),
 GETSOURCE = GETFORCE and SOURCEREADY = FORCEREADY (energy 0, nat 1, the force is dmu/dt).
+
+maxwellhub's own batched frames (version 1), for one driver hosting M molecules. A plain
+i-PI or MaxwellLink peer never sees them: only a driver that opens with MXHHELLO is
+answered with MXHWELCOME, and only then are batched frames exchanged. Parallel arrays,
+one block per quantity, lengths checked against the negotiated M:
+
+==========  =========  ====================================================  ===========
+message     direction  payload after the header                              bytes
+==========  =========  ====================================================  ===========
+MXHHELLO    d -> hub   int32 version, int32 M, int32 flags (0)               24
+MXHWELCOME  hub -> d   int32 version, int32 M                                20
+MXHFIELDS   hub -> d   int32 M, M f64 Ex, M f64 Ey, M f64 Ez                 16 + 24 M
+MXHSOURCES  d -> hub   int32 M, M f64 dmux/dt, M f64 dmuy/dt, M f64 dmuz/dt,  20 + 24 M
+                       int32 K, K x (int32 n, n bytes ASCII key, M f64)      + sum(4+n+8M)
+==========  =========  ====================================================  ===========
+
+A step is MXHFIELDS + GETFORCE (one write); the driver stages on MXHFIELDS and commits
+on GETFORCE, answering MXHSOURCES, so a re-sent step is idempotent as with POSDATA.
 """
 
 from __future__ import annotations
@@ -62,6 +80,12 @@ FIELDDATA = POSDATA
 GETSOURCE = GETFORCE
 SOURCEREADY = FORCEREADY
 
+MXHHELLO = b"MXHHELLO"
+MXHWELCOME = b"MXHWELCOME"
+MXHFIELDS = b"MXHFIELDS"
+MXHSOURCES = b"MXHSOURCES"
+BATCH_VERSION = 1
+
 _I32 = struct.Struct("<i")
 _F64 = struct.Struct("<d")
 _3F64 = struct.Struct("<3d")
@@ -87,7 +111,8 @@ def encode_header(name: bytes) -> bytes:
 
 
 _H = {name: encode_header(name) for name in
-      (STATUS, READY, NEEDINIT, HAVEDATA, INIT, POSDATA, GETFORCE, FORCEREADY, STOP, BYE, EXIT)}
+      (STATUS, READY, NEEDINIT, HAVEDATA, INIT, POSDATA, GETFORCE, FORCEREADY, STOP, BYE, EXIT,
+       MXHHELLO, MXHWELCOME, MXHFIELDS, MXHSOURCES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +122,9 @@ class Limits:
     max_nat: int = 1
     max_init_bytes: int = _MiB
     max_extras_bytes: int = _MiB
+    max_batch: int = 1 << 20        # molecules in one batched frame
+    max_extras_keys: int = 64       # extras arrays in one MXHSOURCES
+    max_key_bytes: int = 64         # length of one extras key
 
 
 # ----------------------------------------------------------------------------- events
@@ -181,8 +209,40 @@ class ForceReady:
         return self.forces[0]
 
 
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """MXHHELLO: a driver offers batched frames for ``molecules`` molecules."""
+
+    version: int
+    molecules: int
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """MXHWELCOME: the hub accepts batched frames for ``molecules`` molecules."""
+
+    version: int
+    molecules: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FieldsBatch:
+    """MXHFIELDS: the (M, 3) fields of a batched driver's molecules, a.u."""
+
+    fields: np.ndarray
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SourcesBatch:
+    """MXHSOURCES: (M, 3) dmu/dt and per-molecule extras arrays, keyed by name."""
+
+    sources: np.ndarray
+    extras: dict = field(default_factory=dict)
+
+
 Event = (Status | Ready | NeedInit | HaveData | GetForce | Stop | Bye | Exit | Init | PosData
-         | ForceReady)
+         | ForceReady | Hello | Welcome | FieldsBatch | SourcesBatch)
 
 _SIMPLE = {STATUS: Status(), READY: Ready(), NEEDINIT: NeedInit(), HAVEDATA: HaveData(),
            GETFORCE: GetForce(), STOP: Stop(), BYE: Bye(), EXIT: Exit()}
@@ -242,6 +302,43 @@ def encode_source_ready(source3, extras: bytes = b"") -> bytes:
                               *_ZEROS9, len(extras)) + bytes(extras)
 
 
+def encode_hello(molecules: int, version: int = BATCH_VERSION, flags: int = 0) -> bytes:
+    """MXHHELLO offering batched frames for ``molecules`` molecules."""
+    return _H[MXHHELLO] + struct.pack("<iii", version, molecules, flags)
+
+
+def encode_welcome(molecules: int, version: int = BATCH_VERSION) -> bytes:
+    """MXHWELCOME accepting batched frames for ``molecules`` molecules."""
+    return _H[MXHWELCOME] + struct.pack("<ii", version, molecules)
+
+
+def _blocks(name: str, rows) -> bytes:
+    a = np.asarray(rows, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (M, 3), got {a.shape}")
+    # One block per component: x of every molecule, then y, then z.
+    return _I32.pack(a.shape[0]) + np.ascontiguousarray(a.T, dtype="<f8").tobytes()
+
+
+def encode_fields_batch(fields) -> bytes:
+    """MXHFIELDS for (M, 3) fields (send GETFORCE right after it)."""
+    return _H[MXHFIELDS] + _blocks("fields", fields)
+
+
+def encode_sources_batch(sources, extras=None) -> bytes:
+    """MXHSOURCES for (M, 3) dmu/dt and ``{key: (M,) array}`` extras."""
+    body = _blocks("sources", sources)
+    m = len(sources)
+    parts = [_H[MXHSOURCES], body, _I32.pack(len(extras or {}))]
+    for key, values in (extras or {}).items():
+        name = key.encode("ascii")
+        v = np.ascontiguousarray(values, dtype="<f8")
+        if v.shape != (m,):
+            raise ValueError(f"extras {key!r} must have shape ({m},), got {v.shape}")
+        parts += [_I32.pack(len(name)), name, v.tobytes()]
+    return b"".join(parts)
+
+
 def encode(event: Event) -> bytes:
     """Bytes of any event."""
     name = _SIMPLE_NAME.get(type(event))
@@ -253,14 +350,22 @@ def encode(event: Event) -> bytes:
         return encode_posdata(event.cell, event.inverse, event.positions)
     if isinstance(event, ForceReady):
         return encode_forceready(event.energy, event.forces, event.virial, event.extras)
+    if isinstance(event, Hello):
+        return encode_hello(event.molecules, event.version, event.flags)
+    if isinstance(event, Welcome):
+        return encode_welcome(event.molecules, event.version)
+    if isinstance(event, FieldsBatch):
+        return encode_fields_batch(event.fields)
+    if isinstance(event, SourcesBatch):
+        return encode_sources_batch(event.sources, event.extras)
     raise TypeError(f"not a wire event: {event!r}")
 
 
 # ----------------------------------------------------------------------------- decoding
 
 # Which messages each side may receive. A missing entry is a protocol error.
-_FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT})
-_FROM_DRIVER = frozenset({READY, NEEDINIT, HAVEDATA, FORCEREADY, BYE})
+_FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS})
+_FROM_DRIVER = frozenset({READY, NEEDINIT, HAVEDATA, FORCEREADY, BYE, MXHHELLO, MXHSOURCES})
 _READERS = {"driver": (_FROM_HUB, "hub"), "hub": (_FROM_DRIVER, "driver")}
 _KNOWN = {name.ljust(HEADER_SIZE, b" "): name for name in _FROM_HUB | _FROM_DRIVER}
 
@@ -278,7 +383,7 @@ class Decoder:
     violation raises :class:`ProtocolError`; the decoder then refuses further input.
     """
 
-    __slots__ = ("_buf", "_accepts", "_sender", "_limits", "_error")
+    __slots__ = ("_buf", "_accepts", "_sender", "_limits", "_error", "batch")
 
     def __init__(self, reader: str = "hub", limits: Limits | None = None) -> None:
         if reader not in _READERS:
@@ -287,6 +392,8 @@ class Decoder:
         self._limits = limits or Limits()
         self._buf = bytearray()
         self._error: ProtocolError | None = None
+        #: Molecules per batched frame once negotiated (MXHHELLO/MXHWELCOME); None before.
+        self.batch: int | None = None
 
     @property
     def buffered(self) -> int:
@@ -336,7 +443,74 @@ class Decoder:
             return self._forceready(buf, pos)
         if name == POSDATA:
             return self._posdata(buf, pos)
-        return self._init(buf, pos)
+        if name == INIT:
+            return self._init(buf, pos)
+        if name in (MXHHELLO, MXHWELCOME):
+            return self._hello(buf, pos, name)
+        return self._batch(buf, pos, name)
+
+    def _hello(self, buf: bytearray, pos: int, name: bytes):
+        size = 24 if name == MXHHELLO else 20
+        if len(buf) - pos < size:
+            return None, 0
+        version, m = struct.unpack_from("<ii", buf, pos + 12)
+        if version != BATCH_VERSION:
+            raise ProtocolError(f"{name.decode()}: batched-frame version {version}; this "
+                                f"side speaks version {BATCH_VERSION}")
+        if m < 1 or m > self._limits.max_batch:
+            raise ProtocolError(f"{name.decode()}: M = {m} molecules is outside "
+                                f"1..{self._limits.max_batch} (max_batch)")
+        if name == MXHHELLO:
+            (flags,) = _I32.unpack_from(buf, pos + 20)
+            return Hello(version, m, flags), size
+        return Welcome(version, m), size
+
+    def _batch(self, buf: bytearray, pos: int, name: bytes):
+        avail = len(buf) - pos
+        if avail < 16:
+            return None, 0
+        (m,) = _I32.unpack_from(buf, pos + 12)
+        label = name.decode()
+        if self.batch is None:
+            raise ProtocolError(f"{label} before batched frames were negotiated")
+        if m != self.batch:
+            raise ProtocolError(f"{label}: M = {m} molecules, negotiated {self.batch}")
+        at = 16 + 24 * m
+        if avail < at:
+            return None, 0
+        arr = np.frombuffer(buf, "<f8", 3 * m, pos + 16).reshape(3, m).T.astype(np.float64)
+        if not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+            raise ProtocolError(f"{label}: value of molecule index {bad} is not finite "
+                                f"{arr[bad].tolist()!r}")
+        if name == MXHFIELDS:
+            return FieldsBatch(arr), at
+        if avail < at + 4:
+            return None, 0
+        (k,) = _I32.unpack_from(buf, pos + at)
+        if k < 0 or k > self._limits.max_extras_keys:
+            raise ProtocolError(f"{label}: {k} extras arrays is outside "
+                                f"0..{self._limits.max_extras_keys} (max_extras_keys)")
+        at += 4
+        extras = {}
+        for _ in range(k):
+            if avail < at + 4:
+                return None, 0
+            (n,) = _I32.unpack_from(buf, pos + at)
+            if n < 1 or n > self._limits.max_key_bytes:
+                raise ProtocolError(f"{label}: extras key length {n} bytes is outside "
+                                    f"1..{self._limits.max_key_bytes} (max_key_bytes)")
+            if avail < at + 4 + n + 8 * m:
+                return None, 0
+            raw = bytes(buf[pos + at + 4:pos + at + 4 + n])
+            try:
+                key = raw.decode("ascii")
+            except UnicodeDecodeError:
+                raise ProtocolError(f"{label}: extras key {raw!r} is not ASCII") from None
+            values = np.frombuffer(buf, "<f8", m, pos + at + 4 + n).astype(np.float64)
+            extras[key] = values
+            at += 4 + n + 8 * m
+        return SourcesBatch(arr, extras), at
 
     def _nat(self, buf: bytearray, at: int, message: str) -> int:
         (nat,) = _I32.unpack_from(buf, at)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from maxwellhub import wire
+import numpy as np
 
+from maxwellhub import wire
 
 _RUNNING: set[asyncio.Task] = set()
 
@@ -95,6 +96,69 @@ class FakeDriver:
                         writer.close()
                         return
                     elif isinstance(ev, wire.Exit):
+                        writer.close()
+                        return
+        except (ConnectionError, OSError):
+            return
+        finally:
+            self.closed.set()
+
+
+class FakeEnsemble:
+    """An ensemble driver peer hosting ``m`` molecules with batched frames (MXHHELLO).
+    Answers sources = fake_source per molecule and extras {"n": steps, "id": molecule}."""
+
+    def __init__(self, address, m: int, *, close_after: int | None = None) -> None:
+        self.address = address
+        self.m = m
+        self.close_after = close_after
+        self.steps: list[np.ndarray] = []
+        self.molecule_ids: list[int] | None = None
+        self.init_json: dict | None = None
+        self.messages: list[str] = []
+        self.closed = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    start = FakeDriver.start
+    _open = FakeDriver._open
+
+    async def _run(self) -> None:
+        reader, writer = await self._open()
+        writer.write(wire.encode_hello(self.m))
+        decoder = wire.Decoder("driver")
+        initialized, staged = False, None
+        try:
+            while True:
+                data = await reader.read(1 << 20)
+                if not data:
+                    return
+                for ev in decoder.feed(data):
+                    self.messages.append(type(ev).__name__)
+                    if isinstance(ev, wire.Welcome):
+                        decoder.batch = ev.molecules
+                    elif isinstance(ev, wire.Status):
+                        writer.write(wire.encode_header(
+                            wire.READY if initialized else wire.NEEDINIT))
+                    elif isinstance(ev, wire.Init):
+                        initialized = True
+                        self.init_json = json.loads(ev.payload)
+                        self.molecule_ids = self.init_json["molecule_ids"]
+                    elif isinstance(ev, wire.FieldsBatch):
+                        if self.close_after is not None and len(self.steps) >= self.close_after:
+                            writer.close()
+                            return
+                        staged = ev.fields
+                        self.steps.append(staged)
+                    elif isinstance(ev, wire.GetForce):
+                        ids = self.molecule_ids
+                        src = np.array([fake_source(m, f) for m, f in zip(ids, staged,
+                                                                            strict=True)])
+                        extras = {"n": np.full(self.m, float(len(self.steps))),
+                                  "id": np.array(ids, dtype=float)}
+                        writer.write(wire.encode_sources_batch(src, extras))
+                    elif isinstance(ev, wire.Stop):
+                        writer.write(wire.encode_header(wire.BYE))
+                        await writer.drain()
                         writer.close()
                         return
         except (ConnectionError, OSError):

@@ -340,3 +340,74 @@ async def test_abort_policy_names_the_lost_molecule(hub):
     FakeDriver(hub.address).start()
     check_results(await hub.step(requests_for(ids, 0), timeout=scaled(5)), ids, 0)
     assert [len(fakes[0].fields), len(fakes[1].fields)] == [1, 1]
+
+
+# ------------------------------------------------------------------ ensemble drivers
+
+
+async def test_ensemble_driver_binds_many_ids_and_steps_with_one_frame(hub):
+    """An ensemble driver (MXHHELLO) takes M ids, gets one batched frame per step, and
+    its sources and per-molecule extras arrays come back row for row."""
+    from fakes import FakeEnsemble
+
+    ids = [hub.register_molecule_return_id() for _ in range(7)]
+    single = FakeDriver(hub.address).start()
+    assert await hub.wait_until_bound({ids[0]: {"dt_au": 0.5}}, timeout=scaled(5))
+    ens = FakeEnsemble(hub.address, 6).start()
+    assert await hub.wait_until_bound({m: {"dt_au": 0.5, "k": m} for m in ids},
+                                      timeout=scaled(5))
+    assert single.molecule_id == ids[0] and ens.molecule_ids == ids[1:]
+    assert ens.init_json["dt_au"] == 0.5
+    assert [p["k"] for p in ens.init_json["payloads"]] == ids[1:]
+    for step in range(3):
+        req = requests_for(ids, step)
+        fields = np.array([req[m]["efield_au"] for m in ids])
+        result = await hub.step_arrays(np.array(ids), fields, timeout=scaled(5))
+        want = np.array([fake_source(m, fields[i]) for i, m in enumerate(ids)])
+        np.testing.assert_array_equal(result.sources, want)
+        extras = result.extras()
+        np.testing.assert_array_equal(extras["id"][1:], ids[1:])
+        assert np.isnan(extras["id"][0]) and extras["n"].tolist() == [2 * step + 1] * 7
+        check_results(await hub.step(requests_for(ids, step)), ids, step)
+    assert len(ens.steps) == 6 and ens.messages.count("FieldsBatch") == 6
+    assert ens.messages[:2] in (["Welcome", "Status"], ["Status", "Welcome"])
+
+
+async def test_ensemble_replaced_mid_step_gets_frozen_fields(hub):
+    """A dead ensemble driver's molecules go to its replacement with the frozen fields;
+    the single driver beside it is not asked twice."""
+    from fakes import FakeEnsemble
+
+    ids = [hub.register_molecule_return_id() for _ in range(5)]
+    single = FakeDriver(hub.address).start()
+    assert await hub.wait_until_bound({ids[0]: {"dt_au": 0.5}}, timeout=scaled(5))
+    ens = FakeEnsemble(hub.address, 4, close_after=1).start()
+    assert await hub.wait_until_bound({m: {"dt_au": 0.5} for m in ids}, timeout=scaled(5))
+    await hub.step(requests_for(ids, 0), timeout=scaled(5))
+    step = asyncio.create_task(hub.step(requests_for(ids, 1), timeout=scaled(10)))
+    await asyncio.wait_for(ens.closed.wait(), scaled(5))
+    replacement = FakeEnsemble(hub.address, 4).start()
+    check_results(await asyncio.wait_for(step, scaled(10)), ids, 1)
+    frozen = np.array([requests_for(ids, 1)[m]["efield_au"] for m in ids[1:]])
+    np.testing.assert_array_equal(replacement.steps[0], frozen)
+    assert len(single.fields) == 2
+
+
+async def test_batched_frame_with_wrong_count_is_dropped(hub, caplog):
+    """An MXHSOURCES whose M differs from the negotiated one drops that driver, naming it."""
+    caplog.set_level(logging.ERROR, logger="maxwellhub.hub")
+    ids = [hub.register_molecule_return_id() for _ in range(3)]
+    reader, writer = await asyncio.open_unix_connection(hub.address)
+    writer.write(wire.encode_hello(3))
+    dec = wire.Decoder("driver")
+    events = []
+    while not any(isinstance(e, wire.Welcome) for e in events):
+        events += dec.feed(await asyncio.wait_for(reader.read(1 << 16), scaled(5)))
+    writer.write(wire.encode_header(wire.NEEDINIT))
+    task = asyncio.create_task(hub.step_barrier(requests_for(ids, 0), timeout=scaled(5)))
+    await asyncio.sleep(0.05)
+    writer.write(wire.encode_header(wire.READY))
+    await asyncio.sleep(0.05)
+    writer.write(wire.encode_sources_batch(np.zeros((2, 3))))
+    assert await asyncio.wait_for(task, scaled(10)) == {}
+    assert "M = 2 molecules, negotiated 3" in caplog.text

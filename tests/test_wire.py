@@ -680,3 +680,72 @@ def test_fuzz_length_fields_never_buffer_past_caps(reader, header, value, at):
             assert decoder.buffered < LARGEST
     except ProtocolError:
         assert decoder.buffered == 0
+
+
+# ---------------------------------------------------------------- batched frames (v1)
+
+
+def test_batched_frames_golden_bytes():
+    """MXHHELLO/MXHWELCOME/MXHFIELDS/MXHSOURCES match the layout in wire.py, by hand."""
+    import struct as _s
+
+    from maxwellhub.wire import (
+        FieldsBatch,
+        Hello,
+        SourcesBatch,
+        Welcome,
+        encode_fields_batch,
+        encode_hello,
+        encode_sources_batch,
+        encode_welcome,
+    )
+    assert encode_hello(5) == b"MXHHELLO    " + _s.pack("<iii", 1, 5, 0)
+    assert encode_welcome(5) == b"MXHWELCOME  " + _s.pack("<ii", 1, 5)
+    fields = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    golden = b"MXHFIELDS   " + _s.pack("<i6d", 2, 1.0, 4.0, 2.0, 5.0, 3.0, 6.0)
+    assert encode_fields_batch(fields) == golden
+    src = -fields
+    extras = {"Pe": np.array([0.25, 0.5])}
+    golden_src = (b"MXHSOURCES  " + _s.pack("<i6d", 2, -1.0, -4.0, -2.0, -5.0, -3.0, -6.0)
+                  + _s.pack("<ii", 1, 2) + b"Pe" + _s.pack("<2d", 0.25, 0.5))
+    assert encode_sources_batch(src, extras) == golden_src
+    hub_side, driver_side = Decoder("hub"), Decoder("driver")
+    assert hub_side.feed(encode_hello(2)) == [Hello(1, 2, 0)]
+    assert driver_side.feed(encode_welcome(2)) == [Welcome(1, 2)]
+    hub_side.batch = driver_side.batch = 2
+    for cut in range(len(golden)):
+        d = Decoder("driver")
+        d.batch = 2
+        (ev,) = d.feed(golden[:cut]) + d.feed(golden[cut:])
+        assert isinstance(ev, FieldsBatch) and np.array_equal(ev.fields, fields)
+    for cut in range(len(golden_src)):
+        d = Decoder("hub")
+        d.batch = 2
+        (ev,) = d.feed(golden_src[:cut]) + d.feed(golden_src[cut:])
+        assert isinstance(ev, SourcesBatch) and np.array_equal(ev.sources, src)
+        assert np.array_equal(ev.extras["Pe"], extras["Pe"])
+
+
+def test_batched_frames_are_checked():
+    """Batched frames before negotiation, with the wrong M, a NaN, or too many or too
+    long extras keys are protocol errors naming the field."""
+    from maxwellhub.wire import encode_fields_batch, encode_hello, encode_sources_batch
+
+    with pytest.raises(ProtocolError, match="before batched frames were negotiated"):
+        Decoder("driver").feed(encode_fields_batch(np.zeros((2, 3))))
+    d = Decoder("driver")
+    d.batch = 3
+    with pytest.raises(ProtocolError, match="M = 2 molecules, negotiated 3"):
+        d.feed(encode_fields_batch(np.zeros((2, 3))))
+    d = Decoder("hub")
+    d.batch = 2
+    bad = np.zeros((2, 3))
+    bad[1, 2] = np.nan
+    with pytest.raises(ProtocolError, match="molecule index 1 is not finite"):
+        d.feed(encode_sources_batch(bad))
+    d = Decoder("hub", Limits(max_extras_keys=1))
+    d.batch = 1
+    with pytest.raises(ProtocolError, match="max_extras_keys"):
+        d.feed(encode_sources_batch(np.zeros((1, 3)), {"a": [1.0], "b": [2.0]}))
+    with pytest.raises(ProtocolError, match="max_batch"):
+        Decoder("hub", Limits(max_batch=4)).feed(encode_hello(5))
