@@ -66,16 +66,17 @@ _FIELD_STEP = struct.Struct("<12s9d9di3d12s")
 _POSDATA_HEADER = wire.encode_header(wire.POSDATA)
 _GETFORCE_HEADER = wire.encode_header(wire.GETFORCE)
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+# The SOURCEREADY of the EM profile: header, energy 0.0, nat 1 (12:24), dmu/dt (24:48),
+# a zero virial (48:120), the extras length (120:124), then the extras.
 _SR_HEADER = wire.encode_header(wire.FORCEREADY)
-_SR_PREFIX = struct.Struct("<12sdi3d72xi")   # header, energy, nat, dmu/dt, (virial), m
-_SR_SIZE = _SR_PREFIX.size                    # 124
-_F64 = struct.Struct("<d")
-_VIRIAL = struct.Struct("<9d")
+_SR_ENERGY_NAT = struct.pack("<di", 0.0, 1)
+_ZERO_VIRIAL = bytes(72)
+_SR_TAIL = struct.Struct("<3d72xi")
+_SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE      # 124
+_FIELD_HEAD = _FIELD_STEP.pack(_POSDATA_HEADER, *_IDENTITY, *_IDENTITY, 1, 0.0, 0.0, 0.0,
+                               _GETFORCE_HEADER)[:160]
+_FIELD_3D = struct.Struct("<3d")
 _finite = math.isfinite
-
-
-def _virial_finite(data: bytes) -> bool:
-    return all(map(_finite, _VIRIAL.unpack_from(data, 48)))
 
 
 _STOP_BYTES = wire.encode_header(wire.STOP)
@@ -83,13 +84,20 @@ _EXIT_BYTES = wire.encode_header(wire.EXIT)
 _STATUS_BYTES = wire.encode_header(wire.STATUS)
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop event loop when uvloop is installed, else asyncio's default."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+def new_event_loop(kind: str | None = None) -> asyncio.AbstractEventLoop:
+    """A new event loop: ``"uvloop"`` (when installed), ``"asyncio"`` (the stdlib's), or
+    ``None`` for the environment variable MAXWELLHUB_LOOP, else uvloop when installed."""
+    kind = kind or os.environ.get("MAXWELLHUB_LOOP") or "uvloop"
+    if kind not in ("uvloop", "asyncio"):
+        raise UsageError(f"event loop kind {kind!r}: expected 'uvloop' or 'asyncio'")
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def _json_default(obj: Any) -> Any:
@@ -116,10 +124,11 @@ class _Layout:
     """The molecule ids of a step and their row in its arrays. Kept while consecutive
     steps ask for the same ids, so per-driver row indices are computed once."""
 
-    __slots__ = ("ids", "row", "generation")
+    __slots__ = ("ids", "key", "row", "generation")
 
     def __init__(self, ids: np.ndarray, generation: int) -> None:
         self.ids = ids
+        self.key = ids.tobytes()   # cheap equality test for the next step's ids
         self.row = {int(m): r for r, m in enumerate(ids.tolist())}
         self.generation = generation
 
@@ -202,8 +211,13 @@ class StepResult:
 
     def as_dict(self) -> dict[int, dict]:
         """MaxwellLink's shape: ``{molid: {"amp": ndarray(3), "extra": bytes}}``."""
-        return {int(m): {"amp": self.sources[r], "extra": self.extra_bytes(r)}
-                for r, m in enumerate(self.ids.tolist())}
+        rows = list(self.sources)  # row views, made in C
+        if self._batch_extras:
+            extras = [self.extra_bytes(r) for r in range(len(rows))]
+        else:
+            extras = self._json
+        return {m: {"amp": a, "extra": e}
+                for m, a, e in zip(self.ids.tolist(), rows, extras, strict=True)}
 
 
 class _Driver(asyncio.Protocol):
@@ -261,16 +275,17 @@ class _Driver(asyncio.Protocol):
             self.hub.timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
-        # Fast path: exactly one SOURCEREADY with nat = 1 in one read, nothing buffered.
-        if (self.state == _BUSY and len(data) >= _SR_SIZE and not self.decoder.buffered
-                and data[:12] == _SR_HEADER):
-            _, _, nat, sx, sy, sz, m = _SR_PREFIX.unpack_from(data)
-            if nat == 1 and m == len(data) - _SR_SIZE and m <= self.hub.limits.max_extras_bytes:
-                if _finite(sx) and _finite(sy) and _finite(sz) and _finite(
-                        _F64.unpack_from(data, 12)[0]) and _virial_finite(data):
-                    self.state = _READY
-                    self.hub._source_ready(self, sx, sy, sz, data[_SR_SIZE:])
-                    return
+        # Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial 0)
+        # in one read with nothing buffered; anything else goes through the full decoder.
+        if (self.state == _BUSY and not self.decoder._buf and data.startswith(_SR_HEADER)
+                and len(data) >= _SR_SIZE and data[12:24] == _SR_ENERGY_NAT
+                and data[48:120] == _ZERO_VIRIAL):
+            sx, sy, sz, m = _SR_TAIL.unpack_from(data, 24)
+            if m == len(data) - _SR_SIZE and m <= self.hub.limits.max_extras_bytes and \
+                    _finite(sx) and _finite(sy) and _finite(sz):
+                self.state = _READY
+                self.hub._source_ready(self, sx, sy, sz, data[_SR_SIZE:])
+                return
         try:
             for event in self.decoder.feed(data):
                 self._on_event(event)
@@ -358,8 +373,8 @@ class _Driver(asyncio.Protocol):
         self.state = _BUSY
         if self.batch is None:
             self.row = r = barrier.layout.row[self.molecules[0].id]
-            self.transport.write(_FIELD_STEP.pack(_POSDATA_HEADER, *_IDENTITY, *_IDENTITY, 1,
-                                                  *barrier.field_rows[r], _GETFORCE_HEADER))
+            self.transport.write(b"".join((_FIELD_HEAD, _FIELD_3D.pack(*barrier.field_rows[r]),
+                                           _GETFORCE_HEADER)))
             return
         layout = barrier.layout
         if self.rows_generation != layout.generation:
@@ -704,7 +719,7 @@ class Hub:
 
     def _freeze(self, ids: np.ndarray, fields: np.ndarray) -> _Barrier:
         layout = self._layout
-        if layout is None or not np.array_equal(layout.ids, ids):
+        if layout is None or layout.key != ids.tobytes():
             unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
             if unknown:
                 raise UsageError(f"molecule {unknown[0]} is not registered with this hub"
@@ -812,9 +827,10 @@ class Hub:
         driver: ``"wait"`` for a replacement until ``timeout``, then raise
         :class:`BarrierTimeout` naming the missing molecules; ``"abort"`` raise
         :class:`DriverLost` at once, naming them (the frozen step is kept either way)."""
-        result = await self.step_arrays(*self._arrays(requests), timeout=timeout,
-                                        on_lost=on_lost)
-        return result.as_dict()
+        abort = _check_policy(on_lost)
+        ids, fields = self._arrays(requests)  # validated here, once
+        result = await self._run(ids, fields, timeout, abort)
+        return self._outcome(result, abort, timeout).as_dict()
 
     async def step_arrays(self, ids, fields, timeout: float | None = None,
                           on_lost: str = "wait") -> StepResult:
@@ -880,9 +896,8 @@ def _fields_array(ids: np.ndarray, efields) -> np.ndarray:
             if np.shape(value) != (3,):
                 raise UsageError(f"molecule {mid}: efield_au must be 3 numbers, got {value!r}")
         raise UsageError(f"fields must have shape ({len(ids)}, 3)")
-    finite = np.isfinite(fields).all(axis=1)
-    if not finite.all():
-        r = int(np.flatnonzero(~finite)[0])
+    if not np.isfinite(fields).all():
+        r = int(np.flatnonzero(~np.isfinite(fields).all(axis=1))[0])
         raise UsageError(f"molecule {int(ids[r])}: efield_au is not finite: "
                          f"{fields[r].tolist()}")
     return fields
@@ -928,6 +943,11 @@ class SocketHub:
     timeout : seconds a step, a bind or a handshake may take before giving up.
     latency : accepted for compatibility with MaxwellLink and ignored: this hub waits on
         events, it never sleeps between polls.
+    loop : ``"asyncio"`` (default, or env MAXWELLHUB_LOOP) or ``"uvloop"``: the event loop
+        run in the calling thread during each call. uvloop re-creates its signal wake-up
+        socket pair on every ``run_until_complete`` in the main thread (measured +35 us per
+        step), which is why this facade defaults to the stdlib loop; the async
+        :class:`Hub` runs on whatever loop you run it on (``uvloop.run`` recommended).
 
     On MPI ranks other than 0 the object is inert (no socket, ``step_barrier`` returns
     ``{}``): only rank 0 talks to drivers. Use it as a context manager, or call
@@ -936,7 +956,7 @@ class SocketHub:
 
     def __init__(self, host: str | None = None, port: int | None = DEFAULT_PORT,
                  unixsocket: str | os.PathLike | None = None, timeout: float = 60.0,
-                 latency: float = 0.01, **options: Any) -> None:
+                 latency: float = 0.01, loop: str | None = None, **options: Any) -> None:
         self.latency = latency
         self.timeout = timeout
         self._is_master = am_master()
@@ -945,7 +965,7 @@ class SocketHub:
         if not self._is_master:
             return
         self.hub = Hub(host, port, unixsocket, timeout, **options)
-        self._loop = new_event_loop()
+        self._loop = new_event_loop(loop or os.environ.get("MAXWELLHUB_LOOP") or "asyncio")
         try:
             self._run(self.hub.start())
         except BaseException:
@@ -1032,8 +1052,10 @@ class SocketHub:
         """The barrier with a deadline; see :meth:`Hub.step` (raises instead of ``{}``)."""
         if self.hub is None:
             raise UsageError("step is only available on MPI rank 0")
-        return self.step_arrays(*self.hub._arrays(requests), timeout=timeout,
-                                on_lost=on_lost).as_dict()
+        abort = _check_policy(on_lost)
+        ids, fields = self.hub._arrays(requests)  # validated here, once
+        result = self._barrier(ids, fields, timeout, abort)
+        return self.hub._outcome(result, abort, timeout).as_dict()
 
     def step_arrays(self, ids, fields, timeout: float | None = None,
                     on_lost: str = "wait") -> StepResult:
