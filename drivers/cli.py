@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
                              "or JSON list, else string; 'a=1, b=2' also works")
     parser.add_argument("--params-file", metavar="FILE.json",
                         help="JSON object of model parameters (--param overrides it)")
+    parser.add_argument("--molecules", type=int, default=1, metavar="M",
+                        help="host M molecules in this process, stepped together with one "
+                             "batched frame per step (needs a maxwellhub hub); list-valued "
+                             "--param values give one value per molecule (default 1)")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="give up connecting after this long (default 60)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -118,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either --unix or --host/--port, not both")
     if not args.timeout > 0:
         parser.error(f"--timeout {args.timeout:g}: expected a number of seconds > 0")
+    if args.molecules < 1:
+        parser.error(f"--molecules {args.molecules}: expected an integer >= 1")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
         format=("%(asctime)s " if args.verbose else "")
@@ -129,14 +135,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = parse_params(args.param, args.params_file)
-        model = create_model(args.model, n=1, **params)
+        model = create_model(args.model, n=args.molecules, **params)
         if args.unix is not None:
             unix_socket_path(args.unix)  # reject an overlong path before connecting
     except ValueError as exc:
         parser.error(str(exc))
+    serve = run_client
+    if args.molecules > 1:
+        from .ensemble import run_ensemble_client as serve
     try:
-        return run_client(model, unix=args.unix, host=args.host, port=args.port,
-                          timeout=args.timeout, logger=log)
+        return serve(model, unix=args.unix, host=args.host, port=args.port,
+                     timeout=args.timeout, logger=log)
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

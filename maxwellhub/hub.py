@@ -75,7 +75,6 @@ _SR_TAIL = struct.Struct("<3d72xi")
 _SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE      # 124
 _FIELD_HEAD = _FIELD_STEP.pack(_POSDATA_HEADER, *_IDENTITY, *_IDENTITY, 1, 0.0, 0.0, 0.0,
                                _GETFORCE_HEADER)[:160]
-_FIELD_3D = struct.Struct("<3d")
 _finite = math.isfinite
 
 
@@ -134,20 +133,23 @@ class _Layout:
 
 
 class _Barrier:
-    """One frozen step: the fields sent and the replies received so far (by row)."""
+    """One frozen step: the fields sent and the replies received so far (by row). Per
+    step the hub touches each connection once, never each molecule in Python."""
 
-    __slots__ = ("layout", "fields", "field_rows", "sources", "batches", "done", "extras",
-                 "batch_extras", "waiting", "waiter", "timer", "abort_on_loss", "lost")
+    __slots__ = ("layout", "fields", "field_bytes", "want_extras", "sources", "single",
+                 "done", "extras", "batch_extras", "waiting", "waiter", "timer",
+                 "abort_on_loss", "lost")
 
-    def __init__(self, layout: _Layout, fields: np.ndarray) -> None:
+    def __init__(self, layout: _Layout, fields: np.ndarray, want_extras: bool) -> None:
         n = len(layout.ids)
         self.layout = layout
         self.fields = fields
-        self.field_rows = fields.tolist()          # tuples for the single-molecule path
-        self.sources: list = [None] * n           # (sx, sy, sz) per row, single drivers
-        self.batches: list[tuple[np.ndarray, np.ndarray]] = []   # (rows, (M, 3)) ensembles
-        self.done = bytearray(n)                   # 1 where the source has arrived
-        self.extras: list = [None] * n            # JSON bytes per row, single drivers
+        self.field_bytes: bytes | None = None   # 24 bytes per row, made when first needed
+        self.want_extras = want_extras
+        self.sources = np.zeros((n, 3))
+        self.single: dict[int, tuple[float, float, float]] = {}   # row -> single reply
+        self.done = np.zeros(n, dtype=bool)
+        self.extras: dict[int, bytes] = {}                        # row -> JSON bytes
         self.batch_extras: list[tuple[np.ndarray, dict]] = []
         self.waiting = n
         self.waiter: asyncio.Future | None = None
@@ -160,8 +162,7 @@ class _Barrier:
             self.waiter.set_result(why)
 
     def missing(self) -> list[int]:
-        ids = self.layout.ids
-        return [int(ids[r]) for r in range(len(ids)) if not self.done[r]]
+        return self.layout.ids[~self.done].tolist()
 
 
 class StepResult:
@@ -174,7 +175,7 @@ class StepResult:
 
     __slots__ = ("ids", "sources", "_json", "_batch_extras", "_extras")
 
-    def __init__(self, ids: np.ndarray, sources: np.ndarray, json_rows: list,
+    def __init__(self, ids: np.ndarray, sources: np.ndarray, json_rows: dict[int, bytes],
                  batch_extras: list[tuple[np.ndarray, dict]]) -> None:
         self.ids = ids
         self.sources = sources
@@ -184,7 +185,7 @@ class StepResult:
 
     def extra_bytes(self, row: int) -> bytes:
         """The extras of one row as MaxwellLink's JSON bytes."""
-        raw = self._json[row]
+        raw = self._json.get(row)
         if raw is not None:
             return raw
         values = {k: float(v[row]) for k, v in self.extras().items() if v[row] == v[row]}
@@ -194,7 +195,7 @@ class StepResult:
         if self._extras is None:
             n = len(self.ids)
             out: dict[str, np.ndarray] = {}
-            for r, raw in enumerate(self._json):
+            for r, raw in self._json.items():
                 if raw:
                     try:
                         parsed = json.loads(raw)
@@ -215,7 +216,7 @@ class StepResult:
         if self._batch_extras:
             extras = [self.extra_bytes(r) for r in range(len(rows))]
         else:
-            extras = self._json
+            extras = [self._json.get(r, b"") for r in range(len(rows))]
         return {m: {"amp": a, "extra": e}
                 for m, a, e in zip(self.ids.tolist(), rows, extras, strict=True)}
 
@@ -235,8 +236,8 @@ class _Driver(asyncio.Protocol):
         self.state = _PROBE
         self.molecules: list[_Molecule] = []
         self.batch: int | None = None
-        self.row = -1                              # row of a single driver in the step
-        self.rows: np.ndarray | None = None        # rows of an ensemble in the layout
+        self.row = -1                              # (first) row in the layout, -1 if absent
+        self.rows: np.ndarray | slice | None = None   # all rows of an ensemble
         self.rows_generation = -1
         self.peer = f"driver#{number}"
         self.dialect = hub.dialect
@@ -359,8 +360,16 @@ class _Driver(asyncio.Protocol):
         first = mols[0]
         payload = dict(first.payload or {})
         if self.batch is not None:
-            payload["molecule_ids"] = [m.id for m in mols]
-            payload["payloads"] = [m.payload or {} for m in mols]
+            # Compact for large ensembles: a range when the ids are consecutive (as binding
+            # makes them), per-molecule payloads only when they differ.
+            ids = [m.id for m in mols]
+            if ids == list(range(ids[0], ids[0] + len(ids))):
+                payload["molecule_id_range"] = [ids[0], len(ids)]
+            else:
+                payload["molecule_ids"] = ids
+            payloads = [m.payload or {} for m in mols]
+            if any(p != payloads[0] for p in payloads):
+                payload["payloads"] = payloads
         body = json.dumps({**payload, "molecule_id": first.id},
                           default=_json_default).encode()
         self.state = _INIT
@@ -372,16 +381,40 @@ class _Driver(asyncio.Protocol):
         """Send this driver its frozen field(s) of ``barrier`` with GETSOURCE."""
         self.state = _BUSY
         if self.batch is None:
-            self.row = r = barrier.layout.row[self.molecules[0].id]
-            self.transport.write(b"".join((_FIELD_HEAD, _FIELD_3D.pack(*barrier.field_rows[r]),
+            r = self.row
+            fb = barrier.field_bytes
+            if fb is None:
+                fb = barrier.field_bytes = barrier.fields.astype("<f8").tobytes()
+            self.transport.write(b"".join((_FIELD_HEAD, fb[24 * r:24 * r + 24],
                                            _GETFORCE_HEADER)))
             return
-        layout = barrier.layout
-        if self.rows_generation != layout.generation:
-            self.rows = np.array([layout.row[m.id] for m in self.molecules], dtype=np.intp)
-            self.rows_generation = layout.generation
-        self.transport.write(wire.encode_fields_batch(barrier.fields[self.rows])
-                             + _GETFORCE_HEADER)
+        flags = wire.WANT_EXTRAS if barrier.want_extras else 0
+        self.transport.writelines(wire.fields_batch_parts(barrier.fields[self.rows], flags)
+                                  + [_GETFORCE_HEADER])
+
+    def place(self, layout: _Layout) -> bool:
+        """Find this driver's row(s) in ``layout`` (cached per layout); False if none of
+        its molecules is in the step. An ensemble must be stepped whole."""
+        if self.rows_generation == layout.generation:
+            return self.row >= 0
+        self.rows_generation = layout.generation
+        found = [layout.row.get(m.id, -1) for m in self.molecules]
+        inside = [r for r in found if r >= 0]
+        if inside and len(inside) != len(found):
+            raise UsageError(f"{self} hosts molecules {self.molecules[0].id}.."
+                             f"{self.molecules[-1].id} together: a step must include all of "
+                             "them or none")
+        self.row = found[0] if inside else -1
+        self.rows = None
+        if self.batch is not None and inside:
+            first = found[0]
+            # Consecutive rows (the usual case) index as a slice: views and memcpy, no
+            # gather or scatter.
+            if found == list(range(first, first + len(found))):
+                self.rows = slice(first, first + len(found))
+            else:
+                self.rows = np.array(found, dtype=np.intp)
+        return self.row >= 0
 
     def send_end(self) -> asyncio.Future:
         """STOP (MaxwellLink dialect, answered by BYE) or EXIT (stock i-PI, no answer)."""
@@ -439,6 +472,7 @@ class Hub:
         self._server: asyncio.AbstractServer | None = None
         self._unix_inode: tuple[int, int] | None = None
         self._molecules: dict[int, _Molecule] = {}
+        self._driverless: set[int] = set()   # registered ids with no driver bound
         self._next_id = 0
         self._unbound: deque[_Driver] = deque()
         self._connections: set[_Driver] = set()
@@ -533,6 +567,7 @@ class Hub:
         if mid in self._molecules:
             raise ValueError(f"Molecule ID {mid} already registered!")
         mol = self._molecules[mid] = _Molecule(mid)
+        self._driverless.add(mid)
         if init is not None:
             mol.payload = dict(init)
         self._progress_binds()
@@ -625,6 +660,7 @@ class Hub:
             self._unbound.popleft()
             for mol in free:
                 mol.driver, mol.initialized = driver, False
+                self._driverless.discard(mol.id)
             driver.molecules, driver.state = free, _BOUND
             driver.rows_generation = -1
             log.info("%s bound", driver)
@@ -648,18 +684,17 @@ class Hub:
         for mol in driver.molecules:
             mol.initialized = True
         barrier = self._barrier
-        if barrier is not None and self._needs_step(driver, barrier):
+        if barrier is not None and driver.place(barrier.layout) and self._pending(
+                driver, barrier):
             driver.send_step(barrier)  # a replacement gets the frozen field(s)
         self._notify()
 
     @staticmethod
-    def _needs_step(driver: _Driver, barrier: _Barrier) -> bool:
-        row = barrier.layout.row
-        for mol in driver.molecules:
-            r = row.get(mol.id)
-            if r is not None and not barrier.done[r]:
-                return True
-        return False
+    def _pending(driver: _Driver, barrier: _Barrier) -> bool:
+        """Whether ``driver`` (placed in the barrier's layout) still owes sources."""
+        if driver.batch is None:
+            return not barrier.done[driver.row]
+        return not barrier.done[driver.rows].all()
 
     def _connection_lost(self, driver: _Driver, previous: str, exc: Exception | None) -> None:
         self._connections.discard(driver)
@@ -669,11 +704,14 @@ class Hub:
         for mol in mols:
             mol.driver = None
             mol.initialized = False
+            self._driverless.add(mol.id)
         barrier = self._barrier
         if previous != _CLOSING:
-            pending = [] if barrier is None else [
-                m.id for m in mols if (r := barrier.layout.row.get(m.id)) is not None
-                and not barrier.done[r]]
+            pending: list[int] = []
+            if barrier is not None and driver.place(barrier.layout):
+                rows = driver.rows if driver.batch is not None else [driver.row]
+                ids, done = barrier.layout.ids[rows], barrier.done[rows]
+                pending = ids[~done].tolist()
             log.warning("%s disconnected%s%s", driver,
                         " in the middle of a step" if pending else "",
                         f" ({exc})" if exc else "")
@@ -691,9 +729,10 @@ class Hub:
         if barrier is None or r < 0 or barrier.done[r]:
             driver.fail("SOURCEREADY for a step that was not asked")
             return
-        barrier.sources[r] = (sx, sy, sz)
-        barrier.extras[r] = extras
-        barrier.done[r] = 1
+        barrier.single[r] = (sx, sy, sz)
+        if extras:
+            barrier.extras[r] = extras
+        barrier.done[r] = True
         barrier.waiting -= 1
         if barrier.waiting == 0:
             barrier.wake("done")
@@ -702,65 +741,59 @@ class Hub:
         barrier = self._barrier
         rows = driver.rows
         if barrier is None or rows is None or driver.rows_generation != \
-                barrier.layout.generation:
+                barrier.layout.generation or barrier.done[rows].all():
             driver.fail("MXHSOURCES for a step that was not asked")
             return
-        pending = [r for r in rows.tolist() if not barrier.done[r]]
-        barrier.batches.append((rows, event.sources))
+        fresh = int(np.count_nonzero(~barrier.done[rows]))
+        barrier.sources[rows] = event.sources
+        barrier.done[rows] = True
         if event.extras:
             barrier.batch_extras.append((rows, event.extras))
-        for r in pending:
-            barrier.done[r] = 1
-        barrier.waiting -= len(pending)
+        barrier.waiting -= fresh
         if barrier.waiting == 0:
             barrier.wake("done")
 
     # ------------------------------------------------------------------ barrier
 
-    def _freeze(self, ids: np.ndarray, fields: np.ndarray) -> _Barrier:
+    def _freeze(self, ids: np.ndarray, fields: np.ndarray, want_extras: bool) -> _Barrier:
         layout = self._layout
         if layout is None or layout.key != ids.tobytes():
             unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
             if unknown:
                 raise UsageError(f"molecule {unknown[0]} is not registered with this hub"
-                                 + (f" (nor {unknown[1:]})" if len(unknown) > 1 else ""))
+                                 + (f" (nor {_ids_text(unknown[1:])})" if len(unknown) > 1
+                                    else ""))
             if len(set(ids.tolist())) != len(ids):
                 raise UsageError("a step names the same molecule twice")
             self._generation += 1
             layout = self._layout = _Layout(ids.copy(), self._generation)
-        return _Barrier(layout, fields)
+        return _Barrier(layout, fields, want_extras)
 
     def _begin(self, ids: np.ndarray | None, fields: np.ndarray | None,
-               timeout: float | None, abort_on_loss: bool) -> _Barrier | None:
+               timeout: float | None, abort_on_loss: bool,
+               want_extras: bool = True) -> _Barrier | None:
         """Freeze (or continue) the step, send what is due; the barrier, or None when
         paused. Synchronous: the caller then waits on ``barrier.waiter`` if set."""
         if self.paused:
             return None
         barrier = self._barrier
         if barrier is None:
-            barrier = self._barrier = self._freeze(ids, fields)
+            barrier = self._barrier = self._freeze(ids, fields, want_extras)
         barrier.abort_on_loss = abort_on_loss
         barrier.lost.clear()
         self._progress_binds()
-        molecules = self._molecules
-        seen: set[int] = set()
-        done = barrier.done
-        for r, mid in enumerate(barrier.layout.ids.tolist()):
-            if done[r]:
-                continue
-            driver = molecules[mid].driver
-            if driver is None:
-                if abort_on_loss:
-                    barrier.lost.append(mid)
-                continue
-            if driver.state == _READY:
-                if driver.batch is None:
+        layout = barrier.layout
+        for driver in list(self._connections):      # per connection, not per molecule
+            state = driver.state
+            if state == _READY:
+                if driver.place(layout) and self._pending(driver, barrier):
                     driver.send_step(barrier)
-                elif driver.number not in seen:
-                    seen.add(driver.number)
-                    driver.send_step(barrier)
-            elif driver.state == _BOUND:
+            elif state == _BOUND:
                 self._ensure_init(driver)
+        if abort_on_loss:
+            row, done = layout.row, barrier.done
+            barrier.lost.extend(m for m in self._driverless
+                                if (r := row.get(m)) is not None and not done[r])
         if barrier.waiting and not (abort_on_loss and barrier.lost):
             barrier.waiter = self._loop.create_future()
             wait = self.timeout if timeout is None else timeout
@@ -779,19 +812,14 @@ class Hub:
             return None
         self._barrier = None
         self.step_index += 1
-        if barrier.batches:
-            sources = np.zeros((len(barrier.layout.ids), 3))
-            single = [r for r, s in enumerate(barrier.sources) if s is not None]
-            if single:
-                sources[single] = [barrier.sources[r] for r in single]
-            for rows, values in barrier.batches:
-                sources[rows] = values
-        else:
-            sources = np.array(barrier.sources, dtype=np.float64).reshape(-1, 3)
+        sources = barrier.sources
+        if barrier.single:
+            sources[list(barrier.single)] = list(barrier.single.values())
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
 
-    async def _run(self, ids, fields, timeout, abort_on_loss) -> StepResult | None:
-        barrier = self._begin(ids, fields, timeout, abort_on_loss)
+    async def _run(self, ids, fields, timeout, abort_on_loss,
+                   want_extras: bool = True) -> StepResult | None:
+        barrier = self._begin(ids, fields, timeout, abort_on_loss, want_extras)
         if barrier is not None and barrier.waiter is not None:
             await barrier.waiter
         return self._end(barrier)
@@ -833,13 +861,15 @@ class Hub:
         return self._outcome(result, abort, timeout).as_dict()
 
     async def step_arrays(self, ids, fields, timeout: float | None = None,
-                          on_lost: str = "wait") -> StepResult:
+                          on_lost: str = "wait", extras: bool = True) -> StepResult:
         """The barrier in array form: ``ids`` (N,), ``fields`` (N, 3) a.u. -> a
-        :class:`StepResult` (sources row for row). Same policies as :meth:`step`."""
+        :class:`StepResult` (sources row for row). Same policies as :meth:`step`.
+        ``extras=False`` tells ensemble drivers not to send their extras arrays."""
         abort = _check_policy(on_lost)
         if self._barrier is None and ids is not None:
             ids, fields = _as_step_arrays(ids, fields)
-        return self._outcome(await self._run(ids, fields, timeout, abort), abort, timeout)
+        result = await self._run(ids, fields, timeout, abort, extras)
+        return self._outcome(result, abort, timeout)
 
     def _outcome(self, result: StepResult | None, abort: bool,
                  timeout: float | None) -> StepResult:
@@ -1030,12 +1060,12 @@ class SocketHub:
             return False
         return self._run(self.hub.wait_until_bound(init_payloads, require_init, timeout))
 
-    def _barrier(self, ids, fields, timeout, abort: bool):
+    def _barrier(self, ids, fields, timeout, abort: bool, want_extras: bool = True):
         """One barrier attempt without a Task: dispatch synchronously, then run the loop
         only until this step's waiter resolves (the hot path of Meep's step callback)."""
         self._check_no_running_loop()
         hub = self.hub
-        barrier = hub._begin(ids, fields, timeout, abort)
+        barrier = hub._begin(ids, fields, timeout, abort, want_extras)
         if barrier is not None and barrier.waiter is not None:
             self._loop.run_until_complete(barrier.waiter)
         return hub._end(barrier)
@@ -1058,14 +1088,15 @@ class SocketHub:
         return self.hub._outcome(result, abort, timeout).as_dict()
 
     def step_arrays(self, ids, fields, timeout: float | None = None,
-                    on_lost: str = "wait") -> StepResult:
+                    on_lost: str = "wait", extras: bool = True) -> StepResult:
         """The barrier in array form; see :meth:`Hub.step_arrays`."""
         if self.hub is None or self._loop is None:
             raise UsageError("step_arrays is only available on MPI rank 0 of a running hub")
         abort = _check_policy(on_lost)
         if self.hub._barrier is None and ids is not None:
             ids, fields = _as_step_arrays(ids, fields)
-        return self.hub._outcome(self._barrier(ids, fields, timeout, abort), abort, timeout)
+        result = self._barrier(ids, fields, timeout, abort, extras)
+        return self.hub._outcome(result, abort, timeout)
 
     def status(self) -> dict:
         return self.hub.status() if self.hub else {}

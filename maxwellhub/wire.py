@@ -34,13 +34,14 @@ message     direction  payload after the header                              byt
 ==========  =========  ====================================================  ===========
 MXHHELLO    d -> hub   int32 version, int32 M, int32 flags (0)               24
 MXHWELCOME  hub -> d   int32 version, int32 M                                20
-MXHFIELDS   hub -> d   int32 M, M f64 Ex, M f64 Ey, M f64 Ez                 16 + 24 M
+MXHFIELDS   hub -> d   int32 M, int32 flags, M f64 Ex, M f64 Ey, M f64 Ez   20 + 24 M
 MXHSOURCES  d -> hub   int32 M, M f64 dmux/dt, M f64 dmuy/dt, M f64 dmuz/dt,  20 + 24 M
                        int32 K, K x (int32 n, n bytes ASCII key, M f64)      + sum(4+n+8M)
 ==========  =========  ====================================================  ===========
 
 A step is MXHFIELDS + GETFORCE (one write); the driver stages on MXHFIELDS and commits
 on GETFORCE, answering MXHSOURCES, so a re-sent step is idempotent as with POSDATA.
+MXHFIELDS flag bit 0 (WANT_EXTRAS) asks for the extras arrays; without it K = 0.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ MXHWELCOME = b"MXHWELCOME"
 MXHFIELDS = b"MXHFIELDS"
 MXHSOURCES = b"MXHSOURCES"
 BATCH_VERSION = 1
+WANT_EXTRAS = 1
 
 _I32 = struct.Struct("<i")
 _F64 = struct.Struct("<d")
@@ -228,9 +230,11 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class FieldsBatch:
-    """MXHFIELDS: the (M, 3) fields of a batched driver's molecules, a.u."""
+    """MXHFIELDS: the (M, 3) fields of a batched driver's molecules, a.u.; ``flags``
+    bit 0 (WANT_EXTRAS) asks for the extras arrays with the sources."""
 
     fields: np.ndarray
+    flags: int = WANT_EXTRAS
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -320,9 +324,18 @@ def _blocks(name: str, rows) -> bytes:
     return _I32.pack(a.shape[0]) + np.ascontiguousarray(a.T, dtype="<f8").tobytes()
 
 
-def encode_fields_batch(fields) -> bytes:
+def fields_batch_parts(fields, flags: int = WANT_EXTRAS) -> list[bytes]:
+    """MXHFIELDS as a list of byte strings (for ``writelines``, no concatenation copy)."""
+    a = np.asarray(fields, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 3:
+        raise ValueError(f"fields must have shape (M, 3), got {a.shape}")
+    return [_H[MXHFIELDS], struct.pack("<ii", a.shape[0], flags),
+            np.ascontiguousarray(a.T, dtype="<f8").tobytes()]
+
+
+def encode_fields_batch(fields, flags: int = WANT_EXTRAS) -> bytes:
     """MXHFIELDS for (M, 3) fields (send GETFORCE right after it)."""
-    return _H[MXHFIELDS] + _blocks("fields", fields)
+    return b"".join(fields_batch_parts(fields, flags))
 
 
 def encode_sources_batch(sources, extras=None) -> bytes:
@@ -355,7 +368,7 @@ def encode(event: Event) -> bytes:
     if isinstance(event, Welcome):
         return encode_welcome(event.molecules, event.version)
     if isinstance(event, FieldsBatch):
-        return encode_fields_batch(event.fields)
+        return encode_fields_batch(event.fields, event.flags)
     if isinstance(event, SourcesBatch):
         return encode_sources_batch(event.sources, event.extras)
     raise TypeError(f"not a wire event: {event!r}")
@@ -475,16 +488,18 @@ class Decoder:
             raise ProtocolError(f"{label} before batched frames were negotiated")
         if m != self.batch:
             raise ProtocolError(f"{label}: M = {m} molecules, negotiated {self.batch}")
-        at = 16 + 24 * m
+        head = 20 if name == MXHFIELDS else 16  # MXHFIELDS carries int32 flags after M
+        at = head + 24 * m
         if avail < at:
             return None, 0
-        arr = np.frombuffer(buf, "<f8", 3 * m, pos + 16).reshape(3, m).T.astype(np.float64)
+        arr = np.frombuffer(buf, "<f8", 3 * m, pos + head).reshape(3, m).T.astype(np.float64)
         if not np.isfinite(arr).all():
             bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
             raise ProtocolError(f"{label}: value of molecule index {bad} is not finite "
                                 f"{arr[bad].tolist()!r}")
         if name == MXHFIELDS:
-            return FieldsBatch(arr), at
+            (flags,) = _I32.unpack_from(buf, pos + 16)
+            return FieldsBatch(arr, flags), at
         if avail < at + 4:
             return None, 0
         (k,) = _I32.unpack_from(buf, pos + at)

@@ -142,7 +142,8 @@ class FakeEnsemble:
                     elif isinstance(ev, wire.Init):
                         initialized = True
                         self.init_json = json.loads(ev.payload)
-                        self.molecule_ids = self.init_json["molecule_ids"]
+                        first, count = self.init_json["molecule_id_range"]
+                        self.molecule_ids = list(range(first, first + count))
                     elif isinstance(ev, wire.FieldsBatch):
                         if self.close_after is not None and len(self.steps) >= self.close_after:
                             writer.close()

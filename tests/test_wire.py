@@ -702,7 +702,7 @@ def test_batched_frames_golden_bytes():
     assert encode_hello(5) == b"MXHHELLO    " + _s.pack("<iii", 1, 5, 0)
     assert encode_welcome(5) == b"MXHWELCOME  " + _s.pack("<ii", 1, 5)
     fields = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    golden = b"MXHFIELDS   " + _s.pack("<i6d", 2, 1.0, 4.0, 2.0, 5.0, 3.0, 6.0)
+    golden = b"MXHFIELDS   " + _s.pack("<ii6d", 2, 1, 1.0, 4.0, 2.0, 5.0, 3.0, 6.0)
     assert encode_fields_batch(fields) == golden
     src = -fields
     extras = {"Pe": np.array([0.25, 0.5])}

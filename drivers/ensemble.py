@@ -1,0 +1,211 @@
+"""Ensemble drivers: one process hosting M molecules, stepped with one batched frame.
+
+``maxwellhub-driver --molecules M ...`` opens with MXHHELLO (maxwellhub's batched frames,
+version 1, see :mod:`maxwellhub.wire`), is bound by the hub to M molecule ids at once,
+and every step receives all M fields in one MXHFIELDS frame and answers all M sources
+and per-molecule extras arrays in one MXHSOURCES frame. The model is the same batched
+model a single driver or the Meep process uses, so M molecules in one ensemble follow the
+same trajectories as M single drivers.
+
+Only a maxwellhub hub answers MXHHELLO; against any other hub this driver stops with a
+clear message (use M = 1 there). This module never pickles and never converts units.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+from maxwellhub import wire
+from maxwellhub.addresses import DEFAULT_PORT
+from maxwellhub.errors import ProtocolError
+
+from .client import (
+    EXIT_CONNECTION,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_PROTOCOL,
+    HubClosed,
+    ModelFailed,
+    connect,
+)
+from .models import Model
+
+__all__ = ["run_ensemble_client", "serve_ensemble"]
+
+_LOG = logging.getLogger("maxwellhub.driver")
+_NEEDINIT = wire.encode_header(wire.NEEDINIT)
+_READY = wire.encode_header(wire.READY)
+_HAVEDATA = wire.encode_header(wire.HAVEDATA)
+_BYE = wire.encode_header(wire.BYE)
+
+
+def run_ensemble_client(model: Model, *, unix: str | None = None, host: str | None = None,
+                        port: int = DEFAULT_PORT, timeout: float = 60.0,
+                        logger: logging.Logger | None = None) -> int:
+    """Connect and serve ``model`` (its ``n`` molecules) until the session ends; exit
+    statuses as :func:`maxwellhub_drivers.client.run_client`."""
+    log = logger or _LOG
+    try:
+        sock = connect(unix=unix, host=host, port=port, timeout=timeout, logger=log)
+    except OSError as exc:
+        log.error("%s", exc)
+        return EXIT_CONNECTION
+    with sock:
+        return serve_ensemble(sock, model, logger=log)
+
+
+def serve_ensemble(sock: socket.socket, model: Model, *,
+                   logger: logging.Logger | None = None) -> int:
+    """Serve ``model`` on a connected socket; the caller closes it."""
+    log = logger or _LOG
+    session = _EnsembleSession(sock, model, log)
+    try:
+        session.run()
+    except ProtocolError as exc:
+        log.error("protocol error%s: %s", session.who(), exc)
+        return EXIT_PROTOCOL
+    except ModelFailed as exc:
+        log.error("model error%s: %s", session.who(), exc)
+        return EXIT_MODEL
+    except OSError as exc:
+        log.error("connection lost%s: %s", session.who(), exc)
+        return EXIT_CONNECTION
+    return EXIT_OK
+
+
+class _EnsembleSession:
+    """The state machine of one ensemble connection."""
+
+    def __init__(self, sock: socket.socket, model: Model, log: logging.Logger) -> None:
+        self.sock = sock
+        self.model = model
+        self.log = log
+        # An INIT may list every molecule id (when they are not consecutive).
+        self.decoder = wire.Decoder(reader="driver", limits=wire.Limits(
+            max_init_bytes=(1 << 20) + 24 * model.n, max_batch=max(model.n, 1)))
+        self.welcomed = False
+        self.ids: list[int] | None = None
+        self.dt_au: float | None = None
+        self.steps = 0
+        self.want_extras = True
+        self.handlers = {
+            wire.Welcome: self.on_welcome,
+            wire.Status: self.on_status,
+            wire.Init: self.on_init,
+            wire.FieldsBatch: self.on_fields,
+            wire.GetForce: self.on_getforce,
+            wire.Stop: self.on_stop,
+            wire.Exit: self.on_exit,
+        }
+
+    def who(self) -> str:
+        if self.ids is None:
+            return f" ({self.model.n} molecules, not bound yet)"
+        return f" (molecules {self.ids[0]}..{self.ids[-1]})"
+
+    def run(self) -> None:
+        self.sock.sendall(wire.encode_hello(self.model.n))
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while True:
+            n = self.sock.recv_into(buf)
+            if n == 0:
+                if not self.welcomed:
+                    raise HubClosed("the hub closed the connection without answering "
+                                    "MXHHELLO: it does not speak maxwellhub's batched frames "
+                                    "(ensemble drivers need a maxwellhub hub; use "
+                                    "--molecules 1 with other hubs)")
+                raise HubClosed("the hub closed the connection before STOP or EXIT")
+            for event in self.decoder.feed(view[:n]):
+                handler = self.handlers.get(type(event))
+                if handler is None:
+                    raise ProtocolError(f"unexpected message {type(event).__name__} from "
+                                        "the hub")
+                if handler(event):
+                    return
+
+    def on_welcome(self, event: wire.Welcome) -> bool:
+        if event.molecules != self.model.n:
+            raise ProtocolError(f"MXHWELCOME for {event.molecules} molecules; this driver "
+                                f"hosts {self.model.n}")
+        self.welcomed = True
+        self.decoder.batch = event.molecules
+        return False
+
+    def on_status(self, _event) -> bool:
+        if self.ids is None:
+            self.sock.sendall(_NEEDINIT)
+        else:
+            self.sock.sendall(_HAVEDATA if self.model.staged else _READY)
+        return False
+
+    def on_init(self, event: wire.Init) -> bool:
+        if not self.welcomed:
+            raise ProtocolError("INIT before MXHWELCOME: the hub did not accept batched "
+                                "frames; ensemble drivers need a maxwellhub hub")
+        try:
+            data = json.loads(event.payload.decode("utf-8") or "{}")
+            if "molecule_id_range" in data:
+                first, count = (int(x) for x in data["molecule_id_range"])
+                ids = list(range(first, first + count))
+            else:
+                ids = [int(m) for m in data["molecule_ids"]]
+            dt_au = float(data["dt_au"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"INIT of an ensemble needs JSON with molecule_id_range or "
+                                f"molecule_ids, and "
+                                f"dt_au: {exc!r}") from None
+        if len(ids) != self.model.n or not dt_au > 0:
+            raise ProtocolError(f"INIT with {len(ids)} molecule ids and dt_au {dt_au!r}; "
+                                f"this driver hosts {self.model.n} molecules and needs "
+                                "dt_au > 0")
+        if self.ids is not None:
+            if (self.ids, self.dt_au) == (ids, dt_au):
+                return False
+            raise ProtocolError("a second INIT with other molecule ids or time step")
+        try:
+            self.model.initialize(dt_au=dt_au, molecule_ids=ids)
+        except Exception as exc:
+            raise ModelFailed(f"initialize failed: {type(exc).__name__}: {exc}") from exc
+        self.ids, self.dt_au = ids, dt_au
+        self.log.info("initialized molecules %d..%d with dt_au = %r", ids[0], ids[-1], dt_au)
+        return False
+
+    def on_fields(self, event: wire.FieldsBatch) -> bool:
+        if self.ids is None:
+            raise ProtocolError("MXHFIELDS before INIT")
+        self.want_extras = bool(event.flags & wire.WANT_EXTRAS)
+        try:
+            self.model.stage(event.fields)
+        except Exception as exc:
+            raise ModelFailed(f"step {self.steps + 1} failed: {type(exc).__name__}: {exc}") \
+                from exc
+        return False
+
+    def on_getforce(self, _event) -> bool:
+        if self.ids is None:
+            raise ProtocolError("GETFORCE before INIT")
+        if not self.model.staged:
+            raise ProtocolError("GETFORCE without MXHFIELDS since the last step")
+        try:
+            sources = self.model.commit()
+            extras = self.model.extras() if self.want_extras else None
+        except Exception as exc:
+            raise ModelFailed(f"commit failed: {type(exc).__name__}: {exc}") from exc
+        self.steps += 1
+        self.sock.sendall(wire.encode_sources_batch(sources, extras))
+        return False
+
+    def on_stop(self, _event) -> bool:
+        try:
+            self.sock.sendall(_BYE)
+        except OSError:
+            pass
+        self.log.info("STOP after %d steps; said BYE", self.steps)
+        return True
+
+    def on_exit(self, _event) -> bool:
+        self.log.info("EXIT after %d steps", self.steps)
+        return True
