@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick]
 
-In order: hub barrier throughput (hub_throughput.py), real drivers (drivers.py), Meep
-coupling (meep_coupling.py). Each script runs as its own process with BLAS pinned to one
-thread; its output is passed through as it comes. --quick makes every part smaller and
-shorter (rough numbers, for checking that everything runs). Exit status 1 if a part fails.
+In order: hub barrier throughput (hub_throughput.py), real drivers (drivers.py),
+ensemble throughput (ensemble.py), Meep coupling (meep_coupling.py). Each script runs as
+its own process with BLAS pinned to one thread; its output is passed through as it
+comes. --quick makes every part smaller and shorter (rough numbers, for checking that
+everything runs). Exit status 1 if a part fails.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from _common import HERE, child_env, machine
 FULL = {
     "hub_throughput.py": [],
     "drivers.py": [],
+    "ensemble.py": [],
     "meep_coupling.py": [],
 }
 QUICK = {
     "hub_throughput.py": ["--quick"],
     "drivers.py": ["--quick"],
+    "ensemble.py": ["--quick"],
     "meep_coupling.py": ["--counts", "0,1,100", "--sigmas", "0.1", "--socket-counts", "1",
                          "--steps", "100", "--repeat", "1"],
 }

@@ -492,6 +492,28 @@ class Decoder:
         at = head + 24 * m
         if avail < at:
             return None, 0
+        keys: list[tuple[int, int]] = []  # (offset of the key name, its length)
+        if name == MXHSOURCES:
+            # Walk the extras headers first: nothing is decoded until the whole frame is
+            # here, so a frame arriving in many reads costs one decode, not one per read.
+            if avail < at + 4:
+                return None, 0
+            (k,) = _I32.unpack_from(buf, pos + at)
+            if k < 0 or k > self._limits.max_extras_keys:
+                raise ProtocolError(f"{label}: {k} extras arrays is outside "
+                                    f"0..{self._limits.max_extras_keys} (max_extras_keys)")
+            end = at + 4
+            for _ in range(k):
+                if avail < end + 4:
+                    return None, 0
+                (n,) = _I32.unpack_from(buf, pos + end)
+                if n < 1 or n > self._limits.max_key_bytes:
+                    raise ProtocolError(f"{label}: extras key length {n} bytes is outside "
+                                        f"1..{self._limits.max_key_bytes} (max_key_bytes)")
+                keys.append((end + 4, n))
+                end += 4 + n + 8 * m
+            if avail < end:
+                return None, 0
         arr = np.frombuffer(buf, "<f8", 3 * m, pos + head).reshape(3, m).T.astype(np.float64)
         if not np.isfinite(arr).all():
             bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
@@ -500,31 +522,15 @@ class Decoder:
         if name == MXHFIELDS:
             (flags,) = _I32.unpack_from(buf, pos + 16)
             return FieldsBatch(arr, flags), at
-        if avail < at + 4:
-            return None, 0
-        (k,) = _I32.unpack_from(buf, pos + at)
-        if k < 0 or k > self._limits.max_extras_keys:
-            raise ProtocolError(f"{label}: {k} extras arrays is outside "
-                                f"0..{self._limits.max_extras_keys} (max_extras_keys)")
-        at += 4
         extras = {}
-        for _ in range(k):
-            if avail < at + 4:
-                return None, 0
-            (n,) = _I32.unpack_from(buf, pos + at)
-            if n < 1 or n > self._limits.max_key_bytes:
-                raise ProtocolError(f"{label}: extras key length {n} bytes is outside "
-                                    f"1..{self._limits.max_key_bytes} (max_key_bytes)")
-            if avail < at + 4 + n + 8 * m:
-                return None, 0
-            raw = bytes(buf[pos + at + 4:pos + at + 4 + n])
+        for offset, n in keys:
+            raw = bytes(buf[pos + offset:pos + offset + n])
             try:
                 key = raw.decode("ascii")
             except UnicodeDecodeError:
                 raise ProtocolError(f"{label}: extras key {raw!r} is not ASCII") from None
-            values = np.frombuffer(buf, "<f8", m, pos + at + 4 + n).astype(np.float64)
-            extras[key] = values
-            at += 4 + n + 8 * m
+            extras[key] = np.frombuffer(buf, "<f8", m, pos + offset + n).astype(np.float64)
+        at = end
         return SourcesBatch(arr, extras), at
 
     def _nat(self, buf: bytearray, at: int, message: str) -> int:

@@ -223,3 +223,39 @@ def test_demo_command_runs(deadline):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["driver_exit_codes"] == [0, 0] and summary["steps"] == 3
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_ensemble_driver_equals_single_drivers(transport, unix_name, tmp_path):
+    """M molecules in one ensemble driver (--molecules M, batched frames) follow the same
+    trajectories as M single drivers with the same parameters, to 1e-12, every step."""
+    m, steps = 5, 200
+    pe = [0.05 * (k + 1) for k in range(m)]
+    hub, where = open_hub(transport, unix_name)
+    params_file = tmp_path / "ensemble.json"
+    params_file.write_text(json.dumps(dict(TLS, pe_initial=pe)))
+    procs = []
+    with hub:
+        singles = [hub.register_molecule_return_id() for _ in range(m)]
+        for k, mid in enumerate(singles):  # one at a time: driver k binds to singles[k]
+            procs.append(start_driver("tls", dict(TLS, pe_initial=pe[k]),
+                                      timeout=scaled(30), **where))
+            assert hub.wait_until_bound({mid: {"dt_au": DT_AU}}, timeout=scaled(30))
+        ensemble = [hub.register_molecule_return_id() for _ in range(m)]
+        procs.append(start_driver("tls", None, timeout=scaled(30), **where,
+                                  extra_args=["--molecules", str(m),
+                                              "--params-file", str(params_file)]))
+        assert hub.wait_until_bound({mid: {"dt_au": DT_AU} for mid in ensemble},
+                                    timeout=scaled(30))
+        ids = np.array(singles + ensemble)
+        for f in field_sequence(steps, seed=3):
+            scale = np.r_[np.arange(1, m + 1), np.arange(1, m + 1)][:, None]
+            fields = np.tile(f, (2 * m, 1)) * scale
+            result = hub.step_arrays(ids, fields)
+            np.testing.assert_allclose(result.sources[m:], result.sources[:m], rtol=1e-12,
+                                       atol=1e-300)
+        extras = result.extras()
+        for key in ("Pe", "Pg", "Pge_real", "Pge_imag", "muz_au", "energy_au", "time_au"):
+            np.testing.assert_allclose(extras[key][m:], extras[key][:m], rtol=1e-12,
+                                       atol=1e-15, err_msg=key)
+    assert reap(procs, scaled(10)) == [0] * (m + 1)
