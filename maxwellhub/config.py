@@ -13,6 +13,7 @@ key (dotted, e.g. ``molecules[1].sigma``) and what is allowed. Example (the 2D d
 
     [transport]
     kind = "unix"             # unix (default), tcp or embedded
+    molecules_per_driver = 1  # > 1: ensemble drivers hosting up to this many molecules
 
     [[molecules]]
     model = "tls"
@@ -64,6 +65,7 @@ class Transport:
     host: str = "127.0.0.1"
     port: int = 0
     timeout: float = 60.0
+    molecules_per_driver: int = 1
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
         until=float(sim_t.number("until", low=0.0, low_open=True)))
 
     tr_t = _Table(top.get("transport", {}), "transport",
-                  ("kind", "name", "host", "port", "timeout"))
+                  ("kind", "name", "host", "port", "timeout", "molecules_per_driver"))
     kind = tr_t.choice("kind", _TRANSPORTS, "unix")
     name = tr_t.get("name", None)
     if name is not None and (not isinstance(name, str) or not name):
@@ -194,7 +196,9 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
     if port > 65535:
         raise ConfigError(f"transport.port = {port}; expected 0..65535 (0 = any free port)")
     transport = Transport(kind=kind, name=name, host=host, port=port,
-                          timeout=float(tr_t.number("timeout", 60.0, low=0.0, low_open=True)))
+                          timeout=float(tr_t.number("timeout", 60.0, low=0.0, low_open=True)),
+                          molecules_per_driver=tr_t.number("molecules_per_driver", 1, low=1,
+                                                           integer=True))
 
     groups_raw = top.get("molecules")
     if not isinstance(groups_raw, list) or not groups_raw:

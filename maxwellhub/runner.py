@@ -96,11 +96,25 @@ def analytic_reference(config: Config, units) -> dict | None:
 
 
 def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
-    """(ids, model, params) per driver, grouped in batches of identical command lines in
-    id order: drivers of one batch may bind in any order among themselves."""
+    """(ids, model, params) per batch of drivers to start together, in id order.
+
+    With ``transport.molecules_per_driver`` = 1 a batch is a run of molecules with the
+    same command line (one driver each; they may bind in any order among themselves).
+    With K > 1 each batch is one ensemble driver hosting up to K consecutive molecules of
+    a group, its list parameters sliced to them; ensembles are started one at a time so
+    that each binds to exactly its ids.
+    """
+    per = config.transport.molecules_per_driver
     batches: list[tuple[list[int], str, dict]] = []
     for group, ids in zip(config.molecules, ids_by_group, strict=True):
-        for k, mid in enumerate(ids.tolist()):
+        ids = ids.tolist()
+        if per > 1:
+            for lo in range(0, len(ids), per):
+                params = {key: (v[lo:lo + per] if isinstance(v, list) else v)
+                          for key, v in group.params.items()}
+                batches.append((ids[lo:lo + per], group.model, params))
+            continue
+        for k, mid in enumerate(ids):
             params = {key: (v[k] if isinstance(v, list) else v)
                       for key, v in group.params.items()}
             if batches and batches[-1][1] == group.model and batches[-1][2] == params:
@@ -108,6 +122,21 @@ def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
             else:
                 batches.append(([mid], group.model, params))
     return batches
+
+
+def _start_batch(ids: list[int], model: str, params: dict, per: int, logs: Path,
+                 where: dict, timeout: float) -> list:
+    """Start the driver(s) of one batch; returns [(first molecule id, process)]."""
+    if per == 1:
+        return [(mid, start_driver(model, params, timeout=timeout,
+                                   log_path=logs / f"molecule_{mid}.log", **where))
+                for mid in ids]
+    params_file = logs / f"ensemble_{ids[0]}.json"
+    params_file.write_text(json.dumps(params))
+    proc = start_driver(model, None, timeout=timeout, log_path=logs / f"molecule_{ids[0]}.log",
+                        extra_args=["--molecules", str(len(ids)),
+                                    "--params-file", str(params_file)], **where)
+    return [(ids[0], proc)]
 
 
 def run(config: Config, echo=print) -> dict:
@@ -151,10 +180,8 @@ def run(config: Config, echo=print) -> dict:
             for mid in np.concatenate(ids_by_group).tolist():
                 hub.register_molecule(mid)
             for ids, model, params in _driver_batches(config, ids_by_group):
-                for mid in ids:
-                    procs.append((mid, start_driver(model, params, timeout=transport.timeout,
-                                                    log_path=logs / f"molecule_{mid}.log",
-                                                    **where)))
+                procs += _start_batch(ids, model, params, transport.molecules_per_driver,
+                                      logs, where, transport.timeout)
                 if not hub.wait_until_bound(ids, require_init=False,
                                             timeout=transport.timeout):
                     raise MaxwellHubError(_dead_drivers_message(procs, logs) or

@@ -173,3 +173,23 @@ def test_main_job_validates_over_sockets(config, tmp_path):
           f"max {summary['curve_max_over_p0']:.2e}")
     assert summary["curve_std_over_p0"] < 3e-3 and summary["curve_max_over_p0"] < 8e-3
     assert summary["relative_error_kernel"] < 1e-2
+
+
+def test_ensemble_drivers_in_main_job_match_embedded(tmp_path):
+    """`transport.molecules_per_driver = 4`: ten molecules in three ensemble drivers
+    (4 + 4 + 2) give the embedded superradiance trajectories to 1e-12."""
+    runs = {}
+    for kind, extra in (("embedded", []),
+                        ("ensembles", ["--set", 'transport.kind="unix"',
+                                       "--set", "transport.molecules_per_driver=4"])):
+        out = tmp_path / kind
+        proc = run_cli("run", str(EXAMPLES / "superradiance_2d.toml"), "--set",
+                       "simulation.until=20", "--set", f'output.directory="{out}"', *extra,
+                       cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with h5py.File(out / "molecules.h5") as f:
+            runs[kind] = f["Pe"][()]
+    assert sorted(p.name for p in (tmp_path / "ensembles" / "drivers").glob("*.log")) == [
+        "molecule_0.log", "molecule_4.log", "molecule_8.log"]
+    assert runs["ensembles"].shape == runs["embedded"].shape == (401, 10)
+    assert abs(runs["ensembles"] - runs["embedded"]).max() <= 1e-12
