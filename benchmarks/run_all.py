@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/run_all.py [--quick]
 
 In order: hub barrier throughput (hub_throughput.py), real drivers (drivers.py),
-ensemble throughput (ensemble.py), Meep coupling (meep_coupling.py). Each script runs as
+ensemble throughput (ensemble.py), Meep coupling (meep_coupling.py), and Meep coupling
+side by side with MaxwellLink's adaptor (meep_maxwelllink.py). Each script runs as
 its own process with BLAS pinned to one thread; its output is passed through as it
 comes. --quick makes every part smaller and shorter (rough numbers, for checking that
 everything runs). Exit status 1 if a part fails.
@@ -23,6 +24,7 @@ FULL = {
     "drivers.py": [],
     "ensemble.py": [],
     "meep_coupling.py": [],
+    "meep_maxwelllink.py": [],
 }
 QUICK = {
     "hub_throughput.py": ["--quick"],
@@ -30,6 +32,7 @@ QUICK = {
     "ensemble.py": ["--quick"],
     "meep_coupling.py": ["--counts", "0,1,100", "--sigmas", "0.1", "--socket-counts", "1",
                          "--steps", "100", "--repeat", "1"],
+    "meep_maxwelllink.py": ["--counts", "1,10", "--steps", "50", "--repeat", "1"],
 }
 
 

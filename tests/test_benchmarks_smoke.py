@@ -80,3 +80,15 @@ def test_drivers_measures_maxwelllink():
 def test_run_all_help():
     """run_all.py parses its options (the full run is too long for a test)."""
     assert "--quick" in run("run_all.py", "--help")
+
+
+@pytest.mark.meep
+@pytest.mark.peer
+def test_meep_maxwelllink_side_by_side():
+    """meep_maxwelllink.py prints our and MaxwellLink's ms per Meep step for N = 1 (it makes
+    .peers/maxwelllink-meep if missing; skips if that cannot be made)."""
+    out = run("meep_maxwelllink.py", "--counts", "1", "--steps", "10", "--repeat", "1")
+    if "MaxwellLink not measured:" in out:
+        pytest.skip(out.split("MaxwellLink not measured:", 1)[1].splitlines()[0])
+    measured_row(out, "0 (plain source)")
+    measured_row(out, "1")
