@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -180,6 +181,7 @@ class _Session:
         self.decoder = wire.Decoder(reader="driver")
         self.init: tuple[int, float] | None = None  # (molecule id, dt_au) of the first INIT
         self.steps = 0
+        self.extras_json = _ExtrasJSON()
         self.handlers = {
             wire.Status: self.on_status,
             wire.Init: self.on_init,
@@ -261,18 +263,16 @@ class _Session:
             raise ProtocolError("GETFORCE (source request) before INIT")
         try:
             if self.model.staged:
-                source = self.model.commit()[0]
+                source = self.model.commit().tolist()[0]
                 self.steps += 1
             else:
                 self.log.warning("GETFORCE without a field since the last one; answering a "
                                  "zero source")
                 source = _ZERO_SOURCE
-            extras = {key: float(value[0]) for key, value in self.model.extras().items()}
+            extras = self.model.extras_of(0)
         except Exception as exc:
             raise ModelFailed(f"commit or extras failed: {type(exc).__name__}: {exc}") from exc
-        payload = json.dumps(extras, ensure_ascii=False, separators=(",", ":"),
-                             sort_keys=True).encode("utf-8")
-        self.sock.sendall(wire.encode_source_ready(source, payload))
+        self.sock.sendall(wire.encode_source_ready(source, self.extras_json(extras)))
         return False
 
     def on_stop(self, _event) -> bool:
@@ -286,6 +286,34 @@ class _Session:
     def on_exit(self, _event) -> bool:
         self.log.info("EXIT after %d steps", self.steps)
         return True
+
+
+class _ExtrasJSON:
+    """Extras as MaxwellLink's driver writes them: ``json.dumps(extras, ensure_ascii=False,
+    separators=(",", ":"), sort_keys=True)`` in UTF-8, from a template made once per key
+    set (a model reports the same keys every step). Finite floats print as json prints
+    them (``float.__repr__``); anything else goes through json itself."""
+
+    def __init__(self) -> None:
+        self._keys: tuple[str, ...] = ()
+        self._order: list[str] = []
+        self._template = "{}"
+
+    def __call__(self, extras: dict[str, float]) -> bytes:
+        keys = tuple(extras)
+        if keys != self._keys:
+            self._keys, self._order = keys, sorted(keys)
+            self._template = "{" + ",".join(
+                json.dumps(key, ensure_ascii=False).replace("%", "%%") + ":%s"
+                for key in self._order) + "}"
+        values = [extras[key] for key in self._order]
+        try:
+            if math.isfinite(sum(values)):
+                return (self._template % tuple(map(float.__repr__, values))).encode("utf-8")
+        except TypeError:  # not all floats
+            pass
+        return json.dumps(extras, ensure_ascii=False, separators=(",", ":"),
+                          sort_keys=True).encode("utf-8")
 
 
 def _parse_init(payload: bytes) -> float:

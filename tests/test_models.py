@@ -40,6 +40,16 @@ def random_fields(steps: int, n: int, seed: int = 0, scale: float = E_SCALE) -> 
     return np.random.default_rng(seed).normal(scale=scale, size=(steps, n, 3))
 
 
+def tls_rho(model) -> np.ndarray:
+    """The (n, 2, 2) density matrices of a TLS model's committed Bloch vectors."""
+    x, y, z = model.get_state()["bloch"].T
+    rho = np.empty((len(x), 2, 2), dtype=complex)
+    rho[:, 0, 0], rho[:, 1, 1] = 0.5 * (1 + z), 0.5 * (1 - z)
+    rho[:, 0, 1] = 0.5 * (x + 1j * y)
+    rho[:, 1, 0] = 0.5 * (x - 1j * y)
+    return rho
+
+
 def tls_reference_step(rho, field, omega, mu12, axis, dt):
     """One TLS step with scipy's general matrix exponential (MaxwellLink's formulation)."""
     h0 = np.diag([0.0, omega]).astype(complex)
@@ -62,7 +72,7 @@ def test_tls_invariants_over_many_steps():
     history = np.empty((steps, n, 2, 2), dtype=complex)
     for k in range(steps):
         model.step(fields[k])
-        history[k] = model.get_state()["rho"]
+        history[k] = tls_rho(model)
     hermitian_error = np.abs(history - history.conj().swapaxes(-1, -2)).max()
     trace_error = np.abs(np.trace(history, axis1=-2, axis2=-1) - 1).max()
     eigenvalues = np.linalg.eigvalsh(0.5 * (history + history.conj().swapaxes(-1, -2)))
@@ -82,12 +92,12 @@ def test_tls_closed_form_matches_expm_reference():
     n, steps = 3, 300
     model = create_model("tls", n=n, **params)
     model.initialize(dt_au=DT)
-    reference = model.get_state()["rho"]
+    reference = tls_rho(model)
     fields = random_fields(steps, n, seed=2)
     for k in range(steps):
-        before = model.get_state()["rho"]
+        before = tls_rho(model)
         sources = model.step(fields[k])
-        after = model.get_state()["rho"]
+        after = tls_rho(model)
         for i in range(n):
             omega, mu12, axis = (params[key][i] for key in ("omega", "mu12", "orientation"))
             one_step = tls_reference_step(before[i], fields[k, i], omega, mu12, axis, DT)
@@ -96,18 +106,18 @@ def test_tls_closed_form_matches_expm_reference():
             assert abs(sources[i, axis] - expected) < 1e-14 * 2 * omega * abs(mu12)
             reference[i] = tls_reference_step(reference[i], fields[k, i], omega, mu12, axis,
                                               DT)
-    assert np.abs(model.get_state()["rho"] - reference).max() < 1e-12
+    assert np.abs(tls_rho(model) - reference).max() < 1e-12
 
 
 def test_tls_free_precession():
     """At E = 0 populations stay put and rho_01 turns as exp(+i omega t)."""
     model = create_model("tls", pe_initial=0.25, e_phase_initial=0.7)
     model.initialize(dt_au=DT)
-    rho0 = model.get_state()["rho"][0]
+    rho0 = tls_rho(model)[0]
     for k in range(1, 2001):
         sources = model.step(np.zeros((1, 3)))
         t = k * DT
-        rho = model.get_state()["rho"][0]
+        rho = tls_rho(model)[0]
         expected01 = rho0[0, 1] * np.exp(1j * OMEGA * t)
         assert abs(rho[0, 1] - expected01) < 1e-12
         assert abs(rho[1, 1].real - 0.25) < 1e-15
@@ -116,7 +126,7 @@ def test_tls_free_precession():
 
 
 def test_tls_batched_equals_single():
-    """n molecules in one model give what n single-molecule models give, to 1e-14."""
+    """n molecules in one model give bit for bit what n single-molecule models give."""
     params = {"omega": [0.2, OMEGA, 0.3, 0.25, 0.4], "mu12": [100.0, MU12, 50.0, 10.0, 300.0],
               "orientation": [0, 1, 2, 2, 0], "pe_initial": [0.0, 0.1, 0.5, 1.0, 0.01],
               "e_phase_initial": [0.0, 0.5, 1.0, 1.5, 2.0]}
@@ -124,7 +134,8 @@ def test_tls_batched_equals_single():
 
 
 def check_batched_equals_single(name: str, params: dict, steps: int) -> None:
-    """Step a batched model and one model per molecule; compare sources and extras."""
+    """Step a batched model and one model per molecule (those take the float path for
+    n = 1); sources, extras and states must agree bit for bit."""
     n = len(next(iter(params.values())))
     batched = create_model(name, n=n, **params)
     batched.initialize(dt_au=DT, molecule_ids=list(range(10, 10 + n)))
@@ -138,9 +149,15 @@ def check_batched_equals_single(name: str, params: dict, steps: int) -> None:
         extras = batched.extras()
         for i, single in enumerate(singles):
             one = single.step(fields[k][i:i + 1])
-            np.testing.assert_allclose(sources[i], one[0], rtol=1e-14, atol=1e-14)
-            for key, value in single.extras().items():
-                np.testing.assert_allclose(extras[key][i], value[0], rtol=1e-14, atol=1e-14)
+            np.testing.assert_array_equal(sources[i], one[0])
+            row = {key: float(value[i]) for key, value in extras.items()}
+            assert single.extras_of(0) == batched.extras_of(i) == row
+            assert {key: float(value[0]) for key, value in single.extras().items()} == row
+    state = batched.get_state()
+    for i, single in enumerate(singles):
+        for key, value in single.get_state().items():
+            np.testing.assert_array_equal(value, state[key] if key == "time_au" else
+                                          state[key][i:i + 1])
 
 
 def test_stage_is_idempotent():
@@ -172,8 +189,7 @@ def test_tls_extras_keys_and_values():
     model.step(random_fields(1, 2, seed=5)[0])
     extras = model.extras()
     assert set(extras) == TLS_EXTRAS == {"time_au", *TLSModel.extras_keys}
-    rho = model.get_state()["rho"]
-    dipole = 2 * MU12 * rho[:, 0, 1].real
+    dipole = MU12 * model.get_state()["bloch"][:, 0]
     np.testing.assert_array_equal(extras["mux_au"], [dipole[0], 0.0])
     np.testing.assert_array_equal(extras["muz_au"], [0.0, dipole[1]])
     np.testing.assert_array_equal(extras["muy_au"], [0.0, 0.0])
@@ -244,7 +260,7 @@ def test_sho_follows_velocity_verlet_with_field():
 
 
 def test_sho_batched_equals_single():
-    """n SHOs in one model give what n single-molecule models give, to 1e-14."""
+    """n SHOs in one model give bit for bit what n single-molecule models give."""
     params = {"omega": [0.2, OMEGA, 0.3], "mu0": [100.0, MU12, 50.0],
               "orientation": [0, 1, 2], "p_initial": [0.0, 0.1, -0.2],
               "q_initial": [0.0, 0.5, 0.1]}
@@ -285,8 +301,8 @@ def test_set_state_rejects_foreign_states():
     with pytest.raises(ValueError, match="keys"):
         tls.set_state(create_model("sho", n=2).get_state())
     bad = tls.get_state()
-    bad["rho"] = bad["rho"][:1]
-    with pytest.raises(ValueError, match=r"shape \(1, 2, 2\), expected \(2, 2, 2\)"):
+    bad["bloch"] = bad["bloch"][:1]
+    with pytest.raises(ValueError, match=r"shape \(1, 3\), expected \(2, 3\)"):
         tls.set_state(bad)
     bad = tls.get_state()
     bad["time_au"] = np.array(np.nan)
@@ -334,6 +350,32 @@ def test_non_finite_sources_are_refused():
     with pytest.raises(FloatingPointError, match="source of molecule 6 is not finite"):
         model.stage(np.zeros((2, 3)))
     assert not model.staged and model.time_au == 0.0
+
+
+class ExplodingOne(Exploding):
+    """Exploding, with a float path for one molecule that explodes too."""
+
+    def _stage_one(self, state, field):
+        return state, (0.0, float("nan"), 0.0)
+
+    def _extras_one(self, state):
+        return {}
+
+
+def test_float_path_checks_fields_and_sources():
+    """With n = 1 the float path refuses non-finite fields and sources as the array path
+    does, naming the molecule, and leaves nothing staged."""
+    model = ExplodingOne(n=1)
+    model.initialize(dt_au=DT, molecule_ids=[7])
+    with pytest.raises(ValueError, match=r"field of molecule 7 is not finite: \[0.0, inf"):
+        model.stage([[0.0, np.inf, 0.0]])
+    with pytest.raises(FloatingPointError, match=r"source of molecule 7 is not finite "
+                                                 r"\(\[0.0, nan, 0.0\]\)"):
+        model.stage(np.zeros((1, 3)))
+    assert not model.staged and model.time_au == 0.0
+    assert model.extras_of(0) == {"time_au": 0.0}
+    with pytest.raises(ValueError, match=r"shape \(1, 3\).*got shape \(3,\)"):
+        model.stage(np.zeros(3))
 
 
 @pytest.mark.parametrize(

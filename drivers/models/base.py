@@ -27,6 +27,10 @@ def _finite(a: np.ndarray) -> np.ndarray:
     return np.isfinite(a)
 
 
+def _first_bad_row(a: np.ndarray) -> int:
+    return int(np.flatnonzero(~np.isfinite(a).all(axis=1))[0])
+
+
 @dataclass(frozen=True)
 class Parameter:
     """One model parameter: its default, its kind and what values it allows.
@@ -74,13 +78,20 @@ class Model:
        as propagator factors. Called by :meth:`initialize`; must not change the state.
     5. ``_stage_impl(self, state, fields) -> (new_state, sources)``: one step of length
        ``self.dt_au`` under ``fields`` (n, 3), held constant over the step. Pure: it must not
-       modify ``state`` or any attribute; ``new_state`` has the same schema; ``sources`` is
-       the (n, 3) float64 dmu/dt of the new state.
+       modify ``state`` or any attribute (scratch arrays it keeps for itself excepted);
+       ``new_state`` has the same schema (shapes and dtypes; the memory order is free);
+       ``sources`` is the (n, 3) float64 dmu/dt of the new state.
     6. ``_extras_impl(self, state) -> dict[str, ndarray]``: per-molecule (n,) float64 arrays
        of reported quantities of ``state``, keyed by ``extras_keys``. Pure as well. It may be
        called before :meth:`initialize`, when ``self.dt_au`` is None.
     7. ``_check_parameters(self)`` (optional): checks across parameters, raising
        ``ValueError`` naming the parameters, their values and what is allowed.
+    8. ``_stage_one(self, state, field) -> (new_state, source)`` and
+       ``_extras_one(self, state) -> dict[str, float]`` (optional, together): 5 and 6 for
+       one molecule (used when n = 1) on Python floats, ``field`` and ``source`` being
+       3 floats, ``state`` the usual arrays. A driver process steps one molecule, and
+       numpy's per-call cost on (1, 3) arrays would be most of its step. They must give
+       bit for bit what 5 and 6 give (share the formulas; test it).
 
     The base class checks inputs (shapes, finiteness), keeps the time (``t += dt`` on
     commit), the molecule ids and the staged step. Nothing here is thread-safe: one model
@@ -108,6 +119,7 @@ class Model:
         self._ids = np.arange(self._n, dtype=np.int64)
         self._time = 0.0
         self._staged: tuple[State, np.ndarray, float] | None = None
+        self._one = self._n == 1 and type(self)._stage_one is not Model._stage_one
         state = self._initial_state()
         self._schema = self._schema_of(state)
         self._state = state
@@ -180,8 +192,10 @@ class Model:
             raise ValueError(
                 f"{self._label()}: fields must have shape ({self._n}, 3) (one field vector "
                 f"per molecule, a.u.); got shape {f.shape}")
+        if self._one:
+            return self._stage_scalar(f.tolist()[0])
         if not np.isfinite(f).all():
-            bad = int(np.flatnonzero(~np.isfinite(f).all(axis=1))[0])
+            bad = _first_bad_row(f)
             raise ValueError(
                 f"{self._label()}: field of molecule {self._ids[bad]} is not finite: "
                 f"{f[bad].tolist()}")
@@ -192,13 +206,29 @@ class Model:
                 f"{self._label()}: _stage_impl returned sources of shape {sources.shape}, "
                 f"expected ({self._n}, 3)")
         if not np.isfinite(sources).all():
-            bad = int(np.flatnonzero(~np.isfinite(sources).all(axis=1))[0])
-            raise FloatingPointError(
-                f"{self._label()}: source of molecule {self._ids[bad]} is not finite "
-                f"({sources[bad].tolist()}) at t = {self._time + self._dt} a.u.; is the "
-                "field or the time step too large?")
+            bad = _first_bad_row(sources)
+            self._raise_bad_source(bad, sources[bad])
         self._staged = (new_state, sources, self._time + self._dt)
         return sources
+
+    def _stage_scalar(self, field: list[float]) -> np.ndarray:
+        """:meth:`stage` for one molecule through ``_stage_one``."""
+        isfinite = math.isfinite
+        if not (isfinite(field[0]) and isfinite(field[1]) and isfinite(field[2])):
+            raise ValueError(
+                f"{self._label()}: field of molecule {self._ids[0]} is not finite: {field}")
+        new_state, source = self._stage_one(self._state, tuple(field))
+        if not (isfinite(source[0]) and isfinite(source[1]) and isfinite(source[2])):
+            self._raise_bad_source(0, source)
+        sources = np.array((source,), dtype=np.float64)
+        self._staged = (new_state, sources, self._time + self._dt)
+        return sources
+
+    def _raise_bad_source(self, index: int, source: Any) -> None:
+        raise FloatingPointError(
+            f"{self._label()}: source of molecule {self._ids[index]} is not finite "
+            f"({list(map(float, source))}) at t = {self._time + self._dt} a.u.; is the "
+            "field or the time step too large?")
 
     def commit(self) -> np.ndarray:
         """Make the staged step the current state; return its sources (n, 3)."""
@@ -218,6 +248,14 @@ class Model:
         out = {"time_au": np.full(self._n, self._time)}
         out.update(self._extras_impl(self._state))
         return out
+
+    def extras_of(self, index: int = 0) -> dict[str, float]:
+        """Reported quantities of molecule ``index`` (0..n-1): key -> float."""
+        if self._one and index == 0:
+            out = {"time_au": self._time}
+            out.update(self._extras_one(self._state))
+            return out
+        return {key: float(value[index]) for key, value in self.extras().items()}
 
     def get_state(self) -> dict[str, np.ndarray]:
         """A copy of the committed state as plain arrays (for checkpoints), with time_au."""
@@ -267,6 +305,13 @@ class Model:
 
     def _extras_impl(self, state: State) -> dict[str, np.ndarray]:
         return {}
+
+    def _stage_one(self, state: State, field: tuple[float, float, float]
+                   ) -> tuple[State, tuple[float, float, float]]:
+        raise NotImplementedError
+
+    def _extras_one(self, state: State) -> dict[str, float]:
+        raise NotImplementedError
 
     def _check_parameters(self) -> None:
         """Checks across parameters (optional)."""

@@ -27,6 +27,24 @@ _AXES = ("mux_au", "muy_au", "muz_au")
 _AXES_M = ("mux_m_au", "muy_m_au", "muz_m_au")
 
 
+def _verlet_step(p, q, a, field, omega2, mu0, dt):
+    """One velocity-Verlet step under ``field``; floats and arrays alike."""
+    p = p + 0.5 * a * dt
+    q = q + p * dt
+    a = -omega2 * q + field * mu0
+    return p + 0.5 * a * dt, q, a
+
+
+def _half_step_ahead(p, q, a, dt):
+    """(p, q) half a step after the state (p, q, a), where sources and extras are reported."""
+    p_half = p + 0.5 * a * dt
+    return p_half, q + 0.5 * p_half * dt
+
+
+def _energy(p_half, q_half, omega2):
+    return 0.5 * omega2 * (q_half * q_half) + 0.5 * (p_half * p_half)
+
+
 class SHOModel(Model):
     """Harmonic oscillators (n of them) coupled through their dipole mu0 q."""
 
@@ -46,37 +64,68 @@ class SHOModel(Model):
 
     def __init__(self, n: int = 1, **params) -> None:
         super().__init__(n, **params)
-        self._rows = np.arange(self.n)
-        self._axis = self.params["orientation"]
+        axis = self.params["orientation"]
+        self._axis = axis
+        # a column view when all molecules share one axis (the usual case), else a gather
+        self._pick = (slice(None), int(axis[0])) if (axis == axis[0]).all() \
+            else (np.arange(self.n), axis)
+        omega = self.params["omega"]
+        self._omega2 = omega * omega
+        if self.n == 1:  # the constants of _stage_one and _extras_one, as floats
+            self._one_params = (int(axis[0]), float(self._omega2[0]),
+                                float(self.params["mu0"][0]))
 
     def _initial_state(self):
-        q = self.params["q_initial"].copy()
+        omega, q = self.params["omega"], self.params["q_initial"].copy()
         return {"p": self.params["p_initial"].copy(), "q": q,
-                "acceleration": -self.params["omega"] ** 2 * q}
+                "acceleration": -(omega * omega) * q}
 
     def _stage_impl(self, state, fields):
-        dt = self.dt_au
-        omega, mu0 = self.params["omega"], self.params["mu0"]
-        p = state["p"] + 0.5 * state["acceleration"] * dt
-        q = state["q"] + p * dt
-        a = -omega**2 * q + fields[self._rows, self._axis] * mu0
-        p = p + 0.5 * a * dt
+        mu0 = self.params["mu0"]
+        p, q, a = _verlet_step(state["p"], state["q"], state["acceleration"],
+                               fields[self._pick], self._omega2, mu0, self.dt_au)
+        p_half, _ = _half_step_ahead(p, q, a, self.dt_au)
         sources = np.zeros((self.n, 3))
-        sources[self._rows, self._axis] = (p + 0.5 * a * dt) * mu0
+        sources[self._pick] = p_half * mu0
         return {"p": p, "q": q, "acceleration": a}, sources
 
+    def _stage_one(self, state, field):
+        axis, omega2, mu0 = self._one_params
+        dt = self.dt_au
+        p, q, a = _verlet_step(state["p"].item(), state["q"].item(),
+                               state["acceleration"].item(), field[axis], omega2, mu0, dt)
+        p_half, _ = _half_step_ahead(p, q, a, dt)
+        source = [0.0, 0.0, 0.0]
+        source[axis] = p_half * mu0
+        return {"p": np.array((p,)), "q": np.array((q,)), "acceleration": np.array((a,))}, \
+            source
+
     def _extras_impl(self, state):
-        p, q, a = state["p"], state["q"], state["acceleration"]
-        omega, mu0 = self.params["omega"], self.params["mu0"]
-        dt = self.dt_au or 0.0  # before initialize(): report the state itself
-        p_half = p + 0.5 * a * dt
-        q_half = q + 0.5 * p_half * dt
-        dipole = mu0 * q_half
-        dipole_m = mu0 * q
+        p, q = state["p"], state["q"]
+        mu0 = self.params["mu0"]
+        p_half, q_half = _half_step_ahead(p, q, state["acceleration"], self._extras_dt)
+        dipole, dipole_m = mu0 * q_half, mu0 * q
         out = {key: np.where(self._axis == k, dipole, 0.0) for k, key in enumerate(_AXES)}
         out.update(
             {key: np.where(self._axis == k, dipole_m, 0.0) for k, key in enumerate(_AXES_M)})
-        out["energy_au"] = 0.5 * omega**2 * q_half**2 + 0.5 * p_half**2
+        out["energy_au"] = _energy(p_half, q_half, self._omega2)
         out["p_au"] = p.copy()
         out["q_au"] = q.copy()
         return out
+
+    def _extras_one(self, state):
+        axis, omega2, mu0 = self._one_params
+        p, q = state["p"].item(), state["q"].item()
+        p_half, q_half = _half_step_ahead(p, q, state["acceleration"].item(),
+                                          self._extras_dt)
+        dipole, dipole_m = mu0 * q_half, mu0 * q
+        out = {key: dipole if k == axis else 0.0 for k, key in enumerate(_AXES)}
+        out.update({key: dipole_m if k == axis else 0.0 for k, key in enumerate(_AXES_M)})
+        out["energy_au"] = _energy(p_half, q_half, omega2)
+        out["p_au"] = p
+        out["q_au"] = q
+        return out
+
+    @property
+    def _extras_dt(self) -> float:
+        return self.dt_au or 0.0  # before initialize(): report the state itself

@@ -1,4 +1,4 @@
-"""Two-level system (TLS) model: a 2x2 density matrix driven by the field along one axis.
+"""Two-level system (TLS) model: a density matrix driven by the field along one axis.
 
 Conventions are MaxwellLink's TLS driver (same parameter names and defaults), so the same
 field sequence gives the same sources to round-off:
@@ -8,12 +8,15 @@ field sequence gives the same sources to round-off:
 - Initial pure state C = [sqrt(1 - pe), sqrt(pe) exp(i phase)], rho = C C^dagger.
 - One step with the field E held constant: the symmetric split
   U = exp(-i H0 dt/2) exp(+i dt E mu12 sigma_x) exp(-i H0 dt/2), rho <- U rho U^dagger.
-  Every factor is closed-form (phases, and cos/sin for sigma_x) and the product is applied
-  analytically: the H0 halves turn rho_01, the sigma_x factor rotates the Bloch components
-  (rho_00 - rho_11, 2 Im rho_01) by 2 dt E mu12. rho stays exactly Hermitian, keeps its
-  trace and stays positive to round-off; at E = 0 the populations do not drift.
 - Source: dmu/dt = -2 omega mu12 Im(rho_01) on the axis; dipole 2 mu12 Re(rho_01);
   energy Tr(H0 rho); Pe = rho_11, Pg = rho_00.
+
+The state is the Bloch vector ``bloch`` = (x, y, z) = (2 Re rho_01, 2 Im rho_01,
+rho_00 - rho_11) of the unit-trace rho, and every factor of U acts on it in closed form:
+the H0 halves turn (x, y) by omega dt/2, the sigma_x factor turns (z, y) by 2 dt E mu12.
+So rho stays exactly Hermitian with unit trace and |bloch| stays 1 to round-off; at E = 0
+the populations do not drift. Only real arithmetic: numpy's complex multiply can differ by
+an ulp with memory alignment (SIMD), which would make re-staging not bit-reproducible.
 
 Never uses a general matrix exponential (no scipy).
 """
@@ -27,6 +30,34 @@ from .base import Model, Parameter
 __all__ = ["TLSModel"]
 
 _AXES = ("mux_au", "muy_au", "muz_au")
+
+
+def _bloch_step(x, y, z, angle, turn_cos, turn_sin, cos, sin):
+    """One step of the Bloch vector: turn (x, y) by the first H0 half step, rotate (z, y)
+    by ``angle`` (= 2 dt E mu12), turn (x, y) again. Plain arithmetic and the given
+    ``cos``/``sin``, so it runs on floats (math) and on arrays (numpy) alike."""
+    c, s = cos(angle), sin(angle)
+    x, y = x * turn_cos - y * turn_sin, x * turn_sin + y * turn_cos
+    z, y = c * z + s * y, c * y - s * z
+    return x * turn_cos - y * turn_sin, x * turn_sin + y * turn_cos, z
+
+
+# The float path takes numpy's cos/sin (0.4 us each), not math's: numpy's SIMD versions
+# differ from libm's in the last bit for about half of all angles, and one molecule must
+# follow the very trajectory it follows in a batch.
+def _cos(angle: float) -> float:
+    return float(np.cos(angle))
+
+
+def _sin(angle: float) -> float:
+    return float(np.sin(angle))
+
+
+def _reported(x, y, z, omega, mu12):
+    """Dipole along the axis and the other extras of Bloch vectors (floats or arrays)."""
+    pe = 0.5 * (1.0 - z)
+    return mu12 * x, {"energy_au": omega * pe, "Pe": pe, "Pg": 0.5 * (1.0 + z),
+                      "Pge_real": 0.5 * x, "Pge_imag": 0.5 * y}
 
 
 class TLSModel(Model):
@@ -50,70 +81,96 @@ class TLSModel(Model):
 
     def __init__(self, n: int = 1, **params) -> None:
         super().__init__(n, **params)
-        self._rows = np.arange(self.n)
-        self._axis = self.params["orientation"]
-        self._turn_cos = np.ones(self.n)
-        self._turn_sin = np.zeros(self.n)
+        axis = self.params["orientation"]
+        self._axis = axis
+        # where each molecule's field and source sit in the (n, 3) arrays: a column view
+        # when all share one axis (the usual case), else a gather
+        self._pick = (slice(None), int(axis[0])) if (axis == axis[0]).all() \
+            else (np.arange(self.n), axis)
+        omega, mu12 = self.params["omega"], self.params["mu12"]
+        self._source_per_y = -omega * mu12  # dmu/dt per Bloch y
+        self._scratch = np.empty((4, self.n))  # work space of _stage_impl
+        if self.n == 1:  # the constants of _extras_one, as floats
+            self._one_params = (int(axis[0]), float(omega[0]), float(mu12[0]))
 
     def _initial_state(self):
         pe = self.params["pe_initial"]
         phase = self.params["e_phase_initial"]
-        # rho = C C^dagger with C = [sqrt(1 - pe), sqrt(pe) exp(i phase)]
-        amplitude = (1.0 - pe) ** 0.5 * pe**0.5
-        rho = np.zeros((self.n, 2, 2), dtype=np.complex128)
-        re, im = rho.real, rho.imag
-        re[:, 0, 0] = 1.0 - pe
-        re[:, 1, 1] = pe
-        re[:, 0, 1] = re[:, 1, 0] = amplitude * np.cos(phase)
-        im[:, 0, 1] = -amplitude * np.sin(phase)
-        im[:, 1, 0] = -im[:, 0, 1]
-        return {"rho": rho}
+        # rho_01 = C_0 C_1^* = sqrt((1 - pe) pe) exp(-i phase)
+        amplitude = 2.0 * ((1.0 - pe) ** 0.5 * pe**0.5)
+        bloch = np.empty((self.n, 3), order="F")
+        bloch[:, 0], bloch[:, 1] = amplitude * np.cos(phase), -amplitude * np.sin(phase)
+        bloch[:, 2] = (1.0 - pe) - pe
+        return {"bloch": bloch}
 
     def _prepare(self, dt_au: float) -> None:
-        # exp(-i H0 dt/2) = diag(1, exp(-i omega dt/2)) turns rho_01 by exp(+i omega dt/2).
+        # exp(-i H0 dt/2) = diag(1, exp(-i omega dt/2)) turns rho_01 by exp(+i omega dt/2);
+        # exp(+i theta sigma_x) with theta = dt E mu12 turns (z, y) by 2 theta.
         half = 0.5 * dt_au * self.params["omega"]
         self._turn_cos, self._turn_sin = np.cos(half), np.sin(half)
+        self._angle_per_field = 2.0 * dt_au * self.params["mu12"]
+        if self.n == 1:  # the constants of _stage_one, as floats
+            self._one_consts = (int(self._axis[0]), float(self._angle_per_field[0]),
+                                float(self._turn_cos[0]), float(self._turn_sin[0]),
+                                float(self._source_per_y[0]))
 
     def _stage_impl(self, state, fields):
-        # U rho U^dagger in closed form on the Bloch components of rho: each H0 half step
-        # turns rho_01 by exp(+i omega dt/2), and exp(+i theta sigma_x) rotates the
-        # inversion z = rho_00 - rho_11 against y = 2 Im(rho_01) by the angle 2 theta.
-        # Hermiticity holds by construction and the trace is carried over unchanged.
-        # Only real arithmetic: numpy's complex multiply can differ by an ulp depending on
-        # memory alignment (SIMD path), which would make re-staging not bit-reproducible.
-        rho = state["rho"]
-        re, im = rho.real, rho.imag
-        theta = self.dt_au * (fields[self._rows, self._axis] * self.params["mu12"])
-        cos2, sin2 = np.cos(2.0 * theta), np.sin(2.0 * theta)
-        tc, ts = self._turn_cos, self._turn_sin
-        trace = re[:, 0, 0] + re[:, 1, 1]
-        z = re[:, 0, 0] - re[:, 1, 1]
-        x0, y0 = re[:, 0, 1], im[:, 0, 1]
-        x = x0 * tc - y0 * ts  # first half turn
-        y = 2.0 * (x0 * ts + y0 * tc)
-        z, y = cos2 * z + sin2 * y, cos2 * y - sin2 * z
-        half_y = 0.5 * y
-        x, y = x * tc - half_y * ts, x * ts + half_y * tc  # second half turn: rho_01
-        new_rho = np.empty_like(rho)
-        new_re, new_im = new_rho.real, new_rho.imag
-        new_re[:, 0, 0] = 0.5 * (trace + z)
-        new_re[:, 1, 1] = 0.5 * (trace - z)
-        new_im[:, 0, 0] = new_im[:, 1, 1] = 0.0
-        new_re[:, 0, 1] = new_re[:, 1, 0] = x
-        new_im[:, 0, 1] = y
-        new_im[:, 1, 0] = -y
+        # _bloch_step's arithmetic, operation for operation (so bit for bit), into
+        # preallocated arrays: at n = 10^4 the temporaries of the plain expressions made
+        # malloc hand pages back and fault them in again every step (5x slower). The Bloch
+        # vectors are stored column-major so that x, y and z are contiguous.
+        x, y, z = state["bloch"].T
+        new = np.empty_like(state["bloch"], order="F")
+        new_x, new_y, new_z = new.T
+        angle, tmp, c, s = self._scratch
+        turn_cos, turn_sin = self._turn_cos, self._turn_sin
+        np.multiply(self._angle_per_field, fields[self._pick], out=angle)
+        np.cos(angle, out=c)
+        np.sin(angle, out=s)
+        y1 = angle  # the angle is no longer needed
+        np.multiply(x, turn_cos, out=new_x)  # first half turn: (new_x, y1)
+        np.multiply(y, turn_sin, out=tmp)
+        new_x -= tmp
+        np.multiply(x, turn_sin, out=y1)
+        np.multiply(y, turn_cos, out=tmp)
+        y1 += tmp
+        np.multiply(c, z, out=new_z)  # rotation of (z, y1): (new_z, new_y)
+        np.multiply(s, y1, out=tmp)
+        new_z += tmp
+        np.multiply(c, y1, out=new_y)
+        np.multiply(s, z, out=tmp)
+        new_y -= tmp
+        np.multiply(new_x, turn_sin, out=y1)  # second half turn of (new_x, new_y)
+        np.multiply(new_y, turn_sin, out=tmp)
+        new_x *= turn_cos
+        new_x -= tmp
+        new_y *= turn_cos
+        new_y += y1
         sources = np.zeros((self.n, 3))
-        omega, mu12 = self.params["omega"], self.params["mu12"]
-        sources[self._rows, self._axis] = -2.0 * omega * y * mu12
-        return {"rho": new_rho}, sources
+        sources[self._pick] = self._source_per_y * new_y
+        return {"bloch": new}, sources
+
+    def _stage_one(self, state, field):
+        axis, angle_per_field, turn_cos, turn_sin, source_per_y = self._one_consts
+        x, y, z = state["bloch"].tolist()[0]
+        x, y, z = _bloch_step(x, y, z, angle_per_field * field[axis], turn_cos, turn_sin,
+                              _cos, _sin)
+        source = [0.0, 0.0, 0.0]
+        source[axis] = source_per_y * y
+        return {"bloch": np.array(((x, y, z),))}, source
 
     def _extras_impl(self, state):
-        rho = state["rho"]
-        dipole = self.params["mu12"] * 2.0 * rho[:, 0, 1].real
-        out = {key: np.where(self._axis == k, dipole, 0.0) for k, key in enumerate(_AXES)}
-        out["energy_au"] = self.params["omega"] * rho[:, 1, 1].real
-        out["Pe"] = rho[:, 1, 1].real.copy()
-        out["Pg"] = rho[:, 0, 0].real.copy()
-        out["Pge_real"] = rho[:, 0, 1].real.copy()
-        out["Pge_imag"] = rho[:, 0, 1].imag.copy()
+        bloch = state["bloch"]
+        dipole, out = _reported(bloch[:, 0], bloch[:, 1], bloch[:, 2], self.params["omega"],
+                                self.params["mu12"])
+        out.update({key: np.where(self._axis == k, dipole, 0.0)
+                    for k, key in enumerate(_AXES)})
+        return out
+
+    def _extras_one(self, state):
+        x, y, z = state["bloch"].tolist()[0]
+        axis, omega, mu12 = self._one_params
+        dipole, out = _reported(x, y, z, omega, mu12)
+        for k, key in enumerate(_AXES):
+            out[key] = dipole if k == axis else 0.0
         return out

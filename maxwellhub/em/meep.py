@@ -35,7 +35,10 @@ molecules are grouped into a few boxes, and each box has a zero-frequency DFT mo
 the Yee grid updated every step: Meep's own C loop then adds E(t_{n+1}) * scale to the
 monitor's accumulator at the end of each step. We view that accumulator with numpy
 (``dft_chunk.dft`` is a raw ``complex<double>*``), read it and zero it: O(1) Python calls
-and about 2 ns per site per step (the tests check the view against ``get_field_point``).
+per step (the tests check the view against ``get_field_point``). What a site costs per step
+(measured, Meep 1.25): the DFT update about 3 ns and the source about 1 ns inside
+``fields.step()``, our copy and zeroing about 1 ns, ``add_srcdata`` about 2 ns; one kernel
+weight costs about 0.6 ns in each of the two sparse products (read and emission).
 
 Updating source amplitudes in Meep 1.25 (what we found): ``fields.add_srcdata`` copies
 the amplitudes into the C++ ``src_vol`` and nothing exposes them for writing; the index
@@ -59,7 +62,10 @@ accumulates. Consequences: do not call ``change_sources``, ``reset_meep`` or
 This module never makes a Python call per molecule or per grid point in a step (except
 the hub's per-socket-molecule requests), never talks to the hub on MPI ranks other than 0,
 never pickles (amplitudes reach the other ranks with ``Bcast``), and never converts units
-itself (:mod:`maxwellhub.units` does). Meep is imported lazily.
+itself (the factors of :mod:`maxwellhub.units` are folded into the kernel matrices once).
+The step reuses preallocated site- and molecule-sized arrays: fresh ones of 10^4 molecules
+made malloc give pages back to the kernel and fault them in again every step. Meep is
+imported lazily.
 """
 
 from __future__ import annotations
@@ -73,6 +79,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+try:  # the C kernels behind scipy's sparse @ vector, without its ~7 us of dispatch per call
+    from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
+    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
+except ImportError:  # pragma: no cover - a scipy that moved its private kernels
+    _csc_matvec = _csr_matvec = None
+
 from ..errors import UsageError
 from ..mpi import comm_world, rank_and_size
 from ..units import MeepUnits
@@ -83,11 +95,32 @@ __all__ = ["MeepCoupling"]
 _AXES = {"x": 0, "y": 1, "z": 2}
 
 
+def _matvec(matrix: sp.csr_matrix, x: np.ndarray, out: np.ndarray, rows: slice,
+            transposed: bool = False) -> np.ndarray:
+    """``out = matrix @ x`` (or ``matrix.T @ x``) for a canonical CSR matrix whose rows
+    outside ``rows`` are empty, and contiguous float64 vectors; returns ``out``. The
+    transposed product loops over the matrix's rows too (CSR is the CSC of the
+    transpose), so both cost the nonzeros in ``rows``, not the sites."""
+    if _csr_matvec is None:
+        out[:] = (matrix.T if transposed else matrix) @ x
+        return out
+    indptr = matrix.indptr[rows.start:rows.stop + 1]
+    n = rows.stop - rows.start
+    if transposed:
+        out.fill(0.0)  # the kernels add to out
+        _csc_matvec(matrix.shape[1], n, indptr, matrix.indices, matrix.data, x[rows], out)
+    else:
+        out[rows] = 0.0  # the rest stays 0
+        _csr_matvec(n, matrix.shape[1], indptr, matrix.indices, matrix.data, x, out[rows])
+    return out
+
+
 @dataclass
 class _Group:
     """Molecules driven together: one embedded model, or the socket molecules."""
 
     rows: np.ndarray             # rows of these molecules in the coupling's arrays
+    span: slice                  # the same rows (they are consecutive), as a slice
     ids: np.ndarray              # their molecule ids
     model: Any = None            # embedded: a maxwellhub_drivers model; None: socket
     init: Mapping | None = None  # socket: extra INIT payload
@@ -111,10 +144,14 @@ class _Sites:
     makes Meep itself copy E at the box's Yee sites into a buffer after each step (the
     DFT accumulator, viewed and zeroed by numpy), and ``fourier_sourcedata`` of the
     same monitor gives the sites' chunk indices in the same order, for ``add_srcdata``.
+
+    The unit factors are folded into the two kernel matrices: ``field_to_au`` (a.u. of
+    field per Meep unit) and ``source_to_meep`` ((M,): Meep dipole current per a.u. of
+    dmu/dt, times each molecule's rescaling), both from :mod:`maxwellhub.units`.
     """
 
     def __init__(self, sim, centers: np.ndarray, sigmas: np.ndarray, axes: np.ndarray,
-                 src_time) -> None:
+                 src_time, field_to_au: float, source_to_meep: np.ndarray) -> None:
         import meep as mp
 
         fields = sim.fields
@@ -145,7 +182,7 @@ class _Sites:
                     for m in mols:
                         w = kernel_samples(sites, centers[m][active], float(sigmas[m]), dx)
                         nz = np.flatnonzero(w)
-                        rows.append(np.full(nz.size, 3 * m + axis))
+                        rows.append(np.full(nz.size, axis * len(centers) + m))
                         cols.append(patch.start + nz)
                         vals.append(w[nz])
         n_sites = self.patches[-1].stop if self.patches else 0
@@ -158,16 +195,34 @@ class _Sites:
         comm = comm_world()
         if comm is not None and comm.Get_size() > 1:
             comm.Allreduce(totals.copy(), totals)
-        coupled = axes.ravel()
+        coupled = axes.T.ravel()
         if (totals[coupled] <= 0).any():
-            m = int(np.flatnonzero(coupled & (totals <= 0))[0]) // 3
+            m = int(np.flatnonzero(coupled & (totals <= 0))[0]) % len(centers)
             raise UsageError(f"molecule at {list(centers[m])}: its kernel covers no grid "
                              "point")
         scale = np.where(totals > 0, 1.0 / np.where(totals > 0, totals, 1.0), 0.0)
-        self.read_matrix = (sp.diags(scale) @ weights).tocsr()       # (3M, sites), * dV
-        self.emit_matrix = (self.read_matrix.T / dv).tocsr()         # (sites, 3M)
+        # rows a * M + m: component a of molecule m (one block of M rows per component)
+        normalised = (sp.diags(scale) @ weights).tocsr()             # (3M, sites), * dV
+        # E (a.u.) = normalised @ accumulator / (accumulator units per field unit) ...
+        self.read_matrix = (normalised * (field_to_au / (self._scale or 1.0))).tocsr()
+        # ... and the current at the sites = emit_matrix^T @ dmu/dt, with emit_matrix =
+        # normalised / dV (dmu/dt in Meep units): the same sparsity, so both products
+        # loop over the molecules' nonzero weights, never over all the sites in the boxes
+        self.emit_matrix = (sp.diags(np.tile(source_to_meep, 3) / dv) @ normalised
+                            ).tocsr()                                # (3M, sites)
+        for matrix in (self.read_matrix, self.emit_matrix):
+            matrix.sum_duplicates()  # canonical CSR, as the C kernel expects
+        m = len(centers)
+        used = np.flatnonzero(axes.any(axis=0))  # the components any molecule couples to
+        self._rows = slice(int(used.min()) * m, (int(used.max()) + 1) * m)
         self.held = np.zeros(n_sites)                                # what Meep holds
         self._site_field = np.zeros(n_sites)
+        self._read = np.zeros(3 * len(centers))
+        self._emit = np.zeros(n_sites)
+        self._delta = np.zeros(n_sites, dtype=np.complex128)  # imaginary part stays 0
+        # the arguments of each per-step add_srcdata: the amplitudes are views of _delta
+        self._srcdata_args = [(p.sourcedata, src_time, p.stop - p.start,
+                               self._delta[p.start:p.stop], False) for p in self.patches]
         self.self_coulomb = self_coulomb_matrices(centers, sigmas, axes, self.offsets,
                                                    active, dx)
 
@@ -212,26 +267,29 @@ class _Sites:
             chunk = chunk.next_in_dft
 
     def read(self) -> np.ndarray:
-        """This rank's part of the kernel-weighted E of every molecule (3M,), Meep units.
+        """This rank's part of the kernel-weighted E of every molecule (3M,), a.u., as
+        component blocks: E_a of molecule m at a * M + m.
 
         E at the sites is what the last ``fields.step()`` left in the DFT buffers (the
-        buffers are zeroed here so the next step writes the next E alone)."""
-        out = self._site_field
+        buffers are zeroed here so the next step writes the next E alone). The array
+        returned is overwritten by the next call."""
+        site_field = self._site_field
         for p in self.patches:
-            out[p.start:p.stop] = p.view.real
-            p.view[:] = 0.0
-        if self._scale:
-            return self.read_matrix @ out / self._scale
-        return np.zeros(self.read_matrix.shape[0])
+            site_field[p.start:p.stop] = p.view.real
+            p.view.fill(0.0)
+        return _matvec(self.read_matrix, site_field, self._read, self._rows)
 
-    def emit(self, sources: np.ndarray) -> None:
-        """Make Meep's current at every site equal to the molecules' emission (3M,)."""
-        delta = self.emit_matrix @ sources - self.held
+    def emit(self, sources_au: np.ndarray) -> None:
+        """Make Meep's current at every site equal to the molecules' emission, from
+        their dmu/dt (3M,) in a.u., in component blocks as :meth:`read` returns E."""
+        target = _matvec(self.emit_matrix, sources_au, self._emit, self._rows,
+                         transposed=True)
+        delta = self._delta.real
+        np.subtract(target, self.held, out=delta)
         self.held += delta  # the same IEEE additions Meep does: `held` is what it holds
-        delta = delta.astype(np.complex128)
-        for p in self.patches:
-            self.fields.add_srcdata(p.sourcedata, self.src_time, p.stop - p.start,
-                                    delta[p.start:p.stop], False)
+        add_srcdata = self.fields.add_srcdata
+        for args in self._srcdata_args:
+            add_srcdata(*args)
 
 
 def component_axis(component) -> int:
@@ -341,8 +399,8 @@ class MeepCoupling:
         self._socket_ids = np.zeros(0, np.int64)
         self._last_step: int | None = None
         self._records: list[tuple[int, list[dict[str, np.ndarray]]]] = []
-        self.fields_au = np.zeros((0, 3))    # last fields read (a.u.), rank 0
-        self.sources_au = np.zeros((0, 3))   # last dmu/dt (a.u.), every rank
+        self.fields_au = np.zeros((0, 3))    # last fields read (a.u.), rank 0; reused
+        self.sources_au = np.zeros((0, 3))   # last dmu/dt (a.u.), every rank; reused
 
     # ------------------------------------------------------------------ molecules
 
@@ -392,7 +450,8 @@ class MeepCoupling:
         if set(ids.tolist()) & set(self._ids) or len(set(ids.tolist())) != n:
             raise UsageError(f"molecule ids {ids.tolist()} repeat an id")
         first = len(self._ids)
-        self._groups.append(_Group(np.arange(first, first + n), ids, model, init))
+        self._groups.append(_Group(np.arange(first, first + n), slice(first, first + n), ids,
+                                   model, init))
         self._centers.append(points)
         self._sigmas.append(_per_molecule("sigma", sigma, n, 0.0))
         self._axes.append(np.broadcast_to(mask, (n, 3)))
@@ -427,29 +486,31 @@ class MeepCoupling:
         elif sim.fields is not self._fields:
             raise UsageError("the Meep fields were re-created (reset_meep, change of "
                              "structure or sources) after the molecules were coupled")
-        partial = self._sites.read()
+        fields_au = self._sites.read()
         if self._size > 1:
-            e_meep = np.zeros_like(partial)
-            comm_world().Reduce(partial, e_meep, root=0)
-        else:
-            e_meep = partial
-        e_meep = e_meep.reshape(-1, 3)
+            comm_world().Reduce(fields_au, self._reduced, root=0)
+            fields_au = self._reduced
+        fields_au = fields_au.reshape(3, -1).T  # (M, 3), column-major
         if self._coulomb is not None:  # remove each molecule's own Coulomb field
-            e_meep = e_meep + np.einsum("mab,mb->ma", self._coulomb, self._emitted)
-        self._propagate(e_meep, n)
-        s_meep = self.units.source_au_to_meep(self.sources_au) * self._scale[:, None]
-        self._sites.emit(s_meep.ravel())
-        self._emitted += s_meep * sim.fields.dt
+            fields_au = fields_au + self.units.efield_meep_to_au(
+                np.einsum("mab,mb->ma", self._coulomb, self._emitted))
+        self._propagate(fields_au, n)
+        self._sites.emit(self._bcast[:-1])
+        if self._coulomb is not None:
+            s_meep = self.units.source_au_to_meep(self.sources_au) * self._scale[:, None]
+            self._emitted += s_meep * sim.fields.dt
         self._last_step = n
 
-    def _propagate(self, e_meep: np.ndarray, step: int) -> None:
-        """Rank 0 steps every molecule; the others receive the sources by broadcast."""
+    def _propagate(self, fields_au: np.ndarray, step: int) -> None:
+        """Rank 0 steps every molecule; the others receive the sources by broadcast.
+
+        The sources land in ``self._bcast`` (``self.sources_au`` views it)."""
         rank, size = self._rank, self._size
         buf = self._bcast
         if rank == 0:
             try:
-                self.fields_au = self.units.efield_meep_to_au(e_meep)
-                buf[:-1] = self._drive(self.fields_au, step).ravel()
+                self.fields_au = fields_au
+                self._drive(fields_au, step, self.sources_au)
                 buf[-1] = 0.0
             except BaseException:
                 if size > 1:  # let the other ranks fail too instead of hanging
@@ -460,15 +521,15 @@ class MeepCoupling:
             comm_world().Bcast(buf, root=0)
             if buf[-1] != 0.0:
                 raise RuntimeError("maxwellhub: rank 0 failed to step the molecules")
-        self.sources_au = buf[:-1].reshape(-1, 3)
 
-    def _drive(self, fields_au: np.ndarray, step: int) -> np.ndarray:
-        sources = np.zeros_like(fields_au)
+    def _drive(self, fields_au: np.ndarray, step: int, sources: np.ndarray) -> None:
+        """Step every molecule under ``fields_au`` (M, 3); write their dmu/dt to
+        ``sources`` (M, 3)."""
         record = self.record_every and step % self.record_every == 0
         extras: list[dict[str, np.ndarray]] = []
         for group in self._groups:
             if group.model is not None:
-                sources[group.rows] = group.model.step(fields_au[group.rows])
+                sources[group.span] = group.model.step(fields_au[group.span])
                 if record:
                     extras.append(group.model.extras())
         if self._socket_rows.size:
@@ -482,7 +543,6 @@ class MeepCoupling:
                 extras.append(_socket_extras(replies, self._socket_ids))
         if record:
             self._records.append((step, extras))
-        return sources
 
     def _start(self, sim) -> None:
         """Set everything up, collectively, at the first step."""
@@ -508,13 +568,17 @@ class MeepCoupling:
         self._src_time = mp.CustomSource(lambda t: 1.0).swigobj
         fields.register_src_time(self._src_time)
         self._sites = _Sites(sim, np.concatenate(self._centers),
-                             np.concatenate(self._sigmas), axes, self._src_time)
+                             np.concatenate(self._sigmas), axes, self._src_time,
+                             field_to_au=self.units.efield_meep_to_au(1.0),
+                             source_to_meep=self.units.source_au_to_meep(self._scale))
         fields.require_source_components()
         self._fields = fields
         coulomb = self._sites.self_coulomb
         self._coulomb = coulomb if self.subtract_self_coulomb and coulomb.any() else None
         self._emitted = np.zeros((len(self._ids), 3))  # dipole emitted so far, Meep units
-        self._bcast = np.zeros(3 * len(self._ids) + 1)
+        self._bcast = np.zeros(3 * len(self._ids) + 1)  # sources (a.u.) and a fail flag
+        self.sources_au = self._bcast[:-1].reshape(3, -1).T  # (M, 3), column-major
+        self._reduced = np.zeros(3 * len(self._ids))  # the fields summed over MPI ranks
         socket = [g for g in self._groups if g.model is None]
         self._socket_rows = np.concatenate([g.rows for g in socket]) if socket else \
             np.zeros(0, np.int64)
