@@ -7,7 +7,8 @@ step: one plain ContinuousSource instead of molecules (Meep allocates no fields 
 nothing excites them). Other rows: N embedded TLS molecules (one batched model) on a
 square lattice of distinct positions, Gaussian kernels of sigma = 0.1 (and the point
 kernel), nothing recorded; then N socket molecules (--socket-counts), each a real
-`maxwellhub-driver --model tls` process behind the hub on a UNIX socket. Median of
+`maxwellhub-driver --model tls` process behind the hub on a UNIX socket; then N molecules
+in two ensemble drivers (--ensemble-counts, `--molecules N/2`, batched frames). Median of
 --repeat timed runs after a warm-up run.
 """
 
@@ -30,7 +31,7 @@ def lattice(n: int, extent: float = 14.0) -> np.ndarray:
 
 
 def time_run(n: int, steps: int, sigma: float, repeat: int,
-             socket: bool = False) -> tuple[float, float]:
+             socket: bool = False, ensembles: int = 0) -> tuple[float, float]:
     import os
 
     import meep as mp
@@ -53,7 +54,12 @@ def time_run(n: int, steps: int, sigma: float, repeat: int,
             hub = SocketHub(unixsocket=name, timeout=60)
             coupling = MeepCoupling(sim, time_units_fs=0.1, record_every=0, hub=hub)
             coupling.add_socket_molecules(centers=lattice(n), sigma=sigma, axis="z")
-            drivers = [start_driver("tls", tls, unix=name) for _ in range(n)]
+            if ensembles:
+                per = ["--molecules", str(n // ensembles)]
+                drivers = [start_driver("tls", tls, unix=name, extra_args=per)
+                           for _ in range(ensembles)]
+            else:
+                drivers = [start_driver("tls", tls, unix=name) for _ in range(n)]
             step_funcs = [coupling.step_function()]
         elif n:
             coupling = MeepCoupling(sim, time_units_fs=0.1, record_every=0)
@@ -79,6 +85,7 @@ def main() -> None:
     parser.add_argument("--counts", default="0,1,10,100,1000,10000")
     parser.add_argument("--sigmas", default="0.1,0")
     parser.add_argument("--socket-counts", default="1,10")
+    parser.add_argument("--ensemble-counts", default="10000")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     sigmas = [float(s) for s in args.sigmas.split(",")]
@@ -98,6 +105,10 @@ def main() -> None:
         ms, setup = time_run(n, args.steps, 0.1, args.repeat, socket=True)
         print(f"| {n} | socket (UNIX) | gauss 0.1 | {ms:.3f} | {ms / bare:.2f} | {setup:.2f} |",
               flush=True)
+    for n in [int(c) for c in args.ensemble_counts.split(",") if c]:
+        ms, setup = time_run(n, args.steps, 0.1, args.repeat, socket=True, ensembles=2)
+        print(f"| {n} | 2 ensemble drivers | gauss 0.1 | {ms:.3f} | {ms / bare:.2f} | "
+              f"{setup:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ QUICK = {
     "drivers.py": ["--quick"],
     "ensemble.py": ["--quick"],
     "meep_coupling.py": ["--counts", "0,1,100", "--sigmas", "0.1", "--socket-counts", "1",
+                         "--ensemble-counts", "1000",
                          "--steps", "100", "--repeat", "1"],
     "meep_maxwelllink.py": ["--counts", "1,10", "--steps", "50", "--repeat", "1"],
 }

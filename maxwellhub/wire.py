@@ -101,6 +101,9 @@ _SOURCE_READY = struct.Struct("<12sdi3d9di")
 SOURCE_READY_PREFIX_SIZE = _SOURCE_READY.size
 
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+_IDENTITY_CELLS = _MAT.pack(*_IDENTITY) * 2   # cell and inverse of the EM profile
+_EYE = np.eye(3)
+_EYE.flags.writeable = False                   # shared by every FIELDDATA event
 _ZEROS9 = (0.0,) * 9
 _MiB = 1 << 20
 
@@ -584,6 +587,12 @@ class Decoder:
         total = 160 + 24 * nat
         if avail < total:
             return None, 0
+        if nat == 1 and buf[pos + 12:pos + 156] == _IDENTITY_CELLS:
+            # The EM profile's FIELDDATA: identity cells, one "position" (the field).
+            f = _3F64.unpack_from(buf, pos + 160)
+            if not _all_finite(f):
+                raise ProtocolError(f"POSDATA: field/positions are not finite {list(f)!r}")
+            return PosData(_EYE, _EYE, np.array((f,), dtype=np.float64)), total
         mats = np.frombuffer(buf, "<f8", 18, pos + 12).astype(np.float64)
         if not np.isfinite(mats).all():
             raise ProtocolError("POSDATA: cell or inverse cell is not finite")

@@ -71,8 +71,7 @@ imported lazily.
 from __future__ import annotations
 
 import ctypes
-import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -533,14 +532,14 @@ class MeepCoupling:
                 if record:
                     extras.append(group.model.extras())
         if self._socket_rows.size:
-            replies = self.hub.step(
-                {int(mid): {"efield_au": fields_au[row]}
-                 for mid, row in zip(self._socket_ids, self._socket_rows, strict=True)},
-                timeout=self.timeout, on_lost=self.on_lost)
-            for mid, row in zip(self._socket_ids, self._socket_rows, strict=True):
-                sources[row] = replies[int(mid)]["amp"]
+            # One array barrier for all socket molecules (ensemble drivers get one frame
+            # each); extras travel only on recorded steps.
+            result = self.hub.step_arrays(self._socket_ids, fields_au[self._socket_rows],
+                                          timeout=self.timeout, on_lost=self.on_lost,
+                                          extras=bool(record))
+            sources[self._socket_rows] = result.sources
             if record:
-                extras.append(_socket_extras(replies, self._socket_ids))
+                extras.append(result.extras())
         if record:
             self._records.append((step, extras))
 
@@ -629,17 +628,3 @@ class MeepCoupling:
             out[key] = table
         return out
 
-
-def _socket_extras(replies: Mapping[int, Mapping], ids: Iterable[int]) -> dict[str, np.ndarray]:
-    """Per-key arrays from the drivers' JSON extras (NaN where one is missing)."""
-    parsed = []
-    for mid in ids:
-        raw = replies[int(mid)].get("extra") or b"{}"
-        try:
-            value = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            value = {}
-        parsed.append(value if isinstance(value, dict) else {})
-    keys = {k for p in parsed for k, v in p.items() if isinstance(v, int | float)}
-    return {k: np.array([float(p[k]) if isinstance(p.get(k), int | float) else np.nan
-                         for p in parsed]) for k in keys}
