@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from maxwellhub.analysis import compare_to_curve, fit_decay_rate, golden_rule_rate
 from maxwellhub.errors import UsageError
@@ -177,6 +178,28 @@ def test_sho_and_field_conserve_energy():
 
 
 # ---------------------------------------------------------------- misuse
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_sparse_products_match_scipy(kernels, monkeypatch):
+    """The adaptor's sparse products (scipy's C kernels called directly, or scipy's @ when
+    they cannot be imported) equal scipy's, with rows restricted to the coupled blocks."""
+    from maxwellhub.em import meep as adaptor
+
+    if not kernels:
+        monkeypatch.setattr(adaptor, "_csr_matvec", None)
+    rng = np.random.default_rng(0)
+    block = sp.random(10, 50, density=0.2, format="csr", random_state=rng)
+    matrix = sp.vstack([sp.csr_matrix((10, 50)), block, sp.csr_matrix((10, 50))]).tocsr()
+    x, y = rng.normal(size=50), rng.normal(size=30)
+    y[:10] = y[20:] = 0.0  # the products only use the rows in range
+    out_read, out_emit = np.full(30, np.nan), np.full(50, np.nan)
+    out_read[:10] = out_read[20:] = 0.0
+    rows = slice(10, 20)
+    np.testing.assert_allclose(adaptor._matvec(matrix, x, out_read, rows), matrix @ x,
+                               rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(adaptor._matvec(matrix, y, out_emit, rows, transposed=True),
+                               matrix.T @ y, rtol=1e-14, atol=1e-14)
 
 
 def test_misuse_is_refused():
