@@ -2,6 +2,11 @@
 
     maxwellhub-driver --unix demo --model tls --param omega=0.242 --param pe_initial=1e-4
     maxwellhub-driver --host 127.0.0.1 --port 31415 --model sho --params-file sho.json
+    maxwellhub-driver --host hub.example --secret-file ~/.maxwellhub.secret --model tls
+
+A hub that requires authentication is answered with the secret from --secret-file (a
+chmod 600 file) or from the environment variable MAXWELLHUB_SECRET; never on the command
+line.
 
 Exit status: 0 after STOP or EXIT, 1 when the hub cannot be reached before --timeout or
 goes away early, 2 on a protocol error (or bad arguments), 3 when the model fails.
@@ -108,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="host M molecules in this process, stepped together with one "
                              "batched frame per step (needs a maxwellhub hub); list-valued "
                              "--param values give one value per molecule (default 1)")
+    parser.add_argument("--secret-file", metavar="PATH",
+                        help="shared secret for a hub that requires authentication (the "
+                             "file must be owner-only, chmod 600); default: the environment "
+                             "variable MAXWELLHUB_SECRET")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="give up connecting after this long (default 60)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -130,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         + "maxwellhub-driver: %(levelname)s: %(message)s")
     log = logging.getLogger("maxwellhub.driver")
 
+    from maxwellhub.auth import load_secret
+
     from .client import run_client, unix_socket_path
     from .models import create_model
 
     try:
+        secret = load_secret(args.secret_file)
         params = parse_params(args.param, args.params_file)
         model = create_model(args.model, n=args.molecules, **params)
         if args.unix is not None:
@@ -145,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         from .ensemble import run_ensemble_client as serve
     try:
         return serve(model, unix=args.unix, host=args.host, port=args.port,
-                     timeout=args.timeout, logger=log)
+                     timeout=args.timeout, logger=log, secret=secret)
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

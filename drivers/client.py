@@ -5,7 +5,9 @@ shared/reference/wire.md): STATUS is answered NEEDINIT before INIT, HAVEDATA bet
 POSDATA and GETFORCE and READY otherwise; INIT carries the molecule id and UTF-8 JSON with
 ``dt_au``; POSDATA stages a step (the field is the single position), GETFORCE commits it and
 answers SOURCEREADY, so a step re-sent before GETFORCE is idempotent; STOP is answered BYE
-and EXIT ends the session silently.
+and EXIT ends the session silently. A hub holding a shared secret opens with MXHAUTH
+instead of STATUS; the driver answers MXHPROOF (see :mod:`maxwellhub.auth`) when it was
+given the secret and stops with exit status 2 otherwise.
 
 Framing is the shared codec :mod:`maxwellhub.wire`; this module only moves bytes. It never
 prints: it logs, and :func:`run_client` returns an exit status.
@@ -26,6 +28,8 @@ from maxwellhub.addresses import DEFAULT_PORT, unix_socket_path
 from maxwellhub.errors import ProtocolError
 
 if TYPE_CHECKING:
+    from maxwellhub.auth import Secret
+
     from .models import Model
 
 __all__ = [
@@ -55,6 +59,21 @@ class HubClosed(ConnectionError):
 
 class ModelFailed(RuntimeError):
     """The model raised while stepping or initialising."""
+
+
+NO_SECRET = ("the hub requires authentication (MXHAUTH); give --secret-file or "
+             "MAXWELLHUB_SECRET")
+REFUSED = ("the hub closed the connection after our MXHPROOF: it refused the secret (is it "
+           "the hub's?)")
+
+
+def answer_challenge(sock: socket.socket, secret: Secret | None,
+                     event: wire.AuthChallenge) -> None:
+    """Answer the hub's MXHAUTH with MXHPROOF, or raise :class:`ProtocolError` without a
+    secret."""
+    if secret is None:
+        raise ProtocolError(NO_SECRET)
+    sock.sendall(wire.encode_auth_proof(secret.proof(event.nonce)))
 
 
 def connect(*, unix: str | None = None, host: str | None = None, port: int = DEFAULT_PORT,
@@ -126,8 +145,9 @@ def _tcp_attempt(address: tuple[str, int]):
 
 def run_client(model: Model, *, unix: str | None = None, host: str | None = None,
                port: int = DEFAULT_PORT, timeout: float = 60.0,
-               logger: logging.Logger | None = None) -> int:
-    """Connect to the hub and serve ``model`` (one molecule) until the session ends.
+               logger: logging.Logger | None = None, secret: Secret | None = None) -> int:
+    """Connect to the hub and serve ``model`` (one molecule) until the session ends;
+    ``secret`` answers a hub that asks for authentication.
 
     Returns :data:`EXIT_OK` after STOP or EXIT, :data:`EXIT_CONNECTION` if the hub cannot
     be reached within ``timeout`` seconds or goes away first, :data:`EXIT_PROTOCOL` on a
@@ -142,14 +162,15 @@ def run_client(model: Model, *, unix: str | None = None, host: str | None = None
         log.error("%s", exc)
         return EXIT_CONNECTION
     with sock:
-        return serve(sock, model, logger=log)
+        return serve(sock, model, logger=log, secret=secret)
 
 
-def serve(sock: socket.socket, model: Model, *, logger: logging.Logger | None = None) -> int:
+def serve(sock: socket.socket, model: Model, *, logger: logging.Logger | None = None,
+          secret: Secret | None = None) -> int:
     """Answer the hub on the connected ``sock`` with ``model``; return an exit status as
     :func:`run_client` does. The caller owns (and closes) ``sock``."""
     log = logger or _LOG
-    session = _Session(sock, model, log)
+    session = _Session(sock, model, log, secret)
     try:
         session.run()
     except ProtocolError as exc:
@@ -174,10 +195,13 @@ _ZERO_SOURCE = (0.0, 0.0, 0.0)
 class _Session:
     """One connection's state machine. ``run`` returns when the session ends cleanly."""
 
-    def __init__(self, sock: socket.socket, model: Model, log: logging.Logger) -> None:
+    def __init__(self, sock: socket.socket, model: Model, log: logging.Logger,
+                 secret: Secret | None = None) -> None:
         self.sock = sock
         self.model = model
         self.log = log
+        self.secret = secret
+        self.proof_sent = False  # MXHPROOF sent and nothing heard since
         self.decoder = wire.Decoder(reader="driver")
         self.init: tuple[int, float] | None = None  # (molecule id, dt_au) of the first INIT
         self.steps = 0
@@ -189,6 +213,7 @@ class _Session:
             wire.GetForce: self.on_getforce,
             wire.Stop: self.on_stop,
             wire.Exit: self.on_exit,
+            wire.AuthChallenge: self.on_auth,
         }
 
     def who(self) -> str:
@@ -201,6 +226,8 @@ class _Session:
         while True:
             n = recv_into(buf)
             if n == 0:
+                if self.proof_sent:
+                    raise HubClosed(REFUSED)
                 pending = self.decoder.buffered
                 raise HubClosed(
                     "the hub closed the connection before STOP or EXIT"
@@ -215,7 +242,13 @@ class _Session:
 
     # Each handler returns True when the session is over.
 
+    def on_auth(self, event: wire.AuthChallenge) -> bool:
+        answer_challenge(self.sock, self.secret, event)
+        self.proof_sent = True
+        return False
+
     def on_status(self, _event) -> bool:
+        self.proof_sent = False  # accepted: the hub moved on to STATUS
         if self.init is None:
             self.sock.sendall(_NEEDINIT)
         elif self.model.staged:

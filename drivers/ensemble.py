@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from maxwellhub import wire
 from maxwellhub.addresses import DEFAULT_PORT
@@ -26,11 +27,16 @@ from .client import (
     EXIT_MODEL,
     EXIT_OK,
     EXIT_PROTOCOL,
+    REFUSED,
     HubClosed,
     ModelFailed,
+    answer_challenge,
     connect,
 )
 from .models import Model
+
+if TYPE_CHECKING:
+    from maxwellhub.auth import Secret
 
 __all__ = ["run_ensemble_client", "serve_ensemble"]
 
@@ -43,7 +49,8 @@ _BYE = wire.encode_header(wire.BYE)
 
 def run_ensemble_client(model: Model, *, unix: str | None = None, host: str | None = None,
                         port: int = DEFAULT_PORT, timeout: float = 60.0,
-                        logger: logging.Logger | None = None) -> int:
+                        logger: logging.Logger | None = None,
+                        secret: Secret | None = None) -> int:
     """Connect and serve ``model`` (its ``n`` molecules) until the session ends; exit
     statuses as :func:`maxwellhub_drivers.client.run_client`."""
     log = logger or _LOG
@@ -53,14 +60,14 @@ def run_ensemble_client(model: Model, *, unix: str | None = None, host: str | No
         log.error("%s", exc)
         return EXIT_CONNECTION
     with sock:
-        return serve_ensemble(sock, model, logger=log)
+        return serve_ensemble(sock, model, logger=log, secret=secret)
 
 
 def serve_ensemble(sock: socket.socket, model: Model, *,
-                   logger: logging.Logger | None = None) -> int:
+                   logger: logging.Logger | None = None, secret: Secret | None = None) -> int:
     """Serve ``model`` on a connected socket; the caller closes it."""
     log = logger or _LOG
-    session = _EnsembleSession(sock, model, log)
+    session = _EnsembleSession(sock, model, log, secret)
     try:
         session.run()
     except ProtocolError as exc:
@@ -78,10 +85,13 @@ def serve_ensemble(sock: socket.socket, model: Model, *,
 class _EnsembleSession:
     """The state machine of one ensemble connection."""
 
-    def __init__(self, sock: socket.socket, model: Model, log: logging.Logger) -> None:
+    def __init__(self, sock: socket.socket, model: Model, log: logging.Logger,
+                 secret: Secret | None = None) -> None:
         self.sock = sock
         self.model = model
         self.log = log
+        self.secret = secret
+        self.proof_sent = False  # MXHPROOF sent and nothing heard since
         # An INIT may list every molecule id (when they are not consecutive).
         self.decoder = wire.Decoder(reader="driver", limits=wire.Limits(
             max_init_bytes=(1 << 20) + 24 * model.n, max_batch=max(model.n, 1)))
@@ -98,6 +108,7 @@ class _EnsembleSession:
             wire.GetForce: self.on_getforce,
             wire.Stop: self.on_stop,
             wire.Exit: self.on_exit,
+            wire.AuthChallenge: self.on_auth,
         }
 
     def who(self) -> str:
@@ -112,6 +123,8 @@ class _EnsembleSession:
         while True:
             n = self.sock.recv_into(buf)
             if n == 0:
+                if self.proof_sent:
+                    raise HubClosed(REFUSED)
                 if not self.welcomed:
                     raise HubClosed("the hub closed the connection without answering "
                                     "MXHHELLO: it does not speak maxwellhub's batched frames "
@@ -126,7 +139,13 @@ class _EnsembleSession:
                 if handler(event):
                     return
 
+    def on_auth(self, event: wire.AuthChallenge) -> bool:
+        answer_challenge(self.sock, self.secret, event)
+        self.proof_sent = True
+        return False
+
     def on_welcome(self, event: wire.Welcome) -> bool:
+        self.proof_sent = False  # accepted
         if event.molecules != self.model.n:
             raise ProtocolError(f"MXHWELCOME for {event.molecules} molecules; this driver "
                                 f"hosts {self.model.n}")

@@ -15,6 +15,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .auth import Secret
 
 __all__ = ["driver_command", "driver_env", "start_driver", "reap"]
 
@@ -54,11 +58,14 @@ def driver_command(model: str, params: Mapping[str, object] | None = None, *,
 
 
 def start_driver(model: str, params: Mapping[str, object] | None = None, *,
-                 log_path: str | os.PathLike | None = None, **where) -> subprocess.Popen:
-    """Start one driver subprocess (arguments as :func:`driver_command`)."""
+                 log_path: str | os.PathLike | None = None, secret: Secret | None = None,
+                 **where) -> subprocess.Popen:
+    """Start one driver subprocess (arguments as :func:`driver_command`). ``secret`` is
+    handed over in the environment (MAXWELLHUB_SECRET), never on the command line."""
+    env = driver_env(secret.environ() if secret is not None else None)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
-        return subprocess.Popen(driver_command(model, params, **where), env=driver_env(),
+        return subprocess.Popen(driver_command(model, params, **where), env=env,
                                 stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT if log_path else None)
     finally:

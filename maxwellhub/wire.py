@@ -42,6 +42,18 @@ MXHSOURCES  d -> hub   int32 M, M f64 dmux/dt, M f64 dmuy/dt, M f64 dmuz/dt,  20
 A step is MXHFIELDS + GETFORCE (one write); the driver stages on MXHFIELDS and commits
 on GETFORCE, answering MXHSOURCES, so a re-sent step is idempotent as with POSDATA.
 MXHFIELDS flag bit 0 (WANT_EXTRAS) asks for the extras arrays; without it K = 0.
+
+maxwellhub's authentication frames (version 1, see :mod:`maxwellhub.auth`). Only a hub
+given a secret sends MXHAUTH, as its first message instead of STATUS; nothing else is
+exchanged until the driver's MXHPROOF checks out:
+
+==========  =========  ====================================================  ===========
+message     direction  payload after the header                              bytes
+==========  =========  ====================================================  ===========
+MXHAUTH     hub -> d   int32 version, 32 bytes random nonce                  48
+MXHPROOF    d -> hub   int32 version, 32 bytes HMAC-SHA256(secret,           48
+                       b"maxwellhub-auth-v1" + nonce)
+==========  =========  ====================================================  ===========
 """
 
 from __future__ import annotations
@@ -88,6 +100,12 @@ MXHSOURCES = b"MXHSOURCES"
 BATCH_VERSION = 1
 WANT_EXTRAS = 1
 
+MXHAUTH = b"MXHAUTH"
+MXHPROOF = b"MXHPROOF"
+AUTH_VERSION = 1
+AUTH_NONCE_SIZE = 32          # also the size of a proof (an HMAC-SHA256 digest)
+_AUTH_FRAME = struct.Struct("<12si32s")
+
 _I32 = struct.Struct("<i")
 _F64 = struct.Struct("<d")
 _3F64 = struct.Struct("<3d")
@@ -117,7 +135,7 @@ def encode_header(name: bytes) -> bytes:
 
 _H = {name: encode_header(name) for name in
       (STATUS, READY, NEEDINIT, HAVEDATA, INIT, POSDATA, GETFORCE, FORCEREADY, STOP, BYE, EXIT,
-       MXHHELLO, MXHWELCOME, MXHFIELDS, MXHSOURCES)}
+       MXHHELLO, MXHWELCOME, MXHFIELDS, MXHSOURCES, MXHAUTH, MXHPROOF)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +266,25 @@ class SourcesBatch:
     extras: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class AuthChallenge:
+    """MXHAUTH: the hub asks the driver to prove it holds the shared secret."""
+
+    version: int
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthProof:
+    """MXHPROOF: the driver's HMAC-SHA256 of the challenge (see :mod:`maxwellhub.auth`)."""
+
+    version: int
+    proof: bytes
+
+
 Event = (Status | Ready | NeedInit | HaveData | GetForce | Stop | Bye | Exit | Init | PosData
-         | ForceReady | Hello | Welcome | FieldsBatch | SourcesBatch)
+         | ForceReady | Hello | Welcome | FieldsBatch | SourcesBatch | AuthChallenge
+         | AuthProof)
 
 _SIMPLE = {STATUS: Status(), READY: Ready(), NEEDINIT: NeedInit(), HAVEDATA: HaveData(),
            GETFORCE: GetForce(), STOP: Stop(), BYE: Bye(), EXIT: Exit()}
@@ -319,6 +354,22 @@ def encode_welcome(molecules: int, version: int = BATCH_VERSION) -> bytes:
     return _H[MXHWELCOME] + struct.pack("<ii", version, molecules)
 
 
+def _auth_frame(name: bytes, value: bytes, version: int) -> bytes:
+    if len(value) != AUTH_NONCE_SIZE:
+        raise ValueError(f"{name.decode()} carries {AUTH_NONCE_SIZE} bytes, not {len(value)}")
+    return _AUTH_FRAME.pack(_H[name], version, bytes(value))
+
+
+def encode_auth_challenge(nonce: bytes, version: int = AUTH_VERSION) -> bytes:
+    """MXHAUTH with a 32-byte ``nonce``."""
+    return _auth_frame(MXHAUTH, nonce, version)
+
+
+def encode_auth_proof(proof: bytes, version: int = AUTH_VERSION) -> bytes:
+    """MXHPROOF with a 32-byte ``proof``."""
+    return _auth_frame(MXHPROOF, proof, version)
+
+
 def _blocks(name: str, rows) -> bytes:
     a = np.asarray(rows, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] != 3:
@@ -374,14 +425,20 @@ def encode(event: Event) -> bytes:
         return encode_fields_batch(event.fields, event.flags)
     if isinstance(event, SourcesBatch):
         return encode_sources_batch(event.sources, event.extras)
+    if isinstance(event, AuthChallenge):
+        return encode_auth_challenge(event.nonce, event.version)
+    if isinstance(event, AuthProof):
+        return encode_auth_proof(event.proof, event.version)
     raise TypeError(f"not a wire event: {event!r}")
 
 
 # ----------------------------------------------------------------------------- decoding
 
 # Which messages each side may receive. A missing entry is a protocol error.
-_FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS})
-_FROM_DRIVER = frozenset({READY, NEEDINIT, HAVEDATA, FORCEREADY, BYE, MXHHELLO, MXHSOURCES})
+_FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS,
+                       MXHAUTH})
+_FROM_DRIVER = frozenset({READY, NEEDINIT, HAVEDATA, FORCEREADY, BYE, MXHHELLO, MXHSOURCES,
+                          MXHPROOF})
 _READERS = {"driver": (_FROM_HUB, "hub"), "hub": (_FROM_DRIVER, "driver")}
 _KNOWN = {name.ljust(HEADER_SIZE, b" "): name for name in _FROM_HUB | _FROM_DRIVER}
 
@@ -463,7 +520,20 @@ class Decoder:
             return self._init(buf, pos)
         if name in (MXHHELLO, MXHWELCOME):
             return self._hello(buf, pos, name)
+        if name in (MXHAUTH, MXHPROOF):
+            return self._auth(buf, pos, name)
         return self._batch(buf, pos, name)
+
+    def _auth(self, buf: bytearray, pos: int, name: bytes):
+        if len(buf) - pos < _AUTH_FRAME.size:
+            return None, 0
+        _, version, value = _AUTH_FRAME.unpack_from(buf, pos)
+        if version != AUTH_VERSION:
+            raise ProtocolError(f"{name.decode()}: authentication version {version}; this "
+                                f"side speaks version {AUTH_VERSION}")
+        if name == MXHAUTH:
+            return AuthChallenge(version, value), _AUTH_FRAME.size
+        return AuthProof(version, value), _AUTH_FRAME.size
 
     def _hello(self, buf: bytearray, pos: int, name: bytes):
         size = 24 if name == MXHHELLO else 20

@@ -24,6 +24,7 @@ from maxwellhub_drivers.client import (
     EXIT_CONNECTION,
     EXIT_OK,
     EXIT_PROTOCOL,
+    _ExtrasJSON,
     run_client,
     serve,
 )
@@ -392,6 +393,21 @@ def test_run_client_connects_by_absolute_unix_path(tmp_path, listen_unix):
     thread.join(scaled(20))
     assert result == [EXIT_OK]
     hub.conn.close()
+
+
+@pytest.mark.parametrize("extras", [
+    {"time_au": 0.5, "Pe": 0.1, "Pg": 0.9, "energy_au": -1.5e-300, "muz_au": 1e300},
+    {"b": 1.0, "a": 2.0, "%s": 3.0, "caf\u00e9": 0.1},
+    {"x": float("nan"), "y": float("inf"), "z": -float("inf")},
+    {"n": 1, "flag": True, "s": 2.0},
+    {},
+])
+def test_extras_json_is_json_dumps(extras):
+    """The cached extras encoder writes exactly what MaxwellLink's json.dumps writes, for
+    floats, odd keys, non-finite values and non-float values, also after a key change."""
+    encode = _ExtrasJSON()
+    for value in ({"other": 1.0}, extras, extras):
+        assert encode(value) == canonical_extras(value)
 
 
 def test_run_client_refuses_a_batched_model():
