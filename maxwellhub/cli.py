@@ -1,8 +1,10 @@
-"""The ``maxwellhub`` command: ``run`` (the main job) and ``demo`` (hub + drivers, no Meep)."""
+"""The ``maxwellhub`` command: ``run`` (the main job), ``demo`` (hub + drivers, no Meep), and
+``status``/``ping``/``stop`` (clients of a running hub's control endpoint)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tomllib
@@ -25,13 +27,60 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--molecules", type=int, default=2)
     demo.add_argument("--steps", type=int, default=5)
     demo.add_argument("--transport", choices=("unix", "tcp"), default="unix")
+    for name, text in (("status", "print a running hub's status (step, molecules, timing)"),
+                       ("ping", "check that a running hub's control endpoint answers"),
+                       ("stop", "stop a running hub gracefully (output written, drivers "
+                                "stopped); the token is read from the hub's token file")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("control", metavar="CONTROL",
+                       help="control endpoint: a name (/tmp/maxwellhub_control_NAME, e.g. "
+                            "mxh_run_<pid>), a socket path, or HOST:PORT")
+        c.add_argument("--timeout", type=float, default=5.0,
+                       help="seconds to connect and get the answer (default 5)")
+        if name == "ping":
+            c.add_argument("n", nargs="?", type=float, default=1, help="number to echo")
+        if name == "stop":
+            c.add_argument("--token-file", default=None,
+                           help="file holding the token (default: CONTROL's .token file)")
     return p
+
+
+def _control_client(args) -> int:
+    """One request to a control endpoint; print the answer. 0 ok, 1 error answer, 2 no
+    answer (cannot connect, timeout, no token)."""
+    from . import control
+
+    try:
+        address = control.control_address(args.control)
+    except ValueError as exc:
+        print(f"maxwellhub {args.command}: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "ping":
+        req: object = {"Ping": int(args.n) if float(args.n).is_integer() else args.n}
+    elif args.command == "status":
+        req = {"Status": None}
+    else:
+        try:
+            req = {"Stop": {"token": control.read_token(address, args.token_file)}}
+        except OSError as exc:
+            print(f"maxwellhub stop: cannot read the token: {exc}", file=sys.stderr)
+            return 2
+    try:
+        answer = control.request(address, req, timeout=args.timeout)
+    except (OSError, ValueError) as exc:  # TimeoutError is an OSError
+        print(f"maxwellhub {args.command}: no answer from {args.control}: {exc}",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(answer))
+    return 1 if answer.get("type") == "Error" else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in ("status", "ping", "stop"):
+        return _control_client(args)
     if args.command == "demo":
         from .demo import run_demo
         run_demo(args.molecules, args.steps, args.transport)

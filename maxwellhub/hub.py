@@ -37,7 +37,8 @@ import os
 import socket
 import stat
 import struct
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -45,14 +46,16 @@ import numpy as np
 
 from . import wire
 from .addresses import DEFAULT_PORT, unix_socket_path
-from .errors import BarrierTimeout, DriverLost, ProtocolError, UsageError
+from .auth import Secret, is_loopback, new_nonce
+from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
 from .mpi import am_master
 
-__all__ = ["Hub", "SocketHub", "StepResult", "new_event_loop"]
+__all__ = ["Hub", "SocketHub", "StepResult", "StopRequested", "new_event_loop"]
 
 log = logging.getLogger("maxwellhub.hub")
 
 # Connection states. Each names what the hub waits for on that connection.
+_AUTH = "auth"            # MXHAUTH sent (hub has a secret); expect MXHPROOF
 _PROBE = "probe"          # STATUS sent before binding; expect READY or NEEDINIT
 _UNBOUND = "unbound"      # answered; waiting for a molecule to bind to
 _BOUND = "bound"          # bound, INIT not sent yet (no payload known)
@@ -81,6 +84,15 @@ _finite = math.isfinite
 _STOP_BYTES = wire.encode_header(wire.STOP)
 _EXIT_BYTES = wire.encode_header(wire.EXIT)
 _STATUS_BYTES = wire.encode_header(wire.STATUS)
+
+
+class StopRequested(MaxwellHubError):
+    """The run was asked to stop (:meth:`Hub.request_stop`, e.g. by the control endpoint);
+    raised by ``step``/``step_arrays``, while ``step_barrier`` returns ``{}``."""
+
+
+_STEP_TIMES = 10_000        # per-step durations kept for status() (last, mean, p99)
+_LAST_TO_ANSWER_CAP = 4096  # molecule ids counted as "last to answer" before trimming
 
 
 def new_event_loop(kind: str | None = None) -> asyncio.AbstractEventLoop:
@@ -138,7 +150,7 @@ class _Barrier:
 
     __slots__ = ("layout", "fields", "field_bytes", "want_extras", "sources", "single",
                  "done", "extras", "batch_extras", "waiting", "waiter", "timer",
-                 "abort_on_loss", "lost")
+                 "abort_on_loss", "lost", "started", "last")
 
     def __init__(self, layout: _Layout, fields: np.ndarray, want_extras: bool) -> None:
         n = len(layout.ids)
@@ -156,6 +168,8 @@ class _Barrier:
         self.timer: asyncio.TimerHandle | None = None
         self.abort_on_loss = False
         self.lost: list[int] = []
+        self.started = time.monotonic()    # for status(): the step's duration
+        self.last: _Driver | None = None   # the driver whose reply completed the step
 
     def wake(self, why: str) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -271,7 +285,14 @@ class _Driver(asyncio.Protocol):
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.hub._connections.add(self)
-        self.transport.write(_STATUS_BYTES)
+        self._nonce: bytes | None = None
+        if self.hub.auth is not None:
+            # Nothing but the challenge until the peer proves it holds the secret.
+            self.state = _AUTH
+            self._nonce = new_nonce()
+            self.transport.write(wire.encode_auth_challenge(self._nonce))
+        else:
+            self.transport.write(_STATUS_BYTES)
         self._handshake_timer = self.hub._loop.call_later(
             self.hub.timeout, self._handshake_expired)
 
@@ -298,6 +319,9 @@ class _Driver(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         previous, self.state = self.state, _CLOSED
+        if previous == _AUTH:
+            log.error("refusing %s before INIT: authentication failed: it closed the "
+                      "connection without answering MXHAUTH", self)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         if self.bye is not None and not self.bye.done():
@@ -309,12 +333,38 @@ class _Driver(asyncio.Protocol):
         """Drop this connection for a protocol violation, with one log line naming it."""
         if self.state == _CLOSED:
             return
+        if self.state == _AUTH:
+            self._refuse(why)
+            return
         log.error("dropping %s: %s", self, why)
         if self.transport is not None:
             self.transport.abort()
 
+    def _refuse(self, why: str) -> None:
+        """Drop a peer that failed authentication, with one log line naming it."""
+        log.error("refusing %s before INIT: authentication failed: %s", self, why)
+        self.state = _CLOSED  # no second line from connection_lost or later events
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _authenticated(self, proof: bytes) -> None:
+        if not self.hub.auth.verify(self._nonce, proof):
+            self._refuse("wrong MXHPROOF (the driver's secret differs from the hub's)")
+            return
+        self._nonce = None
+        self.state = _PROBE
+        self._cancel_handshake()
+        log.debug("%s authenticated", self)
+        if self.batch is not None:  # its MXHHELLO arrived before the proof
+            self.transport.write(wire.encode_welcome(self.batch))
+        self.transport.write(_STATUS_BYTES)
+        self._handshake_timer = self.hub._loop.call_later(
+            self.hub.timeout, self._handshake_expired)
+
     def _handshake_expired(self) -> None:
-        if self.state in (_PROBE, _INIT):
+        if self.state == _AUTH:
+            self.fail(f"no MXHPROOF within {self.hub.timeout:g} s")
+        elif self.state in (_PROBE, _INIT):
             self.fail(f"no answer to STATUS within {self.hub.timeout:g} s")
 
     def _on_event(self, event: wire.Event) -> None:
@@ -342,6 +392,13 @@ class _Driver(asyncio.Protocol):
         elif kind is wire.Hello and state == _PROBE and self.batch is None:
             self.batch = self.decoder.batch = event.molecules
             self.transport.write(wire.encode_welcome(event.molecules))
+        elif kind is wire.AuthProof and state == _AUTH:
+            self._authenticated(event.proof)
+        elif kind is wire.Hello and state == _AUTH and self.batch is None:
+            # An ensemble driver speaks first; MXHWELCOME waits for its proof.
+            self.batch = self.decoder.batch = event.molecules
+        elif kind in (wire.ForceReady, wire.SourcesBatch) and state == _CLOSING:
+            pass  # owed for a field sent before STOP (a stop mid-step): nobody needs it now
         elif kind is wire.Bye and state == _CLOSING:
             if self.bye is not None and not self.bye.done():
                 self.bye.set_result(True)
@@ -422,6 +479,11 @@ class _Driver(asyncio.Protocol):
         if self.state == _CLOSED:
             self.bye.set_result(False)
             return self.bye
+        if self.state == _AUTH:  # never authenticated: it is told nothing, just closed
+            self.state = _CLOSED
+            self.transport.abort()
+            self.bye.set_result(False)
+            return self.bye
         self.state = _CLOSING
         if self.dialect == "ipi":
             self.transport.write(_EXIT_BYTES)
@@ -433,8 +495,9 @@ class _Driver(asyncio.Protocol):
 
 _EVENT_NAMES = {wire.Ready: "READY", wire.NeedInit: "NEEDINIT", wire.HaveData: "HAVEDATA",
                 wire.ForceReady: "FORCEREADY", wire.Bye: "BYE", wire.Hello: "MXHHELLO",
-                wire.SourcesBatch: "MXHSOURCES"}
-_EXPECTING = {_PROBE: "waiting for the answer to STATUS",
+                wire.SourcesBatch: "MXHSOURCES", wire.AuthProof: "MXHPROOF"}
+_EXPECTING = {_AUTH: "waiting for MXHPROOF, the answer to the hub's MXHAUTH challenge",
+              _PROBE: "waiting for the answer to STATUS",
               _UNBOUND: "waiting for molecules to bind to (nothing was asked)",
               _BOUND: "bound and waiting for INIT (nothing was asked)",
               _INIT: "waiting for READY after INIT",
@@ -448,13 +511,17 @@ class Hub:
     """The asyncio hub. Create it, ``await start()``, register molecules, ``await step()``.
 
     Parameters mirror :class:`SocketHub`. All coroutines must run on one event loop (the
-    one ``start`` ran on).
+    one ``start`` ran on). ``auth``: a :class:`maxwellhub.auth.Secret` (see
+    :func:`maxwellhub.auth.load_secret`); every driver must then prove it holds the same
+    secret (MXHAUTH/MXHPROOF) before STATUS and INIT. ``None`` (default): no
+    authentication, and the wire is exactly MaxwellLink's.
     """
 
     def __init__(self, host: str | None = None, port: int | None = DEFAULT_PORT,
                  unixsocket: str | os.PathLike | None = None, timeout: float = 60.0,
                  *, limits: wire.Limits | None = None, dialect: str = "maxwelllink",
-                 backlog: int = 4096) -> None:
+                 backlog: int = 4096, auth: Secret | None = None,
+                 control: str | os.PathLike | None = None) -> None:
         if dialect not in ("maxwelllink", "ipi"):
             raise UsageError(f"dialect must be 'maxwelllink' or 'ipi', not {dialect!r}")
         if timeout is None or not timeout > 0:
@@ -466,6 +533,10 @@ class Hub:
         self.limits = limits or wire.Limits()
         self.dialect = dialect
         self.backlog = backlog
+        if auth is not None and not isinstance(auth, Secret):
+            raise UsageError("auth must be a maxwellhub.auth.Secret (from load_secret), not "
+                             f"{type(auth).__name__}")
+        self.auth = auth
         self.step_index = 0
         self.paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -481,6 +552,11 @@ class Hub:
         self._layout: _Layout | None = None
         self._generation = 0
         self._changed: asyncio.Future | None = None
+        self.control = control            # where to serve maxwellhub.control, or None
+        self._control = None
+        self._stop_reason: str | None = None
+        self._step_ms: deque[float] = deque(maxlen=_STEP_TIMES)
+        self._last_to_answer: Counter[int] = Counter()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -511,6 +587,21 @@ class Hub:
                 reuse_address=True)
             self.port = self._server.sockets[0].getsockname()[1]
             log.info("hub listening on TCP %s:%d", self.host, self.port)
+            if self.auth is None and not is_loopback(self.host):
+                log.warning("hub listening on TCP %s:%d without authentication: any host "
+                            "that can reach it may connect (give a secret: auth=load_secret"
+                            "(...))", self.host, self.port)
+        if self.control is not None:
+            from .control import ControlServer  # here: maxwellhub.control imports this module
+
+            control = ControlServer(self, self.control)
+            try:
+                await control.start()
+            except BaseException:
+                self._server.close()
+                self._remove_unix_path()
+                raise
+            self._control = control
 
     def _new_driver(self) -> _Driver:
         self._accepted += 1
@@ -534,6 +625,9 @@ class Hub:
         """Stop accepting, end every driver politely, close every socket, remove the path."""
         if self._loop is None:
             return
+        if self._control is not None:
+            control, self._control = self._control, None
+            await control.close()
         if not self.paused or any(d.state != _CLOSING for d in self._connections):
             await self.graceful_shutdown(wait=wait)
         for d in list(self._connections):
@@ -735,6 +829,7 @@ class Hub:
         barrier.done[r] = True
         barrier.waiting -= 1
         if barrier.waiting == 0:
+            barrier.last = driver
             barrier.wake("done")
 
     def _sources_batch(self, driver: _Driver, event: wire.SourcesBatch) -> None:
@@ -751,6 +846,7 @@ class Hub:
             barrier.batch_extras.append((rows, event.extras))
         barrier.waiting -= fresh
         if barrier.waiting == 0:
+            barrier.last = driver
             barrier.wake("done")
 
     # ------------------------------------------------------------------ barrier
@@ -812,6 +908,9 @@ class Hub:
             return None
         self._barrier = None
         self.step_index += 1
+        self._step_ms.append((time.monotonic() - barrier.started) * 1e3)
+        if barrier.last is not None and barrier.last.molecules:
+            self._note_last(barrier.last.molecules[0].id)
         sources = barrier.sources
         if barrier.single:
             sources[list(barrier.single)] = list(barrier.single.values())
@@ -876,6 +975,8 @@ class Hub:
         if result is not None:
             return result
         barrier = self._barrier
+        if self._stop_reason is not None:
+            raise StopRequested(f"step {self.step_index}: stopped {self._stop_reason}")
         if barrier is None or self.paused:
             raise BarrierTimeout("the hub is stopped; no step can complete")
         if abort and barrier.lost:
@@ -890,16 +991,63 @@ class Hub:
             f"{wait:g} s" + (f"; no driver connected for {_ids_text(unbound)}" if unbound
                              else ""), missing)
 
-    def status(self) -> dict:
-        """A snapshot for humans and the control endpoint."""
+    def status(self, most: int | None = None) -> dict:
+        """A snapshot for humans and the control endpoint. ``most`` caps the ``bound`` and
+        ``missing`` id lists (their full lengths are in ``bound_count``/``missing_count``).
+        ``time_per_step_ms`` is over the last 10,000 completed steps (first field sent to
+        last source received); ``slowest_molecules`` are the ids whose reply most often
+        completed a step."""
+        bound = sorted(m.id for m in self._molecules.values() if m.initialized)
+        missing = sorted(m.id for m in self._molecules.values() if not m.initialized)
+        times = self._step_ms
+        timing = {"last": None, "mean": None, "p99": None, "steps": len(times)}
+        if times:
+            arr = np.fromiter(times, dtype=np.float64, count=len(times))
+            timing.update(last=round(times[-1], 4), mean=round(float(arr.mean()), 4),
+                          p99=round(float(np.percentile(arr, 99)), 4))
         return {
             "step": self.step_index,
             "molecules": len(self._molecules),
-            "bound": sorted(m.id for m in self._molecules.values() if m.initialized),
-            "missing": sorted(m.id for m in self._molecules.values() if not m.initialized),
+            "bound_count": len(bound),
+            "missing_count": len(missing),
+            "bound": bound if most is None else bound[:most],
+            "missing": missing if most is None else missing[:most],
             "connections": len(self._connections),
             "in_step": self._barrier is not None,
+            "time_per_step_ms": timing,
+            "slowest_molecules": [{"id": m, "times_last": n}
+                                  for m, n in self._last_to_answer.most_common(5)],
         }
+
+    def _note_last(self, mid: int) -> None:
+        counts = self._last_to_answer
+        counts[mid] += 1
+        if len(counts) > _LAST_TO_ANSWER_CAP:  # bounded: keep the leaders
+            self._last_to_answer = Counter(dict(counts.most_common(_LAST_TO_ANSWER_CAP // 4)))
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def stop_requested(self) -> str | None:
+        """Why a stop was requested (:meth:`request_stop`), or None."""
+        return self._stop_reason
+
+    @property
+    def control_address(self) -> str | None:
+        """The control endpoint as ``maxwellhub status`` takes it, or None."""
+        return self._control.describe() if self._control is not None else None
+
+    def request_stop(self, reason: str = "on request") -> None:
+        """End the run politely: the current and every later barrier call ends (``step``
+        and ``step_arrays`` raise :class:`StopRequested`, ``step_barrier`` returns ``{}``,
+        ``wait_until_bound`` returns False). Drivers are left to :meth:`stop`."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            log.warning("stop requested %s at step %d", reason, self.step_index)
+        self.paused = True
+        if self._barrier is not None:
+            self._barrier.wake("stopped")
+        self._notify()
 
 
 def _ids_text(ids: list[int], most: int = 20) -> str:
@@ -979,6 +1127,10 @@ class SocketHub:
         step), which is why this facade defaults to the stdlib loop; the async
         :class:`Hub` runs on whatever loop you run it on (``uvloop.run`` recommended).
 
+    control : a name (``/tmp/maxwellhub_control_<name>``), a path, or ``host:port``: serve
+        the control endpoint (:mod:`maxwellhub.control`: status, ping, authenticated stop).
+        It is served while a method of this object waits, i.e. during every step and bind.
+
     On MPI ranks other than 0 the object is inert (no socket, ``step_barrier`` returns
     ``{}``): only rank 0 talks to drivers. Use it as a context manager, or call
     :meth:`stop`.
@@ -1036,6 +1188,14 @@ class SocketHub:
     @property
     def paused(self) -> bool:
         return self.hub.paused if self.hub else True
+
+    @property
+    def stop_requested(self) -> str | None:
+        return self.hub.stop_requested if self.hub else None
+
+    @property
+    def control_address(self) -> str | None:
+        return self.hub.control_address if self.hub else None
 
     # -- API
     def register_molecule(self, molecule_id: int, init: Mapping | None = None) -> None:

@@ -153,13 +153,14 @@ def run(config: Config, echo=print) -> dict:
     transport = config.transport
     hub = None
     if transport.kind != "embedded":
+        control = f"mxh_run_{os.getpid()}"  # maxwellhub status|stop /tmp/maxwellhub_control_...
         if transport.kind == "unix":
             name = transport.name or f"mxh_run_{os.getpid()}"
-            hub = SocketHub(unixsocket=name, timeout=transport.timeout)
+            hub = SocketHub(unixsocket=name, timeout=transport.timeout, control=control)
             where = {"unix": name}
         else:
             hub = SocketHub(host=transport.host, port=transport.port,
-                            timeout=transport.timeout)
+                            timeout=transport.timeout, control=control)
             where = {"host": transport.host if transport.host != "0.0.0.0" else "127.0.0.1",
                      "port": hub.port}
     coupling = MeepCoupling(sim, time_units_fs=config.simulation.time_units_fs, hub=hub,
@@ -170,6 +171,9 @@ def run(config: Config, echo=print) -> dict:
     procs = []
     summary: dict = {}
     failure: BaseException | None = None
+    if hub is not None and master:
+        log.warning("control endpoint: %s (maxwellhub status|stop %s)", hub.control_address,
+                    hub.control_address)
     dt_meep = sim.Courant / sim.resolution
     steps_total = int(round(config.simulation.until / dt_meep))
     progress = Progress(steps_total)
@@ -191,14 +195,19 @@ def run(config: Config, echo=print) -> dict:
     except BaseException as exc:  # noqa: BLE001 - the data is written, then re-raised
         failure = exc
     finally:
+        stopped = hub is not None and hub.stop_requested
         if master:
             summary = _finish(config, coupling, failure, procs, t_start, progress)
+            if hub is not None:
+                summary["control"] = hub.control_address
+            if stopped:
+                summary["stopped"] = stopped
         if hub is not None:
             hub.stop()
         codes = reap([p for _, p in procs], 10.0)
         if master and procs:
             summary["driver_exit_codes"] = codes
-    if failure is not None:
+    if failure is not None and not stopped:
         if master:
             dead = _dead_drivers_message(procs, out_dir / "drivers")
             raise MaxwellHubError(f"run failed: {failure}" + (f"; {dead}" if dead else "")
