@@ -152,12 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             unix_socket_path(args.unix)  # reject an overlong path before connecting
     except ValueError as exc:
         parser.error(str(exc))
-    serve = run_client
-    if args.molecules > 1:
-        from .ensemble import run_ensemble_client as serve
     try:
-        return serve(model, unix=args.unix, host=args.host, port=args.port,
-                     timeout=args.timeout, logger=log, secret=secret)
+        return run_client(model, unix=args.unix, host=args.host, port=args.port,
+                          timeout=args.timeout, logger=log, secret=secret)
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

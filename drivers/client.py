@@ -146,16 +146,16 @@ def _tcp_attempt(address: tuple[str, int]):
 def run_client(model: Model, *, unix: str | None = None, host: str | None = None,
                port: int = DEFAULT_PORT, timeout: float = 60.0,
                logger: logging.Logger | None = None, secret: Secret | None = None) -> int:
-    """Connect to the hub and serve ``model`` (one molecule) until the session ends;
-    ``secret`` answers a hub that asks for authentication.
+    """Connect to the hub and serve ``model`` until the session ends: one molecule as an
+    i-PI client, n > 1 molecules as an ensemble with batched frames
+    (:mod:`maxwellhub_drivers.ensemble`); ``secret`` answers a hub that asks for
+    authentication.
 
     Returns :data:`EXIT_OK` after STOP or EXIT, :data:`EXIT_CONNECTION` if the hub cannot
     be reached within ``timeout`` seconds or goes away first, :data:`EXIT_PROTOCOL` on a
     protocol error and :data:`EXIT_MODEL` if the model fails. Errors are logged as one line.
     """
     log = logger or _LOG
-    if model.n != 1:
-        raise ValueError(f"a driver connection serves one molecule; the model has n = {model.n}")
     try:
         sock = connect(unix=unix, host=host, port=port, timeout=timeout, logger=log)
     except OSError as exc:  # TimeoutError included
@@ -170,7 +170,11 @@ def serve(sock: socket.socket, model: Model, *, logger: logging.Logger | None = 
     """Answer the hub on the connected ``sock`` with ``model``; return an exit status as
     :func:`run_client` does. The caller owns (and closes) ``sock``."""
     log = logger or _LOG
-    session = _Session(sock, model, log, secret)
+    if model.n == 1:
+        session = _Session(sock, model, log, secret)
+    else:
+        from .ensemble import EnsembleSession
+        session = EnsembleSession(sock, model, log, secret)
     try:
         session.run()
     except ProtocolError as exc:

@@ -19,26 +19,20 @@ import socket
 from typing import TYPE_CHECKING
 
 from maxwellhub import wire
-from maxwellhub.addresses import DEFAULT_PORT
 from maxwellhub.errors import ProtocolError
 
 from .client import (
-    EXIT_CONNECTION,
-    EXIT_MODEL,
-    EXIT_OK,
-    EXIT_PROTOCOL,
     REFUSED,
     HubClosed,
     ModelFailed,
     answer_challenge,
-    connect,
 )
 from .models import Model
 
 if TYPE_CHECKING:
     from maxwellhub.auth import Secret
 
-__all__ = ["run_ensemble_client", "serve_ensemble"]
+__all__ = ["EnsembleSession"]
 
 _LOG = logging.getLogger("maxwellhub.driver")
 _NEEDINIT = wire.encode_header(wire.NEEDINIT)
@@ -47,42 +41,7 @@ _HAVEDATA = wire.encode_header(wire.HAVEDATA)
 _BYE = wire.encode_header(wire.BYE)
 
 
-def run_ensemble_client(model: Model, *, unix: str | None = None, host: str | None = None,
-                        port: int = DEFAULT_PORT, timeout: float = 60.0,
-                        logger: logging.Logger | None = None,
-                        secret: Secret | None = None) -> int:
-    """Connect and serve ``model`` (its ``n`` molecules) until the session ends; exit
-    statuses as :func:`maxwellhub_drivers.client.run_client`."""
-    log = logger or _LOG
-    try:
-        sock = connect(unix=unix, host=host, port=port, timeout=timeout, logger=log)
-    except OSError as exc:
-        log.error("%s", exc)
-        return EXIT_CONNECTION
-    with sock:
-        return serve_ensemble(sock, model, logger=log, secret=secret)
-
-
-def serve_ensemble(sock: socket.socket, model: Model, *,
-                   logger: logging.Logger | None = None, secret: Secret | None = None) -> int:
-    """Serve ``model`` on a connected socket; the caller closes it."""
-    log = logger or _LOG
-    session = _EnsembleSession(sock, model, log, secret)
-    try:
-        session.run()
-    except ProtocolError as exc:
-        log.error("protocol error%s: %s", session.who(), exc)
-        return EXIT_PROTOCOL
-    except ModelFailed as exc:
-        log.error("model error%s: %s", session.who(), exc)
-        return EXIT_MODEL
-    except OSError as exc:
-        log.error("connection lost%s: %s", session.who(), exc)
-        return EXIT_CONNECTION
-    return EXIT_OK
-
-
-class _EnsembleSession:
+class EnsembleSession:
     """The state machine of one ensemble connection."""
 
     def __init__(self, sock: socket.socket, model: Model, log: logging.Logger,

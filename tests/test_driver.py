@@ -410,10 +410,24 @@ def test_extras_json_is_json_dumps(extras):
         assert encode(value) == canonical_extras(value)
 
 
-def test_run_client_refuses_a_batched_model():
-    """One connection serves one molecule: a model with n > 1 is a usage error."""
-    with pytest.raises(ValueError, match="n = 2"):
-        run_client(create_model("tls", n=2), unix="unused")
+def test_run_client_serves_a_batched_model_as_an_ensemble(listen_unix, unix_name):
+    """A model with n > 1 is served as an ensemble: the driver opens with MXHHELLO for n
+    molecules, and a hub that does not answer it ends the session with a clear error."""
+    listener = listen_unix(str(unix_socket_path(unix_name)))
+    done = {}
+    thread = threading.Thread(target=lambda: done.setdefault(
+        "code", run_client(create_model("tls", n=3), unix=unix_name, timeout=scaled(20))))
+    thread.start()
+    listener.settimeout(scaled(20))
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(scaled(20))
+        hello = b""
+        while len(hello) < 24:
+            hello += conn.recv(24 - len(hello))
+    thread.join(scaled(20))
+    assert hello == wire.encode_hello(3)
+    assert done["code"] == EXIT_CONNECTION
 
 
 def test_unix_socket_names():
