@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A run reports its progress (steps done, steps/s, time left) even without -v.
+    logging.getLogger("maxwellhub.run").setLevel(min(level, logging.INFO))
     if args.command in ("status", "ping", "stop"):
         return _control_client(args)
     if args.command == "demo":
