@@ -256,6 +256,7 @@ class _Driver(asyncio.Protocol):
         self.peer = f"driver#{number}"
         self.dialect = hub.dialect
         self.bye: asyncio.Future | None = None
+        self.reported = False                      # a drop was already logged for it
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -337,6 +338,7 @@ class _Driver(asyncio.Protocol):
             self._refuse(why)
             return
         log.error("dropping %s: %s", self, why)
+        self.reported = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -794,6 +796,12 @@ class Hub:
         self._connections.discard(driver)
         mols = [m for m in driver.molecules if m.driver is driver]
         if not mols:
+            pending = driver.decoder.buffered
+            if pending and previous not in (_CLOSING, _CLOSED) and not driver.reported:
+                # A peer that leaves half a message behind gets its one line (a peer that
+                # merely connects and closes is not worth one).
+                log.warning("%s closed the connection in the middle of a message (%d bytes "
+                            "of it received)", driver, pending)
             return
         for mol in mols:
             mol.driver = None
