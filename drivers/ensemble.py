@@ -22,10 +22,13 @@ from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
 
 from .client import (
+    _HAVEDATA,
+    _NEEDINIT,
+    _READY,
     REFUSED,
     HubClosed,
     ModelFailed,
-    answer_challenge,
+    _Session,
 )
 from .models import Model
 
@@ -34,15 +37,11 @@ if TYPE_CHECKING:
 
 __all__ = ["EnsembleSession"]
 
-_LOG = logging.getLogger("maxwellhub.driver")
-_NEEDINIT = wire.encode_header(wire.NEEDINIT)
-_READY = wire.encode_header(wire.READY)
-_HAVEDATA = wire.encode_header(wire.HAVEDATA)
-_BYE = wire.encode_header(wire.BYE)
 
 
-class EnsembleSession:
-    """The state machine of one ensemble connection."""
+class EnsembleSession(_Session):
+    """The state machine of one ensemble connection. Authentication, STOP and EXIT are
+    handled as in a single driver's session (inherited); the rest is batched."""
 
     def __init__(self, sock: socket.socket, model: Model, log: logging.Logger,
                  secret: Secret | None = None) -> None:
@@ -97,11 +96,6 @@ class EnsembleSession:
                                         "the hub")
                 if handler(event):
                     return
-
-    def on_auth(self, event: wire.AuthChallenge) -> bool:
-        answer_challenge(self.sock, self.secret, event)
-        self.proof_sent = True
-        return False
 
     def on_welcome(self, event: wire.Welcome) -> bool:
         self.proof_sent = False  # accepted
@@ -175,15 +169,3 @@ class EnsembleSession:
         self.steps += 1
         self.sock.sendall(wire.encode_sources_batch(sources, extras))
         return False
-
-    def on_stop(self, _event) -> bool:
-        try:
-            self.sock.sendall(_BYE)
-        except OSError:
-            pass
-        self.log.info("STOP after %d steps; said BYE", self.steps)
-        return True
-
-    def on_exit(self, _event) -> bool:
-        self.log.info("EXIT after %d steps", self.steps)
-        return True
