@@ -45,18 +45,13 @@ class EnsembleSession(_Session):
 
     def __init__(self, sock: socket.socket, model: Model, log: logging.Logger,
                  secret: Secret | None = None) -> None:
-        self.sock = sock
-        self.model = model
-        self.log = log
-        self.secret = secret
-        self.proof_sent = False  # MXHPROOF sent and nothing heard since
+        super().__init__(sock, model, log, secret)
         # An INIT may list every molecule id (when they are not consecutive).
         self.decoder = wire.Decoder(reader="driver", limits=wire.Limits(
             max_init_bytes=(1 << 20) + 24 * model.n, max_batch=max(model.n, 1)))
         self.welcomed = False
         self.ids: list[int] | None = None
         self.dt_au: float | None = None
-        self.steps = 0
         self.want_extras = True
         self.handlers = {
             wire.Welcome: self.on_welcome,

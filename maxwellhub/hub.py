@@ -65,10 +65,7 @@ _BUSY = "busy"            # field sent; expect FORCEREADY
 _CLOSING = "closing"      # STOP or EXIT sent; expect BYE or close
 _CLOSED = "closed"
 
-_FIELD_STEP = struct.Struct("<12s9d9di3d12s")
-_POSDATA_HEADER = wire.encode_header(wire.POSDATA)
 _GETFORCE_HEADER = wire.encode_header(wire.GETFORCE)
-_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 # The SOURCEREADY of the EM profile: header, energy 0.0, nat 1 (12:24), dmu/dt (24:48),
 # a zero virial (48:120), the extras length (120:124), then the extras.
 _SR_HEADER = wire.encode_header(wire.FORCEREADY)
@@ -76,8 +73,6 @@ _SR_ENERGY_NAT = struct.pack("<di", 0.0, 1)
 _ZERO_VIRIAL = bytes(72)
 _SR_TAIL = struct.Struct("<3d72xi")
 _SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE      # 124
-_FIELD_HEAD = _FIELD_STEP.pack(_POSDATA_HEADER, *_IDENTITY, *_IDENTITY, 1, 0.0, 0.0, 0.0,
-                               _GETFORCE_HEADER)[:160]
 _finite = math.isfinite
 
 
@@ -444,7 +439,7 @@ class _Driver(asyncio.Protocol):
             fb = barrier.field_bytes
             if fb is None:
                 fb = barrier.field_bytes = barrier.fields.astype("<f8").tobytes()
-            self.transport.write(b"".join((_FIELD_HEAD, fb[24 * r:24 * r + 24],
+            self.transport.write(b"".join((wire.FIELD_STEP_HEAD, fb[24 * r:24 * r + 24],
                                            _GETFORCE_HEADER)))
             return
         flags = wire.WANT_EXTRAS if barrier.want_extras else 0

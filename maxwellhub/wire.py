@@ -69,7 +69,8 @@ from .errors import ProtocolError
 __all__ = [
     "HEADER_SIZE", "STATUS", "READY", "NEEDINIT", "HAVEDATA", "INIT", "POSDATA", "GETFORCE",
     "FORCEREADY", "STOP", "BYE", "EXIT", "FIELDDATA", "GETSOURCE", "SOURCEREADY",
-    "FIELD_STEP_SIZE", "SOURCE_READY_PREFIX_SIZE", "Limits", "Status", "Ready", "NeedInit",
+    "FIELD_STEP_SIZE", "FIELD_STEP_HEAD", "SOURCE_READY_PREFIX_SIZE", "Limits", "Status",
+    "Ready", "NeedInit",
     "HaveData", "GetForce", "Stop", "Bye", "Exit", "Init", "PosData", "ForceReady", "Event",
     "Decoder", "encode", "encode_header", "encode_init", "encode_posdata",
     "encode_forceready", "encode_field_step", "encode_source_ready", "ProtocolError",
@@ -112,8 +113,6 @@ _3F64 = struct.Struct("<3d")
 _MAT = struct.Struct("<9d")
 _INIT_HEAD = struct.Struct("<ii")
 # FIELDDATA (identity cell and inverse, nat = 1, field) fused with GETSOURCE: 196 bytes.
-_FIELD_STEP = struct.Struct("<12s9d9di3d12s")
-FIELD_STEP_SIZE = _FIELD_STEP.size
 # SOURCEREADY fixed part: header, energy, nat = 1, dmu/dt, virial, extras length: 124 bytes.
 _SOURCE_READY = struct.Struct("<12sdi3d9di")
 SOURCE_READY_PREFIX_SIZE = _SOURCE_READY.size
@@ -330,11 +329,17 @@ def encode_forceready(energy: float, forces, virial=None, extras: bytes = b"") -
             + _I32.pack(len(extras)) + bytes(extras))
 
 
+#: The constant first 160 bytes of the 196-byte FIELDDATA+GETSOURCE block: the POSDATA
+#: header, identity cell and inverse, nat = 1. Then come the field (24 bytes) and GETSOURCE.
+FIELD_STEP_HEAD = _H[POSDATA] + _IDENTITY_CELLS + _I32.pack(1)
+FIELD_STEP_SIZE = len(FIELD_STEP_HEAD) + _3F64.size + HEADER_SIZE   # 196
+
+
 def encode_field_step(field3) -> bytes:
     """The 196-byte FIELDDATA (identity cells, nat 1, the field) + GETSOURCE block."""
     ex, ey, ez = field3
-    return _FIELD_STEP.pack(_H[POSDATA], *_IDENTITY, *_IDENTITY, 1,
-                            float(ex), float(ey), float(ez), _H[GETFORCE])
+    return b"".join((FIELD_STEP_HEAD, _3F64.pack(float(ex), float(ey), float(ez)),
+                     _H[GETFORCE]))
 
 
 def encode_source_ready(source3, extras: bytes = b"") -> bytes:
