@@ -3,6 +3,7 @@
     maxwellhub-driver --unix demo --model tls --param omega=0.242 --param pe_initial=1e-4
     maxwellhub-driver --host 127.0.0.1 --port 31415 --model sho --params-file sho.json
     maxwellhub-driver --host hub.example --secret-file ~/.maxwellhub.secret --model tls
+    maxwellhub-driver --address-file $SLURM_SUBMIT_DIR/hub.addr --model tls   # see rendezvous
 
 A hub that requires authentication is answered with the secret from --secret-file (a
 chmod 600 file) or from the environment variable MAXWELLHUB_SECRET; never on the command
@@ -101,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                             "path is used as given")
     where.add_argument("--host", help="TCP host of the hub (default 127.0.0.1)")
     where.add_argument("--port", type=int, default=31415, help="TCP port (default 31415)")
+    where.add_argument("--address-file", metavar="PATH",
+                       help="wait (up to --timeout) for the hub's rendezvous file and connect "
+                            "where it says; a leftover of a dead run is rejected; its "
+                            "secret_file is used unless --secret-file is given")
     parser.add_argument("--model", default="tls",
                         help="model: a registered name (tls, sho), an entry point of group "
                              "maxwellhub.models, or package.module:ClassName (default tls)")
@@ -117,6 +122,22 @@ def _parser() -> argparse.ArgumentParser:
                         help="shared secret for a hub that requires authentication (the "
                              "file must be owner-only, chmod 600); default: the environment "
                              "variable MAXWELLHUB_SECRET")
+    keep = parser.add_argument_group(
+        "continuity (a replacement driver resumes where this one stopped; needs a "
+        "maxwellhub hub)")
+    keep.add_argument("--checkpoint-dir", metavar="DIR",
+                      help="write the committed state here (atomically, one file per "
+                           "molecule id, the newest two kept) and restore from it when "
+                           "bound to the same molecule(s)")
+    keep.add_argument("--checkpoint-every", type=int, default=1, metavar="K",
+                      help="write a checkpoint every K steps (default 1); the hub must "
+                           "keep at least K steps of history to replay (Hub(history=...))")
+    keep.add_argument("--checkpoint-keep-every", type=int, default=0, metavar="R",
+                      help="also keep the newest two checkpoints whose step is a multiple "
+                           "of R (a run checkpoint every R steps then finds its state)")
+    keep.add_argument("--reconnect", action="store_true",
+                      help="when the connection drops before STOP, connect again (within "
+                           "--timeout) and resume, from memory or the checkpoints")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="give up connecting after this long (default 60)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -129,10 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.unix is not None and args.host is not None:
         parser.error("give either --unix or --host/--port, not both")
+    if args.address_file is not None and (args.unix is not None or args.host is not None):
+        parser.error("give either --address-file or --unix/--host, not both")
     if not args.timeout > 0:
         parser.error(f"--timeout {args.timeout:g}: expected a number of seconds > 0")
     if args.molecules < 1:
         parser.error(f"--molecules {args.molecules}: expected an integer >= 1")
+    if args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every {args.checkpoint_every}: expected an integer >= 1")
+    if args.checkpoint_keep_every < 0:
+        parser.error(f"--checkpoint-keep-every {args.checkpoint_keep_every}: expected an "
+                     "integer >= 0")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
         format=("%(asctime)s " if args.verbose else "")
@@ -141,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from maxwellhub.auth import load_secret
 
+    from .checkpoint import Continuity
     from .client import run_client, unix_socket_path
     from .models import create_model
 
@@ -153,8 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
+        continuity = Continuity(args.checkpoint_dir, args.checkpoint_every,
+                                args.checkpoint_keep_every, memory=args.reconnect, logger=log)
+    except OSError as exc:
+        parser.error(f"--checkpoint-dir {args.checkpoint_dir}: {exc}")
+    try:
+        if args.address_file is not None:
+            from .rendezvous import run_via_address_file
+
+            return run_via_address_file(
+                model, args.address_file, timeout=args.timeout, logger=log, secret=secret,
+                secret_given=args.secret_file is not None, continuity=continuity,
+                reconnect=args.reconnect)
         return run_client(model, unix=args.unix, host=args.host, port=args.port,
-                          timeout=args.timeout, logger=log, secret=secret)
+                          timeout=args.timeout, logger=log, secret=secret,
+                          continuity=continuity, reconnect=args.reconnect)
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

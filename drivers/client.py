@@ -27,6 +27,8 @@ from maxwellhub import wire
 from maxwellhub.addresses import DEFAULT_PORT, unix_socket_path
 from maxwellhub.errors import ProtocolError
 
+from .checkpoint import Continuity
+
 if TYPE_CHECKING:
     from maxwellhub.auth import Secret
 
@@ -145,36 +147,52 @@ def _tcp_attempt(address: tuple[str, int]):
 
 def run_client(model: Model, *, unix: str | None = None, host: str | None = None,
                port: int = DEFAULT_PORT, timeout: float = 60.0,
-               logger: logging.Logger | None = None, secret: Secret | None = None) -> int:
+               logger: logging.Logger | None = None, secret: Secret | None = None,
+               continuity: Continuity | None = None, reconnect: bool = False) -> int:
     """Connect to the hub and serve ``model`` until the session ends: one molecule as an
     i-PI client, n > 1 molecules as an ensemble with batched frames
     (:mod:`maxwellhub_drivers.ensemble`); ``secret`` answers a hub that asks for
     authentication.
+
+    ``continuity`` (:class:`maxwellhub_drivers.checkpoint.Continuity`) writes checkpoints
+    and picks the state to resume from when a maxwellhub hub offers it. ``reconnect``:
+    when the connection drops before STOP or EXIT, connect again (within ``timeout``) and
+    resume; the hub replays what the state misses.
 
     Returns :data:`EXIT_OK` after STOP or EXIT, :data:`EXIT_CONNECTION` if the hub cannot
     be reached within ``timeout`` seconds or goes away first, :data:`EXIT_PROTOCOL` on a
     protocol error and :data:`EXIT_MODEL` if the model fails. Errors are logged as one line.
     """
     log = logger or _LOG
-    try:
-        sock = connect(unix=unix, host=host, port=port, timeout=timeout, logger=log)
-    except OSError as exc:  # TimeoutError included
-        log.error("%s", exc)
-        return EXIT_CONNECTION
-    with sock:
-        return serve(sock, model, logger=log, secret=secret)
+    continuity = continuity or Continuity(memory=reconnect, logger=log)
+    sessions = 0
+    while True:
+        try:
+            sock = connect(unix=unix, host=host, port=port, timeout=timeout, logger=log)
+        except OSError as exc:  # TimeoutError included
+            log.error("%s", exc)
+            return EXIT_CONNECTION
+        sessions += 1
+        with sock:
+            status = serve(sock, model, logger=log, secret=secret, continuity=continuity)
+        if status != EXIT_CONNECTION or not reconnect or continuity.refused:
+            return status
+        log.warning("reconnecting to the hub (session %d ended at step %d)", sessions,
+                    continuity.step)
 
 
 def serve(sock: socket.socket, model: Model, *, logger: logging.Logger | None = None,
-          secret: Secret | None = None) -> int:
+          secret: Secret | None = None, continuity: Continuity | None = None) -> int:
     """Answer the hub on the connected ``sock`` with ``model``; return an exit status as
     :func:`run_client` does. The caller owns (and closes) ``sock``."""
     log = logger or _LOG
+    continuity = continuity or Continuity(logger=log)
+    continuity.refused = False
     if model.n == 1:
-        session = _Session(sock, model, log, secret)
+        session = _Session(sock, model, log, secret, continuity)
     else:
         from .ensemble import EnsembleSession
-        session = EnsembleSession(sock, model, log, secret)
+        session = EnsembleSession(sock, model, log, secret, continuity)
     try:
         session.run()
     except ProtocolError as exc:
@@ -185,6 +203,7 @@ def serve(sock: socket.socket, model: Model, *, logger: logging.Logger | None = 
         return EXIT_MODEL
     except OSError as exc:  # HubClosed, ConnectionResetError, ...
         log.error("connection lost%s: %s", session.who(), exc)
+        continuity.refused = str(exc) == REFUSED
         return EXIT_CONNECTION
     return EXIT_OK
 
@@ -200,9 +219,10 @@ class _Session:
     """One connection's state machine. ``run`` returns when the session ends cleanly."""
 
     def __init__(self, sock: socket.socket, model: Model, log: logging.Logger,
-                 secret: Secret | None = None) -> None:
+                 secret: Secret | None = None, continuity: Continuity | None = None) -> None:
         self.sock = sock
         self.model = model
+        self.continuity = continuity or Continuity(logger=log)
         self.log = log
         self.secret = secret
         self.proof_sent = False  # MXHPROOF sent and nothing heard since
@@ -262,7 +282,7 @@ class _Session:
         return False
 
     def on_init(self, event: wire.Init) -> bool:
-        dt_au = _parse_init(event.payload)
+        dt_au, data = _parse_init(event.payload)
         if self.init is not None:
             # Stock i-PI hubs may re-send INIT; the same one changes nothing.
             if self.init == (event.ident, dt_au):
@@ -277,7 +297,19 @@ class _Session:
             raise ModelFailed(f"initialize failed: {type(exc).__name__}: {exc}") from exc
         self.init = (event.ident, dt_au)
         self.log.info("initialized molecule %d with dt_au = %r", event.ident, dt_au)
+        self.resume([event.ident], data)
         return False
+
+    def resume(self, ids: list[int], data: dict) -> None:
+        """Pick the state to continue from; answer a resume offer with MXHRESUME."""
+        offer = resume_offer(data)
+        try:
+            step = self.continuity.begin(self.model, ids, offer)
+        except Exception as exc:
+            raise ModelFailed(f"restoring a checkpoint failed: {type(exc).__name__}: "
+                              f"{exc}") from exc
+        if step is not None:
+            self.sock.sendall(wire.encode_resume(step, len(ids)))
 
     def on_posdata(self, event: wire.PosData) -> bool:
         if self.init is None:
@@ -298,18 +330,26 @@ class _Session:
     def on_getforce(self, _event) -> bool:
         if self.init is None:
             raise ProtocolError("GETFORCE (source request) before INIT")
+        continuity = self.continuity
+        before = None
         try:
             if self.model.staged:
+                if continuity.memory:
+                    before = self.model.get_state()
                 source = self.model.commit().tolist()[0]
                 self.steps += 1
+                committed = True
             else:
                 self.log.warning("GETFORCE without a field since the last one; answering a "
                                  "zero source")
                 source = _ZERO_SOURCE
+                committed = False
             extras = self.model.extras_of(0)
         except Exception as exc:
             raise ModelFailed(f"commit or extras failed: {type(exc).__name__}: {exc}") from exc
         self.sock.sendall(wire.encode_source_ready(source, self.extras_json(extras)))
+        if committed:  # after the answer left: a checkpoint never runs ahead of the hub
+            continuity.committed(self.model, before)
         return False
 
     def on_stop(self, _event) -> bool:
@@ -353,8 +393,26 @@ class _ExtrasJSON:
                           sort_keys=True).encode("utf-8")
 
 
-def _parse_init(payload: bytes) -> float:
-    """dt_au from an INIT string: UTF-8 JSON object (empty means {}) with dt_au > 0."""
+def resume_offer(data: dict) -> dict | None:
+    """The hub's resume offer in an INIT JSON object (see :data:`wire.RESUME_KEY`), checked,
+    or None when there is none (a hub that cannot replay)."""
+    offer = data.get(wire.RESUME_KEY)
+    if offer is None:
+        return None
+    if not isinstance(offer, dict) or offer.get("version") != wire.RESUME_VERSION:
+        raise ProtocolError(f"INIT: {wire.RESUME_KEY} = {offer!r}: expected an object with "
+                            f"version {wire.RESUME_VERSION}")
+    for key in ("step", "history"):
+        value = offer.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ProtocolError(f"INIT: {wire.RESUME_KEY}.{key} = {value!r}: expected an "
+                                "integer >= 0")
+    return offer
+
+
+def _parse_init(payload: bytes) -> tuple[float, dict]:
+    """dt_au and the whole JSON object from an INIT string: UTF-8 JSON object (empty
+    means {}) with dt_au > 0."""
     try:
         text = payload.decode("utf-8")
         data = json.loads(text) if text.strip() else {}
@@ -371,4 +429,4 @@ def _parse_init(payload: bytes) -> float:
     if isinstance(dt_au, bool) or not isinstance(dt_au, int | float) or not dt_au > 0 \
             or dt_au == float("inf"):
         raise ProtocolError(f"INIT: dt_au = {dt_au!r} is not allowed; expected a number > 0")
-    return float(dt_au)
+    return float(dt_au), data

@@ -35,6 +35,8 @@ from .models import Model
 if TYPE_CHECKING:
     from maxwellhub.auth import Secret
 
+    from .checkpoint import Continuity
+
 __all__ = ["EnsembleSession"]
 
 
@@ -44,8 +46,8 @@ class EnsembleSession(_Session):
     handled as in a single driver's session (inherited); the rest is batched."""
 
     def __init__(self, sock: socket.socket, model: Model, log: logging.Logger,
-                 secret: Secret | None = None) -> None:
-        super().__init__(sock, model, log, secret)
+                 secret: Secret | None = None, continuity: Continuity | None = None) -> None:
+        super().__init__(sock, model, log, secret, continuity)
         # An INIT may list every molecule id (when they are not consecutive).
         self.decoder = wire.Decoder(reader="driver", limits=wire.Limits(
             max_init_bytes=(1 << 20) + 24 * model.n, max_batch=max(model.n, 1)))
@@ -138,6 +140,7 @@ class EnsembleSession(_Session):
             raise ModelFailed(f"initialize failed: {type(exc).__name__}: {exc}") from exc
         self.ids, self.dt_au = ids, dt_au
         self.log.info("initialized molecules %d..%d with dt_au = %r", ids[0], ids[-1], dt_au)
+        self.resume(ids, data)
         return False
 
     def on_fields(self, event: wire.FieldsBatch) -> bool:
@@ -156,11 +159,14 @@ class EnsembleSession(_Session):
             raise ProtocolError("GETFORCE before INIT")
         if not self.model.staged:
             raise ProtocolError("GETFORCE without MXHFIELDS since the last step")
+        continuity = self.continuity
         try:
+            before = self.model.get_state() if continuity.memory else None
             sources = self.model.commit()
             extras = self.model.extras() if self.want_extras else None
         except Exception as exc:
             raise ModelFailed(f"commit failed: {type(exc).__name__}: {exc}") from exc
         self.steps += 1
         self.sock.sendall(wire.encode_sources_batch(sources, extras))
+        continuity.committed(self.model, before)  # after the answer left
         return False

@@ -59,9 +59,15 @@ _AUTH = "auth"            # MXHAUTH sent (hub has a secret); expect MXHPROOF
 _PROBE = "probe"          # STATUS sent before binding; expect READY or NEEDINIT
 _UNBOUND = "unbound"      # answered; waiting for a molecule to bind to
 _BOUND = "bound"          # bound, INIT not sent yet (no payload known)
-_INIT = "init"            # INIT + STATUS sent; expect READY
+_INIT = "init"            # INIT + STATUS sent; expect READY (MXHRESUME first, maybe)
+_REPLAY = "replay"        # a restored driver is replayed the steps it missed
 _READY = "ready"          # initialised and idle
 _BUSY = "busy"            # field sent; expect FORCEREADY
+# Stock i-PI clients (ASE's SocketClient, i-PI's driver): see _Driver._on_stock_event.
+_LEARNING = "learning"    # first field sent (not the fast path); expect FORCEREADY
+_LEARN = "learn"          # STATUS sent after its first FORCEREADY; expect READY or NEEDINIT
+_ASKED = "asked"          # STATUS (maybe INIT) sent before a step; expect READY or NEEDINIT
+_STOCK_BUSY = "stock-busy"  # field sent after that; expect FORCEREADY
 _CLOSING = "closing"      # STOP or EXIT sent; expect BYE or close
 _CLOSED = "closed"
 
@@ -79,6 +85,8 @@ _finite = math.isfinite
 _STOP_BYTES = wire.encode_header(wire.STOP)
 _EXIT_BYTES = wire.encode_header(wire.EXIT)
 _STATUS_BYTES = wire.encode_header(wire.STATUS)
+_STOCK_STATES = frozenset((_LEARNING, _LEARN, _ASKED, _STOCK_BUSY))
+_EXIT_AFTER_STOP_S = 0.5   # EXIT to a peer that has not answered STOP by then
 
 
 class StopRequested(MaxwellHubError):
@@ -117,10 +125,11 @@ def _json_default(obj: Any) -> Any:
 class _Molecule:
     """A registered molecule id and the driver (if any) bound to it."""
 
-    __slots__ = ("id", "driver", "payload", "initialized")
+    __slots__ = ("id", "index", "driver", "payload", "initialized")
 
-    def __init__(self, mid: int) -> None:
+    def __init__(self, mid: int, index: int) -> None:
         self.id = mid
+        self.index = index            # registration order: its slot in Hub._counts
         self.driver: _Driver | None = None
         self.payload: dict | None = None
         self.initialized = False
@@ -130,13 +139,26 @@ class _Layout:
     """The molecule ids of a step and their row in its arrays. Kept while consecutive
     steps ask for the same ids, so per-driver row indices are computed once."""
 
-    __slots__ = ("ids", "key", "row", "generation")
+    __slots__ = ("ids", "key", "row", "generation", "index")
 
-    def __init__(self, ids: np.ndarray, generation: int) -> None:
+    def __init__(self, ids: np.ndarray, generation: int, index: np.ndarray) -> None:
         self.ids = ids
         self.key = ids.tobytes()   # cheap equality test for the next step's ids
         self.row = {int(m): r for r, m in enumerate(ids.tolist())}
         self.generation = generation
+        self.index = index         # each row's molecule slot in Hub._counts
+
+
+class _Replay:
+    """A completed step kept for replay: its layout, its fields and how many steps each
+    of its molecules had completed before it."""
+
+    __slots__ = ("layout", "fields", "before")
+
+    def __init__(self, layout: _Layout, fields: np.ndarray, before: np.ndarray) -> None:
+        self.layout = layout
+        self.fields = fields
+        self.before = before
 
 
 class _Barrier:
@@ -253,6 +275,16 @@ class _Driver(asyncio.Protocol):
         self.bye: asyncio.Future | None = None
         self.reported = False                      # a drop was already logged for it
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self.resume_step: int | None = None        # from MXHRESUME, after INIT
+        self.replay: list[np.ndarray] = []         # fields still to replay, oldest first
+        # What this connection turned out to be (learned once, see _on_stock_event):
+        self.stock = False            # a stock i-PI client: ends with EXIT, not STOP
+        self.init_needed = True       # False: it said READY before any INIT (ASE)
+        self.stock_steps = True       # send_step takes _send_stock_step (first step, or
+        self.status_each_step = False  # a client that needs STATUS/INIT before each step)
+        self.status_probes = 0        # STATUS sent after the INIT handshake (learning, steps)
+        self._init_msg = b""
+        self._init_resent = False
 
     @property
     def molecule(self) -> _Molecule | None:
@@ -281,6 +313,7 @@ class _Driver(asyncio.Protocol):
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.hub._connections.add(self)
+        self.hub._handshaking.add(self)
         self._nonce: bytes | None = None
         if self.hub.auth is not None:
             # Nothing but the challenge until the peer proves it holds the secret.
@@ -363,6 +396,8 @@ class _Driver(asyncio.Protocol):
             self.fail(f"no MXHPROOF within {self.hub.timeout:g} s")
         elif self.state in (_PROBE, _INIT):
             self.fail(f"no answer to STATUS within {self.hub.timeout:g} s")
+        elif self.state == _REPLAY:
+            self.fail(f"a replayed step not answered within {self.hub.timeout:g} s")
 
     def _on_event(self, event: wire.Event) -> None:
         kind = type(event)
@@ -379,12 +414,24 @@ class _Driver(asyncio.Protocol):
             self.state = _READY
             self.hub._sources_batch(self, event)
         elif kind is wire.Ready and state == _INIT:
-            self.state = _READY
             self._cancel_handshake()
-            self.hub._driver_initialized(self)
+            self.hub._driver_ready(self)
+        elif kind is wire.Resume and state == _INIT and self.resume_step is None:
+            if event.molecules != self.size:
+                self.fail(f"MXHRESUME for {event.molecules} molecule(s); the connection "
+                          f"hosts {self.size}")
+                return
+            self.resume_step = event.step
+        elif kind in (wire.ForceReady, wire.SourcesBatch) and state == _REPLAY:
+            if (kind is wire.ForceReady) != (self.batch is None):
+                self.fail(f"{_EVENT_NAMES[kind]} while being replayed missed steps")
+                return
+            self.send_replay()
         elif kind in (wire.Ready, wire.NeedInit) and state == _PROBE:
             self.state = _UNBOUND
             self._cancel_handshake()
+            if kind is wire.Ready:
+                self._ready_before_init()
             self.hub._driver_available(self)
         elif kind is wire.Hello and state == _PROBE and self.batch is None:
             self.batch = self.decoder.batch = event.molecules
@@ -394,8 +441,13 @@ class _Driver(asyncio.Protocol):
         elif kind is wire.Hello and state == _AUTH and self.batch is None:
             # An ensemble driver speaks first; MXHWELCOME waits for its proof.
             self.batch = self.decoder.batch = event.molecules
+        elif state in _STOCK_STATES or (kind is wire.NeedInit and state == _INIT
+                                         and not self.init_needed):
+            self._on_stock_event(kind, event)
         elif kind in (wire.ForceReady, wire.SourcesBatch) and state == _CLOSING:
             pass  # owed for a field sent before STOP (a stop mid-step): nobody needs it now
+        elif kind in (wire.Ready, wire.NeedInit) and state == _CLOSING:
+            pass  # the answer to a STATUS sent before STOP/EXIT
         elif kind is wire.Bye and state == _CLOSING:
             if self.bye is not None and not self.bye.done():
                 self.bye.set_result(True)
@@ -424,15 +476,47 @@ class _Driver(asyncio.Protocol):
             payloads = [m.payload or {} for m in mols]
             if any(p != payloads[0] for p in payloads):
                 payload["payloads"] = payloads
+        done, replayable = self.hub._replay_offer(first)
+        payload[wire.RESUME_KEY] = {"version": wire.RESUME_VERSION, "step": done,
+                                    "history": replayable}
         body = json.dumps({**payload, "molecule_id": first.id},
                           default=_json_default).encode()
         self.state = _INIT
-        self.transport.write(wire.encode_init(first.id, body) + _STATUS_BYTES)
+        self.resume_step = None
+        self._init_msg = wire.encode_init(first.id, body)
+        self._init_resent = False
+        self.transport.write((self._init_msg if self.init_needed else b"") + _STATUS_BYTES)
+        self._handshake_timer = self.hub._loop.call_later(
+            self.hub.timeout, self._handshake_expired)
+
+    def send_replay(self) -> None:
+        """Send the next missed step (its answer will be discarded), or, when none is
+        left, report the driver initialised."""
+        if self.replay and self.stock:
+            log.warning("%s: a stock i-PI client is not replayed %d missed step(s)", self,
+                        len(self.replay))
+            self.replay = []
+        if not self.replay:
+            self._cancel_handshake()
+            self.state = _READY
+            self.hub._driver_initialized(self)
+            return
+        fields = self.replay.pop(0)
+        self.state = _REPLAY
+        if self.batch is None:
+            self.transport.write(b"".join((wire.FIELD_STEP_HEAD,
+                                           fields.astype("<f8").tobytes(), _GETFORCE_HEADER)))
+        else:
+            self.transport.writelines(wire.fields_batch_parts(fields, 0) + [_GETFORCE_HEADER])
+        self._cancel_handshake()
         self._handshake_timer = self.hub._loop.call_later(
             self.hub.timeout, self._handshake_expired)
 
     def send_step(self, barrier: _Barrier) -> None:
         """Send this driver its frozen field(s) of ``barrier`` with GETSOURCE."""
+        if self.stock_steps:  # its first step, or a client needing STATUS before each
+            self._send_stock_step(barrier)
+            return
         self.state = _BUSY
         if self.batch is None:
             r = self.row
@@ -470,8 +554,102 @@ class _Driver(asyncio.Protocol):
                 self.rows = np.array(found, dtype=np.intp)
         return self.row >= 0
 
+    # -- stock i-PI clients (ASE's SocketClient, i-PI's driver, ...)
+    #
+    # Learned per connection from what it answers, never by extra work per step for the
+    # drivers that keep the fast path:
+    # - READY to the connect STATUS (no INIT needed: ASE) marks a stock client; INIT is then
+    #   not sent (ASE asserts on an INIT it did not ask for) unless it later says NEEDINIT.
+    #   MaxwellLink's and maxwellhub's drivers say NEEDINIT until INIT.
+    # - The first step of every plain connection goes through the full decoder; after its
+    #   FORCEREADY the hub sends one STATUS. READY: the client stays READY, every later step
+    #   is the fused POSDATA+GETFORCE block with the fast receive path. NEEDINIT (ASE before
+    #   3.29): a stock client; every later step is STATUS, INIT + STATUS when it says
+    #   NEEDINIT, then the block once it says READY.
+    # - Extras that are not a JSON object in that first FORCEREADY ("nada", a zero byte)
+    #   also mark a stock client: MaxwellLink's and maxwellhub's drivers always send one.
+    # At the end a stock client gets EXIT. The rest get STOP (MaxwellLink's driver raises
+    # on EXIT); one that has not said BYE after _EXIT_AFTER_STOP_S gets EXIT too, which
+    # ends an i-PI client that sends JSON extras (it ignores STOP) and reaches nobody else
+    # (MaxwellLink's and our drivers stop reading after STOP).
+
+    def _ready_before_init(self) -> None:
+        self.init_needed = False
+        self._mark_stock("it answered READY before any INIT")
+
+    def _mark_stock(self, why: str) -> None:
+        if not self.stock:
+            self.stock = True
+            log.info("%s is a stock i-PI client (%s): it will get EXIT at the end", self, why)
+
+    def _send_stock_step(self, barrier: _Barrier) -> None:
+        """send_step for a connection still learning or needing STATUS before each step."""
+        if self.batch is not None:  # MXHHELLO: a maxwellhub ensemble, nothing to learn
+            self.stock_steps = False
+            self.send_step(barrier)
+        elif self.status_each_step:
+            self.state = _ASKED
+            self._init_resent = False
+            self.status_probes += 1
+            self.transport.write(_STATUS_BYTES)
+        else:  # the first step: it said READY to the last STATUS, so POSDATA is due
+            self.state = _LEARNING
+            self.transport.write(wire.encode_field_step(barrier.fields[self.row]))
+
+    def _on_stock_event(self, kind: type, event: wire.Event) -> None:
+        state = self.state
+        if kind is wire.ForceReady and state in (_LEARNING, _STOCK_BUSY):
+            if event.forces.shape[0] != 1:
+                self.fail(f"FORCEREADY carries nat = {event.forces.shape[0]}, the EM "
+                          "profile needs 1 (the field is the one atom's position)")
+                return
+            if state == _LEARNING:
+                if not event.extras.startswith(b"{"):
+                    self._mark_stock(f"its extras {event.extras[:16]!r} are not JSON")
+                self.state = _LEARN
+                self.status_probes += 1
+                self.transport.write(_STATUS_BYTES)
+            else:
+                self.state = _READY
+            sx, sy, sz = event.forces[0].tolist()
+            self.hub._source_ready(self, sx, sy, sz, event.extras)
+        elif kind in (wire.Ready, wire.NeedInit) and state == _LEARN:
+            if kind is wire.NeedInit:
+                self._mark_stock("it went back to NEEDINIT after FORCEREADY")
+                self.status_each_step = True
+                log.info("%s: STATUS (and INIT when asked) before every step", self)
+            else:
+                self.stock_steps = False
+                log.debug("%s stays READY: fused steps from now on", self)
+            self.state = _READY
+            self.hub._driver_initialized(self)  # sends the step due meanwhile, if any
+        elif kind is wire.Ready and state == _ASKED:
+            hub, barrier = self.hub, self.hub._barrier
+            if barrier is not None and self.place(barrier.layout) and hub._pending(
+                    self, barrier):
+                self.state = _STOCK_BUSY
+                self.transport.write(wire.encode_field_step(barrier.fields[self.row]))
+            else:
+                self.state = _READY
+        elif kind is wire.NeedInit and state in (_ASKED, _INIT) and not self._init_resent:
+            # It asks for INIT (again): the one the hub built at binding, then STATUS.
+            self._init_resent = self.init_needed = True
+            if state == _ASKED:
+                self.status_probes += 1
+            self.transport.write(self._init_msg + _STATUS_BYTES)
+        else:
+            name = _EVENT_NAMES.get(kind, kind.__name__)
+            self.fail(f"unexpected {name} while {_EXPECTING[state]}")
+
+    def _exit_after_stop(self) -> None:
+        if self.state == _CLOSING and self.bye is not None and not self.bye.done():
+            log.info("%s did not answer STOP: sent EXIT", self)
+            self.transport.write(_EXIT_BYTES)
+            self.bye.set_result(True)
+
     def send_end(self) -> asyncio.Future:
-        """STOP (MaxwellLink dialect, answered by BYE) or EXIT (stock i-PI, no answer)."""
+        """STOP (MaxwellLink dialect, answered by BYE; EXIT follows if no BYE comes) or
+        EXIT (a stock i-PI client, or ``Hub(dialect="ipi")``; no answer)."""
         self.bye = self.hub._loop.create_future()
         if self.state == _CLOSED:
             self.bye.set_result(False)
@@ -482,24 +660,31 @@ class _Driver(asyncio.Protocol):
             self.bye.set_result(False)
             return self.bye
         self.state = _CLOSING
-        if self.dialect == "ipi":
+        if self.dialect == "ipi" or self.stock:
             self.transport.write(_EXIT_BYTES)
             self.bye.set_result(True)
         else:
             self.transport.write(_STOP_BYTES)
+            self.hub._loop.call_later(_EXIT_AFTER_STOP_S, self._exit_after_stop)
         return self.bye
 
 
 _EVENT_NAMES = {wire.Ready: "READY", wire.NeedInit: "NEEDINIT", wire.HaveData: "HAVEDATA",
                 wire.ForceReady: "FORCEREADY", wire.Bye: "BYE", wire.Hello: "MXHHELLO",
-                wire.SourcesBatch: "MXHSOURCES", wire.AuthProof: "MXHPROOF"}
+                wire.SourcesBatch: "MXHSOURCES", wire.AuthProof: "MXHPROOF",
+                wire.Resume: "MXHRESUME"}
 _EXPECTING = {_AUTH: "waiting for MXHPROOF, the answer to the hub's MXHAUTH challenge",
               _PROBE: "waiting for the answer to STATUS",
               _UNBOUND: "waiting for molecules to bind to (nothing was asked)",
               _BOUND: "bound and waiting for INIT (nothing was asked)",
               _INIT: "waiting for READY after INIT",
+              _REPLAY: "waiting for the source of a replayed step",
               _READY: "idle (nothing was asked)",
               _BUSY: "waiting for its source(s)",
+              _LEARNING: "waiting for its source (its first step)",
+              _LEARN: "waiting for the answer to STATUS after its first source",
+              _ASKED: "waiting for the answer to STATUS before a step",
+              _STOCK_BUSY: "waiting for its source",
               _CLOSING: "waiting for BYE",
               _CLOSED: "closed"}
 
@@ -511,14 +696,21 @@ class Hub:
     one ``start`` ran on). ``auth``: a :class:`maxwellhub.auth.Secret` (see
     :func:`maxwellhub.auth.load_secret`); every driver must then prove it holds the same
     secret (MXHAUTH/MXHPROOF) before STATUS and INIT. ``None`` (default): no
-    authentication, and the wire is exactly MaxwellLink's.
+    authentication, and the wire is exactly MaxwellLink's. ``address_file``: a path where
+    ``start`` publishes the address (:mod:`maxwellhub.rendezvous`; removed by ``stop``)
+    for drivers started with ``maxwellhub-driver --address-file``. ``dialect``: how
+    sessions end. ``"maxwelllink"`` (default) decides per connection: EXIT to stock i-PI
+    clients (ASE, i-PI), STOP to the others (see the notes above ``_Driver._on_stock_event``);
+    ``"ipi"`` sends EXIT to every driver.
     """
 
     def __init__(self, host: str | None = None, port: int | None = DEFAULT_PORT,
                  unixsocket: str | os.PathLike | None = None, timeout: float = 60.0,
                  *, limits: wire.Limits | None = None, dialect: str = "maxwelllink",
                  backlog: int = 4096, auth: Secret | None = None,
-                 control: str | os.PathLike | None = None) -> None:
+                 control: str | os.PathLike | None = None, history: int = 0,
+                 max_pending: int | None = None, max_spare: int = 256,
+                 address_file: str | os.PathLike | None = None) -> None:
         if dialect not in ("maxwelllink", "ipi"):
             raise UsageError(f"dialect must be 'maxwelllink' or 'ipi', not {dialect!r}")
         if timeout is None or not timeout > 0:
@@ -544,6 +736,7 @@ class Hub:
         self._next_id = 0
         self._unbound: deque[_Driver] = deque()
         self._connections: set[_Driver] = set()
+        self._handshaking: set[_Driver] = set()   # connected, not yet answered STATUS
         self._accepted = 0
         self._barrier: _Barrier | None = None
         self._layout: _Layout | None = None
@@ -551,9 +744,19 @@ class Hub:
         self._changed: asyncio.Future | None = None
         self.control = control            # where to serve maxwellhub.control, or None
         self._control = None
+        # maxwellhub.rendezvous: written once listening, removed at stop
+        self.address_file = None if address_file is None else os.fspath(address_file)
+        self._address_run_id: str | None = None
         self._stop_reason: str | None = None
         self._step_ms: deque[float] = deque(maxlen=_STEP_TIMES)
         self._last_to_answer: Counter[int] = Counter()
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise UsageError(f"history must be a whole number of steps >= 0, not {history!r}")
+        self.history = history
+        self.max_pending = max_pending   # None: max(4096, 2 x registered molecules)
+        self.max_spare = max_spare
+        self._counts = np.zeros(64, dtype=np.int64)   # completed steps, by molecule slot
+        self._replays: deque[_Replay] = deque(maxlen=history or 1)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -570,8 +773,7 @@ class Hub:
             _clear_stale_unix_socket(path)
             old_umask = os.umask(0o177)  # the socket file is born owner-only (0600)
             try:
-                self._server = await self._loop.create_unix_server(
-                    self._new_driver, path=path, backlog=self.backlog)
+                self._server = _Listener.unix(self, path)
             finally:
                 os.umask(old_umask)
             os.chmod(path, 0o600)
@@ -579,9 +781,7 @@ class Hub:
             self._unix_inode = (st.st_dev, st.st_ino)
             log.info("hub listening on UNIX socket %s", path)
         else:
-            self._server = await self._loop.create_server(
-                self._new_driver, host=self.host, port=self.port, backlog=self.backlog,
-                reuse_address=True)
+            self._server = _Listener.tcp(self, self.host, self.port)
             self.port = self._server.sockets[0].getsockname()[1]
             log.info("hub listening on TCP %s:%d", self.host, self.port)
             if self.auth is None and not is_loopback(self.host):
@@ -599,10 +799,37 @@ class Hub:
                 self._remove_unix_path()
                 raise
             self._control = control
+        if self.address_file is not None:
+            try:
+                self._write_address_file()
+            except BaseException:
+                if self._control is not None:
+                    await self._control.close()
+                    self._control = None
+                self._server.close()
+                self._remove_unix_path()
+                raise
+
+    def _write_address_file(self) -> None:
+        """Publish the address (and the secret file's location) for drivers started with
+        ``--address-file``; see :mod:`maxwellhub.rendezvous`."""
+        from .rendezvous import write_address_file
+
+        source = self.auth.source if self.auth is not None else None
+        info = write_address_file(
+            self.address_file, address=self.address, auth=self.auth is not None,
+            secret_file=source if source and os.path.isfile(source) else None)
+        self._address_run_id = info.run_id
+        log.info("hub address written to %s (run %s)", self.address_file, info.run_id)
 
     def _new_driver(self) -> _Driver:
         self._accepted += 1
         return _Driver(self, self._accepted)
+
+    def _room_for(self) -> bool:
+        """Whether another connection may start its handshake (see ``max_pending``)."""
+        cap = self.max_pending or max(_MIN_PENDING_CAP, 2 * len(self._molecules))
+        return len(self._handshaking) < cap
 
     async def graceful_shutdown(self, reason: str | None = None, wait: float = 2.0) -> None:
         """Send STOP (or EXIT) to every driver and wait up to ``wait`` s for their BYE."""
@@ -622,6 +849,11 @@ class Hub:
         """Stop accepting, end every driver politely, close every socket, remove the path."""
         if self._loop is None:
             return
+        if self._address_run_id is not None:  # first, so no new driver is sent here
+            from .rendezvous import remove_address_file
+
+            remove_address_file(self.address_file, self._address_run_id)
+            self._address_run_id = None
         if self._control is not None:
             control, self._control = self._control, None
             await control.close()
@@ -629,6 +861,7 @@ class Hub:
             await self.graceful_shutdown(wait=wait)
         for d in list(self._connections):
             if d.transport is not None:
+                d._exit_after_stop()  # STOP unanswered: EXIT (an i-PI client ignores STOP)
                 d.transport.abort()
         if self._server is not None:
             self._server.close()
@@ -657,7 +890,10 @@ class Hub:
         mid = int(molecule_id)
         if mid in self._molecules:
             raise ValueError(f"Molecule ID {mid} already registered!")
-        mol = self._molecules[mid] = _Molecule(mid)
+        index = len(self._molecules)
+        if index == len(self._counts):
+            self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
+        mol = self._molecules[mid] = _Molecule(mid, index)
         self._driverless.add(mid)
         if init is not None:
             mol.payload = dict(init)
@@ -729,6 +965,12 @@ class Hub:
     # ------------------------------------------------------------------ binding
 
     def _driver_available(self, driver: _Driver) -> None:
+        self._handshaking.discard(driver)
+        if len(self._unbound) >= self.max_spare and len(self._driverless) < driver.size:
+            # Spare drivers wait for a molecule to free up; a bounded number of them.
+            driver.fail(f"no free molecule for it and {len(self._unbound)} spare "
+                        f"driver(s) already waiting (max_spare = {self.max_spare})")
+            return
         self._unbound.append(driver)
         self._progress_binds()
 
@@ -771,6 +1013,126 @@ class Hub:
                 mol.payload = {}
         driver.send_init()
 
+    # ------------------------------------------------------------------ continuity
+
+    def _replay_offer(self, mol: _Molecule) -> tuple[int, int]:
+        """(steps ``mol`` completed, how many of the latest of them can be replayed)."""
+        done = int(self._counts[mol.index])
+        kept = sum(1 for rep in self._replays if mol.id in rep.layout.row)
+        return done, min(kept, done)
+
+    def _replay_fields(self, driver: _Driver, start: int, done: int) -> list[np.ndarray] | None:
+        """The fields of steps ``start`` .. ``done - 1`` of ``driver``'s molecules (one array
+        per step, oldest first), or None if the history does not reach back that far."""
+        mols = driver.molecules
+        out: list[np.ndarray] = []
+        for rep in self._replays:
+            row = rep.layout.row
+            r = row.get(mols[0].id)
+            if r is None or rep.before[r] < start:
+                continue
+            if driver.batch is None:
+                out.append(rep.fields[r:r + 1])
+            else:
+                rows = [row.get(m.id, -1) for m in mols]
+                if min(rows) < 0:
+                    return None
+                out.append(rep.fields[rows])
+        return out if len(out) == done - start else None
+
+    def _driver_ready(self, driver: _Driver) -> None:
+        """INIT acknowledged: bring a restored driver to the molecules' current step by
+        replaying the steps it missed, then serve it (see the module's continuity notes)."""
+        first = driver.molecules[0]
+        done = int(self._counts[first.index])
+        start = driver.resume_step
+        reported = start is not None
+        start = start or 0
+        if start > done:
+            driver.fail(f"MXHRESUME says its state belongs to step {start}, but the hub "
+                        f"has completed only {done} step(s) of molecule {first.id}")
+            return
+        if start < done:
+            fields = self._replay_fields(driver, start, done)
+            if fields is None:
+                log.warning(
+                    "%s resumes from step %d (%s) but the hub is at step %d and keeps "
+                    "fields for replay only from step %d: it continues from its state of "
+                    "step %d, so continuity is lost for %s", driver, start,
+                    "its checkpoint" if reported and start else
+                    "its initial state" if reported else
+                    "it sent no MXHRESUME, so its initial state is assumed",
+                    done, done - self._replay_offer(first)[1], start,
+                    "it" if driver.batch is None else "these molecules")
+            else:
+                log.info("%s: replaying %d missed step(s) %d..%d from the hub's history",
+                         driver, len(fields), start, done - 1)
+                driver.replay = fields
+                driver.send_replay()
+                return
+        driver.state = _READY
+        self._driver_initialized(driver)
+
+    def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
+        """How many steps each molecule has completed (int64 array)."""
+        return np.array([self._counts[self._molecules[int(m)].index] for m in molecule_ids],
+                        dtype=np.int64)
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The hub's part of a run checkpoint, as plain arrays (``np.savez`` them; load
+        with ``allow_pickle=False``): the step counter, every molecule's completed steps
+        and the replay history. Take it between steps."""
+        if self._barrier is not None:
+            raise UsageError("snapshot() in the middle of a step; take it between steps")
+        ids = np.fromiter(self._molecules, dtype=np.int64, count=len(self._molecules))
+        out = {"step_index": np.array(self.step_index, dtype=np.int64),
+               "molecule_ids": ids,
+               "molecule_steps": self._counts[:len(ids)].copy(),
+               "history": np.array(self.history, dtype=np.int64),
+               "replays": np.array(len(self._replays), dtype=np.int64)}
+        for j, rep in enumerate(self._replays):
+            out[f"replay{j}_ids"] = rep.layout.ids
+            out[f"replay{j}_fields"] = rep.fields
+            out[f"replay{j}_before"] = rep.before
+        return out
+
+    def restore(self, snapshot: Mapping[str, np.ndarray]) -> None:
+        """Continue from :meth:`snapshot`: call it after registering the same molecules and
+        before any step. Drivers that then bind are told each molecule's step (INIT) and
+        replayed what their checkpoints miss."""
+        if self._barrier is not None or self.step_index:
+            raise UsageError("restore() must come before the first step")
+        try:
+            ids = np.asarray(snapshot["molecule_ids"], dtype=np.int64)
+            steps = np.asarray(snapshot["molecule_steps"], dtype=np.int64)
+            count = int(snapshot["replays"])
+            step_index = int(snapshot["step_index"])
+        except KeyError as exc:
+            raise UsageError(f"hub snapshot lacks {exc.args[0]!r}") from None
+        unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
+        if unknown or len(ids) != len(self._molecules) or steps.shape != ids.shape:
+            raise UsageError(
+                f"hub snapshot is of molecules {_ids_text(sorted(ids.tolist()))}; this hub "
+                f"registered {_ids_text(sorted(self._molecules))}")
+        for mid, n in zip(ids.tolist(), steps.tolist(), strict=True):
+            self._counts[self._molecules[mid].index] = n
+        self._replays.clear()
+        for j in range(max(0, count - (self.history or 0)), count):
+            rids = np.asarray(snapshot[f"replay{j}_ids"], dtype=np.int64)
+            fields = np.asarray(snapshot[f"replay{j}_fields"], dtype=np.float64)
+            before = np.asarray(snapshot[f"replay{j}_before"], dtype=np.int64)
+            if fields.shape != (len(rids), 3) or before.shape != rids.shape or any(
+                    int(m) not in self._molecules for m in rids.tolist()):
+                raise UsageError(f"hub snapshot: replay entry {j} is inconsistent "
+                                 f"(ids {rids.shape}, fields {fields.shape}, "
+                                 f"before {before.shape})")
+            self._generation += 1
+            index = np.fromiter((self._molecules[m].index for m in rids.tolist()),
+                                dtype=np.intp, count=len(rids))
+            self._replays.append(_Replay(_Layout(rids, self._generation, index), fields,
+                                         before))
+        self.step_index = step_index
+
     def _driver_initialized(self, driver: _Driver) -> None:
         for mol in driver.molecules:
             mol.initialized = True
@@ -789,6 +1151,7 @@ class Hub:
 
     def _connection_lost(self, driver: _Driver, previous: str, exc: Exception | None) -> None:
         self._connections.discard(driver)
+        self._handshaking.discard(driver)
         mols = [m for m in driver.molecules if m.driver is driver]
         if not mols:
             pending = driver.decoder.buffered
@@ -865,7 +1228,9 @@ class Hub:
             if len(set(ids.tolist())) != len(ids):
                 raise UsageError("a step names the same molecule twice")
             self._generation += 1
-            layout = self._layout = _Layout(ids.copy(), self._generation)
+            index = np.fromiter((self._molecules[m].index for m in ids.tolist()),
+                                dtype=np.intp, count=len(ids))
+            layout = self._layout = _Layout(ids.copy(), self._generation, index)
         return _Barrier(layout, fields, want_extras)
 
     def _begin(self, ids: np.ndarray | None, fields: np.ndarray | None,
@@ -911,6 +1276,11 @@ class Hub:
             return None
         self._barrier = None
         self.step_index += 1
+        index = barrier.layout.index
+        if self.history:
+            self._replays.append(_Replay(barrier.layout, np.array(barrier.fields, np.float64),
+                                         self._counts[index]))
+        self._counts[index] += 1
         self._step_ms.append((time.monotonic() - barrier.started) * 1e3)
         if barrier.last is not None and barrier.last.molecules:
             self._note_last(barrier.last.molecules[0].id)
@@ -1016,6 +1386,10 @@ class Hub:
             "bound": bound if most is None else bound[:most],
             "missing": missing if most is None else missing[:most],
             "connections": len(self._connections),
+            # stock i-PI clients (EXIT at the end) and those of them served with STATUS
+            # before every step instead of the fused fast path
+            "stock_clients": sum(d.stock for d in self._connections),
+            "status_each_step": sum(d.status_each_step for d in self._connections),
             "in_step": self._barrier is not None,
             "time_per_step_ms": timing,
             "slowest_molecules": [{"id": m, "times_last": n}
@@ -1051,6 +1425,111 @@ class Hub:
         if self._barrier is not None:
             self._barrier.wake("stopped")
         self._notify()
+
+
+_ACCEPT_BATCH = 16          # connections accepted per event-loop wake-up
+_MIN_PENDING_CAP = 4096     # connections in the handshake before new ones are refused
+_REFUSAL_LOG_EVERY = 10.0   # seconds between summary lines about refused connections
+
+
+class _Listener:
+    """The hub's listening socket. It accepts at most ``_ACCEPT_BATCH`` connections per
+    wake-up of the event loop (asyncio's own server accepts up to ``backlog`` at once, so
+    a connect-and-close flood queued thousands of callbacks ahead of the barrier's
+    replies), and closes new connections at once while too many peers are still in the
+    handshake (``Hub.max_pending``), with one summary line per 10 s. Same ``close``,
+    ``wait_closed`` and ``sockets`` as an ``asyncio.Server``."""
+
+    def __init__(self, hub: Hub, sock: socket.socket) -> None:
+        self.hub = hub
+        self.sock = sock
+        self.sockets = [sock]
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+        self._refused = 0
+        self._refused_since = 0.0
+        self._paused: asyncio.TimerHandle | None = None
+        sock.setblocking(False)
+        hub._loop.add_reader(sock.fileno(), self._accept)
+
+    @classmethod
+    def unix(cls, hub: Hub, path: str) -> _Listener:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(hub.backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(hub, sock)
+
+    @classmethod
+    def tcp(cls, hub: Hub, host: str, port: int) -> _Listener:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(hub.backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(hub, sock)
+
+    def _accept(self) -> None:
+        hub, loop = self.hub, self.hub._loop
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of descriptors or memory: back off a little
+                log.error("accepting connections failed (%s); retrying in 0.1 s", exc)
+                loop.remove_reader(self.sock.fileno())
+                self._paused = loop.call_later(0.1, self._resume)
+                return
+            if not hub._room_for():
+                conn.close()
+                self._note_refusal()
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(loop.connect_accepted_socket(hub._new_driver, conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if not self._closed:
+            self.hub._loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _note_refusal(self) -> None:
+        now = time.monotonic()
+        self._refused += 1
+        if now - self._refused_since >= _REFUSAL_LOG_EVERY:
+            log.error("refused %d connection(s): %d peers are still in the handshake "
+                      "(max_pending)", self._refused, len(self.hub._handshaking))
+            self._refused, self._refused_since = 0, now
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._paused is not None:
+            self._paused.cancel()
+        else:
+            self.hub._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    async def wait_closed(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _ids_text(ids: list[int], most: int = 20) -> str:
@@ -1134,6 +1613,10 @@ class SocketHub:
         the control endpoint (:mod:`maxwellhub.control`: status, ping, authenticated stop).
         It is served while a method of this object waits, i.e. during every step and bind.
 
+    address_file : a path where the hub publishes its address once listening (a
+        :mod:`maxwellhub.rendezvous` file, removed at :meth:`stop`), for drivers started
+        with ``maxwellhub-driver --address-file PATH`` (another job, an array job, MPMD).
+
     On MPI ranks other than 0 the object is inert (no socket, ``step_barrier`` returns
     ``{}``): only rank 0 talks to drivers. Use it as a context manager, or call
     :meth:`stop`.
@@ -1141,7 +1624,8 @@ class SocketHub:
 
     def __init__(self, host: str | None = None, port: int | None = DEFAULT_PORT,
                  unixsocket: str | os.PathLike | None = None, timeout: float = 60.0,
-                 latency: float = 0.01, loop: str | None = None, **options: Any) -> None:
+                 latency: float = 0.01, loop: str | None = None,
+                 address_file: str | os.PathLike | None = None, **options: Any) -> None:
         self.latency = latency
         self.timeout = timeout
         self._is_master = am_master()
@@ -1149,7 +1633,7 @@ class SocketHub:
         self.hub: Hub | None = None
         if not self._is_master:
             return
-        self.hub = Hub(host, port, unixsocket, timeout, **options)
+        self.hub = Hub(host, port, unixsocket, timeout, address_file=address_file, **options)
         self._loop = new_event_loop(loop or os.environ.get("MAXWELLHUB_LOOP") or "asyncio")
         try:
             self._run(self.hub.start())
@@ -1263,6 +1747,21 @@ class SocketHub:
 
     def status(self) -> dict:
         return self.hub.status() if self.hub else {}
+
+    def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
+        """See :meth:`Hub.molecule_steps` (an empty array on ranks other than 0)."""
+        if self.hub is None:
+            return np.zeros(0, dtype=np.int64)
+        return self.hub.molecule_steps(molecule_ids)
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """See :meth:`Hub.snapshot` (``{}`` on ranks other than 0)."""
+        return self.hub.snapshot() if self.hub is not None else {}
+
+    def restore(self, snapshot: Mapping[str, np.ndarray]) -> None:
+        """See :meth:`Hub.restore` (nothing on ranks other than 0)."""
+        if self.hub is not None:
+            self.hub.restore(snapshot)
 
     def graceful_shutdown(self, reason: str | None = None, wait: float = 2.0) -> None:
         if self.hub is not None and self._loop is not None:

@@ -54,6 +54,24 @@ MXHAUTH     hub -> d   int32 version, 32 bytes random nonce                  48
 MXHPROOF    d -> hub   int32 version, 32 bytes HMAC-SHA256(secret,           48
                        b"maxwellhub-auth-v1" + nonce)
 ==========  =========  ====================================================  ===========
+
+maxwellhub's resume frame (version 1), for exact continuity when a driver is replaced.
+A maxwellhub hub puts ``"mxh_resume": {"version": 1, "step": c, "history": h}`` in the
+INIT JSON: ``c`` is how many steps the molecule(s) completed at the hub, ``h`` how many of
+the latest steps' fields the hub can replay. Peers that do not know the key ignore it
+(MaxwellLink's driver reads only ``dt_au``). A driver that knows it answers, after INIT
+and before READY:
+
+==========  =========  ====================================================  ===========
+message     direction  payload after the header                              bytes
+==========  =========  ====================================================  ===========
+MXHRESUME   d -> hub   int32 version, int32 M (molecules), int64 s           28
+==========  =========  ====================================================  ===========
+
+``s`` is the step its restored state belongs to (0: the initial state, no checkpoint),
+``c - h <= s <= c``. The hub then replays the fields of steps s .. c-1 (FIELDDATA or
+MXHFIELDS + GETFORCE each, the answers discarded) before the step in flight. A driver
+that sends no MXHRESUME is taken to start from its initial state.
 """
 
 from __future__ import annotations
@@ -107,6 +125,11 @@ AUTH_VERSION = 1
 AUTH_NONCE_SIZE = 32          # also the size of a proof (an HMAC-SHA256 digest)
 _AUTH_FRAME = struct.Struct("<12si32s")
 
+MXHRESUME = b"MXHRESUME"
+RESUME_VERSION = 1
+RESUME_KEY = "mxh_resume"     # the INIT JSON key that offers MXHRESUME
+_RESUME_FRAME = struct.Struct("<12siiq")
+
 _I32 = struct.Struct("<i")
 _F64 = struct.Struct("<d")
 _3F64 = struct.Struct("<3d")
@@ -134,7 +157,7 @@ def encode_header(name: bytes) -> bytes:
 
 _H = {name: encode_header(name) for name in
       (STATUS, READY, NEEDINIT, HAVEDATA, INIT, POSDATA, GETFORCE, FORCEREADY, STOP, BYE, EXIT,
-       MXHHELLO, MXHWELCOME, MXHFIELDS, MXHSOURCES, MXHAUTH, MXHPROOF)}
+       MXHHELLO, MXHWELCOME, MXHFIELDS, MXHSOURCES, MXHAUTH, MXHPROOF, MXHRESUME)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,9 +304,18 @@ class AuthProof:
     proof: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """MXHRESUME: the restored state of a driver's ``molecules`` belongs to ``step``."""
+
+    version: int
+    molecules: int
+    step: int
+
+
 Event = (Status | Ready | NeedInit | HaveData | GetForce | Stop | Bye | Exit | Init | PosData
          | ForceReady | Hello | Welcome | FieldsBatch | SourcesBatch | AuthChallenge
-         | AuthProof)
+         | AuthProof | Resume)
 
 _SIMPLE = {STATUS: Status(), READY: Ready(), NEEDINIT: NeedInit(), HAVEDATA: HaveData(),
            GETFORCE: GetForce(), STOP: Stop(), BYE: Bye(), EXIT: Exit()}
@@ -370,6 +402,11 @@ def encode_auth_challenge(nonce: bytes, version: int = AUTH_VERSION) -> bytes:
     return _auth_frame(MXHAUTH, nonce, version)
 
 
+def encode_resume(step: int, molecules: int = 1, version: int = RESUME_VERSION) -> bytes:
+    """MXHRESUME: the driver's restored state of ``molecules`` belongs to ``step``."""
+    return _RESUME_FRAME.pack(_H[MXHRESUME], version, molecules, step)
+
+
 def encode_auth_proof(proof: bytes, version: int = AUTH_VERSION) -> bytes:
     """MXHPROOF with a 32-byte ``proof``."""
     return _auth_frame(MXHPROOF, proof, version)
@@ -434,6 +471,8 @@ def encode(event: Event) -> bytes:
         return encode_auth_challenge(event.nonce, event.version)
     if isinstance(event, AuthProof):
         return encode_auth_proof(event.proof, event.version)
+    if isinstance(event, Resume):
+        return encode_resume(event.step, event.molecules, event.version)
     raise TypeError(f"not a wire event: {event!r}")
 
 
@@ -443,7 +482,7 @@ def encode(event: Event) -> bytes:
 _FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS,
                        MXHAUTH})
 _FROM_DRIVER = frozenset({READY, NEEDINIT, HAVEDATA, FORCEREADY, BYE, MXHHELLO, MXHSOURCES,
-                          MXHPROOF})
+                          MXHPROOF, MXHRESUME})
 _READERS = {"driver": (_FROM_HUB, "hub"), "hub": (_FROM_DRIVER, "driver")}
 _KNOWN = {name.ljust(HEADER_SIZE, b" "): name for name in _FROM_HUB | _FROM_DRIVER}
 
@@ -527,7 +566,23 @@ class Decoder:
             return self._hello(buf, pos, name)
         if name in (MXHAUTH, MXHPROOF):
             return self._auth(buf, pos, name)
+        if name == MXHRESUME:
+            return self._resume(buf, pos)
         return self._batch(buf, pos, name)
+
+    def _resume(self, buf: bytearray, pos: int):
+        if len(buf) - pos < _RESUME_FRAME.size:
+            return None, 0
+        _, version, m, step = _RESUME_FRAME.unpack_from(buf, pos)
+        if version != RESUME_VERSION:
+            raise ProtocolError(f"MXHRESUME: resume version {version}; this side speaks "
+                                f"version {RESUME_VERSION}")
+        if m < 1 or m > self._limits.max_batch:
+            raise ProtocolError(f"MXHRESUME: M = {m} molecules is outside "
+                                f"1..{self._limits.max_batch} (max_batch)")
+        if step < 0:
+            raise ProtocolError(f"MXHRESUME: step {step} is negative")
+        return Resume(version, m, step), _RESUME_FRAME.size
 
     def _auth(self, buf: bytearray, pos: int, name: bytes):
         if len(buf) - pos < _AUTH_FRAME.size:

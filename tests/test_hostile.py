@@ -134,7 +134,7 @@ async def test_idle_connections_dropped_after_timeout(live, caplog):
 
 async def test_slowloris_dropped_with_one_line(live, caplog):
     """A peer sending one byte every 0.3 s is dropped at the timeout, header unfinished."""
-    result, lines = await attack(live, caplog, hostile.attack_slowloris, scaled(10), 0.3,
+    result, lines = await attack(live, caplog, hostile.attack_slowloris, scaled(10), scaled(0.3),
                                  connections=1)
     assert result["dropped_by_hub"] == 1
     assert result["bytes"] < 12
@@ -154,3 +154,55 @@ async def test_truncated_frame_then_close_gets_one_line(live, caplog):
     result, lines = await attack(live, caplog, hostile.attack_truncated, 50, 5, scaled(30))
     assert result["connections"] == 50
     assert len(lines) == 50
+
+
+async def test_spare_drivers_are_capped_with_one_line_each(unix_name, caplog):
+    """Drivers with no molecule to bind wait as spares, at most ``max_spare``; one more
+    is dropped with one line saying why, and a spare still takes over a freed molecule."""
+    caplog.set_level(logging.WARNING, logger="maxwellhub.hub")
+    hub = Hub(unixsocket=unix_name, timeout=scaled(10), max_spare=2)
+    await hub.start()
+    try:
+        mid = hub.register_molecule_return_id({"dt_au": 0.5})
+        first = FakeDriver(hub.address).start()
+        assert await hub.wait_until_bound([mid], timeout=scaled(10))
+        spares = [FakeDriver(hub.address).start() for _ in range(2)]
+        extra = FakeDriver(hub.address).start()
+        await asyncio.wait_for(extra.closed.wait(), scaled(10))
+        lines = [r.getMessage() for r in caplog.records if "max_spare" in r.getMessage()]
+        assert len(lines) == 1 and "no free molecule" in lines[0], lines
+        assert not any(s.closed.is_set() for s in spares)
+        hub._molecules[mid].driver.transport.abort()   # its connection goes away ...
+        await asyncio.wait_for(first.closed.wait(), scaled(10))
+        assert await hub.wait_until_bound([mid], timeout=scaled(10))   # ... a spare binds
+        res = await hub.step({mid: {"efield_au": [1.0, 2.0, 3.0]}}, timeout=scaled(10))
+        assert tuple(res[mid]["amp"]) == fake_source(mid, (1.0, 2.0, 3.0))
+    finally:
+        await hub.stop(wait=scaled(2))
+
+
+async def test_connections_beyond_the_handshake_cap_are_refused(unix_name, caplog):
+    """With ``max_pending`` peers silent in the handshake, the next connection is closed
+    at once (one summary line), and the healthy driver keeps stepping."""
+    caplog.set_level(logging.ERROR, logger="maxwellhub.hub")
+    hub = Hub(unixsocket=unix_name, timeout=scaled(10), max_pending=3)
+    await hub.start()
+    silent = []
+    try:
+        mid = hub.register_molecule_return_id({"dt_au": 0.5})
+        FakeDriver(hub.address).start()
+        assert await hub.wait_until_bound([mid], timeout=scaled(10))
+        for _ in range(3):
+            silent.append(await asyncio.open_unix_connection(hub.address))
+        reader, writer = await asyncio.open_unix_connection(hub.address)
+        assert await asyncio.wait_for(reader.read(100), scaled(10)) == b""   # refused
+        writer.close()
+        lines = [r.getMessage() for r in caplog.records if "max_pending" in r.getMessage()]
+        assert len(lines) == 1 and "3 peers are still in the handshake" in lines[0], lines
+        for k in range(3):
+            res = await hub.step({mid: {"efield_au": [k, 0.0, 0.0]}}, timeout=scaled(10))
+            assert tuple(res[mid]["amp"]) == fake_source(mid, (k, 0.0, 0.0))
+    finally:
+        for _, w in silent:
+            w.close()
+        await hub.stop(wait=scaled(2))

@@ -596,6 +596,8 @@ hub_events = st.one_of(
 driver_events = st.one_of(
     st.sampled_from([Ready(), NeedInit(), HaveData(), Bye()]),
     st.builds(ForceReady, finite, rows, matrix, st.binary(max_size=LIMITS.max_extras_bytes)),
+    st.builds(wire.Resume, st.just(wire.RESUME_VERSION), st.integers(1, LIMITS.max_batch),
+              st.integers(0, 2**63 - 1)),
 )
 # (reader, events sent to it)
 sessions = st.one_of(
@@ -628,7 +630,8 @@ def test_round_trip(session, cuts):
 
 HEADERS = [b"STATUS      ", b"READY       ", b"NEEDINIT    ", b"HAVEDATA    ",
            b"INIT        ", b"POSDATA     ", b"GETFORCE    ", b"FORCEREADY  ",
-           b"STOP        ", b"BYE         ", b"EXIT        "]
+           b"STOP        ", b"BYE         ", b"EXIT        ", b"MXHRESUME   ",
+           b"MXHHELLO    ", b"MXHAUTH     ", b"MXHPROOF    "]
 
 noise = st.one_of(
     st.binary(max_size=400),
@@ -749,3 +752,22 @@ def test_batched_frames_are_checked():
         d.feed(encode_sources_batch(np.zeros((1, 3)), {"a": [1.0], "b": [2.0]}))
     with pytest.raises(ProtocolError, match="max_batch"):
         Decoder("hub", Limits(max_batch=4)).feed(encode_hello(5))
+
+
+# ---------------------------------------------------------------- resume frame (v1)
+
+
+def test_resume_frame_golden_bytes_and_checks():
+    """MXHRESUME: header, int32 version 1, int32 M, int64 step; 28 bytes; checked."""
+    frame = wire.encode_resume(2**40 + 5, 3)
+    assert frame == b"MXHRESUME   " + struct.pack("<iiq", 1, 3, 2**40 + 5)
+    assert len(frame) == 28
+    dec = Decoder("hub")
+    assert dec.feed(frame[:13]) == [] and dec.feed(frame[13:]) == [wire.Resume(1, 3, 2**40 + 5)]
+    for bad, why in ((b"MXHRESUME   " + struct.pack("<iiq", 2, 1, 0), "version 2"),
+                     (b"MXHRESUME   " + struct.pack("<iiq", 1, 0, 0), "M = 0"),
+                     (b"MXHRESUME   " + struct.pack("<iiq", 1, 1, -1), "step -1")):
+        with pytest.raises(ProtocolError, match=why):
+            Decoder("hub").feed(bad)
+    with pytest.raises(ProtocolError, match="not valid from the hub"):
+        Decoder("driver").feed(frame)   # only drivers send it

@@ -1,0 +1,231 @@
+"""Exact continuity for drivers: checkpoints on disk, snapshots in memory, and the choice
+of the state a new session starts from.
+
+A driver's *committed* state after ``s`` steps is checkpointed as one ``.npz`` file per
+driver connection, keyed by its molecule id(s)::
+
+    DIR/molecule_<id>.step_<s>.npz              one molecule
+    DIR/molecules_<first>+<count>.step_<s>.npz  an ensemble (consecutive ids)
+
+written atomically (a temporary file in DIR, flush, fsync, rename, fsync of DIR), every
+``every`` steps, after the step's source was sent. The newest two are kept, and the
+newest two whose step is a multiple of ``keep_every`` (so a run checkpoint taken every
+``keep_every`` steps always finds its driver state). Files are read with
+``allow_pickle=False``; a file that does not load, belongs to other molecules or another
+model is skipped with a warning.
+
+When a maxwellhub hub binds the driver it offers (INIT JSON, :data:`wire.RESUME_KEY`)
+the number ``c`` of steps the molecules completed. :meth:`Continuity.begin` picks the
+newest state at or before ``c`` among the live state (after a reconnect), the previous
+step's snapshot (``--reconnect``) and the checkpoints, restores it, and the driver
+announces its step with MXHRESUME; the hub replays the missing fields. With no state at
+or before ``c`` the molecules start from their initial state (step 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .models.base import Model
+
+__all__ = ["Continuity", "checkpoint_key"]
+
+_LOG = logging.getLogger("maxwellhub.driver")
+_NAME = re.compile(r"^(?P<key>molecules?_[0-9+]+)\.step_(?P<step>[0-9]+)\.npz$")
+_META = ("__molecule_ids", "__step", "__model")
+
+
+def checkpoint_key(ids: Sequence[int]) -> str:
+    """The file-name key of a driver hosting ``ids``."""
+    ids = [int(m) for m in ids]
+    if len(ids) == 1:
+        return f"molecule_{ids[0]}"
+    return f"molecules_{ids[0]}+{len(ids)}"
+
+
+def _model_name(model: Model) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class Continuity:
+    """What a driver process keeps across sessions: the committed step, checkpoints.
+
+    ``directory``: where checkpoints go (None: none are written). ``every``: write one
+    every this many steps. ``keep_every``: also keep the newest two whose step is a
+    multiple of it (0: no such rule). ``memory``: keep the previous step's state in memory
+    too, so a driver that reconnects can go back one step without a file.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, every: int = 1,
+                 keep_every: int = 0, memory: bool = False,
+                 logger: logging.Logger | None = None) -> None:
+        if every < 1:
+            raise ValueError(f"checkpoint every {every} steps: expected an integer >= 1")
+        if keep_every < 0:
+            raise ValueError(f"checkpoint keep-every {keep_every}: expected an integer >= 0")
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.every = every
+        self.keep_every = keep_every
+        self.memory = memory
+        self.log = logger or _LOG
+        self.step = 0                            # steps of the model's committed state
+        self.ids: tuple[int, ...] | None = None  # molecules the state belongs to
+        self._initial: dict[str, np.ndarray] | None = None
+        self._previous: tuple[int, dict[str, np.ndarray]] | None = None
+        self.written = 0                         # checkpoint files written (for tests)
+        self.refused = False                     # the last session was refused by auth
+
+    # ------------------------------------------------------------ session start
+
+    def begin(self, model: Model, ids: Sequence[int], offer: Mapping | None) -> int | None:
+        """Choose the state the molecules ``ids`` continue from, after ``model.initialize``
+        on a new connection. ``offer``: the hub's resume offer from INIT, or None. Returns
+        the step to announce with MXHRESUME, or None when the hub made no offer."""
+        ids = tuple(int(m) for m in ids)
+        if self._initial is None:
+            self._initial = model.get_state()   # step 0, taken once per process
+        same = ids == self.ids
+        if offer is None:
+            # A hub that does not know MXHRESUME cannot replay: continue the live state
+            # of the same molecules (a re-sent step is idempotent), else start fresh.
+            if not same:
+                self._reset(model, ids)
+            else:
+                model.set_state(model.get_state())  # drop a step staged before the drop
+            return None
+        target = offer["step"]
+        candidates: list[tuple[int, str, dict[str, np.ndarray] | None]] = []
+        if same and self.step <= target:
+            candidates.append((self.step, "its live state", None))
+        if same and self._previous is not None and self._previous[0] <= target:
+            candidates.append((self._previous[0], "the previous step kept in memory",
+                               self._previous[1]))
+        found = self._newest_file(model, ids, target)
+        if found is not None:
+            candidates.append((found[0], f"checkpoint {found[2]}", found[1]))
+        if not candidates:
+            self._reset(model, ids)
+            if target:
+                self.log.warning("molecule(s) %s: no state at or before step %d (%s); "
+                                 "starting from the initial state", _ids(ids), target,
+                                 "no checkpoint directory" if self.directory is None
+                                 else f"nothing usable in {self.directory}")
+            return 0
+        step, what, state = max(candidates, key=lambda c: c[0])
+        model.set_state(state if state is not None else model.get_state())
+        self.step, self.ids = step, ids
+        self._previous = None
+        if step or target:
+            self.log.info("molecule(s) %s: resuming from %s (step %d; the hub is at step %d)",
+                          _ids(ids), what, step, target)
+        return step
+
+    def _reset(self, model: Model, ids: tuple[int, ...]) -> None:
+        model.set_state(self._initial)
+        self.step, self.ids, self._previous = 0, ids, None
+
+    # ------------------------------------------------------------ each step
+
+    def committed(self, model: Model, state_before: dict[str, np.ndarray] | None) -> None:
+        """One more step committed (its source already sent): count it, keep the previous
+        state if asked, write a checkpoint when due."""
+        if self.memory and state_before is not None:
+            self._previous = (self.step, state_before)
+        self.step += 1
+        if self.directory is not None and self.step % self.every == 0:
+            self._write(model)
+
+    def wants_previous(self) -> bool:
+        """Whether :meth:`committed` needs the state before the step (``memory``)."""
+        return self.memory
+
+    def _write(self, model: Model) -> None:
+        ids = self.ids or ()
+        key = checkpoint_key(ids)
+        state = model.get_state()
+        arrays = dict(state)
+        arrays["__molecule_ids"] = np.asarray(ids, dtype=np.int64)
+        arrays["__step"] = np.array(self.step, dtype=np.int64)
+        arrays["__model"] = np.array(_model_name(model))
+        final = self.directory / f"{key}.step_{self.step:012d}.npz"
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.written += 1
+        self._prune(key)
+
+    def _steps_on_disk(self, key: str) -> list[tuple[int, Path]]:
+        out = []
+        for entry in os.scandir(self.directory):
+            m = _NAME.match(entry.name)
+            if m and m["key"] == key:
+                out.append((int(m["step"]), Path(entry.path)))
+        out.sort(reverse=True)
+        return out
+
+    def _prune(self, key: str) -> None:
+        files = self._steps_on_disk(key)
+        keep = {step for step, _ in files[:2]}
+        if self.keep_every:
+            keep.update([step for step, _ in files if step % self.keep_every == 0][:2])
+        for step, path in files:
+            if step not in keep:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def _newest_file(self, model: Model, ids: tuple[int, ...], target: int
+                     ) -> tuple[int, dict[str, np.ndarray], str] | None:
+        if self.directory is None:
+            return None
+        for step, path in self._steps_on_disk(checkpoint_key(ids)):
+            if step > target:
+                continue
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    arrays = {k: data[k] for k in data.files}
+                stored = tuple(int(m) for m in arrays["__molecule_ids"].tolist())
+                if stored != ids:
+                    raise ValueError(f"it holds molecules {_ids(stored)}")
+                if int(arrays["__step"]) != step:
+                    raise ValueError(f"it holds step {int(arrays['__step'])}")
+                if str(arrays["__model"]) != _model_name(model):
+                    raise ValueError(f"it holds a {arrays['__model']} state")
+                state = {k: v for k, v in arrays.items() if k not in _META}
+                probe = model.get_state()
+                model.set_state(state)       # validates keys, shapes, finiteness
+                model.set_state(probe)
+            except Exception as exc:  # a torn or foreign file: say which, try older ones
+                self.log.warning("skipping checkpoint %s: %s: %s", path,
+                                 type(exc).__name__, exc)
+                continue
+            return step, state, path.name
+        return None
+
+
+def _ids(ids: Sequence[int]) -> str:
+    ids = list(ids)
+    return str(ids[0]) if len(ids) == 1 else f"{ids[0]}..{ids[-1]}"
