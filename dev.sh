@@ -12,7 +12,8 @@
 #      Debian's Meep and numpy (Meep is built against that numpy; it must never be upgraded).
 #   3. `pip install -e ".[test]"` into .venv, redone only when pyproject.toml changes.
 #   4. Best effort, for tests only: MaxwellLink in its own throwaway venv .peers/maxwelllink
-#      (no system site packages: it brings its own numpy 2 and scipy).
+#      (no system site packages: it brings its own numpy 2 and scipy), and the stock i-PI
+#      clients ASE (SocketClient) and i-PI (i-pi-py_driver) in another, .peers/stock-ipi.
 set -euo pipefail
 
 ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -25,9 +26,9 @@ SYS_PYTHON=/usr/bin/python3
 VENV="$ROOT/.venv"
 STAMP="$VENV/.maxwellhub-stamp"
 PEER_SPEC="maxwelllink==0.5.0"
-PEER_VENV="$ROOT/.peers/maxwelllink"
-PEER_STAMP="$PEER_VENV/.maxwellhub-stamp"
-PEER_FAILED="$ROOT/.peers/maxwelllink.failed"
+# ASE 3.28 is the last release whose SocketClient goes back to NEEDINIT after every force
+# call (3.29 stays READY): the harder case for the hub, and the one the issue describes.
+STOCK_SPEC="ase==3.28.0 ipi==3.3.1"
 DEB_PACKAGES=(
     python3-meep-mpi-default
     python3-mpi4py
@@ -160,29 +161,40 @@ ensure_venv_and_project() {
     printf '%s\n' "$want" >"$STAMP"
 }
 
-# The MaxwellLink peer is optional: tests that need it skip with a reason when it is absent.
-ensure_peer() {
-    if [[ -x "$PEER_VENV/bin/mxl_driver" && -f "$PEER_STAMP" \
-        && "$(<"$PEER_STAMP")" == "$PEER_SPEC" ]]; then
+# A test peer in its own throwaway venv .peers/NAME, best effort: a failure is recorded in
+# .peers/NAME.failed (not retried on every run), and the tests that need it skip with a
+# reason. Usage: ensure_peer_venv NAME EXECUTABLE_IT_MUST_HAVE "SPEC [SPEC...]"
+ensure_peer_venv() {
+    local name="$1" exe="$2" spec="$3"
+    local venv="$ROOT/.peers/$name"
+    local stamp="$venv/.maxwellhub-stamp" failed="$ROOT/.peers/$name.failed"
+    if [[ -x "$venv/bin/$exe" && -f "$stamp" && "$(<"$stamp")" == "$spec" ]]; then
         return 0
     fi
-    if [[ -f "$PEER_FAILED" ]]; then
+    if [[ -f "$failed" ]]; then
         return 0  # a failed attempt is not retried on every run; see the warning it printed
     fi
-    say "installing test peer $PEER_SPEC into .peers/maxwelllink (its own venv)"
+    say "installing test peer $spec into .peers/$name (its own venv)"
     mkdir -p "$ROOT/.peers"
-    rm -rf "$PEER_VENV"
-    local log="$ROOT/.peers/maxwelllink-install.log"
-    if "$SYS_PYTHON" -m venv "$PEER_VENV" >"$log" 2>&1 \
-        && "$PEER_VENV/bin/python" -m pip install -q --disable-pip-version-check \
-            "$PEER_SPEC" >>"$log" 2>&1 \
-        && [[ -x "$PEER_VENV/bin/mxl_driver" ]]; then
-        printf '%s\n' "$PEER_SPEC" >"$PEER_STAMP"
+    rm -rf "$venv"
+    local log="$ROOT/.peers/$name-install.log"
+    local -a specs
+    read -r -a specs <<<"$spec"
+    if "$SYS_PYTHON" -m venv "$venv" >"$log" 2>&1 \
+        && "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+            "${specs[@]}" >>"$log" 2>&1 \
+        && [[ -x "$venv/bin/$exe" ]]; then
+        printf '%s\n' "$spec" >"$stamp"
         rm -f "$log"
     else
-        date >"$PEER_FAILED"
-        say "warning: could not install $PEER_SPEC (see .peers/maxwelllink-install.log); peer tests will skip; rm -rf .peers to retry"
+        date >"$failed"
+        say "warning: could not install $spec (see .peers/$name-install.log); the tests that need it will skip; rm -rf .peers/$name* to retry"
     fi
+}
+
+ensure_peer() {
+    ensure_peer_venv maxwelllink mxl_driver "$PEER_SPEC"
+    ensure_peer_venv stock-ipi i-pi-py_driver "$STOCK_SPEC"
 }
 
 setup() {

@@ -70,3 +70,33 @@ def mxl_missing_reason() -> str:
         f"(./dev.sh setup installs it when it can, or set {MXL_VENV_ENV} to a venv with "
         "maxwelllink==0.5.0)"
     )
+
+
+#: Environment variable holding a venv with the stock i-PI clients (ASE and i-PI).
+STOCK_VENV_ENV = "MAXWELLHUB_STOCK_IPI_VENV"
+
+#: The peer venv ./dev.sh setup makes when it can (ase==3.28.0, ipi==3.3.1).
+DEFAULT_STOCK_VENV = REPO_ROOT / ".peers" / "stock-ipi"
+
+
+def stock_venv() -> Path:
+    """Return the venv directory expected to hold ASE and i-PI (it may not exist)."""
+    override = os.environ.get(STOCK_VENV_ENV)
+    return Path(override) if override else DEFAULT_STOCK_VENV
+
+
+def stock_clients() -> tuple[Path, Path] | None:
+    """Return (the peer venv's python, i-PI's `i-pi-py_driver`), or None when absent."""
+    python, ipi = stock_venv() / "bin" / "python", stock_venv() / "bin" / "i-pi-py_driver"
+    if os.access(python, os.X_OK) and os.access(ipi, os.X_OK):
+        return python, ipi
+    return None
+
+
+def stock_missing_reason() -> str:
+    """Say why the stock i-PI clients are unavailable, for pytest.skip()."""
+    return (
+        f"stock i-PI clients not installed: no {stock_venv() / 'bin' / 'i-pi-py_driver'} "
+        f"(./dev.sh setup installs ase==3.28.0 and ipi==3.3.1 there when it can, or set "
+        f"{STOCK_VENV_ENV} to a venv with both)"
+    )

@@ -23,6 +23,8 @@ from _util import (
     mxl_driver_executable,
     mxl_missing_reason,
     scaled,
+    stock_clients,
+    stock_missing_reason,
     timeout_factor,
     unix_socket_path,
 )
@@ -51,21 +53,27 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
         f"maxwellhub: timeout factor {timeout_factor():g}, "
         f"meep {'available' if find_spec('meep') else 'absent'}, "
-        f"MaxwellLink peer {mxl if mxl else 'absent'}"
+        f"MaxwellLink peer {mxl if mxl else 'absent'}, "
+        f"stock i-PI clients {stock[0].parent.parent if (stock := stock_clients()) else 'absent'}"
     ]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `meep` and `peer` tests, with the reason, when what they need is missing."""
+    """Skip `meep`, `peer` and `stock` tests, with the reason, when what they need is
+    missing."""
     skip_meep = pytest.mark.skip(reason="Meep not importable (Debian's python3-meep-mpi-default)")
     skip_peer = pytest.mark.skip(reason=mxl_missing_reason())
     have_meep = find_spec("meep") is not None
     have_peer = mxl_driver_executable() is not None
+    skip_stock = pytest.mark.skip(reason=stock_missing_reason())
+    have_stock = stock_clients() is not None
     for item in items:
         if "meep" in item.keywords and not have_meep:
             item.add_marker(skip_meep)
         if "peer" in item.keywords and not have_peer:
             item.add_marker(skip_peer)
+        if "stock" in item.keywords and not have_stock:
+            item.add_marker(skip_stock)
 
 
 # ---------------------------------------------------------------- fixtures
