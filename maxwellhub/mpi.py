@@ -21,20 +21,40 @@ _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRA
                   "SLURM_STEP_NUM_TASKS")
 
 
-@lru_cache(maxsize=1)
+# The communicator of this program's own ranks once maxwellhub.mpmd.split_world() ran in
+# an MPMD job. Process-wide by nature, like MPI_COMM_WORLD itself.
+_APP_COMM: dict[str, Any] = {}
+
+
 def comm_world():
-    """MPI.COMM_WORLD, or None when there is no MPI world to join.
+    """The EM side's world: MPI.COMM_WORLD, or this program's share of it in an MPMD job
+    (after :func:`maxwellhub.mpmd.split_world`), or None when there is no MPI world.
 
     mpi4py is imported (which initialises MPI) only when an MPI launcher started this
     process or something else (Meep's MPI build) already imported it: a serial hub or
     driver never pays for, or gets tangled in, MPI initialisation.
     """
+    comm = _APP_COMM.get("comm")
+    return comm if comm is not None else _world()
+
+
+@lru_cache(maxsize=1)
+def _world():
     if "mpi4py.MPI" not in sys.modules and not any(v in os.environ for v in _LAUNCHER_VARS):
         return None
     try:
         from mpi4py import MPI
     except Exception:  # mpi4py absent or broken: behave as one process
         return None
+    apps = os.environ.get("OMPI_NUM_APP_CTX", "1")
+    if apps.isdigit() and int(apps) > 1:
+        from .errors import UsageError
+
+        raise UsageError(
+            f"this process is one of {MPI.COMM_WORLD.Get_size()} in an MPMD job of {apps} "
+            "programs: MPI.COMM_WORLD includes the other programs' ranks (the drivers'), "
+            "so call maxwellhub.mpmd.split_world() at the top of the EM script, before "
+            "creating the Meep simulation (see examples/hpc/README.md)")
     return MPI.COMM_WORLD
 
 
