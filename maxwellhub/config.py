@@ -28,10 +28,17 @@ key (dotted, e.g. ``molecules[1].sigma``) and what is allowed. Example (the 2D d
 
     [output]
     directory = "out/relax_2d"
+
+    [checkpoint]              # optional: whole-run checkpoints (maxwellhub run --resume DIR)
+    dir = "out/relax_2d/checkpoints"
+    every = 200               # steps between checkpoints; 0 = only on SIGTERM/SIGINT
+    driver_every = 10         # socket drivers checkpoint every K steps (every % K == 0)
+    keep = 2                  # complete checkpoints kept (the newest ones)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -41,7 +48,7 @@ from typing import Any
 from .errors import UsageError
 
 __all__ = ["ConfigError", "Config", "Simulation", "Transport", "MoleculeGroup", "Output",
-           "load_config", "parse_config"]
+           "Checkpoint", "load_config", "parse_config", "parse_config_text"]
 
 
 class ConfigError(UsageError):
@@ -66,6 +73,7 @@ class Transport:
     port: int = 0
     timeout: float = 60.0
     molecules_per_driver: int = 1
+    secret_file: str | None = None   # shared secret: the hub requires it (HMAC challenge)
 
 
 @dataclass(frozen=True)
@@ -86,12 +94,23 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    directory: Path
+    every: int = 0          # steps between checkpoints; 0: only on SIGTERM/SIGINT
+    driver_every: int = 1   # socket drivers' own checkpoint interval K
+    keep: int = 2           # complete run checkpoints kept
+
+
+@dataclass(frozen=True)
 class Config:
     simulation: Simulation
     transport: Transport
     molecules: tuple[MoleculeGroup, ...]
     output: Output
     source: Path | None = None
+    checkpoint: Checkpoint | None = None
+    text: str = ""          # the TOML document as read (before --set overrides)
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE applied
 
     @property
     def molecule_count(self) -> int:
@@ -164,7 +183,7 @@ class _Table:
 
 def parse_config(data: dict, source: Path | None = None) -> Config:
     """Validate a parsed TOML document."""
-    top = _Table(data, "", ("simulation", "transport", "molecules", "output"))
+    top = _Table(data, "", ("simulation", "transport", "molecules", "output", "checkpoint"))
     sim_t = _Table(top.get("simulation"), "simulation",
                    ("dimensions", "cell", "resolution", "pml", "time_units_fs", "until"))
     dims = sim_t.number("dimensions", integer=True)
@@ -184,7 +203,8 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
         until=float(sim_t.number("until", low=0.0, low_open=True)))
 
     tr_t = _Table(top.get("transport", {}), "transport",
-                  ("kind", "name", "host", "port", "timeout", "molecules_per_driver"))
+                  ("kind", "name", "host", "port", "timeout", "molecules_per_driver",
+                   "secret_file"))
     kind = tr_t.choice("kind", _TRANSPORTS, "unix")
     name = tr_t.get("name", None)
     if name is not None and (not isinstance(name, str) or not name):
@@ -195,7 +215,11 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
     port = tr_t.number("port", 0, low=0, integer=True)
     if port > 65535:
         raise ConfigError(f"transport.port = {port}; expected 0..65535 (0 = any free port)")
-    transport = Transport(kind=kind, name=name, host=host, port=port,
+    secret_file = tr_t.get("secret_file", None)
+    if secret_file is not None and (not isinstance(secret_file, str) or not secret_file):
+        raise ConfigError(f"transport.secret_file = {secret_file!r}; expected the path of an "
+                          "owner-only file holding the shared secret")
+    transport = Transport(kind=kind, name=name, host=host, port=port, secret_file=secret_file,
                           timeout=float(tr_t.number("timeout", 60.0, low=0.0, low_open=True)),
                           molecules_per_driver=tr_t.number("molecules_per_driver", 1, low=1,
                                                            integer=True))
@@ -245,7 +269,23 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
     output = Output(directory=Path(directory),
                     record_every=out_t.number("record_every", 1, low=1, integer=True),
                     plot=plot)
-    return Config(simulation, transport, tuple(groups), output, source)
+    checkpoint = _checkpoint(top.get("checkpoint")) if top.has("checkpoint") else None
+    return Config(simulation, transport, tuple(groups), output, source, checkpoint)
+
+
+def _checkpoint(raw: Any) -> Checkpoint:
+    t = _Table(raw, "checkpoint", ("dir", "every", "driver_every", "keep"))
+    directory = t.get("dir")
+    if not isinstance(directory, str) or not directory:
+        raise ConfigError(f"checkpoint.dir = {directory!r}; expected a directory path")
+    every = t.number("every", 0, low=0, integer=True)
+    driver_every = t.number("driver_every", 1, low=1, integer=True)
+    if every and every % driver_every:
+        raise ConfigError(f"checkpoint.every = {every} is not a multiple of "
+                          f"checkpoint.driver_every = {driver_every}: a run checkpoint "
+                          "must find every socket driver's checkpoint at its step")
+    return Checkpoint(directory=Path(directory), every=every, driver_every=driver_every,
+                      keep=t.number("keep", 2, low=1, integer=True))
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
@@ -253,11 +293,19 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     to values, applied before validation (used by tests and ``--set``)."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    return parse_config_text(text, path, overrides)
+
+
+def parse_config_text(text: str, source: Path | None = None,
+                      overrides: dict | None = None) -> Config:
+    """:func:`load_config` of a TOML document already read (e.g. from a checkpoint)."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{source or 'the config'} is not valid TOML: {exc}") from None
     for dotted, value in (overrides or {}).items():
         *parents, last = dotted.split(".")
         node = data
@@ -266,4 +314,5 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {dotted}: {p} is not a table")
         node[last] = value
-    return parse_config(data, path)
+    config = parse_config(data, source)
+    return dataclasses.replace(config, text=text, overrides=dict(overrides or {}))

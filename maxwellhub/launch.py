@@ -59,15 +59,18 @@ def driver_command(model: str, params: Mapping[str, object] | None = None, *,
 
 def start_driver(model: str, params: Mapping[str, object] | None = None, *,
                  log_path: str | os.PathLike | None = None, secret: Secret | None = None,
-                 **where) -> subprocess.Popen:
+                 new_session: bool = False, **where) -> subprocess.Popen:
     """Start one driver subprocess (arguments as :func:`driver_command`). ``secret`` is
-    handed over in the environment (MAXWELLHUB_SECRET), never on the command line."""
+    handed over in the environment (MAXWELLHUB_SECRET), never on the command line.
+    ``new_session``: in its own session, so a Ctrl-C at the terminal reaches only the
+    parent (which then stops the driver itself)."""
     env = driver_env(secret.environ() if secret is not None else None)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(driver_command(model, params, **where), env=env,
                                 stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT if log_path else None)
+                                stderr=subprocess.STDOUT if log_path else None,
+                                start_new_session=new_session)
     finally:
         if log_path:
             out.close()

@@ -4,7 +4,9 @@ Builds the Meep problem of the config, starts the hub and the configured local d
 (rank 0 only under MPI), runs, writes the HDF5 file and the population plot, and prints
 one JSON line: fitted decay rate, golden-rule rate, relative error, steps, wall time and
 output paths. A bad config is refused before anything starts; a driver that dies ends
-the run with a message naming it, and the data recorded until then is written.
+the run with a message naming it, and the data recorded until then is written. With a
+``[checkpoint]`` table the whole coupled state is checkpointed every N steps and on
+SIGTERM/SIGINT, and ``--resume DIR`` continues bit for bit (:mod:`maxwellhub.checkpoint`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError, MoleculeGroup, load_config
+from .config import Config, ConfigError, MoleculeGroup, load_config, parse_config_text
 from .errors import MaxwellHubError
 from .launch import reap, start_driver
 from .mpi import am_master, rank_and_size
@@ -125,42 +128,82 @@ def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
 
 
 def _start_batch(ids: list[int], model: str, params: dict, per: int, logs: Path,
-                 where: dict, timeout: float) -> list:
-    """Start the driver(s) of one batch; returns [(first molecule id, process)]."""
+                 where: dict, timeout: float, extra: list[str] = (),
+                 new_session: bool = False, secret=None) -> list:
+    """Start the driver(s) of one batch; returns [(first molecule id, process)].
+    ``extra``: more driver options (checkpoints); ``new_session``: see start_driver."""
     if per == 1:
         return [(mid, start_driver(model, params, timeout=timeout,
-                                   log_path=logs / f"molecule_{mid}.log", **where))
+                                   log_path=logs / f"molecule_{mid}.log",
+                                   extra_args=list(extra), new_session=new_session,
+                                   secret=secret, **where))
                 for mid in ids]
     params_file = logs / f"ensemble_{ids[0]}.json"
     params_file.write_text(json.dumps(params))
     proc = start_driver(model, None, timeout=timeout, log_path=logs / f"molecule_{ids[0]}.log",
                         extra_args=["--molecules", str(len(ids)),
-                                    "--params-file", str(params_file)], **where)
+                                    "--params-file", str(params_file), *extra],
+                        new_session=new_session, secret=secret, **where)
     return [(ids[0], proc)]
 
 
-def run(config: Config, echo=print) -> dict:
-    """Run the job; returns the summary (also printed as one JSON line on rank 0)."""
+def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> dict:
+    """Run the job; returns the summary (also printed as one JSON line on rank 0).
+
+    ``resume``: a checkpoint directory (``[checkpoint] dir`` or one ``step_*`` in it) to
+    continue from; its config must match ``config`` (:mod:`maxwellhub.checkpoint`). With
+    a ``[checkpoint]`` table, SIGTERM/SIGINT write a checkpoint and end the run with
+    ``summary["stopped_by_signal"]`` set (``main`` then exits with status 75).
+    """
+    from . import checkpoint as ckpt
     from .em import MeepCoupling
     from .hub import SocketHub
 
     t_start = time.perf_counter()
     master = am_master()
     out_dir = config.output.directory
+    ck_config = config.checkpoint
+    identity = ckpt.config_identity(config)
+    loaded = None
+    if resume is not None:
+        if rank_and_size()[1] > 1:
+            raise ckpt.CheckpointError("--resume is not supported under MPI yet")
+        loaded = ckpt.load_checkpoint(resume)
+        ckpt.check_identity(loaded, identity)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
     sim = build_simulation(config)
+    dt_meep = sim.Courant / sim.resolution
+    steps_total = int(round(config.simulation.until / dt_meep))
+    if loaded is not None and loaded.step > steps_total:
+        raise ckpt.CheckpointError(
+            f"simulation.until = {config.simulation.until:g} ends at step {steps_total}, "
+            f"before the checkpoint's step {loaded.step} ({loaded.path})")
     transport = config.transport
     hub = None
+    hub_kw: dict = {}
+    if transport.kind != "embedded" and (ck_config is not None or loaded is not None):
+        # replayable history: K + 1 steps reach back to the drivers' last checkpoint
+        k = ck_config.driver_every if ck_config is not None else 1
+        saved = int(loaded.hub_snapshot.get("history", 0)) if loaded is not None \
+            and loaded.hub_snapshot is not None else 0
+        hub_kw["history"] = max(k + 1, saved)
+    secret = None
+    if transport.kind != "embedded" and transport.secret_file is not None:
+        from .auth import load_secret
+
+        secret = load_secret(transport.secret_file)   # a bad file: UsageError naming it
+        hub_kw["auth"] = secret
     if transport.kind != "embedded":
         control = f"mxh_run_{os.getpid()}"  # maxwellhub status|stop /tmp/maxwellhub_control_...
         if transport.kind == "unix":
             name = transport.name or f"mxh_run_{os.getpid()}"
-            hub = SocketHub(unixsocket=name, timeout=transport.timeout, control=control)
+            hub = SocketHub(unixsocket=name, timeout=transport.timeout, control=control,
+                            **hub_kw)
             where = {"unix": name}
         else:
             hub = SocketHub(host=transport.host, port=transport.port,
-                            timeout=transport.timeout, control=control)
+                            timeout=transport.timeout, control=control, **hub_kw)
             where = {"host": transport.host if transport.host != "0.0.0.0" else "127.0.0.1",
                      "port": hub.port}
     coupling = MeepCoupling(sim, time_units_fs=config.simulation.time_units_fs, hub=hub,
@@ -171,27 +214,71 @@ def run(config: Config, echo=print) -> dict:
     procs = []
     summary: dict = {}
     failure: BaseException | None = None
+    interrupted: ckpt.RunInterrupted | None = None
+    checkpointer = None
     if hub is not None and master:
         log.warning("control endpoint: %s (maxwellhub status|stop %s)", hub.control_address,
                     hub.control_address)
-    dt_meep = sim.Courant / sim.resolution
-    steps_total = int(round(config.simulation.until / dt_meep))
-    progress = Progress(steps_total)
+    start_step = loaded.step if loaded is not None else 0
+    progress = Progress(steps_total - start_step)
+    until = config.simulation.until
+    if ck_config is not None:
+        try:  # before anything is written: a locked directory must not cost the output
+            checkpointer = ckpt.RunCheckpointer(
+                ck_config.directory, sim, coupling, hub=hub, every=ck_config.every,
+                keep=ck_config.keep, identity=identity, config_text=config.text,
+                overrides=config.overrides)
+        except BaseException:
+            if hub is not None:
+                hub.stop()
+            raise
     try:
-        if hub is not None and master:
-            logs = out_dir / "drivers"
-            logs.mkdir(exist_ok=True)
-            for mid in np.concatenate(ids_by_group).tolist():
-                hub.register_molecule(mid)
-            for ids, model, params in _driver_batches(config, ids_by_group):
-                procs += _start_batch(ids, model, params, transport.molecules_per_driver,
-                                      logs, where, transport.timeout)
-                if not hub.wait_until_bound(ids, require_init=False,
-                                            timeout=transport.timeout):
-                    raise MaxwellHubError(_dead_drivers_message(procs, logs) or
-                                          f"drivers for molecules {ids} did not connect "
-                                          f"within {transport.timeout:g} s")
-        sim.run(coupling.step_function(), progress.step_function(), until=config.simulation.until)
+        if hub is None:
+            driver_args = []
+        elif checkpointer is not None:
+            driver_dir = checkpointer.driver_dir
+            driver_args = checkpointer.driver_args(ck_config.driver_every)
+        elif loaded is not None:
+            driver_dir = loaded.path.parent / "drivers"
+            driver_args = ["--checkpoint-dir", str(driver_dir)]
+        else:
+            driver_args = []
+        signals = checkpointer.signals() if checkpointer is not None \
+            else contextlib.nullcontext()
+        with signals:
+            if hub is not None and master:
+                logs = out_dir / "drivers"
+                logs.mkdir(exist_ok=True)
+                for mid in np.concatenate(ids_by_group).tolist():
+                    hub.register_molecule(mid)
+                if loaded is not None:
+                    if loaded.hub_snapshot is None:
+                        raise ckpt.CheckpointError(f"{loaded.path} has no hub snapshot")
+                    hub.restore(loaded.hub_snapshot)
+                    ckpt.restore_driver_files(loaded, driver_dir)
+                for ids, model, params in _driver_batches(config, ids_by_group):
+                    procs += _start_batch(ids, model, params, transport.molecules_per_driver,
+                                          logs, where, transport.timeout, driver_args,
+                                          new_session=checkpointer is not None,
+                                          secret=secret)
+                    if not hub.wait_until_bound(ids, require_init=False,
+                                                timeout=transport.timeout):
+                        raise MaxwellHubError(_dead_drivers_message(procs, logs) or
+                                              f"drivers for molecules {ids} did not connect "
+                                              f"within {transport.timeout:g} s")
+            if loaded is not None:
+                ckpt.restore(loaded, sim, coupling)
+                if checkpointer is not None:
+                    checkpointer.mark_restored(loaded.step)
+                log.warning("resumed from %s at step %d", loaded.path, loaded.step)
+            steps = [coupling.step_function()]
+            if checkpointer is not None:
+                steps.append(checkpointer.step_function())
+            # an absolute end, so that a resumed run stops where the uninterrupted one does
+            sim.run(*steps, progress.step_function(),
+                    until=lambda sim: sim.round_time() >= until)
+    except ckpt.RunInterrupted as exc:
+        interrupted = failure = exc
     except BaseException as exc:  # noqa: BLE001 - the data is written, then re-raised
         failure = exc
     finally:
@@ -202,12 +289,27 @@ def run(config: Config, echo=print) -> dict:
                 summary["control"] = hub.control_address
             if stopped:
                 summary["stopped"] = stopped
+            if loaded is not None:
+                summary["resumed_from"] = str(loaded.path)
+                summary["resumed_at_step"] = loaded.step
+            if checkpointer is not None:
+                summary["checkpoints_written"] = len(checkpointer.write_seconds)
+                if checkpointer.write_seconds:
+                    summary["checkpoint_write_ms"] = round(
+                        1e3 * float(np.mean(checkpointer.write_seconds)), 3)
+                summary["checkpoint"] = str(checkpointer.last_path) \
+                    if checkpointer.last_path else None
+            if interrupted is not None:
+                summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
+                summary["checkpoint"] = str(interrupted.path)
+        if checkpointer is not None:
+            checkpointer.close()
         if hub is not None:
             hub.stop()
         codes = reap([p for _, p in procs], 10.0)
         if master and procs:
             summary["driver_exit_codes"] = codes
-    if failure is not None and not stopped:
+    if failure is not None and not stopped and interrupted is None:
         if master:
             dead = _dead_drivers_message(procs, out_dir / "drivers")
             raise MaxwellHubError(f"run failed: {failure}" + (f"; {dead}" if dead else "")
@@ -282,7 +384,7 @@ def _finish(config: Config, coupling, failure, procs, t_start: float,
     summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
     attrs = {"complete": failure is None,
              "time_units_fs": config.simulation.time_units_fs,
-             "config": config.source.read_text() if config.source else "",
+             "config": config.text or (config.source.read_text() if config.source else ""),
              "summary": json.dumps(summary)}
     hdf5 = write_history(out_dir / "molecules.h5", history, attrs)
     summary["hdf5"] = str(hdf5)
@@ -296,11 +398,29 @@ def _finish(config: Config, coupling, failure, procs, t_start: float,
     return summary
 
 
-def main(config_path: str | None = None, overrides: dict | None = None) -> int:
-    """Entry of ``maxwellhub run``; returns the exit status."""
+def main(config_path: str | None = None, overrides: dict | None = None,
+         resume: str | None = None) -> int:
+    """Entry of ``maxwellhub run``; returns the exit status: 0 done, 1 the run failed,
+    2 bad config or a checkpoint that does not fit, 75 stopped by SIGTERM/SIGINT with a
+    checkpoint written (continue with ``--resume``).
+
+    With ``resume`` and no ``config_path`` the config saved in the checkpoint is used
+    (with its ``--set`` overrides, then these)."""
+    from .checkpoint import STOPPED_BY_SIGNAL, CheckpointError, load_checkpoint
+
     path = Path(config_path) if config_path else DEFAULT_CONFIG
     try:
-        config = load_config(path, overrides)
+        if resume is not None and config_path is None:
+            try:
+                manifest = load_checkpoint(resume).manifest
+            except CheckpointError as exc:
+                print(f"maxwellhub run: {exc}", file=sys.stderr)
+                return 2
+            path = Path(resume)
+            config = parse_config_text(manifest.get("config_text", ""), None,
+                                       {**manifest.get("overrides", {}), **(overrides or {})})
+        else:
+            config = load_config(path, overrides)
         from maxwellhub_drivers.models import get_model_class
         for i, g in enumerate(config.molecules):
             try:
@@ -312,9 +432,13 @@ def main(config_path: str | None = None, overrides: dict | None = None) -> int:
         print(f"maxwellhub run: bad config {path}: {exc}", file=sys.stderr)
         return 2
     try:
-        run(config)
+        summary = run(config, resume=resume)
+    except CheckpointError as exc:
+        if am_master():
+            print(f"maxwellhub run: {exc}", file=sys.stderr)
+        return 2
     except MaxwellHubError as exc:
         if am_master():
             print(f"maxwellhub run: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return STOPPED_BY_SIGNAL if summary.get("stopped_by_signal") else 0

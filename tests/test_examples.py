@@ -193,3 +193,30 @@ def test_ensemble_drivers_in_main_job_match_embedded(tmp_path):
         "molecule_0.log", "molecule_4.log", "molecule_8.log"]
     assert runs["ensembles"].shape == runs["embedded"].shape == (401, 10)
     assert abs(runs["ensembles"] - runs["embedded"]).max() <= 1e-12
+
+
+@pytest.mark.meep
+def test_main_job_over_tcp_with_a_shared_secret(tmp_path):
+    """`transport.secret_file`: the hub requires the secret, the drivers it starts get it in
+    their environment, and the run matches the UNIX run; a file readable by others is
+    refused before anything starts, naming the file."""
+    secret = tmp_path / "hub.secret"
+    secret.write_text("s3cret-for-the-test\n")
+    secret.chmod(0o600)
+    common = ["--set", "simulation.until=4", "--set", f'output.directory="{tmp_path}"']
+    tcp = run_cli("run", str(EXAMPLES / "relax_2d.toml"), *common,
+                  "--set", 'transport.kind="tcp"', "--set", f'transport.secret_file="{secret}"',
+                  cwd=tmp_path)
+    assert tcp.returncode == 0, tcp.stderr[-3000:]
+    unix = run_cli("run", str(EXAMPLES / "relax_2d.toml"), *common, cwd=tmp_path)
+    assert unix.returncode == 0, unix.stderr[-3000:]
+    a = json.loads(tcp.stdout.strip().splitlines()[-1])
+    b = json.loads(unix.stdout.strip().splitlines()[-1])
+    assert a["transport"] == "tcp" and a["steps"] == b["steps"]
+    assert a["curve_max_over_p0"] == b["curve_max_over_p0"]
+    assert "authentication failed" not in tcp.stderr
+    secret.chmod(0o644)
+    bad = run_cli("run", str(EXAMPLES / "relax_2d.toml"), *common,
+                  "--set", 'transport.kind="tcp"', "--set", f'transport.secret_file="{secret}"',
+                  cwd=tmp_path)
+    assert bad.returncode != 0 and str(secret) in bad.stderr, bad.stderr[-2000:]

@@ -59,6 +59,12 @@ accumulates. Consequences: do not call ``change_sources``, ``reset_meep`` or
 ``restart_fields`` once the molecules are coupled (detected: the step raises), and
 ``until_after_sources`` never ends (the molecule sources never stop).
 
+Checkpoints (:mod:`maxwellhub.checkpoint`): between steps the coupling's whole state is a
+dict of arrays (:meth:`MeepCoupling.checkpoint_state`); :meth:`MeepCoupling.restore_state`
+rebuilds the sites, zeroes the DFT accumulators and adds the saved amplitudes to Meep's
+zero ones, so Meep holds exactly the mirrored values and a resumed run is bitwise the
+uninterrupted one (Meep's own ``dump_fields``/``load_fields`` carry the fields).
+
 This module never makes a Python call per molecule or per grid point in a step (except
 the hub's per-socket-molecule requests), never talks to the hub on MPI ranks other than 0,
 never pickles (amplitudes reach the other ranks with ``Bcast``), and never converts units
@@ -277,6 +283,26 @@ class _Sites:
             site_field[p.start:p.stop] = p.view.real
             p.view.fill(0.0)
         return _matvec(self.read_matrix, site_field, self._read, self._rows)
+
+    def restore(self, held: np.ndarray) -> None:
+        """Zero the DFT accumulators and make Meep hold ``held`` (from a checkpoint's
+        ``self.held``) at the sites; called right after the sites were built, when Meep
+        holds exactly 0 there, so it then holds ``0 + held``, the same bits as ``held``."""
+        held = np.asarray(held, dtype=np.float64)
+        if held.shape != self.held.shape:
+            raise UsageError(f"the checkpoint has source amplitudes at {held.shape[0]} sites "
+                             f"but this simulation has {self.held.shape[0]} on this rank: "
+                             "the cell, resolution, molecules or MPI ranks differ")
+        self.clear_accumulators()
+        np.subtract(held, self.held, out=self._delta.real)
+        self.held += self._delta.real
+        for args in self._srcdata_args:
+            self.fields.add_srcdata(*args)
+
+    def clear_accumulators(self) -> None:
+        """Zero the DFT accumulators (the next ``fields.step()`` writes the next E)."""
+        for p in self.patches:
+            p.view.fill(0.0)
 
     def emit(self, sources_au: np.ndarray) -> None:
         """Make Meep's current at every site equal to the molecules' emission, from
@@ -601,6 +627,107 @@ class MeepCoupling:
             missing = [m for m in payloads if not self.hub.all_bound([m])]
             raise TimeoutError(f"no driver bound molecule(s) {missing} within "
                                f"{self.timeout} s")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        """Everything the coupling carries from one step to the next, as named arrays
+        (no objects: savable with ``np.savez`` and loadable with ``allow_pickle=False``).
+
+        Call it from a step function placed after the coupling's in ``sim.run``, when
+        the molecules have done step ``sim.fields.t`` and Meep's fields are still at
+        that step (:mod:`maxwellhub.checkpoint` does, together with Meep's own field
+        dump). On rank 0: the step, the molecules' ids, every embedded model's state,
+        the last fields and sources, the self-Coulomb bookkeeping, the amplitudes Meep
+        holds at this rank's sites, and the recorded history; on other MPI ranks the
+        step, the sources and their own sites' amplitudes. Socket molecules' states live
+        in their drivers (and the hub's snapshot), not here.
+        """
+        if not self._started or self._last_step is None:
+            raise UsageError("checkpoint_state: the coupling has not stepped yet (a "
+                             "checkpoint before the first step is a fresh start)")
+        if self.sim.fields.t != self._last_step:
+            raise UsageError(f"checkpoint_state at Meep step {self.sim.fields.t}, but the "
+                             f"molecules are at step {self._last_step}: call it from a step "
+                             "function after the coupling's")
+        state: dict[str, np.ndarray] = {
+            "last_step": np.array(self._last_step, dtype=np.int64),
+            "molecule_id": self.molecule_ids,
+            "sources": self._bcast[:-1].copy(),
+            "emitted": self._emitted.copy(),
+            "held": self._sites.held.copy(),
+        }
+        if self._rank != 0:
+            return state
+        state["fields_au"] = np.array(self.fields_au, dtype=np.float64)
+        for g, group in enumerate(self._groups):
+            if group.model is not None:
+                for key, value in group.model.get_state().items():
+                    state[f"model.{g}.{key}"] = np.asarray(value)
+        state["records.step"] = np.array([s for s, _ in self._records], dtype=np.int64)
+        for j, size in enumerate(self._slot_sizes()):
+            keys = sorted({k for _, extras in self._records for k in extras[j]})
+            state[f"records.{j}.keys"] = np.array(keys, dtype=str)
+            for i, key in enumerate(keys):
+                rows = [extras[j].get(key) for _, extras in self._records]
+                if all(r is not None for r in rows):  # the usual case: one C-level stack
+                    table = np.stack(rows).astype(np.float64, copy=False).reshape(-1, size)
+                else:
+                    table = np.full((len(self._records), size), np.nan)
+                    for t, r in enumerate(rows):
+                        if r is not None:
+                            table[t] = r
+                state[f"records.{j}.{i}"] = table
+        return state
+
+    def restore_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Continue from :meth:`checkpoint_state`'s arrays, before ``sim.run``: sets the
+        coupling up now (binding socket molecules' drivers, so start them first), puts
+        every embedded model, source amplitude and record back, and makes the step the
+        checkpoint was taken at count as done. Load Meep's fields (``sim.load_fields``)
+        after this call, and (socket molecules) restore the hub before it: the DFT
+        monitors must exist when Meep loads its fields, and the hub must know its step
+        before drivers bind."""
+        if self._started:
+            raise UsageError("restore_state must be called before the coupling has run")
+        saved_ids = np.asarray(state["molecule_id"])
+        if not np.array_equal(saved_ids, self.molecule_ids):
+            raise UsageError(f"the checkpoint's molecule ids {saved_ids.tolist()[:10]} differ "
+                             f"from this coupling's {self.molecule_ids.tolist()[:10]}")
+        if self.sim.fields is None:
+            self.sim.init_sim()
+        self._start(self.sim)
+        self._sites.restore(state["held"])
+        self._bcast[:-1] = state["sources"]
+        self._emitted[:] = state["emitted"]
+        self._last_step = int(state["last_step"])
+        if self._rank != 0:
+            return
+        self.fields_au = np.array(state["fields_au"], dtype=np.float64)
+        for g, group in enumerate(self._groups):
+            if group.model is not None:
+                prefix = f"model.{g}."
+                group.model.set_state({k[len(prefix):]: v for k, v in state.items()
+                                       if k.startswith(prefix)})
+        steps = np.asarray(state["records.step"]).tolist()
+        slots = []
+        for j in range(len(self._slot_sizes())):
+            keys = np.asarray(state[f"records.{j}.keys"]).tolist()
+            slots.append({key: np.asarray(state[f"records.{j}.{i}"])
+                          for i, key in enumerate(keys)})
+        self._records = [(s, [{key: table[t] for key, table in slot.items()}
+                              for slot in slots])
+                         for t, s in enumerate(steps)]
+
+    def clear_field_reads(self) -> None:
+        """Zero the DFT accumulators the coupling reads E from (after ``sim.load_fields``,
+        which also loads them, in single precision)."""
+        self._sites.clear_accumulators()
+
+    def _slot_sizes(self) -> list[int]:
+        """Molecules per entry of a record's extras list: embedded groups, then sockets."""
+        sizes = [len(g.ids) for g in self._groups if g.model is not None]
+        return sizes + ([int(self._socket_rows.size)] if self._socket_rows.size else [])
 
     # ------------------------------------------------------------------ results
 

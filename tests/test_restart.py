@@ -1,0 +1,369 @@
+"""Whole-run restart (issue 5, item 2): ``maxwellhub run`` killed with SIGKILL at a random
+step and resumed with ``--resume`` gives bit for bit the uninterrupted run's output, with
+embedded molecules and with socket drivers; SIGTERM writes a checkpoint and exits 75; a
+resume with a config that differs where it matters is refused, naming the key.
+
+Real Meep, real driver processes, small 2D cells (600 steps). The kill lands a random
+delay after a random periodic checkpoint, so at an arbitrary step (the seed is in every
+assertion message)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _util import scaled
+
+from maxwellhub.config import ConfigError, parse_config_text
+
+BIN = Path(sys.executable).parent
+STOPPED_BY_SIGNAL = 75
+
+CONFIG = """
+[simulation]
+dimensions = 2
+cell = [6.0, 6.0]
+resolution = 10
+pml = 2.0
+time_units_fs = 0.1
+until = 30
+
+[transport]
+kind = "{kind}"
+{name}
+
+[[molecules]]
+model = "tls"
+positions = [[0.0, 0.0], [0.5, 0.2]]
+sigma = 0.1
+axis = "z"
+[molecules.params]
+omega = 0.242
+mu12 = 187.0
+pe_initial = 1e-2
+
+[output]
+directory = "{out}"
+plot = false
+"""
+
+CHECKPOINT = """
+[checkpoint]
+dir = "{dir}"
+every = 50
+driver_every = 10
+"""
+
+
+def _write_config(path: Path, kind: str, out: Path, unix_name: str | None,
+                  checkpoint_dir: Path | None) -> Path:
+    text = CONFIG.format(kind=kind, out=out,
+                         name=f'name = "{unix_name}"' if unix_name else "")
+    if checkpoint_dir is not None:
+        text += CHECKPOINT.format(dir=checkpoint_dir)
+    path.write_text(text)
+    return path
+
+
+def _env(tag: str) -> dict[str, str]:
+    """The runs' environment; ``tag`` marks them and their drivers (see _wait_tagged)."""
+    return dict(os.environ, MXH_RESTART_TEST=tag)
+
+
+def _run(args: list[str], tag: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "maxwellhub"), *args], capture_output=True, text=True,
+                          env=_env(tag), timeout=scaled(timeout))
+
+
+def _summary(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _tagged(tag: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                env = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if f"MXH_RESTART_TEST={tag}".encode() in env.split(b"\0"):
+                found.append(int(entry))
+    return found
+
+
+def _wait_tagged(tag: str, seconds: float) -> None:
+    """Wait (pidfd, no polling) for the drivers a SIGKILLed run left behind: they see
+    the hub vanish and exit. Fails if any is still alive at the deadline."""
+    poller, fds = select.poll(), []
+    try:
+        for pid in _tagged(tag):
+            try:
+                fds.append(os.pidfd_open(pid))
+            except OSError:
+                continue
+            poller.register(fds[-1], select.POLLIN)
+        pending, end = len(fds), time.monotonic() + seconds
+        while pending and (left := end - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                poller.unregister(fd)
+                pending -= 1
+    finally:
+        for fd in fds:
+            os.close(fd)
+    alive = [p for p in _tagged(tag) if Path(f"/proc/{p}").exists()
+             and Path(f"/proc/{p}/stat").read_text().split(")")[-1].split()[0] != "Z"]
+    assert not alive, f"processes of the killed run still alive: {alive}"
+
+
+def _run_and_signal(config: Path, tag: str, rng: random.Random, sig: int,
+                    after: int) -> tuple[subprocess.Popen, str, str]:
+    """Start ``maxwellhub -v run config``; ``after`` periodic checkpoints were logged plus
+    a random 0-50 ms, send ``sig``. Returns the process (ended), stdout and stderr."""
+    run = subprocess.Popen([str(BIN / "maxwellhub"), "-v", "run", str(config)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=_env(tag))
+    lines = []
+    try:
+        end = time.monotonic() + scaled(60)
+        seen = 0
+        while seen < after:
+            ready, _, _ = select.select([run.stderr], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                pytest.fail(f"no {after} checkpoints logged in time:\n" + "".join(lines))
+            line = run.stderr.readline()
+            if not line:
+                pytest.fail(f"the run ended before {after} checkpoints:\n" + "".join(lines))
+            lines.append(line)
+            seen += "maxwellhub.checkpoint: checkpoint at step" in line
+        time.sleep(rng.uniform(0.0, 0.05))  # a random step after that checkpoint
+        run.send_signal(sig)
+        out, err = run.communicate(timeout=scaled(60))
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    return run, out, "".join(lines) + err
+
+
+def _datasets(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    import h5py
+
+    with h5py.File(path) as f:
+        return {key: f[key][()] for key in f}, dict(f.attrs)
+
+
+def _assert_bitwise(reference: Path, resumed: Path, why: str) -> None:
+    ref, _ = _datasets(reference)
+    got, attrs = _datasets(resumed)
+    assert attrs["complete"], why
+    assert sorted(ref) == sorted(got), why
+    for key in ref:
+        assert ref[key].shape == got[key].shape, f"{key}: {why}"
+        # bitwise: the same floats, NaN where the uninterrupted run has NaN
+        assert np.array_equal(ref[key], got[key], equal_nan=True), \
+            f"{key} differs by {np.nanmax(np.abs(ref[key] - got[key]))}: {why}"
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted runs (no [checkpoint] table), embedded and over UNIX sockets."""
+    base = tmp_path_factory.mktemp("reference")
+    out = {}
+    for kind in ("embedded", "unix"):
+        name = f"mxhrs_{os.getpid()}_{uuid.uuid4().hex[:6]}" if kind == "unix" else None
+        config = _write_config(base / f"{kind}.toml", kind, base / kind, name, None)
+        done = _run(["run", str(config)], uuid.uuid4().hex)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert _summary(done.stdout)["steps"] == 601
+        out[kind] = base / kind / "molecules.h5"
+    return out
+
+
+def _kill_and_resume(tmp_path: Path, kind: str, unix_name: str | None,
+                     reference: Path) -> dict:
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    ckdir = tmp_path / "ck"
+    config = _write_config(tmp_path / "run.toml", kind, tmp_path / "out", unix_name, ckdir)
+    tag = uuid.uuid4().hex
+    after = rng.randint(1, 8)
+    run, out, err = _run_and_signal(config, tag, rng, signal.SIGKILL, after)
+    why = f"seed {seed}, killed after checkpoint {after}"
+    assert run.returncode == -signal.SIGKILL, f"{why}: {err[-3000:]}"
+    _wait_tagged(tag, scaled(20))
+    _cleanup_control(run.pid)
+    (ckdir / ".partial_9999999999_1").mkdir()  # as if killed while writing one
+    done = _run(["run", str(config), "--resume", str(ckdir)], tag)
+    assert done.returncode == 0, f"{why}: {done.stderr[-3000:]}"
+    summary = _summary(done.stdout)
+    assert summary["complete"] and summary["steps"] == 601, why
+    assert summary["resumed_at_step"] >= 50 * after, why
+    assert not (ckdir / ".partial_9999999999_1").exists(), "a stale partial checkpoint stayed"
+    _assert_bitwise(reference, tmp_path / "out" / "molecules.h5",
+                    f"{why}, resumed at step {summary['resumed_at_step']}")
+    return summary
+
+
+def _cleanup_control(pid: int) -> None:
+    """A SIGKILLed run leaves its control socket and token file in /tmp."""
+    for suffix in ("", ".token"):
+        Path(f"/tmp/maxwellhub_control_mxh_run_{pid}{suffix}").unlink(missing_ok=True)
+
+
+@pytest.mark.meep
+def test_embedded_run_killed_and_resumed_is_bitwise(tmp_path, references):
+    """Embedded molecules: SIGKILL at a random step, --resume: every dataset of the HDF5
+    output is bitwise the uninterrupted run's (populations, dipoles, times, steps)."""
+    _kill_and_resume(tmp_path, "embedded", None, references["embedded"])
+
+
+@pytest.mark.meep
+def test_socket_run_killed_and_resumed_is_bitwise(tmp_path, unix_name, references):
+    """Two socket drivers (checkpoints every 10 steps, hub replay): SIGKILL of the EM
+    process at a random step, --resume restarts the drivers from their checkpoints and the
+    output is bitwise the uninterrupted socket run's."""
+    summary = _kill_and_resume(tmp_path, "unix", unix_name, references["unix"])
+    assert summary["driver_exit_codes"] == [0, 0]
+
+
+@pytest.mark.meep
+def test_sigterm_writes_checkpoint_and_exits_75(tmp_path, unix_name, references):
+    """SIGTERM: a checkpoint at the current step boundary, drivers stopped (exit 0), the
+    steps so far in the HDF5 file (incomplete), exit status 75; resuming it completes the
+    run bitwise equal to the uninterrupted one."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    ckdir = tmp_path / "ck"
+    config = _write_config(tmp_path / "run.toml", "unix", tmp_path / "out", unix_name, ckdir)
+    tag = uuid.uuid4().hex
+    run, out, err = _run_and_signal(config, tag, rng, signal.SIGTERM, rng.randint(1, 6))
+    assert run.returncode == STOPPED_BY_SIGNAL, f"seed {seed}: {err[-3000:]}"
+    summary = _summary(out)
+    assert summary["stopped_by_signal"] == "SIGTERM" and not summary["complete"]
+    assert summary["driver_exit_codes"] == [0, 0]
+    step = summary["steps"] - 1  # the checkpoint's step: the last one the molecules did
+    checkpoint = Path(summary["checkpoint"])
+    assert checkpoint == ckdir / f"step_{step:010d}"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["step"] == step and manifest["reason"] == "signal"
+    assert {"fields.h5", "coupling.npz", "hub.npz"} <= set(manifest["files"])
+    partial, attrs = _datasets(tmp_path / "out" / "molecules.h5")
+    assert not attrs["complete"] and partial["step"][-1] == step
+    ref, _ = _datasets(references["unix"])
+    assert np.array_equal(partial["Pe"], ref["Pe"][:step + 1])
+    done = _run(["run", str(config), "--resume", str(ckdir)], tag)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _summary(done.stdout)["resumed_at_step"] == step
+    _assert_bitwise(references["unix"], tmp_path / "out" / "molecules.h5", f"seed {seed}")
+
+
+@pytest.mark.meep
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    """--resume refuses a config that differs where it matters (exit 2, naming the key and
+    both values) and accepts changes that do not (output directory, simulation.until)."""
+    ckdir = tmp_path / "ck"
+    config = _write_config(tmp_path / "run.toml", "embedded", tmp_path / "out", None, ckdir)
+    tag = uuid.uuid4().hex
+    done = _run(["run", str(config), "--set", "simulation.until=2",
+                 "--set", "checkpoint.every=10"], tag)
+    assert done.returncode == 0, done.stderr[-3000:]
+    changed = tmp_path / "changed.toml"
+    changed.write_text(config.read_text().replace("pe_initial = 1e-2", "pe_initial = 2e-2"))
+    bad = _run(["run", str(changed), "--resume", str(ckdir)], tag)
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "molecules[0].params.pe_initial" in bad.stderr, bad.stderr
+    assert "0.01" in bad.stderr and "0.02" in bad.stderr, bad.stderr
+    bad = _run(["run", str(config), "--resume", str(ckdir),
+                "--set", "simulation.resolution=12"], tag)
+    assert bad.returncode == 2 and "simulation.resolution" in bad.stderr, bad.stderr
+    ok = _run(["run", "--resume", str(ckdir), "--set", "simulation.until=3",
+               "--set", f'output.directory="{tmp_path / "elsewhere"}"'], tag)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    summary = _summary(ok.stdout)
+    assert summary["resumed_at_step"] == 40 and summary["steps"] == 61
+
+
+def test_checkpoint_config_is_validated():
+    """[checkpoint] keys are checked before anything starts, naming the key."""
+    base = CONFIG.format(kind="embedded", out="out", name="")
+    good = parse_config_text(base + CHECKPOINT.format(dir="ck"))
+    assert good.checkpoint.every == 50 and good.checkpoint.driver_every == 10
+    for table, key in (('dir = "ck"\nevery = 25\ndriver_every = 10', "checkpoint.every"),
+                       ('dir = "ck"\nevery = -1', "checkpoint.every"),
+                       ('every = 10', "checkpoint.dir"),
+                       ('dir = "ck"\nkeep = 0', "checkpoint.keep"),
+                       ('dir = "ck"\nevry = 10', "checkpoint.evry")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse_config_text(base + "\n[checkpoint]\n" + table + "\n")
+
+
+@pytest.mark.meep
+def test_api_resume_beyond_float32_step_counts(tmp_path):
+    """Python API in one process: checkpoint, then resume into a new Simulation at a step
+    count above 2**24 (Meep 1.25 dumps its step counter as float32; the manifest's exact
+    step is put back); the continued history is bitwise the uninterrupted one's."""
+    import meep as mp
+
+    from maxwellhub.checkpoint import RunCheckpointer, load_checkpoint
+    from maxwellhub.em import MeepCoupling
+
+    mp.verbosity(0)
+    start = 2**24 + 2  # the checkpoint at start + 25 is odd: float32 cannot hold it
+
+    def build():
+        sim = mp.Simulation(cell_size=mp.Vector3(4, 4), resolution=10,
+                            boundary_layers=[mp.PML(1.0)])
+        sim.init_sim()
+        sim.fields.t = start  # as if it had run that long
+        coupling = MeepCoupling(sim, time_units_fs=0.1)
+        coupling.add_molecules("tls", centers=[(0, 0)], sigma=0.1, axis="z", omega=0.242,
+                               mu12=187.0, pe_initial=1e-2)
+        return sim, coupling
+
+    def until(n):
+        return lambda sim: sim.fields.t >= start + n
+
+    sim, coupling = build()
+    sim.run(coupling.step_function(), until=until(60))
+    reference = coupling.history()
+    sim, coupling = build()
+    with RunCheckpointer(tmp_path / "ck", sim, coupling) as ckpt:
+        sim.run(coupling.step_function(), until=until(25))
+        written = ckpt.write("test")
+    assert load_checkpoint(tmp_path / "ck").path == written
+    sim, coupling = build()
+    with RunCheckpointer(tmp_path / "ck", sim, coupling) as ckpt:
+        assert ckpt.resume() == start + 25
+        assert sim.fields.t == start + 25  # not its float32, 2**24 + 26 or + 28
+        sim.run(coupling.step_function(), ckpt.step_function(), until=until(60))
+    resumed = coupling.history()
+    assert sorted(resumed) == sorted(reference)
+    for key, value in reference.items():
+        assert np.array_equal(value, resumed[key], equal_nan=True), key
+
+
+@pytest.mark.meep
+def test_checkpoint_directory_is_locked(tmp_path):
+    """A second checkpointer on the same directory is refused while the first holds it."""
+    import meep as mp
+
+    from maxwellhub.checkpoint import CheckpointError, RunCheckpointer
+    from maxwellhub.em import MeepCoupling
+
+    sim = mp.Simulation(cell_size=mp.Vector3(4, 4), resolution=10)
+    coupling = MeepCoupling(sim)
+    with RunCheckpointer(tmp_path, sim, coupling):
+        with pytest.raises(CheckpointError, match="another run"):
+            RunCheckpointer(tmp_path, sim, coupling)
+    RunCheckpointer(tmp_path, sim, coupling).close()  # free again
