@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/run_all.py [--quick]
 
 In order: hub barrier throughput (hub_throughput.py), real drivers (drivers.py),
-ensemble throughput (ensemble.py), Meep coupling (meep_coupling.py), and Meep coupling
-side by side with MaxwellLink's adaptor (meep_maxwelllink.py). Each script runs as
+ensemble throughput (ensemble.py), relays vs direct connections (relay.py), Meep
+coupling (meep_coupling.py), and Meep coupling side by side with MaxwellLink's adaptor
+(meep_maxwelllink.py). Each script runs as
 its own process with BLAS pinned to one thread; its output is passed through as it
 comes. --quick makes every part smaller and shorter (rough numbers, for checking that
 everything runs). Exit status 1 if a part fails.
@@ -23,6 +24,7 @@ FULL = {
     "hub_throughput.py": [],
     "drivers.py": [],
     "ensemble.py": [],
+    "relay.py": [],
     "meep_coupling.py": [],
     "meep_maxwelllink.py": [],
 }
@@ -30,6 +32,7 @@ QUICK = {
     "hub_throughput.py": ["--quick"],
     "drivers.py": ["--quick"],
     "ensemble.py": ["--quick"],
+    "relay.py": ["--quick"],
     "meep_coupling.py": ["--counts", "0,1,100", "--sigmas", "0.1", "--socket-counts", "1",
                          "--ensemble-counts", "1000",
                          "--steps", "100", "--repeat", "1"],

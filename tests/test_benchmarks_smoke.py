@@ -77,6 +77,15 @@ def test_drivers_measures_maxwelllink():
     measured_row(out, "MaxwellLink mxl_driver -m sho")
 
 
+@needs_cc
+def test_relay_prints_direct_and_relayed_side_by_side():
+    """relay.py with 8 drivers, direct and behind 2 relays, prints both rows and the ratio."""
+    out = run("relay.py", "--drivers", "8", "--relays", "2", "--steps", "20", "--warmup", "5")
+    measured_row(out, "8 direct connections")
+    measured_row(out, "8 drivers behind 2 relays (4 each)")
+    measured_row(out, "ratio relays / direct")
+
+
 def test_run_all_help():
     """run_all.py parses its options (the full run is too long for a test)."""
     assert "--quick" in run("run_all.py", "--help")

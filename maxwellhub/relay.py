@@ -1,0 +1,605 @@
+"""A relay node: many local drivers behind one upstream connection with batched frames.
+
+``maxwellhub relay`` runs on a compute node. Its local side is a :class:`~maxwellhub.Hub`
+listening on a UNIX socket (and/or TCP) for ordinary drivers (``maxwellhub-driver``,
+MaxwellLink's ``mxl_driver``, ensembles); its upstream side is ONE connection to the
+run's hub on which the relay behaves as an ensemble driver hosting M molecules
+(MXHHELLO, MXHWELCOME, MXHFIELDS + GETFORCE answered by MXHSOURCES; see
+:mod:`maxwellhub.wire`). The hub's per-step work then grows with the number of relays,
+not with the number of molecules. The two-layer idea is MaxwellLink's bridge and
+ChAR0N's router; the frames are maxwellhub's own.
+
+Session, in order:
+
+1. Listen locally and wait until drivers for M molecules have connected (deadline
+   ``timeout``); only then connect upstream (retrying until ``timeout``) and say
+   MXHHELLO(M), so a relay never claims molecules it cannot serve.
+2. The upstream INIT names the M molecule ids (``molecule_id_range`` or
+   ``molecule_ids``) and their payloads (``payloads``, or one shared object). The relay
+   registers exactly those ids locally with those payloads, so every local driver gets
+   INIT with its real molecule id, ``dt_au`` and the user's keys; it answers the
+   upstream STATUS with READY once every local driver is initialised.
+3. Each upstream MXHFIELDS + GETFORCE is one local barrier step (:meth:`Hub.step_arrays`)
+   answered by one MXHSOURCES; the local drivers' per-molecule JSON extras travel as
+   numeric arrays by key (NaN where a molecule does not report a key; strings and
+   booleans do not travel).
+4. Upstream STOP: STOP to every local driver, then BYE upstream, exit 0 (EXIT: the same
+   without BYE).
+
+Continuity: a local driver that dies mid-run is replaced like a direct one (the local
+hub waits up to ``timeout`` for a driver to connect to the relay and gives it the frozen
+field) while the upstream step waits for the relay. If no replacement comes, or the
+upstream goes away, the relay stops its local drivers and exits non-zero with one line
+saying why; the upstream hub sees the relay's connection drop and applies its own
+lost-driver policy (wait for a replacement relay, or abort).
+
+Exit statuses of :meth:`Relay.run` (and of ``maxwellhub relay``): 0 after STOP or EXIT,
+1 the upstream hub unreachable or gone (or the relay interrupted), 2 a protocol error
+from the upstream hub, 3 the local drivers did not connect, initialise or answer in time.
+
+This module never unpickles, never converts units, and never puts a secret on a command
+line or in a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import math
+import signal
+import socket
+from typing import Any
+
+import numpy as np
+
+from . import hub as _hub
+from . import wire
+from .addresses import DEFAULT_PORT, unix_socket_path
+from .auth import Secret, is_loopback
+from .errors import MaxwellHubError, ProtocolError, UsageError
+from .hub import Hub, StopRequested
+
+__all__ = ["Relay", "EXIT_OK", "EXIT_UPSTREAM", "EXIT_PROTOCOL", "EXIT_LOCAL"]
+
+log = logging.getLogger("maxwellhub.relay")
+
+EXIT_OK = 0
+EXIT_UPSTREAM = 1      # upstream unreachable or gone before STOP/EXIT; interrupted
+EXIT_PROTOCOL = 2      # the upstream hub sent bad bytes or an unusable INIT
+EXIT_LOCAL = 3         # local drivers did not connect, initialise or answer in time
+
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 1.0
+_RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
+                 errno.EAGAIN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+# Keys the INIT of an ensemble carries about the ensemble itself, not about a molecule.
+# "mxh_resume" is the upstream hub's replay offer to this connection; the local hub makes
+# its own offer to each local driver.
+_ENSEMBLE_KEYS = ("molecule_id_range", "molecule_ids", "payloads", "molecule_id",
+                  "mxh_resume")
+# What MXHSOURCES can carry (the upstream decoder's default Limits).
+_MAX_EXTRAS_KEYS = wire.Limits().max_extras_keys
+_MAX_KEY_BYTES = wire.Limits().max_key_bytes
+_SPARES = 256            # local drivers beyond M allowed to wait as replacements
+_LOCAL_STOP_WAIT = 1.0   # s for local BYEs, shorter than the upstream's wait for ours
+
+_STATUS_REPLY = {name: wire.encode_header(name)
+                 for name in (wire.NEEDINIT, wire.READY, wire.HAVEDATA)}
+_BYE = wire.encode_header(wire.BYE)
+
+
+class RelayFailed(MaxwellHubError):
+    """The relay cannot go on; ``code`` is its exit status, the message says why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _LocalHub(Hub):
+    """The relay's local hub: a :class:`Hub` that can also wait until drivers for a
+    number of molecules have connected, before any molecule id is known.
+
+    (A public ``Hub.wait_for_drivers(molecules, timeout)`` would make this subclass
+    unnecessary; it hooks the two places where anonymous drivers come and go.)
+    """
+
+    def waiting_molecules(self) -> int:
+        """Molecules that the anonymous drivers waiting for a binding could host."""
+        return sum(d.size for d in self._unbound if d.state == _hub._UNBOUND)
+
+    def _driver_available(self, driver) -> None:
+        super()._driver_available(driver)
+        self._notify()
+
+    def _connection_lost(self, driver, previous, exc) -> None:
+        super()._connection_lost(driver, previous, exc)
+        self._notify()
+
+    async def wait_for_drivers(self, molecules: int, timeout: float) -> int:
+        """Wait until drivers for ``molecules`` molecules wait for a binding, or until
+        ``timeout`` s passed; return how many molecules they can host."""
+        deadline = self._loop.time() + timeout
+        while (have := self.waiting_molecules()) < molecules:
+            if not await self._wait_change(deadline):
+                return self.waiting_molecules()
+        return have
+
+
+def _describe_upstream(unix: str | None, host: str | None, port: int) -> str:
+    if unix is not None:
+        return f"unix:{unix_socket_path(unix)}"
+    return f"tcp:{host or '127.0.0.1'}:{port}"
+
+
+def parse_ensemble_init(payload: bytes, molecules: int) -> tuple[list[int], list[dict]]:
+    """The molecule ids and per-molecule INIT payloads from an ensemble INIT string.
+
+    Raises :class:`ProtocolError` naming what is wrong (the upstream hub sent it)."""
+    try:
+        data = json.loads(payload.decode("utf-8") or "{}")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"INIT: the init string is not UTF-8 JSON ({exc}): "
+                            f"{payload[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"INIT: the init string is JSON {type(data).__name__}, not an "
+                            "object")
+    try:
+        if "molecule_id_range" in data:
+            first, count = data["molecule_id_range"]
+            ids = list(range(_as_int(first), _as_int(first) + _as_int(count)))
+        elif "molecule_ids" in data:
+            ids = [_as_int(m) for m in data["molecule_ids"]]
+        else:
+            raise ProtocolError("INIT of an ensemble needs molecule_id_range or "
+                                f"molecule_ids; keys: {sorted(data)[:20]}")
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"INIT: bad molecule_id_range/molecule_ids: {exc}") from None
+    if len(ids) != molecules or len(set(ids)) != len(ids):
+        raise ProtocolError(f"INIT names {len(ids)} molecule ids ({len(set(ids))} distinct); "
+                            f"this relay hosts {molecules}")
+    shared = {k: v for k, v in data.items() if k not in _ENSEMBLE_KEYS}
+    each = data.get("payloads")
+    if each is None:
+        payloads = [shared] * len(ids)
+    elif not isinstance(each, list) or len(each) != len(ids) or \
+            not all(isinstance(p, dict) for p in each):
+        raise ProtocolError(f"INIT: 'payloads' must be a list of {len(ids)} JSON objects")
+    else:
+        payloads = [{k: v for k, v in p.items() if k not in _ENSEMBLE_KEYS} for p in each]
+    for mid, p in zip(ids, payloads, strict=True):
+        dt = p.get("dt_au")
+        if isinstance(dt, bool) or not isinstance(dt, int | float) or not 0 < dt < math.inf:
+            raise ProtocolError(f"INIT: molecule {mid}: dt_au = {dt!r}; every molecule needs "
+                                "a number dt_au > 0")
+    return ids, payloads
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+class _Upstream(asyncio.Protocol):
+    """The relay's connection to the upstream hub: an ensemble driver's state machine whose
+    model is the local hub. Every way the session ends resolves :attr:`ended` with
+    ``(exit status, message)``."""
+
+    def __init__(self, relay: Relay, where: str) -> None:
+        self.relay = relay
+        self.where = where
+        m = relay.molecules
+        self.decoder = wire.Decoder("driver", wire.Limits(
+            max_init_bytes=(1 << 20) + 512 * m, max_batch=m))
+        self.transport: asyncio.Transport | None = None
+        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.bye = False
+        self.welcomed = False
+        self.proof_sent = False
+        self.init_payload: bytes | None = None     # the accepted (or pending) INIT string
+        self.ids: np.ndarray | None = None        # set once local drivers are initialised
+        self.deferred_status = 0                   # STATUS received while initialising
+        self.fields: np.ndarray | None = None      # staged by MXHFIELDS
+        self.want_extras = True
+        self.task: asyncio.Task | None = None      # local INIT or local step in flight
+        self.stepping = False
+        self.steps = 0
+        self._dropped_keys: set[str] = set()
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a dead host
+        self.transport.write(wire.encode_hello(self.relay.molecules))
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended.done():
+            return
+        try:
+            for event in self.decoder.feed(data):
+                handler = self._HANDLERS.get(type(event))
+                if handler is None:
+                    raise ProtocolError(f"unexpected message {type(event).__name__}")
+                handler(self, event)
+                if self.ended.done():
+                    return
+        except ProtocolError as exc:
+            self.finish(EXIT_PROTOCOL, f"protocol error from the upstream hub at "
+                                       f"{self.where}{self._when()}: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ended.done():
+            return
+        if self.proof_sent:
+            why = ("closed the connection after our MXHPROOF: it refused the secret (is "
+                   "--secret-file the hub's?)")
+        elif not self.welcomed:
+            why = ("closed the connection without answering MXHHELLO (a relay needs a "
+                   "maxwellhub hub that speaks batched frames)")
+        else:
+            why = "closed the connection before STOP or EXIT"
+        self.finish(EXIT_UPSTREAM, f"the upstream hub at {self.where} {why}{self._when()}"
+                    + (f" ({exc})" if exc else ""))
+
+    def _when(self) -> str:
+        if self.stepping:
+            return f" during step {self.steps + 1}"
+        return f" after {self.steps} steps" if self.ids is not None else ""
+
+    def finish(self, code: int, message: str, bye: bool = False) -> None:
+        """End the session (first call wins) and wake a local step in flight."""
+        if self.ended.done():
+            return
+        self.bye = bye
+        self.ended.set_result((code, message))
+        if self.stepping:
+            self.relay.local.request_stop("because the relay's session ended")
+
+    # -- events from the upstream hub
+    def on_auth(self, event: wire.AuthChallenge) -> None:
+        secret = self.relay.secret
+        if secret is None:
+            self.finish(EXIT_PROTOCOL, f"the upstream hub at {self.where} requires "
+                                       "authentication (MXHAUTH); give the relay "
+                                       "--secret-file or MAXWELLHUB_SECRET")
+            return
+        self.transport.write(wire.encode_auth_proof(secret.proof(event.nonce)))
+        self.proof_sent = True
+
+    def on_welcome(self, event: wire.Welcome) -> None:
+        self.proof_sent = False
+        if self.welcomed or event.molecules != self.relay.molecules:
+            raise ProtocolError(f"MXHWELCOME for {event.molecules} molecules"
+                                + (" again" if self.welcomed else
+                                   f"; this relay hosts {self.relay.molecules}"))
+        self.welcomed = True
+        self.decoder.batch = event.molecules
+
+    def on_status(self, _event) -> None:
+        self.proof_sent = False
+        if self.init_payload is not None and self.ids is None:
+            self.deferred_status += 1   # answered READY once the local drivers are ready
+            return
+        if self.ids is None:
+            reply = wire.NEEDINIT
+        elif self.stepping or self.fields is not None:
+            reply = wire.HAVEDATA
+        else:
+            reply = wire.READY
+        self.transport.write(_STATUS_REPLY[reply])
+
+    def on_init(self, event: wire.Init) -> None:
+        if not self.welcomed:
+            raise ProtocolError("INIT before MXHWELCOME: the upstream hub did not accept "
+                                "batched frames (a relay needs a maxwellhub hub)")
+        if self.init_payload is not None:
+            if event.payload == self.init_payload:
+                return
+            raise ProtocolError("a second INIT with other molecule ids or payloads")
+        ids, payloads = parse_ensemble_init(event.payload, self.relay.molecules)
+        self.init_payload = event.payload
+        self.task = asyncio.ensure_future(self._initialize(ids, payloads))
+        self.task.add_done_callback(self._task_done)
+
+    def on_fields(self, event: wire.FieldsBatch) -> None:
+        if self.ids is None:
+            raise ProtocolError("MXHFIELDS before INIT completed")
+        if self.stepping:
+            raise ProtocolError(f"MXHFIELDS during step {self.steps + 1}, before its "
+                                "MXHSOURCES")
+        self.fields = event.fields
+        self.want_extras = bool(event.flags & wire.WANT_EXTRAS)
+
+    def on_getforce(self, _event) -> None:
+        if self.ids is None:
+            raise ProtocolError("GETFORCE before INIT completed")
+        if self.stepping:
+            raise ProtocolError(f"GETFORCE again during step {self.steps + 1}")
+        if self.fields is None:
+            raise ProtocolError("GETFORCE without MXHFIELDS since the last step")
+        fields, self.fields = self.fields, None
+        self.stepping = True
+        self.task = asyncio.ensure_future(self._step(fields, self.want_extras))
+        self.task.add_done_callback(self._task_done)
+
+    def on_stop(self, _event) -> None:
+        self.finish(EXIT_OK, f"STOP from the upstream hub after {self.steps} steps", bye=True)
+
+    def on_exit(self, _event) -> None:
+        self.finish(EXIT_OK, f"EXIT from the upstream hub after {self.steps} steps")
+
+    _HANDLERS = {wire.AuthChallenge: on_auth, wire.Welcome: on_welcome,
+                 wire.Status: on_status, wire.Init: on_init, wire.FieldsBatch: on_fields,
+                 wire.GetForce: on_getforce, wire.Stop: on_stop, wire.Exit: on_exit}
+
+    # -- the local side
+    def _task_done(self, task: asyncio.Task) -> None:
+        """A local INIT or step that failed unexpectedly ends the session, with the
+        reason, instead of leaving the upstream step waiting forever."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.finish(EXIT_LOCAL, f"the relay failed{self._when()}: "
+                                f"{type(exc).__name__}: {exc}")
+
+    async def _initialize(self, ids: list[int], payloads: list[dict]) -> None:
+        local = self.relay.local
+        for mid, payload in zip(ids, payloads, strict=True):
+            local.register_molecule(mid, payload)
+        if not await local.wait_until_bound(ids, timeout=self.relay.timeout):
+            if self.ended.done():
+                return
+            missing = local.missing(ids)
+            self.finish(EXIT_LOCAL, f"local drivers of molecule(s) {_hub._ids_text(missing)} "
+                                    f"did not initialise within {self.relay.timeout:g} s")
+            return
+        if self.ended.done():
+            return
+        self.ids = np.asarray(ids, dtype=np.int64)
+        log.info("molecules %d..%d initialised behind the relay", ids[0], ids[-1])
+        for _ in range(self.deferred_status):
+            self.transport.write(_STATUS_REPLY[wire.READY])
+        self.deferred_status = 0
+
+    async def _step(self, fields: np.ndarray, want_extras: bool) -> None:
+        try:
+            result = await self.relay.local.step_arrays(
+                self.ids, fields, timeout=self.relay.timeout, on_lost="wait",
+                extras=want_extras)
+        except StopRequested:
+            return   # the session ended while the step waited; finish() said why
+        except MaxwellHubError as exc:   # BarrierTimeout above all
+            self.finish(EXIT_LOCAL, f"step {self.steps + 1} behind the relay: {exc}")
+            return
+        finally:
+            self.stepping = False
+        extras = self._extras(result) if want_extras else None
+        if self.ended.done():
+            return
+        self.steps += 1
+        self.transport.write(wire.encode_sources_batch(result.sources, extras))
+
+    def _extras(self, result: _hub.StepResult) -> dict[str, np.ndarray]:
+        """The local extras as MXHSOURCES can carry them: ASCII keys of at most 64 bytes,
+        at most 64 keys; other keys are dropped with one warning each."""
+        out: dict[str, np.ndarray] = {}
+        for key, values in result.extras().items():
+            if key.isascii() and 0 < len(key) <= _MAX_KEY_BYTES and \
+                    len(out) < _MAX_EXTRAS_KEYS:
+                out[key] = values
+            elif key not in self._dropped_keys:
+                self._dropped_keys.add(key)
+                log.warning("extras key %r does not fit MXHSOURCES (ASCII, at most "
+                            "%d bytes, at most %d keys); it is not passed upstream", key,
+                            _MAX_KEY_BYTES, _MAX_EXTRAS_KEYS)
+        return out
+
+
+class Relay:
+    """A relay node (see the module docstring).
+
+    ``molecules``: M, how many molecules this relay hosts upstream. Upstream address:
+    ``upstream_unix`` (name or path) or ``upstream_host``/``upstream_port``; ``secret``
+    answers an upstream hub that requires authentication. Local side: ``local_unix``
+    and/or ``local_tcp`` (``(host, port)``, port 0 picks one) and ``local_secret`` to
+    require it from local drivers. ``timeout``: seconds for local drivers to connect and
+    initialise, for a lost local driver's replacement, and for reaching the upstream hub.
+    ``history``: steps of fields the local hub keeps to replay to a replacement local
+    driver (``Hub(history=...)``; 0 keeps none, and a replacement then continues from its
+    own initial or checkpointed state).
+
+    Run it with ``asyncio.run(Relay(...).run())`` (or uvloop); ``run`` returns the exit
+    status and logs one ERROR line when it is not 0.
+    """
+
+    def __init__(self, molecules: int, *, upstream_unix: str | None = None,
+                 upstream_host: str | None = None, upstream_port: int = DEFAULT_PORT,
+                 local_unix: str | None = None, local_tcp: tuple[str, int] | None = None,
+                 secret: Secret | None = None, local_secret: Secret | None = None,
+                 timeout: float = 60.0, history: int = 0) -> None:
+        if isinstance(molecules, bool) or not isinstance(molecules, int) or molecules < 1:
+            raise UsageError(f"molecules must be an integer >= 1, not {molecules!r}")
+        if local_unix is None and local_tcp is None:
+            raise UsageError("a relay needs a local address: local_unix and/or local_tcp")
+        if upstream_unix is not None and upstream_host is not None:
+            raise UsageError("give the upstream hub as upstream_unix or upstream_host, "
+                             "not both")
+        if not (timeout and timeout > 0):
+            raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self.molecules = molecules
+        self.upstream_unix = upstream_unix
+        self.upstream_host = upstream_host
+        self.upstream_port = int(upstream_port)
+        self.local_unix = local_unix
+        self.local_tcp = local_tcp
+        self.secret = secret
+        self.local_secret = local_secret
+        self.timeout = float(timeout)
+        self.history = history
+        self.upstream = _describe_upstream(upstream_unix, upstream_host, self.upstream_port)
+        self.local: _LocalHub | None = None
+        self.listening = ""
+        self._extra_server: asyncio.AbstractServer | None = None
+        #: The session's outcome once :meth:`run` returned: (exit status, message).
+        self.outcome: tuple[int, str] | None = None
+
+    async def run(self, *, handle_signals: bool = False) -> int:
+        """Serve until the upstream ends the session; return the exit status.
+        ``handle_signals``: SIGINT/SIGTERM end the relay (status 1) after stopping its
+        local drivers."""
+        loop = asyncio.get_running_loop()
+        session: _Upstream | None = None
+        interrupted: asyncio.Future = loop.create_future()
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda s=sig: interrupted.done()
+                                        or interrupted.set_result(signal.Signals(s).name))
+        try:
+            opening = asyncio.ensure_future(self._open(loop))
+            await asyncio.wait({opening, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+            if not opening.done():
+                opening.cancel()
+                await asyncio.gather(opening, return_exceptions=True)
+                raise RelayFailed(EXIT_UPSTREAM, f"interrupted by {interrupted.result()}")
+            session = opening.result()
+            await asyncio.wait({session.ended, interrupted},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not session.ended.done():
+                session.finish(EXIT_UPSTREAM, f"interrupted by {interrupted.result()} after "
+                                              f"{session.steps} steps")
+            code, message = session.ended.result()
+        except RelayFailed as exc:
+            code, message = exc.code, str(exc)
+        finally:
+            if handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+            await self._shutdown(session)
+        self.outcome = (code, message)
+        if code == EXIT_OK:
+            log.info("%s; local drivers stopped", message)
+        else:
+            log.error("%s", message)
+        return code
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Upstream:
+        """Listen locally, wait for the local drivers, connect upstream."""
+        where: dict[str, Any]
+        if self.local_unix is not None:
+            where = {"unixsocket": self.local_unix}
+        else:
+            where = {"host": self.local_tcp[0], "port": self.local_tcp[1]}
+        try:
+            # Drivers for all M molecules wait unbound until the upstream INIT names the
+            # ids, so the local hub must let that many (and spares) wait.
+            local = _LocalHub(timeout=self.timeout, auth=self.local_secret,
+                              history=self.history, max_spare=self.molecules + _SPARES,
+                              max_pending=max(4096, 2 * self.molecules), **where)
+        except (ValueError, TypeError) as exc:   # UsageError is a ValueError
+            raise RelayFailed(EXIT_PROTOCOL, f"cannot make the local hub: {exc}") from None
+        try:
+            await local.start()
+        except (UsageError, OSError) as exc:
+            raise RelayFailed(EXIT_PROTOCOL, f"cannot listen for local drivers: {exc}") \
+                from None
+        self.local = local
+        listening = []
+        if self.local_unix is not None:
+            listening.append(f"unix:{local.unixsocket}")
+        if self.local_tcp is not None:
+            port = local.port
+            if self.local_unix is not None:
+                # Both: the same hub also accepts on TCP (drivers join the same molecules).
+                host = self.local_tcp[0]
+                try:
+                    self._extra_server = await loop.create_server(
+                        local._new_driver, host=host, port=self.local_tcp[1],
+                        backlog=local.backlog, reuse_address=True)
+                except OSError as exc:
+                    raise RelayFailed(EXIT_PROTOCOL, f"cannot listen for local drivers on "
+                                                     f"TCP {host}:{self.local_tcp[1]}: {exc}") \
+                        from None
+                port = self._extra_server.sockets[0].getsockname()[1]
+                if self.local_secret is None and not is_loopback(host):
+                    log.warning("listening on TCP %s:%d without a local secret: any "
+                                "host that can reach it may connect as a driver", host, port)
+            listening.append(f"tcp:{self.local_tcp[0]}:{port}")
+        #: Where local drivers connect, for messages (and the local TCP port when 0 was
+        #: asked).
+        self.listening = " and ".join(listening)
+        log.info("waiting for drivers of %d molecules at %s", self.molecules,
+                 self.listening)
+        have = await local.wait_for_drivers(self.molecules, self.timeout)
+        if have < self.molecules:
+            raise RelayFailed(EXIT_LOCAL, f"drivers for only {have} of {self.molecules} "
+                                          f"molecules connected to the relay at "
+                                          f"{self.listening} within {self.timeout:g} s")
+        log.info("drivers for %d molecules connected; connecting to the upstream "
+                 "hub at %s", have, self.upstream)
+        return await self._connect(loop)
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Upstream:
+        """Connect upstream, retrying with backoff (0.05 s doubling to 1 s) until
+        ``timeout``: the upstream hub may start later than the relay."""
+        deadline = loop.time() + self.timeout
+        delay, tries = _BACKOFF_FIRST, 0
+        while True:
+            tries += 1
+            try:
+                if self.upstream_unix is not None:
+                    _, session = await asyncio.wait_for(loop.create_unix_connection(
+                        lambda: _Upstream(self, self.upstream),
+                        unix_socket_path(self.upstream_unix)),
+                        max(deadline - loop.time(), 0.01))
+                else:
+                    _, session = await asyncio.wait_for(loop.create_connection(
+                        lambda: _Upstream(self, self.upstream),
+                        self.upstream_host or "127.0.0.1", self.upstream_port),
+                        max(deadline - loop.time(), 0.01))
+                return session
+            except OSError as exc:   # TimeoutError included
+                if not isinstance(exc, TimeoutError) and exc.errno is not None and \
+                        exc.errno not in _RETRY_ERRNOS:
+                    raise RelayFailed(EXIT_UPSTREAM, f"cannot connect to the upstream hub "
+                                                     f"at {self.upstream}: {exc}") from None
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise RelayFailed(EXIT_UPSTREAM, f"could not connect to the upstream hub "
+                                      f"at {self.upstream} within {self.timeout:g} s "
+                                      f"({tries} attempts; last error: "
+                                      f"{getattr(exc, 'strerror', None) or exc})") from None
+                await asyncio.sleep(min(delay, left))   # backoff between attempts
+                delay = min(2 * delay, _BACKOFF_MAX)
+
+    async def _shutdown(self, session: _Upstream | None) -> None:
+        """STOP the local drivers, then BYE upstream (after STOP) and close."""
+        task = session.task if session is not None else None
+        if task is not None and not task.done():
+            self.local.request_stop("because the relay's session ended")  # wakes it
+            await asyncio.wait({task}, timeout=_LOCAL_STOP_WAIT)
+            if not task.done():
+                task.cancel()
+        if self.local is not None:
+            await self.local.stop(wait=_LOCAL_STOP_WAIT)
+        if self._extra_server is not None:
+            self._extra_server.close()
+            await self._extra_server.wait_closed()
+        if session is not None and session.transport is not None:
+            if session.bye and not session.transport.is_closing():
+                session.transport.write(_BYE)
+            session.transport.close()
+
+
+def run_relay(relay: Relay) -> int:
+    """Run ``relay`` on a new event loop (uvloop when installed, or $MAXWELLHUB_LOOP);
+    return its exit status."""
+    from .hub import new_event_loop
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(relay.run(handle_signals=True))
