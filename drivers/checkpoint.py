@@ -28,11 +28,12 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from maxwellhub.fsutil import atomic_write
 
 from .models.base import Model
 
@@ -159,22 +160,7 @@ class Continuity:
         arrays["__step"] = np.array(self.step, dtype=np.int64)
         arrays["__model"] = np.array(_model_name(model))
         final = self.directory / f"{key}.step_{self.step:012d}.npz"
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(final, lambda fh: np.savez(fh, **arrays))
         self.written += 1
         self._prune(key)
 

@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MaxwellHubError, UsageError
+from .fsutil import fsync_dir, fsync_file
 from .mpi import rank_and_size
 
 __all__ = ["FORMAT", "STOPPED_BY_SIGNAL", "RunCheckpointer", "RunInterrupted",
@@ -146,22 +147,6 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
 
 
 # ---------------------------------------------------------------------- writing
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -344,7 +329,7 @@ class RunCheckpointer:
             files += [f"drivers/{name}" for name in linked]
         fields_file = partial / "fields.h5"
         sim.dump_fields(str(fields_file))
-        _fsync_file(fields_file)
+        fsync_file(fields_file)
         files.append("fields.h5")
         manifest = {
             "format": FORMAT, "step": n, "meep_time": float(sim.meep_time()),
@@ -354,13 +339,13 @@ class RunCheckpointer:
             "config_text": self.config_text, "overrides": self.overrides,
         }
         _write_json(partial / _MANIFEST, manifest)
-        _fsync_dir(partial)
+        fsync_dir(partial)
         if final.exists():  # a run resumed from an older checkpoint passes this step again
             stale = self.directory / f".partial_stale_{n:010d}_{os.getpid()}"
             final.rename(stale)
             shutil.rmtree(stale, ignore_errors=True)
         partial.rename(final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         for _, old in _step_dirs(self.directory)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         self.last_written, self.last_path = n, final
@@ -383,9 +368,9 @@ class RunCheckpointer:
                     continue
                 except OSError:  # no hard links here (another file system): copy
                     shutil.copy2(entry, into / entry.name)
-                    _fsync_file(into / entry.name)
+                    fsync_file(into / entry.name)
                 names.append(entry.name)
-        _fsync_dir(into)
+        fsync_dir(into)
         return names
 
 
@@ -488,9 +473,9 @@ def restore_driver_files(loaded: LoadedCheckpoint, driver_dir: str | os.PathLike
     for src in loaded.driver_files:
         tmp = driver_dir / f".{src.name}.restore"
         shutil.copy2(src, tmp)
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, driver_dir / src.name)
-    _fsync_dir(driver_dir)
+    fsync_dir(driver_dir)
 
 
 def restore(loaded: LoadedCheckpoint, sim, coupling) -> int:

@@ -62,6 +62,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .fsutil import atomic_write
+
 __all__ = ["ControlServer", "ControlError", "control_address", "token_path", "request",
            "MAX_LINE", "MAX_CONNECTIONS", "CONTROL_PREFIX",
            "MALFORMED", "UNKNOWN_REQUEST", "BAD_ARGUMENT", "AUTH_FAILED", "LINE_TOO_LONG"]
@@ -124,22 +126,7 @@ def token_path(address: str | tuple[str, int]) -> Path:
 
 def _write_secret(path: Path, secret: str) -> tuple[int, int]:
     """Write ``secret`` owner-only and atomically; returns the file's (dev, inode)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secret + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, (secret + "\n").encode())   # mode 0600
     st = os.stat(path)
     return st.st_dev, st.st_ino
 

@@ -39,13 +39,13 @@ import math
 import os
 import secrets
 import socket
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import MaxwellHubError, UsageError
+from .fsutil import atomic_write
 
 __all__ = ["FORMAT", "VERSION", "AddressFile", "RendezvousError", "StaleAddressFile",
            "write_address_file", "remove_address_file", "read_address_file",
@@ -181,36 +181,9 @@ def write_address_file(path: str | os.PathLike, *, address: str | tuple[str, int
         auth=bool(auth),
         secret_file=None if secret_file is None else os.path.abspath(
             os.path.expanduser(os.fspath(secret_file))))
-    _atomic_write(path, info.to_json().encode())
+    # contents are not secret; readers may be other jobs' users
+    atomic_write(path, info.to_json().encode(), mode=0o644)
     return info
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # contents are not secret; readers may be other jobs' users
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every file system allows this
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def remove_address_file(path: str | os.PathLike, run_id: str) -> bool:
