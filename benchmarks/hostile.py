@@ -473,6 +473,9 @@ async def bench(args) -> None:
         c["one line"] += len(got) == 1
         c["no line"] += not got
         c["several lines"] += len(got) > 1
+        if len(got) > 1:  # show them: the standard is one line per bad peer
+            print(f"{kind} driver#{number} got {len(got)} lines: "
+                  + " | ".join(msg for _, msg in got), file=sys.stderr)
         for _, msg in got:
             reasons[kind][reason(msg)] += 1
     unattributed = sum(1 for lv, msg in lines.records
