@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maxwellhub import wire
 from maxwellhub.fsutil import atomic_write
 
 from .models.base import Model
@@ -86,6 +87,7 @@ class Continuity:
         self._previous: tuple[int, dict[str, np.ndarray]] | None = None
         self.written = 0                         # checkpoint files written (for tests)
         self.refused = False                     # the last session was refused by auth
+        self.offered = False                     # a hub offered MXHRESUME (it speaks it)
 
     # ------------------------------------------------------------ session start
 
@@ -105,6 +107,7 @@ class Continuity:
             else:
                 model.set_state(model.get_state())  # drop a step staged before the drop
             return None
+        self.offered = True
         target = offer["step"]
         candidates: list[tuple[int, str, dict[str, np.ndarray] | None]] = []
         if same and self.step <= target:
@@ -131,6 +134,14 @@ class Continuity:
             self.log.info("molecule(s) %s: resuming from %s (step %d; the hub is at step %d)",
                           _ids(ids), what, step, target)
         return step
+
+    def claim(self) -> bytes:
+        """MXHCLAIM for the molecules of the state this driver holds, to send before
+        NEEDINIT when reconnecting to a hub that spoke the extension; b"" otherwise."""
+        ids = self.ids
+        if not self.offered or not ids or list(ids) != list(range(ids[0], ids[0] + len(ids))):
+            return b""
+        return wire.encode_claim(ids[0], len(ids))
 
     def _reset(self, model: Model, ids: tuple[int, ...]) -> None:
         model.set_state(self._initial)

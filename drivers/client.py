@@ -274,7 +274,7 @@ class _Session:
     def on_status(self, _event) -> bool:
         self.proof_sent = False  # accepted: the hub moved on to STATUS
         if self.init is None:
-            self.sock.sendall(_NEEDINIT)
+            self.sock.sendall(self.continuity.claim() + _NEEDINIT)
         elif self.model.staged:
             self.sock.sendall(_HAVEDATA)
         else:
@@ -302,7 +302,7 @@ class _Session:
 
     def resume(self, ids: list[int], data: dict) -> None:
         """Pick the state to continue from; answer a resume offer with MXHRESUME."""
-        offer = resume_offer(data)
+        offer = wire.resume_offer(data)
         try:
             step = self.continuity.begin(self.model, ids, offer)
         except Exception as exc:
@@ -391,23 +391,6 @@ class _ExtrasJSON:
             pass
         return json.dumps(extras, ensure_ascii=False, separators=(",", ":"),
                           sort_keys=True).encode("utf-8")
-
-
-def resume_offer(data: dict) -> dict | None:
-    """The hub's resume offer in an INIT JSON object (see :data:`wire.RESUME_KEY`), checked,
-    or None when there is none (a hub that cannot replay)."""
-    offer = data.get(wire.RESUME_KEY)
-    if offer is None:
-        return None
-    if not isinstance(offer, dict) or offer.get("version") != wire.RESUME_VERSION:
-        raise ProtocolError(f"INIT: {wire.RESUME_KEY} = {offer!r}: expected an object with "
-                            f"version {wire.RESUME_VERSION}")
-    for key in ("step", "history"):
-        value = offer.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ProtocolError(f"INIT: {wire.RESUME_KEY}.{key} = {value!r}: expected an "
-                                "integer >= 0")
-    return offer
 
 
 def _parse_init(payload: bytes) -> tuple[float, dict]:

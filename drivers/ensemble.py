@@ -105,7 +105,7 @@ class EnsembleSession(_Session):
 
     def on_status(self, _event) -> bool:
         if self.ids is None:
-            self.sock.sendall(_NEEDINIT)
+            self.sock.sendall(self.continuity.claim() + _NEEDINIT)
         else:
             self.sock.sendall(_HAVEDATA if self.model.staged else _READY)
         return False

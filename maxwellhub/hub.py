@@ -276,6 +276,7 @@ class _Driver(asyncio.Protocol):
         self.reported = False                      # a drop was already logged for it
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.resume_step: int | None = None        # from MXHRESUME, after INIT
+        self.claim: list[int] | None = None        # from MXHCLAIM: the ids it asks for
         self.replay: list[np.ndarray] = []         # fields still to replay, oldest first
         # What this connection turned out to be (learned once, see _on_stock_event):
         self.stock = False            # a stock i-PI client: ends with EXIT, not STOP
@@ -433,6 +434,12 @@ class _Driver(asyncio.Protocol):
             if kind is wire.Ready:
                 self._ready_before_init()
             self.hub._driver_available(self)
+        elif kind is wire.Claim and state == _PROBE and self.claim is None:
+            if event.molecules != self.size:
+                self.fail(f"MXHCLAIM for {event.molecules} molecule(s); the connection "
+                          f"hosts {self.size}")
+                return
+            self.claim = list(range(event.first, event.first + event.molecules))
         elif kind is wire.Hello and state == _PROBE and self.batch is None:
             self.batch = self.decoder.batch = event.molecules
             self.transport.write(wire.encode_welcome(event.molecules))
@@ -672,7 +679,7 @@ class _Driver(asyncio.Protocol):
 _EVENT_NAMES = {wire.Ready: "READY", wire.NeedInit: "NEEDINIT", wire.HaveData: "HAVEDATA",
                 wire.ForceReady: "FORCEREADY", wire.Bye: "BYE", wire.Hello: "MXHHELLO",
                 wire.SourcesBatch: "MXHSOURCES", wire.AuthProof: "MXHPROOF",
-                wire.Resume: "MXHRESUME"}
+                wire.Resume: "MXHRESUME", wire.Claim: "MXHCLAIM"}
 _EXPECTING = {_AUTH: "waiting for MXHPROOF, the answer to the hub's MXHAUTH challenge",
               _PROBE: "waiting for the answer to STATUS",
               _UNBOUND: "waiting for molecules to bind to (nothing was asked)",
@@ -976,11 +983,20 @@ class Hub:
 
     def _progress_binds(self) -> None:
         """Bind waiting anonymous drivers, in connection order, to free molecule ids in
-        registration order; an ensemble driver takes as many ids as it hosts."""
+        registration order; an ensemble driver takes as many ids as it hosts. A driver
+        that claimed its molecules back (MXHCLAIM) gets them once they are registered and
+        free; if another driver holds one of them, it is bound as the others are."""
+        if any(d.claim for d in self._unbound):
+            self._bind_claims()
         while self._unbound:
             driver = self._unbound[0]
             if driver.state != _UNBOUND:
                 self._unbound.popleft()
+                continue
+            if driver.claim and self._claim_pending(driver.claim):
+                self._unbound.rotate(-1)   # its molecules may still be registered
+                if all(d.claim and self._claim_pending(d.claim) for d in self._unbound):
+                    return
                 continue
             free = []
             for mol in self._molecules.values():
@@ -991,14 +1007,33 @@ class Hub:
             if len(free) < driver.size:
                 return
             self._unbound.popleft()
-            for mol in free:
-                mol.driver, mol.initialized = driver, False
-                self._driverless.discard(mol.id)
-            driver.molecules, driver.state = free, _BOUND
-            driver.rows_generation = -1
-            log.info("%s bound", driver)
-            self._ensure_init(driver)
-            self._notify()
+            self._bind(driver, free)
+
+    def _claim_pending(self, claim: list[int]) -> bool:
+        """Whether a claim may still be honoured: none of its ids is held by another
+        driver, and some is not registered yet."""
+        mols = [self._molecules.get(m) for m in claim]
+        return any(m is None for m in mols) and all(m is None or m.driver is None
+                                                   for m in mols)
+
+    def _bind_claims(self) -> None:
+        for driver in list(self._unbound):
+            if driver.state != _UNBOUND or not driver.claim:
+                continue
+            mols = [self._molecules.get(m) for m in driver.claim]
+            if all(m is not None and m.driver is None for m in mols):
+                self._unbound.remove(driver)
+                self._bind(driver, mols)
+
+    def _bind(self, driver: _Driver, mols: list[_Molecule]) -> None:
+        for mol in mols:
+            mol.driver, mol.initialized = driver, False
+            self._driverless.discard(mol.id)
+        driver.molecules, driver.state = mols, _BOUND
+        driver.rows_generation = -1
+        log.info("%s bound%s", driver, " (claimed)" if driver.claim else "")
+        self._ensure_init(driver)
+        self._notify()
 
     def _ensure_init(self, driver: _Driver | None) -> None:
         """Send INIT once the payload of every molecule of ``driver`` is known (or a
@@ -1055,15 +1090,7 @@ class Hub:
         if start < done:
             fields = self._replay_fields(driver, start, done)
             if fields is None:
-                log.warning(
-                    "%s resumes from step %d (%s) but the hub is at step %d and keeps "
-                    "fields for replay only from step %d: it continues from its state of "
-                    "step %d, so continuity is lost for %s", driver, start,
-                    "its checkpoint" if reported and start else
-                    "its initial state" if reported else
-                    "it sent no MXHRESUME, so its initial state is assumed",
-                    done, done - self._replay_offer(first)[1], start,
-                    "it" if driver.batch is None else "these molecules")
+                self._unreplayable(driver, start, done, reported)
             else:
                 log.info("%s: replaying %d missed step(s) %d..%d from the hub's history",
                          driver, len(fields), start, done - 1)
@@ -1072,6 +1099,25 @@ class Hub:
                 return
         driver.state = _READY
         self._driver_initialized(driver)
+
+    def _unreplayable(self, driver: _Driver, start: int, done: int, reported: bool) -> None:
+        """A driver's state is behind and the history does not reach back to it: the
+        documented policy is to go on from that state, saying so once."""
+        log.warning(
+            "%s resumes from step %d (%s) but the hub is at step %d and keeps fields for "
+            "replay only from step %d: it continues from its state of step %d, so "
+            "continuity is lost for %s", driver, start,
+            "its checkpoint" if reported and start else
+            "its initial state" if reported else
+            "it sent no MXHRESUME, so its initial state is assumed",
+            done, done - self._replay_offer(driver.molecules[0])[1], start,
+            "it" if driver.batch is None else "these molecules")
+
+    def set_molecule_steps(self, molecule_ids: Iterable[int], step: int) -> None:
+        """Declare that the molecules have completed ``step`` steps elsewhere (a relay
+        passing on its upstream hub's count): drivers binding them are offered that step."""
+        for m in molecule_ids:
+            self._counts[self._molecules[int(m)].index] = int(step)
 
     def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
         """How many steps each molecule has completed (int64 array)."""

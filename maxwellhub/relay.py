@@ -118,6 +118,15 @@ class _LocalHub(Hub):
         super()._connection_lost(driver, previous, exc)
         self._notify()
 
+    def _unreplayable(self, driver, start: int, done: int, reported: bool) -> None:
+        """A local driver restored a state older than the upstream's step, which this
+        relay (new, no history) cannot replay: take its step as the truth; the upstream hub
+        replays the missing steps through the relay (see ``_Upstream._initialize``)."""
+        for mol in driver.molecules:
+            self._counts[mol.index] = start
+        log.info("%s resumes from step %d; the upstream hub is asked to replay steps "
+                 "%d..%d", driver, start, start, done - 1)
+
     async def wait_for_drivers(self, molecules: int, timeout: float) -> int:
         """Wait until drivers for ``molecules`` molecules wait for a binding, or until
         ``timeout`` s passed; return how many molecules they can host."""
@@ -208,6 +217,12 @@ class _Upstream(asyncio.Protocol):
         self.stepping = False
         self.steps = 0
         self._dropped_keys: set[str] = set()
+        # Continuity (MXHRESUME): the upstream's step count when it bound this relay, the
+        # step each local molecule's state belongs to, and the upstream step the next
+        # MXHFIELDS belongs to (below ``resume_to``: a replay for the molecules behind).
+        self.resume_to = 0
+        self.local_steps: np.ndarray | None = None
+        self.at = 0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -304,7 +319,8 @@ class _Upstream(asyncio.Protocol):
             raise ProtocolError("a second INIT with other molecule ids or payloads")
         ids, payloads = parse_ensemble_init(event.payload, self.relay.molecules)
         self.init_payload = event.payload
-        self.task = asyncio.ensure_future(self._initialize(ids, payloads))
+        offer = wire.resume_offer(json.loads(event.payload.decode("utf-8") or "{}"))
+        self.task = asyncio.ensure_future(self._initialize(ids, payloads, offer))
         self.task.add_done_callback(self._task_done)
 
     def on_fields(self, event: wire.FieldsBatch) -> None:
@@ -348,11 +364,15 @@ class _Upstream(asyncio.Protocol):
         self.finish(EXIT_LOCAL, f"the relay failed{self._when()}: "
                                 f"{type(exc).__name__}: {exc}")
 
-    async def _initialize(self, ids: list[int], payloads: list[dict]) -> None:
+    async def _initialize(self, ids: list[int], payloads: list[dict],
+                          offer: dict | None = None) -> None:
         local = self.relay.local
-        for mid, payload in zip(ids, payloads, strict=True):
-            local.register_molecule(mid, payload)
-        if not await local.wait_until_bound(ids, timeout=self.relay.timeout):
+        for mid in ids:   # no payload yet, so binding sends no INIT before the step is set
+            local.register_molecule(mid)
+        if offer is not None:   # the local drivers are offered the upstream's step
+            local.set_molecule_steps(ids, offer["step"])
+        if not await local.wait_until_bound(dict(zip(ids, payloads, strict=True)),
+                                            timeout=self.relay.timeout):
             if self.ended.done():
                 return
             missing = local.missing(ids)
@@ -363,11 +383,28 @@ class _Upstream(asyncio.Protocol):
             return
         self.ids = np.asarray(ids, dtype=np.int64)
         log.info("molecules %d..%d initialised behind the relay", ids[0], ids[-1])
+        if offer is not None:
+            # The oldest local state decides what the upstream must replay; molecules
+            # further on sit those replayed steps out (see _step).
+            self.local_steps = local.molecule_steps(ids)
+            start, done = int(self.local_steps.min()), offer["step"]
+            self.resume_to = self.at = done
+            if start < done and done - start <= offer["history"]:
+                self.at = start
+            elif start < done:
+                log.warning("molecules behind the relay resume from step %d, but the "
+                            "upstream hub keeps only %d step(s) of history at step %d: "
+                            "continuity is lost for them", start, offer["history"], done)
+            self.transport.write(wire.encode_resume(start, len(ids)))
         for _ in range(self.deferred_status):
             self.transport.write(_STATUS_REPLY[wire.READY])
         self.deferred_status = 0
 
     async def _step(self, fields: np.ndarray, want_extras: bool) -> None:
+        if self.at < self.resume_to:   # a replayed step: only the molecules behind take it
+            await self._replayed_step(fields)
+            return
+        self.at += 1
         try:
             result = await self.relay.local.step_arrays(
                 self.ids, fields, timeout=self.relay.timeout, on_lost="wait",
@@ -384,6 +421,28 @@ class _Upstream(asyncio.Protocol):
             return
         self.steps += 1
         self.transport.write(wire.encode_sources_batch(result.sources, extras))
+
+    async def _replayed_step(self, fields: np.ndarray) -> None:
+        """Upstream step ``self.at`` replayed: step the molecules whose state is at or
+        before it; the upstream discards the answer, so the rest answer zeros."""
+        behind = self.local_steps <= self.at
+        sources = np.zeros((len(self.ids), 3))
+        try:
+            result = await self.relay.local.step_arrays(
+                self.ids[behind], fields[behind], timeout=self.relay.timeout,
+                on_lost="wait", extras=False)
+        except StopRequested:
+            return
+        except MaxwellHubError as exc:
+            self.finish(EXIT_LOCAL, f"replayed step {self.at} behind the relay: {exc}")
+            return
+        finally:
+            self.stepping = False
+        sources[behind] = result.sources
+        self.local_steps[behind] += 1
+        self.at += 1
+        if not self.ended.done():
+            self.transport.write(wire.encode_sources_batch(sources, None))
 
     def _extras(self, result: _hub.StepResult) -> dict[str, np.ndarray]:
         """The local extras as MXHSOURCES can carry them: ASCII keys of at most 64 bytes,

@@ -68,6 +68,14 @@ message     direction  payload after the header                              byt
 MXHRESUME   d -> hub   int32 version, int32 M (molecules), int64 s           28
 ==========  =========  ====================================================  ===========
 
+A driver that reconnects to a hub that made it that offer before may claim its molecules
+back, answering the STATUS probe with MXHCLAIM before NEEDINIT; the hub binds it to them
+if they are free (else as usual), so a driver resuming from memory meets its own state:
+
+==========  =========  ====================================================  ===========
+MXHCLAIM    d -> hub   int32 version, int32 M (molecules), int64 first id     28
+==========  =========  ====================================================  ===========
+
 ``s`` is the step its restored state belongs to (0: the initial state, no checkpoint),
 ``c - h <= s <= c``. The hub then replays the fields of steps s .. c-1 (FIELDDATA or
 MXHFIELDS + GETFORCE each, the answers discarded) before the step in flight. A driver
@@ -126,6 +134,7 @@ AUTH_NONCE_SIZE = 32          # also the size of a proof (an HMAC-SHA256 digest)
 _AUTH_FRAME = struct.Struct("<12si32s")
 
 MXHRESUME = b"MXHRESUME"
+MXHCLAIM = b"MXHCLAIM"
 RESUME_VERSION = 1
 RESUME_KEY = "mxh_resume"     # the INIT JSON key that offers MXHRESUME
 _RESUME_FRAME = struct.Struct("<12siiq")
@@ -157,7 +166,8 @@ def encode_header(name: bytes) -> bytes:
 
 _H = {name: encode_header(name) for name in
       (STATUS, READY, NEEDINIT, HAVEDATA, INIT, POSDATA, GETFORCE, FORCEREADY, STOP, BYE, EXIT,
-       MXHHELLO, MXHWELCOME, MXHFIELDS, MXHSOURCES, MXHAUTH, MXHPROOF, MXHRESUME)}
+       MXHHELLO, MXHWELCOME, MXHFIELDS, MXHSOURCES, MXHAUTH, MXHPROOF, MXHRESUME,
+       MXHCLAIM)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,9 +323,18 @@ class Resume:
     step: int
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """MXHCLAIM: a reconnecting driver asks for molecules ``first .. first+molecules-1``."""
+
+    version: int
+    molecules: int
+    first: int
+
+
 Event = (Status | Ready | NeedInit | HaveData | GetForce | Stop | Bye | Exit | Init | PosData
          | ForceReady | Hello | Welcome | FieldsBatch | SourcesBatch | AuthChallenge
-         | AuthProof | Resume)
+         | AuthProof | Resume | Claim)
 
 _SIMPLE = {STATUS: Status(), READY: Ready(), NEEDINIT: NeedInit(), HAVEDATA: HaveData(),
            GETFORCE: GetForce(), STOP: Stop(), BYE: Bye(), EXIT: Exit()}
@@ -407,6 +426,11 @@ def encode_resume(step: int, molecules: int = 1, version: int = RESUME_VERSION) 
     return _RESUME_FRAME.pack(_H[MXHRESUME], version, molecules, step)
 
 
+def encode_claim(first: int, molecules: int = 1, version: int = RESUME_VERSION) -> bytes:
+    """MXHCLAIM: a reconnecting driver asks for molecules ``first .. first+molecules-1``."""
+    return _RESUME_FRAME.pack(_H[MXHCLAIM], version, molecules, first)
+
+
 def encode_auth_proof(proof: bytes, version: int = AUTH_VERSION) -> bytes:
     """MXHPROOF with a 32-byte ``proof``."""
     return _auth_frame(MXHPROOF, proof, version)
@@ -473,7 +497,26 @@ def encode(event: Event) -> bytes:
         return encode_auth_proof(event.proof, event.version)
     if isinstance(event, Resume):
         return encode_resume(event.step, event.molecules, event.version)
+    if isinstance(event, Claim):
+        return encode_claim(event.first, event.molecules, event.version)
     raise TypeError(f"not a wire event: {event!r}")
+
+
+def resume_offer(data: dict) -> dict | None:
+    """The hub's resume offer in an INIT JSON object (see :data:`RESUME_KEY`), checked,
+    or None when there is none (a hub that cannot replay)."""
+    offer = data.get(RESUME_KEY)
+    if offer is None:
+        return None
+    if not isinstance(offer, dict) or offer.get("version") != RESUME_VERSION:
+        raise ProtocolError(f"INIT: {RESUME_KEY} = {offer!r}: expected an object with "
+                            f"version {RESUME_VERSION}")
+    for key in ("step", "history"):
+        value = offer.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ProtocolError(f"INIT: {RESUME_KEY}.{key} = {value!r}: expected an "
+                                "integer >= 0")
+    return offer
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -482,7 +525,7 @@ def encode(event: Event) -> bytes:
 _FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS,
                        MXHAUTH})
 _FROM_DRIVER = frozenset({READY, NEEDINIT, HAVEDATA, FORCEREADY, BYE, MXHHELLO, MXHSOURCES,
-                          MXHPROOF, MXHRESUME})
+                          MXHPROOF, MXHRESUME, MXHCLAIM})
 _READERS = {"driver": (_FROM_HUB, "hub"), "hub": (_FROM_DRIVER, "driver")}
 _KNOWN = {name.ljust(HEADER_SIZE, b" "): name for name in _FROM_HUB | _FROM_DRIVER}
 
@@ -566,23 +609,26 @@ class Decoder:
             return self._hello(buf, pos, name)
         if name in (MXHAUTH, MXHPROOF):
             return self._auth(buf, pos, name)
-        if name == MXHRESUME:
-            return self._resume(buf, pos)
+        if name in (MXHRESUME, MXHCLAIM):
+            return self._resume(buf, pos, name)
         return self._batch(buf, pos, name)
 
-    def _resume(self, buf: bytearray, pos: int):
+    def _resume(self, buf: bytearray, pos: int, name: bytes):
         if len(buf) - pos < _RESUME_FRAME.size:
             return None, 0
-        _, version, m, step = _RESUME_FRAME.unpack_from(buf, pos)
+        _, version, m, value = _RESUME_FRAME.unpack_from(buf, pos)
+        label = name.decode()
         if version != RESUME_VERSION:
-            raise ProtocolError(f"MXHRESUME: resume version {version}; this side speaks "
+            raise ProtocolError(f"{label}: resume version {version}; this side speaks "
                                 f"version {RESUME_VERSION}")
         if m < 1 or m > self._limits.max_batch:
-            raise ProtocolError(f"MXHRESUME: M = {m} molecules is outside "
+            raise ProtocolError(f"{label}: M = {m} molecules is outside "
                                 f"1..{self._limits.max_batch} (max_batch)")
-        if step < 0:
-            raise ProtocolError(f"MXHRESUME: step {step} is negative")
-        return Resume(version, m, step), _RESUME_FRAME.size
+        if value < 0:
+            raise ProtocolError(f"{label}: {'step' if name == MXHRESUME else 'first id'} "
+                                f"{value} is negative")
+        event = Resume(version, m, value) if name == MXHRESUME else Claim(version, m, value)
+        return event, _RESUME_FRAME.size
 
     def _auth(self, buf: bytearray, pos: int, name: bytes):
         if len(buf) - pos < _AUTH_FRAME.size:

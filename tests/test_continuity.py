@@ -153,8 +153,8 @@ def test_without_checkpoint_history_continuity_is_lost_and_said(unix_name, tmp_p
 
 
 def test_driver_reconnects_and_resumes(unix_name, tmp_path):
-    """--reconnect: the hub drops a healthy driver's connection; the driver connects again,
-    resumes from its live state, and the run stays exact."""
+    """--reconnect: the hub drops healthy drivers' connections; each connects again, claims
+    its molecule back, resumes from its live state, and the run stays exact."""
     steps = 50
     fields = fields_for(steps)
     hub = SocketHub(unixsocket=unix_name, timeout=scaled(30), history=2)
@@ -166,8 +166,11 @@ def test_driver_reconnects_and_resumes(unix_name, tmp_path):
                                       extra_args=["--reconnect"]))
             assert hub.wait_until_bound({m: {"dt_au": DT_AU}}, timeout=scaled(30))
         for step in range(steps):
-            if step in (17, 31):
+            if step == 17:
                 hub.hub._molecules[3].driver.transport.abort()   # a network hiccup
+            if step == 31:   # two at once: each claims its molecule back (MXHCLAIM)
+                hub.hub._molecules[3].driver.transport.abort()
+                hub.hub._molecules[1].driver.transport.abort()
             res = hub.step({m: {"efield_au": fields[step, m]} for m in ids},
                            timeout=scaled(30))
             sources[step] = [res[m]["amp"] for m in ids]

@@ -348,3 +348,68 @@ def test_relay_with_unreachable_upstream_exits_1(unix_name, tmp_path):
     assert f"could not connect to the upstream hub at unix:{unix_socket_path(unix_name)}" \
            in text, text
     assert reap([driver], scaled(10)) == [0]
+
+
+def _reference_pe(n: int, steps: int) -> np.ndarray:
+    """Pe of n TLS molecules stepped in-process by the same code path as a driver."""
+    from maxwellhub_drivers.models import create_model
+
+    models = []
+    for m in range(n):
+        model = create_model("tls", n=1, **TLS)
+        model.initialize(dt_au=DT_AU, molecule_ids=[m])
+        models.append(model)
+    pe = np.zeros((steps, n))
+    for step in range(steps):
+        fields = fields_at(step, n)
+        for m, model in enumerate(models):
+            model.stage(fields[m:m + 1])
+            model.commit()
+            pe[step, m] = model.extras_of(0)["Pe"]
+    return pe
+
+
+@pytest.mark.parametrize("how", ["checkpoints", "reconnect"])
+def test_dead_relay_replaced_with_exact_continuity(how, unix_name, tmp_path):
+    """SIGKILL the relay itself at step 25. A new relay on the same socket takes over:
+    with "checkpoints" its drivers are new processes that restore their checkpoints (every
+    4 steps), with "reconnect" the old drivers (--reconnect) come back with their live
+    state. The relay tells the hub the oldest state (MXHRESUME), the hub replays, the
+    relay steps only the molecules behind: every population equals the uninterrupted
+    in-process reference bitwise."""
+    n, steps, kill_at = 3, 50, 25
+    ckpt = tmp_path / "ckpt"
+    args = (["--checkpoint-dir", str(ckpt), "--checkpoint-every", "4"] if how == "checkpoints"
+            else ["--reconnect"])
+    hub = SocketHub(unixsocket=unix_name, timeout=scaled(30), history=10)
+    listen = f"{unix_name}_r"
+    procs: list[subprocess.Popen] = []
+    pe = np.zeros((steps, n))
+    with hub:
+        ids = [hub.register_molecule_return_id() for _ in range(n)]
+        relay, _ = start_relay(tmp_path, listen, n, ["--unix", unix_name])
+        procs += [start_driver("tls", TLS, timeout=scaled(30), unix=listen, extra_args=args)
+                  for _ in ids]
+        assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(30))
+        relays = [relay]
+        for step in range(steps):
+            if step == kill_at:
+                relay.kill()
+                relay.wait(scaled(10))
+                if how == "checkpoints":
+                    assert reap(procs, scaled(10)) == [1] * n   # they lost their relay
+                relay, relay_log = start_relay(tmp_path, f"{listen}", n,
+                                               ["--unix", unix_name])
+                relays.append(relay)
+                if how == "checkpoints":
+                    procs += [start_driver("tls", TLS, timeout=scaled(30), unix=listen,
+                                           extra_args=args) for _ in ids]
+            pe[step] = hub.step_arrays(ids, fields_at(step, n)).extras()["Pe"]
+        hub.graceful_shutdown(wait=scaled(5))
+    assert reap(relays, scaled(10))[1:] == [0], relay_log.read_text()[-2000:]
+    assert reap(procs, scaled(10))[-n:] == [0] * n
+    want = _reference_pe(n, steps)
+    assert np.array_equal(pe, want), np.abs(pe - want).max()
+    text = relay_log.read_text()
+    if how == "checkpoints":   # checkpoints at 24: steps 24 and 25 are replayed
+        assert "asked to replay steps 24..24" in text or "24..25" in text, text[-2000:]

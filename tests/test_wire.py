@@ -598,6 +598,8 @@ driver_events = st.one_of(
     st.builds(ForceReady, finite, rows, matrix, st.binary(max_size=LIMITS.max_extras_bytes)),
     st.builds(wire.Resume, st.just(wire.RESUME_VERSION), st.integers(1, LIMITS.max_batch),
               st.integers(0, 2**63 - 1)),
+    st.builds(wire.Claim, st.just(wire.RESUME_VERSION), st.integers(1, LIMITS.max_batch),
+              st.integers(0, 2**63 - 1)),
 )
 # (reader, events sent to it)
 sessions = st.one_of(
@@ -631,7 +633,7 @@ def test_round_trip(session, cuts):
 HEADERS = [b"STATUS      ", b"READY       ", b"NEEDINIT    ", b"HAVEDATA    ",
            b"INIT        ", b"POSDATA     ", b"GETFORCE    ", b"FORCEREADY  ",
            b"STOP        ", b"BYE         ", b"EXIT        ", b"MXHRESUME   ",
-           b"MXHHELLO    ", b"MXHAUTH     ", b"MXHPROOF    "]
+           b"MXHHELLO    ", b"MXHAUTH     ", b"MXHPROOF    ", b"MXHCLAIM    "]
 
 noise = st.one_of(
     st.binary(max_size=400),
@@ -771,3 +773,12 @@ def test_resume_frame_golden_bytes_and_checks():
             Decoder("hub").feed(bad)
     with pytest.raises(ProtocolError, match="not valid from the hub"):
         Decoder("driver").feed(frame)   # only drivers send it
+
+
+def test_claim_frame_golden_bytes():
+    """MXHCLAIM: header, int32 version 1, int32 M, int64 first molecule id; 28 bytes."""
+    frame = wire.encode_claim(12, 4)
+    assert frame == b"MXHCLAIM    " + struct.pack("<iiq", 1, 4, 12)
+    assert Decoder("hub").feed(frame) == [wire.Claim(1, 4, 12)]
+    with pytest.raises(ProtocolError, match="first id -3 is negative"):
+        Decoder("hub").feed(b"MXHCLAIM    " + struct.pack("<iiq", 1, 1, -3))
