@@ -340,6 +340,8 @@ class _Driver(asyncio.Protocol):
                 return
         try:
             for event in self.decoder.feed(data):
+                if self.reported:   # dropped by an earlier message of this read
+                    return
                 self._on_event(event)
         except ProtocolError as exc:
             self.fail(str(exc))
@@ -361,8 +363,8 @@ class _Driver(asyncio.Protocol):
     # -- protocol
     def fail(self, why: str) -> None:
         """Drop this connection for a protocol violation, with one log line naming it."""
-        if self.state == _CLOSED:
-            return
+        if self.state == _CLOSED or self.reported:
+            return   # one line per peer, even when one read held several bad messages
         if self.state == _AUTH:
             self._refuse(why)
             return
@@ -1401,7 +1403,7 @@ class Hub:
         if abort and barrier.lost:
             lost = sorted(set(barrier.lost))
             raise DriverLost(f"step {self.step_index}: the driver of molecule(s) {lost} is "
-                             "gone and the policy is to abort")
+                             "gone and the policy is to abort", lost)
         missing = barrier.missing()
         unbound = [m for m in missing if self._molecules[m].driver is None]
         wait = self.timeout if timeout is None else timeout

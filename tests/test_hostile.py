@@ -16,7 +16,7 @@ import pytest
 from _util import REPO_ROOT, scaled
 from fakes import FakeDriver, fake_source
 
-from maxwellhub import Hub
+from maxwellhub import Hub, wire
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import hostile  # noqa: E402
@@ -205,4 +205,22 @@ async def test_connections_beyond_the_handshake_cap_are_refused(unix_name, caplo
     finally:
         for _, w in silent:
             w.close()
+        await hub.stop(wait=scaled(2))
+
+
+async def test_several_bad_messages_in_one_read_give_one_line(unix_name, caplog):
+    """A peer whose one packet holds several messages out of turn is dropped with one line
+    (the 90-s benchmark once found a fuzz peer with four)."""
+    caplog.set_level(logging.WARNING, logger="maxwellhub.hub")
+    hub = Hub(unixsocket=unix_name, timeout=scaled(10))
+    await hub.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(hub.address)
+        await asyncio.wait_for(reader.readexactly(12), scaled(10))   # STATUS
+        writer.write(wire.encode_source_ready((1.0, 2.0, 3.0)) + wire.encode_hello(2) * 3)
+        assert await asyncio.wait_for(reader.read(100), scaled(10)) == b""
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "unexpected FORCEREADY" in lines[0], lines
+        writer.close()
+    finally:
         await hub.stop(wait=scaled(2))
