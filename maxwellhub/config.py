@@ -34,6 +34,8 @@ key (dotted, e.g. ``molecules[1].sigma``) and what is allowed. Example (the 2D d
     every = 200               # steps between checkpoints; 0 = only on SIGTERM/SIGINT
     driver_every = 10         # socket drivers checkpoint every K steps (every % K == 0)
     keep = 2                  # complete checkpoints kept (the newest ones)
+    restart_drivers = 3       # a socket driver that dies is restarted from its checkpoint
+                              # (at most this many times in the run; 0: the run ends)
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class Checkpoint:
     every: int = 0          # steps between checkpoints; 0: only on SIGTERM/SIGINT
     driver_every: int = 1   # socket drivers' own checkpoint interval K
     keep: int = 2           # complete run checkpoints kept
+    restart_drivers: int = 3  # dead socket drivers restarted from their checkpoints
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,7 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
 
 
 def _checkpoint(raw: Any) -> Checkpoint:
-    t = _Table(raw, "checkpoint", ("dir", "every", "driver_every", "keep"))
+    t = _Table(raw, "checkpoint", ("dir", "every", "driver_every", "keep", "restart_drivers"))
     directory = t.get("dir")
     if not isinstance(directory, str) or not directory:
         raise ConfigError(f"checkpoint.dir = {directory!r}; expected a directory path")
@@ -285,7 +288,8 @@ def _checkpoint(raw: Any) -> Checkpoint:
                           f"checkpoint.driver_every = {driver_every}: a run checkpoint "
                           "must find every socket driver's checkpoint at its step")
     return Checkpoint(directory=Path(directory), every=every, driver_every=driver_every,
-                      keep=t.number("keep", 2, low=1, integer=True))
+                      keep=t.number("keep", 2, low=1, integer=True),
+                      restart_drivers=t.number("restart_drivers", 3, low=0, integer=True))
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:

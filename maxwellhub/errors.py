@@ -35,4 +35,11 @@ class BarrierTimeout(MaxwellHubError, TimeoutError):
 
 
 class DriverLost(MaxwellHubError, ConnectionError):
-    """A driver connection was lost and the caller asked not to wait for a replacement."""
+    """A driver connection was lost and the caller asked not to wait for a replacement.
+
+    ``molecules`` lists the ids left without a driver.
+    """
+
+    def __init__(self, message: str, molecules: list[int] | tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.molecules = sorted(molecules)

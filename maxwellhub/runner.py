@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from .config import Config, ConfigError, MoleculeGroup, load_config, parse_config_text
-from .errors import MaxwellHubError
+from .errors import DriverLost, MaxwellHubError
 from .launch import reap, start_driver
 from .mpi import am_master, rank_and_size
 from .output import Progress, plot_populations, write_history
@@ -147,6 +150,60 @@ def _start_batch(ids: list[int], model: str, params: dict, per: int, logs: Path,
     return [(ids[0], proc)]
 
 
+class _Supervisor:
+    """Restarts the socket drivers that die during a run with checkpoints: the new process
+    restores the molecule's newest checkpoint and the hub replays the steps it misses, so
+    the run goes on exactly (``MeepCoupling(on_lost=supervisor)``). At most ``limit``
+    restarts in a run; after that, or if a driver's connection is lost while its process
+    lives on, the run ends as without checkpoints."""
+
+    def __init__(self, procs: list, limit: int, grace: float = 5.0) -> None:
+        self.procs = procs                 # [(first molecule id, Popen)], shared with run()
+        self.limit = limit
+        self.grace = grace
+        self.restarts = 0
+        self._replaced: set = set()        # (mid, Popen) already restarted
+        self._ids: dict[int, list[int]] = {}
+        self._relaunch: dict[int, Callable[[], list]] = {}
+
+    def track(self, entries: list, ids: list[int], relaunch: Callable[[list[int]], list]
+              ) -> None:
+        for mid, _ in entries:
+            sub = [mid] if len(entries) > 1 or len(ids) == 1 else ids
+            self._ids[mid] = sub
+            self._relaunch[mid] = functools.partial(relaunch, sub)
+
+    def __call__(self, exc: DriverLost) -> bool:
+        lost = set(exc.molecules)
+        dead = []
+        for mid, proc in list(self.procs):
+            if proc.poll() is None and not lost.intersection(self._ids.get(mid, ())):
+                continue
+            if proc in {p for _, p in dead}:
+                continue
+            try:   # its connection is gone; the process follows within moments
+                proc.wait(timeout=self.grace)
+            except subprocess.TimeoutExpired:
+                log.error("molecule(s) %s lost their driver's connection but the process "
+                          "(pid %d) lives on; not restarting it", self._ids[mid], proc.pid)
+                return False
+            if proc.returncode != 0 and (mid, proc) not in self._replaced:
+                dead.append((mid, proc))
+        if not dead or self.restarts + len(dead) > self.limit:
+            if dead:
+                log.error("driver restarts exhausted (checkpoint.restart_drivers = %d)",
+                          self.limit)
+            return False
+        for mid, proc in dead:
+            self.restarts += 1
+            self._replaced.add((mid, proc))
+            log.warning("the driver of molecule(s) %s exited with code %s; restarting it "
+                        "from its checkpoint (restart %d of at most %d)", self._ids[mid],
+                        proc.returncode, self.restarts, self.limit)
+            self.procs.extend(self._relaunch[mid]())
+        return True
+
+
 def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> dict:
     """Run the job; returns the summary (also printed as one JSON line on rank 0).
 
@@ -216,6 +273,7 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
     failure: BaseException | None = None
     interrupted: ckpt.RunInterrupted | None = None
     checkpointer = None
+    supervisor: _Supervisor | None = None
     if hub is not None and master:
         log.warning("control endpoint: %s (maxwellhub status|stop %s)", hub.control_address,
                     hub.control_address)
@@ -256,11 +314,19 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
                         raise ckpt.CheckpointError(f"{loaded.path} has no hub snapshot")
                     hub.restore(loaded.hub_snapshot)
                     ckpt.restore_driver_files(loaded, driver_dir)
+                if checkpointer is not None and ck_config.restart_drivers:
+                    supervisor = _Supervisor(procs, ck_config.restart_drivers)
+                    coupling.on_lost = supervisor
                 for ids, model, params in _driver_batches(config, ids_by_group):
-                    procs += _start_batch(ids, model, params, transport.molecules_per_driver,
-                                          logs, where, transport.timeout, driver_args,
-                                          new_session=checkpointer is not None,
-                                          secret=secret)
+                    launch = functools.partial(
+                        _start_batch, model=model, params=params,
+                        per=transport.molecules_per_driver, logs=logs, where=where,
+                        timeout=transport.timeout, extra=driver_args,
+                        new_session=checkpointer is not None, secret=secret)
+                    entries = launch(ids)
+                    procs += entries
+                    if supervisor is not None:
+                        supervisor.track(entries, ids, launch)
                     if not hub.wait_until_bound(ids, require_init=False,
                                                 timeout=transport.timeout):
                         raise MaxwellHubError(_dead_drivers_message(procs, logs) or
@@ -299,6 +365,8 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
                         1e3 * float(np.mean(checkpointer.write_seconds)), 3)
                 summary["checkpoint"] = str(checkpointer.last_path) \
                     if checkpointer.last_path else None
+            if supervisor is not None:
+                summary["drivers_restarted"] = supervisor.restarts
             if interrupted is not None:
                 summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
                 summary["checkpoint"] = str(interrupted.path)

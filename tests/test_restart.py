@@ -367,3 +367,49 @@ def test_checkpoint_directory_is_locked(tmp_path):
         with pytest.raises(CheckpointError, match="another run"):
             RunCheckpointer(tmp_path, sim, coupling)
     RunCheckpointer(tmp_path, sim, coupling).close()  # free again
+
+
+DYING_MODEL = '''
+"""A TLS whose process kills itself (SIGKILL) in the middle of step ``die_at``, once:
+the marker file it creates keeps its replacement alive."""
+import os
+import signal
+
+from maxwellhub_drivers.models.tls import TLSModel
+
+
+class DyingTLS(TLSModel):
+    def commit(self):
+        marker = os.environ["MXH_DYING_MARKER"]
+        if self.time_au >= float(os.environ["MXH_DYING_AT"]) * self.dt_au \\
+                and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().commit()
+'''
+
+
+def test_run_restarts_a_dead_driver_from_its_checkpoint(tmp_path, unix_name, references):
+    """`maxwellhub run` with [checkpoint]: a socket driver SIGKILLed in the middle of a
+    random step is restarted by the run (checkpoint.restart_drivers), restores its
+    checkpoint, is replayed the missed steps, and the output is bitwise the
+    uninterrupted run's; the summary counts the restart."""
+    (tmp_path / "dying_tls.py").write_text(DYING_MODEL)
+    die_at = random.randrange(60, 560)
+    config = _write_config(tmp_path / "run.toml", "unix", tmp_path / "out", unix_name,
+                           tmp_path / "ck")
+    config.write_text(config.read_text().replace('model = "tls"',
+                                                 'model = "dying_tls:DyingTLS"'))
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}"
+               + os.environ.get("PYTHONPATH", ""), MXH_DYING_AT=str(die_at),
+               MXH_DYING_MARKER=str(tmp_path / "died"))
+    done = subprocess.run([str(BIN / "maxwellhub"), "run", str(config)], capture_output=True,
+                          text=True, env=env, timeout=scaled(120))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "died").exists()            # one driver did die
+    summary = _summary(done.stdout)
+    assert summary["drivers_restarted"] == 1, summary
+    assert sorted(summary["driver_exit_codes"]) == [-signal.SIGKILL, 0, 0], summary
+    assert "restarting it from its checkpoint" in done.stderr
+    _assert_bitwise(references["unix"], tmp_path / "out" / "molecules.h5",
+                    f"driver killed in step {die_at}")

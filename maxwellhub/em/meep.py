@@ -90,7 +90,7 @@ try:  # the C kernels behind scipy's sparse @ vector, without its ~7 us of dispa
 except ImportError:  # pragma: no cover - a scipy that moved its private kernels
     _csc_matvec = _csr_matvec = None
 
-from ..errors import UsageError
+from ..errors import BarrierTimeout, DriverLost, UsageError
 from ..mpi import comm_world, rank_and_size
 from ..units import MeepUnits
 from .kernels import KERNEL_CUTOFF_SIGMAS, group_into_boxes, kernel_samples, self_coulomb_matrices
@@ -381,7 +381,10 @@ class MeepCoupling:
         0 records nothing (what the benchmarks do).
     timeout : seconds to wait for drivers to bind and for each barrier.
     on_lost : what a barrier does when a socket molecule's driver is gone: ``"wait"`` for
-        a replacement until ``timeout``, or ``"abort"`` the run at once (DriverLost).
+        a replacement until ``timeout``, ``"abort"`` the run at once (DriverLost), or a
+        function ``f(exc: DriverLost) -> bool`` called at once (say, to start a
+        replacement): True waits for the replacement (the frozen step goes on, until
+        ``timeout``), False aborts.
     subtract_self_coulomb : remove from each molecule's field its own longitudinal
         (Coulomb) field, which a kernel with a divergence (any in-plane or 3D component)
         feels as a huge instantaneous self-interaction ~ mu/sigma^3; the molecular
@@ -400,8 +403,8 @@ class MeepCoupling:
     def __init__(self, sim, time_units_fs: float = 0.1, hub=None, record_every: int = 1,
                  timeout: float = 60.0, subtract_self_coulomb: bool = True,
                  on_lost: str = "wait") -> None:
-        if on_lost not in ("wait", "abort"):
-            raise UsageError(f"on_lost = {on_lost!r}; expected 'wait' or 'abort'")
+        if on_lost not in ("wait", "abort") and not callable(on_lost):
+            raise UsageError(f"on_lost = {on_lost!r}; expected 'wait', 'abort' or a function")
         self.on_lost = on_lost
         self.sim = sim
         self.subtract_self_coulomb = bool(subtract_self_coulomb)
@@ -560,14 +563,31 @@ class MeepCoupling:
         if self._socket_rows.size:
             # One array barrier for all socket molecules (ensemble drivers get one frame
             # each); extras travel only on recorded steps.
-            result = self.hub.step_arrays(self._socket_ids, fields_au[self._socket_rows],
-                                          timeout=self.timeout, on_lost=self.on_lost,
-                                          extras=bool(record))
+            result = self._socket_step(fields_au[self._socket_rows], bool(record))
             sources[self._socket_rows] = result.sources
             if record:
                 extras.append(result.extras())
         if record:
             self._records.append((step, extras))
+
+    def _socket_step(self, fields: np.ndarray, extras: bool):
+        """One barrier for the socket molecules, under the ``on_lost`` policy."""
+        policy = self.on_lost
+        if not callable(policy):
+            return self.hub.step_arrays(self._socket_ids, fields, timeout=self.timeout,
+                                        on_lost=policy, extras=extras)
+        while True:
+            try:
+                return self.hub.step_arrays(self._socket_ids, fields, timeout=self.timeout,
+                                            on_lost="abort", extras=extras)
+            except DriverLost as exc:
+                if not policy(exc):
+                    raise
+                # a replacement is on its way; the frozen step goes on once it is bound
+                if not self.hub.wait_until_bound(exc.molecules, timeout=self.timeout):
+                    raise BarrierTimeout(
+                        f"no replacement driver for molecule(s) {exc.molecules} within "
+                        f"{self.timeout:g} s", exc.molecules) from exc
 
     def _start(self, sim) -> None:
         """Set everything up, collectively, at the first step."""
