@@ -139,7 +139,7 @@ class _Layout:
     """The molecule ids of a step and their row in its arrays. Kept while consecutive
     steps ask for the same ids, so per-driver row indices are computed once."""
 
-    __slots__ = ("ids", "key", "row", "generation", "index")
+    __slots__ = ("ids", "key", "row", "generation", "index", "pending")
 
     def __init__(self, ids: np.ndarray, generation: int, index: np.ndarray) -> None:
         self.ids = ids
@@ -147,6 +147,7 @@ class _Layout:
         self.row = {int(m): r for r, m in enumerate(ids.tolist())}
         self.generation = generation
         self.index = index         # each row's molecule slot in Hub._counts
+        self.pending = 0           # completed steps not yet added to Hub._counts
 
 
 class _Replay:
@@ -1052,8 +1053,17 @@ class Hub:
 
     # ------------------------------------------------------------------ continuity
 
+    def _flush_counts(self) -> None:
+        """Add the current layout's completed steps to the per-molecule counts (kept as
+        one integer per layout while steps run, so a step costs no array operation)."""
+        layout = self._layout
+        if layout is not None and layout.pending:
+            self._counts[layout.index] += layout.pending
+            layout.pending = 0
+
     def _replay_offer(self, mol: _Molecule) -> tuple[int, int]:
         """(steps ``mol`` completed, how many of the latest of them can be replayed)."""
+        self._flush_counts()
         done = int(self._counts[mol.index])
         kept = sum(1 for rep in self._replays if mol.id in rep.layout.row)
         return done, min(kept, done)
@@ -1081,6 +1091,7 @@ class Hub:
         """INIT acknowledged: bring a restored driver to the molecules' current step by
         replaying the steps it missed, then serve it (see the module's continuity notes)."""
         first = driver.molecules[0]
+        self._flush_counts()
         done = int(self._counts[first.index])
         start = driver.resume_step
         reported = start is not None
@@ -1118,11 +1129,13 @@ class Hub:
     def set_molecule_steps(self, molecule_ids: Iterable[int], step: int) -> None:
         """Declare that the molecules have completed ``step`` steps elsewhere (a relay
         passing on its upstream hub's count): drivers binding them are offered that step."""
+        self._flush_counts()
         for m in molecule_ids:
             self._counts[self._molecules[int(m)].index] = int(step)
 
     def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
         """How many steps each molecule has completed (int64 array)."""
+        self._flush_counts()
         return np.array([self._counts[self._molecules[int(m)].index] for m in molecule_ids],
                         dtype=np.int64)
 
@@ -1132,6 +1145,7 @@ class Hub:
         and the replay history. Take it between steps."""
         if self._barrier is not None:
             raise UsageError("snapshot() in the middle of a step; take it between steps")
+        self._flush_counts()
         ids = np.fromiter(self._molecules, dtype=np.int64, count=len(self._molecules))
         out = {"step_index": np.array(self.step_index, dtype=np.int64),
                "molecule_ids": ids,
@@ -1162,6 +1176,7 @@ class Hub:
             raise UsageError(
                 f"hub snapshot is of molecules {_ids_text(sorted(ids.tolist()))}; this hub "
                 f"registered {_ids_text(sorted(self._molecules))}")
+        self._flush_counts()
         for mid, n in zip(ids.tolist(), steps.tolist(), strict=True):
             self._counts[self._molecules[mid].index] = n
         self._replays.clear()
@@ -1275,6 +1290,7 @@ class Hub:
                                     else ""))
             if len(set(ids.tolist())) != len(ids):
                 raise UsageError("a step names the same molecule twice")
+            self._flush_counts()
             self._generation += 1
             index = np.fromiter((self._molecules[m].index for m in ids.tolist()),
                                 dtype=np.intp, count=len(ids))
@@ -1324,11 +1340,12 @@ class Hub:
             return None
         self._barrier = None
         self.step_index += 1
-        index = barrier.layout.index
+        layout = barrier.layout
         if self.history:
-            self._replays.append(_Replay(barrier.layout, np.array(barrier.fields, np.float64),
-                                         self._counts[index]))
-        self._counts[index] += 1
+            self._flush_counts()
+            self._replays.append(_Replay(layout, np.array(barrier.fields, np.float64),
+                                         self._counts[layout.index]))
+        layout.pending += 1   # added to _counts when they are read (see _flush_counts)
         self._step_ms.append((time.monotonic() - barrier.started) * 1e3)
         if barrier.last is not None and barrier.last.molecules:
             self._note_last(barrier.last.molecules[0].id)
