@@ -85,10 +85,11 @@ def _run(args: list[str]) -> tuple[dict, float]:
     return _summary(done.stdout), time.perf_counter() - t0
 
 
-def _kill_at_random_step(config: Path, rng: random.Random, run_s: float) -> dict:
-    """Start the checkpointed run, SIGKILL it at a random moment of the ``run_s`` seconds
-    the uninterrupted run took; returns
-    what is known of the moment (its step from the control endpoint just before)."""
+def _kill_at_random_step(config: Path, target: int) -> dict:
+    """Start the checkpointed run, SIGKILL it once it has passed step ``target`` (chosen
+    at random after the first checkpoint: killed earlier there is nothing to resume);
+    returns its step from the control endpoint just before the kill. The endpoint is
+    asked every 10 ms: nothing outside the run can await its step."""
     from maxwellhub import control
 
     run = subprocess.Popen([str(BIN / "maxwellhub"), "run", str(config)],
@@ -104,8 +105,11 @@ def _kill_at_random_step(config: Path, rng: random.Random, run_s: float) -> dict
                 sys.exit("the checkpointed run did not start its hub in time")
             if "control endpoint:" in line:
                 address = line.split("control endpoint:")[1].split()[0]
-        time.sleep(rng.uniform(0.2, 0.9) * run_s)  # a random moment of the run
-        status = control.request(address, {"Status": None}, timeout=30)["Status"]
+        while True:
+            status = control.request(address, {"Status": None}, timeout=30)["Status"]
+            if status["step"] >= target or time.monotonic() > end:
+                break
+            time.sleep(0.01)
         run.send_signal(signal.SIGKILL)
         run.communicate(timeout=60)
     finally:
@@ -140,7 +144,7 @@ def main() -> int:
         cfg.write_text(CONFIG.format(name=name, out=work / "restart")
                        + f'\n[checkpoint]\ndir = "{work / "ck"}"\nevery = {args.every}\n'
                          f"driver_every = {args.driver_every}\n")
-        killed = _kill_at_random_step(cfg, rng, ref["wall_time_s"])
+        killed = _kill_at_random_step(cfg, rng.randrange(args.every + 1, ref["steps"] - 1))
         resumed, resume_wall = _run(["run", str(cfg), "--resume", str(work / "ck")])
         with h5py.File(work / "reference" / "molecules.h5") as a, \
                 h5py.File(work / "restart" / "molecules.h5") as b:
