@@ -11,11 +11,15 @@ UNIX socket:
 3. ``maxwellhub run CONFIG --resume DIR``: new drivers restore their own checkpoints, the
    hub replays the fields they miss, Meep reloads its fields.
 
+With ``--np K`` every run is ``mpirun -np K maxwellhub run ...`` (hub and drivers on rank
+0) and the kill is SIGKILL to the whole job at once: mpirun and each of its ranks (Open
+MPI puts every rank in a process group of its own, in mpirun's session).
+
 Printed: the kill step, the checkpoint resumed from, wall times, and the max population
 difference (and whether every HDF5 dataset is bitwise equal) against run 1.
 
     .venv/bin/python benchmarks/restart_acceptance.py [--every 100] [--driver-every 10]
-                                                      [--seed S] [--keep]
+                                                      [--seed S] [--keep] [--np K]
 """
 
 from __future__ import annotations
@@ -67,8 +71,43 @@ plot = false
 """
 
 
+NP = 1  # MPI ranks (--np)
+
+
 def _env() -> dict[str, str]:
+    if NP > 1:  # a fresh MPI world, not one this script may run in
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_"))}
+        return dict(env, OPENBLAS_NUM_THREADS="1")
     return dict(os.environ, OMPI_MCA_ess_singleton_isolated="1")
+
+
+def _command(args: list[str]) -> list[str]:
+    if NP > 1:
+        root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+        return [shutil.which("mpirun") or "mpirun", *root, "--oversubscribe", "-np", str(NP),
+                str(BIN / "maxwellhub"), *args]
+    return [str(BIN / "maxwellhub"), *args]
+
+
+def _kill(run: subprocess.Popen) -> None:
+    """SIGKILL the run: the process, or under mpirun the ranks and mpirun (its session)."""
+    if NP == 1:
+        run.send_signal(signal.SIGKILL)
+        return
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[3]) == run.pid:
+                pids.append(int(entry))
+    for pid in sorted(pids, key=lambda p: p == run.pid):  # the ranks, then mpirun
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _summary(stdout: str) -> dict:
@@ -77,8 +116,8 @@ def _summary(stdout: str) -> dict:
 
 def _run(args: list[str]) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    done = subprocess.run([str(BIN / "maxwellhub"), *args], capture_output=True, text=True,
-                          env=_env(), timeout=600)
+    done = subprocess.run(_command(args), capture_output=True, text=True, env=_env(),
+                          timeout=600, start_new_session=True)
     if done.returncode != 0:
         sys.exit(f"maxwellhub {' '.join(args)} failed ({done.returncode}):\n"
                  f"{done.stderr[-3000:]}")
@@ -92,9 +131,9 @@ def _kill_at_random_step(config: Path, target: int) -> dict:
     asked every 10 ms: nothing outside the run can await its step."""
     from maxwellhub import control
 
-    run = subprocess.Popen([str(BIN / "maxwellhub"), "run", str(config)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env=_env())
+    run = subprocess.Popen(_command(["run", str(config)]), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=_env(),
+                           start_new_session=True)
     try:
         end = time.monotonic() + 120
         address = None
@@ -110,11 +149,11 @@ def _kill_at_random_step(config: Path, target: int) -> dict:
             if status["step"] >= target or time.monotonic() > end:
                 break
             time.sleep(0.01)
-        run.send_signal(signal.SIGKILL)
+        _kill(run)
         run.communicate(timeout=60)
     finally:
         if run.poll() is None:
-            run.kill()
+            _kill(run)
             run.communicate()
     for suffix in ("", ".token"):  # what a SIGKILLed run leaves in /tmp
         Path(str(address) + suffix).unlink(missing_ok=True)
@@ -129,7 +168,11 @@ def main() -> int:
                         help="driver checkpoints every K steps (N %% K == 0)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--np", type=int, default=1,
+                        help="MPI ranks: every run under mpirun -np K (default 1: no mpirun)")
     args = parser.parse_args()
+    global NP
+    NP = args.np
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="mxh_restart_"))
@@ -153,7 +196,8 @@ def main() -> int:
             dpe = float(np.max(np.abs(a["Pe"][()] - b["Pe"][()])))
             pe_final = b["Pe"][-1].tolist()
         report = {
-            "seed": seed, "steps": resumed["steps"], "molecules": resumed["molecules"],
+            "seed": seed, "mpi_ranks": resumed.get("mpi_ranks"), "steps": resumed["steps"],
+            "molecules": resumed["molecules"],
             "checkpoint_every": args.every, "driver_every": args.driver_every,
             "killed_returncode": killed["returncode"],
             "killed_at_step_about": killed["step_before_kill"],

@@ -43,8 +43,18 @@ Usage from a script (``maxwellhub run`` does the same from its config)::
 (``examples/restart_api_2d.py`` is the runnable version.)
 
 ``until`` must be absolute (a condition on ``sim.round_time()``), not Meep's relative
-number, so that a resumed run stops where the uninterrupted one does. This module never
-runs on more than one MPI rank (refused).
+number, so that a resumed run stops where the uninterrupted one does.
+
+Under MPI (``mpirun -np K``, hub and drivers on rank 0) every rank makes the same
+:class:`RunCheckpointer` and calls the step function; the ranks agree on the step of a
+signal-triggered checkpoint through the coupling's per-step Reduce/Bcast (no extra
+collective per step), every rank writes its own ``coupling.rank<r>.npz`` (rank 0:
+``coupling.npz``) with the source amplitudes Meep holds in its chunks, Meep writes one
+parallel HDF5 ``fields.h5``, and rank 0 alone writes the hub's snapshot, the driver links
+and, after an ``Allreduce`` that says every rank is done, the manifest (with
+``mpi_ranks``) and the rename. A checkpoint is resumed only with the number of ranks
+that wrote it (Meep's dump is per chunk; refused with both counts named). MPI
+collectives have no deadline: a rank that dies makes mpirun end the job.
 """
 
 from __future__ import annotations
@@ -68,7 +78,7 @@ import numpy as np
 
 from .errors import MaxwellHubError, UsageError
 from .fsutil import fsync_dir, fsync_file
-from .mpi import rank_and_size
+from .mpi import any_rank, comm_world, mpi_bcast_from_master, rank_and_size
 
 __all__ = ["FORMAT", "STOPPED_BY_SIGNAL", "RunCheckpointer", "RunInterrupted",
            "LoadedCheckpoint", "find_checkpoint", "load_checkpoint", "restore",
@@ -83,6 +93,12 @@ STOPPED_BY_SIGNAL = 75
 
 _STEP_DIR = re.compile(r"^step_(\d{10})$")
 _MANIFEST = "manifest.json"
+
+
+def _coupling_file(rank: int) -> str:
+    """The coupling state file of one MPI rank (``coupling.npz`` for rank 0 and a serial
+    run)."""
+    return "coupling.npz" if rank == 0 else f"coupling.rank{rank}.npz"
 
 
 class CheckpointError(UsageError):
@@ -190,9 +206,7 @@ class RunCheckpointer:
                  every: int = 0, keep: int = 2, identity: Mapping[str, Any] | None = None,
                  config_text: str = "", overrides: Mapping[str, Any] | None = None,
                  driver_dir: str | os.PathLike | None = None) -> None:
-        if rank_and_size()[1] > 1:
-            raise UsageError("whole-run checkpoints are not supported under MPI (more than "
-                             "one rank) yet")
+        self._rank, self._size = rank_and_size()
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise UsageError(f"every = {every!r}; expected an int >= 0 (steps)")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -211,6 +225,11 @@ class RunCheckpointer:
         self.last_written: int | None = None
         self.last_path: Path | None = None
         self.write_seconds: list[float] = []
+        self._lock = None
+        self._token = os.getpid()  # names this run's partial directories
+        if self._size > 1:
+            self._init_mpi()
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.directory / ".lock", "a+")  # noqa: SIM115 - held for the run
         try:
@@ -224,9 +243,35 @@ class RunCheckpointer:
         for entry in self.directory.glob(".partial_*"):  # left by a killed run
             shutil.rmtree(entry, ignore_errors=True)
 
+    def _init_mpi(self) -> None:
+        """Under MPI (collective): rank 0 takes the lock and removes stale partial
+        directories; every rank learns the outcome and rank 0's pid (the token in the
+        partial directories' names), so all raise the same error or none does."""
+        error = None
+        if self._rank == 0:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._lock = open(self.directory / ".lock", "a+")  # noqa: SIM115
+                try:
+                    fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    self._lock.close()
+                    if exc.errno in (errno.EAGAIN, errno.EACCES):
+                        raise CheckpointError(f"another run is writing checkpoints into "
+                                              f"{self.directory} (its .lock is held)") from None
+                    raise
+                for entry in self.directory.glob(".partial_*"):  # left by a killed run
+                    shutil.rmtree(entry, ignore_errors=True)
+            except (OSError, CheckpointError) as exc:
+                error = str(exc)
+        agreed = mpi_bcast_from_master({"error": error, "token": self._token})
+        if agreed["error"]:
+            raise CheckpointError(agreed["error"])
+        self._token = int(agreed["token"])
+
     def close(self) -> None:
         """Release the directory's lock."""
-        if not self._lock.closed:
+        if self._lock is not None and not self._lock.closed:
             self._lock.close()
 
     def __enter__(self) -> RunCheckpointer:
@@ -259,10 +304,9 @@ class RunCheckpointer:
         With socket molecules load it first, ``hub.restore(loaded.hub_snapshot)`` and
         :func:`restore_driver_files` before the drivers start, then call this."""
         if loaded is None:
-            found = find_checkpoint(self.directory, missing_ok=True)
-            if found is None:
+            loaded = load_checkpoint(self.directory, missing_ok=True)
+            if loaded is None:
                 return None
-            loaded = load_checkpoint(found)
         check_identity(loaded, self.identity)
         step = restore(loaded, self.sim, self.coupling)
         self.mark_restored(step)
@@ -280,6 +324,17 @@ class RunCheckpointer:
 
     def tick(self, sim) -> None:
         n = sim.fields.t
+        if self._size > 1:
+            # under MPI only the stop every rank agreed on at this step counts (a signal
+            # reaches the ranks at different moments)
+            signum = self.coupling.stop_agreed
+            if signum:
+                path = self.last_path if n == self.last_written and self.last_path \
+                    else self.write("signal")
+                raise RunInterrupted(signum, n, path)
+            if self.every and n % self.every == 0 and n > 0 and n != self.last_written:
+                self.write("every")
+            return
         if self.requested is not None:
             signum = self.requested
             path = self.last_path if n == self.last_written and self.last_path \
@@ -289,16 +344,32 @@ class RunCheckpointer:
             self.write("every")
 
     @contextlib.contextmanager
-    def signals(self, signums=(signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    def signals(self, signums=None) -> Iterator[None]:
         """SIGTERM/SIGINT inside the block ask for a checkpoint at the next step boundary
         and then :class:`RunInterrupted` from the step function; a second signal before
-        that raises KeyboardInterrupt at once (no checkpoint)."""
+        that raises KeyboardInterrupt at once (no checkpoint).
+
+        Under MPI SIGUSR1 does the same (mpirun forwards SIGUSR1 to every rank at once,
+        while it answers SIGTERM/SIGINT by SIGCONT, SIGTERM after
+        ``odls_base_sigkill_timeout`` seconds and SIGKILL after as many again), the
+        request reaches every rank through the coupling's per-step broadcast
+        (:attr:`MeepCoupling.stop_agreed`), and a second signal aborts the whole job
+        (``MPI_Abort``): an exception on one rank alone could leave the others waiting."""
+        if signums is None:
+            signums = (signal.SIGTERM, signal.SIGINT)
+            if self._size > 1:
+                signums += (signal.SIGUSR1,)
         previous = {s: signal.getsignal(s) for s in signums}
 
         def handler(signum, frame) -> None:
             if self.requested is not None:
+                if self._size > 1:
+                    log.error("second %s: aborting the MPI job without a checkpoint",
+                              signal.Signals(signum).name)
+                    comm_world().Abort(128 + signum)
                 raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
             self.requested = signum
+            self.coupling.stop_request = signum
             log.warning("%s: writing a checkpoint at the next step boundary, then stopping",
                         signal.Signals(signum).name)
 
@@ -311,7 +382,10 @@ class RunCheckpointer:
                 signal.signal(s, h)
 
     def write(self, reason: str = "every") -> Path:
-        """Write a checkpoint of the current step boundary now; returns its directory."""
+        """Write a checkpoint of the current step boundary now; returns its directory.
+        Under MPI every rank must call it at the same step (the step function does)."""
+        if self._size > 1:
+            return self._write_mpi(reason)
         t0 = time.perf_counter()
         sim = self.sim
         n = int(sim.fields.t)
@@ -331,27 +405,99 @@ class RunCheckpointer:
         sim.dump_fields(str(fields_file))
         fsync_file(fields_file)
         files.append("fields.h5")
+        self._publish(partial, final, n, reason, files)
+        self.last_written, self.last_path = n, final
+        self.write_seconds.append(time.perf_counter() - t0)
+        log.info("checkpoint at step %d (%s) in %.1f ms: %s", n, reason,
+                 1e3 * self.write_seconds[-1], final)
+        return final
+
+    def _publish(self, partial: Path, final: Path, n: int, reason: str,
+                 files: list[str]) -> None:
+        """The manifest last, then the rename that makes ``partial`` the complete
+        checkpoint ``final``, then the removal of checkpoints beyond ``keep``."""
         manifest = {
-            "format": FORMAT, "step": n, "meep_time": float(sim.meep_time()),
+            "format": FORMAT, "step": n, "meep_time": float(self.sim.meep_time()),
             "reason": reason, "written_unix": time.time(), "files": files,
-            "molecules": len(self.coupling.molecule_ids),
+            "molecules": len(self.coupling.molecule_ids), "mpi_ranks": self._size,
             "meep_version": _meep_version(), "identity": self.identity,
             "config_text": self.config_text, "overrides": self.overrides,
         }
         _write_json(partial / _MANIFEST, manifest)
         fsync_dir(partial)
         if final.exists():  # a run resumed from an older checkpoint passes this step again
-            stale = self.directory / f".partial_stale_{n:010d}_{os.getpid()}"
+            stale = self.directory / f".partial_stale_{n:010d}_{self._token}"
             final.rename(stale)
             shutil.rmtree(stale, ignore_errors=True)
         partial.rename(final)
         fsync_dir(self.directory)
         for _, old in _step_dirs(self.directory)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def _write_mpi(self, reason: str) -> Path:
+        """:meth:`write` on every MPI rank (collective). Rank 0 makes the partial
+        directory; every rank writes its coupling state (its own sites' source amplitudes)
+        into ``coupling.rank<r>.npz`` (rank 0: ``coupling.npz``, with the models, records
+        and the hub's snapshot and drivers' files beside it) and Meep writes one parallel
+        HDF5 file with every rank's chunks; after an ``Allreduce`` that says every rank's
+        files are there, rank 0 alone writes the manifest (with ``mpi_ranks``) and renames.
+        Every rank learns the outcome: all raise the same :class:`CheckpointError`, or
+        none does."""
+        t0 = time.perf_counter()
+        rank, sim = self._rank, self.sim
+        n = int(sim.fields.t)
+        final = self.directory / f"step_{n:010d}"
+        partial = self.directory / f".partial_{n:010d}_{self._token}"
+        error = None
+        if rank == 0:
+            try:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir()
+            except OSError as exc:
+                error = f"checkpoint at step {n}: cannot create {partial}: {exc}"
+        error = mpi_bcast_from_master(error)
+        if error:
+            raise CheckpointError(error)
+        failed = None
+        name = _coupling_file(rank)
+        try:
+            _save_npz(partial / name, self.coupling.checkpoint_state())
+        except (OSError, ValueError, UsageError) as exc:
+            failed = f"rank {rank} could not write {partial / name}: {exc}"
+        fields_file = partial / "fields.h5"
+        sim.dump_fields(str(fields_file))  # collective: one file, every rank's chunks
+        files = [_coupling_file(r) for r in range(self._size)]
+        if rank == 0 and failed is None:
+            try:
+                fsync_file(fields_file)
+                if self.hub is not None:
+                    _save_npz(partial / "hub.npz", self.hub.snapshot())
+                    files.append("hub.npz")
+                    linked = self._link_driver_files(partial / "drivers")
+                    files += [f"drivers/{name}" for name in linked]
+            except OSError as exc:
+                failed = f"rank 0 could not write into {partial}: {exc}"
+        files.append("fields.h5")
+        if any_rank(failed is not None):  # also the barrier: every rank's files are there
+            if failed:
+                log.error("%s", failed)
+            if rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(failed or f"checkpoint at step {n}: another MPI rank "
+                                  "could not write its part (see its log)")
+        if rank == 0:
+            try:
+                self._publish(partial, final, n, reason, files)
+            except OSError as exc:
+                error = f"checkpoint at step {n}: cannot complete {final}: {exc}"
+        error = mpi_bcast_from_master(error)
+        if error:
+            raise CheckpointError(error)
         self.last_written, self.last_path = n, final
         self.write_seconds.append(time.perf_counter() - t0)
-        log.info("checkpoint at step %d (%s) in %.1f ms: %s", n, reason,
-                 1e3 * self.write_seconds[-1], final)
+        if rank == 0:
+            log.info("checkpoint at step %d (%s) in %.1f ms: %s", n, reason,
+                     1e3 * self.write_seconds[-1], final)
         return final
 
     def _link_driver_files(self, into: Path) -> list[str]:
@@ -424,9 +570,47 @@ def find_checkpoint(path: str | os.PathLike, missing_ok: bool = False) -> Path |
     raise CheckpointError(f"no complete checkpoint in {path} (no step_*/{_MANIFEST})")
 
 
-def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
-    """Read a checkpoint (a ``step_*`` directory or the directory holding them)."""
-    found = find_checkpoint(path)
+def load_checkpoint(path: str | os.PathLike, missing_ok: bool = False
+                    ) -> LoadedCheckpoint | None:
+    """Read a checkpoint (a ``step_*`` directory or the directory holding them); with
+    ``missing_ok``, None when there is none.
+
+    Refused (:class:`CheckpointError`) when it was written by a different number of MPI
+    ranks than this run has: Meep's field dump is per chunk and the chunks follow the
+    number of ranks. Under MPI it is collective: rank 0 chooses the checkpoint, every
+    rank reads its own coupling state from it, and all raise the same error or none."""
+    rank, size = rank_and_size()
+    if size == 1:
+        found = find_checkpoint(path, missing_ok)
+        return None if found is None else _load(found, 0, 1)
+    error = found = loaded = None
+    if rank == 0:
+        try:
+            found = find_checkpoint(path, missing_ok)
+            if found is not None:
+                loaded = _load(found, 0, size)
+        except CheckpointError as exc:
+            error = str(exc)
+    agreed = mpi_bcast_from_master({"path": None if found is None else str(found),
+                                    "error": error})
+    if agreed["error"]:
+        raise CheckpointError(agreed["error"])
+    if agreed["path"] is None:
+        return None
+    failed = None
+    if rank != 0:
+        try:
+            loaded = _load(Path(agreed["path"]), rank, size)
+        except CheckpointError as exc:
+            failed = str(exc)
+    if any_rank(failed is not None):
+        raise CheckpointError(failed or f"{agreed['path']}: another MPI rank could not "
+                              "read its part (see its error)")
+    return loaded
+
+
+def _load(found: Path, rank: int, size: int) -> LoadedCheckpoint:
+    """Read checkpoint ``found`` as MPI rank ``rank`` of ``size``."""
     try:
         manifest = json.loads((found / _MANIFEST).read_text())
     except (OSError, ValueError) as exc:
@@ -435,6 +619,13 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         raise CheckpointError(f"{found}: checkpoint format "
                               f"{manifest.get('format') if isinstance(manifest, dict) else '?'}"
                               f" is not this maxwellhub's ({FORMAT})")
+    ranks = manifest.get("mpi_ranks", 1)
+    if ranks != size:
+        raise CheckpointError(
+            f"cannot resume from {found}: it was written by {ranks} MPI rank(s) and this "
+            f"run has {size}; Meep's field dump is per chunk and its chunks follow the "
+            f"number of ranks: resume with {ranks} rank(s)"
+            + (f" (mpirun -np {ranks})" if ranks > 1 else " (without mpirun)"))
     for name in manifest.get("files", []):
         if not (found / name).is_file():
             raise CheckpointError(f"{found} is incomplete: {name} is missing")
@@ -446,8 +637,8 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{found / name} is unreadable: {exc}") from None
 
-    hub = arrays("hub.npz") if "hub.npz" in manifest["files"] else None
-    return LoadedCheckpoint(found, manifest, arrays("coupling.npz"), hub)
+    hub = arrays("hub.npz") if rank == 0 and "hub.npz" in manifest["files"] else None
+    return LoadedCheckpoint(found, manifest, arrays(_coupling_file(rank)), hub)
 
 
 def check_identity(loaded: LoadedCheckpoint, identity: Mapping[str, Any]) -> None:

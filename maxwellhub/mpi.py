@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["comm_world", "am_master", "rank_and_size", "mpi_bcast_from_master"]
+__all__ = ["comm_world", "am_master", "rank_and_size", "mpi_bcast_from_master", "any_rank"]
 
 
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
@@ -126,3 +126,15 @@ def mpi_bcast_from_master(value: Any) -> Any:
     if root:
         return value
     return buf.tobytes() if kind == _KIND_BYTES else json.loads(buf.tobytes().decode())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (an ``Allreduce`` of one
+    int: also a barrier); ``flag`` itself without MPI. Every rank must call it."""
+    comm = comm_world()
+    if comm is None or comm.Get_size() == 1:
+        return bool(flag)
+    mine = np.array([1 if flag else 0], dtype=np.int64)
+    total = np.zeros(1, dtype=np.int64)
+    comm.Allreduce(mine, total)
+    return bool(total[0])

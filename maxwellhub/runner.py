@@ -17,8 +17,8 @@ import functools
 import json
 import logging
 import os
+import select
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -174,34 +174,50 @@ class _Supervisor:
             self._relaunch[mid] = functools.partial(relaunch, sub)
 
     def __call__(self, exc: DriverLost) -> bool:
-        lost = set(exc.molecules)
-        dead = []
-        for mid, proc in list(self.procs):
-            if proc.poll() is None and not lost.intersection(self._ids.get(mid, ())):
-                continue
-            if proc in {p for _, p in dead}:
-                continue
-            try:   # its connection is gone; the process follows within moments
-                proc.wait(timeout=self.grace)
-            except subprocess.TimeoutExpired:
-                log.error("molecule(s) %s lost their driver's connection but the process "
-                          "(pid %d) lives on; not restarting it", self._ids[mid], proc.pid)
-                return False
-            if proc.returncode != 0 and (mid, proc) not in self._replaced:
-                dead.append((mid, proc))
-        if not dead or self.restarts + len(dead) > self.limit:
-            if dead:
-                log.error("driver restarts exhausted (checkpoint.restart_drivers = %d)",
-                          self.limit)
+        # Drivers started together bind in any order, so the process that died is not
+        # necessarily the one started "for" the lost molecule: restart the processes that
+        # died (each with its own command line; it binds to the molecule left free).
+        dead = self._dead()
+        if not dead:   # the connection went first; the process follows within moments
+            self._await_an_exit(self.grace)
+            dead = self._dead()
+        if not dead:
+            log.error("molecule(s) %s lost their driver's connection but every driver "
+                      "process lives on; not restarting any", exc.molecules)
+            return False
+        if self.restarts + len(dead) > self.limit:
+            log.error("driver restarts exhausted (checkpoint.restart_drivers = %d)",
+                      self.limit)
             return False
         for mid, proc in dead:
             self.restarts += 1
             self._replaced.add((mid, proc))
-            log.warning("the driver of molecule(s) %s exited with code %s; restarting it "
-                        "from its checkpoint (restart %d of at most %d)", self._ids[mid],
-                        proc.returncode, self.restarts, self.limit)
+            log.warning("a driver process (pid %d) exited with code %s, molecule(s) %s left "
+                        "without a driver; restarting it from its checkpoint (restart %d of "
+                        "at most %d)", proc.pid, proc.returncode, exc.molecules,
+                        self.restarts, self.limit)
             self.procs.extend(self._relaunch[mid]())
         return True
+
+    def _dead(self) -> list:
+        return [(mid, p) for mid, p in self.procs
+                if p.poll() is not None and p.returncode != 0 and (mid, p) not in
+                self._replaced]
+
+    def _await_an_exit(self, timeout: float) -> None:
+        """Wait until one of the live driver processes exits, at most ``timeout`` s (a
+        pidfd per process, awaited with one select)."""
+        fds = []
+        try:
+            for _, p in self.procs:
+                if p.poll() is None:
+                    with contextlib.suppress(OSError):
+                        fds.append(os.pidfd_open(p.pid))
+            if fds:
+                select.select(fds, [], [], timeout)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
 def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> dict:
@@ -222,9 +238,7 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
     ck_config = config.checkpoint
     identity = ckpt.config_identity(config)
     loaded = None
-    if resume is not None:
-        if rank_and_size()[1] > 1:
-            raise ckpt.CheckpointError("--resume is not supported under MPI yet")
+    if resume is not None:  # collective under MPI: every rank the same one, or refused
         loaded = ckpt.load_checkpoint(resume)
         ckpt.check_identity(loaded, identity)
     if master:
@@ -377,6 +391,8 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
         codes = reap([p for _, p in procs], 10.0)
         if master and procs:
             summary["driver_exit_codes"] = codes
+    if interrupted is not None and not master:  # every rank exits 75 (mpirun passes it on)
+        summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
     if failure is not None and not stopped and interrupted is None:
         if master:
             dead = _dead_drivers_message(procs, out_dir / "drivers")
@@ -482,7 +498,8 @@ def main(config_path: str | None = None, overrides: dict | None = None,
             try:
                 manifest = load_checkpoint(resume).manifest
             except CheckpointError as exc:
-                print(f"maxwellhub run: {exc}", file=sys.stderr)
+                if am_master():
+                    print(f"maxwellhub run: {exc}", file=sys.stderr)
                 return 2
             path = Path(resume)
             config = parse_config_text(manifest.get("config_text", ""), None,

@@ -9,10 +9,12 @@ assertion message)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -413,3 +415,241 @@ def test_run_restarts_a_dead_driver_from_its_checkpoint(tmp_path, unix_name, ref
     assert "restarting it from its checkpoint" in done.stderr
     _assert_bitwise(references["unix"], tmp_path / "out" / "molecules.h5",
                     f"driver killed in step {die_at}")
+
+
+# ---------------------------------------------------------------------- under mpirun
+
+MPIRUN = shutil.which("mpirun")
+MPI_FLAGS = (["--allow-run-as-root"] if os.geteuid() == 0 else []) + ["--oversubscribe"]
+needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun (Open MPI) not installed")
+#: the signal tests' runs: long enough (6,000 steps) that the run is still stepping when
+#: Open MPI's mpirun passes SIGTERM on, a second or more after it got it
+LONG_UNTIL = "300"
+
+
+def _mpi_env(tag: str, **extra: str) -> dict[str, str]:
+    """A job's environment: no inherited MPI world, the tag on every rank and driver."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_"))}
+    env.update(MXH_RESTART_TEST=tag, OPENBLAS_NUM_THREADS="1", **extra)
+    return env
+
+
+def _mpirun(np_: int, args: list[str]) -> list[str]:
+    return [MPIRUN, *MPI_FLAGS, "-np", str(np_), str(BIN / "maxwellhub"), *args]
+
+
+def _mpi_run(np_: int, args: list[str], tag: str, timeout: float = 120
+             ) -> subprocess.CompletedProcess:
+    """``mpirun -np N maxwellhub ARGS`` in its own session; on timeout the whole session
+    is killed and the test fails."""
+    proc = subprocess.Popen(_mpirun(np_, args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_mpi_env(tag),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=scaled(timeout))
+    except subprocess.TimeoutExpired:
+        _kill_session(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"mpirun did not finish within {scaled(timeout):g} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _session(sid: int) -> list[int]:
+    """Processes of session ``sid``: mpirun (its leader) and its ranks (Open MPI puts
+    each rank in a process group of its own, in mpirun's session)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[3]) == sid:
+                found.append(int(entry))
+    return found
+
+
+def _kill_session(sid: int) -> list[int]:
+    """SIGKILL mpirun and every rank at once (a lost job): the ranks first, by pid."""
+    pids = sorted(_session(sid), key=lambda p: p == sid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def _mpi_run_and_signal(np_: int, config: Path, tag: str, rng: random.Random, sig: int,
+                        after: int, extra_env: dict | None = None
+                        ) -> tuple[subprocess.Popen, str, str, list[int]]:
+    """``mpirun -np N maxwellhub -v run config``; ``after`` periodic checkpoints were
+    logged plus a random 0-50 ms, then SIGKILL to the whole job (mpirun and its ranks)
+    or ``sig`` to mpirun alone. Returns the process (ended), stdout, stderr and the pids
+    SIGKILLed."""
+    run = subprocess.Popen(_mpirun(np_, ["-v", "run", str(config)]), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env=_mpi_env(tag, **(extra_env or {})), start_new_session=True)
+    lines, killed = [], []
+    try:
+        end = time.monotonic() + scaled(60)
+        seen = 0
+        while seen < after:
+            ready, _, _ = select.select([run.stderr], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                pytest.fail(f"no {after} checkpoints logged in time:\n" + "".join(lines))
+            line = run.stderr.readline()
+            if not line:
+                pytest.fail(f"the run ended before {after} checkpoints:\n" + "".join(lines))
+            lines.append(line)
+            seen += "maxwellhub.checkpoint: checkpoint at step" in line
+        time.sleep(rng.uniform(0.0, 0.05))  # a random step after that checkpoint
+        if sig == signal.SIGKILL:
+            killed = _kill_session(run.pid)
+        else:
+            run.send_signal(sig)
+        out, err = run.communicate(timeout=scaled(60))
+    finally:
+        if run.poll() is None:
+            _kill_session(run.pid)
+            run.communicate()
+    return run, out, "".join(lines) + err, killed
+
+
+@pytest.fixture(scope="module")
+def mpi_references(tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted `mpirun -np 2` runs (no [checkpoint] table): embedded and over
+    UNIX sockets, 600 steps, and over UNIX sockets with until = LONG_UNTIL."""
+    if MPIRUN is None:
+        pytest.skip("mpirun (Open MPI) not installed")
+    base = tmp_path_factory.mktemp("mpi_reference")
+    out = {}
+    for key, kind, until in (("embedded", "embedded", None), ("unix", "unix", None),
+                             ("unix_long", "unix", LONG_UNTIL)):
+        name = f"mxhrm_{os.getpid()}_{uuid.uuid4().hex[:6]}" if kind == "unix" else None
+        config = _write_config(base / f"{key}.toml", kind, base / key, name, None)
+        args = ["run", str(config)] + (["--set", f"simulation.until={until}"] if until else [])
+        done = _mpi_run(2, args, uuid.uuid4().hex)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = _summary(done.stdout)
+        assert summary["mpi_ranks"] == 2 and summary["complete"], summary
+        out[key] = base / key / "molecules.h5"
+    return out
+
+
+def _mpi_kill_and_resume(tmp_path: Path, kind: str, unix_name: str | None,
+                         reference: Path) -> dict:
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    ckdir = tmp_path / "ck"
+    config = _write_config(tmp_path / "run.toml", kind, tmp_path / "out", unix_name, ckdir)
+    tag = uuid.uuid4().hex
+    after = rng.randint(1, 8)
+    run, out, err, killed = _mpi_run_and_signal(2, config, tag, rng, signal.SIGKILL, after)
+    why = f"seed {seed}, killed after checkpoint {after}"
+    assert run.returncode == -signal.SIGKILL, f"{why}: {err[-3000:]}"
+    assert len(killed) == 3, f"{why}: expected mpirun and 2 ranks, killed {killed}"
+    _wait_tagged(tag, scaled(20))
+    for pid in killed:  # rank 0's control socket and token file
+        _cleanup_control(pid)
+    newest = json.loads((max(ckdir.glob("step_*")) / "manifest.json").read_text())
+    assert newest["mpi_ranks"] == 2, why
+    assert {"coupling.npz", "coupling.rank1.npz", "fields.h5"} <= set(newest["files"]), why
+    (ckdir / ".partial_9999999999_1").mkdir()  # as if killed while writing one
+    done = _mpi_run(2, ["run", str(config), "--resume", str(ckdir)], tag)
+    assert done.returncode == 0, f"{why}: {done.stderr[-3000:]}"
+    summary = _summary(done.stdout)
+    assert summary["complete"] and summary["steps"] == 601 and summary["mpi_ranks"] == 2, why
+    assert summary["resumed_at_step"] >= 50 * after, why
+    assert not (ckdir / ".partial_9999999999_1").exists(), "a stale partial checkpoint stayed"
+    _assert_bitwise(reference, tmp_path / "out" / "molecules.h5",
+                    f"{why}, resumed at step {summary['resumed_at_step']}")
+    return summary
+
+
+@pytest.mark.meep
+@needs_mpirun
+def test_mpirun_embedded_run_killed_and_resumed_is_bitwise(tmp_path, mpi_references):
+    """`mpirun -np 2`, embedded molecules: the whole job (mpirun and both ranks) SIGKILLed
+    at a random step and resumed under `mpirun -np 2` gives every HDF5 dataset bit for bit
+    as the uninterrupted `mpirun -np 2` run (each rank's own source amplitudes restored,
+    Meep's fields from one parallel HDF5 file)."""
+    _mpi_kill_and_resume(tmp_path, "embedded", None, mpi_references["embedded"])
+
+
+@pytest.mark.meep
+@needs_mpirun
+def test_mpirun_socket_run_killed_and_resumed_is_bitwise(tmp_path, unix_name,
+                                                         mpi_references):
+    """`mpirun -np 2` with two socket drivers (started by rank 0, checkpoints every 10
+    steps): the whole job SIGKILLed at a random step, resumed under `mpirun -np 2`
+    (drivers restarted from their checkpoints, the hub replays): bitwise the uninterrupted
+    `mpirun -np 2` socket run."""
+    summary = _mpi_kill_and_resume(tmp_path, "unix", unix_name, mpi_references["unix"])
+    assert summary["driver_exit_codes"] == [0, 0]
+
+
+@pytest.mark.meep
+@needs_mpirun
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
+def test_mpirun_signal_writes_checkpoint(tmp_path, unix_name, mpi_references, sig):
+    """A signal to mpirun under `mpirun -np 2` (socket drivers): both ranks stop at the
+    same step boundary, write one checkpoint there, stop the drivers, write the HDF5 so
+    far and exit 75; resuming it completes the run bitwise equal to the uninterrupted one.
+
+    How Open MPI 4.1's mpirun passes signals on (measured): SIGUSR1/SIGUSR2 at once, and
+    mpirun then exits with the ranks' status (75). SIGTERM/SIGINT start mpirun's own abort:
+    SIGCONT to the ranks at once, SIGTERM `odls_base_sigkill_timeout` seconds later
+    (default 1), SIGKILL as many seconds after that, and mpirun exits 1 whatever the ranks
+    did. Here that timeout is 2 s, the margin a loaded 2-core machine needs."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    ckdir = tmp_path / "ck"
+    config = _write_config(tmp_path / "run.toml", "unix", tmp_path / "out", unix_name, ckdir)
+    config.write_text(config.read_text().replace("until = 30", f"until = {LONG_UNTIL}"))
+    tag = uuid.uuid4().hex
+    run, out, err, _ = _mpi_run_and_signal(
+        2, config, tag, rng, sig, rng.randint(1, 4),
+        extra_env={"OMPI_MCA_odls_base_sigkill_timeout": "2"})
+    why = f"{signal.Signals(sig).name}, seed {seed}: {err[-3000:]}"
+    # mpirun's status: the ranks' 75 for SIGUSR1; 1 after its own SIGTERM abort
+    assert run.returncode == (STOPPED_BY_SIGNAL if sig == signal.SIGUSR1 else 1), why
+    summary = _summary(out)
+    assert summary["stopped_by_signal"] == signal.Signals(sig).name, why
+    assert not summary["complete"] and summary["driver_exit_codes"] == [0, 0], why
+    step = summary["steps"] - 1
+    checkpoint = Path(summary["checkpoint"])
+    assert checkpoint == ckdir / f"step_{step:010d}", why
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["step"] == step and manifest["reason"] == "signal", why
+    assert manifest["mpi_ranks"] == 2, why
+    if sig == signal.SIGTERM:  # both ranks exited 75 on their own (mpirun reports only 1)
+        assert err.count("writing a checkpoint at the next step boundary") == 2, why
+    assert not list(ckdir.glob(".partial_*")), why
+    done = _mpi_run(2, ["run", str(config), "--resume", str(ckdir)], tag)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _summary(done.stdout)["resumed_at_step"] == step
+    _assert_bitwise(mpi_references["unix_long"], tmp_path / "out" / "molecules.h5", why)
+
+
+@pytest.mark.meep
+@needs_mpirun
+def test_resume_with_a_different_number_of_ranks_is_refused(tmp_path):
+    """A checkpoint written by `mpirun -np 2` is refused by a serial resume and by
+    `mpirun -np 3` (exit status 2, naming both counts; Meep's field dump is per chunk and
+    its chunks follow the ranks), and a serial checkpoint by `mpirun -np 2`."""
+    tag = uuid.uuid4().hex
+    for name, np_ in (("mpi", 2), ("serial", 1)):
+        config = _write_config(tmp_path / f"{name}.toml", "embedded", tmp_path / f"out_{name}",
+                               None, tmp_path / f"ck_{name}")
+        args = ["run", str(config), "--set", "simulation.until=1",
+                "--set", "checkpoint.every=10"]
+        done = _mpi_run(np_, args, tag) if np_ > 1 else _run(args, tag)
+        assert done.returncode == 0, done.stderr[-3000:]
+    resume = ["run", str(tmp_path / "mpi.toml"), "--resume", str(tmp_path / "ck_mpi")]
+    for np_, ranks in ((1, 2), (3, 2), (2, 1)):
+        if np_ == 2:
+            resume = ["run", str(tmp_path / "serial.toml"), "--resume",
+                      str(tmp_path / "ck_serial")]
+        bad = _mpi_run(np_, resume, tag) if np_ > 1 else _run(resume, tag)
+        assert bad.returncode == 2, bad.stderr[-3000:]
+        assert f"written by {ranks} MPI rank(s) and this run has {np_}" in bad.stderr, \
+            bad.stderr[-3000:]

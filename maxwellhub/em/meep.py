@@ -63,7 +63,11 @@ Checkpoints (:mod:`maxwellhub.checkpoint`): between steps the coupling's whole s
 dict of arrays (:meth:`MeepCoupling.checkpoint_state`); :meth:`MeepCoupling.restore_state`
 rebuilds the sites, zeroes the DFT accumulators and adds the saved amplitudes to Meep's
 zero ones, so Meep holds exactly the mirrored values and a resumed run is bitwise the
-uninterrupted one (Meep's own ``dump_fields``/``load_fields`` carry the fields).
+uninterrupted one (Meep's own ``dump_fields``/``load_fields`` carry the fields). Under
+MPI each rank saves and restores the amplitudes of its own chunks' sites, and a stop
+request (:attr:`MeepCoupling.stop_request`, set by a signal handler on any rank) rides in
+the per-step Reduce to rank 0, whose decision every rank reads from the per-step Bcast
+(:attr:`MeepCoupling.stop_agreed`): all ranks stop at the same step.
 
 This module never makes a Python call per molecule or per grid point in a step (except
 the hub's per-socket-molecule requests), never talks to the hub on MPI ranks other than 0,
@@ -77,6 +81,7 @@ imported lazily.
 from __future__ import annotations
 
 import ctypes
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -429,6 +434,14 @@ class MeepCoupling:
         self._records: list[tuple[int, list[dict[str, np.ndarray]]]] = []
         self.fields_au = np.zeros((0, 3))    # last fields read (a.u.), rank 0; reused
         self.sources_au = np.zeros((0, 3))   # last dmu/dt (a.u.), every rank; reused
+        #: a request to stop at the next step boundary (a signal number; 0: none), set on
+        #: any rank (say, by a signal handler). Under MPI it reaches rank 0 in the per-step
+        #: Reduce of the fields and rank 0's decision comes back in the per-step Bcast of
+        #: the sources, as :attr:`stop_agreed`: every rank sees it at the same step, with
+        #: no extra collective.
+        self.stop_request = 0
+        #: the stop request every rank agreed on at the last step (0: go on)
+        self.stop_agreed = 0
 
     # ------------------------------------------------------------------ molecules
 
@@ -516,8 +529,12 @@ class MeepCoupling:
                              "structure or sources) after the molecules were coupled")
         fields_au = self._sites.read()
         if self._size > 1:
-            comm_world().Reduce(fields_au, self._reduced, root=0)
-            fields_au = self._reduced
+            # this rank's stop request rides along with its share of the fields
+            send = self._reduce_send
+            send[:-1] = fields_au
+            send[-1] = float(self.stop_request)
+            comm_world().Reduce(send, self._reduced, root=0)
+            fields_au = self._reduced[:-1]
         fields_au = fields_au.reshape(3, -1).T  # (M, 3), column-major
         if self._coulomb is not None:  # remove each molecule's own Coulomb field
             fields_au = fields_au + self.units.efield_meep_to_au(
@@ -532,14 +549,16 @@ class MeepCoupling:
     def _propagate(self, fields_au: np.ndarray, step: int) -> None:
         """Rank 0 steps every molecule; the others receive the sources by broadcast.
 
-        The sources land in ``self._bcast`` (``self.sources_au`` views it)."""
+        The sources land in ``self._bcast`` (``self.sources_au`` views it). Its last
+        element is a flag: 1 when rank 0 failed (every rank raises), else minus the
+        agreed stop request (see :attr:`stop_agreed`)."""
         rank, size = self._rank, self._size
         buf = self._bcast
         if rank == 0:
             try:
                 self.fields_au = fields_au
                 self._drive(fields_au, step, self.sources_au)
-                buf[-1] = 0.0
+                buf[-1] = -float(self._stop_decision()) if size > 1 else 0.0
             except BaseException:
                 if size > 1:  # let the other ranks fail too instead of hanging
                     buf[-1] = 1.0
@@ -547,8 +566,23 @@ class MeepCoupling:
                 raise
         if size > 1:
             comm_world().Bcast(buf, root=0)
-            if buf[-1] != 0.0:
+            if buf[-1] > 0.0:
                 raise RuntimeError("maxwellhub: rank 0 failed to step the molecules")
+            self.stop_agreed = int(-buf[-1])
+        else:
+            self.stop_agreed = self.stop_request
+
+    def _stop_decision(self) -> int:
+        """Rank 0, under MPI: the stop every rank will see for this step. Rank 0's own
+        request (a signal number) if it has one, else whatever another rank asked for
+        (the per-step Reduce summed the requests: a single signal number comes through
+        as itself, a sum of several as SIGTERM)."""
+        if self.stop_request:
+            return int(self.stop_request)
+        total = int(self._reduced[-1])
+        if total <= 0:
+            return 0
+        return total if total in {int(s) for s in signal.Signals} else int(signal.SIGTERM)
 
     def _drive(self, fields_au: np.ndarray, step: int, sources: np.ndarray) -> None:
         """Step every molecule under ``fields_au`` (M, 3); write their dmu/dt to
@@ -623,7 +657,9 @@ class MeepCoupling:
         self._emitted = np.zeros((len(self._ids), 3))  # dipole emitted so far, Meep units
         self._bcast = np.zeros(3 * len(self._ids) + 1)  # sources (a.u.) and a fail flag
         self.sources_au = self._bcast[:-1].reshape(3, -1).T  # (M, 3), column-major
-        self._reduced = np.zeros(3 * len(self._ids))  # the fields summed over MPI ranks
+        # the fields summed over MPI ranks, and the ranks' stop requests (last element)
+        self._reduce_send = np.zeros(3 * len(self._ids) + 1)
+        self._reduced = np.zeros(3 * len(self._ids) + 1)
         socket = [g for g in self._groups if g.model is None]
         self._socket_rows = np.concatenate([g.rows for g in socket]) if socket else \
             np.zeros(0, np.int64)
