@@ -230,6 +230,11 @@ class RunCheckpointer:
         if self._size > 1:
             self._init_mpi()
             return
+        self._take_directory()
+
+    def _take_directory(self) -> None:
+        """Lock the directory for this run (``.lock``, held until :meth:`close`) and remove
+        the partial checkpoints a killed run left."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.directory / ".lock", "a+")  # noqa: SIM115 - held for the run
         try:
@@ -250,18 +255,7 @@ class RunCheckpointer:
         error = None
         if self._rank == 0:
             try:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                self._lock = open(self.directory / ".lock", "a+")  # noqa: SIM115
-                try:
-                    fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    self._lock.close()
-                    if exc.errno in (errno.EAGAIN, errno.EACCES):
-                        raise CheckpointError(f"another run is writing checkpoints into "
-                                              f"{self.directory} (its .lock is held)") from None
-                    raise
-                for entry in self.directory.glob(".partial_*"):  # left by a killed run
-                    shutil.rmtree(entry, ignore_errors=True)
+                self._take_directory()
             except (OSError, CheckpointError) as exc:
                 error = str(exc)
         agreed = mpi_bcast_from_master({"error": error, "token": self._token})

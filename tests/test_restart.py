@@ -128,6 +128,21 @@ def _wait_tagged(tag: str, seconds: float) -> None:
     assert not alive, f"processes of the killed run still alive: {alive}"
 
 
+def _await_checkpoints(run: subprocess.Popen, after: int, lines: list[str]) -> None:
+    """Read the run's log (into ``lines``) until it has logged ``after`` checkpoints."""
+    end = time.monotonic() + scaled(60)
+    seen = 0
+    while seen < after:
+        ready, _, _ = select.select([run.stderr], [], [], max(0.0, end - time.monotonic()))
+        if not ready:
+            pytest.fail(f"no {after} checkpoints logged in time:\n" + "".join(lines))
+        line = run.stderr.readline()
+        if not line:
+            pytest.fail(f"the run ended before {after} checkpoints:\n" + "".join(lines))
+        lines.append(line)
+        seen += "maxwellhub.checkpoint: checkpoint at step" in line
+
+
 def _run_and_signal(config: Path, tag: str, rng: random.Random, sig: int,
                     after: int) -> tuple[subprocess.Popen, str, str]:
     """Start ``maxwellhub -v run config``; ``after`` periodic checkpoints were logged plus
@@ -137,17 +152,7 @@ def _run_and_signal(config: Path, tag: str, rng: random.Random, sig: int,
                            env=_env(tag))
     lines = []
     try:
-        end = time.monotonic() + scaled(60)
-        seen = 0
-        while seen < after:
-            ready, _, _ = select.select([run.stderr], [], [], max(0.0, end - time.monotonic()))
-            if not ready:
-                pytest.fail(f"no {after} checkpoints logged in time:\n" + "".join(lines))
-            line = run.stderr.readline()
-            if not line:
-                pytest.fail(f"the run ended before {after} checkpoints:\n" + "".join(lines))
-            lines.append(line)
-            seen += "maxwellhub.checkpoint: checkpoint at step" in line
+        _await_checkpoints(run, after, lines)
         time.sleep(rng.uniform(0.0, 0.05))  # a random step after that checkpoint
         run.send_signal(sig)
         out, err = run.communicate(timeout=scaled(60))
@@ -382,11 +387,13 @@ from maxwellhub_drivers.models.tls import TLSModel
 
 class DyingTLS(TLSModel):
     def commit(self):
-        marker = os.environ["MXH_DYING_MARKER"]
-        if self.time_au >= float(os.environ["MXH_DYING_AT"]) * self.dt_au \\
-                and not os.path.exists(marker):
-            open(marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.time_au >= float(os.environ["MXH_DYING_AT"]) * self.dt_au:
+            try:   # O_EXCL: of the drivers reaching the step together, exactly one dies
+                os.close(os.open(os.environ["MXH_DYING_MARKER"], os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
         return super().commit()
 '''
 
@@ -490,17 +497,7 @@ def _mpi_run_and_signal(np_: int, config: Path, tag: str, rng: random.Random, si
                            env=_mpi_env(tag, **(extra_env or {})), start_new_session=True)
     lines, killed = [], []
     try:
-        end = time.monotonic() + scaled(60)
-        seen = 0
-        while seen < after:
-            ready, _, _ = select.select([run.stderr], [], [], max(0.0, end - time.monotonic()))
-            if not ready:
-                pytest.fail(f"no {after} checkpoints logged in time:\n" + "".join(lines))
-            line = run.stderr.readline()
-            if not line:
-                pytest.fail(f"the run ended before {after} checkpoints:\n" + "".join(lines))
-            lines.append(line)
-            seen += "maxwellhub.checkpoint: checkpoint at step" in line
+        _await_checkpoints(run, after, lines)
         time.sleep(rng.uniform(0.0, 0.05))  # a random step after that checkpoint
         if sig == signal.SIGKILL:
             killed = _kill_session(run.pid)
