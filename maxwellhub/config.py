@@ -14,6 +14,10 @@ key (dotted, e.g. ``molecules[1].sigma``) and what is allowed. Example (the 2D d
     [transport]
     kind = "unix"             # unix (default), tcp or embedded
     molecules_per_driver = 1  # > 1: ensemble drivers hosting up to this many molecules
+    drivers = "local"         # local: the run starts its drivers; external: you start them
+                              # (another job, other nodes), they find the hub through
+    address_file = "out/hub.json"   # the rendezvous file (maxwellhub-driver --address-file)
+    secret_file = "hub.secret"      # optional: drivers must prove they hold this secret
 
     [[molecules]]
     model = "tls"
@@ -76,6 +80,8 @@ class Transport:
     timeout: float = 60.0
     molecules_per_driver: int = 1
     secret_file: str | None = None   # shared secret: the hub requires it (HMAC challenge)
+    drivers: str = "local"           # "external": started by the user, not by the run
+    address_file: str | None = None  # where the hub publishes its address (rendezvous)
 
 
 @dataclass(frozen=True)
@@ -207,7 +213,7 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
 
     tr_t = _Table(top.get("transport", {}), "transport",
                   ("kind", "name", "host", "port", "timeout", "molecules_per_driver",
-                   "secret_file"))
+                   "secret_file", "drivers", "address_file"))
     kind = tr_t.choice("kind", _TRANSPORTS, "unix")
     name = tr_t.get("name", None)
     if name is not None and (not isinstance(name, str) or not name):
@@ -222,7 +228,15 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
     if secret_file is not None and (not isinstance(secret_file, str) or not secret_file):
         raise ConfigError(f"transport.secret_file = {secret_file!r}; expected the path of an "
                           "owner-only file holding the shared secret")
+    drivers = tr_t.choice("drivers", ("local", "external"), "local")
+    address_file = tr_t.get("address_file", None)
+    if address_file is not None and (not isinstance(address_file, str) or not address_file):
+        raise ConfigError(f"transport.address_file = {address_file!r}; expected a file path")
+    if kind == "embedded" and (drivers == "external" or address_file is not None):
+        raise ConfigError("transport.drivers/address_file need socket drivers; "
+                          "transport.kind = 'embedded' has none")
     transport = Transport(kind=kind, name=name, host=host, port=port, secret_file=secret_file,
+                          drivers=drivers, address_file=address_file,
                           timeout=float(tr_t.number("timeout", 60.0, low=0.0, low_open=True)),
                           molecules_per_driver=tr_t.number("molecules_per_driver", 1, low=1,
                                                            integer=True))

@@ -265,6 +265,8 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
 
         secret = load_secret(transport.secret_file)   # a bad file: UsageError naming it
         hub_kw["auth"] = secret
+    if transport.address_file is not None:
+        hub_kw["address_file"] = transport.address_file
     if transport.kind != "embedded":
         control = f"mxh_run_{os.getpid()}"  # maxwellhub status|stop /tmp/maxwellhub_control_...
         if transport.kind == "unix":
@@ -328,10 +330,15 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
                         raise ckpt.CheckpointError(f"{loaded.path} has no hub snapshot")
                     hub.restore(loaded.hub_snapshot)
                     ckpt.restore_driver_files(loaded, driver_dir)
-                if checkpointer is not None and ck_config.restart_drivers:
+                if checkpointer is not None and ck_config.restart_drivers \
+                        and transport.drivers == "local":
                     supervisor = _Supervisor(procs, ck_config.restart_drivers)
                     coupling.on_lost = supervisor
-                for ids, model, params in _driver_batches(config, ids_by_group):
+                if transport.drivers == "external":
+                    _await_external_drivers(hub, np.concatenate(ids_by_group).tolist(),
+                                            transport)
+                for ids, model, params in (_driver_batches(config, ids_by_group)
+                                           if transport.drivers == "local" else ()):
                     launch = functools.partial(
                         _start_batch, model=model, params=params,
                         per=transport.molecules_per_driver, logs=logs, where=where,
@@ -403,6 +410,21 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
     if master:
         echo(json.dumps(summary))
     return summary
+
+
+def _await_external_drivers(hub, ids: list[int], transport) -> None:
+    """``transport.drivers = "external"``: the user starts the drivers (another job, other
+    nodes; ``maxwellhub-driver --address-file``); wait for all of them."""
+    where = (f"the address file {transport.address_file}" if transport.address_file
+             else f"{hub.address}")
+    log.warning("waiting up to %g s for %d external driver(s) to connect through %s",
+                transport.timeout, len(ids), where)
+    if not hub.wait_until_bound(ids, require_init=False, timeout=transport.timeout):
+        missing = [m for m in ids if not hub.all_bound([m], require_init=False)]
+        raise MaxwellHubError(f"no external driver connected for molecule(s) "
+                              f"{missing[:20]}{' ...' if len(missing) > 20 else ''} within "
+                              f"transport.timeout = {transport.timeout:g} s (start them with "
+                              f"maxwellhub-driver --address-file or the hub's address)")
 
 
 def _add_group(coupling, config: Config, group: MoleculeGroup, socket: bool) -> np.ndarray:

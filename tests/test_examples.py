@@ -220,3 +220,37 @@ def test_main_job_over_tcp_with_a_shared_secret(tmp_path):
                   "--set", 'transport.kind="tcp"', "--set", f'transport.secret_file="{secret}"',
                   cwd=tmp_path)
     assert bad.returncode != 0 and str(secret) in bad.stderr, bad.stderr[-2000:]
+
+
+@pytest.mark.meep
+def test_main_job_with_external_drivers_through_the_address_file(tmp_path):
+    """`transport.drivers = "external"`: the run starts no driver, publishes its address in
+    the rendezvous file, and waits; a driver started separately with --address-file (as a
+    second job would) finds it, and the run equals the one with its own drivers."""
+    address = tmp_path / "hub.json"
+    common = ["--set", "simulation.until=4", "--set", f'output.directory="{tmp_path}"']
+    run = subprocess.Popen(
+        [str(BIN / "maxwellhub"), "run", str(EXAMPLES / "relax_2d.toml"), *common,
+         "--set", 'transport.drivers="external"', "--set", f'transport.address_file="{address}"'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    driver = subprocess.Popen(
+        [str(BIN / "maxwellhub-driver"), "--address-file", str(address), "--model", "tls",
+         "--param", "omega=0.242", "--param", "mu12=187", "--param", "orientation=2",
+         "--param", "pe_initial=1e-4", "--timeout", str(scaled(60))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = run.communicate(timeout=scaled(120))
+        assert driver.wait(timeout=scaled(30)) == 0, driver.stderr.read()
+    finally:
+        for p in (run, driver):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert run.returncode == 0, err[-3000:]
+    assert "external driver" in err
+    assert not address.exists()   # removed when the hub stopped
+    local = run_cli("run", str(EXAMPLES / "relax_2d.toml"), *common, cwd=tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    a = json.loads(out.strip().splitlines()[-1])
+    b = json.loads(local.stdout.strip().splitlines()[-1])
+    assert a["steps"] == b["steps"] and a["curve_max_over_p0"] == b["curve_max_over_p0"]
