@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import signal
+import threading
 
 import numpy as np
 import pytest
@@ -77,12 +80,18 @@ def run(unix_name, tmp_path, *, steps, every, kill_at=None, victim=1, mid_step=F
         try:
             for step in range(steps):
                 if step == kill_at:
-                    procs[victim].kill()
-                    procs[victim].wait(timeout=scaled(10))
-                    if not mid_step:  # the hub notices before the next step
-                        hub.wait_until_bound([], timeout=0.01)
-                    procs.append(start_driver("tls", TLS, unix=unix_name,
-                                              timeout=scaled(30), extra_args=args))
+                    def kill_and_replace(proc=procs[victim]):
+                        proc.kill()
+                        proc.wait(timeout=scaled(10))
+                        procs.append(start_driver("tls", TLS, unix=unix_name,
+                                                  timeout=scaled(30), extra_args=args))
+
+                    if mid_step:   # frozen (SIGSTOP) so it cannot answer; killed in the step
+                        os.kill(procs[victim].pid, signal.SIGSTOP)
+                        killer = threading.Timer(scaled(0.2), kill_and_replace)
+                        killer.start()
+                    else:
+                        kill_and_replace()
                 res = hub.step({m: {"efield_au": fields[step, m]} for m in ids},
                                timeout=scaled(30))
                 sources[step] = [res[m]["amp"] for m in ids]
