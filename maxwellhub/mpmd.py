@@ -17,7 +17,8 @@ What MPI does here, and why this module exists (measured with Open MPI 4.1):
 So both sides take part in three collective calls on the world, in this order, and then
 never touch it again:
 
-1. ``allgather`` of every rank's program number (``MPI.APPNUM``): all learn K and N;
+1. ``Allgather`` (a buffer, no pickle) of every rank's program number (``MPI.APPNUM``):
+   all learn K and N;
 2. the split Meep makes (``divide_parallel_processes(g)``, g chosen so that the EM ranks
    0..K-1 are exactly group 0); the driver side makes the matching ``Comm.Split``;
 3. ``Comm.Split`` by program number: the EM side's communicator, of size K.
@@ -67,8 +68,13 @@ def _appnum(MPI) -> int:
 
 
 def _world_layout(MPI) -> tuple[Any, int, int, int, int]:
+    import numpy as np
+
     world = MPI.COMM_WORLD
-    apps = world.allgather(_appnum(MPI))                       # collective 1
+    # Allgather of a buffer, not allgather of objects: nothing on any wire is pickled.
+    apps_buf = np.zeros(world.Get_size(), dtype=np.int64)
+    world.Allgather(np.array([_appnum(MPI)], dtype=np.int64), apps_buf)   # collective 1
+    apps = apps_buf.tolist()
     mine = apps[world.Get_rank()]
     return world, world.Get_rank(), world.Get_size(), apps.count(apps[0]), mine
 
@@ -76,7 +82,7 @@ def _world_layout(MPI) -> tuple[Any, int, int, int, int]:
 def split_world():
     """Call at the top of an EM script started in an MPMD ``mpirun``, before creating
     the Meep simulation. Returns the EM program's communicator (size K); outside MPMD it
-    returns ``MPI.COMM_WORLD`` and changes nothing (one ``allgather``). Without MPI: None.
+    returns ``MPI.COMM_WORLD`` and changes nothing (one ``Allgather``). Without MPI: None.
     """
     from . import mpi
 

@@ -29,7 +29,7 @@ from maxwellhub.em import MeepCoupling
 from maxwellhub.mpmd import split_world
 
 # Before the simulation exists: in an MPMD job keep Meep and the hub to this program's
-# ranks (outside MPMD a no-op costing one allgather).
+# ranks (outside MPMD a no-op costing one Allgather).
 em_comm = split_world()
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
