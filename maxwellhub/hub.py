@@ -233,6 +233,8 @@ class StepResult:
                         parsed = json.loads(raw)
                     except ValueError:
                         continue  # extras are informational; a bad one is skipped
+                    if not isinstance(parsed, dict):
+                        continue  # JSON, but not an object of values (e.g. [1, 2])
                     for key, value in parsed.items():
                         if isinstance(value, (int, float)) and not isinstance(value, bool):
                             out.setdefault(key, np.full(n, np.nan))[r] = value

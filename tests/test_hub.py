@@ -413,3 +413,17 @@ async def test_batched_frame_with_wrong_count_is_dropped(hub, caplog):
     writer.write(wire.encode_sources_batch(np.zeros((2, 3))))
     assert await asyncio.wait_for(task, scaled(10)) == {}
     assert "M = 2 molecules, negotiated 3" in caplog.text
+
+
+def test_extras_arrays_skip_what_is_not_a_json_object():
+    """Extras are the peer's: bytes that are not JSON, JSON that is not an object, and
+    values that are not numbers are skipped, never raised on (a stock client's extras are
+    one zero byte)."""
+    from maxwellhub.hub import StepResult
+
+    result = StepResult(np.array([4, 5, 6, 7]), np.zeros((4, 3)),
+                        {0: b"\x00", 1: b"[1, 2]", 2: b'{"Pe": 0.25, "s": "x", "b": true}',
+                         3: b"17"}, [])
+    out = result.extras()
+    assert set(out) == {"Pe"}
+    assert np.isnan(out["Pe"][[0, 1, 3]]).all() and out["Pe"][2] == 0.25
