@@ -383,3 +383,48 @@ def test_maxwelllink_driver_keeps_fused_path_and_gets_stop(mxl_driver, unix_name
     assert reap([proc], scaled(20)) == [0], log_text(log)
     assert conn.bye.result() is True
     assert not any("did not answer STOP" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.stock
+def test_stock_clients_behind_a_relay_reach_an_authenticating_hub(ipi_name, tmp_path,
+                                                                  started):
+    """Stock clients cannot answer MXHAUTH; behind a relay on their node they need not:
+    ASE and i-PI connect to the relay's UNIX socket (their /tmp/ipi_ prefix), the relay
+    proves the secret to a TCP hub, and every step's values are right; all exit 0."""
+    import sys
+
+    from maxwellhub.auth import load_secret
+
+    secret_file = tmp_path / "hub.secret"
+    secret_file.write_text("relay-test-secret\n")
+    secret_file.chmod(0o600)
+    with SocketHub(port=0, timeout=scaled(30), auth=load_secret(secret_file)) as hub:
+        ids = [hub.register_molecule_return_id() for _ in range(2)]
+        relay_log = tmp_path / "relay.log"
+        with open(relay_log, "wb") as err:
+            relay = subprocess.Popen(
+                [str(Path(sys.executable).parent / "maxwellhub"), "relay", "--molecules", "2",
+                 "--host", "127.0.0.1", "--port", str(hub.port), "--secret-file",
+                 str(secret_file), "--listen-unix", "/tmp/ipi_" + ipi_name, "--timeout",
+                 str(scaled(30))], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=err)
+        started.append(relay)
+        started.append(start_ase(ipi_name, tmp_path / "ase.log"))
+        started.append(start_ipi(ipi_name, tmp_path / "ipi.log"))
+        assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids},
+                                    timeout=scaled(60)), log_text(relay_log)
+        f = fields(STEPS, seed=17)
+        # The relay binds its clients in connection order: tell them apart by step 0.
+        first = hub.step_arrays(ids, f[0][None, :] * np.ones((2, 1))).sources
+        ase_row = 0 if np.allclose(first[0], ase_expected(f[0]), rtol=1e-12) else 1
+        expect = [ase_expected, ipi_expected] if ase_row == 0 else [ipi_expected,
+                                                                    ase_expected]
+        for row in range(2):
+            np.testing.assert_allclose(first[row], expect[row](f[0]), rtol=1e-12, atol=1e-17)
+        for step in range(1, STEPS):
+            got = hub.step_arrays(ids, f[step][None, :] * np.ones((2, 1))).sources
+            for row in range(2):
+                np.testing.assert_allclose(got[row], expect[row](f[step]), rtol=1e-12,
+                                           atol=1e-17, err_msg=f"row {row}, step {step}")
+        hub.graceful_shutdown(wait=scaled(5))
+    assert reap(started, scaled(15)) == [0, 0, 0], log_text(relay_log)
