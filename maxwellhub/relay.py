@@ -118,10 +118,18 @@ class _LocalHub(Hub):
         super()._connection_lost(driver, previous, exc)
         self._notify()
 
+    #: True while the relay binds its drivers for the upstream's INIT: then a state older
+    #: than the upstream's step is replayed by the upstream (see _Upstream._initialize).
+    deferring = False
+
     def _unreplayable(self, driver, start: int, done: int, reported: bool) -> None:
         """A local driver restored a state older than the upstream's step, which this
-        relay (new, no history) cannot replay: take its step as the truth; the upstream hub
-        replays the missing steps through the relay (see ``_Upstream._initialize``)."""
+        relay (new, no history) cannot replay: while the relay starts, take its step as
+        the truth and let the upstream hub replay the missing steps through the relay;
+        later (a driver replaced mid-run, beyond --history) continuity is lost: say so."""
+        if not self.deferring:
+            super()._unreplayable(driver, start, done, reported)
+            return
         for mol in driver.molecules:
             self._counts[mol.index] = start
         log.info("%s resumes from step %d; the upstream hub is asked to replay steps "
@@ -371,8 +379,13 @@ class _Upstream(asyncio.Protocol):
             local.register_molecule(mid)
         if offer is not None:   # the local drivers are offered the upstream's step
             local.set_molecule_steps(ids, offer["step"])
-        if not await local.wait_until_bound(dict(zip(ids, payloads, strict=True)),
-                                            timeout=self.relay.timeout):
+        local.deferring = offer is not None
+        try:
+            bound = await local.wait_until_bound(dict(zip(ids, payloads, strict=True)),
+                                                 timeout=self.relay.timeout)
+        finally:
+            local.deferring = False
+        if not bound:
             if self.ended.done():
                 return
             missing = local.missing(ids)
