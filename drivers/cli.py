@@ -131,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                            "bound to the same molecule(s)")
     keep.add_argument("--checkpoint-every", type=int, default=1, metavar="K",
                       help="write a checkpoint every K steps (default 1); the hub must "
-                           "keep at least K steps of history to replay (Hub(history=...))")
+                           "keep at least K + 1 steps of history to replay "
+                           "(Hub(history=...))")
     keep.add_argument("--checkpoint-keep-every", type=int, default=0, metavar="R",
                       help="also keep the newest two checkpoints whose step is a multiple "
                            "of R (a run checkpoint every R steps then finds its state)")
