@@ -16,6 +16,7 @@ prints: it logs, and :func:`run_client` returns an exit status.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from maxwellhub import wire
-from maxwellhub.addresses import DEFAULT_PORT, unix_socket_path
+from maxwellhub.addresses import DEFAULT_PORT, connect_once, unix_socket_path
 from maxwellhub.errors import ProtocolError
 
 from .checkpoint import Continuity
@@ -89,11 +90,11 @@ def connect(*, unix: str | None = None, host: str | None = None, port: int = DEF
     log = logger or _LOG
     if unix is not None:
         where = f"unix:{unix_socket_path(unix)}"
-        attempt = _unix_attempt(unix_socket_path(unix))
+        attempt = functools.partial(connect_once, unix=unix_socket_path(unix))
     else:
         address = (host or "127.0.0.1", int(port))
         where = f"tcp:{address[0]}:{address[1]}"
-        attempt = _tcp_attempt(address)
+        attempt = functools.partial(connect_once, address=address)
     deadline = time.monotonic() + timeout
     delay = _BACKOFF_FIRST
     tries = 0
@@ -118,31 +119,6 @@ def connect(*, unix: str | None = None, host: str | None = None, port: int = DEF
             continue
         log.info("connected to %s", where)
         return sock
-
-
-def _unix_attempt(path: str):
-    def attempt(limit: float) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(limit)
-            sock.connect(path)
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    return attempt
-
-
-def _tcp_attempt(address: tuple[str, int]):
-    def attempt(limit: float) -> socket.socket:
-        sock = socket.create_connection(address, timeout=limit)
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    return attempt
 
 
 def run_client(model: Model, *, unix: str | None = None, host: str | None = None,

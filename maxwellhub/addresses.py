@@ -10,7 +10,8 @@ import os
 import socket
 from pathlib import Path
 
-__all__ = ["UNIX_PREFIX", "DEFAULT_PORT", "unix_socket_path", "get_available_host_port"]
+__all__ = ["UNIX_PREFIX", "DEFAULT_PORT", "unix_socket_path", "get_available_host_port",
+           "connect_once"]
 
 UNIX_PREFIX = "/tmp/socketmxl_"
 DEFAULT_PORT = 31415
@@ -26,6 +27,26 @@ def unix_socket_path(name_or_path: str | os.PathLike) -> str:
     if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the terminating NUL
         raise ValueError(f"UNIX socket path {path!r} is longer than 107 bytes")
     return path
+
+
+def connect_once(limit: float, *, unix: str | None = None,
+                 address: tuple[str, int] | None = None) -> socket.socket:
+    """One attempt to connect to a hub: the UNIX socket path ``unix``, else TCP
+    ``address`` (with TCP_NODELAY), within ``limit`` seconds. Returns a blocking socket
+    with no timeout; the OSError of a failed attempt propagates."""
+    if unix is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(limit)
+            sock.connect(unix)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = socket.create_connection(address, timeout=limit)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)
+    return sock
 
 
 def get_available_host_port(localhost: bool = True,

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .addresses import connect_once
 from .errors import MaxwellHubError, UsageError
 from .fsutil import atomic_write
 
@@ -328,18 +329,8 @@ def _signature(path: str) -> tuple[int, int, int, int] | None:
 
 def _connect(info: AddressFile, limit: float) -> socket.socket:
     if info.transport == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(limit)
-            sock.connect(info.unix)
-        except BaseException:
-            sock.close()
-            raise
-    else:
-        sock = socket.create_connection((info.host, info.port), timeout=limit)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(None)
-    return sock
+        return connect_once(limit, unix=info.unix)
+    return connect_once(limit, address=(info.host, info.port))
 
 
 def wait_and_connect(path: str | os.PathLike, timeout: float,
