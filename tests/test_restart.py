@@ -198,23 +198,43 @@ def references(tmp_path_factory) -> dict[str, Path]:
 
 
 def _kill_and_resume(tmp_path: Path, kind: str, unix_name: str | None,
-                     reference: Path) -> dict:
+                     reference: Path, ranks: int = 1) -> dict:
+    """SIGKILL the run (under ``mpirun -np ranks`` when ranks > 1: the whole job) after a
+    random number of checkpoints, resume it with the same number of ranks, and check the
+    output is bitwise the uninterrupted run's."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     ckdir = tmp_path / "ck"
     config = _write_config(tmp_path / "run.toml", kind, tmp_path / "out", unix_name, ckdir)
     tag = uuid.uuid4().hex
     after = rng.randint(1, 8)
-    run, out, err = _run_and_signal(config, tag, rng, signal.SIGKILL, after)
+    if ranks == 1:
+        run, out, err = _run_and_signal(config, tag, rng, signal.SIGKILL, after)
+        killed = [run.pid]
+    else:
+        run, out, err, killed = _mpi_run_and_signal(ranks, config, tag, rng, signal.SIGKILL,
+                                                    after)
     why = f"seed {seed}, killed after checkpoint {after}"
     assert run.returncode == -signal.SIGKILL, f"{why}: {err[-3000:]}"
+    if ranks > 1:
+        assert len(killed) == ranks + 1, \
+            f"{why}: expected mpirun and {ranks} ranks, killed {killed}"
     _wait_tagged(tag, scaled(20))
-    _cleanup_control(run.pid)
+    for pid in killed:  # the control socket and token file a killed run leaves
+        _cleanup_control(pid)
+    if ranks > 1:
+        newest = json.loads((max(ckdir.glob("step_*")) / "manifest.json").read_text())
+        assert newest["mpi_ranks"] == ranks, why
+        assert {"coupling.npz", "coupling.rank1.npz", "fields.h5"} <= set(newest["files"]), \
+            why
     (ckdir / ".partial_9999999999_1").mkdir()  # as if killed while writing one
-    done = _run(["run", str(config), "--resume", str(ckdir)], tag)
+    args = ["run", str(config), "--resume", str(ckdir)]
+    done = _run(args, tag) if ranks == 1 else _mpi_run(ranks, args, tag)
     assert done.returncode == 0, f"{why}: {done.stderr[-3000:]}"
     summary = _summary(done.stdout)
     assert summary["complete"] and summary["steps"] == 601, why
+    if ranks > 1:
+        assert summary["mpi_ranks"] == ranks, why
     assert summary["resumed_at_step"] >= 50 * after, why
     assert not (ckdir / ".partial_9999999999_1").exists(), "a stale partial checkpoint stayed"
     _assert_bitwise(reference, tmp_path / "out" / "molecules.h5",
@@ -532,36 +552,6 @@ def mpi_references(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _mpi_kill_and_resume(tmp_path: Path, kind: str, unix_name: str | None,
-                         reference: Path) -> dict:
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    ckdir = tmp_path / "ck"
-    config = _write_config(tmp_path / "run.toml", kind, tmp_path / "out", unix_name, ckdir)
-    tag = uuid.uuid4().hex
-    after = rng.randint(1, 8)
-    run, out, err, killed = _mpi_run_and_signal(2, config, tag, rng, signal.SIGKILL, after)
-    why = f"seed {seed}, killed after checkpoint {after}"
-    assert run.returncode == -signal.SIGKILL, f"{why}: {err[-3000:]}"
-    assert len(killed) == 3, f"{why}: expected mpirun and 2 ranks, killed {killed}"
-    _wait_tagged(tag, scaled(20))
-    for pid in killed:  # rank 0's control socket and token file
-        _cleanup_control(pid)
-    newest = json.loads((max(ckdir.glob("step_*")) / "manifest.json").read_text())
-    assert newest["mpi_ranks"] == 2, why
-    assert {"coupling.npz", "coupling.rank1.npz", "fields.h5"} <= set(newest["files"]), why
-    (ckdir / ".partial_9999999999_1").mkdir()  # as if killed while writing one
-    done = _mpi_run(2, ["run", str(config), "--resume", str(ckdir)], tag)
-    assert done.returncode == 0, f"{why}: {done.stderr[-3000:]}"
-    summary = _summary(done.stdout)
-    assert summary["complete"] and summary["steps"] == 601 and summary["mpi_ranks"] == 2, why
-    assert summary["resumed_at_step"] >= 50 * after, why
-    assert not (ckdir / ".partial_9999999999_1").exists(), "a stale partial checkpoint stayed"
-    _assert_bitwise(reference, tmp_path / "out" / "molecules.h5",
-                    f"{why}, resumed at step {summary['resumed_at_step']}")
-    return summary
-
-
 @pytest.mark.meep
 @needs_mpirun
 def test_mpirun_embedded_run_killed_and_resumed_is_bitwise(tmp_path, mpi_references):
@@ -569,7 +559,7 @@ def test_mpirun_embedded_run_killed_and_resumed_is_bitwise(tmp_path, mpi_referen
     at a random step and resumed under `mpirun -np 2` gives every HDF5 dataset bit for bit
     as the uninterrupted `mpirun -np 2` run (each rank's own source amplitudes restored,
     Meep's fields from one parallel HDF5 file)."""
-    _mpi_kill_and_resume(tmp_path, "embedded", None, mpi_references["embedded"])
+    _kill_and_resume(tmp_path, "embedded", None, mpi_references["embedded"], ranks=2)
 
 
 @pytest.mark.meep
@@ -580,7 +570,8 @@ def test_mpirun_socket_run_killed_and_resumed_is_bitwise(tmp_path, unix_name,
     steps): the whole job SIGKILLed at a random step, resumed under `mpirun -np 2`
     (drivers restarted from their checkpoints, the hub replays): bitwise the uninterrupted
     `mpirun -np 2` socket run."""
-    summary = _mpi_kill_and_resume(tmp_path, "unix", unix_name, mpi_references["unix"])
+    summary = _kill_and_resume(tmp_path, "unix", unix_name, mpi_references["unix"],
+                               ranks=2)
     assert summary["driver_exit_codes"] == [0, 0]
 
 
