@@ -85,7 +85,6 @@ class Continuity:
         self.ids: tuple[int, ...] | None = None  # molecules the state belongs to
         self._initial: dict[str, np.ndarray] | None = None
         self._previous: tuple[int, dict[str, np.ndarray]] | None = None
-        self.written = 0                         # checkpoint files written (for tests)
         self.refused = False                     # the last session was refused by auth
         self.offered = False                     # a hub offered MXHRESUME (it speaks it)
 
@@ -158,10 +157,6 @@ class Continuity:
         if self.directory is not None and self.step % self.every == 0:
             self._write(model)
 
-    def wants_previous(self) -> bool:
-        """Whether :meth:`committed` needs the state before the step (``memory``)."""
-        return self.memory
-
     def _write(self, model: Model) -> None:
         ids = self.ids or ()
         key = checkpoint_key(ids)
@@ -172,7 +167,6 @@ class Continuity:
         arrays["__model"] = np.array(_model_name(model))
         final = self.directory / f"{key}.step_{self.step:012d}.npz"
         atomic_write(final, lambda fh: np.savez(fh, **arrays))
-        self.written += 1
         self._prune(key)
 
     def _steps_on_disk(self, key: str) -> list[tuple[int, Path]]:

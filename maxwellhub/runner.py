@@ -163,14 +163,12 @@ class _Supervisor:
         self.grace = grace
         self.restarts = 0
         self._replaced: set = set()        # (mid, Popen) already restarted
-        self._ids: dict[int, list[int]] = {}
         self._relaunch: dict[int, Callable[[], list]] = {}
 
     def track(self, entries: list, ids: list[int], relaunch: Callable[[list[int]], list]
               ) -> None:
         for mid, _ in entries:
             sub = [mid] if len(entries) > 1 or len(ids) == 1 else ids
-            self._ids[mid] = sub
             self._relaunch[mid] = functools.partial(relaunch, sub)
 
     def __call__(self, exc: DriverLost) -> bool:
