@@ -35,6 +35,14 @@ class Skip(Exception):
     """A measurement that cannot run here; the message says why."""
 
 
+def skip_with_log(exc: BaseException, errors) -> Skip:
+    """A :class:`Skip` for a failed measurement: ``exc`` and the last three lines the
+    failing process wrote to ``errors`` (a binary file it logged to)."""
+    errors.seek(0)
+    tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
+    return Skip(f"failed: {exc}: {' / '.join(tail)}")
+
+
 def build(name: str) -> Path:
     """Compile ``benchmarks/c/<name>.c`` with ``cc -O2`` into a per-user temp directory
     (keyed by the source's hash, so an edit rebuilds) and return the executable."""

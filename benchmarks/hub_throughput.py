@@ -50,6 +50,7 @@ from _common import (
     peer_python,
     pin_to,
     raise_nofile,
+    skip_with_log,
     stop_process,
 )
 
@@ -249,9 +250,7 @@ def run_cell(hub: str, transport: str, n: int, args, workdir: Path) -> dict:
             raise RuntimeError(f"the hub exited with {hub_proc.returncode}")
     except (RuntimeError, TimeoutError) as exc:
         hub_proc.kill()
-        errors.seek(0)
-        tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
-        raise Skip(f"failed: {exc}: {' / '.join(tail)}") from None
+        raise skip_with_log(exc, errors) from None
     finally:
         stop_process(hub_proc)
         if clients is not None:

@@ -47,6 +47,7 @@ from _common import (
     machine,
     pin_to,
     raise_nofile,
+    skip_with_log,
     stop_process,
 )
 
@@ -155,9 +156,7 @@ def run_setup(relays: int, args, workdir: Path) -> dict:
             raise RuntimeError(f"relay exit statuses {codes}")
     except (RuntimeError, TimeoutError) as exc:
         hub.kill()
-        errors.seek(0)
-        tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
-        raise Skip(f"failed: {exc}: {' / '.join(tail)}") from None
+        raise skip_with_log(exc, errors) from None
     finally:
         stop_process(hub)
         for p in relay_procs + others:
