@@ -102,7 +102,8 @@ for name, where in want.items():
     spec = find_spec(name)
     if spec is None or not os.path.realpath(spec.origin or "").startswith(where):
         sys.exit(3)
-for name in ("uvloop", "pytest", "pytest_asyncio", "pytest_timeout", "hypothesis"):
+for name in ("uvloop", "pytest", "pytest_asyncio", "pytest_timeout", "hypothesis", "pyscf",
+             "ruff", "mypy"):
     if find_spec(name) is None:
         sys.exit(3)
 EOF
