@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["UNITS", "write_history", "plot_populations", "Progress"]
+__all__ = ["UNITS", "Progress", "plot_dipole_spectrum", "plot_populations", "write_history"]
 
 log = logging.getLogger("maxwellhub.run")
 
@@ -80,6 +80,44 @@ def plot_populations(path: str | os.PathLike, time_meep: np.ndarray, pe: np.ndar
     ax.set_title(title, fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_dipole_spectrum(path: str | os.PathLike, time_au: np.ndarray, dipole: np.ndarray,
+                         energy_ev: np.ndarray, spectrum: np.ndarray,
+                         peaks_ev: np.ndarray, title: str) -> Path:
+    """Two panels: the dipole change of molecule 0 against time (a.u.), and the absorption
+    spectrum with its peaks marked; PNG via matplotlib's Agg backend.
+
+    ``dipole`` is (T, 3): mu(t) - mu(0) of the molecule; ``spectrum`` is S(E) on
+    ``energy_ev`` (arbitrary units, >= 0 where the physics is right: it is not abs()'d).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), dpi=110)
+    for k, (axis, color) in enumerate(zip("xyz", ("tab:blue", "tab:orange", "tab:green"),
+                                          strict=True)):
+        top.plot(time_au, dipole[:, k], lw=1.0, color=color, label=f"$\\mu_{axis}$")
+    top.set_xlabel("time (a.u.)")
+    top.set_ylabel("$\\mu(t) - \\mu(0)$ (e $a_0$)")
+    top.set_title(title, fontsize=10)
+    top.legend(loc="upper right", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.plot(energy_ev, spectrum, color="black", lw=1.2, label="RT spectrum")
+    for j, peak in enumerate(peaks_ev):
+        bottom.axvline(peak, color="tab:red", lw=0.8, ls="--",
+                       label="peaks" if j == 0 else None)
+    bottom.set_xlabel("photon energy (eV)")
+    bottom.set_ylabel("absorption $S(E)$ (arb. units)")
+    bottom.legend(loc="upper right", fontsize=8)
+    bottom.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
