@@ -55,20 +55,20 @@ __all__ = ["Hub", "SocketHub", "StepResult", "StopRequested", "new_event_loop"]
 log = logging.getLogger("maxwellhub.hub")
 
 # Connection states. Each names what the hub waits for on that connection.
-_AUTH = "auth"            # MXHAUTH sent (hub has a secret); expect MXHPROOF
-_PROBE = "probe"          # STATUS sent before binding; expect READY or NEEDINIT
-_UNBOUND = "unbound"      # answered; waiting for a molecule to bind to
-_BOUND = "bound"          # bound, INIT not sent yet (no payload known)
-_INIT = "init"            # INIT + STATUS sent; expect READY (MXHRESUME first, maybe)
-_REPLAY = "replay"        # a restored driver is replayed the steps it missed
-_READY = "ready"          # initialised and idle
-_BUSY = "busy"            # field sent; expect FORCEREADY
+_AUTH = "auth"  # MXHAUTH sent (hub has a secret); expect MXHPROOF
+_PROBE = "probe"  # STATUS sent before binding; expect READY or NEEDINIT
+_UNBOUND = "unbound"  # answered; waiting for a molecule to bind to
+_BOUND = "bound"  # bound, INIT not sent yet (no payload known)
+_INIT = "init"  # INIT + STATUS sent; expect READY (MXHRESUME first, maybe)
+_REPLAY = "replay"  # a restored driver is replayed the steps it missed
+_READY = "ready"  # initialised and idle
+_BUSY = "busy"  # field sent; expect FORCEREADY
 # Stock i-PI clients (ASE's SocketClient, i-PI's driver): see _Driver._on_stock_event.
-_LEARNING = "learning"    # first field sent (not the fast path); expect FORCEREADY
-_LEARN = "learn"          # STATUS sent after its first FORCEREADY; expect READY or NEEDINIT
-_ASKED = "asked"          # STATUS (maybe INIT) sent before a step; expect READY or NEEDINIT
+_LEARNING = "learning"  # first field sent (not the fast path); expect FORCEREADY
+_LEARN = "learn"  # STATUS sent after its first FORCEREADY; expect READY or NEEDINIT
+_ASKED = "asked"  # STATUS (maybe INIT) sent before a step; expect READY or NEEDINIT
 _STOCK_BUSY = "stock-busy"  # field sent after that; expect FORCEREADY
-_CLOSING = "closing"      # STOP or EXIT sent; expect BYE or close
+_CLOSING = "closing"  # STOP or EXIT sent; expect BYE or close
 _CLOSED = "closed"
 
 _GETFORCE_HEADER = wire.encode_header(wire.GETFORCE)
@@ -78,7 +78,7 @@ _SR_HEADER = wire.encode_header(wire.FORCEREADY)
 _SR_ENERGY_NAT = struct.pack("<di", 0.0, 1)
 _ZERO_VIRIAL = bytes(72)
 _SR_TAIL = struct.Struct("<3d72xi")
-_SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE      # 124
+_SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE  # 124
 _finite = math.isfinite
 
 
@@ -86,7 +86,7 @@ _STOP_BYTES = wire.encode_header(wire.STOP)
 _EXIT_BYTES = wire.encode_header(wire.EXIT)
 _STATUS_BYTES = wire.encode_header(wire.STATUS)
 _STOCK_STATES = frozenset((_LEARNING, _LEARN, _ASKED, _STOCK_BUSY))
-_EXIT_AFTER_STOP_S = 0.5   # EXIT to a peer that has not answered STOP by then
+_EXIT_AFTER_STOP_S = 0.5  # EXIT to a peer that has not answered STOP by then
 
 
 class StopRequested(MaxwellHubError):
@@ -94,7 +94,7 @@ class StopRequested(MaxwellHubError):
     raised by ``step``/``step_arrays``, while ``step_barrier`` returns ``{}``."""
 
 
-_STEP_TIMES = 10_000        # per-step durations kept for status() (last, mean, p99)
+_STEP_TIMES = 10_000  # per-step durations kept for status() (last, mean, p99)
 _LAST_TO_ANSWER_CAP = 4096  # molecule ids counted as "last to answer" before trimming
 
 
@@ -129,7 +129,7 @@ class _Molecule:
 
     def __init__(self, mid: int, index: int) -> None:
         self.id = mid
-        self.index = index            # registration order: its slot in Hub._counts
+        self.index = index  # registration order: its slot in Hub._counts
         self.driver: _Driver | None = None
         self.payload: dict | None = None
         self.initialized = False
@@ -143,11 +143,11 @@ class _Layout:
 
     def __init__(self, ids: np.ndarray, generation: int, index: np.ndarray) -> None:
         self.ids = ids
-        self.key = ids.tobytes()   # cheap equality test for the next step's ids
+        self.key = ids.tobytes()  # cheap equality test for the next step's ids
         self.row = {int(m): r for r, m in enumerate(ids.tolist())}
         self.generation = generation
-        self.index = index         # each row's molecule slot in Hub._counts
-        self.pending = 0           # completed steps not yet added to Hub._counts
+        self.index = index  # each row's molecule slot in Hub._counts
+        self.pending = 0  # completed steps not yet added to Hub._counts
 
 
 class _Replay:
@@ -166,28 +166,43 @@ class _Barrier:
     """One frozen step: the fields sent and the replies received so far (by row). Per
     step the hub touches each connection once, never each molecule in Python."""
 
-    __slots__ = ("layout", "fields", "field_bytes", "want_extras", "sources", "single",
-                 "done", "extras", "batch_extras", "waiting", "waiter", "timer",
-                 "abort_on_loss", "lost", "started", "last")
+    __slots__ = (
+        "layout",
+        "fields",
+        "field_bytes",
+        "want_extras",
+        "sources",
+        "single",
+        "done",
+        "extras",
+        "batch_extras",
+        "waiting",
+        "waiter",
+        "timer",
+        "abort_on_loss",
+        "lost",
+        "started",
+        "last",
+    )
 
     def __init__(self, layout: _Layout, fields: np.ndarray, want_extras: bool) -> None:
         n = len(layout.ids)
         self.layout = layout
         self.fields = fields
-        self.field_bytes: bytes | None = None   # 24 bytes per row, made when first needed
+        self.field_bytes: bytes | None = None  # 24 bytes per row, made when first needed
         self.want_extras = want_extras
         self.sources = np.zeros((n, 3))
-        self.single: dict[int, tuple[float, float, float]] = {}   # row -> single reply
+        self.single: dict[int, tuple[float, float, float]] = {}  # row -> single reply
         self.done = np.zeros(n, dtype=bool)
-        self.extras: dict[int, bytes] = {}                        # row -> JSON bytes
+        self.extras: dict[int, bytes] = {}  # row -> JSON bytes
         self.batch_extras: list[tuple[np.ndarray, dict]] = []
         self.waiting = n
         self.waiter: asyncio.Future | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.abort_on_loss = False
         self.lost: list[int] = []
-        self.started = time.monotonic()    # for status(): the step's duration
-        self.last: _Driver | None = None   # the driver whose reply completed the step
+        self.started = time.monotonic()  # for status(): the step's duration
+        self.last: _Driver | None = None  # the driver whose reply completed the step
 
     def wake(self, why: str) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -207,8 +222,13 @@ class StepResult:
 
     __slots__ = ("ids", "sources", "_json", "_batch_extras", "_extras")
 
-    def __init__(self, ids: np.ndarray, sources: np.ndarray, json_rows: dict[int, bytes],
-                 batch_extras: list[tuple[np.ndarray, dict]]) -> None:
+    def __init__(
+        self,
+        ids: np.ndarray,
+        sources: np.ndarray,
+        json_rows: dict[int, bytes],
+        batch_extras: list[tuple[np.ndarray, dict]],
+    ) -> None:
         self.ids = ids
         self.sources = sources
         self._json = json_rows
@@ -251,8 +271,10 @@ class StepResult:
             extras = [self.extra_bytes(r) for r in range(len(rows))]
         else:
             extras = [self._json.get(r, b"") for r in range(len(rows))]
-        return {m: {"amp": a, "extra": e}
-                for m, a, e in zip(self.ids.tolist(), rows, extras, strict=True)}
+        return {
+            m: {"amp": a, "extra": e}
+            for m, a, e in zip(self.ids.tolist(), rows, extras, strict=True)
+        }
 
 
 class _Driver(asyncio.Protocol):
@@ -270,23 +292,23 @@ class _Driver(asyncio.Protocol):
         self.state = _PROBE
         self.molecules: list[_Molecule] = []
         self.batch: int | None = None
-        self.row = -1                              # (first) row in the layout, -1 if absent
-        self.rows: np.ndarray | slice | None = None   # all rows of an ensemble
+        self.row = -1  # (first) row in the layout, -1 if absent
+        self.rows: np.ndarray | slice | None = None  # all rows of an ensemble
         self.rows_generation = -1
         self.peer = f"driver#{number}"
         self.dialect = hub.dialect
         self.bye: asyncio.Future | None = None
-        self.reported = False                      # a drop was already logged for it
+        self.reported = False  # a drop was already logged for it
         self._handshake_timer: asyncio.TimerHandle | None = None
-        self.resume_step: int | None = None        # from MXHRESUME, after INIT
-        self.claim: list[int] | None = None        # from MXHCLAIM: the ids it asks for
-        self.replay: list[np.ndarray] = []         # fields still to replay, oldest first
+        self.resume_step: int | None = None  # from MXHRESUME, after INIT
+        self.claim: list[int] | None = None  # from MXHCLAIM: the ids it asks for
+        self.replay: list[np.ndarray] = []  # fields still to replay, oldest first
         # What this connection turned out to be (learned once, see _on_stock_event):
-        self.stock = False            # a stock i-PI client: ends with EXIT, not STOP
-        self.init_needed = True       # False: it said READY before any INIT (ASE)
-        self.stock_steps = True       # send_step takes _send_stock_step (first step, or
+        self.stock = False  # a stock i-PI client: ends with EXIT, not STOP
+        self.init_needed = True  # False: it said READY before any INIT (ASE)
+        self.stock_steps = True  # send_step takes _send_stock_step (first step, or
         self.status_each_step = False  # a client that needs STATUS/INIT before each step)
-        self.status_probes = 0        # STATUS sent after the INIT handshake (learning, steps)
+        self.status_probes = 0  # STATUS sent after the INIT handshake (learning, steps)
         self._init_msg = b""
         self._init_resent = False
 
@@ -304,8 +326,10 @@ class _Driver(asyncio.Protocol):
             return self.peer
         if len(self.molecules) == 1:
             return f"{self.peer} molecule {self.molecules[0].id}"
-        return (f"{self.peer} molecules {self.molecules[0].id}..{self.molecules[-1].id} "
-                f"({len(self.molecules)})")
+        return (
+            f"{self.peer} molecules {self.molecules[0].id}..{self.molecules[-1].id} "
+            f"({len(self.molecules)})"
+        )
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -326,24 +350,33 @@ class _Driver(asyncio.Protocol):
             self.transport.write(wire.encode_auth_challenge(self._nonce))
         else:
             self.transport.write(_STATUS_BYTES)
-        self._handshake_timer = self.hub._loop.call_later(
-            self.hub.timeout, self._handshake_expired)
+        self._handshake_timer = self.hub._loop.call_later(self.hub.timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
         # Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial 0)
         # in one read with nothing buffered; anything else goes through the full decoder.
-        if (self.state == _BUSY and not self.decoder._buf and data.startswith(_SR_HEADER)
-                and len(data) >= _SR_SIZE and data[12:24] == _SR_ENERGY_NAT
-                and data[48:120] == _ZERO_VIRIAL):
+        if (
+            self.state == _BUSY
+            and not self.decoder._buf
+            and data.startswith(_SR_HEADER)
+            and len(data) >= _SR_SIZE
+            and data[12:24] == _SR_ENERGY_NAT
+            and data[48:120] == _ZERO_VIRIAL
+        ):
             sx, sy, sz, m = _SR_TAIL.unpack_from(data, 24)
-            if m == len(data) - _SR_SIZE and m <= self.hub.limits.max_extras_bytes and \
-                    _finite(sx) and _finite(sy) and _finite(sz):
+            if (
+                m == len(data) - _SR_SIZE
+                and m <= self.hub.limits.max_extras_bytes
+                and _finite(sx)
+                and _finite(sy)
+                and _finite(sz)
+            ):
                 self.state = _READY
                 self.hub._source_ready(self, sx, sy, sz, data[_SR_SIZE:])
                 return
         try:
             for event in self.decoder.feed(data):
-                if self.reported:   # dropped by an earlier message of this read
+                if self.reported:  # dropped by an earlier message of this read
                     return
                 self._on_event(event)
         except ProtocolError as exc:
@@ -355,8 +388,11 @@ class _Driver(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         previous, self.state = self.state, _CLOSED
         if previous == _AUTH:
-            log.error("refusing %s before INIT: authentication failed: it closed the "
-                      "connection without answering MXHAUTH", self)
+            log.error(
+                "refusing %s before INIT: authentication failed: it closed the "
+                "connection without answering MXHAUTH",
+                self,
+            )
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         if self.bye is not None and not self.bye.done():
@@ -367,7 +403,7 @@ class _Driver(asyncio.Protocol):
     def fail(self, why: str) -> None:
         """Drop this connection for a protocol violation, with one log line naming it."""
         if self.state == _CLOSED or self.reported:
-            return   # one line per peer, even when one read held several bad messages
+            return  # one line per peer, even when one read held several bad messages
         if self.state == _AUTH:
             self._refuse(why)
             return
@@ -394,8 +430,7 @@ class _Driver(asyncio.Protocol):
         if self.batch is not None:  # its MXHHELLO arrived before the proof
             self.transport.write(wire.encode_welcome(self.batch))
         self.transport.write(_STATUS_BYTES)
-        self._handshake_timer = self.hub._loop.call_later(
-            self.hub.timeout, self._handshake_expired)
+        self._handshake_timer = self.hub._loop.call_later(self.hub.timeout, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
         if self.state == _AUTH:
@@ -410,8 +445,9 @@ class _Driver(asyncio.Protocol):
         state = self.state
         if kind is wire.ForceReady and state == _BUSY and self.batch is None:
             if event.forces.shape[0] != 1:
-                self.fail(f"SOURCEREADY carries nat = {event.forces.shape[0]}, the EM "
-                          "profile needs 1")
+                self.fail(
+                    f"SOURCEREADY carries nat = {event.forces.shape[0]}, the EM profile needs 1"
+                )
                 return
             self.state = _READY
             sx, sy, sz = event.forces[0].tolist()
@@ -424,8 +460,9 @@ class _Driver(asyncio.Protocol):
             self.hub._driver_ready(self)
         elif kind is wire.Resume and state == _INIT and self.resume_step is None:
             if event.molecules != self.size:
-                self.fail(f"MXHRESUME for {event.molecules} molecule(s); the connection "
-                          f"hosts {self.size}")
+                self.fail(
+                    f"MXHRESUME for {event.molecules} molecule(s); the connection hosts {self.size}"
+                )
                 return
             self.resume_step = event.step
         elif kind in (wire.ForceReady, wire.SourcesBatch) and state == _REPLAY:
@@ -441,8 +478,9 @@ class _Driver(asyncio.Protocol):
             self.hub._driver_available(self)
         elif kind is wire.Claim and state == _PROBE and self.claim is None:
             if event.molecules != self.size:
-                self.fail(f"MXHCLAIM for {event.molecules} molecule(s); the connection "
-                          f"hosts {self.size}")
+                self.fail(
+                    f"MXHCLAIM for {event.molecules} molecule(s); the connection hosts {self.size}"
+                )
                 return
             self.claim = list(range(event.first, event.first + event.molecules))
         elif kind is wire.Hello and state == _PROBE and self.batch is None:
@@ -453,8 +491,9 @@ class _Driver(asyncio.Protocol):
         elif kind is wire.Hello and state == _AUTH and self.batch is None:
             # An ensemble driver speaks first; MXHWELCOME waits for its proof.
             self.batch = self.decoder.batch = event.molecules
-        elif state in _STOCK_STATES or (kind is wire.NeedInit and state == _INIT
-                                         and not self.init_needed):
+        elif state in _STOCK_STATES or (
+            kind is wire.NeedInit and state == _INIT and not self.init_needed
+        ):
             self._on_stock_event(kind, event)
         elif kind in (wire.ForceReady, wire.SourcesBatch) and state == _CLOSING:
             pass  # owed for a field sent before STOP (a stop mid-step): nobody needs it now
@@ -489,24 +528,26 @@ class _Driver(asyncio.Protocol):
             if any(p != payloads[0] for p in payloads):
                 payload["payloads"] = payloads
         done, replayable = self.hub._replay_offer(first)
-        payload[wire.RESUME_KEY] = {"version": wire.RESUME_VERSION, "step": done,
-                                    "history": replayable}
-        body = json.dumps({**payload, "molecule_id": first.id},
-                          default=_json_default).encode()
+        payload[wire.RESUME_KEY] = {
+            "version": wire.RESUME_VERSION,
+            "step": done,
+            "history": replayable,
+        }
+        body = json.dumps({**payload, "molecule_id": first.id}, default=_json_default).encode()
         self.state = _INIT
         self.resume_step = None
         self._init_msg = wire.encode_init(first.id, body)
         self._init_resent = False
         self.transport.write((self._init_msg if self.init_needed else b"") + _STATUS_BYTES)
-        self._handshake_timer = self.hub._loop.call_later(
-            self.hub.timeout, self._handshake_expired)
+        self._handshake_timer = self.hub._loop.call_later(self.hub.timeout, self._handshake_expired)
 
     def send_replay(self) -> None:
         """Send the next missed step (its answer will be discarded), or, when none is
         left, report the driver initialised."""
         if self.replay and self.stock:
-            log.warning("%s: a stock i-PI client is not replayed %d missed step(s)", self,
-                        len(self.replay))
+            log.warning(
+                "%s: a stock i-PI client is not replayed %d missed step(s)", self, len(self.replay)
+            )
             self.replay = []
         if not self.replay:
             self._cancel_handshake()
@@ -516,13 +557,13 @@ class _Driver(asyncio.Protocol):
         fields = self.replay.pop(0)
         self.state = _REPLAY
         if self.batch is None:
-            self.transport.write(b"".join((wire.FIELD_STEP_HEAD,
-                                           fields.astype("<f8").tobytes(), _GETFORCE_HEADER)))
+            self.transport.write(
+                b"".join((wire.FIELD_STEP_HEAD, fields.astype("<f8").tobytes(), _GETFORCE_HEADER))
+            )
         else:
             self.transport.writelines(wire.fields_batch_parts(fields, 0) + [_GETFORCE_HEADER])
         self._cancel_handshake()
-        self._handshake_timer = self.hub._loop.call_later(
-            self.hub.timeout, self._handshake_expired)
+        self._handshake_timer = self.hub._loop.call_later(self.hub.timeout, self._handshake_expired)
 
     def send_step(self, barrier: _Barrier) -> None:
         """Send this driver its frozen field(s) of ``barrier`` with GETSOURCE."""
@@ -535,12 +576,14 @@ class _Driver(asyncio.Protocol):
             fb = barrier.field_bytes
             if fb is None:
                 fb = barrier.field_bytes = barrier.fields.astype("<f8").tobytes()
-            self.transport.write(b"".join((wire.FIELD_STEP_HEAD, fb[24 * r:24 * r + 24],
-                                           _GETFORCE_HEADER)))
+            self.transport.write(
+                b"".join((wire.FIELD_STEP_HEAD, fb[24 * r : 24 * r + 24], _GETFORCE_HEADER))
+            )
             return
         flags = wire.WANT_EXTRAS if barrier.want_extras else 0
-        self.transport.writelines(wire.fields_batch_parts(barrier.fields[self.rows], flags)
-                                  + [_GETFORCE_HEADER])
+        self.transport.writelines(
+            wire.fields_batch_parts(barrier.fields[self.rows], flags) + [_GETFORCE_HEADER]
+        )
 
     def place(self, layout: _Layout) -> bool:
         """Find this driver's row(s) in ``layout`` (cached per layout); False if none of
@@ -551,9 +594,11 @@ class _Driver(asyncio.Protocol):
         found = [layout.row.get(m.id, -1) for m in self.molecules]
         inside = [r for r in found if r >= 0]
         if inside and len(inside) != len(found):
-            raise UsageError(f"{self} hosts molecules {self.molecules[0].id}.."
-                             f"{self.molecules[-1].id} together: a step must include all of "
-                             "them or none")
+            raise UsageError(
+                f"{self} hosts molecules {self.molecules[0].id}.."
+                f"{self.molecules[-1].id} together: a step must include all of "
+                "them or none"
+            )
         self.row = found[0] if inside else -1
         self.rows = None
         if self.batch is not None and inside:
@@ -612,8 +657,10 @@ class _Driver(asyncio.Protocol):
         state = self.state
         if kind is wire.ForceReady and state in (_LEARNING, _STOCK_BUSY):
             if event.forces.shape[0] != 1:
-                self.fail(f"FORCEREADY carries nat = {event.forces.shape[0]}, the EM "
-                          "profile needs 1 (the field is the one atom's position)")
+                self.fail(
+                    f"FORCEREADY carries nat = {event.forces.shape[0]}, the EM "
+                    "profile needs 1 (the field is the one atom's position)"
+                )
                 return
             if state == _LEARNING:
                 if not event.extras.startswith(b"{"):
@@ -637,8 +684,7 @@ class _Driver(asyncio.Protocol):
             self.hub._driver_initialized(self)  # sends the step due meanwhile, if any
         elif kind is wire.Ready and state == _ASKED:
             hub, barrier = self.hub, self.hub._barrier
-            if barrier is not None and self.place(barrier.layout) and hub._pending(
-                    self, barrier):
+            if barrier is not None and self.place(barrier.layout) and hub._pending(self, barrier):
                 self.state = _STOCK_BUSY
                 self.transport.write(wire.encode_field_step(barrier.fields[self.row]))
             else:
@@ -681,24 +727,34 @@ class _Driver(asyncio.Protocol):
         return self.bye
 
 
-_EVENT_NAMES = {wire.Ready: "READY", wire.NeedInit: "NEEDINIT", wire.HaveData: "HAVEDATA",
-                wire.ForceReady: "FORCEREADY", wire.Bye: "BYE", wire.Hello: "MXHHELLO",
-                wire.SourcesBatch: "MXHSOURCES", wire.AuthProof: "MXHPROOF",
-                wire.Resume: "MXHRESUME", wire.Claim: "MXHCLAIM"}
-_EXPECTING = {_AUTH: "waiting for MXHPROOF, the answer to the hub's MXHAUTH challenge",
-              _PROBE: "waiting for the answer to STATUS",
-              _UNBOUND: "waiting for molecules to bind to (nothing was asked)",
-              _BOUND: "bound and waiting for INIT (nothing was asked)",
-              _INIT: "waiting for READY after INIT",
-              _REPLAY: "waiting for the source of a replayed step",
-              _READY: "idle (nothing was asked)",
-              _BUSY: "waiting for its source(s)",
-              _LEARNING: "waiting for its source (its first step)",
-              _LEARN: "waiting for the answer to STATUS after its first source",
-              _ASKED: "waiting for the answer to STATUS before a step",
-              _STOCK_BUSY: "waiting for its source",
-              _CLOSING: "waiting for BYE",
-              _CLOSED: "closed"}
+_EVENT_NAMES = {
+    wire.Ready: "READY",
+    wire.NeedInit: "NEEDINIT",
+    wire.HaveData: "HAVEDATA",
+    wire.ForceReady: "FORCEREADY",
+    wire.Bye: "BYE",
+    wire.Hello: "MXHHELLO",
+    wire.SourcesBatch: "MXHSOURCES",
+    wire.AuthProof: "MXHPROOF",
+    wire.Resume: "MXHRESUME",
+    wire.Claim: "MXHCLAIM",
+}
+_EXPECTING = {
+    _AUTH: "waiting for MXHPROOF, the answer to the hub's MXHAUTH challenge",
+    _PROBE: "waiting for the answer to STATUS",
+    _UNBOUND: "waiting for molecules to bind to (nothing was asked)",
+    _BOUND: "bound and waiting for INIT (nothing was asked)",
+    _INIT: "waiting for READY after INIT",
+    _REPLAY: "waiting for the source of a replayed step",
+    _READY: "idle (nothing was asked)",
+    _BUSY: "waiting for its source(s)",
+    _LEARNING: "waiting for its source (its first step)",
+    _LEARN: "waiting for the answer to STATUS after its first source",
+    _ASKED: "waiting for the answer to STATUS before a step",
+    _STOCK_BUSY: "waiting for its source",
+    _CLOSING: "waiting for BYE",
+    _CLOSED: "closed",
+}
 
 
 class Hub:
@@ -716,13 +772,23 @@ class Hub:
     ``"ipi"`` sends EXIT to every driver.
     """
 
-    def __init__(self, host: str | None = None, port: int | None = DEFAULT_PORT,
-                 unixsocket: str | os.PathLike | None = None, timeout: float = 60.0,
-                 *, limits: wire.Limits | None = None, dialect: str = "maxwelllink",
-                 backlog: int = 4096, auth: Secret | None = None,
-                 control: str | os.PathLike | None = None, history: int = 0,
-                 max_pending: int | None = None, max_spare: int = 256,
-                 address_file: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = DEFAULT_PORT,
+        unixsocket: str | os.PathLike | None = None,
+        timeout: float = 60.0,
+        *,
+        limits: wire.Limits | None = None,
+        dialect: str = "maxwelllink",
+        backlog: int = 4096,
+        auth: Secret | None = None,
+        control: str | os.PathLike | None = None,
+        history: int = 0,
+        max_pending: int | None = None,
+        max_spare: int = 256,
+        address_file: str | os.PathLike | None = None,
+    ) -> None:
         if dialect not in ("maxwelllink", "ipi"):
             raise UsageError(f"dialect must be 'maxwelllink' or 'ipi', not {dialect!r}")
         if timeout is None or not timeout > 0:
@@ -735,8 +801,10 @@ class Hub:
         self.dialect = dialect
         self.backlog = backlog
         if auth is not None and not isinstance(auth, Secret):
-            raise UsageError("auth must be a maxwellhub.auth.Secret (from load_secret), not "
-                             f"{type(auth).__name__}")
+            raise UsageError(
+                "auth must be a maxwellhub.auth.Secret (from load_secret), not "
+                f"{type(auth).__name__}"
+            )
         self.auth = auth
         self.step_index = 0
         self.paused = False
@@ -744,17 +812,17 @@ class Hub:
         self._server: asyncio.AbstractServer | None = None
         self._unix_inode: tuple[int, int] | None = None
         self._molecules: dict[int, _Molecule] = {}
-        self._driverless: set[int] = set()   # registered ids with no driver bound
+        self._driverless: set[int] = set()  # registered ids with no driver bound
         self._next_id = 0
         self._unbound: deque[_Driver] = deque()
         self._connections: set[_Driver] = set()
-        self._handshaking: set[_Driver] = set()   # connected, not yet answered STATUS
+        self._handshaking: set[_Driver] = set()  # connected, not yet answered STATUS
         self._accepted = 0
         self._barrier: _Barrier | None = None
         self._layout: _Layout | None = None
         self._generation = 0
         self._changed: asyncio.Future | None = None
-        self.control = control            # where to serve maxwellhub.control, or None
+        self.control = control  # where to serve maxwellhub.control, or None
         self._control = None
         # maxwellhub.rendezvous: written once listening, removed at stop
         self.address_file = None if address_file is None else os.fspath(address_file)
@@ -765,9 +833,9 @@ class Hub:
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise UsageError(f"history must be a whole number of steps >= 0, not {history!r}")
         self.history = history
-        self.max_pending = max_pending   # None: max(4096, 2 x registered molecules)
+        self.max_pending = max_pending  # None: max(4096, 2 x registered molecules)
         self.max_spare = max_spare
-        self._counts = np.zeros(64, dtype=np.int64)   # completed steps, by molecule slot
+        self._counts = np.zeros(64, dtype=np.int64)  # completed steps, by molecule slot
         self._replays: deque[_Replay] = deque(maxlen=history or 1)
 
     # ------------------------------------------------------------------ lifecycle
@@ -797,9 +865,13 @@ class Hub:
             self.port = self._server.sockets[0].getsockname()[1]
             log.info("hub listening on TCP %s:%d", self.host, self.port)
             if self.auth is None and not is_loopback(self.host):
-                log.warning("hub listening on TCP %s:%d without authentication: any host "
-                            "that can reach it may connect (give a secret: auth=load_secret"
-                            "(...))", self.host, self.port)
+                log.warning(
+                    "hub listening on TCP %s:%d without authentication: any host "
+                    "that can reach it may connect (give a secret: auth=load_secret"
+                    "(...))",
+                    self.host,
+                    self.port,
+                )
         if self.control is not None:
             from .control import ControlServer  # here: maxwellhub.control imports this module
 
@@ -829,8 +901,11 @@ class Hub:
 
         source = self.auth.source if self.auth is not None else None
         info = write_address_file(
-            self.address_file, address=self.address, auth=self.auth is not None,
-            secret_file=source if source and os.path.isfile(source) else None)
+            self.address_file,
+            address=self.address,
+            auth=self.auth is not None,
+            secret_file=source if source and os.path.isfile(source) else None,
+        )
         self._address_run_id = info.run_id
         log.info("hub address written to %s (run %s)", self.address_file, info.run_id)
 
@@ -931,16 +1006,25 @@ class Hub:
 
     def missing(self, molecule_ids: Iterable[int]) -> list[int]:
         """The ids among ``molecule_ids`` that have no initialised driver."""
-        return [int(m) for m in molecule_ids
-                if (mol := self._molecules.get(int(m))) is None or not mol.initialized]
+        return [
+            int(m)
+            for m in molecule_ids
+            if (mol := self._molecules.get(int(m))) is None or not mol.initialized
+        ]
 
-    async def wait_until_bound(self, init_payloads: Mapping[int, Mapping] | Iterable[int],
-                               require_init: bool = True,
-                               timeout: float | None = None) -> bool:
+    async def wait_until_bound(
+        self,
+        init_payloads: Mapping[int, Mapping] | Iterable[int],
+        require_init: bool = True,
+        timeout: float | None = None,
+    ) -> bool:
         """Wait until every id in ``init_payloads`` is bound (and initialised); False on
         timeout. Ids not registered yet are registered."""
-        payloads = (dict(init_payloads) if isinstance(init_payloads, Mapping)
-                    else {int(m): None for m in init_payloads})
+        payloads = (
+            dict(init_payloads)
+            if isinstance(init_payloads, Mapping)
+            else {int(m): None for m in init_payloads}
+        )
         for mid, payload in payloads.items():
             mol = self._molecules.get(int(mid))
             if mol is None:
@@ -980,8 +1064,10 @@ class Hub:
         self._handshaking.discard(driver)
         if len(self._unbound) >= self.max_spare and len(self._driverless) < driver.size:
             # Spare drivers wait for a molecule to free up; a bounded number of them.
-            driver.fail(f"no free molecule for it and {len(self._unbound)} spare "
-                        f"driver(s) already waiting (max_spare = {self.max_spare})")
+            driver.fail(
+                f"no free molecule for it and {len(self._unbound)} spare "
+                f"driver(s) already waiting (max_spare = {self.max_spare})"
+            )
             return
         self._unbound.append(driver)
         self._progress_binds()
@@ -999,7 +1085,7 @@ class Hub:
                 self._unbound.popleft()
                 continue
             if driver.claim and self._claim_pending(driver.claim):
-                self._unbound.rotate(-1)   # its molecules may still be registered
+                self._unbound.rotate(-1)  # its molecules may still be registered
                 if all(d.claim and self._claim_pending(d.claim) for d in self._unbound):
                     return
                 continue
@@ -1018,8 +1104,7 @@ class Hub:
         """Whether a claim may still be honoured: none of its ids is held by another
         driver, and some is not registered yet."""
         mols = [self._molecules.get(m) for m in claim]
-        return any(m is None for m in mols) and all(m is None or m.driver is None
-                                                   for m in mols)
+        return any(m is None for m in mols) and all(m is None or m.driver is None for m in mols)
 
     def _bind_claims(self) -> None:
         for driver in list(self._unbound):
@@ -1081,7 +1166,7 @@ class Hub:
             if r is None or rep.before[r] < start:
                 continue
             if driver.batch is None:
-                out.append(rep.fields[r:r + 1])
+                out.append(rep.fields[r : r + 1])
             else:
                 rows = [row.get(m.id, -1) for m in mols]
                 if min(rows) < 0:
@@ -1099,16 +1184,23 @@ class Hub:
         reported = start is not None
         start = start or 0
         if start > done:
-            driver.fail(f"MXHRESUME says its state belongs to step {start}, but the hub "
-                        f"has completed only {done} step(s) of molecule {first.id}")
+            driver.fail(
+                f"MXHRESUME says its state belongs to step {start}, but the hub "
+                f"has completed only {done} step(s) of molecule {first.id}"
+            )
             return
         if start < done:
             fields = self._replay_fields(driver, start, done)
             if fields is None:
                 self._unreplayable(driver, start, done, reported)
             else:
-                log.info("%s: replaying %d missed step(s) %d..%d from the hub's history",
-                         driver, len(fields), start, done - 1)
+                log.info(
+                    "%s: replaying %d missed step(s) %d..%d from the hub's history",
+                    driver,
+                    len(fields),
+                    start,
+                    done - 1,
+                )
                 driver.replay = fields
                 driver.send_replay()
                 return
@@ -1121,12 +1213,19 @@ class Hub:
         log.warning(
             "%s resumes from step %d (%s) but the hub is at step %d and keeps fields for "
             "replay only from step %d: it continues from its state of step %d, so "
-            "continuity is lost for %s", driver, start,
-            "its checkpoint" if reported and start else
-            "its initial state" if reported else
-            "it sent no MXHRESUME, so its initial state is assumed",
-            done, done - self._replay_offer(driver.molecules[0])[1], start,
-            "it" if driver.batch is None else "these molecules")
+            "continuity is lost for %s",
+            driver,
+            start,
+            "its checkpoint"
+            if reported and start
+            else "its initial state"
+            if reported
+            else "it sent no MXHRESUME, so its initial state is assumed",
+            done,
+            done - self._replay_offer(driver.molecules[0])[1],
+            start,
+            "it" if driver.batch is None else "these molecules",
+        )
 
     def set_molecule_steps(self, molecule_ids: Iterable[int], step: int) -> None:
         """Declare that the molecules have completed ``step`` steps elsewhere (a relay
@@ -1138,8 +1237,9 @@ class Hub:
     def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
         """How many steps each molecule has completed (int64 array)."""
         self._flush_counts()
-        return np.array([self._counts[self._molecules[int(m)].index] for m in molecule_ids],
-                        dtype=np.int64)
+        return np.array(
+            [self._counts[self._molecules[int(m)].index] for m in molecule_ids], dtype=np.int64
+        )
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """The hub's part of a run checkpoint, as plain arrays (``np.savez`` them; load
@@ -1149,11 +1249,13 @@ class Hub:
             raise UsageError("snapshot() in the middle of a step; take it between steps")
         self._flush_counts()
         ids = np.fromiter(self._molecules, dtype=np.int64, count=len(self._molecules))
-        out = {"step_index": np.array(self.step_index, dtype=np.int64),
-               "molecule_ids": ids,
-               "molecule_steps": self._counts[:len(ids)].copy(),
-               "history": np.array(self.history, dtype=np.int64),
-               "replays": np.array(len(self._replays), dtype=np.int64)}
+        out = {
+            "step_index": np.array(self.step_index, dtype=np.int64),
+            "molecule_ids": ids,
+            "molecule_steps": self._counts[: len(ids)].copy(),
+            "history": np.array(self.history, dtype=np.int64),
+            "replays": np.array(len(self._replays), dtype=np.int64),
+        }
         for j, rep in enumerate(self._replays):
             out[f"replay{j}_ids"] = rep.layout.ids
             out[f"replay{j}_fields"] = rep.fields
@@ -1177,7 +1279,8 @@ class Hub:
         if unknown or len(ids) != len(self._molecules) or steps.shape != ids.shape:
             raise UsageError(
                 f"hub snapshot is of molecules {_ids_text(sorted(ids.tolist()))}; this hub "
-                f"registered {_ids_text(sorted(self._molecules))}")
+                f"registered {_ids_text(sorted(self._molecules))}"
+            )
         self._flush_counts()
         for mid, n in zip(ids.tolist(), steps.tolist(), strict=True):
             self._counts[self._molecules[mid].index] = n
@@ -1186,24 +1289,28 @@ class Hub:
             rids = np.asarray(snapshot[f"replay{j}_ids"], dtype=np.int64)
             fields = np.asarray(snapshot[f"replay{j}_fields"], dtype=np.float64)
             before = np.asarray(snapshot[f"replay{j}_before"], dtype=np.int64)
-            if fields.shape != (len(rids), 3) or before.shape != rids.shape or any(
-                    int(m) not in self._molecules for m in rids.tolist()):
-                raise UsageError(f"hub snapshot: replay entry {j} is inconsistent "
-                                 f"(ids {rids.shape}, fields {fields.shape}, "
-                                 f"before {before.shape})")
+            if (
+                fields.shape != (len(rids), 3)
+                or before.shape != rids.shape
+                or any(int(m) not in self._molecules for m in rids.tolist())
+            ):
+                raise UsageError(
+                    f"hub snapshot: replay entry {j} is inconsistent "
+                    f"(ids {rids.shape}, fields {fields.shape}, "
+                    f"before {before.shape})"
+                )
             self._generation += 1
-            index = np.fromiter((self._molecules[m].index for m in rids.tolist()),
-                                dtype=np.intp, count=len(rids))
-            self._replays.append(_Replay(_Layout(rids, self._generation, index), fields,
-                                         before))
+            index = np.fromiter(
+                (self._molecules[m].index for m in rids.tolist()), dtype=np.intp, count=len(rids)
+            )
+            self._replays.append(_Replay(_Layout(rids, self._generation, index), fields, before))
         self.step_index = step_index
 
     def _driver_initialized(self, driver: _Driver) -> None:
         for mol in driver.molecules:
             mol.initialized = True
         barrier = self._barrier
-        if barrier is not None and driver.place(barrier.layout) and self._pending(
-                driver, barrier):
+        if barrier is not None and driver.place(barrier.layout) and self._pending(driver, barrier):
             driver.send_step(barrier)  # a replacement gets the frozen field(s)
         self._notify()
 
@@ -1223,8 +1330,11 @@ class Hub:
             if pending and previous not in (_CLOSING, _CLOSED) and not driver.reported:
                 # A peer that leaves half a message behind gets its one line (a peer that
                 # merely connects and closes is not worth one).
-                log.warning("%s closed the connection in the middle of a message (%d bytes "
-                            "of it received)", driver, pending)
+                log.warning(
+                    "%s closed the connection in the middle of a message (%d bytes of it received)",
+                    driver,
+                    pending,
+                )
             return
         for mol in mols:
             mol.driver = None
@@ -1237,9 +1347,12 @@ class Hub:
                 rows = driver.rows if driver.batch is not None else [driver.row]
                 ids, done = barrier.layout.ids[rows], barrier.done[rows]
                 pending = ids[~done].tolist()
-            log.warning("%s disconnected%s%s", driver,
-                        " in the middle of a step" if pending else "",
-                        f" ({exc})" if exc else "")
+            log.warning(
+                "%s disconnected%s%s",
+                driver,
+                " in the middle of a step" if pending else "",
+                f" ({exc})" if exc else "",
+            )
             if pending:
                 barrier.lost.extend(pending)
                 if barrier.abort_on_loss:
@@ -1247,8 +1360,9 @@ class Hub:
         self._progress_binds()
         self._notify()
 
-    def _source_ready(self, driver: _Driver, sx: float, sy: float, sz: float,
-                      extras: bytes) -> None:
+    def _source_ready(
+        self, driver: _Driver, sx: float, sy: float, sz: float, extras: bytes
+    ) -> None:
         barrier = self._barrier
         r = driver.row
         if barrier is None or r < 0 or barrier.done[r]:
@@ -1266,8 +1380,12 @@ class Hub:
     def _sources_batch(self, driver: _Driver, event: wire.SourcesBatch) -> None:
         barrier = self._barrier
         rows = driver.rows
-        if barrier is None or rows is None or driver.rows_generation != \
-                barrier.layout.generation or barrier.done[rows].all():
+        if (
+            barrier is None
+            or rows is None
+            or driver.rows_generation != barrier.layout.generation
+            or barrier.done[rows].all()
+        ):
             driver.fail("MXHSOURCES for a step that was not asked")
             return
         fresh = int(np.count_nonzero(~barrier.done[rows]))
@@ -1287,21 +1405,28 @@ class Hub:
         if layout is None or layout.key != ids.tobytes():
             unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
             if unknown:
-                raise UsageError(f"molecule {unknown[0]} is not registered with this hub"
-                                 + (f" (nor {_ids_text(unknown[1:])})" if len(unknown) > 1
-                                    else ""))
+                raise UsageError(
+                    f"molecule {unknown[0]} is not registered with this hub"
+                    + (f" (nor {_ids_text(unknown[1:])})" if len(unknown) > 1 else "")
+                )
             if len(set(ids.tolist())) != len(ids):
                 raise UsageError("a step names the same molecule twice")
             self._flush_counts()
             self._generation += 1
-            index = np.fromiter((self._molecules[m].index for m in ids.tolist()),
-                                dtype=np.intp, count=len(ids))
+            index = np.fromiter(
+                (self._molecules[m].index for m in ids.tolist()), dtype=np.intp, count=len(ids)
+            )
             layout = self._layout = _Layout(ids.copy(), self._generation, index)
         return _Barrier(layout, fields, want_extras)
 
-    def _begin(self, ids: np.ndarray | None, fields: np.ndarray | None,
-               timeout: float | None, abort_on_loss: bool,
-               want_extras: bool = True) -> _Barrier | None:
+    def _begin(
+        self,
+        ids: np.ndarray | None,
+        fields: np.ndarray | None,
+        timeout: float | None,
+        abort_on_loss: bool,
+        want_extras: bool = True,
+    ) -> _Barrier | None:
         """Freeze (or continue) the step, send what is due; the barrier, or None when
         paused. Synchronous: the caller then waits on ``barrier.waiter`` if set."""
         if self.paused:
@@ -1313,7 +1438,7 @@ class Hub:
         barrier.lost.clear()
         self._progress_binds()
         layout = barrier.layout
-        for driver in list(self._connections):      # per connection, not per molecule
+        for driver in list(self._connections):  # per connection, not per molecule
             state = driver.state
             if state == _READY:
                 if driver.place(layout) and self._pending(driver, barrier):
@@ -1322,8 +1447,9 @@ class Hub:
                 self._ensure_init(driver)
         if abort_on_loss:
             row, done = layout.row, barrier.done
-            barrier.lost.extend(m for m in self._driverless
-                                if (r := row.get(m)) is not None and not done[r])
+            barrier.lost.extend(
+                m for m in self._driverless if (r := row.get(m)) is not None and not done[r]
+            )
         if barrier.waiting and not (abort_on_loss and barrier.lost):
             barrier.waiter = self._loop.create_future()
             wait = self.timeout if timeout is None else timeout
@@ -1345,9 +1471,10 @@ class Hub:
         layout = barrier.layout
         if self.history:
             self._flush_counts()
-            self._replays.append(_Replay(layout, np.array(barrier.fields, np.float64),
-                                         self._counts[layout.index]))
-        layout.pending += 1   # added to _counts when they are read (see _flush_counts)
+            self._replays.append(
+                _Replay(layout, np.array(barrier.fields, np.float64), self._counts[layout.index])
+            )
+        layout.pending += 1  # added to _counts when they are read (see _flush_counts)
         self._step_ms.append((time.monotonic() - barrier.started) * 1e3)
         if barrier.last is not None and barrier.last.molecules:
             self._note_last(barrier.last.molecules[0].id)
@@ -1356,8 +1483,9 @@ class Hub:
             sources[list(barrier.single)] = list(barrier.single.values())
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
 
-    async def _run(self, ids, fields, timeout, abort_on_loss,
-                   want_extras: bool = True) -> StepResult | None:
+    async def _run(
+        self, ids, fields, timeout, abort_on_loss, want_extras: bool = True
+    ) -> StepResult | None:
         barrier = self._begin(ids, fields, timeout, abort_on_loss, want_extras)
         if barrier is not None and barrier.waiter is not None:
             await barrier.waiter
@@ -1371,8 +1499,11 @@ class Hub:
         try:
             efields = [req["efield_au"] for req in requests.values()]
         except (KeyError, TypeError):
-            bad = next(k for k, req in requests.items()
-                       if not isinstance(req, Mapping) or "efield_au" not in req)
+            bad = next(
+                k
+                for k, req in requests.items()
+                if not isinstance(req, Mapping) or "efield_au" not in req
+            )
             raise UsageError(f"molecule {int(bad)}: request lacks 'efield_au'") from None
         for mid, req in requests.items():
             init = req.get("init")
@@ -1381,15 +1512,17 @@ class Hub:
                 mol.payload = dict(init)
         return ids, _fields_array(ids, efields)
 
-    async def step_barrier(self, requests: Mapping[int, Mapping],
-                           timeout: float | None = None) -> dict[int, dict]:
+    async def step_barrier(
+        self, requests: Mapping[int, Mapping], timeout: float | None = None
+    ) -> dict[int, dict]:
         """MaxwellLink's barrier: ``{molid: {"amp": ndarray(3), "extra": bytes}}``, or ``{}``
         when paused, aborted by a lost driver, or incomplete at ``timeout``."""
         result = await self._run(*self._arrays(requests), timeout, abort_on_loss=True)
         return result.as_dict() if result is not None else {}
 
-    async def step(self, requests: Mapping[int, Mapping], timeout: float | None = None,
-                   on_lost: str = "wait") -> dict[int, dict]:
+    async def step(
+        self, requests: Mapping[int, Mapping], timeout: float | None = None, on_lost: str = "wait"
+    ) -> dict[int, dict]:
         """The barrier with a deadline. ``on_lost`` is the policy when a molecule has no
         driver: ``"wait"`` for a replacement until ``timeout``, then raise
         :class:`BarrierTimeout` naming the missing molecules; ``"abort"`` raise
@@ -1399,8 +1532,9 @@ class Hub:
         result = await self._run(ids, fields, timeout, abort)
         return self._outcome(result, abort, timeout).as_dict()
 
-    async def step_arrays(self, ids, fields, timeout: float | None = None,
-                          on_lost: str = "wait", extras: bool = True) -> StepResult:
+    async def step_arrays(
+        self, ids, fields, timeout: float | None = None, on_lost: str = "wait", extras: bool = True
+    ) -> StepResult:
         """The barrier in array form: ``ids`` (N,), ``fields`` (N, 3) a.u. -> a
         :class:`StepResult` (sources row for row). Same policies as :meth:`step`.
         ``extras=False`` tells ensemble drivers not to send their extras arrays."""
@@ -1410,8 +1544,7 @@ class Hub:
         result = await self._run(ids, fields, timeout, abort, extras)
         return self._outcome(result, abort, timeout)
 
-    def _outcome(self, result: StepResult | None, abort: bool,
-                 timeout: float | None) -> StepResult:
+    def _outcome(self, result: StepResult | None, abort: bool, timeout: float | None) -> StepResult:
         if result is not None:
             return result
         barrier = self._barrier
@@ -1421,15 +1554,19 @@ class Hub:
             raise BarrierTimeout("the hub is stopped; no step can complete")
         if abort and barrier.lost:
             lost = sorted(set(barrier.lost))
-            raise DriverLost(f"step {self.step_index}: the driver of molecule(s) {lost} is "
-                             "gone and the policy is to abort", lost)
+            raise DriverLost(
+                f"step {self.step_index}: the driver of molecule(s) {lost} is "
+                "gone and the policy is to abort",
+                lost,
+            )
         missing = barrier.missing()
         unbound = [m for m in missing if self._molecules[m].driver is None]
         wait = self.timeout if timeout is None else timeout
         raise BarrierTimeout(
             f"step {self.step_index}: no source from molecule(s) {_ids_text(missing)} within "
-            f"{wait:g} s" + (f"; no driver connected for {_ids_text(unbound)}" if unbound
-                             else ""), missing)
+            f"{wait:g} s" + (f"; no driver connected for {_ids_text(unbound)}" if unbound else ""),
+            missing,
+        )
 
     def status(self, most: int | None = None) -> dict:
         """A snapshot for humans and the control endpoint. ``most`` caps the ``bound`` and
@@ -1443,8 +1580,11 @@ class Hub:
         timing = {"last": None, "mean": None, "p99": None, "steps": len(times)}
         if times:
             arr = np.fromiter(times, dtype=np.float64, count=len(times))
-            timing.update(last=round(times[-1], 4), mean=round(float(arr.mean()), 4),
-                          p99=round(float(np.percentile(arr, 99)), 4))
+            timing.update(
+                last=round(times[-1], 4),
+                mean=round(float(arr.mean()), 4),
+                p99=round(float(np.percentile(arr, 99)), 4),
+            )
         return {
             "step": self.step_index,
             "molecules": len(self._molecules),
@@ -1459,8 +1599,9 @@ class Hub:
             "status_each_step": sum(d.status_each_step for d in self._connections),
             "in_step": self._barrier is not None,
             "time_per_step_ms": timing,
-            "slowest_molecules": [{"id": m, "times_last": n}
-                                  for m, n in self._last_to_answer.most_common(5)],
+            "slowest_molecules": [
+                {"id": m, "times_last": n} for m, n in self._last_to_answer.most_common(5)
+            ],
         }
 
     def _note_last(self, mid: int) -> None:
@@ -1494,9 +1635,9 @@ class Hub:
         self._notify()
 
 
-_ACCEPT_BATCH = 16          # connections accepted per event-loop wake-up
-_MIN_PENDING_CAP = 4096     # connections in the handshake before new ones are refused
-_REFUSAL_LOG_EVERY = 10.0   # seconds between summary lines about refused connections
+_ACCEPT_BATCH = 16  # connections accepted per event-loop wake-up
+_MIN_PENDING_CAP = 4096  # connections in the handshake before new ones are refused
+_REFUSAL_LOG_EVERY = 10.0  # seconds between summary lines about refused connections
 
 
 class _Listener:
@@ -1532,8 +1673,9 @@ class _Listener:
 
     @classmethod
     def tcp(cls, hub: Hub, host: str, port: int) -> _Listener:
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                   flags=socket.AI_PASSIVE)[0]
+        family, _, _, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1578,8 +1720,11 @@ class _Listener:
         now = time.monotonic()
         self._refused += 1
         if now - self._refused_since >= _REFUSAL_LOG_EVERY:
-            log.error("refused %d connection(s): %d peers are still in the handshake "
-                      "(max_pending)", self._refused, len(self.hub._handshaking))
+            log.error(
+                "refused %d connection(s): %d peers are still in the handshake (max_pending)",
+                self._refused,
+                len(self.hub._handshaking),
+            )
             self._refused, self._refused_since = 0, now
 
     def close(self) -> None:
@@ -1625,8 +1770,7 @@ def _fields_array(ids: np.ndarray, efields) -> np.ndarray:
         raise UsageError(f"fields must have shape ({len(ids)}, 3)")
     if not np.isfinite(fields).all():
         r = int(np.flatnonzero(~np.isfinite(fields).all(axis=1))[0])
-        raise UsageError(f"molecule {int(ids[r])}: efield_au is not finite: "
-                         f"{fields[r].tolist()}")
+        raise UsageError(f"molecule {int(ids[r])}: efield_au is not finite: {fields[r].tolist()}")
     return fields
 
 
@@ -1653,8 +1797,9 @@ def _clear_stale_unix_socket(path: str) -> None:
         log.info("removing stale socket file %s (nobody listens)", path)
         os.unlink(path)
     else:
-        raise UsageError(f"another hub is listening on {path}; choose another name or "
-                         "stop that hub first")
+        raise UsageError(
+            f"another hub is listening on {path}; choose another name or stop that hub first"
+        )
     finally:
         probe.close()
 
@@ -1689,10 +1834,17 @@ class SocketHub:
     :meth:`stop`.
     """
 
-    def __init__(self, host: str | None = None, port: int | None = DEFAULT_PORT,
-                 unixsocket: str | os.PathLike | None = None, timeout: float = 60.0,
-                 latency: float = 0.01, loop: str | None = None,
-                 address_file: str | os.PathLike | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = DEFAULT_PORT,
+        unixsocket: str | os.PathLike | None = None,
+        timeout: float = 60.0,
+        latency: float = 0.01,
+        loop: str | None = None,
+        address_file: str | os.PathLike | None = None,
+        **options: Any,
+    ) -> None:
         self.latency = latency
         self.timeout = timeout
         self._is_master = am_master()
@@ -1711,8 +1863,10 @@ class SocketHub:
 
     def _check_no_running_loop(self) -> None:
         if asyncio._get_running_loop() is not None:
-            raise UsageError("SocketHub's synchronous methods cannot run inside a running "
-                             "event loop; use maxwellhub.Hub and await its methods")
+            raise UsageError(
+                "SocketHub's synchronous methods cannot run inside a running "
+                "event loop; use maxwellhub.Hub and await its methods"
+            )
 
     def _run(self, coro):
         loop = self._loop
@@ -1768,8 +1922,9 @@ class SocketHub:
             self._run(asyncio.sleep(0))  # let pending connections and replies be read
         return self.hub.all_bound(molecule_ids, require_init)
 
-    def wait_until_bound(self, init_payloads, require_init: bool = True,
-                         timeout: float | None = None) -> bool:
+    def wait_until_bound(
+        self, init_payloads, require_init: bool = True, timeout: float | None = None
+    ) -> bool:
         if self.hub is None:
             return False
         return self._run(self.hub.wait_until_bound(init_payloads, require_init, timeout))
@@ -1784,15 +1939,17 @@ class SocketHub:
             self._loop.run_until_complete(barrier.waiter)
         return hub._end(barrier)
 
-    def step_barrier(self, requests: Mapping[int, Mapping],
-                     timeout: float | None = None) -> dict[int, dict]:
+    def step_barrier(
+        self, requests: Mapping[int, Mapping], timeout: float | None = None
+    ) -> dict[int, dict]:
         if self.hub is None or self._loop is None:
             return {}  # not rank 0, or stopped: the "paused" case of the contract
         result = self._barrier(*self.hub._arrays(requests), timeout, True)
         return result.as_dict() if result is not None else {}
 
-    def step(self, requests: Mapping[int, Mapping], timeout: float | None = None,
-             on_lost: str = "wait") -> dict[int, dict]:
+    def step(
+        self, requests: Mapping[int, Mapping], timeout: float | None = None, on_lost: str = "wait"
+    ) -> dict[int, dict]:
         """The barrier with a deadline; see :meth:`Hub.step` (raises instead of ``{}``)."""
         if self.hub is None:
             raise UsageError("step is only available on MPI rank 0")
@@ -1801,8 +1958,9 @@ class SocketHub:
         result = self._barrier(ids, fields, timeout, abort)
         return self.hub._outcome(result, abort, timeout).as_dict()
 
-    def step_arrays(self, ids, fields, timeout: float | None = None,
-                    on_lost: str = "wait", extras: bool = True) -> StepResult:
+    def step_arrays(
+        self, ids, fields, timeout: float | None = None, on_lost: str = "wait", extras: bool = True
+    ) -> StepResult:
         """The barrier in array form; see :meth:`Hub.step_arrays`."""
         if self.hub is None or self._loop is None:
             raise UsageError("step_arrays is only available on MPI rank 0 of a running hub")

@@ -67,8 +67,12 @@ async def test_binding_in_connection_order_with_init_payload(hub):
     for m, fake in zip(ids, fakes, strict=True):
         assert fake.molecule_id == m
         # The resume offer (wire.RESUME_KEY) rides along: nothing completed, no history.
-        assert fake.init_json == {"dt_au": 0.25, "user": "x", "molecule_id": m,
-                                  "mxh_resume": {"version": 1, "step": 0, "history": 0}}
+        assert fake.init_json == {
+            "dt_au": 0.25,
+            "user": "x",
+            "molecule_id": m,
+            "mxh_resume": {"version": 1, "step": 0, "history": 0},
+        }
         assert fake.messages[:2] == ["Status", "Init"]  # probed before binding
 
 
@@ -91,8 +95,10 @@ async def test_step_barrier_timeout_keeps_frozen_field(hub):
     assert await hub.step_barrier(requests_for(ids, 0), timeout=0.2) == {}
     assert await hub.step_barrier(requests_for(ids, 7), timeout=0.2) == {}  # new fields ignored
     assert [len(f.fields) for f in fakes] == [1, 1, 1]
-    assert all(f.fields[0] == tuple(requests_for(ids, 0)[m]["efield_au"])
-               for m, f in zip(ids, fakes, strict=True))
+    assert all(
+        f.fields[0] == tuple(requests_for(ids, 0)[m]["efield_au"])
+        for m, f in zip(ids, fakes, strict=True)
+    )
 
 
 async def test_replacement_gets_frozen_field_and_others_step_once(hub):
@@ -164,8 +170,9 @@ async def test_bad_frame_drops_only_that_connection(hub, kind, caplog):
     named = [r.getMessage() for r in caplog.records if f"molecule {ids[1]}" in r.getMessage()]
     assert named, caplog.text
     if kind != "truncated then close":
-        assert any(r.levelno == logging.ERROR and "dropping" in r.getMessage()
-                   for r in caplog.records), caplog.text
+        assert any(
+            r.levelno == logging.ERROR and "dropping" in r.getMessage() for r in caplog.records
+        ), caplog.text
     FakeDriver(hub.address).start()
     results = await hub.step(requests_for(ids, 0), timeout=scaled(5))
     check_results(results, ids, 0)
@@ -356,8 +363,7 @@ async def test_ensemble_driver_binds_many_ids_and_steps_with_one_frame(hub):
     single = FakeDriver(hub.address).start()
     assert await hub.wait_until_bound({ids[0]: {"dt_au": 0.5}}, timeout=scaled(5))
     ens = FakeEnsemble(hub.address, 6).start()
-    assert await hub.wait_until_bound({m: {"dt_au": 0.5, "k": m} for m in ids},
-                                      timeout=scaled(5))
+    assert await hub.wait_until_bound({m: {"dt_au": 0.5, "k": m} for m in ids}, timeout=scaled(5))
     assert single.molecule_id == ids[0] and ens.molecule_ids == ids[1:]
     assert ens.init_json["dt_au"] == 0.5
     assert [p["k"] for p in ens.init_json["payloads"]] == ids[1:]  # they differ: all sent
@@ -421,9 +427,12 @@ def test_extras_arrays_skip_what_is_not_a_json_object():
     one zero byte)."""
     from maxwellhub.hub import StepResult
 
-    result = StepResult(np.array([4, 5, 6, 7]), np.zeros((4, 3)),
-                        {0: b"\x00", 1: b"[1, 2]", 2: b'{"Pe": 0.25, "s": "x", "b": true}',
-                         3: b"17"}, [])
+    result = StepResult(
+        np.array([4, 5, 6, 7]),
+        np.zeros((4, 3)),
+        {0: b"\x00", 1: b"[1, 2]", 2: b'{"Pe": 0.25, "s": "x", "b": true}', 3: b"17"},
+        [],
+    )
     out = result.extras()
     assert set(out) == {"Pe"}
     assert np.isnan(out["Pe"][[0, 1, 3]]).all() and out["Pe"][2] == 0.25
