@@ -172,6 +172,43 @@ def log_text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else "(no log)"
 
 
+class _Listening(threading.Event):
+    """Set when the relay said it listens (``seen``) or when its stderr ended."""
+
+    seen = False
+
+
+#: What `maxwellhub relay` logs once its local socket listens (relay.Relay._open).
+RELAY_LISTENING = b"waiting for drivers of"
+
+
+def start_relay_and_await_listening(
+    argv: list[str], log: Path
+) -> tuple[subprocess.Popen, _Listening]:
+    """Start `maxwellhub relay` with its stderr on a pipe; a thread copies it to ``log``
+    and sets the returned event at the line that says the relay listens (or at the end
+    of its stderr, with ``seen`` False, when the relay died first). Awaiting that line
+    is the only ordering that holds for clients that connect once (no retry)."""
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    listening = _Listening()
+
+    def copy() -> None:
+        with open(log, "wb") as out:
+            for line in proc.stderr:  # ends when the relay exits
+                out.write(line)
+                out.flush()
+                if RELAY_LISTENING in line and not listening.seen:
+                    listening.seen = True
+                    listening.set()
+        proc.stderr.close()
+        listening.set()
+
+    threading.Thread(target=copy, name="relay-stderr", daemon=True).start()
+    return proc, listening
+
+
 # ---------------------------------------------------------------- real clients
 
 
@@ -434,29 +471,29 @@ def test_stock_clients_behind_a_relay_reach_an_authenticating_hub(ipi_name, tmp_
     with SocketHub(port=0, timeout=scaled(30), auth=load_secret(secret_file)) as hub:
         ids = [hub.register_molecule_return_id() for _ in range(2)]
         relay_log = tmp_path / "relay.log"
-        with open(relay_log, "wb") as err:
-            relay = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "maxwellhub"),
-                    "relay",
-                    "--molecules",
-                    "2",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(hub.port),
-                    "--secret-file",
-                    str(secret_file),
-                    "--listen-unix",
-                    "/tmp/ipi_" + ipi_name,
-                    "--timeout",
-                    str(scaled(30)),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
+        relay, listening = start_relay_and_await_listening(
+            [
+                str(Path(sys.executable).parent / "maxwellhub"),
+                "relay",
+                "--molecules",
+                "2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(hub.port),
+                "--secret-file",
+                str(secret_file),
+                "--listen-unix",
+                "/tmp/ipi_" + ipi_name,
+                "--timeout",
+                str(scaled(30)),
+            ],
+            relay_log,
+        )
         started.append(relay)
+        # ASE's SocketClient connects exactly once: it must not start before the relay
+        # listens, or it fails with ENOENT/ECONNREFUSED.
+        assert listening.wait(scaled(30)) and listening.seen, log_text(relay_log)
         started.append(start_ase(ipi_name, tmp_path / "ase.log"))
         started.append(start_ipi(ipi_name, tmp_path / "ipi.log"))
         assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(60)), (
