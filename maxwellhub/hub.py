@@ -39,8 +39,8 @@ import stat
 import struct
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from .addresses import DEFAULT_PORT, unix_socket_path
 from .auth import Secret, is_loopback, new_nonce
 from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
 from .mpi import am_master
+
+if TYPE_CHECKING:
+    from .control import ControlServer
 
 __all__ = ["Hub", "SocketHub", "StepResult", "StopRequested", "new_event_loop"]
 
@@ -195,7 +198,7 @@ class _Barrier:
         self.single: dict[int, tuple[float, float, float]] = {}  # row -> single reply
         self.done = np.zeros(n, dtype=bool)
         self.extras: dict[int, bytes] = {}  # row -> JSON bytes
-        self.batch_extras: list[tuple[np.ndarray, dict]] = []
+        self.batch_extras: list[tuple[np.ndarray | slice, dict]] = []
         self.waiting = n
         self.waiter: asyncio.Future | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -227,7 +230,7 @@ class StepResult:
         ids: np.ndarray,
         sources: np.ndarray,
         json_rows: dict[int, bytes],
-        batch_extras: list[tuple[np.ndarray, dict]],
+        batch_extras: list[tuple[np.ndarray | slice, dict]],
     ) -> None:
         self.ids = ids
         self.sources = sources
@@ -284,11 +287,14 @@ class _Driver(asyncio.Protocol):
     (MXHHELLO) hosts ``batch`` molecules and is stepped with one frame for all of them.
     """
 
+    #: Set by connection_made, which the event loop calls before any other method.
+    transport: asyncio.Transport
+
     def __init__(self, hub: Hub, number: int) -> None:
         self.hub = hub
+        self.loop = hub.loop  # made only by a started hub's listener
         self.number = number
         self.decoder = wire.Decoder("hub", hub.limits)
-        self.transport: asyncio.Transport | None = None
         self.state = _PROBE
         self.molecules: list[_Molecule] = []
         self.batch: int | None = None
@@ -333,7 +339,8 @@ class _Driver(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection's transport (asyncio's or uvloop's) is an asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"driver#{self.number} ({peer[0]}:{peer[1]})"
@@ -350,7 +357,7 @@ class _Driver(asyncio.Protocol):
             self.transport.write(wire.encode_auth_challenge(self._nonce))
         else:
             self.transport.write(_STATUS_BYTES)
-        self._handshake_timer = self.hub._loop.call_later(self.hub.timeout, self._handshake_expired)
+        self._handshake_timer = self.loop.call_later(self.hub.timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
         # Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial 0)
@@ -420,7 +427,9 @@ class _Driver(asyncio.Protocol):
             self.transport.abort()
 
     def _authenticated(self, proof: bytes) -> None:
-        if not self.hub.auth.verify(self._nonce, proof):
+        # _AUTH is entered only when the hub has a secret, with a fresh nonce.
+        auth, nonce = self.hub.auth, self._nonce
+        if auth is None or nonce is None or not auth.verify(nonce, proof):
             self._refuse("wrong MXHPROOF (the driver's secret differs from the hub's)")
             return
         self._nonce = None
@@ -430,7 +439,7 @@ class _Driver(asyncio.Protocol):
         if self.batch is not None:  # its MXHHELLO arrived before the proof
             self.transport.write(wire.encode_welcome(self.batch))
         self.transport.write(_STATUS_BYTES)
-        self._handshake_timer = self.hub._loop.call_later(self.hub.timeout, self._handshake_expired)
+        self._handshake_timer = self.loop.call_later(self.hub.timeout, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
         if self.state == _AUTH:
@@ -441,71 +450,102 @@ class _Driver(asyncio.Protocol):
             self.fail(f"a replayed step not answered within {self.hub.timeout:g} s")
 
     def _on_event(self, event: wire.Event) -> None:
-        kind = type(event)
-        state = self.state
-        if kind is wire.ForceReady and state == _BUSY and self.batch is None:
+        """Dispatch one decoded message by the state this connection is in; a message
+        the state does not expect drops the connection."""
+        handler = _BY_STATE.get(self.state)
+        if handler is None or not handler(self, event):
+            self._unexpected(event)
+
+    def _unexpected(self, event: wire.Event) -> None:
+        name = _EVENT_NAMES.get(type(event), type(event).__name__)
+        self.fail(f"unexpected {name} while {_EXPECTING[self.state]}")
+
+    # Each _on_<state> returns False for a message that state does not expect.
+
+    def _on_busy(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.ForceReady) and self.batch is None:
             if event.forces.shape[0] != 1:
                 self.fail(
                     f"SOURCEREADY carries nat = {event.forces.shape[0]}, the EM profile needs 1"
                 )
-                return
+                return True
             self.state = _READY
             sx, sy, sz = event.forces[0].tolist()
             self.hub._source_ready(self, sx, sy, sz, event.extras)
-        elif kind is wire.SourcesBatch and state == _BUSY and self.batch is not None:
+        elif isinstance(event, wire.SourcesBatch) and self.batch is not None:
             self.state = _READY
             self.hub._sources_batch(self, event)
-        elif kind is wire.Ready and state == _INIT:
+        else:
+            return False
+        return True
+
+    def _on_init(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.Ready):
             self._cancel_handshake()
             self.hub._driver_ready(self)
-        elif kind is wire.Resume and state == _INIT and self.resume_step is None:
+        elif isinstance(event, wire.Resume) and self.resume_step is None:
             if event.molecules != self.size:
                 self.fail(
                     f"MXHRESUME for {event.molecules} molecule(s); the connection hosts {self.size}"
                 )
-                return
+                return True
             self.resume_step = event.step
-        elif kind in (wire.ForceReady, wire.SourcesBatch) and state == _REPLAY:
-            if (kind is wire.ForceReady) != (self.batch is None):
-                self.fail(f"{_EVENT_NAMES[kind]} while being replayed missed steps")
-                return
-            self.send_replay()
-        elif kind in (wire.Ready, wire.NeedInit) and state == _PROBE:
+        elif isinstance(event, wire.NeedInit) and not self.init_needed:
+            return self._on_stock_event(event)
+        else:
+            return False
+        return True
+
+    def _on_replay(self, event: wire.Event) -> bool:
+        if not isinstance(event, wire.ForceReady | wire.SourcesBatch):
+            return False
+        if isinstance(event, wire.ForceReady) != (self.batch is None):
+            self.fail(f"{_EVENT_NAMES[type(event)]} while being replayed missed steps")
+            return True
+        self.send_replay()
+        return True
+
+    def _on_probe(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.Ready | wire.NeedInit):
             self.state = _UNBOUND
             self._cancel_handshake()
-            if kind is wire.Ready:
+            if isinstance(event, wire.Ready):
                 self._ready_before_init()
             self.hub._driver_available(self)
-        elif kind is wire.Claim and state == _PROBE and self.claim is None:
+        elif isinstance(event, wire.Claim) and self.claim is None:
             if event.molecules != self.size:
                 self.fail(
                     f"MXHCLAIM for {event.molecules} molecule(s); the connection hosts {self.size}"
                 )
-                return
+                return True
             self.claim = list(range(event.first, event.first + event.molecules))
-        elif kind is wire.Hello and state == _PROBE and self.batch is None:
+        elif isinstance(event, wire.Hello) and self.batch is None:
             self.batch = self.decoder.batch = event.molecules
             self.transport.write(wire.encode_welcome(event.molecules))
-        elif kind is wire.AuthProof and state == _AUTH:
+        else:
+            return False
+        return True
+
+    def _on_auth(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.AuthProof):
             self._authenticated(event.proof)
-        elif kind is wire.Hello and state == _AUTH and self.batch is None:
+        elif isinstance(event, wire.Hello) and self.batch is None:
             # An ensemble driver speaks first; MXHWELCOME waits for its proof.
             self.batch = self.decoder.batch = event.molecules
-        elif state in _STOCK_STATES or (
-            kind is wire.NeedInit and state == _INIT and not self.init_needed
-        ):
-            self._on_stock_event(kind, event)
-        elif kind in (wire.ForceReady, wire.SourcesBatch) and state == _CLOSING:
-            pass  # owed for a field sent before STOP (a stop mid-step): nobody needs it now
-        elif kind in (wire.Ready, wire.NeedInit) and state == _CLOSING:
-            pass  # the answer to a STATUS sent before STOP/EXIT
-        elif kind is wire.Bye and state == _CLOSING:
+        else:
+            return False
+        return True
+
+    def _on_closing(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.Bye):
             if self.bye is not None and not self.bye.done():
                 self.bye.set_result(True)
             self.transport.close()
-        else:
-            name = _EVENT_NAMES.get(kind, kind.__name__)
-            self.fail(f"unexpected {name} while {_EXPECTING[state]}")
+        # A source owed for a field sent before STOP (a stop mid-step), or the answer to
+        # a STATUS sent before STOP/EXIT: nobody needs it now.
+        return isinstance(
+            event, wire.Bye | wire.ForceReady | wire.SourcesBatch | wire.Ready | wire.NeedInit
+        )
 
     def _cancel_handshake(self) -> None:
         if self._handshake_timer is not None:
@@ -539,7 +579,7 @@ class _Driver(asyncio.Protocol):
         self._init_msg = wire.encode_init(first.id, body)
         self._init_resent = False
         self.transport.write((self._init_msg if self.init_needed else b"") + _STATUS_BYTES)
-        self._handshake_timer = self.hub._loop.call_later(self.hub.timeout, self._handshake_expired)
+        self._handshake_timer = self.loop.call_later(self.hub.timeout, self._handshake_expired)
 
     def send_replay(self) -> None:
         """Send the next missed step (its answer will be discarded), or, when none is
@@ -563,7 +603,7 @@ class _Driver(asyncio.Protocol):
         else:
             self.transport.writelines(wire.fields_batch_parts(fields, 0) + [_GETFORCE_HEADER])
         self._cancel_handshake()
-        self._handshake_timer = self.hub._loop.call_later(self.hub.timeout, self._handshake_expired)
+        self._handshake_timer = self.loop.call_later(self.hub.timeout, self._handshake_expired)
 
     def send_step(self, barrier: _Barrier) -> None:
         """Send this driver its frozen field(s) of ``barrier`` with GETSOURCE."""
@@ -653,27 +693,12 @@ class _Driver(asyncio.Protocol):
             self.state = _LEARNING
             self.transport.write(wire.encode_field_step(barrier.fields[self.row]))
 
-    def _on_stock_event(self, kind: type, event: wire.Event) -> None:
+    def _on_stock_event(self, event: wire.Event) -> bool:
         state = self.state
-        if kind is wire.ForceReady and state in (_LEARNING, _STOCK_BUSY):
-            if event.forces.shape[0] != 1:
-                self.fail(
-                    f"FORCEREADY carries nat = {event.forces.shape[0]}, the EM "
-                    "profile needs 1 (the field is the one atom's position)"
-                )
-                return
-            if state == _LEARNING:
-                if not event.extras.startswith(b"{"):
-                    self._mark_stock(f"its extras {event.extras[:16]!r} are not JSON")
-                self.state = _LEARN
-                self.status_probes += 1
-                self.transport.write(_STATUS_BYTES)
-            else:
-                self.state = _READY
-            sx, sy, sz = event.forces[0].tolist()
-            self.hub._source_ready(self, sx, sy, sz, event.extras)
-        elif kind in (wire.Ready, wire.NeedInit) and state == _LEARN:
-            if kind is wire.NeedInit:
+        if isinstance(event, wire.ForceReady) and state in (_LEARNING, _STOCK_BUSY):
+            self._stock_source(event)
+        elif isinstance(event, wire.Ready | wire.NeedInit) and state == _LEARN:
+            if isinstance(event, wire.NeedInit):
                 self._mark_stock("it went back to NEEDINIT after FORCEREADY")
                 self.status_each_step = True
                 log.info("%s: STATUS (and INIT when asked) before every step", self)
@@ -682,22 +707,44 @@ class _Driver(asyncio.Protocol):
                 log.debug("%s stays READY: fused steps from now on", self)
             self.state = _READY
             self.hub._driver_initialized(self)  # sends the step due meanwhile, if any
-        elif kind is wire.Ready and state == _ASKED:
+        elif isinstance(event, wire.Ready) and state == _ASKED:
             hub, barrier = self.hub, self.hub._barrier
             if barrier is not None and self.place(barrier.layout) and hub._pending(self, barrier):
                 self.state = _STOCK_BUSY
                 self.transport.write(wire.encode_field_step(barrier.fields[self.row]))
             else:
                 self.state = _READY
-        elif kind is wire.NeedInit and state in (_ASKED, _INIT) and not self._init_resent:
+        elif (
+            isinstance(event, wire.NeedInit) and state in (_ASKED, _INIT) and not self._init_resent
+        ):
             # It asks for INIT (again): the one the hub built at binding, then STATUS.
             self._init_resent = self.init_needed = True
             if state == _ASKED:
                 self.status_probes += 1
             self.transport.write(self._init_msg + _STATUS_BYTES)
         else:
-            name = _EVENT_NAMES.get(kind, kind.__name__)
-            self.fail(f"unexpected {name} while {_EXPECTING[state]}")
+            return False
+        return True
+
+    def _stock_source(self, event: wire.ForceReady) -> None:
+        """A stock client's FORCEREADY: its source; after its first, one STATUS to learn
+        whether it stays READY."""
+        if event.forces.shape[0] != 1:
+            self.fail(
+                f"FORCEREADY carries nat = {event.forces.shape[0]}, the EM "
+                "profile needs 1 (the field is the one atom's position)"
+            )
+            return
+        if self.state == _LEARNING:
+            if not event.extras.startswith(b"{"):
+                self._mark_stock(f"its extras {event.extras[:16]!r} are not JSON")
+            self.state = _LEARN
+            self.status_probes += 1
+            self.transport.write(_STATUS_BYTES)
+        else:
+            self.state = _READY
+        sx, sy, sz = event.forces[0].tolist()
+        self.hub._source_ready(self, sx, sy, sz, event.extras)
 
     def _exit_after_stop(self) -> None:
         if self.state == _CLOSING and self.bye is not None and not self.bye.done():
@@ -708,7 +755,7 @@ class _Driver(asyncio.Protocol):
     def send_end(self) -> asyncio.Future:
         """STOP (MaxwellLink dialect, answered by BYE; EXIT follows if no BYE comes) or
         EXIT (a stock i-PI client, or ``Hub(dialect="ipi")``; no answer)."""
-        self.bye = self.hub._loop.create_future()
+        self.bye = self.loop.create_future()
         if self.state == _CLOSED:
             self.bye.set_result(False)
             return self.bye
@@ -723,7 +770,7 @@ class _Driver(asyncio.Protocol):
             self.bye.set_result(True)
         else:
             self.transport.write(_STOP_BYTES)
-            self.hub._loop.call_later(_EXIT_AFTER_STOP_S, self._exit_after_stop)
+            self.loop.call_later(_EXIT_AFTER_STOP_S, self._exit_after_stop)
         return self.bye
 
 
@@ -754,6 +801,16 @@ _EXPECTING = {
     _STOCK_BUSY: "waiting for its source",
     _CLOSING: "waiting for BYE",
     _CLOSED: "closed",
+}
+# What each state accepts (see _Driver._on_event); states not listed accept nothing.
+_BY_STATE: dict[str, Callable[[_Driver, wire.Event], bool]] = {
+    _BUSY: _Driver._on_busy,
+    _INIT: _Driver._on_init,
+    _REPLAY: _Driver._on_replay,
+    _PROBE: _Driver._on_probe,
+    _AUTH: _Driver._on_auth,
+    _CLOSING: _Driver._on_closing,
+    **dict.fromkeys(_STOCK_STATES, _Driver._on_stock_event),
 }
 
 
@@ -809,7 +866,7 @@ class Hub:
         self.step_index = 0
         self.paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: _Listener | None = None
         self._unix_inode: tuple[int, int] | None = None
         self._molecules: dict[int, _Molecule] = {}
         self._driverless: set[int] = set()  # registered ids with no driver bound
@@ -823,7 +880,7 @@ class Hub:
         self._generation = 0
         self._changed: asyncio.Future | None = None
         self.control = control  # where to serve maxwellhub.control, or None
-        self._control = None
+        self._control: ControlServer | None = None
         # maxwellhub.rendezvous: written once listening, removed at stop
         self.address_file = None if address_file is None else os.fspath(address_file)
         self._address_run_id: str | None = None
@@ -845,15 +902,23 @@ class Hub:
         """The UNIX socket path, or ``(host, port)`` for TCP."""
         return self.unixsocket if self.unixsocket else (self.host, self.port)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop ``start`` ran on; a :class:`UsageError` before ``start``."""
+        if self._loop is None:
+            raise UsageError("this Hub is not started: await hub.start() first")
+        return self._loop
+
     async def start(self) -> None:
         """Bind and listen. A live hub already on the same UNIX path is an error."""
         self._loop = asyncio.get_running_loop()
+        server: _Listener
         if self.unixsocket:
             path = self.unixsocket
             _clear_stale_unix_socket(path)
             old_umask = os.umask(0o177)  # the socket file is born owner-only (0600)
             try:
-                self._server = _Listener.unix(self, path)
+                server = self._server = _Listener.unix(self, path)
             finally:
                 os.umask(old_umask)
             os.chmod(path, 0o600)
@@ -861,8 +926,8 @@ class Hub:
             self._unix_inode = (st.st_dev, st.st_ino)
             log.info("hub listening on UNIX socket %s", path)
         else:
-            self._server = _Listener.tcp(self, self.host, self.port)
-            self.port = self._server.sockets[0].getsockname()[1]
+            server = self._server = _Listener.tcp(self, self.host, self.port)
+            self.port = server.sockets[0].getsockname()[1]
             log.info("hub listening on TCP %s:%d", self.host, self.port)
             if self.auth is None and not is_loopback(self.host):
                 log.warning(
@@ -879,7 +944,7 @@ class Hub:
             try:
                 await control.start()
             except BaseException:
-                self._server.close()
+                server.close()
                 self._remove_unix_path()
                 raise
             self._control = control
@@ -890,7 +955,7 @@ class Hub:
                 if self._control is not None:
                     await self._control.close()
                     self._control = None
-                self._server.close()
+                server.close()
                 self._remove_unix_path()
                 raise
 
@@ -899,6 +964,8 @@ class Hub:
         ``--address-file``; see :mod:`maxwellhub.rendezvous`."""
         from .rendezvous import write_address_file
 
+        if self.address_file is None:
+            return
         source = self.auth.source if self.auth is not None else None
         info = write_address_file(
             self.address_file,
@@ -936,7 +1003,8 @@ class Hub:
         """Stop accepting, end every driver politely, close every socket, remove the path."""
         if self._loop is None:
             return
-        if self._address_run_id is not None:  # first, so no new driver is sent here
+        if self._address_run_id is not None and self.address_file is not None:
+            # first, so no new driver is sent here
             from .rendezvous import remove_address_file
 
             remove_address_file(self.address_file, self._address_run_id)
@@ -1034,7 +1102,7 @@ class Hub:
         self._progress_binds()
         for mid in payloads:
             self._ensure_init(self._molecules[int(mid)].driver)
-        deadline = self._loop.time() + (self.timeout if timeout is None else timeout)
+        deadline = self.loop.time() + (self.timeout if timeout is None else timeout)
         while not self.all_bound(payloads, require_init):
             if not await self._wait_change(deadline):
                 return self.all_bound(payloads, require_init)
@@ -1042,13 +1110,13 @@ class Hub:
 
     async def _wait_change(self, deadline: float) -> bool:
         """Wait for any binding change until ``deadline``; False if the deadline passed."""
-        remaining = deadline - self._loop.time()
+        remaining = deadline - self.loop.time()
         if remaining <= 0 or self.paused:
             return False
         if self._changed is None or self._changed.done():
-            self._changed = self._loop.create_future()
+            self._changed = self.loop.create_future()
         fut = self._changed
-        timer = self._loop.call_later(remaining, lambda: fut.done() or fut.set_result(False))
+        timer = self.loop.call_later(remaining, _resolve, fut, False)
         try:
             return await fut
         finally:
@@ -1110,8 +1178,9 @@ class Hub:
         for driver in list(self._unbound):
             if driver.state != _UNBOUND or not driver.claim:
                 continue
-            mols = [self._molecules.get(m) for m in driver.claim]
-            if all(m is not None and m.driver is None for m in mols):
+            found = [self._molecules.get(m) for m in driver.claim]
+            mols = [m for m in found if m is not None and m.driver is None]
+            if len(mols) == len(found):
                 self._unbound.remove(driver)
                 self._bind(driver, mols)
 
@@ -1326,14 +1395,14 @@ class Hub:
         self._handshaking.discard(driver)
         mols = [m for m in driver.molecules if m.driver is driver]
         if not mols:
-            pending = driver.decoder.buffered
-            if pending and previous not in (_CLOSING, _CLOSED) and not driver.reported:
+            buffered = driver.decoder.buffered
+            if buffered and previous not in (_CLOSING, _CLOSED) and not driver.reported:
                 # A peer that leaves half a message behind gets its one line (a peer that
                 # merely connects and closes is not worth one).
                 log.warning(
                     "%s closed the connection in the middle of a message (%d bytes of it received)",
                     driver,
-                    pending,
+                    buffered,
                 )
             return
         for mol in mols:
@@ -1353,7 +1422,7 @@ class Hub:
                 " in the middle of a step" if pending else "",
                 f" ({exc})" if exc else "",
             )
-            if pending:
+            if pending and barrier is not None:
                 barrier.lost.extend(pending)
                 if barrier.abort_on_loss:
                     barrier.wake("lost")
@@ -1433,6 +1502,8 @@ class Hub:
             return None
         barrier = self._barrier
         if barrier is None:
+            if ids is None or fields is None:
+                raise UsageError("no step to continue: give the molecule ids and fields")
             barrier = self._barrier = self._freeze(ids, fields, want_extras)
         barrier.abort_on_loss = abort_on_loss
         barrier.lost.clear()
@@ -1451,9 +1522,10 @@ class Hub:
                 m for m in self._driverless if (r := row.get(m)) is not None and not done[r]
             )
         if barrier.waiting and not (abort_on_loss and barrier.lost):
-            barrier.waiter = self._loop.create_future()
+            loop = self.loop
+            barrier.waiter = loop.create_future()
             wait = self.timeout if timeout is None else timeout
-            barrier.timer = self._loop.call_later(wait, barrier.wake, "timeout")
+            barrier.timer = loop.call_later(wait, barrier.wake, "timeout")
         return barrier
 
     def _end(self, barrier: _Barrier | None) -> StepResult | None:
@@ -1491,7 +1563,9 @@ class Hub:
             await barrier.waiter
         return self._end(barrier)
 
-    def _arrays(self, requests: Mapping[int, Mapping]) -> tuple[np.ndarray, np.ndarray]:
+    def _arrays(
+        self, requests: Mapping[int, Mapping]
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
         """ids and fields from MaxwellLink's request dict (and INIT payloads it carries)."""
         if self._barrier is not None:
             return None, None  # a frozen step is continued; its fields stay
@@ -1517,7 +1591,8 @@ class Hub:
     ) -> dict[int, dict]:
         """MaxwellLink's barrier: ``{molid: {"amp": ndarray(3), "extra": bytes}}``, or ``{}``
         when paused, aborted by a lost driver, or incomplete at ``timeout``."""
-        result = await self._run(*self._arrays(requests), timeout, abort_on_loss=True)
+        ids, fields = self._arrays(requests)
+        result = await self._run(ids, fields, timeout, abort_on_loss=True)
         return result.as_dict() if result is not None else {}
 
     async def step(
@@ -1577,7 +1652,8 @@ class Hub:
         bound = sorted(m.id for m in self._molecules.values() if m.initialized)
         missing = sorted(m.id for m in self._molecules.values() if not m.initialized)
         times = self._step_ms
-        timing = {"last": None, "mean": None, "p99": None, "steps": len(times)}
+        timing: dict[str, float | None] = {"last": None, "mean": None, "p99": None}
+        timing["steps"] = len(times)
         if times:
             arr = np.fromiter(times, dtype=np.float64, count=len(times))
             timing.update(
@@ -1658,7 +1734,8 @@ class _Listener:
         self._refused_since = 0.0
         self._paused: asyncio.TimerHandle | None = None
         sock.setblocking(False)
-        hub._loop.add_reader(sock.fileno(), self._accept)
+        self.loop = hub.loop
+        self.loop.add_reader(sock.fileno(), self._accept)
 
     @classmethod
     def unix(cls, hub: Hub, path: str) -> _Listener:
@@ -1689,7 +1766,7 @@ class _Listener:
         return cls(hub, sock)
 
     def _accept(self) -> None:
-        hub, loop = self.hub, self.hub._loop
+        hub, loop = self.hub, self.loop
         for _ in range(_ACCEPT_BATCH):
             try:
                 conn, _ = self.sock.accept()
@@ -1714,7 +1791,7 @@ class _Listener:
     def _resume(self) -> None:
         self._paused = None
         if not self._closed:
-            self.hub._loop.add_reader(self.sock.fileno(), self._accept)
+            self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _note_refusal(self) -> None:
         now = time.monotonic()
@@ -1734,7 +1811,7 @@ class _Listener:
         if self._paused is not None:
             self._paused.cancel()
         else:
-            self.hub._loop.remove_reader(self.sock.fileno())
+            self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
     async def wait_closed(self) -> None:
@@ -1742,6 +1819,12 @@ class _Listener:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _resolve(fut: asyncio.Future, value: object) -> None:
+    """Set ``fut``'s result unless it is done already (a timer racing another wake-up)."""
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _ids_text(ids: list[int], most: int = 20) -> str:
@@ -1933,18 +2016,25 @@ class SocketHub:
         """One barrier attempt without a Task: dispatch synchronously, then run the loop
         only until this step's waiter resolves (the hot path of Meep's step callback)."""
         self._check_no_running_loop()
-        hub = self.hub
+        hub, loop = self._live()
         barrier = hub._begin(ids, fields, timeout, abort, want_extras)
         if barrier is not None and barrier.waiter is not None:
-            self._loop.run_until_complete(barrier.waiter)
+            loop.run_until_complete(barrier.waiter)
         return hub._end(barrier)
+
+    def _live(self) -> tuple[Hub, asyncio.AbstractEventLoop]:
+        """The hub and its loop; a :class:`UsageError` when stopped or not on rank 0."""
+        if self.hub is None or self._loop is None:
+            raise UsageError("this SocketHub is stopped (or not on MPI rank 0)")
+        return self.hub, self._loop
 
     def step_barrier(
         self, requests: Mapping[int, Mapping], timeout: float | None = None
     ) -> dict[int, dict]:
         if self.hub is None or self._loop is None:
             return {}  # not rank 0, or stopped: the "paused" case of the contract
-        result = self._barrier(*self.hub._arrays(requests), timeout, True)
+        ids, fields = self.hub._arrays(requests)
+        result = self._barrier(ids, fields, timeout, True)
         return result.as_dict() if result is not None else {}
 
     def step(
