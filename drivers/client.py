@@ -22,7 +22,8 @@ import logging
 import math
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from maxwellhub import wire
 from maxwellhub.addresses import DEFAULT_PORT, connect_once, unix_socket_path
@@ -249,7 +250,8 @@ class _Session:
         self.init: tuple[int, float] | None = None  # (molecule id, dt_au) of the first INIT
         self.steps = 0
         self.extras_json = _ExtrasJSON()
-        self.handlers = {
+        # Each handler takes the message of its key's type; True ends the session.
+        self.handlers: dict[type, Callable[[Any], bool]] = {
             wire.Status: self.on_status,
             wire.Init: self.on_init,
             wire.PosData: self.on_posdata,

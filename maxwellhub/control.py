@@ -60,7 +60,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .fsutil import atomic_write
 
@@ -244,10 +244,13 @@ _REQUESTS = {"Ping": Handler._ping, "Status": Handler._status, "Stop": Handler._
 class _Connection(asyncio.Protocol):
     """One control client: split lines, answer each, never read faster than it reads."""
 
+    #: Set by connection_made, which the event loop calls before any other method.
+    transport: asyncio.Transport
+
     def __init__(self, server: ControlServer, number: int) -> None:
         self.server = server
+        self.loop = asyncio.get_running_loop()  # made by the server, on its loop
         self.peer = f"control#{number}"
-        self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._scan = 0  # bytes of _buf already searched for a newline
         self._write_paused = False
@@ -256,7 +259,8 @@ class _Connection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection's transport (asyncio's or uvloop's) is an asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer and isinstance(peer, tuple):
             self.peer += f" ({peer[0]}:{peer[1]})"
@@ -264,7 +268,7 @@ class _Connection(asyncio.Protocol):
         if len(conns) >= MAX_CONNECTIONS:
             log.warning("refusing %s: %d control connections already open", self.peer, len(conns))
             self._closing = True
-            transport.abort()
+            self.transport.abort()
             return
         conns.add(self)
         self._arm_idle()
@@ -297,7 +301,7 @@ class _Connection(asyncio.Protocol):
     def _arm_idle(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
-        self._idle = self.server._loop.call_later(IDLE_TIMEOUT, self._idle_expired)
+        self._idle = self.loop.call_later(IDLE_TIMEOUT, self._idle_expired)
 
     def _idle_expired(self) -> None:
         log.warning("closing %s: no complete request within %g s", self.peer, IDLE_TIMEOUT)

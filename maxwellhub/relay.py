@@ -50,7 +50,8 @@ import logging
 import math
 import signal
 import socket
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, cast
 
 import numpy as np
 
@@ -151,7 +152,7 @@ class _LocalHub(Hub):
     async def wait_for_drivers(self, molecules: int, timeout: float) -> int:
         """Wait until drivers for ``molecules`` molecules wait for a binding, or until
         ``timeout`` s passed; return how many molecules they can host."""
-        deadline = self._loop.time() + timeout
+        deadline = self.loop.time() + timeout
         while (have := self.waiting_molecules()) < molecules:
             if not await self._wait_change(deadline):
                 return self.waiting_molecules()
@@ -226,14 +227,19 @@ class _Upstream(asyncio.Protocol):
     model is the local hub. Every way the session ends resolves :attr:`ended` with
     ``(exit status, message)``."""
 
+    #: Set by connection_made, which the event loop calls before any other method.
+    transport: asyncio.Transport
+
     def __init__(self, relay: Relay, where: str) -> None:
+        if relay.local is None:
+            raise UsageError("the relay connects upstream only once its local hub listens")
         self.relay = relay
+        self.local: _LocalHub = relay.local
         self.where = where
         m = relay.molecules
         self.decoder = wire.Decoder(
             "driver", wire.Limits(max_init_bytes=(1 << 20) + 512 * m, max_batch=m)
         )
-        self.transport: asyncio.Transport | None = None
         self.ended: asyncio.Future = asyncio.get_running_loop().create_future()
         self.bye = False
         self.welcomed = False
@@ -256,7 +262,8 @@ class _Upstream(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection's transport (asyncio's or uvloop's) is an asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -312,7 +319,7 @@ class _Upstream(asyncio.Protocol):
         self.bye = bye
         self.ended.set_result((code, message))
         if self.stepping:
-            self.relay.local.request_stop("because the relay's session ended")
+            self.local.request_stop("because the relay's session ended")
 
     # -- events from the upstream hub
     def on_auth(self, event: wire.AuthChallenge) -> None:
@@ -393,7 +400,8 @@ class _Upstream(asyncio.Protocol):
     def on_exit(self, _event) -> None:
         self.finish(EXIT_OK, f"EXIT from the upstream hub after {self.steps} steps")
 
-    _HANDLERS = {
+    # Each handler takes the message of its key's type (the decoder admits only these).
+    _HANDLERS: ClassVar[Mapping[type, Callable[[_Upstream, Any], None]]] = {
         wire.AuthChallenge: on_auth,
         wire.Welcome: on_welcome,
         wire.Status: on_status,
@@ -416,7 +424,7 @@ class _Upstream(asyncio.Protocol):
     async def _initialize(
         self, ids: list[int], payloads: list[dict], offer: dict | None = None
     ) -> None:
-        local = self.relay.local
+        local = self.local
         for mid in ids:  # no payload yet, so binding sends no INIT before the step is set
             local.register_molecule(mid)
         if offer is not None:  # the local drivers are offered the upstream's step
@@ -470,7 +478,7 @@ class _Upstream(asyncio.Protocol):
             return
         self.at += 1
         try:
-            result = await self.relay.local.step_arrays(
+            result = await self.local.step_arrays(
                 self.ids, fields, timeout=self.relay.timeout, on_lost="wait", extras=want_extras
             )
         except StopRequested:
@@ -489,11 +497,14 @@ class _Upstream(asyncio.Protocol):
     async def _replayed_step(self, fields: np.ndarray) -> None:
         """Upstream step ``self.at`` replayed: step the molecules whose state is at or
         before it; the upstream discards the answer, so the rest answer zeros."""
-        behind = self.local_steps <= self.at
-        sources = np.zeros((len(self.ids), 3))
+        ids, steps = self.ids, self.local_steps
+        if ids is None or steps is None:  # set together by _initialize when resuming
+            raise ProtocolError("a replayed step before the local drivers resumed")
+        behind = steps <= self.at
+        sources = np.zeros((len(ids), 3))
         try:
-            result = await self.relay.local.step_arrays(
-                self.ids[behind],
+            result = await self.local.step_arrays(
+                ids[behind],
                 fields[behind],
                 timeout=self.relay.timeout,
                 on_lost="wait",
@@ -507,7 +518,7 @@ class _Upstream(asyncio.Protocol):
         finally:
             self.stepping = False
         sources[behind] = result.sources
-        self.local_steps[behind] += 1
+        steps[behind] += 1
         self.at += 1
         if not self.ended.done():
             self.transport.write(wire.encode_sources_batch(sources, None))
@@ -596,12 +607,7 @@ class Relay:
         interrupted: asyncio.Future = loop.create_future()
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(
-                    sig,
-                    lambda s=sig: (
-                        interrupted.done() or interrupted.set_result(signal.Signals(s).name)
-                    ),
-                )
+                loop.add_signal_handler(sig, _hub._resolve, interrupted, sig.name)
         try:
             opening = asyncio.ensure_future(self._open(loop))
             await asyncio.wait({opening, interrupted}, return_when=asyncio.FIRST_COMPLETED)
@@ -636,8 +642,10 @@ class Relay:
         where: dict[str, Any]
         if self.local_unix is not None:
             where = {"unixsocket": self.local_unix}
-        else:
+        elif self.local_tcp is not None:
             where = {"host": self.local_tcp[0], "port": self.local_tcp[1]}
+        else:  # refused by __init__
+            raise RelayFailed(EXIT_PROTOCOL, "a relay needs a local address")
         try:
             # Drivers for all M molecules wait unbound until the upstream INIT names the
             # ids, so the local hub must let that many (and spares) wait.
@@ -756,7 +764,7 @@ class Relay:
     async def _shutdown(self, session: _Upstream | None) -> None:
         """STOP the local drivers, then BYE upstream (after STOP) and close."""
         task = session.task if session is not None else None
-        if task is not None and not task.done():
+        if task is not None and not task.done() and self.local is not None:
             self.local.request_stop("because the relay's session ended")  # wakes it
             await asyncio.wait({task}, timeout=_LOCAL_STOP_WAIT)
             if not task.done():
