@@ -13,10 +13,15 @@ Exit status: 0 after STOP or EXIT, 1 when the hub cannot be reached before --tim
 goes away early, 2 on a protocol error (or bad arguments), 3 when the model fails.
 """
 
-# ruff: noqa: E402  (the thread pinning below must run before numpy is imported)
 from __future__ import annotations
 
+# Nothing imported here loads numpy: the thread pinning below must run before it does.
+import argparse
+import json
+import logging
 import os
+import sys
+from typing import Any
 
 # A driver process is one of many on a machine: one BLAS/OpenMP thread each, always.
 for _var in (
@@ -28,12 +33,6 @@ for _var in (
     "NUMEXPR_NUM_THREADS",
 ):
     os.environ[_var] = "1"
-
-import argparse
-import json
-import logging
-import sys
-from typing import Any
 
 __all__ = ["main", "parse_params", "parse_value"]
 

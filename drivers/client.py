@@ -15,6 +15,7 @@ prints: it logs, and :func:`run_client` returns an exit status.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -37,11 +38,11 @@ if TYPE_CHECKING:
     from .models import Model
 
 __all__ = [
+    "DEFAULT_PORT",
     "EXIT_CONNECTION",
     "EXIT_MODEL",
     "EXIT_OK",
     "EXIT_PROTOCOL",
-    "DEFAULT_PORT",
     "connect",
     "run_client",
     "serve",
@@ -381,10 +382,9 @@ class _Session:
         return False
 
     def on_stop(self, _event) -> bool:
-        try:
+        # The hub may close right after STOP; the session is over anyway.
+        with contextlib.suppress(OSError):
             self.sock.sendall(_BYE)
-        except OSError:  # the hub may close right after STOP; the session is over anyway
-            pass
         self.log.info("STOP after %d steps; said BYE", self.steps)
         return True
 

@@ -65,19 +65,19 @@ from typing import Any, cast
 from .fsutil import atomic_write
 
 __all__ = [
-    "ControlServer",
-    "ControlError",
-    "control_address",
-    "token_path",
-    "request",
-    "MAX_LINE",
-    "MAX_CONNECTIONS",
-    "CONTROL_PREFIX",
-    "MALFORMED",
-    "UNKNOWN_REQUEST",
-    "BAD_ARGUMENT",
     "AUTH_FAILED",
+    "BAD_ARGUMENT",
+    "CONTROL_PREFIX",
     "LINE_TOO_LONG",
+    "MALFORMED",
+    "MAX_CONNECTIONS",
+    "MAX_LINE",
+    "UNKNOWN_REQUEST",
+    "ControlError",
+    "ControlServer",
+    "control_address",
+    "request",
+    "token_path",
 ]
 
 log = logging.getLogger("maxwellhub.control")

@@ -29,6 +29,7 @@ This module never converts units and never interprets the extras a driver sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -128,7 +129,7 @@ def _json_default(obj: Any) -> Any:
 class _Molecule:
     """A registered molecule id and the driver (if any) bound to it."""
 
-    __slots__ = ("id", "index", "driver", "payload", "initialized")
+    __slots__ = ("driver", "id", "index", "initialized", "payload")
 
     def __init__(self, mid: int, index: int) -> None:
         self.id = mid
@@ -142,7 +143,7 @@ class _Layout:
     """The molecule ids of a step and their row in its arrays. Kept while consecutive
     steps ask for the same ids, so per-driver row indices are computed once."""
 
-    __slots__ = ("ids", "key", "row", "generation", "index", "pending")
+    __slots__ = ("generation", "ids", "index", "key", "pending", "row")
 
     def __init__(self, ids: np.ndarray, generation: int, index: np.ndarray) -> None:
         self.ids = ids
@@ -157,7 +158,7 @@ class _Replay:
     """A completed step kept for replay: its layout, its fields and how many steps each
     of its molecules had completed before it."""
 
-    __slots__ = ("layout", "fields", "before")
+    __slots__ = ("before", "fields", "layout")
 
     def __init__(self, layout: _Layout, fields: np.ndarray, before: np.ndarray) -> None:
         self.layout = layout
@@ -170,22 +171,22 @@ class _Barrier:
     step the hub touches each connection once, never each molecule in Python."""
 
     __slots__ = (
-        "layout",
-        "fields",
-        "field_bytes",
-        "want_extras",
-        "sources",
-        "single",
+        "abort_on_loss",
+        "batch_extras",
         "done",
         "extras",
-        "batch_extras",
-        "waiting",
-        "waiter",
-        "timer",
-        "abort_on_loss",
-        "lost",
-        "started",
+        "field_bytes",
+        "fields",
         "last",
+        "layout",
+        "lost",
+        "single",
+        "sources",
+        "started",
+        "timer",
+        "waiter",
+        "waiting",
+        "want_extras",
     )
 
     def __init__(self, layout: _Layout, fields: np.ndarray, want_extras: bool) -> None:
@@ -223,7 +224,7 @@ class StepResult:
     a molecule does not report a key); single drivers' JSON is parsed only when asked.
     """
 
-    __slots__ = ("ids", "sources", "_json", "_batch_extras", "_extras")
+    __slots__ = ("_batch_extras", "_extras", "_json", "ids", "sources")
 
     def __init__(
         self,
@@ -601,7 +602,7 @@ class _Driver(asyncio.Protocol):
                 b"".join((wire.FIELD_STEP_HEAD, fields.astype("<f8").tobytes(), _GETFORCE_HEADER))
             )
         else:
-            self.transport.writelines(wire.fields_batch_parts(fields, 0) + [_GETFORCE_HEADER])
+            self.transport.writelines([*wire.fields_batch_parts(fields, 0), _GETFORCE_HEADER])
         self._cancel_handshake()
         self._handshake_timer = self.loop.call_later(self.hub.timeout, self._handshake_expired)
 
@@ -622,7 +623,7 @@ class _Driver(asyncio.Protocol):
             return
         flags = wire.WANT_EXTRAS if barrier.want_extras else 0
         self.transport.writelines(
-            wire.fields_batch_parts(barrier.fields[self.rows], flags) + [_GETFORCE_HEADER]
+            [*wire.fields_batch_parts(barrier.fields[self.rows], flags), _GETFORCE_HEADER]
         )
 
     def place(self, layout: _Layout) -> bool:
@@ -994,7 +995,7 @@ class Hub:
             self._server.close()
         byes = [d.send_end() for d in list(self._connections) if d.state != _CLOSING]
         if byes:
-            done, pending = await asyncio.wait(byes, timeout=wait)
+            _, pending = await asyncio.wait(byes, timeout=wait)
             if pending:
                 names = sorted(str(d) for d in self._connections if d.state == _CLOSING)
                 log.warning("no BYE within %.1f s from: %s", wait, ", ".join(names))
@@ -2103,7 +2104,6 @@ class SocketHub:
     def __del__(self) -> None:
         loop = getattr(self, "_loop", None)
         if loop is not None and not loop.is_closed() and not loop.is_running():
-            try:
+            # Best effort at garbage collection: an error here has nowhere to go.
+            with contextlib.suppress(Exception):
                 self.stop()
-            except Exception:
-                pass

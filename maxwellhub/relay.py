@@ -62,7 +62,7 @@ from .auth import Secret, is_loopback
 from .errors import MaxwellHubError, ProtocolError, UsageError
 from .hub import Hub, StopRequested
 
-__all__ = ["Relay", "EXIT_OK", "EXIT_UPSTREAM", "EXIT_PROTOCOL", "EXIT_LOCAL"]
+__all__ = ["EXIT_LOCAL", "EXIT_OK", "EXIT_PROTOCOL", "EXIT_UPSTREAM", "Relay"]
 
 log = logging.getLogger("maxwellhub.relay")
 
