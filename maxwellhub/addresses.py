@@ -10,8 +10,13 @@ import os
 import socket
 from pathlib import Path
 
-__all__ = ["UNIX_PREFIX", "DEFAULT_PORT", "unix_socket_path", "get_available_host_port",
-           "connect_once"]
+__all__ = [
+    "UNIX_PREFIX",
+    "DEFAULT_PORT",
+    "unix_socket_path",
+    "get_available_host_port",
+    "connect_once",
+]
 
 UNIX_PREFIX = "/tmp/socketmxl_"
 DEFAULT_PORT = 31415
@@ -29,8 +34,9 @@ def unix_socket_path(name_or_path: str | os.PathLike) -> str:
     return path
 
 
-def connect_once(limit: float, *, unix: str | None = None,
-                 address: tuple[str, int] | None = None) -> socket.socket:
+def connect_once(
+    limit: float, *, unix: str | None = None, address: tuple[str, int] | None = None
+) -> socket.socket:
     """One attempt to connect to a hub: the UNIX socket path ``unix``, else TCP
     ``address`` (with TCP_NODELAY), within ``limit`` seconds. Returns a blocking socket
     with no timeout; the OSError of a failed attempt propagates."""
@@ -49,8 +55,9 @@ def connect_once(limit: float, *, unix: str | None = None,
     return sock
 
 
-def get_available_host_port(localhost: bool = True,
-                            save_to_file: str | os.PathLike | None = None) -> tuple[str, int]:
+def get_available_host_port(
+    localhost: bool = True, save_to_file: str | os.PathLike | None = None
+) -> tuple[str, int]:
     """Ask the OS for a free TCP port; return ``(host, port)``.
 
     With ``save_to_file`` the host and the port are written on two lines (written to a
