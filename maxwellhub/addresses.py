@@ -11,11 +11,11 @@ import socket
 from pathlib import Path
 
 __all__ = [
-    "UNIX_PREFIX",
     "DEFAULT_PORT",
-    "unix_socket_path",
-    "get_available_host_port",
+    "UNIX_PREFIX",
     "connect_once",
+    "get_available_host_port",
+    "unix_socket_path",
 ]
 
 UNIX_PREFIX = "/tmp/socketmxl_"
@@ -48,9 +48,11 @@ def connect_once(
         except BaseException:
             sock.close()
             raise
-    else:
+    elif address is not None:
         sock = socket.create_connection(address, timeout=limit)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    else:
+        raise ValueError("connect_once needs a UNIX socket path (unix) or a TCP address")
     sock.settimeout(None)
     return sock
 

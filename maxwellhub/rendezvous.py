@@ -54,12 +54,12 @@ __all__ = [
     "AddressFile",
     "RendezvousError",
     "StaleAddressFile",
-    "write_address_file",
-    "remove_address_file",
+    "advertised_host",
     "read_address_file",
+    "remove_address_file",
     "stale_reason",
     "wait_and_connect",
-    "advertised_host",
+    "write_address_file",
 ]
 
 FORMAT = "maxwellhub-address"
@@ -389,6 +389,8 @@ def _signature(path: str) -> tuple[int, int, int, int] | None:
 def _connect(info: AddressFile, limit: float) -> socket.socket:
     if info.transport == "unix":
         return connect_once(limit, unix=info.unix)
+    if info.host is None or info.port is None:  # read_address_file checks; said plainly
+        raise RendezvousError(f"{info.where}: a TCP address needs both host and port")
     return connect_once(limit, address=(info.host, info.port))
 
 
