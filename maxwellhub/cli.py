@@ -124,10 +124,19 @@ def _relay_parser(sub) -> None:
     r.add_argument(
         "--timeout",
         type=float,
-        default=60.0,
+        default=None,
         metavar="SECONDS",
-        help="deadline for local drivers to connect and initialise, for a lost "
-        "local driver's replacement, and for reaching the hub (default 60)",
+        help="deadline for local drivers to connect and initialise, for each step and "
+        "for reaching the hub (default: none; a dead driver or hub is noticed by its "
+        "connection, and a long wait logs who it waits for)",
+    )
+    r.add_argument(
+        "--replace-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="deadline for a lost local driver's replacement to connect, after which the "
+        "relay exits 3 (default: --timeout, or 60 without it)",
     )
     r.add_argument(
         "--history",
@@ -171,6 +180,7 @@ def _relay(args) -> int:
                 load_secret(args.local_secret_file, env=None) if args.local_secret_file else None
             ),
             timeout=args.timeout,
+            replace_timeout=args.replace_timeout,
             history=args.history,
         )
     except (UsageError, ValueError) as exc:

@@ -40,7 +40,7 @@ import stat
 import struct
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -49,6 +49,13 @@ from . import wire
 from .addresses import DEFAULT_PORT, unix_socket_path
 from .auth import Secret, is_loopback, new_nonce
 from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
+from .liveness import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    check_timeout,
+    keepalive,
+    report_delays,
+    within,
+)
 from .mpi import am_master
 
 if TYPE_CHECKING:
@@ -173,6 +180,7 @@ class _Barrier:
     __slots__ = (
         "abort_on_loss",
         "batch_extras",
+        "deadline",
         "done",
         "extras",
         "field_bytes",
@@ -180,6 +188,9 @@ class _Barrier:
         "last",
         "layout",
         "lost",
+        "report_at",
+        "report_base",
+        "reports",
         "single",
         "sources",
         "started",
@@ -207,6 +218,11 @@ class _Barrier:
         self.lost: list[int] = []
         self.started = time.monotonic()  # for status(): the step's duration
         self.last: _Driver | None = None  # the driver whose reply completed the step
+        self.deadline: float | None = None  # loop time the current wait gives up, if any
+        # When to say who is missing (loop time), from the first wait of the step on.
+        self.reports: Iterator[float] | None = None
+        self.report_base = 0.0
+        self.report_at = 0.0
 
     def wake(self, why: str) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -348,6 +364,7 @@ class _Driver(asyncio.Protocol):
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                keepalive(sock)  # a vanished host is noticed in LOST_HOST_SECONDS
         self.hub._connections.add(self)
         self.hub._handshaking.add(self)
         self._nonce: bytes | None = None
@@ -358,7 +375,7 @@ class _Driver(asyncio.Protocol):
             self.transport.write(wire.encode_auth_challenge(self._nonce))
         else:
             self.transport.write(_STATUS_BYTES)
-        self._handshake_timer = self.loop.call_later(self.hub.timeout, self._handshake_expired)
+        self._arm(self.hub.handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         # Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial 0)
@@ -440,15 +457,23 @@ class _Driver(asyncio.Protocol):
         if self.batch is not None:  # its MXHHELLO arrived before the proof
             self.transport.write(wire.encode_welcome(self.batch))
         self.transport.write(_STATUS_BYTES)
-        self._handshake_timer = self.loop.call_later(self.hub.timeout, self._handshake_expired)
+        self._arm(self.hub.handshake_timeout)
 
-    def _handshake_expired(self) -> None:
+    def _arm(self, seconds: float | None) -> None:
+        """Expect the answer within ``seconds`` (None: no deadline; a dead peer is then
+        noticed by its connection, see :mod:`maxwellhub.liveness`)."""
+        if seconds is not None:
+            self._handshake_timer = self.loop.call_later(seconds, self._expired, seconds)
+
+    def _expired(self, seconds: float) -> None:
         if self.state == _AUTH:
-            self.fail(f"no MXHPROOF within {self.hub.timeout:g} s")
-        elif self.state in (_PROBE, _INIT):
-            self.fail(f"no answer to STATUS within {self.hub.timeout:g} s")
+            self.fail(f"no MXHPROOF within {seconds:g} s")
+        elif self.state == _PROBE:
+            self.fail(f"no answer to STATUS within {seconds:g} s")
+        elif self.state == _INIT:
+            self.fail(f"no answer to STATUS within {seconds:g} s after INIT")
         elif self.state == _REPLAY:
-            self.fail(f"a replayed step not answered within {self.hub.timeout:g} s")
+            self.fail(f"a replayed step not answered within {seconds:g} s")
 
     def _on_event(self, event: wire.Event) -> None:
         """Dispatch one decoded message by the state this connection is in; a message
@@ -580,7 +605,9 @@ class _Driver(asyncio.Protocol):
         self._init_msg = wire.encode_init(first.id, body)
         self._init_resent = False
         self.transport.write((self._init_msg if self.init_needed else b"") + _STATUS_BYTES)
-        self._handshake_timer = self.loop.call_later(self.hub.timeout, self._handshake_expired)
+        # The driver sets up its model before it answers (minutes for an SCF): as slow as
+        # a step, so the step deadline applies, not the handshake's.
+        self._arm(self.hub.timeout)
 
     def send_replay(self) -> None:
         """Send the next missed step (its answer will be discarded), or, when none is
@@ -604,7 +631,7 @@ class _Driver(asyncio.Protocol):
         else:
             self.transport.writelines([*wire.fields_batch_parts(fields, 0), _GETFORCE_HEADER])
         self._cancel_handshake()
-        self._handshake_timer = self.loop.call_later(self.hub.timeout, self._handshake_expired)
+        self._arm(self.hub.timeout)  # a replayed step is a step
 
     def send_step(self, barrier: _Barrier) -> None:
         """Send this driver its frozen field(s) of ``barrier`` with GETSOURCE."""
@@ -828,6 +855,13 @@ class Hub:
     sessions end. ``"maxwelllink"`` (default) decides per connection: EXIT to stock i-PI
     clients (ASE, i-PI), STOP to the others (see the notes above ``_Driver._on_stock_event``);
     ``"ipi"`` sends EXIT to every driver.
+
+    ``timeout`` (default None: no deadline) bounds each step and a driver's INIT; a
+    driver that dies is noticed by its connection, not by a deadline
+    (:mod:`maxwellhub.liveness`). ``handshake_timeout`` bounds how long a new connection
+    may take to authenticate and answer its first STATUS; by default
+    :data:`~maxwellhub.liveness.DEFAULT_HANDSHAKE_TIMEOUT` (60 s), or ``timeout`` when that
+    is shorter.
     """
 
     def __init__(
@@ -835,7 +869,7 @@ class Hub:
         host: str | None = None,
         port: int | None = DEFAULT_PORT,
         unixsocket: str | os.PathLike | None = None,
-        timeout: float = 60.0,
+        timeout: float | None = None,
         *,
         limits: wire.Limits | None = None,
         dialect: str = "maxwelllink",
@@ -846,15 +880,19 @@ class Hub:
         max_pending: int | None = None,
         max_spare: int = 256,
         address_file: str | os.PathLike | None = None,
+        handshake_timeout: float | None = None,
     ) -> None:
         if dialect not in ("maxwelllink", "ipi"):
             raise UsageError(f"dialect must be 'maxwelllink' or 'ipi', not {dialect!r}")
-        if timeout is None or not timeout > 0:
-            raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self.timeout = check_timeout(timeout)
+        handshake = check_timeout(handshake_timeout, "handshake_timeout")
+        if handshake is None:
+            handshake = min(DEFAULT_HANDSHAKE_TIMEOUT, self.timeout or math.inf)
+        #: Seconds a new connection has to authenticate and answer its first STATUS.
+        self.handshake_timeout = handshake
         self.host = host or "127.0.0.1"
         self.port = DEFAULT_PORT if port is None else int(port)
         self.unixsocket = None if unixsocket is None else unix_socket_path(unixsocket)
-        self.timeout = float(timeout)
         self.limits = limits or wire.Limits()
         self.dialect = dialect
         self.backlog = backlog
@@ -895,6 +933,7 @@ class Hub:
         self.max_spare = max_spare
         self._counts = np.zeros(64, dtype=np.int64)  # completed steps, by molecule slot
         self._replays: deque[_Replay] = deque(maxlen=history or 1)
+        self._watched: Iterable[Any] | Callable[[], Iterable[Any]] = ()  # watch_processes
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1087,13 +1126,20 @@ class Hub:
         require_init: bool = True,
         timeout: float | None = None,
     ) -> bool:
-        """Wait until every id in ``init_payloads`` is bound (and initialised); False on
-        timeout. Ids not registered yet are registered."""
+        """Wait until every id in ``init_payloads`` is bound (and initialised); ids not
+        registered yet are registered. True when they are; False when ``timeout`` passed,
+        a stop was requested (:meth:`request_stop`) or a process given to
+        :meth:`watch_processes` exited.
+
+        ``timeout`` None (the default, as in MaxwellLink) waits until the drivers come,
+        however long: who is missing is logged after 30 s, then at doubling intervals up
+        to 30 min."""
         payloads = (
             dict(init_payloads)
             if isinstance(init_payloads, Mapping)
             else {int(m): None for m in init_payloads}
         )
+        timeout = check_timeout(timeout)
         for mid, payload in payloads.items():
             mol = self._molecules.get(int(mid))
             if mol is None:
@@ -1103,23 +1149,71 @@ class Hub:
         self._progress_binds()
         for mid in payloads:
             self._ensure_init(self._molecules[int(mid)].driver)
-        deadline = self.loop.time() + (self.timeout if timeout is None else timeout)
-        while not self.all_bound(payloads, require_init):
-            if not await self._wait_change(deadline):
-                return self.all_bound(payloads, require_init)
-        return True
-
-    async def _wait_change(self, deadline: float) -> bool:
-        """Wait for any binding change until ``deadline``; False if the deadline passed."""
-        remaining = deadline - self.loop.time()
-        if remaining <= 0 or self.paused:
-            return False
-        if self._changed is None or self._changed.done():
-            self._changed = self.loop.create_future()
-        fut = self._changed
-        timer = self.loop.call_later(remaining, _resolve, fut, False)
+        loop = self.loop
+        deadline = None if timeout is None else loop.time() + timeout
+        ids = list(payloads)
+        reports = _Reports(loop, lambda elapsed: self._report_unbound(ids, require_init, elapsed))
+        watch = _ExitWatch(self, self._watched() if callable(self._watched) else self._watched)
         try:
-            return await fut
+            while not self.all_bound(ids, require_init):
+                if watch.exited() or not await self._wait_change(deadline):
+                    return self.all_bound(ids, require_init)
+            return True
+        finally:
+            reports.cancel()
+            watch.close()
+
+    def watch_processes(
+        self, processes: Iterable[Any] | Callable[[], Iterable[Any]] | None
+    ) -> None:
+        """Local driver processes (``subprocess.Popen``, or anything with ``pid`` and
+        ``poll()``) whose exit ends every bind wait at once, so a driver that dies before
+        it binds or initialises is noticed without a deadline: a collection, or a function
+        giving the ones to watch when a wait starts (say, without those already replaced);
+        None watches nothing. A process that dies after binding needs no watch: its
+        connection closes."""
+        self._watched = () if processes is None else processes
+
+    def _report_unbound(self, ids: list[int], require_init: bool, elapsed: float) -> None:
+        """One line on who a bind wait still waits for: a WARNING while some molecule has
+        no driver, INFO while the drivers are only initialising."""
+        absent, starting = [], []
+        for mid in ids:
+            mol = self._molecules[int(mid)]
+            if mol.driver is None:
+                absent.append(mid)
+            elif require_init and not mol.initialized:
+                starting.append(mid)
+        if not absent and not starting:
+            return
+        parts = [f"no driver connected for molecule(s) {_ids_text(absent)}"] if absent else []
+        if starting:
+            parts.append(f"the drivers of {_ids_text(starting)} are initialising")
+        log.log(
+            logging.WARNING if absent else logging.INFO,
+            "still waiting after %.0f s: %s",
+            elapsed,
+            "; ".join(parts),
+        )
+
+    async def _wait_change(self, deadline: float | None) -> bool:
+        """Wait for any binding change until ``deadline`` (loop time; None: no deadline);
+        False if the deadline passed or the hub is paused (a stop was requested)."""
+        if self.paused:
+            return False
+        loop = self.loop
+        if self._changed is None or self._changed.done():
+            self._changed = loop.create_future()
+        fut = self._changed
+        # shield: a cancelled waiter (Ctrl-C in SocketHub) must not cancel the shared future
+        if deadline is None:
+            return await asyncio.shield(fut)
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        timer = loop.call_later(remaining, _resolve, fut, False)
+        try:
+            return await asyncio.shield(fut)
         finally:
             timer.cancel()
 
@@ -1526,17 +1620,61 @@ class Hub:
             loop = self.loop
             barrier.waiter = loop.create_future()
             wait = self.timeout if timeout is None else timeout
-            barrier.timer = loop.call_later(wait, barrier.wake, "timeout")
+            now = loop.time()
+            barrier.deadline = None if wait is None else now + wait
+            if barrier.reports is None:  # the first wait of this step starts the schedule
+                barrier.reports = report_delays()
+                barrier.report_base = now
+                barrier.report_at = now + next(barrier.reports)
+            self._arm_step(barrier)
         return barrier
+
+    def _arm_step(self, barrier: _Barrier) -> None:
+        """One timer per waiting step: its deadline, or the next report of who is missing
+        if that comes first (a step without a deadline only ever reports)."""
+        if barrier.deadline is not None and barrier.deadline <= barrier.report_at:
+            barrier.timer = self.loop.call_at(barrier.deadline, barrier.wake, "timeout")
+        else:
+            barrier.timer = self.loop.call_at(barrier.report_at, self._report_step, barrier)
+
+    def _report_step(self, barrier: _Barrier) -> None:
+        """Say which molecules a long step waits for: WARNING for those without a driver
+        (a replacement is awaited), INFO when their drivers are computing."""
+        missing = barrier.missing()
+        unbound = [m for m in missing if self._molecules[m].driver is None]
+        elapsed = self.loop.time() - barrier.report_base
+        if unbound:
+            log.warning(
+                "step %d: still waiting after %.0f s; no driver connected for molecule(s) %s",
+                self.step_index,
+                elapsed,
+                _ids_text(unbound),
+            )
+        else:
+            log.info(
+                "step %d: still waiting after %.0f s for the source of molecule(s) %s "
+                "(their drivers are computing)",
+                self.step_index,
+                elapsed,
+                _ids_text(missing),
+            )
+        if barrier.reports is not None:
+            barrier.report_at = barrier.report_base + next(barrier.reports)
+        self._arm_step(barrier)
+
+    @staticmethod
+    def _disarm(barrier: _Barrier) -> None:
+        """Stop waiting on ``barrier`` (its step stays frozen for the next call)."""
+        if barrier.timer is not None:
+            barrier.timer.cancel()
+            barrier.timer = None
+        barrier.waiter = None
 
     def _end(self, barrier: _Barrier | None) -> StepResult | None:
         """After waiting: the result when the step is complete, else None."""
         if barrier is None:
             return None
-        if barrier.timer is not None:
-            barrier.timer.cancel()
-            barrier.timer = None
-        barrier.waiter = None
+        self._disarm(barrier)
         if barrier.waiting:
             return None
         self._barrier = None
@@ -1561,7 +1699,11 @@ class Hub:
     ) -> StepResult | None:
         barrier = self._begin(ids, fields, timeout, abort_on_loss, want_extras)
         if barrier is not None and barrier.waiter is not None:
-            await barrier.waiter
+            try:
+                await barrier.waiter
+            except BaseException:  # cancelled: no timer of this wait may fire into the next
+                self._disarm(barrier)
+                raise
         return self._end(barrier)
 
     def _arrays(
@@ -1639,8 +1781,9 @@ class Hub:
         unbound = [m for m in missing if self._molecules[m].driver is None]
         wait = self.timeout if timeout is None else timeout
         raise BarrierTimeout(
-            f"step {self.step_index}: no source from molecule(s) {_ids_text(missing)} within "
-            f"{wait:g} s" + (f"; no driver connected for {_ids_text(unbound)}" if unbound else ""),
+            f"step {self.step_index}: no source from molecule(s) {_ids_text(missing)} "
+            f"{within(wait)}"
+            + (f"; no driver connected for {_ids_text(unbound)}" if unbound else ""),
             missing,
         )
 
@@ -1822,6 +1965,57 @@ class _Listener:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+class _Reports:
+    """Calls ``say(seconds waited)`` on the schedule of
+    :func:`maxwellhub.liveness.report_delays` until cancelled (one timer at a time)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, say: Callable[[float], None]) -> None:
+        self.loop, self.say = loop, say
+        self.start = loop.time()
+        self._delays = report_delays()
+        self._timer = loop.call_at(self.start + next(self._delays), self._fire)
+
+    def _fire(self) -> None:
+        self.say(self.loop.time() - self.start)
+        self._timer = self.loop.call_at(self.start + next(self._delays), self._fire)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class _ExitWatch:
+    """Wakes a hub's waits (:meth:`Hub._notify`) when one of ``processes`` exits: a pidfd
+    per live process, read by the event loop, so nothing polls. Where pidfds are missing
+    (not Linux >= 5.3) the exit is still seen by :meth:`exited` at the next wake-up."""
+
+    def __init__(self, hub: Hub, processes: Iterable[Any]) -> None:
+        self.hub = hub
+        self.processes = list(processes)
+        self._fds: list[int] = []
+        for proc in self.processes:
+            if proc.poll() is not None:
+                continue
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except (OSError, AttributeError):  # gone meanwhile, or no pidfd here
+                continue
+            self._fds.append(fd)
+            hub.loop.add_reader(fd, self._exited, fd)
+
+    def _exited(self, fd: int) -> None:
+        self.hub.loop.remove_reader(fd)  # a pidfd stays readable once its process exited
+        self.hub._notify()
+
+    def exited(self) -> bool:
+        return any(proc.poll() is not None for proc in self.processes)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            self.hub.loop.remove_reader(fd)
+            os.close(fd)
+        self._fds = []
+
+
 def _resolve(fut: asyncio.Future, value: object) -> None:
     """Set ``fut``'s result unless it is done already (a timer racing another wake-up)."""
     if not fut.done():
@@ -1896,7 +2090,15 @@ class SocketHub:
     host : TCP address to bind (default ``127.0.0.1``); ignored with ``unixsocket``.
     port : TCP port (default 31415; 0 picks a free one, see :attr:`port`).
     unixsocket : a bare name (``/tmp/socketmxl_<name>``) or a path for a UNIX socket.
-    timeout : seconds a step, a bind or a handshake may take before giving up.
+    timeout : seconds a step may take before ``step_barrier`` returns ``{}`` (``step``
+        raises :class:`BarrierTimeout`); None (default) waits as long as the drivers
+        compute. A driver that dies is noticed by its connection at once, a vanished host
+        within 2 minutes (TCP keepalive, :mod:`maxwellhub.liveness`); a step or bind that
+        waits long logs who it waits for. ``wait_until_bound(timeout=None)`` waits until
+        the drivers come, whatever this is (as MaxwellLink's does). Every wait ends at
+        Ctrl-C (KeyboardInterrupt) and at the control endpoint's stop.
+    handshake_timeout : seconds a new connection may take to authenticate and answer its
+        first STATUS (default 60, or ``timeout`` when shorter).
     latency : accepted for compatibility with MaxwellLink and ignored: this hub waits on
         events, it never sleeps between polls.
     loop : ``"asyncio"`` (default, or env MAXWELLHUB_LOOP) or ``"uvloop"``: the event loop
@@ -1923,7 +2125,7 @@ class SocketHub:
         host: str | None = None,
         port: int | None = DEFAULT_PORT,
         unixsocket: str | os.PathLike | None = None,
-        timeout: float = 60.0,
+        timeout: float | None = None,
         latency: float = 0.01,
         loop: str | None = None,
         address_file: str | os.PathLike | None = None,
@@ -1962,7 +2164,17 @@ class SocketHub:
         except UsageError:
             coro.close()
             raise
-        return loop.run_until_complete(coro)
+        task = loop.create_task(coro)
+        try:
+            return loop.run_until_complete(task)
+        except BaseException:
+            # Interrupted (Ctrl-C raises KeyboardInterrupt out of the loop): end the wait
+            # here, so that it does not resume inside a later call.
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(task)
+            raise
 
     # -- attributes
     @property
@@ -2007,11 +2219,24 @@ class SocketHub:
         return self.hub.all_bound(molecule_ids, require_init)
 
     def wait_until_bound(
-        self, init_payloads, require_init: bool = True, timeout: float | None = None
+        self,
+        init_payloads,
+        require_init: bool = True,
+        timeout: float | None = None,
     ) -> bool:
+        """See :meth:`Hub.wait_until_bound`: ``timeout`` None waits until the drivers
+        come (not the hub's ``timeout``), logging who is missing; it ends early, with
+        False, at a stop request or when a watched process exits."""
         if self.hub is None:
             return False
         return self._run(self.hub.wait_until_bound(init_payloads, require_init, timeout))
+
+    def watch_processes(
+        self, processes: Iterable[Any] | Callable[[], Iterable[Any]] | None
+    ) -> None:
+        """See :meth:`Hub.watch_processes` (nothing on ranks other than 0)."""
+        if self.hub is not None:
+            self.hub.watch_processes(processes)
 
     def _barrier(self, ids, fields, timeout, abort: bool, want_extras: bool = True):
         """One barrier attempt without a Task: dispatch synchronously, then run the loop
@@ -2020,7 +2245,11 @@ class SocketHub:
         hub, loop = self._live()
         barrier = hub._begin(ids, fields, timeout, abort, want_extras)
         if barrier is not None and barrier.waiter is not None:
-            loop.run_until_complete(barrier.waiter)
+            try:
+                loop.run_until_complete(barrier.waiter)
+            except BaseException:  # Ctrl-C: the step stays frozen, its timer must not fire
+                hub._disarm(barrier)
+                raise
         return hub._end(barrier)
 
     def _live(self) -> tuple[Hub, asyncio.AbstractEventLoop]:

@@ -11,8 +11,8 @@ ChAR0N's router; the frames are maxwellhub's own.
 
 Session, in order:
 
-1. Listen locally and wait until drivers for M molecules have connected (deadline
-   ``timeout``); only then connect upstream (retrying until ``timeout``) and say
+1. Listen locally and wait until drivers for M molecules have connected; only then
+   connect upstream (retrying with backoff: the hub may start later) and say
    MXHHELLO(M), so a relay never claims molecules it cannot serve.
 2. The upstream INIT names the M molecule ids (``molecule_id_range`` or
    ``molecule_ids``) and their payloads (``payloads``, or one shared object). The relay
@@ -26,9 +26,16 @@ Session, in order:
 4. Upstream STOP: STOP to every local driver, then BYE upstream, exit 0 (EXIT: the same
    without BYE).
 
-Continuity: a local driver that dies mid-run is replaced like a direct one (the local
-hub waits up to ``timeout`` for a driver to connect to the relay and gives it the frozen
-field) while the upstream step waits for the relay. If no replacement comes, or the
+Deadlines: with the default ``timeout=None`` the relay waits for its local drivers to
+connect, initialise and compute, and for the upstream hub to appear, as long as it takes
+(logging who it waits for on a growing schedule; Ctrl-C and SIGTERM end it). Deaths are
+noticed by the connections, not by deadlines (:mod:`maxwellhub.liveness`): TCP keepalive
+on the upstream and local TCP connections, EOF on every socket. A number bounds each of
+those waits, as it did before.
+
+Continuity: a local driver that dies mid-run is replaced like a direct one (the relay
+waits up to ``replace_timeout`` for a driver to connect to the relay and gives it the
+frozen field) while the upstream step waits for the relay. If no replacement comes, or the
 upstream goes away, the relay stops its local drivers and exits non-zero with one line
 saying why; the upstream hub sees the relay's connection drop and applies its own
 lost-driver policy (wait for a replacement relay, or abort).
@@ -59,8 +66,9 @@ from . import hub as _hub
 from . import wire
 from .addresses import DEFAULT_PORT, unix_socket_path
 from .auth import Secret, is_loopback
-from .errors import MaxwellHubError, ProtocolError, UsageError
+from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
 from .hub import Hub, StopRequested
+from .liveness import DEFAULT_REPLACE_TIMEOUT, Reporter, check_timeout, keepalive, within
 
 __all__ = ["EXIT_LOCAL", "EXIT_OK", "EXIT_PROTOCOL", "EXIT_UPSTREAM", "Relay"]
 
@@ -73,6 +81,7 @@ EXIT_LOCAL = 3  # local drivers did not connect, initialise or answer in time
 
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
+_CONNECT_ATTEMPT = 10.0  # s for one connection attempt when the wait has no deadline
 _RETRY_ERRNOS = {
     errno.ENOENT,
     errno.ECONNREFUSED,
@@ -149,14 +158,29 @@ class _LocalHub(Hub):
             done - 1,
         )
 
-    async def wait_for_drivers(self, molecules: int, timeout: float) -> int:
+    async def wait_for_drivers(self, molecules: int, timeout: float | None) -> int:
         """Wait until drivers for ``molecules`` molecules wait for a binding, or until
-        ``timeout`` s passed; return how many molecules they can host."""
-        deadline = self.loop.time() + timeout
-        while (have := self.waiting_molecules()) < molecules:
-            if not await self._wait_change(deadline):
-                return self.waiting_molecules()
-        return have
+        ``timeout`` s passed (None: no deadline; how many came is logged on the schedule
+        of :func:`maxwellhub.liveness.report_delays`); return how many molecules they can
+        host."""
+        loop = self.loop
+        deadline = None if timeout is None else loop.time() + timeout
+        reports = _hub._Reports(
+            loop,
+            lambda elapsed: log.warning(
+                "still waiting after %.0f s: drivers for %d of %d molecules connected",
+                elapsed,
+                self.waiting_molecules(),
+                molecules,
+            ),
+        )
+        try:
+            while (have := self.waiting_molecules()) < molecules:
+                if not await self._wait_change(deadline):
+                    return self.waiting_molecules()
+            return have
+        finally:
+            reports.cancel()
 
 
 def _describe_upstream(unix: str | None, host: str | None, port: int) -> str:
@@ -267,7 +291,7 @@ class _Upstream(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a dead host
+            keepalive(sock)  # a vanished hub host is noticed in LOST_HOST_SECONDS
         self.transport.write(wire.encode_hello(self.relay.molecules))
 
     def data_received(self, data: bytes) -> None:
@@ -443,7 +467,7 @@ class _Upstream(asyncio.Protocol):
             self.finish(
                 EXIT_LOCAL,
                 f"local drivers of molecule(s) {_hub._ids_text(missing)} "
-                f"did not initialise within {self.relay.timeout:g} s",
+                f"did not initialise {within(self.relay.timeout)}",
             )
             return
         if self.ended.done():
@@ -478,9 +502,7 @@ class _Upstream(asyncio.Protocol):
             return
         self.at += 1
         try:
-            result = await self.local.step_arrays(
-                self.ids, fields, timeout=self.relay.timeout, on_lost="wait", extras=want_extras
-            )
+            result = await self._local_step(self.ids, fields, want_extras)
         except StopRequested:
             return  # the session ended while the step waited; finish() said why
         except MaxwellHubError as exc:  # BarrierTimeout above all
@@ -503,13 +525,7 @@ class _Upstream(asyncio.Protocol):
         behind = steps <= self.at
         sources = np.zeros((len(ids), 3))
         try:
-            result = await self.local.step_arrays(
-                ids[behind],
-                fields[behind],
-                timeout=self.relay.timeout,
-                on_lost="wait",
-                extras=False,
-            )
+            result = await self._local_step(ids[behind], fields[behind], False)
         except StopRequested:
             return
         except MaxwellHubError as exc:
@@ -522,6 +538,35 @@ class _Upstream(asyncio.Protocol):
         self.at += 1
         if not self.ended.done():
             self.transport.write(wire.encode_sources_batch(sources, None))
+
+    async def _local_step(self, ids: Any, fields: np.ndarray, extras: bool) -> _hub.StepResult:
+        """One local barrier step (no deadline unless the relay has a ``timeout``). A lost
+        local driver is waited for, up to ``replace_timeout``, and its replacement gets
+        the frozen field; :class:`BarrierTimeout` when none comes."""
+        relay, local = self.relay, self.local
+        while True:
+            try:
+                return await local.step_arrays(
+                    ids, fields, timeout=relay.timeout, on_lost="abort", extras=extras
+                )
+            except DriverLost as exc:
+                log.warning(
+                    "the local driver of molecule(s) %s is gone; waiting %s for a replacement "
+                    "to connect to the relay at %s",
+                    _hub._ids_text(exc.molecules),
+                    within(relay.replace_timeout),
+                    relay.listening,
+                )
+                came = await local.wait_until_bound(
+                    exc.molecules, require_init=False, timeout=relay.replace_timeout
+                )
+                if not came and not local.paused:  # paused: the next try says StopRequested
+                    raise BarrierTimeout(
+                        f"no replacement for the local driver of molecule(s) "
+                        f"{_hub._ids_text(exc.molecules)} connected "
+                        f"{within(relay.replace_timeout)}",
+                        exc.molecules,
+                    ) from None
 
     def _extras(self, result: _hub.StepResult) -> dict[str, np.ndarray]:
         """The local extras as MXHSOURCES can carry them: ASCII keys of at most 64 bytes,
@@ -550,7 +595,9 @@ class Relay:
     answers an upstream hub that requires authentication. Local side: ``local_unix``
     and/or ``local_tcp`` (``(host, port)``, port 0 picks one) and ``local_secret`` to
     require it from local drivers. ``timeout``: seconds for local drivers to connect and
-    initialise, for a lost local driver's replacement, and for reaching the upstream hub.
+    initialise, for each local step, and for reaching the upstream hub; None (default):
+    no deadline, deaths are noticed by the connections. ``replace_timeout``: seconds for a
+    lost local driver's replacement to connect (default ``timeout``, or 60 s without one).
     ``history``: steps of fields the local hub keeps to replay to a replacement local
     driver (``Hub(history=...)``; 0 keeps none, and a replacement then continues from its
     own initial or checkpointed state).
@@ -570,8 +617,9 @@ class Relay:
         local_tcp: tuple[str, int] | None = None,
         secret: Secret | None = None,
         local_secret: Secret | None = None,
-        timeout: float = 60.0,
+        timeout: float | None = None,
         history: int = 0,
+        replace_timeout: float | None = None,
     ) -> None:
         if isinstance(molecules, bool) or not isinstance(molecules, int) or molecules < 1:
             raise UsageError(f"molecules must be an integer >= 1, not {molecules!r}")
@@ -579,8 +627,10 @@ class Relay:
             raise UsageError("a relay needs a local address: local_unix and/or local_tcp")
         if upstream_unix is not None and upstream_host is not None:
             raise UsageError("give the upstream hub as upstream_unix or upstream_host, not both")
-        if not (timeout and timeout > 0):
-            raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self.timeout = check_timeout(timeout)
+        replace = check_timeout(replace_timeout, "replace_timeout")
+        #: Seconds a lost local driver's replacement has to connect.
+        self.replace_timeout = replace or self.timeout or DEFAULT_REPLACE_TIMEOUT
         self.molecules = molecules
         self.upstream_unix = upstream_unix
         self.upstream_host = upstream_host
@@ -589,7 +639,6 @@ class Relay:
         self.local_tcp = local_tcp
         self.secret = secret
         self.local_secret = local_secret
-        self.timeout = float(timeout)
         self.history = history
         self.upstream = _describe_upstream(upstream_unix, upstream_host, self.upstream_port)
         self.local: _LocalHub | None = None
@@ -704,7 +753,7 @@ class Relay:
                 EXIT_LOCAL,
                 f"drivers for only {have} of {self.molecules} "
                 f"molecules connected to the relay at "
-                f"{self.listening} within {self.timeout:g} s",
+                f"{self.listening} {within(self.timeout)}",
             )
         log.info(
             "drivers for %d molecules connected; connecting to the upstream hub at %s",
@@ -715,30 +764,16 @@ class Relay:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Upstream:
         """Connect upstream, retrying with backoff (0.05 s doubling to 1 s) until
-        ``timeout``: the upstream hub may start later than the relay."""
-        deadline = loop.time() + self.timeout
+        ``timeout`` (None: until it answers, saying so on a growing schedule): the upstream
+        hub may start later than the relay, in another batch job."""
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        reporter = Reporter(loop.time())
         delay, tries = _BACKOFF_FIRST, 0
         while True:
             tries += 1
+            left = _CONNECT_ATTEMPT if deadline is None else deadline - loop.time()
             try:
-                if self.upstream_unix is not None:
-                    _, session = await asyncio.wait_for(
-                        loop.create_unix_connection(
-                            lambda: _Upstream(self, self.upstream),
-                            unix_socket_path(self.upstream_unix),
-                        ),
-                        max(deadline - loop.time(), 0.01),
-                    )
-                else:
-                    _, session = await asyncio.wait_for(
-                        loop.create_connection(
-                            lambda: _Upstream(self, self.upstream),
-                            self.upstream_host or "127.0.0.1",
-                            self.upstream_port,
-                        ),
-                        max(deadline - loop.time(), 0.01),
-                    )
-                return session
+                return await asyncio.wait_for(self._connect_once(loop), max(left, 0.01))
             except OSError as exc:  # TimeoutError included
                 if (
                     not isinstance(exc, TimeoutError)
@@ -749,17 +784,38 @@ class Relay:
                         EXIT_UPSTREAM,
                         f"cannot connect to the upstream hub at {self.upstream}: {exc}",
                     ) from None
-                left = deadline - loop.time()
-                if left <= 0:
+                why = getattr(exc, "strerror", None) or exc
+                if deadline is not None and (left := deadline - loop.time()) <= 0:
                     raise RelayFailed(
                         EXIT_UPSTREAM,
                         f"could not connect to the upstream hub "
-                        f"at {self.upstream} within {self.timeout:g} s "
-                        f"({tries} attempts; last error: "
-                        f"{getattr(exc, 'strerror', None) or exc})",
+                        f"at {self.upstream} {within(self.timeout)} "
+                        f"({tries} attempts; last error: {why})",
                     ) from None
-                await asyncio.sleep(min(delay, left))  # backoff between attempts
+                if reporter.due(loop.time()):
+                    log.warning(
+                        "still cannot reach the upstream hub at %s after %.0f s (%d attempts; "
+                        "last error: %s); retrying",
+                        self.upstream,
+                        loop.time() - reporter.start,
+                        tries,
+                        why,
+                    )
+                await asyncio.sleep(delay if deadline is None else min(delay, left))
                 delay = min(2 * delay, _BACKOFF_MAX)
+
+    async def _connect_once(self, loop: asyncio.AbstractEventLoop) -> _Upstream:
+        if self.upstream_unix is not None:
+            _, session = await loop.create_unix_connection(
+                lambda: _Upstream(self, self.upstream), unix_socket_path(self.upstream_unix)
+            )
+        else:
+            _, session = await loop.create_connection(
+                lambda: _Upstream(self, self.upstream),
+                self.upstream_host or "127.0.0.1",
+                self.upstream_port,
+            )
+        return session
 
     async def _shutdown(self, session: _Upstream | None) -> None:
         """STOP the local drivers, then BYE upstream (after STOP) and close."""
