@@ -9,6 +9,11 @@ A hub that requires authentication is answered with the secret from --secret-fil
 chmod 600 file) or from the environment variable MAXWELLHUB_SECRET; never on the command
 line.
 
+By default the driver waits for its hub without a deadline: a driver started before its
+hub (a batch job whose hub job still queues, a relay started later) must not give up after
+a minute; the job's wall-time limit bounds it, Ctrl-C or SIGTERM end it, and it logs a
+warning on a growing schedule while it waits. Give --timeout to bound the wait.
+
 Exit status: 0 after STOP or EXIT, 1 when the hub cannot be reached before --timeout or
 goes away early, 2 on a protocol error (or bad arguments), 3 when the model fails.
 """
@@ -190,9 +195,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=60.0,
+        default=None,
         metavar="SECONDS",
-        help="give up connecting after this long (default 60)",
+        help="give up connecting after this long (default: no deadline, so a driver "
+        "started before its hub waits for it; a warning says so now and then)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     return parser
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either --unix or --host/--port, not both")
     if args.address_file is not None and (args.unix is not None or args.host is not None):
         parser.error("give either --address-file or --unix/--host, not both")
-    if not args.timeout > 0:
+    if args.timeout is not None and not args.timeout > 0:
         parser.error(f"--timeout {args.timeout:g}: expected a number of seconds > 0")
     if args.molecules < 1:
         parser.error(f"--molecules {args.molecules}: expected an integer >= 1")

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from maxwellhub import wire
 from maxwellhub.addresses import DEFAULT_PORT, connect_once, unix_socket_path
 from maxwellhub.errors import ProtocolError
+from maxwellhub.liveness import Reporter, within
 
 from .checkpoint import Continuity
 
@@ -60,6 +61,7 @@ _LOG = logging.getLogger("maxwellhub.driver")
 _RECV_SIZE = 1 << 16
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
+_CONNECT_ATTEMPT = 10.0  # s for one attempt when connecting has no deadline
 # Errors that mean "the hub is not listening yet": keep trying until the deadline.
 _RETRY_ERRNOS = {
     errno.ENOENT,
@@ -100,11 +102,13 @@ def connect(
     unix: str | None = None,
     host: str | None = None,
     port: int = DEFAULT_PORT,
-    timeout: float = 60.0,
+    timeout: float | None = None,
     logger: logging.Logger | None = None,
 ) -> socket.socket:
     """Connect to the hub, retrying with exponential backoff (0.05 s doubling to 1 s)
-    until ``timeout`` seconds have passed; raise :class:`TimeoutError` then.
+    until ``timeout`` seconds have passed; raise :class:`TimeoutError` then. ``timeout``
+    None retries until the hub listens (it may start hours later, from a batch queue),
+    logging a WARNING on the growing schedule of :func:`maxwellhub.liveness.report_delays`.
 
     ``unix`` (name or absolute path) selects a UNIX socket, otherwise TCP to ``host``
     (default 127.0.0.1) and ``port``. The returned socket is blocking with no timeout.
@@ -117,12 +121,13 @@ def connect(
         address = (host or "127.0.0.1", int(port))
         where = f"tcp:{address[0]}:{address[1]}"
         attempt = functools.partial(connect_once, address=address)
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reporter = Reporter(time.monotonic())
     delay = _BACKOFF_FIRST
     tries = 0
     while True:
         tries += 1
-        remaining = deadline - time.monotonic()
+        remaining = _CONNECT_ATTEMPT if deadline is None else deadline - time.monotonic()
         try:
             sock = attempt(max(remaining, 0.01))
         except socket.gaierror as exc:
@@ -130,13 +135,24 @@ def connect(
         except OSError as exc:
             if exc.errno not in _RETRY_ERRNOS and not isinstance(exc, TimeoutError):
                 raise OSError(f"cannot connect to {where}: {exc}") from exc
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = delay if deadline is None else deadline - now
             if remaining <= 0:
                 raise TimeoutError(
-                    f"could not connect to the hub at {where} within {timeout:g} s "
+                    f"could not connect to the hub at {where} {within(timeout)} "
                     f"({tries} attempts; last error: {exc.strerror or exc})"
                 ) from None
+            if reporter.due(now):
+                log.warning(
+                    "still waiting for the hub at %s after %.0f s (%d attempts; last error: "
+                    "%s); retrying",
+                    where,
+                    now - reporter.start,
+                    tries,
+                    exc.strerror or exc,
+                )
             log.debug("connect to %s failed (%s); retrying in %.2f s", where, exc, delay)
+            # Nothing to await before the hub exists: a bounded backoff between attempts.
             time.sleep(min(delay, remaining))
             delay = min(2 * delay, _BACKOFF_MAX)
             continue
@@ -150,7 +166,7 @@ def run_client(
     unix: str | None = None,
     host: str | None = None,
     port: int = DEFAULT_PORT,
-    timeout: float = 60.0,
+    timeout: float | None = None,
     logger: logging.Logger | None = None,
     secret: Secret | None = None,
     continuity: Continuity | None = None,
@@ -164,7 +180,10 @@ def run_client(
     ``continuity`` (:class:`maxwellhub_drivers.checkpoint.Continuity`) writes checkpoints
     and picks the state to resume from when a maxwellhub hub offers it. ``reconnect``:
     when the connection drops before STOP or EXIT, connect again (within ``timeout``) and
-    resume; the hub replays what the state misses.
+    resume; the hub replays what the state misses. ``timeout``: seconds to connect, None
+    (default) until the hub listens (see :func:`connect`). Once connected there is no
+    deadline: the hub may compute its own step for as long as it needs, and its death
+    ends the session by the connection (EOF, reset, or TCP keepalive for a lost host).
 
     Returns :data:`EXIT_OK` after STOP or EXIT, :data:`EXIT_CONNECTION` if the hub cannot
     be reached within ``timeout`` seconds or goes away first, :data:`EXIT_PROTOCOL` on a

@@ -32,14 +32,15 @@ def run_via_address_file(
     model: Model,
     path: str | os.PathLike,
     *,
-    timeout: float,
+    timeout: float | None,
     logger: logging.Logger,
     secret: Secret | None,
     secret_given: bool,
     continuity: Continuity | None = None,
     reconnect: bool = False,
 ) -> int:
-    """Wait up to ``timeout`` s for a usable address file, connect, serve ``model``; return
+    """Wait up to ``timeout`` s (None: no deadline) for a usable address file, connect,
+    serve ``model``; return
     the exit status of :func:`maxwellhub_drivers.client.run_client`.
 
     ``secret_given``: ``secret`` came from --secret-file and overrides the address file's.

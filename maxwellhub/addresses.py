@@ -10,6 +10,8 @@ import os
 import socket
 from pathlib import Path
 
+from .liveness import keepalive
+
 __all__ = [
     "DEFAULT_PORT",
     "UNIX_PREFIX",
@@ -38,7 +40,8 @@ def connect_once(
     limit: float, *, unix: str | None = None, address: tuple[str, int] | None = None
 ) -> socket.socket:
     """One attempt to connect to a hub: the UNIX socket path ``unix``, else TCP
-    ``address`` (with TCP_NODELAY), within ``limit`` seconds. Returns a blocking socket
+    ``address`` (with TCP_NODELAY and :func:`maxwellhub.liveness.keepalive`), within
+    ``limit`` seconds. Returns a blocking socket
     with no timeout; the OSError of a failed attempt propagates."""
     if unix is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -51,6 +54,7 @@ def connect_once(
     elif address is not None:
         sock = socket.create_connection(address, timeout=limit)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keepalive(sock)  # a vanished hub host is noticed in LOST_HOST_SECONDS
     else:
         raise ValueError("connect_once needs a UNIX socket path (unix) or a TCP address")
     sock.settimeout(None)

@@ -47,6 +47,7 @@ from typing import Any
 from .addresses import connect_once
 from .errors import MaxwellHubError, UsageError
 from .fsutil import atomic_write
+from .liveness import Reporter, within
 
 __all__ = [
     "FORMAT",
@@ -394,61 +395,87 @@ def _connect(info: AddressFile, limit: float) -> socket.socket:
     return connect_once(limit, address=(info.host, info.port))
 
 
+def _try_file(
+    path: str, limit: float
+) -> tuple[tuple[socket.socket, AddressFile] | None, str | None, str | None]:
+    """One look at the address file: ``(connection, None, None)`` when its hub answered
+    within ``limit`` s; ``(None, problem, None)`` when this version of the file is
+    unusable; ``(None, None, why)`` to look again (not there, or its hub not reachable
+    yet)."""
+    try:
+        info = read_address_file(path)
+    except FileNotFoundError:  # removed between stat and open: look again after a pause
+        return None, None, None
+    except (RendezvousError, OSError) as exc:
+        return None, str(exc), None
+    reason = stale_reason(info)
+    if reason is not None:
+        return None, f"address file {path} is a leftover of a dead run: {reason}", None
+    try:
+        sock = _connect(info, limit)
+    except socket.gaierror as exc:
+        return None, f"address file {path}: cannot resolve host {info.host!r}: {exc}", None
+    except OSError as exc:
+        if exc.errno in _GONE_ERRNOS:
+            return (
+                None,
+                f"address file {path} is a leftover of a dead run: "
+                f"{info.where} refuses connections ({exc.strerror})",
+                None,
+            )
+        if exc.errno in _TRANSIENT_ERRNOS or isinstance(exc, TimeoutError):
+            return None, None, f"{info.where} from {path} not reachable yet: {exc}"
+        return None, f"address file {path}: cannot connect to {info.where}: {exc}", None
+    return (sock, info), None, None
+
+
 def wait_and_connect(
-    path: str | os.PathLike, timeout: float, logger: logging.Logger | None = None
+    path: str | os.PathLike, timeout: float | None, logger: logging.Logger | None = None
 ) -> tuple[socket.socket, AddressFile]:
     """Wait for the rendezvous file ``path``, reject leftovers, connect to the hub it names.
 
     Returns the connected (blocking) socket and the file's contents. Raises
     :class:`TimeoutError` after ``timeout`` seconds, naming the file and, if one was
-    seen, why it was not used.
+    seen, why it was not used. ``timeout`` None waits as long as it takes (a hub job may
+    sit in a batch queue for hours), saying what it waits for on the growing schedule of
+    :func:`maxwellhub.liveness.report_delays`.
     """
     log = logger or _LOG
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reporter = Reporter(time.monotonic())
     delay = _POLL_FIRST
     rejected: tuple | None = None  # signature of the file version we gave up on
     last_problem = "it never appeared"
     while True:
         sig = _signature(path)
         if sig is not None and sig != rejected:
-            problem = None
-            try:
-                info = read_address_file(path)
-            except FileNotFoundError:
-                info = None  # removed between stat and open: look again after a pause
-            except (RendezvousError, OSError) as exc:
-                problem, info = str(exc), None
-            if info is not None:
-                reason = stale_reason(info)
-                if reason is not None:
-                    problem = f"address file {path} is a leftover of a dead run: {reason}"
-            if info is not None and problem is None:
-                try:
-                    sock = _connect(info, max(0.01, min(5.0, deadline - time.monotonic())))
-                except socket.gaierror as exc:
-                    problem = f"address file {path}: cannot resolve host {info.host!r}: {exc}"
-                except OSError as exc:
-                    if exc.errno in _GONE_ERRNOS:
-                        problem = (
-                            f"address file {path} is a leftover of a dead run: "
-                            f"{info.where} refuses connections ({exc.strerror})"
-                        )
-                    elif exc.errno in _TRANSIENT_ERRNOS or isinstance(exc, TimeoutError):
-                        last_problem = f"{info.where} from {path} not reachable yet: {exc}"
-                        log.debug("%s", last_problem)  # retry this same file
-                    else:
-                        problem = f"address file {path}: cannot connect to {info.where}: {exc}"
-                else:
-                    log.info("connected to %s (run %s, from %s)", info.where, info.run_id, path)
-                    return sock, info
+            left = 5.0 if deadline is None else deadline - time.monotonic()
+            connected, problem, transient = _try_file(path, max(0.01, min(5.0, left)))
+            if connected is not None:
+                log.info(
+                    "connected to %s (run %s, from %s)",
+                    connected[1].where,
+                    connected[1].run_id,
+                    path,
+                )
+                return connected
+            if transient is not None:
+                last_problem = transient
+                log.debug("%s", transient)  # retry this same file
             if problem is not None:
                 log.warning("%s; waiting for a new one", problem)
                 rejected, last_problem = sig, problem
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        remaining = _POLL_MAX if deadline is None else deadline - now
         if remaining <= 0:
-            raise TimeoutError(
-                f"no usable address file {path} within {timeout:g} s ({last_problem})"
+            raise TimeoutError(f"no usable address file {path} {within(timeout)} ({last_problem})")
+        if reporter.due(now):
+            log.warning(
+                "still waiting for a usable address file %s after %.0f s (%s)",
+                path,
+                now - reporter.start,
+                last_problem,
             )
         time.sleep(min(delay, remaining))
         delay = min(delay * _POLL_GROWTH, _POLL_MAX)
