@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    code = child.wait()  # the driver has its own deadline (--timeout); so has the hub
+    # Unbounded on purpose: the driver ends at STOP, or when its hub's connection dies
+    # (maxwellhub.liveness); a --timeout of its own bounds its connecting.
+    code = child.wait()
     return code if code >= 0 else 128 - code
 
 
