@@ -49,9 +49,10 @@ def start_relay(
     upstream: list[str],
     *extra: str,
     env: dict | None = None,
-    timeout: float = 20,
+    timeout: float | None = 20,
 ) -> tuple[subprocess.Popen, Path]:
-    """Start `maxwellhub relay` listening on UNIX `listen`; its stderr goes to a file."""
+    """Start `maxwellhub relay` listening on UNIX `listen`; its stderr goes to a file.
+    ``timeout`` None: no --timeout (the relay's default, no deadline)."""
     log = tmp_path / f"relay_{listen}.log"
     argv = [
         str(Path(sys.executable).parent / "maxwellhub"),
@@ -61,8 +62,7 @@ def start_relay(
         *upstream,
         "--listen-unix",
         listen,
-        "--timeout",
-        str(scaled(timeout)),
+        *([] if timeout is None else ["--timeout", str(scaled(timeout))]),
         *extra,
     ]
     with open(log, "wb") as err:
@@ -279,6 +279,45 @@ def test_killed_driver_behind_relay_is_replaced(history, unix_name, tmp_path):
     codes = reap(procs, scaled(10))
     assert codes[1] == -signal.SIGKILL and codes[:1] + codes[2:] == [0] * n
     assert "disconnected" in relay_log.read_text()  # the relay's hub saw the loss
+
+
+def test_lost_driver_not_replaced_ends_a_relay_with_default_deadlines(unix_name, tmp_path):
+    """No deadlines anywhere but --replace-timeout: a driver killed behind the relay and
+    not replaced makes the relay exit 3 naming its molecule, and the hub (default
+    SocketHub, no deadline) sees the relay's connection drop: step_barrier returns {}.
+    A watchdog stops the hub if that never happens; it must not have fired."""
+    listen = f"{unix_name}_r"
+    with SocketHub(unixsocket=unix_name) as hub:
+        assert hub._loop is not None and hub.hub is not None
+        dog = threading.Timer(
+            scaled(60), hub._loop.call_soon_threadsafe, (hub.hub.request_stop, "by watchdog")
+        )
+        dog.start()
+        ids = [hub.register_molecule_return_id() for _ in range(2)]
+        relay, relay_log = start_relay(
+            tmp_path,
+            listen,
+            2,
+            ["--unix", unix_name],
+            "--replace-timeout",
+            str(scaled(0.5)),
+            timeout=None,
+        )
+        procs = [start_driver("tls", TLS, unix=listen) for _ in ids]
+        try:
+            hub.watch_processes([relay])  # a relay that dies early ends the bind wait
+            assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}), relay_log.read_text()
+            assert hub.step_barrier({m: {"efield_au": [0.0, 0.0, 1e-3]} for m in ids})
+            procs[0].kill()
+            procs[0].wait(scaled(10))
+            assert hub.step_barrier({m: {"efield_au": [0.0, 0.0, 2e-3]} for m in ids}) == {}
+            assert hub.stop_requested is None  # the relay's connection ended the step
+        finally:
+            dog.cancel()
+            codes = reap([relay, *procs], scaled(10))
+    text = relay_log.read_text()
+    assert codes[0] == 3, text[-2000:]
+    assert "no replacement for the local driver of molecule(s)" in text, text[-2000:]
 
 
 def test_relay_passes_stop_to_its_drivers_and_says_bye(unix_name, tcp_port, tmp_path, caplog):
