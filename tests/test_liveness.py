@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -458,3 +460,50 @@ async def test_explicit_step_deadline_still_bounds_a_silent_driver(unix_name):
         assert await hub.step_barrier({mid: {"efield_au": [0.0, 0.0, 1.0]}}) == {}
     finally:
         await hub.stop(wait=scaled(2))
+
+
+# ---------------------------------------------------------------- maxwellhub run
+
+
+BROKEN_MODEL = '''
+"""A TLS whose set-up fails in the driver: INIT kills the driver (exit 3)."""
+from maxwellhub_drivers.models import get_model_class
+
+
+class Broken(get_model_class("tls")):
+    def initialize(self, *args, **kwargs):
+        raise RuntimeError("set-up failed on purpose")
+'''
+
+
+@pytest.mark.meep
+def test_run_ends_at_once_when_a_local_driver_dies_in_its_set_up(tmp_path):
+    """`maxwellhub run` with no transport.timeout (no deadline): a local driver that dies
+    while initialising (before any step, after binding) ends the run at once with the
+    message naming it and its log's last line; nothing waited for a clock."""
+    pytest.importorskip("meep")
+    from _util import REPO_ROOT
+
+    (tmp_path / "broken_model.py").write_text(BROKEN_MODEL)
+    config = (REPO_ROOT / "examples" / "relax_2d.toml").read_text()
+    assert "timeout" not in config and config.count('model = "tls"') == 1
+    path = tmp_path / "broken.toml"
+    path.write_text(config.replace('model = "tls"', 'model = "broken_model:Broken"'))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # for the drivers too
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "maxwellhub"),
+            "run",
+            str(path),
+            "--set",
+            f'output.directory="{tmp_path}"',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=scaled(120),
+    )
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "the driver of molecule 0 exited with code 3" in run.stderr, run.stderr[-3000:]
+    assert "set-up failed on purpose" in run.stderr, run.stderr[-3000:]
