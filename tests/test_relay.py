@@ -22,7 +22,7 @@ import pytest
 from _util import scaled, unix_socket_path
 
 from maxwellhub import SocketHub, wire
-from maxwellhub.auth import load_secret
+from maxwellhub.auth import Secret, load_secret
 from maxwellhub.errors import ProtocolError
 from maxwellhub.launch import driver_env, reap, start_driver
 from maxwellhub.relay import parse_ensemble_init
@@ -177,7 +177,7 @@ def test_relays_give_the_same_results_as_direct_connections(unix_name, tmp_path)
                 upstream,
                 "--local-secret-file",
                 str(local_secret),
-                env=load_secret(upstream_secret).environ(),
+                env=Secret.from_file(upstream_secret).environ(),
             )
         )
         logs = []
@@ -272,6 +272,7 @@ def test_killed_driver_behind_relay_is_replaced(history, unix_name, tmp_path):
             assert len(restarted) <= 1, (step, times)
             if step < victim_step or history:
                 assert not behind, (step, times)
+        assert killer is not None  # victim_step < steps
         killer.join(scaled(10))
         assert len(restarted) == (0 if history else 1) and len(procs) == n + 1
         assert relay.poll() is None, relay_log.read_text()
@@ -369,13 +370,18 @@ class ScriptedHub:
         self.conn, _ = self.server.accept()
         self.conn.settimeout(scaled(20))
 
+    @property
+    def connection(self) -> socket.socket:
+        assert self.conn is not None, "accept() first"
+        return self.conn
+
     def send(self, data: bytes) -> None:
-        self.conn.sendall(data)
+        self.connection.sendall(data)
 
     def expect(self, kind: type):
         """The next message from the relay, which must be a `kind`."""
         while not self.pending:
-            data = self.conn.recv(1 << 16)
+            data = self.connection.recv(1 << 16)
             assert data, "the relay closed the connection"
             self.pending += self.decoder.feed(data)
         event = self.pending.pop(0)

@@ -17,6 +17,7 @@ import subprocess
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,15 @@ def ipi_name(unix_name: str):
     path.unlink(missing_ok=True)
 
 
+def _stock() -> tuple[Path, Path]:
+    """The stock clients' python and i-PI driver (tests needing them are marked stock)."""
+    found = stock_clients()
+    assert found is not None, "a stock test ran without the stock clients"
+    return found
+
+
 def start_ase(name: str, log: Path) -> subprocess.Popen:
-    python, _ = stock_clients()
+    python, _ = _stock()
     script = log.parent / "ase_socketclient.py"  # not ase.py: that would shadow ase
     script.write_text(ASE_CLIENT)
     with open(log, "wb") as out:
@@ -108,10 +116,13 @@ def start_ase(name: str, log: Path) -> subprocess.Popen:
         )
 
 
+IPI_PARAM = ",".join(str(k) for k in IPI_K)
+
+
 def start_ipi(
-    name: str, log: Path, model: str = "harmonic", param: str = ",".join(str(k) for k in IPI_K)
+    name: str, log: Path, model: str = "harmonic", param: str = IPI_PARAM
 ) -> subprocess.Popen:
-    _, driver = stock_clients()
+    _, driver = _stock()
     with open(log, "wb") as out:
         return subprocess.Popen(
             [str(driver), "-u", "-a", name, "-S", "/tmp/ipi_", "-m", model, "-o", param],
@@ -123,6 +134,7 @@ def start_ipi(
 
 def connection(hub: SocketHub, mid: int):
     """The hub's connection serving molecule ``mid`` (white box: its learned dialect)."""
+    assert hub.hub is not None
     return hub.hub._molecules[mid].driver
 
 
@@ -152,7 +164,7 @@ def bind_one(hub: SocketHub, start, log: Path, started: list) -> tuple[int, subp
     return mid, proc
 
 
-def run(hub: SocketHub, plan: dict[int, tuple[np.ndarray, object]]) -> float:
+def run(hub: SocketHub, plan: Mapping[int, tuple[np.ndarray, Callable]]) -> float:
     """Step every molecule through its fields, checking every source; returns steps/s."""
     t0 = time.perf_counter()
     for step in range(STEPS):
@@ -196,6 +208,7 @@ def start_relay_and_await_listening(
 
     def copy() -> None:
         with open(log, "wb") as out:
+            assert proc.stderr is not None  # stderr=PIPE
             for line in proc.stderr:  # ends when the relay exits
                 out.write(line)
                 out.flush()
@@ -365,7 +378,7 @@ class _StayReadyClient(threading.Thread):
         self.sock.sendall(wire.encode_header(name))
 
     def run(self) -> None:
-        state, pos = wire.READY, None
+        state, pos = wire.READY, np.zeros(3)  # pos is set by POSDATA before GETFORCE
         try:
             while True:
                 head = self._read(12).rstrip()
@@ -397,6 +410,7 @@ def test_client_ready_before_init_and_after_every_step(unix_name):
     to stay READY after one STATUS, gets fused steps, and EXIT at the end."""
     with SocketHub(unixsocket=unix_name, timeout=scaled(30)) as hub:
         mid = hub.register_molecule_return_id()
+        assert hub.hub is not None
         client = _StayReadyClient(str(hub.hub.unixsocket))
         client.start()
         assert hub.wait_until_bound({mid: {"dt_au": DT_AU}}, timeout=scaled(30))
