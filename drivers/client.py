@@ -15,6 +15,7 @@ prints: it logs, and :func:`run_client` returns an exit status.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -22,11 +23,13 @@ import logging
 import math
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from maxwellhub import wire
 from maxwellhub.addresses import DEFAULT_PORT, connect_once, unix_socket_path
 from maxwellhub.errors import ProtocolError
+from maxwellhub.liveness import Reporter, within
 
 from .checkpoint import Continuity
 
@@ -36,8 +39,15 @@ if TYPE_CHECKING:
     from .models import Model
 
 __all__ = [
-    "EXIT_CONNECTION", "EXIT_MODEL", "EXIT_OK", "EXIT_PROTOCOL",
-    "DEFAULT_PORT", "connect", "run_client", "serve", "unix_socket_path",
+    "DEFAULT_PORT",
+    "EXIT_CONNECTION",
+    "EXIT_MODEL",
+    "EXIT_OK",
+    "EXIT_PROTOCOL",
+    "connect",
+    "run_client",
+    "serve",
+    "unix_socket_path",
 ]
 
 
@@ -51,9 +61,18 @@ _LOG = logging.getLogger("maxwellhub.driver")
 _RECV_SIZE = 1 << 16
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
+_CONNECT_ATTEMPT = 10.0  # s for one attempt when connecting has no deadline
 # Errors that mean "the hub is not listening yet": keep trying until the deadline.
-_RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
-                 errno.EAGAIN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+_RETRY_ERRNOS = {
+    errno.ENOENT,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.EAGAIN,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+}
 
 
 class HubClosed(ConnectionError):
@@ -64,14 +83,13 @@ class ModelFailed(RuntimeError):
     """The model raised while stepping or initialising."""
 
 
-NO_SECRET = ("the hub requires authentication (MXHAUTH); give --secret-file or "
-             "MAXWELLHUB_SECRET")
-REFUSED = ("the hub closed the connection after our MXHPROOF: it refused the secret (is it "
-           "the hub's?)")
+NO_SECRET = "the hub requires authentication (MXHAUTH); give --secret-file or MAXWELLHUB_SECRET"
+REFUSED = (
+    "the hub closed the connection after our MXHPROOF: it refused the secret (is it the hub's?)"
+)
 
 
-def answer_challenge(sock: socket.socket, secret: Secret | None,
-                     event: wire.AuthChallenge) -> None:
+def answer_challenge(sock: socket.socket, secret: Secret | None, event: wire.AuthChallenge) -> None:
     """Answer the hub's MXHAUTH with MXHPROOF, or raise :class:`ProtocolError` without a
     secret."""
     if secret is None:
@@ -79,10 +97,18 @@ def answer_challenge(sock: socket.socket, secret: Secret | None,
     sock.sendall(wire.encode_auth_proof(secret.proof(event.nonce)))
 
 
-def connect(*, unix: str | None = None, host: str | None = None, port: int = DEFAULT_PORT,
-            timeout: float = 60.0, logger: logging.Logger | None = None) -> socket.socket:
+def connect(
+    *,
+    unix: str | None = None,
+    host: str | None = None,
+    port: int = DEFAULT_PORT,
+    timeout: float | None = None,
+    logger: logging.Logger | None = None,
+) -> socket.socket:
     """Connect to the hub, retrying with exponential backoff (0.05 s doubling to 1 s)
-    until ``timeout`` seconds have passed; raise :class:`TimeoutError` then.
+    until ``timeout`` seconds have passed; raise :class:`TimeoutError` then. ``timeout``
+    None retries until the hub listens (it may start hours later, from a batch queue),
+    logging a WARNING on the growing schedule of :func:`maxwellhub.liveness.report_delays`.
 
     ``unix`` (name or absolute path) selects a UNIX socket, otherwise TCP to ``host``
     (default 127.0.0.1) and ``port``. The returned socket is blocking with no timeout.
@@ -95,12 +121,13 @@ def connect(*, unix: str | None = None, host: str | None = None, port: int = DEF
         address = (host or "127.0.0.1", int(port))
         where = f"tcp:{address[0]}:{address[1]}"
         attempt = functools.partial(connect_once, address=address)
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reporter = Reporter(time.monotonic())
     delay = _BACKOFF_FIRST
     tries = 0
     while True:
         tries += 1
-        remaining = deadline - time.monotonic()
+        remaining = _CONNECT_ATTEMPT if deadline is None else deadline - time.monotonic()
         try:
             sock = attempt(max(remaining, 0.01))
         except socket.gaierror as exc:
@@ -108,12 +135,24 @@ def connect(*, unix: str | None = None, host: str | None = None, port: int = DEF
         except OSError as exc:
             if exc.errno not in _RETRY_ERRNOS and not isinstance(exc, TimeoutError):
                 raise OSError(f"cannot connect to {where}: {exc}") from exc
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = delay if deadline is None else deadline - now
             if remaining <= 0:
                 raise TimeoutError(
-                    f"could not connect to the hub at {where} within {timeout:g} s "
-                    f"({tries} attempts; last error: {exc.strerror or exc})") from None
+                    f"could not connect to the hub at {where} {within(timeout)} "
+                    f"({tries} attempts; last error: {exc.strerror or exc})"
+                ) from None
+            if reporter.due(now):
+                log.warning(
+                    "still waiting for the hub at %s after %.0f s (%d attempts; last error: "
+                    "%s); retrying",
+                    where,
+                    now - reporter.start,
+                    tries,
+                    exc.strerror or exc,
+                )
             log.debug("connect to %s failed (%s); retrying in %.2f s", where, exc, delay)
+            # Nothing to await before the hub exists: a bounded backoff between attempts.
             time.sleep(min(delay, remaining))
             delay = min(2 * delay, _BACKOFF_MAX)
             continue
@@ -121,10 +160,18 @@ def connect(*, unix: str | None = None, host: str | None = None, port: int = DEF
         return sock
 
 
-def run_client(model: Model, *, unix: str | None = None, host: str | None = None,
-               port: int = DEFAULT_PORT, timeout: float = 60.0,
-               logger: logging.Logger | None = None, secret: Secret | None = None,
-               continuity: Continuity | None = None, reconnect: bool = False) -> int:
+def run_client(
+    model: Model,
+    *,
+    unix: str | None = None,
+    host: str | None = None,
+    port: int = DEFAULT_PORT,
+    timeout: float | None = None,
+    logger: logging.Logger | None = None,
+    secret: Secret | None = None,
+    continuity: Continuity | None = None,
+    reconnect: bool = False,
+) -> int:
     """Connect to the hub and serve ``model`` until the session ends: one molecule as an
     i-PI client, n > 1 molecules as an ensemble with batched frames
     (:mod:`maxwellhub_drivers.ensemble`); ``secret`` answers a hub that asks for
@@ -133,7 +180,10 @@ def run_client(model: Model, *, unix: str | None = None, host: str | None = None
     ``continuity`` (:class:`maxwellhub_drivers.checkpoint.Continuity`) writes checkpoints
     and picks the state to resume from when a maxwellhub hub offers it. ``reconnect``:
     when the connection drops before STOP or EXIT, connect again (within ``timeout``) and
-    resume; the hub replays what the state misses.
+    resume; the hub replays what the state misses. ``timeout``: seconds to connect, None
+    (default) until the hub listens (see :func:`connect`). Once connected there is no
+    deadline: the hub may compute its own step for as long as it needs, and its death
+    ends the session by the connection (EOF, reset, or TCP keepalive for a lost host).
 
     Returns :data:`EXIT_OK` after STOP or EXIT, :data:`EXIT_CONNECTION` if the hub cannot
     be reached within ``timeout`` seconds or goes away first, :data:`EXIT_PROTOCOL` on a
@@ -153,12 +203,19 @@ def run_client(model: Model, *, unix: str | None = None, host: str | None = None
             status = serve(sock, model, logger=log, secret=secret, continuity=continuity)
         if status != EXIT_CONNECTION or not reconnect or continuity.refused:
             return status
-        log.warning("reconnecting to the hub (session %d ended at step %d)", sessions,
-                    continuity.step)
+        log.warning(
+            "reconnecting to the hub (session %d ended at step %d)", sessions, continuity.step
+        )
 
 
-def serve(sock: socket.socket, model: Model, *, logger: logging.Logger | None = None,
-          secret: Secret | None = None, continuity: Continuity | None = None) -> int:
+def serve(
+    sock: socket.socket,
+    model: Model,
+    *,
+    logger: logging.Logger | None = None,
+    secret: Secret | None = None,
+    continuity: Continuity | None = None,
+) -> int:
     """Answer the hub on the connected ``sock`` with ``model``; return an exit status as
     :func:`run_client` does. The caller owns (and closes) ``sock``."""
     log = logger or _LOG
@@ -168,6 +225,7 @@ def serve(sock: socket.socket, model: Model, *, logger: logging.Logger | None = 
         session = _Session(sock, model, log, secret, continuity)
     else:
         from .ensemble import EnsembleSession
+
         session = EnsembleSession(sock, model, log, secret, continuity)
     try:
         session.run()
@@ -194,8 +252,14 @@ _ZERO_SOURCE = (0.0, 0.0, 0.0)
 class _Session:
     """One connection's state machine. ``run`` returns when the session ends cleanly."""
 
-    def __init__(self, sock: socket.socket, model: Model, log: logging.Logger,
-                 secret: Secret | None = None, continuity: Continuity | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        model: Model,
+        log: logging.Logger,
+        secret: Secret | None = None,
+        continuity: Continuity | None = None,
+    ) -> None:
         self.sock = sock
         self.model = model
         self.continuity = continuity or Continuity(logger=log)
@@ -206,7 +270,8 @@ class _Session:
         self.init: tuple[int, float] | None = None  # (molecule id, dt_au) of the first INIT
         self.steps = 0
         self.extras_json = _ExtrasJSON()
-        self.handlers = {
+        # Each handler takes the message of its key's type; True ends the session.
+        self.handlers: dict[type, Callable[[Any], bool]] = {
             wire.Status: self.on_status,
             wire.Init: self.on_init,
             wire.PosData: self.on_posdata,
@@ -231,8 +296,12 @@ class _Session:
                 pending = self.decoder.buffered
                 raise HubClosed(
                     "the hub closed the connection before STOP or EXIT"
-                    + (f" (in the middle of a message, {pending} bytes buffered)"
-                       if pending else ""))
+                    + (
+                        f" (in the middle of a message, {pending} bytes buffered)"
+                        if pending
+                        else ""
+                    )
+                )
             for event in feed(view[:n]):
                 handler = handlers.get(type(event))
                 if handler is None:  # the decoder admits only hub messages; be explicit
@@ -266,7 +335,8 @@ class _Session:
                 return False
             raise ProtocolError(
                 f"INIT again with molecule id {event.ident} and dt_au {dt_au!r} after "
-                f"molecule id {self.init[0]} and dt_au {self.init[1]!r}")
+                f"molecule id {self.init[0]} and dt_au {self.init[1]!r}"
+            )
         try:
             self.model.initialize(dt_au=dt_au, molecule_ids=[event.ident])
         except Exception as exc:
@@ -282,8 +352,9 @@ class _Session:
         try:
             step = self.continuity.begin(self.model, ids, offer)
         except Exception as exc:
-            raise ModelFailed(f"restoring a checkpoint failed: {type(exc).__name__}: "
-                              f"{exc}") from exc
+            raise ModelFailed(
+                f"restoring a checkpoint failed: {type(exc).__name__}: {exc}"
+            ) from exc
         if step is not None:
             self.sock.sendall(wire.encode_resume(step, len(ids)))
 
@@ -293,12 +364,12 @@ class _Session:
         if event.positions.shape[0] != 1:
             raise ProtocolError(
                 f"POSDATA with nat = {event.positions.shape[0]}; the EM profile sends the "
-                "field as exactly one position")
+                "field as exactly one position"
+            )
         try:
             self.model.stage(event.positions)
         except Exception as exc:
-            raise ModelFailed(f"step {self.steps + 1} failed: {type(exc).__name__}: {exc}") \
-                from exc
+            raise ModelFailed(f"step {self.steps + 1} failed: {type(exc).__name__}: {exc}") from exc
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug("step %d: field %s", self.steps + 1, event.positions[0].tolist())
         return False
@@ -316,8 +387,9 @@ class _Session:
                 self.steps += 1
                 committed = True
             else:
-                self.log.warning("GETFORCE without a field since the last one; answering a "
-                                 "zero source")
+                self.log.warning(
+                    "GETFORCE without a field since the last one; answering a zero source"
+                )
                 source = _ZERO_SOURCE
                 committed = False
             extras = self.model.extras_of(0)
@@ -329,10 +401,9 @@ class _Session:
         return False
 
     def on_stop(self, _event) -> bool:
-        try:
+        # The hub may close right after STOP; the session is over anyway.
+        with contextlib.suppress(OSError):
             self.sock.sendall(_BYE)
-        except OSError:  # the hub may close right after STOP; the session is over anyway
-            pass
         self.log.info("STOP after %d steps; said BYE", self.steps)
         return True
 
@@ -356,17 +427,23 @@ class _ExtrasJSON:
         keys = tuple(extras)
         if keys != self._keys:
             self._keys, self._order = keys, sorted(keys)
-            self._template = "{" + ",".join(
-                json.dumps(key, ensure_ascii=False).replace("%", "%%") + ":%s"
-                for key in self._order) + "}"
+            self._template = (
+                "{"
+                + ",".join(
+                    json.dumps(key, ensure_ascii=False).replace("%", "%%") + ":%s"
+                    for key in self._order
+                )
+                + "}"
+            )
         values = [extras[key] for key in self._order]
         try:
             if math.isfinite(sum(values)):
                 return (self._template % tuple(map(float.__repr__, values))).encode("utf-8")
         except TypeError:  # not all floats
             pass
-        return json.dumps(extras, ensure_ascii=False, separators=(",", ":"),
-                          sort_keys=True).encode("utf-8")
+        return json.dumps(extras, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode(
+            "utf-8"
+        )
 
 
 def _parse_init(payload: bytes) -> tuple[float, dict]:
@@ -377,15 +454,21 @@ def _parse_init(payload: bytes) -> tuple[float, dict]:
         data = json.loads(text) if text.strip() else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(
-            f"INIT: the init string is not UTF-8 JSON ({exc}): {payload[:80]!r}") from None
+            f"INIT: the init string is not UTF-8 JSON ({exc}): {payload[:80]!r}"
+        ) from None
     if not isinstance(data, dict):
         raise ProtocolError(f"INIT: the init string is JSON {type(data).__name__}, not an object")
     if "dt_au" not in data:
         raise ProtocolError(
             f"INIT: no 'dt_au' (the time step in atomic units) in the init JSON; keys: "
-            f"{sorted(data)}")
+            f"{sorted(data)}"
+        )
     dt_au = data["dt_au"]
-    if isinstance(dt_au, bool) or not isinstance(dt_au, int | float) or not dt_au > 0 \
-            or dt_au == float("inf"):
+    if (
+        isinstance(dt_au, bool)
+        or not isinstance(dt_au, int | float)
+        or not dt_au > 0
+        or dt_au == float("inf")
+    ):
         raise ProtocolError(f"INIT: dt_au = {dt_au!r} is not allowed; expected a number > 0")
     return float(dt_au), data

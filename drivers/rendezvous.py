@@ -28,11 +28,19 @@ if TYPE_CHECKING:
 __all__ = ["run_via_address_file"]
 
 
-def run_via_address_file(model: Model, path: str | os.PathLike, *, timeout: float,
-                         logger: logging.Logger, secret: Secret | None,
-                         secret_given: bool, continuity: Continuity | None = None,
-                         reconnect: bool = False) -> int:
-    """Wait up to ``timeout`` s for a usable address file, connect, serve ``model``; return
+def run_via_address_file(
+    model: Model,
+    path: str | os.PathLike,
+    *,
+    timeout: float | None,
+    logger: logging.Logger,
+    secret: Secret | None,
+    secret_given: bool,
+    continuity: Continuity | None = None,
+    reconnect: bool = False,
+) -> int:
+    """Wait up to ``timeout`` s (None: no deadline) for a usable address file, connect,
+    serve ``model``; return
     the exit status of :func:`maxwellhub_drivers.client.run_client`.
 
     ``secret_given``: ``secret`` came from --secret-file and overrides the address file's.
@@ -41,7 +49,7 @@ def run_via_address_file(model: Model, path: str | os.PathLike, *, timeout: floa
     while True:
         try:
             sock, info = wait_and_connect(path, timeout, logger=logger)
-        except OSError as exc:   # TimeoutError included
+        except OSError as exc:  # TimeoutError included
             logger.error("%s", exc)
             return EXIT_CONNECTION
         sessions += 1
@@ -58,5 +66,6 @@ def run_via_address_file(model: Model, path: str | os.PathLike, *, timeout: floa
             status = serve(sock, model, logger=logger, secret=use, **kwargs)
         if status != EXIT_CONNECTION or not reconnect or getattr(continuity, "refused", False):
             return status
-        logger.warning("session %d lost; waiting for the hub's address file %s again",
-                       sessions, path)
+        logger.warning(
+            "session %d lost; waiting for the hub's address file %s again", sessions, path
+        )

@@ -10,8 +10,15 @@ import os
 import socket
 from pathlib import Path
 
-__all__ = ["UNIX_PREFIX", "DEFAULT_PORT", "unix_socket_path", "get_available_host_port",
-           "connect_once"]
+from .liveness import keepalive
+
+__all__ = [
+    "DEFAULT_PORT",
+    "UNIX_PREFIX",
+    "connect_once",
+    "get_available_host_port",
+    "unix_socket_path",
+]
 
 UNIX_PREFIX = "/tmp/socketmxl_"
 DEFAULT_PORT = 31415
@@ -29,10 +36,12 @@ def unix_socket_path(name_or_path: str | os.PathLike) -> str:
     return path
 
 
-def connect_once(limit: float, *, unix: str | None = None,
-                 address: tuple[str, int] | None = None) -> socket.socket:
+def connect_once(
+    limit: float, *, unix: str | None = None, address: tuple[str, int] | None = None
+) -> socket.socket:
     """One attempt to connect to a hub: the UNIX socket path ``unix``, else TCP
-    ``address`` (with TCP_NODELAY), within ``limit`` seconds. Returns a blocking socket
+    ``address`` (with TCP_NODELAY and :func:`maxwellhub.liveness.keepalive`), within
+    ``limit`` seconds. Returns a blocking socket
     with no timeout; the OSError of a failed attempt propagates."""
     if unix is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -42,15 +51,19 @@ def connect_once(limit: float, *, unix: str | None = None,
         except BaseException:
             sock.close()
             raise
-    else:
+    elif address is not None:
         sock = socket.create_connection(address, timeout=limit)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keepalive(sock)  # a vanished hub host is noticed in LOST_HOST_SECONDS
+    else:
+        raise ValueError("connect_once needs a UNIX socket path (unix) or a TCP address")
     sock.settimeout(None)
     return sock
 
 
-def get_available_host_port(localhost: bool = True,
-                            save_to_file: str | os.PathLike | None = None) -> tuple[str, int]:
+def get_available_host_port(
+    localhost: bool = True, save_to_file: str | os.PathLike | None = None
+) -> tuple[str, int]:
     """Ask the OS for a free TCP port; return ``(host, port)``.
 
     With ``save_to_file`` the host and the port are written on two lines (written to a

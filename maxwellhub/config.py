@@ -77,7 +77,7 @@ class Transport:
     name: str | None = None
     host: str = "127.0.0.1"
     port: int = 0
-    timeout: float = 60.0
+    timeout: float | None = None     # None: no deadline; a dead driver is seen by its socket
     molecules_per_driver: int = 1
     secret_file: str | None = None   # shared secret: the hub requires it (HMAC challenge)
     drivers: str = "local"           # "external": started by the user, not by the run
@@ -237,7 +237,8 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
                           "transport.kind = 'embedded' has none")
     transport = Transport(kind=kind, name=name, host=host, port=port, secret_file=secret_file,
                           drivers=drivers, address_file=address_file,
-                          timeout=float(tr_t.number("timeout", 60.0, low=0.0, low_open=True)),
+                          timeout=(float(tr_t.number("timeout", low=0.0, low_open=True))
+                                   if tr_t.has("timeout") else None),
                           molecules_per_driver=tr_t.number("molecules_per_driver", 1, low=1,
                                                            integer=True))
 

@@ -60,21 +60,33 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .fsutil import atomic_write
 
-__all__ = ["ControlServer", "ControlError", "control_address", "token_path", "request",
-           "MAX_LINE", "MAX_CONNECTIONS", "CONTROL_PREFIX",
-           "MALFORMED", "UNKNOWN_REQUEST", "BAD_ARGUMENT", "AUTH_FAILED", "LINE_TOO_LONG"]
+__all__ = [
+    "AUTH_FAILED",
+    "BAD_ARGUMENT",
+    "CONTROL_PREFIX",
+    "LINE_TOO_LONG",
+    "MALFORMED",
+    "MAX_CONNECTIONS",
+    "MAX_LINE",
+    "UNKNOWN_REQUEST",
+    "ControlError",
+    "ControlServer",
+    "control_address",
+    "request",
+    "token_path",
+]
 
 log = logging.getLogger("maxwellhub.control")
 
 CONTROL_PREFIX = "/tmp/maxwellhub_control_"
-MAX_LINE = 64 * 1024          # bytes per request line, newline excluded
+MAX_LINE = 64 * 1024  # bytes per request line, newline excluded
 MAX_CONNECTIONS = 64
-IDLE_TIMEOUT = 120.0          # seconds a connection may stay without a complete request
-STATUS_IDS = 100              # ids listed per bound/missing list in a Status answer
+IDLE_TIMEOUT = 120.0  # seconds a connection may stay without a complete request
+STATUS_IDS = 100  # ids listed per bound/missing list in a Status answer
 
 MALFORMED = 1000
 UNKNOWN_REQUEST = 1100
@@ -126,7 +138,7 @@ def token_path(address: str | tuple[str, int]) -> Path:
 
 def _write_secret(path: Path, secret: str) -> tuple[int, int]:
     """Write ``secret`` owner-only and atomically; returns the file's (dev, inode)."""
-    atomic_write(path, (secret + "\n").encode())   # mode 0600
+    atomic_write(path, (secret + "\n").encode())  # mode 0600
     st = os.stat(path)
     return st.st_dev, st.st_ino
 
@@ -163,11 +175,15 @@ def parse_request(line: bytes) -> tuple[str, Any]:
     if isinstance(obj, str):
         return obj, None
     if not isinstance(obj, dict):
-        raise ControlError(MALFORMED, f"malformed request: expected a JSON object, got "
-                                      f"{type(obj).__name__}")
+        raise ControlError(
+            MALFORMED, f"malformed request: expected a JSON object, got {type(obj).__name__}"
+        )
     if len(obj) != 1:
-        raise ControlError(MALFORMED, "malformed request: expected an object with exactly "
-                                      f"one request name, got {len(obj)} keys")
+        raise ControlError(
+            MALFORMED,
+            "malformed request: expected an object with exactly "
+            f"one request name, got {len(obj)} keys",
+        )
     ((name, argument),) = obj.items()
     return name, argument
 
@@ -185,17 +201,19 @@ class Handler:
             name, argument = parse_request(line)
             method = _REQUESTS.get(name)
             if method is None:
-                raise ControlError(UNKNOWN_REQUEST,
-                                   f"unknown request {name[:100]!r}; known: "
-                                   + ", ".join(sorted(_REQUESTS)))
+                raise ControlError(
+                    UNKNOWN_REQUEST,
+                    f"unknown request {name[:100]!r}; known: " + ", ".join(sorted(_REQUESTS)),
+                )
             return method(self, argument)
         except ControlError as exc:
             return exc.answer()
 
     def _ping(self, n: Any) -> dict:
         if not _number(n) or (isinstance(n, float) and not math.isfinite(n)):
-            raise ControlError(BAD_ARGUMENT, "Ping: argument must be a finite number, got "
-                                             f"{json.dumps(n)[:100]}")
+            raise ControlError(
+                BAD_ARGUMENT, f"Ping: argument must be a finite number, got {json.dumps(n)[:100]}"
+            )
         return {"Pong": n}
 
     def _status(self, argument: Any) -> dict:
@@ -210,9 +228,9 @@ class Handler:
             raise ControlError(BAD_ARGUMENT, 'Stop: argument must be {"token": "..."}')
         token = argument.get("token")
         if not isinstance(token, str) or not hmac.compare_digest(
-                token.encode("utf-8", "surrogatepass"), self._token):
-            raise ControlError(AUTH_FAILED, "Stop: authentication failed (missing or wrong "
-                                            "token)")
+            token.encode("utf-8", "surrogatepass"), self._token
+        ):
+            raise ControlError(AUTH_FAILED, "Stop: authentication failed (missing or wrong token)")
         self.hub.request_stop("by control request")
         return {"Stopping": True}
 
@@ -226,28 +244,31 @@ _REQUESTS = {"Ping": Handler._ping, "Status": Handler._status, "Stop": Handler._
 class _Connection(asyncio.Protocol):
     """One control client: split lines, answer each, never read faster than it reads."""
 
+    #: Set by connection_made, which the event loop calls before any other method.
+    transport: asyncio.Transport
+
     def __init__(self, server: ControlServer, number: int) -> None:
         self.server = server
+        self.loop = asyncio.get_running_loop()  # made by the server, on its loop
         self.peer = f"control#{number}"
-        self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
-        self._scan = 0              # bytes of _buf already searched for a newline
+        self._scan = 0  # bytes of _buf already searched for a newline
         self._write_paused = False
         self._closing = False
         self._errors = 0
         self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection's transport (asyncio's or uvloop's) is an asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer and isinstance(peer, tuple):
             self.peer += f" ({peer[0]}:{peer[1]})"
         conns = self.server._connections
         if len(conns) >= MAX_CONNECTIONS:
-            log.warning("refusing %s: %d control connections already open", self.peer,
-                        len(conns))
+            log.warning("refusing %s: %d control connections already open", self.peer, len(conns))
             self._closing = True
-            transport.abort()
+            self.transport.abort()
             return
         conns.add(self)
         self._arm_idle()
@@ -280,7 +301,7 @@ class _Connection(asyncio.Protocol):
     def _arm_idle(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
-        self._idle = self.server._loop.call_later(IDLE_TIMEOUT, self._idle_expired)
+        self._idle = self.loop.call_later(IDLE_TIMEOUT, self._idle_expired)
 
     def _idle_expired(self) -> None:
         log.warning("closing %s: no complete request within %g s", self.peer, IDLE_TIMEOUT)
@@ -311,8 +332,11 @@ class _Connection(asyncio.Protocol):
         self._scan = max(0, self._scan - pos)
 
     def _refuse_long_line(self) -> None:
-        self._reply(ControlError(LINE_TOO_LONG, f"line longer than {MAX_LINE} bytes; "
-                                                "closing the connection").answer())
+        self._reply(
+            ControlError(
+                LINE_TOO_LONG, f"line longer than {MAX_LINE} bytes; closing the connection"
+            ).answer()
+        )
         self._buf.clear()
         self._scan = 0
         self._close()
@@ -355,7 +379,8 @@ class ControlServer:
             old_umask = os.umask(0o177)  # born owner-only (0600)
             try:
                 self._server = await self._loop.create_unix_server(
-                    self._new_connection, path=path, backlog=MAX_CONNECTIONS)
+                    self._new_connection, path=path, backlog=MAX_CONNECTIONS
+                )
             finally:
                 os.umask(old_umask)
             os.chmod(path, 0o600)
@@ -364,17 +389,22 @@ class ControlServer:
         else:
             host, port = self.address
             self._server = await self._loop.create_server(
-                self._new_connection, host=host, port=port, backlog=MAX_CONNECTIONS,
-                reuse_address=True)
+                self._new_connection,
+                host=host,
+                port=port,
+                backlog=MAX_CONNECTIONS,
+                reuse_address=True,
+            )
             self.address = (host, self._server.sockets[0].getsockname()[1])
             if not _is_loopback(host):
-                log.warning("control endpoint on non-loopback %s:%d: anyone who can reach "
-                            "it can read the status (Stop still needs the token)",
-                            *self.address)
+                log.warning(
+                    "control endpoint on non-loopback %s:%d: anyone who can reach "
+                    "it can read the status (Stop still needs the token)",
+                    *self.address,
+                )
         self.token_file = token_path(self.address)
         try:
-            self._token_inode = _write_secret(self.token_file,
-                                              self.handler._token.decode())
+            self._token_inode = _write_secret(self.token_file, self.handler._token.decode())
         except BaseException:
             await self.close()
             raise
@@ -422,8 +452,9 @@ def read_token(address: str | tuple[str, int], path: str | os.PathLike | None = 
     target = Path(path) if path is not None else token_path(address)
     st = os.stat(target)
     if stat.S_IMODE(st.st_mode) & 0o077:
-        log.warning("token file %s is readable by others (mode %o)", target,
-                    stat.S_IMODE(st.st_mode))
+        log.warning(
+            "token file %s is readable by others (mode %o)", target, stat.S_IMODE(st.st_mode)
+        )
     return target.read_text().strip()
 
 
@@ -449,12 +480,13 @@ def request(address: str | tuple[str, int], req: Any, timeout: float = 5.0) -> d
             sock.settimeout(deadline.left())
             chunk = sock.recv(65536)
             if not chunk:
-                raise ConnectionResetError("the hub closed the control connection without "
-                                           "an answer")
+                raise ConnectionResetError(
+                    "the hub closed the control connection without an answer"
+                )
             data += chunk
             if len(data) > 64 * MAX_LINE:
                 raise ValueError("answer too long")
-    answer = json.loads(bytes(data[:data.index(b"\n")]))
+    answer = json.loads(bytes(data[: data.index(b"\n")]))
     if not isinstance(answer, dict):
         raise ValueError(f"answer is not a JSON object: {answer!r}")
     return answer

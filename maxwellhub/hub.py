@@ -29,6 +29,7 @@ This module never converts units and never interprets the extras a driver sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -39,8 +40,8 @@ import stat
 import struct
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -48,27 +49,37 @@ from . import wire
 from .addresses import DEFAULT_PORT, unix_socket_path
 from .auth import Secret, is_loopback, new_nonce
 from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
+from .liveness import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    check_timeout,
+    keepalive,
+    report_delays,
+    within,
+)
 from .mpi import am_master
+
+if TYPE_CHECKING:
+    from .control import ControlServer
 
 __all__ = ["Hub", "SocketHub", "StepResult", "StopRequested", "new_event_loop"]
 
 log = logging.getLogger("maxwellhub.hub")
 
 # Connection states. Each names what the hub waits for on that connection.
-_AUTH = "auth"            # MXHAUTH sent (hub has a secret); expect MXHPROOF
-_PROBE = "probe"          # STATUS sent before binding; expect READY or NEEDINIT
-_UNBOUND = "unbound"      # answered; waiting for a molecule to bind to
-_BOUND = "bound"          # bound, INIT not sent yet (no payload known)
-_INIT = "init"            # INIT + STATUS sent; expect READY (MXHRESUME first, maybe)
-_REPLAY = "replay"        # a restored driver is replayed the steps it missed
-_READY = "ready"          # initialised and idle
-_BUSY = "busy"            # field sent; expect FORCEREADY
+_AUTH = "auth"  # MXHAUTH sent (hub has a secret); expect MXHPROOF
+_PROBE = "probe"  # STATUS sent before binding; expect READY or NEEDINIT
+_UNBOUND = "unbound"  # answered; waiting for a molecule to bind to
+_BOUND = "bound"  # bound, INIT not sent yet (no payload known)
+_INIT = "init"  # INIT + STATUS sent; expect READY (MXHRESUME first, maybe)
+_REPLAY = "replay"  # a restored driver is replayed the steps it missed
+_READY = "ready"  # initialised and idle
+_BUSY = "busy"  # field sent; expect FORCEREADY
 # Stock i-PI clients (ASE's SocketClient, i-PI's driver): see _Driver._on_stock_event.
-_LEARNING = "learning"    # first field sent (not the fast path); expect FORCEREADY
-_LEARN = "learn"          # STATUS sent after its first FORCEREADY; expect READY or NEEDINIT
-_ASKED = "asked"          # STATUS (maybe INIT) sent before a step; expect READY or NEEDINIT
+_LEARNING = "learning"  # first field sent (not the fast path); expect FORCEREADY
+_LEARN = "learn"  # STATUS sent after its first FORCEREADY; expect READY or NEEDINIT
+_ASKED = "asked"  # STATUS (maybe INIT) sent before a step; expect READY or NEEDINIT
 _STOCK_BUSY = "stock-busy"  # field sent after that; expect FORCEREADY
-_CLOSING = "closing"      # STOP or EXIT sent; expect BYE or close
+_CLOSING = "closing"  # STOP or EXIT sent; expect BYE or close
 _CLOSED = "closed"
 
 _GETFORCE_HEADER = wire.encode_header(wire.GETFORCE)
@@ -78,7 +89,7 @@ _SR_HEADER = wire.encode_header(wire.FORCEREADY)
 _SR_ENERGY_NAT = struct.pack("<di", 0.0, 1)
 _ZERO_VIRIAL = bytes(72)
 _SR_TAIL = struct.Struct("<3d72xi")
-_SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE      # 124
+_SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE  # 124
 _finite = math.isfinite
 
 
@@ -86,7 +97,7 @@ _STOP_BYTES = wire.encode_header(wire.STOP)
 _EXIT_BYTES = wire.encode_header(wire.EXIT)
 _STATUS_BYTES = wire.encode_header(wire.STATUS)
 _STOCK_STATES = frozenset((_LEARNING, _LEARN, _ASKED, _STOCK_BUSY))
-_EXIT_AFTER_STOP_S = 0.5   # EXIT to a peer that has not answered STOP by then
+_EXIT_AFTER_STOP_S = 0.5  # EXIT to a peer that has not answered STOP by then
 
 
 class StopRequested(MaxwellHubError):
@@ -94,7 +105,7 @@ class StopRequested(MaxwellHubError):
     raised by ``step``/``step_arrays``, while ``step_barrier`` returns ``{}``."""
 
 
-_STEP_TIMES = 10_000        # per-step durations kept for status() (last, mean, p99)
+_STEP_TIMES = 10_000  # per-step durations kept for status() (last, mean, p99)
 _LAST_TO_ANSWER_CAP = 4096  # molecule ids counted as "last to answer" before trimming
 
 
@@ -125,11 +136,11 @@ def _json_default(obj: Any) -> Any:
 class _Molecule:
     """A registered molecule id and the driver (if any) bound to it."""
 
-    __slots__ = ("id", "index", "driver", "payload", "initialized")
+    __slots__ = ("driver", "id", "index", "initialized", "payload")
 
     def __init__(self, mid: int, index: int) -> None:
         self.id = mid
-        self.index = index            # registration order: its slot in Hub._counts
+        self.index = index  # registration order: its slot in Hub._counts
         self.driver: _Driver | None = None
         self.payload: dict | None = None
         self.initialized = False
@@ -139,22 +150,22 @@ class _Layout:
     """The molecule ids of a step and their row in its arrays. Kept while consecutive
     steps ask for the same ids, so per-driver row indices are computed once."""
 
-    __slots__ = ("ids", "key", "row", "generation", "index", "pending")
+    __slots__ = ("generation", "ids", "index", "key", "pending", "row")
 
     def __init__(self, ids: np.ndarray, generation: int, index: np.ndarray) -> None:
         self.ids = ids
-        self.key = ids.tobytes()   # cheap equality test for the next step's ids
+        self.key = ids.tobytes()  # cheap equality test for the next step's ids
         self.row = {int(m): r for r, m in enumerate(ids.tolist())}
         self.generation = generation
-        self.index = index         # each row's molecule slot in Hub._counts
-        self.pending = 0           # completed steps not yet added to Hub._counts
+        self.index = index  # each row's molecule slot in Hub._counts
+        self.pending = 0  # completed steps not yet added to Hub._counts
 
 
 class _Replay:
     """A completed step kept for replay: its layout, its fields and how many steps each
     of its molecules had completed before it."""
 
-    __slots__ = ("layout", "fields", "before")
+    __slots__ = ("before", "fields", "layout")
 
     def __init__(self, layout: _Layout, fields: np.ndarray, before: np.ndarray) -> None:
         self.layout = layout
@@ -166,28 +177,52 @@ class _Barrier:
     """One frozen step: the fields sent and the replies received so far (by row). Per
     step the hub touches each connection once, never each molecule in Python."""
 
-    __slots__ = ("layout", "fields", "field_bytes", "want_extras", "sources", "single",
-                 "done", "extras", "batch_extras", "waiting", "waiter", "timer",
-                 "abort_on_loss", "lost", "started", "last")
+    __slots__ = (
+        "abort_on_loss",
+        "batch_extras",
+        "deadline",
+        "done",
+        "extras",
+        "field_bytes",
+        "fields",
+        "last",
+        "layout",
+        "lost",
+        "report_at",
+        "report_base",
+        "reports",
+        "single",
+        "sources",
+        "started",
+        "timer",
+        "waiter",
+        "waiting",
+        "want_extras",
+    )
 
     def __init__(self, layout: _Layout, fields: np.ndarray, want_extras: bool) -> None:
         n = len(layout.ids)
         self.layout = layout
         self.fields = fields
-        self.field_bytes: bytes | None = None   # 24 bytes per row, made when first needed
+        self.field_bytes: bytes | None = None  # 24 bytes per row, made when first needed
         self.want_extras = want_extras
         self.sources = np.zeros((n, 3))
-        self.single: dict[int, tuple[float, float, float]] = {}   # row -> single reply
+        self.single: dict[int, tuple[float, float, float]] = {}  # row -> single reply
         self.done = np.zeros(n, dtype=bool)
-        self.extras: dict[int, bytes] = {}                        # row -> JSON bytes
-        self.batch_extras: list[tuple[np.ndarray, dict]] = []
+        self.extras: dict[int, bytes] = {}  # row -> JSON bytes
+        self.batch_extras: list[tuple[np.ndarray | slice, dict]] = []
         self.waiting = n
         self.waiter: asyncio.Future | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.abort_on_loss = False
         self.lost: list[int] = []
-        self.started = time.monotonic()    # for status(): the step's duration
-        self.last: _Driver | None = None   # the driver whose reply completed the step
+        self.started = time.monotonic()  # for status(): the step's duration
+        self.last: _Driver | None = None  # the driver whose reply completed the step
+        self.deadline: float | None = None  # loop time the current wait gives up, if any
+        # When to say who is missing (loop time), from the first wait of the step on.
+        self.reports: Iterator[float] | None = None
+        self.report_base = 0.0
+        self.report_at = 0.0
 
     def wake(self, why: str) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -205,10 +240,15 @@ class StepResult:
     a molecule does not report a key); single drivers' JSON is parsed only when asked.
     """
 
-    __slots__ = ("ids", "sources", "_json", "_batch_extras", "_extras")
+    __slots__ = ("_batch_extras", "_extras", "_json", "ids", "sources")
 
-    def __init__(self, ids: np.ndarray, sources: np.ndarray, json_rows: dict[int, bytes],
-                 batch_extras: list[tuple[np.ndarray, dict]]) -> None:
+    def __init__(
+        self,
+        ids: np.ndarray,
+        sources: np.ndarray,
+        json_rows: dict[int, bytes],
+        batch_extras: list[tuple[np.ndarray | slice, dict]],
+    ) -> None:
         self.ids = ids
         self.sources = sources
         self._json = json_rows
@@ -251,8 +291,10 @@ class StepResult:
             extras = [self.extra_bytes(r) for r in range(len(rows))]
         else:
             extras = [self._json.get(r, b"") for r in range(len(rows))]
-        return {m: {"amp": a, "extra": e}
-                for m, a, e in zip(self.ids.tolist(), rows, extras, strict=True)}
+        return {
+            m: {"amp": a, "extra": e}
+            for m, a, e in zip(self.ids.tolist(), rows, extras, strict=True)
+        }
 
 
 class _Driver(asyncio.Protocol):
@@ -262,31 +304,34 @@ class _Driver(asyncio.Protocol):
     (MXHHELLO) hosts ``batch`` molecules and is stepped with one frame for all of them.
     """
 
+    #: Set by connection_made, which the event loop calls before any other method.
+    transport: asyncio.Transport
+
     def __init__(self, hub: Hub, number: int) -> None:
         self.hub = hub
+        self.loop = hub.loop  # made only by a started hub's listener
         self.number = number
         self.decoder = wire.Decoder("hub", hub.limits)
-        self.transport: asyncio.Transport | None = None
         self.state = _PROBE
         self.molecules: list[_Molecule] = []
         self.batch: int | None = None
-        self.row = -1                              # (first) row in the layout, -1 if absent
-        self.rows: np.ndarray | slice | None = None   # all rows of an ensemble
+        self.row = -1  # (first) row in the layout, -1 if absent
+        self.rows: np.ndarray | slice | None = None  # all rows of an ensemble
         self.rows_generation = -1
         self.peer = f"driver#{number}"
         self.dialect = hub.dialect
         self.bye: asyncio.Future | None = None
-        self.reported = False                      # a drop was already logged for it
+        self.reported = False  # a drop was already logged for it
         self._handshake_timer: asyncio.TimerHandle | None = None
-        self.resume_step: int | None = None        # from MXHRESUME, after INIT
-        self.claim: list[int] | None = None        # from MXHCLAIM: the ids it asks for
-        self.replay: list[np.ndarray] = []         # fields still to replay, oldest first
+        self.resume_step: int | None = None  # from MXHRESUME, after INIT
+        self.claim: list[int] | None = None  # from MXHCLAIM: the ids it asks for
+        self.replay: list[np.ndarray] = []  # fields still to replay, oldest first
         # What this connection turned out to be (learned once, see _on_stock_event):
-        self.stock = False            # a stock i-PI client: ends with EXIT, not STOP
-        self.init_needed = True       # False: it said READY before any INIT (ASE)
-        self.stock_steps = True       # send_step takes _send_stock_step (first step, or
+        self.stock = False  # a stock i-PI client: ends with EXIT, not STOP
+        self.init_needed = True  # False: it said READY before any INIT (ASE)
+        self.stock_steps = True  # send_step takes _send_stock_step (first step, or
         self.status_each_step = False  # a client that needs STATUS/INIT before each step)
-        self.status_probes = 0        # STATUS sent after the INIT handshake (learning, steps)
+        self.status_probes = 0  # STATUS sent after the INIT handshake (learning, steps)
         self._init_msg = b""
         self._init_resent = False
 
@@ -304,18 +349,22 @@ class _Driver(asyncio.Protocol):
             return self.peer
         if len(self.molecules) == 1:
             return f"{self.peer} molecule {self.molecules[0].id}"
-        return (f"{self.peer} molecules {self.molecules[0].id}..{self.molecules[-1].id} "
-                f"({len(self.molecules)})")
+        return (
+            f"{self.peer} molecules {self.molecules[0].id}..{self.molecules[-1].id} "
+            f"({len(self.molecules)})"
+        )
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection's transport (asyncio's or uvloop's) is an asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"driver#{self.number} ({peer[0]}:{peer[1]})"
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                keepalive(sock)  # a vanished host is noticed in LOST_HOST_SECONDS
         self.hub._connections.add(self)
         self.hub._handshaking.add(self)
         self._nonce: bytes | None = None
@@ -326,24 +375,33 @@ class _Driver(asyncio.Protocol):
             self.transport.write(wire.encode_auth_challenge(self._nonce))
         else:
             self.transport.write(_STATUS_BYTES)
-        self._handshake_timer = self.hub._loop.call_later(
-            self.hub.timeout, self._handshake_expired)
+        self._arm(self.hub.handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         # Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial 0)
         # in one read with nothing buffered; anything else goes through the full decoder.
-        if (self.state == _BUSY and not self.decoder._buf and data.startswith(_SR_HEADER)
-                and len(data) >= _SR_SIZE and data[12:24] == _SR_ENERGY_NAT
-                and data[48:120] == _ZERO_VIRIAL):
+        if (
+            self.state == _BUSY
+            and not self.decoder._buf
+            and data.startswith(_SR_HEADER)
+            and len(data) >= _SR_SIZE
+            and data[12:24] == _SR_ENERGY_NAT
+            and data[48:120] == _ZERO_VIRIAL
+        ):
             sx, sy, sz, m = _SR_TAIL.unpack_from(data, 24)
-            if m == len(data) - _SR_SIZE and m <= self.hub.limits.max_extras_bytes and \
-                    _finite(sx) and _finite(sy) and _finite(sz):
+            if (
+                m == len(data) - _SR_SIZE
+                and m <= self.hub.limits.max_extras_bytes
+                and _finite(sx)
+                and _finite(sy)
+                and _finite(sz)
+            ):
                 self.state = _READY
                 self.hub._source_ready(self, sx, sy, sz, data[_SR_SIZE:])
                 return
         try:
             for event in self.decoder.feed(data):
-                if self.reported:   # dropped by an earlier message of this read
+                if self.reported:  # dropped by an earlier message of this read
                     return
                 self._on_event(event)
         except ProtocolError as exc:
@@ -355,8 +413,11 @@ class _Driver(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         previous, self.state = self.state, _CLOSED
         if previous == _AUTH:
-            log.error("refusing %s before INIT: authentication failed: it closed the "
-                      "connection without answering MXHAUTH", self)
+            log.error(
+                "refusing %s before INIT: authentication failed: it closed the "
+                "connection without answering MXHAUTH",
+                self,
+            )
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         if self.bye is not None and not self.bye.done():
@@ -367,7 +428,7 @@ class _Driver(asyncio.Protocol):
     def fail(self, why: str) -> None:
         """Drop this connection for a protocol violation, with one log line naming it."""
         if self.state == _CLOSED or self.reported:
-            return   # one line per peer, even when one read held several bad messages
+            return  # one line per peer, even when one read held several bad messages
         if self.state == _AUTH:
             self._refuse(why)
             return
@@ -384,7 +445,9 @@ class _Driver(asyncio.Protocol):
             self.transport.abort()
 
     def _authenticated(self, proof: bytes) -> None:
-        if not self.hub.auth.verify(self._nonce, proof):
+        # _AUTH is entered only when the hub has a secret, with a fresh nonce.
+        auth, nonce = self.hub.auth, self._nonce
+        if auth is None or nonce is None or not auth.verify(nonce, proof):
             self._refuse("wrong MXHPROOF (the driver's secret differs from the hub's)")
             return
         self._nonce = None
@@ -394,79 +457,121 @@ class _Driver(asyncio.Protocol):
         if self.batch is not None:  # its MXHHELLO arrived before the proof
             self.transport.write(wire.encode_welcome(self.batch))
         self.transport.write(_STATUS_BYTES)
-        self._handshake_timer = self.hub._loop.call_later(
-            self.hub.timeout, self._handshake_expired)
+        self._arm(self.hub.handshake_timeout)
 
-    def _handshake_expired(self) -> None:
+    def _arm(self, seconds: float | None) -> None:
+        """Expect the answer within ``seconds`` (None: no deadline; a dead peer is then
+        noticed by its connection, see :mod:`maxwellhub.liveness`)."""
+        if seconds is not None:
+            self._handshake_timer = self.loop.call_later(seconds, self._expired, seconds)
+
+    def _expired(self, seconds: float) -> None:
         if self.state == _AUTH:
-            self.fail(f"no MXHPROOF within {self.hub.timeout:g} s")
-        elif self.state in (_PROBE, _INIT):
-            self.fail(f"no answer to STATUS within {self.hub.timeout:g} s")
+            self.fail(f"no MXHPROOF within {seconds:g} s")
+        elif self.state == _PROBE:
+            self.fail(f"no answer to STATUS within {seconds:g} s")
+        elif self.state == _INIT:
+            self.fail(f"no answer to STATUS within {seconds:g} s after INIT")
         elif self.state == _REPLAY:
-            self.fail(f"a replayed step not answered within {self.hub.timeout:g} s")
+            self.fail(f"a replayed step not answered within {seconds:g} s")
 
     def _on_event(self, event: wire.Event) -> None:
-        kind = type(event)
-        state = self.state
-        if kind is wire.ForceReady and state == _BUSY and self.batch is None:
+        """Dispatch one decoded message by the state this connection is in; a message
+        the state does not expect drops the connection."""
+        handler = _BY_STATE.get(self.state)
+        if handler is None or not handler(self, event):
+            self._unexpected(event)
+
+    def _unexpected(self, event: wire.Event) -> None:
+        name = _EVENT_NAMES.get(type(event), type(event).__name__)
+        self.fail(f"unexpected {name} while {_EXPECTING[self.state]}")
+
+    # Each _on_<state> returns False for a message that state does not expect.
+
+    def _on_busy(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.ForceReady) and self.batch is None:
             if event.forces.shape[0] != 1:
-                self.fail(f"SOURCEREADY carries nat = {event.forces.shape[0]}, the EM "
-                          "profile needs 1")
-                return
+                self.fail(
+                    f"SOURCEREADY carries nat = {event.forces.shape[0]}, the EM profile needs 1"
+                )
+                return True
             self.state = _READY
             sx, sy, sz = event.forces[0].tolist()
             self.hub._source_ready(self, sx, sy, sz, event.extras)
-        elif kind is wire.SourcesBatch and state == _BUSY and self.batch is not None:
+        elif isinstance(event, wire.SourcesBatch) and self.batch is not None:
             self.state = _READY
             self.hub._sources_batch(self, event)
-        elif kind is wire.Ready and state == _INIT:
+        else:
+            return False
+        return True
+
+    def _on_init(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.Ready):
             self._cancel_handshake()
             self.hub._driver_ready(self)
-        elif kind is wire.Resume and state == _INIT and self.resume_step is None:
+        elif isinstance(event, wire.Resume) and self.resume_step is None:
             if event.molecules != self.size:
-                self.fail(f"MXHRESUME for {event.molecules} molecule(s); the connection "
-                          f"hosts {self.size}")
-                return
+                self.fail(
+                    f"MXHRESUME for {event.molecules} molecule(s); the connection hosts {self.size}"
+                )
+                return True
             self.resume_step = event.step
-        elif kind in (wire.ForceReady, wire.SourcesBatch) and state == _REPLAY:
-            if (kind is wire.ForceReady) != (self.batch is None):
-                self.fail(f"{_EVENT_NAMES[kind]} while being replayed missed steps")
-                return
-            self.send_replay()
-        elif kind in (wire.Ready, wire.NeedInit) and state == _PROBE:
+        elif isinstance(event, wire.NeedInit) and not self.init_needed:
+            return self._on_stock_event(event)
+        else:
+            return False
+        return True
+
+    def _on_replay(self, event: wire.Event) -> bool:
+        if not isinstance(event, wire.ForceReady | wire.SourcesBatch):
+            return False
+        if isinstance(event, wire.ForceReady) != (self.batch is None):
+            self.fail(f"{_EVENT_NAMES[type(event)]} while being replayed missed steps")
+            return True
+        self.send_replay()
+        return True
+
+    def _on_probe(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.Ready | wire.NeedInit):
             self.state = _UNBOUND
             self._cancel_handshake()
-            if kind is wire.Ready:
+            if isinstance(event, wire.Ready):
                 self._ready_before_init()
             self.hub._driver_available(self)
-        elif kind is wire.Claim and state == _PROBE and self.claim is None:
+        elif isinstance(event, wire.Claim) and self.claim is None:
             if event.molecules != self.size:
-                self.fail(f"MXHCLAIM for {event.molecules} molecule(s); the connection "
-                          f"hosts {self.size}")
-                return
+                self.fail(
+                    f"MXHCLAIM for {event.molecules} molecule(s); the connection hosts {self.size}"
+                )
+                return True
             self.claim = list(range(event.first, event.first + event.molecules))
-        elif kind is wire.Hello and state == _PROBE and self.batch is None:
+        elif isinstance(event, wire.Hello) and self.batch is None:
             self.batch = self.decoder.batch = event.molecules
             self.transport.write(wire.encode_welcome(event.molecules))
-        elif kind is wire.AuthProof and state == _AUTH:
+        else:
+            return False
+        return True
+
+    def _on_auth(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.AuthProof):
             self._authenticated(event.proof)
-        elif kind is wire.Hello and state == _AUTH and self.batch is None:
+        elif isinstance(event, wire.Hello) and self.batch is None:
             # An ensemble driver speaks first; MXHWELCOME waits for its proof.
             self.batch = self.decoder.batch = event.molecules
-        elif state in _STOCK_STATES or (kind is wire.NeedInit and state == _INIT
-                                         and not self.init_needed):
-            self._on_stock_event(kind, event)
-        elif kind in (wire.ForceReady, wire.SourcesBatch) and state == _CLOSING:
-            pass  # owed for a field sent before STOP (a stop mid-step): nobody needs it now
-        elif kind in (wire.Ready, wire.NeedInit) and state == _CLOSING:
-            pass  # the answer to a STATUS sent before STOP/EXIT
-        elif kind is wire.Bye and state == _CLOSING:
+        else:
+            return False
+        return True
+
+    def _on_closing(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.Bye):
             if self.bye is not None and not self.bye.done():
                 self.bye.set_result(True)
             self.transport.close()
-        else:
-            name = _EVENT_NAMES.get(kind, kind.__name__)
-            self.fail(f"unexpected {name} while {_EXPECTING[state]}")
+        # A source owed for a field sent before STOP (a stop mid-step), or the answer to
+        # a STATUS sent before STOP/EXIT: nobody needs it now.
+        return isinstance(
+            event, wire.Bye | wire.ForceReady | wire.SourcesBatch | wire.Ready | wire.NeedInit
+        )
 
     def _cancel_handshake(self) -> None:
         if self._handshake_timer is not None:
@@ -489,24 +594,28 @@ class _Driver(asyncio.Protocol):
             if any(p != payloads[0] for p in payloads):
                 payload["payloads"] = payloads
         done, replayable = self.hub._replay_offer(first)
-        payload[wire.RESUME_KEY] = {"version": wire.RESUME_VERSION, "step": done,
-                                    "history": replayable}
-        body = json.dumps({**payload, "molecule_id": first.id},
-                          default=_json_default).encode()
+        payload[wire.RESUME_KEY] = {
+            "version": wire.RESUME_VERSION,
+            "step": done,
+            "history": replayable,
+        }
+        body = json.dumps({**payload, "molecule_id": first.id}, default=_json_default).encode()
         self.state = _INIT
         self.resume_step = None
         self._init_msg = wire.encode_init(first.id, body)
         self._init_resent = False
         self.transport.write((self._init_msg if self.init_needed else b"") + _STATUS_BYTES)
-        self._handshake_timer = self.hub._loop.call_later(
-            self.hub.timeout, self._handshake_expired)
+        # The driver sets up its model before it answers (minutes for an SCF): as slow as
+        # a step, so the step deadline applies, not the handshake's.
+        self._arm(self.hub.timeout)
 
     def send_replay(self) -> None:
         """Send the next missed step (its answer will be discarded), or, when none is
         left, report the driver initialised."""
         if self.replay and self.stock:
-            log.warning("%s: a stock i-PI client is not replayed %d missed step(s)", self,
-                        len(self.replay))
+            log.warning(
+                "%s: a stock i-PI client is not replayed %d missed step(s)", self, len(self.replay)
+            )
             self.replay = []
         if not self.replay:
             self._cancel_handshake()
@@ -516,13 +625,13 @@ class _Driver(asyncio.Protocol):
         fields = self.replay.pop(0)
         self.state = _REPLAY
         if self.batch is None:
-            self.transport.write(b"".join((wire.FIELD_STEP_HEAD,
-                                           fields.astype("<f8").tobytes(), _GETFORCE_HEADER)))
+            self.transport.write(
+                b"".join((wire.FIELD_STEP_HEAD, fields.astype("<f8").tobytes(), _GETFORCE_HEADER))
+            )
         else:
-            self.transport.writelines(wire.fields_batch_parts(fields, 0) + [_GETFORCE_HEADER])
+            self.transport.writelines([*wire.fields_batch_parts(fields, 0), _GETFORCE_HEADER])
         self._cancel_handshake()
-        self._handshake_timer = self.hub._loop.call_later(
-            self.hub.timeout, self._handshake_expired)
+        self._arm(self.hub.timeout)  # a replayed step is a step
 
     def send_step(self, barrier: _Barrier) -> None:
         """Send this driver its frozen field(s) of ``barrier`` with GETSOURCE."""
@@ -535,12 +644,14 @@ class _Driver(asyncio.Protocol):
             fb = barrier.field_bytes
             if fb is None:
                 fb = barrier.field_bytes = barrier.fields.astype("<f8").tobytes()
-            self.transport.write(b"".join((wire.FIELD_STEP_HEAD, fb[24 * r:24 * r + 24],
-                                           _GETFORCE_HEADER)))
+            self.transport.write(
+                b"".join((wire.FIELD_STEP_HEAD, fb[24 * r : 24 * r + 24], _GETFORCE_HEADER))
+            )
             return
         flags = wire.WANT_EXTRAS if barrier.want_extras else 0
-        self.transport.writelines(wire.fields_batch_parts(barrier.fields[self.rows], flags)
-                                  + [_GETFORCE_HEADER])
+        self.transport.writelines(
+            [*wire.fields_batch_parts(barrier.fields[self.rows], flags), _GETFORCE_HEADER]
+        )
 
     def place(self, layout: _Layout) -> bool:
         """Find this driver's row(s) in ``layout`` (cached per layout); False if none of
@@ -551,9 +662,11 @@ class _Driver(asyncio.Protocol):
         found = [layout.row.get(m.id, -1) for m in self.molecules]
         inside = [r for r in found if r >= 0]
         if inside and len(inside) != len(found):
-            raise UsageError(f"{self} hosts molecules {self.molecules[0].id}.."
-                             f"{self.molecules[-1].id} together: a step must include all of "
-                             "them or none")
+            raise UsageError(
+                f"{self} hosts molecules {self.molecules[0].id}.."
+                f"{self.molecules[-1].id} together: a step must include all of "
+                "them or none"
+            )
         self.row = found[0] if inside else -1
         self.rows = None
         if self.batch is not None and inside:
@@ -608,25 +721,12 @@ class _Driver(asyncio.Protocol):
             self.state = _LEARNING
             self.transport.write(wire.encode_field_step(barrier.fields[self.row]))
 
-    def _on_stock_event(self, kind: type, event: wire.Event) -> None:
+    def _on_stock_event(self, event: wire.Event) -> bool:
         state = self.state
-        if kind is wire.ForceReady and state in (_LEARNING, _STOCK_BUSY):
-            if event.forces.shape[0] != 1:
-                self.fail(f"FORCEREADY carries nat = {event.forces.shape[0]}, the EM "
-                          "profile needs 1 (the field is the one atom's position)")
-                return
-            if state == _LEARNING:
-                if not event.extras.startswith(b"{"):
-                    self._mark_stock(f"its extras {event.extras[:16]!r} are not JSON")
-                self.state = _LEARN
-                self.status_probes += 1
-                self.transport.write(_STATUS_BYTES)
-            else:
-                self.state = _READY
-            sx, sy, sz = event.forces[0].tolist()
-            self.hub._source_ready(self, sx, sy, sz, event.extras)
-        elif kind in (wire.Ready, wire.NeedInit) and state == _LEARN:
-            if kind is wire.NeedInit:
+        if isinstance(event, wire.ForceReady) and state in (_LEARNING, _STOCK_BUSY):
+            self._stock_source(event)
+        elif isinstance(event, wire.Ready | wire.NeedInit) and state == _LEARN:
+            if isinstance(event, wire.NeedInit):
                 self._mark_stock("it went back to NEEDINIT after FORCEREADY")
                 self.status_each_step = True
                 log.info("%s: STATUS (and INIT when asked) before every step", self)
@@ -635,23 +735,44 @@ class _Driver(asyncio.Protocol):
                 log.debug("%s stays READY: fused steps from now on", self)
             self.state = _READY
             self.hub._driver_initialized(self)  # sends the step due meanwhile, if any
-        elif kind is wire.Ready and state == _ASKED:
+        elif isinstance(event, wire.Ready) and state == _ASKED:
             hub, barrier = self.hub, self.hub._barrier
-            if barrier is not None and self.place(barrier.layout) and hub._pending(
-                    self, barrier):
+            if barrier is not None and self.place(barrier.layout) and hub._pending(self, barrier):
                 self.state = _STOCK_BUSY
                 self.transport.write(wire.encode_field_step(barrier.fields[self.row]))
             else:
                 self.state = _READY
-        elif kind is wire.NeedInit and state in (_ASKED, _INIT) and not self._init_resent:
+        elif (
+            isinstance(event, wire.NeedInit) and state in (_ASKED, _INIT) and not self._init_resent
+        ):
             # It asks for INIT (again): the one the hub built at binding, then STATUS.
             self._init_resent = self.init_needed = True
             if state == _ASKED:
                 self.status_probes += 1
             self.transport.write(self._init_msg + _STATUS_BYTES)
         else:
-            name = _EVENT_NAMES.get(kind, kind.__name__)
-            self.fail(f"unexpected {name} while {_EXPECTING[state]}")
+            return False
+        return True
+
+    def _stock_source(self, event: wire.ForceReady) -> None:
+        """A stock client's FORCEREADY: its source; after its first, one STATUS to learn
+        whether it stays READY."""
+        if event.forces.shape[0] != 1:
+            self.fail(
+                f"FORCEREADY carries nat = {event.forces.shape[0]}, the EM "
+                "profile needs 1 (the field is the one atom's position)"
+            )
+            return
+        if self.state == _LEARNING:
+            if not event.extras.startswith(b"{"):
+                self._mark_stock(f"its extras {event.extras[:16]!r} are not JSON")
+            self.state = _LEARN
+            self.status_probes += 1
+            self.transport.write(_STATUS_BYTES)
+        else:
+            self.state = _READY
+        sx, sy, sz = event.forces[0].tolist()
+        self.hub._source_ready(self, sx, sy, sz, event.extras)
 
     def _exit_after_stop(self) -> None:
         if self.state == _CLOSING and self.bye is not None and not self.bye.done():
@@ -662,7 +783,7 @@ class _Driver(asyncio.Protocol):
     def send_end(self) -> asyncio.Future:
         """STOP (MaxwellLink dialect, answered by BYE; EXIT follows if no BYE comes) or
         EXIT (a stock i-PI client, or ``Hub(dialect="ipi")``; no answer)."""
-        self.bye = self.hub._loop.create_future()
+        self.bye = self.loop.create_future()
         if self.state == _CLOSED:
             self.bye.set_result(False)
             return self.bye
@@ -677,28 +798,48 @@ class _Driver(asyncio.Protocol):
             self.bye.set_result(True)
         else:
             self.transport.write(_STOP_BYTES)
-            self.hub._loop.call_later(_EXIT_AFTER_STOP_S, self._exit_after_stop)
+            self.loop.call_later(_EXIT_AFTER_STOP_S, self._exit_after_stop)
         return self.bye
 
 
-_EVENT_NAMES = {wire.Ready: "READY", wire.NeedInit: "NEEDINIT", wire.HaveData: "HAVEDATA",
-                wire.ForceReady: "FORCEREADY", wire.Bye: "BYE", wire.Hello: "MXHHELLO",
-                wire.SourcesBatch: "MXHSOURCES", wire.AuthProof: "MXHPROOF",
-                wire.Resume: "MXHRESUME", wire.Claim: "MXHCLAIM"}
-_EXPECTING = {_AUTH: "waiting for MXHPROOF, the answer to the hub's MXHAUTH challenge",
-              _PROBE: "waiting for the answer to STATUS",
-              _UNBOUND: "waiting for molecules to bind to (nothing was asked)",
-              _BOUND: "bound and waiting for INIT (nothing was asked)",
-              _INIT: "waiting for READY after INIT",
-              _REPLAY: "waiting for the source of a replayed step",
-              _READY: "idle (nothing was asked)",
-              _BUSY: "waiting for its source(s)",
-              _LEARNING: "waiting for its source (its first step)",
-              _LEARN: "waiting for the answer to STATUS after its first source",
-              _ASKED: "waiting for the answer to STATUS before a step",
-              _STOCK_BUSY: "waiting for its source",
-              _CLOSING: "waiting for BYE",
-              _CLOSED: "closed"}
+_EVENT_NAMES = {
+    wire.Ready: "READY",
+    wire.NeedInit: "NEEDINIT",
+    wire.HaveData: "HAVEDATA",
+    wire.ForceReady: "FORCEREADY",
+    wire.Bye: "BYE",
+    wire.Hello: "MXHHELLO",
+    wire.SourcesBatch: "MXHSOURCES",
+    wire.AuthProof: "MXHPROOF",
+    wire.Resume: "MXHRESUME",
+    wire.Claim: "MXHCLAIM",
+}
+_EXPECTING = {
+    _AUTH: "waiting for MXHPROOF, the answer to the hub's MXHAUTH challenge",
+    _PROBE: "waiting for the answer to STATUS",
+    _UNBOUND: "waiting for molecules to bind to (nothing was asked)",
+    _BOUND: "bound and waiting for INIT (nothing was asked)",
+    _INIT: "waiting for READY after INIT",
+    _REPLAY: "waiting for the source of a replayed step",
+    _READY: "idle (nothing was asked)",
+    _BUSY: "waiting for its source(s)",
+    _LEARNING: "waiting for its source (its first step)",
+    _LEARN: "waiting for the answer to STATUS after its first source",
+    _ASKED: "waiting for the answer to STATUS before a step",
+    _STOCK_BUSY: "waiting for its source",
+    _CLOSING: "waiting for BYE",
+    _CLOSED: "closed",
+}
+# What each state accepts (see _Driver._on_event); states not listed accept nothing.
+_BY_STATE: dict[str, Callable[[_Driver, wire.Event], bool]] = {
+    _BUSY: _Driver._on_busy,
+    _INIT: _Driver._on_init,
+    _REPLAY: _Driver._on_replay,
+    _PROBE: _Driver._on_probe,
+    _AUTH: _Driver._on_auth,
+    _CLOSING: _Driver._on_closing,
+    **dict.fromkeys(_STOCK_STATES, _Driver._on_stock_event),
+}
 
 
 class Hub:
@@ -714,48 +855,71 @@ class Hub:
     sessions end. ``"maxwelllink"`` (default) decides per connection: EXIT to stock i-PI
     clients (ASE, i-PI), STOP to the others (see the notes above ``_Driver._on_stock_event``);
     ``"ipi"`` sends EXIT to every driver.
+
+    ``timeout`` (default None: no deadline) bounds each step and a driver's INIT; a
+    driver that dies is noticed by its connection, not by a deadline
+    (:mod:`maxwellhub.liveness`). ``handshake_timeout`` bounds how long a new connection
+    may take to authenticate and answer its first STATUS; by default
+    :data:`~maxwellhub.liveness.DEFAULT_HANDSHAKE_TIMEOUT` (60 s), or ``timeout`` when that
+    is shorter.
     """
 
-    def __init__(self, host: str | None = None, port: int | None = DEFAULT_PORT,
-                 unixsocket: str | os.PathLike | None = None, timeout: float = 60.0,
-                 *, limits: wire.Limits | None = None, dialect: str = "maxwelllink",
-                 backlog: int = 4096, auth: Secret | None = None,
-                 control: str | os.PathLike | None = None, history: int = 0,
-                 max_pending: int | None = None, max_spare: int = 256,
-                 address_file: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = DEFAULT_PORT,
+        unixsocket: str | os.PathLike | None = None,
+        timeout: float | None = None,
+        *,
+        limits: wire.Limits | None = None,
+        dialect: str = "maxwelllink",
+        backlog: int = 4096,
+        auth: Secret | None = None,
+        control: str | os.PathLike | None = None,
+        history: int = 0,
+        max_pending: int | None = None,
+        max_spare: int = 256,
+        address_file: str | os.PathLike | None = None,
+        handshake_timeout: float | None = None,
+    ) -> None:
         if dialect not in ("maxwelllink", "ipi"):
             raise UsageError(f"dialect must be 'maxwelllink' or 'ipi', not {dialect!r}")
-        if timeout is None or not timeout > 0:
-            raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self.timeout = check_timeout(timeout)
+        handshake = check_timeout(handshake_timeout, "handshake_timeout")
+        if handshake is None:
+            handshake = min(DEFAULT_HANDSHAKE_TIMEOUT, self.timeout or math.inf)
+        #: Seconds a new connection has to authenticate and answer its first STATUS.
+        self.handshake_timeout = handshake
         self.host = host or "127.0.0.1"
         self.port = DEFAULT_PORT if port is None else int(port)
         self.unixsocket = None if unixsocket is None else unix_socket_path(unixsocket)
-        self.timeout = float(timeout)
         self.limits = limits or wire.Limits()
         self.dialect = dialect
         self.backlog = backlog
         if auth is not None and not isinstance(auth, Secret):
-            raise UsageError("auth must be a maxwellhub.auth.Secret (from load_secret), not "
-                             f"{type(auth).__name__}")
+            raise UsageError(
+                "auth must be a maxwellhub.auth.Secret (from load_secret), not "
+                f"{type(auth).__name__}"
+            )
         self.auth = auth
         self.step_index = 0
         self.paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: _Listener | None = None
         self._unix_inode: tuple[int, int] | None = None
         self._molecules: dict[int, _Molecule] = {}
-        self._driverless: set[int] = set()   # registered ids with no driver bound
+        self._driverless: set[int] = set()  # registered ids with no driver bound
         self._next_id = 0
         self._unbound: deque[_Driver] = deque()
         self._connections: set[_Driver] = set()
-        self._handshaking: set[_Driver] = set()   # connected, not yet answered STATUS
+        self._handshaking: set[_Driver] = set()  # connected, not yet answered STATUS
         self._accepted = 0
         self._barrier: _Barrier | None = None
         self._layout: _Layout | None = None
         self._generation = 0
         self._changed: asyncio.Future | None = None
-        self.control = control            # where to serve maxwellhub.control, or None
-        self._control = None
+        self.control = control  # where to serve maxwellhub.control, or None
+        self._control: ControlServer | None = None
         # maxwellhub.rendezvous: written once listening, removed at stop
         self.address_file = None if address_file is None else os.fspath(address_file)
         self._address_run_id: str | None = None
@@ -765,10 +929,11 @@ class Hub:
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise UsageError(f"history must be a whole number of steps >= 0, not {history!r}")
         self.history = history
-        self.max_pending = max_pending   # None: max(4096, 2 x registered molecules)
+        self.max_pending = max_pending  # None: max(4096, 2 x registered molecules)
         self.max_spare = max_spare
-        self._counts = np.zeros(64, dtype=np.int64)   # completed steps, by molecule slot
+        self._counts = np.zeros(64, dtype=np.int64)  # completed steps, by molecule slot
         self._replays: deque[_Replay] = deque(maxlen=history or 1)
+        self._watched: Iterable[Any] | Callable[[], Iterable[Any]] = ()  # watch_processes
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -777,15 +942,23 @@ class Hub:
         """The UNIX socket path, or ``(host, port)`` for TCP."""
         return self.unixsocket if self.unixsocket else (self.host, self.port)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop ``start`` ran on; a :class:`UsageError` before ``start``."""
+        if self._loop is None:
+            raise UsageError("this Hub is not started: await hub.start() first")
+        return self._loop
+
     async def start(self) -> None:
         """Bind and listen. A live hub already on the same UNIX path is an error."""
         self._loop = asyncio.get_running_loop()
+        server: _Listener
         if self.unixsocket:
             path = self.unixsocket
             _clear_stale_unix_socket(path)
             old_umask = os.umask(0o177)  # the socket file is born owner-only (0600)
             try:
-                self._server = _Listener.unix(self, path)
+                server = self._server = _Listener.unix(self, path)
             finally:
                 os.umask(old_umask)
             os.chmod(path, 0o600)
@@ -793,13 +966,17 @@ class Hub:
             self._unix_inode = (st.st_dev, st.st_ino)
             log.info("hub listening on UNIX socket %s", path)
         else:
-            self._server = _Listener.tcp(self, self.host, self.port)
-            self.port = self._server.sockets[0].getsockname()[1]
+            server = self._server = _Listener.tcp(self, self.host, self.port)
+            self.port = server.sockets[0].getsockname()[1]
             log.info("hub listening on TCP %s:%d", self.host, self.port)
             if self.auth is None and not is_loopback(self.host):
-                log.warning("hub listening on TCP %s:%d without authentication: any host "
-                            "that can reach it may connect (give a secret: auth=load_secret"
-                            "(...))", self.host, self.port)
+                log.warning(
+                    "hub listening on TCP %s:%d without authentication: any host "
+                    "that can reach it may connect (give a secret: auth=load_secret"
+                    "(...))",
+                    self.host,
+                    self.port,
+                )
         if self.control is not None:
             from .control import ControlServer  # here: maxwellhub.control imports this module
 
@@ -807,7 +984,7 @@ class Hub:
             try:
                 await control.start()
             except BaseException:
-                self._server.close()
+                server.close()
                 self._remove_unix_path()
                 raise
             self._control = control
@@ -818,7 +995,7 @@ class Hub:
                 if self._control is not None:
                     await self._control.close()
                     self._control = None
-                self._server.close()
+                server.close()
                 self._remove_unix_path()
                 raise
 
@@ -827,10 +1004,15 @@ class Hub:
         ``--address-file``; see :mod:`maxwellhub.rendezvous`."""
         from .rendezvous import write_address_file
 
+        if self.address_file is None:
+            return
         source = self.auth.source if self.auth is not None else None
         info = write_address_file(
-            self.address_file, address=self.address, auth=self.auth is not None,
-            secret_file=source if source and os.path.isfile(source) else None)
+            self.address_file,
+            address=self.address,
+            auth=self.auth is not None,
+            secret_file=source if source and os.path.isfile(source) else None,
+        )
         self._address_run_id = info.run_id
         log.info("hub address written to %s (run %s)", self.address_file, info.run_id)
 
@@ -852,7 +1034,7 @@ class Hub:
             self._server.close()
         byes = [d.send_end() for d in list(self._connections) if d.state != _CLOSING]
         if byes:
-            done, pending = await asyncio.wait(byes, timeout=wait)
+            _, pending = await asyncio.wait(byes, timeout=wait)
             if pending:
                 names = sorted(str(d) for d in self._connections if d.state == _CLOSING)
                 log.warning("no BYE within %.1f s from: %s", wait, ", ".join(names))
@@ -861,7 +1043,8 @@ class Hub:
         """Stop accepting, end every driver politely, close every socket, remove the path."""
         if self._loop is None:
             return
-        if self._address_run_id is not None:  # first, so no new driver is sent here
+        if self._address_run_id is not None and self.address_file is not None:
+            # first, so no new driver is sent here
             from .rendezvous import remove_address_file
 
             remove_address_file(self.address_file, self._address_run_id)
@@ -931,16 +1114,32 @@ class Hub:
 
     def missing(self, molecule_ids: Iterable[int]) -> list[int]:
         """The ids among ``molecule_ids`` that have no initialised driver."""
-        return [int(m) for m in molecule_ids
-                if (mol := self._molecules.get(int(m))) is None or not mol.initialized]
+        return [
+            int(m)
+            for m in molecule_ids
+            if (mol := self._molecules.get(int(m))) is None or not mol.initialized
+        ]
 
-    async def wait_until_bound(self, init_payloads: Mapping[int, Mapping] | Iterable[int],
-                               require_init: bool = True,
-                               timeout: float | None = None) -> bool:
-        """Wait until every id in ``init_payloads`` is bound (and initialised); False on
-        timeout. Ids not registered yet are registered."""
-        payloads = (dict(init_payloads) if isinstance(init_payloads, Mapping)
-                    else {int(m): None for m in init_payloads})
+    async def wait_until_bound(
+        self,
+        init_payloads: Mapping[int, Mapping] | Iterable[int],
+        require_init: bool = True,
+        timeout: float | None = None,
+    ) -> bool:
+        """Wait until every id in ``init_payloads`` is bound (and initialised); ids not
+        registered yet are registered. True when they are; False when ``timeout`` passed,
+        a stop was requested (:meth:`request_stop`) or a process given to
+        :meth:`watch_processes` exited.
+
+        ``timeout`` None (the default, as in MaxwellLink) waits until the drivers come,
+        however long: who is missing is logged after 30 s, then at doubling intervals up
+        to 30 min."""
+        payloads = (
+            dict(init_payloads)
+            if isinstance(init_payloads, Mapping)
+            else {int(m): None for m in init_payloads}
+        )
+        timeout = check_timeout(timeout)
         for mid, payload in payloads.items():
             mol = self._molecules.get(int(mid))
             if mol is None:
@@ -950,23 +1149,71 @@ class Hub:
         self._progress_binds()
         for mid in payloads:
             self._ensure_init(self._molecules[int(mid)].driver)
-        deadline = self._loop.time() + (self.timeout if timeout is None else timeout)
-        while not self.all_bound(payloads, require_init):
-            if not await self._wait_change(deadline):
-                return self.all_bound(payloads, require_init)
-        return True
-
-    async def _wait_change(self, deadline: float) -> bool:
-        """Wait for any binding change until ``deadline``; False if the deadline passed."""
-        remaining = deadline - self._loop.time()
-        if remaining <= 0 or self.paused:
-            return False
-        if self._changed is None or self._changed.done():
-            self._changed = self._loop.create_future()
-        fut = self._changed
-        timer = self._loop.call_later(remaining, lambda: fut.done() or fut.set_result(False))
+        loop = self.loop
+        deadline = None if timeout is None else loop.time() + timeout
+        ids = list(payloads)
+        reports = _Reports(loop, lambda elapsed: self._report_unbound(ids, require_init, elapsed))
+        watch = _ExitWatch(self, self._watched() if callable(self._watched) else self._watched)
         try:
-            return await fut
+            while not self.all_bound(ids, require_init):
+                if watch.exited() or not await self._wait_change(deadline):
+                    return self.all_bound(ids, require_init)
+            return True
+        finally:
+            reports.cancel()
+            watch.close()
+
+    def watch_processes(
+        self, processes: Iterable[Any] | Callable[[], Iterable[Any]] | None
+    ) -> None:
+        """Local driver processes (``subprocess.Popen``, or anything with ``pid`` and
+        ``poll()``) whose exit ends every bind wait at once, so a driver that dies before
+        it binds or initialises is noticed without a deadline: a collection, or a function
+        giving the ones to watch when a wait starts (say, without those already replaced);
+        None watches nothing. A process that dies after binding needs no watch: its
+        connection closes."""
+        self._watched = () if processes is None else processes
+
+    def _report_unbound(self, ids: list[int], require_init: bool, elapsed: float) -> None:
+        """One line on who a bind wait still waits for: a WARNING while some molecule has
+        no driver, INFO while the drivers are only initialising."""
+        absent, starting = [], []
+        for mid in ids:
+            mol = self._molecules[int(mid)]
+            if mol.driver is None:
+                absent.append(mid)
+            elif require_init and not mol.initialized:
+                starting.append(mid)
+        if not absent and not starting:
+            return
+        parts = [f"no driver connected for molecule(s) {_ids_text(absent)}"] if absent else []
+        if starting:
+            parts.append(f"the drivers of {_ids_text(starting)} are initialising")
+        log.log(
+            logging.WARNING if absent else logging.INFO,
+            "still waiting after %.0f s: %s",
+            elapsed,
+            "; ".join(parts),
+        )
+
+    async def _wait_change(self, deadline: float | None) -> bool:
+        """Wait for any binding change until ``deadline`` (loop time; None: no deadline);
+        False if the deadline passed or the hub is paused (a stop was requested)."""
+        if self.paused:
+            return False
+        loop = self.loop
+        if self._changed is None or self._changed.done():
+            self._changed = loop.create_future()
+        fut = self._changed
+        # shield: a cancelled waiter (Ctrl-C in SocketHub) must not cancel the shared future
+        if deadline is None:
+            return await asyncio.shield(fut)
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        timer = loop.call_later(remaining, _resolve, fut, False)
+        try:
+            return await asyncio.shield(fut)
         finally:
             timer.cancel()
 
@@ -980,8 +1227,10 @@ class Hub:
         self._handshaking.discard(driver)
         if len(self._unbound) >= self.max_spare and len(self._driverless) < driver.size:
             # Spare drivers wait for a molecule to free up; a bounded number of them.
-            driver.fail(f"no free molecule for it and {len(self._unbound)} spare "
-                        f"driver(s) already waiting (max_spare = {self.max_spare})")
+            driver.fail(
+                f"no free molecule for it and {len(self._unbound)} spare "
+                f"driver(s) already waiting (max_spare = {self.max_spare})"
+            )
             return
         self._unbound.append(driver)
         self._progress_binds()
@@ -999,7 +1248,7 @@ class Hub:
                 self._unbound.popleft()
                 continue
             if driver.claim and self._claim_pending(driver.claim):
-                self._unbound.rotate(-1)   # its molecules may still be registered
+                self._unbound.rotate(-1)  # its molecules may still be registered
                 if all(d.claim and self._claim_pending(d.claim) for d in self._unbound):
                     return
                 continue
@@ -1018,15 +1267,15 @@ class Hub:
         """Whether a claim may still be honoured: none of its ids is held by another
         driver, and some is not registered yet."""
         mols = [self._molecules.get(m) for m in claim]
-        return any(m is None for m in mols) and all(m is None or m.driver is None
-                                                   for m in mols)
+        return any(m is None for m in mols) and all(m is None or m.driver is None for m in mols)
 
     def _bind_claims(self) -> None:
         for driver in list(self._unbound):
             if driver.state != _UNBOUND or not driver.claim:
                 continue
-            mols = [self._molecules.get(m) for m in driver.claim]
-            if all(m is not None and m.driver is None for m in mols):
+            found = [self._molecules.get(m) for m in driver.claim]
+            mols = [m for m in found if m is not None and m.driver is None]
+            if len(mols) == len(found):
                 self._unbound.remove(driver)
                 self._bind(driver, mols)
 
@@ -1081,7 +1330,7 @@ class Hub:
             if r is None or rep.before[r] < start:
                 continue
             if driver.batch is None:
-                out.append(rep.fields[r:r + 1])
+                out.append(rep.fields[r : r + 1])
             else:
                 rows = [row.get(m.id, -1) for m in mols]
                 if min(rows) < 0:
@@ -1099,16 +1348,23 @@ class Hub:
         reported = start is not None
         start = start or 0
         if start > done:
-            driver.fail(f"MXHRESUME says its state belongs to step {start}, but the hub "
-                        f"has completed only {done} step(s) of molecule {first.id}")
+            driver.fail(
+                f"MXHRESUME says its state belongs to step {start}, but the hub "
+                f"has completed only {done} step(s) of molecule {first.id}"
+            )
             return
         if start < done:
             fields = self._replay_fields(driver, start, done)
             if fields is None:
                 self._unreplayable(driver, start, done, reported)
             else:
-                log.info("%s: replaying %d missed step(s) %d..%d from the hub's history",
-                         driver, len(fields), start, done - 1)
+                log.info(
+                    "%s: replaying %d missed step(s) %d..%d from the hub's history",
+                    driver,
+                    len(fields),
+                    start,
+                    done - 1,
+                )
                 driver.replay = fields
                 driver.send_replay()
                 return
@@ -1121,12 +1377,19 @@ class Hub:
         log.warning(
             "%s resumes from step %d (%s) but the hub is at step %d and keeps fields for "
             "replay only from step %d: it continues from its state of step %d, so "
-            "continuity is lost for %s", driver, start,
-            "its checkpoint" if reported and start else
-            "its initial state" if reported else
-            "it sent no MXHRESUME, so its initial state is assumed",
-            done, done - self._replay_offer(driver.molecules[0])[1], start,
-            "it" if driver.batch is None else "these molecules")
+            "continuity is lost for %s",
+            driver,
+            start,
+            "its checkpoint"
+            if reported and start
+            else "its initial state"
+            if reported
+            else "it sent no MXHRESUME, so its initial state is assumed",
+            done,
+            done - self._replay_offer(driver.molecules[0])[1],
+            start,
+            "it" if driver.batch is None else "these molecules",
+        )
 
     def set_molecule_steps(self, molecule_ids: Iterable[int], step: int) -> None:
         """Declare that the molecules have completed ``step`` steps elsewhere (a relay
@@ -1138,8 +1401,9 @@ class Hub:
     def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
         """How many steps each molecule has completed (int64 array)."""
         self._flush_counts()
-        return np.array([self._counts[self._molecules[int(m)].index] for m in molecule_ids],
-                        dtype=np.int64)
+        return np.array(
+            [self._counts[self._molecules[int(m)].index] for m in molecule_ids], dtype=np.int64
+        )
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """The hub's part of a run checkpoint, as plain arrays (``np.savez`` them; load
@@ -1149,11 +1413,13 @@ class Hub:
             raise UsageError("snapshot() in the middle of a step; take it between steps")
         self._flush_counts()
         ids = np.fromiter(self._molecules, dtype=np.int64, count=len(self._molecules))
-        out = {"step_index": np.array(self.step_index, dtype=np.int64),
-               "molecule_ids": ids,
-               "molecule_steps": self._counts[:len(ids)].copy(),
-               "history": np.array(self.history, dtype=np.int64),
-               "replays": np.array(len(self._replays), dtype=np.int64)}
+        out = {
+            "step_index": np.array(self.step_index, dtype=np.int64),
+            "molecule_ids": ids,
+            "molecule_steps": self._counts[: len(ids)].copy(),
+            "history": np.array(self.history, dtype=np.int64),
+            "replays": np.array(len(self._replays), dtype=np.int64),
+        }
         for j, rep in enumerate(self._replays):
             out[f"replay{j}_ids"] = rep.layout.ids
             out[f"replay{j}_fields"] = rep.fields
@@ -1177,7 +1443,8 @@ class Hub:
         if unknown or len(ids) != len(self._molecules) or steps.shape != ids.shape:
             raise UsageError(
                 f"hub snapshot is of molecules {_ids_text(sorted(ids.tolist()))}; this hub "
-                f"registered {_ids_text(sorted(self._molecules))}")
+                f"registered {_ids_text(sorted(self._molecules))}"
+            )
         self._flush_counts()
         for mid, n in zip(ids.tolist(), steps.tolist(), strict=True):
             self._counts[self._molecules[mid].index] = n
@@ -1186,24 +1453,28 @@ class Hub:
             rids = np.asarray(snapshot[f"replay{j}_ids"], dtype=np.int64)
             fields = np.asarray(snapshot[f"replay{j}_fields"], dtype=np.float64)
             before = np.asarray(snapshot[f"replay{j}_before"], dtype=np.int64)
-            if fields.shape != (len(rids), 3) or before.shape != rids.shape or any(
-                    int(m) not in self._molecules for m in rids.tolist()):
-                raise UsageError(f"hub snapshot: replay entry {j} is inconsistent "
-                                 f"(ids {rids.shape}, fields {fields.shape}, "
-                                 f"before {before.shape})")
+            if (
+                fields.shape != (len(rids), 3)
+                or before.shape != rids.shape
+                or any(int(m) not in self._molecules for m in rids.tolist())
+            ):
+                raise UsageError(
+                    f"hub snapshot: replay entry {j} is inconsistent "
+                    f"(ids {rids.shape}, fields {fields.shape}, "
+                    f"before {before.shape})"
+                )
             self._generation += 1
-            index = np.fromiter((self._molecules[m].index for m in rids.tolist()),
-                                dtype=np.intp, count=len(rids))
-            self._replays.append(_Replay(_Layout(rids, self._generation, index), fields,
-                                         before))
+            index = np.fromiter(
+                (self._molecules[m].index for m in rids.tolist()), dtype=np.intp, count=len(rids)
+            )
+            self._replays.append(_Replay(_Layout(rids, self._generation, index), fields, before))
         self.step_index = step_index
 
     def _driver_initialized(self, driver: _Driver) -> None:
         for mol in driver.molecules:
             mol.initialized = True
         barrier = self._barrier
-        if barrier is not None and driver.place(barrier.layout) and self._pending(
-                driver, barrier):
+        if barrier is not None and driver.place(barrier.layout) and self._pending(driver, barrier):
             driver.send_step(barrier)  # a replacement gets the frozen field(s)
         self._notify()
 
@@ -1219,12 +1490,15 @@ class Hub:
         self._handshaking.discard(driver)
         mols = [m for m in driver.molecules if m.driver is driver]
         if not mols:
-            pending = driver.decoder.buffered
-            if pending and previous not in (_CLOSING, _CLOSED) and not driver.reported:
+            buffered = driver.decoder.buffered
+            if buffered and previous not in (_CLOSING, _CLOSED) and not driver.reported:
                 # A peer that leaves half a message behind gets its one line (a peer that
                 # merely connects and closes is not worth one).
-                log.warning("%s closed the connection in the middle of a message (%d bytes "
-                            "of it received)", driver, pending)
+                log.warning(
+                    "%s closed the connection in the middle of a message (%d bytes of it received)",
+                    driver,
+                    buffered,
+                )
             return
         for mol in mols:
             mol.driver = None
@@ -1237,18 +1511,22 @@ class Hub:
                 rows = driver.rows if driver.batch is not None else [driver.row]
                 ids, done = barrier.layout.ids[rows], barrier.done[rows]
                 pending = ids[~done].tolist()
-            log.warning("%s disconnected%s%s", driver,
-                        " in the middle of a step" if pending else "",
-                        f" ({exc})" if exc else "")
-            if pending:
+            log.warning(
+                "%s disconnected%s%s",
+                driver,
+                " in the middle of a step" if pending else "",
+                f" ({exc})" if exc else "",
+            )
+            if pending and barrier is not None:
                 barrier.lost.extend(pending)
                 if barrier.abort_on_loss:
                     barrier.wake("lost")
         self._progress_binds()
         self._notify()
 
-    def _source_ready(self, driver: _Driver, sx: float, sy: float, sz: float,
-                      extras: bytes) -> None:
+    def _source_ready(
+        self, driver: _Driver, sx: float, sy: float, sz: float, extras: bytes
+    ) -> None:
         barrier = self._barrier
         r = driver.row
         if barrier is None or r < 0 or barrier.done[r]:
@@ -1266,8 +1544,12 @@ class Hub:
     def _sources_batch(self, driver: _Driver, event: wire.SourcesBatch) -> None:
         barrier = self._barrier
         rows = driver.rows
-        if barrier is None or rows is None or driver.rows_generation != \
-                barrier.layout.generation or barrier.done[rows].all():
+        if (
+            barrier is None
+            or rows is None
+            or driver.rows_generation != barrier.layout.generation
+            or barrier.done[rows].all()
+        ):
             driver.fail("MXHSOURCES for a step that was not asked")
             return
         fresh = int(np.count_nonzero(~barrier.done[rows]))
@@ -1287,33 +1569,42 @@ class Hub:
         if layout is None or layout.key != ids.tobytes():
             unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
             if unknown:
-                raise UsageError(f"molecule {unknown[0]} is not registered with this hub"
-                                 + (f" (nor {_ids_text(unknown[1:])})" if len(unknown) > 1
-                                    else ""))
+                raise UsageError(
+                    f"molecule {unknown[0]} is not registered with this hub"
+                    + (f" (nor {_ids_text(unknown[1:])})" if len(unknown) > 1 else "")
+                )
             if len(set(ids.tolist())) != len(ids):
                 raise UsageError("a step names the same molecule twice")
             self._flush_counts()
             self._generation += 1
-            index = np.fromiter((self._molecules[m].index for m in ids.tolist()),
-                                dtype=np.intp, count=len(ids))
+            index = np.fromiter(
+                (self._molecules[m].index for m in ids.tolist()), dtype=np.intp, count=len(ids)
+            )
             layout = self._layout = _Layout(ids.copy(), self._generation, index)
         return _Barrier(layout, fields, want_extras)
 
-    def _begin(self, ids: np.ndarray | None, fields: np.ndarray | None,
-               timeout: float | None, abort_on_loss: bool,
-               want_extras: bool = True) -> _Barrier | None:
+    def _begin(
+        self,
+        ids: np.ndarray | None,
+        fields: np.ndarray | None,
+        timeout: float | None,
+        abort_on_loss: bool,
+        want_extras: bool = True,
+    ) -> _Barrier | None:
         """Freeze (or continue) the step, send what is due; the barrier, or None when
         paused. Synchronous: the caller then waits on ``barrier.waiter`` if set."""
         if self.paused:
             return None
         barrier = self._barrier
         if barrier is None:
+            if ids is None or fields is None:
+                raise UsageError("no step to continue: give the molecule ids and fields")
             barrier = self._barrier = self._freeze(ids, fields, want_extras)
         barrier.abort_on_loss = abort_on_loss
         barrier.lost.clear()
         self._progress_binds()
         layout = barrier.layout
-        for driver in list(self._connections):      # per connection, not per molecule
+        for driver in list(self._connections):  # per connection, not per molecule
             state = driver.state
             if state == _READY:
                 if driver.place(layout) and self._pending(driver, barrier):
@@ -1322,22 +1613,68 @@ class Hub:
                 self._ensure_init(driver)
         if abort_on_loss:
             row, done = layout.row, barrier.done
-            barrier.lost.extend(m for m in self._driverless
-                                if (r := row.get(m)) is not None and not done[r])
+            barrier.lost.extend(
+                m for m in self._driverless if (r := row.get(m)) is not None and not done[r]
+            )
         if barrier.waiting and not (abort_on_loss and barrier.lost):
-            barrier.waiter = self._loop.create_future()
+            loop = self.loop
+            barrier.waiter = loop.create_future()
             wait = self.timeout if timeout is None else timeout
-            barrier.timer = self._loop.call_later(wait, barrier.wake, "timeout")
+            now = loop.time()
+            barrier.deadline = None if wait is None else now + wait
+            if barrier.reports is None:  # the first wait of this step starts the schedule
+                barrier.reports = report_delays()
+                barrier.report_base = now
+                barrier.report_at = now + next(barrier.reports)
+            self._arm_step(barrier)
         return barrier
+
+    def _arm_step(self, barrier: _Barrier) -> None:
+        """One timer per waiting step: its deadline, or the next report of who is missing
+        if that comes first (a step without a deadline only ever reports)."""
+        if barrier.deadline is not None and barrier.deadline <= barrier.report_at:
+            barrier.timer = self.loop.call_at(barrier.deadline, barrier.wake, "timeout")
+        else:
+            barrier.timer = self.loop.call_at(barrier.report_at, self._report_step, barrier)
+
+    def _report_step(self, barrier: _Barrier) -> None:
+        """Say which molecules a long step waits for: WARNING for those without a driver
+        (a replacement is awaited), INFO when their drivers are computing."""
+        missing = barrier.missing()
+        unbound = [m for m in missing if self._molecules[m].driver is None]
+        elapsed = self.loop.time() - barrier.report_base
+        if unbound:
+            log.warning(
+                "step %d: still waiting after %.0f s; no driver connected for molecule(s) %s",
+                self.step_index,
+                elapsed,
+                _ids_text(unbound),
+            )
+        else:
+            log.info(
+                "step %d: still waiting after %.0f s for the source of molecule(s) %s "
+                "(their drivers are computing)",
+                self.step_index,
+                elapsed,
+                _ids_text(missing),
+            )
+        if barrier.reports is not None:
+            barrier.report_at = barrier.report_base + next(barrier.reports)
+        self._arm_step(barrier)
+
+    @staticmethod
+    def _disarm(barrier: _Barrier) -> None:
+        """Stop waiting on ``barrier`` (its step stays frozen for the next call)."""
+        if barrier.timer is not None:
+            barrier.timer.cancel()
+            barrier.timer = None
+        barrier.waiter = None
 
     def _end(self, barrier: _Barrier | None) -> StepResult | None:
         """After waiting: the result when the step is complete, else None."""
         if barrier is None:
             return None
-        if barrier.timer is not None:
-            barrier.timer.cancel()
-            barrier.timer = None
-        barrier.waiter = None
+        self._disarm(barrier)
         if barrier.waiting:
             return None
         self._barrier = None
@@ -1345,9 +1682,10 @@ class Hub:
         layout = barrier.layout
         if self.history:
             self._flush_counts()
-            self._replays.append(_Replay(layout, np.array(barrier.fields, np.float64),
-                                         self._counts[layout.index]))
-        layout.pending += 1   # added to _counts when they are read (see _flush_counts)
+            self._replays.append(
+                _Replay(layout, np.array(barrier.fields, np.float64), self._counts[layout.index])
+            )
+        layout.pending += 1  # added to _counts when they are read (see _flush_counts)
         self._step_ms.append((time.monotonic() - barrier.started) * 1e3)
         if barrier.last is not None and barrier.last.molecules:
             self._note_last(barrier.last.molecules[0].id)
@@ -1356,14 +1694,21 @@ class Hub:
             sources[list(barrier.single)] = list(barrier.single.values())
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
 
-    async def _run(self, ids, fields, timeout, abort_on_loss,
-                   want_extras: bool = True) -> StepResult | None:
+    async def _run(
+        self, ids, fields, timeout, abort_on_loss, want_extras: bool = True
+    ) -> StepResult | None:
         barrier = self._begin(ids, fields, timeout, abort_on_loss, want_extras)
         if barrier is not None and barrier.waiter is not None:
-            await barrier.waiter
+            try:
+                await barrier.waiter
+            except BaseException:  # cancelled: no timer of this wait may fire into the next
+                self._disarm(barrier)
+                raise
         return self._end(barrier)
 
-    def _arrays(self, requests: Mapping[int, Mapping]) -> tuple[np.ndarray, np.ndarray]:
+    def _arrays(
+        self, requests: Mapping[int, Mapping]
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
         """ids and fields from MaxwellLink's request dict (and INIT payloads it carries)."""
         if self._barrier is not None:
             return None, None  # a frozen step is continued; its fields stay
@@ -1371,8 +1716,11 @@ class Hub:
         try:
             efields = [req["efield_au"] for req in requests.values()]
         except (KeyError, TypeError):
-            bad = next(k for k, req in requests.items()
-                       if not isinstance(req, Mapping) or "efield_au" not in req)
+            bad = next(
+                k
+                for k, req in requests.items()
+                if not isinstance(req, Mapping) or "efield_au" not in req
+            )
             raise UsageError(f"molecule {int(bad)}: request lacks 'efield_au'") from None
         for mid, req in requests.items():
             init = req.get("init")
@@ -1381,15 +1729,18 @@ class Hub:
                 mol.payload = dict(init)
         return ids, _fields_array(ids, efields)
 
-    async def step_barrier(self, requests: Mapping[int, Mapping],
-                           timeout: float | None = None) -> dict[int, dict]:
+    async def step_barrier(
+        self, requests: Mapping[int, Mapping], timeout: float | None = None
+    ) -> dict[int, dict]:
         """MaxwellLink's barrier: ``{molid: {"amp": ndarray(3), "extra": bytes}}``, or ``{}``
         when paused, aborted by a lost driver, or incomplete at ``timeout``."""
-        result = await self._run(*self._arrays(requests), timeout, abort_on_loss=True)
+        ids, fields = self._arrays(requests)
+        result = await self._run(ids, fields, timeout, abort_on_loss=True)
         return result.as_dict() if result is not None else {}
 
-    async def step(self, requests: Mapping[int, Mapping], timeout: float | None = None,
-                   on_lost: str = "wait") -> dict[int, dict]:
+    async def step(
+        self, requests: Mapping[int, Mapping], timeout: float | None = None, on_lost: str = "wait"
+    ) -> dict[int, dict]:
         """The barrier with a deadline. ``on_lost`` is the policy when a molecule has no
         driver: ``"wait"`` for a replacement until ``timeout``, then raise
         :class:`BarrierTimeout` naming the missing molecules; ``"abort"`` raise
@@ -1399,8 +1750,9 @@ class Hub:
         result = await self._run(ids, fields, timeout, abort)
         return self._outcome(result, abort, timeout).as_dict()
 
-    async def step_arrays(self, ids, fields, timeout: float | None = None,
-                          on_lost: str = "wait", extras: bool = True) -> StepResult:
+    async def step_arrays(
+        self, ids, fields, timeout: float | None = None, on_lost: str = "wait", extras: bool = True
+    ) -> StepResult:
         """The barrier in array form: ``ids`` (N,), ``fields`` (N, 3) a.u. -> a
         :class:`StepResult` (sources row for row). Same policies as :meth:`step`.
         ``extras=False`` tells ensemble drivers not to send their extras arrays."""
@@ -1410,8 +1762,7 @@ class Hub:
         result = await self._run(ids, fields, timeout, abort, extras)
         return self._outcome(result, abort, timeout)
 
-    def _outcome(self, result: StepResult | None, abort: bool,
-                 timeout: float | None) -> StepResult:
+    def _outcome(self, result: StepResult | None, abort: bool, timeout: float | None) -> StepResult:
         if result is not None:
             return result
         barrier = self._barrier
@@ -1421,15 +1772,20 @@ class Hub:
             raise BarrierTimeout("the hub is stopped; no step can complete")
         if abort and barrier.lost:
             lost = sorted(set(barrier.lost))
-            raise DriverLost(f"step {self.step_index}: the driver of molecule(s) {lost} is "
-                             "gone and the policy is to abort", lost)
+            raise DriverLost(
+                f"step {self.step_index}: the driver of molecule(s) {lost} is "
+                "gone and the policy is to abort",
+                lost,
+            )
         missing = barrier.missing()
         unbound = [m for m in missing if self._molecules[m].driver is None]
         wait = self.timeout if timeout is None else timeout
         raise BarrierTimeout(
-            f"step {self.step_index}: no source from molecule(s) {_ids_text(missing)} within "
-            f"{wait:g} s" + (f"; no driver connected for {_ids_text(unbound)}" if unbound
-                             else ""), missing)
+            f"step {self.step_index}: no source from molecule(s) {_ids_text(missing)} "
+            f"{within(wait)}"
+            + (f"; no driver connected for {_ids_text(unbound)}" if unbound else ""),
+            missing,
+        )
 
     def status(self, most: int | None = None) -> dict:
         """A snapshot for humans and the control endpoint. ``most`` caps the ``bound`` and
@@ -1440,11 +1796,15 @@ class Hub:
         bound = sorted(m.id for m in self._molecules.values() if m.initialized)
         missing = sorted(m.id for m in self._molecules.values() if not m.initialized)
         times = self._step_ms
-        timing = {"last": None, "mean": None, "p99": None, "steps": len(times)}
+        timing: dict[str, float | None] = {"last": None, "mean": None, "p99": None}
+        timing["steps"] = len(times)
         if times:
             arr = np.fromiter(times, dtype=np.float64, count=len(times))
-            timing.update(last=round(times[-1], 4), mean=round(float(arr.mean()), 4),
-                          p99=round(float(np.percentile(arr, 99)), 4))
+            timing.update(
+                last=round(times[-1], 4),
+                mean=round(float(arr.mean()), 4),
+                p99=round(float(np.percentile(arr, 99)), 4),
+            )
         return {
             "step": self.step_index,
             "molecules": len(self._molecules),
@@ -1459,8 +1819,9 @@ class Hub:
             "status_each_step": sum(d.status_each_step for d in self._connections),
             "in_step": self._barrier is not None,
             "time_per_step_ms": timing,
-            "slowest_molecules": [{"id": m, "times_last": n}
-                                  for m, n in self._last_to_answer.most_common(5)],
+            "slowest_molecules": [
+                {"id": m, "times_last": n} for m, n in self._last_to_answer.most_common(5)
+            ],
         }
 
     def _note_last(self, mid: int) -> None:
@@ -1494,9 +1855,9 @@ class Hub:
         self._notify()
 
 
-_ACCEPT_BATCH = 16          # connections accepted per event-loop wake-up
-_MIN_PENDING_CAP = 4096     # connections in the handshake before new ones are refused
-_REFUSAL_LOG_EVERY = 10.0   # seconds between summary lines about refused connections
+_ACCEPT_BATCH = 16  # connections accepted per event-loop wake-up
+_MIN_PENDING_CAP = 4096  # connections in the handshake before new ones are refused
+_REFUSAL_LOG_EVERY = 10.0  # seconds between summary lines about refused connections
 
 
 class _Listener:
@@ -1517,7 +1878,8 @@ class _Listener:
         self._refused_since = 0.0
         self._paused: asyncio.TimerHandle | None = None
         sock.setblocking(False)
-        hub._loop.add_reader(sock.fileno(), self._accept)
+        self.loop = hub.loop
+        self.loop.add_reader(sock.fileno(), self._accept)
 
     @classmethod
     def unix(cls, hub: Hub, path: str) -> _Listener:
@@ -1532,8 +1894,9 @@ class _Listener:
 
     @classmethod
     def tcp(cls, hub: Hub, host: str, port: int) -> _Listener:
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                   flags=socket.AI_PASSIVE)[0]
+        family, _, _, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1547,7 +1910,7 @@ class _Listener:
         return cls(hub, sock)
 
     def _accept(self) -> None:
-        hub, loop = self.hub, self.hub._loop
+        hub, loop = self.hub, self.loop
         for _ in range(_ACCEPT_BATCH):
             try:
                 conn, _ = self.sock.accept()
@@ -1572,14 +1935,17 @@ class _Listener:
     def _resume(self) -> None:
         self._paused = None
         if not self._closed:
-            self.hub._loop.add_reader(self.sock.fileno(), self._accept)
+            self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _note_refusal(self) -> None:
         now = time.monotonic()
         self._refused += 1
         if now - self._refused_since >= _REFUSAL_LOG_EVERY:
-            log.error("refused %d connection(s): %d peers are still in the handshake "
-                      "(max_pending)", self._refused, len(self.hub._handshaking))
+            log.error(
+                "refused %d connection(s): %d peers are still in the handshake (max_pending)",
+                self._refused,
+                len(self.hub._handshaking),
+            )
             self._refused, self._refused_since = 0, now
 
     def close(self) -> None:
@@ -1589,7 +1955,7 @@ class _Listener:
         if self._paused is not None:
             self._paused.cancel()
         else:
-            self.hub._loop.remove_reader(self.sock.fileno())
+            self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
     async def wait_closed(self) -> None:
@@ -1597,6 +1963,63 @@ class _Listener:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _Reports:
+    """Calls ``say(seconds waited)`` on the schedule of
+    :func:`maxwellhub.liveness.report_delays` until cancelled (one timer at a time)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, say: Callable[[float], None]) -> None:
+        self.loop, self.say = loop, say
+        self.start = loop.time()
+        self._delays = report_delays()
+        self._timer = loop.call_at(self.start + next(self._delays), self._fire)
+
+    def _fire(self) -> None:
+        self.say(self.loop.time() - self.start)
+        self._timer = self.loop.call_at(self.start + next(self._delays), self._fire)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class _ExitWatch:
+    """Wakes a hub's waits (:meth:`Hub._notify`) when one of ``processes`` exits: a pidfd
+    per live process, read by the event loop, so nothing polls. Where pidfds are missing
+    (not Linux >= 5.3) the exit is still seen by :meth:`exited` at the next wake-up."""
+
+    def __init__(self, hub: Hub, processes: Iterable[Any]) -> None:
+        self.hub = hub
+        self.processes = list(processes)
+        self._fds: list[int] = []
+        for proc in self.processes:
+            if proc.poll() is not None:
+                continue
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except (OSError, AttributeError):  # gone meanwhile, or no pidfd here
+                continue
+            self._fds.append(fd)
+            hub.loop.add_reader(fd, self._exited, fd)
+
+    def _exited(self, fd: int) -> None:
+        self.hub.loop.remove_reader(fd)  # a pidfd stays readable once its process exited
+        self.hub._notify()
+
+    def exited(self) -> bool:
+        return any(proc.poll() is not None for proc in self.processes)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            self.hub.loop.remove_reader(fd)
+            os.close(fd)
+        self._fds = []
+
+
+def _resolve(fut: asyncio.Future, value: object) -> None:
+    """Set ``fut``'s result unless it is done already (a timer racing another wake-up)."""
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _ids_text(ids: list[int], most: int = 20) -> str:
@@ -1625,8 +2048,7 @@ def _fields_array(ids: np.ndarray, efields) -> np.ndarray:
         raise UsageError(f"fields must have shape ({len(ids)}, 3)")
     if not np.isfinite(fields).all():
         r = int(np.flatnonzero(~np.isfinite(fields).all(axis=1))[0])
-        raise UsageError(f"molecule {int(ids[r])}: efield_au is not finite: "
-                         f"{fields[r].tolist()}")
+        raise UsageError(f"molecule {int(ids[r])}: efield_au is not finite: {fields[r].tolist()}")
     return fields
 
 
@@ -1653,8 +2075,9 @@ def _clear_stale_unix_socket(path: str) -> None:
         log.info("removing stale socket file %s (nobody listens)", path)
         os.unlink(path)
     else:
-        raise UsageError(f"another hub is listening on {path}; choose another name or "
-                         "stop that hub first")
+        raise UsageError(
+            f"another hub is listening on {path}; choose another name or stop that hub first"
+        )
     finally:
         probe.close()
 
@@ -1667,7 +2090,15 @@ class SocketHub:
     host : TCP address to bind (default ``127.0.0.1``); ignored with ``unixsocket``.
     port : TCP port (default 31415; 0 picks a free one, see :attr:`port`).
     unixsocket : a bare name (``/tmp/socketmxl_<name>``) or a path for a UNIX socket.
-    timeout : seconds a step, a bind or a handshake may take before giving up.
+    timeout : seconds a step may take before ``step_barrier`` returns ``{}`` (``step``
+        raises :class:`BarrierTimeout`); None (default) waits as long as the drivers
+        compute. A driver that dies is noticed by its connection at once, a vanished host
+        within 2 minutes (TCP keepalive, :mod:`maxwellhub.liveness`); a step or bind that
+        waits long logs who it waits for. ``wait_until_bound(timeout=None)`` waits until
+        the drivers come, whatever this is (as MaxwellLink's does). Every wait ends at
+        Ctrl-C (KeyboardInterrupt) and at the control endpoint's stop.
+    handshake_timeout : seconds a new connection may take to authenticate and answer its
+        first STATUS (default 60, or ``timeout`` when shorter).
     latency : accepted for compatibility with MaxwellLink and ignored: this hub waits on
         events, it never sleeps between polls.
     loop : ``"asyncio"`` (default, or env MAXWELLHUB_LOOP) or ``"uvloop"``: the event loop
@@ -1689,10 +2120,17 @@ class SocketHub:
     :meth:`stop`.
     """
 
-    def __init__(self, host: str | None = None, port: int | None = DEFAULT_PORT,
-                 unixsocket: str | os.PathLike | None = None, timeout: float = 60.0,
-                 latency: float = 0.01, loop: str | None = None,
-                 address_file: str | os.PathLike | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = DEFAULT_PORT,
+        unixsocket: str | os.PathLike | None = None,
+        timeout: float | None = None,
+        latency: float = 0.01,
+        loop: str | None = None,
+        address_file: str | os.PathLike | None = None,
+        **options: Any,
+    ) -> None:
         self.latency = latency
         self.timeout = timeout
         self._is_master = am_master()
@@ -1711,8 +2149,10 @@ class SocketHub:
 
     def _check_no_running_loop(self) -> None:
         if asyncio._get_running_loop() is not None:
-            raise UsageError("SocketHub's synchronous methods cannot run inside a running "
-                             "event loop; use maxwellhub.Hub and await its methods")
+            raise UsageError(
+                "SocketHub's synchronous methods cannot run inside a running "
+                "event loop; use maxwellhub.Hub and await its methods"
+            )
 
     def _run(self, coro):
         loop = self._loop
@@ -1724,7 +2164,17 @@ class SocketHub:
         except UsageError:
             coro.close()
             raise
-        return loop.run_until_complete(coro)
+        task = loop.create_task(coro)
+        try:
+            return loop.run_until_complete(task)
+        except BaseException:
+            # Interrupted (Ctrl-C raises KeyboardInterrupt out of the loop): end the wait
+            # here, so that it does not resume inside a later call.
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(task)
+            raise
 
     # -- attributes
     @property
@@ -1768,31 +2218,58 @@ class SocketHub:
             self._run(asyncio.sleep(0))  # let pending connections and replies be read
         return self.hub.all_bound(molecule_ids, require_init)
 
-    def wait_until_bound(self, init_payloads, require_init: bool = True,
-                         timeout: float | None = None) -> bool:
+    def wait_until_bound(
+        self,
+        init_payloads,
+        require_init: bool = True,
+        timeout: float | None = None,
+    ) -> bool:
+        """See :meth:`Hub.wait_until_bound`: ``timeout`` None waits until the drivers
+        come (not the hub's ``timeout``), logging who is missing; it ends early, with
+        False, at a stop request or when a watched process exits."""
         if self.hub is None:
             return False
         return self._run(self.hub.wait_until_bound(init_payloads, require_init, timeout))
+
+    def watch_processes(
+        self, processes: Iterable[Any] | Callable[[], Iterable[Any]] | None
+    ) -> None:
+        """See :meth:`Hub.watch_processes` (nothing on ranks other than 0)."""
+        if self.hub is not None:
+            self.hub.watch_processes(processes)
 
     def _barrier(self, ids, fields, timeout, abort: bool, want_extras: bool = True):
         """One barrier attempt without a Task: dispatch synchronously, then run the loop
         only until this step's waiter resolves (the hot path of Meep's step callback)."""
         self._check_no_running_loop()
-        hub = self.hub
+        hub, loop = self._live()
         barrier = hub._begin(ids, fields, timeout, abort, want_extras)
         if barrier is not None and barrier.waiter is not None:
-            self._loop.run_until_complete(barrier.waiter)
+            try:
+                loop.run_until_complete(barrier.waiter)
+            except BaseException:  # Ctrl-C: the step stays frozen, its timer must not fire
+                hub._disarm(barrier)
+                raise
         return hub._end(barrier)
 
-    def step_barrier(self, requests: Mapping[int, Mapping],
-                     timeout: float | None = None) -> dict[int, dict]:
+    def _live(self) -> tuple[Hub, asyncio.AbstractEventLoop]:
+        """The hub and its loop; a :class:`UsageError` when stopped or not on rank 0."""
+        if self.hub is None or self._loop is None:
+            raise UsageError("this SocketHub is stopped (or not on MPI rank 0)")
+        return self.hub, self._loop
+
+    def step_barrier(
+        self, requests: Mapping[int, Mapping], timeout: float | None = None
+    ) -> dict[int, dict]:
         if self.hub is None or self._loop is None:
             return {}  # not rank 0, or stopped: the "paused" case of the contract
-        result = self._barrier(*self.hub._arrays(requests), timeout, True)
+        ids, fields = self.hub._arrays(requests)
+        result = self._barrier(ids, fields, timeout, True)
         return result.as_dict() if result is not None else {}
 
-    def step(self, requests: Mapping[int, Mapping], timeout: float | None = None,
-             on_lost: str = "wait") -> dict[int, dict]:
+    def step(
+        self, requests: Mapping[int, Mapping], timeout: float | None = None, on_lost: str = "wait"
+    ) -> dict[int, dict]:
         """The barrier with a deadline; see :meth:`Hub.step` (raises instead of ``{}``)."""
         if self.hub is None:
             raise UsageError("step is only available on MPI rank 0")
@@ -1801,8 +2278,9 @@ class SocketHub:
         result = self._barrier(ids, fields, timeout, abort)
         return self.hub._outcome(result, abort, timeout).as_dict()
 
-    def step_arrays(self, ids, fields, timeout: float | None = None,
-                    on_lost: str = "wait", extras: bool = True) -> StepResult:
+    def step_arrays(
+        self, ids, fields, timeout: float | None = None, on_lost: str = "wait", extras: bool = True
+    ) -> StepResult:
         """The barrier in array form; see :meth:`Hub.step_arrays`."""
         if self.hub is None or self._loop is None:
             raise UsageError("step_arrays is only available on MPI rank 0 of a running hub")
@@ -1855,7 +2333,6 @@ class SocketHub:
     def __del__(self) -> None:
         loop = getattr(self, "_loop", None)
         if loop is not None and not loop.is_closed() and not loop.is_running():
-            try:
+            # Best effort at garbage collection: an error here has nowhere to go.
+            with contextlib.suppress(Exception):
                 self.stop()
-            except Exception:
-                pass

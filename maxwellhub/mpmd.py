@@ -45,20 +45,21 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["meep_groups", "split_world", "main"]
+__all__ = ["main", "meep_groups", "split_world"]
 
 
 def meep_groups(k: int, n: int) -> int:
     """The number of Meep process groups g that makes ranks 0..k-1 of n exactly group 0."""
     if not 0 < k < n:
         raise UsageError(f"MPMD with {k} EM ranks among {n}: expected 0 < K < N")
-    g = -(-n // k)                     # ceil(n / k): rank k is in group >= 1
-    if (k - 1) * g >= n:               # rank k-1 would leave group 0
+    g = -(-n // k)  # ceil(n / k): rank k is in group >= 1
+    if (k - 1) * g >= n:  # rank k-1 would leave group 0
         raise UsageError(
             f"MPMD with K = {k} EM ranks and {n - k} other ranks: Meep splits processes "
             f"into equal groups only, and no group count confines it to ranks 0..{k - 1} "
             f"(needs N/K <= g < N/(K-1)); use more or fewer driver ranks, or start the "
-            "drivers as their own job with --address-file")
+            "drivers as their own job with --address-file"
+        )
     return g
 
 
@@ -73,7 +74,7 @@ def _world_layout(MPI) -> tuple[Any, int, int, int, int]:
     world = MPI.COMM_WORLD
     # Allgather of a buffer, not allgather of objects: nothing on any wire is pickled.
     apps_buf = np.zeros(world.Get_size(), dtype=np.int64)
-    world.Allgather(np.array([_appnum(MPI)], dtype=np.int64), apps_buf)   # collective 1
+    world.Allgather(np.array([_appnum(MPI)], dtype=np.int64), apps_buf)  # collective 1
     apps = apps_buf.tolist()
     mine = apps[world.Get_rank()]
     return world, world.Get_rank(), world.Get_size(), apps.count(apps[0]), mine
@@ -86,8 +87,7 @@ def split_world():
     """
     from . import mpi
 
-    if "mpi4py.MPI" not in sys.modules and not any(v in os.environ
-                                                   for v in mpi._LAUNCHER_VARS):
+    if "mpi4py.MPI" not in sys.modules and not any(v in os.environ for v in mpi._LAUNCHER_VARS):
         return None
     try:
         from mpi4py import MPI
@@ -98,27 +98,31 @@ def split_world():
     if k == n:
         return world
     if mine != 0 or rank >= k:
-        raise UsageError("split_world() is for the EM program, which must come first on "
-                         "the mpirun line (mpirun -np K python em.py : -np M ...)")
+        raise UsageError(
+            "split_world() is for the EM program, which must come first on "
+            "the mpirun line (mpirun -np K python em.py : -np M ...)"
+        )
     g = meep_groups(k, n)
     try:
         import meep
-    except ImportError:   # a hub without Meep: the same split, made directly
-        world.Split(rank * g // n, rank).Free()                  # collective 2
+    except ImportError:  # a hub without Meep: the same split, made directly
+        world.Split(rank * g // n, rank).Free()  # collective 2
     else:
-        meep.divide_parallel_processes(g)                        # collective 2
-    app = world.Split(0, rank)                                   # collective 3
+        meep.divide_parallel_processes(g)  # collective 2
+    app = world.Split(0, rank)  # collective 3
     mpi._APP_COMM["comm"] = app
     return app
 
 
 def _driver_side(MPI) -> None:
-    world, rank, n, k, mine = _world_layout(MPI)                 # collective 1
+    world, rank, n, k, mine = _world_layout(MPI)  # collective 1
     if mine == 0:
-        raise UsageError("python -m maxwellhub.mpmd is for the driver program, which must "
-                         "come after the EM program on the mpirun line")
-    world.Split(rank * meep_groups(k, n) // n, rank).Free()      # collective 2
-    world.Split(mine, rank).Free()                               # collective 3
+        raise UsageError(
+            "python -m maxwellhub.mpmd is for the driver program, which must "
+            "come after the EM program on the mpirun line"
+        )
+    world.Split(rank * meep_groups(k, n) // n, rank).Free()  # collective 2
+    world.Split(mine, rank).Free()  # collective 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[0] + "\n\nusage: python -m maxwellhub.mpmd COMMAND "
-              "[ARGS...]", file=sys.stderr)
+        print(
+            __doc__.split("\n\n")[0] + "\n\nusage: python -m maxwellhub.mpmd COMMAND [ARGS...]",
+            file=sys.stderr,
+        )
         return 2
     from mpi4py import MPI  # MPI_Init: required of every program of an MPMD job
 
@@ -143,14 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         child = subprocess.Popen(argv, env=driver_env(), stdin=subprocess.DEVNULL)
     except OSError as exc:
         print(f"maxwellhub.mpmd: cannot start {argv[0]}: {exc}", file=sys.stderr)
-        return 127   # MPI_Finalize still runs (mpi4py at exit), so the EM side can end
+        return 127  # MPI_Finalize still runs (mpi4py at exit), so the EM side can end
 
     def forward(signum, _frame):
         child.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    code = child.wait()   # the driver has its own deadline (--timeout); so has the hub
+    # Unbounded on purpose: the driver ends at STOP, or when its hub's connection dies
+    # (maxwellhub.liveness); a --timeout of its own bounds its connecting.
+    code = child.wait()
     return code if code >= 0 else 128 - code
 
 

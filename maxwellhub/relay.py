@@ -11,8 +11,8 @@ ChAR0N's router; the frames are maxwellhub's own.
 
 Session, in order:
 
-1. Listen locally and wait until drivers for M molecules have connected (deadline
-   ``timeout``); only then connect upstream (retrying until ``timeout``) and say
+1. Listen locally and wait until drivers for M molecules have connected; only then
+   connect upstream (retrying with backoff: the hub may start later) and say
    MXHHELLO(M), so a relay never claims molecules it cannot serve.
 2. The upstream INIT names the M molecule ids (``molecule_id_range`` or
    ``molecule_ids``) and their payloads (``payloads``, or one shared object). The relay
@@ -26,9 +26,16 @@ Session, in order:
 4. Upstream STOP: STOP to every local driver, then BYE upstream, exit 0 (EXIT: the same
    without BYE).
 
-Continuity: a local driver that dies mid-run is replaced like a direct one (the local
-hub waits up to ``timeout`` for a driver to connect to the relay and gives it the frozen
-field) while the upstream step waits for the relay. If no replacement comes, or the
+Deadlines: with the default ``timeout=None`` the relay waits for its local drivers to
+connect, initialise and compute, and for the upstream hub to appear, as long as it takes
+(logging who it waits for on a growing schedule; Ctrl-C and SIGTERM end it). Deaths are
+noticed by the connections, not by deadlines (:mod:`maxwellhub.liveness`): TCP keepalive
+on the upstream and local TCP connections, EOF on every socket. A number bounds each of
+those waits, as it did before.
+
+Continuity: a local driver that dies mid-run is replaced like a direct one (the relay
+waits up to ``replace_timeout`` for a driver to connect to the relay and gives it the
+frozen field) while the upstream step waits for the relay. If no replacement comes, or the
 upstream goes away, the relay stops its local drivers and exits non-zero with one line
 saying why; the upstream hub sees the relay's connection drop and applies its own
 lost-driver policy (wait for a replacement relay, or abort).
@@ -50,7 +57,8 @@ import logging
 import math
 import signal
 import socket
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, cast
 
 import numpy as np
 
@@ -58,35 +66,45 @@ from . import hub as _hub
 from . import wire
 from .addresses import DEFAULT_PORT, unix_socket_path
 from .auth import Secret, is_loopback
-from .errors import MaxwellHubError, ProtocolError, UsageError
+from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
 from .hub import Hub, StopRequested
+from .liveness import DEFAULT_REPLACE_TIMEOUT, Reporter, check_timeout, keepalive, within
 
-__all__ = ["Relay", "EXIT_OK", "EXIT_UPSTREAM", "EXIT_PROTOCOL", "EXIT_LOCAL"]
+__all__ = ["EXIT_LOCAL", "EXIT_OK", "EXIT_PROTOCOL", "EXIT_UPSTREAM", "Relay"]
 
 log = logging.getLogger("maxwellhub.relay")
 
 EXIT_OK = 0
-EXIT_UPSTREAM = 1      # upstream unreachable or gone before STOP/EXIT; interrupted
-EXIT_PROTOCOL = 2      # the upstream hub sent bad bytes or an unusable INIT
-EXIT_LOCAL = 3         # local drivers did not connect, initialise or answer in time
+EXIT_UPSTREAM = 1  # upstream unreachable or gone before STOP/EXIT; interrupted
+EXIT_PROTOCOL = 2  # the upstream hub sent bad bytes or an unusable INIT
+EXIT_LOCAL = 3  # local drivers did not connect, initialise or answer in time
 
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
-_RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
-                 errno.EAGAIN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+_CONNECT_ATTEMPT = 10.0  # s for one connection attempt when the wait has no deadline
+_RETRY_ERRNOS = {
+    errno.ENOENT,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.EAGAIN,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+}
 # Keys the INIT of an ensemble carries about the ensemble itself, not about a molecule.
 # "mxh_resume" is the upstream hub's replay offer to this connection; the local hub makes
 # its own offer to each local driver.
-_ENSEMBLE_KEYS = ("molecule_id_range", "molecule_ids", "payloads", "molecule_id",
-                  "mxh_resume")
+_ENSEMBLE_KEYS = ("molecule_id_range", "molecule_ids", "payloads", "molecule_id", "mxh_resume")
 # What MXHSOURCES can carry (the upstream decoder's default Limits).
 _MAX_EXTRAS_KEYS = wire.Limits().max_extras_keys
 _MAX_KEY_BYTES = wire.Limits().max_key_bytes
-_SPARES = 256            # local drivers beyond M allowed to wait as replacements
-_LOCAL_STOP_WAIT = 1.0   # s for local BYEs, shorter than the upstream's wait for ours
+_SPARES = 256  # local drivers beyond M allowed to wait as replacements
+_LOCAL_STOP_WAIT = 1.0  # s for local BYEs, shorter than the upstream's wait for ours
 
-_STATUS_REPLY = {name: wire.encode_header(name)
-                 for name in (wire.NEEDINIT, wire.READY, wire.HAVEDATA)}
+_STATUS_REPLY = {
+    name: wire.encode_header(name) for name in (wire.NEEDINIT, wire.READY, wire.HAVEDATA)
+}
 _BYE = wire.encode_header(wire.BYE)
 
 
@@ -132,17 +150,37 @@ class _LocalHub(Hub):
             return
         for mol in driver.molecules:
             self._counts[mol.index] = start
-        log.info("%s resumes from step %d; the upstream hub is asked to replay steps "
-                 "%d..%d", driver, start, start, done - 1)
+        log.info(
+            "%s resumes from step %d; the upstream hub is asked to replay steps %d..%d",
+            driver,
+            start,
+            start,
+            done - 1,
+        )
 
-    async def wait_for_drivers(self, molecules: int, timeout: float) -> int:
+    async def wait_for_drivers(self, molecules: int, timeout: float | None) -> int:
         """Wait until drivers for ``molecules`` molecules wait for a binding, or until
-        ``timeout`` s passed; return how many molecules they can host."""
-        deadline = self._loop.time() + timeout
-        while (have := self.waiting_molecules()) < molecules:
-            if not await self._wait_change(deadline):
-                return self.waiting_molecules()
-        return have
+        ``timeout`` s passed (None: no deadline; how many came is logged on the schedule
+        of :func:`maxwellhub.liveness.report_delays`); return how many molecules they can
+        host."""
+        loop = self.loop
+        deadline = None if timeout is None else loop.time() + timeout
+        reports = _hub._Reports(
+            loop,
+            lambda elapsed: log.warning(
+                "still waiting after %.0f s: drivers for %d of %d molecules connected",
+                elapsed,
+                self.waiting_molecules(),
+                molecules,
+            ),
+        )
+        try:
+            while (have := self.waiting_molecules()) < molecules:
+                if not await self._wait_change(deadline):
+                    return self.waiting_molecules()
+            return have
+        finally:
+            reports.cancel()
 
 
 def _describe_upstream(unix: str | None, host: str | None, port: int) -> str:
@@ -158,11 +196,11 @@ def parse_ensemble_init(payload: bytes, molecules: int) -> tuple[list[int], list
     try:
         data = json.loads(payload.decode("utf-8") or "{}")
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"INIT: the init string is not UTF-8 JSON ({exc}): "
-                            f"{payload[:80]!r}") from None
+        raise ProtocolError(
+            f"INIT: the init string is not UTF-8 JSON ({exc}): {payload[:80]!r}"
+        ) from None
     if not isinstance(data, dict):
-        raise ProtocolError(f"INIT: the init string is JSON {type(data).__name__}, not an "
-                            "object")
+        raise ProtocolError(f"INIT: the init string is JSON {type(data).__name__}, not an object")
     try:
         if "molecule_id_range" in data:
             first, count = data["molecule_id_range"]
@@ -170,27 +208,35 @@ def parse_ensemble_init(payload: bytes, molecules: int) -> tuple[list[int], list
         elif "molecule_ids" in data:
             ids = [_as_int(m) for m in data["molecule_ids"]]
         else:
-            raise ProtocolError("INIT of an ensemble needs molecule_id_range or "
-                                f"molecule_ids; keys: {sorted(data)[:20]}")
+            raise ProtocolError(
+                "INIT of an ensemble needs molecule_id_range or "
+                f"molecule_ids; keys: {sorted(data)[:20]}"
+            )
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"INIT: bad molecule_id_range/molecule_ids: {exc}") from None
     if len(ids) != molecules or len(set(ids)) != len(ids):
-        raise ProtocolError(f"INIT names {len(ids)} molecule ids ({len(set(ids))} distinct); "
-                            f"this relay hosts {molecules}")
+        raise ProtocolError(
+            f"INIT names {len(ids)} molecule ids ({len(set(ids))} distinct); "
+            f"this relay hosts {molecules}"
+        )
     shared = {k: v for k, v in data.items() if k not in _ENSEMBLE_KEYS}
     each = data.get("payloads")
     if each is None:
         payloads = [shared] * len(ids)
-    elif not isinstance(each, list) or len(each) != len(ids) or \
-            not all(isinstance(p, dict) for p in each):
+    elif (
+        not isinstance(each, list)
+        or len(each) != len(ids)
+        or not all(isinstance(p, dict) for p in each)
+    ):
         raise ProtocolError(f"INIT: 'payloads' must be a list of {len(ids)} JSON objects")
     else:
         payloads = [{k: v for k, v in p.items() if k not in _ENSEMBLE_KEYS} for p in each]
     for mid, p in zip(ids, payloads, strict=True):
         dt = p.get("dt_au")
         if isinstance(dt, bool) or not isinstance(dt, int | float) or not 0 < dt < math.inf:
-            raise ProtocolError(f"INIT: molecule {mid}: dt_au = {dt!r}; every molecule needs "
-                                "a number dt_au > 0")
+            raise ProtocolError(
+                f"INIT: molecule {mid}: dt_au = {dt!r}; every molecule needs a number dt_au > 0"
+            )
     return ids, payloads
 
 
@@ -205,23 +251,29 @@ class _Upstream(asyncio.Protocol):
     model is the local hub. Every way the session ends resolves :attr:`ended` with
     ``(exit status, message)``."""
 
+    #: Set by connection_made, which the event loop calls before any other method.
+    transport: asyncio.Transport
+
     def __init__(self, relay: Relay, where: str) -> None:
+        if relay.local is None:
+            raise UsageError("the relay connects upstream only once its local hub listens")
         self.relay = relay
+        self.local: _LocalHub = relay.local
         self.where = where
         m = relay.molecules
-        self.decoder = wire.Decoder("driver", wire.Limits(
-            max_init_bytes=(1 << 20) + 512 * m, max_batch=m))
-        self.transport: asyncio.Transport | None = None
+        self.decoder = wire.Decoder(
+            "driver", wire.Limits(max_init_bytes=(1 << 20) + 512 * m, max_batch=m)
+        )
         self.ended: asyncio.Future = asyncio.get_running_loop().create_future()
         self.bye = False
         self.welcomed = False
         self.proof_sent = False
-        self.init_payload: bytes | None = None     # the accepted (or pending) INIT string
-        self.ids: np.ndarray | None = None        # set once local drivers are initialised
-        self.deferred_status = 0                   # STATUS received while initialising
-        self.fields: np.ndarray | None = None      # staged by MXHFIELDS
+        self.init_payload: bytes | None = None  # the accepted (or pending) INIT string
+        self.ids: np.ndarray | None = None  # set once local drivers are initialised
+        self.deferred_status = 0  # STATUS received while initialising
+        self.fields: np.ndarray | None = None  # staged by MXHFIELDS
         self.want_extras = True
-        self.task: asyncio.Task | None = None      # local INIT or local step in flight
+        self.task: asyncio.Task | None = None  # local INIT or local step in flight
         self.stepping = False
         self.steps = 0
         self._dropped_keys: set[str] = set()
@@ -234,11 +286,12 @@ class _Upstream(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection's transport (asyncio's or uvloop's) is an asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a dead host
+            keepalive(sock)  # a vanished hub host is noticed in LOST_HOST_SECONDS
         self.transport.write(wire.encode_hello(self.relay.molecules))
 
     def data_received(self, data: bytes) -> None:
@@ -253,22 +306,30 @@ class _Upstream(asyncio.Protocol):
                 if self.ended.done():
                     return
         except ProtocolError as exc:
-            self.finish(EXIT_PROTOCOL, f"protocol error from the upstream hub at "
-                                       f"{self.where}{self._when()}: {exc}")
+            self.finish(
+                EXIT_PROTOCOL,
+                f"protocol error from the upstream hub at {self.where}{self._when()}: {exc}",
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.ended.done():
             return
         if self.proof_sent:
-            why = ("closed the connection after our MXHPROOF: it refused the secret (is "
-                   "--secret-file the hub's?)")
+            why = (
+                "closed the connection after our MXHPROOF: it refused the secret (is "
+                "--secret-file the hub's?)"
+            )
         elif not self.welcomed:
-            why = ("closed the connection without answering MXHHELLO (a relay needs a "
-                   "maxwellhub hub that speaks batched frames)")
+            why = (
+                "closed the connection without answering MXHHELLO (a relay needs a "
+                "maxwellhub hub that speaks batched frames)"
+            )
         else:
             why = "closed the connection before STOP or EXIT"
-        self.finish(EXIT_UPSTREAM, f"the upstream hub at {self.where} {why}{self._when()}"
-                    + (f" ({exc})" if exc else ""))
+        self.finish(
+            EXIT_UPSTREAM,
+            f"the upstream hub at {self.where} {why}{self._when()}" + (f" ({exc})" if exc else ""),
+        )
 
     def _when(self) -> str:
         if self.stepping:
@@ -282,15 +343,18 @@ class _Upstream(asyncio.Protocol):
         self.bye = bye
         self.ended.set_result((code, message))
         if self.stepping:
-            self.relay.local.request_stop("because the relay's session ended")
+            self.local.request_stop("because the relay's session ended")
 
     # -- events from the upstream hub
     def on_auth(self, event: wire.AuthChallenge) -> None:
         secret = self.relay.secret
         if secret is None:
-            self.finish(EXIT_PROTOCOL, f"the upstream hub at {self.where} requires "
-                                       "authentication (MXHAUTH); give the relay "
-                                       "--secret-file or MAXWELLHUB_SECRET")
+            self.finish(
+                EXIT_PROTOCOL,
+                f"the upstream hub at {self.where} requires "
+                "authentication (MXHAUTH); give the relay "
+                "--secret-file or MAXWELLHUB_SECRET",
+            )
             return
         self.transport.write(wire.encode_auth_proof(secret.proof(event.nonce)))
         self.proof_sent = True
@@ -298,16 +362,17 @@ class _Upstream(asyncio.Protocol):
     def on_welcome(self, event: wire.Welcome) -> None:
         self.proof_sent = False
         if self.welcomed or event.molecules != self.relay.molecules:
-            raise ProtocolError(f"MXHWELCOME for {event.molecules} molecules"
-                                + (" again" if self.welcomed else
-                                   f"; this relay hosts {self.relay.molecules}"))
+            raise ProtocolError(
+                f"MXHWELCOME for {event.molecules} molecules"
+                + (" again" if self.welcomed else f"; this relay hosts {self.relay.molecules}")
+            )
         self.welcomed = True
         self.decoder.batch = event.molecules
 
     def on_status(self, _event) -> None:
         self.proof_sent = False
         if self.init_payload is not None and self.ids is None:
-            self.deferred_status += 1   # answered READY once the local drivers are ready
+            self.deferred_status += 1  # answered READY once the local drivers are ready
             return
         if self.ids is None:
             reply = wire.NEEDINIT
@@ -319,8 +384,10 @@ class _Upstream(asyncio.Protocol):
 
     def on_init(self, event: wire.Init) -> None:
         if not self.welcomed:
-            raise ProtocolError("INIT before MXHWELCOME: the upstream hub did not accept "
-                                "batched frames (a relay needs a maxwellhub hub)")
+            raise ProtocolError(
+                "INIT before MXHWELCOME: the upstream hub did not accept "
+                "batched frames (a relay needs a maxwellhub hub)"
+            )
         if self.init_payload is not None:
             if event.payload == self.init_payload:
                 return
@@ -335,8 +402,7 @@ class _Upstream(asyncio.Protocol):
         if self.ids is None:
             raise ProtocolError("MXHFIELDS before INIT completed")
         if self.stepping:
-            raise ProtocolError(f"MXHFIELDS during step {self.steps + 1}, before its "
-                                "MXHSOURCES")
+            raise ProtocolError(f"MXHFIELDS during step {self.steps + 1}, before its MXHSOURCES")
         self.fields = event.fields
         self.want_extras = bool(event.flags & wire.WANT_EXTRAS)
 
@@ -358,9 +424,17 @@ class _Upstream(asyncio.Protocol):
     def on_exit(self, _event) -> None:
         self.finish(EXIT_OK, f"EXIT from the upstream hub after {self.steps} steps")
 
-    _HANDLERS = {wire.AuthChallenge: on_auth, wire.Welcome: on_welcome,
-                 wire.Status: on_status, wire.Init: on_init, wire.FieldsBatch: on_fields,
-                 wire.GetForce: on_getforce, wire.Stop: on_stop, wire.Exit: on_exit}
+    # Each handler takes the message of its key's type (the decoder admits only these).
+    _HANDLERS: ClassVar[Mapping[type, Callable[[_Upstream, Any], None]]] = {
+        wire.AuthChallenge: on_auth,
+        wire.Welcome: on_welcome,
+        wire.Status: on_status,
+        wire.Init: on_init,
+        wire.FieldsBatch: on_fields,
+        wire.GetForce: on_getforce,
+        wire.Stop: on_stop,
+        wire.Exit: on_exit,
+    }
 
     # -- the local side
     def _task_done(self, task: asyncio.Task) -> None:
@@ -369,28 +443,32 @@ class _Upstream(asyncio.Protocol):
         if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
-        self.finish(EXIT_LOCAL, f"the relay failed{self._when()}: "
-                                f"{type(exc).__name__}: {exc}")
+        self.finish(EXIT_LOCAL, f"the relay failed{self._when()}: {type(exc).__name__}: {exc}")
 
-    async def _initialize(self, ids: list[int], payloads: list[dict],
-                          offer: dict | None = None) -> None:
-        local = self.relay.local
-        for mid in ids:   # no payload yet, so binding sends no INIT before the step is set
+    async def _initialize(
+        self, ids: list[int], payloads: list[dict], offer: dict | None = None
+    ) -> None:
+        local = self.local
+        for mid in ids:  # no payload yet, so binding sends no INIT before the step is set
             local.register_molecule(mid)
-        if offer is not None:   # the local drivers are offered the upstream's step
+        if offer is not None:  # the local drivers are offered the upstream's step
             local.set_molecule_steps(ids, offer["step"])
         local.deferring = offer is not None
         try:
-            bound = await local.wait_until_bound(dict(zip(ids, payloads, strict=True)),
-                                                 timeout=self.relay.timeout)
+            bound = await local.wait_until_bound(
+                dict(zip(ids, payloads, strict=True)), timeout=self.relay.timeout
+            )
         finally:
             local.deferring = False
         if not bound:
             if self.ended.done():
                 return
             missing = local.missing(ids)
-            self.finish(EXIT_LOCAL, f"local drivers of molecule(s) {_hub._ids_text(missing)} "
-                                    f"did not initialise within {self.relay.timeout:g} s")
+            self.finish(
+                EXIT_LOCAL,
+                f"local drivers of molecule(s) {_hub._ids_text(missing)} "
+                f"did not initialise {within(self.relay.timeout)}",
+            )
             return
         if self.ended.done():
             return
@@ -405,26 +483,29 @@ class _Upstream(asyncio.Protocol):
             if start < done and done - start <= offer["history"]:
                 self.at = start
             elif start < done:
-                log.warning("molecules behind the relay resume from step %d, but the "
-                            "upstream hub keeps only %d step(s) of history at step %d: "
-                            "continuity is lost for them", start, offer["history"], done)
+                log.warning(
+                    "molecules behind the relay resume from step %d, but the "
+                    "upstream hub keeps only %d step(s) of history at step %d: "
+                    "continuity is lost for them",
+                    start,
+                    offer["history"],
+                    done,
+                )
             self.transport.write(wire.encode_resume(start, len(ids)))
         for _ in range(self.deferred_status):
             self.transport.write(_STATUS_REPLY[wire.READY])
         self.deferred_status = 0
 
     async def _step(self, fields: np.ndarray, want_extras: bool) -> None:
-        if self.at < self.resume_to:   # a replayed step: only the molecules behind take it
+        if self.at < self.resume_to:  # a replayed step: only the molecules behind take it
             await self._replayed_step(fields)
             return
         self.at += 1
         try:
-            result = await self.relay.local.step_arrays(
-                self.ids, fields, timeout=self.relay.timeout, on_lost="wait",
-                extras=want_extras)
+            result = await self._local_step(self.ids, fields, want_extras)
         except StopRequested:
-            return   # the session ended while the step waited; finish() said why
-        except MaxwellHubError as exc:   # BarrierTimeout above all
+            return  # the session ended while the step waited; finish() said why
+        except MaxwellHubError as exc:  # BarrierTimeout above all
             self.finish(EXIT_LOCAL, f"step {self.steps + 1} behind the relay: {exc}")
             return
         finally:
@@ -438,12 +519,13 @@ class _Upstream(asyncio.Protocol):
     async def _replayed_step(self, fields: np.ndarray) -> None:
         """Upstream step ``self.at`` replayed: step the molecules whose state is at or
         before it; the upstream discards the answer, so the rest answer zeros."""
-        behind = self.local_steps <= self.at
-        sources = np.zeros((len(self.ids), 3))
+        ids, steps = self.ids, self.local_steps
+        if ids is None or steps is None:  # set together by _initialize when resuming
+            raise ProtocolError("a replayed step before the local drivers resumed")
+        behind = steps <= self.at
+        sources = np.zeros((len(ids), 3))
         try:
-            result = await self.relay.local.step_arrays(
-                self.ids[behind], fields[behind], timeout=self.relay.timeout,
-                on_lost="wait", extras=False)
+            result = await self._local_step(ids[behind], fields[behind], False)
         except StopRequested:
             return
         except MaxwellHubError as exc:
@@ -452,24 +534,56 @@ class _Upstream(asyncio.Protocol):
         finally:
             self.stepping = False
         sources[behind] = result.sources
-        self.local_steps[behind] += 1
+        steps[behind] += 1
         self.at += 1
         if not self.ended.done():
             self.transport.write(wire.encode_sources_batch(sources, None))
+
+    async def _local_step(self, ids: Any, fields: np.ndarray, extras: bool) -> _hub.StepResult:
+        """One local barrier step (no deadline unless the relay has a ``timeout``). A lost
+        local driver is waited for, up to ``replace_timeout``, and its replacement gets
+        the frozen field; :class:`BarrierTimeout` when none comes."""
+        relay, local = self.relay, self.local
+        while True:
+            try:
+                return await local.step_arrays(
+                    ids, fields, timeout=relay.timeout, on_lost="abort", extras=extras
+                )
+            except DriverLost as exc:
+                log.warning(
+                    "the local driver of molecule(s) %s is gone; waiting %s for a replacement "
+                    "to connect to the relay at %s",
+                    _hub._ids_text(exc.molecules),
+                    within(relay.replace_timeout),
+                    relay.listening,
+                )
+                came = await local.wait_until_bound(
+                    exc.molecules, require_init=False, timeout=relay.replace_timeout
+                )
+                if not came and not local.paused:  # paused: the next try says StopRequested
+                    raise BarrierTimeout(
+                        f"no replacement for the local driver of molecule(s) "
+                        f"{_hub._ids_text(exc.molecules)} connected "
+                        f"{within(relay.replace_timeout)}",
+                        exc.molecules,
+                    ) from None
 
     def _extras(self, result: _hub.StepResult) -> dict[str, np.ndarray]:
         """The local extras as MXHSOURCES can carry them: ASCII keys of at most 64 bytes,
         at most 64 keys; other keys are dropped with one warning each."""
         out: dict[str, np.ndarray] = {}
         for key, values in result.extras().items():
-            if key.isascii() and 0 < len(key) <= _MAX_KEY_BYTES and \
-                    len(out) < _MAX_EXTRAS_KEYS:
+            if key.isascii() and 0 < len(key) <= _MAX_KEY_BYTES and len(out) < _MAX_EXTRAS_KEYS:
                 out[key] = values
             elif key not in self._dropped_keys:
                 self._dropped_keys.add(key)
-                log.warning("extras key %r does not fit MXHSOURCES (ASCII, at most "
-                            "%d bytes, at most %d keys); it is not passed upstream", key,
-                            _MAX_KEY_BYTES, _MAX_EXTRAS_KEYS)
+                log.warning(
+                    "extras key %r does not fit MXHSOURCES (ASCII, at most "
+                    "%d bytes, at most %d keys); it is not passed upstream",
+                    key,
+                    _MAX_KEY_BYTES,
+                    _MAX_EXTRAS_KEYS,
+                )
         return out
 
 
@@ -481,7 +595,9 @@ class Relay:
     answers an upstream hub that requires authentication. Local side: ``local_unix``
     and/or ``local_tcp`` (``(host, port)``, port 0 picks one) and ``local_secret`` to
     require it from local drivers. ``timeout``: seconds for local drivers to connect and
-    initialise, for a lost local driver's replacement, and for reaching the upstream hub.
+    initialise, for each local step, and for reaching the upstream hub; None (default):
+    no deadline, deaths are noticed by the connections. ``replace_timeout``: seconds for a
+    lost local driver's replacement to connect (default ``timeout``, or 60 s without one).
     ``history``: steps of fields the local hub keeps to replay to a replacement local
     driver (``Hub(history=...)``; 0 keeps none, and a replacement then continues from its
     own initial or checkpointed state).
@@ -490,20 +606,31 @@ class Relay:
     status and logs one ERROR line when it is not 0.
     """
 
-    def __init__(self, molecules: int, *, upstream_unix: str | None = None,
-                 upstream_host: str | None = None, upstream_port: int = DEFAULT_PORT,
-                 local_unix: str | None = None, local_tcp: tuple[str, int] | None = None,
-                 secret: Secret | None = None, local_secret: Secret | None = None,
-                 timeout: float = 60.0, history: int = 0) -> None:
+    def __init__(
+        self,
+        molecules: int,
+        *,
+        upstream_unix: str | None = None,
+        upstream_host: str | None = None,
+        upstream_port: int = DEFAULT_PORT,
+        local_unix: str | None = None,
+        local_tcp: tuple[str, int] | None = None,
+        secret: Secret | None = None,
+        local_secret: Secret | None = None,
+        timeout: float | None = None,
+        history: int = 0,
+        replace_timeout: float | None = None,
+    ) -> None:
         if isinstance(molecules, bool) or not isinstance(molecules, int) or molecules < 1:
             raise UsageError(f"molecules must be an integer >= 1, not {molecules!r}")
         if local_unix is None and local_tcp is None:
             raise UsageError("a relay needs a local address: local_unix and/or local_tcp")
         if upstream_unix is not None and upstream_host is not None:
-            raise UsageError("give the upstream hub as upstream_unix or upstream_host, "
-                             "not both")
-        if not (timeout and timeout > 0):
-            raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+            raise UsageError("give the upstream hub as upstream_unix or upstream_host, not both")
+        self.timeout = check_timeout(timeout)
+        replace = check_timeout(replace_timeout, "replace_timeout")
+        #: Seconds a lost local driver's replacement has to connect.
+        self.replace_timeout = replace or self.timeout or DEFAULT_REPLACE_TIMEOUT
         self.molecules = molecules
         self.upstream_unix = upstream_unix
         self.upstream_host = upstream_host
@@ -512,7 +639,6 @@ class Relay:
         self.local_tcp = local_tcp
         self.secret = secret
         self.local_secret = local_secret
-        self.timeout = float(timeout)
         self.history = history
         self.upstream = _describe_upstream(upstream_unix, upstream_host, self.upstream_port)
         self.local: _LocalHub | None = None
@@ -530,8 +656,7 @@ class Relay:
         interrupted: asyncio.Future = loop.create_future()
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, lambda s=sig: interrupted.done()
-                                        or interrupted.set_result(signal.Signals(s).name))
+                loop.add_signal_handler(sig, _hub._resolve, interrupted, sig.name)
         try:
             opening = asyncio.ensure_future(self._open(loop))
             await asyncio.wait({opening, interrupted}, return_when=asyncio.FIRST_COMPLETED)
@@ -540,11 +665,12 @@ class Relay:
                 await asyncio.gather(opening, return_exceptions=True)
                 raise RelayFailed(EXIT_UPSTREAM, f"interrupted by {interrupted.result()}")
             session = opening.result()
-            await asyncio.wait({session.ended, interrupted},
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({session.ended, interrupted}, return_when=asyncio.FIRST_COMPLETED)
             if not session.ended.done():
-                session.finish(EXIT_UPSTREAM, f"interrupted by {interrupted.result()} after "
-                                              f"{session.steps} steps")
+                session.finish(
+                    EXIT_UPSTREAM,
+                    f"interrupted by {interrupted.result()} after {session.steps} steps",
+                )
             code, message = session.ended.result()
         except RelayFailed as exc:
             code, message = exc.code, str(exc)
@@ -565,21 +691,27 @@ class Relay:
         where: dict[str, Any]
         if self.local_unix is not None:
             where = {"unixsocket": self.local_unix}
-        else:
+        elif self.local_tcp is not None:
             where = {"host": self.local_tcp[0], "port": self.local_tcp[1]}
+        else:  # refused by __init__
+            raise RelayFailed(EXIT_PROTOCOL, "a relay needs a local address")
         try:
             # Drivers for all M molecules wait unbound until the upstream INIT names the
             # ids, so the local hub must let that many (and spares) wait.
-            local = _LocalHub(timeout=self.timeout, auth=self.local_secret,
-                              history=self.history, max_spare=self.molecules + _SPARES,
-                              max_pending=max(4096, 2 * self.molecules), **where)
-        except (ValueError, TypeError) as exc:   # UsageError is a ValueError
+            local = _LocalHub(
+                timeout=self.timeout,
+                auth=self.local_secret,
+                history=self.history,
+                max_spare=self.molecules + _SPARES,
+                max_pending=max(4096, 2 * self.molecules),
+                **where,
+            )
+        except (ValueError, TypeError) as exc:  # UsageError is a ValueError
             raise RelayFailed(EXIT_PROTOCOL, f"cannot make the local hub: {exc}") from None
         try:
             await local.start()
         except (UsageError, OSError) as exc:
-            raise RelayFailed(EXIT_PROTOCOL, f"cannot listen for local drivers: {exc}") \
-                from None
+            raise RelayFailed(EXIT_PROTOCOL, f"cannot listen for local drivers: {exc}") from None
         self.local = local
         listening = []
         if self.local_unix is not None:
@@ -591,68 +723,104 @@ class Relay:
                 host = self.local_tcp[0]
                 try:
                     self._extra_server = await loop.create_server(
-                        local._new_driver, host=host, port=self.local_tcp[1],
-                        backlog=local.backlog, reuse_address=True)
+                        local._new_driver,
+                        host=host,
+                        port=self.local_tcp[1],
+                        backlog=local.backlog,
+                        reuse_address=True,
+                    )
                 except OSError as exc:
-                    raise RelayFailed(EXIT_PROTOCOL, f"cannot listen for local drivers on "
-                                                     f"TCP {host}:{self.local_tcp[1]}: {exc}") \
-                        from None
+                    raise RelayFailed(
+                        EXIT_PROTOCOL,
+                        f"cannot listen for local drivers on TCP {host}:{self.local_tcp[1]}: {exc}",
+                    ) from None
                 port = self._extra_server.sockets[0].getsockname()[1]
                 if self.local_secret is None and not is_loopback(host):
-                    log.warning("listening on TCP %s:%d without a local secret: any "
-                                "host that can reach it may connect as a driver", host, port)
+                    log.warning(
+                        "listening on TCP %s:%d without a local secret: any "
+                        "host that can reach it may connect as a driver",
+                        host,
+                        port,
+                    )
             listening.append(f"tcp:{self.local_tcp[0]}:{port}")
         #: Where local drivers connect, for messages (and the local TCP port when 0 was
         #: asked).
         self.listening = " and ".join(listening)
-        log.info("waiting for drivers of %d molecules at %s", self.molecules,
-                 self.listening)
+        log.info("waiting for drivers of %d molecules at %s", self.molecules, self.listening)
         have = await local.wait_for_drivers(self.molecules, self.timeout)
         if have < self.molecules:
-            raise RelayFailed(EXIT_LOCAL, f"drivers for only {have} of {self.molecules} "
-                                          f"molecules connected to the relay at "
-                                          f"{self.listening} within {self.timeout:g} s")
-        log.info("drivers for %d molecules connected; connecting to the upstream "
-                 "hub at %s", have, self.upstream)
+            raise RelayFailed(
+                EXIT_LOCAL,
+                f"drivers for only {have} of {self.molecules} "
+                f"molecules connected to the relay at "
+                f"{self.listening} {within(self.timeout)}",
+            )
+        log.info(
+            "drivers for %d molecules connected; connecting to the upstream hub at %s",
+            have,
+            self.upstream,
+        )
         return await self._connect(loop)
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Upstream:
         """Connect upstream, retrying with backoff (0.05 s doubling to 1 s) until
-        ``timeout``: the upstream hub may start later than the relay."""
-        deadline = loop.time() + self.timeout
+        ``timeout`` (None: until it answers, saying so on a growing schedule): the upstream
+        hub may start later than the relay, in another batch job."""
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        reporter = Reporter(loop.time())
         delay, tries = _BACKOFF_FIRST, 0
         while True:
             tries += 1
+            left = _CONNECT_ATTEMPT if deadline is None else deadline - loop.time()
             try:
-                if self.upstream_unix is not None:
-                    _, session = await asyncio.wait_for(loop.create_unix_connection(
-                        lambda: _Upstream(self, self.upstream),
-                        unix_socket_path(self.upstream_unix)),
-                        max(deadline - loop.time(), 0.01))
-                else:
-                    _, session = await asyncio.wait_for(loop.create_connection(
-                        lambda: _Upstream(self, self.upstream),
-                        self.upstream_host or "127.0.0.1", self.upstream_port),
-                        max(deadline - loop.time(), 0.01))
-                return session
-            except OSError as exc:   # TimeoutError included
-                if not isinstance(exc, TimeoutError) and exc.errno is not None and \
-                        exc.errno not in _RETRY_ERRNOS:
-                    raise RelayFailed(EXIT_UPSTREAM, f"cannot connect to the upstream hub "
-                                                     f"at {self.upstream}: {exc}") from None
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise RelayFailed(EXIT_UPSTREAM, f"could not connect to the upstream hub "
-                                      f"at {self.upstream} within {self.timeout:g} s "
-                                      f"({tries} attempts; last error: "
-                                      f"{getattr(exc, 'strerror', None) or exc})") from None
-                await asyncio.sleep(min(delay, left))   # backoff between attempts
+                return await asyncio.wait_for(self._connect_once(loop), max(left, 0.01))
+            except OSError as exc:  # TimeoutError included
+                if (
+                    not isinstance(exc, TimeoutError)
+                    and exc.errno is not None
+                    and exc.errno not in _RETRY_ERRNOS
+                ):
+                    raise RelayFailed(
+                        EXIT_UPSTREAM,
+                        f"cannot connect to the upstream hub at {self.upstream}: {exc}",
+                    ) from None
+                why = getattr(exc, "strerror", None) or exc
+                if deadline is not None and (left := deadline - loop.time()) <= 0:
+                    raise RelayFailed(
+                        EXIT_UPSTREAM,
+                        f"could not connect to the upstream hub "
+                        f"at {self.upstream} {within(self.timeout)} "
+                        f"({tries} attempts; last error: {why})",
+                    ) from None
+                if reporter.due(loop.time()):
+                    log.warning(
+                        "still cannot reach the upstream hub at %s after %.0f s (%d attempts; "
+                        "last error: %s); retrying",
+                        self.upstream,
+                        loop.time() - reporter.start,
+                        tries,
+                        why,
+                    )
+                await asyncio.sleep(delay if deadline is None else min(delay, left))
                 delay = min(2 * delay, _BACKOFF_MAX)
+
+    async def _connect_once(self, loop: asyncio.AbstractEventLoop) -> _Upstream:
+        if self.upstream_unix is not None:
+            _, session = await loop.create_unix_connection(
+                lambda: _Upstream(self, self.upstream), unix_socket_path(self.upstream_unix)
+            )
+        else:
+            _, session = await loop.create_connection(
+                lambda: _Upstream(self, self.upstream),
+                self.upstream_host or "127.0.0.1",
+                self.upstream_port,
+            )
+        return session
 
     async def _shutdown(self, session: _Upstream | None) -> None:
         """STOP the local drivers, then BYE upstream (after STOP) and close."""
         task = session.task if session is not None else None
-        if task is not None and not task.done():
+        if task is not None and not task.done() and self.local is not None:
             self.local.request_stop("because the relay's session ended")  # wakes it
             await asyncio.wait({task}, timeout=_LOCAL_STOP_WAIT)
             if not task.done():

@@ -47,10 +47,21 @@ from typing import Any
 from .addresses import connect_once
 from .errors import MaxwellHubError, UsageError
 from .fsutil import atomic_write
+from .liveness import Reporter, within
 
-__all__ = ["FORMAT", "VERSION", "AddressFile", "RendezvousError", "StaleAddressFile",
-           "write_address_file", "remove_address_file", "read_address_file",
-           "stale_reason", "wait_and_connect", "advertised_host"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "AddressFile",
+    "RendezvousError",
+    "StaleAddressFile",
+    "advertised_host",
+    "read_address_file",
+    "remove_address_file",
+    "stale_reason",
+    "wait_and_connect",
+    "write_address_file",
+]
 
 FORMAT = "maxwellhub-address"
 VERSION = 1
@@ -62,8 +73,14 @@ _POLL_MAX = 1.0
 _MAX_FILE_BYTES = 1 << 16
 # A connection attempt to an address from a file: refused or missing means the hub is
 # gone; these mean "maybe not reachable yet" and are retried with the same file.
-_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                     errno.ECONNRESET, errno.ECONNABORTED}
+_TRANSIENT_ERRNOS = {
+    errno.EAGAIN,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+}
 _GONE_ERRNOS = {errno.ECONNREFUSED, errno.ENOENT}
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
@@ -81,15 +98,15 @@ class AddressFile:
     """The contents of a rendezvous file (see the module docstring)."""
 
     run_id: str
-    transport: str              # "tcp" or "unix"
+    transport: str  # "tcp" or "unix"
     host: str | None
     port: int | None
     unix: str | None
     pid: int
-    pid_start: int | None       # the process's start time in clock ticks after boot (Linux)
+    pid_start: int | None  # the process's start time in clock ticks after boot (Linux)
     hostname: str
-    boot_id: str | None         # /proc/sys/kernel/random/boot_id (Linux)
-    created: float              # time.time() when written
+    boot_id: str | None  # /proc/sys/kernel/random/boot_id (Linux)
+    created: float  # time.time() when written
     auth: bool
     secret_file: str | None
     format: str = FORMAT
@@ -102,8 +119,22 @@ class AddressFile:
 
     def to_json(self) -> str:
         data = asdict(self)
-        order = ["format", "version", "run_id", "transport", "host", "port", "unix", "pid",
-                 "pid_start", "hostname", "boot_id", "created", "auth", "secret_file"]
+        order = [
+            "format",
+            "version",
+            "run_id",
+            "transport",
+            "host",
+            "port",
+            "unix",
+            "pid",
+            "pid_start",
+            "hostname",
+            "boot_id",
+            "created",
+            "auth",
+            "secret_file",
+        ]
         return json.dumps({k: data[k] for k in order}, indent=1) + "\n"
 
 
@@ -124,7 +155,7 @@ def _process_start(pid: int) -> int | None:
     except OSError:
         return None
     try:  # the command name (field 2) may contain spaces and parentheses
-        return int(text[text.rindex(")") + 2:].split()[19])
+        return int(text[text.rindex(")") + 2 :].split()[19])
     except (ValueError, IndexError):
         return None
 
@@ -135,7 +166,7 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True   # exists, owned by someone else
+        return True  # exists, owned by someone else
     return True
 
 
@@ -148,9 +179,14 @@ def advertised_host(bind_host: str) -> str:
 # ---------------------------------------------------------------- writing (the hub)
 
 
-def write_address_file(path: str | os.PathLike, *, address: str | tuple[str, int],
-                       secret_file: str | os.PathLike | None = None, auth: bool = False,
-                       run_id: str | None = None) -> AddressFile:
+def write_address_file(
+    path: str | os.PathLike,
+    *,
+    address: str | tuple[str, int],
+    secret_file: str | os.PathLike | None = None,
+    auth: bool = False,
+    run_id: str | None = None,
+) -> AddressFile:
     """Write the rendezvous file for a hub listening at ``address`` (a UNIX path or
     ``(host, port)``) and return what was written.
 
@@ -168,7 +204,8 @@ def write_address_file(path: str | os.PathLike, *, address: str | tuple[str, int
             if reason is None and old.pid != os.getpid() and _same_machine(old):
                 raise UsageError(
                     f"address file {path} belongs to a live hub (pid {old.pid}, run "
-                    f"{old.run_id}, {old.where}); choose another path or stop that hub")
+                    f"{old.run_id}, {old.where}); choose another path or stop that hub"
+                )
             if reason is not None:
                 _LOG.info("replacing stale address file %s: %s", path, reason)
     if isinstance(address, tuple):
@@ -176,12 +213,21 @@ def write_address_file(path: str | os.PathLike, *, address: str | tuple[str, int
     else:
         transport, host, port, unix = "unix", None, None, os.path.abspath(address)
     info = AddressFile(
-        run_id=run_id or secrets.token_hex(16), transport=transport, host=host, port=port,
-        unix=unix, pid=os.getpid(), pid_start=_process_start(os.getpid()),
-        hostname=socket.gethostname(), boot_id=_boot_id(), created=time.time(),
+        run_id=run_id or secrets.token_hex(16),
+        transport=transport,
+        host=host,
+        port=port,
+        unix=unix,
+        pid=os.getpid(),
+        pid_start=_process_start(os.getpid()),
+        hostname=socket.gethostname(),
+        boot_id=_boot_id(),
+        created=time.time(),
         auth=bool(auth),
-        secret_file=None if secret_file is None else os.path.abspath(
-            os.path.expanduser(os.fspath(secret_file))))
+        secret_file=None
+        if secret_file is None
+        else os.path.abspath(os.path.expanduser(os.fspath(secret_file))),
+    )
     # contents are not secret; readers may be other jobs' users
     atomic_write(path, info.to_json().encode(), mode=0o644)
     return info
@@ -222,13 +268,15 @@ def read_address_file(path: str | os.PathLike) -> AddressFile:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RendezvousError(f"address file {path}: not UTF-8 JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise RendezvousError(f"address file {path}: expected a JSON object, got "
-                              f"{type(data).__name__}")
+        raise RendezvousError(
+            f"address file {path}: expected a JSON object, got {type(data).__name__}"
+        )
     return _validate(path, data)
 
 
-def _field(path: str, data: dict, key: str, kinds: tuple[type, ...], *,
-           optional: bool = False) -> Any:
+def _field(
+    path: str, data: dict, key: str, kinds: tuple[type, ...], *, optional: bool = False
+) -> Any:
     if key not in data:
         if optional:
             return None
@@ -239,20 +287,20 @@ def _field(path: str, data: dict, key: str, kinds: tuple[type, ...], *,
     # bool is an int subclass: never accept it where a number is meant
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join(k.__name__ for k in kinds) + (" or null" if optional else "")
-        raise RendezvousError(f"address file {path}: field {key!r} = {value!r}: expected "
-                              f"{names}")
+        raise RendezvousError(f"address file {path}: field {key!r} = {value!r}: expected {names}")
     return value
 
 
 def _validate(path: str, data: dict) -> AddressFile:
     fmt = _field(path, data, "format", (str,))
     if fmt != FORMAT:
-        raise RendezvousError(f"address file {path}: field 'format' = {fmt!r}: expected "
-                              f"{FORMAT!r}")
+        raise RendezvousError(f"address file {path}: field 'format' = {fmt!r}: expected {FORMAT!r}")
     version = _field(path, data, "version", (int,))
     if version != VERSION:
-        raise RendezvousError(f"address file {path}: field 'version' = {version}: this "
-                              f"maxwellhub reads version {VERSION}")
+        raise RendezvousError(
+            f"address file {path}: field 'version' = {version}: this "
+            f"maxwellhub reads version {VERSION}"
+        )
     transport = _field(path, data, "transport", (str,))
     host = port = unix = None
     if transport == "tcp":
@@ -261,16 +309,17 @@ def _validate(path: str, data: dict) -> AddressFile:
         if not host:
             raise RendezvousError(f"address file {path}: field 'host' is empty")
         if not 0 < port < 65536:
-            raise RendezvousError(f"address file {path}: field 'port' = {port}: expected "
-                                  "1..65535")
+            raise RendezvousError(f"address file {path}: field 'port' = {port}: expected 1..65535")
     elif transport == "unix":
         unix = _field(path, data, "unix", (str,))
         if not os.path.isabs(unix):
-            raise RendezvousError(f"address file {path}: field 'unix' = {unix!r}: expected "
-                                  "an absolute path")
+            raise RendezvousError(
+                f"address file {path}: field 'unix' = {unix!r}: expected an absolute path"
+            )
     else:
-        raise RendezvousError(f"address file {path}: field 'transport' = {transport!r}: "
-                              "expected 'tcp' or 'unix'")
+        raise RendezvousError(
+            f"address file {path}: field 'transport' = {transport!r}: expected 'tcp' or 'unix'"
+        )
     pid = _field(path, data, "pid", (int,))
     if pid <= 0:
         raise RendezvousError(f"address file {path}: field 'pid' = {pid}: expected > 0")
@@ -282,14 +331,23 @@ def _validate(path: str, data: dict) -> AddressFile:
         raise RendezvousError(f"address file {path}: field 'run_id' is empty")
     secret_file = _field(path, data, "secret_file", (str,), optional=True)
     if secret_file is not None and not os.path.isabs(secret_file):
-        raise RendezvousError(f"address file {path}: field 'secret_file' = {secret_file!r}: "
-                              "expected an absolute path")
+        raise RendezvousError(
+            f"address file {path}: field 'secret_file' = {secret_file!r}: expected an absolute path"
+        )
     return AddressFile(
-        run_id=run_id, transport=transport, host=host, port=port, unix=unix, pid=pid,
+        run_id=run_id,
+        transport=transport,
+        host=host,
+        port=port,
+        unix=unix,
+        pid=pid,
         pid_start=_field(path, data, "pid_start", (int,), optional=True),
         hostname=_field(path, data, "hostname", (str,)),
-        boot_id=_field(path, data, "boot_id", (str,), optional=True), created=created,
-        auth=_field(path, data, "auth", (bool,)), secret_file=secret_file)
+        boot_id=_field(path, data, "boot_id", (str,), optional=True),
+        created=created,
+        auth=_field(path, data, "auth", (bool,)),
+        secret_file=secret_file,
+    )
 
 
 def _same_machine(info: AddressFile) -> bool:
@@ -314,8 +372,10 @@ def stale_reason(info: AddressFile) -> str | None:
             return f"its hub (pid {info.pid} on {info.hostname}) is not running"
         start = _process_start(info.pid)
         if info.pid_start is not None and start is not None and start != info.pid_start:
-            return (f"pid {info.pid} on {info.hostname} is now another process (started at "
-                    f"tick {start}, the hub at tick {info.pid_start})")
+            return (
+                f"pid {info.pid} on {info.hostname} is now another process (started at "
+                f"tick {start}, the hub at tick {info.pid_start})"
+            )
     return None
 
 
@@ -330,62 +390,92 @@ def _signature(path: str) -> tuple[int, int, int, int] | None:
 def _connect(info: AddressFile, limit: float) -> socket.socket:
     if info.transport == "unix":
         return connect_once(limit, unix=info.unix)
+    if info.host is None or info.port is None:  # read_address_file checks; said plainly
+        raise RendezvousError(f"{info.where}: a TCP address needs both host and port")
     return connect_once(limit, address=(info.host, info.port))
 
 
-def wait_and_connect(path: str | os.PathLike, timeout: float,
-                     logger: logging.Logger | None = None
-                     ) -> tuple[socket.socket, AddressFile]:
+def _try_file(
+    path: str, limit: float
+) -> tuple[tuple[socket.socket, AddressFile] | None, str | None, str | None]:
+    """One look at the address file: ``(connection, None, None)`` when its hub answered
+    within ``limit`` s; ``(None, problem, None)`` when this version of the file is
+    unusable; ``(None, None, why)`` to look again (not there, or its hub not reachable
+    yet)."""
+    try:
+        info = read_address_file(path)
+    except FileNotFoundError:  # removed between stat and open: look again after a pause
+        return None, None, None
+    except (RendezvousError, OSError) as exc:
+        return None, str(exc), None
+    reason = stale_reason(info)
+    if reason is not None:
+        return None, f"address file {path} is a leftover of a dead run: {reason}", None
+    try:
+        sock = _connect(info, limit)
+    except socket.gaierror as exc:
+        return None, f"address file {path}: cannot resolve host {info.host!r}: {exc}", None
+    except OSError as exc:
+        if exc.errno in _GONE_ERRNOS:
+            return (
+                None,
+                f"address file {path} is a leftover of a dead run: "
+                f"{info.where} refuses connections ({exc.strerror})",
+                None,
+            )
+        if exc.errno in _TRANSIENT_ERRNOS or isinstance(exc, TimeoutError):
+            return None, None, f"{info.where} from {path} not reachable yet: {exc}"
+        return None, f"address file {path}: cannot connect to {info.where}: {exc}", None
+    return (sock, info), None, None
+
+
+def wait_and_connect(
+    path: str | os.PathLike, timeout: float | None, logger: logging.Logger | None = None
+) -> tuple[socket.socket, AddressFile]:
     """Wait for the rendezvous file ``path``, reject leftovers, connect to the hub it names.
 
     Returns the connected (blocking) socket and the file's contents. Raises
     :class:`TimeoutError` after ``timeout`` seconds, naming the file and, if one was
-    seen, why it was not used.
+    seen, why it was not used. ``timeout`` None waits as long as it takes (a hub job may
+    sit in a batch queue for hours), saying what it waits for on the growing schedule of
+    :func:`maxwellhub.liveness.report_delays`.
     """
     log = logger or _LOG
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reporter = Reporter(time.monotonic())
     delay = _POLL_FIRST
-    rejected: tuple | None = None     # signature of the file version we gave up on
+    rejected: tuple | None = None  # signature of the file version we gave up on
     last_problem = "it never appeared"
     while True:
         sig = _signature(path)
         if sig is not None and sig != rejected:
-            problem = None
-            try:
-                info = read_address_file(path)
-            except FileNotFoundError:
-                info = None    # removed between stat and open: look again after a pause
-            except (RendezvousError, OSError) as exc:
-                problem, info = str(exc), None
-            if info is not None:
-                reason = stale_reason(info)
-                if reason is not None:
-                    problem = f"address file {path} is a leftover of a dead run: {reason}"
-            if info is not None and problem is None:
-                try:
-                    sock = _connect(info, max(0.01, min(5.0, deadline - time.monotonic())))
-                except socket.gaierror as exc:
-                    problem = f"address file {path}: cannot resolve host {info.host!r}: {exc}"
-                except OSError as exc:
-                    if exc.errno in _GONE_ERRNOS:
-                        problem = (f"address file {path} is a leftover of a dead run: "
-                                   f"{info.where} refuses connections ({exc.strerror})")
-                    elif exc.errno in _TRANSIENT_ERRNOS or isinstance(exc, TimeoutError):
-                        last_problem = f"{info.where} from {path} not reachable yet: {exc}"
-                        log.debug("%s", last_problem)   # retry this same file
-                    else:
-                        problem = f"address file {path}: cannot connect to {info.where}: {exc}"
-                else:
-                    log.info("connected to %s (run %s, from %s)", info.where, info.run_id,
-                             path)
-                    return sock, info
+            left = 5.0 if deadline is None else deadline - time.monotonic()
+            connected, problem, transient = _try_file(path, max(0.01, min(5.0, left)))
+            if connected is not None:
+                log.info(
+                    "connected to %s (run %s, from %s)",
+                    connected[1].where,
+                    connected[1].run_id,
+                    path,
+                )
+                return connected
+            if transient is not None:
+                last_problem = transient
+                log.debug("%s", transient)  # retry this same file
             if problem is not None:
                 log.warning("%s; waiting for a new one", problem)
                 rejected, last_problem = sig, problem
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        remaining = _POLL_MAX if deadline is None else deadline - now
         if remaining <= 0:
-            raise TimeoutError(f"no usable address file {path} within {timeout:g} s "
-                               f"({last_problem})")
+            raise TimeoutError(f"no usable address file {path} {within(timeout)} ({last_problem})")
+        if reporter.due(now):
+            log.warning(
+                "still waiting for a usable address file %s after %.0f s (%s)",
+                path,
+                now - reporter.start,
+                last_problem,
+            )
         time.sleep(min(delay, remaining))
         delay = min(delay * _POLL_GROWTH, _POLL_MAX)

@@ -131,7 +131,7 @@ def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
 
 
 def _start_batch(ids: list[int], model: str, params: dict, per: int, logs: Path,
-                 where: dict, timeout: float, extra: list[str] = (),
+                 where: dict, timeout: float | None, extra: list[str] = (),
                  new_session: bool = False, secret=None) -> list:
     """Start the driver(s) of one batch; returns [(first molecule id, process)].
     ``extra``: more driver options (checkpoints); ``new_session``: see start_driver."""
@@ -332,6 +332,13 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
                         and transport.drivers == "local":
                     supervisor = _Supervisor(procs, ck_config.restart_drivers)
                     coupling.on_lost = supervisor
+                if transport.drivers == "local":
+                    # Every wait for drivers to bind or initialise (here and in the coupling)
+                    # ends when one of ours exits: the run fails at once with its log tail,
+                    # with no deadline needed. Replaced ones are not watched.
+                    hub.watch_processes(lambda: [
+                        p for mid, p in procs
+                        if supervisor is None or (mid, p) not in supervisor._replaced])
                 if transport.drivers == "external":
                     _await_external_drivers(hub, np.concatenate(ids_by_group).tolist(),
                                             transport)
@@ -350,7 +357,7 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
                                                 timeout=transport.timeout):
                         raise MaxwellHubError(_dead_drivers_message(procs, logs) or
                                               f"drivers for molecules {ids} did not connect "
-                                              f"within {transport.timeout:g} s")
+                                              + _within(transport.timeout))
             if loaded is not None:
                 ckpt.restore(loaded, sim, coupling)
                 if checkpointer is not None:
@@ -415,14 +422,23 @@ def _await_external_drivers(hub, ids: list[int], transport) -> None:
     nodes; ``maxwellhub-driver --address-file``); wait for all of them."""
     where = (f"the address file {transport.address_file}" if transport.address_file
              else f"{hub.address}")
-    log.warning("waiting up to %g s for %d external driver(s) to connect through %s",
-                transport.timeout, len(ids), where)
+    log.warning("waiting %s for %d external driver(s) to connect through %s",
+                "without a deadline" if transport.timeout is None
+                else f"up to {transport.timeout:g} s", len(ids), where)
     if not hub.wait_until_bound(ids, require_init=False, timeout=transport.timeout):
         missing = [m for m in ids if not hub.all_bound([m], require_init=False)]
         raise MaxwellHubError(f"no external driver connected for molecule(s) "
-                              f"{missing[:20]}{' ...' if len(missing) > 20 else ''} within "
-                              f"transport.timeout = {transport.timeout:g} s (start them with "
-                              f"maxwellhub-driver --address-file or the hub's address)")
+                              f"{missing[:20]}{' ...' if len(missing) > 20 else ''} "
+                              + _within(transport.timeout, "transport.timeout = ")
+                              + " (start them with maxwellhub-driver --address-file or the "
+                              "hub's address)")
+
+
+def _within(timeout: float | None, what: str = "") -> str:
+    """How long a wait for drivers lasted, for its error message."""
+    if timeout is None:  # no deadline: only an exited driver or a stop ends such a wait
+        return "(a driver process exited, or a stop was requested)"
+    return f"within {what}{timeout:g} s"
 
 
 def _add_group(coupling, config: Config, group: MoleculeGroup, socket: bool) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any, Self
 
 import numpy as np
 
@@ -19,12 +20,41 @@ def fake_source(mid: int, field) -> tuple[float, float, float]:
     return (2.0 * field[0] + mid, 3.0 * field[1] - mid, -field[2] + 0.5)
 
 
-class FakeDriver:
+class _FakePeer:
+    """What every fake peer shares: its address and its task."""
+
+    address: Any
+    task: asyncio.Task | None
+
+    def start(self) -> Self:
+        self.task = asyncio.create_task(self._run())
+        # asyncio holds tasks weakly: an unreferenced fake would be garbage-collected
+        # mid-conversation, so every running fake is kept here until it ends.
+        _RUNNING.add(self.task)
+        self.task.add_done_callback(_RUNNING.discard)
+        return self
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if isinstance(self.address, str):
+            return await asyncio.open_unix_connection(self.address)
+        return await asyncio.open_connection(*self.address)
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class FakeDriver(_FakePeer):
     """A driver peer. ``silent_after`` fields: stop answering (stay connected);
     ``close_after`` fields: close the connection on the next field (mid-step)."""
 
-    def __init__(self, address, *, close_after: int | None = None,
-                 silent_after: int | None = None, bad_reply: bytes | None = None) -> None:
+    def __init__(
+        self,
+        address,
+        *,
+        close_after: int | None = None,
+        silent_after: int | None = None,
+        bad_reply: bytes | None = None,
+    ) -> None:
         self.address = address
         self.close_after = close_after
         self.silent_after = silent_after
@@ -33,21 +63,8 @@ class FakeDriver:
         self.messages: list[str] = []
         self.molecule_id: int | None = None
         self.init_json: dict | None = None
-        self.task: asyncio.Task | None = None
+        self.task = None
         self.closed = asyncio.Event()
-
-    def start(self) -> FakeDriver:
-        self.task = asyncio.create_task(self._run())
-        # asyncio holds tasks weakly: an unreferenced fake would be garbage-collected
-        # mid-conversation, so every running fake is kept here until it ends.
-        _RUNNING.add(self.task)
-        self.task.add_done_callback(_RUNNING.discard)
-        return self
-
-    async def _open(self):
-        if isinstance(self.address, str):
-            return await asyncio.open_unix_connection(self.address)
-        return await asyncio.open_connection(*self.address)
 
     async def _run(self) -> None:
         reader, writer = await self._open()
@@ -72,7 +89,8 @@ class FakeDriver:
                         self.molecule_id = ev.ident
                         self.init_json = json.loads(ev.payload or b"{}")
                     elif isinstance(ev, wire.PosData):
-                        f = tuple(float(x) for x in ev.field)
+                        fx, fy, fz = (float(x) for x in ev.field)
+                        f = (fx, fy, fz)
                         if self.close_after is not None and len(self.fields) >= self.close_after:
                             writer.close()
                             return
@@ -86,6 +104,9 @@ class FakeDriver:
                             return
                         if self.silent_after is not None and len(self.fields) > self.silent_after:
                             continue
+                        assert self.molecule_id is not None and staged is not None, (
+                            "GETSOURCE before INIT and a field"
+                        )
                         src = fake_source(self.molecule_id, staged)
                         extras = json.dumps({"n": len(self.fields)}).encode()
                         writer.write(wire.encode_source_ready(src, extras))
@@ -104,7 +125,7 @@ class FakeDriver:
             self.closed.set()
 
 
-class FakeEnsemble:
+class FakeEnsemble(_FakePeer):
     """An ensemble driver peer hosting ``m`` molecules with batched frames (MXHHELLO).
     Answers sources = fake_source per molecule and extras {"n": steps, "id": molecule}."""
 
@@ -117,10 +138,7 @@ class FakeEnsemble:
         self.init_json: dict | None = None
         self.messages: list[str] = []
         self.closed = asyncio.Event()
-        self.task: asyncio.Task | None = None
-
-    start = FakeDriver.start
-    _open = FakeDriver._open
+        self.task = None
 
     async def _run(self) -> None:
         reader, writer = await self._open()
@@ -137,8 +155,9 @@ class FakeEnsemble:
                     if isinstance(ev, wire.Welcome):
                         decoder.batch = ev.molecules
                     elif isinstance(ev, wire.Status):
-                        writer.write(wire.encode_header(
-                            wire.READY if initialized else wire.NEEDINIT))
+                        writer.write(
+                            wire.encode_header(wire.READY if initialized else wire.NEEDINIT)
+                        )
                     elif isinstance(ev, wire.Init):
                         initialized = True
                         self.init_json = json.loads(ev.payload)
@@ -152,10 +171,15 @@ class FakeEnsemble:
                         self.steps.append(staged)
                     elif isinstance(ev, wire.GetForce):
                         ids = self.molecule_ids
-                        src = np.array([fake_source(m, f) for m, f in zip(ids, staged,
-                                                                            strict=True)])
-                        extras = {"n": np.full(self.m, float(len(self.steps))),
-                                  "id": np.array(ids, dtype=float)}
+                        if ids is None or staged is None:
+                            raise AssertionError("GETSOURCE before INIT and MXHFIELDS")
+                        src = np.array(
+                            [fake_source(m, f) for m, f in zip(ids, staged, strict=True)]
+                        )
+                        extras = {
+                            "n": np.full(self.m, float(len(self.steps))),
+                            "id": np.array(ids, dtype=float),
+                        }
                         writer.write(wire.encode_sources_batch(src, extras))
                     elif isinstance(ev, wire.Stop):
                         writer.write(wire.encode_header(wire.BYE))

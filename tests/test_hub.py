@@ -67,14 +67,18 @@ async def test_binding_in_connection_order_with_init_payload(hub):
     for m, fake in zip(ids, fakes, strict=True):
         assert fake.molecule_id == m
         # The resume offer (wire.RESUME_KEY) rides along: nothing completed, no history.
-        assert fake.init_json == {"dt_au": 0.25, "user": "x", "molecule_id": m,
-                                  "mxh_resume": {"version": 1, "step": 0, "history": 0}}
+        assert fake.init_json == {
+            "dt_au": 0.25,
+            "user": "x",
+            "molecule_id": m,
+            "mxh_resume": {"version": 1, "step": 0, "history": 0},
+        }
         assert fake.messages[:2] == ["Status", "Init"]  # probed before binding
 
 
 async def test_steps_deliver_sources_and_extras(hub):
     """Several steps: every molecule gets its own field and its source comes back."""
-    ids, fakes = await bind(hub, 4)
+    ids, _fakes = await bind(hub, 4)
     for step in range(5):
         results = await hub.step(requests_for(ids, step), timeout=scaled(5))
         check_results(results, ids, step)
@@ -91,8 +95,10 @@ async def test_step_barrier_timeout_keeps_frozen_field(hub):
     assert await hub.step_barrier(requests_for(ids, 0), timeout=0.2) == {}
     assert await hub.step_barrier(requests_for(ids, 7), timeout=0.2) == {}  # new fields ignored
     assert [len(f.fields) for f in fakes] == [1, 1, 1]
-    assert all(f.fields[0] == tuple(requests_for(ids, 0)[m]["efield_au"])
-               for m, f in zip(ids, fakes, strict=True))
+    assert all(
+        f.fields[0] == tuple(requests_for(ids, 0)[m]["efield_au"])
+        for m, f in zip(ids, fakes, strict=True)
+    )
 
 
 async def test_replacement_gets_frozen_field_and_others_step_once(hub):
@@ -164,8 +170,9 @@ async def test_bad_frame_drops_only_that_connection(hub, kind, caplog):
     named = [r.getMessage() for r in caplog.records if f"molecule {ids[1]}" in r.getMessage()]
     assert named, caplog.text
     if kind != "truncated then close":
-        assert any(r.levelno == logging.ERROR and "dropping" in r.getMessage()
-                   for r in caplog.records), caplog.text
+        assert any(
+            r.levelno == logging.ERROR and "dropping" in r.getMessage() for r in caplog.records
+        ), caplog.text
     FakeDriver(hub.address).start()
     results = await hub.step(requests_for(ids, 0), timeout=scaled(5))
     check_results(results, ids, 0)
@@ -177,7 +184,7 @@ async def test_bad_frame_drops_only_that_connection(hub, kind, caplog):
 async def test_garbage_from_unbound_peer_does_not_disturb(hub, caplog):
     """A peer that connects and sends garbage is dropped; bound molecules step on."""
     caplog.set_level(logging.ERROR, logger="maxwellhub.hub")
-    ids, fakes = await bind(hub, 2)
+    ids, _fakes = await bind(hub, 2)
     reader, writer = await asyncio.open_unix_connection(hub.address)
     writer.write(b"GET / HTTP/1.1\r\n\r\n")
     assert await asyncio.wait_for(reader.read(), scaled(5)) == wire.encode_header(wire.STATUS)
@@ -188,7 +195,7 @@ async def test_garbage_from_unbound_peer_does_not_disturb(hub, caplog):
 async def test_unexpected_message_is_a_protocol_error(hub, caplog):
     """A FORCEREADY nobody asked for drops the connection with a clear reason."""
     caplog.set_level(logging.ERROR, logger="maxwellhub.hub")
-    ids, fakes = await bind(hub, 1)
+    _ids, _fakes = await bind(hub, 1)
     reader, writer = await asyncio.open_unix_connection(hub.address)
     await reader.readexactly(12)
     writer.write(wire.encode_header(wire.NEEDINIT) + wire.encode_source_ready((0, 0, 0)))
@@ -227,7 +234,7 @@ async def test_absolute_unix_path_used_as_given(tmp_path):
     h = Hub(unixsocket=path, timeout=scaled(5))
     await h.start()
     assert h.address == path and stat.S_ISSOCK(os.stat(path).st_mode)
-    ids, fakes = await bind(h, 2)
+    ids, _fakes = await bind(h, 2)
     check_results(await h.step(requests_for(ids, 0), timeout=scaled(5)), ids, 0)
     await h.stop()
 
@@ -236,8 +243,8 @@ async def test_tcp_loopback_default_and_nodelay():
     """TCP binds 127.0.0.1 by default and sets TCP_NODELAY on driver connections."""
     h = Hub(port=0, timeout=scaled(5))
     await h.start()
-    assert h.address[0] == "127.0.0.1" and h.address[1] > 0
-    ids, fakes = await bind(h, 2)
+    assert h.address == ("127.0.0.1", h.port) and h.port > 0
+    ids, _fakes = await bind(h, 2)
     for d in h._connections:
         sock = d.transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
@@ -250,7 +257,7 @@ async def test_shutdown_sends_stop_or_exit(unix_name, dialect, expected):
     """Shutdown sends STOP (answered by BYE) or, for stock i-PI peers, EXIT."""
     h = Hub(unixsocket=unix_name, timeout=scaled(5), dialect=dialect)
     await h.start()
-    ids, fakes = await bind(h, 2)
+    _ids, fakes = await bind(h, 2)
     await h.stop(wait=scaled(2))
     await asyncio.wait_for(asyncio.gather(*(f.closed.wait() for f in fakes)), scaled(5))
     assert all(f.messages[-1] == expected for f in fakes)
@@ -287,6 +294,7 @@ def _thread_driver(path, stop_after):
                 elif isinstance(ev, wire.PosData):
                     field = ev.field
                 elif isinstance(ev, wire.GetForce):
+                    assert mid is not None, "GETSOURCE before INIT"
                     s.sendall(wire.encode_source_ready(fake_source(mid, field)))
                 elif isinstance(ev, wire.Stop):
                     s.sendall(wire.encode_header(wire.BYE))
@@ -356,10 +364,9 @@ async def test_ensemble_driver_binds_many_ids_and_steps_with_one_frame(hub):
     single = FakeDriver(hub.address).start()
     assert await hub.wait_until_bound({ids[0]: {"dt_au": 0.5}}, timeout=scaled(5))
     ens = FakeEnsemble(hub.address, 6).start()
-    assert await hub.wait_until_bound({m: {"dt_au": 0.5, "k": m} for m in ids},
-                                      timeout=scaled(5))
+    assert await hub.wait_until_bound({m: {"dt_au": 0.5, "k": m} for m in ids}, timeout=scaled(5))
     assert single.molecule_id == ids[0] and ens.molecule_ids == ids[1:]
-    assert ens.init_json["dt_au"] == 0.5
+    assert ens.init_json is not None and ens.init_json["dt_au"] == 0.5
     assert [p["k"] for p in ens.init_json["payloads"]] == ids[1:]  # they differ: all sent
     for step in range(3):
         req = requests_for(ids, step)
@@ -402,7 +409,7 @@ async def test_batched_frame_with_wrong_count_is_dropped(hub, caplog):
     reader, writer = await asyncio.open_unix_connection(hub.address)
     writer.write(wire.encode_hello(3))
     dec = wire.Decoder("driver")
-    events = []
+    events: list[wire.Event] = []
     while not any(isinstance(e, wire.Welcome) for e in events):
         events += dec.feed(await asyncio.wait_for(reader.read(1 << 16), scaled(5)))
     writer.write(wire.encode_header(wire.NEEDINIT))
@@ -421,9 +428,12 @@ def test_extras_arrays_skip_what_is_not_a_json_object():
     one zero byte)."""
     from maxwellhub.hub import StepResult
 
-    result = StepResult(np.array([4, 5, 6, 7]), np.zeros((4, 3)),
-                        {0: b"\x00", 1: b"[1, 2]", 2: b'{"Pe": 0.25, "s": "x", "b": true}',
-                         3: b"17"}, [])
+    result = StepResult(
+        np.array([4, 5, 6, 7]),
+        np.zeros((4, 3)),
+        {0: b"\x00", 1: b"[1, 2]", 2: b'{"Pe": 0.25, "s": "x", "b": true}', 3: b"17"},
+        [],
+    )
     out = result.extras()
     assert set(out) == {"Pe"}
     assert np.isnan(out["Pe"][[0, 1, 3]]).all() and out["Pe"][2] == 0.25

@@ -22,28 +22,57 @@ import pytest
 from _util import scaled, unix_socket_path
 
 from maxwellhub import SocketHub, wire
-from maxwellhub.auth import load_secret
+from maxwellhub.auth import Secret, load_secret
 from maxwellhub.errors import ProtocolError
 from maxwellhub.launch import driver_env, reap, start_driver
 from maxwellhub.relay import parse_ensemble_init
 
 DT_AU = 0.5
 TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}
-EXTRAS_KEYS = ("time_au", "energy_au", "mux_au", "muy_au", "muz_au", "Pe", "Pg", "Pge_real",
-               "Pge_imag")
+EXTRAS_KEYS = (
+    "time_au",
+    "energy_au",
+    "mux_au",
+    "muy_au",
+    "muz_au",
+    "Pe",
+    "Pg",
+    "Pge_real",
+    "Pge_imag",
+)
 
 
-def start_relay(tmp_path: Path, listen: str, molecules: int, upstream: list[str],
-                *extra: str, env: dict | None = None,
-                timeout: float = 20) -> tuple[subprocess.Popen, Path]:
-    """Start `maxwellhub relay` listening on UNIX `listen`; its stderr goes to a file."""
+def start_relay(
+    tmp_path: Path,
+    listen: str,
+    molecules: int,
+    upstream: list[str],
+    *extra: str,
+    env: dict | None = None,
+    timeout: float | None = 20,
+) -> tuple[subprocess.Popen, Path]:
+    """Start `maxwellhub relay` listening on UNIX `listen`; its stderr goes to a file.
+    ``timeout`` None: no --timeout (the relay's default, no deadline)."""
     log = tmp_path / f"relay_{listen}.log"
-    argv = [str(Path(sys.executable).parent / "maxwellhub"), "relay", "--molecules",
-            str(molecules), *upstream, "--listen-unix", listen, "--timeout",
-            str(scaled(timeout)), *extra]
+    argv = [
+        str(Path(sys.executable).parent / "maxwellhub"),
+        "relay",
+        "--molecules",
+        str(molecules),
+        *upstream,
+        "--listen-unix",
+        listen,
+        *([] if timeout is None else ["--timeout", str(scaled(timeout))]),
+        *extra,
+    ]
     with open(log, "wb") as err:
-        proc = subprocess.Popen(argv, env=driver_env(env), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            argv,
+            env=driver_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     return proc, log
 
 
@@ -72,23 +101,35 @@ def initialized_ids(logs: list[Path]) -> list[int]:
 
 def test_parse_ensemble_init():
     """The relay reads ids and per-molecule payloads from INIT, and names what is wrong."""
-    ids, payloads = parse_ensemble_init(json.dumps(
-        {"molecule_id_range": [4, 2], "dt_au": 0.5, "molecule_id": 4, "x": 1}).encode(), 2)
+    ids, payloads = parse_ensemble_init(
+        json.dumps({"molecule_id_range": [4, 2], "dt_au": 0.5, "molecule_id": 4, "x": 1}).encode(),
+        2,
+    )
     assert ids == [4, 5] and payloads == [{"dt_au": 0.5, "x": 1}] * 2
-    ids, payloads = parse_ensemble_init(json.dumps(
-        {"molecule_ids": [9, 3], "dt_au": 0.5, "payloads": [
-            {"dt_au": 0.5, "tag": "a", "molecule_id": 9}, {"dt_au": 0.25}]}).encode(), 2)
+    ids, payloads = parse_ensemble_init(
+        json.dumps(
+            {
+                "molecule_ids": [9, 3],
+                "dt_au": 0.5,
+                "payloads": [{"dt_au": 0.5, "tag": "a", "molecule_id": 9}, {"dt_au": 0.25}],
+            }
+        ).encode(),
+        2,
+    )
     assert ids == [9, 3] and payloads == [{"dt_au": 0.5, "tag": "a"}, {"dt_au": 0.25}]
-    bad = {b"\xff": "UTF-8 JSON", b"[1]": "not an object",
-           b'{"dt_au": 0.5}': "molecule_id_range or molecule_ids",
-           b'{"molecule_id_range": [0, 3], "dt_au": 0.5}': "this relay hosts 2",
-           b'{"molecule_ids": [1, 1], "dt_au": 0.5}': "1 distinct",
-           b'{"molecule_id_range": [0, true], "dt_au": 0.5}': "molecule_id_range",
-           b'{"molecule_id_range": [0, 2]}': "molecule 0: dt_au = None",
-           b'{"molecule_id_range": [0, 2], "dt_au": 1, "payloads": [{"dt_au": 1}]}':
-               "list of 2 JSON objects",
-           b'{"molecule_id_range": [0, 2], "dt_au": 1, "payloads": [{"dt_au": 1}, '
-           b'{"dt_au": -1}]}': "molecule 1: dt_au = -1"}
+    bad = {
+        b"\xff": "UTF-8 JSON",
+        b"[1]": "not an object",
+        b'{"dt_au": 0.5}': "molecule_id_range or molecule_ids",
+        b'{"molecule_id_range": [0, 3], "dt_au": 0.5}': "this relay hosts 2",
+        b'{"molecule_ids": [1, 1], "dt_au": 0.5}': "1 distinct",
+        b'{"molecule_id_range": [0, true], "dt_au": 0.5}': "molecule_id_range",
+        b'{"molecule_id_range": [0, 2]}': "molecule 0: dt_au = None",
+        b'{"molecule_id_range": [0, 2], "dt_au": 1, "payloads": '
+        b'[{"dt_au": 1}]}': "list of 2 JSON objects",
+        b'{"molecule_id_range": [0, 2], "dt_au": 1, "payloads": [{"dt_au": 1}, '
+        b'{"dt_au": -1}]}': "molecule 1: dt_au = -1",
+    }
     for payload, words in bad.items():
         with pytest.raises(ProtocolError, match=words.replace("(", r"\(")):
             parse_ensemble_init(payload, 2)
@@ -109,39 +150,76 @@ def test_relays_give_the_same_results_as_direct_connections(unix_name, tmp_path)
     with hub:
         direct = [hub.register_molecule_return_id() for _ in range(n)]
         for _ in direct:
-            procs.append(start_driver("tls", TLS, timeout=scaled(30), host="127.0.0.1",
-                                      port=hub.port, secret=load_secret(upstream_secret)))
+            procs.append(
+                start_driver(
+                    "tls",
+                    TLS,
+                    timeout=scaled(30),
+                    host="127.0.0.1",
+                    port=hub.port,
+                    secret=load_secret(upstream_secret),
+                )
+            )
         assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in direct}, timeout=scaled(30))
         relayed = [hub.register_molecule_return_id() for _ in range(n)]
         # Relay A reads the upstream secret from --secret-file, relay B from the
         # environment, and B's local drivers must prove the local secret.
-        relays.append(start_relay(tmp_path, f"{unix_name}_a", 2, upstream,
-                                  "--secret-file", str(upstream_secret)))
-        relays.append(start_relay(tmp_path, f"{unix_name}_b", 2, upstream,
-                                  "--local-secret-file", str(local_secret),
-                                  env=load_secret(upstream_secret).environ()))
+        relays.append(
+            start_relay(
+                tmp_path, f"{unix_name}_a", 2, upstream, "--secret-file", str(upstream_secret)
+            )
+        )
+        relays.append(
+            start_relay(
+                tmp_path,
+                f"{unix_name}_b",
+                2,
+                upstream,
+                "--local-secret-file",
+                str(local_secret),
+                env=Secret.from_file(upstream_secret).environ(),
+            )
+        )
         logs = []
         for k in range(n):
             logs.append(tmp_path / f"relayed_{k}.log")
-            procs.append(start_driver(
-                "tls", TLS, timeout=scaled(30), unix=f"{unix_name}_{'ab'[k // 2]}",
-                log_path=logs[-1], extra_args=["--verbose"],
-                secret=load_secret(local_secret) if k >= 2 else None))
+            procs.append(
+                start_driver(
+                    "tls",
+                    TLS,
+                    timeout=scaled(30),
+                    unix=f"{unix_name}_{'ab'[k // 2]}",
+                    log_path=logs[-1],
+                    extra_args=["--verbose"],
+                    secret=load_secret(local_secret) if k >= 2 else None,
+                )
+            )
         # Different payloads per molecule make the hub send INIT's "payloads" list.
-        assert hub.wait_until_bound({m: {"dt_au": DT_AU, "tag": f"m{m}"} for m in relayed},
-                                    timeout=scaled(30))
+        assert hub.wait_until_bound(
+            {m: {"dt_au": DT_AU, "tag": f"m{m}"} for m in relayed}, timeout=scaled(30)
+        )
         assert initialized_ids(logs) == relayed
         ids = np.array(direct + relayed)
         for step in range(steps):
             f = fields_at(step, n)
             result = hub.step_arrays(ids, np.vstack([f, f]))
-            np.testing.assert_allclose(result.sources[n:], result.sources[:n], rtol=1e-12,
-                                       atol=1e-300, err_msg=f"step {step}")
+            np.testing.assert_allclose(
+                result.sources[n:],
+                result.sources[:n],
+                rtol=1e-12,
+                atol=1e-300,
+                err_msg=f"step {step}",
+            )
             extras = result.extras()
             assert set(EXTRAS_KEYS) <= set(extras), sorted(extras)
             for key, values in extras.items():
-                np.testing.assert_allclose(values[n:], values[:n], rtol=1e-12, atol=1e-15,
-                                           err_msg=f"step {step}, extras {key}")
+                np.testing.assert_allclose(
+                    values[n:],
+                    values[:n],
+                    rtol=1e-12,
+                    atol=1e-15,
+                    err_msg=f"step {step}, extras {key}",
+                )
         # Not trivially equal: the molecules saw different fields and answered differently.
         assert len({round(float(s), 12) for s in result.sources[:n, 2]}) == n
         np.testing.assert_allclose(extras["time_au"], steps * DT_AU, rtol=1e-12)
@@ -164,8 +242,9 @@ def test_killed_driver_behind_relay_is_replaced(history, unix_name, tmp_path):
     procs: list[subprocess.Popen] = []
     with hub:
         ids = [hub.register_molecule_return_id() for _ in range(n)]
-        relay, relay_log = start_relay(tmp_path, listen, n, ["--unix", unix_name],
-                                       "--history", str(history))
+        relay, relay_log = start_relay(
+            tmp_path, listen, n, ["--unix", unix_name], "--history", str(history)
+        )
         for _ in ids:
             procs.append(start_driver("tls", TLS, timeout=scaled(30), unix=listen))
         assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(30))
@@ -193,17 +272,56 @@ def test_killed_driver_behind_relay_is_replaced(history, unix_name, tmp_path):
             assert len(restarted) <= 1, (step, times)
             if step < victim_step or history:
                 assert not behind, (step, times)
+        assert killer is not None  # victim_step < steps
         killer.join(scaled(10))
         assert len(restarted) == (0 if history else 1) and len(procs) == n + 1
         assert relay.poll() is None, relay_log.read_text()
     assert reap([relay], scaled(10)) == [0], relay_log.read_text()[-2000:]
     codes = reap(procs, scaled(10))
     assert codes[1] == -signal.SIGKILL and codes[:1] + codes[2:] == [0] * n
-    assert "disconnected" in relay_log.read_text()   # the relay's hub saw the loss
+    assert "disconnected" in relay_log.read_text()  # the relay's hub saw the loss
 
 
-def test_relay_passes_stop_to_its_drivers_and_says_bye(unix_name, tcp_port, tmp_path,
-                                                       caplog):
+def test_lost_driver_not_replaced_ends_a_relay_with_default_deadlines(unix_name, tmp_path):
+    """No deadlines anywhere but --replace-timeout: a driver killed behind the relay and
+    not replaced makes the relay exit 3 naming its molecule, and the hub (default
+    SocketHub, no deadline) sees the relay's connection drop: step_barrier returns {}.
+    A watchdog stops the hub if that never happens; it must not have fired."""
+    listen = f"{unix_name}_r"
+    with SocketHub(unixsocket=unix_name) as hub:
+        assert hub._loop is not None and hub.hub is not None
+        dog = threading.Timer(
+            scaled(60), hub._loop.call_soon_threadsafe, (hub.hub.request_stop, "by watchdog")
+        )
+        dog.start()
+        ids = [hub.register_molecule_return_id() for _ in range(2)]
+        relay, relay_log = start_relay(
+            tmp_path,
+            listen,
+            2,
+            ["--unix", unix_name],
+            "--replace-timeout",
+            str(scaled(0.5)),
+            timeout=None,
+        )
+        procs = [start_driver("tls", TLS, unix=listen) for _ in ids]
+        try:
+            hub.watch_processes([relay])  # a relay that dies early ends the bind wait
+            assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}), relay_log.read_text()
+            assert hub.step_barrier({m: {"efield_au": [0.0, 0.0, 1e-3]} for m in ids})
+            procs[0].kill()
+            procs[0].wait(scaled(10))
+            assert hub.step_barrier({m: {"efield_au": [0.0, 0.0, 2e-3]} for m in ids}) == {}
+            assert hub.stop_requested is None  # the relay's connection ended the step
+        finally:
+            dog.cancel()
+            codes = reap([relay, *procs], scaled(10))
+    text = relay_log.read_text()
+    assert codes[0] == 3, text[-2000:]
+    assert "no replacement for the local driver of molecule(s)" in text, text[-2000:]
+
+
+def test_relay_passes_stop_to_its_drivers_and_says_bye(unix_name, tcp_port, tmp_path, caplog):
     """The hub's STOP reaches the drivers behind a relay (one local over UNIX, one over
     TCP; they say BYE and exit 0), the relay answers BYE itself, exits 0 and removes its
     socket file."""
@@ -212,17 +330,21 @@ def test_relay_passes_stop_to_its_drivers_and_says_bye(unix_name, tcp_port, tmp_
     logs = [tmp_path / f"driver_{k}.log" for k in range(2)]
     with hub:
         ids = [hub.register_molecule_return_id() for _ in range(2)]
-        relay, relay_log = start_relay(tmp_path, listen, 2, ["--unix", unix_name],
-                                       "--listen-tcp", f"127.0.0.1:{tcp_port}")
+        relay, relay_log = start_relay(
+            tmp_path, listen, 2, ["--unix", unix_name], "--listen-tcp", f"127.0.0.1:{tcp_port}"
+        )
         wheres = [{"unix": listen}, {"host": "127.0.0.1", "port": tcp_port}]
-        procs = [start_driver("tls", TLS, timeout=scaled(30), log_path=log,
-                              extra_args=["--verbose"], **where)
-                 for log, where in zip(logs, wheres, strict=True)]
+        procs = [
+            start_driver(
+                "tls", TLS, timeout=scaled(30), log_path=log, extra_args=["--verbose"], **where
+            )
+            for log, where in zip(logs, wheres, strict=True)
+        ]
         assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(30))
         for step in range(5):
             hub.step_arrays(ids, fields_at(step, 2))
         caplog.set_level(logging.WARNING, logger="maxwellhub.hub")
-    assert "no BYE" not in caplog.text             # the relay answered STOP with BYE
+    assert "no BYE" not in caplog.text  # the relay answered STOP with BYE
     assert reap([relay], scaled(10)) == [0], relay_log.read_text()[-2000:]
     assert reap(procs, scaled(10)) == [0, 0]
     for log in logs:
@@ -248,13 +370,18 @@ class ScriptedHub:
         self.conn, _ = self.server.accept()
         self.conn.settimeout(scaled(20))
 
+    @property
+    def connection(self) -> socket.socket:
+        assert self.conn is not None, "accept() first"
+        return self.conn
+
     def send(self, data: bytes) -> None:
-        self.conn.sendall(data)
+        self.connection.sendall(data)
 
     def expect(self, kind: type):
         """The next message from the relay, which must be a `kind`."""
         while not self.pending:
-            data = self.conn.recv(1 << 16)
+            data = self.connection.recv(1 << 16)
             assert data, "the relay closed the connection"
             self.pending += self.decoder.feed(data)
         event = self.pending.pop(0)
@@ -266,9 +393,11 @@ class ScriptedHub:
         hello = self.expect(wire.Hello)
         assert hello.molecules == molecules
         self.decoder.batch = molecules
-        self.send(wire.encode_welcome(molecules)
-                  + wire.encode_init(0, json.dumps(init).encode())
-                  + wire.encode_header(wire.STATUS))
+        self.send(
+            wire.encode_welcome(molecules)
+            + wire.encode_init(0, json.dumps(init).encode())
+            + wire.encode_header(wire.STATUS)
+        )
 
     def close(self) -> None:
         for s in (self.conn, self.server):
@@ -290,27 +419,30 @@ def test_relay_exits_nonzero_when_its_upstream_goes_away(scripted_hub, unix_name
     listen = f"{unix_name}_r"
     relay, relay_log = start_relay(tmp_path, listen, 1, ["--unix", unix_name])
     driver_log = tmp_path / "driver.log"
-    driver = start_driver("tls", TLS, timeout=scaled(30), unix=listen, log_path=driver_log,
-                          extra_args=["--verbose"])
+    driver = start_driver(
+        "tls", TLS, timeout=scaled(30), unix=listen, log_path=driver_log, extra_args=["--verbose"]
+    )
     scripted_hub.accept()
     scripted_hub.welcome(1, {"molecule_id_range": [7, 1], "dt_au": DT_AU, "molecule_id": 7})
     scripted_hub.expect(wire.Ready)
-    scripted_hub.send(wire.encode_fields_batch([[0.0, 0.0, 1e-3]])
-                      + wire.encode_header(wire.GETFORCE))
+    scripted_hub.send(
+        wire.encode_fields_batch([[0.0, 0.0, 1e-3]]) + wire.encode_header(wire.GETFORCE)
+    )
     sources = scripted_hub.expect(wire.SourcesBatch)
     assert sources.sources.shape == (1, 3) and sources.sources[0, 2] != 0
     assert sources.extras["time_au"].tolist() == [DT_AU]
     scripted_hub.conn.close()
     assert reap([relay], scaled(10)) == [1]
     text = relay_log.read_text()
-    assert f"the upstream hub at unix:{scripted_hub.path} closed the connection before " \
-           "STOP or EXIT after 1 steps" in text, text
+    assert (
+        f"the upstream hub at unix:{scripted_hub.path} closed the connection before "
+        "STOP or EXIT after 1 steps" in text
+    ), text
     assert reap([driver], scaled(10)) == [0]
     assert initialized_ids([driver_log]) == [7]
 
 
-def test_relay_refuses_an_init_for_the_wrong_number_of_molecules(scripted_hub, unix_name,
-                                                                tmp_path):
+def test_relay_refuses_an_init_for_the_wrong_number_of_molecules(scripted_hub, unix_name, tmp_path):
     """An upstream INIT naming 2 molecules for a relay of 1 is a protocol error: exit 2,
     naming the upstream hub and the numbers."""
     listen = f"{unix_name}_r"
@@ -332,8 +464,10 @@ def test_relay_without_enough_local_drivers_exits_3(unix_name, tmp_path):
     relay, relay_log = start_relay(tmp_path, listen, 2, ["--unix", unix_name], timeout=1)
     assert reap([relay], scaled(20)) == [3]
     text = relay_log.read_text()
-    assert f"drivers for only 0 of 2 molecules connected to the relay at " \
-           f"unix:{unix_socket_path(listen)}" in text, text
+    assert (
+        f"drivers for only 0 of 2 molecules connected to the relay at "
+        f"unix:{unix_socket_path(listen)}" in text
+    ), text
     assert not unix_socket_path(listen).exists()
 
 
@@ -345,8 +479,9 @@ def test_relay_with_unreachable_upstream_exits_1(unix_name, tmp_path):
     driver = start_driver("tls", TLS, timeout=scaled(30), unix=listen)
     assert reap([relay], scaled(20)) == [1]
     text = relay_log.read_text()
-    assert f"could not connect to the upstream hub at unix:{unix_socket_path(unix_name)}" \
-           in text, text
+    assert f"could not connect to the upstream hub at unix:{unix_socket_path(unix_name)}" in text, (
+        text
+    )
     assert reap([driver], scaled(10)) == [0]
 
 
@@ -363,7 +498,7 @@ def _reference_pe(n: int, steps: int) -> np.ndarray:
     for step in range(steps):
         fields = fields_at(step, n)
         for m, model in enumerate(models):
-            model.stage(fields[m:m + 1])
+            model.stage(fields[m : m + 1])
             model.commit()
             pe[step, m] = model.extras_of(0)["Pe"]
     return pe
@@ -379,8 +514,11 @@ def test_dead_relay_replaced_with_exact_continuity(how, unix_name, tmp_path):
     in-process reference bitwise."""
     n, steps, kill_at = 3, 50, 25
     ckpt = tmp_path / "ckpt"
-    args = (["--checkpoint-dir", str(ckpt), "--checkpoint-every", "4"] if how == "checkpoints"
-            else ["--reconnect"])
+    args = (
+        ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "4"]
+        if how == "checkpoints"
+        else ["--reconnect"]
+    )
     hub = SocketHub(unixsocket=unix_name, timeout=scaled(30), history=10)
     listen = f"{unix_name}_r"
     procs: list[subprocess.Popen] = []
@@ -388,8 +526,9 @@ def test_dead_relay_replaced_with_exact_continuity(how, unix_name, tmp_path):
     with hub:
         ids = [hub.register_molecule_return_id() for _ in range(n)]
         relay, _ = start_relay(tmp_path, listen, n, ["--unix", unix_name])
-        procs += [start_driver("tls", TLS, timeout=scaled(30), unix=listen, extra_args=args)
-                  for _ in ids]
+        procs += [
+            start_driver("tls", TLS, timeout=scaled(30), unix=listen, extra_args=args) for _ in ids
+        ]
         assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(30))
         relays = [relay]
         for step in range(steps):
@@ -397,13 +536,14 @@ def test_dead_relay_replaced_with_exact_continuity(how, unix_name, tmp_path):
                 relay.kill()
                 relay.wait(scaled(10))
                 if how == "checkpoints":
-                    assert reap(procs, scaled(10)) == [1] * n   # they lost their relay
-                relay, relay_log = start_relay(tmp_path, f"{listen}", n,
-                                               ["--unix", unix_name])
+                    assert reap(procs, scaled(10)) == [1] * n  # they lost their relay
+                relay, relay_log = start_relay(tmp_path, f"{listen}", n, ["--unix", unix_name])
                 relays.append(relay)
                 if how == "checkpoints":
-                    procs += [start_driver("tls", TLS, timeout=scaled(30), unix=listen,
-                                           extra_args=args) for _ in ids]
+                    procs += [
+                        start_driver("tls", TLS, timeout=scaled(30), unix=listen, extra_args=args)
+                        for _ in ids
+                    ]
             pe[step] = hub.step_arrays(ids, fields_at(step, n)).extras()["Pe"]
         hub.graceful_shutdown(wait=scaled(5))
     assert reap(relays, scaled(10))[1:] == [0], relay_log.read_text()[-2000:]
@@ -411,5 +551,5 @@ def test_dead_relay_replaced_with_exact_continuity(how, unix_name, tmp_path):
     want = _reference_pe(n, steps)
     assert np.array_equal(pe, want), np.abs(pe - want).max()
     text = relay_log.read_text()
-    if how == "checkpoints":   # checkpoints at 24: steps 24 and 25 are replayed
+    if how == "checkpoints":  # checkpoints at 24: steps 24 and 25 are replayed
         assert "asked to replay steps 24..24" in text or "24..25" in text, text[-2000:]

@@ -17,6 +17,7 @@ import subprocess
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -95,26 +96,45 @@ def ipi_name(unix_name: str):
     path.unlink(missing_ok=True)
 
 
+def _stock() -> tuple[Path, Path]:
+    """The stock clients' python and i-PI driver (tests needing them are marked stock)."""
+    found = stock_clients()
+    assert found is not None, "a stock test ran without the stock clients"
+    return found
+
+
 def start_ase(name: str, log: Path) -> subprocess.Popen:
-    python, _ = stock_clients()
+    python, _ = _stock()
     script = log.parent / "ase_socketclient.py"  # not ase.py: that would shadow ase
     script.write_text(ASE_CLIENT)
     with open(log, "wb") as out:
-        return subprocess.Popen([str(python), str(script), name, str(scaled(60))],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [str(python), str(script), name, str(scaled(60))],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
-def start_ipi(name: str, log: Path, model: str = "harmonic",
-              param: str = ",".join(str(k) for k in IPI_K)) -> subprocess.Popen:
-    _, driver = stock_clients()
+IPI_PARAM = ",".join(str(k) for k in IPI_K)
+
+
+def start_ipi(
+    name: str, log: Path, model: str = "harmonic", param: str = IPI_PARAM
+) -> subprocess.Popen:
+    _, driver = _stock()
     with open(log, "wb") as out:
-        return subprocess.Popen([str(driver), "-u", "-a", name, "-S", "/tmp/ipi_", "-m", model,
-                                 "-o", param], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [str(driver), "-u", "-a", name, "-S", "/tmp/ipi_", "-m", model, "-o", param],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def connection(hub: SocketHub, mid: int):
     """The hub's connection serving molecule ``mid`` (white box: its learned dialect)."""
+    assert hub.hub is not None
     return hub.hub._molecules[mid].driver
 
 
@@ -137,24 +157,69 @@ def bind_one(hub: SocketHub, start, log: Path, started: list) -> tuple[int, subp
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait(scaled(10))
-            pytest.fail(f"client for molecule {mid} did not bind (exit code {proc.poll()}):\n"
-                        + log_text(log))
+            pytest.fail(
+                f"client for molecule {mid} did not bind (exit code {proc.poll()}):\n"
+                + log_text(log)
+            )
     return mid, proc
 
 
-def run(hub: SocketHub, plan: dict[int, tuple[np.ndarray, object]]) -> float:
+def run(hub: SocketHub, plan: Mapping[int, tuple[np.ndarray, Callable]]) -> float:
     """Step every molecule through its fields, checking every source; returns steps/s."""
     t0 = time.perf_counter()
     for step in range(STEPS):
         results = hub.step({m: {"efield_au": f[step]} for m, (f, _) in plan.items()})
         for m, (f, expect) in plan.items():
-            np.testing.assert_allclose(results[m]["amp"], expect(f[step]), rtol=1e-12,
-                                       atol=1e-17, err_msg=f"molecule {m}, step {step}")
+            np.testing.assert_allclose(
+                results[m]["amp"],
+                expect(f[step]),
+                rtol=1e-12,
+                atol=1e-17,
+                err_msg=f"molecule {m}, step {step}",
+            )
     return STEPS / (time.perf_counter() - t0)
 
 
 def log_text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else "(no log)"
+
+
+class _Listening(threading.Event):
+    """Set when the relay said it listens (``seen``) or when its stderr ended."""
+
+    seen = False
+
+
+#: What `maxwellhub relay` logs once its local socket listens (relay.Relay._open).
+RELAY_LISTENING = b"waiting for drivers of"
+
+
+def start_relay_and_await_listening(
+    argv: list[str], log: Path
+) -> tuple[subprocess.Popen, _Listening]:
+    """Start `maxwellhub relay` with its stderr on a pipe; a thread copies it to ``log``
+    and sets the returned event at the line that says the relay listens (or at the end
+    of its stderr, with ``seen`` False, when the relay died first). Awaiting that line
+    is the only ordering that holds for clients that connect once (no retry)."""
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    listening = _Listening()
+
+    def copy() -> None:
+        with open(log, "wb") as out:
+            assert proc.stderr is not None  # stderr=PIPE
+            for line in proc.stderr:  # ends when the relay exits
+                out.write(line)
+                out.flush()
+                if RELAY_LISTENING in line and not listening.seen:
+                    listening.seen = True
+                    listening.set()
+        proc.stderr.close()
+        listening.set()
+
+    threading.Thread(target=copy, name="relay-stderr", daemon=True).start()
+    return proc, listening
 
 
 # ---------------------------------------------------------------- real clients
@@ -231,22 +296,26 @@ def test_stock_clients_and_our_driver_on_one_hub(ipi_name, tmp_path, started, dr
     procs = []
     caplog.set_level(logging.INFO, logger="maxwellhub.hub")
     with SocketHub(unixsocket=sock, timeout=scaled(30)) as hub:
-        a, p = bind_one(hub, lambda: start_ase(ipi_name, logs["ase"]), logs["ase"],
-                        started)
+        a, p = bind_one(hub, lambda: start_ase(ipi_name, logs["ase"]), logs["ase"], started)
         procs.append(p)
-        i, p = bind_one(hub, lambda: start_ipi(ipi_name, logs["ipi"]), logs["ipi"],
-                        started)
+        i, p = bind_one(hub, lambda: start_ipi(ipi_name, logs["ipi"]), logs["ipi"], started)
         procs.append(p)
-        o, p = bind_one(hub, lambda: start_driver("sho", SHO, timeout=scaled(30), unix=sock,
-                                                  log_path=logs["ours"]), logs["ours"],
-                        started)
+        o, p = bind_one(
+            hub,
+            lambda: start_driver("sho", SHO, timeout=scaled(30), unix=sock, log_path=logs["ours"]),
+            logs["ours"],
+            started,
+        )
         procs.append(p)
-        plan = {a: (fields(STEPS, 21), ase_expected), i: (fields(STEPS, 22), ipi_expected),
-                o: (fields(STEPS, 23), lambda e: ours_ref.step(e.reshape(1, 3))[0])}
+        plan = {
+            a: (fields(STEPS, 21), ase_expected),
+            i: (fields(STEPS, 22), ipi_expected),
+            o: (fields(STEPS, 23), lambda e: ours_ref.step(e.reshape(1, 3))[0]),
+        }
         rate = run(hub, plan)
         ours, ase, ipi = connection(hub, o), connection(hub, a), connection(hub, i)
         assert (ours.stock, ours.status_each_step, ours.stock_steps) == (False, False, False)
-        assert ours.status_probes == 1        # the one after its first source, no more
+        assert ours.status_probes == 1  # the one after its first source, no more
         assert ase.status_probes == 1 + 2 * (STEPS - 1) and ase.status_each_step
         assert ipi.status_probes == 1 and ipi.stock and not ipi.status_each_step
         status = hub.status()
@@ -266,11 +335,13 @@ def test_our_driver_alone_for_comparison(unix_name, tmp_path, started):
     ref.initialize(dt_au=DT_AU, molecule_ids=[0])
     log = tmp_path / "ours.log"
     with SocketHub(unixsocket=unix_name, timeout=scaled(30)) as hub:
-        mid, proc = bind_one(hub, lambda: start_driver("sho", SHO, timeout=scaled(30),
-                                                       unix=unix_name, log_path=log),
-                             log, started)
-        rate = run(hub, {mid: (fields(STEPS, 31),
-                               lambda e: ref.step(e.reshape(1, 3))[0])})
+        mid, proc = bind_one(
+            hub,
+            lambda: start_driver("sho", SHO, timeout=scaled(30), unix=unix_name, log_path=log),
+            log,
+            started,
+        )
+        rate = run(hub, {mid: (fields(STEPS, 31), lambda e: ref.step(e.reshape(1, 3))[0])})
         conn = connection(hub, mid)
         assert (conn.status_probes, conn.stock, conn.stock_steps) == (1, False, False)
     assert reap([proc], scaled(20)) == [0], log_text(log)
@@ -307,7 +378,7 @@ class _StayReadyClient(threading.Thread):
         self.sock.sendall(wire.encode_header(name))
 
     def run(self) -> None:
-        state, pos = wire.READY, None
+        state, pos = wire.READY, np.zeros(3)  # pos is set by POSDATA before GETFORCE
         try:
             while True:
                 head = self._read(12).rstrip()
@@ -319,8 +390,9 @@ class _StayReadyClient(threading.Thread):
                     assert np.frombuffer(body[-4:], "<i4")[0] == 1
                     state = wire.HAVEDATA
                 elif head == wire.GETFORCE and state == wire.HAVEDATA:
-                    self.sock.sendall(wire.encode_forceready(0.5, (-2.0 * pos).reshape(1, 3),
-                                                             extras=b"\0"))
+                    self.sock.sendall(
+                        wire.encode_forceready(0.5, (-2.0 * pos).reshape(1, 3), extras=b"\0")
+                    )
                     state, self.steps = wire.READY, self.steps + 1
                 elif head == wire.EXIT:
                     self.exited = True
@@ -338,6 +410,7 @@ def test_client_ready_before_init_and_after_every_step(unix_name):
     to stay READY after one STATUS, gets fused steps, and EXIT at the end."""
     with SocketHub(unixsocket=unix_name, timeout=scaled(30)) as hub:
         mid = hub.register_molecule_return_id()
+        assert hub.hub is not None
         client = _StayReadyClient(str(hub.hub.unixsocket))
         client.start()
         assert hub.wait_until_bound({mid: {"dt_au": DT_AU}}, timeout=scaled(30))
@@ -353,8 +426,9 @@ def test_client_ready_before_init_and_after_every_step(unix_name):
 
 
 @pytest.mark.peer
-def test_maxwelllink_driver_keeps_fused_path_and_gets_stop(mxl_driver, unix_name, tmp_path,
-                                                           started, caplog):
+def test_maxwelllink_driver_keeps_fused_path_and_gets_stop(
+    mxl_driver, unix_name, tmp_path, started, caplog
+):
     """MaxwellLink's mxl_driver: one STATUS after its first source, then the fused path;
     STOP at the end, answered by BYE (so no EXIT follows: its driver raises on EXIT)."""
     caplog.set_level(logging.INFO, logger="maxwellhub.hub")
@@ -366,9 +440,20 @@ def test_maxwelllink_driver_keeps_fused_path_and_gets_stop(mxl_driver, unix_name
     def start() -> subprocess.Popen:
         with open(log, "wb") as out:
             return subprocess.Popen(
-                [str(mxl_driver), "--model", "tls", "--unix", "--address", unix_name, "--param",
-                 ", ".join(f"{k}={v}" for k, v in tls.items())],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                [
+                    str(mxl_driver),
+                    "--model",
+                    "tls",
+                    "--unix",
+                    "--address",
+                    unix_name,
+                    "--param",
+                    ", ".join(f"{k}={v}" for k, v in tls.items()),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     with SocketHub(unixsocket=unix_name, timeout=scaled(30)) as hub:
         mid, proc = bind_one(hub, start, log, started)
@@ -386,8 +471,7 @@ def test_maxwelllink_driver_keeps_fused_path_and_gets_stop(mxl_driver, unix_name
 
 
 @pytest.mark.stock
-def test_stock_clients_behind_a_relay_reach_an_authenticating_hub(ipi_name, tmp_path,
-                                                                  started):
+def test_stock_clients_behind_a_relay_reach_an_authenticating_hub(ipi_name, tmp_path, started):
     """Stock clients cannot answer MXHAUTH; behind a relay on their node they need not:
     ASE and i-PI connect to the relay's UNIX socket (their /tmp/ipi_ prefix), the relay
     proves the secret to a TCP hub, and every step's values are right; all exit 0."""
@@ -401,30 +485,50 @@ def test_stock_clients_behind_a_relay_reach_an_authenticating_hub(ipi_name, tmp_
     with SocketHub(port=0, timeout=scaled(30), auth=load_secret(secret_file)) as hub:
         ids = [hub.register_molecule_return_id() for _ in range(2)]
         relay_log = tmp_path / "relay.log"
-        with open(relay_log, "wb") as err:
-            relay = subprocess.Popen(
-                [str(Path(sys.executable).parent / "maxwellhub"), "relay", "--molecules", "2",
-                 "--host", "127.0.0.1", "--port", str(hub.port), "--secret-file",
-                 str(secret_file), "--listen-unix", "/tmp/ipi_" + ipi_name, "--timeout",
-                 str(scaled(30))], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=err)
+        relay, listening = start_relay_and_await_listening(
+            [
+                str(Path(sys.executable).parent / "maxwellhub"),
+                "relay",
+                "--molecules",
+                "2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(hub.port),
+                "--secret-file",
+                str(secret_file),
+                "--listen-unix",
+                "/tmp/ipi_" + ipi_name,
+                "--timeout",
+                str(scaled(30)),
+            ],
+            relay_log,
+        )
         started.append(relay)
+        # ASE's SocketClient connects exactly once: it must not start before the relay
+        # listens, or it fails with ENOENT/ECONNREFUSED.
+        assert listening.wait(scaled(30)) and listening.seen, log_text(relay_log)
         started.append(start_ase(ipi_name, tmp_path / "ase.log"))
         started.append(start_ipi(ipi_name, tmp_path / "ipi.log"))
-        assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids},
-                                    timeout=scaled(60)), log_text(relay_log)
+        assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(60)), (
+            log_text(relay_log)
+        )
         f = fields(STEPS, seed=17)
         # The relay binds its clients in connection order: tell them apart by step 0.
         first = hub.step_arrays(ids, f[0][None, :] * np.ones((2, 1))).sources
         ase_row = 0 if np.allclose(first[0], ase_expected(f[0]), rtol=1e-12) else 1
-        expect = [ase_expected, ipi_expected] if ase_row == 0 else [ipi_expected,
-                                                                    ase_expected]
+        expect = [ase_expected, ipi_expected] if ase_row == 0 else [ipi_expected, ase_expected]
         for row in range(2):
             np.testing.assert_allclose(first[row], expect[row](f[0]), rtol=1e-12, atol=1e-17)
         for step in range(1, STEPS):
             got = hub.step_arrays(ids, f[step][None, :] * np.ones((2, 1))).sources
             for row in range(2):
-                np.testing.assert_allclose(got[row], expect[row](f[step]), rtol=1e-12,
-                                           atol=1e-17, err_msg=f"row {row}, step {step}")
+                np.testing.assert_allclose(
+                    got[row],
+                    expect[row](f[step]),
+                    rtol=1e-12,
+                    atol=1e-17,
+                    err_msg=f"row {row}, step {step}",
+                )
         hub.graceful_shutdown(wait=scaled(5))
     assert reap(started, scaled(15)) == [0, 0, 0], log_text(relay_log)

@@ -384,7 +384,9 @@ class MeepCoupling:
         fine).
     record_every : record every molecule's extras every this many steps (rank 0);
         0 records nothing (what the benchmarks do).
-    timeout : seconds to wait for drivers to bind and for each barrier.
+    timeout : seconds to wait for drivers to bind and for each barrier; None (default):
+        no deadline, as long as the drivers compute (a dead driver is noticed by its
+        connection, see :mod:`maxwellhub.liveness`; a long wait logs who is missing).
     on_lost : what a barrier does when a socket molecule's driver is gone: ``"wait"`` for
         a replacement until ``timeout``, ``"abort"`` the run at once (DriverLost), or a
         function ``f(exc: DriverLost) -> bool`` called at once (say, to start a
@@ -406,7 +408,7 @@ class MeepCoupling:
     """
 
     def __init__(self, sim, time_units_fs: float = 0.1, hub=None, record_every: int = 1,
-                 timeout: float = 60.0, subtract_self_coulomb: bool = True,
+                 timeout: float | None = None, subtract_self_coulomb: bool = True,
                  on_lost: str = "wait") -> None:
         if on_lost not in ("wait", "abort") and not callable(on_lost):
             raise UsageError(f"on_lost = {on_lost!r}; expected 'wait', 'abort' or a function")
@@ -620,8 +622,9 @@ class MeepCoupling:
                 # a replacement is on its way; the frozen step goes on once it is bound
                 if not self.hub.wait_until_bound(exc.molecules, timeout=self.timeout):
                     raise BarrierTimeout(
-                        f"no replacement driver for molecule(s) {exc.molecules} within "
-                        f"{self.timeout:g} s", exc.molecules) from exc
+                        f"no replacement driver for molecule(s) {exc.molecules} "
+                        + ("(no deadline)" if self.timeout is None
+                           else f"within {self.timeout:g} s"), exc.molecules) from exc
 
     def _start(self, sim) -> None:
         """Set everything up, collectively, at the first step."""
@@ -681,8 +684,9 @@ class MeepCoupling:
         payloads = {int(mid): {"dt_au": dt_au, **g.init} for g in socket for mid in g.ids}
         if not self.hub.wait_until_bound(payloads, timeout=self.timeout):
             missing = [m for m in payloads if not self.hub.all_bound([m])]
-            raise TimeoutError(f"no driver bound molecule(s) {missing} within "
-                               f"{self.timeout} s")
+            raise TimeoutError(f"no driver bound molecule(s) {missing} "
+                               + ("(no deadline)" if self.timeout is None
+                                  else f"within {self.timeout:g} s"))
 
     # ------------------------------------------------------------------ checkpoints
 
