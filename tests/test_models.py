@@ -29,10 +29,29 @@ DT = 0.5
 # A field whose coupling dt * E * mu12 is of order 0.1 rad per step: strong driving.
 E_SCALE = 1e-3
 
-TLS_EXTRAS = {"time_au", "energy_au", "mux_au", "muy_au", "muz_au", "Pe", "Pg", "Pge_real",
-              "Pge_imag"}
-SHO_EXTRAS = {"time_au", "energy_au", "mux_au", "muy_au", "muz_au", "mux_m_au", "muy_m_au",
-              "muz_m_au", "p_au", "q_au"}
+TLS_EXTRAS = {
+    "time_au",
+    "energy_au",
+    "mux_au",
+    "muy_au",
+    "muz_au",
+    "Pe",
+    "Pg",
+    "Pge_real",
+    "Pge_imag",
+}
+SHO_EXTRAS = {
+    "time_au",
+    "energy_au",
+    "mux_au",
+    "muy_au",
+    "muz_au",
+    "mux_m_au",
+    "muy_m_au",
+    "muz_m_au",
+    "p_au",
+    "q_au",
+}
 
 
 def random_fields(steps: int, n: int, seed: int = 0, scale: float = E_SCALE) -> np.ndarray:
@@ -65,8 +84,13 @@ def tls_reference_step(rho, field, omega, mu12, axis, dt):
 def test_tls_invariants_over_many_steps():
     """rho stays Hermitian, unit-trace and positive over 10^4 randomly driven steps."""
     n, steps = 4, 10_000
-    model = create_model("tls", n=n, pe_initial=[0.0, 0.3, 1.0, 0.5],
-                         e_phase_initial=[0.0, 1.0, 0.0, -2.0], orientation=[0, 1, 2, 2])
+    model = create_model(
+        "tls",
+        n=n,
+        pe_initial=[0.0, 0.3, 1.0, 0.5],
+        e_phase_initial=[0.0, 1.0, 0.0, -2.0],
+        orientation=[0, 1, 2, 2],
+    )
     model.initialize(dt_au=DT)
     fields = random_fields(steps, n, seed=1)
     history = np.empty((steps, n, 2, 2), dtype=complex)
@@ -86,9 +110,13 @@ def test_tls_invariants_over_many_steps():
 def test_tls_closed_form_matches_expm_reference():
     """Each closed-form step equals the scipy.linalg.expm reference step to 1e-14, and a
     300-step trajectory stays within 1e-12 of the reference (round-off accumulating)."""
-    params = {"omega": [OMEGA, 0.5, 0.1], "mu12": [MU12, 50.0, -300.0],
-              "orientation": [2, 0, 1], "pe_initial": [0.2, 0.0, 0.9],
-              "e_phase_initial": [0.3, 0.0, -1.0]}
+    params = {
+        "omega": [OMEGA, 0.5, 0.1],
+        "mu12": [MU12, 50.0, -300.0],
+        "orientation": [2, 0, 1],
+        "pe_initial": [0.2, 0.0, 0.9],
+        "e_phase_initial": [0.3, 0.0, -1.0],
+    }
     n, steps = 3, 300
     model = create_model("tls", n=n, **params)
     model.initialize(dt_au=DT)
@@ -104,8 +132,7 @@ def test_tls_closed_form_matches_expm_reference():
             assert np.abs(after[i] - one_step).max() < 1e-14
             expected = -2 * omega * mu12 * one_step[0, 1].imag
             assert abs(sources[i, axis] - expected) < 1e-14 * 2 * omega * abs(mu12)
-            reference[i] = tls_reference_step(reference[i], fields[k, i], omega, mu12, axis,
-                                              DT)
+            reference[i] = tls_reference_step(reference[i], fields[k, i], omega, mu12, axis, DT)
     assert np.abs(tls_rho(model) - reference).max() < 1e-12
 
 
@@ -127,9 +154,13 @@ def test_tls_free_precession():
 
 def test_tls_batched_equals_single():
     """n molecules in one model give bit for bit what n single-molecule models give."""
-    params = {"omega": [0.2, OMEGA, 0.3, 0.25, 0.4], "mu12": [100.0, MU12, 50.0, 10.0, 300.0],
-              "orientation": [0, 1, 2, 2, 0], "pe_initial": [0.0, 0.1, 0.5, 1.0, 0.01],
-              "e_phase_initial": [0.0, 0.5, 1.0, 1.5, 2.0]}
+    params = {
+        "omega": [0.2, OMEGA, 0.3, 0.25, 0.4],
+        "mu12": [100.0, MU12, 50.0, 10.0, 300.0],
+        "orientation": [0, 1, 2, 2, 0],
+        "pe_initial": [0.0, 0.1, 0.5, 1.0, 0.01],
+        "e_phase_initial": [0.0, 0.5, 1.0, 1.5, 2.0],
+    }
     check_batched_equals_single("tls", params, steps=300)
 
 
@@ -139,8 +170,9 @@ def check_batched_equals_single(name: str, params: dict, steps: int) -> None:
     n = len(next(iter(params.values())))
     batched = create_model(name, n=n, **params)
     batched.initialize(dt_au=DT, molecule_ids=list(range(10, 10 + n)))
-    singles = [create_model(name, **{key: value[i] for key, value in params.items()})
-               for i in range(n)]
+    singles = [
+        create_model(name, **{key: value[i] for key, value in params.items()}) for i in range(n)
+    ]
     for i, single in enumerate(singles):
         single.initialize(dt_au=DT, molecule_ids=[10 + i])
     fields = random_fields(steps, n, seed=3)
@@ -148,7 +180,7 @@ def check_batched_equals_single(name: str, params: dict, steps: int) -> None:
         sources = batched.step(fields[k])
         extras = batched.extras()
         for i, single in enumerate(singles):
-            one = single.step(fields[k][i:i + 1])
+            one = single.step(fields[k][i : i + 1])
             np.testing.assert_array_equal(sources[i], one[0])
             row = {key: float(value[i]) for key, value in extras.items()}
             assert single.extras_of(0) == batched.extras_of(i) == row
@@ -156,8 +188,9 @@ def check_batched_equals_single(name: str, params: dict, steps: int) -> None:
     state = batched.get_state()
     for i, single in enumerate(singles):
         for key, value in single.get_state().items():
-            np.testing.assert_array_equal(value, state[key] if key == "time_au" else
-                                          state[key][i:i + 1])
+            np.testing.assert_array_equal(
+                value, state[key] if key == "time_au" else state[key][i : i + 1]
+            )
 
 
 def test_stage_is_idempotent():
@@ -245,25 +278,37 @@ def test_sho_follows_velocity_verlet_with_field():
         e = fields[k, 0, 1]
         p += 0.5 * a * DT
         q += p * DT
-        a = -omega**2 * q + e * mu0
+        a = -(omega**2) * q + e * mu0
         p += 0.5 * a * DT
         p_half = p + 0.5 * a * DT
         q_half = q + 0.5 * p_half * DT
         t += DT
         assert sources[0].tolist() == [0.0, p_half * mu0, 0.0]
         extras = {key: value[0] for key, value in model.extras().items()}
-        assert extras == {"time_au": t, "energy_au": 0.5 * omega**2 * q_half**2
-                          + 0.5 * p_half**2, "mux_au": 0.0, "muy_au": mu0 * q_half,
-                          "muz_au": 0.0, "mux_m_au": 0.0, "muy_m_au": mu0 * q,
-                          "muz_m_au": 0.0, "p_au": p, "q_au": q}
+        assert extras == {
+            "time_au": t,
+            "energy_au": 0.5 * omega**2 * q_half**2 + 0.5 * p_half**2,
+            "mux_au": 0.0,
+            "muy_au": mu0 * q_half,
+            "muz_au": 0.0,
+            "mux_m_au": 0.0,
+            "muy_m_au": mu0 * q,
+            "muz_m_au": 0.0,
+            "p_au": p,
+            "q_au": q,
+        }
     assert set(model.extras()) == SHO_EXTRAS
 
 
 def test_sho_batched_equals_single():
     """n SHOs in one model give bit for bit what n single-molecule models give."""
-    params = {"omega": [0.2, OMEGA, 0.3], "mu0": [100.0, MU12, 50.0],
-              "orientation": [0, 1, 2], "p_initial": [0.0, 0.1, -0.2],
-              "q_initial": [0.0, 0.5, 0.1]}
+    params = {
+        "omega": [0.2, OMEGA, 0.3],
+        "mu0": [100.0, MU12, 50.0],
+        "orientation": [0, 1, 2],
+        "p_initial": [0.0, 0.1, -0.2],
+        "q_initial": [0.0, 0.5, 0.1],
+    }
     check_batched_equals_single("sho", params, steps=300)
 
 
@@ -369,8 +414,11 @@ def test_float_path_checks_fields_and_sources():
     model.initialize(dt_au=DT, molecule_ids=[7])
     with pytest.raises(ValueError, match=r"field of molecule 7 is not finite: \[0.0, inf"):
         model.stage([[0.0, np.inf, 0.0]])
-    with pytest.raises(FloatingPointError, match=r"source of molecule 7 is not finite "
-                                                 r"\(\[0.0, nan, 0.0\]\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"source of molecule 7 is not finite "
+        r"\(\[0.0, nan, 0.0\]\)",
+    ):
         model.stage(np.zeros((1, 3)))
     assert not model.staged and model.time_au == 0.0
     assert model.extras_of(0) == {"time_au": 0.0}
@@ -386,15 +434,27 @@ def test_float_path_checks_fields_and_sources():
         ("tls", {"orientation": 1.5}, r"orientation = 1.5 is not an integer"),
         ("tls", {"pe_initial": 1.5}, r"pe_initial = 1.5 is not allowed; expected .*\[0, 1\]"),
         ("tls", {"pe_initial": [0.1, 2.0]}, r"pe_initial = 2.0 \(molecule index 1\)"),
-        ("tls", {"pe_initial": [0.1, 0.2, 0.3]}, r"pe_initial .* shape \(3,\); expected a "
-                                                 r"scalar or a sequence of length n = 2"),
+        (
+            "tls",
+            {"pe_initial": [0.1, 0.2, 0.3]},
+            r"pe_initial .* shape \(3,\); expected a "
+            r"scalar or a sequence of length n = 2",
+        ),
         ("tls", {"mu12": "big"}, r"mu12 = 'big' is not a number"),
         ("tls", {"mu12": float("nan")}, r"mu12 = nan is not allowed; expected a finite"),
         ("sho", {"omega": 0}, r"omega = 0 is not allowed"),
-        ("tls", {"mu0": 1.0}, r"unknown parameter\(s\) mu0; allowed: omega, mu12, "
-                              r"orientation, pe_initial, e_phase_initial"),
-        ("sho", {"mu12": 1.0, "verbose": True}, r"unknown parameter\(s\) mu12, verbose; "
-                                                r"allowed: omega, mu0, orientation"),
+        (
+            "tls",
+            {"mu0": 1.0},
+            r"unknown parameter\(s\) mu0; allowed: omega, mu12, "
+            r"orientation, pe_initial, e_phase_initial",
+        ),
+        (
+            "sho",
+            {"mu12": 1.0, "verbose": True},
+            r"unknown parameter\(s\) mu12, verbose; "
+            r"allowed: omega, mu0, orientation",
+        ),
     ],
 )
 def test_parameter_validation(name, params, message):
@@ -414,8 +474,12 @@ def test_parameters_broadcast_and_defaults():
         model.params["omega"][0] = 1.0
     sho = create_model("sho")
     assert {k: v.tolist() for k, v in sho.params.items()} == {
-        "omega": [OMEGA], "mu0": [MU12], "orientation": [2], "p_initial": [0.0],
-        "q_initial": [0.0]}
+        "omega": [OMEGA],
+        "mu0": [MU12],
+        "orientation": [2],
+        "p_initial": [0.0],
+        "q_initial": [0.0],
+    }
     with pytest.raises(ValueError, match="n = 0"):
         create_model("tls", n=0)
 
@@ -441,7 +505,8 @@ def test_registry_by_name_and_dotted_path():
 
 def write_user_model(directory: Path) -> None:
     """A user's module defining a one-parameter model (source = field * gain)."""
-    (directory / "user_models_for_test.py").write_text(textwrap.dedent("""
+    (directory / "user_models_for_test.py").write_text(
+        textwrap.dedent("""
         import numpy as np
         from maxwellhub_drivers.models import Model, Parameter
 
@@ -458,7 +523,8 @@ def write_user_model(directory: Path) -> None:
 
             def _extras_impl(self, state):
                 return {"count": state["count"].copy()}
-    """))
+    """)
+    )
 
 
 def test_user_model_by_dotted_path_register_and_entry_point(tmp_path, monkeypatch):
@@ -483,8 +549,9 @@ def test_user_model_by_dotted_path_register_and_entry_point(tmp_path, monkeypatc
 
     assert get_model_class("echo2") is Echo2
 
-    point = EntryPoint(name="from_ep", value="user_models_for_test:Echo",
-                       group=models.ENTRY_POINT_GROUP)
+    point = EntryPoint(
+        name="from_ep", value="user_models_for_test:Echo", group=models.ENTRY_POINT_GROUP
+    )
 
     def fake_entry_points(group, name=None):
         assert group == models.ENTRY_POINT_GROUP
@@ -533,19 +600,31 @@ def test_same_sources_as_maxwelllink_models():
     """Our tls and sho give MaxwellLink 0.5.0's sources and extras to 1e-10 relative."""
     python = mxl_python()
     if python is None:
-        pytest.skip(f"MaxwellLink not installed: no {mxl_venv() / 'bin' / 'python'} and no "
-                    "/tmp/mxlvenv/bin/python")
+        pytest.skip(
+            f"MaxwellLink not installed: no {mxl_venv() / 'bin' / 'python'} and no "
+            "/tmp/mxlvenv/bin/python"
+        )
     steps = 200
     fields = random_fields(steps, 1, seed=8)[:, 0, :]
     job = {
         "dt_au": DT,
         "fields": fields.tolist(),
-        "tls": {"omega": 0.242, "mu12": 187.0, "orientation": 1, "pe_initial": 0.3,
-                "e_phase_initial": 0.4},
+        "tls": {
+            "omega": 0.242,
+            "mu12": 187.0,
+            "orientation": 1,
+            "pe_initial": 0.3,
+            "e_phase_initial": 0.4,
+        },
         "sho": {"omega": 0.3, "mu0": 150.0, "orientation": 0, "p_initial": 0.05},
     }
-    done = subprocess.run([str(python), "-c", MXL_SCRIPT], input=json.dumps(job),
-                          capture_output=True, text=True, timeout=scaled(60))
+    done = subprocess.run(
+        [str(python), "-c", MXL_SCRIPT],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
     assert done.returncode == 0, done.stderr
     theirs = json.loads(done.stdout)
     for name in ("tls", "sho"):
@@ -554,14 +633,16 @@ def test_same_sources_as_maxwelllink_models():
         ours_sources = []
         ours_extras = []
         for k in range(steps):
-            ours_sources.append(model.step(fields[k:k + 1])[0])
+            ours_sources.append(model.step(fields[k : k + 1])[0])
             ours_extras.append({key: float(v[0]) for key, v in model.extras().items()})
         compare_relative(np.array(ours_sources), np.array(theirs[name]["sources"]), name)
         assert [set(e) for e in ours_extras] == [set(e) for e in theirs[name]["extras"]]
         for key in ours_extras[0]:
-            compare_relative(np.array([e[key] for e in ours_extras]),
-                             np.array([e[key] for e in theirs[name]["extras"]]),
-                             f"{name} extras {key}")
+            compare_relative(
+                np.array([e[key] for e in ours_extras]),
+                np.array([e[key] for e in theirs[name]["extras"]]),
+                f"{name} extras {key}",
+            )
 
 
 def compare_relative(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:

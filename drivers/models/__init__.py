@@ -24,8 +24,15 @@ from .sho import SHOModel
 from .tls import TLSModel
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "Model", "Parameter", "SHOModel", "TLSModel", "available_models",
-    "create_model", "get_model_class", "register_model",
+    "ENTRY_POINT_GROUP",
+    "Model",
+    "Parameter",
+    "SHOModel",
+    "TLSModel",
+    "available_models",
+    "create_model",
+    "get_model_class",
+    "register_model",
 ]
 
 #: Entry-point group where installed packages declare their models.
@@ -46,7 +53,8 @@ def register_model(name: str, cls: type[Model] | None = None, *, replace: bool =
         if old is not None and old is not model_cls and not replace:
             raise ValueError(
                 f"model name {name!r} is already registered to {old.__module__}."
-                f"{old.__qualname__}; pass replace=True to replace it")
+                f"{old.__qualname__}; pass replace=True to replace it"
+            )
         _registry[name] = model_cls
         return model_cls
 
@@ -76,11 +84,13 @@ def get_model_class(spec: str | type[Model]) -> type[Model]:
         except Exception as exc:
             raise ValueError(
                 f"model {spec!r}: cannot load entry point {ep.value!r} of group "
-                f"{ENTRY_POINT_GROUP!r}: {exc}") from exc
+                f"{ENTRY_POINT_GROUP!r}: {exc}"
+            ) from exc
         return _check_model_class(loaded, spec)
     raise ValueError(
         f"unknown model {spec!r}; known: {', '.join(available_models())}; or give a dotted "
-        "path 'package.module:ClassName'")
+        "path 'package.module:ClassName'"
+    )
 
 
 def create_model(spec: str | type[Model], n: int = 1, **params: Any) -> Model:
@@ -95,21 +105,20 @@ def _load_dotted(spec: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"model {spec!r}: cannot import module {module_name!r}: {exc}") \
-            from exc
+        raise ValueError(f"model {spec!r}: cannot import module {module_name!r}: {exc}") from exc
     for attr in attr_path.split("."):
         try:
             obj = getattr(obj, attr)
         except AttributeError:
             raise ValueError(
-                f"model {spec!r}: module {module_name!r} has no attribute {attr_path!r}") \
-                from None
+                f"model {spec!r}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from None
     return obj
 
 
 def _check_model_class(obj: Any, spec: str) -> type[Model]:
     if not (isinstance(obj, type) and issubclass(obj, Model)):
         raise ValueError(
-            f"model {spec}: {obj!r} is not a subclass of maxwellhub_drivers.models.Model")
+            f"model {spec}: {obj!r} is not a subclass of maxwellhub_drivers.models.Model"
+        )
     return obj
-

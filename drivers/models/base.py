@@ -110,10 +110,12 @@ class Model:
         if unknown:
             raise ValueError(
                 f"{self._label()}: unknown parameter(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(self.parameters) or '(none)'}")
+                f"allowed: {', '.join(self.parameters) or '(none)'}"
+            )
         self.params: dict[str, np.ndarray] = {
             key: self._broadcast(key, spec, params.get(key, spec.default))
-            for key, spec in self.parameters.items()}
+            for key, spec in self.parameters.items()
+        }
         self._check_parameters()
         self._dt: float | None = None
         self._ids = np.arange(self._n, dtype=np.int64)
@@ -169,13 +171,15 @@ class Model:
         if not (math.isfinite(dt) and dt > 0):
             raise ValueError(
                 f"{self._label()}: dt_au = {dt_au!r} is not allowed; expected a finite "
-                "number > 0 (the time step in atomic units)")
+                "number > 0 (the time step in atomic units)"
+            )
         if molecule_ids is not None:
             ids = np.asarray(molecule_ids)
             if ids.shape != (self._n,) or (ids.size and ids.dtype.kind not in "iu"):
                 raise ValueError(
                     f"{self._label()}: molecule_ids = {molecule_ids!r} is not allowed; "
-                    f"expected {self._n} integer(s)")
+                    f"expected {self._n} integer(s)"
+                )
             self._ids = ids.astype(np.int64)
         self._prepare(dt)
         self._dt = dt
@@ -186,25 +190,29 @@ class Model:
         sources dmu/dt (n, 3). The committed state is unchanged until :meth:`commit`."""
         if self._dt is None:
             raise RuntimeError(
-                f"{self._label()}: call initialize(dt_au=...) before stage() or step()")
+                f"{self._label()}: call initialize(dt_au=...) before stage() or step()"
+            )
         f = np.asarray(fields, dtype=np.float64)
         if f.shape != (self._n, 3):
             raise ValueError(
                 f"{self._label()}: fields must have shape ({self._n}, 3) (one field vector "
-                f"per molecule, a.u.); got shape {f.shape}")
+                f"per molecule, a.u.); got shape {f.shape}"
+            )
         if self._one:
             return self._stage_scalar(f.tolist()[0])
         if not np.isfinite(f).all():
             bad = _first_bad_row(f)
             raise ValueError(
                 f"{self._label()}: field of molecule {self._ids[bad]} is not finite: "
-                f"{f[bad].tolist()}")
+                f"{f[bad].tolist()}"
+            )
         new_state, sources = self._stage_impl(self._state, f)
         sources = np.asarray(sources, dtype=np.float64)
         if sources.shape != (self._n, 3):
             raise RuntimeError(
                 f"{self._label()}: _stage_impl returned sources of shape {sources.shape}, "
-                f"expected ({self._n}, 3)")
+                f"expected ({self._n}, 3)"
+            )
         if not np.isfinite(sources).all():
             bad = _first_bad_row(sources)
             self._raise_bad_source(bad, sources[bad])
@@ -216,7 +224,8 @@ class Model:
         isfinite = math.isfinite
         if not (isfinite(field[0]) and isfinite(field[1]) and isfinite(field[2])):
             raise ValueError(
-                f"{self._label()}: field of molecule {self._ids[0]} is not finite: {field}")
+                f"{self._label()}: field of molecule {self._ids[0]} is not finite: {field}"
+            )
         new_state, source = self._stage_one(self._state, tuple(field))
         if not (isfinite(source[0]) and isfinite(source[1]) and isfinite(source[2])):
             self._raise_bad_source(0, source)
@@ -228,7 +237,8 @@ class Model:
         raise FloatingPointError(
             f"{self._label()}: source of molecule {self._ids[index]} is not finite "
             f"({list(map(float, source))}) at t = {self._time + self._dt} a.u.; is the "
-            "field or the time step too large?")
+            "field or the time step too large?"
+        )
 
     def commit(self) -> np.ndarray:
         """Make the staged step the current state; return its sources (n, 3)."""
@@ -269,13 +279,15 @@ class Model:
         if set(state) != expected:
             raise ValueError(
                 f"{self._label()}: state keys {sorted(state)} do not match the model's "
-                f"{sorted(expected)}")
+                f"{sorted(expected)}"
+            )
         new: State = {}
         for key, (shape, dtype) in self._schema.items():
             value = np.array(state[key], dtype=dtype, copy=True)
             if value.shape != shape:
                 raise ValueError(
-                    f"{self._label()}: state[{key!r}] has shape {value.shape}, expected {shape}")
+                    f"{self._label()}: state[{key!r}] has shape {value.shape}, expected {shape}"
+                )
             if not np.isfinite(value).all():
                 raise ValueError(f"{self._label()}: state[{key!r}] is not finite")
             new[key] = value
@@ -283,14 +295,14 @@ class Model:
         if time.shape != () or not math.isfinite(float(time)):
             raise ValueError(
                 f"{self._label()}: state['time_au'] = {state['time_au']!r} is not allowed; "
-                "expected a finite scalar")
+                "expected a finite scalar"
+            )
         self._state = new
         self._time = float(time)
         self._staged = None
 
     def __repr__(self) -> str:
-        return (f"<{type(self).__name__} n={self._n} dt_au={self._dt} "
-                f"time_au={self._time}>")
+        return f"<{type(self).__name__} n={self._n} dt_au={self._dt} time_au={self._time}>"
 
     # ---------------------------------------------------------------- for implementers
 
@@ -306,8 +318,9 @@ class Model:
     def _extras_impl(self, state: State) -> dict[str, np.ndarray]:
         return {}
 
-    def _stage_one(self, state: State, field: tuple[float, float, float]
-                   ) -> tuple[State, tuple[float, float, float]]:
+    def _stage_one(
+        self, state: State, field: tuple[float, float, float]
+    ) -> tuple[State, tuple[float, float, float]]:
         raise NotImplementedError
 
     def _extras_one(self, state: State) -> dict[str, float]:
@@ -327,21 +340,23 @@ class Model:
             raw = np.array(value, dtype=np.float64)  # a copy: the caller's array stays writable
         except (TypeError, ValueError):
             raise ValueError(
-                f"{label}: parameter {key} = {value!r} is not a number; expected "
-                f"{spec.allowed}") from None
+                f"{label}: parameter {key} = {value!r} is not a number; expected {spec.allowed}"
+            ) from None
         if raw.ndim == 0:
             raw = np.full(self._n, float(raw))
         elif raw.shape != (self._n,):
             raise ValueError(
                 f"{label}: parameter {key} = {value!r} has shape {raw.shape}; expected a "
-                f"scalar or a sequence of length n = {self._n}")
+                f"scalar or a sequence of length n = {self._n}"
+            )
         if spec.kind is int:
             integral = np.isfinite(raw) & (raw == np.round(raw))
             if not integral.all():
                 bad = int(np.flatnonzero(~integral)[0])
                 raise ValueError(
                     f"{label}: parameter {key} = {self._show(value, bad)} is not an integer; "
-                    f"expected {spec.allowed}")
+                    f"expected {spec.allowed}"
+                )
             arr = raw.astype(np.int64)
         else:
             arr = raw
@@ -350,7 +365,8 @@ class Model:
             bad = int(np.flatnonzero(~ok)[0])
             raise ValueError(
                 f"{label}: parameter {key} = {self._show(value, bad)} is not allowed; "
-                f"expected {spec.allowed}")
+                f"expected {spec.allowed}"
+            )
         arr.setflags(write=False)
         return arr
 
@@ -367,6 +383,7 @@ class Model:
             if not isinstance(value, np.ndarray) or value.ndim < 1 or value.shape[0] != self._n:
                 raise RuntimeError(
                     f"{self._label()}: _initial_state()[{key!r}] must be an ndarray with "
-                    f"leading dimension n = {self._n}")
+                    f"leading dimension n = {self._n}"
+                )
             schema[key] = (value.shape, value.dtype)
         return schema
