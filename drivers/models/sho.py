@@ -17,6 +17,9 @@ position. Both agree for ``q_initial = 0`` (the default).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import numpy as np
 
 from .base import Model, Parameter
@@ -49,14 +52,17 @@ class SHOModel(Model):
     """Harmonic oscillators (n of them) coupled through their dipole mu0 q."""
 
     name = "sho"
-    parameters = {
+    parameters: ClassVar[Mapping[str, Parameter]] = {
         "omega": Parameter(
             0.24188843,
             "angular frequency (a.u.)",
             valid=lambda a: a > 0,
             allowed="a finite number > 0",
+            mutable=True,
         ),
-        "mu0": Parameter(187.0819866, "dipole per unit coordinate: mu = mu0 q (a.u.)"),
+        "mu0": Parameter(
+            187.0819866, "dipole per unit coordinate: mu = mu0 q (a.u.)", mutable=True
+        ),
         "orientation": Parameter(
             2,
             "dipole axis: 0 (x), 1 (y) or 2 (z)",
@@ -78,9 +84,13 @@ class SHOModel(Model):
         "p_au",
         "q_au",
     )
+    example_params: ClassVar[dict[str, Any]] = {
+        "p_initial": 0.05,
+        "q_initial": 0.1,
+        "orientation": 0,
+    }
 
-    def __init__(self, n: int = 1, **params) -> None:
-        super().__init__(n, **params)
+    def _configure(self) -> None:
         axis = self.params["orientation"]
         self._axis = axis
         # a column view when all molecules share one axis (the usual case), else a gather

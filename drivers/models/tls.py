@@ -23,6 +23,9 @@ Never uses a general matrix exponential (no scipy).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import numpy as np
 
 from .base import Model, Parameter
@@ -69,14 +72,15 @@ class TLSModel(Model):
     """Two-level systems (n of them), propagated by the exact symmetric split."""
 
     name = "tls"
-    parameters = {
+    parameters: ClassVar[Mapping[str, Parameter]] = {
         "omega": Parameter(
             0.24188843,
             "transition frequency (a.u.)",
             valid=lambda a: a > 0,
             allowed="a finite number > 0",
+            mutable=True,
         ),
-        "mu12": Parameter(187.0819866, "transition dipole moment (a.u.)"),
+        "mu12": Parameter(187.0819866, "transition dipole moment (a.u.)", mutable=True),
         "orientation": Parameter(
             2,
             "dipole axis: 0 (x), 1 (y) or 2 (z)",
@@ -93,9 +97,14 @@ class TLSModel(Model):
         "e_phase_initial": Parameter(0.0, "initial phase of the excited amplitude (rad)"),
     }
     extras_keys = ("energy_au", "mux_au", "muy_au", "muz_au", "Pe", "Pg", "Pge_real", "Pge_imag")
+    scratch_attributes = ("_scratch",)
+    example_params: ClassVar[dict[str, Any]] = {
+        "pe_initial": 0.2,
+        "e_phase_initial": 0.5,
+        "orientation": 1,
+    }
 
-    def __init__(self, n: int = 1, **params) -> None:
-        super().__init__(n, **params)
+    def _configure(self) -> None:
         axis = self.params["orientation"]
         self._axis = axis
         # where each molecule's field and source sit in the (n, 3) arrays: a column view
