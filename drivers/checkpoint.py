@@ -12,7 +12,9 @@ written atomically (a temporary file in DIR, flush, fsync, rename, fsync of DIR)
 newest two whose step is a multiple of ``keep_every`` (so a run checkpoint taken every
 ``keep_every`` steps always finds its driver state). Files are read with
 ``allow_pickle=False``; a file that does not load, belongs to other molecules or another
-model is skipped with a warning.
+model, or whose parameters this model cannot take (an immutable one differs) is skipped
+with a warning. The state carries the model's parameters and random generator state
+(:meth:`Model.get_state`), so parameters changed during the run come back with it.
 
 When a maxwellhub hub binds the driver it offers (INIT JSON, :data:`wire.RESUME_KEY`)
 the number ``c`` of steps the molecules completed. :meth:`Continuity.begin` picks the
@@ -159,6 +161,8 @@ class Continuity:
         return wire.encode_claim(ids[0], len(ids))
 
     def _reset(self, model: Model, ids: tuple[int, ...]) -> None:
+        if self._initial is None:  # begin() takes it before any reset
+            raise RuntimeError("Continuity: no initial state to reset to")
         model.set_state(self._initial)
         self.step, self.ids, self._previous = 0, ids, None
 
@@ -171,9 +175,9 @@ class Continuity:
             self._previous = (self.step, state_before)
         self.step += 1
         if self.directory is not None and self.step % self.every == 0:
-            self._write(model)
+            self._write(model, self.directory)
 
-    def _write(self, model: Model) -> None:
+    def _write(self, model: Model, directory: Path) -> None:
         ids = self.ids or ()
         key = checkpoint_key(ids)
         state = model.get_state()
@@ -181,7 +185,7 @@ class Continuity:
         arrays["__molecule_ids"] = np.asarray(ids, dtype=np.int64)
         arrays["__step"] = np.array(self.step, dtype=np.int64)
         arrays["__model"] = np.array(_model_name(model))
-        final = self.directory / f"{key}.step_{self.step:012d}.npz"
+        final = directory / f"{key}.step_{self.step:012d}.npz"
         atomic_write(final, lambda fh: np.savez(fh, **arrays))
         self._prune(key)
 
@@ -223,9 +227,9 @@ class Continuity:
                 if str(arrays["__model"]) != _model_name(model):
                     raise ValueError(f"it holds a {arrays['__model']} state")
                 state = {k: v for k, v in arrays.items() if k not in _META}
-                probe = model.get_state()
-                model.set_state(state)  # validates keys, shapes, finiteness
-                model.set_state(probe)
+                # keys, shapes, finiteness and the parameters, without applying them (a
+                # model with other parameters would re-prepare twice for nothing)
+                model.check_state(state)
             except Exception as exc:  # a torn or foreign file: say which, try older ones
                 self.log.warning("skipping checkpoint %s: %s: %s", path, type(exc).__name__, exc)
                 continue
