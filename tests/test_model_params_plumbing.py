@@ -12,6 +12,7 @@ import json
 import logging
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -244,3 +245,97 @@ def test_driver_checkpoints_carry_changed_params_and_refuse_other_models(tmp_pat
         for r in caplog.records
     )
     assert other.params["orientation"].tolist() == [0]  # left as it was made
+
+
+# ---------------------------------------------------------------- embedded molecules
+
+
+@pytest.mark.meep
+def test_embedded_set_params_errors_name_the_molecule_and_key():
+    """MeepCoupling.set_params checks at once: errors name the molecule id and the key,
+    also against changes already queued; socket molecules refuse it clearly."""
+    mp = pytest.importorskip("meep")
+    from maxwellhub.em import MeepCoupling
+    from maxwellhub.errors import UsageError
+
+    sim = mp.Simulation(cell_size=mp.Vector3(8, 0), resolution=10, boundary_layers=[mp.PML(3.0)])
+    coupling = MeepCoupling(sim, time_units_fs=0.1)
+    coupling.add_molecules(
+        "tls", centers=[(0, 0, 0)] * 2, sigma=0.1, axis="z", omega=0.242, mu12=187.0, pe_initial=0.1
+    )
+    coupling.add_socket_molecules(centers=[(1, 0, 0)], sigma=0.1, axis="z")
+    cases: list[tuple[Any, dict[str, Any], str]] = [
+        (
+            [2],
+            {"omega": 0.3},
+            "molecule 2 runs in a socket driver; parameter changes over "
+            "the wire are not available yet",
+        ),
+        ([9], {"omega": 0.3}, "no molecule with id 9"),
+        (
+            [0, 1],
+            {"omega": [0.3, -1.0]},
+            r"molecule 1: tls: parameter omega = -1.0 "
+            r"\(molecule index 1\) is not allowed",
+        ),
+        (0, {"orientation": 0}, "molecule 0: tls: parameter orientation cannot be changed"),
+    ]
+    for ids, changes, message in cases:
+        with pytest.raises(UsageError, match=message):
+            coupling.set_params(ids, changes)
+    coupling.set_params([1], {"omega": 0.3})
+    with pytest.raises(UsageError, match=r"molecule 1: tls: parameter omega = -2.0"):
+        coupling.set_params([1], {"omega": -2.0})
+    assert coupling._groups[0].model.params["omega"].tolist() == [0.242, 0.242]  # queued
+
+
+def _embedded_run(change, steps=(20, 20)):
+    """Two embedded TLS run for steps[0], then ``change(coupling)``, then steps[1] more;
+    the recorded history and the coupling."""
+    import meep as mp
+
+    from maxwellhub.em import MeepCoupling
+
+    mp.verbosity(0)
+    sim = mp.Simulation(cell_size=mp.Vector3(8, 0), resolution=10, boundary_layers=[mp.PML(3.0)])
+    coupling = MeepCoupling(sim, time_units_fs=0.1)
+    coupling.add_molecules(
+        "tls",
+        centers=[(0, 0, 0), (0.5, 0, 0)],
+        sigma=0.1,
+        axis="z",
+        omega=0.242,
+        mu12=187.0,
+        pe_initial=0.1,
+    )
+    dt = 0.5 / 10  # Courant 0.5, resolution 10
+    sim.run(coupling.step_function(), until=steps[0] * dt)
+    change(coupling)
+    sim.run(coupling.step_function(), until=steps[1] * dt)
+    return coupling.history(), coupling
+
+
+@pytest.mark.meep
+def test_embedded_set_params_applies_before_the_next_step():
+    """A queued change equals changing the model right there, before the next step, bit
+    for bit; a checkpoint taken before that step already holds it."""
+    pytest.importorskip("meep")
+    queued, coupling = _embedded_run(lambda c: c.set_params([1], {"omega": 0.3}))
+    direct, _ = _embedded_run(
+        lambda c: c._groups[0].model.set_params({"omega": 0.3}, molecules=[1])
+    )
+    unchanged, _ = _embedded_run(lambda c: None)
+    assert coupling._groups[0].model.params["omega"].tolist() == [0.242, 0.3]
+    for key in ("Pe", "time_au", "energy_au"):
+        np.testing.assert_array_equal(queued[key], direct[key], err_msg=key)
+    first = int(np.argmax(queued["Pe"][:, 1] != unchanged["Pe"][:, 1]))
+    assert first > 0  # the same until the change ...
+    np.testing.assert_array_equal(queued["Pe"][:first], unchanged["Pe"][:first])
+    assert not np.array_equal(queued["Pe"], unchanged["Pe"])  # ... then not
+
+    def change_then_checkpoint(c):
+        c.set_params([0], {"mu12": 150.0})
+        c.saved = c.checkpoint_state()
+
+    _, coupling = _embedded_run(change_then_checkpoint)
+    np.testing.assert_array_equal(coupling.saved["model.0.param.mu12"], [150.0, 187.0])
