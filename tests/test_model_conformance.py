@@ -81,58 +81,64 @@ def assert_same(a: dict, b: dict, what: str) -> None:
         assert x.tobytes() == y.tobytes(), f"{what}: {key} differs"
 
 
-def fingerprint(obj, skip=(), depth=0, seen=None, path="model"):
+_OPAQUE = (
+    types.FunctionType,
+    types.MethodType,
+    types.ModuleType,
+    types.BuiltinFunctionType,
+    type,
+    io.IOBase,
+)
+
+
+def _leaf(value) -> Any:
+    """A comparable digest of a value with no attributes to walk, else None."""
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return repr(value.tolist())
+        return (value.dtype.str, value.shape, hashlib.sha1(value.tobytes()).hexdigest())
+    if isinstance(value, np.random.Generator):
+        return repr(value.bit_generator.state)
+    if value is None or isinstance(value, bool | int | float | complex | str | bytes | np.generic):
+        return repr(value)
+    if isinstance(value, set | frozenset):
+        return repr(sorted(map(repr, value)))
+    if isinstance(value, _OPAQUE):  # code and streams: not state
+        return type(value).__name__
+    return None
+
+
+def fingerprint(obj, skip=()) -> dict[str, Any]:
     """path -> digest of everything reachable from ``obj``'s attributes (arrays by their
     bytes, generators by their state, plain objects such as a PySCF Mole recursively):
     what stage must leave alone."""
-    seen = set() if seen is None else seen
+    seen = {id(obj)}
     out: dict[str, Any] = {}
 
     def visit(value, where, level):
-        if isinstance(value, np.ndarray):
-            digest = (
-                hashlib.sha1(value.tobytes()).hexdigest()
-                if value.dtype != object
-                else repr(value.tolist())
-            )
-            out[where] = (value.dtype.str, value.shape, digest)
-        elif isinstance(value, np.random.Generator):
-            out[where] = repr(value.bit_generator.state)
-        elif value is None or isinstance(
-            value, bool | int | float | complex | str | bytes | np.generic
-        ):
-            out[where] = repr(value)
-        elif isinstance(
-            value,
-            types.FunctionType
-            | types.MethodType
-            | types.ModuleType
-            | type
-            | io.IOBase
-            | types.BuiltinFunctionType,
-        ):
-            out[where] = type(value).__name__
-        elif id(value) in seen or level > 6:
+        leaf = _leaf(value)
+        if leaf is not None:
+            out[where] = leaf
+            return
+        if id(value) in seen or level > 6:
             out[where] = f"<{type(value).__name__}>"
-        elif isinstance(value, list | tuple):
-            seen.add(id(value))
-            for i, item in enumerate(value[:1000]):
-                visit(item, f"{where}[{i}]", level + 1)
+            return
+        seen.add(id(value))
+        if isinstance(value, list | tuple):
+            items = [(f"{where}[{i}]", item) for i, item in enumerate(value[:1000])]
         elif isinstance(value, dict):
-            seen.add(id(value))
-            for key in sorted(value, key=repr):
-                visit(value[key], f"{where}[{key!r}]", level + 1)
+            items = [(f"{where}[{k!r}]", value[k]) for k in sorted(value, key=repr)]
         elif hasattr(value, "__dict__"):
-            seen.add(id(value))
-            for key in sorted(vars(value)):
-                visit(vars(value)[key], f"{where}.{key}", level + 1)
+            items = [(f"{where}.{k}", v) for k, v in sorted(vars(value).items())]
         else:
             out[where] = f"<{type(value).__name__}>"
+            return
+        for name, item in items:
+            visit(item, name, level + 1)
 
-    seen.add(id(obj))
     for key in sorted(vars(obj)):
         if key not in skip:
-            visit(vars(obj)[key], f"{path}.{key}", depth)
+            visit(vars(obj)[key], f"model.{key}", 0)
     return out
 
 

@@ -11,7 +11,7 @@ import textwrap
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -651,6 +651,15 @@ def test_required_parameters_and_declaration_errors():
 
     with pytest.raises(ParameterError, match=r"parameter geometry is required \(input file\)"):
         NeedsFile.validate_params()
+
+    class TwoAliases(ToyKicked):
+        aliases: ClassVar[Mapping[str, tuple[str, Any]]] = {
+            **ToyKicked.aliases,
+            "xyz_file": ("geometry", None),
+        }
+
+    with pytest.raises(ParameterError, match="parameters molecule_xyz and xyz_file both set"):
+        TwoAliases.validate_params(molecule_xyz="a.xyz", xyz_file="b.xyz")
     with pytest.raises(ValueError, match=r"choices .* need kind=str"):
         Parameter(1.0, "x", choices=("a",))
     with pytest.raises(ValueError, match="'path' Parameter's default must be REQUIRED or None"):

@@ -143,7 +143,10 @@ class Model:
        str/path, a read-only (n, 3) float64 array for vector; shared: a Python float, int,
        bool or str (None when unset), an absolute path str, or a read-only (3,) float64
        array. Paths are resolved against ``base_dir`` (default: the current directory) and
-       must exist. ``n`` and ``base_dir`` are not parameter names.
+       must exist. ``n`` and ``base_dir`` are not parameter names. A ``mutable`` parameter
+       may change between steps (:meth:`set_params`; a state carrying another value takes
+       it over); any other is fixed for the model's life (a state with another value is
+       refused). The constructor validates exactly as :meth:`validate_params` does.
     2. ``aliases`` (optional): a class-level mapping ``other name -> (name, converter or
        None)``, e.g. MaxwellLink's spelling. The converter maps the value given under the
        alias to one for ``name``. Giving an alias and its name, or two aliases of one name,
@@ -181,7 +184,9 @@ class Model:
     9. ``extras_keys``: a tuple naming the keys ``_extras_impl`` returns, in addition to
        ``time_au`` which the base class adds. Peers read these keys; treat them as API. The
        class attribute is the default; a model whose keys depend on its parameters assigns
-       ``self.extras_keys`` in ``_configure`` (so before ``super().__init__`` returns).
+       ``self.extras_keys`` in ``_configure`` (which ``super().__init__`` runs) or in its
+       ``__init__`` after ``super().__init__()``: the base class reads it only after the
+       constructor. Keys must not change with a mutable parameter (peers record them).
     10. ``_stage_one(self, state, field) -> (new_state, source)`` and
        ``_extras_one(self, state) -> dict[str, float]`` (optional, together): 7 and 8 for
        one molecule (used when n = 1) on Python floats, ``field`` and ``source`` being
