@@ -513,7 +513,7 @@ class Model:
                 f"{self._label()}: field of molecule {self._ids[bad]} is not finite: "
                 f"{f[bad].tolist()}"
             )
-        rng = self._generator()
+        rng = self._generator() if "_rng" in self.__dict__ else None
         if rng is None:
             new_state, sources = self._stage_impl(self._state, f)
             drawn = None
@@ -539,7 +539,7 @@ class Model:
                 f"{self._label()}: field of molecule {self._ids[0]} is not finite: {field}"
             )
         one = (field[0], field[1], field[2])
-        rng = self._generator()
+        rng = self._generator() if "_rng" in self.__dict__ else None
         if rng is None:
             new_state, source = self._stage_one(self._state, one)
             drawn = None
@@ -575,9 +575,10 @@ class Model:
         if self._staged is None:
             raise RuntimeError(f"{self._label()}: nothing staged; call stage(fields) first")
         self._state, sources, self._time, drawn = self._staged
-        rng = self._generator()
-        if drawn is not None and rng is not None:
-            rng.bit_generator.state = drawn
+        if drawn is not None:
+            rng = self._generator()
+            if rng is not None:
+                rng.bit_generator.state = drawn
         self._staged = None
         return sources
 
