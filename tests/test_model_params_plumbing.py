@@ -339,3 +339,33 @@ def test_embedded_set_params_applies_before_the_next_step():
 
     _, coupling = _embedded_run(change_then_checkpoint)
     np.testing.assert_array_equal(coupling.saved["model.0.param.mu12"], [150.0, 187.0])
+
+
+@pytest.mark.meep
+def test_resume_without_the_config_resolves_paths_where_the_run_did(tmp_path, monkeypatch):
+    """A run whose parameters name a file relative to its config, resumed from its
+    checkpoint alone (no config file) from another directory, finds the same file."""
+    pytest.importorskip("meep")
+    (tmp_path / "cfg" / "in").mkdir(parents=True)
+    (tmp_path / "cfg" / "in" / "h2.xyz").write_text("2\n")
+    path = write_config(tmp_path / "cfg", "molecule_xyz = 'in/h2.xyz'\nnoise = 1e-4", count=2)
+    text = path.read_text().replace("[transport]", '[transport]\nkind = "embedded"')
+    path.write_text(
+        text
+        + textwrap.dedent(f"""
+        [output]
+        directory = "{tmp_path / "out"}"
+        plot = false
+
+        [checkpoint]
+        dir = "{tmp_path / "ck"}"
+        every = 10
+    """)
+    )
+    monkeypatch.chdir(tmp_path)
+    assert runner.main(str(path), {"simulation.until": 0.5}) == 0
+    manifest = json.loads(next((tmp_path / "ck").glob("step_*/manifest.json")).read_text())
+    assert manifest["config_dir"] == str(tmp_path / "cfg")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert runner.main(None, {"simulation.until": 1.0}, resume=str(tmp_path / "ck")) == 0
