@@ -12,7 +12,9 @@ written atomically (a temporary file in DIR, flush, fsync, rename, fsync of DIR)
 newest two whose step is a multiple of ``keep_every`` (so a run checkpoint taken every
 ``keep_every`` steps always finds its driver state). Files are read with
 ``allow_pickle=False``; a file that does not load, belongs to other molecules or another
-model is skipped with a warning.
+model, or whose parameters this model cannot take (an immutable one differs) is skipped
+with a warning. The state carries the model's parameters and random generator state
+(:meth:`Model.get_state`), so parameters changed during the run come back with it.
 
 When a maxwellhub hub binds the driver it offers (INIT JSON, :data:`wire.RESUME_KEY`)
 the number ``c`` of steps the molecules completed. :meth:`Continuity.begin` picks the
@@ -67,9 +69,14 @@ class Continuity:
     too, so a driver that reconnects can go back one step without a file.
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None, every: int = 1,
-                 keep_every: int = 0, memory: bool = False,
-                 logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike | None = None,
+        every: int = 1,
+        keep_every: int = 0,
+        memory: bool = False,
+        logger: logging.Logger | None = None,
+    ) -> None:
         if every < 1:
             raise ValueError(f"checkpoint every {every} steps: expected an integer >= 1")
         if keep_every < 0:
@@ -81,12 +88,12 @@ class Continuity:
         self.keep_every = keep_every
         self.memory = memory
         self.log = logger or _LOG
-        self.step = 0                            # steps of the model's committed state
+        self.step = 0  # steps of the model's committed state
         self.ids: tuple[int, ...] | None = None  # molecules the state belongs to
         self._initial: dict[str, np.ndarray] | None = None
         self._previous: tuple[int, dict[str, np.ndarray]] | None = None
-        self.refused = False                     # the last session was refused by auth
-        self.offered = False                     # a hub offered MXHRESUME (it speaks it)
+        self.refused = False  # the last session was refused by auth
+        self.offered = False  # a hub offered MXHRESUME (it speaks it)
 
     # ------------------------------------------------------------ session start
 
@@ -96,7 +103,7 @@ class Continuity:
         the step to announce with MXHRESUME, or None when the hub made no offer."""
         ids = tuple(int(m) for m in ids)
         if self._initial is None:
-            self._initial = model.get_state()   # step 0, taken once per process
+            self._initial = model.get_state()  # step 0, taken once per process
         same = ids == self.ids
         if offer is None:
             # A hub that does not know MXHRESUME cannot replay: continue the live state
@@ -112,26 +119,37 @@ class Continuity:
         if same and self.step <= target:
             candidates.append((self.step, "its live state", None))
         if same and self._previous is not None and self._previous[0] <= target:
-            candidates.append((self._previous[0], "the previous step kept in memory",
-                               self._previous[1]))
+            candidates.append(
+                (self._previous[0], "the previous step kept in memory", self._previous[1])
+            )
         found = self._newest_file(model, ids, target)
         if found is not None:
             candidates.append((found[0], f"checkpoint {found[2]}", found[1]))
         if not candidates:
             self._reset(model, ids)
             if target:
-                self.log.warning("molecule(s) %s: no state at or before step %d (%s); "
-                                 "starting from the initial state", _ids(ids), target,
-                                 "no checkpoint directory" if self.directory is None
-                                 else f"nothing usable in {self.directory}")
+                self.log.warning(
+                    "molecule(s) %s: no state at or before step %d (%s); "
+                    "starting from the initial state",
+                    _ids(ids),
+                    target,
+                    "no checkpoint directory"
+                    if self.directory is None
+                    else f"nothing usable in {self.directory}",
+                )
             return 0
         step, what, state = max(candidates, key=lambda c: c[0])
         model.set_state(state if state is not None else model.get_state())
         self.step, self.ids = step, ids
         self._previous = None
         if step or target:
-            self.log.info("molecule(s) %s: resuming from %s (step %d; the hub is at step %d)",
-                          _ids(ids), what, step, target)
+            self.log.info(
+                "molecule(s) %s: resuming from %s (step %d; the hub is at step %d)",
+                _ids(ids),
+                what,
+                step,
+                target,
+            )
         return step
 
     def claim(self) -> bytes:
@@ -143,6 +161,8 @@ class Continuity:
         return wire.encode_claim(ids[0], len(ids))
 
     def _reset(self, model: Model, ids: tuple[int, ...]) -> None:
+        if self._initial is None:  # begin() takes it before any reset
+            raise RuntimeError("Continuity: no initial state to reset to")
         model.set_state(self._initial)
         self.step, self.ids, self._previous = 0, ids, None
 
@@ -155,9 +175,9 @@ class Continuity:
             self._previous = (self.step, state_before)
         self.step += 1
         if self.directory is not None and self.step % self.every == 0:
-            self._write(model)
+            self._write(model, self.directory)
 
-    def _write(self, model: Model) -> None:
+    def _write(self, model: Model, directory: Path) -> None:
         ids = self.ids or ()
         key = checkpoint_key(ids)
         state = model.get_state()
@@ -165,7 +185,7 @@ class Continuity:
         arrays["__molecule_ids"] = np.asarray(ids, dtype=np.int64)
         arrays["__step"] = np.array(self.step, dtype=np.int64)
         arrays["__model"] = np.array(_model_name(model))
-        final = self.directory / f"{key}.step_{self.step:012d}.npz"
+        final = directory / f"{key}.step_{self.step:012d}.npz"
         atomic_write(final, lambda fh: np.savez(fh, **arrays))
         self._prune(key)
 
@@ -188,8 +208,9 @@ class Continuity:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
-    def _newest_file(self, model: Model, ids: tuple[int, ...], target: int
-                     ) -> tuple[int, dict[str, np.ndarray], str] | None:
+    def _newest_file(
+        self, model: Model, ids: tuple[int, ...], target: int
+    ) -> tuple[int, dict[str, np.ndarray], str] | None:
         if self.directory is None:
             return None
         for step, path in self._steps_on_disk(checkpoint_key(ids)):
@@ -206,12 +227,11 @@ class Continuity:
                 if str(arrays["__model"]) != _model_name(model):
                     raise ValueError(f"it holds a {arrays['__model']} state")
                 state = {k: v for k, v in arrays.items() if k not in _META}
-                probe = model.get_state()
-                model.set_state(state)       # validates keys, shapes, finiteness
-                model.set_state(probe)
+                # keys, shapes, finiteness and the parameters, without applying them (a
+                # model with other parameters would re-prepare twice for nothing)
+                model.check_state(state)
             except Exception as exc:  # a torn or foreign file: say which, try older ones
-                self.log.warning("skipping checkpoint %s: %s: %s", path,
-                                 type(exc).__name__, exc)
+                self.log.warning("skipping checkpoint %s: %s: %s", path, type(exc).__name__, exc)
                 continue
             return step, state, path.name
         return None

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Collection
 from typing import Any
 
 # A driver process is one of many on a machine: one BLAS/OpenMP thread each, always.
@@ -42,9 +43,20 @@ for _var in (
 __all__ = ["main", "parse_params", "parse_value"]
 
 
+def _unquoted(text: str) -> str | None:
+    """The text inside matching single or double quotes, else None."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return None
+
+
 def parse_value(text: str) -> Any:
-    """A ``--param`` value: bool (true/false), int, float, JSON list/object, else the string."""
+    """A ``--param`` value: bool (true/false), int, float, JSON list/object, a quoted
+    string (the quotes removed, never parsed: ``'1e-3'`` stays text), else the string."""
     stripped = text.strip()
+    quoted = _unquoted(stripped)
+    if quoted is not None:
+        return quoted
     lowered = stripped.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -61,12 +73,29 @@ def parse_value(text: str) -> Any:
     return stripped
 
 
+def _text_value(text: str) -> Any:
+    """A ``--param`` value for a text (str or path) parameter: the text as written (quotes
+    removed), so ``basis=6-31g``, ``label=1`` and ``x=1e-3`` arrive as those strings; a
+    JSON list (one value per molecule) is parsed."""
+    stripped = text.strip()
+    quoted = _unquoted(stripped)
+    if quoted is not None:
+        return quoted
+    return parse_value(stripped) if stripped[:1] == "[" else stripped
+
+
 def _split_pairs(text: str) -> list[str]:
-    """Split on commas outside brackets, so MaxwellLink's ``"omega=0.24, mu12=187"`` works
-    and list values such as ``pe_initial=[0.1,0]`` stay whole."""
-    parts, depth, start = [], 0, 0
+    """Split on commas outside brackets and quotes, so MaxwellLink's
+    ``"omega=0.24, mu12=187"`` works and list values such as ``pe_initial=[0.1,0]`` or
+    quoted text such as ``label='a, b'`` stay whole (a quote opens a value only right
+    after its ``=``, so an apostrophe inside text is just a character)."""
+    parts, depth, start, quote = [], 0, 0, ""
     for i, ch in enumerate(text):
-        if ch in "[{":
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"" and text[:i].rstrip().endswith("="):
+            quote = ch
+        elif ch in "[{":
             depth += 1
         elif ch in "]}":
             depth -= 1
@@ -77,8 +106,12 @@ def _split_pairs(text: str) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
-def parse_params(pairs: list[str], params_file: str | None = None) -> dict[str, Any]:
-    """Model parameters from a JSON file, then ``key=value`` pairs (which override it)."""
+def parse_params(
+    pairs: list[str], params_file: str | None = None, text_keys: Collection[str] = ()
+) -> dict[str, Any]:
+    """Model parameters from a JSON file, then ``key=value`` pairs (which override it).
+    Values of ``text_keys`` (the model's str and path parameters) stay text (see
+    :func:`_text_value`); the JSON file's values keep their JSON types."""
     params: dict[str, Any] = {}
     if params_file is not None:
         try:
@@ -96,7 +129,8 @@ def parse_params(pairs: list[str], params_file: str | None = None) -> dict[str, 
             key, sep, value = pair.partition("=")
             if not sep or not key.strip():
                 raise ValueError(f"--param {pair!r}: expected key=value")
-            params[key.strip()] = parse_value(value)
+            key = key.strip()
+            params[key] = _text_value(value) if key in text_keys else parse_value(value)
     return params
 
 
@@ -136,7 +170,10 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="model parameter, repeatable; values parse as bool, int, float "
-        "or JSON list, else string; 'a=1, b=2' also works",
+        "or JSON list, else string (a str or path parameter keeps its "
+        "text as written; quote text elsewhere: k='1e-3'); 'a=1, b=2' "
+        "also works; relative paths are relative to the current "
+        "directory",
     )
     parser.add_argument(
         "--params-file",
@@ -234,12 +271,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import Continuity
     from .client import run_client, unix_socket_path
-    from .models import create_model
+    from .models import get_model_class
 
     try:
         secret = load_secret(args.secret_file)
-        params = parse_params(args.param, args.params_file)
-        model = create_model(args.model, n=args.molecules, **params)
+        cls = get_model_class(args.model)
+        params = parse_params(args.param, args.params_file, _text_keys(cls))
+        # paths resolved against this directory, once, before the model is built
+        params = cls.validate_params(args.molecules, base_dir=os.getcwd(), **params)
+        model = cls(n=args.molecules, **params)
         if args.unix is not None:
             unix_socket_path(args.unix)  # reject an overlong path before connecting
     except ValueError as exc:
@@ -282,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+
+
+def _text_keys(cls) -> set[str]:
+    """The names (and aliases) of a model class's str and path parameters."""
+    text = {key for key, spec in cls.parameters.items() if spec.kind in (str, "path")}
+    return text | {alias for alias, (key, _) in cls.aliases.items() if key in text}
 
 
 if __name__ == "__main__":

@@ -40,17 +40,24 @@ if TYPE_CHECKING:
 __all__ = ["EnsembleSession"]
 
 
-
 class EnsembleSession(_Session):
     """The state machine of one ensemble connection. Authentication, STOP and EXIT are
     handled as in a single driver's session (inherited); the rest is batched."""
 
-    def __init__(self, sock: socket.socket, model: Model, log: logging.Logger,
-                 secret: Secret | None = None, continuity: Continuity | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        model: Model,
+        log: logging.Logger,
+        secret: Secret | None = None,
+        continuity: Continuity | None = None,
+    ) -> None:
         super().__init__(sock, model, log, secret, continuity)
         # An INIT may list every molecule id (when they are not consecutive).
-        self.decoder = wire.Decoder(reader="driver", limits=wire.Limits(
-            max_init_bytes=(1 << 20) + 24 * model.n, max_batch=max(model.n, 1)))
+        self.decoder = wire.Decoder(
+            reader="driver",
+            limits=wire.Limits(max_init_bytes=(1 << 20) + 24 * model.n, max_batch=max(model.n, 1)),
+        )
         self.welcomed = False
         self.ids: list[int] | None = None
         self.dt_au: float | None = None
@@ -81,24 +88,26 @@ class EnsembleSession(_Session):
                 if self.proof_sent:
                     raise HubClosed(REFUSED)
                 if not self.welcomed:
-                    raise HubClosed("the hub closed the connection without answering "
-                                    "MXHHELLO: it does not speak maxwellhub's batched frames "
-                                    "(ensemble drivers need a maxwellhub hub; use "
-                                    "--molecules 1 with other hubs)")
+                    raise HubClosed(
+                        "the hub closed the connection without answering "
+                        "MXHHELLO: it does not speak maxwellhub's batched frames "
+                        "(ensemble drivers need a maxwellhub hub; use "
+                        "--molecules 1 with other hubs)"
+                    )
                 raise HubClosed("the hub closed the connection before STOP or EXIT")
             for event in self.decoder.feed(view[:n]):
                 handler = self.handlers.get(type(event))
                 if handler is None:
-                    raise ProtocolError(f"unexpected message {type(event).__name__} from "
-                                        "the hub")
+                    raise ProtocolError(f"unexpected message {type(event).__name__} from the hub")
                 if handler(event):
                     return
 
     def on_welcome(self, event: wire.Welcome) -> bool:
         self.proof_sent = False  # accepted
         if event.molecules != self.model.n:
-            raise ProtocolError(f"MXHWELCOME for {event.molecules} molecules; this driver "
-                                f"hosts {self.model.n}")
+            raise ProtocolError(
+                f"MXHWELCOME for {event.molecules} molecules; this driver hosts {self.model.n}"
+            )
         self.welcomed = True
         self.decoder.batch = event.molecules
         return False
@@ -112,8 +121,10 @@ class EnsembleSession(_Session):
 
     def on_init(self, event: wire.Init) -> bool:
         if not self.welcomed:
-            raise ProtocolError("INIT before MXHWELCOME: the hub did not accept batched "
-                                "frames; ensemble drivers need a maxwellhub hub")
+            raise ProtocolError(
+                "INIT before MXHWELCOME: the hub did not accept batched "
+                "frames; ensemble drivers need a maxwellhub hub"
+            )
         try:
             data = json.loads(event.payload.decode("utf-8") or "{}")
             if "molecule_id_range" in data:
@@ -123,13 +134,17 @@ class EnsembleSession(_Session):
                 ids = [int(m) for m in data["molecule_ids"]]
             dt_au = float(data["dt_au"])
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"INIT of an ensemble needs JSON with molecule_id_range or "
-                                f"molecule_ids, and "
-                                f"dt_au: {exc!r}") from None
+            raise ProtocolError(
+                f"INIT of an ensemble needs JSON with molecule_id_range or "
+                f"molecule_ids, and "
+                f"dt_au: {exc!r}"
+            ) from None
         if len(ids) != self.model.n or not dt_au > 0:
-            raise ProtocolError(f"INIT with {len(ids)} molecule ids and dt_au {dt_au!r}; "
-                                f"this driver hosts {self.model.n} molecules and needs "
-                                "dt_au > 0")
+            raise ProtocolError(
+                f"INIT with {len(ids)} molecule ids and dt_au {dt_au!r}; "
+                f"this driver hosts {self.model.n} molecules and needs "
+                "dt_au > 0"
+            )
         if self.ids is not None:
             if (self.ids, self.dt_au) == (ids, dt_au):
                 return False
@@ -150,8 +165,7 @@ class EnsembleSession(_Session):
         try:
             self.model.stage(event.fields)
         except Exception as exc:
-            raise ModelFailed(f"step {self.steps + 1} failed: {type(exc).__name__}: {exc}") \
-                from exc
+            raise ModelFailed(f"step {self.steps + 1} failed: {type(exc).__name__}: {exc}") from exc
         return False
 
     def on_getforce(self, _event) -> bool:

@@ -86,7 +86,9 @@ __all__ = ["FORMAT", "STOPPED_BY_SIGNAL", "RunCheckpointer", "RunInterrupted",
 
 log = logging.getLogger("maxwellhub.checkpoint")
 
-FORMAT = 1
+# 2: embedded models' states carry their parameters (model.<g>.param.<name>) and random
+# generator state; the manifest says where relative parameter paths were resolved
+FORMAT = 2
 #: exit status of ``maxwellhub run`` stopped by SIGTERM/SIGINT after writing a checkpoint
 #: (EX_TEMPFAIL of sysexits.h: "try again", here with ``--resume``)
 STOPPED_BY_SIGNAL = 75
@@ -196,7 +198,9 @@ class RunCheckpointer:
     ``directory``: every ``every`` steps (0: never on a schedule) and when SIGTERM or
     SIGINT arrived (inside :meth:`signals`).
 
-    ``identity`` (JSON-able) and ``config_text``/``overrides`` go into the manifest;
+    ``identity`` (JSON-able), ``config_text``/``overrides`` and ``config_dir`` (where
+    relative paths among the models' parameters were resolved; a resume without the
+    config file resolves them there again) go into the manifest;
     ``driver_dir``: where socket drivers write their own checkpoints (default
     ``directory/drivers``), linked into each run checkpoint. The directory is locked
     for this run (a second run writing into it is refused).
@@ -205,7 +209,8 @@ class RunCheckpointer:
     def __init__(self, directory: str | os.PathLike, sim, coupling, *, hub=None,
                  every: int = 0, keep: int = 2, identity: Mapping[str, Any] | None = None,
                  config_text: str = "", overrides: Mapping[str, Any] | None = None,
-                 driver_dir: str | os.PathLike | None = None) -> None:
+                 driver_dir: str | os.PathLike | None = None,
+                 config_dir: str | os.PathLike | None = None) -> None:
         self._rank, self._size = rank_and_size()
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise UsageError(f"every = {every!r}; expected an int >= 0 (steps)")
@@ -220,6 +225,7 @@ class RunCheckpointer:
         self.identity = dict(identity or {})
         self.config_text = config_text
         self.overrides = dict(overrides or {})
+        self.config_dir = os.fspath(config_dir) if config_dir is not None else None
         self.driver_dir = Path(driver_dir) if driver_dir else self.directory / "drivers"
         self.requested: int | None = None   # the signal that asked for a stop
         self.last_written: int | None = None
@@ -416,6 +422,7 @@ class RunCheckpointer:
             "molecules": len(self.coupling.molecule_ids), "mpi_ranks": self._size,
             "meep_version": _meep_version(), "identity": self.identity,
             "config_text": self.config_text, "overrides": self.overrides,
+            "config_dir": self.config_dir,
         }
         _write_json(partial / _MANIFEST, manifest)
         fsync_dir(partial)

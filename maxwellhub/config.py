@@ -25,8 +25,8 @@ key (dotted, e.g. ``molecules[1].sigma``) and what is allowed. Example (the 2D d
     count = 1                 # copies at `position`
     sigma = 0.1               # Gaussian width; 0 = point kernel
     axis = "z"
-    [molecules.params]        # the model's own parameters (a.u.)
-    omega = 0.242
+    [molecules.params]        # the model's own parameters (a.u.); file paths are relative
+    omega = 0.242             # to this file's directory
     mu12 = 187.0
     pe_initial = 1e-4
 
@@ -120,6 +120,9 @@ class Config:
     checkpoint: Checkpoint | None = None
     text: str = ""          # the TOML document as read (before --set overrides)
     overrides: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE applied
+    # where relative paths among the models' parameters are resolved: the config file's
+    # directory (None: the current directory)
+    base_dir: Path | None = None
 
     @property
     def molecule_count(self) -> int:
@@ -319,8 +322,10 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
 
 
 def parse_config_text(text: str, source: Path | None = None,
-                      overrides: dict | None = None) -> Config:
-    """:func:`load_config` of a TOML document already read (e.g. from a checkpoint)."""
+                      overrides: dict | None = None, base_dir: Path | None = None) -> Config:
+    """:func:`load_config` of a TOML document already read (e.g. from a checkpoint).
+    ``base_dir``: where relative parameter paths are resolved (default: the directory of
+    ``source``, else the current directory)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -334,4 +339,7 @@ def parse_config_text(text: str, source: Path | None = None,
                 raise ConfigError(f"--set {dotted}: {p} is not a table")
         node[last] = value
     config = parse_config(data, source)
-    return dataclasses.replace(config, text=text, overrides=dict(overrides or {}))
+    if base_dir is None and source is not None:
+        base_dir = source.resolve().parent
+    return dataclasses.replace(config, text=text, overrides=dict(overrides or {}),
+                               base_dir=base_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -32,7 +33,7 @@ from .launch import reap, start_driver
 from .mpi import am_master, rank_and_size
 from .output import Progress, plot_populations, write_history
 
-__all__ = ["main", "run", "DEFAULT_CONFIG"]
+__all__ = ["DEFAULT_CONFIG", "main", "run", "validate_models"]
 
 log = logging.getLogger("maxwellhub.run")
 
@@ -101,28 +102,56 @@ def analytic_reference(config: Config, units) -> dict | None:
             "p0": float(first["pe_initial"]), "molecules": n}
 
 
+def validate_models(config: Config) -> Config:
+    """Check every group's model parameters without building a model (a model such as
+    rttddft would run its SCF here, in the EM process, before any driver starts): the
+    config with each group's parameters as the model validated them (canonical spellings,
+    paths made absolute against ``config.base_dir``), which drivers and embedded models
+    then receive. A bad one is a ConfigError naming ``molecules[i].params.<key>``."""
+    from maxwellhub_drivers.models import ParameterError, get_model_class
+
+    base_dir = config.base_dir or Path.cwd()
+    groups = []
+    for i, g in enumerate(config.molecules):
+        try:
+            cls = get_model_class(g.model)
+        except (ValueError, ImportError, LookupError) as exc:
+            raise ConfigError(f"molecules[{i}].model: {exc}") from None
+        try:
+            params = cls.validate_params(len(g.positions), base_dir=base_dir, **g.params)
+        except ParameterError as exc:
+            where = f"molecules[{i}].params" + (f".{exc.key}" if exc.key else "")
+            raise ConfigError(f"{where}: {exc}") from None
+        except (ValueError, TypeError, OSError) as exc:  # a model's own cross check
+            raise ConfigError(f"molecules[{i}].params: {exc}") from None
+        groups.append(dataclasses.replace(g, params=params))
+    return dataclasses.replace(config, molecules=tuple(groups), base_dir=base_dir)
+
+
 def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
     """(ids, model, params) per batch of drivers to start together, in id order.
 
     With ``transport.molecules_per_driver`` = 1 a batch is a run of molecules with the
-    same command line (one driver each; they may bind in any order among themselves).
+    same parameters (one driver each; they may bind in any order among themselves).
     With K > 1 each batch is one ensemble driver hosting up to K consecutive molecules of
-    a group, its list parameters sliced to them; ensembles are started one at a time so
-    that each binds to exactly its ids.
+    a group, its per-molecule list parameters sliced to them (shared ones, and a single
+    3-vector given for all, stay whole: the model class says which); ensembles are
+    started one at a time so that each binds to exactly its ids.
     """
+    from maxwellhub_drivers.models import get_model_class
+
     per = config.transport.molecules_per_driver
     batches: list[tuple[list[int], str, dict]] = []
     for group, ids in zip(config.molecules, ids_by_group, strict=True):
+        cls = get_model_class(group.model)
         ids = ids.tolist()
         if per > 1:
             for lo in range(0, len(ids), per):
-                params = {key: (v[lo:lo + per] if isinstance(v, list) else v)
-                          for key, v in group.params.items()}
+                params = cls.slice_params(group.params, lo, min(lo + per, len(ids)))
                 batches.append((ids[lo:lo + per], group.model, params))
             continue
         for k, mid in enumerate(ids):
-            params = {key: (v[k] if isinstance(v, list) else v)
-                      for key, v in group.params.items()}
+            params = cls.slice_params(group.params, k, k + 1)
             if batches and batches[-1][1] == group.model and batches[-1][2] == params:
                 batches[-1][0].append(mid)
             else:
@@ -134,12 +163,16 @@ def _start_batch(ids: list[int], model: str, params: dict, per: int, logs: Path,
                  where: dict, timeout: float | None, extra: list[str] = (),
                  new_session: bool = False, secret=None) -> list:
     """Start the driver(s) of one batch; returns [(first molecule id, process)].
-    ``extra``: more driver options (checkpoints); ``new_session``: see start_driver."""
+    ``extra``: more driver options (checkpoints); ``new_session``: see start_driver.
+    The parameters travel in a JSON file (--params-file), typed as validated: a string
+    that looks like a number, a path with a comma or a 3-vector arrive as they are."""
     if per == 1:
-        return [(mid, start_driver(model, params, timeout=timeout,
+        params_file = logs / f"params_{ids[0]}.json"
+        params_file.write_text(json.dumps(params))
+        return [(mid, start_driver(model, None, timeout=timeout,
                                    log_path=logs / f"molecule_{mid}.log",
-                                   extra_args=list(extra), new_session=new_session,
-                                   secret=secret, **where))
+                                   extra_args=["--params-file", str(params_file), *extra],
+                                   new_session=new_session, secret=secret, **where))
                 for mid in ids]
     params_file = logs / f"ensemble_{ids[0]}.json"
     params_file.write_text(json.dumps(params))
@@ -231,6 +264,7 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
     from .hub import SocketHub
 
     t_start = time.perf_counter()
+    config = validate_models(config)  # idempotent: main() has done it already
     master = am_master()
     out_dir = config.output.directory
     ck_config = config.checkpoint
@@ -299,7 +333,7 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
             checkpointer = ckpt.RunCheckpointer(
                 ck_config.directory, sim, coupling, hub=hub, every=ck_config.every,
                 keep=ck_config.keep, identity=identity, config_text=config.text,
-                overrides=config.overrides)
+                overrides=config.overrides, config_dir=config.base_dir)
         except BaseException:
             if hub is not None:
                 hub.stop()
@@ -538,17 +572,13 @@ def main(config_path: str | None = None, overrides: dict | None = None,
                     print(f"maxwellhub run: {exc}", file=sys.stderr)
                 return 2
             path = Path(resume)
+            saved_dir = manifest.get("config_dir")
             config = parse_config_text(manifest.get("config_text", ""), None,
-                                       {**manifest.get("overrides", {}), **(overrides or {})})
+                                       {**manifest.get("overrides", {}), **(overrides or {})},
+                                       base_dir=Path(saved_dir) if saved_dir else None)
         else:
             config = load_config(path, overrides)
-        from maxwellhub_drivers.models import get_model_class
-        for i, g in enumerate(config.molecules):
-            try:
-                cls = get_model_class(g.model)
-                cls(n=len(g.positions), **g.params)  # validates the parameters now
-            except (ValueError, TypeError, ImportError, LookupError) as exc:
-                raise ConfigError(f"molecules[{i}]: {exc}") from None
+        config = validate_models(config)  # cheap: no model is built in this process yet
     except ConfigError as exc:
         print(f"maxwellhub run: bad config {path}: {exc}", file=sys.stderr)
         return 2

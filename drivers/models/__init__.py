@@ -8,45 +8,110 @@
 
 A model is named in one of three ways:
 
-- a registered name: ``tls``, ``sho``, or one added with :func:`register_model`;
+- a registered name: ``tls``, ``sho``, ``rttddft``, or one added with
+  :func:`register_model`;
 - a dotted path ``package.module:ClassName`` to a :class:`Model` subclass;
 - an entry point of the group ``maxwellhub.models`` that an installed package declares.
+
+Built-ins that need an optional package (``rttddft`` needs PySCF) are registered lazily,
+as ``module:Class`` with the pip extra that brings the package: their module is imported
+only when the model is asked for, and a missing package is one clear error naming the
+extra to install.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from .base import Model, Parameter
+from .base import KINDS, REQUIRED, Model, Parameter, ParameterError
 from .sho import SHOModel
 from .tls import TLSModel
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "Model", "Parameter", "SHOModel", "TLSModel", "available_models",
-    "create_model", "get_model_class", "register_model",
+    "ENTRY_POINT_GROUP",
+    "KINDS",
+    "REQUIRED",
+    "LazyModel",
+    "Model",
+    "Parameter",
+    "ParameterError",
+    "SHOModel",
+    "TLSModel",
+    "available_models",
+    "create_model",
+    "get_model_class",
+    "register_model",
 ]
 
 #: Entry-point group where installed packages declare their models.
 ENTRY_POINT_GROUP = "maxwellhub.models"
 
-_registry: dict[str, type[Model]] = {"tls": TLSModel, "sho": SHOModel}
+
+@dataclass(frozen=True)
+class LazyModel:
+    """A model registered by ``target`` (``package.module:ClassName``), imported when
+    first asked for. ``needs``: the top-level import name of the optional package it
+    needs (``"pyscf"``), ``label`` its name in messages and ``extra`` the pip extra of
+    maxwellhub that installs it."""
+
+    target: str
+    needs: str = ""
+    label: str = ""
+    extra: str = ""
+
+    def load(self, name: str) -> type[Model]:
+        module_name = self.target.partition(":")[0]
+        try:
+            importlib.import_module(module_name)
+        except ImportError as exc:
+            missing = (exc.name or "").partition(".")[0]
+            if self.needs and missing == self.needs:
+                raise ValueError(
+                    f"model {name!r} needs {self.label or self.needs}: pip install "
+                    f"'maxwellhub[{self.extra}]'"
+                ) from None
+            if exc.name == module_name:
+                raise ValueError(
+                    f"model {name!r}: its module {module_name} is not part of this installation"
+                ) from None
+            raise ValueError(f"model {name!r}: cannot import {module_name}: {exc}") from exc
+        return _check_model_class(_load_dotted(self.target), name)
 
 
-def register_model(name: str, cls: type[Model] | None = None, *, replace: bool = False):
-    """Register ``cls`` under ``name``; without ``cls``, return a class decorator.
+_registry: dict[str, type[Model] | LazyModel] = {
+    "tls": TLSModel,
+    "sho": SHOModel,
+    "rttddft": LazyModel(
+        "maxwellhub_drivers.models.rttddft:RTTDDFTModel",
+        needs="pyscf",
+        label="PySCF",
+        extra="pyscf",
+    ),
+}
 
-    Registering a different class under a taken name needs ``replace=True``.
+
+def register_model(name: str, cls: type[Model] | LazyModel | None = None, *, replace: bool = False):
+    """Register ``cls`` (a class, or a :class:`LazyModel` imported on first use) under
+    ``name``; without ``cls``, return a class decorator.
+
+    Registering something else under a taken name needs ``replace=True``.
     """
 
-    def add(model_cls: type[Model]) -> type[Model]:
-        _check_model_class(model_cls, name)
+    def add(model_cls: Any) -> Any:
+        if not isinstance(model_cls, LazyModel):
+            _check_model_class(model_cls, name)
         old = _registry.get(name)
-        if old is not None and old is not model_cls and not replace:
+        if old is not None and old != model_cls and not replace:
+            where = (
+                old.target if isinstance(old, LazyModel) else f"{old.__module__}.{old.__qualname__}"
+            )
             raise ValueError(
-                f"model name {name!r} is already registered to {old.__module__}."
-                f"{old.__qualname__}; pass replace=True to replace it")
+                f"model name {name!r} is already registered to {where}; pass "
+                "replace=True to replace it"
+            )
         _registry[name] = model_cls
         return model_cls
 
@@ -69,18 +134,21 @@ def get_model_class(spec: str | type[Model]) -> type[Model]:
     if ":" in spec:
         return _check_model_class(_load_dotted(spec), spec)
     if spec in _registry:
-        return _registry[spec]
+        found = _registry[spec]
+        return found.load(spec) if isinstance(found, LazyModel) else found
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=spec):
         try:
             loaded = ep.load()
         except Exception as exc:
             raise ValueError(
                 f"model {spec!r}: cannot load entry point {ep.value!r} of group "
-                f"{ENTRY_POINT_GROUP!r}: {exc}") from exc
+                f"{ENTRY_POINT_GROUP!r}: {exc}"
+            ) from exc
         return _check_model_class(loaded, spec)
     raise ValueError(
         f"unknown model {spec!r}; known: {', '.join(available_models())}; or give a dotted "
-        "path 'package.module:ClassName'")
+        "path 'package.module:ClassName'"
+    )
 
 
 def create_model(spec: str | type[Model], n: int = 1, **params: Any) -> Model:
@@ -95,21 +163,20 @@ def _load_dotted(spec: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"model {spec!r}: cannot import module {module_name!r}: {exc}") \
-            from exc
+        raise ValueError(f"model {spec!r}: cannot import module {module_name!r}: {exc}") from exc
     for attr in attr_path.split("."):
         try:
             obj = getattr(obj, attr)
         except AttributeError:
             raise ValueError(
-                f"model {spec!r}: module {module_name!r} has no attribute {attr_path!r}") \
-                from None
+                f"model {spec!r}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from None
     return obj
 
 
 def _check_model_class(obj: Any, spec: str) -> type[Model]:
     if not (isinstance(obj, type) and issubclass(obj, Model)):
         raise ValueError(
-            f"model {spec}: {obj!r} is not a subclass of maxwellhub_drivers.models.Model")
+            f"model {spec}: {obj!r} is not a subclass of maxwellhub_drivers.models.Model"
+        )
     return obj
-

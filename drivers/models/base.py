@@ -11,39 +11,108 @@ never imports scipy.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Model", "Parameter"]
+__all__ = ["KINDS", "REQUIRED", "Model", "Parameter", "ParameterError"]
 
 State = dict[str, np.ndarray]
 
+#: The kinds of :class:`Parameter`: numbers, flags, text, file paths and 3-vectors.
+KINDS: tuple[Any, ...] = (float, int, bool, str, "path", "vector")
+_TEXT_KINDS: tuple[Any, ...] = (str, "path")
+_DEFAULT_ALLOWED: dict[Any, str] = {
+    float: "a finite number",
+    int: "an integer",
+    bool: "true or false",
+    str: "a string",
+    "path": "the path of an existing file",
+    "vector": "a 3-vector [x, y, z] of finite numbers",
+}
+# get_state() keys: "param.<name>" for each parameter, "rng.state" for a model's _rng
+_PARAM_PREFIX = "param."
+_RNG_KEY = "rng.state"
+# names the constructor and validate_params take themselves
+_RESERVED_NAMES = frozenset({"n", "base_dir"})
 
-def _finite(a: np.ndarray) -> np.ndarray:
-    return np.isfinite(a)
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
 
 
-def _first_bad_row(a: np.ndarray) -> int:
-    return int(np.flatnonzero(~np.isfinite(a).all(axis=1))[0])
+#: The default of a parameter that has none: leaving it out is an error.
+REQUIRED: Any = _Required()
+
+
+class ParameterError(ValueError):
+    """A parameter value is refused. ``key``: the parameter as the caller named it (an
+    alias stays an alias), None for a check across parameters; ``molecule``: the molecule
+    index (0..n-1) the error is about, or None."""
+
+    def __init__(self, message: str, key: str | None = None, molecule: int | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.molecule = molecule
 
 
 @dataclass(frozen=True)
 class Parameter:
     """One model parameter: its default, its kind and what values it allows.
 
-    ``kind`` is ``float`` or ``int``. ``valid`` maps the broadcast (n,) array of values to a
-    boolean mask; ``allowed`` says in words what ``valid`` accepts (it appears in errors).
+    ``kind``: ``float``, ``int``, ``bool``, ``str``, ``"path"`` (a file: made absolute and
+    checked to exist) or ``"vector"`` (3 floats). ``valid`` maps the values, one row per
+    molecule (``(n,)``, ``(n, 3)`` for vectors, a numpy unicode array for text; a shared
+    parameter has one row), to a boolean mask of the same rows; ``allowed`` says in words
+    what is accepted (it appears in errors; the default names the kind). ``shared``: one
+    value for the whole ensemble, never given or sliced per molecule. ``mutable``: may be
+    changed between steps by :meth:`Model.set_params`. ``choices``: for ``str``, the
+    allowed values, matched case-insensitively and stored in the spelling given here.
+    ``default``: a value of the kind, :data:`REQUIRED` (must be given), or None for a
+    shared ``str``/``"path"`` that may stay unset; a ``"path"`` default is REQUIRED or None
+    (a relative default would depend on the current directory).
     """
 
-    default: float | int
+    default: Any
     doc: str
-    kind: type = float
-    valid: Callable[[np.ndarray], np.ndarray] = _finite
-    allowed: str = "a finite number"
+    kind: Any = float
+    valid: Callable[[np.ndarray], np.ndarray] | None = None
+    allowed: str = ""
+    shared: bool = False
+    mutable: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"Parameter kind {self.kind!r} is not one of float, int, bool, "
+                "str, 'path', 'vector'"
+            )
+        if self.choices is not None:
+            if self.kind is not str:
+                raise ValueError(f"Parameter choices {self.choices!r} need kind=str")
+            object.__setattr__(self, "choices", tuple(str(c) for c in self.choices))
+        if not self.allowed:
+            text = (
+                f"one of {', '.join(self.choices)}" if self.choices else _DEFAULT_ALLOWED[self.kind]
+            )
+            object.__setattr__(self, "allowed", text)
+        if self.default is None and not (self.shared and self.kind in _TEXT_KINDS):
+            raise ValueError(
+                "a Parameter default of None (unset) is only for shared str and 'path' parameters"
+            )
+        if self.kind == "path" and self.default is not None and self.default is not REQUIRED:
+            raise ValueError(
+                f"a 'path' Parameter's default must be REQUIRED or None, not {self.default!r}"
+            )
+        if self.kind == "vector" and self.default is not REQUIRED:
+            object.__setattr__(self, "default", tuple(float(x) for x in self.default))
 
 
 class Model:
@@ -57,72 +126,312 @@ class Model:
         model.commit()                 # the staged step becomes the current state
         sources = model.step(fields)   # stage + commit
         model.extras()                 # {"time_au": (n,), "energy_au": (n,), ...}
+        model.set_params({"omega": 0.25})  # a mutable parameter, from the next step on
 
     ``stage`` computes from the committed state and keeps the result aside, so staging the
     same step again (a hub re-sending a field after a driver was replaced) is idempotent.
 
     Rules for implementers (a subclass provides these and nothing else):
 
-    1. ``parameters``: a class-level mapping ``name -> Parameter``. The constructor accepts
-       exactly these names as keyword arguments, each a scalar or a length-``n`` sequence,
-       and stores them broadcast to read-only (n,) arrays in ``self.params``, after checking
-       each value against the parameter's ``valid``/``allowed``.
-    2. ``extras_keys``: a class-level tuple naming the keys ``_extras_impl`` returns, in
-       addition to ``time_au`` which the base class adds. Peers read these keys; treat them
-       as API.
-    3. ``_initial_state(self) -> dict[str, ndarray]``: the state at time 0 from
+    1. ``parameters``: a class-level mapping ``name -> Parameter``. The constructor and
+       :meth:`validate_params` accept exactly these names (and the ``aliases``) as keyword
+       arguments. A per-molecule parameter (``shared=False``) takes one value for all n
+       molecules (for ``"vector"``: one 3-vector) or a length-n list (n 3-vectors); a
+       shared one takes one value, and a list for a shared scalar or string is refused.
+       ``self.params[name]`` then holds, per-molecule: a read-only (n,) float64 or int64
+       array for float/int, a read-only (n,) bool array for bool, a tuple of n str for
+       str/path, a read-only (n, 3) float64 array for vector; shared: a Python float, int,
+       bool or str (None when unset), an absolute path str, or a read-only (3,) float64
+       array. Paths are resolved against ``base_dir`` (default: the current directory) and
+       must exist. ``n`` and ``base_dir`` are not parameter names. A ``mutable`` parameter
+       may change between steps (:meth:`set_params`; a state carrying another value takes
+       it over); any other is fixed for the model's life (a state with another value is
+       refused). The constructor validates exactly as :meth:`validate_params` does.
+    2. ``aliases`` (optional): a class-level mapping ``other name -> (name, converter or
+       None)``, e.g. MaxwellLink's spelling. The converter maps the value given under the
+       alias to one for ``name``. Giving an alias and its name, or two aliases of one name,
+       is an error naming both.
+    3. ``_validate(cls, params, n)`` (optional classmethod): checks across parameters, on
+       the stored values of rule 1 (defaults filled in), raising :class:`ParameterError`
+       (or ValueError) naming the parameters, their values and what is allowed. It must be
+       cheap: ``maxwellhub run`` calls it before any driver starts, in the EM process (it
+       may read a small input file; it must not run an SCF). The older instance hook
+       ``_check_parameters(self)`` still runs after it, on a bare instance that has only
+       ``self.n``, ``self.params`` and ``self.name``; new models use ``_validate``.
+    4. ``_configure(self)`` (optional): derive from ``self.params`` what does not depend on
+       the time step (per-axis picks, constants of the float path, a basis or a molecule
+       object). Called by the constructor before ``_initial_state``, and again after every
+       change of parameters (:meth:`set_params`, :meth:`set_state` with other parameters).
+       It must assign attributes, not change objects it made earlier in place: a change
+       that fails is rolled back by restoring the instance's attribute dict.
+    5. ``_initial_state(self) -> dict[str, ndarray]``: the state at time 0 from
        ``self.params``. Every array has leading dimension ``n``. It must not depend on the
        time step (which is unknown until :meth:`initialize`); the key set, shapes and dtypes
-       it returns are the schema :meth:`set_state` enforces. ``"time_au"`` is reserved.
-    4. ``_prepare(self, dt_au)`` (optional): precompute what depends on the time step, such
-       as propagator factors. Called by :meth:`initialize`; must not change the state.
-    5. ``_stage_impl(self, state, fields) -> (new_state, sources)``: one step of length
+       it returns are the schema :meth:`set_state` enforces, and a mutable parameter must
+       not change them. ``"time_au"`` and keys starting ``param.`` or ``rng.`` are reserved.
+    6. ``_prepare(self, dt_au)`` (optional): precompute what depends on the time step, such
+       as propagator factors. Called by :meth:`initialize` and after every change of
+       parameters once initialised; must not change the state; assigns attributes as 4.
+    7. ``_stage_impl(self, state, fields) -> (new_state, sources)``: one step of length
        ``self.dt_au`` under ``fields`` (n, 3), held constant over the step. Pure: it must not
-       modify ``state`` or any attribute (scratch arrays it keeps for itself excepted);
-       ``new_state`` has the same schema (shapes and dtypes; the memory order is free);
-       ``sources`` is the (n, 3) float64 dmu/dt of the new state.
-    6. ``_extras_impl(self, state) -> dict[str, ndarray]``: per-molecule (n,) float64 arrays
+       modify ``state`` or any attribute (scratch arrays named in ``scratch_attributes``
+       excepted; caches a library fills on first use count as attributes: fill them in 4
+       or 6); ``new_state`` has the same schema (shapes and dtypes; the memory order is
+       free); ``sources`` is the (n, 3) float64 dmu/dt of the new state.
+    8. ``_extras_impl(self, state) -> dict[str, ndarray]``: per-molecule (n,) float64 arrays
        of reported quantities of ``state``, keyed by ``extras_keys``. Pure as well. It may be
        called before :meth:`initialize`, when ``self.dt_au`` is None.
-    7. ``_check_parameters(self)`` (optional): checks across parameters, raising
-       ``ValueError`` naming the parameters, their values and what is allowed.
-    8. ``_stage_one(self, state, field) -> (new_state, source)`` and
-       ``_extras_one(self, state) -> dict[str, float]`` (optional, together): 5 and 6 for
+    9. ``extras_keys``: a tuple naming the keys ``_extras_impl`` returns, in addition to
+       ``time_au`` which the base class adds. Peers read these keys; treat them as API. The
+       class attribute is the default; a model whose keys depend on its parameters assigns
+       ``self.extras_keys`` in ``_configure`` (which ``super().__init__`` runs) or in its
+       ``__init__`` after ``super().__init__()``: the base class reads it only after the
+       constructor. Keys must not change with a mutable parameter (peers record them).
+    10. ``_stage_one(self, state, field) -> (new_state, source)`` and
+       ``_extras_one(self, state) -> dict[str, float]`` (optional, together): 7 and 8 for
        one molecule (used when n = 1) on Python floats, ``field`` and ``source`` being
        3 floats, ``state`` the usual arrays. A driver process steps one molecule, and
        numpy's per-call cost on (1, 3) arrays would be most of its step. They must give
-       bit for bit what 5 and 6 give (share the formulas; test it).
+       bit for bit what 7 and 8 give (share the formulas; test it).
+    11. Randomness: a model that draws random numbers keeps one ``numpy.random.Generator``
+       in ``self._rng``, made once in ``__init__`` after ``super().__init__()`` (say from a
+       shared int ``seed`` parameter), and draws only from it in 7 and 10. The base class
+       puts the generator back after :meth:`stage` (so staging stays pure and idempotent),
+       advances it on :meth:`commit`, and carries its state in :meth:`get_state`.
+    12. ``example_params``: small, fast parameters for the conformance test
+       (``tests/test_model_conformance.py``), run at n = 1 and n = 3; ``conformance_rtol``:
+       how far n batched molecules may differ from n single ones (0: bit for bit).
 
     The base class checks inputs (shapes, finiteness), keeps the time (``t += dt`` on
-    commit), the molecule ids and the staged step. Nothing here is thread-safe: one model
-    belongs to one thread.
+    commit), the molecule ids, the staged step, and the parameters and the generator's
+    state inside :meth:`get_state` (``param.<name>`` arrays, text as numpy unicode, and
+    ``rng.state``), so checkpoints (``.npz`` read with ``allow_pickle=False``) carry them.
+    Nothing here is thread-safe: one model belongs to one thread.
     """
 
     name: ClassVar[str] = ""
     parameters: ClassVar[Mapping[str, Parameter]] = {}
-    extras_keys: ClassVar[tuple[str, ...]] = ()
+    aliases: ClassVar[Mapping[str, tuple[str, Callable[[Any], Any] | None]]] = {}
+    extras_keys: tuple[str, ...] = ()
+    scratch_attributes: ClassVar[tuple[str, ...]] = ()
+    example_params: ClassVar[dict[str, Any]] = {}
+    conformance_rtol: ClassVar[float] = 0.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for key, spec in cls.parameters.items():
+            if not isinstance(spec, Parameter):
+                raise TypeError(f"{cls.__qualname__}.parameters[{key!r}] is not a Parameter")
+            if key in _RESERVED_NAMES or key.startswith(("param.", "rng.")):
+                raise TypeError(f"{cls.__qualname__}: {key!r} cannot be a parameter name")
+        for alias, target in cls.aliases.items():
+            if alias in cls.parameters or target[0] not in cls.parameters:
+                raise TypeError(
+                    f"{cls.__qualname__}.aliases[{alias!r}] = {target!r}: an "
+                    "alias must be a new name for a declared parameter"
+                )
 
     def __init__(self, n: int = 1, **params: Any) -> None:
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-            raise ValueError(f"{self._label()}: n = {n!r} is not allowed; expected an int >= 1")
-        self._n = int(n)
-        unknown = sorted(set(params) - set(self.parameters))
-        if unknown:
-            raise ValueError(
-                f"{self._label()}: unknown parameter(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(self.parameters) or '(none)'}")
-        self.params: dict[str, np.ndarray] = {
-            key: self._broadcast(key, spec, params.get(key, spec.default))
-            for key, spec in self.parameters.items()}
-        self._check_parameters()
+        self._n = _check_n(type(self)._label(), n)
+        self.params: dict[str, Any] = self._checked_params(self._n, None, params)[0]
+        self._param_state = self._params_as_arrays()  # get_state's param.* arrays
         self._dt: float | None = None
         self._ids = np.arange(self._n, dtype=np.int64)
         self._time = 0.0
-        self._staged: tuple[State, np.ndarray, float] | None = None
+        self._staged: tuple[State, np.ndarray, float, Mapping[str, Any] | None] | None = None
         self._one = self._n == 1 and type(self)._stage_one is not Model._stage_one
+        self._configure()
         state = self._initial_state()
         self._schema = self._schema_of(state)
         self._state = state
+
+    # ---------------------------------------------------------------- parameters
+
+    @classmethod
+    def validate_params(
+        cls, n: int = 1, base_dir: str | os.PathLike | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """Check ``params`` for ``n`` molecules without building the model, cheaply.
+
+        Maps aliases, refuses unknown names, checks kinds, shapes, ``valid``, choices and
+        the cross checks (rule 3), resolves paths against ``base_dir`` (default: the current
+        directory) and checks they exist. Returns the parameters given, under their own
+        names, as plain JSON-able values (absolute paths, canonical spellings; one value
+        for all molecules stays one value, a per-molecule list stays a list): what
+        ``maxwellhub run`` hands to drivers. Raises :class:`ParameterError` naming the
+        model, the key, the molecule index where it is per molecule, and what is allowed.
+        """
+        return cls._checked_params(_check_n(cls._label(), n), base_dir, params)[1]
+
+    @classmethod
+    def slice_params(cls, params: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
+        """The parameters of molecules ``start..stop-1`` out of :meth:`validate_params`'s
+        result: per-molecule lists are cut, shared values and values given once for all
+        molecules (a single 3-vector included) stay whole; for one molecule a cut list
+        becomes its single value."""
+        out = {}
+        for key, value in params.items():
+            spec = cls.parameters.get(key)
+            if spec is not None and not spec.shared and _is_per_molecule(spec, value):
+                part = list(value)[start:stop]
+                value = part[0] if stop - start == 1 else part
+            out[key] = value
+        return out
+
+    def set_params(
+        self, changes: Mapping[str, Any], molecules: Sequence[int] | None = None
+    ) -> None:
+        """Change mutable parameters from the next step on.
+
+        ``changes``: name (or alias) -> value, as for the constructor; ``molecules``:
+        indices 0..n-1 the change applies to (None: all; a shared parameter only with
+        None), each value one for all of them or one per listed molecule. Validates
+        everything first (ParameterError naming the key and the molecule), re-runs the
+        cross checks, ``_configure`` and, once initialised, ``_prepare``, and drops a
+        staged step; if anything fails the model is left as it was.
+        """
+        self._apply_params(self.check_params(changes, molecules))
+
+    def check_params(
+        self,
+        changes: Mapping[str, Any],
+        molecules: Sequence[int] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`set_params` without applying: the complete new ``self.params`` it would
+        set. ``params``: check against these stored parameters instead of the current
+        ones (for a change queued behind others)."""
+        label = self._label()
+        base = dict(self.params if params is None else params)
+        rows = self._molecule_rows(molecules)
+        for key, (name, value) in self._canonical_keys(changes).items():
+            spec = self.parameters[key]
+            if not spec.mutable:
+                mutable = [k for k, p in self.parameters.items() if p.mutable]
+                raise ParameterError(
+                    f"{label}: parameter {name} cannot be changed after the model is made; "
+                    f"mutable: {', '.join(mutable) or '(none)'}",
+                    name,
+                )
+            if spec.shared:
+                if rows is not None:
+                    raise ParameterError(
+                        f"{label}: parameter {name} is shared by all molecules; change it "
+                        "for all of them (molecules=None)",
+                        name,
+                    )
+                base[key] = _normalise(label, name, spec, value, self._n, None)[0]
+                continue
+            full = _current_values(spec, base[key])
+            if rows is None:
+                full = value
+            else:
+                given = _spread(label, name, spec, value, len(rows))
+                for row, item in zip(rows, given, strict=True):
+                    full[row] = item
+            base[key] = _normalise(label, name, spec, full, self._n, None)[0]
+        self._cross_check(base, self._n)
+        return base
+
+    def _apply_params(self, params: dict[str, Any]) -> None:
+        """Make ``params`` (complete and checked) current: ``_configure``, ``_prepare``
+        once initialised, drop a staged step; all or nothing."""
+        saved = dict(self.__dict__)
+        try:
+            self.params = params
+            self._param_state = self._params_as_arrays()
+            self._staged = None
+            self._configure()
+            if self._dt is not None:
+                self._prepare(self._dt)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    @classmethod
+    def _checked_params(
+        cls, n: int, base_dir: str | os.PathLike | None, params: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(stored values of every parameter, canonical JSON-able values of those given)."""
+        label = cls._label()
+        given = cls._canonical_keys(params)
+        stored: dict[str, Any] = {}
+        canonical: dict[str, Any] = {}
+        for key, spec in cls.parameters.items():
+            if key in given:
+                name, value = given[key]
+                stored[key], canonical[key] = _normalise(label, name, spec, value, n, base_dir)
+            elif spec.default is REQUIRED:
+                raise ParameterError(
+                    f"{label}: parameter {key} is required ({spec.doc}); expected {spec.allowed}",
+                    key,
+                )
+            elif spec.default is None:
+                stored[key] = None
+            else:
+                stored[key] = _normalise(label, key, spec, spec.default, n, base_dir)[0]
+        cls._cross_check(stored, n)
+        return stored, canonical
+
+    @classmethod
+    def _cross_check(cls, stored: dict[str, Any], n: int) -> None:
+        cls._validate(stored, n)
+        if cls._check_parameters is not Model._check_parameters:
+            probe = object.__new__(cls)  # rule 3: the old hook sees n and params only
+            probe._n = n
+            probe.params = stored
+            probe._check_parameters()
+
+    @classmethod
+    def _canonical_keys(cls, params: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+        """name -> (the name or alias given, the value, converted) for ``params``."""
+        label = cls._label()
+        unknown = sorted(k for k in params if k not in cls.parameters and k not in cls.aliases)
+        if unknown:
+            aliases = "".join(f"; {a} for {t}" for a, (t, _) in cls.aliases.items())
+            raise ParameterError(
+                f"{label}: unknown parameter(s) {', '.join(unknown)}; allowed: "
+                f"{', '.join(cls.parameters) or '(none)'}{aliases}",
+                unknown[0],
+            )
+        out: dict[str, tuple[str, Any]] = {}
+        for name, value in params.items():
+            key, convert = (name, None) if name in cls.parameters else cls.aliases[name]
+            if key in out:
+                raise ParameterError(
+                    f"{label}: parameters {out[key][0]} and {name} both set "
+                    f"{key}; give one of them",
+                    name,
+                )
+            if convert is not None:
+                try:
+                    value = convert(value)
+                except (TypeError, ValueError) as exc:
+                    raise ParameterError(
+                        f"{label}: parameter {name} = {value!r} does not convert to {key}: {exc}",
+                        name,
+                    ) from None
+            out[key] = (name, value)
+        return out
+
+    def _molecule_rows(self, molecules: Sequence[int] | None) -> list[int] | None:
+        if molecules is None:
+            return None
+        rows = list(molecules) if not isinstance(molecules, int | np.integer) else None
+        if (
+            not rows
+            or any(
+                isinstance(r, bool) or not isinstance(r, int | np.integer) or not 0 <= r < self._n
+                for r in rows
+            )
+            or len(set(rows)) != len(rows)
+        ):
+            raise ParameterError(
+                f"{self._label()}: molecules = {molecules!r} is not allowed; "
+                f"expected distinct indices 0..{self._n - 1}, or None for all"
+            )
+        return [int(r) for r in rows]
 
     # ---------------------------------------------------------------- public API
 
@@ -169,13 +478,15 @@ class Model:
         if not (math.isfinite(dt) and dt > 0):
             raise ValueError(
                 f"{self._label()}: dt_au = {dt_au!r} is not allowed; expected a finite "
-                "number > 0 (the time step in atomic units)")
+                "number > 0 (the time step in atomic units)"
+            )
         if molecule_ids is not None:
             ids = np.asarray(molecule_ids)
             if ids.shape != (self._n,) or (ids.size and ids.dtype.kind not in "iu"):
                 raise ValueError(
                     f"{self._label()}: molecule_ids = {molecule_ids!r} is not allowed; "
-                    f"expected {self._n} integer(s)")
+                    f"expected {self._n} integer(s)"
+                )
             self._ids = ids.astype(np.int64)
         self._prepare(dt)
         self._dt = dt
@@ -186,55 +497,88 @@ class Model:
         sources dmu/dt (n, 3). The committed state is unchanged until :meth:`commit`."""
         if self._dt is None:
             raise RuntimeError(
-                f"{self._label()}: call initialize(dt_au=...) before stage() or step()")
+                f"{self._label()}: call initialize(dt_au=...) before stage() or step()"
+            )
         f = np.asarray(fields, dtype=np.float64)
         if f.shape != (self._n, 3):
             raise ValueError(
                 f"{self._label()}: fields must have shape ({self._n}, 3) (one field vector "
-                f"per molecule, a.u.); got shape {f.shape}")
+                f"per molecule, a.u.); got shape {f.shape}"
+            )
         if self._one:
-            return self._stage_scalar(f.tolist()[0])
+            return self._stage_scalar(f.tolist()[0], self._dt)
         if not np.isfinite(f).all():
             bad = _first_bad_row(f)
             raise ValueError(
                 f"{self._label()}: field of molecule {self._ids[bad]} is not finite: "
-                f"{f[bad].tolist()}")
-        new_state, sources = self._stage_impl(self._state, f)
+                f"{f[bad].tolist()}"
+            )
+        rng = self._generator() if "_rng" in self.__dict__ else None
+        if rng is None:
+            new_state, sources = self._stage_impl(self._state, f)
+            drawn = None
+        else:
+            new_state, sources, drawn = self._with_generator(rng, self._stage_impl, f)
         sources = np.asarray(sources, dtype=np.float64)
         if sources.shape != (self._n, 3):
             raise RuntimeError(
                 f"{self._label()}: _stage_impl returned sources of shape {sources.shape}, "
-                f"expected ({self._n}, 3)")
+                f"expected ({self._n}, 3)"
+            )
         if not np.isfinite(sources).all():
             bad = _first_bad_row(sources)
             self._raise_bad_source(bad, sources[bad])
-        self._staged = (new_state, sources, self._time + self._dt)
+        self._staged = (new_state, sources, self._time + self._dt, drawn)
         return sources
 
-    def _stage_scalar(self, field: list[float]) -> np.ndarray:
+    def _stage_scalar(self, field: list[float], dt: float) -> np.ndarray:
         """:meth:`stage` for one molecule through ``_stage_one``."""
         isfinite = math.isfinite
         if not (isfinite(field[0]) and isfinite(field[1]) and isfinite(field[2])):
             raise ValueError(
-                f"{self._label()}: field of molecule {self._ids[0]} is not finite: {field}")
-        new_state, source = self._stage_one(self._state, tuple(field))
+                f"{self._label()}: field of molecule {self._ids[0]} is not finite: {field}"
+            )
+        one = (field[0], field[1], field[2])
+        rng = self._generator() if "_rng" in self.__dict__ else None
+        if rng is None:
+            new_state, source = self._stage_one(self._state, one)
+            drawn = None
+        else:
+            new_state, source, drawn = self._with_generator(rng, self._stage_one, one)
         if not (isfinite(source[0]) and isfinite(source[1]) and isfinite(source[2])):
             self._raise_bad_source(0, source)
         sources = np.array((source,), dtype=np.float64)
-        self._staged = (new_state, sources, self._time + self._dt)
+        self._staged = (new_state, sources, self._time + dt, drawn)
         return sources
+
+    def _with_generator(
+        self, rng: np.random.Generator, impl: Callable, field: Any
+    ) -> tuple[State, Any, Mapping[str, Any]]:
+        """Run a step that may draw from ``rng``; return its result and the generator's
+        state after the draws, with the generator put back as it was (rule 11)."""
+        before = rng.bit_generator.state
+        try:
+            new_state, sources = impl(self._state, field)
+            return new_state, sources, rng.bit_generator.state
+        finally:
+            rng.bit_generator.state = before
 
     def _raise_bad_source(self, index: int, source: Any) -> None:
         raise FloatingPointError(
             f"{self._label()}: source of molecule {self._ids[index]} is not finite "
-            f"({list(map(float, source))}) at t = {self._time + self._dt} a.u.; is the "
-            "field or the time step too large?")
+            f"({list(map(float, source))}) at t = {self._time + (self._dt or 0.0)} a.u.; is "
+            "the field or the time step too large?"
+        )
 
     def commit(self) -> np.ndarray:
         """Make the staged step the current state; return its sources (n, 3)."""
         if self._staged is None:
             raise RuntimeError(f"{self._label()}: nothing staged; call stage(fields) first")
-        self._state, sources, self._time = self._staged
+        self._state, sources, self._time, drawn = self._staged
+        if drawn is not None:
+            rng = self._generator()
+            if rng is not None:
+                rng.bit_generator.state = drawn
         self._staged = None
         return sources
 
@@ -258,47 +602,134 @@ class Model:
         return {key: float(value[index]) for key, value in self.extras().items()}
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """A copy of the committed state as plain arrays (for checkpoints), with time_au."""
+        """A copy of the committed state as plain arrays (for checkpoints): the model's
+        arrays, ``time_au``, ``param.<name>`` for every parameter and, for a model with a
+        generator, ``rng.state``. Nothing needs pickling."""
         state = {key: value.copy() for key, value in self._state.items()}
         state["time_au"] = np.array(self._time)
+        for key, value in self._param_state.items():
+            state[key] = value.copy()
+        rng = self._generator()
+        if rng is not None:
+            state[_RNG_KEY] = np.array(json.dumps(rng.bit_generator.state, default=_jsonable))
         return state
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Replace the committed state by one from :meth:`get_state`; drop a staged step."""
-        expected = set(self._schema) | {"time_au"}
+        """Replace the committed state by one from :meth:`get_state`; drop a staged step.
+
+        Refuses (ValueError naming them) wrong or missing keys, shapes, non-finite values
+        and parameters that are not valid, and an immutable parameter that differs from
+        this model's (make the model with it instead). Mutable parameters that differ are
+        taken over (re-running ``_configure`` and ``_prepare``); the model is unchanged if
+        anything is refused.
+        """
+        new, time, params, drawn = self._checked_state(state)
+        if params is not None:
+            self._apply_params(params)
+        self._state = new
+        self._time = time
+        rng = self._generator()
+        if drawn is not None and rng is not None:
+            rng.bit_generator.state = drawn
+        self._staged = None
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise what :meth:`set_state` would raise for ``state``; change nothing."""
+        self._checked_state(state)
+
+    def _checked_state(
+        self, state: Mapping[str, Any]
+    ) -> tuple[State, float, dict[str, Any] | None, dict | None]:
+        label = self._label()
+        rng = self._generator()
+        expected = (
+            set(self._schema) | {"time_au"} | {_PARAM_PREFIX + key for key in self.parameters}
+        )
+        if rng is not None:
+            expected.add(_RNG_KEY)
         if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(
-                f"{self._label()}: state keys {sorted(state)} do not match the model's "
-                f"{sorted(expected)}")
+                f"{label}: state keys {sorted(state)} do not match the model's "
+                f"{sorted(expected)} (missing: {', '.join(missing) or 'none'}; unexpected: "
+                f"{', '.join(extra) or 'none'})"
+            )
         new: State = {}
         for key, (shape, dtype) in self._schema.items():
             value = np.array(state[key], dtype=dtype, copy=True)
             if value.shape != shape:
                 raise ValueError(
-                    f"{self._label()}: state[{key!r}] has shape {value.shape}, expected {shape}")
-            if not np.isfinite(value).all():
-                raise ValueError(f"{self._label()}: state[{key!r}] is not finite")
+                    f"{label}: state[{key!r}] has shape {value.shape}, expected {shape}"
+                )
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                raise ValueError(f"{label}: state[{key!r}] is not finite")
             new[key] = value
         time = np.asarray(state["time_au"], dtype=np.float64)
         if time.shape != () or not math.isfinite(float(time)):
             raise ValueError(
-                f"{self._label()}: state['time_au'] = {state['time_au']!r} is not allowed; "
-                "expected a finite scalar")
-        self._state = new
-        self._time = float(time)
-        self._staged = None
+                f"{label}: state['time_au'] = {state['time_au']!r} is not allowed; "
+                "expected a finite scalar"
+            )
+        return (
+            new,
+            float(time),
+            self._params_of_state(state),
+            None if rng is None else _checked_generator_state(label, rng, state[_RNG_KEY]),
+        )
+
+    def _params_of_state(self, state: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The parameters a state carries, checked; None when they are this model's."""
+        label = self._label()
+        params = dict(self.params)
+        changed = False
+        for key, spec in self.parameters.items():
+            where = f"state[{_PARAM_PREFIX + key!r}]"
+            array = state[_PARAM_PREFIX + key]
+            try:
+                value = (
+                    None
+                    if _is_unset(spec, array)
+                    else _normalise(
+                        label, key, spec, _from_array(spec, array, self._n), self._n, None
+                    )[0]
+                )
+            except (ParameterError, TypeError) as exc:
+                raise ValueError(f"{label}: {where} is not allowed: {exc}") from None
+            if _same(value, self.params[key]):
+                continue
+            if not spec.mutable:
+                raise ValueError(
+                    f"{label}: {where} = {_brief(value)} differs from this model's {key} = "
+                    f"{_brief(self.params[key])}, which cannot change: make the model with "
+                    f"{key} = {_brief(value)} to continue this state"
+                )
+            params[key] = value
+            changed = True
+        if not changed:
+            return None
+        self._cross_check(params, self._n)
+        return params
 
     def __repr__(self) -> str:
-        return (f"<{type(self).__name__} n={self._n} dt_au={self._dt} "
-                f"time_au={self._time}>")
+        return f"<{type(self).__name__} n={self._n} dt_au={self._dt} time_au={self._time}>"
 
     # ---------------------------------------------------------------- for implementers
+
+    @classmethod
+    def _validate(cls, params: dict[str, Any], n: int) -> None:
+        """Checks across parameters, cheap (rule 3; optional)."""
+
+    def _check_parameters(self) -> None:
+        """The older form of :meth:`_validate` (rule 3; optional)."""
+
+    def _configure(self) -> None:
+        """Derive what depends on the parameters only (rule 4; optional)."""
 
     def _initial_state(self) -> State:
         raise NotImplementedError
 
     def _prepare(self, dt_au: float) -> None:
-        """Precompute what depends on the time step (optional)."""
+        """Precompute what depends on the time step (rule 6; optional)."""
 
     def _stage_impl(self, state: State, fields: np.ndarray) -> tuple[State, np.ndarray]:
         raise NotImplementedError
@@ -306,67 +737,385 @@ class Model:
     def _extras_impl(self, state: State) -> dict[str, np.ndarray]:
         return {}
 
-    def _stage_one(self, state: State, field: tuple[float, float, float]
-                   ) -> tuple[State, tuple[float, float, float]]:
+    def _stage_one(
+        self, state: State, field: tuple[float, float, float]
+    ) -> tuple[State, tuple[float, float, float]]:
         raise NotImplementedError
 
     def _extras_one(self, state: State) -> dict[str, float]:
         raise NotImplementedError
 
-    def _check_parameters(self) -> None:
-        """Checks across parameters (optional)."""
-
     # ---------------------------------------------------------------- helpers
 
-    def _label(self) -> str:
-        return self.name or type(self).__name__
+    @classmethod
+    def _label(cls) -> str:
+        return cls.name or cls.__name__
 
-    def _broadcast(self, key: str, spec: Parameter, value: Any) -> np.ndarray:
-        label = self._label()
-        try:
-            raw = np.array(value, dtype=np.float64)  # a copy: the caller's array stays writable
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{label}: parameter {key} = {value!r} is not a number; expected "
-                f"{spec.allowed}") from None
-        if raw.ndim == 0:
-            raw = np.full(self._n, float(raw))
-        elif raw.shape != (self._n,):
-            raise ValueError(
-                f"{label}: parameter {key} = {value!r} has shape {raw.shape}; expected a "
-                f"scalar or a sequence of length n = {self._n}")
-        if spec.kind is int:
-            integral = np.isfinite(raw) & (raw == np.round(raw))
-            if not integral.all():
-                bad = int(np.flatnonzero(~integral)[0])
-                raise ValueError(
-                    f"{label}: parameter {key} = {self._show(value, bad)} is not an integer; "
-                    f"expected {spec.allowed}")
-            arr = raw.astype(np.int64)
-        else:
-            arr = raw
-        ok = np.asarray(spec.valid(arr), dtype=bool) & np.isfinite(raw)
-        if not ok.all():
-            bad = int(np.flatnonzero(~ok)[0])
-            raise ValueError(
-                f"{label}: parameter {key} = {self._show(value, bad)} is not allowed; "
-                f"expected {spec.allowed}")
-        arr.setflags(write=False)
-        return arr
+    def _params_as_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            _PARAM_PREFIX + key: _to_array(spec, self.params[key])
+            for key, spec in self.parameters.items()
+        }
 
-    def _show(self, value: Any, index: int) -> str:
-        if np.ndim(value) == 0:
-            return repr(value)
-        return f"{np.asarray(value)[index]!r} (molecule index {index})"
+    def _generator(self) -> np.random.Generator | None:
+        rng = self.__dict__.get("_rng")
+        return rng if isinstance(rng, np.random.Generator) else None
 
     def _schema_of(self, state: State) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        if "time_au" in state:
-            raise RuntimeError(f"{self._label()}: state key 'time_au' is reserved")
+        if "time_au" in state or any(k.startswith(("param.", "rng.")) for k in state):
+            raise RuntimeError(
+                f"{self._label()}: state keys 'time_au', 'param.*' and 'rng.*' are reserved"
+            )
         schema = {}
         for key, value in state.items():
             if not isinstance(value, np.ndarray) or value.ndim < 1 or value.shape[0] != self._n:
                 raise RuntimeError(
                     f"{self._label()}: _initial_state()[{key!r}] must be an ndarray with "
-                    f"leading dimension n = {self._n}")
+                    f"leading dimension n = {self._n}"
+                )
             schema[key] = (value.shape, value.dtype)
         return schema
+
+
+# -------------------------------------------------------------------- parameter values
+
+
+def _check_n(label: str, n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"{label}: n = {n!r} is not allowed; expected an int >= 1")
+    return int(n)
+
+
+def _first_bad_row(a: np.ndarray) -> int:
+    return int(np.flatnonzero(~np.isfinite(a).all(axis=1))[0])
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, list | tuple | np.ndarray) and np.ndim(value) > 0
+
+
+def _is_per_molecule(spec: Parameter, value: Any) -> bool:
+    """Whether a canonical value lists one entry per molecule (rather than one for all)."""
+    if not _is_list(value):
+        return False
+    return spec.kind != "vector" or _is_list(next(iter(value)))
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return True
+    if isinstance(value, np.ndarray):
+        return value.dtype == np.bool_
+    return isinstance(value, list | tuple) and any(_has_bool(v) for v in value)
+
+
+def _item(value: Any, index: int | None) -> Any:
+    if index is None or not _is_list(value):
+        return value
+    return (value.tolist() if isinstance(value, np.ndarray) else list(value))[index]
+
+
+def _show(value: Any, index: int | None) -> str:
+    """``value`` as an error shows it: the offending molecule's entry of a list."""
+    if index is None or not _is_list(value):
+        return repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return f"{_item(value, index)!r} (molecule index {index})"
+
+
+def _brief(value: Any) -> str:
+    return repr(value.tolist() if isinstance(value, np.ndarray) else value)
+
+
+def _mask(spec: Parameter, values: np.ndarray) -> np.ndarray:
+    """``spec.valid`` of ``values`` (one row per molecule) as one bool per row."""
+    if spec.valid is None:
+        return np.ones(len(values), dtype=bool)
+    ok = np.asarray(spec.valid(values), dtype=bool)
+    if ok.ndim == 2:
+        ok = ok.all(axis=1)
+    return np.broadcast_to(ok, (len(values),))
+
+
+def _refused(
+    label: str,
+    key: str,
+    spec: Parameter,
+    value: Any,
+    index: int | None,
+    problem: str = "is not allowed",
+) -> ParameterError:
+    return ParameterError(
+        f"{label}: parameter {key} = {_show(value, index)} {problem}; expected {spec.allowed}",
+        key,
+        index,
+    )
+
+
+def _normalise(
+    label: str, key: str, spec: Parameter, value: Any, n: int, base_dir: str | os.PathLike | None
+) -> tuple[Any, Any]:
+    """(the value as stored in ``params``, its canonical JSON-able form) of ``value`` for
+    the parameter ``spec`` named ``key`` by the caller, for ``n`` molecules."""
+    if value is None and spec.default is None:
+        return None, None  # a shared text parameter left unset
+    if spec.kind in (float, int):
+        return _numbers(label, key, spec, value, n)
+    if spec.kind == "vector":
+        return _vectors(label, key, spec, value, n)
+    if spec.shared and _is_list(value):
+        raise ParameterError(
+            f"{label}: parameter {key} = {_show(value, None)} is a list, but {key} is shared "
+            f"by all molecules: give one value ({spec.allowed})",
+            key,
+        )
+    single = not _is_list(value)
+    if not single and len(value) != n:
+        raise ParameterError(
+            f"{label}: parameter {key} = {_show(value, None)} has {len(value)} entries; "
+            f"expected one value or a list of n = {n}",
+            key,
+        )
+    items = [value] if single else list(value)
+    if spec.kind is bool:
+        out: list[Any] = []
+        for i, item in enumerate(items):
+            flag = _to_bool(item)
+            if flag is None:
+                raise _refused(label, key, spec, value, None if single else i, "is not a flag")
+            out.append(flag)
+        values = np.array(out, dtype=bool)
+    else:
+        out = [
+            _text(label, key, spec, value, None if single else i, item, base_dir)
+            for i, item in enumerate(items)
+        ]
+        values = np.array(out, dtype=str)
+    ok = _mask(spec, values)
+    if not ok.all():
+        raise _refused(label, key, spec, value, None if single else int(np.flatnonzero(~ok)[0]))
+    canonical = out[0] if single else list(out)
+    if spec.shared:
+        return out[0], canonical
+    if spec.kind is bool:
+        stored = np.full(n, out[0]) if single else values
+        stored.setflags(write=False)
+        return stored, canonical
+    return (tuple(out) * n if single else tuple(out)), canonical
+
+
+def _numbers(label: str, key: str, spec: Parameter, value: Any, n: int) -> tuple[Any, Any]:
+    if _has_bool(value):
+        raise _refused(label, key, spec, value, None, "is a flag, not a number")
+    try:
+        raw = np.array(value, dtype=np.float64)  # a copy: the caller's array stays writable
+    except (TypeError, ValueError):
+        raise ParameterError(
+            f"{label}: parameter {key} = {value!r} is not a number; expected {spec.allowed}", key
+        ) from None
+    if raw.ndim == 0:
+        single = True
+        raw = np.full(1 if spec.shared else n, float(raw))
+    elif spec.shared:
+        raise ParameterError(
+            f"{label}: parameter {key} = {_show(value, None)} is a list, but {key} is shared "
+            f"by all molecules: give one value ({spec.allowed})",
+            key,
+        )
+    elif raw.shape != (n,):
+        raise ParameterError(
+            f"{label}: parameter {key} = {value!r} has shape {raw.shape}; expected a "
+            f"scalar or a sequence of length n = {n}",
+            key,
+        )
+    else:
+        single = False
+    if spec.kind is int:
+        integral = np.isfinite(raw) & (raw == np.round(raw))
+        if not integral.all():
+            bad = int(np.flatnonzero(~integral)[0])
+            raise _refused(label, key, spec, value, None if single else bad, "is not an integer")
+        arr: np.ndarray = raw.astype(np.int64)
+    else:
+        arr = raw
+    ok = _mask(spec, arr) & np.isfinite(raw)
+    if not ok.all():
+        raise _refused(label, key, spec, value, None if single else int(np.flatnonzero(~ok)[0]))
+    canonical = arr[0].item() if single else arr.tolist()
+    if spec.shared:
+        return canonical, canonical
+    arr.setflags(write=False)
+    return arr, canonical
+
+
+def _vectors(label: str, key: str, spec: Parameter, value: Any, n: int) -> tuple[Any, Any]:
+    if _has_bool(value):
+        raise _refused(label, key, spec, value, None, "holds a flag, not numbers")
+    try:
+        raw = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise _refused(label, key, spec, value, None, "is not numbers") from None
+    single = raw.shape == (3,)
+    if not single and (spec.shared or raw.shape != (n, 3)):
+        more = "" if spec.shared else f", or n = {n} of them (one per molecule)"
+        raise ParameterError(
+            f"{label}: parameter {key} = {_show(value, None)} has shape "
+            f"{raw.shape}; expected a 3-vector [x, y, z]{more}",
+            key,
+        )
+    rows = raw.reshape(-1, 3)
+    ok = _mask(spec, rows) & np.isfinite(rows).all(axis=1)
+    if not ok.all():
+        raise _refused(label, key, spec, value, None if single else int(np.flatnonzero(~ok)[0]))
+    stored = raw if spec.shared or not single else np.tile(raw, (n, 1))
+    stored.setflags(write=False)
+    return stored, raw.tolist()
+
+
+def _to_bool(item: Any) -> bool | None:
+    if isinstance(item, bool | np.bool_):
+        return bool(item)
+    if isinstance(item, int | np.integer) and item in (0, 1):
+        return bool(item)
+    if isinstance(item, str) and item.strip().lower() in ("true", "false"):
+        return item.strip().lower() == "true"
+    return None
+
+
+def _text(
+    label: str,
+    key: str,
+    spec: Parameter,
+    value: Any,
+    index: int | None,
+    item: Any,
+    base_dir: str | os.PathLike | None,
+) -> str:
+    """One str or path entry, checked (choices; a path resolved and existing)."""
+    if isinstance(item, str):
+        text = str(item)
+    elif isinstance(item, int | np.integer) and not isinstance(item, bool | np.bool_):
+        text = str(int(item))  # unambiguous: 1 can only have been "1"
+    elif isinstance(item, float | np.floating):
+        raise _refused(
+            label,
+            key,
+            spec,
+            value,
+            index,
+            "is a number, not text (1e-3 and 0.001 read alike: give text that "
+            "looks like a number as a quoted string)",
+        )
+    else:
+        raise _refused(label, key, spec, value, index, "is not text")
+    if spec.choices is not None:
+        spelling = {c.lower(): c for c in spec.choices}.get(text.lower())
+        if spelling is None:
+            raise _refused(label, key, spec, value, index)
+        return spelling
+    if spec.kind != "path":
+        return text
+    if not text:
+        raise _refused(label, key, spec, value, index, "is empty")
+    base = os.fspath(base_dir) if base_dir is not None else os.getcwd()
+    resolved = os.path.abspath(os.path.join(base, os.path.expanduser(text)))
+    if not os.path.exists(resolved):
+        where = "" if resolved == text else f" (resolved against {base} to {resolved})"
+        raise _refused(label, key, spec, value, index, f"does not exist{where}")
+    return resolved
+
+
+def _spread(label: str, key: str, spec: Parameter, value: Any, count: int) -> list[Any]:
+    """``value`` for ``count`` listed molecules: one value each, or one for all."""
+    one = np.ndim(value) <= 1 if spec.kind == "vector" else not _is_list(value)
+    if one:
+        return [value] * count
+    items = value.tolist() if isinstance(value, np.ndarray) else list(value)
+    if len(items) != count:
+        raise ParameterError(
+            f"{label}: parameter {key} = {_show(value, None)} has "
+            f"{len(items)} entries for {count} molecules; expected one "
+            "value or one per molecule listed",
+            key,
+        )
+    return items
+
+
+def _current_values(spec: Parameter, stored: Any) -> list[Any]:
+    """A per-molecule parameter's stored values as a list to edit."""
+    return stored.tolist() if isinstance(stored, np.ndarray) else list(stored)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and bool(np.array_equal(a, b))
+        )
+    return type(a) is type(b) and a == b
+
+
+def _to_array(spec: Parameter, stored: Any) -> np.ndarray:
+    """A stored parameter value as get_state's array (text as numpy unicode)."""
+    if spec.kind in _TEXT_KINDS:
+        if stored is None:
+            return np.zeros(0, dtype="<U1")  # a shared text parameter left unset
+        return np.array(stored if spec.shared else list(stored), dtype=str)
+    if spec.shared and spec.kind in (float, int, bool):
+        return np.array(stored, dtype={float: np.float64, int: np.int64, bool: np.bool_}[spec.kind])
+    return np.array(stored)
+
+
+def _is_unset(spec: Parameter, array: Any) -> bool:
+    return spec.shared and spec.kind in _TEXT_KINDS and np.shape(array) == (0,)
+
+
+def _from_array(spec: Parameter, array: Any, n: int) -> Any:
+    """get_state's array of a parameter as a value for :func:`_normalise`."""
+    arr = np.asarray(array)
+    if spec.kind in _TEXT_KINDS and arr.dtype.kind != "U":
+        raise TypeError(f"expected text (a numpy unicode array), got dtype {arr.dtype}")
+    if spec.kind not in _TEXT_KINDS and arr.dtype.kind not in "biuf":
+        raise TypeError(f"expected numbers, got dtype {arr.dtype}")
+    expected = (
+        (3,)
+        if spec.kind == "vector" and spec.shared
+        else ()
+        if spec.shared
+        else (n, 3)
+        if spec.kind == "vector"
+        else (n,)
+    )
+    if arr.shape != expected:
+        raise TypeError(f"has shape {arr.shape}, expected {expected}")
+    return arr.tolist()
+
+
+def _jsonable(obj: Any) -> Any:
+    """JSON for what a bit generator's state holds besides ints (MT19937's key array)."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": obj.dtype.str}
+    if isinstance(obj, np.integer):
+        return int(obj)
+    raise TypeError(f"{type(obj).__name__} in a generator state")
+
+
+def _from_json(obj: dict) -> Any:
+    if "__ndarray__" in obj:
+        return np.array(obj["__ndarray__"], dtype=obj["dtype"])
+    return obj
+
+
+def _checked_generator_state(label: str, rng: np.random.Generator, array: Any) -> dict:
+    """``state['rng.state']`` decoded and tried on a spare generator of the same kind."""
+    try:
+        decoded = json.loads(str(np.asarray(array)[()]), object_hook=_from_json)
+        type(rng.bit_generator)().state = decoded
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"{label}: state['rng.state'] is not a state of this model's "
+            f"{type(rng.bit_generator).__name__} generator: {exc}"
+        ) from None
+    return decoded

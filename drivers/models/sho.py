@@ -17,6 +17,9 @@ position. Both agree for ``q_initial = 0`` (the default).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import numpy as np
 
 from .base import Model, Parameter
@@ -49,41 +52,71 @@ class SHOModel(Model):
     """Harmonic oscillators (n of them) coupled through their dipole mu0 q."""
 
     name = "sho"
-    parameters = {
-        "omega": Parameter(0.24188843, "angular frequency (a.u.)",
-                           valid=lambda a: a > 0, allowed="a finite number > 0"),
-        "mu0": Parameter(187.0819866, "dipole per unit coordinate: mu = mu0 q (a.u.)"),
-        "orientation": Parameter(2, "dipole axis: 0 (x), 1 (y) or 2 (z)", kind=int,
-                                 valid=lambda a: (a >= 0) & (a <= 2),
-                                 allowed="0 (x), 1 (y) or 2 (z)"),
+    parameters: ClassVar[Mapping[str, Parameter]] = {
+        "omega": Parameter(
+            0.24188843,
+            "angular frequency (a.u.)",
+            valid=lambda a: a > 0,
+            allowed="a finite number > 0",
+            mutable=True,
+        ),
+        "mu0": Parameter(
+            187.0819866, "dipole per unit coordinate: mu = mu0 q (a.u.)", mutable=True
+        ),
+        "orientation": Parameter(
+            2,
+            "dipole axis: 0 (x), 1 (y) or 2 (z)",
+            kind=int,
+            valid=lambda a: (a >= 0) & (a <= 2),
+            allowed="0 (x), 1 (y) or 2 (z)",
+        ),
         "p_initial": Parameter(0.0, "initial momentum (a.u.)"),
         "q_initial": Parameter(0.0, "initial coordinate (a.u.)"),
     }
-    extras_keys = ("energy_au", "mux_au", "muy_au", "muz_au", "mux_m_au", "muy_m_au",
-                   "muz_m_au", "p_au", "q_au")
+    extras_keys = (
+        "energy_au",
+        "mux_au",
+        "muy_au",
+        "muz_au",
+        "mux_m_au",
+        "muy_m_au",
+        "muz_m_au",
+        "p_au",
+        "q_au",
+    )
+    example_params: ClassVar[dict[str, Any]] = {
+        "p_initial": 0.05,
+        "q_initial": 0.1,
+        "orientation": 0,
+    }
 
-    def __init__(self, n: int = 1, **params) -> None:
-        super().__init__(n, **params)
+    def _configure(self) -> None:
         axis = self.params["orientation"]
         self._axis = axis
         # a column view when all molecules share one axis (the usual case), else a gather
-        self._pick = (slice(None), int(axis[0])) if (axis == axis[0]).all() \
-            else (np.arange(self.n), axis)
+        self._pick = (
+            (slice(None), int(axis[0])) if (axis == axis[0]).all() else (np.arange(self.n), axis)
+        )
         omega = self.params["omega"]
         self._omega2 = omega * omega
         if self.n == 1:  # the constants of _stage_one and _extras_one, as floats
-            self._one_params = (int(axis[0]), float(self._omega2[0]),
-                                float(self.params["mu0"][0]))
+            self._one_params = (int(axis[0]), float(self._omega2[0]), float(self.params["mu0"][0]))
 
     def _initial_state(self):
         omega, q = self.params["omega"], self.params["q_initial"].copy()
-        return {"p": self.params["p_initial"].copy(), "q": q,
-                "acceleration": -(omega * omega) * q}
+        return {"p": self.params["p_initial"].copy(), "q": q, "acceleration": -(omega * omega) * q}
 
     def _stage_impl(self, state, fields):
         mu0 = self.params["mu0"]
-        p, q, a = _verlet_step(state["p"], state["q"], state["acceleration"],
-                               fields[self._pick], self._omega2, mu0, self.dt_au)
+        p, q, a = _verlet_step(
+            state["p"],
+            state["q"],
+            state["acceleration"],
+            fields[self._pick],
+            self._omega2,
+            mu0,
+            self.dt_au,
+        )
         p_half, _ = _half_step_ahead(p, q, a, self.dt_au)
         sources = np.zeros((self.n, 3))
         sources[self._pick] = p_half * mu0
@@ -92,13 +125,19 @@ class SHOModel(Model):
     def _stage_one(self, state, field):
         axis, omega2, mu0 = self._one_params
         dt = self.dt_au
-        p, q, a = _verlet_step(state["p"].item(), state["q"].item(),
-                               state["acceleration"].item(), field[axis], omega2, mu0, dt)
+        p, q, a = _verlet_step(
+            state["p"].item(),
+            state["q"].item(),
+            state["acceleration"].item(),
+            field[axis],
+            omega2,
+            mu0,
+            dt,
+        )
         p_half, _ = _half_step_ahead(p, q, a, dt)
         source = [0.0, 0.0, 0.0]
         source[axis] = p_half * mu0
-        return {"p": np.array((p,)), "q": np.array((q,)), "acceleration": np.array((a,))}, \
-            source
+        return {"p": np.array((p,)), "q": np.array((q,)), "acceleration": np.array((a,))}, source
 
     def _extras_impl(self, state):
         p, q = state["p"], state["q"]
@@ -106,8 +145,7 @@ class SHOModel(Model):
         p_half, q_half = _half_step_ahead(p, q, state["acceleration"], self._extras_dt)
         dipole, dipole_m = mu0 * q_half, mu0 * q
         out = {key: np.where(self._axis == k, dipole, 0.0) for k, key in enumerate(_AXES)}
-        out.update(
-            {key: np.where(self._axis == k, dipole_m, 0.0) for k, key in enumerate(_AXES_M)})
+        out.update({key: np.where(self._axis == k, dipole_m, 0.0) for k, key in enumerate(_AXES_M)})
         out["energy_au"] = _energy(p_half, q_half, self._omega2)
         out["p_au"] = p.copy()
         out["q_au"] = q.copy()
@@ -116,8 +154,7 @@ class SHOModel(Model):
     def _extras_one(self, state):
         axis, omega2, mu0 = self._one_params
         p, q = state["p"].item(), state["q"].item()
-        p_half, q_half = _half_step_ahead(p, q, state["acceleration"].item(),
-                                          self._extras_dt)
+        p_half, q_half = _half_step_ahead(p, q, state["acceleration"].item(), self._extras_dt)
         dipole, dipole_m = mu0 * q_half, mu0 * q
         out = {key: dipole if k == axis else 0.0 for k, key in enumerate(_AXES)}
         out.update({key: dipole_m if k == axis else 0.0 for k, key in enumerate(_AXES_M)})

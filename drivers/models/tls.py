@@ -23,6 +23,9 @@ Never uses a general matrix exponential (no scipy).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import numpy as np
 
 from .base import Model, Parameter
@@ -56,37 +59,59 @@ def _sin(angle: float) -> float:
 def _reported(x, y, z, omega, mu12):
     """Dipole along the axis and the other extras of Bloch vectors (floats or arrays)."""
     pe = 0.5 * (1.0 - z)
-    return mu12 * x, {"energy_au": omega * pe, "Pe": pe, "Pg": 0.5 * (1.0 + z),
-                      "Pge_real": 0.5 * x, "Pge_imag": 0.5 * y}
+    return mu12 * x, {
+        "energy_au": omega * pe,
+        "Pe": pe,
+        "Pg": 0.5 * (1.0 + z),
+        "Pge_real": 0.5 * x,
+        "Pge_imag": 0.5 * y,
+    }
 
 
 class TLSModel(Model):
     """Two-level systems (n of them), propagated by the exact symmetric split."""
 
     name = "tls"
-    parameters = {
-        "omega": Parameter(0.24188843, "transition frequency (a.u.)",
-                           valid=lambda a: a > 0, allowed="a finite number > 0"),
-        "mu12": Parameter(187.0819866, "transition dipole moment (a.u.)"),
-        "orientation": Parameter(2, "dipole axis: 0 (x), 1 (y) or 2 (z)", kind=int,
-                                 valid=lambda a: (a >= 0) & (a <= 2),
-                                 allowed="0 (x), 1 (y) or 2 (z)"),
-        "pe_initial": Parameter(0.0, "initial excited-state population",
-                                valid=lambda a: (a >= 0) & (a <= 1),
-                                allowed="a number in [0, 1]"),
+    parameters: ClassVar[Mapping[str, Parameter]] = {
+        "omega": Parameter(
+            0.24188843,
+            "transition frequency (a.u.)",
+            valid=lambda a: a > 0,
+            allowed="a finite number > 0",
+            mutable=True,
+        ),
+        "mu12": Parameter(187.0819866, "transition dipole moment (a.u.)", mutable=True),
+        "orientation": Parameter(
+            2,
+            "dipole axis: 0 (x), 1 (y) or 2 (z)",
+            kind=int,
+            valid=lambda a: (a >= 0) & (a <= 2),
+            allowed="0 (x), 1 (y) or 2 (z)",
+        ),
+        "pe_initial": Parameter(
+            0.0,
+            "initial excited-state population",
+            valid=lambda a: (a >= 0) & (a <= 1),
+            allowed="a number in [0, 1]",
+        ),
         "e_phase_initial": Parameter(0.0, "initial phase of the excited amplitude (rad)"),
     }
-    extras_keys = ("energy_au", "mux_au", "muy_au", "muz_au", "Pe", "Pg", "Pge_real",
-                   "Pge_imag")
+    extras_keys = ("energy_au", "mux_au", "muy_au", "muz_au", "Pe", "Pg", "Pge_real", "Pge_imag")
+    scratch_attributes = ("_scratch",)
+    example_params: ClassVar[dict[str, Any]] = {
+        "pe_initial": 0.2,
+        "e_phase_initial": 0.5,
+        "orientation": 1,
+    }
 
-    def __init__(self, n: int = 1, **params) -> None:
-        super().__init__(n, **params)
+    def _configure(self) -> None:
         axis = self.params["orientation"]
         self._axis = axis
         # where each molecule's field and source sit in the (n, 3) arrays: a column view
         # when all share one axis (the usual case), else a gather
-        self._pick = (slice(None), int(axis[0])) if (axis == axis[0]).all() \
-            else (np.arange(self.n), axis)
+        self._pick = (
+            (slice(None), int(axis[0])) if (axis == axis[0]).all() else (np.arange(self.n), axis)
+        )
         omega, mu12 = self.params["omega"], self.params["mu12"]
         self._source_per_y = -omega * mu12  # dmu/dt per Bloch y
         self._scratch = np.empty((4, self.n))  # work space of _stage_impl
@@ -110,9 +135,13 @@ class TLSModel(Model):
         self._turn_cos, self._turn_sin = np.cos(half), np.sin(half)
         self._angle_per_field = 2.0 * dt_au * self.params["mu12"]
         if self.n == 1:  # the constants of _stage_one, as floats
-            self._one_consts = (int(self._axis[0]), float(self._angle_per_field[0]),
-                                float(self._turn_cos[0]), float(self._turn_sin[0]),
-                                float(self._source_per_y[0]))
+            self._one_consts = (
+                int(self._axis[0]),
+                float(self._angle_per_field[0]),
+                float(self._turn_cos[0]),
+                float(self._turn_sin[0]),
+                float(self._source_per_y[0]),
+            )
 
     def _stage_impl(self, state, fields):
         # _bloch_step's arithmetic, operation for operation (so bit for bit), into
@@ -153,18 +182,19 @@ class TLSModel(Model):
     def _stage_one(self, state, field):
         axis, angle_per_field, turn_cos, turn_sin, source_per_y = self._one_consts
         x, y, z = state["bloch"].tolist()[0]
-        x, y, z = _bloch_step(x, y, z, angle_per_field * field[axis], turn_cos, turn_sin,
-                              _cos, _sin)
+        x, y, z = _bloch_step(
+            x, y, z, angle_per_field * field[axis], turn_cos, turn_sin, _cos, _sin
+        )
         source = [0.0, 0.0, 0.0]
         source[axis] = source_per_y * y
         return {"bloch": np.array(((x, y, z),))}, source
 
     def _extras_impl(self, state):
         bloch = state["bloch"]
-        dipole, out = _reported(bloch[:, 0], bloch[:, 1], bloch[:, 2], self.params["omega"],
-                                self.params["mu12"])
-        out.update({key: np.where(self._axis == k, dipole, 0.0)
-                    for k, key in enumerate(_AXES)})
+        dipole, out = _reported(
+            bloch[:, 0], bloch[:, 1], bloch[:, 2], self.params["omega"], self.params["mu12"]
+        )
+        out.update({key: np.where(self._axis == k, dipole, 0.0) for k, key in enumerate(_AXES)})
         return out
 
     def _extras_one(self, state):

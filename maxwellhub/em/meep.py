@@ -444,6 +444,11 @@ class MeepCoupling:
         self.stop_request = 0
         #: the stop request every rank agreed on at the last step (0: go on)
         self.stop_agreed = 0
+        # parameter changes of embedded molecules for the next step boundary, in the
+        # order asked: (group index, changes, rows in the group or None for all), and
+        # per group the parameters they lead to (later changes are checked against them)
+        self._param_changes: list[tuple[int, dict[str, Any], list[int] | None]] = []
+        self._pending_params: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ molecules
 
@@ -464,6 +469,66 @@ class MeepCoupling:
         n = len(_as_points(centers))
         instance = create_model(model, n=n, **params)
         return self._add(centers, sigma, axis, rescaling, molecule_ids, model=instance)
+
+    def set_params(self, molecule_ids: int | Sequence[int], changes: Mapping[str, Any]
+                   ) -> None:
+        """Change mutable model parameters of embedded molecules at the next step
+        boundary: the changes are checked now (an error names the molecule id and the
+        parameter) and applied, in the order asked, before the molecules' next step
+        (before a checkpoint written first, which then holds them).
+
+        ``changes``: parameter name -> value as the model takes it: one value for all
+        the listed molecules, or, when they all belong to one :meth:`add_molecules`
+        group, a list with one value per listed molecule. A parameter the model shares
+        by all its molecules can only change for the whole group (list all its ids).
+        Molecules behind socket drivers: not available yet (UsageError).
+        """
+        from maxwellhub_drivers.models import ParameterError
+
+        ids = [int(m) for m in np.atleast_1d(np.asarray(molecule_ids)).tolist()]
+        where = {int(mid): (g, row) for g, group in enumerate(self._groups)
+                 for row, mid in enumerate(group.ids.tolist())}
+        by_group: dict[int, list[int]] = {}
+        for mid in ids:
+            if mid not in where:
+                raise UsageError(f"set_params: no molecule with id {mid}")
+            g, row = where[mid]
+            if self._groups[g].model is None:
+                raise UsageError(
+                    f"set_params: molecule {mid} runs in a socket driver; parameter changes "
+                    "over the wire are not available yet (only embedded molecules, "
+                    "add_molecules, take them)")
+            by_group.setdefault(g, []).append(row)
+        if len(ids) != len(set(ids)):
+            raise UsageError(f"set_params: molecule ids {ids} repeat an id")
+        planned = []
+        for g, rows in by_group.items():
+            group = self._groups[g]
+            picked = None if rows == list(range(len(group.ids))) else rows  # the group
+            try:
+                new = group.model.check_params(changes, picked,
+                                               params=self._pending_params.get(g))
+            except ParameterError as exc:
+                if exc.molecule is not None:
+                    who = f"molecule {int(group.ids[exc.molecule])}"
+                else:
+                    listed = [str(int(group.ids[r])) for r in rows]
+                    who = ("molecule " if len(listed) == 1 else "molecules ") + \
+                        ", ".join(listed[:10]) + (" ..." if len(listed) > 10 else "")
+                raise UsageError(f"set_params: {who}: {exc}") from None
+            planned.append((g, dict(changes), picked, new))
+        for g, change, picked, new in planned:  # all checked: queue them
+            self._param_changes.append((g, change, picked))
+            self._pending_params[g] = new
+
+    def _apply_param_changes(self) -> None:
+        """Apply the queued parameter changes (rank 0 steps the models; elsewhere the
+        models never step, the queue is dropped)."""
+        changes, self._param_changes = self._param_changes, []
+        self._pending_params = {}
+        if self._rank == 0:
+            for g, change, rows in changes:
+                self._groups[g].model.set_params(change, rows)
 
     def add_socket_molecules(self, centers: Any, *, sigma: Any = 0.1, axis: str = "z",
                              rescaling: Any = 1.0, molecule_ids: Sequence[int] | None = None,
@@ -559,6 +624,8 @@ class MeepCoupling:
         if rank == 0:
             try:
                 self.fields_au = fields_au
+                if self._param_changes:
+                    self._apply_param_changes()
                 self._drive(fields_au, step, self.sources_au)
                 buf[-1] = -float(self._stop_decision()) if size > 1 else 0.0
             except BaseException:
@@ -566,6 +633,8 @@ class MeepCoupling:
                     buf[-1] = 1.0
                     comm_world().Bcast(buf, root=0)
                 raise
+        elif self._param_changes:
+            self._apply_param_changes()  # dropped: the models here never step
         if size > 1:
             comm_world().Bcast(buf, root=0)
             if buf[-1] > 0.0:
@@ -710,6 +779,8 @@ class MeepCoupling:
             raise UsageError(f"checkpoint_state at Meep step {self.sim.fields.t}, but the "
                              f"molecules are at step {self._last_step}: call it from a step "
                              "function after the coupling's")
+        if self._param_changes:  # due before the next step: the checkpoint holds them
+            self._apply_param_changes()
         state: dict[str, np.ndarray] = {
             "last_step": np.array(self._last_step, dtype=np.int64),
             "molecule_id": self.molecule_ids,
