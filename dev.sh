@@ -2,7 +2,8 @@
 # One entry point for working on maxwellhub:
 #
 #   ./dev.sh setup            install what is missing, nothing else
-#   ./dev.sh run [ARGS...]    set up, then run the main job (maxwellhub run ARGS...)
+#   ./dev.sh run [ARGS...]    set up (and the extras the config's models need, such as
+#                             pyscf for rttddft), then run the main job (maxwellhub run ARGS...)
 #   ./dev.sh test [ARGS...]   set up, then run pytest (default: -q)
 #
 # Set-up is idempotent and takes about a second when everything is in place:
@@ -198,6 +199,19 @@ ensure_peer() {
     ensure_peer_venv stock-ipi i-pi-py_driver "$STOCK_SPEC"
 }
 
+# The pip extras the run's models need (rttddft: pyscf), asked of the config itself, so a
+# model added to a config brings its package with it. A bad config prints nothing here;
+# the run that follows reports it.
+ensure_run_extras() {
+    local extras joined
+    extras="$("$VENV/bin/maxwellhub" run --missing-extras "$@" 2>/dev/null)" || return 0
+    [[ -n "$extras" ]] || return 0
+    joined="$(paste -sd, <<<"$extras")"
+    say "installing maxwellhub[$joined] for this config's models"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$joined]"
+    check_debian_numpy
+}
+
 setup() {
     ensure_debian_packages
     ensure_venv_and_project
@@ -212,6 +226,7 @@ case "$cmd" in
         ;;
     run)
         setup
+        ensure_run_extras "$@"
         exec "$VENV/bin/maxwellhub" run "$@"
         ;;
     test)

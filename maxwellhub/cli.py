@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
         "CONFIG the config saved in the checkpoint is used. Exit status "
         "75: stopped by SIGTERM/SIGINT with a checkpoint written",
     )
+    run.add_argument(
+        "--missing-extras",
+        action="store_true",
+        help="run nothing: print the pip extras of maxwellhub the config's models need "
+        "and that are not installed (e.g. pyscf for rttddft), one per line",
+    )
     demo = sub.add_parser("demo", help="a hub and local TLS drivers exchanging fields, no Meep")
     demo.add_argument("--molecules", type=int, default=2)
     demo.add_argument("--steps", type=int, default=5)
@@ -249,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 2
-        return run_main(args.config, overrides, resume=args.resume)
+        return run_main(
+            args.config, overrides, resume=args.resume, missing_extras=args.missing_extras
+        )
     return 2
 
 

@@ -553,13 +553,15 @@ def _finish(config: Config, coupling, failure, procs, t_start: float,
 
 
 def main(config_path: str | None = None, overrides: dict | None = None,
-         resume: str | None = None) -> int:
+         resume: str | None = None, missing_extras: bool = False) -> int:
     """Entry of ``maxwellhub run``; returns the exit status: 0 done, 1 the run failed,
     2 bad config or a checkpoint that does not fit, 75 stopped by SIGTERM/SIGINT with a
     checkpoint written (continue with ``--resume``).
 
     With ``resume`` and no ``config_path`` the config saved in the checkpoint is used
-    (with its ``--set`` overrides, then these)."""
+    (with its ``--set`` overrides, then these). ``missing_extras``: run nothing; print
+    the pip extras of maxwellhub that the config's models need and that are not
+    installed, one per line (``./dev.sh run`` installs them before the run)."""
     from .checkpoint import STOPPED_BY_SIGNAL, CheckpointError, load_checkpoint
 
     path = Path(config_path) if config_path else DEFAULT_CONFIG
@@ -578,6 +580,13 @@ def main(config_path: str | None = None, overrides: dict | None = None,
                                        base_dir=Path(saved_dir) if saved_dir else None)
         else:
             config = load_config(path, overrides)
+        if missing_extras:
+            from maxwellhub_drivers.models import missing_extra
+
+            needed = {missing_extra(g.model) for g in config.molecules} - {None}
+            for extra in sorted(str(e) for e in needed):
+                print(extra)
+            return 0
         config = validate_models(config)  # cheap: no model is built in this process yet
     except ConfigError as exc:
         print(f"maxwellhub run: bad config {path}: {exc}", file=sys.stderr)

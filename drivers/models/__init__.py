@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from importlib.util import find_spec
 from typing import Any
 
 from .base import KINDS, REQUIRED, Model, Parameter, ParameterError
@@ -43,6 +44,7 @@ __all__ = [
     "available_models",
     "create_model",
     "get_model_class",
+    "missing_extra",
     "register_model",
 ]
 
@@ -149,6 +151,15 @@ def get_model_class(spec: str | type[Model]) -> type[Model]:
         f"unknown model {spec!r}; known: {', '.join(available_models())}; or give a dotted "
         "path 'package.module:ClassName'"
     )
+
+
+def missing_extra(spec: str) -> str | None:
+    """The pip extra of maxwellhub that model ``spec`` needs and that is not installed
+    (``"pyscf"`` for ``rttddft`` without PySCF), else None. Cheap: nothing is imported."""
+    found = _registry.get(spec) if isinstance(spec, str) else None
+    if isinstance(found, LazyModel) and found.needs and find_spec(found.needs) is None:
+        return found.extra or None
+    return None
 
 
 def create_model(spec: str | type[Model], n: int = 1, **params: Any) -> Model:
