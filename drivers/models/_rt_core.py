@@ -1,0 +1,736 @@
+"""Physics core of the ``rttddft`` model: real-time TDHF/TDDFT of one molecule on PySCF.
+
+Everything here is in atomic units (Hartree, bohr, a.u. of time and field). The public face
+is :mod:`maxwellhub_drivers.models.rttddft`; this module holds the molecule set-up (XYZ
+parsing, SCF), the Fock builders and the propagators, for ``n`` copies of one molecule at
+once (arrays with a leading molecule axis).
+
+Representation. The density matrix is propagated in the Löwdin-orthonormal basis:
+``X = S^-1/2``, ``P' = S^1/2 P S^1/2``, ``F' = X F X``; ``i dP'/dt = [F'(t), P']``. A
+restricted molecule has one spin block holding the total density (occupations 2), an
+unrestricted one two blocks (alpha, beta; occupations 1). Arrays are (m, s, N, N).
+
+Fock builders. ``_NumpyFock`` precomputes once what every build shares (two-electron
+integrals transformed to the orthonormal basis as dense (N², N²) matrices for J and K, AO
+values and gradients on the DFT grid times X, the grid weights) and per build does numpy
+matrix products plus one libxc call on the batch of grid points of all molecules. It covers
+HF, LDA, GGA and global hybrids; ``_PySCFFock`` calls PySCF's own J/K and numint for
+everything else (meta-GGA, range-separated hybrids) and for molecules too large for dense
+integrals. Both are checked against PySCF's ``get_fock`` by the tests.
+
+Never: an incremental PySCF build (``get_veff``'s ``dm_last``/``vhf_last`` caches), a
+general matrix exponential, an elementwise product of two complex arrays (numpy's SIMD
+complex multiply can round differently with memory alignment, which would break bitwise
+resumption), a change to an array it was given, printing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Geometry", "RTConfig", "RTCore", "parse_atoms", "read_xyz", "substeps"]
+
+# dense two-electron integrals up to this many bytes per (N², N²) matrix; beyond, PySCF's J/K
+_DENSE_ERI_BYTES = 256 * 2**20
+# molecules x grid points x basis functions per block of the grid work (bounds memory)
+_GRID_BLOCK = 4_000_000
+# pair products of basis functions on the grid up to this many bytes; beyond, phi P phi^T
+_PAIR_BYTES = 48 * 2**20
+
+
+# ---------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Atoms (symbol, (x, y, z) in Angstrom), and the charge and multiplicity that the
+    source gave (None when it gave none). ``where`` names the source in errors."""
+
+    atoms: tuple[tuple[str, tuple[float, float, float]], ...]
+    charge: int | None
+    multiplicity: int | None
+    where: str
+
+
+def _element(symbol: str, where: str) -> str:
+    from pyscf.data import elements
+
+    label = symbol.strip()
+    bare = "".join(ch for ch in label if ch.isalpha())
+    if not bare or bare.capitalize() not in elements.ELEMENTS_PROTON:
+        raise ValueError(f"{where}: {symbol!r} is not a chemical element symbol")
+    return bare.capitalize()
+
+
+def _atom_line(text: str, where: str) -> tuple[str, tuple[float, float, float]]:
+    parts = text.replace(",", " ").split()
+    if len(parts) < 4:
+        raise ValueError(f"{where}: expected 'Symbol x y z' (Angstrom), got {text.strip()!r}")
+    symbol = _element(parts[0], where)
+    try:
+        xyz = tuple(float(v) for v in parts[1:4])
+    except ValueError:
+        raise ValueError(f"{where}: coordinates {' '.join(parts[1:4])!r} are not numbers") from None
+    if not all(math.isfinite(v) for v in xyz):
+        raise ValueError(f"{where}: coordinates {' '.join(parts[1:4])!r} are not finite")
+    return symbol, (xyz[0], xyz[1], xyz[2])
+
+
+def read_xyz(path: str) -> Geometry:
+    """Read an XYZ file: line 1 the number of atoms, line 2 either ``charge multiplicity``
+    (two integers, as MaxwellLink reads it) or a comment, then one ``Symbol x y z`` line per
+    atom in Angstrom. Errors name the file and the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise ValueError(f"XYZ file {path}: {exc.strerror or exc}") from None
+    if not lines:
+        raise ValueError(f"{path}, line 1: empty file; expected the number of atoms")
+    try:
+        natoms = int(lines[0].strip())
+    except ValueError:
+        raise ValueError(
+            f"{path}, line 1: expected the number of atoms, got {lines[0].strip()!r}"
+        ) from None
+    if natoms < 1:
+        raise ValueError(f"{path}, line 1: the number of atoms must be >= 1, got {natoms}")
+    charge = multiplicity = None
+    second = lines[1].split() if len(lines) > 1 else []
+    if len(second) == 2:
+        try:
+            charge, multiplicity = int(second[0]), int(second[1])
+        except ValueError:
+            charge = multiplicity = None  # a comment line that happens to have two words
+    body = lines[2 : 2 + natoms]
+    if len(body) < natoms or any(not line.strip() for line in body):
+        found = sum(1 for line in body if line.strip())
+        raise ValueError(
+            f"{path}: line 1 announces {natoms} atom(s) on lines 3-{natoms + 2}, but only "
+            f"{found} atom line(s) follow"
+        )
+    atoms = tuple(_atom_line(line, f"{path}, line {k + 3}") for k, line in enumerate(body))
+    return Geometry(atoms, charge, multiplicity, str(path))
+
+
+def parse_atoms(text: str) -> Geometry:
+    """Atoms from a string ``"O 0 0 0.117; H 0 0.757 -0.469; ..."`` (Angstrom), items
+    separated by ``;`` or newlines. Errors name the item (1-based)."""
+    items = [item for item in text.replace("\n", ";").split(";") if item.strip()]
+    if not items:
+        raise ValueError("atoms: empty; expected 'Symbol x y z; Symbol x y z; ...' (Angstrom)")
+    atoms = tuple(_atom_line(item, f"atoms, item {k + 1}") for k, item in enumerate(items))
+    return Geometry(atoms, None, None, "atoms")
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class RTConfig:
+    """Everything shared by the n molecules of one model (see rttddft's parameters)."""
+
+    geometry: Geometry
+    charge: int
+    multiplicity: int
+    basis: str
+    xc: str  # "hf" or a libxc functional PySCF knows
+    grid_level: int
+    dt_substep: float
+    propagator: str  # "pc" or "etrs"
+    pc_tolerance: float
+    kick_direction: tuple[float, float, float]
+    remove_permanent_dipole: bool
+    maxwelllink_compat: bool
+    conv_tol: float = 1e-12
+    fock_builder: str = "auto"  # "auto", "numpy" or "pyscf"
+    pc_max_iterations: int = 100
+
+    @property
+    def is_hf(self) -> bool:
+        return self.xc.strip().lower() == "hf"
+
+
+def substeps(dt_em: float, dt_substep: float) -> tuple[int, float]:
+    """Sub-steps per EM step and their length: MaxwellLink's rule, ``int(D / dt)`` (at
+    least 1) and ``dt = D / count``, except that a ratio within 1e-9 of an integer counts as
+    that integer (``int(0.3 / 0.1)`` is 2 in floating point)."""
+    ratio = dt_em / dt_substep
+    count = max(1, int(math.floor(ratio * (1.0 + 1e-9))))
+    return count, dt_em / count
+
+
+def build_mol(config: RTConfig) -> Any:
+    from pyscf import gto
+
+    mol = gto.Mole()
+    mol.atom = [(sym, xyz) for sym, xyz in config.geometry.atoms]
+    mol.unit = "Angstrom"
+    mol.basis = config.basis
+    mol.charge = config.charge
+    mol.spin = config.multiplicity - 1
+    mol.verbose = 0
+    mol.symmetry = False
+    mol.build(parse_arg=False, dump_input=False)
+    return mol
+
+
+def run_scf(config: RTConfig, mol: Any) -> Any:
+    """Ground state to a tight threshold: RHF/RKS for a singlet, UHF/UKS otherwise (as
+    MaxwellLink picks RKS or UKS from the multiplicity)."""
+    from pyscf import dft, scf
+
+    restricted = config.multiplicity == 1
+    if config.is_hf:
+        mf = scf.RHF(mol) if restricted else scf.UHF(mol)
+    else:
+        mf = dft.RKS(mol, xc=config.xc) if restricted else dft.UKS(mol, xc=config.xc)
+        mf.grids.level = config.grid_level
+    mf.verbose = 0
+    mf.conv_tol = config.conv_tol
+    mf.conv_tol_grad = max(math.sqrt(config.conv_tol) * 1e-3, 1e-10)
+    mf.max_cycle = 200
+    mf.kernel()
+    if not mf.converged:
+        mf = mf.newton()  # second-order SCF from where DIIS stopped
+        mf.verbose = 0
+        mf.kernel(mf.mo_coeff, mf.mo_occ)
+    if not mf.converged:
+        raise RuntimeError(
+            f"rttddft: the ground-state SCF of {config.geometry.where} ({config.xc}/"
+            f"{config.basis}, charge {config.charge}, multiplicity {config.multiplicity}) did "
+            f"not converge to conv_tol = {config.conv_tol:g}"
+        )
+    return mf
+
+
+# ---------------------------------------------------------------- small linear algebra
+
+
+def _complex(re: np.ndarray, im: np.ndarray) -> np.ndarray:
+    """re + i im by assignment (exact, no complex multiply)."""
+    out = np.empty(re.shape, dtype=np.complex128)
+    out.real = re
+    out.imag = im
+    return out
+
+
+def _herm(a: np.ndarray) -> np.ndarray:
+    return a.conj().swapaxes(-1, -2)
+
+
+def _unitary(vecs: np.ndarray, vals: np.ndarray, tau: float) -> np.ndarray:
+    """exp(-i tau F) for Hermitian F = V diag(vals) V^H (batched). The diagonal phase is
+    applied in real arithmetic (cos, sin, real products), the rest by a complex matrix
+    product (BLAS), so the result does not depend on memory alignment."""
+    theta = tau * vals
+    c, s = np.cos(theta)[..., None, :], np.sin(theta)[..., None, :]
+    vr, vi = vecs.real, vecs.imag
+    # V diag(exp(-i theta)) = V diag(c - i s)
+    return _complex(vr * c + vi * s, vi * c - vr * s) @ _herm(vecs)
+
+
+def _sandwich(u: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """U P U^H."""
+    return u @ p @ _herm(u)
+
+
+def _propagate(p: np.ndarray, vecs: np.ndarray, vals: np.ndarray, tau: float) -> np.ndarray:
+    """exp(-i tau F) P exp(+i tau F) for Hermitian F = V diag(vals) V^H (batched)."""
+    return _sandwich(_unitary(vecs, vals, tau), p)
+
+
+def _eig(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of Hermitian matrices; a real symmetric eigensolver when F is real (pure
+    DFT without a complex exchange part), which is about twice as fast."""
+    if np.iscomplexobj(f):
+        if f.imag.any():
+            vals, vecs = np.linalg.eigh(f)
+            return vals, vecs
+        f = np.ascontiguousarray(f.real)
+    vals, vecs = np.linalg.eigh(f)
+    return vals, vecs.astype(np.complex128)
+
+
+def _rsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum over the last two axes of a * b (real arrays) -> leading axes."""
+    return (a * b).reshape(a.shape[:-2] + (-1,)).sum(axis=-1)
+
+
+# ---------------------------------------------------------------- Fock builders
+
+
+class _NumpyFock:
+    """F'[P'] (field-free) for m molecules from dense orthonormal-basis integrals."""
+
+    def __init__(
+        self, mf: Any, x: np.ndarray, hcore: np.ndarray, restricted: bool, xc: str | None
+    ) -> None:
+        from pyscf import ao2mo
+
+        mol = mf.mol
+        n = x.shape[0]
+        self.n = n
+        self.restricted = restricted
+        self.h = x @ hcore @ x
+        eri = mf._eri if getattr(mf, "_eri", None) is not None else mol.intor("int2e", aosym="s8")
+        eri_j = ao2mo.incore.full(eri, x, compact=False).reshape(n * n, n * n)
+        self.alpha = 1.0 if xc is None else float(mf._numint.hybrid_coeff(xc, spin=mol.spin))
+        eri_k = (
+            eri_j.reshape(n, n, n, n).transpose(0, 2, 1, 3).reshape(n * n, n * n)
+            if self.alpha
+            else None
+        )
+        if restricted:
+            # G = J[P] - alpha/2 K[P] for the total density: one matrix for the real part
+            self.g_real = eri_j - 0.5 * self.alpha * eri_k if eri_k is not None else eri_j
+            self.g_imag = -0.5 * self.alpha * eri_k if eri_k is not None else None
+        else:
+            self.eri_j = eri_j
+            self.k_neg = -self.alpha * eri_k if eri_k is not None else None
+        self.grid = _GridXC(mf, x, xc, restricted) if xc is not None else None
+
+    def __call__(self, p: np.ndarray, want_energy: bool) -> tuple[np.ndarray, Any]:
+        m, s, n, _ = p.shape
+        pr = np.ascontiguousarray(p.real)
+        pi = np.ascontiguousarray(p.imag)
+        flat_r = pr.reshape(m, s, n * n)
+        flat_i = pi.reshape(m, s, n * n)
+        if self.restricted:
+            gr = (flat_r[:, 0] @ self.g_real).reshape(m, 1, n, n)
+            gi = (
+                (flat_i[:, 0] @ self.g_imag).reshape(m, 1, n, n)
+                if self.g_imag is not None
+                else None
+            )
+        else:
+            jt = (flat_r[:, 0] + flat_r[:, 1]) @ self.eri_j
+            gr = np.repeat(jt.reshape(m, 1, n, n), 2, axis=1)
+            if self.k_neg is not None:
+                gr = gr + (flat_r.reshape(m * 2, n * n) @ self.k_neg).reshape(m, 2, n, n)
+                gi = (flat_i.reshape(m * 2, n * n) @ self.k_neg).reshape(m, 2, n, n)
+            else:
+                gi = None
+        exc = None
+        if self.grid is not None:
+            vxc, exc = self.grid(pr)
+            fr = self.h + gr + vxc
+        else:
+            fr = self.h + gr
+        energy = None
+        if want_energy:
+            # E = sum_s Tr(P_s (h + G_s / 2)) (+ E_xc); Tr(P G) = sum(Pr Gr + Pi Gi)
+            e = _rsum(pr, self.h + 0.5 * gr)
+            if gi is not None:
+                e = e + 0.5 * _rsum(pi, gi)
+            energy = e.sum(axis=1) if exc is None else e.sum(axis=1) + exc
+        f = _complex(fr, gi) if gi is not None else _complex(fr, np.zeros_like(fr))
+        return f, energy
+
+
+class _GridXC:
+    """V_xc' and E_xc on PySCF's grid, for m molecules at once (LDA and GGA).
+
+    Small problems precompute the products of basis-function pairs on the grid (and their
+    gradients), so a build is two matrix products and one libxc call; larger ones keep the
+    basis-function values only (memory ng N instead of 4 ng N²/2) and do phi P phi^T."""
+
+    def __init__(self, mf: Any, x: np.ndarray, xc: str, restricted: bool) -> None:
+        ni = mf._numint
+        self.ni, self.xc, self.restricted = ni, xc, restricted
+        self.xctype = ni._xc_type(xc)
+        self.nk = 4 if self.xctype == "GGA" else 1
+        ao = ni.eval_ao(mf.mol, mf.grids.coords, deriv=1 if self.nk == 4 else 0)
+        ao = ao if self.nk == 4 else ao[None]
+        phi = np.ascontiguousarray(ao @ x)  # (nk, ng, N), orthonormal basis
+        self.w = np.asarray(mf.grids.weights)
+        ng, n = phi.shape[1:]
+        self.n = n
+        r, c = np.triu_indices(n)
+        self.pairs = (r, c)
+        self.use_pairs = self.nk * ng * r.size * 8 <= _PAIR_BYTES
+        if self.use_pairs:
+            # rows [k * ng + g]: phi_r phi_c (k = 0) and its gradient d_k (phi_r phi_c)
+            prod = np.empty((self.nk, ng, r.size))
+            prod[0] = phi[0][:, r] * phi[0][:, c]
+            for k in range(1, self.nk):
+                prod[k] = phi[k][:, r] * phi[0][:, c] + phi[0][:, r] * phi[k][:, c]
+            self.prod = prod.reshape(self.nk * ng, r.size)
+            self.prod_t = np.ascontiguousarray(self.prod.T)
+            # rho = sum_{r<=c} (2 - delta_rc) P_rc phi_r phi_c
+            self.pair_weight = np.where(r == c, 1.0, 2.0)
+            self.block = max(1, _GRID_BLOCK // (self.nk * ng))
+        else:
+            self.phi = phi
+            self.phi0_t = np.ascontiguousarray(phi[0].T)
+            self.block = max(1, _GRID_BLOCK // (ng * n))
+
+    def __call__(self, pr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = pr.shape[0]
+        if m <= self.block:
+            return self._block(pr)
+        v = np.empty_like(pr)
+        exc = np.empty(m)
+        for lo in range(0, m, self.block):
+            hi = min(m, lo + self.block)
+            v[lo:hi], exc[lo:hi] = self._block(pr[lo:hi])
+        return v, exc
+
+    def _densities(self, pr: np.ndarray) -> np.ndarray:
+        """rho[s, k, m, g]: density (k = 0) and gradient of each spin block."""
+        m, s = pr.shape[:2]
+        ng = self.w.size
+        if self.use_pairs:
+            packed = pr[:, :, self.pairs[0], self.pairs[1]] * self.pair_weight
+            rho = packed.reshape(m * s, -1) @ self.prod_t  # (m s, nk ng)
+            return rho.reshape(m, s, self.nk, ng).transpose(1, 2, 0, 3)
+        phi = self.phi
+        rho = np.empty((s, self.nk, m, ng))
+        for spin in range(s):
+            t = phi[0] @ pr[:, spin]  # (m, ng, N) = phi P
+            rho[spin, 0] = (t * phi[0]).sum(axis=-1)
+            for k in range(1, self.nk):
+                rho[spin, k] = 2.0 * (t * phi[k]).sum(axis=-1)
+        return rho
+
+    def _potential(self, wv: np.ndarray, m: int, s: int) -> np.ndarray:
+        """V[m, s] from the weighted xc derivatives wv[s, k, m, g]."""
+        n = self.n
+        out = np.empty((m, s, n, n))
+        if self.use_pairs:
+            r, c = self.pairs
+            packed = (
+                np.ascontiguousarray(wv.transpose(2, 0, 1, 3)).reshape(m * s, -1) @ self.prod
+            )  # (m s, npair)
+            packed = packed.reshape(m, s, -1)
+            out[:, :, r, c] = packed
+            out[:, :, c, r] = packed
+            return out
+        phi = self.phi
+        for spin in range(s):
+            aow = phi[0] * (0.5 * wv[spin, 0])[..., None]  # (m, ng, N); halved: V + V^T
+            for k in range(1, self.nk):
+                aow = aow + phi[k] * wv[spin, k][..., None]
+            vm = self.phi0_t @ aow
+            out[:, spin] = vm + vm.swapaxes(-1, -2)
+        return out
+
+    def _block(self, pr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m, s = pr.shape[:2]
+        ng = self.w.size
+        rho = np.ascontiguousarray(self._densities(pr)).reshape(s, self.nk, m * ng)
+        arg = rho[0] if self.restricted else rho
+        if self.nk == 1:
+            arg = arg[..., 0, :]
+        exc, vxc = self.ni.eval_xc_eff(
+            self.xc, arg, deriv=1, xctype=self.xctype, spin=0 if self.restricted else 1
+        )[:2]
+        rho_total = rho[0, 0] if self.restricted else rho[0, 0] + rho[1, 0]
+        e = (rho_total * exc).reshape(m, ng) @ self.w
+        wv = np.asarray(vxc).reshape(s, self.nk, m, ng) * self.w
+        return self._potential(wv, m, s), e
+
+
+class _PySCFFock:
+    """F'[P'] (field-free) from PySCF's own J/K and numint, one molecule at a time. For
+    meta-GGA, range-separated hybrids and molecules too large for dense integrals."""
+
+    def __init__(
+        self, mf: Any, x: np.ndarray, hcore: np.ndarray, restricted: bool, xc: str | None
+    ) -> None:
+        self.mf, self.x, self.hcore, self.restricted, self.xc = mf, x, hcore, restricted, xc
+        self.h = x @ hcore @ x
+        if xc is None:
+            self.omega, self.alpha, self.hyb = 0.0, 0.0, 1.0
+        else:
+            self.omega, self.alpha, self.hyb = mf._numint.rsh_and_hybrid_coeff(xc, spin=mf.mol.spin)
+
+    def _k(self, dm: np.ndarray, hermi: int) -> np.ndarray:
+        mf = self.mf
+        k = self.hyb * mf.get_k(mf.mol, dm, hermi=hermi) if self.hyb else 0.0
+        if self.omega:
+            k = k + (self.alpha - self.hyb) * mf.get_k(mf.mol, dm, hermi=hermi, omega=self.omega)
+        return np.asarray(k) if not isinstance(k, float) else np.zeros_like(dm)
+
+    def __call__(self, p: np.ndarray, want_energy: bool) -> tuple[np.ndarray, Any]:
+        mf, x = self.mf, self.x
+        m, s = p.shape[:2]
+        f = np.empty(p.shape, dtype=np.complex128)
+        energy = np.empty(m)
+        exchange = self.xc is None or self.hyb or self.omega
+        for i in range(m):
+            dr = x @ np.ascontiguousarray(p[i].real) @ x
+            di = x @ np.ascontiguousarray(p[i].imag) @ x
+            dt_ = dr[0] if self.restricted else dr[0] + dr[1]
+            j = mf.get_j(mf.mol, dt_, hermi=1)
+            exc = 0.0
+            if self.xc is not None:
+                ni = mf._numint
+                if self.restricted:
+                    _, exc, vxc = ni.nr_rks(mf.mol, mf.grids, self.xc, dr[0])
+                    vxc = vxc[None]
+                else:
+                    _, exc, vxc = ni.nr_uks(mf.mol, mf.grids, self.xc, dr)
+            else:
+                vxc = np.zeros_like(dr)
+            scale = 0.5 if self.restricted else 1.0
+            gr = np.empty_like(dr)
+            gi = np.zeros_like(di)
+            for spin in range(s):
+                gr[spin] = j
+                if exchange:
+                    gr[spin] -= scale * self._k(dr[spin], 1)
+                    gi[spin] = -scale * self._k(di[spin], 2)
+            fr = x @ (self.hcore + gr + vxc) @ x
+            fi = x @ gi @ x
+            f[i] = _complex(fr, fi)
+            if want_energy:
+                energy[i] = float(
+                    np.sum(dr * (self.hcore + 0.5 * gr)) + 0.5 * np.sum(di * gi) + exc
+                )
+        return f, (energy if want_energy else None)
+
+
+# ---------------------------------------------------------------- the core
+
+
+def _builder_kind(config: RTConfig, mf: Any, nao: int) -> str:
+    if config.fock_builder != "auto":
+        return config.fock_builder
+    if not config.is_hf:
+        ni = mf._numint
+        if ni._xc_type(config.xc) not in ("LDA", "GGA") or ni.rsh_coeff(config.xc)[0]:
+            return "pyscf"
+    return "numpy" if nao**4 * 8 <= _DENSE_ERI_BYTES else "pyscf"
+
+
+class RTCore:
+    """One molecule's ground state and its propagation, for n copies at a time.
+
+    The state (all arrays with leading dimension n): ``P`` the density matrix in the
+    orthonormal basis (complex, (n, s, N, N)); ``fock`` the Fock matrix of ``P`` (field-free,
+    or, with ``maxwelllink_compat``, with the field of the sub-step that built it); for the
+    predictor-corrector also ``fock_half``, the midpoint Fock matrix of the last sub-step;
+    ``step`` the EM steps taken (int64); ``energy`` and ``dipole`` of ``P`` (reported).
+    """
+
+    def __init__(self, config: RTConfig) -> None:
+        os.environ.setdefault("PYSCF_MAX_MEMORY", "4000")
+        self.config = config
+        self.mol = mol = build_mol(config)
+        self.mf = mf = run_scf(config, mol)
+        self.restricted = config.multiplicity == 1
+        self.nspin = 1 if self.restricted else 2
+        s = mol.intor_symmetric("int1e_ovlp")
+        w, v = np.linalg.eigh(s)
+        if w.min() < 1e-9:
+            raise ValueError(
+                f"rttddft: basis {config.basis!r} is nearly linearly dependent for "
+                f"{config.geometry.where} (smallest overlap eigenvalue {w.min():.2e})"
+            )
+        self.x = (v * w**-0.5) @ v.T
+        self.s_half = (v * w**0.5) @ v.T
+        self.nao = n = s.shape[0]
+        hcore = np.asarray(mf.get_hcore())
+        xc = None if config.is_hf else config.xc
+        kind = _builder_kind(config, mf, n)
+        self.builder_kind = kind
+        builder = _NumpyFock if kind == "numpy" else _PySCFFock
+        self.build = builder(mf, self.x, hcore, self.restricted, xc)
+        charges = mol.atom_charges().astype(np.float64)
+        self.nuclear_dipole = charges @ mol.atom_coords()  # origin: the coordinates' origin
+        self.e_nuc = float(mol.energy_nuc())
+        self.e_scf = float(mf.e_tot)
+        r = mol.intor_symmetric("int1e_r")  # +r, origin (0, 0, 0)
+        # the electronic dipole operator d (mu_e = Tr(P d)); physics: d = -r (charge -1).
+        # MaxwellLink 0.5.0 takes psi4's dipole integrals (which already carry the charge,
+        # -r) and negates them once more, so its d is +r.
+        d_ao = r if config.maxwelllink_compat else -r
+        dm_ao = np.asarray(mf.make_rdm1())
+        dm_tot = dm_ao if self.restricted else dm_ao[0] + dm_ao[1]
+        self.mu_e0 = np.einsum("xij,ji->x", d_ao, dm_tot)  # ground-state electronic dipole
+        self.dipole_shift = np.zeros(3)
+        if config.remove_permanent_dipole:
+            if config.maxwelllink_compat:
+                # MaxwellLink subtracts mu_e0 / Tr(D) times the identity *in the AO basis*
+                # (S^-1 in the orthonormal one): a real one-electron perturbation
+                d_ao = d_ao - (self.mu_e0 / np.trace(dm_tot))[:, None, None] * np.eye(n)
+            else:
+                # a multiple of the identity operator (S in the AO basis) commutes with P':
+                # it cannot change the dynamics, only the reported dipole
+                self.dipole_shift = self.mu_e0.copy()
+        self.d = np.ascontiguousarray(self.x @ d_ao @ self.x)  # (3, N, N) orthonormal
+        self.d_flat = self.d.reshape(3, n * n).T.copy()  # (N², 3)
+        p0 = self.s_half @ (dm_ao[None] if self.restricted else dm_ao) @ self.s_half
+        self.p0 = _complex(p0, np.zeros_like(p0))  # (s, N, N)
+        self.n_electrons = float(mol.nelectron)
+        kick = np.asarray(config.kick_direction, dtype=np.float64)
+        self.kick_op = np.tensordot(kick, self.d, axes=1)  # k . d (orthonormal)
+
+    # ------------------------------------------------------------ observables
+
+    def dipoles(self, p: np.ndarray) -> np.ndarray:
+        """Reported dipoles (m, 3) of densities (m, s, N, N)."""
+        m, s, n, _ = p.shape
+        pr = np.ascontiguousarray(p.real).reshape(m, s, n * n).sum(axis=1)
+        return self.nuclear_dipole + pr @ self.d_flat - self.dipole_shift
+
+    def _field_operator(self, fields: np.ndarray) -> np.ndarray:
+        """H' = -E . d (m, N, N), real."""
+        return -(fields @ self.d.reshape(3, -1)).reshape(-1, self.nao, self.nao)
+
+    # ------------------------------------------------------------ state
+
+    def initial_state(self, n: int, kick_au: np.ndarray) -> dict[str, np.ndarray]:
+        """The ground state of n copies, each kicked impulsively by ``kick_au`` (n,) along
+        ``kick_direction``: P' -> exp(+i kappa k.d') P' exp(-i kappa k.d'), which with
+        d = -r is exp(-i kappa k.r') P' exp(+i kappa k.r')."""
+        p = np.broadcast_to(self.p0, (n,) + self.p0.shape).copy()
+        kicked = np.flatnonzero(kick_au != 0.0)
+        if kicked.size:
+            vals, vecs = _eig(self.kick_op)
+            for i in kicked.tolist():
+                # exp(+i kappa K) = exp(-i tau K) with tau = -kappa
+                p[i] = _propagate(p[i][None], vecs[None], vals[None], -float(kick_au[i]))[0]
+        fock, energy = self.build(p, True)
+        state = {"P": p, "fock": fock}
+        if self.config.propagator == "pc":
+            state["fock_half"] = fock.copy()
+        state["step"] = np.zeros(n, dtype=np.int64)
+        state["energy"] = energy + self.e_nuc
+        state["dipole"] = self.dipoles(p)
+        return state
+
+    # ------------------------------------------------------------ one EM step
+
+    def stage(
+        self,
+        state: dict[str, np.ndarray],
+        fields: np.ndarray,
+        dt_em: float,
+        kick_field_au: np.ndarray,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """One EM step of length ``dt_em`` under ``fields`` (n, 3), held constant; pure."""
+        config = self.config
+        count, dt = substeps(dt_em, config.dt_substep)
+        first = state["step"] == 0
+        total = fields
+        if np.any(kick_field_au != 0.0) and first.any():
+            # MaxwellLink's kick: a field kappa along kick_direction during the first EM step
+            kick = np.asarray(config.kick_direction, dtype=np.float64)
+            total = fields + np.where(first, kick_field_au, 0.0)[:, None] * kick
+        v = self._field_operator(total)[:, None]  # (n, 1, N, N), both spins
+        p, fock = state["P"], state["fock"]
+        half = state.get("fock_half")
+        compat = config.maxwelllink_compat
+        if compat and first.any():
+            # MaxwellLink adds the first step's field to the stored (field-free) SCF Fock
+            # matrix, and its predictor-corrector starts from that as the past midpoint
+            sel = first[:, None, None, None]
+            fock = np.where(sel, fock + v, fock)
+            if half is not None:
+                half = np.where(sel, fock, half)
+        energy = state["energy"]
+        for _ in range(count):
+            if half is None:
+                p, fock, energy = self._etrs(p, fock, v, dt, compat)
+            else:
+                p, fock, half, energy = self._pc(p, fock, half, v, dt, compat)
+        new = {"P": p, "fock": fock}
+        if half is not None:
+            new["fock_half"] = half
+        new["step"] = state["step"] + 1
+        new["energy"] = energy
+        new["dipole"] = self.dipoles(p)
+        if compat:
+            sources = self._instantaneous_current(p, fock)
+        else:
+            sources = (new["dipole"] - state["dipole"]) / dt_em
+        return new, sources
+
+    def _etrs(
+        self, p: np.ndarray, fock: np.ndarray, v: np.ndarray, dt: float, compat: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Enforced time-reversal symmetry: P(t+dt) = U P U^H with
+        U = exp(-i dt/2 F(t+dt)) exp(-i dt/2 F(t)), F(t+dt) from the predictor
+        exp(-i dt F(t)) P exp(+i dt F(t)). Second order; two Fock builds per sub-step."""
+        start = fock if compat else fock + v
+        vals, vecs = _eig(start)
+        trial = _propagate(p, vecs, vals, dt)
+        f_end = self.build(trial, False)[0] + v
+        vals1, vecs1 = _eig(f_end)
+        u = _unitary(vecs1, vals1, 0.5 * dt) @ _unitary(vecs, vals, 0.5 * dt)
+        p_new = _sandwich(u, p)
+        f_new, energy = self.build(p_new, True)
+        return p_new, (f_new + v if compat else f_new), energy + self.e_nuc
+
+    def _pc(
+        self,
+        p: np.ndarray,
+        fock: np.ndarray,
+        half: np.ndarray,
+        v: np.ndarray,
+        dt: float,
+        compat: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Predictor-corrector exponential midpoint: P(t+dt) = U P U^H with
+        U = exp(-i dt F(t+dt/2)), F(t+dt/2) = (F(t) + F(t+dt)) / 2 iterated to
+        self-consistency (successive F(t+dt) within ``pc_tolerance``, Frobenius norm, at
+        least two builds), starting from the extrapolation 2 F(t) - F(t-dt/2).
+        Second order, and time-reversible once converged."""
+        config = self.config
+        start = fock if compat else fock + v
+        past = half if compat else half + v
+        mid = 2.0 * start - past
+        m = p.shape[0]
+        p_out = np.empty_like(p)
+        f_out = np.empty_like(fock)
+        mid_out = np.empty_like(fock)
+        e_out = np.empty(m)
+        # molecules still iterating (each stops at its own convergence, so a molecule
+        # follows the same iterations in an ensemble as alone)
+        active = np.arange(m)
+        previous: np.ndarray | None = None
+        for _ in range(config.pc_max_iterations):
+            vals, vecs = _eig(mid)
+            p1 = _propagate(p[active], vecs, vals, dt)
+            f1_free, energy = self.build(p1, True)
+            f1 = f1_free + v[active]
+            mid = 0.5 * (start + f1)
+            if previous is None:
+                previous = f1
+                continue
+            diff = (f1 - previous).reshape(len(active), self.nspin, -1)
+            norm = np.sqrt((diff.real**2 + diff.imag**2).sum(axis=-1)).max(axis=-1)
+            done = norm < config.pc_tolerance
+            idx = active[done]
+            p_out[idx] = p1[done]
+            if compat:
+                f_out[idx] = f1[done]
+                mid_out[idx] = mid[done]
+            else:
+                f_out[idx] = f1_free[done]
+                mid_out[idx] = 0.5 * (fock[idx] + f1_free[done])
+            e_out[idx] = energy[done]
+            keep = ~done
+            if not keep.any():
+                return p_out, f_out, mid_out, e_out + self.e_nuc
+            active, previous, mid, start = active[keep], f1[keep], mid[keep], start[keep]
+        raise FloatingPointError(
+            f"rttddft: the predictor-corrector did not converge to pc_tolerance = "
+            f"{config.pc_tolerance:g} in {config.pc_max_iterations} iterations; is the field "
+            "or dt_substep_au too large?"
+        )
+
+    def _instantaneous_current(self, p: np.ndarray, fock: np.ndarray) -> np.ndarray:
+        """MaxwellLink's source: Tr(dP'/dt d') with dP'/dt = -i [F', P'] of the new state."""
+        c = fock @ p - p @ fock
+        m, s, n, _ = c.shape
+        ci = np.ascontiguousarray(c.imag).reshape(m, s, n * n).sum(axis=1)
+        # Tr(-i C d) = sum Im(C) d (d real symmetric)
+        return ci @ self.d_flat
