@@ -161,7 +161,7 @@ def substeps(dt_em: float, dt_substep: float) -> tuple[int, float]:
     least 1) and ``dt = D / count``, except that a ratio within 1e-9 of an integer counts as
     that integer (``int(0.3 / 0.1)`` is 2 in floating point)."""
     ratio = dt_em / dt_substep
-    count = max(1, int(math.floor(ratio * (1.0 + 1e-9))))
+    count = max(1, math.floor(ratio * (1.0 + 1e-9)))
     return count, dt_em / count
 
 
@@ -259,7 +259,7 @@ def _eig(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _rsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """sum over the last two axes of a * b (real arrays) -> leading axes."""
-    return (a * b).reshape(a.shape[:-2] + (-1,)).sum(axis=-1)
+    return (a * b).reshape((*a.shape[:-2], -1)).sum(axis=-1)
 
 
 # ---------------------------------------------------------------- Fock builders
@@ -590,7 +590,7 @@ class RTCore:
         """The ground state of n copies, each kicked impulsively by ``kick_au`` (n,) along
         ``kick_direction``: P' -> exp(+i kappa k.d') P' exp(-i kappa k.d'), which with
         d = -r is exp(-i kappa k.r') P' exp(+i kappa k.r')."""
-        p = np.broadcast_to(self.p0, (n,) + self.p0.shape).copy()
+        p = np.broadcast_to(self.p0, (n, *self.p0.shape)).copy()
         kicked = np.flatnonzero(kick_au != 0.0)
         if kicked.size:
             vals, vecs = _eig(self.kick_op)
