@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from .spectrum import absorption_spectrum, fit_peaks  # noqa: F401  (spectra: re-exported)
+
 __all__ = ["golden_rule_rate", "relaxation_curve", "fit_decay_rate", "compare_to_curve"]
 
 

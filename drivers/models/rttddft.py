@@ -88,6 +88,7 @@ sub-step; let PySCF print; normalise ``kick_direction``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -100,6 +101,8 @@ from ._rt_core import Geometry, RTConfig, RTCore, parse_atoms, read_xyz, substep
 from .base import Model
 
 __all__ = ["RTTDDFTModel", "resolve_parameters"]
+
+_LOG = logging.getLogger("maxwellhub.driver")
 
 _KICK_AXES = {
     "x": (1.0, 0.0, 0.0),
@@ -300,6 +303,14 @@ def _per_molecule(key: str, value: Any, n: int) -> np.ndarray:
 
 def _apply_aliases(raw: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    ignored = sorted(key for key in raw if key in IGNORED_MXL)
+    if ignored:
+        _LOG.warning(
+            "rttddft: ignoring MaxwellLink parameter(s) %s (psi4 resources, psi4 "
+            "grid names and MaxwellLink's own checkpoint files have no meaning "
+            "here; use grid_level, and the driver's --checkpoint-dir)",
+            ", ".join(ignored),
+        )
     for key, value in raw.items():
         if key in IGNORED_MXL:
             continue
@@ -456,6 +467,14 @@ class RTTDDFTModel(Model):
     parameters: ClassVar[Mapping[str, Any]] = {}
     extras_keys = ("energy_au", "mux_au", "muy_au", "muz_au")
     aliases: ClassVar[Mapping[str, tuple[str, Callable[[Any], Any] | None]]] = ALIASES
+    #: small and fast (H2, HF/STO-3G): for the conformance test over every model
+    example_params: ClassVar[dict[str, Any]] = {
+        "atoms": "H 0 0 0; H 0 0 0.74",
+        "xc": "hf",
+        "kick_au": 1e-3,
+        "dt_substep_au": 0.05,
+    }
+    conformance_rtol: ClassVar[float] = 1e-12
 
     def __init__(self, n: int = 1, **params: Any) -> None:
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
