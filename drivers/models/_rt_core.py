@@ -141,9 +141,7 @@ class RTConfig:
     basis: str
     xc: str  # "hf" or a libxc functional PySCF knows
     grid_level: int
-    dt_substep: float
     propagator: str  # "pc" or "etrs"
-    pc_tolerance: float
     kick_direction: tuple[float, float, float]
     remove_permanent_dipole: bool
     maxwelllink_compat: bool
@@ -247,16 +245,22 @@ def _propagate(p: np.ndarray, vecs: np.ndarray, vals: np.ndarray, tau: float) ->
     return _sandwich(_unitary(vecs, vals, tau), p)
 
 
-def _eig(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of Hermitian matrices; a real symmetric eigensolver when F is real (pure
-    DFT without a complex exchange part), which is about twice as fast."""
-    if np.iscomplexobj(f):
-        if f.imag.any():
-            vals, vecs = np.linalg.eigh(f)
-            return vals, vecs
-        f = np.ascontiguousarray(f.real)
-    vals, vecs = np.linalg.eigh(f)
-    return vals, vecs.astype(np.complex128)
+def _eig(f: np.ndarray, real: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of Hermitian matrices. ``real``: F is real symmetric (no exact exchange:
+    pure DFT), so the real eigensolver (twice as fast) serves; the choice is the model's,
+    not the data's, so a molecule takes the same path in an ensemble as alone."""
+    if real:
+        vals, vecs = np.linalg.eigh(np.ascontiguousarray(f.real))
+        return vals, vecs.astype(np.complex128)
+    return np.linalg.eigh(f)
+
+
+def _rows(x: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """x @ a row by row, (m, K) @ (K, L) -> (m, L): one small product per row, so a row's
+    result does not depend on how many rows there are (a single (m, K) @ (K, L) product
+    picks its kernel, and so its summation order, by m). An ensemble molecule then gets the
+    very bits it gets alone."""
+    return np.matmul(x[:, None, :], a)[:, 0, :]
 
 
 def _rsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -283,6 +287,7 @@ class _NumpyFock:
         eri = mf._eri if getattr(mf, "_eri", None) is not None else mol.intor("int2e", aosym="s8")
         eri_j = ao2mo.incore.full(eri, x, compact=False).reshape(n * n, n * n)
         self.alpha = 1.0 if xc is None else float(mf._numint.hybrid_coeff(xc, spin=mol.spin))
+        self.exact_exchange = self.alpha != 0.0
         eri_k = (
             eri_j.reshape(n, n, n, n).transpose(0, 2, 1, 3).reshape(n * n, n * n)
             if self.alpha
@@ -304,18 +309,18 @@ class _NumpyFock:
         flat_r = pr.reshape(m, s, n * n)
         flat_i = pi.reshape(m, s, n * n)
         if self.restricted:
-            gr = (flat_r[:, 0] @ self.g_real).reshape(m, 1, n, n)
+            gr = _rows(flat_r[:, 0], self.g_real).reshape(m, 1, n, n)
             gi = (
-                (flat_i[:, 0] @ self.g_imag).reshape(m, 1, n, n)
+                _rows(flat_i[:, 0], self.g_imag).reshape(m, 1, n, n)
                 if self.g_imag is not None
                 else None
             )
         else:
-            jt = (flat_r[:, 0] + flat_r[:, 1]) @ self.eri_j
+            jt = _rows(flat_r[:, 0] + flat_r[:, 1], self.eri_j)
             gr = np.repeat(jt.reshape(m, 1, n, n), 2, axis=1)
             if self.k_neg is not None:
-                gr = gr + (flat_r.reshape(m * 2, n * n) @ self.k_neg).reshape(m, 2, n, n)
-                gi = (flat_i.reshape(m * 2, n * n) @ self.k_neg).reshape(m, 2, n, n)
+                gr = gr + _rows(flat_r.reshape(m * 2, n * n), self.k_neg).reshape(m, 2, n, n)
+                gi = _rows(flat_i.reshape(m * 2, n * n), self.k_neg).reshape(m, 2, n, n)
             else:
                 gi = None
         exc = None
@@ -389,7 +394,7 @@ class _GridXC:
         ng = self.w.size
         if self.use_pairs:
             packed = pr[:, :, self.pairs[0], self.pairs[1]] * self.pair_weight
-            rho = packed.reshape(m * s, -1) @ self.prod_t  # (m s, nk ng)
+            rho = _rows(packed.reshape(m * s, -1), self.prod_t)  # (m s, nk ng)
             return rho.reshape(m, s, self.nk, ng).transpose(1, 2, 0, 3)
         phi = self.phi
         rho = np.empty((s, self.nk, m, ng))
@@ -406,8 +411,8 @@ class _GridXC:
         out = np.empty((m, s, n, n))
         if self.use_pairs:
             r, c = self.pairs
-            packed = (
-                np.ascontiguousarray(wv.transpose(2, 0, 1, 3)).reshape(m * s, -1) @ self.prod
+            packed = _rows(
+                np.ascontiguousarray(wv.transpose(2, 0, 1, 3)).reshape(m * s, -1), self.prod
             )  # (m s, npair)
             packed = packed.reshape(m, s, -1)
             out[:, :, r, c] = packed
@@ -433,7 +438,7 @@ class _GridXC:
             self.xc, arg, deriv=1, xctype=self.xctype, spin=0 if self.restricted else 1
         )[:2]
         rho_total = rho[0, 0] if self.restricted else rho[0, 0] + rho[1, 0]
-        e = (rho_total * exc).reshape(m, ng) @ self.w
+        e = _rows((rho_total * exc).reshape(m, ng), self.w[:, None])[:, 0]
         wv = np.asarray(vxc).reshape(s, self.nk, m, ng) * self.w
         return self._potential(wv, m, s), e
 
@@ -451,6 +456,7 @@ class _PySCFFock:
             self.omega, self.alpha, self.hyb = 0.0, 0.0, 1.0
         else:
             self.omega, self.alpha, self.hyb = mf._numint.rsh_and_hybrid_coeff(xc, spin=mf.mol.spin)
+        self.exact_exchange = bool(xc is None or self.hyb or self.omega)
 
     def _k(self, dm: np.ndarray, hermi: int) -> np.ndarray:
         mf = self.mf
@@ -464,7 +470,7 @@ class _PySCFFock:
         m, s = p.shape[:2]
         f = np.empty(p.shape, dtype=np.complex128)
         energy = np.empty(m)
-        exchange = self.xc is None or self.hyb or self.omega
+        exchange = self.exact_exchange
         for i in range(m):
             dr = x @ np.ascontiguousarray(p[i].real) @ x
             di = x @ np.ascontiguousarray(p[i].imag) @ x
@@ -544,6 +550,8 @@ class RTCore:
         self.builder_kind = kind
         builder = _NumpyFock if kind == "numpy" else _PySCFFock
         self.build = builder(mf, self.x, hcore, self.restricted, xc)
+        # without exact exchange F' is real: J and V_xc see only Re P
+        self.real_fock = not self.build.exact_exchange
         charges = mol.atom_charges().astype(np.float64)
         self.nuclear_dipole = charges @ mol.atom_coords()  # origin: the coordinates' origin
         self.e_nuc = float(mol.energy_nuc())
@@ -580,11 +588,11 @@ class RTCore:
         """Reported dipoles (m, 3) of densities (m, s, N, N)."""
         m, s, n, _ = p.shape
         pr = np.ascontiguousarray(p.real).reshape(m, s, n * n).sum(axis=1)
-        return self.nuclear_dipole + pr @ self.d_flat - self.dipole_shift
+        return self.nuclear_dipole + _rows(pr, self.d_flat) - self.dipole_shift
 
     def _field_operator(self, fields: np.ndarray) -> np.ndarray:
         """H' = -E . d (m, N, N), real."""
-        return -(fields @ self.d.reshape(3, -1)).reshape(-1, self.nao, self.nao)
+        return -_rows(fields, self.d.reshape(3, -1)).reshape(-1, self.nao, self.nao)
 
     # ------------------------------------------------------------ state
 
@@ -595,7 +603,7 @@ class RTCore:
         p = np.broadcast_to(self.p0, (n, *self.p0.shape)).copy()
         kicked = np.flatnonzero(kick_au != 0.0)
         if kicked.size:
-            vals, vecs = _eig(self.kick_op)
+            vals, vecs = _eig(self.kick_op, True)
             for i in kicked.tolist():
                 # exp(+i kappa K) = exp(-i tau K) with tau = -kappa
                 p[i] = _propagate(p[i][None], vecs[None], vals[None], -float(kick_au[i]))[0]
@@ -616,10 +624,13 @@ class RTCore:
         fields: np.ndarray,
         dt_em: float,
         kick_field_au: np.ndarray,
+        steps: tuple[int, float],
+        pc_tolerance: float,
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """One EM step of length ``dt_em`` under ``fields`` (n, 3), held constant; pure."""
+        """One EM step of length ``dt_em`` under ``fields`` (n, 3), held constant, in
+        ``steps`` = (count, dt) sub-steps; pure."""
         config = self.config
-        count, dt = substeps(dt_em, config.dt_substep)
+        count, dt = steps
         first = state["step"] == 0
         total = fields
         if np.any(kick_field_au != 0.0) and first.any():
@@ -642,7 +653,7 @@ class RTCore:
             if half is None:
                 p, fock, energy = self._etrs(p, fock, v, dt, compat)
             else:
-                p, fock, half, energy = self._pc(p, fock, half, v, dt, compat)
+                p, fock, half, energy = self._pc(p, fock, half, v, dt, compat, pc_tolerance)
         new = {"P": p, "fock": fock}
         if half is not None:
             new["fock_half"] = half
@@ -662,10 +673,10 @@ class RTCore:
         U = exp(-i dt/2 F(t+dt)) exp(-i dt/2 F(t)), F(t+dt) from the predictor
         exp(-i dt F(t)) P exp(+i dt F(t)). Second order; two Fock builds per sub-step."""
         start = fock if compat else fock + v
-        vals, vecs = _eig(start)
+        vals, vecs = _eig(start, self.real_fock)
         trial = _propagate(p, vecs, vals, dt)
         f_end = self.build(trial, False)[0] + v
-        vals1, vecs1 = _eig(f_end)
+        vals1, vecs1 = _eig(f_end, self.real_fock)
         u = _unitary(vecs1, vals1, 0.5 * dt) @ _unitary(vecs, vals, 0.5 * dt)
         p_new = _sandwich(u, p)
         f_new, energy = self.build(p_new, True)
@@ -679,6 +690,7 @@ class RTCore:
         v: np.ndarray,
         dt: float,
         compat: bool,
+        tolerance: float,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Predictor-corrector exponential midpoint: P(t+dt) = U P U^H with
         U = exp(-i dt F(t+dt/2)), F(t+dt/2) = (F(t) + F(t+dt)) / 2 iterated to
@@ -699,7 +711,7 @@ class RTCore:
         active = np.arange(m)
         previous: np.ndarray | None = None
         for _ in range(config.pc_max_iterations):
-            vals, vecs = _eig(mid)
+            vals, vecs = _eig(mid, self.real_fock)
             p1 = _propagate(p[active], vecs, vals, dt)
             f1_free, energy = self.build(p1, True)
             f1 = f1_free + v[active]
@@ -709,7 +721,7 @@ class RTCore:
                 continue
             diff = (f1 - previous).reshape(len(active), self.nspin, -1)
             norm = np.sqrt((diff.real**2 + diff.imag**2).sum(axis=-1)).max(axis=-1)
-            done = norm < config.pc_tolerance
+            done = norm < tolerance
             idx = active[done]
             p_out[idx] = p1[done]
             if compat:
@@ -725,7 +737,7 @@ class RTCore:
             active, previous, mid, start = active[keep], f1[keep], mid[keep], start[keep]
         raise FloatingPointError(
             f"rttddft: the predictor-corrector did not converge to pc_tolerance = "
-            f"{config.pc_tolerance:g} in {config.pc_max_iterations} iterations; is the field "
+            f"{tolerance:g} in {config.pc_max_iterations} iterations; is the field "
             "or dt_substep_au too large?"
         )
 
@@ -735,4 +747,4 @@ class RTCore:
         m, s, n, _ = c.shape
         ci = np.ascontiguousarray(c.imag).reshape(m, s, n * n).sum(axis=1)
         # Tr(-i C d) = sum Im(C) d (d real symmetric)
-        return ci @ self.d_flat
+        return _rows(ci, self.d_flat)

@@ -1,6 +1,7 @@
 """``rttddft``: real-time TDHF/TDDFT of one molecule (or n copies of it) on PySCF.
 
-    model = RTTDDFTModel(n=1, xyz="water.xyz", basis="sto-3g", xc="pbe0", kick_au=1e-3)
+    model = create_model("rttddft", n=1, xyz="water.xyz", basis="sto-3g", xc="pbe0",
+                         kick_au=1e-3)
     model.initialize(dt_au=0.2)        # the EM step; sub-steps of about dt_substep_au
     sources = model.step(fields)       # fields (n, 3) in a.u. -> dmu/dt (n, 3) in a.u.
     model.extras()                     # energy_au, mux_au, muy_au, muz_au, time_au
@@ -71,9 +72,18 @@ State (checkpoints resume bit for bit): ``P`` (n, s, N, N) complex, ``fock`` and
 density) for a restricted and 2 (alpha, beta) for an unrestricted molecule.
 
 Ensembles: n copies of one geometry, basis and functional share every integral and are
-propagated as one batch (``P`` is (n, s, N, N)); a molecule follows the same trajectory
-in an ensemble as alone (to round-off: the batched matrix products may sum in another
-order).
+propagated as one batch (``P`` is (n, s, N, N)); a molecule follows bit for bit the
+trajectory it follows alone (every product is done molecule by molecule inside the batch,
+and the eigensolver is picked by the functional, not by the data).
+
+Parameters: ``dt_substep_au`` and ``pc_tolerance`` may change between steps
+(``set_params``); everything else is fixed for the model's life. MaxwellLink's names are
+aliases (``molecule_xyz``, ``functional`` with "SCF" for HF, ``dt_rttddft_au``,
+``delta_kick_au`` -> ``kick_field_au``, ``delta_kick_direction`` "x".."xyz",
+``electron_propagation``, ``threshold_pc``); its psi4-only parameters (``engine``,
+``memory``, ``num_threads``, ``checkpoint``, ``restart``, ``verbose``, ``dft_grid_name``,
+``dft_radial_points``, ``dft_spherical_points``) are accepted and ignored, with a warning in
+the driver's log, so its job scripts run with only the executable's name changed.
 
 Not shipped: Ehrenfest dynamics (moving nuclei). It needs analytic nuclear gradients of the
 time-dependent, complex density including the Pulay/basis-set-motion terms and the moving
@@ -89,18 +99,17 @@ sub-step; let PySCF print; normalise ``kick_direction``.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
+import pyscf  # noqa: F401  (imported here, so a missing PySCF is named when the model loads)
 
 from ._rt_core import Geometry, RTConfig, RTCore, parse_atoms, read_xyz, substeps
-from .base import Model
+from .base import Model, Parameter, ParameterError
 
-__all__ = ["RTTDDFTModel", "resolve_parameters"]
+__all__ = ["RTTDDFTModel"]
 
 _LOG = logging.getLogger("maxwellhub.driver")
 
@@ -121,10 +130,7 @@ def _kick_direction_from_mxl(value: Any) -> Any:
     if isinstance(value, str):
         key = value.strip().lower()
         if key not in _KICK_AXES:
-            raise ValueError(
-                f"rttddft: delta_kick_direction = {value!r} is not allowed; expected one of "
-                f"{', '.join(_KICK_AXES)}"
-            )
+            raise ValueError(f"expected one of {', '.join(_KICK_AXES)}")
         return _KICK_AXES[key]
     return value
 
@@ -136,310 +142,81 @@ def _functional_from_mxl(value: Any) -> Any:
     return value
 
 
-def _lower(value: Any) -> Any:
-    return value.strip().lower() if isinstance(value, str) else value
+def _positive(a: np.ndarray) -> np.ndarray:
+    return a > 0
 
 
-# name -> (default, kind, per-molecule, doc); kinds: float, int, bool, str, "path", "vector"
-_PARAMETERS: dict[str, tuple[Any, Any, bool, str]] = {
-    "xyz": (
-        "",
-        "path",
-        False,
-        "XYZ file: atom count, 'charge multiplicity' (or a comment), "
-        "then 'Symbol x y z' lines in Angstrom",
-    ),
-    "atoms": (
-        "",
-        str,
-        False,
-        "atoms instead of a file: 'O 0 0 0.12; H 0 0.76 -0.47; ...' (Angstrom)",
-    ),
-    "charge": (0, int, False, "molecular charge (when the XYZ file's line 2 gives none)"),
-    "multiplicity": (
-        1,
-        int,
-        False,
-        "2S + 1 (when the XYZ file's line 2 gives none); 1 runs RHF/RKS, anything else UHF/UKS",
-    ),
-    "basis": ("sto-3g", str, False, "PySCF basis set name"),
-    "xc": (
-        "hf",
-        str,
-        False,
-        "'hf' or a PySCF/libxc functional ('lda', 'pbe', 'b3lyp', 'pbe0', ...)",
-    ),
-    "grid_level": (3, int, False, "PySCF DFT grid level 0-9 (grids.level)"),
-    "dt_substep_au": (
-        0.04,
-        float,
-        False,
-        "longest electronic sub-step (a.u.); the EM step is split into int(D / dt) equal sub-steps",
-    ),
-    "propagator": ("pc", str, False, "'pc' (self-consistent exponential midpoint) or 'etrs'"),
-    "pc_tolerance": (
-        1e-8,
-        float,
-        False,
-        "predictor-corrector convergence: Frobenius norm of successive F(t + dt) (Hartree); "
-        "MaxwellLink's default is 1e-6",
-    ),
-    "kick_au": (
-        0.0,
-        float,
-        True,
-        "impulsive kick kappa: E = kappa delta(t) kick_direction at t = 0 (a.u. of field x time)",
-    ),
-    "kick_field_au": (
-        0.0,
-        float,
-        True,
-        "MaxwellLink's kick: a field kappa kick_direction added during the first EM step (a.u.)",
-    ),
-    "kick_direction": (
-        (1.0, 1.0, 1.0),
-        "vector",
-        False,
-        "kick direction, used as given (not normalised)",
-    ),
-    "remove_permanent_dipole": (
-        False,
-        bool,
-        False,
-        "report the dipole without the ground-state electronic dipole",
-    ),
-    "maxwelllink_compat": (
-        False,
-        bool,
-        False,
-        "reproduce MaxwellLink 0.5.0's trajectories (its dipole sign, field lag and source)",
-    ),
-    "fock_builder": (
-        "auto",
-        str,
-        False,
-        "'auto', 'numpy' (dense integrals, small molecules) or 'pyscf' (PySCF's own builders)",
-    ),
-    "scf_conv_tol": (1e-12, float, False, "ground-state SCF energy threshold (Hartree)"),
-}
-
-_CHOICES = {"propagator": ("pc", "etrs"), "fock_builder": ("auto", "numpy", "pyscf")}
-
-#: MaxwellLink's parameter names -> (ours, converter)
-ALIASES: Mapping[str, tuple[str, Callable[[Any], Any] | None]] = {
-    "molecule_xyz": ("xyz", None),
-    "functional": ("xc", _functional_from_mxl),
-    "dt_rttddft_au": ("dt_substep_au", None),
-    "delta_kick_au": ("kick_field_au", None),
-    "delta_kick_direction": ("kick_direction", _kick_direction_from_mxl),
-    "electron_propagation": ("propagator", _lower),
-    "threshold_pc": ("pc_tolerance", None),
-}
-
-#: MaxwellLink parameters that have no meaning here (psi4 resources, its own checkpoint
-#: files, psi4 grid names): accepted and ignored so its job scripts run unchanged.
-IGNORED_MXL = (
-    "engine",
-    "memory",
-    "num_threads",
-    "checkpoint",
-    "restart",
-    "verbose",
-    "dft_grid_name",
-    "dft_radial_points",
-    "dft_spherical_points",
-)
+_IGNORED = "MaxwellLink's (psi4); accepted so its job scripts run, and ignored here"
 
 
-def _bad(key: str, value: Any, expected: str) -> ValueError:
-    return ValueError(f"rttddft: parameter {key} = {value!r} is not allowed; expected {expected}")
+def _check_xc(xc: str, builder: str) -> str:
+    """The functional as the core takes it ("hf" or a libxc name), or ParameterError."""
+    if xc.strip().lower() in ("hf", "scf"):
+        return "hf"
+    from pyscf.dft import numint
 
-
-def _convert(key: str, value: Any, kind: Any) -> Any:
-    if kind in (str, "path"):
-        if not isinstance(value, str):
-            raise _bad(key, value, "a string")
-        return os.path.abspath(value) if kind == "path" and value else value
-    if kind is bool:
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        if not isinstance(value, bool | np.bool_):
-            raise _bad(key, value, "true or false")
-        return bool(value)
-    if kind == "vector":
-        arr = np.array(value, dtype=np.float64) if not isinstance(value, str) else None
-        if arr is None or arr.shape != (3,) or not np.isfinite(arr).all():
-            raise _bad(key, value, "three finite numbers")
-        arr.setflags(write=False)
-        return arr
-    if kind is int:
-        if isinstance(value, bool) or (
-            not isinstance(value, int | np.integer)
-            and not (isinstance(value, float) and value.is_integer())
-        ):
-            raise _bad(key, value, "an integer")
-        return int(value)
+    ni = numint.NumInt()
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _bad(key, value, "a number") from None
-    if not math.isfinite(number):
-        raise _bad(key, value, "a finite number")
-    return number
+        xctype = ni._xc_type(xc)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ParameterError(
+            f"rttddft: parameter xc = {xc!r} is not allowed; expected 'hf' or a functional "
+            f"PySCF's libxc knows ({exc})",
+            "xc",
+        ) from None
+    if xctype == "HF":
+        return "hf"
+    if builder == "numpy" and (xctype not in ("LDA", "GGA") or ni.rsh_coeff(xc)[0]):
+        raise ParameterError(
+            f"rttddft: parameter fock_builder = 'numpy' is not allowed for xc = {xc!r}; the "
+            "numpy builder does HF, LDA, GGA and global hybrids: expected 'auto' or 'pyscf'",
+            "fock_builder",
+        )
+    return xc
 
 
-def _per_molecule(key: str, value: Any, n: int) -> np.ndarray:
+def _geometry(params: Mapping[str, Any]) -> Geometry:
+    xyz, atoms = params["xyz"], params["atoms"]
+    if (xyz is None) == (atoms is None or not atoms.strip()):
+        raise ParameterError(
+            "rttddft: give exactly one of xyz (an XYZ file; MaxwellLink's molecule_xyz) and "
+            "atoms (an atom string)",
+            "xyz" if xyz is not None else "atoms",
+        )
     try:
-        arr = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise _bad(key, value, "a number or n numbers") from None
-    if arr.ndim == 0:
-        arr = np.full(n, float(arr))
-    if arr.shape != (n,) or not np.isfinite(arr).all():
-        raise _bad(key, value, f"a finite number or {n} finite numbers (one per molecule)")
-    arr.setflags(write=False)
-    return arr
+        return read_xyz(xyz) if xyz is not None else parse_atoms(atoms)
+    except ValueError as exc:
+        raise ParameterError(f"rttddft: {exc}", "xyz" if xyz is not None else "atoms") from None
 
 
-def _apply_aliases(raw: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    ignored = sorted(key for key in raw if key in IGNORED_MXL)
-    if ignored:
-        _LOG.warning(
-            "rttddft: ignoring MaxwellLink parameter(s) %s (psi4 resources, psi4 "
-            "grid names and MaxwellLink's own checkpoint files have no meaning "
-            "here; use grid_level, and the driver's --checkpoint-dir)",
-            ", ".join(ignored),
-        )
-    for key, value in raw.items():
-        if key in IGNORED_MXL:
-            continue
-        if key in ALIASES:
-            ours, converter = ALIASES[key]
-            if ours in raw:
-                raise ValueError(
-                    f"rttddft: both {key} (MaxwellLink's name) and {ours} given; give one"
-                )
-            out[ours] = converter(value) if converter else value
-        else:
-            out[key] = value
-    return out
-
-
-def resolve_parameters(n: int, raw: Mapping[str, Any]) -> tuple[dict[str, Any], RTConfig]:
-    """Our parameters (with MaxwellLink's names translated) and the shared configuration,
-    checked without running any SCF: the geometry file parses, the multiplicity fits the
-    electron count, the functional is known to libxc and the basis covers every element."""
-    given = _apply_aliases(raw)
-    unknown = sorted(set(given) - set(_PARAMETERS))
-    if unknown:
-        raise ValueError(
-            f"rttddft: unknown parameter(s) {', '.join(unknown)}; allowed: "
-            f"{', '.join(_PARAMETERS)} (or MaxwellLink's names "
-            f"{', '.join(ALIASES)})"
-        )
-    params: dict[str, Any] = {}
-    for key, (default, kind, per_molecule, _) in _PARAMETERS.items():
-        value = given.get(key, default)
-        params[key] = _per_molecule(key, value, n) if per_molecule else _convert(key, value, kind)
-    for key, choices in _CHOICES.items():
-        params[key] = params[key].strip().lower()
-        if params[key] not in choices:
-            raise _bad(key, params[key], " or ".join(repr(c) for c in choices))
-    geometry = _geometry(params)
-    charge, multiplicity = _charge_multiplicity(params, geometry, given)
-    xc = _check_xc(params)
-    _check_numbers(params)
-    _check_basis(params["basis"], geometry)
-    config = RTConfig(
-        geometry=geometry,
-        charge=charge,
-        multiplicity=multiplicity,
-        basis=params["basis"],
-        xc=xc,
-        grid_level=params["grid_level"],
-        dt_substep=params["dt_substep_au"],
-        propagator=params["propagator"],
-        pc_tolerance=params["pc_tolerance"],
-        kick_direction=tuple(float(v) for v in params["kick_direction"]),  # type: ignore[arg-type]
-        remove_permanent_dipole=params["remove_permanent_dipole"],
-        maxwelllink_compat=params["maxwelllink_compat"],
-        conv_tol=params["scf_conv_tol"],
-        fock_builder=params["fock_builder"],
-    )
-    return params, config
-
-
-def _geometry(params: dict[str, Any]) -> Geometry:
-    if bool(params["xyz"]) == bool(params["atoms"].strip()):
-        raise ValueError(
-            "rttddft: give exactly one of xyz (an XYZ file; MaxwellLink's "
-            "molecule_xyz) and atoms (an atom string)"
-        )
-    return read_xyz(params["xyz"]) if params["xyz"] else parse_atoms(params["atoms"])
-
-
-def _charge_multiplicity(
-    params: dict[str, Any], geometry: Geometry, given: Mapping[str, Any]
-) -> tuple[int, int]:
+def _charge_multiplicity(params: Mapping[str, Any], geometry: Geometry) -> tuple[int, int]:
+    """Line 2 of the XYZ file when it gives them (charge and multiplicity parameters left
+    at their defaults, or equal), else the parameters; checked against the electrons."""
     from pyscf.data import elements
 
     charge, multiplicity = params["charge"], params["multiplicity"]
     if geometry.charge is not None and geometry.multiplicity is not None:
-        for key, ours, theirs in (
-            ("charge", charge, geometry.charge),
-            ("multiplicity", multiplicity, geometry.multiplicity),
+        for key, ours, default, theirs in (
+            ("charge", charge, 0, geometry.charge),
+            ("multiplicity", multiplicity, 1, geometry.multiplicity),
         ):
-            if key in given and ours != theirs:
-                raise ValueError(
+            if ours != default and ours != theirs:
+                raise ParameterError(
                     f"rttddft: parameter {key} = {ours} contradicts {geometry.where}, line 2 "
-                    f"({geometry.charge} {geometry.multiplicity}); give it in one place"
+                    f"({geometry.charge} {geometry.multiplicity}); give it in one place",
+                    key,
                 )
         charge, multiplicity = geometry.charge, geometry.multiplicity
     electrons = sum(elements.charge(sym) for sym, _ in geometry.atoms) - charge
     where = f"{geometry.where}, line 2" if geometry.charge is not None else "parameters"
     if multiplicity < 1 or electrons < multiplicity - 1 or (electrons - multiplicity + 1) % 2:
-        raise ValueError(
+        raise ParameterError(
             f"rttddft: multiplicity {multiplicity} is impossible with {electrons} electrons "
             f"(charge {charge}, from {where}); an even electron count needs an odd "
-            "multiplicity and vice versa"
+            "multiplicity and vice versa",
+            "multiplicity",
         )
     return charge, multiplicity
-
-
-def _check_xc(params: dict[str, Any]) -> str:
-    xc = params["xc"].strip()
-    if xc.lower() == "hf":
-        return "hf"
-    from pyscf.dft import numint
-
-    try:
-        xctype = numint.NumInt()._xc_type(xc)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise _bad("xc", xc, f"'hf' or a functional PySCF's libxc knows ({exc})") from None
-    if xctype == "HF":
-        return "hf"
-    if params["fock_builder"] == "numpy" and (
-        xctype not in ("LDA", "GGA") or numint.NumInt().rsh_coeff(xc)[0]
-    ):
-        raise _bad(
-            "fock_builder",
-            "numpy",
-            f"'auto' or 'pyscf' for {xc} (the numpy builder does LDA, GGA and global hybrids)",
-        )
-    return xc
-
-
-def _check_numbers(params: dict[str, Any]) -> None:
-    for key in ("dt_substep_au", "pc_tolerance", "scf_conv_tol"):
-        if not params[key] > 0:
-            raise _bad(key, params[key], "a number > 0")
-    if not 0 <= params["grid_level"] <= 9:
-        raise _bad("grid_level", params["grid_level"], "an integer 0-9")
-    if not params["kick_direction"].any() and (
-        params["kick_au"].any() or params["kick_field_au"].any()
-    ):
-        raise _bad("kick_direction", params["kick_direction"].tolist(), "a non-zero vector")
 
 
 def _check_basis(basis: str, geometry: Geometry) -> None:
@@ -453,50 +230,233 @@ def _check_basis(basis: str, geometry: Geometry) -> None:
         except Exception:
             found = None
         if not found:
-            raise ValueError(
-                f"rttddft: basis {basis!r} has no functions for {symbol} ({geometry.where})"
+            raise ParameterError(
+                f"rttddft: basis {basis!r} has no functions for {symbol} ({geometry.where})",
+                "basis",
             )
+
+
+def _config(params: Mapping[str, Any]) -> RTConfig:
+    """The shared configuration of the core, checked cheaply (no SCF)."""
+    geometry = _geometry(params)
+    charge, multiplicity = _charge_multiplicity(params, geometry)
+    xc = _check_xc(params["xc"], params["fock_builder"])
+    _check_basis(params["basis"], geometry)
+    direction = params["kick_direction"]
+    if not np.any(direction) and (np.any(params["kick_au"]) or np.any(params["kick_field_au"])):
+        raise ParameterError(
+            "rttddft: parameter kick_direction = [0, 0, 0] is not allowed with a kick; "
+            "expected a non-zero 3-vector",
+            "kick_direction",
+        )
+    return RTConfig(
+        geometry=geometry,
+        charge=charge,
+        multiplicity=multiplicity,
+        basis=params["basis"],
+        xc=xc,
+        grid_level=params["grid_level"],
+        propagator=params["propagator"],
+        kick_direction=(float(direction[0]), float(direction[1]), float(direction[2])),
+        remove_permanent_dipole=params["remove_permanent_dipole"],
+        maxwelllink_compat=params["maxwelllink_compat"],
+        conv_tol=params["scf_conv_tol"],
+        fock_builder=params["fock_builder"],
+    )
 
 
 class RTTDDFTModel(Model):
     """Real-time TDHF/TDDFT of n copies of one molecule (see the module docstring)."""
 
     name = "rttddft"
-    # Our parameters are checked by resolve_parameters (strings, paths, vectors and flags
-    # that the base class's float/int parameters cannot describe yet).
-    parameters: ClassVar[Mapping[str, Any]] = {}
+    parameters: ClassVar[Mapping[str, Parameter]] = {
+        "xyz": Parameter(
+            None,
+            "XYZ file: atom count, 'charge multiplicity' (or a comment), then 'Symbol x y z' "
+            "lines in Angstrom",
+            kind="path",
+            shared=True,
+        ),
+        "atoms": Parameter(
+            None,
+            "atoms instead of a file: 'O 0 0 0.12; H 0 0.76 -0.47; ...' (Angstrom)",
+            kind=str,
+            shared=True,
+        ),
+        "charge": Parameter(
+            0, "molecular charge (unless the XYZ file's line 2 gives it)", kind=int, shared=True
+        ),
+        "multiplicity": Parameter(
+            1,
+            "2S + 1 (unless the XYZ file's line 2 gives it); 1 runs RHF/RKS, else UHF/UKS",
+            kind=int,
+            valid=lambda a: a >= 1,
+            allowed="an integer >= 1",
+            shared=True,
+        ),
+        "basis": Parameter("sto-3g", "PySCF basis set name", kind=str, shared=True),
+        "xc": Parameter(
+            "hf",
+            "'hf' or a PySCF/libxc functional ('lda', 'pbe', 'b3lyp', 'pbe0', ...)",
+            kind=str,
+            shared=True,
+        ),
+        "grid_level": Parameter(
+            3,
+            "PySCF DFT grid level (grids.level)",
+            kind=int,
+            valid=lambda a: (a >= 0) & (a <= 9),
+            allowed="an integer 0-9",
+            shared=True,
+        ),
+        "dt_substep_au": Parameter(
+            0.04,
+            "longest electronic sub-step (a.u.): the EM step is split into "
+            "int(D / dt) equal sub-steps",
+            valid=_positive,
+            allowed="a number > 0",
+            mutable=True,
+            shared=True,
+        ),
+        "propagator": Parameter(
+            "pc",
+            "'pc' (self-consistent exponential midpoint) or 'etrs'",
+            kind=str,
+            choices=("pc", "etrs"),
+            shared=True,
+        ),
+        "pc_tolerance": Parameter(
+            1e-8,
+            "predictor-corrector convergence: Frobenius norm of successive F(t + dt) "
+            "(Hartree); MaxwellLink's default is 1e-6",
+            valid=_positive,
+            allowed="a number > 0",
+            mutable=True,
+            shared=True,
+        ),
+        "kick_au": Parameter(
+            0.0,
+            "impulsive kick kappa: E = kappa delta(t) kick_direction at t = 0 (a.u. of "
+            "field x time)",
+        ),
+        "kick_field_au": Parameter(
+            0.0,
+            "MaxwellLink's kick: a field kappa kick_direction added during the first EM "
+            "step (a.u.)",
+        ),
+        "kick_direction": Parameter(
+            (1.0, 1.0, 1.0),
+            "kick direction, used as given (not normalised)",
+            kind="vector",
+            shared=True,
+        ),
+        "remove_permanent_dipole": Parameter(
+            False,
+            "report the dipole without the ground-state electronic dipole",
+            kind=bool,
+            shared=True,
+        ),
+        "maxwelllink_compat": Parameter(
+            False,
+            "reproduce MaxwellLink 0.5.0's trajectories (its dipole sign, field lag, source)",
+            kind=bool,
+            shared=True,
+        ),
+        "fock_builder": Parameter(
+            "auto",
+            "'numpy' (dense integrals, small molecules), 'pyscf' (PySCF's own builders) or 'auto'",
+            kind=str,
+            choices=("auto", "numpy", "pyscf"),
+            shared=True,
+        ),
+        "scf_conv_tol": Parameter(
+            1e-12,
+            "ground-state SCF energy threshold (Hartree)",
+            valid=_positive,
+            allowed="a number > 0",
+            shared=True,
+        ),
+        # MaxwellLink's own, so that its job scripts run unchanged
+        "engine": Parameter(None, _IGNORED, kind=str, shared=True),
+        "memory": Parameter(None, _IGNORED, kind=str, shared=True),
+        "num_threads": Parameter(1, _IGNORED, kind=int, shared=True),
+        "checkpoint": Parameter(
+            False, _IGNORED + " (use the driver's --checkpoint-dir)", kind=bool, shared=True
+        ),
+        "restart": Parameter(
+            False, _IGNORED + " (maxwellhub resumes from its checkpoints)", kind=bool, shared=True
+        ),
+        "verbose": Parameter(False, _IGNORED, kind=bool, shared=True),
+        "dft_grid_name": Parameter(
+            None, _IGNORED + " (grid_level sets the grid)", kind=str, shared=True
+        ),
+        "dft_radial_points": Parameter(
+            -1, _IGNORED + " (grid_level sets the grid)", kind=int, shared=True
+        ),
+        "dft_spherical_points": Parameter(
+            -1, _IGNORED + " (grid_level sets the grid)", kind=int, shared=True
+        ),
+    }
+    #: MaxwellLink's parameter names -> (ours, converter)
+    aliases: ClassVar[Mapping[str, tuple[str, Callable[[Any], Any] | None]]] = {
+        "molecule_xyz": ("xyz", None),
+        "functional": ("xc", _functional_from_mxl),
+        "dt_rttddft_au": ("dt_substep_au", None),
+        "delta_kick_au": ("kick_field_au", None),
+        "delta_kick_direction": ("kick_direction", _kick_direction_from_mxl),
+        "electron_propagation": ("propagator", None),
+        "threshold_pc": ("pc_tolerance", None),
+    }
     extras_keys = ("energy_au", "mux_au", "muy_au", "muz_au")
-    aliases: ClassVar[Mapping[str, tuple[str, Callable[[Any], Any] | None]]] = ALIASES
     #: small and fast (H2, HF/STO-3G): for the conformance test over every model
     example_params: ClassVar[dict[str, Any]] = {
         "atoms": "H 0 0 0; H 0 0 0.74",
         "xc": "hf",
         "kick_au": 1e-3,
-        "dt_substep_au": 0.05,
+        "dt_substep_au": 0.1,
     }
-    conformance_rtol: ClassVar[float] = 1e-12
-
-    def __init__(self, n: int = 1, **params: Any) -> None:
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-            raise ValueError(f"rttddft: n = {n!r} is not allowed; expected an int >= 1")
-        self.rt_params, self.config = resolve_parameters(int(n), params)
-        self.core = RTCore(self.config)  # the SCF: the expensive part
-        super().__init__(int(n))
+    conformance_rtol: ClassVar[float] = 0.0
 
     # ------------------------------------------------------------ Model hooks
 
+    @classmethod
+    def _validate(cls, params: dict[str, Any], n: int) -> None:
+        _config(params)
+
+    def _configure(self) -> None:
+        config = _config(self.params)
+        core = self.__dict__.get("core")
+        if core is None or core.config != config:
+            self.core = RTCore(config)  # the SCF: the expensive part
+        ignored = [
+            key
+            for key, spec in self.parameters.items()
+            if spec.doc.startswith(_IGNORED) and self.params[key] != spec.default
+        ]
+        if ignored:
+            _LOG.warning(
+                "rttddft: ignoring MaxwellLink parameter(s) %s (%s)",
+                ", ".join(ignored),
+                "psi4 resources, grids and checkpoint files have no meaning here",
+            )
+
     def _initial_state(self) -> dict[str, np.ndarray]:
-        return self.core.initial_state(self.n, np.asarray(self.rt_params["kick_au"]))
+        return self.core.initial_state(self.n, np.asarray(self.params["kick_au"]))
 
     def _prepare(self, dt_au: float) -> None:
-        self._substeps = substeps(dt_au, self.config.dt_substep)
+        self._substeps = substeps(dt_au, self.params["dt_substep_au"])
 
     def _stage_impl(
         self, state: dict[str, np.ndarray], fields: np.ndarray
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         assert self.dt_au is not None
         return self.core.stage(
-            state, fields, self.dt_au, np.asarray(self.rt_params["kick_field_au"])
+            state,
+            fields,
+            self.dt_au,
+            np.asarray(self.params["kick_field_au"]),
+            self._substeps,
+            self.params["pc_tolerance"],
         )
 
     def _extras_impl(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
