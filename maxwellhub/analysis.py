@@ -11,9 +11,10 @@ import math
 
 import numpy as np
 
-from .spectrum import absorption_spectrum, fit_peaks  # noqa: F401  (spectra: re-exported)
+from .spectrum import absorption_spectrum, fit_peaks
 
-__all__ = ["golden_rule_rate", "relaxation_curve", "fit_decay_rate", "compare_to_curve"]
+__all__ = ["golden_rule_rate", "relaxation_curve", "fit_decay_rate", "compare_to_curve",
+           "absorption_spectrum", "fit_peaks"]
 
 
 def golden_rule_rate(dimensions: int, omega: float, mu: float, sigma: float = 0.0) -> float:

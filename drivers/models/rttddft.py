@@ -104,7 +104,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-import pyscf  # noqa: F401  (imported here, so a missing PySCF is named when the model loads)
+import pyscf
 
 from ._rt_core import Geometry, RTConfig, RTCore, parse_atoms, read_xyz, substeps
 from .base import Model, Parameter, ParameterError
@@ -112,6 +112,9 @@ from .base import Model, Parameter, ParameterError
 __all__ = ["RTTDDFTModel"]
 
 _LOG = logging.getLogger("maxwellhub.driver")
+# PySCF is imported when this module loads (not only inside functions), so that a missing
+# PySCF is named as such by the model registry
+PYSCF_VERSION = pyscf.__version__
 
 _KICK_AXES = {
     "x": (1.0, 0.0, 0.0),
