@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _util import mxl_venv
 from pyscf import dft, scf  # a test dependency (pyproject's test extra)
 
 from maxwellhub_drivers.cli import _text_keys, parse_params
@@ -250,6 +251,46 @@ def test_maxwelllink_reference_trajectory():
     # the same induced dipole to first order in the kick; the second order flips sign
     induced = physical.extras_of(0)["muz_au"] + 0.965020724
     assert induced == pytest.approx(0.9845210528344084 - 0.965020724, rel=2e-2)
+
+
+def _mxl_reference() -> np.ndarray:
+    """MaxwellLink 0.5.0's recorded (time_au, muz_au) of its own 2D Meep + HCN RT-TDDFT
+    socket test (skip when its peer venv is not there)."""
+    found = sorted(
+        mxl_venv().glob(
+            "lib/python3*/site-packages/maxwelllink/_workspace_payload/tests/test_psi4_rttddft/"
+            "test_meep_2d_socket_rttddft_mu_z_au_ref.txt"
+        )
+    )
+    if not found:
+        pytest.skip(f"MaxwellLink's RT-TDDFT reference data not found under {mxl_venv()}")
+    return np.loadtxt(found[0])
+
+
+@pytest.mark.meep
+@pytest.mark.peer
+def test_maxwelllink_meep_reference_trajectory():
+    """MaxwellLink's whole reference run, EM feedback included: a 2D Meep cell (8 x 8,
+    PML 3, resolution 10, 0.1 fs per Meep time), HCN at the centre (sigma 0.1, Ez), its
+    --param string, 100 steps: with maxwelllink_compat our embedded coupling gives its
+    mu_z(t) to 3e-8 (measured 1.8e-8: psi4's SCF against PySCF's, and the
+    predictor-corrector's 1e-6 tolerance)."""
+    mp = pytest.importorskip("meep")
+    from maxwellhub.em import MeepCoupling
+
+    reference = _mxl_reference()
+    mp.verbosity(0)
+    sim = mp.Simulation(cell_size=mp.Vector3(8, 8, 0), boundary_layers=[mp.PML(3.0)], resolution=10)
+    coupling = MeepCoupling(sim, time_units_fs=0.1)
+    params = parse_params([MXL_PARAM.format(xyz=HCN)], text_keys=TEXT_KEYS)
+    coupling.add_molecules(
+        "rttddft", centers=[(0, 0, 0)], sigma=0.1, axis="z", maxwelllink_compat=True, **params
+    )
+    sim.run(coupling.step_function(), until=5)
+    history = coupling.history()
+    assert history["muz_au"].shape == (len(reference), 1)
+    np.testing.assert_allclose(history["time_au"][:, 0], reference[:, 0], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(history["muz_au"][:, 0], reference[:, 1], rtol=0, atol=3e-8)
 
 
 def test_maxwelllink_names_give_our_trajectory():
