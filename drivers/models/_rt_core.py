@@ -2,21 +2,17 @@
 
 Everything here is in atomic units (Hartree, bohr, a.u. of time and field). The public face
 is :mod:`maxwellhub_drivers.models.rttddft`; this module holds the molecule set-up (XYZ
-parsing, SCF), the Fock builders and the propagators, for ``n`` copies of one molecule at
-once (arrays with a leading molecule axis).
+parsing, SCF) and the propagators, for ``n`` copies of one molecule at once (arrays with
+a leading molecule axis); the Fock builders are in :mod:`._rt_fock`.
 
 Representation. The density matrix is propagated in the Löwdin-orthonormal basis:
 ``X = S^-1/2``, ``P' = S^1/2 P S^1/2``, ``F' = X F X``; ``i dP'/dt = [F'(t), P']``. A
 restricted molecule has one spin block holding the total density (occupations 2), an
 unrestricted one two blocks (alpha, beta; occupations 1). Arrays are (m, s, N, N).
 
-Fock builders. ``_NumpyFock`` precomputes once what every build shares (two-electron
-integrals transformed to the orthonormal basis as dense (N², N²) matrices for J and K, AO
-values and gradients on the DFT grid times X, the grid weights) and per build does numpy
-matrix products plus one libxc call on the batch of grid points of all molecules. It covers
-HF, LDA, GGA and global hybrids; ``_PySCFFock`` calls PySCF's own J/K and numint for
-everything else (meta-GGA, range-separated hybrids) and for molecules too large for dense
-integrals. Both are checked against PySCF's ``get_fock`` by the tests.
+Fock builders (:mod:`._rt_fock`): ``NumpyFock`` (dense orthonormal-basis integrals and the
+grid, numpy plus libxc; HF, LDA, GGA, global hybrids) where it applies and one (N², N²)
+matrix fits in 256 MiB, else ``PySCFFock`` (PySCF's own J/K and numint).
 
 Never: an incremental PySCF build (``get_veff``'s ``dm_last``/``vhf_last`` caches), a
 general matrix exponential, an elementwise product of two complex arrays (numpy's SIMD
@@ -33,14 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from ._rt_fock import NumpyFock, PySCFFock, complex_from, rows
+
 __all__ = ["Geometry", "RTConfig", "RTCore", "parse_atoms", "read_xyz", "substeps"]
 
 # dense two-electron integrals up to this many bytes per (N², N²) matrix; beyond, PySCF's J/K
 _DENSE_ERI_BYTES = 256 * 2**20
-# molecules x grid points x basis functions per block of the grid work (bounds memory)
-_GRID_BLOCK = 4_000_000
-# pair products of basis functions on the grid up to this many bytes; beyond, phi P phi^T
-_PAIR_BYTES = 48 * 2**20
 
 
 # ---------------------------------------------------------------- geometry
@@ -210,14 +204,6 @@ def run_scf(config: RTConfig, mol: Any) -> Any:
 # ---------------------------------------------------------------- small linear algebra
 
 
-def _complex(re: np.ndarray, im: np.ndarray) -> np.ndarray:
-    """re + i im by assignment (exact, no complex multiply)."""
-    out = np.empty(re.shape, dtype=np.complex128)
-    out.real = re
-    out.imag = im
-    return out
-
-
 def _herm(a: np.ndarray) -> np.ndarray:
     return a.conj().swapaxes(-1, -2)
 
@@ -230,7 +216,7 @@ def _unitary(vecs: np.ndarray, vals: np.ndarray, tau: float) -> np.ndarray:
     c, s = np.cos(theta)[..., None, :], np.sin(theta)[..., None, :]
     vr, vi = vecs.real, vecs.imag
     # V diag(exp(-i theta)) = V diag(c - i s)
-    return _complex(vr * c + vi * s, vi * c - vr * s) @ _herm(vecs)
+    return complex_from(vr * c + vi * s, vi * c - vr * s) @ _herm(vecs)
 
 
 def _sandwich(u: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -253,255 +239,6 @@ def _eig(f: np.ndarray, real: bool) -> tuple[np.ndarray, np.ndarray]:
         vals, vecs = np.linalg.eigh(np.ascontiguousarray(f.real))
         return vals, vecs.astype(np.complex128)
     return np.linalg.eigh(f)
-
-
-def _rows(x: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """x @ a row by row, (m, K) @ (K, L) -> (m, L): one small product per row, so a row's
-    result does not depend on how many rows there are (a single (m, K) @ (K, L) product
-    picks its kernel, and so its summation order, by m). An ensemble molecule then gets the
-    very bits it gets alone."""
-    return np.matmul(x[:, None, :], a)[:, 0, :]
-
-
-def _rsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """sum over the last two axes of a * b (real arrays) -> leading axes."""
-    return (a * b).reshape((*a.shape[:-2], -1)).sum(axis=-1)
-
-
-# ---------------------------------------------------------------- Fock builders
-
-
-class _NumpyFock:
-    """F'[P'] (field-free) for m molecules from dense orthonormal-basis integrals."""
-
-    def __init__(
-        self, mf: Any, x: np.ndarray, hcore: np.ndarray, restricted: bool, xc: str | None
-    ) -> None:
-        from pyscf import ao2mo
-
-        mol = mf.mol
-        n = x.shape[0]
-        self.n = n
-        self.restricted = restricted
-        self.h = x @ hcore @ x
-        eri = mf._eri if getattr(mf, "_eri", None) is not None else mol.intor("int2e", aosym="s8")
-        eri_j = ao2mo.incore.full(eri, x, compact=False).reshape(n * n, n * n)
-        self.alpha = 1.0 if xc is None else float(mf._numint.hybrid_coeff(xc, spin=mol.spin))
-        self.exact_exchange = self.alpha != 0.0
-        eri_k = (
-            eri_j.reshape(n, n, n, n).transpose(0, 2, 1, 3).reshape(n * n, n * n)
-            if self.alpha
-            else None
-        )
-        if restricted:
-            # G = J[P] - alpha/2 K[P] for the total density: one matrix for the real part
-            self.g_real = eri_j - 0.5 * self.alpha * eri_k if eri_k is not None else eri_j
-            self.g_imag = -0.5 * self.alpha * eri_k if eri_k is not None else None
-        else:
-            self.eri_j = eri_j
-            self.k_neg = -self.alpha * eri_k if eri_k is not None else None
-        self.grid = _GridXC(mf, x, xc, restricted) if xc is not None else None
-
-    def __call__(self, p: np.ndarray, want_energy: bool) -> tuple[np.ndarray, Any]:
-        m, s, n, _ = p.shape
-        pr = np.ascontiguousarray(p.real)
-        pi = np.ascontiguousarray(p.imag)
-        flat_r = pr.reshape(m, s, n * n)
-        flat_i = pi.reshape(m, s, n * n)
-        if self.restricted:
-            gr = _rows(flat_r[:, 0], self.g_real).reshape(m, 1, n, n)
-            gi = (
-                _rows(flat_i[:, 0], self.g_imag).reshape(m, 1, n, n)
-                if self.g_imag is not None
-                else None
-            )
-        else:
-            jt = _rows(flat_r[:, 0] + flat_r[:, 1], self.eri_j)
-            gr = np.repeat(jt.reshape(m, 1, n, n), 2, axis=1)
-            if self.k_neg is not None:
-                gr = gr + _rows(flat_r.reshape(m * 2, n * n), self.k_neg).reshape(m, 2, n, n)
-                gi = _rows(flat_i.reshape(m * 2, n * n), self.k_neg).reshape(m, 2, n, n)
-            else:
-                gi = None
-        exc = None
-        if self.grid is not None:
-            vxc, exc = self.grid(pr)
-            fr = self.h + gr + vxc
-        else:
-            fr = self.h + gr
-        energy = None
-        if want_energy:
-            # E = sum_s Tr(P_s (h + G_s / 2)) (+ E_xc); Tr(P G) = sum(Pr Gr + Pi Gi)
-            e = _rsum(pr, self.h + 0.5 * gr)
-            if gi is not None:
-                e = e + 0.5 * _rsum(pi, gi)
-            energy = e.sum(axis=1) if exc is None else e.sum(axis=1) + exc
-        f = _complex(fr, gi) if gi is not None else _complex(fr, np.zeros_like(fr))
-        return f, energy
-
-
-class _GridXC:
-    """V_xc' and E_xc on PySCF's grid, for m molecules at once (LDA and GGA).
-
-    Small problems precompute the products of basis-function pairs on the grid (and their
-    gradients), so a build is two matrix products and one libxc call; larger ones keep the
-    basis-function values only (memory ng N instead of 4 ng N²/2) and do phi P phi^T."""
-
-    def __init__(self, mf: Any, x: np.ndarray, xc: str, restricted: bool) -> None:
-        ni = mf._numint
-        self.ni, self.xc, self.restricted = ni, xc, restricted
-        self.xctype = ni._xc_type(xc)
-        self.nk = 4 if self.xctype == "GGA" else 1
-        ao = ni.eval_ao(mf.mol, mf.grids.coords, deriv=1 if self.nk == 4 else 0)
-        ao = ao if self.nk == 4 else ao[None]
-        phi = np.ascontiguousarray(ao @ x)  # (nk, ng, N), orthonormal basis
-        self.w = np.asarray(mf.grids.weights)
-        ng, n = phi.shape[1:]
-        self.n = n
-        r, c = np.triu_indices(n)
-        self.pairs = (r, c)
-        self.use_pairs = self.nk * ng * r.size * 8 <= _PAIR_BYTES
-        if self.use_pairs:
-            # rows [k * ng + g]: phi_r phi_c (k = 0) and its gradient d_k (phi_r phi_c)
-            prod = np.empty((self.nk, ng, r.size))
-            prod[0] = phi[0][:, r] * phi[0][:, c]
-            for k in range(1, self.nk):
-                prod[k] = phi[k][:, r] * phi[0][:, c] + phi[0][:, r] * phi[k][:, c]
-            self.prod = prod.reshape(self.nk * ng, r.size)
-            self.prod_t = np.ascontiguousarray(self.prod.T)
-            # rho = sum_{r<=c} (2 - delta_rc) P_rc phi_r phi_c
-            self.pair_weight = np.where(r == c, 1.0, 2.0)
-            self.block = max(1, _GRID_BLOCK // (self.nk * ng))
-        else:
-            self.phi = phi
-            self.phi0_t = np.ascontiguousarray(phi[0].T)
-            self.block = max(1, _GRID_BLOCK // (ng * n))
-
-    def __call__(self, pr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        m = pr.shape[0]
-        if m <= self.block:
-            return self._block(pr)
-        v = np.empty_like(pr)
-        exc = np.empty(m)
-        for lo in range(0, m, self.block):
-            hi = min(m, lo + self.block)
-            v[lo:hi], exc[lo:hi] = self._block(pr[lo:hi])
-        return v, exc
-
-    def _densities(self, pr: np.ndarray) -> np.ndarray:
-        """rho[s, k, m, g]: density (k = 0) and gradient of each spin block."""
-        m, s = pr.shape[:2]
-        ng = self.w.size
-        if self.use_pairs:
-            packed = pr[:, :, self.pairs[0], self.pairs[1]] * self.pair_weight
-            rho = _rows(packed.reshape(m * s, -1), self.prod_t)  # (m s, nk ng)
-            return rho.reshape(m, s, self.nk, ng).transpose(1, 2, 0, 3)
-        phi = self.phi
-        rho = np.empty((s, self.nk, m, ng))
-        for spin in range(s):
-            t = phi[0] @ pr[:, spin]  # (m, ng, N) = phi P
-            rho[spin, 0] = (t * phi[0]).sum(axis=-1)
-            for k in range(1, self.nk):
-                rho[spin, k] = 2.0 * (t * phi[k]).sum(axis=-1)
-        return rho
-
-    def _potential(self, wv: np.ndarray, m: int, s: int) -> np.ndarray:
-        """V[m, s] from the weighted xc derivatives wv[s, k, m, g]."""
-        n = self.n
-        out = np.empty((m, s, n, n))
-        if self.use_pairs:
-            r, c = self.pairs
-            packed = _rows(
-                np.ascontiguousarray(wv.transpose(2, 0, 1, 3)).reshape(m * s, -1), self.prod
-            )  # (m s, npair)
-            packed = packed.reshape(m, s, -1)
-            out[:, :, r, c] = packed
-            out[:, :, c, r] = packed
-            return out
-        phi = self.phi
-        for spin in range(s):
-            aow = phi[0] * (0.5 * wv[spin, 0])[..., None]  # (m, ng, N); halved: V + V^T
-            for k in range(1, self.nk):
-                aow = aow + phi[k] * wv[spin, k][..., None]
-            vm = self.phi0_t @ aow
-            out[:, spin] = vm + vm.swapaxes(-1, -2)
-        return out
-
-    def _block(self, pr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        m, s = pr.shape[:2]
-        ng = self.w.size
-        rho = np.ascontiguousarray(self._densities(pr)).reshape(s, self.nk, m * ng)
-        arg = rho[0] if self.restricted else rho
-        if self.nk == 1:
-            arg = arg[..., 0, :]
-        exc, vxc = self.ni.eval_xc_eff(
-            self.xc, arg, deriv=1, xctype=self.xctype, spin=0 if self.restricted else 1
-        )[:2]
-        rho_total = rho[0, 0] if self.restricted else rho[0, 0] + rho[1, 0]
-        e = _rows((rho_total * exc).reshape(m, ng), self.w[:, None])[:, 0]
-        wv = np.asarray(vxc).reshape(s, self.nk, m, ng) * self.w
-        return self._potential(wv, m, s), e
-
-
-class _PySCFFock:
-    """F'[P'] (field-free) from PySCF's own J/K and numint, one molecule at a time. For
-    meta-GGA, range-separated hybrids and molecules too large for dense integrals."""
-
-    def __init__(
-        self, mf: Any, x: np.ndarray, hcore: np.ndarray, restricted: bool, xc: str | None
-    ) -> None:
-        self.mf, self.x, self.hcore, self.restricted, self.xc = mf, x, hcore, restricted, xc
-        self.h = x @ hcore @ x
-        if xc is None:
-            self.omega, self.alpha, self.hyb = 0.0, 0.0, 1.0
-        else:
-            self.omega, self.alpha, self.hyb = mf._numint.rsh_and_hybrid_coeff(xc, spin=mf.mol.spin)
-        self.exact_exchange = bool(xc is None or self.hyb or self.omega)
-
-    def _k(self, dm: np.ndarray, hermi: int) -> np.ndarray:
-        mf = self.mf
-        k = self.hyb * mf.get_k(mf.mol, dm, hermi=hermi) if self.hyb else 0.0
-        if self.omega:
-            k = k + (self.alpha - self.hyb) * mf.get_k(mf.mol, dm, hermi=hermi, omega=self.omega)
-        return np.asarray(k) if not isinstance(k, float) else np.zeros_like(dm)
-
-    def __call__(self, p: np.ndarray, want_energy: bool) -> tuple[np.ndarray, Any]:
-        mf, x = self.mf, self.x
-        m, s = p.shape[:2]
-        f = np.empty(p.shape, dtype=np.complex128)
-        energy = np.empty(m)
-        exchange = self.exact_exchange
-        for i in range(m):
-            dr = x @ np.ascontiguousarray(p[i].real) @ x
-            di = x @ np.ascontiguousarray(p[i].imag) @ x
-            dt_ = dr[0] if self.restricted else dr[0] + dr[1]
-            j = mf.get_j(mf.mol, dt_, hermi=1)
-            exc = 0.0
-            if self.xc is not None:
-                ni = mf._numint
-                if self.restricted:
-                    _, exc, vxc = ni.nr_rks(mf.mol, mf.grids, self.xc, dr[0])
-                    vxc = vxc[None]
-                else:
-                    _, exc, vxc = ni.nr_uks(mf.mol, mf.grids, self.xc, dr)
-            else:
-                vxc = np.zeros_like(dr)
-            scale = 0.5 if self.restricted else 1.0
-            gr = np.empty_like(dr)
-            gi = np.zeros_like(di)
-            for spin in range(s):
-                gr[spin] = j
-                if exchange:
-                    gr[spin] -= scale * self._k(dr[spin], 1)
-                    gi[spin] = -scale * self._k(di[spin], 2)
-            fr = x @ (self.hcore + gr + vxc) @ x
-            fi = x @ gi @ x
-            f[i] = _complex(fr, fi)
-            if want_energy:
-                energy[i] = float(
-                    np.sum(dr * (self.hcore + 0.5 * gr)) + 0.5 * np.sum(di * gi) + exc
-                )
-        return f, (energy if want_energy else None)
 
 
 # ---------------------------------------------------------------- the core
@@ -548,7 +285,7 @@ class RTCore:
         xc = None if config.is_hf else config.xc
         kind = _builder_kind(config, mf, n)
         self.builder_kind = kind
-        builder = _NumpyFock if kind == "numpy" else _PySCFFock
+        builder = NumpyFock if kind == "numpy" else PySCFFock
         self.build = builder(mf, self.x, hcore, self.restricted, xc)
         # without exact exchange F' is real: J and V_xc see only Re P
         self.real_fock = not self.build.exact_exchange
@@ -577,7 +314,7 @@ class RTCore:
         self.d = np.ascontiguousarray(self.x @ d_ao @ self.x)  # (3, N, N) orthonormal
         self.d_flat = self.d.reshape(3, n * n).T.copy()  # (N², 3)
         p0 = self.s_half @ (dm_ao[None] if self.restricted else dm_ao) @ self.s_half
-        self.p0 = _complex(p0, np.zeros_like(p0))  # (s, N, N)
+        self.p0 = complex_from(p0, np.zeros_like(p0))  # (s, N, N)
         self.n_electrons = float(mol.nelectron)
         kick = np.asarray(config.kick_direction, dtype=np.float64)
         self.kick_op = np.tensordot(kick, self.d, axes=1)  # k . d (orthonormal)
@@ -588,11 +325,11 @@ class RTCore:
         """Reported dipoles (m, 3) of densities (m, s, N, N)."""
         m, s, n, _ = p.shape
         pr = np.ascontiguousarray(p.real).reshape(m, s, n * n).sum(axis=1)
-        return self.nuclear_dipole + _rows(pr, self.d_flat) - self.dipole_shift
+        return self.nuclear_dipole + rows(pr, self.d_flat) - self.dipole_shift
 
     def _field_operator(self, fields: np.ndarray) -> np.ndarray:
         """H' = -E . d (m, N, N), real."""
-        return -_rows(fields, self.d.reshape(3, -1)).reshape(-1, self.nao, self.nao)
+        return -rows(fields, self.d.reshape(3, -1)).reshape(-1, self.nao, self.nao)
 
     # ------------------------------------------------------------ state
 
@@ -747,4 +484,4 @@ class RTCore:
         m, s, n, _ = c.shape
         ci = np.ascontiguousarray(c.imag).reshape(m, s, n * n).sum(axis=1)
         # Tr(-i C d) = sum Im(C) d (d real symmetric)
-        return _rows(ci, self.d_flat)
+        return rows(ci, self.d_flat)
