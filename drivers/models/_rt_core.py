@@ -23,7 +23,6 @@ resumption), a change to an array it was given, printing.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,7 +264,6 @@ class RTCore:
     """
 
     def __init__(self, config: RTConfig) -> None:
-        os.environ.setdefault("PYSCF_MAX_MEMORY", "4000")
         self.config = config
         self.mol = mol = build_mol(config)
         self.mf = mf = run_scf(config, mol)
