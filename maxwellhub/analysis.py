@@ -11,7 +11,10 @@ import math
 
 import numpy as np
 
-__all__ = ["golden_rule_rate", "relaxation_curve", "fit_decay_rate", "compare_to_curve"]
+from .spectrum import absorption_spectrum, fit_peaks
+
+__all__ = ["golden_rule_rate", "relaxation_curve", "fit_decay_rate", "compare_to_curve",
+           "absorption_spectrum", "fit_peaks"]
 
 
 def golden_rule_rate(dimensions: int, omega: float, mu: float, sigma: float = 0.0) -> float:
