@@ -369,3 +369,30 @@ def test_resume_without_the_config_resolves_paths_where_the_run_did(tmp_path, mo
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert runner.main(None, {"simulation.until": 1.0}, resume=str(tmp_path / "ck")) == 0
+
+
+def test_missing_extras_name_the_pip_extra_of_a_missing_package(tmp_path, capsys, monkeypatch):
+    """`maxwellhub run --missing-extras` (what ./dev.sh run asks before a run) prints the
+    extra of a lazily registered model whose package is absent, and nothing when it is
+    installed; without PySCF, validating an rttddft config is one line naming the extra."""
+    import maxwellhub_drivers.models as models
+
+    path = write_config(tmp_path, "", model="rttddft", count=1)
+    assert runner.main(str(path), missing_extras=True) == 0
+    assert capsys.readouterr().out == ""  # PySCF is installed in the test venv
+    monkeypatch.setattr(models, "find_spec", lambda name: None)
+    assert runner.main(str(path), missing_extras=True) == 0
+    assert capsys.readouterr().out == "pyscf\n"
+    assert models.missing_extra("tls") is None
+    real_import = __import__
+
+    def no_pyscf(name, *args, **kwargs):
+        if name == "pyscf" or name.startswith("pyscf."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(__import__("sys").modules, "maxwellhub_drivers.models.rttddft",
+                        raising=False)
+    monkeypatch.setattr("builtins.__import__", no_pyscf)
+    with pytest.raises(ConfigError, match=r"needs PySCF: pip install 'maxwellhub\[pyscf\]'"):
+        runner.validate_models(load_config(path))
