@@ -501,6 +501,7 @@ def _finish(config: Config, coupling, failure, procs, t_start: float,
             progress: Progress) -> dict:
     """Write HDF5 (always, with what exists), then the plot and the summary."""
     from .analysis import compare_to_curve, fit_decay_rate, relaxation_curve
+    from .kick_spectrum import kick_response, plot_kick_spectrum
 
     out_dir = config.output.directory
     history = coupling.history()
@@ -547,6 +548,12 @@ def _finish(config: Config, coupling, failure, procs, t_start: float,
                  f"{config.transport.kind} transport")
         summary["plot"] = str(plot_populations(out_dir / "populations.png", time_meep, pe,
                                                analytic, title))
+    response = kick_response(config, history) if config.output.plot and failure is None \
+        else None
+    if response is not None:  # a kicked real molecule: its dipole and absorption spectrum
+        title = (f"{config.simulation.dimensions}D Meep, {config.molecule_count} molecule(s), "
+                 f"{config.transport.kind} transport")
+        summary.update(plot_kick_spectrum(out_dir / "spectrum.png", response, title))
     if failure is None:
         log.info("%s", progress.line())
     return summary
