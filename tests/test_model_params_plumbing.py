@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -384,15 +385,7 @@ def test_missing_extras_name_the_pip_extra_of_a_missing_package(tmp_path, capsys
     assert runner.main(str(path), missing_extras=True) == 0
     assert capsys.readouterr().out == "pyscf\n"
     assert models.missing_extra("tls") is None
-    real_import = __import__
-
-    def no_pyscf(name, *args, **kwargs):
-        if name == "pyscf" or name.startswith("pyscf."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.delitem(__import__("sys").modules, "maxwellhub_drivers.models.rttddft",
-                        raising=False)
-    monkeypatch.setattr("builtins.__import__", no_pyscf)
+    monkeypatch.delitem(sys.modules, "maxwellhub_drivers.models.rttddft", raising=False)
+    monkeypatch.setitem(sys.modules, "pyscf", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"needs PySCF: pip install 'maxwellhub\[pyscf\]'"):
         runner.validate_models(load_config(path))

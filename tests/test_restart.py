@@ -67,9 +67,18 @@ driver_every = 10
 """
 
 
+# Two RT-TDHF molecules (H2, STO-3G, PySCF) kicked at t = 0: the state a driver checkpoints
+# is a complex density matrix with the Fock history of its propagator.
+RT_CONFIG = CONFIG.replace('model = "tls"', 'model = "rttddft"').replace(
+    "omega = 0.242\nmu12 = 187.0\npe_initial = 1e-2",
+    'atoms = "H 0 0 0; H 0 0 0.74"\nkick_au = 1e-2\nkick_direction = [0.0, 0.0, 1.0]\n'
+    "dt_substep_au = 0.1",
+)
+
+
 def _write_config(path: Path, kind: str, out: Path, unix_name: str | None,
-                  checkpoint_dir: Path | None) -> Path:
-    text = CONFIG.format(kind=kind, out=out,
+                  checkpoint_dir: Path | None, template: str = CONFIG) -> Path:
+    text = template.format(kind=kind, out=out,
                          name=f'name = "{unix_name}"' if unix_name else "")
     if checkpoint_dir is not None:
         text += CHECKPOINT.format(dir=checkpoint_dir)
@@ -198,14 +207,15 @@ def references(tmp_path_factory) -> dict[str, Path]:
 
 
 def _kill_and_resume(tmp_path: Path, kind: str, unix_name: str | None,
-                     reference: Path, ranks: int = 1) -> dict:
+                     reference: Path, ranks: int = 1, template: str = CONFIG) -> dict:
     """SIGKILL the run (under ``mpirun -np ranks`` when ranks > 1: the whole job) after a
     random number of checkpoints, resume it with the same number of ranks, and check the
     output is bitwise the uninterrupted run's."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     ckdir = tmp_path / "ck"
-    config = _write_config(tmp_path / "run.toml", kind, tmp_path / "out", unix_name, ckdir)
+    config = _write_config(tmp_path / "run.toml", kind, tmp_path / "out", unix_name, ckdir,
+                           template)
     tag = uuid.uuid4().hex
     after = rng.randint(1, 8)
     if ranks == 1:
@@ -262,6 +272,23 @@ def test_socket_run_killed_and_resumed_is_bitwise(tmp_path, unix_name, reference
     output is bitwise the uninterrupted socket run's."""
     summary = _kill_and_resume(tmp_path, "unix", unix_name, references["unix"])
     assert summary["driver_exit_codes"] == [0, 0]
+
+
+@pytest.mark.meep
+def test_rttddft_socket_run_killed_and_resumed_is_bitwise(tmp_path, unix_name):
+    """Two RT-TDHF drivers (checkpoints every 10 steps: density matrices and Fock history):
+    SIGKILL of the run at a random step, --resume: every dataset bitwise the uninterrupted
+    run's (dipoles, energies, times)."""
+    pytest.importorskip("pyscf")
+    name = f"mxhrs_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    base = tmp_path / "reference"
+    config = _write_config(tmp_path / "reference.toml", "unix", base, name, None, RT_CONFIG)
+    done = _run(["run", str(config)], uuid.uuid4().hex)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _summary(done.stdout)["steps"] == 601
+    (tmp_path / "killed").mkdir()
+    _kill_and_resume(tmp_path / "killed", "unix", unix_name, base / "molecules.h5",
+                     template=RT_CONFIG)
 
 
 @pytest.mark.meep

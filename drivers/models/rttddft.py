@@ -109,23 +109,36 @@ sub-step; let PySCF print; normalise ``kick_direction``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-import pyscf
 
 from ._rt_core import Geometry, RTConfig, RTCore, parse_atoms, read_xyz, substeps
 from .base import Model, Parameter, ParameterError
 
+
+def _import_pyscf() -> str:
+    """Import PySCF now, when this module loads (so that a missing PySCF is named as such
+    by the model registry), keeping the root logger's level: PySCF imports
+    numpy.distutils (numpy < 1.26), whose import sets the root logger to WARNING, and a
+    run's progress and checkpoint lines would vanish. Returns PySCF's version."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        return str(importlib.import_module("pyscf").__version__)
+    finally:
+        root.setLevel(level)
+
+
+PYSCF_VERSION = _import_pyscf()
+
 __all__ = ["RTTDDFTModel"]
 
 _LOG = logging.getLogger("maxwellhub.driver")
-# PySCF is imported when this module loads (not only inside functions), so that a missing
-# PySCF is named as such by the model registry
-PYSCF_VERSION = pyscf.__version__
 
 _KICK_AXES = {
     "x": (1.0, 0.0, 0.0),
