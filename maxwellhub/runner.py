@@ -62,8 +62,9 @@ def build_simulation(config: Config):
     else:
         cell = mp.Vector3(*s.cell)
     boundary = [mp.PML(s.pml)] if s.pml > 0 else []
-    return mp.Simulation(cell_size=cell, resolution=s.resolution, boundary_layers=boundary,
-                         dimensions=s.dimensions)
+    return mp.Simulation(
+        cell_size=cell, resolution=s.resolution, boundary_layers=boundary, dimensions=s.dimensions
+    )
 
 
 def analytic_reference(config: Config, units) -> dict | None:
@@ -97,9 +98,12 @@ def analytic_reference(config: Config, units) -> dict | None:
     omega = units.frequency_au_to_meep(first["omega"])
     mu = units.dipole_au_to_meep(first["mu12"])
     dims = config.simulation.dimensions
-    return {"gamma": n * golden_rule_rate(dims, omega, mu),
-            "gamma_kernel": n * golden_rule_rate(dims, omega, mu, sigma=groups[0].sigma),
-            "p0": float(first["pe_initial"]), "molecules": n}
+    return {
+        "gamma": n * golden_rule_rate(dims, omega, mu),
+        "gamma_kernel": n * golden_rule_rate(dims, omega, mu, sigma=groups[0].sigma),
+        "p0": float(first["pe_initial"]),
+        "molecules": n,
+    }
 
 
 def validate_models(config: Config) -> Config:
@@ -148,7 +152,7 @@ def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
         if per > 1:
             for lo in range(0, len(ids), per):
                 params = cls.slice_params(group.params, lo, min(lo + per, len(ids)))
-                batches.append((ids[lo:lo + per], group.model, params))
+                batches.append((ids[lo : lo + per], group.model, params))
             continue
         for k, mid in enumerate(ids):
             params = cls.slice_params(group.params, k, k + 1)
@@ -159,9 +163,18 @@ def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
     return batches
 
 
-def _start_batch(ids: list[int], model: str, params: dict, per: int, logs: Path,
-                 where: dict, timeout: float | None, extra: list[str] = (),
-                 new_session: bool = False, secret=None) -> list:
+def _start_batch(
+    ids: list[int],
+    model: str,
+    params: dict,
+    per: int,
+    logs: Path,
+    where: dict,
+    timeout: float | None,
+    extra: list[str] = (),
+    new_session: bool = False,
+    secret=None,
+) -> list:
     """Start the driver(s) of one batch; returns [(first molecule id, process)].
     ``extra``: more driver options (checkpoints); ``new_session``: see start_driver.
     The parameters travel in a JSON file (--params-file), typed as validated: a string
@@ -169,17 +182,34 @@ def _start_batch(ids: list[int], model: str, params: dict, per: int, logs: Path,
     if per == 1:
         params_file = logs / f"params_{ids[0]}.json"
         params_file.write_text(json.dumps(params))
-        return [(mid, start_driver(model, None, timeout=timeout,
-                                   log_path=logs / f"molecule_{mid}.log",
-                                   extra_args=["--params-file", str(params_file), *extra],
-                                   new_session=new_session, secret=secret, **where))
-                for mid in ids]
+        return [
+            (
+                mid,
+                start_driver(
+                    model,
+                    None,
+                    timeout=timeout,
+                    log_path=logs / f"molecule_{mid}.log",
+                    extra_args=["--params-file", str(params_file), *extra],
+                    new_session=new_session,
+                    secret=secret,
+                    **where,
+                ),
+            )
+            for mid in ids
+        ]
     params_file = logs / f"ensemble_{ids[0]}.json"
     params_file.write_text(json.dumps(params))
-    proc = start_driver(model, None, timeout=timeout, log_path=logs / f"molecule_{ids[0]}.log",
-                        extra_args=["--molecules", str(len(ids)),
-                                    "--params-file", str(params_file), *extra],
-                        new_session=new_session, secret=secret, **where)
+    proc = start_driver(
+        model,
+        None,
+        timeout=timeout,
+        log_path=logs / f"molecule_{ids[0]}.log",
+        extra_args=["--molecules", str(len(ids)), "--params-file", str(params_file), *extra],
+        new_session=new_session,
+        secret=secret,
+        **where,
+    )
     return [(ids[0], proc)]
 
 
@@ -191,15 +221,14 @@ class _Supervisor:
     lives on, the run ends as without checkpoints."""
 
     def __init__(self, procs: list, limit: int, grace: float = 5.0) -> None:
-        self.procs = procs                 # [(first molecule id, Popen)], shared with run()
+        self.procs = procs  # [(first molecule id, Popen)], shared with run()
         self.limit = limit
         self.grace = grace
         self.restarts = 0
-        self._replaced: set = set()        # (mid, Popen) already restarted
+        self._replaced: set = set()  # (mid, Popen) already restarted
         self._relaunch: dict[int, Callable[[], list]] = {}
 
-    def track(self, entries: list, ids: list[int], relaunch: Callable[[list[int]], list]
-              ) -> None:
+    def track(self, entries: list, ids: list[int], relaunch: Callable[[list[int]], list]) -> None:
         for mid, _ in entries:
             sub = [mid] if len(entries) > 1 or len(ids) == 1 else ids
             self._relaunch[mid] = functools.partial(relaunch, sub)
@@ -209,31 +238,41 @@ class _Supervisor:
         # necessarily the one started "for" the lost molecule: restart the processes that
         # died (each with its own command line; it binds to the molecule left free).
         dead = self._dead()
-        if not dead:   # the connection went first; the process follows within moments
+        if not dead:  # the connection went first; the process follows within moments
             self._await_an_exit(self.grace)
             dead = self._dead()
         if not dead:
-            log.error("molecule(s) %s lost their driver's connection but every driver "
-                      "process lives on; not restarting any", exc.molecules)
+            log.error(
+                "molecule(s) %s lost their driver's connection but every driver "
+                "process lives on; not restarting any",
+                exc.molecules,
+            )
             return False
         if self.restarts + len(dead) > self.limit:
-            log.error("driver restarts exhausted (checkpoint.restart_drivers = %d)",
-                      self.limit)
+            log.error("driver restarts exhausted (checkpoint.restart_drivers = %d)", self.limit)
             return False
         for mid, proc in dead:
             self.restarts += 1
             self._replaced.add((mid, proc))
-            log.warning("a driver process (pid %d) exited with code %s, molecule(s) %s left "
-                        "without a driver; restarting it from its checkpoint (restart %d of "
-                        "at most %d)", proc.pid, proc.returncode, exc.molecules,
-                        self.restarts, self.limit)
+            log.warning(
+                "a driver process (pid %d) exited with code %s, molecule(s) %s left "
+                "without a driver; restarting it from its checkpoint (restart %d of "
+                "at most %d)",
+                proc.pid,
+                proc.returncode,
+                exc.molecules,
+                self.restarts,
+                self.limit,
+            )
             self.procs.extend(self._relaunch[mid]())
         return True
 
     def _dead(self) -> list:
-        return [(mid, p) for mid, p in self.procs
-                if p.poll() is not None and p.returncode != 0 and (mid, p) not in
-                self._replaced]
+        return [
+            (mid, p)
+            for mid, p in self.procs
+            if p.poll() is not None and p.returncode != 0 and (mid, p) not in self._replaced
+        ]
 
     def _await_an_exit(self, timeout: float) -> None:
         """Wait until one of the live driver processes exits, at most ``timeout`` s (a
@@ -281,21 +320,25 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
     if loaded is not None and loaded.step > steps_total:
         raise ckpt.CheckpointError(
             f"simulation.until = {config.simulation.until:g} ends at step {steps_total}, "
-            f"before the checkpoint's step {loaded.step} ({loaded.path})")
+            f"before the checkpoint's step {loaded.step} ({loaded.path})"
+        )
     transport = config.transport
     hub = None
     hub_kw: dict = {}
     if transport.kind != "embedded" and (ck_config is not None or loaded is not None):
         # replayable history: K + 1 steps reach back to the drivers' last checkpoint
         k = ck_config.driver_every if ck_config is not None else 1
-        saved = int(loaded.hub_snapshot.get("history", 0)) if loaded is not None \
-            and loaded.hub_snapshot is not None else 0
+        saved = (
+            int(loaded.hub_snapshot.get("history", 0))
+            if loaded is not None and loaded.hub_snapshot is not None
+            else 0
+        )
         hub_kw["history"] = max(k + 1, saved)
     secret = None
     if transport.kind != "embedded" and transport.secret_file is not None:
         from .auth import load_secret
 
-        secret = load_secret(transport.secret_file)   # a bad file: UsageError naming it
+        secret = load_secret(transport.secret_file)  # a bad file: UsageError naming it
         hub_kw["auth"] = secret
     if transport.address_file is not None:
         hub_kw["address_file"] = transport.address_file
@@ -303,19 +346,31 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
         control = f"mxh_run_{os.getpid()}"  # maxwellhub status|stop /tmp/maxwellhub_control_...
         if transport.kind == "unix":
             name = transport.name or f"mxh_run_{os.getpid()}"
-            hub = SocketHub(unixsocket=name, timeout=transport.timeout, control=control,
-                            **hub_kw)
+            hub = SocketHub(unixsocket=name, timeout=transport.timeout, control=control, **hub_kw)
             where = {"unix": name}
         else:
-            hub = SocketHub(host=transport.host, port=transport.port,
-                            timeout=transport.timeout, control=control, **hub_kw)
-            where = {"host": transport.host if transport.host != "0.0.0.0" else "127.0.0.1",
-                     "port": hub.port}
-    coupling = MeepCoupling(sim, time_units_fs=config.simulation.time_units_fs, hub=hub,
-                            record_every=config.output.record_every,
-                            timeout=transport.timeout, on_lost="abort")
-    ids_by_group = [_add_group(coupling, config, g, socket=hub is not None)
-                    for g in config.molecules]
+            hub = SocketHub(
+                host=transport.host,
+                port=transport.port,
+                timeout=transport.timeout,
+                control=control,
+                **hub_kw,
+            )
+            where = {
+                "host": transport.host if transport.host != "0.0.0.0" else "127.0.0.1",
+                "port": hub.port,
+            }
+    coupling = MeepCoupling(
+        sim,
+        time_units_fs=config.simulation.time_units_fs,
+        hub=hub,
+        record_every=config.output.record_every,
+        timeout=transport.timeout,
+        on_lost="abort",
+    )
+    ids_by_group = [
+        _add_group(coupling, config, g, socket=hub is not None) for g in config.molecules
+    ]
     procs = []
     summary: dict = {}
     failure: BaseException | None = None
@@ -323,17 +378,28 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
     checkpointer = None
     supervisor: _Supervisor | None = None
     if hub is not None and master:
-        log.warning("control endpoint: %s (maxwellhub status|stop %s)", hub.control_address,
-                    hub.control_address)
+        log.warning(
+            "control endpoint: %s (maxwellhub status|stop %s)",
+            hub.control_address,
+            hub.control_address,
+        )
     start_step = loaded.step if loaded is not None else 0
     progress = Progress(steps_total - start_step)
     until = config.simulation.until
     if ck_config is not None:
         try:  # before anything is written: a locked directory must not cost the output
             checkpointer = ckpt.RunCheckpointer(
-                ck_config.directory, sim, coupling, hub=hub, every=ck_config.every,
-                keep=ck_config.keep, identity=identity, config_text=config.text,
-                overrides=config.overrides, config_dir=config.base_dir)
+                ck_config.directory,
+                sim,
+                coupling,
+                hub=hub,
+                every=ck_config.every,
+                keep=ck_config.keep,
+                identity=identity,
+                config_text=config.text,
+                overrides=config.overrides,
+                config_dir=config.base_dir,
+            )
         except BaseException:
             if hub is not None:
                 hub.stop()
@@ -349,8 +415,7 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
             driver_args = ["--checkpoint-dir", str(driver_dir)]
         else:
             driver_args = []
-        signals = checkpointer.signals() if checkpointer is not None \
-            else contextlib.nullcontext()
+        signals = checkpointer.signals() if checkpointer is not None else contextlib.nullcontext()
         with signals:
             if hub is not None and master:
                 logs = out_dir / "drivers"
@@ -362,36 +427,51 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
                         raise ckpt.CheckpointError(f"{loaded.path} has no hub snapshot")
                     hub.restore(loaded.hub_snapshot)
                     ckpt.restore_driver_files(loaded, driver_dir)
-                if checkpointer is not None and ck_config.restart_drivers \
-                        and transport.drivers == "local":
+                if (
+                    checkpointer is not None
+                    and ck_config.restart_drivers
+                    and transport.drivers == "local"
+                ):
                     supervisor = _Supervisor(procs, ck_config.restart_drivers)
                     coupling.on_lost = supervisor
                 if transport.drivers == "local":
                     # Every wait for drivers to bind or initialise (here and in the coupling)
                     # ends when one of ours exits: the run fails at once with its log tail,
                     # with no deadline needed. Replaced ones are not watched.
-                    hub.watch_processes(lambda: [
-                        p for mid, p in procs
-                        if supervisor is None or (mid, p) not in supervisor._replaced])
+                    hub.watch_processes(
+                        lambda: [
+                            p
+                            for mid, p in procs
+                            if supervisor is None or (mid, p) not in supervisor._replaced
+                        ]
+                    )
                 if transport.drivers == "external":
-                    _await_external_drivers(hub, np.concatenate(ids_by_group).tolist(),
-                                            transport)
-                for ids, model, params in (_driver_batches(config, ids_by_group)
-                                           if transport.drivers == "local" else ()):
+                    _await_external_drivers(hub, np.concatenate(ids_by_group).tolist(), transport)
+                for ids, model, params in (
+                    _driver_batches(config, ids_by_group) if transport.drivers == "local" else ()
+                ):
                     launch = functools.partial(
-                        _start_batch, model=model, params=params,
-                        per=transport.molecules_per_driver, logs=logs, where=where,
-                        timeout=transport.timeout, extra=driver_args,
-                        new_session=checkpointer is not None, secret=secret)
+                        _start_batch,
+                        model=model,
+                        params=params,
+                        per=transport.molecules_per_driver,
+                        logs=logs,
+                        where=where,
+                        timeout=transport.timeout,
+                        extra=driver_args,
+                        new_session=checkpointer is not None,
+                        secret=secret,
+                    )
                     entries = launch(ids)
                     procs += entries
                     if supervisor is not None:
                         supervisor.track(entries, ids, launch)
-                    if not hub.wait_until_bound(ids, require_init=False,
-                                                timeout=transport.timeout):
-                        raise MaxwellHubError(_dead_drivers_message(procs, logs) or
-                                              f"drivers for molecules {ids} did not connect "
-                                              + _within(transport.timeout))
+                    if not hub.wait_until_bound(ids, require_init=False, timeout=transport.timeout):
+                        raise MaxwellHubError(
+                            _dead_drivers_message(procs, logs)
+                            or f"drivers for molecules {ids} did not connect "
+                            + _within(transport.timeout)
+                        )
             if loaded is not None:
                 ckpt.restore(loaded, sim, coupling)
                 if checkpointer is not None:
@@ -401,8 +481,7 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
             if checkpointer is not None:
                 steps.append(checkpointer.step_function())
             # an absolute end, so that a resumed run stops where the uninterrupted one does
-            sim.run(*steps, progress.step_function(),
-                    until=lambda sim: sim.round_time() >= until)
+            sim.run(*steps, progress.step_function(), until=lambda sim: sim.round_time() >= until)
     except ckpt.RunInterrupted as exc:
         interrupted = failure = exc
     except BaseException as exc:  # noqa: BLE001 - the data is written, then re-raised
@@ -422,9 +501,11 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
                 summary["checkpoints_written"] = len(checkpointer.write_seconds)
                 if checkpointer.write_seconds:
                     summary["checkpoint_write_ms"] = round(
-                        1e3 * float(np.mean(checkpointer.write_seconds)), 3)
-                summary["checkpoint"] = str(checkpointer.last_path) \
-                    if checkpointer.last_path else None
+                        1e3 * float(np.mean(checkpointer.write_seconds)), 3
+                    )
+                summary["checkpoint"] = (
+                    str(checkpointer.last_path) if checkpointer.last_path else None
+                )
             if supervisor is not None:
                 summary["drivers_restarted"] = supervisor.restarts
             if interrupted is not None:
@@ -442,9 +523,11 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
     if failure is not None and not stopped and interrupted is None:
         if master:
             dead = _dead_drivers_message(procs, out_dir / "drivers")
-            raise MaxwellHubError(f"run failed: {failure}" + (f"; {dead}" if dead else "")
-                                  + f"; data so far written to {summary.get('hdf5')}"
-                                  ) from failure
+            raise MaxwellHubError(
+                f"run failed: {failure}"
+                + (f"; {dead}" if dead else "")
+                + f"; data so far written to {summary.get('hdf5')}"
+            ) from failure
         raise failure
     if master:
         echo(json.dumps(summary))
@@ -454,18 +537,24 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
 def _await_external_drivers(hub, ids: list[int], transport) -> None:
     """``transport.drivers = "external"``: the user starts the drivers (another job, other
     nodes; ``maxwellhub-driver --address-file``); wait for all of them."""
-    where = (f"the address file {transport.address_file}" if transport.address_file
-             else f"{hub.address}")
-    log.warning("waiting %s for %d external driver(s) to connect through %s",
-                "without a deadline" if transport.timeout is None
-                else f"up to {transport.timeout:g} s", len(ids), where)
+    where = (
+        f"the address file {transport.address_file}" if transport.address_file else f"{hub.address}"
+    )
+    log.warning(
+        "waiting %s for %d external driver(s) to connect through %s",
+        "without a deadline" if transport.timeout is None else f"up to {transport.timeout:g} s",
+        len(ids),
+        where,
+    )
     if not hub.wait_until_bound(ids, require_init=False, timeout=transport.timeout):
         missing = [m for m in ids if not hub.all_bound([m], require_init=False)]
-        raise MaxwellHubError(f"no external driver connected for molecule(s) "
-                              f"{missing[:20]}{' ...' if len(missing) > 20 else ''} "
-                              + _within(transport.timeout, "transport.timeout = ")
-                              + " (start them with maxwellhub-driver --address-file or the "
-                              "hub's address)")
+        raise MaxwellHubError(
+            f"no external driver connected for molecule(s) "
+            f"{missing[:20]}{' ...' if len(missing) > 20 else ''} "
+            + _within(transport.timeout, "transport.timeout = ")
+            + " (start them with maxwellhub-driver --address-file or the "
+            "hub's address)"
+        )
 
 
 def _within(timeout: float | None, what: str = "") -> str:
@@ -493,12 +582,12 @@ def _dead_drivers_message(procs, logs: Path) -> str:
     with contextlib.suppress(OSError):
         lines = log_file.read_text(errors="replace").strip().splitlines()
         tail = f": {lines[-1]}" if lines else ""
-    return (f"the driver of molecule {mid} exited with code {code}{tail} (log {log_file})"
-            + (f"; {len(dead) - 1} more drivers died" if len(dead) > 1 else ""))
+    return f"the driver of molecule {mid} exited with code {code}{tail} (log {log_file})" + (
+        f"; {len(dead) - 1} more drivers died" if len(dead) > 1 else ""
+    )
 
 
-def _finish(config: Config, coupling, failure, procs, t_start: float,
-            progress: Progress) -> dict:
+def _finish(config: Config, coupling, failure, procs, t_start: float, progress: Progress) -> dict:
     """Write HDF5 (always, with what exists), then the plot and the summary."""
     from .analysis import compare_to_curve, fit_decay_rate, relaxation_curve
     from .kick_spectrum import kick_response, plot_kick_spectrum
@@ -519,7 +608,9 @@ def _finish(config: Config, coupling, failure, procs, t_start: float,
         "transport": config.transport.kind,
         "dimensions": config.simulation.dimensions,
         "mpi_ranks": rank_and_size()[1],
-        "fitted_rate": None, "golden_rule_rate": None, "relative_error": None,
+        "fitted_rate": None,
+        "golden_rule_rate": None,
+        "relative_error": None,
     }
     pe = history.get("Pe")
     analytic = None
@@ -529,38 +620,49 @@ def _finish(config: Config, coupling, failure, procs, t_start: float,
         errors = compare_to_curve(time_meep, mean_pe, ref["gamma"])
         analytic = relaxation_curve(time_meep, ref["gamma"], float(mean_pe[0]))
         summary.update(
-            fitted_rate=round(fitted, 8), golden_rule_rate=round(ref["gamma"], 8),
+            fitted_rate=round(fitted, 8),
+            golden_rule_rate=round(ref["gamma"], 8),
             relative_error=round(abs(fitted - ref["gamma"]) / ref["gamma"], 6),
             golden_rule_rate_kernel=round(ref["gamma_kernel"], 8),
-            relative_error_kernel=round(abs(fitted - ref["gamma_kernel"])
-                                        / ref["gamma_kernel"], 6),
+            relative_error_kernel=round(abs(fitted - ref["gamma_kernel"]) / ref["gamma_kernel"], 6),
             curve_std_over_p0=float(f"{errors['std']:.3e}"),
-            curve_max_over_p0=float(f"{errors['max']:.3e}"))
+            curve_max_over_p0=float(f"{errors['max']:.3e}"),
+        )
     summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
-    attrs = {"complete": failure is None,
-             "time_units_fs": config.simulation.time_units_fs,
-             "config": config.text or (config.source.read_text() if config.source else ""),
-             "summary": json.dumps(summary)}
+    attrs = {
+        "complete": failure is None,
+        "time_units_fs": config.simulation.time_units_fs,
+        "config": config.text or (config.source.read_text() if config.source else ""),
+        "summary": json.dumps(summary),
+    }
     hdf5 = write_history(out_dir / "molecules.h5", history, attrs)
     summary["hdf5"] = str(hdf5)
     if config.output.plot and pe is not None and records and failure is None:
-        title = (f"{config.simulation.dimensions}D, {config.molecule_count} molecule(s), "
-                 f"{config.transport.kind} transport")
-        summary["plot"] = str(plot_populations(out_dir / "populations.png", time_meep, pe,
-                                               analytic, title))
-    response = kick_response(config, history) if config.output.plot and failure is None \
-        else None
+        title = (
+            f"{config.simulation.dimensions}D, {config.molecule_count} molecule(s), "
+            f"{config.transport.kind} transport"
+        )
+        summary["plot"] = str(
+            plot_populations(out_dir / "populations.png", time_meep, pe, analytic, title)
+        )
+    response = kick_response(config, history) if config.output.plot and failure is None else None
     if response is not None:  # a kicked real molecule: its dipole and absorption spectrum
-        title = (f"{config.simulation.dimensions}D Meep, {config.molecule_count} molecule(s), "
-                 f"{config.transport.kind} transport")
+        title = (
+            f"{config.simulation.dimensions}D Meep, {config.molecule_count} molecule(s), "
+            f"{config.transport.kind} transport"
+        )
         summary.update(plot_kick_spectrum(out_dir / "spectrum.png", response, title))
     if failure is None:
         log.info("%s", progress.line())
     return summary
 
 
-def main(config_path: str | None = None, overrides: dict | None = None,
-         resume: str | None = None, missing_extras: bool = False) -> int:
+def main(
+    config_path: str | None = None,
+    overrides: dict | None = None,
+    resume: str | None = None,
+    missing_extras: bool = False,
+) -> int:
     """Entry of ``maxwellhub run``; returns the exit status: 0 done, 1 the run failed,
     2 bad config or a checkpoint that does not fit, 75 stopped by SIGTERM/SIGINT with a
     checkpoint written (continue with ``--resume``).
@@ -582,9 +684,12 @@ def main(config_path: str | None = None, overrides: dict | None = None,
                 return 2
             path = Path(resume)
             saved_dir = manifest.get("config_dir")
-            config = parse_config_text(manifest.get("config_text", ""), None,
-                                       {**manifest.get("overrides", {}), **(overrides or {})},
-                                       base_dir=Path(saved_dir) if saved_dir else None)
+            config = parse_config_text(
+                manifest.get("config_text", ""),
+                None,
+                {**manifest.get("overrides", {}), **(overrides or {})},
+                base_dir=Path(saved_dir) if saved_dir else None,
+            )
         else:
             config = load_config(path, overrides)
         if missing_extras:
