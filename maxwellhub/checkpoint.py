@@ -72,7 +72,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -83,15 +83,15 @@ from .mpi import any_rank, comm_world, mpi_bcast_from_master, rank_and_size
 __all__ = [
     "FORMAT",
     "STOPPED_BY_SIGNAL",
+    "CheckpointError",
+    "LoadedCheckpoint",
     "RunCheckpointer",
     "RunInterrupted",
-    "LoadedCheckpoint",
+    "config_identity",
     "find_checkpoint",
+    "identity_differences",
     "load_checkpoint",
     "restore",
-    "config_identity",
-    "identity_differences",
-    "CheckpointError",
 ]
 
 log = logging.getLogger("maxwellhub.checkpoint")
@@ -263,7 +263,7 @@ class RunCheckpointer:
         self.last_written: int | None = None
         self.last_path: Path | None = None
         self.write_seconds: list[float] = []
-        self._lock = None
+        self._lock: IO[str] | None = None  # DIR/.lock, held (flock) while this run writes
         self._token = os.getpid()  # names this run's partial directories
         if self._size > 1:
             self._init_mpi()

@@ -54,13 +54,13 @@ from typing import Any
 from .errors import UsageError
 
 __all__ = [
-    "ConfigError",
+    "Checkpoint",
     "Config",
-    "Simulation",
-    "Transport",
+    "ConfigError",
     "MoleculeGroup",
     "Output",
-    "Checkpoint",
+    "Simulation",
+    "Transport",
     "load_config",
     "parse_config",
     "parse_config_text",

@@ -62,10 +62,8 @@ def write_history(
         for key, value in history.items():
             ds = f.create_dataset(key, data=np.asarray(value))
             ds.attrs["units"] = UNITS.get(key, "see the model's documentation")
-        for key, value in attrs.items():
-            f.attrs[key] = (
-                value if isinstance(value, (str, bool, int, float)) else json.dumps(value)
-            )
+        for key, attr in attrs.items():
+            f.attrs[key] = attr if isinstance(attr, (str, bool, int, float)) else json.dumps(attr)
     os.replace(tmp, path)
     return path
 
@@ -161,8 +159,8 @@ class Progress:
         self.total = max(int(total_steps), 1)
         self.every = every
         self.log = logger
-        self.start = None
-        self.next_report = None
+        self.start: float | None = None
+        self.next_report: float | None = None
         self.steps = 0
 
     def step_function(self):
@@ -175,7 +173,7 @@ class Progress:
 
     def tick(self) -> None:
         now = time.monotonic()
-        if self.start is None:
+        if self.start is None or self.next_report is None:  # set together, at the first tick
             self.start, self.next_report = now, now + self.every
             return
         self.steps += 1

@@ -188,7 +188,7 @@ class _Sites:
         self.offsets = np.zeros((3, 3))  # Yee offset (cells) of Ex, Ey, Ez per axis
         rows, cols, vals = [], [], []
         dv = dx ** int(active.sum())
-        self._dfts = []
+        self._dfts: list[Any] = []  # Meep DFT monitors (SWIG objects)
         for box_lo, box_hi, members in group_into_boxes(lo, hi, active, dx):
             center = mp.Vector3(*(0.5 * (box_lo + box_hi)))
             size = mp.Vector3(*(box_hi - box_lo))
@@ -816,7 +816,7 @@ class MeepCoupling:
             return
         if self.hub is None:
             raise UsageError("socket molecules need a hub: MeepCoupling(sim, hub=...)")
-        payloads = {int(mid): {"dt_au": dt_au, **g.init} for g in socket for mid in g.ids}
+        payloads = {int(mid): {"dt_au": dt_au, **(g.init or {})} for g in socket for mid in g.ids}
         if not self.hub.wait_until_bound(payloads, timeout=self.timeout):
             missing = [m for m in payloads if not self.hub.all_bound([m])]
             raise TimeoutError(
@@ -872,8 +872,9 @@ class MeepCoupling:
             state[f"records.{j}.keys"] = np.array(keys, dtype=str)
             for i, key in enumerate(keys):
                 rows = [extras[j].get(key) for _, extras in self._records]
-                if all(r is not None for r in rows):  # the usual case: one C-level stack
-                    table = np.stack(rows).astype(np.float64, copy=False).reshape(-1, size)
+                present = [r for r in rows if r is not None]
+                if len(present) == len(rows):  # the usual case: one C-level stack
+                    table = np.stack(present).astype(np.float64, copy=False).reshape(-1, size)
                 else:
                     table = np.full((len(self._records), size), np.nan)
                     for t, r in enumerate(rows):
