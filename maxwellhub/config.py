@@ -223,6 +223,15 @@ class _Table:
 def parse_config(data: dict, source: Path | None = None) -> Config:
     """Validate a parsed TOML document."""
     top = _Table(data, "", ("simulation", "transport", "molecules", "output", "checkpoint"))
+    simulation = _simulation(top)
+    transport = _transport(top)
+    groups = _molecule_groups(top, simulation.dimensions)
+    output = _output(top)
+    checkpoint = _checkpoint(top.get("checkpoint")) if top.has("checkpoint") else None
+    return Config(simulation, transport, groups, output, source, checkpoint)
+
+
+def _simulation(top: _Table) -> Simulation:
     sim_t = _Table(
         top.get("simulation"),
         "simulation",
@@ -240,7 +249,7 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
             f"simulation.pml = {pml:g} leaves no interior in a cell of "
             f"{list(cell)}; need 2*pml < every cell size"
         )
-    simulation = Simulation(
+    return Simulation(
         dimensions=dims,
         cell=cell,
         pml=float(pml),
@@ -249,6 +258,8 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
         until=float(sim_t.number("until", low=0.0, low_open=True)),
     )
 
+
+def _transport(top: _Table) -> Transport:
     tr_t = _Table(
         top.get("transport", {}),
         "transport",
@@ -289,7 +300,7 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
             "transport.drivers/address_file need socket drivers; "
             "transport.kind = 'embedded' has none"
         )
-    transport = Transport(
+    return Transport(
         kind=kind,
         name=name,
         host=host,
@@ -303,6 +314,8 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
         molecules_per_driver=tr_t.number("molecules_per_driver", 1, low=1, integer=True),
     )
 
+
+def _molecule_groups(top: _Table, dims: int) -> tuple[MoleculeGroup, ...]:
     groups_raw = top.get("molecules")
     if not isinstance(groups_raw, list) or not groups_raw:
         raise ConfigError("molecules must be a non-empty array of tables ([[molecules]])")
@@ -345,7 +358,10 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
                 params=dict(params),
             )
         )
+    return tuple(groups)
 
+
+def _output(top: _Table) -> Output:
     out_t = _Table(top.get("output", {}), "output", ("directory", "record_every", "plot"))
     directory = out_t.get("directory", "out")
     if not isinstance(directory, str) or not directory:
@@ -353,13 +369,11 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
     plot = out_t.get("plot", True)
     if not isinstance(plot, bool):
         raise ConfigError(f"output.plot = {plot!r}; expected true or false")
-    output = Output(
+    return Output(
         directory=Path(directory),
         record_every=out_t.number("record_every", 1, low=1, integer=True),
         plot=plot,
     )
-    checkpoint = _checkpoint(top.get("checkpoint")) if top.has("checkpoint") else None
-    return Config(simulation, transport, tuple(groups), output, source, checkpoint)
 
 
 def _checkpoint(raw: Any) -> Checkpoint:
