@@ -72,7 +72,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal, overload
 
 import numpy as np
 
@@ -633,6 +633,12 @@ def find_checkpoint(path: str | os.PathLike, missing_ok: bool = False) -> Path |
     raise CheckpointError(f"no complete checkpoint in {path} (no step_*/{_MANIFEST})")
 
 
+@overload
+def load_checkpoint(
+    path: str | os.PathLike, missing_ok: Literal[False] = False
+) -> LoadedCheckpoint: ...
+@overload
+def load_checkpoint(path: str | os.PathLike, missing_ok: bool) -> LoadedCheckpoint | None: ...
 def load_checkpoint(path: str | os.PathLike, missing_ok: bool = False) -> LoadedCheckpoint | None:
     """Read a checkpoint (a ``step_*`` directory or the directory holding them); with
     ``missing_ok``, None when there is none.

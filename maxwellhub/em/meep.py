@@ -430,7 +430,7 @@ class MeepCoupling:
         record_every: int = 1,
         timeout: float | None = None,
         subtract_self_coulomb: bool = True,
-        on_lost: str = "wait",
+        on_lost: str | Callable[[DriverLost], bool] = "wait",
     ) -> None:
         if on_lost not in ("wait", "abort") and not callable(on_lost):
             raise UsageError(f"on_lost = {on_lost!r}; expected 'wait', 'abort' or a function")
