@@ -20,18 +20,32 @@ import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import Config, ConfigError, MoleculeGroup, load_config, parse_config_text
+from .config import (
+    Checkpoint,
+    Config,
+    ConfigError,
+    MoleculeGroup,
+    load_config,
+    parse_config_text,
+)
 from .errors import DriverLost, MaxwellHubError
 from .launch import reap, start_driver
 from .mpi import am_master, rank_and_size
 from .output import Progress, plot_populations, write_history
+
+if TYPE_CHECKING:
+    from .auth import Secret
+    from .checkpoint import LoadedCheckpoint, RunCheckpointer, RunInterrupted
+    from .hub import SocketHub
 
 __all__ = ["DEFAULT_CONFIG", "main", "run", "validate_models"]
 
@@ -44,7 +58,8 @@ def _center(dims: int, position: tuple[float, ...]) -> tuple[float, float, float
     """Config coordinates to Meep's: a 1D cell lies along z, 2D in the x-y plane."""
     if dims == 1:
         return (0.0, 0.0, position[0])
-    return tuple(position) + (0.0,) * (3 - len(position))
+    padded = (*position, 0.0, 0.0)  # a position has as many coordinates as dimensions
+    return (padded[0], padded[1], padded[2])
 
 
 def build_simulation(config: Config):
@@ -57,10 +72,7 @@ def build_simulation(config: Config):
     mp.verbosity(1 if chatty else 0)
     if not chatty and hasattr(mp, "report_elapsed_time"):
         atexit.unregister(mp.report_elapsed_time)  # it prints after our summary line
-    if s.dimensions == 1:
-        cell = mp.Vector3(0, 0, s.cell[0])
-    else:
-        cell = mp.Vector3(*s.cell)
+    cell = mp.Vector3(0, 0, s.cell[0]) if s.dimensions == 1 else mp.Vector3(*s.cell)
     boundary = [mp.PML(s.pml)] if s.pml > 0 else []
     return mp.Simulation(
         cell_size=cell, resolution=s.resolution, boundary_layers=boundary, dimensions=s.dimensions
@@ -171,7 +183,7 @@ def _start_batch(
     logs: Path,
     where: dict,
     timeout: float | None,
-    extra: list[str] = (),
+    extra: Sequence[str] = (),
     new_session: bool = False,
     secret=None,
 ) -> list:
@@ -298,240 +310,366 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
     a ``[checkpoint]`` table, SIGTERM/SIGINT write a checkpoint and end the run with
     ``summary["stopped_by_signal"]`` set (``main`` then exits with status 75).
     """
-    from . import checkpoint as ckpt
-    from .em import MeepCoupling
-    from .hub import SocketHub
-
     t_start = time.perf_counter()
     config = validate_models(config)  # idempotent: main() has done it already
-    master = am_master()
-    out_dir = config.output.directory
-    ck_config = config.checkpoint
-    identity = ckpt.config_identity(config)
-    loaded = None
-    if resume is not None:  # collective under MPI: every rank the same one, or refused
-        loaded = ckpt.load_checkpoint(resume)
-        ckpt.check_identity(loaded, identity)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    sim = build_simulation(config)
-    dt_meep = sim.Courant / sim.resolution
-    steps_total = int(round(config.simulation.until / dt_meep))
-    if loaded is not None and loaded.step > steps_total:
-        raise ckpt.CheckpointError(
-            f"simulation.until = {config.simulation.until:g} ends at step {steps_total}, "
-            f"before the checkpoint's step {loaded.step} ({loaded.path})"
-        )
-    transport = config.transport
-    hub = None
-    hub_kw: dict = {}
-    if transport.kind != "embedded" and (ck_config is not None or loaded is not None):
-        # replayable history: K + 1 steps reach back to the drivers' last checkpoint
-        k = ck_config.driver_every if ck_config is not None else 1
-        saved = (
-            int(loaded.hub_snapshot.get("history", 0))
-            if loaded is not None and loaded.hub_snapshot is not None
-            else 0
-        )
-        hub_kw["history"] = max(k + 1, saved)
-    secret = None
-    if transport.kind != "embedded" and transport.secret_file is not None:
-        from .auth import load_secret
+    job = _Run(config, t_start)
+    job.set_up(resume)
+    return job.execute(echo)
 
-        secret = load_secret(transport.secret_file)  # a bad file: UsageError naming it
-        hub_kw["auth"] = secret
-    if transport.address_file is not None:
-        hub_kw["address_file"] = transport.address_file
-    if transport.kind != "embedded":
+
+class _Run:
+    """One :func:`run`, in steps that share its state: :meth:`set_up` (the checkpoint to
+    resume, the simulation, the hub, the coupling, the checkpointer), then
+    :meth:`execute`: the drivers' launch, the resume, the Meep run itself and the
+    summary."""
+
+    def __init__(self, config: Config, t_start: float) -> None:
+        self.config = config
+        self.t_start = t_start
+        self.master = am_master()
+        self.out_dir = config.output.directory
+        self.ck_config = config.checkpoint
+        self.transport = config.transport
+        self.loaded: LoadedCheckpoint | None = None
+        self.hub: SocketHub | None = None
+        self.where: dict[str, Any] = {}  # how drivers reach the hub (start_driver keywords)
+        self.secret: Secret | None = None
+        self.procs: list[tuple[int, subprocess.Popen]] = []  # (first molecule id, process)
+        self.checkpointer: RunCheckpointer | None = None
+        self.supervisor: _Supervisor | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def set_up(self, resume: str | os.PathLike | None) -> None:
+        from . import checkpoint as ckpt
+
+        config = self.config
+        self.identity = ckpt.config_identity(config)
+        if resume is not None:  # collective under MPI: every rank the same one, or refused
+            self.loaded = ckpt.load_checkpoint(resume)
+            ckpt.check_identity(self.loaded, self.identity)
+        if self.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.sim = build_simulation(config)
+        self.steps_total = self._steps_total()
+        self._start_hub()
+        self._make_coupling()
+        if self.hub is not None and self.master:
+            log.warning(
+                "control endpoint: %s (maxwellhub status|stop %s)",
+                self.hub.control_address,
+                self.hub.control_address,
+            )
+        start_step = self.loaded.step if self.loaded is not None else 0
+        self.progress = Progress(self.steps_total - start_step)
+        if self.ck_config is not None:
+            self._make_checkpointer(self.ck_config)
+
+    def _steps_total(self) -> int:
+        from . import checkpoint as ckpt
+
+        until = self.config.simulation.until
+        dt_meep = self.sim.Courant / self.sim.resolution
+        steps_total = round(until / dt_meep)
+        loaded = self.loaded
+        if loaded is not None and loaded.step > steps_total:
+            raise ckpt.CheckpointError(
+                f"simulation.until = {until:g} ends at step {steps_total}, "
+                f"before the checkpoint's step {loaded.step} ({loaded.path})"
+            )
+        return steps_total
+
+    def _hub_options(self) -> dict[str, Any]:
+        """SocketHub's keywords beyond the address: history, auth, address_file."""
+        transport, loaded = self.transport, self.loaded
+        hub_kw: dict[str, Any] = {}
+        if transport.kind != "embedded" and (self.ck_config is not None or loaded is not None):
+            # replayable history: K + 1 steps reach back to the drivers' last checkpoint
+            k = self.ck_config.driver_every if self.ck_config is not None else 1
+            saved = (
+                int(loaded.hub_snapshot.get("history", 0))
+                if loaded is not None and loaded.hub_snapshot is not None
+                else 0
+            )
+            hub_kw["history"] = max(k + 1, saved)
+        if transport.kind != "embedded" and transport.secret_file is not None:
+            from .auth import load_secret
+
+            self.secret = load_secret(transport.secret_file)  # a bad file: UsageError naming it
+            hub_kw["auth"] = self.secret
+        if transport.address_file is not None:
+            hub_kw["address_file"] = transport.address_file
+        return hub_kw
+
+    def _start_hub(self) -> None:
+        from .hub import SocketHub
+
+        transport = self.transport
+        hub_kw = self._hub_options()
+        if transport.kind == "embedded":
+            return
         control = f"mxh_run_{os.getpid()}"  # maxwellhub status|stop /tmp/maxwellhub_control_...
         if transport.kind == "unix":
             name = transport.name or f"mxh_run_{os.getpid()}"
-            hub = SocketHub(unixsocket=name, timeout=transport.timeout, control=control, **hub_kw)
-            where = {"unix": name}
+            self.hub = SocketHub(
+                unixsocket=name, timeout=transport.timeout, control=control, **hub_kw
+            )
+            self.where = {"unix": name}
         else:
-            hub = SocketHub(
+            hub = self.hub = SocketHub(
                 host=transport.host,
                 port=transport.port,
                 timeout=transport.timeout,
                 control=control,
                 **hub_kw,
             )
-            where = {
+            self.where = {
                 "host": transport.host if transport.host != "0.0.0.0" else "127.0.0.1",
                 "port": hub.port,
             }
-    coupling = MeepCoupling(
-        sim,
-        time_units_fs=config.simulation.time_units_fs,
-        hub=hub,
-        record_every=config.output.record_every,
-        timeout=transport.timeout,
-        on_lost="abort",
-    )
-    ids_by_group = [
-        _add_group(coupling, config, g, socket=hub is not None) for g in config.molecules
-    ]
-    procs = []
-    summary: dict = {}
-    failure: BaseException | None = None
-    interrupted: ckpt.RunInterrupted | None = None
-    checkpointer = None
-    supervisor: _Supervisor | None = None
-    if hub is not None and master:
-        log.warning(
-            "control endpoint: %s (maxwellhub status|stop %s)",
-            hub.control_address,
-            hub.control_address,
+
+    def _make_coupling(self) -> None:
+        from .em import MeepCoupling
+
+        config = self.config
+        self.coupling = MeepCoupling(
+            self.sim,
+            time_units_fs=config.simulation.time_units_fs,
+            hub=self.hub,
+            record_every=config.output.record_every,
+            timeout=self.transport.timeout,
+            on_lost="abort",
         )
-    start_step = loaded.step if loaded is not None else 0
-    progress = Progress(steps_total - start_step)
-    until = config.simulation.until
-    if ck_config is not None:
+        self.ids_by_group = [
+            _add_group(self.coupling, config, g, socket=self.hub is not None)
+            for g in config.molecules
+        ]
+
+    def _make_checkpointer(self, ck_config: Checkpoint) -> None:
+        from . import checkpoint as ckpt
+
+        config = self.config
         try:  # before anything is written: a locked directory must not cost the output
-            checkpointer = ckpt.RunCheckpointer(
+            self.checkpointer = ckpt.RunCheckpointer(
                 ck_config.directory,
-                sim,
-                coupling,
-                hub=hub,
+                self.sim,
+                self.coupling,
+                hub=self.hub,
                 every=ck_config.every,
                 keep=ck_config.keep,
-                identity=identity,
+                identity=self.identity,
                 config_text=config.text,
                 overrides=config.overrides,
                 config_dir=config.base_dir,
             )
         except BaseException:
-            if hub is not None:
-                hub.stop()
+            if self.hub is not None:
+                self.hub.stop()
             raise
-    try:
-        if hub is None:
-            driver_args = []
-        elif checkpointer is not None:
-            driver_dir = checkpointer.driver_dir
-            driver_args = checkpointer.driver_args(ck_config.driver_every)
-        elif loaded is not None:
-            driver_dir = loaded.path.parent / "drivers"
-            driver_args = ["--checkpoint-dir", str(driver_dir)]
-        else:
-            driver_args = []
-        signals = checkpointer.signals() if checkpointer is not None else contextlib.nullcontext()
-        with signals:
-            if hub is not None and master:
-                logs = out_dir / "drivers"
-                logs.mkdir(exist_ok=True)
-                for mid in np.concatenate(ids_by_group).tolist():
-                    hub.register_molecule(mid)
-                if loaded is not None:
-                    if loaded.hub_snapshot is None:
-                        raise ckpt.CheckpointError(f"{loaded.path} has no hub snapshot")
-                    hub.restore(loaded.hub_snapshot)
-                    ckpt.restore_driver_files(loaded, driver_dir)
-                if (
-                    checkpointer is not None
-                    and ck_config.restart_drivers
-                    and transport.drivers == "local"
-                ):
-                    supervisor = _Supervisor(procs, ck_config.restart_drivers)
-                    coupling.on_lost = supervisor
-                if transport.drivers == "local":
-                    # Every wait for drivers to bind or initialise (here and in the coupling)
-                    # ends when one of ours exits: the run fails at once with its log tail,
-                    # with no deadline needed. Replaced ones are not watched.
-                    hub.watch_processes(
-                        lambda: [
-                            p
-                            for mid, p in procs
-                            if supervisor is None or (mid, p) not in supervisor._replaced
-                        ]
-                    )
-                if transport.drivers == "external":
-                    _await_external_drivers(hub, np.concatenate(ids_by_group).tolist(), transport)
-                for ids, model, params in (
-                    _driver_batches(config, ids_by_group) if transport.drivers == "local" else ()
-                ):
-                    launch = functools.partial(
-                        _start_batch,
-                        model=model,
-                        params=params,
-                        per=transport.molecules_per_driver,
-                        logs=logs,
-                        where=where,
-                        timeout=transport.timeout,
-                        extra=driver_args,
-                        new_session=checkpointer is not None,
-                        secret=secret,
-                    )
-                    entries = launch(ids)
-                    procs += entries
-                    if supervisor is not None:
-                        supervisor.track(entries, ids, launch)
-                    if not hub.wait_until_bound(ids, require_init=False, timeout=transport.timeout):
-                        raise MaxwellHubError(
-                            _dead_drivers_message(procs, logs)
-                            or f"drivers for molecules {ids} did not connect "
-                            + _within(transport.timeout)
-                        )
-            if loaded is not None:
-                ckpt.restore(loaded, sim, coupling)
-                if checkpointer is not None:
-                    checkpointer.mark_restored(loaded.step)
-                log.warning("resumed from %s at step %d", loaded.path, loaded.step)
-            steps = [coupling.step_function()]
-            if checkpointer is not None:
-                steps.append(checkpointer.step_function())
-            # an absolute end, so that a resumed run stops where the uninterrupted one does
-            sim.run(*steps, progress.step_function(), until=lambda sim: sim.round_time() >= until)
-    except ckpt.RunInterrupted as exc:
-        interrupted = failure = exc
-    except BaseException as exc:  # noqa: BLE001 - the data is written, then re-raised
-        failure = exc
-    finally:
-        stopped = hub is not None and hub.stop_requested
-        if master:
-            summary = _finish(config, coupling, failure, procs, t_start, progress)
-            if hub is not None:
-                summary["control"] = hub.control_address
-            if stopped:
-                summary["stopped"] = stopped
-            if loaded is not None:
-                summary["resumed_from"] = str(loaded.path)
-                summary["resumed_at_step"] = loaded.step
-            if checkpointer is not None:
-                summary["checkpoints_written"] = len(checkpointer.write_seconds)
-                if checkpointer.write_seconds:
-                    summary["checkpoint_write_ms"] = round(
-                        1e3 * float(np.mean(checkpointer.write_seconds)), 3
-                    )
-                summary["checkpoint"] = (
-                    str(checkpointer.last_path) if checkpointer.last_path else None
+
+    # ------------------------------------------------------------------ the run
+
+    def execute(self, echo) -> dict:
+        """Drivers, resume, the run itself, then the summary (written also when the run
+        fails: the data so far is kept); returns the summary."""
+        from . import checkpoint as ckpt
+
+        summary: dict = {}
+        failure: BaseException | None = None
+        interrupted: ckpt.RunInterrupted | None = None
+        try:
+            driver_args = self._driver_args()
+            checkpointer = self.checkpointer
+            signals = (
+                checkpointer.signals() if checkpointer is not None else contextlib.nullcontext()
+            )
+            with signals:
+                if self.hub is not None and self.master:
+                    self._start_drivers(self.hub, driver_args)
+                self._resume()
+                self._run_meep()
+        except ckpt.RunInterrupted as exc:
+            interrupted = failure = exc
+        except BaseException as exc:  # the data is written, then re-raised
+            failure = exc
+        finally:
+            stopped = self.hub is not None and self.hub.stop_requested
+            if self.master:
+                summary = self._summary(failure, interrupted, stopped)
+            self._release(summary)
+        return self._conclude(summary, failure, interrupted, stopped, echo)
+
+    def _driver_args(self) -> list[str]:
+        """Checkpoint options for the socket drivers."""
+        if self.hub is None:
+            return []
+        if self.checkpointer is not None and self.ck_config is not None:
+            return self.checkpointer.driver_args(self.ck_config.driver_every)
+        if self.loaded is not None:
+            return ["--checkpoint-dir", str(self._driver_dir(self.loaded))]
+        return []
+
+    def _driver_dir(self, loaded: LoadedCheckpoint) -> Path:
+        """Where the socket drivers keep their checkpoints: the checkpointer's directory,
+        else (a resume without a [checkpoint] table) the resumed checkpoint's."""
+        if self.checkpointer is not None:
+            return self.checkpointer.driver_dir
+        return loaded.path.parent / "drivers"
+
+    def _start_drivers(self, hub: SocketHub, driver_args: list[str]) -> None:
+        """Rank 0 with a hub: register the molecules, put a resumed hub's state back, then
+        start (or await) the drivers until each one is bound."""
+        from . import checkpoint as ckpt
+
+        logs = self.out_dir / "drivers"
+        logs.mkdir(exist_ok=True)
+        for mid in np.concatenate(self.ids_by_group).tolist():
+            hub.register_molecule(mid)
+        loaded = self.loaded
+        if loaded is not None:
+            if loaded.hub_snapshot is None:
+                raise ckpt.CheckpointError(f"{loaded.path} has no hub snapshot")
+            hub.restore(loaded.hub_snapshot)
+            ckpt.restore_driver_files(loaded, self._driver_dir(loaded))
+        local = self.transport.drivers == "local"
+        ck_config = self.ck_config
+        if (
+            self.checkpointer is not None
+            and ck_config is not None
+            and ck_config.restart_drivers
+            and local
+        ):
+            self.supervisor = _Supervisor(self.procs, ck_config.restart_drivers)
+            self.coupling.on_lost = self.supervisor
+        if local:
+            # Every wait for drivers to bind or initialise (here and in the coupling)
+            # ends when one of ours exits: the run fails at once with its log tail,
+            # with no deadline needed. Replaced ones are not watched.
+            hub.watch_processes(self._watched_processes)
+        if self.transport.drivers == "external":
+            _await_external_drivers(hub, np.concatenate(self.ids_by_group).tolist(), self.transport)
+        if local:
+            self._launch_local_drivers(hub, logs, driver_args)
+
+    def _watched_processes(self) -> list[subprocess.Popen]:
+        supervisor = self.supervisor
+        return [
+            p for mid, p in self.procs if supervisor is None or (mid, p) not in supervisor._replaced
+        ]
+
+    def _launch_local_drivers(self, hub: SocketHub, logs: Path, driver_args: list[str]) -> None:
+        """Start the local drivers batch by batch, each bound before the next starts."""
+        transport = self.transport
+        for ids, model, params in _driver_batches(self.config, self.ids_by_group):
+            launch = functools.partial(
+                _start_batch,
+                model=model,
+                params=params,
+                per=transport.molecules_per_driver,
+                logs=logs,
+                where=self.where,
+                timeout=transport.timeout,
+                extra=driver_args,
+                new_session=self.checkpointer is not None,
+                secret=self.secret,
+            )
+            entries = launch(ids)
+            self.procs.extend(entries)  # the list the supervisor and the hub watch
+            if self.supervisor is not None:
+                self.supervisor.track(entries, ids, launch)
+            if not hub.wait_until_bound(ids, require_init=False, timeout=transport.timeout):
+                raise MaxwellHubError(
+                    _dead_drivers_message(self.procs, logs)
+                    or f"drivers for molecules {ids} did not connect " + _within(transport.timeout)
                 )
-            if supervisor is not None:
-                summary["drivers_restarted"] = supervisor.restarts
-            if interrupted is not None:
-                summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
-                summary["checkpoint"] = str(interrupted.path)
-        if checkpointer is not None:
-            checkpointer.close()
+
+    def _resume(self) -> None:
+        """Put the simulation and the coupling back to the resumed checkpoint's step."""
+        from . import checkpoint as ckpt
+
+        loaded = self.loaded
+        if loaded is None:
+            return
+        ckpt.restore(loaded, self.sim, self.coupling)
+        if self.checkpointer is not None:
+            self.checkpointer.mark_restored(loaded.step)
+        log.warning("resumed from %s at step %d", loaded.path, loaded.step)
+
+    def _run_meep(self) -> None:
+        steps = [self.coupling.step_function()]
+        if self.checkpointer is not None:
+            steps.append(self.checkpointer.step_function())
+        until = self.config.simulation.until
+        # an absolute end, so that a resumed run stops where the uninterrupted one does
+        self.sim.run(
+            *steps, self.progress.step_function(), until=lambda sim: sim.round_time() >= until
+        )
+
+    # ------------------------------------------------------------------ the end
+
+    def _summary(
+        self, failure: BaseException | None, interrupted: RunInterrupted | None, stopped
+    ) -> dict:
+        """Rank 0: write the output (:func:`_finish`) and complete its summary;
+        ``stopped``: the hub's stop request, as it was when the run ended."""
+        summary = _finish(
+            self.config, self.coupling, failure, self.procs, self.t_start, self.progress
+        )
+        hub, loaded, checkpointer = self.hub, self.loaded, self.checkpointer
         if hub is not None:
-            hub.stop()
-        codes = reap([p for _, p in procs], 10.0)
-        if master and procs:
+            summary["control"] = hub.control_address
+        if stopped:
+            summary["stopped"] = stopped
+        if loaded is not None:
+            summary["resumed_from"] = str(loaded.path)
+            summary["resumed_at_step"] = loaded.step
+        if checkpointer is not None:
+            summary["checkpoints_written"] = len(checkpointer.write_seconds)
+            if checkpointer.write_seconds:
+                summary["checkpoint_write_ms"] = round(
+                    1e3 * float(np.mean(checkpointer.write_seconds)), 3
+                )
+            summary["checkpoint"] = str(checkpointer.last_path) if checkpointer.last_path else None
+        if self.supervisor is not None:
+            summary["drivers_restarted"] = self.supervisor.restarts
+        if interrupted is not None:
+            summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
+            summary["checkpoint"] = str(interrupted.path)
+        return summary
+
+    def _release(self, summary: dict) -> None:
+        """Unlock the checkpoint directory, stop the hub, reap the drivers."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if self.hub is not None:
+            self.hub.stop()
+        codes = reap([p for _, p in self.procs], 10.0)
+        if self.master and self.procs:
             summary["driver_exit_codes"] = codes
-    if interrupted is not None and not master:  # every rank exits 75 (mpirun passes it on)
-        summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
-    if failure is not None and not stopped and interrupted is None:
-        if master:
-            dead = _dead_drivers_message(procs, out_dir / "drivers")
-            raise MaxwellHubError(
-                f"run failed: {failure}"
-                + (f"; {dead}" if dead else "")
-                + f"; data so far written to {summary.get('hdf5')}"
-            ) from failure
-        raise failure
-    if master:
-        echo(json.dumps(summary))
-    return summary
+
+    def _conclude(
+        self,
+        summary: dict,
+        failure: BaseException | None,
+        interrupted: RunInterrupted | None,
+        stopped,
+        echo,
+    ) -> dict:
+        """Raise the run's failure (naming a dead driver), or print the summary line."""
+        if interrupted is not None and not self.master:  # every rank exits 75 (mpirun passes it on)
+            summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
+        if failure is not None and not stopped and interrupted is None:
+            if self.master:
+                dead = _dead_drivers_message(self.procs, self.out_dir / "drivers")
+                raise MaxwellHubError(
+                    f"run failed: {failure}"
+                    + (f"; {dead}" if dead else "")
+                    + f"; data so far written to {summary.get('hdf5')}"
+                ) from failure
+            raise failure
+        if self.master:
+            echo(json.dumps(summary))
+        return summary
 
 
 def _await_external_drivers(hub, ids: list[int], transport) -> None:
