@@ -72,7 +72,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal, overload
 
 import numpy as np
 
@@ -80,9 +80,19 @@ from .errors import MaxwellHubError, UsageError
 from .fsutil import fsync_dir, fsync_file
 from .mpi import any_rank, comm_world, mpi_bcast_from_master, rank_and_size
 
-__all__ = ["FORMAT", "STOPPED_BY_SIGNAL", "RunCheckpointer", "RunInterrupted",
-           "LoadedCheckpoint", "find_checkpoint", "load_checkpoint", "restore",
-           "config_identity", "identity_differences", "CheckpointError"]
+__all__ = [
+    "FORMAT",
+    "STOPPED_BY_SIGNAL",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "RunCheckpointer",
+    "RunInterrupted",
+    "config_identity",
+    "find_checkpoint",
+    "identity_differences",
+    "load_checkpoint",
+    "restore",
+]
 
 log = logging.getLogger("maxwellhub.checkpoint")
 
@@ -114,16 +124,25 @@ class RunInterrupted(MaxwellHubError):
         self.signum = signum
         self.step = step
         self.path = path
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; "
-                         f"checkpoint {path}")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {path}"
+        )
 
 
 # ---------------------------------------------------------------------- config identity
 
 # keys of maxwellhub run's config that a resumed run may change: where things go and how
 # they travel, not what is computed
-_FREE_KEYS = ("simulation.until", "transport.name", "transport.host", "transport.port",
-              "transport.timeout", "output.directory", "output.plot", "checkpoint.")
+_FREE_KEYS = (
+    "simulation.until",
+    "transport.name",
+    "transport.host",
+    "transport.port",
+    "transport.timeout",
+    "output.directory",
+    "output.plot",
+    "checkpoint.",
+)
 
 
 def config_identity(config) -> dict[str, Any]:
@@ -159,9 +178,12 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
     leaving out the keys a resumed run may change (paths, transport addresses, timeouts,
     ``simulation.until``, the ``[checkpoint]`` table)."""
     keys = sorted(set(saved) | set(current))
-    return [k for k in keys
-            if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in _FREE_KEYS)
-            and saved.get(k, "<absent>") != current.get(k, "<absent>")]
+    return [
+        k
+        for k in keys
+        if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in _FREE_KEYS)
+        and saved.get(k, "<absent>") != current.get(k, "<absent>")
+    ]
 
 
 # ---------------------------------------------------------------------- writing
@@ -206,11 +228,21 @@ class RunCheckpointer:
     for this run (a second run writing into it is refused).
     """
 
-    def __init__(self, directory: str | os.PathLike, sim, coupling, *, hub=None,
-                 every: int = 0, keep: int = 2, identity: Mapping[str, Any] | None = None,
-                 config_text: str = "", overrides: Mapping[str, Any] | None = None,
-                 driver_dir: str | os.PathLike | None = None,
-                 config_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        sim,
+        coupling,
+        *,
+        hub=None,
+        every: int = 0,
+        keep: int = 2,
+        identity: Mapping[str, Any] | None = None,
+        config_text: str = "",
+        overrides: Mapping[str, Any] | None = None,
+        driver_dir: str | os.PathLike | None = None,
+        config_dir: str | os.PathLike | None = None,
+    ) -> None:
         self._rank, self._size = rank_and_size()
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise UsageError(f"every = {every!r}; expected an int >= 0 (steps)")
@@ -227,11 +259,11 @@ class RunCheckpointer:
         self.overrides = dict(overrides or {})
         self.config_dir = os.fspath(config_dir) if config_dir is not None else None
         self.driver_dir = Path(driver_dir) if driver_dir else self.directory / "drivers"
-        self.requested: int | None = None   # the signal that asked for a stop
+        self.requested: int | None = None  # the signal that asked for a stop
         self.last_written: int | None = None
         self.last_path: Path | None = None
         self.write_seconds: list[float] = []
-        self._lock = None
+        self._lock: IO[str] | None = None  # DIR/.lock, held (flock) while this run writes
         self._token = os.getpid()  # names this run's partial directories
         if self._size > 1:
             self._init_mpi()
@@ -248,8 +280,9 @@ class RunCheckpointer:
         except OSError as exc:
             self._lock.close()
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise CheckpointError(f"another run is writing checkpoints into "
-                                      f"{self.directory} (its .lock is held)") from None
+                raise CheckpointError(
+                    f"another run is writing checkpoints into {self.directory} (its .lock is held)"
+                ) from None
             raise
         for entry in self.directory.glob(".partial_*"):  # left by a killed run
             shutil.rmtree(entry, ignore_errors=True)
@@ -284,11 +317,11 @@ class RunCheckpointer:
         """Options for ``maxwellhub-driver`` so that every run checkpoint finds the
         driver's checkpoint at its step (``every`` must be a multiple of ``driver_every``)."""
         if self.every % driver_every:
-            raise UsageError(f"every = {self.every} is not a multiple of driver_every = "
-                             f"{driver_every}")
+            raise UsageError(
+                f"every = {self.every} is not a multiple of driver_every = {driver_every}"
+            )
         self.driver_dir.mkdir(parents=True, exist_ok=True)
-        args = ["--checkpoint-dir", str(self.driver_dir),
-                "--checkpoint-every", str(driver_every)]
+        args = ["--checkpoint-dir", str(self.driver_dir), "--checkpoint-every", str(driver_every)]
         if self.every:
             args += ["--checkpoint-keep-every", str(self.every)]
         return args
@@ -329,16 +362,22 @@ class RunCheckpointer:
             # reaches the ranks at different moments)
             signum = self.coupling.stop_agreed
             if signum:
-                path = self.last_path if n == self.last_written and self.last_path \
+                path = (
+                    self.last_path
+                    if n == self.last_written and self.last_path
                     else self.write("signal")
+                )
                 raise RunInterrupted(signum, n, path)
             if self.every and n % self.every == 0 and n > 0 and n != self.last_written:
                 self.write("every")
             return
         if self.requested is not None:
             signum = self.requested
-            path = self.last_path if n == self.last_written and self.last_path \
+            path = (
+                self.last_path
+                if n == self.last_written and self.last_path
                 else self.write("signal")
+            )
             raise RunInterrupted(signum, n, path)
         if self.every and n % self.every == 0 and n > 0 and n != self.last_written:
             self.write("every")
@@ -364,14 +403,18 @@ class RunCheckpointer:
         def handler(signum, frame) -> None:
             if self.requested is not None:
                 if self._size > 1:
-                    log.error("second %s: aborting the MPI job without a checkpoint",
-                              signal.Signals(signum).name)
+                    log.error(
+                        "second %s: aborting the MPI job without a checkpoint",
+                        signal.Signals(signum).name,
+                    )
                     comm_world().Abort(128 + signum)
                 raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
             self.requested = signum
             self.coupling.stop_request = signum
-            log.warning("%s: writing a checkpoint at the next step boundary, then stopping",
-                        signal.Signals(signum).name)
+            log.warning(
+                "%s: writing a checkpoint at the next step boundary, then stopping",
+                signal.Signals(signum).name,
+            )
 
         for s in signums:
             signal.signal(s, handler)
@@ -408,20 +451,31 @@ class RunCheckpointer:
         self._publish(partial, final, n, reason, files)
         self.last_written, self.last_path = n, final
         self.write_seconds.append(time.perf_counter() - t0)
-        log.info("checkpoint at step %d (%s) in %.1f ms: %s", n, reason,
-                 1e3 * self.write_seconds[-1], final)
+        log.info(
+            "checkpoint at step %d (%s) in %.1f ms: %s",
+            n,
+            reason,
+            1e3 * self.write_seconds[-1],
+            final,
+        )
         return final
 
-    def _publish(self, partial: Path, final: Path, n: int, reason: str,
-                 files: list[str]) -> None:
+    def _publish(self, partial: Path, final: Path, n: int, reason: str, files: list[str]) -> None:
         """The manifest last, then the rename that makes ``partial`` the complete
         checkpoint ``final``, then the removal of checkpoints beyond ``keep``."""
         manifest = {
-            "format": FORMAT, "step": n, "meep_time": float(self.sim.meep_time()),
-            "reason": reason, "written_unix": time.time(), "files": files,
-            "molecules": len(self.coupling.molecule_ids), "mpi_ranks": self._size,
-            "meep_version": _meep_version(), "identity": self.identity,
-            "config_text": self.config_text, "overrides": self.overrides,
+            "format": FORMAT,
+            "step": n,
+            "meep_time": float(self.sim.meep_time()),
+            "reason": reason,
+            "written_unix": time.time(),
+            "files": files,
+            "molecules": len(self.coupling.molecule_ids),
+            "mpi_ranks": self._size,
+            "meep_version": _meep_version(),
+            "identity": self.identity,
+            "config_text": self.config_text,
+            "overrides": self.overrides,
             "config_dir": self.config_dir,
         }
         _write_json(partial / _MANIFEST, manifest)
@@ -432,7 +486,7 @@ class RunCheckpointer:
             shutil.rmtree(stale, ignore_errors=True)
         partial.rename(final)
         fsync_dir(self.directory)
-        for _, old in _step_dirs(self.directory)[:-self.keep]:
+        for _, old in _step_dirs(self.directory)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _write_mpi(self, reason: str) -> Path:
@@ -484,8 +538,11 @@ class RunCheckpointer:
                 log.error("%s", failed)
             if rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
-            raise CheckpointError(failed or f"checkpoint at step {n}: another MPI rank "
-                                  "could not write its part (see its log)")
+            raise CheckpointError(
+                failed
+                or f"checkpoint at step {n}: another MPI rank "
+                "could not write its part (see its log)"
+            )
         if rank == 0:
             try:
                 self._publish(partial, final, n, reason, files)
@@ -497,8 +554,13 @@ class RunCheckpointer:
         self.last_written, self.last_path = n, final
         self.write_seconds.append(time.perf_counter() - t0)
         if rank == 0:
-            log.info("checkpoint at step %d (%s) in %.1f ms: %s", n, reason,
-                     1e3 * self.write_seconds[-1], final)
+            log.info(
+                "checkpoint at step %d (%s) in %.1f ms: %s",
+                n,
+                reason,
+                1e3 * self.write_seconds[-1],
+                final,
+            )
         return final
 
     def _link_driver_files(self, into: Path) -> list[str]:
@@ -571,8 +633,13 @@ def find_checkpoint(path: str | os.PathLike, missing_ok: bool = False) -> Path |
     raise CheckpointError(f"no complete checkpoint in {path} (no step_*/{_MANIFEST})")
 
 
-def load_checkpoint(path: str | os.PathLike, missing_ok: bool = False
-                    ) -> LoadedCheckpoint | None:
+@overload
+def load_checkpoint(
+    path: str | os.PathLike, missing_ok: Literal[False] = False
+) -> LoadedCheckpoint: ...
+@overload
+def load_checkpoint(path: str | os.PathLike, missing_ok: bool) -> LoadedCheckpoint | None: ...
+def load_checkpoint(path: str | os.PathLike, missing_ok: bool = False) -> LoadedCheckpoint | None:
     """Read a checkpoint (a ``step_*`` directory or the directory holding them); with
     ``missing_ok``, None when there is none.
 
@@ -592,8 +659,7 @@ def load_checkpoint(path: str | os.PathLike, missing_ok: bool = False
                 loaded = _load(found, 0, size)
         except CheckpointError as exc:
             error = str(exc)
-    agreed = mpi_bcast_from_master({"path": None if found is None else str(found),
-                                    "error": error})
+    agreed = mpi_bcast_from_master({"path": None if found is None else str(found), "error": error})
     if agreed["error"]:
         raise CheckpointError(agreed["error"])
     if agreed["path"] is None:
@@ -605,8 +671,9 @@ def load_checkpoint(path: str | os.PathLike, missing_ok: bool = False
         except CheckpointError as exc:
             failed = str(exc)
     if any_rank(failed is not None):
-        raise CheckpointError(failed or f"{agreed['path']}: another MPI rank could not "
-                              "read its part (see its error)")
+        raise CheckpointError(
+            failed or f"{agreed['path']}: another MPI rank could not read its part (see its error)"
+        )
     return loaded
 
 
@@ -617,16 +684,19 @@ def _load(found: Path, rank: int, size: int) -> LoadedCheckpoint:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{found / _MANIFEST} is unreadable: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{found}: checkpoint format "
-                              f"{manifest.get('format') if isinstance(manifest, dict) else '?'}"
-                              f" is not this maxwellhub's ({FORMAT})")
+        raise CheckpointError(
+            f"{found}: checkpoint format "
+            f"{manifest.get('format') if isinstance(manifest, dict) else '?'}"
+            f" is not this maxwellhub's ({FORMAT})"
+        )
     ranks = manifest.get("mpi_ranks", 1)
     if ranks != size:
         raise CheckpointError(
             f"cannot resume from {found}: it was written by {ranks} MPI rank(s) and this "
             f"run has {size}; Meep's field dump is per chunk and its chunks follow the "
             f"number of ranks: resume with {ranks} rank(s)"
-            + (f" (mpirun -np {ranks})" if ranks > 1 else " (without mpirun)"))
+            + (f" (mpirun -np {ranks})" if ranks > 1 else " (without mpirun)")
+        )
     for name in manifest.get("files", []):
         if not (found / name).is_file():
             raise CheckpointError(f"{found} is incomplete: {name} is missing")
@@ -653,7 +723,8 @@ def check_identity(loaded: LoadedCheckpoint, identity: Mapping[str, Any]) -> Non
         raise CheckpointError(
             f"cannot resume from {loaded.path}: the config differs in {key}: checkpoint "
             f"{json.dumps(saved.get(key, '<absent>'))}, this run "
-            f"{json.dumps(identity.get(key, '<absent>'))}{more}")
+            f"{json.dumps(identity.get(key, '<absent>'))}{more}"
+        )
 
 
 def restore_driver_files(loaded: LoadedCheckpoint, driver_dir: str | os.PathLike) -> None:
@@ -684,7 +755,8 @@ def restore(loaded: LoadedCheckpoint, sim, coupling) -> int:
     if loaded_t != loaded.step:
         # Meep 1.25 dumps its step counter as float32: exact only up to 2**24 steps
         if abs(loaded_t - loaded.step) > loaded.step * 2.0**-23:
-            raise CheckpointError(f"{loaded.fields_file} holds step {loaded_t}, the "
-                                  f"manifest says {loaded.step}")
+            raise CheckpointError(
+                f"{loaded.fields_file} holds step {loaded_t}, the manifest says {loaded.step}"
+            )
         sim.fields.t = loaded.step
     return loaded.step

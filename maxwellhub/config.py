@@ -53,8 +53,18 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["ConfigError", "Config", "Simulation", "Transport", "MoleculeGroup", "Output",
-           "Checkpoint", "load_config", "parse_config", "parse_config_text"]
+__all__ = [
+    "Checkpoint",
+    "Config",
+    "ConfigError",
+    "MoleculeGroup",
+    "Output",
+    "Simulation",
+    "Transport",
+    "load_config",
+    "parse_config",
+    "parse_config_text",
+]
 
 
 class ConfigError(UsageError):
@@ -77,10 +87,10 @@ class Transport:
     name: str | None = None
     host: str = "127.0.0.1"
     port: int = 0
-    timeout: float | None = None     # None: no deadline; a dead driver is seen by its socket
+    timeout: float | None = None  # None: no deadline; a dead driver is seen by its socket
     molecules_per_driver: int = 1
-    secret_file: str | None = None   # shared secret: the hub requires it (HMAC challenge)
-    drivers: str = "local"           # "external": started by the user, not by the run
+    secret_file: str | None = None  # shared secret: the hub requires it (HMAC challenge)
+    drivers: str = "local"  # "external": started by the user, not by the run
     address_file: str | None = None  # where the hub publishes its address (rendezvous)
 
 
@@ -104,9 +114,9 @@ class Output:
 @dataclass(frozen=True)
 class Checkpoint:
     directory: Path
-    every: int = 0          # steps between checkpoints; 0: only on SIGTERM/SIGINT
-    driver_every: int = 1   # socket drivers' own checkpoint interval K
-    keep: int = 2           # complete run checkpoints kept
+    every: int = 0  # steps between checkpoints; 0: only on SIGTERM/SIGINT
+    driver_every: int = 1  # socket drivers' own checkpoint interval K
+    keep: int = 2  # complete run checkpoints kept
     restart_drivers: int = 3  # dead socket drivers restarted from their checkpoints
 
 
@@ -118,7 +128,7 @@ class Config:
     output: Output
     source: Path | None = None
     checkpoint: Checkpoint | None = None
-    text: str = ""          # the TOML document as read (before --set overrides)
+    text: str = ""  # the TOML document as read (before --set overrides)
     overrides: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE applied
     # where relative paths among the models' parameters are resolved: the config file's
     # directory (None: the current directory)
@@ -141,8 +151,10 @@ class _Table:
             raise ConfigError(f"{where or 'the file'} must be a table, got {data!r}")
         unknown = sorted(set(data) - set(allowed))
         if unknown:
-            raise ConfigError(f"unknown key {self._key(where, unknown[0])}; allowed keys "
-                              f"in {where or 'the top level'}: {', '.join(allowed)}")
+            raise ConfigError(
+                f"unknown key {self._key(where, unknown[0])}; allowed keys "
+                f"in {where or 'the top level'}: {', '.join(allowed)}"
+            )
         self.data = data
         self.where = where
 
@@ -163,16 +175,24 @@ class _Table:
             return default
         return self.data[key]
 
-    def number(self, key: str, default: Any = ..., *, low: float | None = None,
-               low_open: bool = False, integer: bool = False) -> Any:
+    def number(
+        self,
+        key: str,
+        default: Any = ...,
+        *,
+        low: float | None = None,
+        low_open: bool = False,
+        integer: bool = False,
+    ) -> Any:
         value = self.get(key, default)
         kind = "an integer" if integer else "a number"
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type or not math.isfinite(value):
             raise ConfigError(f"{self.key(key)} = {value!r}; expected {kind}")
         if low is not None and (value <= low if low_open else value < low):
-            raise ConfigError(f"{self.key(key)} = {value!r}; expected {kind} "
-                              f"{'>' if low_open else '>='} {low:g}")
+            raise ConfigError(
+                f"{self.key(key)} = {value!r}; expected {kind} {'>' if low_open else '>='} {low:g}"
+            )
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
@@ -185,19 +205,38 @@ class _Table:
         value = self.get(key) if value is ... else value
         if isinstance(value, (int, float)) and not isinstance(value, bool) and length == 1:
             value = [value]
-        if (not isinstance(value, list) or len(value) != length
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                           and math.isfinite(x) for x in value)):
-            raise ConfigError(f"{self.key(key)} = {value!r}; expected a list of {length} "
-                              "numbers (one per dimension)")
+        if (
+            not isinstance(value, list)
+            or len(value) != length
+            or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                for x in value
+            )
+        ):
+            raise ConfigError(
+                f"{self.key(key)} = {value!r}; expected a list of {length} "
+                "numbers (one per dimension)"
+            )
         return tuple(float(x) for x in value)
 
 
 def parse_config(data: dict, source: Path | None = None) -> Config:
     """Validate a parsed TOML document."""
     top = _Table(data, "", ("simulation", "transport", "molecules", "output", "checkpoint"))
-    sim_t = _Table(top.get("simulation"), "simulation",
-                   ("dimensions", "cell", "resolution", "pml", "time_units_fs", "until"))
+    simulation = _simulation(top)
+    transport = _transport(top)
+    groups = _molecule_groups(top, simulation.dimensions)
+    output = _output(top)
+    checkpoint = _checkpoint(top.get("checkpoint")) if top.has("checkpoint") else None
+    return Config(simulation, transport, groups, output, source, checkpoint)
+
+
+def _simulation(top: _Table) -> Simulation:
+    sim_t = _Table(
+        top.get("simulation"),
+        "simulation",
+        ("dimensions", "cell", "resolution", "pml", "time_units_fs", "until"),
+    )
     dims = sim_t.number("dimensions", integer=True)
     if dims not in (1, 2, 3):
         raise ConfigError(f"simulation.dimensions = {dims}; allowed: 1, 2, 3")
@@ -206,17 +245,36 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
         raise ConfigError(f"simulation.cell = {list(cell)}; every size must be > 0")
     pml = sim_t.number("pml", 0.0, low=0.0)
     if min(cell) <= 2 * pml:
-        raise ConfigError(f"simulation.pml = {pml:g} leaves no interior in a cell of "
-                          f"{list(cell)}; need 2*pml < every cell size")
-    simulation = Simulation(
-        dimensions=dims, cell=cell, pml=float(pml),
+        raise ConfigError(
+            f"simulation.pml = {pml:g} leaves no interior in a cell of "
+            f"{list(cell)}; need 2*pml < every cell size"
+        )
+    return Simulation(
+        dimensions=dims,
+        cell=cell,
+        pml=float(pml),
         resolution=float(sim_t.number("resolution", low=0.0, low_open=True)),
         time_units_fs=float(sim_t.number("time_units_fs", 0.1, low=0.0, low_open=True)),
-        until=float(sim_t.number("until", low=0.0, low_open=True)))
+        until=float(sim_t.number("until", low=0.0, low_open=True)),
+    )
 
-    tr_t = _Table(top.get("transport", {}), "transport",
-                  ("kind", "name", "host", "port", "timeout", "molecules_per_driver",
-                   "secret_file", "drivers", "address_file"))
+
+def _transport(top: _Table) -> Transport:
+    tr_t = _Table(
+        top.get("transport", {}),
+        "transport",
+        (
+            "kind",
+            "name",
+            "host",
+            "port",
+            "timeout",
+            "molecules_per_driver",
+            "secret_file",
+            "drivers",
+            "address_file",
+        ),
+    )
     kind = tr_t.choice("kind", _TRANSPORTS, "unix")
     name = tr_t.get("name", None)
     if name is not None and (not isinstance(name, str) or not name):
@@ -229,37 +287,54 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
         raise ConfigError(f"transport.port = {port}; expected 0..65535 (0 = any free port)")
     secret_file = tr_t.get("secret_file", None)
     if secret_file is not None and (not isinstance(secret_file, str) or not secret_file):
-        raise ConfigError(f"transport.secret_file = {secret_file!r}; expected the path of an "
-                          "owner-only file holding the shared secret")
+        raise ConfigError(
+            f"transport.secret_file = {secret_file!r}; expected the path of an "
+            "owner-only file holding the shared secret"
+        )
     drivers = tr_t.choice("drivers", ("local", "external"), "local")
     address_file = tr_t.get("address_file", None)
     if address_file is not None and (not isinstance(address_file, str) or not address_file):
         raise ConfigError(f"transport.address_file = {address_file!r}; expected a file path")
     if kind == "embedded" and (drivers == "external" or address_file is not None):
-        raise ConfigError("transport.drivers/address_file need socket drivers; "
-                          "transport.kind = 'embedded' has none")
-    transport = Transport(kind=kind, name=name, host=host, port=port, secret_file=secret_file,
-                          drivers=drivers, address_file=address_file,
-                          timeout=(float(tr_t.number("timeout", low=0.0, low_open=True))
-                                   if tr_t.has("timeout") else None),
-                          molecules_per_driver=tr_t.number("molecules_per_driver", 1, low=1,
-                                                           integer=True))
+        raise ConfigError(
+            "transport.drivers/address_file need socket drivers; "
+            "transport.kind = 'embedded' has none"
+        )
+    return Transport(
+        kind=kind,
+        name=name,
+        host=host,
+        port=port,
+        secret_file=secret_file,
+        drivers=drivers,
+        address_file=address_file,
+        timeout=(
+            float(tr_t.number("timeout", low=0.0, low_open=True)) if tr_t.has("timeout") else None
+        ),
+        molecules_per_driver=tr_t.number("molecules_per_driver", 1, low=1, integer=True),
+    )
 
+
+def _molecule_groups(top: _Table, dims: int) -> tuple[MoleculeGroup, ...]:
     groups_raw = top.get("molecules")
     if not isinstance(groups_raw, list) or not groups_raw:
         raise ConfigError("molecules must be a non-empty array of tables ([[molecules]])")
     groups = []
     for i, raw in enumerate(groups_raw):
         where = f"molecules[{i}]"
-        g = _Table(raw, where, ("model", "position", "positions", "count", "sigma", "axis",
-                                "rescaling", "params"))
+        g = _Table(
+            raw,
+            where,
+            ("model", "position", "positions", "count", "sigma", "axis", "rescaling", "params"),
+        )
         model = g.get("model")
         if not isinstance(model, str) or not model:
-            raise ConfigError(f"{where}.model = {model!r}; expected a model name such as "
-                              "'tls' or 'sho', or 'package.module:Class'")
+            raise ConfigError(
+                f"{where}.model = {model!r}; expected a model name such as "
+                "'tls' or 'sho', or 'package.module:Class'"
+            )
         if g.has("position") == g.has("positions"):
-            raise ConfigError(f"{where}: give exactly one of position (with count) or "
-                              "positions")
+            raise ConfigError(f"{where}: give exactly one of position (with count) or positions")
         if g.has("position"):
             count = g.number("count", 1, low=1, integer=True)
             positions = (g.vector("position", dims),) * count
@@ -273,13 +348,20 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
         params = g.get("params", {})
         if not isinstance(params, dict):
             raise ConfigError(f"{where}.params must be a table of model parameters")
-        groups.append(MoleculeGroup(
-            model=model, positions=positions,
-            sigma=float(g.number("sigma", 0.1, low=0.0)),
-            axis=g.choice("axis", _AXES, "z"),
-            rescaling=float(g.number("rescaling", 1.0)),
-            params=dict(params)))
+        groups.append(
+            MoleculeGroup(
+                model=model,
+                positions=positions,
+                sigma=float(g.number("sigma", 0.1, low=0.0)),
+                axis=g.choice("axis", _AXES, "z"),
+                rescaling=float(g.number("rescaling", 1.0)),
+                params=dict(params),
+            )
+        )
+    return tuple(groups)
 
+
+def _output(top: _Table) -> Output:
     out_t = _Table(top.get("output", {}), "output", ("directory", "record_every", "plot"))
     directory = out_t.get("directory", "out")
     if not isinstance(directory, str) or not directory:
@@ -287,11 +369,11 @@ def parse_config(data: dict, source: Path | None = None) -> Config:
     plot = out_t.get("plot", True)
     if not isinstance(plot, bool):
         raise ConfigError(f"output.plot = {plot!r}; expected true or false")
-    output = Output(directory=Path(directory),
-                    record_every=out_t.number("record_every", 1, low=1, integer=True),
-                    plot=plot)
-    checkpoint = _checkpoint(top.get("checkpoint")) if top.has("checkpoint") else None
-    return Config(simulation, transport, tuple(groups), output, source, checkpoint)
+    return Output(
+        directory=Path(directory),
+        record_every=out_t.number("record_every", 1, low=1, integer=True),
+        plot=plot,
+    )
 
 
 def _checkpoint(raw: Any) -> Checkpoint:
@@ -302,12 +384,18 @@ def _checkpoint(raw: Any) -> Checkpoint:
     every = t.number("every", 0, low=0, integer=True)
     driver_every = t.number("driver_every", 1, low=1, integer=True)
     if every and every % driver_every:
-        raise ConfigError(f"checkpoint.every = {every} is not a multiple of "
-                          f"checkpoint.driver_every = {driver_every}: a run checkpoint "
-                          "must find every socket driver's checkpoint at its step")
-    return Checkpoint(directory=Path(directory), every=every, driver_every=driver_every,
-                      keep=t.number("keep", 2, low=1, integer=True),
-                      restart_drivers=t.number("restart_drivers", 3, low=0, integer=True))
+        raise ConfigError(
+            f"checkpoint.every = {every} is not a multiple of "
+            f"checkpoint.driver_every = {driver_every}: a run checkpoint "
+            "must find every socket driver's checkpoint at its step"
+        )
+    return Checkpoint(
+        directory=Path(directory),
+        every=every,
+        driver_every=driver_every,
+        keep=t.number("keep", 2, low=1, integer=True),
+        restart_drivers=t.number("restart_drivers", 3, low=0, integer=True),
+    )
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
@@ -321,8 +409,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     return parse_config_text(text, path, overrides)
 
 
-def parse_config_text(text: str, source: Path | None = None,
-                      overrides: dict | None = None, base_dir: Path | None = None) -> Config:
+def parse_config_text(
+    text: str,
+    source: Path | None = None,
+    overrides: dict | None = None,
+    base_dir: Path | None = None,
+) -> Config:
     """:func:`load_config` of a TOML document already read (e.g. from a checkpoint).
     ``base_dir``: where relative parameter paths are resolved (default: the directory of
     ``source``, else the current directory)."""
@@ -341,5 +433,6 @@ def parse_config_text(text: str, source: Path | None = None,
     config = parse_config(data, source)
     if base_dir is None and source is not None:
         base_dir = source.resolve().parent
-    return dataclasses.replace(config, text=text, overrides=dict(overrides or {}),
-                               base_dir=base_dir)
+    return dataclasses.replace(
+        config, text=text, overrides=dict(overrides or {}), base_dir=base_dir
+    )

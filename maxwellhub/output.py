@@ -29,17 +29,29 @@ __all__ = ["UNITS", "Progress", "plot_dipole_spectrum", "plot_populations", "wri
 log = logging.getLogger("maxwellhub.run")
 
 UNITS = {
-    "molecule_id": "1", "step": "1", "time_meep": "Meep time unit (tau fs)",
-    "time_au": "a.u. of time", "energy_au": "Hartree",
-    "mux_au": "e a0", "muy_au": "e a0", "muz_au": "e a0",
-    "mux_m_au": "e a0", "muy_m_au": "e a0", "muz_m_au": "e a0",
-    "Pe": "1 (population)", "Pg": "1 (population)", "Pge_real": "1", "Pge_imag": "1",
-    "p_au": "a.u. of momentum (unit mass)", "q_au": "a.u. of length (unit mass)",
+    "molecule_id": "1",
+    "step": "1",
+    "time_meep": "Meep time unit (tau fs)",
+    "time_au": "a.u. of time",
+    "energy_au": "Hartree",
+    "mux_au": "e a0",
+    "muy_au": "e a0",
+    "muz_au": "e a0",
+    "mux_m_au": "e a0",
+    "muy_m_au": "e a0",
+    "muz_m_au": "e a0",
+    "Pe": "1 (population)",
+    "Pg": "1 (population)",
+    "Pge_real": "1",
+    "Pge_imag": "1",
+    "p_au": "a.u. of momentum (unit mass)",
+    "q_au": "a.u. of length (unit mass)",
 }
 
 
-def write_history(path: str | os.PathLike, history: Mapping[str, np.ndarray],
-                  attrs: Mapping[str, object]) -> Path:
+def write_history(
+    path: str | os.PathLike, history: Mapping[str, np.ndarray], attrs: Mapping[str, object]
+) -> Path:
     """Write ``history`` (from :meth:`MeepCoupling.history`) and ``attrs`` to HDF5."""
     import h5py
 
@@ -50,15 +62,19 @@ def write_history(path: str | os.PathLike, history: Mapping[str, np.ndarray],
         for key, value in history.items():
             ds = f.create_dataset(key, data=np.asarray(value))
             ds.attrs["units"] = UNITS.get(key, "see the model's documentation")
-        for key, value in attrs.items():
-            f.attrs[key] = value if isinstance(value, (str, bool, int, float)) \
-                else json.dumps(value)
+        for key, attr in attrs.items():
+            f.attrs[key] = attr if isinstance(attr, (str, bool, int, float)) else json.dumps(attr)
     os.replace(tmp, path)
     return path
 
 
-def plot_populations(path: str | os.PathLike, time_meep: np.ndarray, pe: np.ndarray,
-                     analytic: np.ndarray | None, title: str) -> Path:
+def plot_populations(
+    path: str | os.PathLike,
+    time_meep: np.ndarray,
+    pe: np.ndarray,
+    analytic: np.ndarray | None,
+    title: str,
+) -> Path:
     """Excited populations (one line per molecule, at most 20) against the analytic
     curve when there is one; PNG via matplotlib's Agg backend."""
     import matplotlib
@@ -69,12 +85,16 @@ def plot_populations(path: str | os.PathLike, time_meep: np.ndarray, pe: np.ndar
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     shown = pe[:, : min(pe.shape[1], 20)]
     for j in range(shown.shape[1]):
-        ax.plot(time_meep, shown[:, j], lw=2.2 if j == 0 else 1.0, color="tab:blue",
-                alpha=1.0 if j == 0 else 0.4,
-                label="simulated (maxwellhub + Meep)" if j == 0 else None)
+        ax.plot(
+            time_meep,
+            shown[:, j],
+            lw=2.2 if j == 0 else 1.0,
+            color="tab:blue",
+            alpha=1.0 if j == 0 else 0.4,
+            label="simulated (maxwellhub + Meep)" if j == 0 else None,
+        )
     if analytic is not None:
-        ax.plot(time_meep, analytic, "--", color="tab:red", lw=1.6,
-                label="analytic (golden rule)")
+        ax.plot(time_meep, analytic, "--", color="tab:red", lw=1.6, label="analytic (golden rule)")
     ax.set_xlabel("time (Meep units)")
     ax.set_ylabel("excited population $P_e$")
     ax.set_title(title, fontsize=10)
@@ -87,9 +107,15 @@ def plot_populations(path: str | os.PathLike, time_meep: np.ndarray, pe: np.ndar
     return path
 
 
-def plot_dipole_spectrum(path: str | os.PathLike, time_au: np.ndarray, dipole: np.ndarray,
-                         energy_ev: np.ndarray, spectrum: np.ndarray,
-                         peaks_ev: np.ndarray, title: str) -> Path:
+def plot_dipole_spectrum(
+    path: str | os.PathLike,
+    time_au: np.ndarray,
+    dipole: np.ndarray,
+    energy_ev: np.ndarray,
+    spectrum: np.ndarray,
+    peaks_ev: np.ndarray,
+    title: str,
+) -> Path:
     """Two panels: the dipole change of molecule 0 against time (a.u.), and the absorption
     spectrum with its peaks marked; PNG via matplotlib's Agg backend.
 
@@ -102,8 +128,9 @@ def plot_dipole_spectrum(path: str | os.PathLike, time_au: np.ndarray, dipole: n
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), dpi=110)
-    for k, (axis, color) in enumerate(zip("xyz", ("tab:blue", "tab:orange", "tab:green"),
-                                          strict=True)):
+    for k, (axis, color) in enumerate(
+        zip("xyz", ("tab:blue", "tab:orange", "tab:green"), strict=True)
+    ):
         top.plot(time_au, dipole[:, k], lw=1.0, color=color, label=f"$\\mu_{axis}$")
     top.set_xlabel("time (a.u.)")
     top.set_ylabel("$\\mu(t) - \\mu(0)$ (e $a_0$)")
@@ -112,8 +139,7 @@ def plot_dipole_spectrum(path: str | os.PathLike, time_au: np.ndarray, dipole: n
     top.grid(alpha=0.3)
     bottom.plot(energy_ev, spectrum, color="black", lw=1.2, label="RT spectrum")
     for j, peak in enumerate(peaks_ev):
-        bottom.axvline(peak, color="tab:red", lw=0.8, ls="--",
-                       label="peaks" if j == 0 else None)
+        bottom.axvline(peak, color="tab:red", lw=0.8, ls="--", label="peaks" if j == 0 else None)
     bottom.set_xlabel("photon energy (eV)")
     bottom.set_ylabel("absorption $S(E)$ (arb. units)")
     bottom.legend(loc="upper right", fontsize=8)
@@ -133,8 +159,8 @@ class Progress:
         self.total = max(int(total_steps), 1)
         self.every = every
         self.log = logger
-        self.start = None
-        self.next_report = None
+        self.start: float | None = None
+        self.next_report: float | None = None
         self.steps = 0
 
     def step_function(self):
@@ -147,7 +173,7 @@ class Progress:
 
     def tick(self) -> None:
         now = time.monotonic()
-        if self.start is None:
+        if self.start is None or self.next_report is None:  # set together, at the first tick
             self.start, self.next_report = now, now + self.every
             return
         self.steps += 1
@@ -160,5 +186,7 @@ class Progress:
         elapsed = max(now - (self.start or now), 1e-9)
         rate = self.steps / elapsed
         left = (self.total - self.steps) / rate if rate > 0 else float("inf")
-        return (f"step {self.steps}/{self.total} ({100 * self.steps / self.total:.0f}%), "
-                f"{rate:.0f} steps/s, about {left:.0f} s left")
+        return (
+            f"step {self.steps}/{self.total} ({100 * self.steps / self.total:.0f}%), "
+            f"{rate:.0f} steps/s, about {left:.0f} s left"
+        )

@@ -20,18 +20,32 @@ import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import Config, ConfigError, MoleculeGroup, load_config, parse_config_text
+from .config import (
+    Checkpoint,
+    Config,
+    ConfigError,
+    MoleculeGroup,
+    load_config,
+    parse_config_text,
+)
 from .errors import DriverLost, MaxwellHubError
 from .launch import reap, start_driver
 from .mpi import am_master, rank_and_size
 from .output import Progress, plot_populations, write_history
+
+if TYPE_CHECKING:
+    from .auth import Secret
+    from .checkpoint import LoadedCheckpoint, RunCheckpointer, RunInterrupted
+    from .hub import SocketHub
 
 __all__ = ["DEFAULT_CONFIG", "main", "run", "validate_models"]
 
@@ -44,7 +58,8 @@ def _center(dims: int, position: tuple[float, ...]) -> tuple[float, float, float
     """Config coordinates to Meep's: a 1D cell lies along z, 2D in the x-y plane."""
     if dims == 1:
         return (0.0, 0.0, position[0])
-    return tuple(position) + (0.0,) * (3 - len(position))
+    padded = (*position, 0.0, 0.0)  # a position has as many coordinates as dimensions
+    return (padded[0], padded[1], padded[2])
 
 
 def build_simulation(config: Config):
@@ -57,13 +72,11 @@ def build_simulation(config: Config):
     mp.verbosity(1 if chatty else 0)
     if not chatty and hasattr(mp, "report_elapsed_time"):
         atexit.unregister(mp.report_elapsed_time)  # it prints after our summary line
-    if s.dimensions == 1:
-        cell = mp.Vector3(0, 0, s.cell[0])
-    else:
-        cell = mp.Vector3(*s.cell)
+    cell = mp.Vector3(0, 0, s.cell[0]) if s.dimensions == 1 else mp.Vector3(*s.cell)
     boundary = [mp.PML(s.pml)] if s.pml > 0 else []
-    return mp.Simulation(cell_size=cell, resolution=s.resolution, boundary_layers=boundary,
-                         dimensions=s.dimensions)
+    return mp.Simulation(
+        cell_size=cell, resolution=s.resolution, boundary_layers=boundary, dimensions=s.dimensions
+    )
 
 
 def analytic_reference(config: Config, units) -> dict | None:
@@ -97,9 +110,12 @@ def analytic_reference(config: Config, units) -> dict | None:
     omega = units.frequency_au_to_meep(first["omega"])
     mu = units.dipole_au_to_meep(first["mu12"])
     dims = config.simulation.dimensions
-    return {"gamma": n * golden_rule_rate(dims, omega, mu),
-            "gamma_kernel": n * golden_rule_rate(dims, omega, mu, sigma=groups[0].sigma),
-            "p0": float(first["pe_initial"]), "molecules": n}
+    return {
+        "gamma": n * golden_rule_rate(dims, omega, mu),
+        "gamma_kernel": n * golden_rule_rate(dims, omega, mu, sigma=groups[0].sigma),
+        "p0": float(first["pe_initial"]),
+        "molecules": n,
+    }
 
 
 def validate_models(config: Config) -> Config:
@@ -148,7 +164,7 @@ def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
         if per > 1:
             for lo in range(0, len(ids), per):
                 params = cls.slice_params(group.params, lo, min(lo + per, len(ids)))
-                batches.append((ids[lo:lo + per], group.model, params))
+                batches.append((ids[lo : lo + per], group.model, params))
             continue
         for k, mid in enumerate(ids):
             params = cls.slice_params(group.params, k, k + 1)
@@ -159,9 +175,18 @@ def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
     return batches
 
 
-def _start_batch(ids: list[int], model: str, params: dict, per: int, logs: Path,
-                 where: dict, timeout: float | None, extra: list[str] = (),
-                 new_session: bool = False, secret=None) -> list:
+def _start_batch(
+    ids: list[int],
+    model: str,
+    params: dict,
+    per: int,
+    logs: Path,
+    where: dict,
+    timeout: float | None,
+    extra: Sequence[str] = (),
+    new_session: bool = False,
+    secret=None,
+) -> list:
     """Start the driver(s) of one batch; returns [(first molecule id, process)].
     ``extra``: more driver options (checkpoints); ``new_session``: see start_driver.
     The parameters travel in a JSON file (--params-file), typed as validated: a string
@@ -169,17 +194,34 @@ def _start_batch(ids: list[int], model: str, params: dict, per: int, logs: Path,
     if per == 1:
         params_file = logs / f"params_{ids[0]}.json"
         params_file.write_text(json.dumps(params))
-        return [(mid, start_driver(model, None, timeout=timeout,
-                                   log_path=logs / f"molecule_{mid}.log",
-                                   extra_args=["--params-file", str(params_file), *extra],
-                                   new_session=new_session, secret=secret, **where))
-                for mid in ids]
+        return [
+            (
+                mid,
+                start_driver(
+                    model,
+                    None,
+                    timeout=timeout,
+                    log_path=logs / f"molecule_{mid}.log",
+                    extra_args=["--params-file", str(params_file), *extra],
+                    new_session=new_session,
+                    secret=secret,
+                    **where,
+                ),
+            )
+            for mid in ids
+        ]
     params_file = logs / f"ensemble_{ids[0]}.json"
     params_file.write_text(json.dumps(params))
-    proc = start_driver(model, None, timeout=timeout, log_path=logs / f"molecule_{ids[0]}.log",
-                        extra_args=["--molecules", str(len(ids)),
-                                    "--params-file", str(params_file), *extra],
-                        new_session=new_session, secret=secret, **where)
+    proc = start_driver(
+        model,
+        None,
+        timeout=timeout,
+        log_path=logs / f"molecule_{ids[0]}.log",
+        extra_args=["--molecules", str(len(ids)), "--params-file", str(params_file), *extra],
+        new_session=new_session,
+        secret=secret,
+        **where,
+    )
     return [(ids[0], proc)]
 
 
@@ -191,15 +233,14 @@ class _Supervisor:
     lives on, the run ends as without checkpoints."""
 
     def __init__(self, procs: list, limit: int, grace: float = 5.0) -> None:
-        self.procs = procs                 # [(first molecule id, Popen)], shared with run()
+        self.procs = procs  # [(first molecule id, Popen)], shared with run()
         self.limit = limit
         self.grace = grace
         self.restarts = 0
-        self._replaced: set = set()        # (mid, Popen) already restarted
+        self._replaced: set = set()  # (mid, Popen) already restarted
         self._relaunch: dict[int, Callable[[], list]] = {}
 
-    def track(self, entries: list, ids: list[int], relaunch: Callable[[list[int]], list]
-              ) -> None:
+    def track(self, entries: list, ids: list[int], relaunch: Callable[[list[int]], list]) -> None:
         for mid, _ in entries:
             sub = [mid] if len(entries) > 1 or len(ids) == 1 else ids
             self._relaunch[mid] = functools.partial(relaunch, sub)
@@ -209,31 +250,41 @@ class _Supervisor:
         # necessarily the one started "for" the lost molecule: restart the processes that
         # died (each with its own command line; it binds to the molecule left free).
         dead = self._dead()
-        if not dead:   # the connection went first; the process follows within moments
+        if not dead:  # the connection went first; the process follows within moments
             self._await_an_exit(self.grace)
             dead = self._dead()
         if not dead:
-            log.error("molecule(s) %s lost their driver's connection but every driver "
-                      "process lives on; not restarting any", exc.molecules)
+            log.error(
+                "molecule(s) %s lost their driver's connection but every driver "
+                "process lives on; not restarting any",
+                exc.molecules,
+            )
             return False
         if self.restarts + len(dead) > self.limit:
-            log.error("driver restarts exhausted (checkpoint.restart_drivers = %d)",
-                      self.limit)
+            log.error("driver restarts exhausted (checkpoint.restart_drivers = %d)", self.limit)
             return False
         for mid, proc in dead:
             self.restarts += 1
             self._replaced.add((mid, proc))
-            log.warning("a driver process (pid %d) exited with code %s, molecule(s) %s left "
-                        "without a driver; restarting it from its checkpoint (restart %d of "
-                        "at most %d)", proc.pid, proc.returncode, exc.molecules,
-                        self.restarts, self.limit)
+            log.warning(
+                "a driver process (pid %d) exited with code %s, molecule(s) %s left "
+                "without a driver; restarting it from its checkpoint (restart %d of "
+                "at most %d)",
+                proc.pid,
+                proc.returncode,
+                exc.molecules,
+                self.restarts,
+                self.limit,
+            )
             self.procs.extend(self._relaunch[mid]())
         return True
 
     def _dead(self) -> list:
-        return [(mid, p) for mid, p in self.procs
-                if p.poll() is not None and p.returncode != 0 and (mid, p) not in
-                self._replaced]
+        return [
+            (mid, p)
+            for mid, p in self.procs
+            if p.poll() is not None and p.returncode != 0 and (mid, p) not in self._replaced
+        ]
 
     def _await_an_exit(self, timeout: float) -> None:
         """Wait until one of the live driver processes exits, at most ``timeout`` s (a
@@ -259,213 +310,389 @@ def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> 
     a ``[checkpoint]`` table, SIGTERM/SIGINT write a checkpoint and end the run with
     ``summary["stopped_by_signal"]`` set (``main`` then exits with status 75).
     """
-    from . import checkpoint as ckpt
-    from .em import MeepCoupling
-    from .hub import SocketHub
-
     t_start = time.perf_counter()
     config = validate_models(config)  # idempotent: main() has done it already
-    master = am_master()
-    out_dir = config.output.directory
-    ck_config = config.checkpoint
-    identity = ckpt.config_identity(config)
-    loaded = None
-    if resume is not None:  # collective under MPI: every rank the same one, or refused
-        loaded = ckpt.load_checkpoint(resume)
-        ckpt.check_identity(loaded, identity)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    sim = build_simulation(config)
-    dt_meep = sim.Courant / sim.resolution
-    steps_total = int(round(config.simulation.until / dt_meep))
-    if loaded is not None and loaded.step > steps_total:
-        raise ckpt.CheckpointError(
-            f"simulation.until = {config.simulation.until:g} ends at step {steps_total}, "
-            f"before the checkpoint's step {loaded.step} ({loaded.path})")
-    transport = config.transport
-    hub = None
-    hub_kw: dict = {}
-    if transport.kind != "embedded" and (ck_config is not None or loaded is not None):
-        # replayable history: K + 1 steps reach back to the drivers' last checkpoint
-        k = ck_config.driver_every if ck_config is not None else 1
-        saved = int(loaded.hub_snapshot.get("history", 0)) if loaded is not None \
-            and loaded.hub_snapshot is not None else 0
-        hub_kw["history"] = max(k + 1, saved)
-    secret = None
-    if transport.kind != "embedded" and transport.secret_file is not None:
-        from .auth import load_secret
+    job = _Run(config, t_start)
+    job.set_up(resume)
+    return job.execute(echo)
 
-        secret = load_secret(transport.secret_file)   # a bad file: UsageError naming it
-        hub_kw["auth"] = secret
-    if transport.address_file is not None:
-        hub_kw["address_file"] = transport.address_file
-    if transport.kind != "embedded":
+
+class _Run:
+    """One :func:`run`, in steps that share its state: :meth:`set_up` (the checkpoint to
+    resume, the simulation, the hub, the coupling, the checkpointer), then
+    :meth:`execute`: the drivers' launch, the resume, the Meep run itself and the
+    summary."""
+
+    def __init__(self, config: Config, t_start: float) -> None:
+        self.config = config
+        self.t_start = t_start
+        self.master = am_master()
+        self.out_dir = config.output.directory
+        self.ck_config = config.checkpoint
+        self.transport = config.transport
+        self.loaded: LoadedCheckpoint | None = None
+        self.hub: SocketHub | None = None
+        self.where: dict[str, Any] = {}  # how drivers reach the hub (start_driver keywords)
+        self.secret: Secret | None = None
+        self.procs: list[tuple[int, subprocess.Popen]] = []  # (first molecule id, process)
+        self.checkpointer: RunCheckpointer | None = None
+        self.supervisor: _Supervisor | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def set_up(self, resume: str | os.PathLike | None) -> None:
+        from . import checkpoint as ckpt
+
+        config = self.config
+        self.identity = ckpt.config_identity(config)
+        if resume is not None:  # collective under MPI: every rank the same one, or refused
+            self.loaded = ckpt.load_checkpoint(resume)
+            ckpt.check_identity(self.loaded, self.identity)
+        if self.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.sim = build_simulation(config)
+        self.steps_total = self._steps_total()
+        self._start_hub()
+        self._make_coupling()
+        if self.hub is not None and self.master:
+            log.warning(
+                "control endpoint: %s (maxwellhub status|stop %s)",
+                self.hub.control_address,
+                self.hub.control_address,
+            )
+        start_step = self.loaded.step if self.loaded is not None else 0
+        self.progress = Progress(self.steps_total - start_step)
+        if self.ck_config is not None:
+            self._make_checkpointer(self.ck_config)
+
+    def _steps_total(self) -> int:
+        from . import checkpoint as ckpt
+
+        until = self.config.simulation.until
+        dt_meep = self.sim.Courant / self.sim.resolution
+        steps_total = round(until / dt_meep)
+        loaded = self.loaded
+        if loaded is not None and loaded.step > steps_total:
+            raise ckpt.CheckpointError(
+                f"simulation.until = {until:g} ends at step {steps_total}, "
+                f"before the checkpoint's step {loaded.step} ({loaded.path})"
+            )
+        return steps_total
+
+    def _hub_options(self) -> dict[str, Any]:
+        """SocketHub's keywords beyond the address: history, auth, address_file."""
+        transport, loaded = self.transport, self.loaded
+        hub_kw: dict[str, Any] = {}
+        if transport.kind != "embedded" and (self.ck_config is not None or loaded is not None):
+            # replayable history: K + 1 steps reach back to the drivers' last checkpoint
+            k = self.ck_config.driver_every if self.ck_config is not None else 1
+            saved = (
+                int(loaded.hub_snapshot.get("history", 0))
+                if loaded is not None and loaded.hub_snapshot is not None
+                else 0
+            )
+            hub_kw["history"] = max(k + 1, saved)
+        if transport.kind != "embedded" and transport.secret_file is not None:
+            from .auth import load_secret
+
+            self.secret = load_secret(transport.secret_file)  # a bad file: UsageError naming it
+            hub_kw["auth"] = self.secret
+        if transport.address_file is not None:
+            hub_kw["address_file"] = transport.address_file
+        return hub_kw
+
+    def _start_hub(self) -> None:
+        from .hub import SocketHub
+
+        transport = self.transport
+        hub_kw = self._hub_options()
+        if transport.kind == "embedded":
+            return
         control = f"mxh_run_{os.getpid()}"  # maxwellhub status|stop /tmp/maxwellhub_control_...
         if transport.kind == "unix":
             name = transport.name or f"mxh_run_{os.getpid()}"
-            hub = SocketHub(unixsocket=name, timeout=transport.timeout, control=control,
-                            **hub_kw)
-            where = {"unix": name}
+            self.hub = SocketHub(
+                unixsocket=name, timeout=transport.timeout, control=control, **hub_kw
+            )
+            self.where = {"unix": name}
         else:
-            hub = SocketHub(host=transport.host, port=transport.port,
-                            timeout=transport.timeout, control=control, **hub_kw)
-            where = {"host": transport.host if transport.host != "0.0.0.0" else "127.0.0.1",
-                     "port": hub.port}
-    coupling = MeepCoupling(sim, time_units_fs=config.simulation.time_units_fs, hub=hub,
-                            record_every=config.output.record_every,
-                            timeout=transport.timeout, on_lost="abort")
-    ids_by_group = [_add_group(coupling, config, g, socket=hub is not None)
-                    for g in config.molecules]
-    procs = []
-    summary: dict = {}
-    failure: BaseException | None = None
-    interrupted: ckpt.RunInterrupted | None = None
-    checkpointer = None
-    supervisor: _Supervisor | None = None
-    if hub is not None and master:
-        log.warning("control endpoint: %s (maxwellhub status|stop %s)", hub.control_address,
-                    hub.control_address)
-    start_step = loaded.step if loaded is not None else 0
-    progress = Progress(steps_total - start_step)
-    until = config.simulation.until
-    if ck_config is not None:
+            hub = self.hub = SocketHub(
+                host=transport.host,
+                port=transport.port,
+                timeout=transport.timeout,
+                control=control,
+                **hub_kw,
+            )
+            self.where = {
+                "host": transport.host if transport.host != "0.0.0.0" else "127.0.0.1",
+                "port": hub.port,
+            }
+
+    def _make_coupling(self) -> None:
+        from .em import MeepCoupling
+
+        config = self.config
+        self.coupling = MeepCoupling(
+            self.sim,
+            time_units_fs=config.simulation.time_units_fs,
+            hub=self.hub,
+            record_every=config.output.record_every,
+            timeout=self.transport.timeout,
+            on_lost="abort",
+        )
+        self.ids_by_group = [
+            _add_group(self.coupling, config, g, socket=self.hub is not None)
+            for g in config.molecules
+        ]
+
+    def _make_checkpointer(self, ck_config: Checkpoint) -> None:
+        from . import checkpoint as ckpt
+
+        config = self.config
         try:  # before anything is written: a locked directory must not cost the output
-            checkpointer = ckpt.RunCheckpointer(
-                ck_config.directory, sim, coupling, hub=hub, every=ck_config.every,
-                keep=ck_config.keep, identity=identity, config_text=config.text,
-                overrides=config.overrides, config_dir=config.base_dir)
+            self.checkpointer = ckpt.RunCheckpointer(
+                ck_config.directory,
+                self.sim,
+                self.coupling,
+                hub=self.hub,
+                every=ck_config.every,
+                keep=ck_config.keep,
+                identity=self.identity,
+                config_text=config.text,
+                overrides=config.overrides,
+                config_dir=config.base_dir,
+            )
         except BaseException:
-            if hub is not None:
-                hub.stop()
+            if self.hub is not None:
+                self.hub.stop()
             raise
-    try:
-        if hub is None:
-            driver_args = []
-        elif checkpointer is not None:
-            driver_dir = checkpointer.driver_dir
-            driver_args = checkpointer.driver_args(ck_config.driver_every)
-        elif loaded is not None:
-            driver_dir = loaded.path.parent / "drivers"
-            driver_args = ["--checkpoint-dir", str(driver_dir)]
-        else:
-            driver_args = []
-        signals = checkpointer.signals() if checkpointer is not None \
-            else contextlib.nullcontext()
-        with signals:
-            if hub is not None and master:
-                logs = out_dir / "drivers"
-                logs.mkdir(exist_ok=True)
-                for mid in np.concatenate(ids_by_group).tolist():
-                    hub.register_molecule(mid)
-                if loaded is not None:
-                    if loaded.hub_snapshot is None:
-                        raise ckpt.CheckpointError(f"{loaded.path} has no hub snapshot")
-                    hub.restore(loaded.hub_snapshot)
-                    ckpt.restore_driver_files(loaded, driver_dir)
-                if checkpointer is not None and ck_config.restart_drivers \
-                        and transport.drivers == "local":
-                    supervisor = _Supervisor(procs, ck_config.restart_drivers)
-                    coupling.on_lost = supervisor
-                if transport.drivers == "local":
-                    # Every wait for drivers to bind or initialise (here and in the coupling)
-                    # ends when one of ours exits: the run fails at once with its log tail,
-                    # with no deadline needed. Replaced ones are not watched.
-                    hub.watch_processes(lambda: [
-                        p for mid, p in procs
-                        if supervisor is None or (mid, p) not in supervisor._replaced])
-                if transport.drivers == "external":
-                    _await_external_drivers(hub, np.concatenate(ids_by_group).tolist(),
-                                            transport)
-                for ids, model, params in (_driver_batches(config, ids_by_group)
-                                           if transport.drivers == "local" else ()):
-                    launch = functools.partial(
-                        _start_batch, model=model, params=params,
-                        per=transport.molecules_per_driver, logs=logs, where=where,
-                        timeout=transport.timeout, extra=driver_args,
-                        new_session=checkpointer is not None, secret=secret)
-                    entries = launch(ids)
-                    procs += entries
-                    if supervisor is not None:
-                        supervisor.track(entries, ids, launch)
-                    if not hub.wait_until_bound(ids, require_init=False,
-                                                timeout=transport.timeout):
-                        raise MaxwellHubError(_dead_drivers_message(procs, logs) or
-                                              f"drivers for molecules {ids} did not connect "
-                                              + _within(transport.timeout))
-            if loaded is not None:
-                ckpt.restore(loaded, sim, coupling)
-                if checkpointer is not None:
-                    checkpointer.mark_restored(loaded.step)
-                log.warning("resumed from %s at step %d", loaded.path, loaded.step)
-            steps = [coupling.step_function()]
-            if checkpointer is not None:
-                steps.append(checkpointer.step_function())
-            # an absolute end, so that a resumed run stops where the uninterrupted one does
-            sim.run(*steps, progress.step_function(),
-                    until=lambda sim: sim.round_time() >= until)
-    except ckpt.RunInterrupted as exc:
-        interrupted = failure = exc
-    except BaseException as exc:  # noqa: BLE001 - the data is written, then re-raised
-        failure = exc
-    finally:
-        stopped = hub is not None and hub.stop_requested
-        if master:
-            summary = _finish(config, coupling, failure, procs, t_start, progress)
-            if hub is not None:
-                summary["control"] = hub.control_address
-            if stopped:
-                summary["stopped"] = stopped
-            if loaded is not None:
-                summary["resumed_from"] = str(loaded.path)
-                summary["resumed_at_step"] = loaded.step
-            if checkpointer is not None:
-                summary["checkpoints_written"] = len(checkpointer.write_seconds)
-                if checkpointer.write_seconds:
-                    summary["checkpoint_write_ms"] = round(
-                        1e3 * float(np.mean(checkpointer.write_seconds)), 3)
-                summary["checkpoint"] = str(checkpointer.last_path) \
-                    if checkpointer.last_path else None
-            if supervisor is not None:
-                summary["drivers_restarted"] = supervisor.restarts
-            if interrupted is not None:
-                summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
-                summary["checkpoint"] = str(interrupted.path)
-        if checkpointer is not None:
-            checkpointer.close()
+
+    # ------------------------------------------------------------------ the run
+
+    def execute(self, echo) -> dict:
+        """Drivers, resume, the run itself, then the summary (written also when the run
+        fails: the data so far is kept); returns the summary."""
+        from . import checkpoint as ckpt
+
+        summary: dict = {}
+        failure: BaseException | None = None
+        interrupted: ckpt.RunInterrupted | None = None
+        try:
+            driver_args = self._driver_args()
+            checkpointer = self.checkpointer
+            signals = (
+                checkpointer.signals() if checkpointer is not None else contextlib.nullcontext()
+            )
+            with signals:
+                if self.hub is not None and self.master:
+                    self._start_drivers(self.hub, driver_args)
+                self._resume()
+                self._run_meep()
+        except ckpt.RunInterrupted as exc:
+            interrupted = failure = exc
+        except BaseException as exc:  # the data is written, then re-raised
+            failure = exc
+        finally:
+            stopped = self.hub is not None and self.hub.stop_requested
+            if self.master:
+                summary = self._summary(failure, interrupted, stopped)
+            self._release(summary)
+        return self._conclude(summary, failure, interrupted, stopped, echo)
+
+    def _driver_args(self) -> list[str]:
+        """Checkpoint options for the socket drivers."""
+        if self.hub is None:
+            return []
+        if self.checkpointer is not None and self.ck_config is not None:
+            return self.checkpointer.driver_args(self.ck_config.driver_every)
+        if self.loaded is not None:
+            return ["--checkpoint-dir", str(self._driver_dir(self.loaded))]
+        return []
+
+    def _driver_dir(self, loaded: LoadedCheckpoint) -> Path:
+        """Where the socket drivers keep their checkpoints: the checkpointer's directory,
+        else (a resume without a [checkpoint] table) the resumed checkpoint's."""
+        if self.checkpointer is not None:
+            return self.checkpointer.driver_dir
+        return loaded.path.parent / "drivers"
+
+    def _start_drivers(self, hub: SocketHub, driver_args: list[str]) -> None:
+        """Rank 0 with a hub: register the molecules, put a resumed hub's state back, then
+        start (or await) the drivers until each one is bound."""
+        from . import checkpoint as ckpt
+
+        logs = self.out_dir / "drivers"
+        logs.mkdir(exist_ok=True)
+        for mid in np.concatenate(self.ids_by_group).tolist():
+            hub.register_molecule(mid)
+        loaded = self.loaded
+        if loaded is not None:
+            if loaded.hub_snapshot is None:
+                raise ckpt.CheckpointError(f"{loaded.path} has no hub snapshot")
+            hub.restore(loaded.hub_snapshot)
+            ckpt.restore_driver_files(loaded, self._driver_dir(loaded))
+        local = self.transport.drivers == "local"
+        ck_config = self.ck_config
+        if (
+            self.checkpointer is not None
+            and ck_config is not None
+            and ck_config.restart_drivers
+            and local
+        ):
+            self.supervisor = _Supervisor(self.procs, ck_config.restart_drivers)
+            self.coupling.on_lost = self.supervisor
+        if local:
+            # Every wait for drivers to bind or initialise (here and in the coupling)
+            # ends when one of ours exits: the run fails at once with its log tail,
+            # with no deadline needed. Replaced ones are not watched.
+            hub.watch_processes(self._watched_processes)
+        if self.transport.drivers == "external":
+            _await_external_drivers(hub, np.concatenate(self.ids_by_group).tolist(), self.transport)
+        if local:
+            self._launch_local_drivers(hub, logs, driver_args)
+
+    def _watched_processes(self) -> list[subprocess.Popen]:
+        supervisor = self.supervisor
+        return [
+            p for mid, p in self.procs if supervisor is None or (mid, p) not in supervisor._replaced
+        ]
+
+    def _launch_local_drivers(self, hub: SocketHub, logs: Path, driver_args: list[str]) -> None:
+        """Start the local drivers batch by batch, each bound before the next starts."""
+        transport = self.transport
+        for ids, model, params in _driver_batches(self.config, self.ids_by_group):
+            launch = functools.partial(
+                _start_batch,
+                model=model,
+                params=params,
+                per=transport.molecules_per_driver,
+                logs=logs,
+                where=self.where,
+                timeout=transport.timeout,
+                extra=driver_args,
+                new_session=self.checkpointer is not None,
+                secret=self.secret,
+            )
+            entries = launch(ids)
+            self.procs.extend(entries)  # the list the supervisor and the hub watch
+            if self.supervisor is not None:
+                self.supervisor.track(entries, ids, launch)
+            if not hub.wait_until_bound(ids, require_init=False, timeout=transport.timeout):
+                raise MaxwellHubError(
+                    _dead_drivers_message(self.procs, logs)
+                    or f"drivers for molecules {ids} did not connect " + _within(transport.timeout)
+                )
+
+    def _resume(self) -> None:
+        """Put the simulation and the coupling back to the resumed checkpoint's step."""
+        from . import checkpoint as ckpt
+
+        loaded = self.loaded
+        if loaded is None:
+            return
+        ckpt.restore(loaded, self.sim, self.coupling)
+        if self.checkpointer is not None:
+            self.checkpointer.mark_restored(loaded.step)
+        log.warning("resumed from %s at step %d", loaded.path, loaded.step)
+
+    def _run_meep(self) -> None:
+        steps = [self.coupling.step_function()]
+        if self.checkpointer is not None:
+            steps.append(self.checkpointer.step_function())
+        until = self.config.simulation.until
+        # an absolute end, so that a resumed run stops where the uninterrupted one does
+        self.sim.run(
+            *steps, self.progress.step_function(), until=lambda sim: sim.round_time() >= until
+        )
+
+    # ------------------------------------------------------------------ the end
+
+    def _summary(
+        self, failure: BaseException | None, interrupted: RunInterrupted | None, stopped
+    ) -> dict:
+        """Rank 0: write the output (:func:`_finish`) and complete its summary;
+        ``stopped``: the hub's stop request, as it was when the run ended."""
+        summary = _finish(
+            self.config, self.coupling, failure, self.procs, self.t_start, self.progress
+        )
+        hub, loaded, checkpointer = self.hub, self.loaded, self.checkpointer
         if hub is not None:
-            hub.stop()
-        codes = reap([p for _, p in procs], 10.0)
-        if master and procs:
+            summary["control"] = hub.control_address
+        if stopped:
+            summary["stopped"] = stopped
+        if loaded is not None:
+            summary["resumed_from"] = str(loaded.path)
+            summary["resumed_at_step"] = loaded.step
+        if checkpointer is not None:
+            summary["checkpoints_written"] = len(checkpointer.write_seconds)
+            if checkpointer.write_seconds:
+                summary["checkpoint_write_ms"] = round(
+                    1e3 * float(np.mean(checkpointer.write_seconds)), 3
+                )
+            summary["checkpoint"] = str(checkpointer.last_path) if checkpointer.last_path else None
+        if self.supervisor is not None:
+            summary["drivers_restarted"] = self.supervisor.restarts
+        if interrupted is not None:
+            summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
+            summary["checkpoint"] = str(interrupted.path)
+        return summary
+
+    def _release(self, summary: dict) -> None:
+        """Unlock the checkpoint directory, stop the hub, reap the drivers."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if self.hub is not None:
+            self.hub.stop()
+        codes = reap([p for _, p in self.procs], 10.0)
+        if self.master and self.procs:
             summary["driver_exit_codes"] = codes
-    if interrupted is not None and not master:  # every rank exits 75 (mpirun passes it on)
-        summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
-    if failure is not None and not stopped and interrupted is None:
-        if master:
-            dead = _dead_drivers_message(procs, out_dir / "drivers")
-            raise MaxwellHubError(f"run failed: {failure}" + (f"; {dead}" if dead else "")
-                                  + f"; data so far written to {summary.get('hdf5')}"
-                                  ) from failure
-        raise failure
-    if master:
-        echo(json.dumps(summary))
-    return summary
+
+    def _conclude(
+        self,
+        summary: dict,
+        failure: BaseException | None,
+        interrupted: RunInterrupted | None,
+        stopped,
+        echo,
+    ) -> dict:
+        """Raise the run's failure (naming a dead driver), or print the summary line."""
+        if interrupted is not None and not self.master:  # every rank exits 75 (mpirun passes it on)
+            summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
+        if failure is not None and not stopped and interrupted is None:
+            if self.master:
+                dead = _dead_drivers_message(self.procs, self.out_dir / "drivers")
+                raise MaxwellHubError(
+                    f"run failed: {failure}"
+                    + (f"; {dead}" if dead else "")
+                    + f"; data so far written to {summary.get('hdf5')}"
+                ) from failure
+            raise failure
+        if self.master:
+            echo(json.dumps(summary))
+        return summary
 
 
 def _await_external_drivers(hub, ids: list[int], transport) -> None:
     """``transport.drivers = "external"``: the user starts the drivers (another job, other
     nodes; ``maxwellhub-driver --address-file``); wait for all of them."""
-    where = (f"the address file {transport.address_file}" if transport.address_file
-             else f"{hub.address}")
-    log.warning("waiting %s for %d external driver(s) to connect through %s",
-                "without a deadline" if transport.timeout is None
-                else f"up to {transport.timeout:g} s", len(ids), where)
+    where = (
+        f"the address file {transport.address_file}" if transport.address_file else f"{hub.address}"
+    )
+    log.warning(
+        "waiting %s for %d external driver(s) to connect through %s",
+        "without a deadline" if transport.timeout is None else f"up to {transport.timeout:g} s",
+        len(ids),
+        where,
+    )
     if not hub.wait_until_bound(ids, require_init=False, timeout=transport.timeout):
         missing = [m for m in ids if not hub.all_bound([m], require_init=False)]
-        raise MaxwellHubError(f"no external driver connected for molecule(s) "
-                              f"{missing[:20]}{' ...' if len(missing) > 20 else ''} "
-                              + _within(transport.timeout, "transport.timeout = ")
-                              + " (start them with maxwellhub-driver --address-file or the "
-                              "hub's address)")
+        raise MaxwellHubError(
+            f"no external driver connected for molecule(s) "
+            f"{missing[:20]}{' ...' if len(missing) > 20 else ''} "
+            + _within(transport.timeout, "transport.timeout = ")
+            + " (start them with maxwellhub-driver --address-file or the "
+            "hub's address)"
+        )
 
 
 def _within(timeout: float | None, what: str = "") -> str:
@@ -493,12 +720,12 @@ def _dead_drivers_message(procs, logs: Path) -> str:
     with contextlib.suppress(OSError):
         lines = log_file.read_text(errors="replace").strip().splitlines()
         tail = f": {lines[-1]}" if lines else ""
-    return (f"the driver of molecule {mid} exited with code {code}{tail} (log {log_file})"
-            + (f"; {len(dead) - 1} more drivers died" if len(dead) > 1 else ""))
+    return f"the driver of molecule {mid} exited with code {code}{tail} (log {log_file})" + (
+        f"; {len(dead) - 1} more drivers died" if len(dead) > 1 else ""
+    )
 
 
-def _finish(config: Config, coupling, failure, procs, t_start: float,
-            progress: Progress) -> dict:
+def _finish(config: Config, coupling, failure, procs, t_start: float, progress: Progress) -> dict:
     """Write HDF5 (always, with what exists), then the plot and the summary."""
     from .analysis import compare_to_curve, fit_decay_rate, relaxation_curve
     from .kick_spectrum import kick_response, plot_kick_spectrum
@@ -519,7 +746,9 @@ def _finish(config: Config, coupling, failure, procs, t_start: float,
         "transport": config.transport.kind,
         "dimensions": config.simulation.dimensions,
         "mpi_ranks": rank_and_size()[1],
-        "fitted_rate": None, "golden_rule_rate": None, "relative_error": None,
+        "fitted_rate": None,
+        "golden_rule_rate": None,
+        "relative_error": None,
     }
     pe = history.get("Pe")
     analytic = None
@@ -529,38 +758,49 @@ def _finish(config: Config, coupling, failure, procs, t_start: float,
         errors = compare_to_curve(time_meep, mean_pe, ref["gamma"])
         analytic = relaxation_curve(time_meep, ref["gamma"], float(mean_pe[0]))
         summary.update(
-            fitted_rate=round(fitted, 8), golden_rule_rate=round(ref["gamma"], 8),
+            fitted_rate=round(fitted, 8),
+            golden_rule_rate=round(ref["gamma"], 8),
             relative_error=round(abs(fitted - ref["gamma"]) / ref["gamma"], 6),
             golden_rule_rate_kernel=round(ref["gamma_kernel"], 8),
-            relative_error_kernel=round(abs(fitted - ref["gamma_kernel"])
-                                        / ref["gamma_kernel"], 6),
+            relative_error_kernel=round(abs(fitted - ref["gamma_kernel"]) / ref["gamma_kernel"], 6),
             curve_std_over_p0=float(f"{errors['std']:.3e}"),
-            curve_max_over_p0=float(f"{errors['max']:.3e}"))
+            curve_max_over_p0=float(f"{errors['max']:.3e}"),
+        )
     summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
-    attrs = {"complete": failure is None,
-             "time_units_fs": config.simulation.time_units_fs,
-             "config": config.text or (config.source.read_text() if config.source else ""),
-             "summary": json.dumps(summary)}
+    attrs = {
+        "complete": failure is None,
+        "time_units_fs": config.simulation.time_units_fs,
+        "config": config.text or (config.source.read_text() if config.source else ""),
+        "summary": json.dumps(summary),
+    }
     hdf5 = write_history(out_dir / "molecules.h5", history, attrs)
     summary["hdf5"] = str(hdf5)
     if config.output.plot and pe is not None and records and failure is None:
-        title = (f"{config.simulation.dimensions}D, {config.molecule_count} molecule(s), "
-                 f"{config.transport.kind} transport")
-        summary["plot"] = str(plot_populations(out_dir / "populations.png", time_meep, pe,
-                                               analytic, title))
-    response = kick_response(config, history) if config.output.plot and failure is None \
-        else None
+        title = (
+            f"{config.simulation.dimensions}D, {config.molecule_count} molecule(s), "
+            f"{config.transport.kind} transport"
+        )
+        summary["plot"] = str(
+            plot_populations(out_dir / "populations.png", time_meep, pe, analytic, title)
+        )
+    response = kick_response(config, history) if config.output.plot and failure is None else None
     if response is not None:  # a kicked real molecule: its dipole and absorption spectrum
-        title = (f"{config.simulation.dimensions}D Meep, {config.molecule_count} molecule(s), "
-                 f"{config.transport.kind} transport")
+        title = (
+            f"{config.simulation.dimensions}D Meep, {config.molecule_count} molecule(s), "
+            f"{config.transport.kind} transport"
+        )
         summary.update(plot_kick_spectrum(out_dir / "spectrum.png", response, title))
     if failure is None:
         log.info("%s", progress.line())
     return summary
 
 
-def main(config_path: str | None = None, overrides: dict | None = None,
-         resume: str | None = None, missing_extras: bool = False) -> int:
+def main(
+    config_path: str | None = None,
+    overrides: dict | None = None,
+    resume: str | None = None,
+    missing_extras: bool = False,
+) -> int:
     """Entry of ``maxwellhub run``; returns the exit status: 0 done, 1 the run failed,
     2 bad config or a checkpoint that does not fit, 75 stopped by SIGTERM/SIGINT with a
     checkpoint written (continue with ``--resume``).
@@ -582,9 +822,12 @@ def main(config_path: str | None = None, overrides: dict | None = None,
                 return 2
             path = Path(resume)
             saved_dir = manifest.get("config_dir")
-            config = parse_config_text(manifest.get("config_text", ""), None,
-                                       {**manifest.get("overrides", {}), **(overrides or {})},
-                                       base_dir=Path(saved_dir) if saved_dir else None)
+            config = parse_config_text(
+                manifest.get("config_text", ""),
+                None,
+                {**manifest.get("overrides", {}), **(overrides or {})},
+                base_dir=Path(saved_dir) if saved_dir else None,
+            )
         else:
             config = load_config(path, overrides)
         if missing_extras:

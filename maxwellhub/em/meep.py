@@ -105,8 +105,9 @@ __all__ = ["MeepCoupling"]
 _AXES = {"x": 0, "y": 1, "z": 2}
 
 
-def _matvec(matrix: sp.csr_matrix, x: np.ndarray, out: np.ndarray, rows: slice,
-            transposed: bool = False) -> np.ndarray:
+def _matvec(
+    matrix: sp.csr_matrix, x: np.ndarray, out: np.ndarray, rows: slice, transposed: bool = False
+) -> np.ndarray:
     """``out = matrix @ x`` (or ``matrix.T @ x``) for a canonical CSR matrix whose rows
     outside ``rows`` are empty, and contiguous float64 vectors; returns ``out``. The
     transposed product loops over the matrix's rows too (CSR is the CSC of the
@@ -114,7 +115,7 @@ def _matvec(matrix: sp.csr_matrix, x: np.ndarray, out: np.ndarray, rows: slice,
     if _csr_matvec is None:
         out[:] = (matrix.T if transposed else matrix) @ x
         return out
-    indptr = matrix.indptr[rows.start:rows.stop + 1]
+    indptr = matrix.indptr[rows.start : rows.stop + 1]
     n = rows.stop - rows.start
     if transposed:
         out.fill(0.0)  # the kernels add to out
@@ -129,10 +130,10 @@ def _matvec(matrix: sp.csr_matrix, x: np.ndarray, out: np.ndarray, rows: slice,
 class _Group:
     """Molecules driven together: one embedded model, or the socket molecules."""
 
-    rows: np.ndarray             # rows of these molecules in the coupling's arrays
-    span: slice                  # the same rows (they are consecutive), as a slice
-    ids: np.ndarray              # their molecule ids
-    model: Any = None            # embedded: a maxwellhub_drivers model; None: socket
+    rows: np.ndarray  # rows of these molecules in the coupling's arrays
+    span: slice  # the same rows (they are consecutive), as a slice
+    ids: np.ndarray  # their molecule ids
+    model: Any = None  # embedded: a maxwellhub_drivers model; None: socket
     init: Mapping | None = None  # socket: extra INIT payload
 
 
@@ -140,9 +141,9 @@ class _Group:
 class _Patch:
     """The Yee sites of one field component in one box, owned by one Meep chunk."""
 
-    sourcedata: Any              # Meep's index vector of the sites (for add_srcdata)
-    view: np.ndarray             # complex view of the DFT accumulator at those sites
-    start: int                   # position of the sites in the coupling's site vector
+    sourcedata: Any  # Meep's index vector of the sites (for add_srcdata)
+    view: np.ndarray  # complex view of the DFT accumulator at those sites
+    start: int  # position of the sites in the coupling's site vector
     stop: int
 
 
@@ -160,8 +161,16 @@ class _Sites:
     dmu/dt, times each molecule's rescaling), both from :mod:`maxwellhub.units`.
     """
 
-    def __init__(self, sim, centers: np.ndarray, sigmas: np.ndarray, axes: np.ndarray,
-                 src_time, field_to_au: float, source_to_meep: np.ndarray) -> None:
+    def __init__(
+        self,
+        sim,
+        centers: np.ndarray,
+        sigmas: np.ndarray,
+        axes: np.ndarray,
+        src_time,
+        field_to_au: float,
+        source_to_meep: np.ndarray,
+    ) -> None:
         import meep as mp
 
         fields = sim.fields
@@ -176,10 +185,10 @@ class _Sites:
         _check_inside(sim, lo, hi, active)
         self.patches: list[_Patch] = []
         self._scale: float | None = None  # DFT accumulator units per field unit
-        self.offsets = np.zeros((3, 3))   # Yee offset (cells) of Ex, Ey, Ez per axis
+        self.offsets = np.zeros((3, 3))  # Yee offset (cells) of Ex, Ey, Ez per axis
         rows, cols, vals = [], [], []
         dv = dx ** int(active.sum())
-        self._dfts = []
+        self._dfts: list[Any] = []  # Meep DFT monitors (SWIG objects)
         for box_lo, box_hi, members in group_into_boxes(lo, hi, active, dx):
             center = mp.Vector3(*(0.5 * (box_lo + box_hi)))
             size = mp.Vector3(*(box_hi - box_lo))
@@ -196,9 +205,10 @@ class _Sites:
                         cols.append(patch.start + nz)
                         vals.append(w[nz])
         n_sites = self.patches[-1].stop if self.patches else 0
-        weights = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
-                                                        np.concatenate(cols))),
-                                shape=(3 * len(centers), n_sites))
+        weights = sp.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(3 * len(centers), n_sites),
+        )
         # normalise every molecule's kernel so that sum(w) dV = 1 over all its sites,
         # which may lie in several chunks and on several MPI ranks
         totals = np.asarray(weights.sum(axis=1)).ravel()
@@ -208,33 +218,34 @@ class _Sites:
         coupled = axes.T.ravel()
         if (totals[coupled] <= 0).any():
             m = int(np.flatnonzero(coupled & (totals <= 0))[0]) % len(centers)
-            raise UsageError(f"molecule at {list(centers[m])}: its kernel covers no grid "
-                             "point")
+            raise UsageError(f"molecule at {list(centers[m])}: its kernel covers no grid point")
         scale = np.where(totals > 0, 1.0 / np.where(totals > 0, totals, 1.0), 0.0)
         # rows a * M + m: component a of molecule m (one block of M rows per component)
-        normalised = (sp.diags(scale) @ weights).tocsr()             # (3M, sites), * dV
+        normalised = (sp.diags(scale) @ weights).tocsr()  # (3M, sites), * dV
         # E (a.u.) = normalised @ accumulator / (accumulator units per field unit) ...
         self.read_matrix = (normalised * (field_to_au / (self._scale or 1.0))).tocsr()
         # ... and the current at the sites = emit_matrix^T @ dmu/dt, with emit_matrix =
         # normalised / dV (dmu/dt in Meep units): the same sparsity, so both products
         # loop over the molecules' nonzero weights, never over all the sites in the boxes
-        self.emit_matrix = (sp.diags(np.tile(source_to_meep, 3) / dv) @ normalised
-                            ).tocsr()                                # (3M, sites)
+        self.emit_matrix = (
+            sp.diags(np.tile(source_to_meep, 3) / dv) @ normalised
+        ).tocsr()  # (3M, sites)
         for matrix in (self.read_matrix, self.emit_matrix):
             matrix.sum_duplicates()  # canonical CSR, as the C kernel expects
         m = len(centers)
         used = np.flatnonzero(axes.any(axis=0))  # the components any molecule couples to
         self._rows = slice(int(used.min()) * m, (int(used.max()) + 1) * m)
-        self.held = np.zeros(n_sites)                                # what Meep holds
+        self.held = np.zeros(n_sites)  # what Meep holds
         self._site_field = np.zeros(n_sites)
         self._read = np.zeros(3 * len(centers))
         self._emit = np.zeros(n_sites)
         self._delta = np.zeros(n_sites, dtype=np.complex128)  # imaginary part stays 0
         # the arguments of each per-step add_srcdata: the amplitudes are views of _delta
-        self._srcdata_args = [(p.sourcedata, src_time, p.stop - p.start,
-                               self._delta[p.start:p.stop], False) for p in self.patches]
-        self.self_coulomb = self_coulomb_matrices(centers, sigmas, axes, self.offsets,
-                                                   active, dx)
+        self._srcdata_args = [
+            (p.sourcedata, src_time, p.stop - p.start, self._delta[p.start : p.stop], False)
+            for p in self.patches
+        ]
+        self.self_coulomb = self_coulomb_matrices(centers, sigmas, axes, self.offsets, active, dx)
 
     def _patches(self, sim, mp, volume, component, active, dx):
         """Yield (patch, site coordinates) for this rank's chunks of one box."""
@@ -261,7 +272,7 @@ class _Sites:
             if code.size != n:
                 raise RuntimeError(f"Meep DFT chunk has {n} points but {code.size} sites")
             if n:
-                pos = np.stack(np.unravel_index(code, shape), axis=1)[:, :corner.size]
+                pos = np.stack(np.unravel_index(code, shape), axis=1)[:, : corner.size]
                 buffer = (ctypes.c_double * (2 * n)).from_address(int(chunk.dft))
                 view = np.ctypeslib.as_array(buffer).view(np.complex128)
                 view[:] = 0.0
@@ -271,8 +282,7 @@ class _Sites:
                 start = self.patches[-1].stop if self.patches else 0
                 patch = _Patch(data, view, start, start + n)
                 self.patches.append(patch)
-                fields.add_srcdata(data, self.src_time, n, np.zeros(n, np.complex128),
-                                   False)
+                fields.add_srcdata(data, self.src_time, n, np.zeros(n, np.complex128), False)
                 yield patch, corner + dx * pos
             chunk = chunk.next_in_dft
 
@@ -285,7 +295,7 @@ class _Sites:
         returned is overwritten by the next call."""
         site_field = self._site_field
         for p in self.patches:
-            site_field[p.start:p.stop] = p.view.real
+            site_field[p.start : p.stop] = p.view.real
             p.view.fill(0.0)
         return _matvec(self.read_matrix, site_field, self._read, self._rows)
 
@@ -295,9 +305,11 @@ class _Sites:
         holds exactly 0 there, so it then holds ``0 + held``, the same bits as ``held``."""
         held = np.asarray(held, dtype=np.float64)
         if held.shape != self.held.shape:
-            raise UsageError(f"the checkpoint has source amplitudes at {held.shape[0]} sites "
-                             f"but this simulation has {self.held.shape[0]} on this rank: "
-                             "the cell, resolution, molecules or MPI ranks differ")
+            raise UsageError(
+                f"the checkpoint has source amplitudes at {held.shape[0]} sites "
+                f"but this simulation has {self.held.shape[0]} on this rank: "
+                "the cell, resolution, molecules or MPI ranks differ"
+            )
         self.clear_accumulators()
         np.subtract(held, self.held, out=self._delta.real)
         self.held += self._delta.real
@@ -312,8 +324,7 @@ class _Sites:
     def emit(self, sources_au: np.ndarray) -> None:
         """Make Meep's current at every site equal to the molecules' emission, from
         their dmu/dt (3M,) in a.u., in component blocks as :meth:`read` returns E."""
-        target = _matvec(self.emit_matrix, sources_au, self._emit, self._rows,
-                         transposed=True)
+        target = _matvec(self.emit_matrix, sources_au, self._emit, self._rows, transposed=True)
         delta = self._delta.real
         np.subtract(target, self.held, out=delta)
         self.held += delta  # the same IEEE additions Meep does: `held` is what it holds
@@ -337,10 +348,12 @@ def _check_inside(sim, lo: np.ndarray, hi: np.ndarray, active: np.ndarray) -> No
     bad = active & ((lo < low) | (hi > high))
     if bad.any():
         m, axis = (int(i[0]) for i in np.nonzero(bad))
-        raise UsageError(f"the kernel of molecule {m} reaches outside the cell along "
-                         f"{'xyz'[axis]}: [{lo[m, axis]:.3g}, {hi[m, axis]:.3g}] is not "
-                         f"inside [{low[axis]:.3g}, {high[axis]:.3g}]; move the molecule "
-                         "or make sigma smaller")
+        raise UsageError(
+            f"the kernel of molecule {m} reaches outside the cell along "
+            f"{'xyz'[axis]}: [{lo[m, axis]:.3g}, {hi[m, axis]:.3g}] is not "
+            f"inside [{low[axis]:.3g}, {high[axis]:.3g}]; move the molecule "
+            "or make sigma smaller"
+        )
 
 
 def _as_points(centers: Any) -> np.ndarray:
@@ -362,13 +375,15 @@ def _as_points(centers: Any) -> np.ndarray:
 
 
 def _per_molecule(name: str, value: Any, n: int, minimum: float) -> np.ndarray:
-    arr = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)).copy() \
-        if np.ndim(value) == 0 or len(value) == n else None
+    arr = (
+        np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)).copy()
+        if np.ndim(value) == 0 or len(value) == n
+        else None
+    )
     if arr is None:
         raise UsageError(f"{name} must be a number or {n} numbers, got {value!r}")
     if not (np.isfinite(arr).all() and (arr >= minimum).all()):
-        raise UsageError(f"{name} = {value!r} is not allowed; expected finite numbers "
-                         f">= {minimum}")
+        raise UsageError(f"{name} = {value!r} is not allowed; expected finite numbers >= {minimum}")
     return arr
 
 
@@ -407,9 +422,16 @@ class MeepCoupling:
     (0: point kernel); ``rescaling`` multiplies the molecule's emitted dmu/dt.
     """
 
-    def __init__(self, sim, time_units_fs: float = 0.1, hub=None, record_every: int = 1,
-                 timeout: float | None = None, subtract_self_coulomb: bool = True,
-                 on_lost: str = "wait") -> None:
+    def __init__(
+        self,
+        sim,
+        time_units_fs: float = 0.1,
+        hub=None,
+        record_every: int = 1,
+        timeout: float | None = None,
+        subtract_self_coulomb: bool = True,
+        on_lost: str | Callable[[DriverLost], bool] = "wait",
+    ) -> None:
         if on_lost not in ("wait", "abort") and not callable(on_lost):
             raise UsageError(f"on_lost = {on_lost!r}; expected 'wait', 'abort' or a function")
         self.on_lost = on_lost
@@ -418,8 +440,7 @@ class MeepCoupling:
         self.units = MeepUnits(time_units_fs)
         self.hub = hub
         self.timeout = timeout
-        if isinstance(record_every, bool) or not isinstance(record_every, int) \
-                or record_every < 0:
+        if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 0:
             raise UsageError(f"record_every = {record_every!r}; expected an int >= 0")
         self.record_every = record_every
         self._groups: list[_Group] = []
@@ -434,8 +455,8 @@ class MeepCoupling:
         self._socket_ids = np.zeros(0, np.int64)
         self._last_step: int | None = None
         self._records: list[tuple[int, list[dict[str, np.ndarray]]]] = []
-        self.fields_au = np.zeros((0, 3))    # last fields read (a.u.), rank 0; reused
-        self.sources_au = np.zeros((0, 3))   # last dmu/dt (a.u.), every rank; reused
+        self.fields_au = np.zeros((0, 3))  # last fields read (a.u.), rank 0; reused
+        self.sources_au = np.zeros((0, 3))  # last dmu/dt (a.u.), every rank; reused
         #: a request to stop at the next step boundary (a signal number; 0: none), set on
         #: any rank (say, by a signal handler). Under MPI it reaches rank 0 in the per-step
         #: Reduce of the fields and rank 0's decision comes back in the per-step Bcast of
@@ -457,9 +478,17 @@ class MeepCoupling:
         """Ids of all molecules in the order they were added."""
         return np.array(self._ids, dtype=np.int64)
 
-    def add_molecules(self, model: str | type, centers: Any, *, sigma: Any = 0.1,
-                      axis: str = "z", rescaling: Any = 1.0,
-                      molecule_ids: Sequence[int] | None = None, **params: Any) -> np.ndarray:
+    def add_molecules(
+        self,
+        model: str | type,
+        centers: Any,
+        *,
+        sigma: Any = 0.1,
+        axis: str = "z",
+        rescaling: Any = 1.0,
+        molecule_ids: Sequence[int] | None = None,
+        **params: Any,
+    ) -> np.ndarray:
         """Add molecules propagated in this process by one batched ``model`` instance.
 
         ``params`` are the model's parameters (a.u.), each a scalar or one per molecule.
@@ -470,8 +499,7 @@ class MeepCoupling:
         instance = create_model(model, n=n, **params)
         return self._add(centers, sigma, axis, rescaling, molecule_ids, model=instance)
 
-    def set_params(self, molecule_ids: int | Sequence[int], changes: Mapping[str, Any]
-                   ) -> None:
+    def set_params(self, molecule_ids: int | Sequence[int], changes: Mapping[str, Any]) -> None:
         """Change mutable model parameters of embedded molecules at the next step
         boundary: the changes are checked now (an error names the molecule id and the
         parameter) and applied, in the order asked, before the molecules' next step
@@ -486,8 +514,11 @@ class MeepCoupling:
         from maxwellhub_drivers.models import ParameterError
 
         ids = [int(m) for m in np.atleast_1d(np.asarray(molecule_ids)).tolist()]
-        where = {int(mid): (g, row) for g, group in enumerate(self._groups)
-                 for row, mid in enumerate(group.ids.tolist())}
+        where = {
+            int(mid): (g, row)
+            for g, group in enumerate(self._groups)
+            for row, mid in enumerate(group.ids.tolist())
+        }
         by_group: dict[int, list[int]] = {}
         for mid in ids:
             if mid not in where:
@@ -497,7 +528,8 @@ class MeepCoupling:
                 raise UsageError(
                     f"set_params: molecule {mid} runs in a socket driver; parameter changes "
                     "over the wire are not available yet (only embedded molecules, "
-                    "add_molecules, take them)")
+                    "add_molecules, take them)"
+                )
             by_group.setdefault(g, []).append(row)
         if len(ids) != len(set(ids)):
             raise UsageError(f"set_params: molecule ids {ids} repeat an id")
@@ -506,15 +538,17 @@ class MeepCoupling:
             group = self._groups[g]
             picked = None if rows == list(range(len(group.ids))) else rows  # the group
             try:
-                new = group.model.check_params(changes, picked,
-                                               params=self._pending_params.get(g))
+                new = group.model.check_params(changes, picked, params=self._pending_params.get(g))
             except ParameterError as exc:
                 if exc.molecule is not None:
                     who = f"molecule {int(group.ids[exc.molecule])}"
                 else:
                     listed = [str(int(group.ids[r])) for r in rows]
-                    who = ("molecule " if len(listed) == 1 else "molecules ") + \
-                        ", ".join(listed[:10]) + (" ..." if len(listed) > 10 else "")
+                    who = (
+                        ("molecule " if len(listed) == 1 else "molecules ")
+                        + ", ".join(listed[:10])
+                        + (" ..." if len(listed) > 10 else "")
+                    )
                 raise UsageError(f"set_params: {who}: {exc}") from None
             planned.append((g, dict(changes), picked, new))
         for g, change, picked, new in planned:  # all checked: queue them
@@ -530,9 +564,16 @@ class MeepCoupling:
             for g, change, rows in changes:
                 self._groups[g].model.set_params(change, rows)
 
-    def add_socket_molecules(self, centers: Any, *, sigma: Any = 0.1, axis: str = "z",
-                             rescaling: Any = 1.0, molecule_ids: Sequence[int] | None = None,
-                             init: Mapping | None = None) -> np.ndarray:
+    def add_socket_molecules(
+        self,
+        centers: Any,
+        *,
+        sigma: Any = 0.1,
+        axis: str = "z",
+        rescaling: Any = 1.0,
+        molecule_ids: Sequence[int] | None = None,
+        init: Mapping | None = None,
+    ) -> np.ndarray:
         """Add molecules whose drivers connect to the hub; ``init`` is added to their
         INIT payload (which always carries ``dt_au``)."""
         return self._add(centers, sigma, axis, rescaling, molecule_ids, init=dict(init or {}))
@@ -542,10 +583,15 @@ class MeepCoupling:
             raise UsageError("molecules must be added before the run starts")
         points = _as_points(centers)
         n = len(points)
-        if not isinstance(axis, str) or not axis or set(axis) - set(_AXES) \
-                or len(set(axis)) != len(axis):
-            raise UsageError(f"axis = {axis!r}; expected 'x', 'y', 'z' or a combination "
-                             "such as 'xyz'")
+        if (
+            not isinstance(axis, str)
+            or not axis
+            or set(axis) - set(_AXES)
+            or len(set(axis)) != len(axis)
+        ):
+            raise UsageError(
+                f"axis = {axis!r}; expected 'x', 'y', 'z' or a combination such as 'xyz'"
+            )
         mask = np.zeros(3, dtype=bool)
         mask[[_AXES[a] for a in axis]] = True
         if molecule_ids is None:
@@ -558,8 +604,9 @@ class MeepCoupling:
         if set(ids.tolist()) & set(self._ids) or len(set(ids.tolist())) != n:
             raise UsageError(f"molecule ids {ids.tolist()} repeat an id")
         first = len(self._ids)
-        self._groups.append(_Group(np.arange(first, first + n), slice(first, first + n), ids,
-                                   model, init))
+        self._groups.append(
+            _Group(np.arange(first, first + n), slice(first, first + n), ids, model, init)
+        )
         self._centers.append(points)
         self._sigmas.append(_per_molecule("sigma", sigma, n, 0.0))
         self._axes.append(np.broadcast_to(mask, (n, 3)))
@@ -592,8 +639,10 @@ class MeepCoupling:
         if not self._started:
             self._start(sim)
         elif sim.fields is not self._fields:
-            raise UsageError("the Meep fields were re-created (reset_meep, change of "
-                             "structure or sources) after the molecules were coupled")
+            raise UsageError(
+                "the Meep fields were re-created (reset_meep, change of "
+                "structure or sources) after the molecules were coupled"
+            )
         fields_au = self._sites.read()
         if self._size > 1:
             # this rank's stop request rides along with its share of the fields
@@ -605,7 +654,8 @@ class MeepCoupling:
         fields_au = fields_au.reshape(3, -1).T  # (M, 3), column-major
         if self._coulomb is not None:  # remove each molecule's own Coulomb field
             fields_au = fields_au + self.units.efield_meep_to_au(
-                np.einsum("mab,mb->ma", self._coulomb, self._emitted))
+                np.einsum("mab,mb->ma", self._coulomb, self._emitted)
+            )
         self._propagate(fields_au, n)
         self._sites.emit(self._bcast[:-1])
         if self._coulomb is not None:
@@ -679,12 +729,14 @@ class MeepCoupling:
         """One barrier for the socket molecules, under the ``on_lost`` policy."""
         policy = self.on_lost
         if not callable(policy):
-            return self.hub.step_arrays(self._socket_ids, fields, timeout=self.timeout,
-                                        on_lost=policy, extras=extras)
+            return self.hub.step_arrays(
+                self._socket_ids, fields, timeout=self.timeout, on_lost=policy, extras=extras
+            )
         while True:
             try:
-                return self.hub.step_arrays(self._socket_ids, fields, timeout=self.timeout,
-                                            on_lost="abort", extras=extras)
+                return self.hub.step_arrays(
+                    self._socket_ids, fields, timeout=self.timeout, on_lost="abort", extras=extras
+                )
             except DriverLost as exc:
                 if not policy(exc):
                     raise
@@ -692,8 +744,13 @@ class MeepCoupling:
                 if not self.hub.wait_until_bound(exc.molecules, timeout=self.timeout):
                     raise BarrierTimeout(
                         f"no replacement driver for molecule(s) {exc.molecules} "
-                        + ("(no deadline)" if self.timeout is None
-                           else f"within {self.timeout:g} s"), exc.molecules) from exc
+                        + (
+                            "(no deadline)"
+                            if self.timeout is None
+                            else f"within {self.timeout:g} s"
+                        ),
+                        exc.molecules,
+                    ) from exc
 
     def _start(self, sim) -> None:
         """Set everything up, collectively, at the first step."""
@@ -705,8 +762,10 @@ class MeepCoupling:
             raise UsageError("molecules cannot be coupled to a simulation with symmetries")
         fields = sim.fields
         if not fields.is_real:
-            raise UsageError("complex fields (k_point or force_complex_fields) are not "
-                             "supported by the molecule coupling")
+            raise UsageError(
+                "complex fields (k_point or force_complex_fields) are not "
+                "supported by the molecule coupling"
+            )
         if sim.dimensions == 1 and np.concatenate(self._axes)[:, 2].any():
             raise UsageError("a 1D Meep cell (along z) has no Ez: use axis 'x' or 'y'")
         dt_au = self.units.time_meep_to_au(fields.dt)
@@ -718,10 +777,15 @@ class MeepCoupling:
         # one constant time function for all molecule sources: current = amplitude
         self._src_time = mp.CustomSource(lambda t: 1.0).swigobj
         fields.register_src_time(self._src_time)
-        self._sites = _Sites(sim, np.concatenate(self._centers),
-                             np.concatenate(self._sigmas), axes, self._src_time,
-                             field_to_au=self.units.efield_meep_to_au(1.0),
-                             source_to_meep=self.units.source_au_to_meep(self._scale))
+        self._sites = _Sites(
+            sim,
+            np.concatenate(self._centers),
+            np.concatenate(self._sigmas),
+            axes,
+            self._src_time,
+            field_to_au=self.units.efield_meep_to_au(1.0),
+            source_to_meep=self.units.source_au_to_meep(self._scale),
+        )
         fields.require_source_components()
         self._fields = fields
         coulomb = self._sites.self_coulomb
@@ -733,10 +797,12 @@ class MeepCoupling:
         self._reduce_send = np.zeros(3 * len(self._ids) + 1)
         self._reduced = np.zeros(3 * len(self._ids) + 1)
         socket = [g for g in self._groups if g.model is None]
-        self._socket_rows = np.concatenate([g.rows for g in socket]) if socket else \
-            np.zeros(0, np.int64)
-        self._socket_ids = np.concatenate([g.ids for g in socket]) if socket else \
-            np.zeros(0, np.int64)
+        self._socket_rows = (
+            np.concatenate([g.rows for g in socket]) if socket else np.zeros(0, np.int64)
+        )
+        self._socket_ids = (
+            np.concatenate([g.ids for g in socket]) if socket else np.zeros(0, np.int64)
+        )
         self._started = True
         self._rank, self._size = rank_and_size()
         if self._rank == 0:
@@ -750,12 +816,13 @@ class MeepCoupling:
             return
         if self.hub is None:
             raise UsageError("socket molecules need a hub: MeepCoupling(sim, hub=...)")
-        payloads = {int(mid): {"dt_au": dt_au, **g.init} for g in socket for mid in g.ids}
+        payloads = {int(mid): {"dt_au": dt_au, **(g.init or {})} for g in socket for mid in g.ids}
         if not self.hub.wait_until_bound(payloads, timeout=self.timeout):
             missing = [m for m in payloads if not self.hub.all_bound([m])]
-            raise TimeoutError(f"no driver bound molecule(s) {missing} "
-                               + ("(no deadline)" if self.timeout is None
-                                  else f"within {self.timeout:g} s"))
+            raise TimeoutError(
+                f"no driver bound molecule(s) {missing} "
+                + ("(no deadline)" if self.timeout is None else f"within {self.timeout:g} s")
+            )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -773,12 +840,16 @@ class MeepCoupling:
         in their drivers (and the hub's snapshot), not here.
         """
         if not self._started or self._last_step is None:
-            raise UsageError("checkpoint_state: the coupling has not stepped yet (a "
-                             "checkpoint before the first step is a fresh start)")
+            raise UsageError(
+                "checkpoint_state: the coupling has not stepped yet (a "
+                "checkpoint before the first step is a fresh start)"
+            )
         if self.sim.fields.t != self._last_step:
-            raise UsageError(f"checkpoint_state at Meep step {self.sim.fields.t}, but the "
-                             f"molecules are at step {self._last_step}: call it from a step "
-                             "function after the coupling's")
+            raise UsageError(
+                f"checkpoint_state at Meep step {self.sim.fields.t}, but the "
+                f"molecules are at step {self._last_step}: call it from a step "
+                "function after the coupling's"
+            )
         if self._param_changes:  # due before the next step: the checkpoint holds them
             self._apply_param_changes()
         state: dict[str, np.ndarray] = {
@@ -801,8 +872,9 @@ class MeepCoupling:
             state[f"records.{j}.keys"] = np.array(keys, dtype=str)
             for i, key in enumerate(keys):
                 rows = [extras[j].get(key) for _, extras in self._records]
-                if all(r is not None for r in rows):  # the usual case: one C-level stack
-                    table = np.stack(rows).astype(np.float64, copy=False).reshape(-1, size)
+                present = [r for r in rows if r is not None]
+                if len(present) == len(rows):  # the usual case: one C-level stack
+                    table = np.stack(present).astype(np.float64, copy=False).reshape(-1, size)
                 else:
                     table = np.full((len(self._records), size), np.nan)
                     for t, r in enumerate(rows):
@@ -823,8 +895,10 @@ class MeepCoupling:
             raise UsageError("restore_state must be called before the coupling has run")
         saved_ids = np.asarray(state["molecule_id"])
         if not np.array_equal(saved_ids, self.molecule_ids):
-            raise UsageError(f"the checkpoint's molecule ids {saved_ids.tolist()[:10]} differ "
-                             f"from this coupling's {self.molecule_ids.tolist()[:10]}")
+            raise UsageError(
+                f"the checkpoint's molecule ids {saved_ids.tolist()[:10]} differ "
+                f"from this coupling's {self.molecule_ids.tolist()[:10]}"
+            )
         if self.sim.fields is None:
             self.sim.init_sim()
         self._start(self.sim)
@@ -838,17 +912,18 @@ class MeepCoupling:
         for g, group in enumerate(self._groups):
             if group.model is not None:
                 prefix = f"model.{g}."
-                group.model.set_state({k[len(prefix):]: v for k, v in state.items()
-                                       if k.startswith(prefix)})
+                group.model.set_state(
+                    {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                )
         steps = np.asarray(state["records.step"]).tolist()
         slots = []
         for j in range(len(self._slot_sizes())):
             keys = np.asarray(state[f"records.{j}.keys"]).tolist()
-            slots.append({key: np.asarray(state[f"records.{j}.{i}"])
-                          for i, key in enumerate(keys)})
-        self._records = [(s, [{key: table[t] for key, table in slot.items()}
-                              for slot in slots])
-                         for t, s in enumerate(steps)]
+            slots.append({key: np.asarray(state[f"records.{j}.{i}"]) for i, key in enumerate(keys)})
+        self._records = [
+            (s, [{key: table[t] for key, table in slot.items()} for slot in slots])
+            for t, s in enumerate(steps)
+        ]
 
     def clear_field_reads(self) -> None:
         """Zero the DFT accumulators the coupling reads E from (after ``sim.load_fields``,
@@ -869,8 +944,10 @@ class MeepCoupling:
         array (NaN where a molecule does not report that key), e.g. ``time_au``, ``Pe``.
         """
         ids = self.molecule_ids
-        out: dict[str, np.ndarray] = {"molecule_id": ids,
-                                      "step": np.array([s for s, _ in self._records])}
+        out: dict[str, np.ndarray] = {
+            "molecule_id": ids,
+            "step": np.array([s for s, _ in self._records]),
+        }
         if not self._records:
             return out
         rows = [g.rows for g in self._groups if g.model is not None]
@@ -885,4 +962,3 @@ class MeepCoupling:
                         table[t, r] = e[key]
             out[key] = table
         return out
-
