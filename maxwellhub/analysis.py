@@ -13,8 +13,14 @@ import numpy as np
 
 from .spectrum import absorption_spectrum, fit_peaks
 
-__all__ = ["golden_rule_rate", "relaxation_curve", "fit_decay_rate", "compare_to_curve",
-           "absorption_spectrum", "fit_peaks"]
+__all__ = [
+    "absorption_spectrum",
+    "compare_to_curve",
+    "fit_decay_rate",
+    "fit_peaks",
+    "golden_rule_rate",
+    "relaxation_curve",
+]
 
 
 def golden_rule_rate(dimensions: int, omega: float, mu: float, sigma: float = 0.0) -> float:
@@ -29,7 +35,7 @@ def golden_rule_rate(dimensions: int, omega: float, mu: float, sigma: float = 0.
     rates = {1: mu**2 * omega, 2: mu**2 * omega**2 / 2, 3: mu**2 * omega**3 / (3 * math.pi)}
     if dimensions not in rates:
         raise ValueError(f"dimensions = {dimensions!r}; expected 1, 2 or 3")
-    return rates[dimensions] * math.exp(-(omega * sigma) ** 2)
+    return rates[dimensions] * math.exp(-((omega * sigma) ** 2))
 
 
 def relaxation_curve(t, gamma: float, p0: float) -> np.ndarray:
