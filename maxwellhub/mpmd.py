@@ -7,8 +7,10 @@ What MPI does here, and why this module exists (measured with Open MPI 4.1):
 
 - In an MPMD launch every program shares one ``MPI_COMM_WORLD`` of K + M ranks.
 - A program that never calls ``MPI_Init`` (``maxwellhub-driver`` never imports mpi4py)
-  makes the others hang inside ``MPI_Init`` (its start-up exchange waits for all K + M)
-  and makes ``mpirun`` abort the job ("this process did not call init before exiting").
+  makes the others hang inside ``MPI_Init`` (its start-up exchange waits for all K + M);
+  when it exits, ``mpirun`` says "this process did not call init before exiting" and
+  aborts the job, or, as its own message warns, leaves the others hanging in ``MPI_Init``
+  (seen about half the time on a loaded 2-core machine).
   So ``mpirun -np K python em.py : -np M maxwellhub-driver ...`` cannot work as such.
 - Meep computes on ``MPI_COMM_WORLD``; the only way to confine it to fewer ranks is
   ``meep.divide_parallel_processes(g)``, which splits the world into g contiguous groups
