@@ -16,7 +16,6 @@ prints: it logs, and :func:`run_client` returns an exit status.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import logging
@@ -29,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 from maxwellhub import wire
 from maxwellhub.addresses import DEFAULT_PORT, connect_once, unix_socket_path
 from maxwellhub.errors import ProtocolError
-from maxwellhub.liveness import Reporter, within
+from maxwellhub.liveness import (
+    CONNECT_ATTEMPT,
+    CONNECT_BACKOFF_FIRST,
+    CONNECT_BACKOFF_MAX,
+    CONNECT_RETRY_ERRNOS,
+    Reporter,
+    within,
+)
 
 from .checkpoint import Continuity
 
@@ -59,20 +65,6 @@ EXIT_MODEL = 3  # the model failed (for example a non-finite source)
 
 _LOG = logging.getLogger("maxwellhub.driver")
 _RECV_SIZE = 1 << 16
-_BACKOFF_FIRST = 0.05
-_BACKOFF_MAX = 1.0
-_CONNECT_ATTEMPT = 10.0  # s for one attempt when connecting has no deadline
-# Errors that mean "the hub is not listening yet": keep trying until the deadline.
-_RETRY_ERRNOS = {
-    errno.ENOENT,
-    errno.ECONNREFUSED,
-    errno.ECONNRESET,
-    errno.ECONNABORTED,
-    errno.EAGAIN,
-    errno.ETIMEDOUT,
-    errno.EHOSTUNREACH,
-    errno.ENETUNREACH,
-}
 
 
 class HubClosed(ConnectionError):
@@ -123,17 +115,17 @@ def connect(
         attempt = functools.partial(connect_once, address=address)
     deadline = None if timeout is None else time.monotonic() + timeout
     reporter = Reporter(time.monotonic())
-    delay = _BACKOFF_FIRST
+    delay = CONNECT_BACKOFF_FIRST
     tries = 0
     while True:
         tries += 1
-        remaining = _CONNECT_ATTEMPT if deadline is None else deadline - time.monotonic()
+        remaining = CONNECT_ATTEMPT if deadline is None else deadline - time.monotonic()
         try:
             sock = attempt(max(remaining, 0.01))
         except socket.gaierror as exc:
             raise OSError(f"cannot resolve the hub's host in {where}: {exc}") from exc
         except OSError as exc:
-            if exc.errno not in _RETRY_ERRNOS and not isinstance(exc, TimeoutError):
+            if exc.errno not in CONNECT_RETRY_ERRNOS and not isinstance(exc, TimeoutError):
                 raise OSError(f"cannot connect to {where}: {exc}") from exc
             now = time.monotonic()
             remaining = delay if deadline is None else deadline - now
@@ -154,7 +146,7 @@ def connect(
             log.debug("connect to %s failed (%s); retrying in %.2f s", where, exc, delay)
             # Nothing to await before the hub exists: a bounded backoff between attempts.
             time.sleep(min(delay, remaining))
-            delay = min(2 * delay, _BACKOFF_MAX)
+            delay = min(2 * delay, CONNECT_BACKOFF_MAX)
             continue
         log.info("connected to %s", where)
         return sock

@@ -20,6 +20,7 @@ This module never opens a connection and never sleeps: it only sets options and 
 
 from __future__ import annotations
 
+import errno
 import math
 import numbers
 import socket
@@ -28,6 +29,10 @@ from collections.abc import Iterator
 from .errors import UsageError
 
 __all__ = [
+    "CONNECT_ATTEMPT",
+    "CONNECT_BACKOFF_FIRST",
+    "CONNECT_BACKOFF_MAX",
+    "CONNECT_RETRY_ERRNOS",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_REPLACE_TIMEOUT",
     "KEEPALIVE_COUNT",
@@ -42,6 +47,26 @@ __all__ = [
     "report_delays",
     "within",
 ]
+
+#: Connecting to a hub that is not up yet (a driver, a relay's upstream link): the first
+#: and the longest pause between attempts (doubling), in seconds.
+CONNECT_BACKOFF_FIRST = 0.05
+CONNECT_BACKOFF_MAX = 1.0
+#: Seconds one connection attempt may take when the wait as a whole has no deadline.
+CONNECT_ATTEMPT = 10.0
+#: Errors that mean "the hub is not listening yet": keep trying.
+CONNECT_RETRY_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EAGAIN,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+    }
+)
 
 #: Seconds of silence on a TCP connection before the first keepalive probe.
 KEEPALIVE_IDLE = 60

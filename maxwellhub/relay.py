@@ -51,7 +51,6 @@ line or in a log line.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import math
@@ -68,7 +67,17 @@ from .addresses import DEFAULT_PORT, unix_socket_path
 from .auth import Secret, is_loopback
 from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
 from .hub import Hub, StopRequested
-from .liveness import DEFAULT_REPLACE_TIMEOUT, Reporter, check_timeout, keepalive, within
+from .liveness import (
+    CONNECT_ATTEMPT,
+    CONNECT_BACKOFF_FIRST,
+    CONNECT_BACKOFF_MAX,
+    CONNECT_RETRY_ERRNOS,
+    DEFAULT_REPLACE_TIMEOUT,
+    Reporter,
+    check_timeout,
+    keepalive,
+    within,
+)
 
 __all__ = ["EXIT_LOCAL", "EXIT_OK", "EXIT_PROTOCOL", "EXIT_UPSTREAM", "Relay"]
 
@@ -79,19 +88,6 @@ EXIT_UPSTREAM = 1  # upstream unreachable or gone before STOP/EXIT; interrupted
 EXIT_PROTOCOL = 2  # the upstream hub sent bad bytes or an unusable INIT
 EXIT_LOCAL = 3  # local drivers did not connect, initialise or answer in time
 
-_BACKOFF_FIRST = 0.05
-_BACKOFF_MAX = 1.0
-_CONNECT_ATTEMPT = 10.0  # s for one connection attempt when the wait has no deadline
-_RETRY_ERRNOS = {
-    errno.ENOENT,
-    errno.ECONNREFUSED,
-    errno.ECONNRESET,
-    errno.ECONNABORTED,
-    errno.EAGAIN,
-    errno.ETIMEDOUT,
-    errno.EHOSTUNREACH,
-    errno.ENETUNREACH,
-}
 # Keys the INIT of an ensemble carries about the ensemble itself, not about a molecule.
 # "mxh_resume" is the upstream hub's replay offer to this connection; the local hub makes
 # its own offer to each local driver.
@@ -768,17 +764,17 @@ class Relay:
         hub may start later than the relay, in another batch job."""
         deadline = None if self.timeout is None else loop.time() + self.timeout
         reporter = Reporter(loop.time())
-        delay, tries = _BACKOFF_FIRST, 0
+        delay, tries = CONNECT_BACKOFF_FIRST, 0
         while True:
             tries += 1
-            left = _CONNECT_ATTEMPT if deadline is None else deadline - loop.time()
+            left = CONNECT_ATTEMPT if deadline is None else deadline - loop.time()
             try:
                 return await asyncio.wait_for(self._connect_once(loop), max(left, 0.01))
             except OSError as exc:  # TimeoutError included
                 if (
                     not isinstance(exc, TimeoutError)
                     and exc.errno is not None
-                    and exc.errno not in _RETRY_ERRNOS
+                    and exc.errno not in CONNECT_RETRY_ERRNOS
                 ):
                     raise RelayFailed(
                         EXIT_UPSTREAM,
@@ -802,7 +798,7 @@ class Relay:
                         why,
                     )
                 await asyncio.sleep(delay if deadline is None else min(delay, left))
-                delay = min(2 * delay, _BACKOFF_MAX)
+                delay = min(2 * delay, CONNECT_BACKOFF_MAX)
 
     async def _connect_once(self, loop: asyncio.AbstractEventLoop) -> _Upstream:
         if self.upstream_unix is not None:
