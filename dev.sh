@@ -104,7 +104,7 @@ for name, where in want.items():
     if spec is None or not os.path.realpath(spec.origin or "").startswith(where):
         sys.exit(3)
 for name in ("uvloop", "pytest", "pytest_asyncio", "pytest_timeout", "hypothesis", "pyscf",
-             "ruff", "mypy"):
+             "qutip", "ase", "ruff", "mypy"):
     if find_spec(name) is None:
         sys.exit(3)
 EOF
