@@ -1112,3 +1112,33 @@ def compare_relative(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
     scale = max(np.abs(theirs).max(), 1e-300)
     worst = np.abs(ours - theirs).max() / scale
     assert worst < 1e-10, f"{what}: relative difference {worst:.3g}"
+
+
+def test_parameters_in_the_units_chemists_use():
+    """A parameter that declares its quantity takes eV, fs or debye under a suffixed name
+    (omega_eV, mu12_debye, dt_substep_fs for dt_substep_au) and stores atomic units: the
+    model equals one built from the converted values bitwise; lists convert element-wise;
+    giving both names, or a suffix the parameter does not declare, is refused naming it."""
+    from maxwellhub_drivers.models import UNIT_SUFFIXES, get_model_class
+
+    hartree_ev, debye_au = 27.211386245988, 0.393430307
+    tls = get_model_class("tls")
+    got = tls.validate_params(2, omega_eV=[6.5, 6.6], mu12_debye=2.0)
+    np.testing.assert_allclose(got["omega"], [6.5 / hartree_ev, 6.6 / hartree_ev], rtol=1e-15)
+    assert got["mu12"] == pytest.approx(2.0 * debye_au, rel=1e-15)
+    assert UNIT_SUFFIXES["_debye"][1] == debye_au
+    a = create_model("tls", omega_eV=6.5, mu12_debye=2.0, pe_initial=0.1)
+    b = create_model("tls", omega=6.5 / hartree_ev, mu12=2.0 * debye_au, pe_initial=0.1)
+    for m in (a, b):
+        m.initialize(dt_au=0.5)
+    field = np.array([[0.0, 0.0, 1e-3]])
+    assert np.array_equal(a.step(field), b.step(field))
+    rt = get_model_class("rttddft")
+    step = rt.validate_params(1, atoms="H 0 0 0; H 0 0 0.74", dt_substep_fs=0.0024188843265857)
+    assert step["dt_substep_au"] == pytest.approx(0.1, rel=1e-13)
+    with pytest.raises(ValueError, match="omega and omega_eV both set omega"):
+        tls.validate_params(1, omega=0.2, omega_eV=6.5)
+    with pytest.raises(ValueError, match="unknown parameter.*pe_initial_eV"):
+        tls.validate_params(1, pe_initial_eV=0.1)
+    with pytest.raises(ValueError, match="omega_eV = 'x' does not convert"):
+        tls.validate_params(1, omega_eV="x")

@@ -27,7 +27,7 @@ from importlib.metadata import entry_points
 from importlib.util import find_spec
 from typing import Any
 
-from .base import KINDS, REQUIRED, Model, Parameter, ParameterError
+from .base import KINDS, REQUIRED, UNIT_SUFFIXES, Model, Parameter, ParameterError
 from .sho import SHOModel
 from .tls import TLSModel
 
@@ -35,6 +35,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "KINDS",
     "REQUIRED",
+    "UNIT_SUFFIXES",
     "LazyModel",
     "Model",
     "Parameter",

@@ -11,6 +11,7 @@ never imports scipy.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,13 +21,25 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["KINDS", "REQUIRED", "Model", "Parameter", "ParameterError"]
+__all__ = ["KINDS", "REQUIRED", "UNIT_SUFFIXES", "Model", "Parameter", "ParameterError"]
 
 State = dict[str, np.ndarray]
 
 #: The kinds of :class:`Parameter`: numbers, flags, text, file paths and 3-vectors.
 KINDS: tuple[Any, ...] = (float, int, bool, str, "path", "vector")
 _TEXT_KINDS: tuple[Any, ...] = (str, "path")
+
+#: The units chemists think in, accepted in place of atomic units: a parameter ``omega``
+#: (or ``dt_substep_au``) that declares ``unit="energy"`` (``"time"``) may be given as
+#: ``omega_eV`` (``dt_substep_fs``) and is stored in atomic units. Suffix -> (the quantity,
+#: atomic units per unit): CODATA 2018 Hartree energy 27.211386245988 eV, atomic unit of
+#: time 0.024188843265857 fs; 1 debye = 1e-21 / c C m = 0.3934303 e a0.
+UNIT_SUFFIXES: dict[str, tuple[str, float]] = {
+    "_eV": ("energy", 1.0 / 27.211386245988),
+    "_fs": ("time", 1.0 / 0.024188843265857),
+    "_debye": ("dipole", 0.393430307),
+}
+_UNITS = {quantity for quantity, _ in UNIT_SUFFIXES.values()}
 _DEFAULT_ALLOWED: dict[Any, str] = {
     float: "a finite number",
     int: "an integer",
@@ -76,7 +89,10 @@ class Parameter:
     allowed values, matched case-insensitively and stored in the spelling given here.
     ``default``: a value of the kind, :data:`REQUIRED` (must be given), or None for a
     shared ``str``/``"path"`` that may stay unset; a ``"path"`` default is REQUIRED or None
-    (a relative default would depend on the current directory).
+    (a relative default would depend on the current directory). ``unit``: the physical
+    quantity of a float or vector parameter (``"energy"``, ``"time"``, ``"dipole"``); the
+    value is in atomic units, and the name with a suffix of :data:`UNIT_SUFFIXES`
+    (``omega_eV``; ``dt_substep_fs`` for ``dt_substep_au``) takes it in eV, fs or debye.
     """
 
     default: Any
@@ -87,8 +103,16 @@ class Parameter:
     shared: bool = False
     mutable: bool = False
     choices: tuple[str, ...] | None = None
+    unit: str | None = None
 
     def __post_init__(self) -> None:
+        if self.unit is not None and (
+            self.unit not in _UNITS or self.kind not in (float, "vector")
+        ):
+            raise ValueError(
+                f"Parameter unit {self.unit!r} needs kind float or 'vector' and one of "
+                f"{', '.join(sorted(_UNITS))}"
+            )
         if self.kind not in KINDS:
             raise ValueError(
                 f"Parameter kind {self.kind!r} is not one of float, int, bool, "
@@ -387,7 +411,11 @@ class Model:
     def _canonical_keys(cls, params: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
         """name -> (the name or alias given, the value, converted) for ``params``."""
         label = cls._label()
-        unknown = sorted(k for k in params if k not in cls.parameters and k not in cls.aliases)
+        unknown = sorted(
+            k
+            for k in params
+            if k not in cls.parameters and k not in cls.aliases and cls._unit_key(k) is None
+        )
         if unknown:
             aliases = "".join(f"; {a} for {t}" for a, (t, _) in cls.aliases.items())
             raise ParameterError(
@@ -397,7 +425,12 @@ class Model:
             )
         out: dict[str, tuple[str, Any]] = {}
         for name, value in params.items():
-            key, convert = (name, None) if name in cls.parameters else cls.aliases[name]
+            if name in cls.parameters:
+                key, convert = name, None
+            elif name in cls.aliases:
+                key, convert = cls.aliases[name]
+            else:
+                key, convert = cls._unit_key(name) or (name, None)
             if key in out:
                 raise ParameterError(
                     f"{label}: parameters {out[key][0]} and {name} both set "
@@ -414,6 +447,20 @@ class Model:
                     ) from None
             out[key] = (name, value)
         return out
+
+    @classmethod
+    def _unit_key(cls, name: str) -> tuple[str, Callable[[Any], Any]] | None:
+        """(the parameter, a converter to atomic units) for a name with a unit suffix of
+        :data:`UNIT_SUFFIXES` (``omega_eV``), or None."""
+        for suffix, (quantity, factor) in UNIT_SUFFIXES.items():
+            if not name.endswith(suffix):
+                continue
+            stem = name[: -len(suffix)]
+            for key in (stem, f"{stem}_au"):
+                spec = cls.parameters.get(key)
+                if spec is not None and spec.unit == quantity:
+                    return key, functools.partial(_to_atomic_units, factor=factor)
+        return None
 
     def _molecule_rows(self, molecules: Sequence[int] | None) -> list[int] | None:
         if molecules is None:
@@ -1119,3 +1166,12 @@ def _checked_generator_state(label: str, rng: np.random.Generator, array: Any) -
             f"{type(rng.bit_generator).__name__} generator: {exc}"
         ) from None
     return decoded
+
+
+def _to_atomic_units(value: Any, factor: float) -> Any:
+    """A number, or a (nested) list of numbers, times ``factor``; the same structure back
+    (JSON-able). Anything else is refused (the caller names the key)."""
+    if isinstance(value, bool | str):
+        raise ValueError("expected a number or a list of numbers")
+    array = np.asarray(value, dtype=np.float64) * factor
+    return array.tolist() if array.ndim else float(array)

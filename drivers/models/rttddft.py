@@ -338,12 +338,13 @@ class RTTDDFTModel(Model):
         ),
         "dt_substep_au": Parameter(
             0.04,
-            "longest electronic sub-step (a.u.): the EM step is split into "
-            "int(D / dt) equal sub-steps",
+            "longest electronic sub-step (a.u.; dt_substep_fs in fs): the EM step is "
+            "split into int(D / dt) equal sub-steps",
             valid=_positive,
             allowed="a number > 0",
             mutable=True,
             shared=True,
+            unit="time",
         ),
         "propagator": Parameter(
             "pc",

@@ -55,10 +55,11 @@ class SHOModel(Model):
     parameters: ClassVar[Mapping[str, Parameter]] = {
         "omega": Parameter(
             0.24188843,
-            "angular frequency (a.u.)",
+            "angular frequency (a.u.; omega_eV in eV)",
             valid=lambda a: a > 0,
             allowed="a finite number > 0",
             mutable=True,
+            unit="energy",
         ),
         "mu0": Parameter(
             187.0819866, "dipole per unit coordinate: mu = mu0 q (a.u.)", mutable=True

@@ -75,12 +75,18 @@ class TLSModel(Model):
     parameters: ClassVar[Mapping[str, Parameter]] = {
         "omega": Parameter(
             0.24188843,
-            "transition frequency (a.u.)",
+            "transition frequency (a.u.; omega_eV in eV)",
             valid=lambda a: a > 0,
             allowed="a finite number > 0",
             mutable=True,
+            unit="energy",
         ),
-        "mu12": Parameter(187.0819866, "transition dipole moment (a.u.)", mutable=True),
+        "mu12": Parameter(
+            187.0819866,
+            "transition dipole moment (a.u.; mu12_debye in debye)",
+            mutable=True,
+            unit="dipole",
+        ),
         "orientation": Parameter(
             2,
             "dipole axis: 0 (x), 1 (y) or 2 (z)",
