@@ -269,7 +269,7 @@ def test_embedded_set_params_errors_name_the_molecule_and_key():
         (
             [2],
             {"omega": 0.3},
-            "molecule 2 runs in a socket driver; parameter changes over "
+            "molecule 2 runs in a socket driver; parameter changes and kicks over "
             "the wire are not available yet",
         ),
         ([9], {"omega": 0.3}, "no molecule with id 9"),
@@ -389,3 +389,24 @@ def test_missing_extras_name_the_pip_extra_of_a_missing_package(tmp_path, capsys
     monkeypatch.setitem(sys.modules, "pyscf", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"needs PySCF: pip install 'maxwellhub\[pyscf\]'"):
         runner.validate_models(load_config(path))
+
+
+@pytest.mark.meep
+def test_embedded_kick_applies_at_the_next_step_boundary():
+    """coupling.apply_kick queues a kick like a parameter change: bit for bit the model
+    kicked right there, before the next step; the same as no kick until then; a socket
+    molecule, a bad impulse or a model without kicks is refused naming the molecule."""
+    pytest.importorskip("meep")
+    impulse = [0.0, 0.0, 1e-3]
+    queued, coupling = _embedded_run(lambda c: c.apply_kick([1], impulse))
+    direct, _ = _embedded_run(lambda c: c._groups[0].model.apply_kick(impulse, molecules=[1]))
+    unchanged, _ = _embedded_run(lambda c: None)
+    for key in ("Pe", "time_au", "energy_au"):
+        np.testing.assert_array_equal(queued[key], direct[key], err_msg=key)
+    first = int(np.argmax(queued["Pe"][:, 1] != unchanged["Pe"][:, 1]))
+    assert first > 0
+    np.testing.assert_array_equal(queued["Pe"][:first], unchanged["Pe"][:first])
+    with pytest.raises(Exception, match="finite 3-vector"):
+        coupling.apply_kick([0], [0.0, np.inf, 0.0])
+    with pytest.raises(Exception, match="no molecule with id 7"):
+        coupling.apply_kick([7], impulse)

@@ -1142,3 +1142,46 @@ def test_parameters_in_the_units_chemists_use():
         tls.validate_params(1, pe_initial_eV=0.1)
     with pytest.raises(ValueError, match="omega_eV = 'x' does not convert"):
         tls.validate_params(1, omega_eV="x")
+
+
+def test_kicks_are_impulsive_fields():
+    """apply_kick(kappa e) is the limit of a field kappa/tau held for tau -> 0: a TLS in its
+    ground state gets Pe = sin^2(kappa mu12) exactly and matches a 1e-9 a.u. step of the
+    field kappa/1e-9 to 1e-9; an SHO's momentum jumps by mu0 kappa; only listed molecules
+    move; a model without kicks, or a non-finite impulse, is refused naming it."""
+    kappa, mu12 = 2e-3, 187.0
+    tls = create_model("tls", n=3, mu12=mu12, orientation=2)
+    tls.initialize(dt_au=0.5)
+    tls.apply_kick([0.0, 0.0, kappa], molecules=[0, 2])
+    pe = tls.extras()["Pe"]
+    assert pe[0] == pytest.approx(np.sin(kappa * mu12) ** 2, rel=1e-14)
+    assert pe[1] == 0.0 and pe[2] == pe[0]
+    tau = 1e-9
+    limit = create_model("tls", n=1, mu12=mu12, orientation=2)
+    limit.initialize(dt_au=tau)
+    limit.step(np.array([[0.0, 0.0, kappa / tau]]))
+    assert limit.extras_of(0)["Pe"] == pytest.approx(pe[0], rel=1e-9)
+    sho = create_model("sho", n=2, mu0=3.0, orientation=0)
+    sho.initialize(dt_au=0.5)
+    sho.apply_kick([[kappa, 0.0, 0.0], [2 * kappa, 5.0, 5.0]])
+    np.testing.assert_array_equal(sho.get_state()["p"], [3.0 * kappa, 6.0 * kappa])
+    with pytest.raises(ValueError, match="not finite"):
+        sho.apply_kick([np.nan, 0.0, 0.0], molecules=[1])
+
+
+def test_an_rttddft_kick_now_equals_the_kick_parameter_at_zero():
+    """rttddft.apply_kick at t = 0 gives bit for bit the state of a model built with the
+    kick_au/kick_direction parameters, and both then step identically."""
+    pytest.importorskip("pyscf")
+    base = {"atoms": "H 0 0 0; H 0 0 0.74", "dt_substep_au": 0.1}
+    direction = [0.3, -0.2, 1.0]
+    built = create_model("rttddft", kick_au=1e-2, kick_direction=direction, **base)
+    kicked = create_model("rttddft", **base)
+    kicked.apply_kick(1e-2 * np.asarray(direction))
+    a, b = built.get_state(), kicked.get_state()
+    for key in ("P", "fock", "energy", "dipole"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for m in (built, kicked):
+        m.initialize(dt_au=0.2)
+    field = np.array([[1e-4, 0.0, -2e-4]])
+    np.testing.assert_array_equal(built.step(field), kicked.step(field))

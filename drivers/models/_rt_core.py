@@ -351,6 +351,25 @@ class RTCore:
         state["dipole"] = self.dipoles(p)
         return state
 
+    def kicked(self, state: dict[str, np.ndarray], impulses: np.ndarray) -> dict[str, np.ndarray]:
+        """``state`` after impulsive kicks ``impulses`` (n, 3) now (a new dict; rows of
+        zeros untouched): P' -> exp(+i k.d') P' exp(-i k.d') as in :meth:`initial_state`,
+        then the Fock matrix, energy and dipole of the kicked density (the propagator's
+        Fock history restarts there, as at t = 0)."""
+        new = {key: value.copy() for key, value in state.items()}
+        for i in np.flatnonzero(np.any(impulses != 0.0, axis=1)).tolist():
+            op = np.tensordot(np.asarray(impulses[i], dtype=np.float64), self.d, axes=1)
+            vals, vecs = _eig(op, True)
+            new["P"][i] = _propagate(state["P"][i][None], vecs[None], vals[None], -1.0)[0]
+        fock, energy = self.build(new["P"], True)
+        kicked = np.any(impulses != 0.0, axis=1)
+        new["fock"] = np.where(kicked[:, None, None, None], fock, state["fock"])
+        if "fock_half" in new:
+            new["fock_half"] = np.where(kicked[:, None, None, None], fock, state["fock_half"])
+        new["energy"] = np.where(kicked, energy + self.e_nuc, state["energy"])
+        new["dipole"] = np.where(kicked[:, None], self.dipoles(new["P"]), state["dipole"])
+        return new
+
     # ------------------------------------------------------------ one EM step
 
     def stage(

@@ -225,6 +225,10 @@ class Model:
     12. ``example_params``: small, fast parameters for the conformance test
        (``tests/test_model_conformance.py``), run at n = 1 and n = 3; ``conformance_rtol``:
        how far n batched molecules may differ from n single ones (0: bit for bit).
+    13. ``_kick_impl(self, state, impulses) -> new_state`` (optional): the committed state
+        after an impulsive field ``E(t) = impulse delta(t)`` now, ``impulses`` (n, 3) in
+        a.u. of field times time (rows of zeros: that molecule is not kicked). Pure, same
+        schema. Models without it refuse :meth:`apply_kick`.
 
     The base class checks inputs (shapes, finiteness), keeps the time (``t += dt`` on
     commit), the molecule ids, the staged step, and the parameters and the generator's
@@ -629,6 +633,44 @@ class Model:
         self._staged = None
         return sources
 
+    def apply_kick(self, impulse: Any, molecules: Sequence[int] | None = None) -> None:
+        """Kick the committed state with an impulsive field ``E(t) = impulse delta(t)`` at
+        the current time (rule 13): ``impulse`` = kappa e in a.u. of field times time, one
+        3-vector for every listed molecule or one row per listed molecule; ``molecules``:
+        indices 0..n-1 (None: all). A staged step is dropped. ParameterError (naming the
+        model and the molecule) for a model without kicks or an impulse that is not
+        finite."""
+        label = self._label()
+        if type(self)._kick_impl is Model._kick_impl:
+            raise ParameterError(f"{label}: this model takes no kicks", "kick")
+        rows = self._molecule_rows(molecules)
+        count = self._n if rows is None else len(rows)
+        try:
+            given = np.broadcast_to(np.asarray(impulse, dtype=np.float64), (count, 3))
+        except (TypeError, ValueError):
+            raise ParameterError(
+                f"{label}: kick impulse {impulse!r} is not allowed; expected a 3-vector "
+                f"(a.u.) or {count} of them",
+                "kick",
+            ) from None
+        bad = np.flatnonzero(~np.isfinite(given).all(axis=1))
+        if bad.size:
+            row = int(bad[0]) if rows is None else rows[int(bad[0])]
+            raise ParameterError(
+                f"{label}: kick impulse of molecule {self._ids[row]} is not finite",
+                "kick",
+                row,
+            )
+        impulses = np.zeros((self._n, 3))
+        impulses[slice(None) if rows is None else rows] = given
+        new = self._kick_impl(self._state, impulses)
+        if set(new) != set(self._schema) or any(
+            new[k].shape != shape for k, (shape, _) in self._schema.items()
+        ):
+            raise RuntimeError(f"{label}: _kick_impl changed the state's schema")
+        self._state = new
+        self._staged = None
+
     def step(self, fields: Any) -> np.ndarray:
         """Stage and commit one step under ``fields`` (n, 3); return the sources (n, 3)."""
         self.stage(fields)
@@ -779,6 +821,9 @@ class Model:
         """Precompute what depends on the time step (rule 6; optional)."""
 
     def _stage_impl(self, state: State, fields: np.ndarray) -> tuple[State, np.ndarray]:
+        raise NotImplementedError
+
+    def _kick_impl(self, state: State, impulses: np.ndarray) -> State:
         raise NotImplementedError
 
     def _extras_impl(self, state: State) -> dict[str, np.ndarray]:

@@ -487,6 +487,11 @@ class RTTDDFTModel(Model):
             self.params["pc_tolerance"],
         )
 
+    def _kick_impl(
+        self, state: dict[str, np.ndarray], impulses: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        return self.core.kicked(state, impulses)
+
     def _extras_impl(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         dipole = state["dipole"]
         return {

@@ -123,6 +123,12 @@ class SHOModel(Model):
         sources[self._pick] = p_half * mu0
         return {"p": p, "q": q, "acceleration": a}, sources
 
+    def _kick_impl(self, state, impulses):
+        # the force mu0 E integrated over the delta: the momentum jumps by mu0 kappa_axis
+        new = {key: value.copy() for key, value in state.items()}
+        new["p"] = state["p"] + self.params["mu0"] * impulses[self._pick]
+        return new
+
     def _stage_one(self, state, field):
         axis, omega2, mu0 = self._one_params
         dt = self.dt_au

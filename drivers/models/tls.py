@@ -195,6 +195,18 @@ class TLSModel(Model):
         source[axis] = source_per_y * y
         return {"bloch": np.array(((x, y, z),))}, source
 
+    def _kick_impl(self, state, impulses):
+        # exp(+i kappa mu12 sigma_x), the field factor of a step with dt E -> kappa: it
+        # turns (z, y) by 2 kappa mu12, as _bloch_step does for a field held over dt
+        bloch = state["bloch"]
+        angle = 2.0 * self.params["mu12"] * impulses[self._pick]
+        c, s = np.cos(angle), np.sin(angle)
+        new = np.array(bloch, order="F", copy=True)
+        z, y = bloch[:, 2], bloch[:, 1]
+        new[:, 2] = c * z + s * y
+        new[:, 1] = c * y - s * z
+        return {"bloch": new}
+
     def _extras_impl(self, state):
         bloch = state["bloch"]
         dipole, out = _reported(

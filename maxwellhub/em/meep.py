@@ -103,6 +103,8 @@ from .kernels import KERNEL_CUTOFF_SIGMAS, group_into_boxes, kernel_samples, sel
 __all__ = ["MeepCoupling"]
 
 _AXES = {"x": 0, "y": 1, "z": 2}
+# the key of a queued kick among the queued parameter changes (no parameter is named so)
+_KICK = "<kick>"
 
 
 def _matvec(
@@ -513,26 +515,7 @@ class MeepCoupling:
         """
         from maxwellhub_drivers.models import ParameterError
 
-        ids = [int(m) for m in np.atleast_1d(np.asarray(molecule_ids)).tolist()]
-        where = {
-            int(mid): (g, row)
-            for g, group in enumerate(self._groups)
-            for row, mid in enumerate(group.ids.tolist())
-        }
-        by_group: dict[int, list[int]] = {}
-        for mid in ids:
-            if mid not in where:
-                raise UsageError(f"set_params: no molecule with id {mid}")
-            g, row = where[mid]
-            if self._groups[g].model is None:
-                raise UsageError(
-                    f"set_params: molecule {mid} runs in a socket driver; parameter changes "
-                    "over the wire are not available yet (only embedded molecules, "
-                    "add_molecules, take them)"
-                )
-            by_group.setdefault(g, []).append(row)
-        if len(ids) != len(set(ids)):
-            raise UsageError(f"set_params: molecule ids {ids} repeat an id")
+        by_group = self._embedded_rows("set_params", molecule_ids)
         planned = []
         for g, rows in by_group.items():
             group = self._groups[g]
@@ -555,6 +538,54 @@ class MeepCoupling:
             self._param_changes.append((g, change, picked))
             self._pending_params[g] = new
 
+    def apply_kick(self, molecule_ids: int | Sequence[int], impulse: Any) -> None:
+        """Kick embedded molecules at the next step boundary with an impulsive field
+        ``E(t) = impulse delta(t)`` (``impulse`` = kappa e, a.u. of field times time: one
+        3-vector for all listed molecules), in order with :meth:`set_params` changes.
+        Checked now: an unknown or socket molecule, a model without kicks, or an impulse
+        that is not a finite 3-vector is a UsageError naming the molecule."""
+        from maxwellhub_drivers.models import Model
+
+        vector = np.asarray(impulse, dtype=np.float64)
+        if vector.shape != (3,) or not np.isfinite(vector).all():
+            raise UsageError(
+                f"apply_kick: impulse = {impulse!r}; expected a finite 3-vector (a.u.)"
+            )
+        for g, rows in self._embedded_rows("apply_kick", molecule_ids).items():
+            group = self._groups[g]
+            if type(group.model)._kick_impl is Model._kick_impl:
+                raise UsageError(
+                    f"apply_kick: molecule {int(group.ids[rows[0]])}: model "
+                    f"{group.model.name or type(group.model).__name__} takes no kicks"
+                )
+            picked = None if rows == list(range(len(group.ids))) else rows
+            self._param_changes.append((g, {_KICK: vector.copy()}, picked))
+
+    def _embedded_rows(self, what: str, molecule_ids: int | Sequence[int]) -> dict[int, list[int]]:
+        """Group index -> rows of the listed embedded molecules (UsageError naming an
+        unknown, repeated or socket molecule)."""
+        ids = [int(m) for m in np.atleast_1d(np.asarray(molecule_ids)).tolist()]
+        if len(ids) != len(set(ids)):
+            raise UsageError(f"{what}: molecule ids {ids} repeat an id")
+        where = {
+            int(mid): (g, row)
+            for g, group in enumerate(self._groups)
+            for row, mid in enumerate(group.ids.tolist())
+        }
+        by_group: dict[int, list[int]] = {}
+        for mid in ids:
+            if mid not in where:
+                raise UsageError(f"{what}: no molecule with id {mid}")
+            g, row = where[mid]
+            if self._groups[g].model is None:
+                raise UsageError(
+                    f"{what}: molecule {mid} runs in a socket driver; parameter changes and "
+                    "kicks over the wire are not available yet (only embedded molecules, "
+                    "add_molecules, take them)"
+                )
+            by_group.setdefault(g, []).append(row)
+        return by_group
+
     def _apply_param_changes(self) -> None:
         """Apply the queued parameter changes (rank 0 steps the models; elsewhere the
         models never step, the queue is dropped)."""
@@ -562,7 +593,11 @@ class MeepCoupling:
         self._pending_params = {}
         if self._rank == 0:
             for g, change, rows in changes:
-                self._groups[g].model.set_params(change, rows)
+                model = self._groups[g].model
+                if _KICK in change:
+                    model.apply_kick(change[_KICK], rows)
+                else:
+                    model.set_params(change, rows)
 
     def add_socket_molecules(
         self,
