@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-qt = pytest.importorskip("qutip")
+from maxwellhub_drivers.cli import _text_keys, parse_params
+from maxwellhub_drivers.models import ParameterError, create_model, get_model_class
 
-from drivers.cli import _text_keys, parse_params  # noqa: E402
-from maxwellhub_drivers.models import ParameterError, create_model, get_model_class  # noqa: E402
+qt = pytest.importorskip("qutip")
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_TLS = ROOT / "examples" / "models" / "build_tls.py"
