@@ -245,3 +245,89 @@ def test_a_broken_module_names_the_module(tmp_path):
     with pytest.raises(ParameterError, match="not Hermitian") as info:
         create_model("qutip", preset="custom", module=str(bad))
     assert info.value.key == "module"
+
+
+# ---------------------------------------------------------------- in Meep (2D)
+
+MEEP_TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}
+
+
+def _meep_sim(mp):
+    mp.verbosity(0)
+    return mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(3.0)])
+
+
+def _meep_embedded(model, until=90, **params):
+    mp = pytest.importorskip("meep")
+    from maxwellhub.em import MeepCoupling
+
+    sim = _meep_sim(mp)
+    coupling = MeepCoupling(sim, time_units_fs=0.1)
+    coupling.add_molecules(model, centers=[(0, 0)], sigma=0.1, axis="z", **params)
+    sim.run(coupling.step_function(), until=until)
+    return coupling.history()
+
+
+@pytest.mark.meep
+def test_tls_preset_in_meep_follows_the_tls_model():
+    """The 2D relaxation run (1801 coupled steps, EM feedback included): the embedded TLS
+    preset follows the embedded ``tls`` model to 1e-10 of each quantity's scale (reached:
+    about 1e-11 for Pe, 5e-13 for muz)."""
+    tls = _meep_embedded("tls", **MEEP_TLS)
+    qtp = _meep_embedded("qutip", **MEEP_TLS)
+    assert tls["Pe"].shape == qtp["Pe"].shape == (1801, 1)
+    assert tls["Pe"][-1, 0] < 0.7 * tls["Pe"][0, 0]  # it did relax
+    worst = {}
+    for key in ("Pe", "Pg", "Pge_real", "Pge_imag", "muz_au", "energy_au", "time_au"):
+        scale = np.abs(tls[key]).max()
+        worst[key] = np.abs(qtp[key] - tls[key]).max() / scale
+        assert worst[key] < 1e-10, key
+    print(
+        "\nqutip TLS vs tls in 2D Meep, max |diff| / scale: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+    )
+
+
+@pytest.mark.meep
+def test_maxwelllink_build_file_behind_a_socket_driver(unix_name, deadline):
+    """MaxwellLink's 2D QuTiP relaxation job (its build_model file, its --param string,
+    gamma_relax = 1e-3) through ``maxwellhub-driver``: the socket trajectory equals the
+    embedded one to 1e-12, and Pe decays at the golden-rule rate plus gamma_relax within
+    MaxwellLink's own tolerances (std < 3e-3, max < 8e-3)."""
+    mp = pytest.importorskip("meep")
+    from maxwellhub import SocketHub
+    from maxwellhub.analysis import compare_to_curve, golden_rule_rate
+    from maxwellhub.em import MeepCoupling
+    from maxwellhub.launch import reap, start_driver
+    from maxwellhub.units import MeepUnits
+
+    gamma_relax = 1e-3
+    params = {
+        "preset": "custom",
+        "module": str(BUILD_TLS),
+        "fd_dmudt": "false",
+        "kwargs": f"omega=0.242,mu12=187,orientation=2,pe_initial=1e-4,gamma_relax={gamma_relax}",
+    }
+    hub = SocketHub(unixsocket=unix_name, timeout=deadline(30))
+    drivers = []
+    try:
+        drivers = [start_driver("qutip", params, unix=unix_name)]
+        sim = _meep_sim(mp)
+        coupling = MeepCoupling(sim, time_units_fs=0.1, hub=hub, timeout=deadline(30))
+        coupling.add_socket_molecules(centers=[(0, 0)], sigma=0.1, axis="z")
+        sim.run(coupling.step_function(), until=90)
+        socket = coupling.history()
+    finally:
+        hub.stop()
+        codes = reap(drivers, deadline(5))
+    assert codes == [0]
+    embedded = _meep_embedded("qutip", **MEEP_TLS, gamma_relax=gamma_relax)
+    for key in ("Pe", "Pge_real", "Pge_imag", "muz_au", "energy_au", "time_au"):
+        np.testing.assert_allclose(socket[key], embedded[key], rtol=0, atol=1e-12, err_msg=key)
+    units = MeepUnits(0.1)
+    t = units.time_au_to_meep(socket["time_au"][:, 0])
+    gamma = golden_rule_rate(2, units.frequency_au_to_meep(0.242), units.dipole_au_to_meep(187.0))
+    gamma += units.frequency_au_to_meep(gamma_relax)  # a rate converts as a frequency
+    errors = compare_to_curve(t, socket["Pe"][:, 0], gamma)
+    print(f"\nMaxwellLink qutip job via socket: std {errors['std']:.2e} max {errors['max']:.2e}")
+    assert errors["std"] < 3e-3 and errors["max"] < 8e-3
