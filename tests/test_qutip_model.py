@@ -247,6 +247,17 @@ def test_a_broken_module_names_the_module(tmp_path):
     assert info.value.key == "module"
 
 
+def test_without_qutip_the_error_names_the_extra(monkeypatch):
+    """The module imports QuTiP when it loads, so a missing QuTiP is one clear error."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "qutip", None)  # as if QuTiP were not installed
+    monkeypatch.delitem(sys.modules, "maxwellhub_drivers.models.open_quantum", raising=False)
+    with pytest.raises(ValueError) as info:
+        get_model_class("qutip")
+    assert str(info.value) == "model 'qutip' needs QuTiP: pip install 'maxwellhub[qutip]'"
+
+
 # ---------------------------------------------------------------- in Meep (2D)
 
 MEEP_TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}
