@@ -160,6 +160,28 @@ def test_fd_source_is_the_dipole_difference():
     assert np.abs(analytic - src).max() < 0.02 * np.abs(analytic).max()
 
 
+def test_analytic_source_is_the_liouvillian_derivative():
+    """The analytic source is d<mu>/dt = Tr(mu L[rho]) with QuTiP's own Liouvillian (field
+    and dissipator included) at the new state and the step's field, on every axis."""
+    params = dict(NLEVEL, pe_initial=0.3, gamma_relax=0.02, gamma_dephase=0.01)
+    model = create_model("qutip", **params)
+    model.initialize(dt_au=0.3)
+    from maxwellhub_drivers.models.open_quantum import build_nlevel
+
+    cfg = build_nlevel(**{k: v for k, v in params.items() if k != "preset"})
+    mus = [qt.Qobj(cfg["mu_ops"][a]) for a in "xyz"]
+    for field in np.random.default_rng(2).normal(scale=0.05, size=(5, 3)):
+        source = model.step(field[None])[0]
+        rho = qt.Qobj(model.get_state()["rho"][0])
+        h = qt.Qobj(cfg["H0"]) - sum(e * m for e, m in zip(field, mus, strict=True))
+        lrho = qt.vector_to_operator(
+            qt.liouvillian(h, [qt.Qobj(c) for c in cfg["c_ops"]]) * qt.operator_to_vector(rho)
+        )
+        expected = [(m * lrho).tr().real for m in mus]
+        np.testing.assert_allclose(source, expected, rtol=1e-12, atol=1e-15)
+        assert np.abs(expected).min() > 1e-4
+
+
 def test_maxwelllink_job_parameters_run_unchanged(tmp_path):
     """MaxwellLink's --param string for a build_model file, parsed as maxwellhub-driver
     parses it, builds the model; with our example file and with MaxwellLink's own test
@@ -229,6 +251,7 @@ def test_nlevel_arrays_as_text_and_lists_agree():
         ({"energies": "[0.3]"}, "energies"),
         ({"preset": "nlevel", "energies": "[0.3, 0.4]", "dipoles": "[1.0]"}, "energies"),
         ({"preset": "quantum"}, "preset"),
+        ({**NLEVEL, "energies": "[0.3, 0.4, 0.5]", "dipoles": "[1, 2, 3]", "omega": 0.3}, "omega"),
         ({"preset": "custom", "module": "no_such_file.py"}, "module"),
     ],
 )

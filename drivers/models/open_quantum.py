@@ -34,7 +34,7 @@ the coherence rho_01 at exactly 2 gamma_dephase; N levels: c_j = sqrt(2 gamma_de
 rates as keyword arguments and applies its own convention.
 
 Propagation of one EM step dt with the field E held constant: the symmetric (Strang) split
-rho <- P U (P rho) U^+ with P = exp(L0 dt/2), L0 the field-free Liouvillian (-i[H0, .]
+rho <- P[U P[rho] U^+] with P = exp(L0 dt/2), L0 the field-free Liouvillian (-i[H0, .]
 plus the dissipator), and U = exp(+i dt E . mu). Second order in dt (O(dt^3) local error
 from the commutator of the pieces), exact for each piece: P is a scipy ``expm`` of the
 N^2 x N^2 superoperator made once per (dt, rates) in ``_prepare``; U is built from an
@@ -309,6 +309,8 @@ def _build(params: Mapping[str, Any], given: frozenset[str]) -> dict[str, Any]:
             raise ParameterError(f"qutip: module {module}: {exc}", key) from exc
     else:
         keys = _TLS_KEYS if preset == "tls" else _NLEVEL_KEYS
+        for k in sorted(given & (set(_TLS_KEYS) - set(keys))):
+            raise ParameterError(f"qutip: parameter {k} is not used by preset {preset}", k)
         kw = {k: params[k] for k in keys if k not in _ARRAY_KEYS}
         extra = parse_kwargs_string(params["preset_kwargs"])
         unknown = sorted(set(extra) - set(keys))
