@@ -93,6 +93,12 @@ _registry: dict[str, type[Model] | LazyModel] = {
         label="PySCF",
         extra="pyscf",
     ),
+    "qutip": LazyModel(
+        "maxwellhub_drivers.models.open_quantum:QuTiPModel",
+        needs="qutip",
+        label="QuTiP",
+        extra="qutip",
+    ),
 }
 
 
