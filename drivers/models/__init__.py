@@ -92,6 +92,9 @@ _registry: dict[str, type[Model] | LazyModel] = {
         label="PySCF",
         extra="pyscf",
     ),
+    "ase": LazyModel(
+        "maxwellhub_drivers.models.ase_md:ASEModel", needs="ase", label="ASE", extra="ase"
+    ),
 }
 
 
