@@ -38,7 +38,8 @@ Charges and dipole. mu = sum_i q_i r_i with the positions the model integrates (
 wrapped into a cell: a periodic calculator wraps its own copy), the gauge origin at the
 coordinates' origin. ``charges`` ("q1 q2 ...", one per atom, in e) or, when unset, the
 calculator's ``get_charges()`` at the initial geometry, fixed from then on. A charge needs
-a mass: an atom with zero mass (a dummy site ``X``) is refused, and so is ASE's TIP4P
+a mass: a dummy site ``X`` (atomic number 0, to which ASE gives a nominal mass of 1) or an
+atom of zero mass is refused, and so is ASE's TIP4P
 calculator, whose M site carries charge but is not an atom (the sum over atoms would
 miss it); a massless virtual site is not supported.
 
@@ -235,13 +236,14 @@ class ASEModel(Model):
     @classmethod
     def _validate(cls, params: dict[str, Any], n: int) -> None:
         atoms = _geometry(params)
-        masses = atoms.get_masses()
-        if (masses <= 0).any():
-            i = int(np.flatnonzero(masses <= 0)[0])
+        virtual = (atoms.get_masses() <= 0) | (atoms.get_atomic_numbers() == 0)
+        if virtual.any():
+            i = int(np.flatnonzero(virtual)[0])
             raise ParameterError(
-                f"ase: atom {i} ({atoms.get_chemical_symbols()[i]}) of geometry has no mass; "
-                "massless (virtual) sites are not supported: velocity Verlet cannot move "
-                "them and their charge would be lost from the dipole",
+                f"ase: atom {i} ({atoms.get_chemical_symbols()[i]}) of geometry is a dummy or "
+                "massless site, which has no mass of its own; massless (virtual) sites are not "
+                "supported: velocity Verlet cannot move them and a charge on them would be "
+                "lost from the dipole",
                 "geometry",
             )
         if params["charges"] is not None:
