@@ -278,3 +278,20 @@ def test_meep_socket_equals_embedded(tmp_path, unix_name, deadline):
     assert np.ptp(embedded["muz_au"]) > 1e-3  # the bond moved
     for key in ("muz_au", "muz_m_au", "energy_au", "time_au"):
         np.testing.assert_allclose(socket[key], embedded[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+def test_callable_calculator_and_alias_follow_the_builtin(tmp_path):
+    """``package.module:callable`` (here the water calculator's class) and MaxwellLink's
+    ``atoms`` alias give the built-in ``water`` trajectory bit for bit."""
+    path = tmp_path / "w.xyz"
+    write(path, Atoms("OH2", positions=water_geometry() + 0.01))
+    fields = np.random.default_rng(3).normal(scale=1e-3, size=(5, 1, 3))
+    builtin = create_model("ase", calculator="water", geometry=str(path))
+    dotted = create_model(
+        "ase", calculator="maxwellhub_drivers.models._water:FlexibleWater", atoms=str(path)
+    )
+    for model in (builtin, dotted):
+        model.initialize(dt_au=8.0)
+    for k in range(5):
+        assert builtin.step(fields[k]).tobytes() == dotted.step(fields[k]).tobytes()
+    assert np.abs(builtin.get_state()["velocities"]).max() > 0

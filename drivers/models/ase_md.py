@@ -41,7 +41,11 @@ calculator's ``get_charges()`` at the initial geometry, fixed from then on. A ch
 a mass: a dummy site ``X`` (atomic number 0, to which ASE gives a nominal mass of 1) or an
 atom of zero mass is refused, and so is ASE's TIP4P
 calculator, whose M site carries charge but is not an atom (the sum over atoms would
-miss it); a massless virtual site is not supported.
+miss it); a massless virtual site is not supported. The dipole is always sum q_i r_i: a
+calculator's own dipole (PySCF's electronic one, say) is not used, and charges are not
+recomputed along the trajectory (for ``pyscf`` the field acts on the initial Mulliken
+charges, not on the electrons). A molecule with a net charge has an origin-dependent
+dipole, and a static field accelerates it as a whole.
 
 Thermostat: ``temperature_K`` (target, mutable), ``tau_fs`` (relaxation time, mutable;
 0 = off), ``seed`` (the generator, checkpointed in the state). Initial velocities: Maxwell-
