@@ -8,15 +8,15 @@
 
 A model is named in one of three ways:
 
-- a registered name: ``tls``, ``sho``, ``rttddft``, or one added with
+- a registered name: ``tls``, ``sho``, ``rttddft``, ``qutip``, ``ase``, or one added with
   :func:`register_model`;
 - a dotted path ``package.module:ClassName`` to a :class:`Model` subclass;
 - an entry point of the group ``maxwellhub.models`` that an installed package declares.
 
-Built-ins that need an optional package (``rttddft`` needs PySCF) are registered lazily,
-as ``module:Class`` with the pip extra that brings the package: their module is imported
-only when the model is asked for, and a missing package is one clear error naming the
-extra to install.
+Built-ins that need an optional package (``rttddft`` PySCF, ``qutip`` QuTiP, ``ase`` ASE)
+are registered lazily, as ``module:Class`` with the pip extra that brings the package:
+their module is imported only when the model is asked for, and a missing package is one
+clear error naming the extra to install.
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ _registry: dict[str, type[Model] | LazyModel] = {
         needs="qutip",
         label="QuTiP",
         extra="qutip",
+    ),
+    "ase": LazyModel(
+        "maxwellhub_drivers.models.ase_md:ASEModel", needs="ase", label="ASE", extra="ase"
     ),
 }
 
