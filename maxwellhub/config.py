@@ -59,6 +59,7 @@ __all__ = [
     "ConfigError",
     "MoleculeGroup",
     "Output",
+    "ScheduledChange",
     "Simulation",
     "Transport",
     "load_config",
@@ -121,6 +122,17 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class ScheduledChange:
+    """One ``[[schedule]]`` entry: before Meep step ``step`` the molecules ``molecules``
+    (ids; None: all) get parameter ``changes`` or an impulsive ``kick`` (a.u.)."""
+
+    step: int
+    molecules: tuple[int, ...] | None
+    changes: dict[str, Any] = field(default_factory=dict)
+    kick: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     simulation: Simulation
     transport: Transport
@@ -133,6 +145,7 @@ class Config:
     # where relative paths among the models' parameters are resolved: the config file's
     # directory (None: the current directory)
     base_dir: Path | None = None
+    schedule: tuple[ScheduledChange, ...] = ()
 
     @property
     def molecule_count(self) -> int:
@@ -222,13 +235,54 @@ class _Table:
 
 def parse_config(data: dict, source: Path | None = None) -> Config:
     """Validate a parsed TOML document."""
-    top = _Table(data, "", ("simulation", "transport", "molecules", "output", "checkpoint"))
+    top = _Table(
+        data, "", ("simulation", "transport", "molecules", "output", "checkpoint", "schedule")
+    )
     simulation = _simulation(top)
     transport = _transport(top)
     groups = _molecule_groups(top, simulation.dimensions)
     output = _output(top)
     checkpoint = _checkpoint(top.get("checkpoint")) if top.has("checkpoint") else None
-    return Config(simulation, transport, groups, output, source, checkpoint)
+    schedule = _schedule(top.get("schedule", []), transport)
+    return Config(simulation, transport, groups, output, source, checkpoint, schedule=schedule)
+
+
+def _schedule(raw: Any, transport: Transport) -> tuple[ScheduledChange, ...]:
+    """``[[schedule]]``: parameter changes and kicks at given steps (the structure only;
+    :func:`maxwellhub.runner.validate_models` checks them against the models)."""
+    if not isinstance(raw, list):
+        raise ConfigError("schedule must be an array of tables ([[schedule]])")
+    if raw and transport.kind != "embedded":
+        raise ConfigError(
+            "schedule: parameter changes and kicks reach embedded molecules only (over the "
+            "wire they are not available yet); use transport.kind = 'embedded'"
+        )
+    entries = []
+    for i, item in enumerate(raw):
+        where = f"schedule[{i}]"
+        t = _Table(item, where, ("step", "molecules", "changes", "kick"))
+        step = t.number("step", low=1, integer=True)
+        if t.has("changes") == t.has("kick"):
+            raise ConfigError(f"{where}: give exactly one of changes (a table) or kick")
+        molecules = t.get("molecules", "all")
+        if molecules == "all":
+            ids = None
+        elif (
+            isinstance(molecules, list)
+            and molecules
+            and all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in molecules)
+        ):
+            ids = tuple(molecules)
+        else:
+            raise ConfigError(
+                f'{where}.molecules = {molecules!r}; expected "all" or a list of molecule ids'
+            )
+        changes = t.get("changes", {})
+        if not isinstance(changes, dict) or (t.has("changes") and not changes):
+            raise ConfigError(f"{where}.changes must be a table of parameter = value")
+        kick = tuple(t.vector("kick", 3)) if t.has("kick") else None
+        entries.append(ScheduledChange(int(step), ids, dict(changes), kick))
+    return tuple(entries)
 
 
 def _simulation(top: _Table) -> Simulation:

@@ -34,10 +34,11 @@ from .config import (
     Config,
     ConfigError,
     MoleculeGroup,
+    ScheduledChange,
     load_config,
     parse_config_text,
 )
-from .errors import DriverLost, MaxwellHubError
+from .errors import DriverLost, MaxwellHubError, UsageError
 from .launch import reap, start_driver
 from .mpi import am_master, rank_and_size
 from .output import Progress, plot_populations, write_history
@@ -141,7 +142,48 @@ def validate_models(config: Config) -> Config:
         except (ValueError, TypeError, OSError) as exc:  # a model's own cross check
             raise ConfigError(f"molecules[{i}].params: {exc}") from None
         groups.append(dataclasses.replace(g, params=params))
-    return dataclasses.replace(config, molecules=tuple(groups), base_dir=base_dir)
+    classes = [get_model_class(g.model) for g in config.molecules]
+    schedule = tuple(
+        _checked_change(config, classes, i, entry) for i, entry in enumerate(config.schedule)
+    )
+    return dataclasses.replace(
+        config, molecules=tuple(groups), base_dir=base_dir, schedule=schedule
+    )
+
+
+def _checked_change(config: Config, classes: list, i: int, entry: ScheduledChange):
+    """``schedule[i]`` checked against the models of the molecules it names (ids, the
+    step, mutability and values, kicks): the entry with canonical parameter values, or a
+    ConfigError naming ``schedule[i]`` and the key."""
+    from maxwellhub_drivers.models import ParameterError
+
+    where = f"schedule[{i}]"
+    total = config.molecule_count
+    # Courant factor 0.5 (Meep's default, the one build_simulation uses)
+    steps = round(config.simulation.until / (0.5 / config.simulation.resolution))
+    if entry.step > steps:
+        raise ConfigError(f"{where}.step = {entry.step}: the run ends at step {steps}")
+    ids = range(total) if entry.molecules is None else entry.molecules
+    bad = [m for m in ids if m >= total]
+    if bad:
+        raise ConfigError(
+            f"{where}.molecules: no molecule with id {bad[0]} (the run has ids 0..{total - 1})"
+        )
+    first, changes = 0, {}
+    for g, cls in zip(config.molecules, classes, strict=True):
+        rows = [m - first for m in ids if first <= m < first + len(g.positions)]
+        first += len(g.positions)
+        if not rows:
+            continue
+        if entry.kick is not None and not cls.takes_kicks():
+            raise ConfigError(f"{where}.kick: model {g.model!r} takes no kicks")
+        try:
+            changes = cls.check_changes(entry.changes, len(rows))
+        except ParameterError as exc:
+            raise ConfigError(f"{where}.changes.{exc.key}: {exc}") from None
+    if entry.kick is not None:
+        return entry
+    return dataclasses.replace(entry, changes=changes)
 
 
 def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
@@ -597,6 +639,8 @@ class _Run:
 
     def _run_meep(self) -> None:
         steps = [self.coupling.step_function()]
+        if self.config.schedule:
+            steps.append(self._schedule_function())
         if self.checkpointer is not None:
             steps.append(self.checkpointer.step_function())
         until = self.config.simulation.until
@@ -604,6 +648,42 @@ class _Run:
         self.sim.run(
             *steps, self.progress.step_function(), until=lambda sim: sim.round_time() >= until
         )
+
+    def _schedule_function(self):
+        """A step function that queues each ``[[schedule]]`` entry after the coupling's
+        step ``entry.step - 1``, so it applies before step ``entry.step`` (before a
+        checkpoint written at that boundary, which then holds it). Entries at or before a
+        resumed step are already in the checkpoint's state. A change the models refuse at
+        run time (a check across parameters) is logged naming it, and the run goes on."""
+        due: dict[int, list[tuple[int, ScheduledChange]]] = {}
+        start = self.loaded.step if self.loaded is not None else -1
+        for i, entry in enumerate(self.config.schedule):
+            if entry.step - 1 > start:
+                due.setdefault(entry.step - 1, []).append((i, entry))
+        coupling, total = self.coupling, self.config.molecule_count
+
+        def maxwellhub_schedule(sim) -> None:
+            for i, entry in due.pop(sim.fields.t, ()):
+                ids = list(range(total)) if entry.molecules is None else list(entry.molecules)
+                try:
+                    if entry.kick is not None:
+                        coupling.apply_kick(ids, entry.kick)
+                    else:
+                        coupling.set_params(ids, entry.changes)
+                except UsageError as exc:
+                    log.error(
+                        "schedule[%d] at step %d refused, the run goes on: %s", i, entry.step, exc
+                    )
+                    continue
+                log.info(
+                    "schedule[%d]: %s for molecule(s) %s before step %d",
+                    i,
+                    f"kick {list(entry.kick)}" if entry.kick is not None else entry.changes,
+                    "all" if entry.molecules is None else ids,
+                    entry.step,
+                )
+
+        return maxwellhub_schedule
 
     # ------------------------------------------------------------------ the end
 

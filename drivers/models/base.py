@@ -320,6 +320,32 @@ class Model:
         """
         self._apply_params(self.check_params(changes, molecules))
 
+    @classmethod
+    def check_changes(cls, changes: Mapping[str, Any], n: int = 1) -> dict[str, Any]:
+        """A cheap check of a parameter change for ``n`` molecules, without a model (what
+        ``maxwellhub run`` does with its ``[[schedule]]`` before anything starts): names
+        (aliases and unit suffixes too), mutability and each value on its own; the checks
+        across parameters need the model and run in :meth:`set_params`. Returns canonical
+        name -> JSON-able value; ParameterError naming the key."""
+        label = cls._label()
+        out = {}
+        for key, (name, value) in cls._canonical_keys(changes).items():
+            spec = cls.parameters[key]
+            if not spec.mutable:
+                mutable = [k for k, p in cls.parameters.items() if p.mutable]
+                raise ParameterError(
+                    f"{label}: parameter {name} cannot be changed after the model is made; "
+                    f"mutable: {', '.join(mutable) or '(none)'}",
+                    name,
+                )
+            out[key] = _normalise(label, name, spec, value, 1 if spec.shared else n, None)[1]
+        return out
+
+    @classmethod
+    def takes_kicks(cls) -> bool:
+        """Whether :meth:`apply_kick` works for this model (rule 13)."""
+        return cls._kick_impl is not Model._kick_impl
+
     def check_params(
         self,
         changes: Mapping[str, Any],
@@ -641,7 +667,7 @@ class Model:
         model and the molecule) for a model without kicks or an impulse that is not
         finite."""
         label = self._label()
-        if type(self)._kick_impl is Model._kick_impl:
+        if not self.takes_kicks():
             raise ParameterError(f"{label}: this model takes no kicks", "kick")
         rows = self._molecule_rows(molecules)
         count = self._n if rows is None else len(rows)

@@ -544,8 +544,6 @@ class MeepCoupling:
         3-vector for all listed molecules), in order with :meth:`set_params` changes.
         Checked now: an unknown or socket molecule, a model without kicks, or an impulse
         that is not a finite 3-vector is a UsageError naming the molecule."""
-        from maxwellhub_drivers.models import Model
-
         vector = np.asarray(impulse, dtype=np.float64)
         if vector.shape != (3,) or not np.isfinite(vector).all():
             raise UsageError(
@@ -553,7 +551,7 @@ class MeepCoupling:
             )
         for g, rows in self._embedded_rows("apply_kick", molecule_ids).items():
             group = self._groups[g]
-            if type(group.model)._kick_impl is Model._kick_impl:
+            if not group.model.takes_kicks():
                 raise UsageError(
                     f"apply_kick: molecule {int(group.ids[rows[0]])}: model "
                     f"{group.model.name or type(group.model).__name__} takes no kicks"
