@@ -45,7 +45,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import least_squares
 
 from .ir import ir_spectrum
 
@@ -172,6 +171,8 @@ def fit_rabi_splitting(
     lower = np.array([w[0], w[0], 1e-9 * span, 1e-9 * span, -np.inf, -np.inf, -np.inf, -np.inf])
     upper = np.array([w[-1], w[-1], 2 * span, 2 * span, np.inf, np.inf, np.inf, np.inf])
     p0 = np.clip(p0, lower + 1e-12 * span, upper - 1e-12 * span)
+    from scipy.optimize import least_squares  # here: importing analysis stays light
+
     result = least_squares(
         lambda p: _model(p, w, mid) - s,
         p0,
@@ -239,6 +240,8 @@ def _complex_fit(omega, transform, start: np.ndarray, dt: float, n: int):
     lower = [omega[0], omega[0], 1e-9 * span, 1e-9 * span]
     upper = [omega[-1], omega[-1], span, span]
     start = np.clip(start, np.array(lower) + 1e-12 * span, np.array(upper) - 1e-12 * span)
+    from scipy.optimize import least_squares
+
     result = least_squares(
         residual, start, bounds=(lower, upper), x_scale="jac", xtol=1e-15, ftol=1e-15
     )

@@ -173,3 +173,11 @@ def test_bad_input():
         ir_spectrum(np.zeros(10), 1.0, form="raman")
     with pytest.raises(ValueError, match="temperature"):
         ir_spectrum(np.zeros(10), 1.0, temperature_k=-1.0)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import maxwellhub.ir
+
+    assert doctest.testmod(maxwellhub.ir).failed == 0

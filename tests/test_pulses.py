@@ -123,3 +123,11 @@ def test_tls_pulse_area_sets_the_final_population(area, expected):
     assert mu12 * envelope_area(pulse) == pytest.approx(area)
     pe = _drive_tls(pulse, omega, mu12, dt=0.1, t_end=12 * sigma)
     assert pe == pytest.approx(expected, abs=1e-2)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import maxwellhub.pulses
+
+    assert doctest.testmod(maxwellhub.pulses).failed == 0

@@ -127,3 +127,11 @@ def test_coupled_oscillators_normal_mode_splitting(omega_c, g):
 def test_trajectory_needs_one_component():
     with pytest.raises(ValueError, match="one component"):
         rabi_splitting_from_trajectory(np.zeros((100, 3)), 1.0)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import maxwellhub.rabi
+
+    assert doctest.testmod(maxwellhub.rabi).failed == 0
