@@ -15,7 +15,8 @@ the estimate of ``integral C(t) exp(-i omega t) dt`` (Wiener-Khinchin); with no 
 ``integral_0^inf P d omega / pi`` is the mean of ``|mu - <mu>|^2`` (Parseval).
 
 ``form="velocity"`` (the default) returns ``omega^2 P(omega)``, the power spectrum of
-``dmu/dt``: the classical absorption line shape. The absorption coefficient times the
+``dmu/dt`` (exactly so for the continuous transform of an unwindowed, untruncated
+signal; no finite difference is taken): the classical absorption line shape. The absorption coefficient times the
 refractive index is then (Gaussian = atomic units, isotropic sample of volume ``V`` at
 inverse temperature ``beta``; e.g. Ramirez et al., J. Chem. Phys. 121, 3973 (2004))
 
