@@ -11,15 +11,46 @@ import math
 
 import numpy as np
 
+from .ir import IRSpectrum, dipole_autocorrelation, ir_spectrum
+from .pulses import (
+    ChirpedPulse,
+    ContinuousWave,
+    GaussianPulse,
+    Sin2Pulse,
+    chirped_pulse,
+    continuous_wave,
+    envelope_area,
+    gaussian_pulse,
+    scaled_to_area,
+    sin2_pulse,
+)
+from .rabi import RabiFit, fit_rabi_splitting, lorentzian, rabi_splitting_from_trajectory
 from .spectrum import absorption_spectrum, fit_peaks
 
 __all__ = [
+    "ChirpedPulse",
+    "ContinuousWave",
+    "GaussianPulse",
+    "IRSpectrum",
+    "RabiFit",
+    "Sin2Pulse",
     "absorption_spectrum",
+    "chirped_pulse",
     "compare_to_curve",
+    "continuous_wave",
+    "dipole_autocorrelation",
+    "envelope_area",
     "fit_decay_rate",
     "fit_peaks",
+    "fit_rabi_splitting",
+    "gaussian_pulse",
     "golden_rule_rate",
+    "ir_spectrum",
+    "lorentzian",
+    "rabi_splitting_from_trajectory",
     "relaxation_curve",
+    "scaled_to_area",
+    "sin2_pulse",
 ]
 
 
