@@ -16,9 +16,10 @@ the estimate of ``integral C(t) exp(-i omega t) dt`` (Wiener-Khinchin); with no 
 
 ``form="velocity"`` (the default) returns ``omega^2 P(omega)``, the power spectrum of
 ``dmu/dt`` (exactly so for the continuous transform of an unwindowed, untruncated
-signal; no finite difference is taken): the classical absorption line shape. The absorption coefficient times the
-refractive index is then (Gaussian = atomic units, isotropic sample of volume ``V`` at
-inverse temperature ``beta``; e.g. Ramirez et al., J. Chem. Phys. 121, 3973 (2004))
+signal; no finite difference is taken): the classical absorption line shape. The
+absorption coefficient times the refractive index is then (Gaussian = atomic units,
+isotropic sample of volume ``V`` at inverse temperature ``beta``; e.g. Ramirez et al.,
+J. Chem. Phys. 121, 3973 (2004))
 
     n(omega) alpha(omega) = (2 pi beta / (3 c V)) omega^2 P(omega)
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
@@ -157,7 +156,7 @@ class ContinuousWave(_Carrier):
         return np.full_like(_times(t), self.e0)
 
 
-Pulse = Union[GaussianPulse, ChirpedPulse, Sin2Pulse, ContinuousWave]
+Pulse = GaussianPulse | ChirpedPulse | Sin2Pulse | ContinuousWave
 
 
 def envelope_area(pulse: Pulse, t_start: float = -math.inf, t_end: float = math.inf) -> float:

@@ -155,7 +155,8 @@ def fit_rabi_splitting(
     s = np.asarray(spectrum, dtype=np.float64)
     if w.ndim != 1 or s.shape != w.shape:
         raise ValueError(
-            f"omega and spectrum: expected two 1-D arrays of one length, got {w.shape} and {s.shape}"
+            "omega and spectrum: expected two 1-D arrays of one length, got "
+            f"{w.shape} and {s.shape}"
         )
     if omega_range is not None:
         keep = (w >= omega_range[0]) & (w <= omega_range[1])
@@ -214,7 +215,7 @@ def _line_basis(omega, centres, rates, dt: float, n: int) -> np.ndarray:
     sampled, truncated damped exponential at +w and at -w (its image) for each line, then a
     complex constant and slope (what is left of the mean and the far lines)."""
     cols = []
-    for w, rate in zip(centres, rates):
+    for w, rate in zip(centres, rates, strict=True):
         for sign in (1.0, -1.0):
             z = np.exp(-(rate + 1j * (omega - sign * w)) * dt)
             cols.append(dt * (1.0 - z**n) / (1.0 - z))

@@ -27,15 +27,27 @@ TLS = {"omega": 0.242, "mu12": 187, "pe_initial": 1e-4}
 
 
 def run_cli(*args, cwd, timeout=120):
-    return subprocess.run([str(BIN / "maxwellhub"), *args], capture_output=True, text=True,
-                          timeout=scaled(timeout), cwd=cwd)
+    return subprocess.run(
+        [str(BIN / "maxwellhub"), *args],
+        capture_output=True,
+        text=True,
+        timeout=scaled(timeout),
+        cwd=cwd,
+    )
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in EXAMPLES.glob("*.toml")))
 def test_example_config_runs(config, tmp_path):
     """`maxwellhub run` on each example config (until = 4): JSON line, HDF5, plot."""
-    proc = run_cli("run", str(EXAMPLES / config), "--set", "simulation.until=4",
-                   "--set", f'output.directory="{tmp_path}"', cwd=tmp_path)
+    proc = run_cli(
+        "run",
+        str(EXAMPLES / config),
+        "--set",
+        "simulation.until=4",
+        "--set",
+        f'output.directory="{tmp_path}"',
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["complete"] and summary["steps"] > 0
@@ -58,9 +70,14 @@ def test_example_config_runs(config, tmp_path):
 
 def test_api_mixed_example(tmp_path):
     """The plain-Python API example with an embedded and a socket molecule."""
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "api_mixed_2d.py"), "--until", "3"],
-                          capture_output=True, text=True, timeout=scaled(120), cwd=tmp_path,
-                          env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"))
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "api_mixed_2d.py"), "--until", "3"],
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
+        cwd=tmp_path,
+        env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("final Pe")][-1]
     embedded, socket_ = json.loads(line.split(":", 1)[1])
@@ -69,11 +86,25 @@ def test_api_mixed_example(tmp_path):
 
 def test_tcp_drivers_started_by_hand(tcp_port, tmp_path):
     """The TCP example waits for drivers started by hand, then runs with them."""
-    script = subprocess.Popen([sys.executable, "-u", str(EXAMPLES / "tcp_drivers_by_hand.py"),
-                               "--port", str(tcp_port), "--until", "3", "--wait", "60"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=tmp_path)
+    script = subprocess.Popen(
+        [
+            sys.executable,
+            "-u",
+            str(EXAMPLES / "tcp_drivers_by_hand.py"),
+            "--port",
+            str(tcp_port),
+            "--until",
+            "3",
+            "--wait",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     drivers = []
+    assert script.stdout is not None and script.stderr is not None
     try:
         seen = ""
         for _ in range(10):  # Meep may print its banner first
@@ -82,9 +113,13 @@ def test_tcp_drivers_started_by_hand(tcp_port, tmp_path):
                 break
         assert f"127.0.0.1:{tcp_port}" in seen, seen + script.stderr.read()
         for _ in range(2):  # as a user would, from the printed command
-            drivers.append(subprocess.Popen(driver_command("tls", TLS, host="127.0.0.1",
-                                                           port=tcp_port),
-                                            env=driver_env(), stdout=subprocess.DEVNULL))
+            drivers.append(
+                subprocess.Popen(
+                    driver_command("tls", TLS, host="127.0.0.1", port=tcp_port),
+                    env=driver_env(),
+                    stdout=subprocess.DEVNULL,
+                )
+            )
         out, err = script.communicate(timeout=scaled(120))
     finally:
         reap([script], 1)
@@ -99,26 +134,38 @@ def test_mpi_example(tmp_path):
     base = [sys.executable, str(EXAMPLES / "mpi_relax_2d.py"), "--until", "3"]
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("OMPI_MCA_ess_singleton_isolated", None)
-    parallel = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
-                               *base], capture_output=True, text=True,
-                              timeout=scaled(180), cwd=tmp_path, env=env)
+    parallel = subprocess.run(
+        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", *base],
+        capture_output=True,
+        text=True,
+        timeout=scaled(180),
+        cwd=tmp_path,
+        env=env,
+    )
     assert parallel.returncode == 0, parallel.stderr[-3000:]
-    serial = subprocess.run(base, capture_output=True, text=True, timeout=scaled(120),
-                            cwd=tmp_path, env=env)
+    serial = subprocess.run(
+        base, capture_output=True, text=True, timeout=scaled(120), cwd=tmp_path, env=env
+    )
     assert serial.returncode == 0, serial.stderr[-3000:]
 
     def final(out):
-        return json.loads([x for x in out.splitlines() if x.startswith("final Pe")][-1]
-                          .split(":", 1)[1])
+        return json.loads(
+            [x for x in out.splitlines() if x.startswith("final Pe")][-1].split(":", 1)[1]
+        )
 
     assert final(parallel.stdout) == pytest.approx(final(serial.stdout), rel=1e-10)
 
 
 def test_readme_hub_example(tmp_path):
     """The README's hub-and-two-drivers example runs and both drivers exit 0."""
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "hub_and_two_drivers.py")],
-                          capture_output=True, text=True, timeout=scaled(60), cwd=tmp_path,
-                          env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"))
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "hub_and_two_drivers.py")],
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+        cwd=tmp_path,
+        env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("dmu/dt") == 6
 
@@ -134,18 +181,31 @@ def _children(pid: int) -> list[int]:
 def test_dead_driver_ends_run_with_data_written(tmp_path):
     """A driver killed mid-run ends `maxwellhub run` with a message naming its molecule,
     and the steps recorded so far are in the HDF5 file (marked incomplete)."""
-    run = subprocess.Popen([str(BIN / "maxwellhub"), "run", str(EXAMPLES / "relax_2d.toml"),
-                            "--set", "simulation.until=100000",
-                            "--set", f'output.directory="{tmp_path}"'],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=tmp_path)
+    run = subprocess.Popen(
+        [
+            str(BIN / "maxwellhub"),
+            "run",
+            str(EXAMPLES / "relax_2d.toml"),
+            "--set",
+            "simulation.until=100000",
+            "--set",
+            f'output.directory="{tmp_path}"',
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         deadline = time.monotonic() + scaled(60)
         log = tmp_path / "drivers" / "molecule_0.log"
         driver = None
         while driver is None and time.monotonic() < deadline:
-            kids = [k for k in _children(run.pid)
-                    if b"maxwellhub-driver" in Path(f"/proc/{k}/cmdline").read_bytes()]
+            kids = [
+                k
+                for k in _children(run.pid)
+                if b"maxwellhub-driver" in Path(f"/proc/{k}/cmdline").read_bytes()
+            ]
             if kids and log.exists():
                 driver = kids[0]
             else:
@@ -153,7 +213,7 @@ def test_dead_driver_ends_run_with_data_written(tmp_path):
         assert driver is not None, "the run never started its driver"
         time.sleep(1.0)  # let it step a while
         os.kill(driver, signal.SIGKILL)
-        out, err = run.communicate(timeout=scaled(60))
+        _, err = run.communicate(timeout=scaled(60))
     finally:
         reap([run], 1)
     assert run.returncode == 1, err[-3000:]
@@ -168,13 +228,15 @@ def test_dead_driver_ends_run_with_data_written(tmp_path):
 def test_main_job_validates_over_sockets(config, tmp_path):
     """The full 1D and 2D relaxations with socket drivers (`maxwellhub run`, UNIX transport)
     stay within std < 3e-3 and max < 8e-3 of the golden-rule curve (relative to P0)."""
-    proc = run_cli("run", str(EXAMPLES / config), "--set", f'output.directory="{tmp_path}"',
-                   cwd=tmp_path)
+    proc = run_cli(
+        "run", str(EXAMPLES / config), "--set", f'output.directory="{tmp_path}"', cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["transport"] == "unix" and summary["steps"] == 1801
-    print(f"\n{config}: std {summary['curve_std_over_p0']:.2e} "
-          f"max {summary['curve_max_over_p0']:.2e}")
+    print(
+        f"\n{config}: std {summary['curve_std_over_p0']:.2e} max {summary['curve_max_over_p0']:.2e}"
+    )
     assert summary["curve_std_over_p0"] < 3e-3 and summary["curve_max_over_p0"] < 8e-3
     assert summary["relative_error_kernel"] < 1e-2
 
@@ -183,18 +245,32 @@ def test_ensemble_drivers_in_main_job_match_embedded(tmp_path):
     """`transport.molecules_per_driver = 4`: ten molecules in three ensemble drivers
     (4 + 4 + 2) give the embedded superradiance trajectories to 1e-12."""
     runs = {}
-    for kind, extra in (("embedded", []),
-                        ("ensembles", ["--set", 'transport.kind="unix"',
-                                       "--set", "transport.molecules_per_driver=4"])):
+    for kind, extra in (
+        ("embedded", []),
+        (
+            "ensembles",
+            ["--set", 'transport.kind="unix"', "--set", "transport.molecules_per_driver=4"],
+        ),
+    ):
         out = tmp_path / kind
-        proc = run_cli("run", str(EXAMPLES / "superradiance_2d.toml"), "--set",
-                       "simulation.until=20", "--set", f'output.directory="{out}"', *extra,
-                       cwd=tmp_path)
+        proc = run_cli(
+            "run",
+            str(EXAMPLES / "superradiance_2d.toml"),
+            "--set",
+            "simulation.until=20",
+            "--set",
+            f'output.directory="{out}"',
+            *extra,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         with h5py.File(out / "molecules.h5") as f:
             runs[kind] = f["Pe"][()]
     assert sorted(p.name for p in (tmp_path / "ensembles" / "drivers").glob("*.log")) == [
-        "molecule_0.log", "molecule_4.log", "molecule_8.log"]
+        "molecule_0.log",
+        "molecule_4.log",
+        "molecule_8.log",
+    ]
     assert runs["ensembles"].shape == runs["embedded"].shape == (401, 10)
     assert abs(runs["ensembles"] - runs["embedded"]).max() <= 1e-12
 
@@ -208,9 +284,16 @@ def test_main_job_over_tcp_with_a_shared_secret(tmp_path):
     secret.write_text("s3cret-for-the-test\n")
     secret.chmod(0o600)
     common = ["--set", "simulation.until=4", "--set", f'output.directory="{tmp_path}"']
-    tcp = run_cli("run", str(EXAMPLES / "relax_2d.toml"), *common,
-                  "--set", 'transport.kind="tcp"', "--set", f'transport.secret_file="{secret}"',
-                  cwd=tmp_path)
+    tcp = run_cli(
+        "run",
+        str(EXAMPLES / "relax_2d.toml"),
+        *common,
+        "--set",
+        'transport.kind="tcp"',
+        "--set",
+        f'transport.secret_file="{secret}"',
+        cwd=tmp_path,
+    )
     assert tcp.returncode == 0, tcp.stderr[-3000:]
     unix = run_cli("run", str(EXAMPLES / "relax_2d.toml"), *common, cwd=tmp_path)
     assert unix.returncode == 0, unix.stderr[-3000:]
@@ -220,9 +303,16 @@ def test_main_job_over_tcp_with_a_shared_secret(tmp_path):
     assert a["curve_max_over_p0"] == b["curve_max_over_p0"]
     assert "authentication failed" not in tcp.stderr
     secret.chmod(0o644)
-    bad = run_cli("run", str(EXAMPLES / "relax_2d.toml"), *common,
-                  "--set", 'transport.kind="tcp"', "--set", f'transport.secret_file="{secret}"',
-                  cwd=tmp_path)
+    bad = run_cli(
+        "run",
+        str(EXAMPLES / "relax_2d.toml"),
+        *common,
+        "--set",
+        'transport.kind="tcp"',
+        "--set",
+        f'transport.secret_file="{secret}"',
+        cwd=tmp_path,
+    )
     assert bad.returncode != 0 and str(secret) in bad.stderr, bad.stderr[-2000:]
 
 
@@ -234,16 +324,46 @@ def test_main_job_with_external_drivers_through_the_address_file(tmp_path):
     address = tmp_path / "hub.json"
     common = ["--set", "simulation.until=4", "--set", f'output.directory="{tmp_path}"']
     run = subprocess.Popen(
-        [str(BIN / "maxwellhub"), "run", str(EXAMPLES / "relax_2d.toml"), *common,
-         "--set", 'transport.drivers="external"', "--set", f'transport.address_file="{address}"'],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        [
+            str(BIN / "maxwellhub"),
+            "run",
+            str(EXAMPLES / "relax_2d.toml"),
+            *common,
+            "--set",
+            'transport.drivers="external"',
+            "--set",
+            f'transport.address_file="{address}"',
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     driver = subprocess.Popen(
-        [str(BIN / "maxwellhub-driver"), "--address-file", str(address), "--model", "tls",
-         "--param", "omega=0.242", "--param", "mu12=187", "--param", "orientation=2",
-         "--param", "pe_initial=1e-4", "--timeout", str(scaled(60))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            str(BIN / "maxwellhub-driver"),
+            "--address-file",
+            str(address),
+            "--model",
+            "tls",
+            "--param",
+            "omega=0.242",
+            "--param",
+            "mu12=187",
+            "--param",
+            "orientation=2",
+            "--param",
+            "pe_initial=1e-4",
+            "--timeout",
+            str(scaled(60)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = run.communicate(timeout=scaled(120))
+        assert driver.stderr is not None
         assert driver.wait(timeout=scaled(30)) == 0, driver.stderr.read()
     finally:
         for p in (run, driver):
@@ -252,7 +372,7 @@ def test_main_job_with_external_drivers_through_the_address_file(tmp_path):
                 p.wait()
     assert run.returncode == 0, err[-3000:]
     assert "external driver" in err
-    assert not address.exists()   # removed when the hub stopped
+    assert not address.exists()  # removed when the hub stopped
     local = run_cli("run", str(EXAMPLES / "relax_2d.toml"), *common, cwd=tmp_path)
     assert local.returncode == 0, local.stderr[-3000:]
     a = json.loads(out.strip().splitlines()[-1])

@@ -22,10 +22,20 @@ pytestmark = [pytest.mark.meep, pytest.mark.slow]
 
 HPC = REPO_ROOT / "examples" / "hpc"
 BIN = Path(sys.executable).parent
-UNTIL = "20"            # 401 steps: the molecules' populations change by ~30 %
+UNTIL = "20"  # 401 steps: the molecules' populations change by ~30 %
 NDRIVERS = 8
-TLS = ["--model", "tls", "--param", "omega=0.242", "--param", "mu12=187",
-       "--param", "orientation=2", "--param", "pe_initial=1e-4"]
+TLS = [
+    "--model",
+    "tls",
+    "--param",
+    "omega=0.242",
+    "--param",
+    "mu12=187",
+    "--param",
+    "orientation=2",
+    "--param",
+    "pe_initial=1e-4",
+]
 KEYS = ("Pe", "Pg", "Pge_real", "Pge_imag")
 ROOT_FLAGS = "--allow-run-as-root --oversubscribe" if os.geteuid() == 0 else "--oversubscribe"
 
@@ -33,16 +43,29 @@ ROOT_FLAGS = "--allow-run-as-root --oversubscribe" if os.geteuid() == 0 else "--
 def _env(**extra: str) -> dict[str, str]:
     """The environment of a job: no inherited MPI world, this venv first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHON=sys.executable,
-               MPIRUN_FLAGS=ROOT_FLAGS, OPENBLAS_NUM_THREADS="1", **extra)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHON=sys.executable,
+        MPIRUN_FLAGS=ROOT_FLAGS,
+        OPENBLAS_NUM_THREADS="1",
+        **extra,
+    )
     return env
 
 
-def _run_group(argv: list[str], env: dict, timeout: float, cwd: Path | None = None
-               ) -> subprocess.CompletedProcess:
+def _run_group(
+    argv: list[str], env: dict, timeout: float, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run argv in its own session; on timeout kill the whole group and fail."""
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -69,10 +92,23 @@ def _drivers(address_file: Path, env: dict, logs: Path) -> list[subprocess.Popen
     procs = []
     for i in range(NDRIVERS):
         with open(logs / f"driver_{i}.log", "wb") as log:
-            procs.append(subprocess.Popen(
-                [str(BIN / "maxwellhub-driver"), "--address-file", str(address_file),
-                 "--timeout", "120", *TLS], env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "maxwellhub-driver"),
+                        "--address-file",
+                        str(address_file),
+                        "--timeout",
+                        "120",
+                        *TLS,
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
     return procs
 
 
@@ -94,9 +130,22 @@ def serial(tmp_path_factory, deadline) -> Path:
     env = _env(OMPI_MCA_ess_singleton_isolated="1")
     drivers = _drivers(run / "hub.addr", env, run)
     try:
-        done = _run_group([sys.executable, str(HPC / "em_relax_2d.py"), "--address-file",
-                           str(run / "hub.addr"), "--until", UNTIL, "--wait", "60",
-                           "--out", str(run / "populations.npz")], env, deadline(120))
+        done = _run_group(
+            [
+                sys.executable,
+                str(HPC / "em_relax_2d.py"),
+                "--address-file",
+                str(run / "hub.addr"),
+                "--until",
+                UNTIL,
+                "--wait",
+                "60",
+                "--out",
+                str(run / "populations.npz"),
+            ],
+            env,
+            deadline(120),
+        )
     finally:
         codes = _reap(drivers, deadline(20))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -158,10 +207,26 @@ def test_mpmd_driver_side_has_no_mpi_environment(tmp_path, deadline):
         pytest.skip("mpirun not found")
     (tmp_path / "em.py").write_text(PROBE_EM)
     (tmp_path / "drv.py").write_text(PROBE_DRIVER)
-    done = _run_group(["mpirun", *ROOT_FLAGS.split(), "-np", "1", sys.executable,
-                       str(tmp_path / "em.py"), ":", "-np", "2", sys.executable, "-m",
-                       "maxwellhub.mpmd", sys.executable, str(tmp_path / "drv.py")],
-                      _env(), deadline(60))
+    done = _run_group(
+        [
+            "mpirun",
+            *ROOT_FLAGS.split(),
+            "-np",
+            "1",
+            sys.executable,
+            str(tmp_path / "em.py"),
+            ":",
+            "-np",
+            "2",
+            sys.executable,
+            "-m",
+            "maxwellhub.mpmd",
+            sys.executable,
+            str(tmp_path / "drv.py"),
+        ],
+        _env(),
+        deadline(60),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = sorted(done.stdout.split("\n"))
     assert "EM 3 1" in lines, done.stdout
@@ -176,17 +241,26 @@ def test_plain_mpmd_with_a_non_mpi_driver_is_refused_by_open_mpi(tmp_path, deadl
     initialise."""
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not found")
-    em = ["-np", "1", sys.executable, "-c",
-          "from mpi4py import MPI; print('EM initialised', flush=True)"]
+    em = [
+        "-np",
+        "1",
+        sys.executable,
+        "-c",
+        "from mpi4py import MPI; print('EM initialised', flush=True)",
+    ]
     driver = ["-np", "1", str(BIN / "maxwellhub-driver")]
     # what the driver itself prints before it exits, and what mpirun says if it aborts
     for args, driver_says, aborted_says in (
-        (["--address-file", str(tmp_path / "never.addr"), "--timeout", "3"], "never.addr",
-         "non-zero status"),
+        (
+            ["--address-file", str(tmp_path / "never.addr"), "--timeout", "3"],
+            "never.addr",
+            "non-zero status",
+        ),
         (["--help"], "usage: maxwellhub-driver", 'did not call "init"'),
     ):
         ended, out, err = _run_group_or_kill(
-            ["mpirun", *ROOT_FLAGS.split(), *em, ":", *driver, *args], _env(), deadline(20))
+            ["mpirun", *ROOT_FLAGS.split(), *em, ":", *driver, *args], _env(), deadline(20)
+        )
         assert "EM initialised" not in out, f"{args}: the EM side initialised"
         assert driver_says in out + err, f"{args}: {err[-3000:]}"
         if ended is not None:  # aborted rather than hung
@@ -194,12 +268,17 @@ def test_plain_mpmd_with_a_non_mpi_driver_is_refused_by_open_mpi(tmp_path, deadl
             assert aborted_says in out + err, f"{args}: {err[-3000:]}"
 
 
-def _run_group_or_kill(argv: list[str], env: dict, timeout: float
-                       ) -> tuple[int | None, str, str]:
+def _run_group_or_kill(argv: list[str], env: dict, timeout: float) -> tuple[int | None, str, str]:
     """Run argv in its own session; at ``timeout`` kill the whole group. Returns the exit
     status (None when it was killed: it hung), stdout and stderr."""
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err
@@ -212,13 +291,16 @@ def _run_group_or_kill(argv: list[str], env: dict, timeout: float
 def test_driver_never_imports_mpi4py_even_inside_an_mpi_job(tmp_path, deadline):
     """A driver started with an MPI launcher's variables in its environment runs to its
     deadline without importing mpi4py (so it cannot join any MPI world)."""
-    code = ("import sys\nfrom maxwellhub_drivers.cli import main\n"
-            f"status = main(['--address-file', {str(tmp_path / 'none.addr')!r}, "
-            "'--timeout', '0.3'])\n"
-            "print(status, 'mpi4py' in sys.modules)\n")
+    code = (
+        "import sys\nfrom maxwellhub_drivers.cli import main\n"
+        f"status = main(['--address-file', {str(tmp_path / 'none.addr')!r}, "
+        "'--timeout', '0.3'])\n"
+        "print(status, 'mpi4py' in sys.modules)\n"
+    )
     env = _env(OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_RANK="3", PMIX_RANK="3")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=deadline(30))
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=deadline(30)
+    )
     assert done.stdout.split() == ["1", "False"], done.stdout + done.stderr
     assert "none.addr" in done.stderr
 
@@ -252,14 +334,27 @@ def test_slurm_scripts_run_with_slurm_variables_by_hand(serial, tmp_path, deadli
     (shims / "sbatch").write_text(SBATCH_SHIM)
     (shims / "sbatch").chmod(0o755)
     record = tmp_path / "sbatch.args"
-    env = _env(SLURM_JOB_ID="1001", SLURM_SUBMIT_DIR=str(tmp_path), SLURM_NTASKS="2",
-               SLURM_CPUS_PER_TASK="1", SLURM_JOB_NAME="mxh-em", HPC_DIR=str(HPC),
-               NDRIVERS=str(NDRIVERS), UNTIL=UNTIL, HUB_HOST="127.0.0.1",
-               SBATCH_RECORD=str(record))
+    env = _env(
+        SLURM_JOB_ID="1001",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        SLURM_NTASKS="2",
+        SLURM_CPUS_PER_TASK="1",
+        SLURM_JOB_NAME="mxh-em",
+        HPC_DIR=str(HPC),
+        NDRIVERS=str(NDRIVERS),
+        UNTIL=UNTIL,
+        HUB_HOST="127.0.0.1",
+        SBATCH_RECORD=str(record),
+    )
     env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
-    main = subprocess.Popen(["bash", str(HPC / "slurm_main.sbatch")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    main = subprocess.Popen(
+        ["bash", str(HPC / "slurm_main.sbatch")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         # The array job: submitted by the main job, started here by hand once recorded.
         addr = tmp_path / "run_1001" / "hub.addr"
@@ -271,14 +366,25 @@ def test_slurm_scripts_run_with_slurm_variables_by_hand(serial, tmp_path, deadli
             assert f"--export=ALL,ADDRESS_FILE={addr}" in args
             assert args[-2].endswith("slurm_drivers.sbatch")
             for task in range(NDRIVERS):
-                task_env = dict(env, SLURM_ARRAY_JOB_ID="1002", SLURM_ARRAY_TASK_ID=str(task),
-                                SLURM_JOB_ID=str(1003 + task), ADDRESS_FILE=str(addr),
-                                DRIVER_TIMEOUT="120")
-                with open(tmp_path / f"driver_{task}.out", "wb") as out:
-                    drivers.append(subprocess.Popen(
-                        ["bash", str(HPC / "slurm_drivers.sbatch")], env=task_env,
-                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-            out, err = main.communicate(timeout=deadline(180))
+                task_env = dict(
+                    env,
+                    SLURM_ARRAY_JOB_ID="1002",
+                    SLURM_ARRAY_TASK_ID=str(task),
+                    SLURM_JOB_ID=str(1003 + task),
+                    ADDRESS_FILE=str(addr),
+                    DRIVER_TIMEOUT="120",
+                )
+                with open(tmp_path / f"driver_{task}.out", "wb") as log:
+                    drivers.append(
+                        subprocess.Popen(
+                            ["bash", str(HPC / "slurm_drivers.sbatch")],
+                            env=task_env,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+            _, err = main.communicate(timeout=deadline(180))
         finally:
             codes = _reap(drivers, deadline(20))
     finally:
@@ -286,14 +392,14 @@ def test_slurm_scripts_run_with_slurm_variables_by_hand(serial, tmp_path, deadli
             os.killpg(main.pid, signal.SIGKILL)
             main.wait()
     assert main.returncode == 0, err[-3000:]
-    assert codes == [0] * NDRIVERS, [(tmp_path / f"driver_{i}.out").read_text()
-                                     for i in range(NDRIVERS)]
+    assert codes == [0] * NDRIVERS, [
+        (tmp_path / f"driver_{i}.out").read_text() for i in range(NDRIVERS)
+    ]
     assert "driver 3 of array job 1002" in (tmp_path / "driver_3.out").read_text()
     secret = tmp_path / "run_1001" / "hub.secret"
     assert secret.stat().st_mode & 0o077 == 0
     worst = _max_difference(serial, tmp_path / "run_1001" / "populations.npz")
-    print(f"\nSLURM scripts (2 tasks + array of 8, by hand) vs serial: max difference "
-          f"{worst:.1e}")
+    print(f"\nSLURM scripts (2 tasks + array of 8, by hand) vs serial: max difference {worst:.1e}")
     assert worst < 1e-10
 
 
@@ -301,10 +407,13 @@ def _wait_for(path: Path, timeout: float, proc: subprocess.Popen) -> None:
     """Wait for the shim's record (a file written once by another process); bounded
     backoff as in maxwellhub.rendezvous, failing early if the main job died."""
     end, delay = time.monotonic() + timeout, 0.05
+    assert proc.stderr is not None
     while not path.exists():
         if proc.poll() is not None:
-            pytest.fail(f"the main job exited ({proc.returncode}) before submitting the "
-                        f"drivers:\n{proc.stderr.read()[-3000:]}")
+            pytest.fail(
+                f"the main job exited ({proc.returncode}) before submitting the "
+                f"drivers:\n{proc.stderr.read()[-3000:]}"
+            )
         if time.monotonic() > end:
             pytest.fail(f"the main job did not call sbatch within {timeout:g} s")
         time.sleep(delay)

@@ -1138,7 +1138,7 @@ def test_parameters_in_the_units_chemists_use():
     assert step["dt_substep_au"] == pytest.approx(0.1, rel=1e-13)
     with pytest.raises(ValueError, match="omega and omega_eV both set omega"):
         tls.validate_params(1, omega=0.2, omega_eV=6.5)
-    with pytest.raises(ValueError, match="unknown parameter.*pe_initial_eV"):
+    with pytest.raises(ValueError, match=r"unknown parameter.*pe_initial_eV"):
         tls.validate_params(1, pe_initial_eV=0.1)
     with pytest.raises(ValueError, match="omega_eV = 'x' does not convert"):
         tls.validate_params(1, omega_eV="x")

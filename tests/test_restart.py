@@ -76,10 +76,15 @@ RT_CONFIG = CONFIG.replace('model = "tls"', 'model = "rttddft"').replace(
 )
 
 
-def _write_config(path: Path, kind: str, out: Path, unix_name: str | None,
-                  checkpoint_dir: Path | None, template: str = CONFIG) -> Path:
-    text = template.format(kind=kind, out=out,
-                         name=f'name = "{unix_name}"' if unix_name else "")
+def _write_config(
+    path: Path,
+    kind: str,
+    out: Path,
+    unix_name: str | None,
+    checkpoint_dir: Path | None,
+    template: str = CONFIG,
+) -> Path:
+    text = template.format(kind=kind, out=out, name=f'name = "{unix_name}"' if unix_name else "")
     if checkpoint_dir is not None:
         text += CHECKPOINT.format(dir=checkpoint_dir)
     path.write_text(text)
@@ -92,8 +97,13 @@ def _env(tag: str) -> dict[str, str]:
 
 
 def _run(args: list[str], tag: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "maxwellhub"), *args], capture_output=True, text=True,
-                          env=_env(tag), timeout=scaled(timeout))
+    return subprocess.run(
+        [str(BIN / "maxwellhub"), *args],
+        capture_output=True,
+        text=True,
+        env=_env(tag),
+        timeout=scaled(timeout),
+    )
 
 
 def _summary(stdout: str) -> dict:
@@ -132,13 +142,18 @@ def _wait_tagged(tag: str, seconds: float) -> None:
     finally:
         for fd in fds:
             os.close(fd)
-    alive = [p for p in _tagged(tag) if Path(f"/proc/{p}").exists()
-             and Path(f"/proc/{p}/stat").read_text().split(")")[-1].split()[0] != "Z"]
+    alive = [
+        p
+        for p in _tagged(tag)
+        if Path(f"/proc/{p}").exists()
+        and Path(f"/proc/{p}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    ]
     assert not alive, f"processes of the killed run still alive: {alive}"
 
 
 def _await_checkpoints(run: subprocess.Popen, after: int, lines: list[str]) -> None:
     """Read the run's log (into ``lines``) until it has logged ``after`` checkpoints."""
+    assert run.stderr is not None
     end = time.monotonic() + scaled(60)
     seen = 0
     while seen < after:
@@ -152,14 +167,19 @@ def _await_checkpoints(run: subprocess.Popen, after: int, lines: list[str]) -> N
         seen += "maxwellhub.checkpoint: checkpoint at step" in line
 
 
-def _run_and_signal(config: Path, tag: str, rng: random.Random, sig: int,
-                    after: int) -> tuple[subprocess.Popen, str, str]:
+def _run_and_signal(
+    config: Path, tag: str, rng: random.Random, sig: int, after: int
+) -> tuple[subprocess.Popen, str, str]:
     """Start ``maxwellhub -v run config``; ``after`` periodic checkpoints were logged plus
     a random 0-50 ms, send ``sig``. Returns the process (ended), stdout and stderr."""
-    run = subprocess.Popen([str(BIN / "maxwellhub"), "-v", "run", str(config)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env=_env(tag))
-    lines = []
+    run = subprocess.Popen(
+        [str(BIN / "maxwellhub"), "-v", "run", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(tag),
+    )
+    lines: list[str] = []
     try:
         _await_checkpoints(run, after, lines)
         time.sleep(rng.uniform(0.0, 0.05))  # a random step after that checkpoint
@@ -187,8 +207,9 @@ def _assert_bitwise(reference: Path, resumed: Path, why: str) -> None:
     for key in ref:
         assert ref[key].shape == got[key].shape, f"{key}: {why}"
         # bitwise: the same floats, NaN where the uninterrupted run has NaN
-        assert np.array_equal(ref[key], got[key], equal_nan=True), \
+        assert np.array_equal(ref[key], got[key], equal_nan=True), (
             f"{key} differs by {np.nanmax(np.abs(ref[key] - got[key]))}: {why}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -206,37 +227,43 @@ def references(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _kill_and_resume(tmp_path: Path, kind: str, unix_name: str | None,
-                     reference: Path, ranks: int = 1, template: str = CONFIG) -> dict:
+def _kill_and_resume(
+    tmp_path: Path,
+    kind: str,
+    unix_name: str | None,
+    reference: Path,
+    ranks: int = 1,
+    template: str = CONFIG,
+) -> dict:
     """SIGKILL the run (under ``mpirun -np ranks`` when ranks > 1: the whole job) after a
     random number of checkpoints, resume it with the same number of ranks, and check the
     output is bitwise the uninterrupted run's."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     ckdir = tmp_path / "ck"
-    config = _write_config(tmp_path / "run.toml", kind, tmp_path / "out", unix_name, ckdir,
-                           template)
+    config = _write_config(
+        tmp_path / "run.toml", kind, tmp_path / "out", unix_name, ckdir, template
+    )
     tag = uuid.uuid4().hex
     after = rng.randint(1, 8)
     if ranks == 1:
-        run, out, err = _run_and_signal(config, tag, rng, signal.SIGKILL, after)
+        run, _, err = _run_and_signal(config, tag, rng, signal.SIGKILL, after)
         killed = [run.pid]
     else:
-        run, out, err, killed = _mpi_run_and_signal(ranks, config, tag, rng, signal.SIGKILL,
-                                                    after)
+        run, _, err, killed = _mpi_run_and_signal(ranks, config, tag, rng, signal.SIGKILL, after)
     why = f"seed {seed}, killed after checkpoint {after}"
     assert run.returncode == -signal.SIGKILL, f"{why}: {err[-3000:]}"
     if ranks > 1:
-        assert len(killed) == ranks + 1, \
+        assert len(killed) == ranks + 1, (
             f"{why}: expected mpirun and {ranks} ranks, killed {killed}"
+        )
     _wait_tagged(tag, scaled(20))
     for pid in killed:  # the control socket and token file a killed run leaves
         _cleanup_control(pid)
     if ranks > 1:
         newest = json.loads((max(ckdir.glob("step_*")) / "manifest.json").read_text())
         assert newest["mpi_ranks"] == ranks, why
-        assert {"coupling.npz", "coupling.rank1.npz", "fields.h5"} <= set(newest["files"]), \
-            why
+        assert {"coupling.npz", "coupling.rank1.npz", "fields.h5"} <= set(newest["files"]), why
     (ckdir / ".partial_9999999999_1").mkdir()  # as if killed while writing one
     args = ["run", str(config), "--resume", str(ckdir)]
     done = _run(args, tag) if ranks == 1 else _mpi_run(ranks, args, tag)
@@ -247,8 +274,11 @@ def _kill_and_resume(tmp_path: Path, kind: str, unix_name: str | None,
         assert summary["mpi_ranks"] == ranks, why
     assert summary["resumed_at_step"] >= 50 * after, why
     assert not (ckdir / ".partial_9999999999_1").exists(), "a stale partial checkpoint stayed"
-    _assert_bitwise(reference, tmp_path / "out" / "molecules.h5",
-                    f"{why}, resumed at step {summary['resumed_at_step']}")
+    _assert_bitwise(
+        reference,
+        tmp_path / "out" / "molecules.h5",
+        f"{why}, resumed at step {summary['resumed_at_step']}",
+    )
     return summary
 
 
@@ -287,8 +317,9 @@ def test_rttddft_socket_run_killed_and_resumed_is_bitwise(tmp_path, unix_name):
     assert done.returncode == 0, done.stderr[-3000:]
     assert _summary(done.stdout)["steps"] == 601
     (tmp_path / "killed").mkdir()
-    _kill_and_resume(tmp_path / "killed", "unix", unix_name, base / "molecules.h5",
-                     template=RT_CONFIG)
+    _kill_and_resume(
+        tmp_path / "killed", "unix", unix_name, base / "molecules.h5", template=RT_CONFIG
+    )
 
 
 @pytest.mark.meep
@@ -315,7 +346,7 @@ def test_sigterm_writes_checkpoint_and_exits_75(tmp_path, unix_name, references)
     partial, attrs = _datasets(tmp_path / "out" / "molecules.h5")
     assert not attrs["complete"] and partial["step"][-1] == step
     ref, _ = _datasets(references["unix"])
-    assert np.array_equal(partial["Pe"], ref["Pe"][:step + 1])
+    assert np.array_equal(partial["Pe"], ref["Pe"][: step + 1])
     done = _run(["run", str(config), "--resume", str(ckdir)], tag)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _summary(done.stdout)["resumed_at_step"] == step
@@ -329,8 +360,9 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     ckdir = tmp_path / "ck"
     config = _write_config(tmp_path / "run.toml", "embedded", tmp_path / "out", None, ckdir)
     tag = uuid.uuid4().hex
-    done = _run(["run", str(config), "--set", "simulation.until=2",
-                 "--set", "checkpoint.every=10"], tag)
+    done = _run(
+        ["run", str(config), "--set", "simulation.until=2", "--set", "checkpoint.every=10"], tag
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     changed = tmp_path / "changed.toml"
     changed.write_text(config.read_text().replace("pe_initial = 1e-2", "pe_initial = 2e-2"))
@@ -338,11 +370,22 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "molecules[0].params.pe_initial" in bad.stderr, bad.stderr
     assert "0.01" in bad.stderr and "0.02" in bad.stderr, bad.stderr
-    bad = _run(["run", str(config), "--resume", str(ckdir),
-                "--set", "simulation.resolution=12"], tag)
+    bad = _run(
+        ["run", str(config), "--resume", str(ckdir), "--set", "simulation.resolution=12"], tag
+    )
     assert bad.returncode == 2 and "simulation.resolution" in bad.stderr, bad.stderr
-    ok = _run(["run", "--resume", str(ckdir), "--set", "simulation.until=3",
-               "--set", f'output.directory="{tmp_path / "elsewhere"}"'], tag)
+    ok = _run(
+        [
+            "run",
+            "--resume",
+            str(ckdir),
+            "--set",
+            "simulation.until=3",
+            "--set",
+            f'output.directory="{tmp_path / "elsewhere"}"',
+        ],
+        tag,
+    )
     assert ok.returncode == 0, ok.stderr[-3000:]
     summary = _summary(ok.stdout)
     assert summary["resumed_at_step"] == 40 and summary["steps"] == 61
@@ -352,12 +395,15 @@ def test_checkpoint_config_is_validated():
     """[checkpoint] keys are checked before anything starts, naming the key."""
     base = CONFIG.format(kind="embedded", out="out", name="")
     good = parse_config_text(base + CHECKPOINT.format(dir="ck"))
+    assert good.checkpoint is not None
     assert good.checkpoint.every == 50 and good.checkpoint.driver_every == 10
-    for table, key in (('dir = "ck"\nevery = 25\ndriver_every = 10', "checkpoint.every"),
-                       ('dir = "ck"\nevery = -1', "checkpoint.every"),
-                       ('every = 10', "checkpoint.dir"),
-                       ('dir = "ck"\nkeep = 0', "checkpoint.keep"),
-                       ('dir = "ck"\nevry = 10', "checkpoint.evry")):
+    for table, key in (
+        ('dir = "ck"\nevery = 25\ndriver_every = 10', "checkpoint.every"),
+        ('dir = "ck"\nevery = -1', "checkpoint.every"),
+        ("every = 10", "checkpoint.dir"),
+        ('dir = "ck"\nkeep = 0', "checkpoint.keep"),
+        ('dir = "ck"\nevry = 10', "checkpoint.evry"),
+    ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             parse_config_text(base + "\n[checkpoint]\n" + table + "\n")
 
@@ -376,13 +422,15 @@ def test_api_resume_beyond_float32_step_counts(tmp_path):
     start = 2**24 + 2  # the checkpoint at start + 25 is odd: float32 cannot hold it
 
     def build():
-        sim = mp.Simulation(cell_size=mp.Vector3(4, 4), resolution=10,
-                            boundary_layers=[mp.PML(1.0)])
+        sim = mp.Simulation(
+            cell_size=mp.Vector3(4, 4), resolution=10, boundary_layers=[mp.PML(1.0)]
+        )
         sim.init_sim()
         sim.fields.t = start  # as if it had run that long
         coupling = MeepCoupling(sim, time_units_fs=0.1)
-        coupling.add_molecules("tls", centers=[(0, 0)], sigma=0.1, axis="z", omega=0.242,
-                               mu12=187.0, pe_initial=1e-2)
+        coupling.add_molecules(
+            "tls", centers=[(0, 0)], sigma=0.1, axis="z", omega=0.242, mu12=187.0, pe_initial=1e-2
+        )
         return sim, coupling
 
     def until(n):
@@ -417,9 +465,11 @@ def test_checkpoint_directory_is_locked(tmp_path):
 
     sim = mp.Simulation(cell_size=mp.Vector3(4, 4), resolution=10)
     coupling = MeepCoupling(sim)
-    with RunCheckpointer(tmp_path, sim, coupling):
-        with pytest.raises(CheckpointError, match="another run"):
-            RunCheckpointer(tmp_path, sim, coupling)
+    with (
+        RunCheckpointer(tmp_path, sim, coupling),
+        pytest.raises(CheckpointError, match="another run"),
+    ):
+        RunCheckpointer(tmp_path, sim, coupling)
     RunCheckpointer(tmp_path, sim, coupling).close()  # free again
 
 
@@ -452,23 +502,32 @@ def test_run_restarts_a_dead_driver_from_its_checkpoint(tmp_path, unix_name, ref
     uninterrupted run's; the summary counts the restart."""
     (tmp_path / "dying_tls.py").write_text(DYING_MODEL)
     die_at = random.randrange(60, 560)
-    config = _write_config(tmp_path / "run.toml", "unix", tmp_path / "out", unix_name,
-                           tmp_path / "ck")
-    config.write_text(config.read_text().replace('model = "tls"',
-                                                 'model = "dying_tls:DyingTLS"'))
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}"
-               + os.environ.get("PYTHONPATH", ""), MXH_DYING_AT=str(die_at),
-               MXH_DYING_MARKER=str(tmp_path / "died"))
-    done = subprocess.run([str(BIN / "maxwellhub"), "run", str(config)], capture_output=True,
-                          text=True, env=env, timeout=scaled(120))
+    config = _write_config(
+        tmp_path / "run.toml", "unix", tmp_path / "out", unix_name, tmp_path / "ck"
+    )
+    config.write_text(config.read_text().replace('model = "tls"', 'model = "dying_tls:DyingTLS"'))
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{tmp_path}{os.pathsep}" + os.environ.get("PYTHONPATH", ""),
+        MXH_DYING_AT=str(die_at),
+        MXH_DYING_MARKER=str(tmp_path / "died"),
+    )
+    done = subprocess.run(
+        [str(BIN / "maxwellhub"), "run", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=scaled(120),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "died").exists()            # one driver did die
+    assert (tmp_path / "died").exists()  # one driver did die
     summary = _summary(done.stdout)
     assert summary["drivers_restarted"] == 1, summary
     assert sorted(summary["driver_exit_codes"]) == [-signal.SIGKILL, 0, 0], summary
     assert "restarting it from its checkpoint" in done.stderr
-    _assert_bitwise(references["unix"], tmp_path / "out" / "molecules.h5",
-                    f"driver killed in step {die_at}")
+    _assert_bitwise(
+        references["unix"], tmp_path / "out" / "molecules.h5", f"driver killed in step {die_at}"
+    )
 
 
 # ---------------------------------------------------------------------- under mpirun
@@ -489,16 +548,22 @@ def _mpi_env(tag: str, **extra: str) -> dict[str, str]:
 
 
 def _mpirun(np_: int, args: list[str]) -> list[str]:
-    return [MPIRUN, *MPI_FLAGS, "-np", str(np_), str(BIN / "maxwellhub"), *args]
+    return [str(MPIRUN), *MPI_FLAGS, "-np", str(np_), str(BIN / "maxwellhub"), *args]
 
 
-def _mpi_run(np_: int, args: list[str], tag: str, timeout: float = 120
-             ) -> subprocess.CompletedProcess:
+def _mpi_run(
+    np_: int, args: list[str], tag: str, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """``mpirun -np N maxwellhub ARGS`` in its own session; on timeout the whole session
     is killed and the test fails."""
-    proc = subprocess.Popen(_mpirun(np_, args), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_mpi_env(tag),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _mpirun(np_, args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_mpi_env(tag),
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=scaled(timeout))
     except subprocess.TimeoutExpired:
@@ -532,17 +597,29 @@ def _kill_session(sid: int) -> list[int]:
     return pids
 
 
-def _mpi_run_and_signal(np_: int, config: Path, tag: str, rng: random.Random, sig: int,
-                        after: int, extra_env: dict | None = None
-                        ) -> tuple[subprocess.Popen, str, str, list[int]]:
+def _mpi_run_and_signal(
+    np_: int,
+    config: Path,
+    tag: str,
+    rng: random.Random,
+    sig: int,
+    after: int,
+    extra_env: dict | None = None,
+) -> tuple[subprocess.Popen, str, str, list[int]]:
     """``mpirun -np N maxwellhub -v run config``; ``after`` periodic checkpoints were
     logged plus a random 0-50 ms, then SIGKILL to the whole job (mpirun and its ranks)
     or ``sig`` to mpirun alone. Returns the process (ended), stdout, stderr and the pids
     SIGKILLed."""
-    run = subprocess.Popen(_mpirun(np_, ["-v", "run", str(config)]), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True,
-                           env=_mpi_env(tag, **(extra_env or {})), start_new_session=True)
-    lines, killed = [], []
+    run = subprocess.Popen(
+        _mpirun(np_, ["-v", "run", str(config)]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_mpi_env(tag, **(extra_env or {})),
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    killed: list[int] = []
     try:
         _await_checkpoints(run, after, lines)
         time.sleep(rng.uniform(0.0, 0.05))  # a random step after that checkpoint
@@ -566,8 +643,11 @@ def mpi_references(tmp_path_factory) -> dict[str, Path]:
         pytest.skip("mpirun (Open MPI) not installed")
     base = tmp_path_factory.mktemp("mpi_reference")
     out = {}
-    for key, kind, until in (("embedded", "embedded", None), ("unix", "unix", None),
-                             ("unix_long", "unix", LONG_UNTIL)):
+    for key, kind, until in (
+        ("embedded", "embedded", None),
+        ("unix", "unix", None),
+        ("unix_long", "unix", LONG_UNTIL),
+    ):
         name = f"mxhrm_{os.getpid()}_{uuid.uuid4().hex[:6]}" if kind == "unix" else None
         config = _write_config(base / f"{key}.toml", kind, base / key, name, None)
         args = ["run", str(config)] + (["--set", f"simulation.until={until}"] if until else [])
@@ -591,14 +671,12 @@ def test_mpirun_embedded_run_killed_and_resumed_is_bitwise(tmp_path, mpi_referen
 
 @pytest.mark.meep
 @needs_mpirun
-def test_mpirun_socket_run_killed_and_resumed_is_bitwise(tmp_path, unix_name,
-                                                         mpi_references):
+def test_mpirun_socket_run_killed_and_resumed_is_bitwise(tmp_path, unix_name, mpi_references):
     """`mpirun -np 2` with two socket drivers (started by rank 0, checkpoints every 10
     steps): the whole job SIGKILLed at a random step, resumed under `mpirun -np 2`
     (drivers restarted from their checkpoints, the hub replays): bitwise the uninterrupted
     `mpirun -np 2` socket run."""
-    summary = _kill_and_resume(tmp_path, "unix", unix_name, mpi_references["unix"],
-                               ranks=2)
+    summary = _kill_and_resume(tmp_path, "unix", unix_name, mpi_references["unix"], ranks=2)
     assert summary["driver_exit_codes"] == [0, 0]
 
 
@@ -622,8 +700,14 @@ def test_mpirun_signal_writes_checkpoint(tmp_path, unix_name, mpi_references, si
     config.write_text(config.read_text().replace("until = 30", f"until = {LONG_UNTIL}"))
     tag = uuid.uuid4().hex
     run, out, err, _ = _mpi_run_and_signal(
-        2, config, tag, rng, sig, rng.randint(1, 4),
-        extra_env={"OMPI_MCA_odls_base_sigkill_timeout": "2"})
+        2,
+        config,
+        tag,
+        rng,
+        sig,
+        rng.randint(1, 4),
+        extra_env={"OMPI_MCA_odls_base_sigkill_timeout": "2"},
+    )
     why = f"{signal.Signals(sig).name}, seed {seed}: {err[-3000:]}"
     # mpirun's status: the ranks' 75 for SIGUSR1; 1 after its own SIGTERM abort
     assert run.returncode == (STOPPED_BY_SIGNAL if sig == signal.SIGUSR1 else 1), why
@@ -653,18 +737,22 @@ def test_resume_with_a_different_number_of_ranks_is_refused(tmp_path):
     its chunks follow the ranks), and a serial checkpoint by `mpirun -np 2`."""
     tag = uuid.uuid4().hex
     for name, np_ in (("mpi", 2), ("serial", 1)):
-        config = _write_config(tmp_path / f"{name}.toml", "embedded", tmp_path / f"out_{name}",
-                               None, tmp_path / f"ck_{name}")
-        args = ["run", str(config), "--set", "simulation.until=1",
-                "--set", "checkpoint.every=10"]
+        config = _write_config(
+            tmp_path / f"{name}.toml",
+            "embedded",
+            tmp_path / f"out_{name}",
+            None,
+            tmp_path / f"ck_{name}",
+        )
+        args = ["run", str(config), "--set", "simulation.until=1", "--set", "checkpoint.every=10"]
         done = _mpi_run(np_, args, tag) if np_ > 1 else _run(args, tag)
         assert done.returncode == 0, done.stderr[-3000:]
     resume = ["run", str(tmp_path / "mpi.toml"), "--resume", str(tmp_path / "ck_mpi")]
     for np_, ranks in ((1, 2), (3, 2), (2, 1)):
         if np_ == 2:
-            resume = ["run", str(tmp_path / "serial.toml"), "--resume",
-                      str(tmp_path / "ck_serial")]
+            resume = ["run", str(tmp_path / "serial.toml"), "--resume", str(tmp_path / "ck_serial")]
         bad = _mpi_run(np_, resume, tag) if np_ > 1 else _run(resume, tag)
         assert bad.returncode == 2, bad.stderr[-3000:]
-        assert f"written by {ranks} MPI rank(s) and this run has {np_}" in bad.stderr, \
-            bad.stderr[-3000:]
+        assert f"written by {ranks} MPI rank(s) and this run has {np_}" in bad.stderr, bad.stderr[
+            -3000:
+        ]

@@ -93,7 +93,7 @@ def test_bad_entries_are_refused_naming_the_key(tmp_path, schedule, message):
 def test_socket_runs_refuse_a_schedule_for_now(tmp_path):
     """Parameter changes reach embedded molecules only; a socket run with a schedule is
     refused before anything starts, saying so."""
-    with pytest.raises(ConfigError, match="use transport.kind = 'embedded'"):
+    with pytest.raises(ConfigError, match=r"use transport\.kind = 'embedded'"):
         load_config(write(tmp_path, "[[schedule]]\nstep = 5\nkick = [0, 0, 1e-3]\n", "unix"))
 
 
