@@ -75,6 +75,23 @@ RT_CONFIG = CONFIG.replace('model = "tls"', 'model = "rttddft"').replace(
     "dt_substep_au = 0.1",
 )
 
+# The tls run with a parameter change at step 120 and a kick at step 330: a kill before,
+# between or after them must resume with exactly the parameters and state the
+# uninterrupted run has.
+SCHEDULED_CONFIG = (
+    CONFIG
+    + """
+[[schedule]]
+step = 120
+molecules = [1]
+changes = {{ omega_eV = 7.0, mu12 = 150.0 }}
+
+[[schedule]]
+step = 330
+kick = [0.0, 0.0, 2e-3]
+"""
+)
+
 
 def _write_config(
     path: Path,
@@ -293,6 +310,24 @@ def test_embedded_run_killed_and_resumed_is_bitwise(tmp_path, references):
     """Embedded molecules: SIGKILL at a random step, --resume: every dataset of the HDF5
     output is bitwise the uninterrupted run's (populations, dipoles, times, steps)."""
     _kill_and_resume(tmp_path, "embedded", None, references["embedded"])
+
+
+@pytest.mark.meep
+def test_run_with_a_schedule_killed_and_resumed_is_bitwise(tmp_path):
+    """Embedded molecules with a scheduled parameter change and a kick: SIGKILL at a random
+    step (before, between or after them), --resume: bitwise the uninterrupted run, so the
+    changed parameters and the kicked state came back from the checkpoint and nothing was
+    applied twice."""
+    base = tmp_path / "reference"
+    config = _write_config(
+        tmp_path / "reference.toml", "embedded", base, None, None, SCHEDULED_CONFIG
+    )
+    done = _run(["run", str(config)], uuid.uuid4().hex)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tmp_path / "killed").mkdir()
+    _kill_and_resume(
+        tmp_path / "killed", "embedded", None, base / "molecules.h5", template=SCHEDULED_CONFIG
+    )
 
 
 @pytest.mark.meep
