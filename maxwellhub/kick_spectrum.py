@@ -1,6 +1,8 @@
-"""The absorption spectrum of a kicked molecule in a ``maxwellhub run``: which molecule,
-which kick, and the dipole trajectory the spectrum tool needs, read off the config and the
-recorded history; then the plot and the summary figures.
+"""The spectra a ``maxwellhub run`` plots from its recorded dipoles: the absorption
+spectrum of a kicked molecule (which molecule, which kick, the dipole trajectory the
+spectrum tool needs, read off the config and the history) and the IR spectrum of
+molecular dynamics (the total dipole of the ``ase`` molecules); then the plot and the
+summary figures.
 
 A run records the molecules after every step, so its first record is at the end of the
 first EM step ``D``, not at the kick (t = 0). The dipole before the kick is the quadratic
@@ -24,7 +26,7 @@ import numpy as np
 from .config import Config
 from .spectrum import absorption_spectrum, fit_peaks
 
-__all__ = ["kick_response", "plot_kick_spectrum"]
+__all__ = ["ir_response", "kick_response", "plot_ir", "plot_kick_spectrum"]
 
 _KICKED_MODELS = ("rttddft",)
 
@@ -106,3 +108,61 @@ def plot_kick_spectrum(path: str | os.PathLike, response: tuple[Any, ...], title
         "spectrum_peaks_ev": [round(e, 4) for e in energies],
         "spectrum_relative_strengths": [round(r, 4) for r in relative],
     }
+
+
+_MD_MODELS = ("ase",)
+
+
+def ir_response(config: Config, history: dict[str, np.ndarray]) -> tuple[Any, ...] | None:
+    """``(dt, dipoles)`` of the run's molecular-dynamics molecules: the step (a.u.) and
+    their total dipole (T, 3) per record, or None when the run has none (or too few
+    records for a spectrum)."""
+    keys = ("time_au", "mux_au", "muy_au", "muz_au")
+    if any(k not in history for k in keys) or len(history.get("step", ())) < 16:
+        return None
+    columns: list[int] = []
+    first = 0
+    for group in config.molecules:
+        size = len(group.positions)
+        if group.model in _MD_MODELS:
+            columns.extend(range(first, first + size))
+        first += size
+    if not columns:
+        return None
+    times = np.asarray(history["time_au"][:, columns[0]], dtype=np.float64)
+    dipoles = np.stack([np.asarray(history[k])[:, columns].sum(axis=1) for k in keys[1:]], axis=1)
+    return float(times[1] - times[0]), dipoles
+
+
+def plot_ir(path: str | os.PathLike, response: tuple[Any, ...], title: str) -> dict:
+    """The IR spectrum (velocity form, Hann window) of ``response`` (from
+    :func:`ir_response`) between 400 and 4,500 cm^-1, its local maxima of at least 10% of
+    the highest marked; returns ``plot`` and ``ir_peaks_cm1``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .ir import ir_spectrum
+
+    dt, dipoles = response
+    spectrum = ir_spectrum(dipoles, dt)
+    k = spectrum.wavenumber_cm
+    shown = (k >= 400.0) & (k <= 4500.0)
+    k, y = k[shown], spectrum.intensity[shown]
+    inner = (y[1:-1] > y[:-2]) & (y[1:-1] >= y[2:]) & (y[1:-1] >= 0.1 * y.max())
+    peaks = k[1:-1][inner]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    ax.plot(k, y / y.max(), color="black", lw=1.2, label="total dipole, velocity form")
+    for j, peak in enumerate(peaks):
+        ax.axvline(peak, color="tab:red", lw=0.8, ls="--", label="peaks" if j == 0 else None)
+    ax.set_xlabel("wavenumber (cm$^{-1}$)")
+    ax.set_ylabel("IR intensity (normalised)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return {"plot": str(out), "ir_peaks_cm1": [round(float(p), 1) for p in peaks]}

@@ -808,7 +808,7 @@ def _dead_drivers_message(procs, logs: Path) -> str:
 def _finish(config: Config, coupling, failure, procs, t_start: float, progress: Progress) -> dict:
     """Write HDF5 (always, with what exists), then the plot and the summary."""
     from .analysis import compare_to_curve, fit_decay_rate, relaxation_curve
-    from .kick_spectrum import kick_response, plot_kick_spectrum
+    from .kick_spectrum import ir_response, kick_response, plot_ir, plot_kick_spectrum
 
     out_dir = config.output.directory
     history = coupling.history()
@@ -870,6 +870,13 @@ def _finish(config: Config, coupling, failure, procs, t_start: float, progress: 
             f"{config.transport.kind} transport"
         )
         summary.update(plot_kick_spectrum(out_dir / "spectrum.png", response, title))
+    motion = ir_response(config, history) if config.output.plot and failure is None else None
+    if motion is not None:  # molecular dynamics: the IR spectrum of the total dipole
+        title = (
+            f"{config.simulation.dimensions}D Meep, {config.molecule_count} molecule(s), "
+            f"{config.transport.kind} transport"
+        )
+        summary.update(plot_ir(out_dir / "ir.png", motion, title))
     if failure is None:
         log.info("%s", progress.line())
     return summary
