@@ -330,16 +330,23 @@ class Model:
         label = cls._label()
         out = {}
         for key, (name, value) in cls._canonical_keys(changes).items():
-            spec = cls.parameters[key]
-            if not spec.mutable:
-                mutable = [k for k, p in cls.parameters.items() if p.mutable]
-                raise ParameterError(
-                    f"{label}: parameter {name} cannot be changed after the model is made; "
-                    f"mutable: {', '.join(mutable) or '(none)'}",
-                    name,
-                )
+            spec = cls._mutable_spec(key, name)
             out[key] = _normalise(label, name, spec, value, 1 if spec.shared else n, None)[1]
         return out
+
+    @classmethod
+    def _mutable_spec(cls, key: str, name: str) -> Parameter:
+        """The spec of parameter ``key`` (named ``name`` by the caller) if it may change
+        during a run, else ParameterError naming it and the ones that may."""
+        spec = cls.parameters[key]
+        if not spec.mutable:
+            mutable = [k for k, p in cls.parameters.items() if p.mutable]
+            raise ParameterError(
+                f"{cls._label()}: parameter {name} cannot be changed after the model is made; "
+                f"mutable: {', '.join(mutable) or '(none)'}",
+                name,
+            )
+        return spec
 
     @classmethod
     def takes_kicks(cls) -> bool:
@@ -359,14 +366,7 @@ class Model:
         base = dict(self.params if params is None else params)
         rows = self._molecule_rows(molecules)
         for key, (name, value) in self._canonical_keys(changes).items():
-            spec = self.parameters[key]
-            if not spec.mutable:
-                mutable = [k for k, p in self.parameters.items() if p.mutable]
-                raise ParameterError(
-                    f"{label}: parameter {name} cannot be changed after the model is made; "
-                    f"mutable: {', '.join(mutable) or '(none)'}",
-                    name,
-                )
+            spec = self._mutable_spec(key, name)
             if spec.shared:
                 if rows is not None:
                     raise ParameterError(
