@@ -81,6 +81,7 @@ imported lazily.
 from __future__ import annotations
 
 import ctypes
+import functools
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -103,8 +104,6 @@ from .kernels import KERNEL_CUTOFF_SIGMAS, group_into_boxes, kernel_samples, sel
 __all__ = ["MeepCoupling"]
 
 _AXES = {"x": 0, "y": 1, "z": 2}
-# the key of a queued kick among the queued parameter changes (no parameter is named so)
-_KICK = "<kick>"
 
 
 def _matvec(
@@ -467,10 +466,10 @@ class MeepCoupling:
         self.stop_request = 0
         #: the stop request every rank agreed on at the last step (0: go on)
         self.stop_agreed = 0
-        # parameter changes of embedded molecules for the next step boundary, in the
-        # order asked: (group index, changes, rows in the group or None for all), and
-        # per group the parameters they lead to (later changes are checked against them)
-        self._param_changes: list[tuple[int, dict[str, Any], list[int] | None]] = []
+        # parameter changes and kicks of embedded molecules for the next step boundary,
+        # in the order asked (each a call on a group's model), and per group the
+        # parameters the changes lead to (later changes are checked against them)
+        self._param_changes: list[Callable[[], None]] = []
         self._pending_params: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ molecules
@@ -535,7 +534,9 @@ class MeepCoupling:
                 raise UsageError(f"set_params: {who}: {exc}") from None
             planned.append((g, dict(changes), picked, new))
         for g, change, picked, new in planned:  # all checked: queue them
-            self._param_changes.append((g, change, picked))
+            self._param_changes.append(
+                functools.partial(self._groups[g].model.set_params, change, picked)
+            )
             self._pending_params[g] = new
 
     def apply_kick(self, molecule_ids: int | Sequence[int], impulse: Any) -> None:
@@ -557,7 +558,9 @@ class MeepCoupling:
                     f"{group.model.name or type(group.model).__name__} takes no kicks"
                 )
             picked = None if rows == list(range(len(group.ids))) else rows
-            self._param_changes.append((g, {_KICK: vector.copy()}, picked))
+            self._param_changes.append(
+                functools.partial(group.model.apply_kick, vector.copy(), picked)
+            )
 
     def _embedded_rows(self, what: str, molecule_ids: int | Sequence[int]) -> dict[int, list[int]]:
         """Group index -> rows of the listed embedded molecules (UsageError naming an
@@ -590,12 +593,8 @@ class MeepCoupling:
         changes, self._param_changes = self._param_changes, []
         self._pending_params = {}
         if self._rank == 0:
-            for g, change, rows in changes:
-                model = self._groups[g].model
-                if _KICK in change:
-                    model.apply_kick(change[_KICK], rows)
-                else:
-                    model.set_params(change, rows)
+            for apply in changes:
+                apply()
 
     def add_socket_molecules(
         self,
