@@ -191,12 +191,14 @@ PROBE_EM = """
 from maxwellhub.mpmd import split_world
 from mpi4py import MPI
 comm = split_world()
-print("EM", MPI.COMM_WORLD.Get_size(), comm.Get_size(), flush=True)
+print(f"EM {MPI.COMM_WORLD.Get_size()} {comm.Get_size()}", flush=True)
 """
+# Each probe writes its line with one write: two drivers share mpirun's stdout, and a
+# line printed piecewise (print with several arguments, unbuffered) can interleave.
 PROBE_DRIVER = """
 import json, os, sys
-print("DRIVER", json.dumps(sorted(k for k in os.environ
-      if k.startswith(("OMPI_", "PMIX_", "PMI_")))), "mpi4py" in sys.modules, flush=True)
+found = json.dumps(sorted(k for k in os.environ if k.startswith(("OMPI_", "PMIX_", "PMI_"))))
+os.write(1, f"DRIVER {found} {'mpi4py' in sys.modules}\\n".encode())
 """
 
 
