@@ -81,7 +81,6 @@ imported lazily.
 from __future__ import annotations
 
 import ctypes
-import functools
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -96,10 +95,11 @@ try:  # the C kernels behind scipy's sparse @ vector, without its ~7 us of dispa
 except ImportError:  # pragma: no cover - a scipy that moved its private kernels
     _csc_matvec = _csr_matvec = None
 
-from ..errors import BarrierTimeout, DriverLost, UsageError
+from ..errors import DriverLost, UsageError
 from ..mpi import comm_world, rank_and_size
 from ..units import MeepUnits
 from .kernels import KERNEL_CUTOFF_SIGMAS, group_into_boxes, kernel_samples, self_coulomb_matrices
+from .molecules import Group, Molecules
 
 __all__ = ["MeepCoupling"]
 
@@ -125,17 +125,6 @@ def _matvec(
         out[rows] = 0.0  # the rest stays 0
         _csr_matvec(n, matrix.shape[1], indptr, matrix.indices, matrix.data, x, out[rows])
     return out
-
-
-@dataclass
-class _Group:
-    """Molecules driven together: one embedded model, or the socket molecules."""
-
-    rows: np.ndarray  # rows of these molecules in the coupling's arrays
-    span: slice  # the same rows (they are consecutive), as a slice
-    ids: np.ndarray  # their molecule ids
-    model: Any = None  # embedded: a maxwellhub_drivers model; None: socket
-    init: Mapping | None = None  # socket: extra INIT payload
 
 
 @dataclass
@@ -433,29 +422,17 @@ class MeepCoupling:
         subtract_self_coulomb: bool = True,
         on_lost: str | Callable[[DriverLost], bool] = "wait",
     ) -> None:
-        if on_lost not in ("wait", "abort") and not callable(on_lost):
-            raise UsageError(f"on_lost = {on_lost!r}; expected 'wait', 'abort' or a function")
-        self.on_lost = on_lost
+        self._molecules = Molecules(hub, record_every, timeout, on_lost)
         self.sim = sim
         self.subtract_self_coulomb = bool(subtract_self_coulomb)
         self.units = MeepUnits(time_units_fs)
-        self.hub = hub
-        self.timeout = timeout
-        if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 0:
-            raise UsageError(f"record_every = {record_every!r}; expected an int >= 0")
-        self.record_every = record_every
-        self._groups: list[_Group] = []
         self._centers: list[np.ndarray] = []
         self._sigmas: list[np.ndarray] = []
         self._axes: list[np.ndarray] = []
         self._scales: list[np.ndarray] = []
-        self._ids: list[int] = []
         self._started = False
         self._fields = None
-        self._socket_rows = np.zeros(0, np.int64)
-        self._socket_ids = np.zeros(0, np.int64)
         self._last_step: int | None = None
-        self._records: list[tuple[int, list[dict[str, np.ndarray]]]] = []
         self.fields_au = np.zeros((0, 3))  # last fields read (a.u.), rank 0; reused
         self.sources_au = np.zeros((0, 3))  # last dmu/dt (a.u.), every rank; reused
         #: a request to stop at the next step boundary (a signal number; 0: none), set on
@@ -466,18 +443,29 @@ class MeepCoupling:
         self.stop_request = 0
         #: the stop request every rank agreed on at the last step (0: go on)
         self.stop_agreed = 0
-        # parameter changes and kicks of embedded molecules for the next step boundary,
-        # in the order asked (each a call on a group's model), and per group the
-        # parameters the changes lead to (later changes are checked against them)
-        self._param_changes: list[Callable[[], None]] = []
-        self._pending_params: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ molecules
 
     @property
     def molecule_ids(self) -> np.ndarray:
         """Ids of all molecules in the order they were added."""
-        return np.array(self._ids, dtype=np.int64)
+        return self._molecules.ids
+
+    # the molecule side's settings, readable and settable here as before
+    hub = property(
+        lambda self: self._molecules.hub, lambda self, v: setattr(self._molecules, "hub", v)
+    )
+    timeout = property(
+        lambda self: self._molecules.timeout, lambda self, v: setattr(self._molecules, "timeout", v)
+    )
+    on_lost = property(
+        lambda self: self._molecules.on_lost, lambda self, v: setattr(self._molecules, "on_lost", v)
+    )
+    record_every = property(lambda self: self._molecules.record_every)
+
+    @property
+    def _groups(self) -> list[Group]:
+        return self._molecules.groups
 
     def add_molecules(
         self,
@@ -512,32 +500,7 @@ class MeepCoupling:
         by all its molecules can only change for the whole group (list all its ids).
         Molecules behind socket drivers: not available yet (UsageError).
         """
-        from maxwellhub_drivers.models import ParameterError
-
-        by_group = self._embedded_rows("set_params", molecule_ids)
-        planned = []
-        for g, rows in by_group.items():
-            group = self._groups[g]
-            picked = None if rows == list(range(len(group.ids))) else rows  # the group
-            try:
-                new = group.model.check_params(changes, picked, params=self._pending_params.get(g))
-            except ParameterError as exc:
-                if exc.molecule is not None:
-                    who = f"molecule {int(group.ids[exc.molecule])}"
-                else:
-                    listed = [str(int(group.ids[r])) for r in rows]
-                    who = (
-                        ("molecule " if len(listed) == 1 else "molecules ")
-                        + ", ".join(listed[:10])
-                        + (" ..." if len(listed) > 10 else "")
-                    )
-                raise UsageError(f"set_params: {who}: {exc}") from None
-            planned.append((g, dict(changes), picked, new))
-        for g, change, picked, new in planned:  # all checked: queue them
-            self._param_changes.append(
-                functools.partial(self._groups[g].model.set_params, change, picked)
-            )
-            self._pending_params[g] = new
+        self._molecules.set_params(molecule_ids, changes)
 
     def apply_kick(self, molecule_ids: int | Sequence[int], impulse: Any) -> None:
         """Kick embedded molecules at the next step boundary with an impulsive field
@@ -545,56 +508,12 @@ class MeepCoupling:
         3-vector for all listed molecules), in order with :meth:`set_params` changes.
         Checked now: an unknown or socket molecule, a model without kicks, or an impulse
         that is not a finite 3-vector is a UsageError naming the molecule."""
-        vector = np.asarray(impulse, dtype=np.float64)
-        if vector.shape != (3,) or not np.isfinite(vector).all():
-            raise UsageError(
-                f"apply_kick: impulse = {impulse!r}; expected a finite 3-vector (a.u.)"
-            )
-        for g, rows in self._embedded_rows("apply_kick", molecule_ids).items():
-            group = self._groups[g]
-            if not group.model.takes_kicks():
-                raise UsageError(
-                    f"apply_kick: molecule {int(group.ids[rows[0]])}: model "
-                    f"{group.model.name or type(group.model).__name__} takes no kicks"
-                )
-            picked = None if rows == list(range(len(group.ids))) else rows
-            self._param_changes.append(
-                functools.partial(group.model.apply_kick, vector.copy(), picked)
-            )
-
-    def _embedded_rows(self, what: str, molecule_ids: int | Sequence[int]) -> dict[int, list[int]]:
-        """Group index -> rows of the listed embedded molecules (UsageError naming an
-        unknown, repeated or socket molecule)."""
-        ids = [int(m) for m in np.atleast_1d(np.asarray(molecule_ids)).tolist()]
-        if len(ids) != len(set(ids)):
-            raise UsageError(f"{what}: molecule ids {ids} repeat an id")
-        where = {
-            int(mid): (g, row)
-            for g, group in enumerate(self._groups)
-            for row, mid in enumerate(group.ids.tolist())
-        }
-        by_group: dict[int, list[int]] = {}
-        for mid in ids:
-            if mid not in where:
-                raise UsageError(f"{what}: no molecule with id {mid}")
-            g, row = where[mid]
-            if self._groups[g].model is None:
-                raise UsageError(
-                    f"{what}: molecule {mid} runs in a socket driver; parameter changes and "
-                    "kicks over the wire are not available yet (only embedded molecules, "
-                    "add_molecules, take them)"
-                )
-            by_group.setdefault(g, []).append(row)
-        return by_group
+        self._molecules.apply_kick(molecule_ids, impulse)
 
     def _apply_param_changes(self) -> None:
         """Apply the queued parameter changes (rank 0 steps the models; elsewhere the
         models never step, the queue is dropped)."""
-        changes, self._param_changes = self._param_changes, []
-        self._pending_params = {}
-        if self._rank == 0:
-            for apply in changes:
-                apply()
+        self._molecules.apply_pending(run=self._rank == 0)
 
     def add_socket_molecules(
         self,
@@ -626,24 +545,11 @@ class MeepCoupling:
             )
         mask = np.zeros(3, dtype=bool)
         mask[[_AXES[a] for a in axis]] = True
-        if molecule_ids is None:
-            start = max(self._ids, default=-1) + 1
-            ids = np.arange(start, start + n)
-        else:
-            ids = np.asarray(molecule_ids, dtype=np.int64)
-            if ids.shape != (n,):
-                raise UsageError(f"molecule_ids must give {n} ids")
-        if set(ids.tolist()) & set(self._ids) or len(set(ids.tolist())) != n:
-            raise UsageError(f"molecule ids {ids.tolist()} repeat an id")
-        first = len(self._ids)
-        self._groups.append(
-            _Group(np.arange(first, first + n), slice(first, first + n), ids, model, init)
-        )
+        ids = self._molecules.add(n, molecule_ids, model, init)
         self._centers.append(points)
         self._sigmas.append(_per_molecule("sigma", sigma, n, 0.0))
         self._axes.append(np.broadcast_to(mask, (n, 3)))
         self._scales.append(_per_molecule("rescaling", rescaling, n, -np.inf))
-        self._ids.extend(ids.tolist())
         return ids
 
     # ------------------------------------------------------------------ running
@@ -706,7 +612,7 @@ class MeepCoupling:
         if rank == 0:
             try:
                 self.fields_au = fields_au
-                if self._param_changes:
+                if self._molecules.pending:
                     self._apply_param_changes()
                 self._drive(fields_au, step, self.sources_au)
                 buf[-1] = -float(self._stop_decision()) if size > 1 else 0.0
@@ -715,7 +621,7 @@ class MeepCoupling:
                     buf[-1] = 1.0
                     comm_world().Bcast(buf, root=0)
                 raise
-        elif self._param_changes:
+        elif self._molecules.pending:
             self._apply_param_changes()  # dropped: the models here never step
         if size > 1:
             comm_world().Bcast(buf, root=0)
@@ -740,55 +646,13 @@ class MeepCoupling:
     def _drive(self, fields_au: np.ndarray, step: int, sources: np.ndarray) -> None:
         """Step every molecule under ``fields_au`` (M, 3); write their dmu/dt to
         ``sources`` (M, 3)."""
-        record = self.record_every and step % self.record_every == 0
-        extras: list[dict[str, np.ndarray]] = []
-        for group in self._groups:
-            if group.model is not None:
-                sources[group.span] = group.model.step(fields_au[group.span])
-                if record:
-                    extras.append(group.model.extras())
-        if self._socket_rows.size:
-            # One array barrier for all socket molecules (ensemble drivers get one frame
-            # each); extras travel only on recorded steps.
-            result = self._socket_step(fields_au[self._socket_rows], bool(record))
-            sources[self._socket_rows] = result.sources
-            if record:
-                extras.append(result.extras())
-        if record:
-            self._records.append((step, extras))
-
-    def _socket_step(self, fields: np.ndarray, extras: bool):
-        """One barrier for the socket molecules, under the ``on_lost`` policy."""
-        policy = self.on_lost
-        if not callable(policy):
-            return self.hub.step_arrays(
-                self._socket_ids, fields, timeout=self.timeout, on_lost=policy, extras=extras
-            )
-        while True:
-            try:
-                return self.hub.step_arrays(
-                    self._socket_ids, fields, timeout=self.timeout, on_lost="abort", extras=extras
-                )
-            except DriverLost as exc:
-                if not policy(exc):
-                    raise
-                # a replacement is on its way; the frozen step goes on once it is bound
-                if not self.hub.wait_until_bound(exc.molecules, timeout=self.timeout):
-                    raise BarrierTimeout(
-                        f"no replacement driver for molecule(s) {exc.molecules} "
-                        + (
-                            "(no deadline)"
-                            if self.timeout is None
-                            else f"within {self.timeout:g} s"
-                        ),
-                        exc.molecules,
-                    ) from exc
+        self._molecules.step(fields_au, step, sources)
 
     def _start(self, sim) -> None:
         """Set everything up, collectively, at the first step."""
         import meep as mp
 
-        if not self._ids:
+        if not len(self._molecules):
             raise UsageError("no molecules: add some before running")
         if sim.symmetries:
             raise UsageError("molecules cannot be coupled to a simulation with symmetries")
@@ -822,39 +686,17 @@ class MeepCoupling:
         self._fields = fields
         coulomb = self._sites.self_coulomb
         self._coulomb = coulomb if self.subtract_self_coulomb and coulomb.any() else None
-        self._emitted = np.zeros((len(self._ids), 3))  # dipole emitted so far, Meep units
-        self._bcast = np.zeros(3 * len(self._ids) + 1)  # sources (a.u.) and a fail flag
+        self._emitted = np.zeros((len(self._molecules), 3))  # dipole emitted so far, Meep units
+        self._bcast = np.zeros(3 * len(self._molecules) + 1)  # sources (a.u.) and a fail flag
         self.sources_au = self._bcast[:-1].reshape(3, -1).T  # (M, 3), column-major
         # the fields summed over MPI ranks, and the ranks' stop requests (last element)
-        self._reduce_send = np.zeros(3 * len(self._ids) + 1)
-        self._reduced = np.zeros(3 * len(self._ids) + 1)
-        socket = [g for g in self._groups if g.model is None]
-        self._socket_rows = (
-            np.concatenate([g.rows for g in socket]) if socket else np.zeros(0, np.int64)
-        )
-        self._socket_ids = (
-            np.concatenate([g.ids for g in socket]) if socket else np.zeros(0, np.int64)
-        )
+        self._reduce_send = np.zeros(3 * len(self._molecules) + 1)
+        self._reduced = np.zeros(3 * len(self._molecules) + 1)
+        self._molecules.start()
         self._started = True
         self._rank, self._size = rank_and_size()
         if self._rank == 0:
-            self._bind(dt_au, socket)
-
-    def _bind(self, dt_au: float, socket: list[_Group]) -> None:
-        for group in self._groups:
-            if group.model is not None:
-                group.model.initialize(dt_au=dt_au, molecule_ids=group.ids)
-        if not socket:
-            return
-        if self.hub is None:
-            raise UsageError("socket molecules need a hub: MeepCoupling(sim, hub=...)")
-        payloads = {int(mid): {"dt_au": dt_au, **(g.init or {})} for g in socket for mid in g.ids}
-        if not self.hub.wait_until_bound(payloads, timeout=self.timeout):
-            missing = [m for m in payloads if not self.hub.all_bound([m])]
-            raise TimeoutError(
-                f"no driver bound molecule(s) {missing} "
-                + ("(no deadline)" if self.timeout is None else f"within {self.timeout:g} s")
-            )
+            self._molecules.bind(dt_au)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -882,7 +724,7 @@ class MeepCoupling:
                 f"molecules are at step {self._last_step}: call it from a step "
                 "function after the coupling's"
             )
-        if self._param_changes:  # due before the next step: the checkpoint holds them
+        if self._molecules.pending:  # due before the next step: the checkpoint holds them
             self._apply_param_changes()
         state: dict[str, np.ndarray] = {
             "last_step": np.array(self._last_step, dtype=np.int64),
@@ -894,25 +736,7 @@ class MeepCoupling:
         if self._rank != 0:
             return state
         state["fields_au"] = np.array(self.fields_au, dtype=np.float64)
-        for g, group in enumerate(self._groups):
-            if group.model is not None:
-                for key, value in group.model.get_state().items():
-                    state[f"model.{g}.{key}"] = np.asarray(value)
-        state["records.step"] = np.array([s for s, _ in self._records], dtype=np.int64)
-        for j, size in enumerate(self._slot_sizes()):
-            keys = sorted({k for _, extras in self._records for k in extras[j]})
-            state[f"records.{j}.keys"] = np.array(keys, dtype=str)
-            for i, key in enumerate(keys):
-                rows = [extras[j].get(key) for _, extras in self._records]
-                present = [r for r in rows if r is not None]
-                if len(present) == len(rows):  # the usual case: one C-level stack
-                    table = np.stack(present).astype(np.float64, copy=False).reshape(-1, size)
-                else:
-                    table = np.full((len(self._records), size), np.nan)
-                    for t, r in enumerate(rows):
-                        if r is not None:
-                            table[t] = r
-                state[f"records.{j}.{i}"] = table
+        state.update(self._molecules.state())
         return state
 
     def restore_state(self, state: Mapping[str, np.ndarray]) -> None:
@@ -941,31 +765,12 @@ class MeepCoupling:
         if self._rank != 0:
             return
         self.fields_au = np.array(state["fields_au"], dtype=np.float64)
-        for g, group in enumerate(self._groups):
-            if group.model is not None:
-                prefix = f"model.{g}."
-                group.model.set_state(
-                    {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                )
-        steps = np.asarray(state["records.step"]).tolist()
-        slots = []
-        for j in range(len(self._slot_sizes())):
-            keys = np.asarray(state[f"records.{j}.keys"]).tolist()
-            slots.append({key: np.asarray(state[f"records.{j}.{i}"]) for i, key in enumerate(keys)})
-        self._records = [
-            (s, [{key: table[t] for key, table in slot.items()} for slot in slots])
-            for t, s in enumerate(steps)
-        ]
+        self._molecules.restore(state)
 
     def clear_field_reads(self) -> None:
         """Zero the DFT accumulators the coupling reads E from (after ``sim.load_fields``,
         which also loads them, in single precision)."""
         self._sites.clear_accumulators()
-
-    def _slot_sizes(self) -> list[int]:
-        """Molecules per entry of a record's extras list: embedded groups, then sockets."""
-        sizes = [len(g.ids) for g in self._groups if g.model is not None]
-        return sizes + ([int(self._socket_rows.size)] if self._socket_rows.size else [])
 
     # ------------------------------------------------------------------ results
 
@@ -975,22 +780,4 @@ class MeepCoupling:
         ``molecule_id`` (M,), ``step`` (T,), and for every extras key a (T, M) float
         array (NaN where a molecule does not report that key), e.g. ``time_au``, ``Pe``.
         """
-        ids = self.molecule_ids
-        out: dict[str, np.ndarray] = {
-            "molecule_id": ids,
-            "step": np.array([s for s, _ in self._records]),
-        }
-        if not self._records:
-            return out
-        rows = [g.rows for g in self._groups if g.model is not None]
-        if self._socket_rows.size:
-            rows.append(self._socket_rows)
-        keys = sorted({k for _, extras in self._records for e in extras for k in e})
-        for key in keys:
-            table = np.full((len(self._records), len(ids)), np.nan)
-            for t, (_, extras) in enumerate(self._records):
-                for r, e in zip(rows, extras, strict=True):
-                    if key in e:
-                        table[t, r] = e[key]
-            out[key] = table
-        return out
+        return self._molecules.history()
