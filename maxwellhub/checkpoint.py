@@ -160,6 +160,11 @@ def config_identity(config) -> dict[str, Any]:
     s, t, o = config.simulation, config.transport, config.output
     for name in ("dimensions", "cell", "resolution", "pml", "time_units_fs", "until"):
         put(f"simulation.{name}", getattr(s, name))
+    em = getattr(config, "em", None)
+    if em is not None and em.engine != "meep":  # Meep runs keep their old identity
+        put("simulation.dt_au", s.dt_au)
+        put("em.engine", em.engine)
+        put(f"em.{em.engine}", dict(em.params))
     for name in ("kind", "name", "host", "port", "timeout", "molecules_per_driver"):
         put(f"transport.{name}", getattr(t, name))
     put("output.directory", str(o.directory))
@@ -355,8 +360,15 @@ class RunCheckpointer:
 
         return maxwellhub_checkpoint
 
-    def tick(self, sim) -> None:
-        n = sim.fields.t
+    def boundary_step(self) -> int:
+        """The step boundary the run is at: Meep's ``fields.t``, or, for the other engines
+        (``sim`` None), the steps the coupling has completed."""
+        if self.sim is None:
+            return int(self.coupling.step_index)
+        return int(self.sim.fields.t)
+
+    def tick(self, sim=None) -> None:
+        n = self.boundary_step()
         if self._size > 1:
             # under MPI only the stop every rank agreed on at this step counts (a signal
             # reaches the ranks at different moments)
@@ -431,7 +443,7 @@ class RunCheckpointer:
             return self._write_mpi(reason)
         t0 = time.perf_counter()
         sim = self.sim
-        n = int(sim.fields.t)
+        n = self.boundary_step()
         final = self.directory / f"step_{n:010d}"
         partial = self.directory / f".partial_{n:010d}_{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
@@ -444,10 +456,11 @@ class RunCheckpointer:
             files.append("hub.npz")
             linked = self._link_driver_files(partial / "drivers")
             files += [f"drivers/{name}" for name in linked]
-        fields_file = partial / "fields.h5"
-        sim.dump_fields(str(fields_file))
-        fsync_file(fields_file)
-        files.append("fields.h5")
+        if sim is not None:  # Meep's fields; the other engines' state is in coupling.npz
+            fields_file = partial / "fields.h5"
+            sim.dump_fields(str(fields_file))
+            fsync_file(fields_file)
+            files.append("fields.h5")
         self._publish(partial, final, n, reason, files)
         self.last_written, self.last_path = n, final
         self.write_seconds.append(time.perf_counter() - t0)
@@ -466,7 +479,11 @@ class RunCheckpointer:
         manifest = {
             "format": FORMAT,
             "step": n,
-            "meep_time": float(self.sim.meep_time()),
+            **(
+                {"meep_time": float(self.sim.meep_time())}
+                if self.sim is not None
+                else {"time_au": float(self.coupling.time_au)}
+            ),
             "reason": reason,
             "written_unix": time.time(),
             "files": files,
@@ -744,8 +761,11 @@ def restore_driver_files(loaded: LoadedCheckpoint, driver_dir: str | os.PathLike
 def restore(loaded: LoadedCheckpoint, sim, coupling) -> int:
     """Continue ``sim`` + ``coupling`` from ``loaded``, before ``sim.run``; returns the
     step. Socket molecules: restore the hub (``hub.restore(loaded.hub_snapshot)``) and
-    start the drivers first; this call binds them."""
+    start the drivers first; this call binds them. ``sim`` None: a non-Meep engine,
+    whose whole state is the coupling's."""
     coupling.restore_state(loaded.coupling_state)
+    if sim is None:
+        return loaded.step
     try:
         sim.load_fields(str(loaded.fields_file))
     except RuntimeError as exc:

@@ -33,6 +33,12 @@ key (dotted, e.g. ``molecules[1].sigma``) and what is allowed. Example (the 2D d
     [output]
     directory = "out/relax_2d"
 
+    [em]                      # optional: the EM engine; "meep" (default), "cavity",
+    engine = "meep"           # "multimode" or "laser"; non-Meep engines take
+                              # [simulation] dt_au and until (a.u.) and their own table
+                              # [em.cavity] / [em.multimode] / [em.laser]; Meep's keys
+                              # may also sit in [em.meep] instead of [simulation]
+
     [checkpoint]              # optional: whole-run checkpoints (maxwellhub run --resume DIR)
     dir = "out/relax_2d/checkpoints"
     every = 200               # steps between checkpoints; 0 = only on SIGTERM/SIGINT
@@ -54,6 +60,8 @@ from typing import Any
 from .errors import UsageError
 
 __all__ = [
+    "EM",
+    "ENGINES",
     "Checkpoint",
     "Config",
     "ConfigError",
@@ -74,12 +82,29 @@ class ConfigError(UsageError):
 
 @dataclass(frozen=True)
 class Simulation:
+    """Meep's keys (``dimensions`` 0 and empty ``cell`` for the other engines), ``until``
+    (Meep time units, or a.u. for the other engines) and ``dt_au`` (non-Meep engines)."""
+
     dimensions: int
     cell: tuple[float, ...]
     resolution: float
     pml: float
     time_units_fs: float
     until: float
+    dt_au: float | None = None
+
+
+ENGINES = ("meep", "cavity", "multimode", "laser")
+_MEEP_KEYS = ("dimensions", "cell", "resolution", "pml", "time_units_fs")
+
+
+@dataclass(frozen=True)
+class EM:
+    """The ``[em]`` table: the engine and its own table's keys (non-Meep engines; the
+    engine's constructor validates them: :func:`maxwellhub.em.engines.build_engine`)."""
+
+    engine: str = "meep"
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,17 @@ class Config:
     # directory (None: the current directory)
     base_dir: Path | None = None
     schedule: tuple[ScheduledChange, ...] = ()
+    em: EM = EM()
+
+    @property
+    def steps_total(self) -> int:
+        """Steps from 0 to ``simulation.until`` (Courant factor 0.5 for Meep, the one
+        :func:`maxwellhub.runner.build_simulation` uses)."""
+        s = self.simulation
+        if self.em.engine == "meep":
+            return round(s.until / (0.5 / s.resolution))
+        assert s.dt_au is not None  # parse_config sets it for every non-Meep engine
+        return round(s.until / s.dt_au)
 
     @property
     def molecule_count(self) -> int:
@@ -236,15 +272,35 @@ class _Table:
 def parse_config(data: dict, source: Path | None = None) -> Config:
     """Validate a parsed TOML document."""
     top = _Table(
-        data, "", ("simulation", "transport", "molecules", "output", "checkpoint", "schedule")
+        data,
+        "",
+        ("simulation", "transport", "molecules", "output", "checkpoint", "schedule", "em"),
     )
-    simulation = _simulation(top)
+    em, meep_table = _em(top)
+    simulation = _simulation(top, em.engine, meep_table)
     transport = _transport(top)
-    groups = _molecule_groups(top, simulation.dimensions)
+    groups = _molecule_groups(top, simulation.dimensions, em.engine)
     output = _output(top)
     checkpoint = _checkpoint(top.get("checkpoint")) if top.has("checkpoint") else None
     schedule = _schedule(top.get("schedule", []), transport)
-    return Config(simulation, transport, groups, output, source, checkpoint, schedule=schedule)
+    return Config(
+        simulation, transport, groups, output, source, checkpoint, schedule=schedule, em=em
+    )
+
+
+def _em(top: _Table) -> tuple[EM, dict]:
+    """``[em]``: the engine, its table, and Meep's keys given in ``[em.meep]``."""
+    t = _Table(top.get("em", {}), "em", ("engine", *ENGINES))
+    engine = t.choice("engine", ENGINES, "meep")
+    for other in ENGINES:
+        if other != engine and t.has(other):
+            raise ConfigError(f"em.{other} is given but em.engine = {engine!r}")
+    table = t.get(engine, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"em.{engine} must be a table")
+    if engine == "meep":
+        return EM("meep"), table
+    return EM(engine, dict(table)), {}
 
 
 def _schedule(raw: Any, transport: Transport) -> tuple[ScheduledChange, ...]:
@@ -285,12 +341,17 @@ def _schedule(raw: Any, transport: Transport) -> tuple[ScheduledChange, ...]:
     return tuple(entries)
 
 
-def _simulation(top: _Table) -> Simulation:
-    sim_t = _Table(
-        top.get("simulation"),
-        "simulation",
-        ("dimensions", "cell", "resolution", "pml", "time_units_fs", "until"),
-    )
+def _simulation(top: _Table, engine: str, meep_table: dict) -> Simulation:
+    if engine != "meep":
+        return _engine_simulation(top, engine)
+    raw = top.get("simulation")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"simulation must be a table, got {raw!r}")
+    _Table(meep_table, "em.meep", _MEEP_KEYS)  # names an unknown key there
+    both = sorted(set(raw) & set(meep_table))
+    if both:
+        raise ConfigError(f"simulation.{both[0]} and em.meep.{both[0]} are both given")
+    sim_t = _Table({**raw, **meep_table}, "simulation", (*_MEEP_KEYS, "until"))
     dims = sim_t.number("dimensions", integer=True)
     if dims not in (1, 2, 3):
         raise ConfigError(f"simulation.dimensions = {dims}; allowed: 1, 2, 3")
@@ -310,6 +371,26 @@ def _simulation(top: _Table) -> Simulation:
         resolution=float(sim_t.number("resolution", low=0.0, low_open=True)),
         time_units_fs=float(sim_t.number("time_units_fs", 0.1, low=0.0, low_open=True)),
         until=float(sim_t.number("until", low=0.0, low_open=True)),
+    )
+
+
+def _engine_simulation(top: _Table, engine: str) -> Simulation:
+    """``[simulation]`` of a non-Meep engine: ``dt_au`` and ``until`` (a.u.)."""
+    raw = top.get("simulation")
+    if isinstance(raw, dict):
+        meep_only = sorted(set(raw) & set(_MEEP_KEYS))
+        if meep_only:
+            raise ConfigError(
+                f"simulation.{meep_only[0]} is a Meep key; em.engine = {engine!r} takes "
+                "simulation.dt_au and simulation.until (a.u.)"
+            )
+    sim_t = _Table(raw, "simulation", ("dt_au", "until"))
+    dt = float(sim_t.number("dt_au", low=0.0, low_open=True))
+    until = float(sim_t.number("until", low=0.0, low_open=True))
+    if until < dt:
+        raise ConfigError(f"simulation.until = {until:g} is shorter than one step (dt_au = {dt:g})")
+    return Simulation(
+        dimensions=0, cell=(), resolution=0.0, pml=0.0, time_units_fs=0.1, until=until, dt_au=dt
     )
 
 
@@ -369,7 +450,33 @@ def _transport(top: _Table) -> Transport:
     )
 
 
-def _molecule_groups(top: _Table, dims: int) -> tuple[MoleculeGroup, ...]:
+def _engine_positions(g: _Table, where: str) -> tuple[tuple[float, ...], ...]:
+    """Positions of a non-Meep engine's group: optional (count molecules without a
+    position), 1 to 3 coordinates (a.u.; multimode reads the first)."""
+    if g.has("sigma") or g.has("axis"):
+        key = "sigma" if g.has("sigma") else "axis"
+        raise ConfigError(f"{where}.{key} applies to the Meep engine only")
+    if g.has("position") and g.has("positions"):
+        raise ConfigError(f"{where}: give at most one of position (with count) or positions")
+    if g.has("positions"):
+        if g.has("count"):
+            raise ConfigError(f"{where}.count goes with position, not positions")
+        plist = g.get("positions")
+        if not isinstance(plist, list) or not plist:
+            raise ConfigError(f"{where}.positions must be a non-empty list of points")
+        points = []
+        for p in plist:
+            n = len(p) if isinstance(p, list) else 1
+            points.append(g.vector("positions", min(max(n, 1), 3), p))
+        return tuple(points)
+    count = g.number("count", 1, low=1, integer=True)
+    if not g.has("position"):
+        return ((),) * count
+    p = g.get("position")
+    return (g.vector("position", min(max(len(p) if isinstance(p, list) else 1, 1), 3)),) * count
+
+
+def _molecule_groups(top: _Table, dims: int, engine: str = "meep") -> tuple[MoleculeGroup, ...]:
     groups_raw = top.get("molecules")
     if not isinstance(groups_raw, list) or not groups_raw:
         raise ConfigError("molecules must be a non-empty array of tables ([[molecules]])")
@@ -387,9 +494,11 @@ def _molecule_groups(top: _Table, dims: int) -> tuple[MoleculeGroup, ...]:
                 f"{where}.model = {model!r}; expected a model name such as "
                 "'tls' or 'sho', or 'package.module:Class'"
             )
-        if g.has("position") == g.has("positions"):
+        if engine != "meep":
+            positions = _engine_positions(g, where)
+        elif g.has("position") == g.has("positions"):
             raise ConfigError(f"{where}: give exactly one of position (with count) or positions")
-        if g.has("position"):
+        elif g.has("position"):
             count = g.number("count", 1, low=1, integer=True)
             positions = (g.vector("position", dims),) * count
         else:

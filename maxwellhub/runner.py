@@ -142,6 +142,13 @@ def validate_models(config: Config) -> Config:
         except (ValueError, TypeError, OSError) as exc:  # a model's own cross check
             raise ConfigError(f"molecules[{i}].params: {exc}") from None
         groups.append(dataclasses.replace(g, params=params))
+    if config.em.engine != "meep":
+        from .em.engines import build_engine
+
+        try:  # cheap: an engine is a few arrays until the run sets it up
+            build_engine(config.em.engine, config.em.params, base_dir)
+        except UsageError as exc:
+            raise ConfigError(f"em.{exc}") from None
     classes = [get_model_class(g.model) for g in config.molecules]
     schedule = tuple(
         _checked_change(config, classes, i, entry) for i, entry in enumerate(config.schedule)
@@ -159,8 +166,7 @@ def _checked_change(config: Config, classes: list, i: int, entry: ScheduledChang
 
     where = f"schedule[{i}]"
     total = config.molecule_count
-    # Courant factor 0.5 (Meep's default, the one build_simulation uses)
-    steps = round(config.simulation.until / (0.5 / config.simulation.resolution))
+    steps = config.steps_total
     if entry.step > steps:
         raise ConfigError(f"{where}.step = {entry.step}: the run ends at step {steps}")
     ids = range(total) if entry.molecules is None else entry.molecules
@@ -379,6 +385,8 @@ class _Run:
         self.procs: list[tuple[int, subprocess.Popen]] = []  # (first molecule id, process)
         self.checkpointer: RunCheckpointer | None = None
         self.supervisor: _Supervisor | None = None
+        # a MeepCoupling, or an EngineCoupling for the other engines (same molecule API)
+        self.coupling: Any = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -392,7 +400,12 @@ class _Run:
             ckpt.check_identity(self.loaded, self.identity)
         if self.master:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.sim = build_simulation(config)
+        if config.em.engine != "meep" and rank_and_size()[1] > 1:
+            raise ConfigError(
+                f"em.engine = {config.em.engine!r} runs in one process; under mpirun only "
+                "the Meep engine spreads over ranks (spread many drivers with relays instead)"
+            )
+        self.sim = build_simulation(config) if config.em.engine == "meep" else None
         self.steps_total = self._steps_total()
         self._start_hub()
         self._make_coupling()
@@ -411,8 +424,10 @@ class _Run:
         from . import checkpoint as ckpt
 
         until = self.config.simulation.until
-        dt_meep = self.sim.Courant / self.sim.resolution
-        steps_total = round(until / dt_meep)
+        if self.sim is not None:
+            steps_total = round(until / (self.sim.Courant / self.sim.resolution))
+        else:
+            steps_total = self.config.steps_total
         loaded = self.loaded
         if loaded is not None and loaded.step > steps_total:
             raise ckpt.CheckpointError(
@@ -471,9 +486,25 @@ class _Run:
             }
 
     def _make_coupling(self) -> None:
-        from .em import MeepCoupling
+        from .em import EngineCoupling, MeepCoupling
+        from .em.engines import build_engine
 
         config = self.config
+        if self.sim is None:
+            assert config.simulation.dt_au is not None
+            self.coupling = EngineCoupling(
+                build_engine(config.em.engine, config.em.params, config.base_dir),
+                config.simulation.dt_au,
+                hub=self.hub,
+                record_every=config.output.record_every,
+                timeout=self.transport.timeout,
+                on_lost="abort",
+            )
+            self.ids_by_group = [
+                _add_engine_group(self.coupling, g, socket=self.hub is not None)
+                for g in config.molecules
+            ]
+            return
         self.coupling = MeepCoupling(
             self.sim,
             time_units_fs=config.simulation.time_units_fs,
@@ -529,7 +560,7 @@ class _Run:
                 if self.hub is not None and self.master:
                     self._start_drivers(self.hub, driver_args)
                 self._resume()
-                self._run_meep()
+                self._run_steps()
         except ckpt.RunInterrupted as exc:
             interrupted = failure = exc
         except BaseException as exc:  # the data is written, then re-raised
@@ -637,7 +668,17 @@ class _Run:
             self.checkpointer.mark_restored(loaded.step)
         log.warning("resumed from %s at step %d", loaded.path, loaded.step)
 
-    def _run_meep(self) -> None:
+    def _run_steps(self) -> None:
+        if self.sim is None:
+            engine_steps = []
+            if self.config.schedule:
+                engine_steps.append(self._schedule_function())
+            if self.checkpointer is not None:
+                engine_steps.append(self.checkpointer.tick)
+            tick = self.progress.tick
+            engine_steps.append(lambda coupling: tick())
+            self.coupling.run(*engine_steps, until=self.config.simulation.until)
+            return
         steps = [self.coupling.step_function()]
         if self.config.schedule:
             steps.append(self._schedule_function())
@@ -656,14 +697,18 @@ class _Run:
         resumed step are already in the checkpoint's state. A change the models refuse at
         run time (a check across parameters) is logged naming it, and the run goes on."""
         due: dict[int, list[tuple[int, ScheduledChange]]] = {}
-        start = self.loaded.step if self.loaded is not None else -1
+        # the boundary before step k is Meep's fields.t = k - 1 (its step functions run
+        # after the coupling's step k - 1), and the other engines' step_index = k
+        meep = self.sim is not None
+        start = -1 if self.loaded is None else self.loaded.step + (1 if meep else 0)
         for i, entry in enumerate(self.config.schedule):
-            if entry.step - 1 > start:
-                due.setdefault(entry.step - 1, []).append((i, entry))
+            if entry.step > start:
+                due.setdefault(entry.step, []).append((i, entry))
         coupling, total = self.coupling, self.config.molecule_count
 
         def maxwellhub_schedule(sim) -> None:
-            for i, entry in due.pop(sim.fields.t, ()):
+            boundary = sim.fields.t + 1 if meep else coupling.step_index
+            for i, entry in due.pop(boundary, ()):
                 ids = list(range(total)) if entry.molecules is None else list(entry.molecules)
                 try:
                     if entry.kick is not None:
@@ -782,6 +827,21 @@ def _within(timeout: float | None, what: str = "") -> str:
     return f"within {what}{timeout:g} s"
 
 
+def _add_engine_group(coupling, group: MoleculeGroup, socket: bool) -> np.ndarray:
+    """A group of a non-Meep engine: positions (a.u.) when the config gives them."""
+    n = len(group.positions)
+    positions = None
+    if any(group.positions):
+        positions = [
+            (*p, *([np.nan] * (3 - len(p)))) if p else (np.nan,) * 3 for p in group.positions
+        ]
+    if socket:
+        return coupling.add_socket_molecules(n, positions=positions, rescaling=group.rescaling)
+    return coupling.add_molecules(
+        group.model, n, positions=positions, rescaling=group.rescaling, **group.params
+    )
+
+
 def _add_group(coupling, config: Config, group: MoleculeGroup, socket: bool) -> np.ndarray:
     centers = [_center(config.simulation.dimensions, p) for p in group.positions]
     kw = dict(sigma=group.sigma, axis=group.axis, rescaling=group.rescaling)
@@ -810,6 +870,8 @@ def _finish(config: Config, coupling, failure, procs, t_start: float, progress: 
     from .analysis import compare_to_curve, fit_decay_rate, relaxation_curve
     from .kick_spectrum import ir_response, kick_response, plot_ir, plot_kick_spectrum
 
+    if config.em.engine != "meep":
+        return _finish_engine(config, coupling, failure, t_start, progress)
     out_dir = config.output.directory
     history = coupling.history()
     units = coupling.units
@@ -877,6 +939,37 @@ def _finish(config: Config, coupling, failure, procs, t_start: float, progress: 
             f"{config.transport.kind} transport"
         )
         summary.update(plot_ir(out_dir / "ir.png", motion, title))
+    if failure is None:
+        log.info("%s", progress.line())
+    return summary
+
+
+def _finish_engine(config: Config, coupling, failure, t_start: float, progress: Progress) -> dict:
+    """A non-Meep engine's run: HDF5 (per-molecule records and ``engine/*`` every step),
+    the engine's plot and numbers (:mod:`maxwellhub.engine_summary`), the summary."""
+    from .engine_summary import engine_summary
+
+    out_dir = config.output.directory
+    history = coupling.history()
+    summary: dict = {
+        "complete": failure is None,
+        "engine": config.em.engine,
+        "steps": int(coupling.step_index),
+        "time_au": round(float(coupling.time_au), 9),
+        "molecules": config.molecule_count,
+        "transport": config.transport.kind,
+    }
+    if failure is None:
+        summary.update(engine_summary(config, history, out_dir, config.output.plot))
+    summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
+    attrs = {
+        "complete": failure is None,
+        "engine": config.em.engine,
+        "dt_au": float(config.simulation.dt_au or 0.0),
+        "config": config.text or (config.source.read_text() if config.source else ""),
+        "summary": json.dumps(summary),
+    }
+    summary["hdf5"] = str(write_history(out_dir / "molecules.h5", history, attrs))
     if failure is None:
         log.info("%s", progress.line())
     return summary

@@ -11,16 +11,22 @@ import numpy as np
 
 from ..errors import UsageError
 
-__all__ = ["KERNEL_CUTOFF_SIGMAS", "kernel_weights", "kernel_samples",
-           "self_coulomb_matrices", "group_into_boxes"]
+__all__ = [
+    "KERNEL_CUTOFF_SIGMAS",
+    "kernel_weights",
+    "kernel_samples",
+    "self_coulomb_matrices",
+    "group_into_boxes",
+]
 
 #: A Gaussian kernel is cut at this many sigma (1.1% of its peak); the discrete
 #: normalisation includes the cut, which moves the radiated rate by ~3e-4 of itself.
 KERNEL_CUTOFF_SIGMAS = 3.0
 
 
-def kernel_weights(points: np.ndarray, center: np.ndarray, sigma: float,
-                   spacing: float) -> np.ndarray:
+def kernel_weights(
+    points: np.ndarray, center: np.ndarray, sigma: float, spacing: float
+) -> np.ndarray:
     """Weights of one molecule's kernel at grid ``points`` (P, d), normalised so that
     ``weights.sum() * spacing**d == 1`` exactly.
 
@@ -114,6 +120,7 @@ _BOX_MAX_SITES = 4096
 
 def group_into_boxes(lo: np.ndarray, hi: np.ndarray, active: np.ndarray, dx: float):
     """Group molecules (support boxes lo..hi) into boxes; yield (lo, hi, members)."""
+
     def sites(a, b):
         return float(np.prod(np.where(active, (b - a) / dx + 1, 1.0)))
 
@@ -122,8 +129,10 @@ def group_into_boxes(lo: np.ndarray, hi: np.ndarray, active: np.ndarray, dx: flo
     tile = np.where(active, np.floor(lo / side), 0).astype(np.int64)
     _, label = np.unique(tile, axis=0, return_inverse=True)
     label = label.ravel()
-    boxes = [[lo[g].min(axis=0), hi[g].max(axis=0), g]
-             for g in (np.flatnonzero(label == k) for k in range(label.max() + 1))]
+    boxes = [
+        [lo[g].min(axis=0), hi[g].max(axis=0), g]
+        for g in (np.flatnonzero(label == k) for k in range(label.max() + 1))
+    ]
     merged = True
     while merged and len(boxes) > 1:
         merged = False
@@ -132,8 +141,10 @@ def group_into_boxes(lo: np.ndarray, hi: np.ndarray, active: np.ndarray, dx: flo
             (alo, ahi, ag), (blo, bhi, bg) = boxes[i], boxes[j]
             clo, chi = np.minimum(alo, blo), np.maximum(ahi, bhi)
             both = sites(clo, chi)
-            if both <= _BOX_MAX_SITES and \
-                    both < sites(alo, ahi) + sites(blo, bhi) + _BOX_COST_IN_SITES:
+            if (
+                both <= _BOX_MAX_SITES
+                and both < sites(alo, ahi) + sites(blo, bhi) + _BOX_COST_IN_SITES
+            ):
                 boxes[i] = [clo, chi, np.concatenate([ag, bg])]
                 del boxes[j]
                 merged = True

@@ -1,0 +1,192 @@
+"""What ``maxwellhub run`` reports and plots for the non-Meep engines.
+
+- ``cavity``: the spectrum of the cavity coordinate q_c(t) along its first coupled axis
+  with the two polariton peaks fitted (:func:`maxwellhub.rabi.rabi_splitting_from_trajectory`)
+  and, when every molecule is an identical ``tls`` on the cavity's axis, the expected
+  splitting 2 g sqrt(N) with g = eps mu12 / sqrt(2 omega_c) (exact with the dipole
+  self-energy and in the velocity gauge; to O((g sqrt(N)/omega_c)^2) without it).
+  Written to ``cavity.png``; the summary line gets ``rabi_splitting_au``,
+  ``expected_splitting_au``, ``polaritons_au``.
+- ``multimode``: each mode's energy against time (``modes.png``).
+- ``laser``: the field at the first molecule and the excited populations (``laser.png``).
+
+Plots use matplotlib's Agg backend; the numbers come from :mod:`maxwellhub.rabi`. This
+module reads the coupling's history and the config, nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["engine_summary", "expected_cavity_splitting"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def expected_cavity_splitting(config) -> float | None:
+    """2 g sqrt(N) for N identical ``tls`` molecules on the cavity's coupled axis (all
+    socket or embedded, rescaling 1), else None."""
+    from maxwellhub_drivers.models import get_model_class
+
+    params = config.em.params
+    axes = str(params.get("coupling_axis", "xy")).lower()
+    omega_c = float(params["frequency_au"])
+    eps = float(params.get("coupling_strength", 1.0))
+    tls = get_model_class("tls")
+    defaults = {k: p.default for k, p in tls.parameters.items()}
+    mus, omegas = [], []
+    for g in config.molecules:
+        if get_model_class(g.model) is not tls or g.rescaling != 1.0:
+            return None
+        p = dict(defaults, **g.params)
+        if any(np.ndim(p[k]) for k in ("omega", "mu12", "orientation")):
+            return None
+        if "xyz"[int(p["orientation"])] not in axes:
+            return None
+        mus += [float(p["mu12"])] * len(g.positions)
+        omegas += [float(p["omega"])] * len(g.positions)
+    if len(set(mus)) != 1 or len(set(omegas)) != 1:
+        return None
+    g_one = eps * mus[0] / math.sqrt(2.0 * omega_c)
+    return 2.0 * g_one * math.sqrt(len(mus))
+
+
+def engine_summary(config, history: dict[str, np.ndarray], out_dir: Path, plot: bool) -> dict:
+    """The engine's entries of the summary line (and its plot when ``plot``)."""
+    engine = config.em.engine
+    if engine == "cavity":
+        return _cavity(config, history, out_dir, plot)
+    if engine == "multimode":
+        return _multimode(config, history, out_dir, plot)
+    if engine == "laser":
+        return _laser(config, history, out_dir, plot)
+    return {}
+
+
+def _cavity(config, history, out_dir: Path, plot: bool) -> dict[str, Any]:
+    from .ir import ir_spectrum
+    from .rabi import rabi_splitting_from_trajectory
+
+    qc = history.get("engine/qc_au")
+    if qc is None or len(qc) < 64:
+        return {}
+    dt = float(config.simulation.dt_au)
+    axes = str(config.em.params.get("coupling_axis", "xy")).lower()
+    k = "xyz".index(axes[0])
+    trace = qc[:, k]
+    out: dict[str, Any] = {}
+    expected = expected_cavity_splitting(config)
+    fit = None
+    try:
+        fit = rabi_splitting_from_trajectory(trace, dt)
+    except (ValueError, RuntimeError) as exc:  # one peak, too short: no fit, still a plot
+        out["rabi_fit_error"] = str(exc)
+    if fit is not None:
+        out["rabi_splitting_au"] = float(f"{fit.splitting:.8g}")
+        out["polaritons_au"] = [float(f"{fit.lower:.8g}"), float(f"{fit.upper:.8g}")]
+    if expected is not None:
+        out["expected_splitting_au"] = float(f"{expected:.8g}")
+        if fit is not None:
+            out["splitting_relative_error"] = float(f"{abs(fit.splitting / expected - 1):.3e}")
+    if not plot:
+        return out
+    spec = ir_spectrum(trace, dt, form="dipole", window="exponential")
+    omega_c = float(config.em.params["frequency_au"])
+    near = (spec.omega > 0.5 * omega_c) & (spec.omega < 1.5 * omega_c)
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 6.4), dpi=110)
+    t = history["engine/time_au"]
+    ax1.plot(t, trace, lw=0.8)
+    ax1.set_xlabel("time (a.u.)")
+    ax1.set_ylabel(f"cavity coordinate $q_c$ ({axes[0]})")
+    ax2.plot(spec.omega[near], spec.intensity[near], lw=1.2, label="spectrum of $q_c$")
+    ax2.axvline(omega_c, color="gray", ls=":", label=r"$\omega_c$")
+    if fit is not None:
+        for w, name in ((fit.lower, "LP"), (fit.upper, "UP")):
+            ax2.axvline(w, color="tab:red", ls="--", lw=1.0)
+            ax2.annotate(name, (w, 0.95), xycoords=("data", "axes fraction"), ha="center")
+    title = f"{config.molecule_count} molecule(s) in a single-mode cavity"
+    if fit is not None:
+        title += f"\nfitted splitting {fit.splitting:.5f} a.u."
+        if expected is not None:
+            title += f", expected 2g$\\sqrt{{N}}$ = {expected:.5f}"
+    ax2.set_title(title, fontsize=9)
+    ax2.set_xlabel(r"$\omega$ (a.u.)")
+    ax2.set_ylabel("intensity")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "cavity.png"
+    fig.savefig(path)
+    plt.close(fig)
+    out["plot"] = str(path)
+    return out
+
+
+def _multimode(config, history, out_dir: Path, plot: bool) -> dict[str, Any]:
+    energy = history.get("engine/mode_energy_au")
+    if energy is None or not plot:
+        return {}
+    energy = np.atleast_2d(np.asarray(energy).T).T
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    t = history["engine/time_au"]
+    for k in range(min(energy.shape[1], 12)):
+        ax.plot(t, energy[:, k], lw=1.0, label=f"mode {k + 1}")
+    ax.set_xlabel("time (a.u.)")
+    ax.set_ylabel("mode energy (Hartree)")
+    ax.set_title(f"{config.molecule_count} molecule(s) in a multimode cavity", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out_dir / "modes.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return {"plot": str(path)}
+
+
+def _laser(config, history, out_dir: Path, plot: bool) -> dict[str, Any]:
+    field = history.get("engine/efield_au")
+    out: dict[str, Any] = {}
+    pe = history.get("Pe")
+    if pe is not None and len(pe):
+        out["final_mean_Pe"] = float(f"{np.nanmean(pe[-1]):.8g}")
+    if field is None or not plot:
+        return out
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 5.6), dpi=110, sharex=True)
+    t = history["engine/time_au"]
+    field = np.asarray(field)
+    shown = field if field.ndim == 2 and field.shape[1] == 3 else field.reshape(len(t), -1)[:, :3]
+    for k in range(shown.shape[1]):
+        if np.any(shown[:, k]):
+            ax1.plot(t, shown[:, k], lw=0.8, label=f"$E_{'xyz'[k]}$")
+    ax1.set_ylabel("field at molecule 0 (a.u.)")
+    ax1.legend(fontsize=8)
+    if pe is not None and len(pe):
+        times = history.get("time_au")
+        tt = (
+            np.nanmax(times, axis=1)
+            if times is not None
+            else history["step"] * config.simulation.dt_au
+        )
+        for j in range(min(pe.shape[1], 10)):
+            ax2.plot(tt, pe[:, j], lw=1.0)
+    ax2.set_xlabel("time (a.u.)")
+    ax2.set_ylabel("excited population $P_e$")
+    ax1.set_title(f"{config.molecule_count} molecule(s) driven by a laser", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "laser.png"
+    fig.savefig(path)
+    plt.close(fig)
+    out["plot"] = str(path)
+    return out
