@@ -21,11 +21,12 @@ is
 
 Time of evaluation: the midpoint t_n + dt/2. The molecule models hold the field
 constant over the step (the TLS's symmetric split is then the exponential midpoint rule),
-so sampling at the midpoint is second order in dt, while sampling at t_n (MaxwellLink's
-LaserDrivenSimulation) shifts the drive by dt/2: a first-order error. For the resonant
-TLS of the tests the fitted Rabi frequency is equally good either way (the shift is a
-carrier phase), but the Pe(t) curve itself is closer with the midpoint (see
-tests/test_em_modes.py).
+so sampling at the midpoint is second order in dt; sampling at t_n (MaxwellLink's
+LaserDrivenSimulation) delays the drive by dt/2, a first-order error. Measured on a
+resonant TLS (omega 0.25, Omega/omega 0.04, 300 a.u., against dt = 0.025): max |Pe error|
+1.0e-6 at dt 0.1 and 4.1e-6 at dt 0.2 with the midpoint, 5.0e-4 and 1.0e-3 at t_n
+(tests/test_em_modes.py). The fitted Rabi frequency is insensitive to either (a delay
+is only a carrier phase).
 
 ``record()`` gives ``efield_au``: the (3,) field at the time reached (t_{n+1}) at the
 origin (no delay). The engine's state is its step count only.
@@ -39,10 +40,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import UsageError
 from .engine import Engine
@@ -133,8 +135,8 @@ class LaserField(Engine):
         self,
         pulse: Callable[..., Any] | None = None,
         file: str | os.PathLike[str] | None = None,
-        polarization: Sequence[float] | None = None,
-        direction: Sequence[float] | None = None,
+        polarization: npt.ArrayLike | None = None,
+        direction: npt.ArrayLike | None = None,
     ) -> None:
         super().__init__()
         if (pulse is None) == (file is None):
