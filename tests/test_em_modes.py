@@ -34,8 +34,10 @@ def _run_embedded(engine: Engine, model, steps: int, keys=("Pe",)) -> dict[str, 
     out: dict[str, list] = {}
     n = model.n
     for _ in range(steps):
-        field = np.broadcast_to(engine.field(), (n, 3))
-        sources = model.step(np.ascontiguousarray(field))
+        field = engine.field()
+        if field.shape != (n, 3):
+            field = np.tile(field, (n, 1))
+        sources = model.step(field)
         extras = model.extras()
         dipoles = nxt = None
         if engine.needs_dipoles:
@@ -77,7 +79,7 @@ def _rabi_fit(laser_pulse, omega: float, mu12: float, dt: float, steps: int):
 
 def test_laser_cw_rabi_frequency() -> None:
     """A resonant CW laser drives Rabi flopping Pe = sin^2(Omega t/2), Omega = mu12 E0 (1%)."""
-    omega, mu12, e0, dt = 0.25, 1.0, 0.01, 0.05  # Omega / omega = 0.04
+    omega, mu12, e0, dt = 0.25, 1.0, 0.01, 0.1  # Omega / omega = 0.04
     rabi = mu12 * e0
     steps = round(2 * 2 * math.pi / rabi / dt)  # two Rabi periods
     cw = ContinuousWave(e0=e0, omega=omega)
@@ -94,7 +96,7 @@ def test_laser_cw_rabi_frequency() -> None:
 
 def test_laser_midpoint_sampling_is_second_order() -> None:
     """The field at t_n + dt/2 gives Pe errors O(dt^2); sampling at t_n would be O(dt)."""
-    omega, mu12, e0, fine, span = 0.25, 1.0, 0.01, 0.025, 300.0
+    omega, mu12, e0, fine, span = 0.25, 1.0, 0.01, 0.025, 150.0
     cw = ContinuousWave(e0=e0, omega=omega)
 
     def pe(dt: float, delay: float) -> np.ndarray:
@@ -110,7 +112,8 @@ def test_laser_midpoint_sampling_is_second_order() -> None:
         exact = reference[every - 1 :: every]
         # delay dt/2: the engine's midpoint sample is then the field at t_n
         errors[dt] = (np.abs(pe(dt, 0.0) - exact).max(), np.abs(pe(dt, dt / 2) - exact).max())
-    print(f"\nmax |Pe - Pe(dt={fine})| (midpoint, t_n): {errors}")
+    table = ", ".join(f"dt {dt}: {mid:.2e}, {start:.2e}" for dt, (mid, start) in errors.items())
+    print(f"\nmax |Pe - Pe(dt={fine})| (field at t_n + dt/2, at t_n): {table}")
     mid_ratio = errors[0.2][0] / errors[0.1][0]
     start_ratio = errors[0.2][1] / errors[0.1][1]
     assert 3.5 < mid_ratio < 4.5  # second order
@@ -120,7 +123,7 @@ def test_laser_midpoint_sampling_is_second_order() -> None:
 
 def test_laser_gaussian_pi_pulse_inverts() -> None:
     """A Gaussian pulse of area mu12 * envelope_area = pi inverts the TLS (Pe > 0.99)."""
-    omega, mu12, dt = 0.25, 2.0, 0.1
+    omega, mu12, dt = 0.25, 2.0, 0.2
     pulse = scaled_to_area(
         GaussianPulse(e0=1.0, omega=omega, t0=800.0, sigma=150.0), math.pi / mu12
     )
@@ -128,7 +131,7 @@ def test_laser_gaussian_pi_pulse_inverts() -> None:
     model = _tls(omega=omega, mu12=mu12)
     engine = LaserField(pulse=pulse)
     _start(engine, model, dt)
-    pe = _run_embedded(engine, model, 16000)["Pe"][:, 0]
+    pe = _run_embedded(engine, model, 8000)["Pe"][:, 0]
     print(f"\npi pulse: Omega0/omega = {mu12 * pulse.e0 / omega:.3f}; final Pe = {pe[-1]:.6f}")
     assert pe[-1] > 0.99
 
@@ -235,12 +238,14 @@ def _force_constants(engine: MultimodeCavity, omega0: float, mu0: float) -> np.n
 
     V = omega0^2 x^2/2 + sum_k omega_k^2/2 (q_k + C_k mu0 x / omega_k^2)^2 with
     C_k = eps_k f_k(x_mol), so d2V/dq_k^2 = omega_k^2, d2V/dq_k dx = C_k mu0 and
-    d2V/dx^2 = omega0^2 + sum_k (C_k mu0)^2 / omega_k^2 (the last sum is the DSE).
+    d2V/dx^2 = omega0^2 + sum_k (C_k mu0)^2 / omega_k^2 (the last sum is the DSE; without
+    it V lacks the mu^2 term and d2V/dx^2 = omega0^2).
     """
     c = engine.coupling_matrix[0] * mu0
     k = np.diag(np.append(engine.omega_k**2, omega0**2))
     k[:2, 2] = k[2, :2] = c
-    k[2, 2] += (c**2 / engine.omega_k**2).sum()
+    if engine.include_dse:
+        k[2, 2] += (c**2 / engine.omega_k**2).sum()
     return k
 
 
@@ -251,11 +256,12 @@ def _zero_crossing_frequency(t: np.ndarray, y: np.ndarray) -> float:
     return math.pi * (len(times) - 1) / (times[-1] - times[0])
 
 
-def test_multimode_sho_normal_modes_and_energy() -> None:
+@pytest.mark.parametrize("include_dse", [True, False])
+def test_multimode_sho_normal_modes_and_energy(include_dse: bool) -> None:
     """One SHO in a 2-mode cavity: the run's frequencies are the 3x3 normal modes; the
     undamped total energy is conserved."""
-    engine, model, positions = _normal_mode_setup()
-    dt, steps = 0.2, 20000
+    engine, model, positions = _normal_mode_setup(include_dse)
+    dt, steps = 0.2, 8000
     _start(engine, model, dt, positions)
     run = _run_embedded(engine, model, steps, keys=("muz_au", "energy_au"))
     k = _force_constants(engine, 0.1, 1.0)
@@ -266,23 +272,26 @@ def test_multimode_sho_normal_modes_and_energy() -> None:
     coords = np.column_stack([qc[:, 0, 2], qc[:, 1, 2], run["muz_au"][:, 0]])
     t = dt * np.arange(1, steps + 1)
     measured = np.array([_zero_crossing_frequency(t, coords @ v) for v in vectors.T])
-    error = np.abs(measured / analytic - 1)
-    # velocity Verlet's own dispersion: omega_num = (2/dt) asin(omega dt/2)
+    error = measured / analytic - 1
+    # velocity Verlet's own dispersion: omega_num = (2/dt) asin(omega dt/2); what is left
+    # beyond it is the coupling's splitting-scheme error and the estimator's
     verlet = 2 / dt * np.arcsin(analytic * dt / 2) / analytic - 1
     total = run["em_energy_au"] + run["energy_au"][:, 0]  # cavity + SHO, at t_{n+1}
     drift = np.abs(total / total[0] - 1).max()
     print(
-        f"\nnormal modes {analytic.round(6)}: rel. errors {error.round(8)} (Verlet dispersion "
-        f"{verlet.round(8)}); splitting of the lower pair {analytic[1] - analytic[0]:.5f}; "
+        f"\nDSE {include_dse}: normal modes {analytic.round(6)}: rel. errors "
+        f"{error.round(8)} (Verlet dispersion {verlet.round(8)}); "
+        f"splitting of the lower pair {analytic[1] - analytic[0]:.5f}; "
         f"max |E/E0 - 1| = {drift:.2e}"
     )
-    assert (error < 2e-4).all()
+    assert (np.abs(error) < 2e-4).all()
+    assert (np.abs(error - verlet) < 1e-5).all()
     assert drift < 1e-3
 
 
 def test_multimode_loss_per_mode() -> None:
     """damping_au = (kappa, 0): mode 1's energy decays as e^{-kappa t}, mode 2's stays."""
-    kappa, dt, steps = 2e-3, 0.2, 10000
+    kappa, dt, steps = 2e-3, 0.4, 4000
     engine = MultimodeCavity(_LENGTH, 2, 0.0, damping_au=[kappa, 0.0], qc_initial=[1.0, 1.0])
     model = create_model("sho", n=1, omega=0.1, mu0=1.0, orientation=2)
     _start(engine, model, dt, np.array([[_LENGTH / 3, 0.0, 0.0]]))
@@ -292,10 +301,12 @@ def test_multimode_loss_per_mode() -> None:
     kept = np.abs(energy[:, 1] / energy[0, 1] - 1).max()
     print(
         f"\nloss: fitted decay rate / kappa - 1 = {-slope / kappa - 1:.2e}; "
-        f"mode 2 max |E/E0 - 1| {kept:.1e}"
+        f"mode 2 max |E/E0 - 1| {kept:.2e} "
+        f"((omega_2 dt)^2/4 = {(engine.omega_k[1] * dt) ** 2 / 4:.2e})"
     )
     assert abs(-slope / kappa - 1) < 0.01
-    assert kept < 1e-3
+    # velocity Verlet keeps a shadow energy: p^2/2 + omega^2 q^2/2 wobbles by (omega dt)^2/4
+    assert kept < 1.05 * (engine.omega_k[1] * dt) ** 2 / 4
 
 
 @pytest.mark.parametrize("which", ["multimode", "laser"])
