@@ -353,6 +353,11 @@ def test_multimode_bad_parameters_name_the_key() -> None:
     engine = MultimodeCavity(**good, axis_position=1)
     with pytest.raises(UsageError, match=r"multimode\.axis_position.*molecule index 1"):
         engine.setup(np.array([[0.0, 1.0, 0.0], [0.0, np.nan, 0.0]]), 0.1)
+    with pytest.raises(UsageError, match=r"multimode\.axis_position.*molecule index 2.*outside"):
+        engine.setup(np.array([[0.0, 1.0, 0.0], [0.0, _LENGTH, 0.0], [0.0, -1.0, 0.0]]), 0.1)
+    engine.setup(np.array([[0.0, 1.0, 0.0]]), 0.1)
+    with pytest.raises(UsageError, match=r"multimode state 'mu'"):
+        engine.restore({**engine.state(), "mu": np.zeros((2, 3))})
     laser_cases = [
         ({}, "laser.pulse"),
         ({"pulse": 3.0}, "laser.pulse"),

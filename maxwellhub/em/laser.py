@@ -41,7 +41,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -143,7 +143,9 @@ class LaserField(Engine):
             raise UsageError("laser.pulse / laser.file: give exactly one of them")
         if pulse is not None and not callable(pulse):
             raise UsageError(f"laser.pulse = {pulse!r}; expected a pulse or a callable f(t_au)")
-        self.source: Callable[..., Any] = pulse if pulse is not None else load_field_table(file)  # type: ignore[arg-type]
+        self.source: Callable[..., Any] = (
+            pulse if pulse is not None else load_field_table(cast("str | os.PathLike[str]", file))
+        )
         try:
             probe = np.asarray(self.source(0.0), dtype=np.float64)
         except Exception as exc:

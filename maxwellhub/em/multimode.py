@@ -30,18 +30,24 @@ Integration: MaxwellLink's velocity Verlet with the field at the half step. Step
 1. ``field()``: p_{n+1/2} = p_n + a_n dt/2; q_{n+1} = q_n + p_{n+1/2} dt; the field is
    evaluated from q at the half step, q_n + p_{n+1/2} dt/2, and (DSE) the dipole at the
    half step: ``dipoles_next`` of the previous step when every molecule gave it, else
-   mu_n-1 + dt (9/8 dmu_n/dt + 3/8 dmu_{n-1}/dt) (linear extrapolation of dmu/dt,
-   MaxwellLink's expression); zero before the first step.
+   mu_{n-1} + dt (9/8 dmu_n/dt + 3/8 dmu_{n-1}/dt) (linear extrapolation of dmu/dt,
+   MaxwellLink's expression). Before the first step the engine knows no dipoles: they
+   count as zero (a_0 = -omega^2 q_0), as in MaxwellLink.
 2. ``finish()``: the molecules' dipoles after their step (time t_{n+1}) give
    a_{n+1} = -omega^2 q_{n+1} - C^T mu_{n+1}; p_{n+1} = (p_{n+1/2} + a_{n+1} dt/2)
-   exp(-kappa dt) (MaxwellLink's loss: the momentum decays as e^{-kappa t}, so an
+   exp(-kappa dt) (``damping_au`` = kappa_k, a number or M numbers; MaxwellLink's loss:
+   the -kappa q' term integrated exactly as its own factor of the splitting, so an
    undriven mode's energy decays as e^{-kappa t}).
 
-Per step: two matrix products (C^T mu and C q), O(1) Python calls. ``record()`` gives
+Per step: two matrix products (C^T mu and C q; two more with the DSE), O(1) Python
+calls. ``record()`` gives
 ``qc_au`` and ``pc_au`` (M, 3), the photon energy per mode ``mode_energy_au`` (M, 3) and
 ``energy_au``: the cavity part of H at t_{n+1} (the mode energies including the
 light-matter term, and the DSE when enabled), so that it plus the molecules' energies is
 conserved when kappa = 0.
+
+Molecules must sit inside the cavity, 0 <= x <= L (UsageError naming the molecule index
+otherwise, or when x is not finite); only the ``axis_position`` column is read.
 
 This module never touches a socket, a file, a thermostat or an external drive; it does
 not move molecules (positions are read once at setup).
@@ -205,6 +211,13 @@ class MultimodeCavity(Engine):
                 f"{_key('axis_position')}: molecule index {int(bad[0])} has no finite "
                 f"position along axis {self.axis_position} (got {positions[bad[0]].tolist()})"
             )
+        outside = np.flatnonzero((x < 0) | (x > self.length_au))
+        if outside.size:
+            raise UsageError(
+                f"{_key('axis_position')}: molecule index {int(outside[0])} is at "
+                f"x = {float(x[outside[0]])!r}, outside the cavity [0, {self.length_au!r}] "
+                f"({_key('length_au')})"
+            )
         k = np.arange(1, self.n_modes + 1, dtype=np.float64)
         # (M_mol, M_modes): C_ik = eps_k sin(k pi x_i / L); exactly 0 at a node (k x / L
         # an integer in floating point), where sin(pi r) would leave a 1e-16 remainder
@@ -271,11 +284,14 @@ class MultimodeCavity(Engine):
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Back to the arrays of :meth:`state` (bitwise)."""
-        for key in ("qc", "pc", "acceleration"):
-            if np.shape(state[key]) != (self.n_modes, 3):
+        shapes = dict.fromkeys(("qc", "pc", "acceleration"), (self.n_modes, 3))
+        shapes.update(
+            dict.fromkeys(("mu", "mu_prev", "dmu", "dmu_prev", "mu_next"), (self.n_molecules, 3))
+        )
+        for key, shape in shapes.items():
+            if np.shape(state[key]) != shape:
                 raise UsageError(
-                    f"multimode state {key!r} has shape {np.shape(state[key])}; "
-                    f"expected ({self.n_modes}, 3)"
+                    f"multimode state {key!r} has shape {np.shape(state[key])}; expected {shape}"
                 )
         self._q = np.array(state["qc"], dtype=np.float64)
         self._p = np.array(state["pc"], dtype=np.float64)
