@@ -258,8 +258,7 @@ def _zero_crossing_frequency(t: np.ndarray, y: np.ndarray) -> float:
 
 @pytest.mark.parametrize("include_dse", [True, False])
 def test_multimode_sho_normal_modes_and_energy(include_dse: bool) -> None:
-    """One SHO in a 2-mode cavity: the run's frequencies are the 3x3 normal modes; the
-    undamped total energy is conserved."""
+    """SHO in a 2-mode cavity: frequencies = the 3x3 normal modes; undamped energy kept."""
     engine, model, positions = _normal_mode_setup(include_dse)
     dt, steps = 0.2, 8000
     _start(engine, model, dt, positions)
