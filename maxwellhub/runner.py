@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
@@ -148,7 +149,7 @@ def validate_models(config: Config) -> Config:
         try:  # cheap: an engine is a few arrays until the run sets it up
             build_engine(config.em.engine, config.em.params, base_dir)
         except UsageError as exc:
-            raise ConfigError(f"em.{exc}") from None
+            raise ConfigError(_em_message(config.em.engine, str(exc))) from None
     classes = [get_model_class(g.model) for g in config.molecules]
     schedule = tuple(
         _checked_change(config, classes, i, entry) for i, entry in enumerate(config.schedule)
@@ -156,6 +157,12 @@ def validate_models(config: Config) -> Config:
     return dataclasses.replace(
         config, molecules=tuple(groups), base_dir=base_dir, schedule=schedule
     )
+
+
+def _em_message(engine: str, message: str) -> str:
+    """An engine's error as the config names its keys: ``laser.pulse`` -> ``em.laser.pulse``."""
+    named = re.sub(rf"(?<![\w.]){engine}\.", f"em.{engine}.", message)
+    return named if named != message else f"em.{engine}: {message}"
 
 
 def _checked_change(config: Config, classes: list, i: int, entry: ScheduledChange):
