@@ -1,0 +1,156 @@
+"""The single-mode cavity engine (maxwellhub.em.cavity): MaxwellLink 0.5.0 reproduction,
+vacuum Rabi splitting and the normal modes of N oscillators in both gauges, damping,
+bitwise checkpoints with the Langevin thermostat, parameter errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import textwrap
+
+import numpy as np
+import pytest
+from _util import mxl_missing_reason, mxl_venv
+
+from maxwellhub.em.cavity import SingleModeCavity
+from maxwellhub.errors import UsageError
+from maxwellhub.rabi import rabi_splitting_from_trajectory
+from maxwellhub_drivers.models import create_model
+
+_DIPOLE_KEYS = ("mux_au", "muy_au", "muz_au")
+_NEXT_KEYS = ("mux_m_au", "muy_m_au", "muz_m_au")
+
+
+def _run_embedded(engine, model, steps, *, extras=(), start=0):
+    """Step ``engine`` with ``model`` (field -> model step -> dipoles -> finish) and return
+    the per-step records, as arrays, plus the listed model extras (steps, n)."""
+    n = model.n
+    if start == 0:
+        engine.setup(np.full((n, 3), np.nan), model.dt_au)
+    records: dict[str, list] = {}
+    for _ in range(steps):
+        field = np.broadcast_to(engine.field(), (n, 3))
+        sources = model.step(np.ascontiguousarray(field))
+        ext = model.extras()
+        dipoles = np.column_stack([ext[k] for k in _DIPOLE_KEYS])
+        nxt = None
+        if all(k in ext for k in _NEXT_KEYS):
+            nxt = 2.0 * dipoles - np.column_stack([ext[k] for k in _NEXT_KEYS])
+        engine.finish(sources, dipoles, nxt)
+        for key, value in engine.record().items():
+            records.setdefault(key, []).append(value)
+        for key in extras:
+            records.setdefault(key, []).append(np.array(ext[key]))
+    return {key: np.array(value) for key, value in records.items()}
+
+
+# ------------------------------------------------------------ MaxwellLink reproduction
+
+# Run in the peer venv: MaxwellLink's SingleModeSimulation with its own non-socket TLS
+# molecules; writes q_c, p_c and each molecule's Pe and dipole history to an .npz.
+_MXL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import maxwelllink as mxl
+    from maxwelllink.em_solvers.single_mode_cavity import SingleModeSimulation
+
+    spec = json.loads(sys.argv[1])
+    d = spec["drive"]
+    def drive(t):
+        return d["amp"] * np.exp(-0.5 * ((t - d["t0"]) / d["width"]) ** 2) * np.sin(d["w"] * t)
+    molecules = [mxl.Molecule(driver="tls", driver_kwargs=kw) for kw in spec["molecules"]]
+    sim = SingleModeSimulation(molecules=molecules, drive=drive, **spec["cavity"])
+    sim.run(steps=spec["steps"])
+    out = {"qc": np.array(sim.qc_history), "pc": np.array(sim.pc_history)}
+    for i, m in enumerate(molecules):
+        for key in ("Pe", "mux_au", "muy_au", "muz_au"):
+            out[f"{key}_{i}"] = np.asarray(m.extra[key])
+    np.savez(spec["out"], **out)
+    """
+)
+
+_MOLECULES = [
+    {"omega": 0.242, "mu12": 187.0, "orientation": 0, "pe_initial": 0.3, "e_phase_initial": 0.4},
+    {"omega": 0.25, "mu12": 150.0, "orientation": 1, "pe_initial": 0.05},
+    {"omega": 0.23, "mu12": 120.0, "orientation": 0, "pe_initial": 0.0},
+]
+_DRIVE = {"amp": 2e-3, "t0": 150.0, "width": 40.0, "w": 0.242}
+
+
+def _mxl_drive(t):
+    d = _DRIVE
+    return d["amp"] * np.exp(-0.5 * ((t - d["t0"]) / d["width"]) ** 2) * np.sin(d["w"] * t)
+
+
+_MXL_CASES = {
+    "dse": {"include_dse": True, "damping_au": 1e-3},
+    "no_dse": {"include_dse": False, "damping_au": 5e-4},
+    "langevin": {
+        "include_dse": True,
+        "damping_au": 0.0,
+        "temperature_au": 1e-4,
+        "langevin_tau_au": 500.0,
+        "initializer": "maxwell_boltzmann",
+        "random_seed": 7,
+    },
+}
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("case", sorted(_MXL_CASES))
+def test_dipole_gauge_reproduces_maxwelllink(case, tmp_path):
+    """Dipole gauge: q_c(t) and every TLS's Pe and dipole equal MaxwellLink 0.5.0's to 1e-10."""
+    python = mxl_venv() / "bin" / "python"
+    if not python.exists():
+        pytest.skip(mxl_missing_reason())
+    steps, dt = 1500, 0.5
+    cavity = {
+        "dt_au": dt,
+        "frequency_au": 0.242,
+        "coupling_strength": 3e-4,
+        "coupling_axis": "xy",
+        "pc_initial": [1e-3, -5e-4, 0.0],
+        **_MXL_CASES[case],
+    }
+    spec = {
+        "cavity": cavity,
+        "molecules": _MOLECULES,
+        "drive": _DRIVE,
+        "steps": steps,
+        "out": str(tmp_path / "mxl.npz"),
+    }
+    proc = subprocess.run(
+        [str(python), "-c", _MXL_SCRIPT, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = np.load(spec["out"])
+
+    params = {k: [m.get(k, 0.0) for m in _MOLECULES] for k in _MOLECULES[0]}
+    params["e_phase_initial"] = [m.get("e_phase_initial", 0.0) for m in _MOLECULES]
+    model = create_model("tls", n=len(_MOLECULES), **params)
+    model.initialize(dt_au=dt, molecule_ids=list(range(len(_MOLECULES))))
+    kwargs = {k: v for k, v in cavity.items() if k != "dt_au"}
+    engine = SingleModeCavity(drive=_mxl_drive, **kwargs)
+    ours = _run_embedded(engine, model, steps, extras=("Pe", *_DIPOLE_KEYS))
+
+    axis = np.array([1.0, 1.0, 0.0])  # MaxwellLink's Langevin kick moves uncoupled axes too
+    diffs = {
+        "qc": np.abs(ours["qc_au"] - ref["qc"] * axis).max(),
+        "pc": np.abs(ours["pc_au"] - ref["pc"] * axis).max(),
+    }
+    for key in ("Pe", *_DIPOLE_KEYS):
+        mine = ours[key]
+        theirs = np.column_stack([ref[f"{key}_{i}"] for i in range(len(_MOLECULES))])
+        diffs[key] = np.abs(mine - theirs).max()
+    scale = np.abs(ref["qc"]).max()
+    print(f"\n{case}: max |q_c| {scale:.3e}; max abs differences:", end=" ")
+    print(", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    assert scale > 1e-3  # the mode moved
+    for key, value in diffs.items():
+        assert value <= 1e-10, (key, value)
