@@ -48,8 +48,8 @@ def _run_embedded(engine, model, steps, *, extras=(), start=0):
 
 # ------------------------------------------------------------ MaxwellLink reproduction
 
-# Run in the peer venv: MaxwellLink's SingleModeSimulation with its own non-socket TLS
-# molecules; writes q_c, p_c and each molecule's Pe and dipole history to an .npz.
+# Run in the peer venv: MaxwellLink's SingleModeSimulation with its own non-socket TLS or
+# SHO molecules; writes q_c, p_c and each molecule's history of the listed extras.
 _MXL_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -61,21 +61,28 @@ _MXL_SCRIPT = textwrap.dedent(
     d = spec["drive"]
     def drive(t):
         return d["amp"] * np.exp(-0.5 * ((t - d["t0"]) / d["width"]) ** 2) * np.sin(d["w"] * t)
-    molecules = [mxl.Molecule(driver="tls", driver_kwargs=kw) for kw in spec["molecules"]]
+    molecules = [
+        mxl.Molecule(driver=spec["driver"], driver_kwargs=kw) for kw in spec["molecules"]
+    ]
     sim = SingleModeSimulation(molecules=molecules, drive=drive, **spec["cavity"])
     sim.run(steps=spec["steps"])
     out = {"qc": np.array(sim.qc_history), "pc": np.array(sim.pc_history)}
     for i, m in enumerate(molecules):
-        for key in ("Pe", "mux_au", "muy_au", "muz_au"):
+        for key in spec["keys"]:
             out[f"{key}_{i}"] = np.asarray(m.extra[key])
     np.savez(spec["out"], **out)
     """
 )
 
-_MOLECULES = [
+_TLS = [
     {"omega": 0.242, "mu12": 187.0, "orientation": 0, "pe_initial": 0.3, "e_phase_initial": 0.4},
-    {"omega": 0.25, "mu12": 150.0, "orientation": 1, "pe_initial": 0.05},
-    {"omega": 0.23, "mu12": 120.0, "orientation": 0, "pe_initial": 0.0},
+    {"omega": 0.25, "mu12": 150.0, "orientation": 1, "pe_initial": 0.05, "e_phase_initial": 0.0},
+    {"omega": 0.23, "mu12": 120.0, "orientation": 0, "pe_initial": 0.0, "e_phase_initial": 0.0},
+]
+# SHOs report the next-force-time dipole (mu*_m_au): with the DSE the field takes it
+_SHO = [
+    {"omega": 0.242, "mu0": 60.0, "orientation": 0, "p_initial": 0.02},
+    {"omega": 0.26, "mu0": 40.0, "orientation": 1, "p_initial": -0.01},
 ]
 _DRIVE = {"amp": 2e-3, "t0": 150.0, "width": 40.0, "w": 0.242}
 
@@ -86,9 +93,11 @@ def _mxl_drive(t):
 
 
 _MXL_CASES = {
-    "dse": {"include_dse": True, "damping_au": 1e-3},
-    "no_dse": {"include_dse": False, "damping_au": 5e-4},
-    "langevin": {
+    "tls_dse": {"include_dse": True, "damping_au": 1e-3},
+    "tls_no_dse": {"include_dse": False, "damping_au": 5e-4},
+    "sho_dse": {"include_dse": True, "damping_au": 5e-4},
+    "sho_no_dse": {"include_dse": False, "damping_au": 0.0},
+    "tls_langevin": {
         "include_dse": True,
         "damping_au": 0.0,
         "temperature_au": 1e-4,
@@ -102,7 +111,7 @@ _MXL_CASES = {
 @pytest.mark.peer
 @pytest.mark.parametrize("case", sorted(_MXL_CASES))
 def test_dipole_gauge_reproduces_maxwelllink(case, tmp_path):
-    """Dipole gauge: q_c(t) and every TLS's Pe and dipole equal MaxwellLink 0.5.0's to 1e-10."""
+    """Dipole gauge: q_c, p_c and every molecule's history equal MaxwellLink 0.5.0's to 1e-10."""
     python = mxl_venv() / "bin" / "python"
     if not python.exists():
         pytest.skip(mxl_missing_reason())
@@ -115,9 +124,14 @@ def test_dipole_gauge_reproduces_maxwelllink(case, tmp_path):
         "pc_initial": [1e-3, -5e-4, 0.0],
         **_MXL_CASES[case],
     }
+    driver = case.partition("_")[0]
+    molecules = _TLS if driver == "tls" else _SHO
+    keys = ("Pe" if driver == "tls" else "q_au", *_DIPOLE_KEYS)
     spec = {
+        "driver": driver,
+        "keys": keys,
         "cavity": cavity,
-        "molecules": _MOLECULES,
+        "molecules": molecules,
         "drive": _DRIVE,
         "steps": steps,
         "out": str(tmp_path / "mxl.npz"),
@@ -131,26 +145,26 @@ def test_dipole_gauge_reproduces_maxwelllink(case, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = np.load(spec["out"])
 
-    params = {k: [m.get(k, 0.0) for m in _MOLECULES] for k in _MOLECULES[0]}
-    params["e_phase_initial"] = [m.get("e_phase_initial", 0.0) for m in _MOLECULES]
-    model = create_model("tls", n=len(_MOLECULES), **params)
-    model.initialize(dt_au=dt, molecule_ids=list(range(len(_MOLECULES))))
+    params = {k: [m[k] for m in molecules] for k in molecules[0]}
+    model = create_model(driver, n=len(molecules), **params)
+    model.initialize(dt_au=dt, molecule_ids=list(range(len(molecules))))
     kwargs = {k: v for k, v in cavity.items() if k != "dt_au"}
     engine = SingleModeCavity(drive=_mxl_drive, **kwargs)
-    ours = _run_embedded(engine, model, steps, extras=("Pe", *_DIPOLE_KEYS))
+    ours = _run_embedded(engine, model, steps, extras=keys)
 
     axis = np.array([1.0, 1.0, 0.0])  # MaxwellLink's Langevin kick moves uncoupled axes too
     diffs = {
         "qc": np.abs(ours["qc_au"] - ref["qc"] * axis).max(),
         "pc": np.abs(ours["pc_au"] - ref["pc"] * axis).max(),
     }
-    for key in ("Pe", *_DIPOLE_KEYS):
+    for key in keys:
         mine = ours[key]
-        theirs = np.column_stack([ref[f"{key}_{i}"] for i in range(len(_MOLECULES))])
+        theirs = np.column_stack([ref[f"{key}_{i}"] for i in range(len(molecules))])
         diffs[key] = np.abs(mine - theirs).max()
     scale = np.abs(ref["qc"]).max()
     print(f"\n{case}: max |q_c| {scale:.3e}; max abs differences:", end=" ")
     print(", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     assert scale > 1e-3  # the mode moved
+    assert engine.has_dipole_next == (driver == "sho")  # the SHOs' mu_m path was taken
     for key, value in diffs.items():
         assert value <= 1e-10, (key, value)
