@@ -168,3 +168,57 @@ def test_dipole_gauge_reproduces_maxwelllink(case, tmp_path):
     assert engine.has_dipole_next == (driver == "sho")  # the SHOs' mu_m path was taken
     for key, value in diffs.items():
         assert value <= 1e-10, (key, value)
+
+
+# ------------------------------------------------------------ vacuum Rabi splitting
+
+_WC, _MU12, _DT = 0.242, 187.0, 0.5
+
+
+def _rabi_run(gauge, n, spread, steps=4000):
+    """N resonant TLS in their ground state, the mode kicked by p_c(0) (far below one
+    photon, so linear): returns (g sqrt(N_bright), the fit to q_c,x(t), max Pe)."""
+    # spread: orientations x, y, z in turn and all three axes coupled; each axis's mode
+    # then sees N/3 molecules, as a random isotropic ensemble does on average
+    bright = n // 3 if spread else n
+    g_bright = 0.05 * _WC  # g sqrt(N_bright)/omega_c = 0.05
+    g = g_bright / math.sqrt(bright)
+    eps = g * math.sqrt(2 * _WC) / _MU12  # g = eps mu12 / sqrt(2 omega_c)
+    model = create_model(
+        "tls", n=n, omega=_WC, mu12=_MU12, orientation=np.arange(n) % 3 if spread else 0
+    )
+    model.initialize(dt_au=_DT, molecule_ids=list(range(n)))
+    engine = SingleModeCavity(
+        frequency_au=_WC,
+        damping_au=0.0,
+        coupling_strength=eps,
+        coupling_axis="xyz" if spread else "x",
+        include_dse=gauge == "dipole",
+        gauge=gauge,
+        pc_initial=[1e-3, 0.0, 0.0],
+    )
+    out = _run_embedded(engine, model, steps, extras=("Pe",))
+    return g_bright, rabi_splitting_from_trajectory(out["qc_au"][:, 0], _DT), out["Pe"].max()
+
+
+@pytest.mark.parametrize("gauge", ["dipole", "velocity"])
+def test_vacuum_rabi_splitting(gauge):
+    """N = 1, 10, 1000 TLS (and 999 spread over x, y, z): splitting 2 g sqrt(N) within 1%."""
+    print(f"\n{gauge} gauge: N | expected 2g sqrt(N) | measured | error | lower, upper error")
+    for n, spread in ((1, False), (10, False), (1000, False), (999, True)):
+        g_bright, fit, pe_max = _rabi_run(gauge, n, spread)
+        expected = 2 * g_bright
+        centre = math.sqrt(_WC**2 + g_bright**2)
+        err = fit.splitting / expected - 1
+        err_lo = fit.lower / (centre - g_bright) - 1
+        err_hi = fit.upper / (centre + g_bright) - 1
+        label = f"{n} (x/y/z)" if spread else str(n)
+        print(
+            f"{label} | {expected:.6f} | {fit.splitting:.6f} | {err:+.2e} | "
+            f"{err_lo:+.2e}, {err_hi:+.2e}"
+        )
+        assert pe_max < 1e-5  # weakly excited: the linear regime
+        assert abs(err) < 0.01
+        # the polaritons sit at sqrt(omega_c^2 + g^2 N) -+ g sqrt(N), to the scheme's
+        # O((omega dt)^2) frequency error (3e-4 at omega dt = 0.12)
+        assert abs(err_lo) < 1e-3 and abs(err_hi) < 1e-3
