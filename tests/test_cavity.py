@@ -25,7 +25,8 @@ _NEXT_KEYS = ("mux_m_au", "muy_m_au", "muz_m_au")
 
 def _run_embedded(engine, model, steps, *, extras=(), start=0):
     """Step ``engine`` with ``model`` (field -> model step -> dipoles -> finish) and return
-    the per-step records, as arrays, plus the listed model extras (steps, n)."""
+    the engine's per-step records, as arrays, plus the listed model extras (steps, n)
+    under ``"mol_" + key``."""
     n = model.n
     if start == 0:
         engine.setup(np.full((n, 3), np.nan), model.dt_au)
@@ -42,7 +43,7 @@ def _run_embedded(engine, model, steps, *, extras=(), start=0):
         for key, value in engine.record().items():
             records.setdefault(key, []).append(value)
         for key in extras:
-            records.setdefault(key, []).append(np.array(ext[key]))
+            records.setdefault("mol_" + key, []).append(np.array(ext[key]))
     return {key: np.array(value) for key, value in records.items()}
 
 
@@ -158,7 +159,7 @@ def test_dipole_gauge_reproduces_maxwelllink(case, tmp_path):
         "pc": np.abs(ours["pc_au"] - ref["pc"] * axis).max(),
     }
     for key in keys:
-        mine = ours[key]
+        mine = ours["mol_" + key]
         theirs = np.column_stack([ref[f"{key}_{i}"] for i in range(len(molecules))])
         diffs[key] = np.abs(mine - theirs).max()
     scale = np.abs(ref["qc"]).max()
@@ -198,7 +199,7 @@ def _rabi_run(gauge, n, spread, steps=4000):
         pc_initial=[1e-3, 0.0, 0.0],
     )
     out = _run_embedded(engine, model, steps, extras=("Pe",))
-    return g_bright, rabi_splitting_from_trajectory(out["qc_au"][:, 0], _DT), out["Pe"].max()
+    return g_bright, rabi_splitting_from_trajectory(out["qc_au"][:, 0], _DT), out["mol_Pe"].max()
 
 
 @pytest.mark.parametrize("gauge", ["dipole", "velocity"])
@@ -222,3 +223,99 @@ def test_vacuum_rabi_splitting(gauge):
         # the polaritons sit at sqrt(omega_c^2 + g^2 N) -+ g sqrt(N), to the scheme's
         # O((omega dt)^2) frequency error (3e-4 at omega dt = 0.12)
         assert abs(err_lo) < 1e-3 and abs(err_hi) < 1e-3
+
+
+# ------------------------------------------------------------ N oscillators + the mode
+
+_SHO_OMEGA = np.array([0.22, 0.235, 0.25, 0.265])
+_SHO_MU0 = np.array([60.0, 50.0, 40.0, 70.0])
+_SHO_EPS = 1.2e-4
+
+
+def _force_constants(omega_c, eps, omega, mu0):
+    """The (N+1)x(N+1) force-constant matrix of the mode (index 0) and N SHOs (unit
+    masses, dipoles mu0_i x_i on the coupled axis), dipole gauge with the DSE:
+
+        V = sum_i omega_i^2 x_i^2 / 2 + (omega_c^2 / 2) (q + (eps / omega_c^2) sum_i mu0_i x_i)^2
+
+    so d2V/dq2 = omega_c^2, d2V/dq dx_i = eps mu0_i and
+    d2V/dx_i dx_j = omega_i^2 delta_ij + eps^2 mu0_i mu0_j / omega_c^2. The normal-mode
+    frequencies are the square roots of its eigenvalues. The velocity gauge's
+    H = (P - (eps/omega_c) M)^2/2 + omega_c^2 q^2/2 + ... becomes exactly this under the
+    canonical map (q, P) -> (Q, Pi) = (-P/omega_c, omega_c q), so it has the same modes,
+    with the dipole-gauge coordinate Q = -P/omega_c."""
+    k = np.diag(np.concatenate(([omega_c**2], omega**2)))
+    k[0, 1:] = k[1:, 0] = eps * mu0
+    k[1:, 1:] += np.outer(mu0, mu0) * eps**2 / omega_c**2
+    return k
+
+
+def _sho_run(gauge, dt, steps, damping=0.0):
+    n = len(_SHO_OMEGA)
+    model = create_model(
+        "sho", n=n, omega=_SHO_OMEGA, mu0=_SHO_MU0, orientation=0, p_initial=[0.02, 0, 0, -0.01]
+    )
+    model.initialize(dt_au=dt, molecule_ids=list(range(n)))
+    engine = SingleModeCavity(
+        frequency_au=_WC,
+        damping_au=damping,
+        coupling_strength=_SHO_EPS,
+        coupling_axis="x",
+        include_dse=gauge == "dipole",
+        gauge=gauge,
+        pc_initial=[0.01, 0.0, 0.0],
+    )
+    return _run_embedded(engine, model, steps, extras=("mux_au", "energy_au"))
+
+
+def _mode_frequencies(gauge, dt, steps):
+    """Each normal mode's frequency from the run: the trajectory projected on the mode's
+    eigenvector is one sampled sinusoid y_n, for which y_{n+1} + y_{n-1} = 2 cos(W dt) y_n
+    (solved by least squares); and the run's relative energy drift."""
+    out = _sho_run(gauge, dt, steps)
+    k = _force_constants(_WC, _SHO_EPS, _SHO_OMEGA, _SHO_MU0)
+    eig, vec = np.linalg.eigh(k)
+    # dipole-gauge coordinates at t_{n+1}: the mode's and the SHOs' (mu_i / mu0_i)
+    q = out["qc_au"][:, 0] if gauge == "dipole" else -out["pc_au"][:, 0] / _WC
+    coords = np.column_stack([q, out["mol_mux_au"] / _SHO_MU0])
+    y = coords @ vec
+    inner = y[1:-1]
+    cosines = np.einsum("nk,nk->k", inner, y[2:] + y[:-2]) / (2 * np.einsum("nk,nk->k", inner, inner))
+    measured = np.arccos(cosines) / dt
+    # total energy: the cavity part (with coupling and DSE) and the SHOs', all at t_{n+1}
+    energy = out["energy_au"] + out["mol_energy_au"].sum(axis=1)
+    return np.sqrt(eig), measured, np.abs(energy / energy[0] - 1).max()
+
+
+
+@pytest.mark.parametrize("gauge", ["dipole", "velocity"])
+def test_sho_normal_modes_and_energy(gauge):
+    """4 SHOs + the mode: the 5 normal-mode frequencies and total energy, second order in dt."""
+    errors, drifts = [], []
+    for dt in (0.25, 0.125):
+        exact, measured, drift = _mode_frequencies(gauge, dt, round(2000 / dt))
+        errors.append(np.abs(measured / exact - 1).max())
+        drifts.append(drift)
+        print(f"\n{gauge} dt {dt}: modes {np.round(exact, 6)}; max rel. frequency error "
+              f"{errors[-1]:.2e}; max |E/E0 - 1| {drift:.2e}", end="")
+    # (omega dt)^2 / 24 = 1.5e-4 at dt = 0.25: the leapfrog's own frequency error
+    assert errors[0] < 2.5e-4 and drifts[0] < 1.5e-3
+    assert 3.5 < errors[0] / errors[1] < 4.5  # second order
+    assert 3.5 < drifts[0] / drifts[1] < 4.5
+
+
+@pytest.mark.parametrize("gauge", ["dipole", "velocity"])
+def test_damping_energy_decay_rate(gauge):
+    """With damping kappa the cavity energy decays as exp(-kappa t) (fitted rate within 1%)."""
+    kappa, dt, steps = 2e-3, 0.5, 5000
+    engine = SingleModeCavity(
+        frequency_au=_WC, damping_au=kappa, gauge=gauge, coupling_axis="x", pc_initial=[0.1, 0, 0]
+    )
+    model = create_model("tls", n=1)  # a TLS off the coupled axis: a bare, damped mode
+    model.initialize(dt_au=dt, molecule_ids=[0])
+    energy = _run_embedded(engine, model, steps)["energy_au"]
+    t = dt * np.arange(1, steps + 1)
+    rate = -np.polyfit(t, np.log(energy), 1)[0]
+    print(f"\n{gauge}: fitted decay rate {rate:.6e}, kappa {kappa:.1e}, "
+          f"error {rate / kappa - 1:+.2e}")
+    assert abs(rate / kappa - 1) < 0.01
