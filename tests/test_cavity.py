@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,7 +94,7 @@ def _mxl_drive(t):
     return d["amp"] * np.exp(-0.5 * ((t - d["t0"]) / d["width"]) ** 2) * np.sin(d["w"] * t)
 
 
-_MXL_CASES = {
+_MXL_CASES: dict[str, dict[str, Any]] = {
     "tls_dse": {"include_dse": True, "damping_au": 1e-3},
     "tls_no_dse": {"include_dse": False, "damping_au": 5e-4},
     "sho_dse": {"include_dse": True, "damping_au": 5e-4},
@@ -117,7 +118,7 @@ def test_dipole_gauge_reproduces_maxwelllink(case, tmp_path):
     if not python.exists():
         pytest.skip(mxl_missing_reason())
     steps, dt = 1500, 0.5
-    cavity = {
+    cavity: dict[str, Any] = {
         "dt_au": dt,
         "frequency_au": 0.242,
         "coupling_strength": 3e-4,
@@ -280,12 +281,13 @@ def _mode_frequencies(gauge, dt, steps):
     coords = np.column_stack([q, out["mol_mux_au"] / _SHO_MU0])
     y = coords @ vec
     inner = y[1:-1]
-    cosines = np.einsum("nk,nk->k", inner, y[2:] + y[:-2]) / (2 * np.einsum("nk,nk->k", inner, inner))
+    cosines = np.einsum("nk,nk->k", inner, y[2:] + y[:-2]) / (
+        2 * np.einsum("nk,nk->k", inner, inner)
+    )
     measured = np.arccos(cosines) / dt
     # total energy: the cavity part (with coupling and DSE) and the SHOs', all at t_{n+1}
     energy = out["energy_au"] + out["mol_energy_au"].sum(axis=1)
     return np.sqrt(eig), measured, np.abs(energy / energy[0] - 1).max()
-
 
 
 @pytest.mark.parametrize("gauge", ["dipole", "velocity"])
@@ -296,8 +298,11 @@ def test_sho_normal_modes_and_energy(gauge):
         exact, measured, drift = _mode_frequencies(gauge, dt, round(2000 / dt))
         errors.append(np.abs(measured / exact - 1).max())
         drifts.append(drift)
-        print(f"\n{gauge} dt {dt}: modes {np.round(exact, 6)}; max rel. frequency error "
-              f"{errors[-1]:.2e}; max |E/E0 - 1| {drift:.2e}", end="")
+        print(
+            f"\n{gauge} dt {dt}: modes {np.round(exact, 6)}; max rel. frequency error "
+            f"{errors[-1]:.2e}; max |E/E0 - 1| {drift:.2e}",
+            end="",
+        )
     # (omega dt)^2 / 24 = 6e-4 at dt = 0.5: the leapfrog's own frequency error
     assert errors[0] < 1e-3 and drifts[0] < 5e-3
     assert 3.5 < errors[0] / errors[1] < 4.5  # second order
@@ -316,8 +321,9 @@ def test_damping_energy_decay_rate(gauge):
     energy = _run_embedded(engine, model, steps)["energy_au"]
     t = dt * np.arange(1, steps + 1)
     rate = -np.polyfit(t, np.log(energy), 1)[0]
-    print(f"\n{gauge}: fitted decay rate {rate:.6e}, kappa {kappa:.1e}, "
-          f"error {rate / kappa - 1:+.2e}")
+    print(
+        f"\n{gauge}: fitted decay rate {rate:.6e}, kappa {kappa:.1e}, error {rate / kappa - 1:+.2e}"
+    )
     assert abs(rate / kappa - 1) < 0.01
 
 
