@@ -89,9 +89,11 @@ _SHO = [
 _DRIVE = {"amp": 2e-3, "t0": 150.0, "width": 40.0, "w": 0.242}
 
 
-def _mxl_drive(t):
-    d = _DRIVE
-    return d["amp"] * np.exp(-0.5 * ((t - d["t0"]) / d["width"]) ** 2) * np.sin(d["w"] * t)
+def _mxl_drive(d):
+    """The drive of the MaxwellLink script: a Gaussian-enveloped sine."""
+    return lambda t: (
+        d["amp"] * np.exp(-0.5 * ((t - d["t0"]) / d["width"]) ** 2) * np.sin(d["w"] * t)
+    )
 
 
 _MXL_CASES: dict[str, dict[str, Any]] = {
@@ -99,6 +101,16 @@ _MXL_CASES: dict[str, dict[str, Any]] = {
     "tls_no_dse": {"include_dse": False, "damping_au": 5e-4},
     "sho_dse": {"include_dse": True, "damping_au": 5e-4},
     "sho_no_dse": {"include_dse": False, "damping_au": 0.0},
+    "tls_excite_mol_baseline": {
+        "include_dse": True,
+        "damping_au": 2e-4,
+        "excite_ph": False,
+        "excite_mol": True,  # the drive on the molecules directly: a weaker one
+        "drive": {**_DRIVE, "amp": 2e-4},
+        "shift_dipole_baseline": True,
+        "mu_initial": [30.0, -20.0, 5.0],
+        "dmudt_initial": [0.5, 0.2, 0.0],
+    },
     "tls_langevin": {
         "include_dse": True,
         "damping_au": 0.0,
@@ -126,6 +138,7 @@ def test_dipole_gauge_reproduces_maxwelllink(case, tmp_path):
         "pc_initial": [1e-3, -5e-4, 0.0],
         **_MXL_CASES[case],
     }
+    drive = cavity.pop("drive", _DRIVE)
     driver = case.partition("_")[0]
     molecules = _TLS if driver == "tls" else _SHO
     keys = ("Pe" if driver == "tls" else "q_au", *_DIPOLE_KEYS)
@@ -134,7 +147,7 @@ def test_dipole_gauge_reproduces_maxwelllink(case, tmp_path):
         "keys": keys,
         "cavity": cavity,
         "molecules": molecules,
-        "drive": _DRIVE,
+        "drive": drive,
         "steps": steps,
         "out": str(tmp_path / "mxl.npz"),
     }
@@ -151,7 +164,7 @@ def test_dipole_gauge_reproduces_maxwelllink(case, tmp_path):
     model = create_model(driver, n=len(molecules), **params)
     model.initialize(dt_au=dt, molecule_ids=list(range(len(molecules))))
     kwargs = {k: v for k, v in cavity.items() if k != "dt_au"}
-    engine = SingleModeCavity(drive=_mxl_drive, **kwargs)
+    engine = SingleModeCavity(drive=_mxl_drive(drive), **kwargs)
     ours = _run_embedded(engine, model, steps, extras=keys)
 
     axis = np.array([1.0, 1.0, 0.0])  # MaxwellLink's Langevin kick moves uncoupled axes too
