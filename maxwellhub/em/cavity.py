@@ -19,10 +19,11 @@ Step n (t_n -> t_{n+1}), with a_n the acceleration kept from the previous step:
 
 1. half kick p_{n+1/2} = p_n + (dt/2) a_n; drift q_{n+1} = q_n + dt p_{n+1/2};
 2. field E at t_{n+1/2}: q_{n+1/2} = q_n + (dt/2) p_{n+1/2} and the DSE dipole estimate
-   M_prev + dt (9/8 J + 3/8 J_prev) (M_prev: the dipole reported two steps ago, J and
-   J_prev: the last two sources), or, with include_dse, the next-force-time dipole
-   (``2 mu - mu_m``) of the last step when the molecules report one that differs from
-   their dipole; with ``excite_mol`` plus D(t_n) on the coupled axes;
+   of M(t_{n+1/2}) = M_{n-1} + dt (9/8 J_n + 3/8 J_{n-1}) (the integral of J from t_{n-1}
+   over 1.5 dt with J linear; M_{n-1}, J_{n-1}, J_n as reported after the steps ending
+   there), or, with include_dse, the next-force-time dipole (``2 mu - mu_m``) of the last
+   step when the molecules report one that differs from their dipole (sho does); with
+   ``excite_mol`` plus D(t_n) on the coupled axes;
 3. the molecules step under E and report J and M (at t_{n+1} for tls and sho);
 4. a_{n+1} = -omega^2 q_{n+1} - eps M + D(t_n) (D only with ``excite_ph``; note t_n:
    MaxwellLink's drive enters the force one step late, kept for reproduction);
@@ -143,7 +144,13 @@ def _flag(key: str, value: Any) -> bool:
 def _drive(value: Any) -> Callable[[float], float] | None:
     if value is None or callable(value):
         return value
-    const = _finite("drive", value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (ok and math.isfinite(float(value))):
+        raise UsageError(
+            f"cavity.drive = {value!r}: expected None, a finite number or a function of "
+            "the time t_au returning a number"
+        )
+    const = float(value)
     return lambda _t: const
 
 
