@@ -93,13 +93,23 @@ def analytic_reference(config: Config, units) -> dict | None:
     if len(points) != 1 or any(g.rescaling != 1.0 or len(g.axis) != 1 for g in groups):
         return None
     try:
-        classes = {get_model_class(g.model).name for g in groups}
+        classes = [get_model_class(g.model) for g in groups]
     except Exception:
         return None
-    if classes != {"tls"}:
-        return None
-    defaults = {k: p.default for k, p in get_model_class("tls").parameters.items()}
-    params = [dict(defaults, **g.params) for g in groups]
+    params = []
+    for cls, g in zip(classes, groups, strict=True):
+        p = dict({k: q.default for k, q in cls.parameters.items()}, **g.params)
+        # QuTiP's TLS preset without Lindblad rates is the tls model's system exactly
+        plain_qutip = (
+            cls.name == "qutip"
+            and p["preset"] == "tls"
+            and p["module"] is None
+            and not p["gamma_relax"]
+            and not p["gamma_dephase"]
+        )
+        if cls.name != "tls" and not plain_qutip:
+            return None
+        params.append(p)
     keys = ("omega", "mu12", "pe_initial")
     if any(not all(np.ndim(p[k]) == 0 for k in keys) for p in params):
         return None
