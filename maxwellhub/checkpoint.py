@@ -489,7 +489,7 @@ class RunCheckpointer:
             "files": files,
             "molecules": len(self.coupling.molecule_ids),
             "mpi_ranks": self._size,
-            "meep_version": _meep_version(),
+            "meep_version": _meep_version() if self.sim is not None else "",
             "identity": self.identity,
             "config_text": self.config_text,
             "overrides": self.overrides,

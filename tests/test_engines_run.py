@@ -178,3 +178,67 @@ def test_engine_coupling_refuses_misuse():
         bad.add_molecules("tls", n=2, rescaling=[1.0, np.nan])
     with pytest.raises(UsageError, match="dt_au"):
         EngineCoupling(LaserField(pulse=ContinuousWave(e0=1.0, omega=1.0)), 0.0)
+
+
+# A cavity with its Langevin thermostat and a drive, 3 TLS: 601 steps of 0.5 a.u., as the
+# Meep runs of test_restart (whose kill-and-resume machinery this reuses).
+CAVITY = """
+[em]
+engine = "cavity"
+
+[em.cavity]
+frequency_au = 0.242
+damping_au = 1e-4
+coupling_strength = 1e-4
+coupling_axis = "z"
+include_dse = true
+temperature_au = 1e-5
+langevin_tau_au = 200.0
+random_seed = 11
+drive = {{ shape = "gaussian", e0 = 1e-3, omega = 0.242, t0 = 60.0, sigma = 20.0 }}
+
+[simulation]
+dt_au = 0.5
+until = 300.5
+
+[transport]
+kind = "{kind}"
+molecules_per_driver = 2
+{name}
+
+[[molecules]]
+model = "tls"
+count = 3
+[molecules.params]
+omega = 0.242
+mu12 = 187.0
+orientation = 2
+pe_initial = [0.0, 0.01, 0.02]
+
+[output]
+directory = "{out}"
+plot = false
+record_every = 7
+"""
+
+
+@pytest.mark.parametrize("kind", ["embedded", "unix"])
+def test_cavity_run_with_thermostat_killed_and_resumed_is_bitwise(tmp_path, kind, unix_name):
+    """A cavity run with the Langevin thermostat, SIGKILLed after a random checkpoint and
+    resumed: every dataset (molecules and the engine's records) is bitwise the
+    uninterrupted run's, embedded and with ensemble drivers."""
+    from test_restart import _kill_and_resume, _run, _summary, _write_config
+
+    name = unix_name if kind == "unix" else None
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    config = _write_config(ref / "run.toml", kind, ref / "out", name, None, CAVITY)
+    done = _run(["run", str(config)], "reference")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _summary(done.stdout)["steps"] == 601
+    with h5py.File(ref / "out" / "molecules.h5") as f:
+        assert f["engine"]["qc_au"].shape == (601, 3)
+        assert np.ptp(f["engine"]["qc_au"][:, 2]) > 0  # the drive and the bath moved it
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    _kill_and_resume(killed, kind, name, ref / "out" / "molecules.h5", template=CAVITY)

@@ -212,8 +212,12 @@ def _run_and_signal(
 def _datasets(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     import h5py
 
-    with h5py.File(path) as f:
-        return {key: f[key][()] for key in f}, dict(f.attrs)
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path) as f:  # every dataset, in groups too (an engine's records)
+        f.visititems(
+            lambda name, obj: out.update({name: obj[()]}) if hasattr(obj, "shape") else None
+        )
+        return out, dict(f.attrs)
 
 
 def _assert_bitwise(reference: Path, resumed: Path, why: str) -> None:

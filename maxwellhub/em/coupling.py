@@ -204,7 +204,7 @@ class EngineCoupling:
         self._molecules.start()
         self._scale = np.concatenate(self._scales)
         self._scaled = not np.all(self._scale == 1.0)
-        self._fields = np.zeros((m, 3))
+        self._fields_shape = (m, 3)
         self._sources = np.zeros((m, 3))
         self._dipoles = np.zeros((m, 3)) if self.engine.needs_dipoles else None
         self._ones = np.ones(m)
@@ -217,9 +217,8 @@ class EngineCoupling:
             self._start()
         n = self.step_index
         field = self.engine.field()
-        if field.ndim == 1:
-            self._fields[:] = field  # one vector for all: a broadcast copy, in C
-            fields = self._fields
+        if field.ndim == 1:  # one vector for all: a read-only broadcast view, no copy
+            fields = np.broadcast_to(field, self._fields_shape)
         else:
             fields = field
         sources, dipoles = self._sources, self._dipoles
