@@ -3,7 +3,8 @@
 ``maxwellhub-driver --molecules M ...`` opens with MXHHELLO (maxwellhub's batched frames,
 version 1, see :mod:`maxwellhub.wire`), is bound by the hub to M molecule ids at once,
 and every step receives all M fields in one MXHFIELDS frame and answers all M sources
-and per-molecule extras arrays in one MXHSOURCES frame. The model is the same batched
+and per-molecule extras arrays in one MXHSOURCES frame (all of them, the dipoles only, or
+none, as the frame's flags ask). The model is the same batched
 model a single driver or the Meep process uses, so M molecules in one ensemble follow the
 same trajectories as M single drivers.
 
@@ -61,7 +62,7 @@ class EnsembleSession(_Session):
         self.welcomed = False
         self.ids: list[int] | None = None
         self.dt_au: float | None = None
-        self.want_extras = True
+        self.flags = wire.WANT_EXTRAS
         self.handlers = {
             wire.Welcome: self.on_welcome,
             wire.Status: self.on_status,
@@ -161,7 +162,7 @@ class EnsembleSession(_Session):
     def on_fields(self, event: wire.FieldsBatch) -> bool:
         if self.ids is None:
             raise ProtocolError("MXHFIELDS before INIT")
-        self.want_extras = bool(event.flags & wire.WANT_EXTRAS)
+        self.flags = event.flags
         try:
             self.model.stage(event.fields)
         except Exception as exc:
@@ -177,10 +178,26 @@ class EnsembleSession(_Session):
         try:
             before = self.model.get_state() if continuity.memory else None
             sources = self.model.commit()
-            extras = self.model.extras() if self.want_extras else None
+            extras = self.extras()
         except Exception as exc:
             raise ModelFailed(f"commit failed: {type(exc).__name__}: {exc}") from exc
         self.steps += 1
         self.sock.sendall(wire.encode_sources_batch(sources, extras))
         continuity.committed(self.model, before)  # after the answer left
         return False
+
+    def extras(self) -> dict | None:
+        """The extras arrays the last MXHFIELDS asked for (its flags): all of them
+        (WANT_EXTRAS), the dipoles only (WANT_DIPOLES, from ``model.dipoles()``, plus
+        ``mux_m_au``... when the model reports them), or none."""
+        flags = self.flags
+        if flags & wire.WANT_EXTRAS:
+            return self.model.extras()
+        if not flags & wire.WANT_DIPOLES:
+            return None
+        dipoles = self.model.dipoles()
+        out = {key: dipoles[:, k] for k, key in enumerate(wire.DIPOLE_KEYS)}
+        if set(wire.DIPOLE_M_KEYS) <= set(self.model.extras_keys):
+            extras = self.model.extras()
+            out.update((key, extras[key]) for key in wire.DIPOLE_M_KEYS)
+        return out

@@ -197,15 +197,19 @@ class _Barrier:
         "timer",
         "waiter",
         "waiting",
+        "want_dipoles",
         "want_extras",
     )
 
-    def __init__(self, layout: _Layout, fields: np.ndarray, want_extras: bool) -> None:
+    def __init__(
+        self, layout: _Layout, fields: np.ndarray, want_extras: bool, want_dipoles: bool = False
+    ) -> None:
         n = len(layout.ids)
         self.layout = layout
         self.fields = fields
         self.field_bytes: bytes | None = None  # 24 bytes per row, made when first needed
         self.want_extras = want_extras
+        self.want_dipoles = want_dipoles
         self.sources = np.zeros((n, 3))
         self.single: dict[int, tuple[float, float, float]] = {}  # row -> single reply
         self.done = np.zeros(n, dtype=bool)
@@ -648,7 +652,9 @@ class _Driver(asyncio.Protocol):
                 b"".join((wire.FIELD_STEP_HEAD, fb[24 * r : 24 * r + 24], _GETFORCE_HEADER))
             )
             return
-        flags = wire.WANT_EXTRAS if barrier.want_extras else 0
+        flags = (wire.WANT_EXTRAS if barrier.want_extras else 0) | (
+            wire.WANT_DIPOLES if barrier.want_dipoles else 0
+        )
         self.transport.writelines(
             [*wire.fields_batch_parts(barrier.fields[self.rows], flags), _GETFORCE_HEADER]
         )
@@ -1564,7 +1570,9 @@ class Hub:
 
     # ------------------------------------------------------------------ barrier
 
-    def _freeze(self, ids: np.ndarray, fields: np.ndarray, want_extras: bool) -> _Barrier:
+    def _freeze(
+        self, ids: np.ndarray, fields: np.ndarray, want_extras: bool, want_dipoles: bool = False
+    ) -> _Barrier:
         layout = self._layout
         if layout is None or layout.key != ids.tobytes():
             unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
@@ -1581,7 +1589,7 @@ class Hub:
                 (self._molecules[m].index for m in ids.tolist()), dtype=np.intp, count=len(ids)
             )
             layout = self._layout = _Layout(ids.copy(), self._generation, index)
-        return _Barrier(layout, fields, want_extras)
+        return _Barrier(layout, fields, want_extras, want_dipoles)
 
     def _begin(
         self,
@@ -1590,6 +1598,7 @@ class Hub:
         timeout: float | None,
         abort_on_loss: bool,
         want_extras: bool = True,
+        want_dipoles: bool = False,
     ) -> _Barrier | None:
         """Freeze (or continue) the step, send what is due; the barrier, or None when
         paused. Synchronous: the caller then waits on ``barrier.waiter`` if set."""
@@ -1599,7 +1608,7 @@ class Hub:
         if barrier is None:
             if ids is None or fields is None:
                 raise UsageError("no step to continue: give the molecule ids and fields")
-            barrier = self._barrier = self._freeze(ids, fields, want_extras)
+            barrier = self._barrier = self._freeze(ids, fields, want_extras, want_dipoles)
         barrier.abort_on_loss = abort_on_loss
         barrier.lost.clear()
         self._progress_binds()
@@ -1695,9 +1704,9 @@ class Hub:
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
 
     async def _run(
-        self, ids, fields, timeout, abort_on_loss, want_extras: bool = True
+        self, ids, fields, timeout, abort_on_loss, want_extras: bool = True, dipoles: bool = False
     ) -> StepResult | None:
-        barrier = self._begin(ids, fields, timeout, abort_on_loss, want_extras)
+        barrier = self._begin(ids, fields, timeout, abort_on_loss, want_extras, dipoles)
         if barrier is not None and barrier.waiter is not None:
             try:
                 await barrier.waiter
@@ -1751,15 +1760,37 @@ class Hub:
         return self._outcome(result, abort, timeout).as_dict()
 
     async def step_arrays(
-        self, ids, fields, timeout: float | None = None, on_lost: str = "wait", extras: bool = True
+        self,
+        ids,
+        fields,
+        timeout: float | None = None,
+        on_lost: str = "wait",
+        extras: bool = True,
+        dipoles: bool = False,
     ) -> StepResult:
         """The barrier in array form: ``ids`` (N,), ``fields`` (N, 3) a.u. -> a
         :class:`StepResult` (sources row for row). Same policies as :meth:`step`.
-        ``extras=False`` tells ensemble drivers not to send their extras arrays."""
+
+        ``extras=False`` tells ensemble drivers not to send their extras arrays;
+        ``dipoles=True`` asks them for the dipole arrays at least (``mux_au``, ``muy_au``,
+        ``muz_au``, and ``mux_m_au``... when reported; MXHFIELDS flag WANT_DIPOLES), so
+        ``extras=False, dipoles=True`` gives the dipoles alone in ``result.extras()``.
+        Single drivers send all their extras every step, dipoles included. When dipoles
+        were asked and a molecule's did not come (an ensemble driver older than
+        WANT_DIPOLES, a model without them), the step is complete (the hub moved on) and
+        :class:`ProtocolError` names the molecules."""
+        result = await self._step_arrays(ids, fields, timeout, on_lost, extras, dipoles)
+        return _checked_dipoles(result, dipoles)
+
+    async def _step_arrays(
+        self, ids, fields, timeout: float | None, on_lost: str, extras: bool, dipoles: bool
+    ) -> StepResult:
+        """:meth:`step_arrays` without the check that the dipoles came (a relay passes
+        them upstream as they are; the upstream hub checks)."""
         abort = _check_policy(on_lost)
         if self._barrier is None and ids is not None:
             ids, fields = _as_step_arrays(ids, fields)
-        result = await self._run(ids, fields, timeout, abort, extras)
+        result = await self._run(ids, fields, timeout, abort, extras, dipoles)
         return self._outcome(result, abort, timeout)
 
     def _outcome(self, result: StepResult | None, abort: bool, timeout: float | None) -> StepResult:
@@ -2052,6 +2083,31 @@ def _fields_array(ids: np.ndarray, efields) -> np.ndarray:
     return fields
 
 
+def _checked_dipoles(result: StepResult, dipoles: bool) -> StepResult:
+    """``result``, when dipoles were not asked or every molecule's came; else a
+    :class:`ProtocolError` naming the molecules without them."""
+    if not dipoles:
+        return result
+    extras = result.extras()
+    missing = np.zeros(len(result.ids), dtype=bool)
+    for key in wire.DIPOLE_KEYS:
+        values = extras.get(key)
+        if values is None:
+            missing[:] = True
+            break
+        missing |= np.isnan(values)
+    if missing.any():
+        ids = result.ids[missing].tolist()
+        raise ProtocolError(
+            f"molecule {ids[0]}"
+            + (f" (and {_ids_text(ids[1:])})" if len(ids) > 1 else "")
+            + f" sent no dipole ({', '.join(wire.DIPOLE_KEYS)}) although the step asked for "
+            "it (dipoles=True): its driver ignores MXHFIELDS flag WANT_DIPOLES (a "
+            "maxwellhub ensemble driver older than it) or its model does not report them"
+        )
+    return result
+
+
 def _as_step_arrays(ids, fields) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     return ids, _fields_array(ids, fields)
@@ -2238,12 +2294,14 @@ class SocketHub:
         if self.hub is not None:
             self.hub.watch_processes(processes)
 
-    def _barrier(self, ids, fields, timeout, abort: bool, want_extras: bool = True):
+    def _barrier(
+        self, ids, fields, timeout, abort: bool, want_extras: bool = True, dipoles: bool = False
+    ):
         """One barrier attempt without a Task: dispatch synchronously, then run the loop
         only until this step's waiter resolves (the hot path of Meep's step callback)."""
         self._check_no_running_loop()
         hub, loop = self._live()
-        barrier = hub._begin(ids, fields, timeout, abort, want_extras)
+        barrier = hub._begin(ids, fields, timeout, abort, want_extras, dipoles)
         if barrier is not None and barrier.waiter is not None:
             try:
                 loop.run_until_complete(barrier.waiter)
@@ -2279,16 +2337,22 @@ class SocketHub:
         return self.hub._outcome(result, abort, timeout).as_dict()
 
     def step_arrays(
-        self, ids, fields, timeout: float | None = None, on_lost: str = "wait", extras: bool = True
+        self,
+        ids,
+        fields,
+        timeout: float | None = None,
+        on_lost: str = "wait",
+        extras: bool = True,
+        dipoles: bool = False,
     ) -> StepResult:
-        """The barrier in array form; see :meth:`Hub.step_arrays`."""
+        """The barrier in array form; see :meth:`Hub.step_arrays` (``dipoles`` too)."""
         if self.hub is None or self._loop is None:
             raise UsageError("step_arrays is only available on MPI rank 0 of a running hub")
         abort = _check_policy(on_lost)
         if self.hub._barrier is None and ids is not None:
             ids, fields = _as_step_arrays(ids, fields)
-        result = self._barrier(ids, fields, timeout, abort, extras)
-        return self.hub._outcome(result, abort, timeout)
+        result = self._barrier(ids, fields, timeout, abort, extras, dipoles)
+        return _checked_dipoles(self.hub._outcome(result, abort, timeout), dipoles)
 
     def status(self) -> dict:
         return self.hub.status() if self.hub else {}

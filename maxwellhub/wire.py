@@ -41,7 +41,18 @@ MXHSOURCES  d -> hub   int32 M, M f64 dmux/dt, M f64 dmuy/dt, M f64 dmuz/dt,  20
 
 A step is MXHFIELDS + GETFORCE (one write); the driver stages on MXHFIELDS and commits
 on GETFORCE, answering MXHSOURCES, so a re-sent step is idempotent as with POSDATA.
-MXHFIELDS flag bit 0 (WANT_EXTRAS) asks for the extras arrays; without it K = 0.
+MXHFIELDS flags (any other bit set is a :class:`ProtocolError` naming the value):
+
+- bit 0, WANT_EXTRAS (1): answer every extras array the model reports;
+- bit 1, WANT_DIPOLES (2): answer at least the dipole arrays ``mux_au``, ``muy_au``,
+  ``muz_au`` (:data:`DIPOLE_KEYS`), plus ``mux_m_au``, ``muy_m_au``, ``muz_m_au``
+  (:data:`DIPOLE_M_KEYS`) when the model reports them; alone, only these (an EM engine
+  that needs each molecule's dipole every step, without the cost of all extras);
+- neither: K = 0.
+
+An ensemble driver older than WANT_DIPOLES ignores bit 1 and answers K = 0 (or all
+extras); the hub then names the molecules whose dipoles did not come (see
+:meth:`maxwellhub.hub.Hub.step_arrays`).
 
 maxwellhub's authentication frames (version 1, see :mod:`maxwellhub.auth`). Only a hub
 given a secret sends MXHAUTH, as its first message instead of STATUS; nothing else is
@@ -126,6 +137,10 @@ MXHFIELDS = b"MXHFIELDS"
 MXHSOURCES = b"MXHSOURCES"
 BATCH_VERSION = 1
 WANT_EXTRAS = 1
+WANT_DIPOLES = 2
+FIELDS_FLAGS = WANT_EXTRAS | WANT_DIPOLES  # every MXHFIELDS flag bit this side knows
+DIPOLE_KEYS = ("mux_au", "muy_au", "muz_au")
+DIPOLE_M_KEYS = ("mux_m_au", "muy_m_au", "muz_m_au")
 
 MXHAUTH = b"MXHAUTH"
 MXHPROOF = b"MXHPROOF"
@@ -284,7 +299,8 @@ class Welcome:
 @dataclass(frozen=True, slots=True, eq=False)
 class FieldsBatch:
     """MXHFIELDS: the (M, 3) fields of a batched driver's molecules, a.u.; ``flags``
-    bit 0 (WANT_EXTRAS) asks for the extras arrays with the sources."""
+    bit 0 (WANT_EXTRAS) asks for the extras arrays with the sources, bit 1
+    (WANT_DIPOLES) for the dipole arrays at least."""
 
     fields: np.ndarray
     flags: int = WANT_EXTRAS
@@ -449,6 +465,9 @@ def fields_batch_parts(fields, flags: int = WANT_EXTRAS) -> list[bytes]:
     a = np.asarray(fields, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] != 3:
         raise ValueError(f"fields must have shape (M, 3), got {a.shape}")
+    if flags & ~FIELDS_FLAGS:
+        raise ValueError(f"MXHFIELDS flags {flags} has bits other than WANT_EXTRAS (1) "
+                         "and WANT_DIPOLES (2)")
     return [_H[MXHFIELDS], struct.pack("<ii", a.shape[0], flags),
             np.ascontiguousarray(a.T, dtype="<f8").tobytes()]
 
@@ -693,13 +712,17 @@ class Decoder:
                 end += 4 + n + 8 * m
             if avail < end:
                 return None, 0
+        if name == MXHFIELDS:
+            (flags,) = _I32.unpack_from(buf, pos + 16)
+            if flags & ~FIELDS_FLAGS:
+                raise ProtocolError(f"{label}: flags {flags} has bits other than "
+                                    "WANT_EXTRAS (1) and WANT_DIPOLES (2)")
         arr = np.frombuffer(buf, "<f8", 3 * m, pos + head).reshape(3, m).T.astype(np.float64)
         if not np.isfinite(arr).all():
             bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
             raise ProtocolError(f"{label}: value of molecule index {bad} is not finite "
                                 f"{arr[bad].tolist()!r}")
         if name == MXHFIELDS:
-            (flags,) = _I32.unpack_from(buf, pos + 16)
             return FieldsBatch(arr, flags), at
         extras = {}
         for offset, n in keys:
