@@ -41,14 +41,17 @@ def measure(m: int, k: int, seconds: float, repeats: int, record_every: int) -> 
         hub.register_molecule(mid)
     per = m // k
     procs = []
-    params = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    json.dump({"omega": 0.242, "mu12": 187.0, "pe_initial": 0.1}, params)
-    params.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as params:
+        json.dump({"omega": 0.242, "mu12": 187.0, "pe_initial": 0.1}, params)
     try:
         for _ in range(k):
-            argv = driver_command("tls", None, unix=name, timeout=60,
-                                  extra_args=["--molecules", str(per),
-                                              "--params-file", params.name])
+            argv = driver_command(
+                "tls",
+                None,
+                unix=name,
+                timeout=60,
+                extra_args=["--molecules", str(per), "--params-file", params.name],
+            )
             procs.append(subprocess.Popen(argv, env=driver_env(), preexec_fn=pin_to(1)))
         if not hub.wait_until_bound({int(i): {"dt_au": 0.5} for i in ids}, timeout=120):
             raise SystemExit(f"ensemble drivers for M = {m} did not bind")
@@ -59,8 +62,7 @@ def measure(m: int, k: int, seconds: float, repeats: int, record_every: int) -> 
             nonlocal steps, mu
             e = 1e-3 * np.sin(0.05 * steps) * np.array([0.0, 0.3, 1.0])
             record = steps % record_every == 0
-            result = hub.step_arrays(ids, np.broadcast_to(e, (m, 3)), extras=record,
-                                     dipoles=True)
+            result = hub.step_arrays(ids, np.broadcast_to(e, (m, 3)), extras=record, dipoles=True)
             extras = result.extras()
             mu = float(sum(extras[key].sum() for key in DIPOLE_KEYS))  # the cavity's sum
             steps += 1
@@ -88,8 +90,12 @@ def measure(m: int, k: int, seconds: float, repeats: int, record_every: int) -> 
         hub.stop()
         reap(procs, 10)
         os.unlink(params.name)
-    return {"rate": median(rates), "wall": median(walls), "hub": median(hub_cpu),
-            "drivers": median(drv_cpu)}
+    return {
+        "rate": median(rates),
+        "wall": median(walls),
+        "hub": median(hub_cpu),
+        "drivers": median(drv_cpu),
+    }
 
 
 def main() -> None:
@@ -105,8 +111,10 @@ def main() -> None:
         args.counts, args.drivers, args.seconds, args.repeats = "1000,100000", "1", 0.3, 1
     if can_pin():
         os.sched_setaffinity(0, {0})  # the hub on core 0, the drivers on core 1
-    print("| M molecules | drivers | molecule-steps/s | ms/step | hub CPU ms/step "
-          "| drivers CPU ms/step |")
+    print(
+        "| M molecules | drivers | molecule-steps/s | ms/step | hub CPU ms/step "
+        "| drivers CPU ms/step |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     at_max = 0.0
     counts = [int(c) for c in args.counts.split(",")]
@@ -115,11 +123,16 @@ def main() -> None:
             r = measure(m, k, args.seconds, args.repeats, args.record_every)
             if m == max(counts):
                 at_max = max(at_max, r["rate"])
-            print(f"| {m:,} | {k} | {r['rate']:.3g} | {r['wall']:.3f} | {r['hub']:.3f} | "
-                  f"{r['drivers']:.3f} |", flush=True)
+            print(
+                f"| {m:,} | {k} | {r['rate']:.3g} | {r['wall']:.3f} | {r['hub']:.3f} | "
+                f"{r['drivers']:.3f} |",
+                flush=True,
+            )
     verdict = "met" if at_max >= TARGET else "NOT met"
-    print(f"\n- at M = {max(counts):,}: {at_max:.3g} molecule-steps/s, target >= "
-          f"{TARGET:.0e}: {verdict} (ratio {at_max / TARGET:.2f})")
+    print(
+        f"\n- at M = {max(counts):,}: {at_max:.3g} molecule-steps/s, target >= "
+        f"{TARGET:.0e}: {verdict} (ratio {at_max / TARGET:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,11 @@ def measure(n: int, seconds: float) -> tuple[float, float]:
     step = _timed(lambda: model.step(fields), seconds)
     dip = getattr(model, "dipoles", None)
     if dip is None:  # before dipoles() existed: the extras path
+
         def dip():
             e = model.extras()
             return np.stack([e["mux_au"], e["muy_au"], e["muz_au"]], axis=1)
+
     return step, _timed(dip, seconds)
 
 

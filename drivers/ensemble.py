@@ -218,4 +218,3 @@ def _send_parts(sock: socket.socket, parts: list) -> None:
 
 
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
-

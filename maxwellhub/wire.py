@@ -104,13 +104,46 @@ import numpy as np
 from .errors import ProtocolError
 
 __all__ = [
-    "HEADER_SIZE", "STATUS", "READY", "NEEDINIT", "HAVEDATA", "INIT", "POSDATA", "GETFORCE",
-    "FORCEREADY", "STOP", "BYE", "EXIT", "FIELDDATA", "GETSOURCE", "SOURCEREADY",
-    "FIELD_STEP_SIZE", "FIELD_STEP_HEAD", "SOURCE_READY_PREFIX_SIZE", "Limits", "Status",
-    "Ready", "NeedInit",
-    "HaveData", "GetForce", "Stop", "Bye", "Exit", "Init", "PosData", "ForceReady", "Event",
-    "Decoder", "encode", "encode_header", "encode_init", "encode_posdata",
-    "encode_forceready", "encode_field_step", "encode_source_ready", "ProtocolError",
+    "BYE",
+    "EXIT",
+    "FIELDDATA",
+    "FIELD_STEP_HEAD",
+    "FIELD_STEP_SIZE",
+    "FORCEREADY",
+    "GETFORCE",
+    "GETSOURCE",
+    "HAVEDATA",
+    "HEADER_SIZE",
+    "INIT",
+    "NEEDINIT",
+    "POSDATA",
+    "READY",
+    "SOURCEREADY",
+    "SOURCE_READY_PREFIX_SIZE",
+    "STATUS",
+    "STOP",
+    "Bye",
+    "Decoder",
+    "Event",
+    "Exit",
+    "ForceReady",
+    "GetForce",
+    "HaveData",
+    "Init",
+    "Limits",
+    "NeedInit",
+    "PosData",
+    "ProtocolError",
+    "Ready",
+    "Status",
+    "Stop",
+    "encode",
+    "encode_field_step",
+    "encode_forceready",
+    "encode_header",
+    "encode_init",
+    "encode_posdata",
+    "encode_source_ready",
 ]
 
 HEADER_SIZE = 12
@@ -499,7 +532,7 @@ def sources_batch_parts(sources, extras=None) -> list:
 
 
 def _bytes_view(a: np.ndarray) -> memoryview:
-    return memoryview(a).cast("B")
+    return a.data.cast("B")
 
 
 def encode_sources_batch(sources, extras=None) -> bytes:
@@ -578,7 +611,7 @@ class Decoder:
     violation raises :class:`ProtocolError`; the decoder then refuses further input.
     """
 
-    __slots__ = ("_buf", "_len", "_accepts", "_sender", "_limits", "_error", "batch")
+    __slots__ = ("_accepts", "_buf", "_error", "_len", "_limits", "_sender", "batch")
 
     def __init__(self, reader: str = "hub", limits: Limits | None = None) -> None:
         if reader not in _READERS:
@@ -719,25 +752,8 @@ class Decoder:
             return None, 0
         keys: list[tuple[int, int]] = []  # (offset of the key name, its length)
         if name == MXHSOURCES:
-            # Walk the extras headers first: nothing is decoded until the whole frame is
-            # here, so a frame arriving in many reads costs one decode, not one per read.
-            if avail < at + 4:
-                return None, 0
-            (k,) = _I32.unpack_from(buf, pos + at)
-            if k < 0 or k > self._limits.max_extras_keys:
-                raise ProtocolError(f"{label}: {k} extras arrays is outside "
-                                    f"0..{self._limits.max_extras_keys} (max_extras_keys)")
-            end = at + 4
-            for _ in range(k):
-                if avail < end + 4:
-                    return None, 0
-                (n,) = _I32.unpack_from(buf, pos + end)
-                if n < 1 or n > self._limits.max_key_bytes:
-                    raise ProtocolError(f"{label}: extras key length {n} bytes is outside "
-                                        f"1..{self._limits.max_key_bytes} (max_key_bytes)")
-                keys.append((end + 4, n))
-                end += 4 + n + 8 * m
-            if avail < end:
+            end = self._extras_keys(buf, pos, at, m, label, keys)
+            if end is None:
                 return None, 0
         if name == MXHFIELDS:
             (flags,) = _I32.unpack_from(buf, pos + 16)
@@ -761,6 +777,31 @@ class Decoder:
             extras[key] = np.frombuffer(buf, "<f8", m, pos + offset + n).astype(np.float64)
         at = end
         return SourcesBatch(arr, extras), at
+
+    def _extras_keys(self, buf: memoryview, pos: int, at: int, m: int, label: str,
+                     keys: list[tuple[int, int]]) -> int | None:
+        """Walk the extras headers of the MXHSOURCES at ``pos`` (its arrays end at
+        ``at``), appending (offset, length) of each key to ``keys``: the frame's length,
+        or None until the whole frame is here. Nothing is decoded before, so a frame
+        arriving in many reads costs one decode, not one per read."""
+        avail = len(buf) - pos
+        if avail < at + 4:
+            return None
+        (k,) = _I32.unpack_from(buf, pos + at)
+        if k < 0 or k > self._limits.max_extras_keys:
+            raise ProtocolError(f"{label}: {k} extras arrays is outside "
+                                f"0..{self._limits.max_extras_keys} (max_extras_keys)")
+        end = at + 4
+        for _ in range(k):
+            if avail < end + 4:
+                return None
+            (n,) = _I32.unpack_from(buf, pos + end)
+            if n < 1 or n > self._limits.max_key_bytes:
+                raise ProtocolError(f"{label}: extras key length {n} bytes is outside "
+                                    f"1..{self._limits.max_key_bytes} (max_key_bytes)")
+            keys.append((end + 4, n))
+            end += 4 + n + 8 * m
+        return None if avail < end else end
 
     def _nat(self, buf: memoryview, at: int, message: str) -> int:
         (nat,) = _I32.unpack_from(buf, at)
