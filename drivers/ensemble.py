@@ -83,10 +83,10 @@ class EnsembleSession(_Session):
 
     def run(self) -> None:
         self.sock.sendall(wire.encode_hello(self.model.n))
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
+        decoder = self.decoder
         while True:
-            n = self.sock.recv_into(buf)
+            # straight into the decoder's buffer: a frame of 10^6 fields is 24 MB
+            n = self.sock.recv_into(decoder.read_buffer(1 << 20))
             if n == 0:
                 if self.proof_sent:
                     raise HubClosed(REFUSED)
@@ -98,7 +98,7 @@ class EnsembleSession(_Session):
                         "--molecules 1 with other hubs)"
                     )
                 raise HubClosed("the hub closed the connection before STOP or EXIT")
-            for event in self.decoder.feed(view[:n]):
+            for event in decoder.received(n):
                 handler = self.handlers.get(type(event))
                 if handler is None:
                     raise ProtocolError(f"unexpected message {type(event).__name__} from the hub")

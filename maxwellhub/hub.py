@@ -91,6 +91,7 @@ _SR_ENERGY_NAT = struct.pack("<di", 0.0, 1)
 _ZERO_VIRIAL = bytes(72)
 _SR_TAIL = struct.Struct("<3d72xi")
 _SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE  # 124
+_FAST_READ = 1 << 16  # reads up to this size may be one SOURCEREADY for the fast path
 _finite = math.isfinite
 
 
@@ -302,7 +303,7 @@ class StepResult:
         }
 
 
-class _Driver(asyncio.Protocol):
+class _Driver(asyncio.BufferedProtocol):
     """One driver connection: feeds bytes to the codec and reports events to the hub.
 
     A plain driver hosts one molecule; a driver that negotiated batched frames
@@ -322,6 +323,7 @@ class _Driver(asyncio.Protocol):
         self.batch: int | None = None
         self.row = -1  # (first) row in the layout, -1 if absent
         self.rows: np.ndarray | slice | None = None  # all rows of an ensemble
+        self._was_empty = True  # the decoder held nothing before this read
         self.rows_generation = -1
         self.peer = f"driver#{number}"
         self.dialect = hub.dialect
@@ -382,13 +384,39 @@ class _Driver(asyncio.Protocol):
             self.transport.write(_STATUS_BYTES)
         self._arm(self.hub.handshake_timeout)
 
+    # asyncio receives straight into the decoder's buffer (BufferedProtocol): a batched
+    # frame of 10^6 molecules is 48 MB, and copying it read by read cost as much again.
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._was_empty = not self.decoder.buffered
+        return self.decoder.read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.state == _BUSY and self._was_empty and nbytes <= _FAST_READ:
+            room = self.decoder.read_buffer(0)
+            if self._source_ready_fast(bytes(room[:nbytes])):
+                return  # consumed: nothing is left held
+        self._handle(self.decoder.received, nbytes)
+
     def data_received(self, data: bytes) -> None:
-        # Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial 0)
-        # in one read with nothing buffered; anything else goes through the full decoder.
+        """The same as a buffered read (for callers that hand bytes in)."""
+        if self.state == _BUSY and not self.decoder.buffered and self._source_ready_fast(data):
+            return
+        self._handle(self.decoder.feed, data)
+
+    def _handle(self, decode: Callable[[Any], list[wire.Event]], data: Any) -> None:
+        try:
+            for event in decode(data):
+                if self.reported:  # dropped by an earlier message of this read
+                    return
+                self._on_event(event)
+        except ProtocolError as exc:
+            self.fail(str(exc))
+
+    def _source_ready_fast(self, data: bytes) -> bool:
+        """Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial
+        0) in one read with nothing held; anything else goes through the full decoder."""
         if (
-            self.state == _BUSY
-            and not self.decoder.buffered
-            and data.startswith(_SR_HEADER)
+            data.startswith(_SR_HEADER)
             and len(data) >= _SR_SIZE
             and data[12:24] == _SR_ENERGY_NAT
             and data[48:120] == _ZERO_VIRIAL
@@ -403,14 +431,8 @@ class _Driver(asyncio.Protocol):
             ):
                 self.state = _READY
                 self.hub._source_ready(self, sx, sy, sz, data[_SR_SIZE:])
-                return
-        try:
-            for event in self.decoder.feed(data):
-                if self.reported:  # dropped by an earlier message of this read
-                    return
-                self._on_event(event)
-        except ProtocolError as exc:
-            self.fail(str(exc))
+                return True
+        return False
 
     def eof_received(self) -> bool:
         return False  # close our side too

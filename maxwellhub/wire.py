@@ -640,13 +640,28 @@ class Decoder:
         """Add received bytes; return the events they complete (possibly none)."""
         if self._error is not None:
             raise self._error
-        start, end = self._len, self._len + len(data)
-        if end > len(self._buf):
-            grown = bytearray(max(end, 2 * len(self._buf)))
+        n = len(data)
+        self.read_buffer(n)[:n] = data
+        return self.received(n)
+
+    def read_buffer(self, size: int = 1 << 18) -> memoryview:
+        """Writable room for at least ``size`` bytes after those held, to receive into
+        (``recv_into``, asyncio's ``BufferedProtocol.get_buffer``) with no copy; then
+        :meth:`received` with the count. The room is valid until that call."""
+        start = self._len
+        if start + size > len(self._buf):
+            grown = bytearray(max(start + size, 2 * len(self._buf)))
             grown[:start] = memoryview(self._buf)[:start]
             self._buf = grown
+        return memoryview(self._buf)[start:]
+
+    def received(self, nbytes: int) -> list[Event]:
+        """``nbytes`` were written at the start of :meth:`read_buffer`'s room; return
+        the events they complete, as :meth:`feed` does."""
+        if self._error is not None:
+            raise self._error
         buf = self._buf
-        buf[start:end] = data  # same length: a copy into place, no resize
+        end = self._len + nbytes
         view = memoryview(buf)[:end]
         events: list[Event] = []
         pos = 0
@@ -661,7 +676,7 @@ class Decoder:
             self._error = exc
             self._len = 0
             raise
-        if pos:
+        if pos:  # same length on both sides: a move, never a resize
             buf[: end - pos] = buf[pos:end]
         self._len = end - pos
         return events
