@@ -197,3 +197,28 @@ def test_base_dipoles_are_the_extras_columns():
     extras = model.extras()
     expected = np.column_stack([extras[k] for k in wire.DIPOLE_KEYS])
     assert np.array_equal(model.dipoles(), expected)
+
+
+def test_sources_with_dipoles_received_in_place():
+    """An MXHSOURCES with dipole arrays, written piecewise into read_buffer() and handed
+    over with received(), decodes as when fed whole; the buffer is reused for the next."""
+    m = 5
+    sources = np.asfortranarray(np.arange(3.0 * m).reshape(m, 3))
+    extras = {k: np.linspace(0, 1, m) + i for i, k in enumerate(wire.DIPOLE_KEYS)}
+    data = wire.encode_sources_batch(sources, extras)
+    assert data == b"".join(bytes(p) for p in wire.sources_batch_parts(sources, extras))
+    dec = wire.Decoder("hub")
+    dec.batch = m
+    for _ in range(2):
+        events = []
+        for i in range(0, len(data), 7):
+            chunk = data[i : i + 7]
+            dec.read_buffer(len(chunk))[: len(chunk)] = chunk
+            events += dec.received(len(chunk))
+        (event,) = events
+        assert isinstance(event, wire.SourcesBatch)
+        assert np.array_equal(event.sources, sources)
+        assert list(event.extras) == list(wire.DIPOLE_KEYS)
+        for key, values in extras.items():
+            assert np.array_equal(event.extras[key], values)
+        assert dec.buffered == 0
