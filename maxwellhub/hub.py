@@ -284,7 +284,12 @@ class StepResult:
                     for key, value in parsed.items():
                         if isinstance(value, (int, float)) and not isinstance(value, bool):
                             out.setdefault(key, np.full(n, np.nan))[r] = value
-            for rows, arrays in self._batch_extras:
+            batches = self._batch_extras
+            if not out and len(batches) == 1 and _is_all_rows(batches[0][0], n):
+                # one ensemble answered every row: its arrays (decoded copies) as they are
+                out.update(batches[0][1])
+                batches = []
+            for rows, arrays in batches:
                 for key, values in arrays.items():
                     out.setdefault(key, np.full(n, np.nan))[rows] = values
             self._extras = out
@@ -2102,10 +2107,16 @@ def _fields_array(ids: np.ndarray, efields) -> np.ndarray:
             if np.shape(value) != (3,):
                 raise UsageError(f"molecule {mid}: efield_au must be 3 numbers, got {value!r}")
         raise UsageError(f"fields must have shape ({len(ids)}, 3)")
-    if not np.isfinite(fields).all():
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = fields.sum()  # finite only if every value is: no (N, 3) temporary
+    if not np.isfinite(total) and not np.isfinite(fields).all():
         r = int(np.flatnonzero(~np.isfinite(fields).all(axis=1))[0])
         raise UsageError(f"molecule {int(ids[r])}: efield_au is not finite: {fields[r].tolist()}")
     return fields
+
+
+def _is_all_rows(rows: np.ndarray | slice, n: int) -> bool:
+    return isinstance(rows, slice) and rows == slice(0, n)
 
 
 def keep_freed_memory(molecules: int) -> None:

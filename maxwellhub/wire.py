@@ -494,16 +494,18 @@ def _blocks(name: str, rows) -> bytes:
     return _I32.pack(a.shape[0]) + np.ascontiguousarray(a.T, dtype="<f8").tobytes()
 
 
-def fields_batch_parts(fields, flags: int = WANT_EXTRAS) -> list[bytes]:
-    """MXHFIELDS as a list of byte strings (for ``writelines``, no concatenation copy)."""
+def fields_batch_parts(fields, flags: int = WANT_EXTRAS) -> list:
+    """MXHFIELDS as a list of buffers (for ``writelines``, no concatenation copy)."""
     a = np.asarray(fields, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] != 3:
         raise ValueError(f"fields must have shape (M, 3), got {a.shape}")
     if flags & ~FIELDS_FLAGS:
         raise ValueError(f"MXHFIELDS flags {flags} has bits other than WANT_EXTRAS (1) "
                          "and WANT_DIPOLES (2)")
-    return [_H[MXHFIELDS], struct.pack("<ii", a.shape[0], flags),
-            np.ascontiguousarray(a.T, dtype="<f8").tobytes()]
+    # one copy into blocks (x of every molecule, then y, then z), always a fresh array:
+    # a transport may keep the view until it is sent
+    blocks = np.array(a.T, dtype="<f8", order="C")
+    return [_H[MXHFIELDS], struct.pack("<ii", a.shape[0], flags), _bytes_view(blocks)]
 
 
 def encode_fields_batch(fields, flags: int = WANT_EXTRAS) -> bytes:
