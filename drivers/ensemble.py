@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
-from maxwellhub.hub import keep_freed_memory
+from maxwellhub.hub import keep_freed_memory, widen_socket_buffers
 
 from .client import (
     _HAVEDATA,
@@ -56,6 +56,7 @@ class EnsembleSession(_Session):
     ) -> None:
         super().__init__(sock, model, log, secret, continuity)
         keep_freed_memory(model.n)  # a process serving one large ensemble
+        widen_socket_buffers(sock, model.n)
         # An INIT may list every molecule id (when they are not consecutive).
         self.decoder = wire.Decoder(
             reader="driver",
