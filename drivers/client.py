@@ -384,6 +384,9 @@ class _Session:
                 )
                 source = _ZERO_SOURCE
                 committed = False
+            # every step, as MaxwellLink's driver does: the i-PI frames have no flags, so
+            # a hub asking for dipoles (step_arrays(dipoles=True)) reads mux_au, muy_au,
+            # muz_au from this JSON
             extras = self.model.extras_of(0)
         except Exception as exc:
             raise ModelFailed(f"commit or extras failed: {type(exc).__name__}: {exc}") from exc

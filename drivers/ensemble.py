@@ -3,7 +3,8 @@
 ``maxwellhub-driver --molecules M ...`` opens with MXHHELLO (maxwellhub's batched frames,
 version 1, see :mod:`maxwellhub.wire`), is bound by the hub to M molecule ids at once,
 and every step receives all M fields in one MXHFIELDS frame and answers all M sources
-and per-molecule extras arrays in one MXHSOURCES frame. The model is the same batched
+and per-molecule extras arrays in one MXHSOURCES frame (all of them, the dipoles only, or
+none, as the frame's flags ask). The model is the same batched
 model a single driver or the Meep process uses, so M molecules in one ensemble follow the
 same trajectories as M single drivers.
 
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
+from maxwellhub.hub import keep_freed_memory, widen_socket_buffers
 
 from .client import (
     _HAVEDATA,
@@ -53,6 +55,8 @@ class EnsembleSession(_Session):
         continuity: Continuity | None = None,
     ) -> None:
         super().__init__(sock, model, log, secret, continuity)
+        keep_freed_memory(model.n)  # a process serving one large ensemble
+        widen_socket_buffers(sock, model.n)
         # An INIT may list every molecule id (when they are not consecutive).
         self.decoder = wire.Decoder(
             reader="driver",
@@ -61,7 +65,7 @@ class EnsembleSession(_Session):
         self.welcomed = False
         self.ids: list[int] | None = None
         self.dt_au: float | None = None
-        self.want_extras = True
+        self.flags = wire.WANT_EXTRAS
         self.handlers = {
             wire.Welcome: self.on_welcome,
             wire.Status: self.on_status,
@@ -80,10 +84,10 @@ class EnsembleSession(_Session):
 
     def run(self) -> None:
         self.sock.sendall(wire.encode_hello(self.model.n))
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
+        decoder = self.decoder
         while True:
-            n = self.sock.recv_into(buf)
+            # straight into the decoder's buffer: a frame of 10^6 fields is 24 MB
+            n = self.sock.recv_into(decoder.read_buffer(1 << 20))
             if n == 0:
                 if self.proof_sent:
                     raise HubClosed(REFUSED)
@@ -95,7 +99,7 @@ class EnsembleSession(_Session):
                         "--molecules 1 with other hubs)"
                     )
                 raise HubClosed("the hub closed the connection before STOP or EXIT")
-            for event in self.decoder.feed(view[:n]):
+            for event in decoder.received(n):
                 handler = self.handlers.get(type(event))
                 if handler is None:
                     raise ProtocolError(f"unexpected message {type(event).__name__} from the hub")
@@ -161,7 +165,7 @@ class EnsembleSession(_Session):
     def on_fields(self, event: wire.FieldsBatch) -> bool:
         if self.ids is None:
             raise ProtocolError("MXHFIELDS before INIT")
-        self.want_extras = bool(event.flags & wire.WANT_EXTRAS)
+        self.flags = event.flags
         try:
             self.model.stage(event.fields)
         except Exception as exc:
@@ -177,10 +181,41 @@ class EnsembleSession(_Session):
         try:
             before = self.model.get_state() if continuity.memory else None
             sources = self.model.commit()
-            extras = self.model.extras() if self.want_extras else None
+            extras = self.extras()
         except Exception as exc:
             raise ModelFailed(f"commit failed: {type(exc).__name__}: {exc}") from exc
         self.steps += 1
-        self.sock.sendall(wire.encode_sources_batch(sources, extras))
+        _send_parts(self.sock, wire.sources_batch_parts(sources, extras))
         continuity.committed(self.model, before)  # after the answer left
         return False
+
+    def extras(self) -> dict | None:
+        """The extras arrays the last MXHFIELDS asked for (its flags): all of them
+        (WANT_EXTRAS), the dipoles only (WANT_DIPOLES, from ``model.dipoles()``, plus
+        ``mux_m_au``... when the model reports them), or none."""
+        flags = self.flags
+        if flags & wire.WANT_EXTRAS:
+            return self.model.extras()
+        if not flags & wire.WANT_DIPOLES:
+            return None
+        dipoles = self.model.dipoles()
+        out = {key: dipoles[:, k] for k, key in enumerate(wire.DIPOLE_KEYS)}
+        if set(wire.DIPOLE_M_KEYS) <= set(self.model.extras_keys):
+            extras = self.model.extras()
+            out.update((key, extras[key]) for key in wire.DIPOLE_M_KEYS)
+        return out
+
+
+def _send_parts(sock: socket.socket, parts: list) -> None:
+    """Send the buffers in order, as ``sendall`` of their concatenation would, without
+    concatenating them (one MXHSOURCES of 10^6 molecules is 48 MB)."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views[:_IOV_MAX])
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]
+
+
+_IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)

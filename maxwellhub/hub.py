@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -90,6 +91,7 @@ _SR_ENERGY_NAT = struct.pack("<di", 0.0, 1)
 _ZERO_VIRIAL = bytes(72)
 _SR_TAIL = struct.Struct("<3d72xi")
 _SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE  # 124
+_FAST_READ = 1 << 16  # reads up to this size may be one SOURCEREADY for the fast path
 _finite = math.isfinite
 
 
@@ -197,15 +199,19 @@ class _Barrier:
         "timer",
         "waiter",
         "waiting",
+        "want_dipoles",
         "want_extras",
     )
 
-    def __init__(self, layout: _Layout, fields: np.ndarray, want_extras: bool) -> None:
+    def __init__(
+        self, layout: _Layout, fields: np.ndarray, want_extras: bool, want_dipoles: bool = False
+    ) -> None:
         n = len(layout.ids)
         self.layout = layout
         self.fields = fields
         self.field_bytes: bytes | None = None  # 24 bytes per row, made when first needed
         self.want_extras = want_extras
+        self.want_dipoles = want_dipoles
         self.sources = np.zeros((n, 3))
         self.single: dict[int, tuple[float, float, float]] = {}  # row -> single reply
         self.done = np.zeros(n, dtype=bool)
@@ -278,7 +284,12 @@ class StepResult:
                     for key, value in parsed.items():
                         if isinstance(value, (int, float)) and not isinstance(value, bool):
                             out.setdefault(key, np.full(n, np.nan))[r] = value
-            for rows, arrays in self._batch_extras:
+            batches = self._batch_extras
+            if not out and len(batches) == 1 and _is_all_rows(batches[0][0], n):
+                # one ensemble answered every row: its arrays (decoded copies) as they are
+                out.update(batches[0][1])
+                batches = []
+            for rows, arrays in batches:
                 for key, values in arrays.items():
                     out.setdefault(key, np.full(n, np.nan))[rows] = values
             self._extras = out
@@ -297,7 +308,7 @@ class StepResult:
         }
 
 
-class _Driver(asyncio.Protocol):
+class _Driver(asyncio.BufferedProtocol):
     """One driver connection: feeds bytes to the codec and reports events to the hub.
 
     A plain driver hosts one molecule; a driver that negotiated batched frames
@@ -317,6 +328,7 @@ class _Driver(asyncio.Protocol):
         self.batch: int | None = None
         self.row = -1  # (first) row in the layout, -1 if absent
         self.rows: np.ndarray | slice | None = None  # all rows of an ensemble
+        self._was_empty = True  # the decoder held nothing before this read
         self.rows_generation = -1
         self.peer = f"driver#{number}"
         self.dialect = hub.dialect
@@ -377,13 +389,39 @@ class _Driver(asyncio.Protocol):
             self.transport.write(_STATUS_BYTES)
         self._arm(self.hub.handshake_timeout)
 
+    # asyncio receives straight into the decoder's buffer (BufferedProtocol): a batched
+    # frame of 10^6 molecules is 48 MB, and copying it read by read cost as much again.
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._was_empty = not self.decoder.buffered
+        return self.decoder.read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.state == _BUSY and self._was_empty and nbytes <= _FAST_READ:
+            room = self.decoder.read_buffer(0)
+            if self._source_ready_fast(bytes(room[:nbytes])):
+                return  # consumed: nothing is left held
+        self._handle(self.decoder.received, nbytes)
+
     def data_received(self, data: bytes) -> None:
-        # Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial 0)
-        # in one read with nothing buffered; anything else goes through the full decoder.
+        """The same as a buffered read (for callers that hand bytes in)."""
+        if self.state == _BUSY and not self.decoder.buffered and self._source_ready_fast(data):
+            return
+        self._handle(self.decoder.feed, data)
+
+    def _handle(self, decode: Callable[[Any], list[wire.Event]], data: Any) -> None:
+        try:
+            for event in decode(data):
+                if self.reported:  # dropped by an earlier message of this read
+                    return
+                self._on_event(event)
+        except ProtocolError as exc:
+            self.fail(str(exc))
+
+    def _source_ready_fast(self, data: bytes) -> bool:
+        """Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial
+        0) in one read with nothing held; anything else goes through the full decoder."""
         if (
-            self.state == _BUSY
-            and not self.decoder._buf
-            and data.startswith(_SR_HEADER)
+            data.startswith(_SR_HEADER)
             and len(data) >= _SR_SIZE
             and data[12:24] == _SR_ENERGY_NAT
             and data[48:120] == _ZERO_VIRIAL
@@ -398,14 +436,8 @@ class _Driver(asyncio.Protocol):
             ):
                 self.state = _READY
                 self.hub._source_ready(self, sx, sy, sz, data[_SR_SIZE:])
-                return
-        try:
-            for event in self.decoder.feed(data):
-                if self.reported:  # dropped by an earlier message of this read
-                    return
-                self._on_event(event)
-        except ProtocolError as exc:
-            self.fail(str(exc))
+                return True
+        return False
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -547,6 +579,8 @@ class _Driver(asyncio.Protocol):
             self.claim = list(range(event.first, event.first + event.molecules))
         elif isinstance(event, wire.Hello) and self.batch is None:
             self.batch = self.decoder.batch = event.molecules
+            keep_freed_memory(event.molecules)
+            widen_socket_buffers(self.transport.get_extra_info("socket"), event.molecules)
             self.transport.write(wire.encode_welcome(event.molecules))
         else:
             return False
@@ -558,6 +592,8 @@ class _Driver(asyncio.Protocol):
         elif isinstance(event, wire.Hello) and self.batch is None:
             # An ensemble driver speaks first; MXHWELCOME waits for its proof.
             self.batch = self.decoder.batch = event.molecules
+            keep_freed_memory(event.molecules)
+            widen_socket_buffers(self.transport.get_extra_info("socket"), event.molecules)
         else:
             return False
         return True
@@ -648,7 +684,9 @@ class _Driver(asyncio.Protocol):
                 b"".join((wire.FIELD_STEP_HEAD, fb[24 * r : 24 * r + 24], _GETFORCE_HEADER))
             )
             return
-        flags = wire.WANT_EXTRAS if barrier.want_extras else 0
+        flags = (wire.WANT_EXTRAS if barrier.want_extras else 0) | (
+            wire.WANT_DIPOLES if barrier.want_dipoles else 0
+        )
         self.transport.writelines(
             [*wire.fields_batch_parts(barrier.fields[self.rows], flags), _GETFORCE_HEADER]
         )
@@ -1564,7 +1602,9 @@ class Hub:
 
     # ------------------------------------------------------------------ barrier
 
-    def _freeze(self, ids: np.ndarray, fields: np.ndarray, want_extras: bool) -> _Barrier:
+    def _freeze(
+        self, ids: np.ndarray, fields: np.ndarray, want_extras: bool, want_dipoles: bool = False
+    ) -> _Barrier:
         layout = self._layout
         if layout is None or layout.key != ids.tobytes():
             unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
@@ -1581,7 +1621,7 @@ class Hub:
                 (self._molecules[m].index for m in ids.tolist()), dtype=np.intp, count=len(ids)
             )
             layout = self._layout = _Layout(ids.copy(), self._generation, index)
-        return _Barrier(layout, fields, want_extras)
+        return _Barrier(layout, fields, want_extras, want_dipoles)
 
     def _begin(
         self,
@@ -1590,6 +1630,7 @@ class Hub:
         timeout: float | None,
         abort_on_loss: bool,
         want_extras: bool = True,
+        want_dipoles: bool = False,
     ) -> _Barrier | None:
         """Freeze (or continue) the step, send what is due; the barrier, or None when
         paused. Synchronous: the caller then waits on ``barrier.waiter`` if set."""
@@ -1599,7 +1640,7 @@ class Hub:
         if barrier is None:
             if ids is None or fields is None:
                 raise UsageError("no step to continue: give the molecule ids and fields")
-            barrier = self._barrier = self._freeze(ids, fields, want_extras)
+            barrier = self._barrier = self._freeze(ids, fields, want_extras, want_dipoles)
         barrier.abort_on_loss = abort_on_loss
         barrier.lost.clear()
         self._progress_binds()
@@ -1695,9 +1736,9 @@ class Hub:
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
 
     async def _run(
-        self, ids, fields, timeout, abort_on_loss, want_extras: bool = True
+        self, ids, fields, timeout, abort_on_loss, want_extras: bool = True, dipoles: bool = False
     ) -> StepResult | None:
-        barrier = self._begin(ids, fields, timeout, abort_on_loss, want_extras)
+        barrier = self._begin(ids, fields, timeout, abort_on_loss, want_extras, dipoles)
         if barrier is not None and barrier.waiter is not None:
             try:
                 await barrier.waiter
@@ -1751,15 +1792,37 @@ class Hub:
         return self._outcome(result, abort, timeout).as_dict()
 
     async def step_arrays(
-        self, ids, fields, timeout: float | None = None, on_lost: str = "wait", extras: bool = True
+        self,
+        ids,
+        fields,
+        timeout: float | None = None,
+        on_lost: str = "wait",
+        extras: bool = True,
+        dipoles: bool = False,
     ) -> StepResult:
         """The barrier in array form: ``ids`` (N,), ``fields`` (N, 3) a.u. -> a
         :class:`StepResult` (sources row for row). Same policies as :meth:`step`.
-        ``extras=False`` tells ensemble drivers not to send their extras arrays."""
+
+        ``extras=False`` tells ensemble drivers not to send their extras arrays;
+        ``dipoles=True`` asks them for the dipole arrays at least (``mux_au``, ``muy_au``,
+        ``muz_au``, and ``mux_m_au``... when reported; MXHFIELDS flag WANT_DIPOLES), so
+        ``extras=False, dipoles=True`` gives the dipoles alone in ``result.extras()``.
+        Single drivers send all their extras every step, dipoles included. When dipoles
+        were asked and a molecule's did not come (an ensemble driver older than
+        WANT_DIPOLES, a model without them), the step is complete (the hub moved on) and
+        :class:`ProtocolError` names the molecules."""
+        result = await self._step_arrays(ids, fields, timeout, on_lost, extras, dipoles)
+        return _checked_dipoles(result, dipoles)
+
+    async def _step_arrays(
+        self, ids, fields, timeout: float | None, on_lost: str, extras: bool, dipoles: bool
+    ) -> StepResult:
+        """:meth:`step_arrays` without the check that the dipoles came (a relay passes
+        them upstream as they are; the upstream hub checks)."""
         abort = _check_policy(on_lost)
         if self._barrier is None and ids is not None:
             ids, fields = _as_step_arrays(ids, fields)
-        result = await self._run(ids, fields, timeout, abort, extras)
+        result = await self._run(ids, fields, timeout, abort, extras, dipoles)
         return self._outcome(result, abort, timeout)
 
     def _outcome(self, result: StepResult | None, abort: bool, timeout: float | None) -> StepResult:
@@ -2046,10 +2109,81 @@ def _fields_array(ids: np.ndarray, efields) -> np.ndarray:
             if np.shape(value) != (3,):
                 raise UsageError(f"molecule {mid}: efield_au must be 3 numbers, got {value!r}")
         raise UsageError(f"fields must have shape ({len(ids)}, 3)")
-    if not np.isfinite(fields).all():
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = fields.sum()  # finite only if every value is: no (N, 3) temporary
+    if not np.isfinite(total) and not np.isfinite(fields).all():
         r = int(np.flatnonzero(~np.isfinite(fields).all(axis=1))[0])
         raise UsageError(f"molecule {int(ids[r])}: efield_au is not finite: {fields[r].tolist()}")
     return fields
+
+
+def widen_socket_buffers(sock: socket.socket | None, molecules: int) -> None:
+    """Ask for 4 MB socket buffers (the kernel caps them at net.core.wmem_max/rmem_max)
+    on a connection exchanging frames of ``molecules`` >= 10^4 molecules: a 48 MB frame
+    then moves in a few large reads instead of hundreds of 200 kB ones."""
+    if sock is None or molecules < _KEEP_MEMORY_FROM:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+
+
+def _is_all_rows(rows: np.ndarray | slice, n: int) -> bool:
+    return isinstance(rows, slice) and rows == slice(0, n)
+
+
+def keep_freed_memory(molecules: int) -> None:
+    """Let glibc keep freed memory in a process that exchanges frames of ``molecules``
+    molecules, instead of handing it back to the system: every step of a large ensemble
+    allocates frames and arrays of tens of MB, and faulting their pages in again each
+    step cost more than the model (10^6 TLS molecules: 2 to 3 times slower, in the hub
+    and in the driver alike). Applied once the first ensemble of at least 10^4 molecules
+    appears; freed memory up to 1 GB then stays with the process (arrays up to 32 MB come
+    from the heap instead of fresh mappings). Nothing changes without glibc or with the
+    environment variable ``MAXWELLHUB_KEEP_MEMORY=0``."""
+    global _kept_memory
+    if _kept_memory or molecules < _KEEP_MEMORY_FROM:
+        return
+    _kept_memory = True
+    if os.environ.get("MAXWELLHUB_KEEP_MEMORY", "1") == "0":
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    log.debug("glibc keeps freed memory (ensembles of %d molecules)", molecules)
+
+
+_kept_memory = False
+_KEEP_MEMORY_FROM = 10_000
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _checked_dipoles(result: StepResult, dipoles: bool) -> StepResult:
+    """``result``, when dipoles were not asked or every molecule's came; else a
+    :class:`ProtocolError` naming the molecules without them."""
+    if not dipoles:
+        return result
+    extras = result.extras()
+    missing = np.zeros(len(result.ids), dtype=bool)
+    for key in wire.DIPOLE_KEYS:
+        values = extras.get(key)
+        if values is None:
+            missing[:] = True
+            break
+        missing |= np.isnan(values)
+    if missing.any():
+        ids = result.ids[missing].tolist()
+        raise ProtocolError(
+            f"molecule {ids[0]}"
+            + (f" (and {_ids_text(ids[1:])})" if len(ids) > 1 else "")
+            + f" sent no dipole ({', '.join(wire.DIPOLE_KEYS)}) although the step asked for "
+            "it (dipoles=True): its driver ignores MXHFIELDS flag WANT_DIPOLES (a "
+            "maxwellhub ensemble driver older than it) or its model does not report them"
+        )
+    return result
 
 
 def _as_step_arrays(ids, fields) -> tuple[np.ndarray, np.ndarray]:
@@ -2238,12 +2372,14 @@ class SocketHub:
         if self.hub is not None:
             self.hub.watch_processes(processes)
 
-    def _barrier(self, ids, fields, timeout, abort: bool, want_extras: bool = True):
+    def _barrier(
+        self, ids, fields, timeout, abort: bool, want_extras: bool = True, dipoles: bool = False
+    ):
         """One barrier attempt without a Task: dispatch synchronously, then run the loop
         only until this step's waiter resolves (the hot path of Meep's step callback)."""
         self._check_no_running_loop()
         hub, loop = self._live()
-        barrier = hub._begin(ids, fields, timeout, abort, want_extras)
+        barrier = hub._begin(ids, fields, timeout, abort, want_extras, dipoles)
         if barrier is not None and barrier.waiter is not None:
             try:
                 loop.run_until_complete(barrier.waiter)
@@ -2279,16 +2415,22 @@ class SocketHub:
         return self.hub._outcome(result, abort, timeout).as_dict()
 
     def step_arrays(
-        self, ids, fields, timeout: float | None = None, on_lost: str = "wait", extras: bool = True
+        self,
+        ids,
+        fields,
+        timeout: float | None = None,
+        on_lost: str = "wait",
+        extras: bool = True,
+        dipoles: bool = False,
     ) -> StepResult:
-        """The barrier in array form; see :meth:`Hub.step_arrays`."""
+        """The barrier in array form; see :meth:`Hub.step_arrays` (``dipoles`` too)."""
         if self.hub is None or self._loop is None:
             raise UsageError("step_arrays is only available on MPI rank 0 of a running hub")
         abort = _check_policy(on_lost)
         if self.hub._barrier is None and ids is not None:
             ids, fields = _as_step_arrays(ids, fields)
-        result = self._barrier(ids, fields, timeout, abort, extras)
-        return self.hub._outcome(result, abort, timeout)
+        result = self._barrier(ids, fields, timeout, abort, extras, dipoles)
+        return _checked_dipoles(self.hub._outcome(result, abort, timeout), dipoles)
 
     def status(self) -> dict:
         return self.hub.status() if self.hub else {}

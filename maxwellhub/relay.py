@@ -22,7 +22,9 @@ Session, in order:
 3. Each upstream MXHFIELDS + GETFORCE is one local barrier step (:meth:`Hub.step_arrays`)
    answered by one MXHSOURCES; the local drivers' per-molecule JSON extras travel as
    numeric arrays by key (NaN where a molecule does not report a key; strings and
-   booleans do not travel).
+   booleans do not travel). The MXHFIELDS flags go down with the step: WANT_EXTRAS
+   sends all extras up, WANT_DIPOLES alone only the dipole keys (``mux_au``...), asked
+   of the local ensembles with the same flag; neither, none.
 4. Upstream STOP: STOP to every local driver, then BYE upstream, exit 0 (EXIT: the same
    without BYE).
 
@@ -268,7 +270,7 @@ class _Upstream(asyncio.Protocol):
         self.ids: np.ndarray | None = None  # set once local drivers are initialised
         self.deferred_status = 0  # STATUS received while initialising
         self.fields: np.ndarray | None = None  # staged by MXHFIELDS
-        self.want_extras = True
+        self.flags = wire.WANT_EXTRAS  # of the last MXHFIELDS
         self.task: asyncio.Task | None = None  # local INIT or local step in flight
         self.stepping = False
         self.steps = 0
@@ -400,7 +402,7 @@ class _Upstream(asyncio.Protocol):
         if self.stepping:
             raise ProtocolError(f"MXHFIELDS during step {self.steps + 1}, before its MXHSOURCES")
         self.fields = event.fields
-        self.want_extras = bool(event.flags & wire.WANT_EXTRAS)
+        self.flags = event.flags
 
     def on_getforce(self, _event) -> None:
         if self.ids is None:
@@ -411,7 +413,7 @@ class _Upstream(asyncio.Protocol):
             raise ProtocolError("GETFORCE without MXHFIELDS since the last step")
         fields, self.fields = self.fields, None
         self.stepping = True
-        self.task = asyncio.ensure_future(self._step(fields, self.want_extras))
+        self.task = asyncio.ensure_future(self._step(fields, self.flags))
         self.task.add_done_callback(self._task_done)
 
     def on_stop(self, _event) -> None:
@@ -492,13 +494,13 @@ class _Upstream(asyncio.Protocol):
             self.transport.write(_STATUS_REPLY[wire.READY])
         self.deferred_status = 0
 
-    async def _step(self, fields: np.ndarray, want_extras: bool) -> None:
+    async def _step(self, fields: np.ndarray, flags: int) -> None:
         if self.at < self.resume_to:  # a replayed step: only the molecules behind take it
             await self._replayed_step(fields)
             return
         self.at += 1
         try:
-            result = await self._local_step(self.ids, fields, want_extras)
+            result = await self._local_step(self.ids, fields, flags)
         except StopRequested:
             return  # the session ended while the step waited; finish() said why
         except MaxwellHubError as exc:  # BarrierTimeout above all
@@ -506,7 +508,7 @@ class _Upstream(asyncio.Protocol):
             return
         finally:
             self.stepping = False
-        extras = self._extras(result) if want_extras else None
+        extras = self._extras(result, flags)
         if self.ended.done():
             return
         self.steps += 1
@@ -521,7 +523,7 @@ class _Upstream(asyncio.Protocol):
         behind = steps <= self.at
         sources = np.zeros((len(ids), 3))
         try:
-            result = await self._local_step(ids[behind], fields[behind], False)
+            result = await self._local_step(ids[behind], fields[behind], 0)
         except StopRequested:
             return
         except MaxwellHubError as exc:
@@ -535,15 +537,20 @@ class _Upstream(asyncio.Protocol):
         if not self.ended.done():
             self.transport.write(wire.encode_sources_batch(sources, None))
 
-    async def _local_step(self, ids: Any, fields: np.ndarray, extras: bool) -> _hub.StepResult:
-        """One local barrier step (no deadline unless the relay has a ``timeout``). A lost
-        local driver is waited for, up to ``replace_timeout``, and its replacement gets
-        the frozen field; :class:`BarrierTimeout` when none comes."""
+    async def _local_step(self, ids: Any, fields: np.ndarray, flags: int) -> _hub.StepResult:
+        """One local barrier step (no deadline unless the relay has a ``timeout``), asking
+        the local drivers what the upstream MXHFIELDS ``flags`` ask (extras, dipoles). A
+        lost local driver is waited for, up to ``replace_timeout``, and its replacement
+        gets the frozen field; :class:`BarrierTimeout` when none comes."""
+        extras = bool(flags & wire.WANT_EXTRAS)
+        dipoles = bool(flags & wire.WANT_DIPOLES)
         relay, local = self.relay, self.local
         while True:
             try:
-                return await local.step_arrays(
-                    ids, fields, timeout=relay.timeout, on_lost="abort", extras=extras
+                # unchecked: missing dipoles go upstream as NaN rows; the upstream hub,
+                # which asked for them, names the molecules
+                return await local._step_arrays(
+                    ids, fields, relay.timeout, "abort", extras, dipoles
                 )
             except DriverLost as exc:
                 log.warning(
@@ -564,11 +571,19 @@ class _Upstream(asyncio.Protocol):
                         exc.molecules,
                     ) from None
 
-    def _extras(self, result: _hub.StepResult) -> dict[str, np.ndarray]:
-        """The local extras as MXHSOURCES can carry them: ASCII keys of at most 64 bytes,
-        at most 64 keys; other keys are dropped with one warning each."""
+    def _extras(self, result: _hub.StepResult, flags: int) -> dict[str, np.ndarray] | None:
+        """The local extras the upstream ``flags`` ask for (all: WANT_EXTRAS; the dipole
+        keys only: WANT_DIPOLES; else None) as MXHSOURCES can carry them: ASCII keys of
+        at most 64 bytes, at most 64 keys; other keys are dropped with one warning each."""
+        if flags & wire.WANT_EXTRAS:
+            extras = result.extras()
+        elif flags & wire.WANT_DIPOLES:
+            dipole_keys = (*wire.DIPOLE_KEYS, *wire.DIPOLE_M_KEYS)
+            extras = {k: v for k, v in result.extras().items() if k in dipole_keys}
+        else:
+            return None
         out: dict[str, np.ndarray] = {}
-        for key, values in result.extras().items():
+        for key, values in extras.items():
             if key.isascii() and 0 < len(key) <= _MAX_KEY_BYTES and len(out) < _MAX_EXTRAS_KEYS:
                 out[key] = values
             elif key not in self._dropped_keys:

@@ -41,7 +41,18 @@ MXHSOURCES  d -> hub   int32 M, M f64 dmux/dt, M f64 dmuy/dt, M f64 dmuz/dt,  20
 
 A step is MXHFIELDS + GETFORCE (one write); the driver stages on MXHFIELDS and commits
 on GETFORCE, answering MXHSOURCES, so a re-sent step is idempotent as with POSDATA.
-MXHFIELDS flag bit 0 (WANT_EXTRAS) asks for the extras arrays; without it K = 0.
+MXHFIELDS flags (any other bit set is a :class:`ProtocolError` naming the value):
+
+- bit 0, WANT_EXTRAS (1): answer every extras array the model reports;
+- bit 1, WANT_DIPOLES (2): answer at least the dipole arrays ``mux_au``, ``muy_au``,
+  ``muz_au`` (:data:`DIPOLE_KEYS`), plus ``mux_m_au``, ``muy_m_au``, ``muz_m_au``
+  (:data:`DIPOLE_M_KEYS`) when the model reports them; alone, only these (an EM engine
+  that needs each molecule's dipole every step, without the cost of all extras);
+- neither: K = 0.
+
+An ensemble driver older than WANT_DIPOLES ignores bit 1 and answers K = 0 (or all
+extras); the hub then names the molecules whose dipoles did not come (see
+:meth:`maxwellhub.hub.Hub.step_arrays`).
 
 maxwellhub's authentication frames (version 1, see :mod:`maxwellhub.auth`). Only a hub
 given a secret sends MXHAUTH, as its first message instead of STATUS; nothing else is
@@ -93,13 +104,46 @@ import numpy as np
 from .errors import ProtocolError
 
 __all__ = [
-    "HEADER_SIZE", "STATUS", "READY", "NEEDINIT", "HAVEDATA", "INIT", "POSDATA", "GETFORCE",
-    "FORCEREADY", "STOP", "BYE", "EXIT", "FIELDDATA", "GETSOURCE", "SOURCEREADY",
-    "FIELD_STEP_SIZE", "FIELD_STEP_HEAD", "SOURCE_READY_PREFIX_SIZE", "Limits", "Status",
-    "Ready", "NeedInit",
-    "HaveData", "GetForce", "Stop", "Bye", "Exit", "Init", "PosData", "ForceReady", "Event",
-    "Decoder", "encode", "encode_header", "encode_init", "encode_posdata",
-    "encode_forceready", "encode_field_step", "encode_source_ready", "ProtocolError",
+    "BYE",
+    "EXIT",
+    "FIELDDATA",
+    "FIELD_STEP_HEAD",
+    "FIELD_STEP_SIZE",
+    "FORCEREADY",
+    "GETFORCE",
+    "GETSOURCE",
+    "HAVEDATA",
+    "HEADER_SIZE",
+    "INIT",
+    "NEEDINIT",
+    "POSDATA",
+    "READY",
+    "SOURCEREADY",
+    "SOURCE_READY_PREFIX_SIZE",
+    "STATUS",
+    "STOP",
+    "Bye",
+    "Decoder",
+    "Event",
+    "Exit",
+    "ForceReady",
+    "GetForce",
+    "HaveData",
+    "Init",
+    "Limits",
+    "NeedInit",
+    "PosData",
+    "ProtocolError",
+    "Ready",
+    "Status",
+    "Stop",
+    "encode",
+    "encode_field_step",
+    "encode_forceready",
+    "encode_header",
+    "encode_init",
+    "encode_posdata",
+    "encode_source_ready",
 ]
 
 HEADER_SIZE = 12
@@ -126,6 +170,10 @@ MXHFIELDS = b"MXHFIELDS"
 MXHSOURCES = b"MXHSOURCES"
 BATCH_VERSION = 1
 WANT_EXTRAS = 1
+WANT_DIPOLES = 2
+FIELDS_FLAGS = WANT_EXTRAS | WANT_DIPOLES  # every MXHFIELDS flag bit this side knows
+DIPOLE_KEYS = ("mux_au", "muy_au", "muz_au")
+DIPOLE_M_KEYS = ("mux_m_au", "muy_m_au", "muz_m_au")
 
 MXHAUTH = b"MXHAUTH"
 MXHPROOF = b"MXHPROOF"
@@ -140,6 +188,7 @@ RESUME_KEY = "mxh_resume"     # the INIT JSON key that offers MXHRESUME
 _RESUME_FRAME = struct.Struct("<12siiq")
 
 _I32 = struct.Struct("<i")
+_MIN_BUFFER = 1 << 16
 _F64 = struct.Struct("<d")
 _3F64 = struct.Struct("<3d")
 _MAT = struct.Struct("<9d")
@@ -284,7 +333,8 @@ class Welcome:
 @dataclass(frozen=True, slots=True, eq=False)
 class FieldsBatch:
     """MXHFIELDS: the (M, 3) fields of a batched driver's molecules, a.u.; ``flags``
-    bit 0 (WANT_EXTRAS) asks for the extras arrays with the sources."""
+    bit 0 (WANT_EXTRAS) asks for the extras arrays with the sources, bit 1
+    (WANT_DIPOLES) for the dipole arrays at least."""
 
     fields: np.ndarray
     flags: int = WANT_EXTRAS
@@ -444,13 +494,18 @@ def _blocks(name: str, rows) -> bytes:
     return _I32.pack(a.shape[0]) + np.ascontiguousarray(a.T, dtype="<f8").tobytes()
 
 
-def fields_batch_parts(fields, flags: int = WANT_EXTRAS) -> list[bytes]:
-    """MXHFIELDS as a list of byte strings (for ``writelines``, no concatenation copy)."""
+def fields_batch_parts(fields, flags: int = WANT_EXTRAS) -> list:
+    """MXHFIELDS as a list of buffers (for ``writelines``, no concatenation copy)."""
     a = np.asarray(fields, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] != 3:
         raise ValueError(f"fields must have shape (M, 3), got {a.shape}")
-    return [_H[MXHFIELDS], struct.pack("<ii", a.shape[0], flags),
-            np.ascontiguousarray(a.T, dtype="<f8").tobytes()]
+    if flags & ~FIELDS_FLAGS:
+        raise ValueError(f"MXHFIELDS flags {flags} has bits other than WANT_EXTRAS (1) "
+                         "and WANT_DIPOLES (2)")
+    # one copy into blocks (x of every molecule, then y, then z), always a fresh array:
+    # a transport may keep the view until it is sent
+    blocks = np.array(a.T, dtype="<f8", order="C")
+    return [_H[MXHFIELDS], struct.pack("<ii", a.shape[0], flags), _bytes_view(blocks)]
 
 
 def encode_fields_batch(fields, flags: int = WANT_EXTRAS) -> bytes:
@@ -458,18 +513,33 @@ def encode_fields_batch(fields, flags: int = WANT_EXTRAS) -> bytes:
     return b"".join(fields_batch_parts(fields, flags))
 
 
-def encode_sources_batch(sources, extras=None) -> bytes:
-    """MXHSOURCES for (M, 3) dmu/dt and ``{key: (M,) array}`` extras."""
-    body = _blocks("sources", sources)
-    m = len(sources)
-    parts = [_H[MXHSOURCES], body, _I32.pack(len(extras or {}))]
+def sources_batch_parts(sources, extras=None) -> list:
+    """MXHSOURCES as a list of buffers (for ``sendmsg``/``writelines``): views of the
+    arrays where they are contiguous already (a column-major ``sources``, (M,) extras),
+    so a large frame is not copied before the socket takes it."""
+    a = np.asarray(sources, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 3:
+        raise ValueError(f"sources must have shape (M, 3), got {a.shape}")
+    m = a.shape[0]
+    blocks = np.ascontiguousarray(a.T, dtype="<f8")  # x of every molecule, then y, then z
+    parts: list = [_H[MXHSOURCES], _I32.pack(m), _bytes_view(blocks),
+                   _I32.pack(len(extras or {}))]
     for key, values in (extras or {}).items():
         name = key.encode("ascii")
         v = np.ascontiguousarray(values, dtype="<f8")
         if v.shape != (m,):
             raise ValueError(f"extras {key!r} must have shape ({m},), got {v.shape}")
-        parts += [_I32.pack(len(name)), name, v.tobytes()]
-    return b"".join(parts)
+        parts += [_I32.pack(len(name)), name, _bytes_view(v)]
+    return parts
+
+
+def _bytes_view(a: np.ndarray) -> memoryview:
+    return a.data.cast("B")
+
+
+def encode_sources_batch(sources, extras=None) -> bytes:
+    """MXHSOURCES for (M, 3) dmu/dt and ``{key: (M,) array}`` extras."""
+    return b"".join(sources_batch_parts(sources, extras))
 
 
 def encode(event: Event) -> bytes:
@@ -543,14 +613,18 @@ class Decoder:
     violation raises :class:`ProtocolError`; the decoder then refuses further input.
     """
 
-    __slots__ = ("_buf", "_accepts", "_sender", "_limits", "_error", "batch")
+    __slots__ = ("_accepts", "_buf", "_error", "_len", "_limits", "_sender", "batch")
 
     def __init__(self, reader: str = "hub", limits: Limits | None = None) -> None:
         if reader not in _READERS:
             raise ValueError(f"reader must be 'hub' or 'driver', not {reader!r}")
         self._accepts, self._sender = _READERS[reader]
         self._limits = limits or Limits()
-        self._buf = bytearray()
+        # Received bytes are ``_buf[:_len]``. The buffer grows by doubling and is kept:
+        # appending a 48 MB frame read by read to a bytearray cost 90 ms (reallocations),
+        # copying into room already there costs one memcpy.
+        self._buf = bytearray(_MIN_BUFFER)
+        self._len = 0
         self._error: ProtocolError | None = None
         #: Molecules per batched frame once negotiated (MXHHELLO/MXHWELCOME); None before.
         self.batch: int | None = None
@@ -558,7 +632,7 @@ class Decoder:
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a complete message."""
-        return len(self._buf)
+        return self._len
 
     @property
     def limits(self) -> Limits:
@@ -568,27 +642,49 @@ class Decoder:
         """Add received bytes; return the events they complete (possibly none)."""
         if self._error is not None:
             raise self._error
+        n = len(data)
+        self.read_buffer(n)[:n] = data
+        return self.received(n)
+
+    def read_buffer(self, size: int = 1 << 18) -> memoryview:
+        """Writable room for at least ``size`` bytes after those held, to receive into
+        (``recv_into``, asyncio's ``BufferedProtocol.get_buffer``) with no copy; then
+        :meth:`received` with the count. The room is valid until that call."""
+        start = self._len
+        if start + size > len(self._buf):
+            grown = bytearray(max(start + size, 2 * len(self._buf)))
+            grown[:start] = memoryview(self._buf)[:start]
+            self._buf = grown
+        return memoryview(self._buf)[start:]
+
+    def received(self, nbytes: int) -> list[Event]:
+        """``nbytes`` were written at the start of :meth:`read_buffer`'s room; return
+        the events they complete, as :meth:`feed` does."""
+        if self._error is not None:
+            raise self._error
         buf = self._buf
-        buf += data
+        end = self._len + nbytes
+        view = memoryview(buf)[:end]
         events: list[Event] = []
         pos = 0
         try:
-            while len(buf) - pos >= HEADER_SIZE:
-                ev, used = self._parse(buf, pos)
+            while end - pos >= HEADER_SIZE:
+                ev, used = self._parse(view, pos)
                 if ev is None:
                     break
                 events.append(ev)
                 pos += used
         except ProtocolError as exc:
             self._error = exc
-            buf.clear()
+            self._len = 0
             raise
-        if pos:
-            del buf[:pos]
+        if pos:  # same length on both sides: a move, never a resize
+            buf[: end - pos] = buf[pos:end]
+        self._len = end - pos
         return events
 
     # One parser per message; each returns (event, bytes used) or (None, 0) if incomplete.
-    def _parse(self, buf: bytearray, pos: int):
+    def _parse(self, buf: memoryview, pos: int):
         raw = bytes(buf[pos:pos + HEADER_SIZE])
         name = _KNOWN.get(raw)
         if name is None:
@@ -613,7 +709,7 @@ class Decoder:
             return self._resume(buf, pos, name)
         return self._batch(buf, pos, name)
 
-    def _resume(self, buf: bytearray, pos: int, name: bytes):
+    def _resume(self, buf: memoryview, pos: int, name: bytes):
         if len(buf) - pos < _RESUME_FRAME.size:
             return None, 0
         _, version, m, value = _RESUME_FRAME.unpack_from(buf, pos)
@@ -630,7 +726,7 @@ class Decoder:
         event = Resume(version, m, value) if name == MXHRESUME else Claim(version, m, value)
         return event, _RESUME_FRAME.size
 
-    def _auth(self, buf: bytearray, pos: int, name: bytes):
+    def _auth(self, buf: memoryview, pos: int, name: bytes):
         if len(buf) - pos < _AUTH_FRAME.size:
             return None, 0
         _, version, value = _AUTH_FRAME.unpack_from(buf, pos)
@@ -641,7 +737,7 @@ class Decoder:
             return AuthChallenge(version, value), _AUTH_FRAME.size
         return AuthProof(version, value), _AUTH_FRAME.size
 
-    def _hello(self, buf: bytearray, pos: int, name: bytes):
+    def _hello(self, buf: memoryview, pos: int, name: bytes):
         size = 24 if name == MXHHELLO else 20
         if len(buf) - pos < size:
             return None, 0
@@ -657,7 +753,7 @@ class Decoder:
             return Hello(version, m, flags), size
         return Welcome(version, m), size
 
-    def _batch(self, buf: bytearray, pos: int, name: bytes):
+    def _batch(self, buf: memoryview, pos: int, name: bytes):
         avail = len(buf) - pos
         if avail < 16:
             return None, 0
@@ -673,33 +769,20 @@ class Decoder:
             return None, 0
         keys: list[tuple[int, int]] = []  # (offset of the key name, its length)
         if name == MXHSOURCES:
-            # Walk the extras headers first: nothing is decoded until the whole frame is
-            # here, so a frame arriving in many reads costs one decode, not one per read.
-            if avail < at + 4:
+            end = self._extras_keys(buf, pos, at, m, label, keys)
+            if end is None:
                 return None, 0
-            (k,) = _I32.unpack_from(buf, pos + at)
-            if k < 0 or k > self._limits.max_extras_keys:
-                raise ProtocolError(f"{label}: {k} extras arrays is outside "
-                                    f"0..{self._limits.max_extras_keys} (max_extras_keys)")
-            end = at + 4
-            for _ in range(k):
-                if avail < end + 4:
-                    return None, 0
-                (n,) = _I32.unpack_from(buf, pos + end)
-                if n < 1 or n > self._limits.max_key_bytes:
-                    raise ProtocolError(f"{label}: extras key length {n} bytes is outside "
-                                        f"1..{self._limits.max_key_bytes} (max_key_bytes)")
-                keys.append((end + 4, n))
-                end += 4 + n + 8 * m
-            if avail < end:
-                return None, 0
+        if name == MXHFIELDS:
+            (flags,) = _I32.unpack_from(buf, pos + 16)
+            if flags & ~FIELDS_FLAGS:
+                raise ProtocolError(f"{label}: flags {flags} has bits other than "
+                                    "WANT_EXTRAS (1) and WANT_DIPOLES (2)")
         arr = np.frombuffer(buf, "<f8", 3 * m, pos + head).reshape(3, m).T.astype(np.float64)
         if not np.isfinite(arr).all():
             bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
             raise ProtocolError(f"{label}: value of molecule index {bad} is not finite "
                                 f"{arr[bad].tolist()!r}")
         if name == MXHFIELDS:
-            (flags,) = _I32.unpack_from(buf, pos + 16)
             return FieldsBatch(arr, flags), at
         extras = {}
         for offset, n in keys:
@@ -712,14 +795,39 @@ class Decoder:
         at = end
         return SourcesBatch(arr, extras), at
 
-    def _nat(self, buf: bytearray, at: int, message: str) -> int:
+    def _extras_keys(self, buf: memoryview, pos: int, at: int, m: int, label: str,
+                     keys: list[tuple[int, int]]) -> int | None:
+        """Walk the extras headers of the MXHSOURCES at ``pos`` (its arrays end at
+        ``at``), appending (offset, length) of each key to ``keys``: the frame's length,
+        or None until the whole frame is here. Nothing is decoded before, so a frame
+        arriving in many reads costs one decode, not one per read."""
+        avail = len(buf) - pos
+        if avail < at + 4:
+            return None
+        (k,) = _I32.unpack_from(buf, pos + at)
+        if k < 0 or k > self._limits.max_extras_keys:
+            raise ProtocolError(f"{label}: {k} extras arrays is outside "
+                                f"0..{self._limits.max_extras_keys} (max_extras_keys)")
+        end = at + 4
+        for _ in range(k):
+            if avail < end + 4:
+                return None
+            (n,) = _I32.unpack_from(buf, pos + end)
+            if n < 1 or n > self._limits.max_key_bytes:
+                raise ProtocolError(f"{label}: extras key length {n} bytes is outside "
+                                    f"1..{self._limits.max_key_bytes} (max_key_bytes)")
+            keys.append((end + 4, n))
+            end += 4 + n + 8 * m
+        return None if avail < end else end
+
+    def _nat(self, buf: memoryview, at: int, message: str) -> int:
         (nat,) = _I32.unpack_from(buf, at)
         if nat < 0 or nat > self._limits.max_nat:
             raise ProtocolError(
                 f"{message}: nat = {nat} is outside 0..{self._limits.max_nat} (max_nat)")
         return nat
 
-    def _forceready(self, buf: bytearray, pos: int):
+    def _forceready(self, buf: memoryview, pos: int):
         avail = len(buf) - pos
         if avail < 24:
             return None, 0
@@ -755,7 +863,7 @@ class Decoder:
         extras = bytes(buf[pos + m_at + 4:pos + total])
         return ForceReady(energy, forces, virial, extras), total
 
-    def _posdata(self, buf: bytearray, pos: int):
+    def _posdata(self, buf: memoryview, pos: int):
         avail = len(buf) - pos
         if avail < 160:
             return None, 0
@@ -780,7 +888,7 @@ class Decoder:
         inverse = mats[9:].reshape(3, 3).T.copy()
         return PosData(cell, inverse, positions.reshape(nat, 3)), total
 
-    def _init(self, buf: bytearray, pos: int):
+    def _init(self, buf: memoryview, pos: int):
         avail = len(buf) - pos
         if avail < 20:
             return None, 0

@@ -21,7 +21,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["KINDS", "REQUIRED", "UNIT_SUFFIXES", "Model", "Parameter", "ParameterError"]
+__all__ = [
+    "DIPOLE_KEYS",
+    "KINDS",
+    "REQUIRED",
+    "UNIT_SUFFIXES",
+    "Model",
+    "Parameter",
+    "ParameterError",
+]
 
 State = dict[str, np.ndarray]
 
@@ -51,6 +59,8 @@ _DEFAULT_ALLOWED: dict[Any, str] = {
 # get_state() keys: "param.<name>" for each parameter, "rng.state" for a model's _rng
 _PARAM_PREFIX = "param."
 _RNG_KEY = "rng.state"
+#: The extras keys of the dipole (a.u.) that every model reports, x, y, z.
+DIPOLE_KEYS = ("mux_au", "muy_au", "muz_au")
 # names the constructor and validate_params take themselves
 _RESERVED_NAMES = frozenset({"n", "base_dir"})
 
@@ -584,7 +594,7 @@ class Model:
             )
         if self._one:
             return self._stage_scalar(f.tolist()[0], self._dt)
-        if not np.isfinite(f).all():
+        if not _all_finite(f):
             bad = _first_bad_row(f)
             raise ValueError(
                 f"{self._label()}: field of molecule {self._ids[bad]} is not finite: "
@@ -602,7 +612,7 @@ class Model:
                 f"{self._label()}: _stage_impl returned sources of shape {sources.shape}, "
                 f"expected ({self._n}, 3)"
             )
-        if not np.isfinite(sources).all():
+        if not _all_finite(sources):
             bad = _first_bad_row(sources)
             self._raise_bad_source(bad, sources[bad])
         self._staged = (new_state, sources, self._time + self._dt, drawn)
@@ -706,6 +716,16 @@ class Model:
         """Reported quantities of the committed state: key -> (n,) float64 array."""
         out = {"time_au": np.full(self._n, self._time)}
         out.update(self._extras_impl(self._state))
+        return out
+
+    def dipoles(self) -> np.ndarray:
+        """The committed dipoles (n, 3) in a.u.: the extras ``mux_au``, ``muy_au``,
+        ``muz_au`` as columns (every model reports them). A new array each call; models
+        override it with a cheaper path giving the same values."""
+        extras = self.extras()
+        out = np.empty((self._n, 3), order="F")
+        for k, key in enumerate(DIPOLE_KEYS):
+            out[:, k] = extras[key]
         return out
 
     def extras_of(self, index: int = 0) -> dict[str, float]:
@@ -902,6 +922,18 @@ def _check_n(label: str, n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         raise ValueError(f"{label}: n = {n!r} is not allowed; expected an int >= 1")
     return int(n)
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """Whether every value of an (n, 3) array is finite, without an (n, 3) temporary: a
+    finite sum proves it (any NaN or inf makes the sum NaN or inf); only a sum that is not
+    finite (one bad value, or an overflow) is checked value by value. Rows broadcast from
+    one (stride 0) are that one row."""
+    if a.ndim == 2 and a.strides[0] == 0:
+        return bool(np.isfinite(a[0]).all())
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = a.sum()
+    return bool(np.isfinite(total)) or bool(np.isfinite(a).all())
 
 
 def _first_bad_row(a: np.ndarray) -> int:

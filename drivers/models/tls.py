@@ -56,6 +56,13 @@ def _sin(angle: float) -> float:
     return float(np.sin(angle))
 
 
+def _constant(column: np.ndarray) -> bool:
+    """Whether all values of a 1-d array are equal (a broadcast one is, at no cost)."""
+    if column.strides[0] == 0 or len(column) < 2:
+        return True
+    return bool(column[0] == column[-1]) and bool((column == column[0]).all())
+
+
 def _reported(x, y, z, omega, mu12):
     """Dipole along the axis and the other extras of Bloch vectors (floats or arrays)."""
     pe = 0.5 * (1.0 - z)
@@ -140,6 +147,13 @@ class TLSModel(Model):
         half = 0.5 * dt_au * self.params["omega"]
         self._turn_cos, self._turn_sin = np.cos(half), np.sin(half)
         self._angle_per_field = 2.0 * dt_au * self.params["mu12"]
+        # the same constants for every molecule (one omega, mu12 and axis): the common case,
+        # stepped with scalars instead of (n,) arrays of equal values (same products)
+        self._uniform = None
+        if self.n > 1 and isinstance(self._pick[0], slice):
+            consts = (self._angle_per_field, self._turn_cos, self._turn_sin, self._source_per_y)
+            if all((a == a[0]).all() for a in consts):
+                self._uniform = tuple(float(a[0]) for a in consts)
         if self.n == 1:  # the constants of _stage_one, as floats
             self._one_consts = (
                 int(self._axis[0]),
@@ -158,10 +172,20 @@ class TLSModel(Model):
         new = np.empty_like(state["bloch"], order="F")
         new_x, new_y, new_z = new.T
         angle, tmp, c, s = self._scratch
-        turn_cos, turn_sin = self._turn_cos, self._turn_sin
-        np.multiply(self._angle_per_field, fields[self._pick], out=angle)
-        np.cos(angle, out=c)
-        np.sin(angle, out=s)
+        column = fields[self._pick]
+        uniform = self._uniform
+        if uniform is not None and _constant(column):
+            # one field for all (a cavity mode): one angle, so cos and sin once (on a
+            # one-element array: the very loop, and value, of the per-molecule path)
+            angle_per_field, turn_cos, turn_sin, source_per_y = uniform
+            one = np.array((angle_per_field * float(column[0]),))
+            c, s = float(np.cos(one)[0]), float(np.sin(one)[0])
+        else:
+            turn_cos, turn_sin = self._turn_cos, self._turn_sin
+            source_per_y = self._source_per_y
+            np.multiply(self._angle_per_field, column, out=angle)
+            np.cos(angle, out=c)
+            np.sin(angle, out=s)
         y1 = angle  # the angle is no longer needed
         np.multiply(x, turn_cos, out=new_x)  # first half turn: (new_x, y1)
         np.multiply(y, turn_sin, out=tmp)
@@ -181,8 +205,12 @@ class TLSModel(Model):
         new_x -= tmp
         new_y *= turn_cos
         new_y += y1
-        sources = np.zeros((self.n, 3))
-        sources[self._pick] = self._source_per_y * new_y
+        # column-major like the fields MXHFIELDS decodes to: each axis is one block
+        sources = np.zeros((self.n, 3), order="F")
+        if isinstance(self._pick[0], slice):
+            np.multiply(source_per_y, new_y, out=sources[self._pick])
+        else:
+            sources[self._pick] = source_per_y * new_y
         return {"bloch": new}, sources
 
     def _stage_one(self, state, field):
@@ -213,6 +241,16 @@ class TLSModel(Model):
             bloch[:, 0], bloch[:, 1], bloch[:, 2], self.params["omega"], self.params["mu12"]
         )
         out.update({key: np.where(self._axis == k, dipole, 0.0) for k, key in enumerate(_AXES)})
+        return out
+
+    def dipoles(self) -> np.ndarray:
+        """The committed dipoles (n, 3), column-major: mu12 x on each molecule's axis."""
+        x = self._state["bloch"][:, 0]
+        out = np.zeros((self.n, 3), order="F")
+        if isinstance(self._pick[0], slice):
+            np.multiply(self.params["mu12"], x, out=out[self._pick])
+        else:
+            out[self._pick] = self.params["mu12"] * x
         return out
 
     def _extras_one(self, state):
