@@ -279,7 +279,10 @@ class Molecules:
                         "report them)"
                     )
                 dipoles[self.socket_rows] = mu
-                nexts.append((self.socket_rows, _dipoles_of(got, NEXT_DIPOLE_KEYS)))
+                mu_m = _dipoles_of(got, NEXT_DIPOLE_KEYS)
+                if mu_m is not None and np.isnan(mu_m).any():  # not every molecule has them
+                    mu_m = None
+                nexts.append((self.socket_rows, mu_m))
         if record:
             self.records.append((step, extras))
         if dipoles is None or not nexts or any(m is None for _, m in nexts):
