@@ -208,6 +208,10 @@ class EngineCoupling:
         self._sources = np.zeros((m, 3))
         self._dipoles = np.zeros((m, 3)) if self.engine.needs_dipoles else None
         self._ones = np.ones(m)
+        if m >= 10_000:  # every step's arrays of tens of MB: no page faults for each
+            from ..hub import keep_freed_memory
+
+            keep_freed_memory(m)
         self._started = True
         self._molecules.bind(self.dt_au)
 
@@ -217,12 +221,9 @@ class EngineCoupling:
             self._start()
         n = self.step_index
         field = self.engine.field()
-        if field.ndim == 1:  # one vector for all: a read-only broadcast view, no copy
-            fields = np.broadcast_to(field, self._fields_shape)
-        else:
-            fields = field
-        sources, dipoles = self._sources, self._dipoles
-        nexts = self._molecules.step(fields, n, sources, dipoles)
+        # one vector for all: a read-only broadcast view, no copy
+        fields = np.broadcast_to(field, self._fields_shape) if field.ndim == 1 else field
+        sources, dipoles, nexts = self._molecules.answers(fields, n, self._sources, self._dipoles)
         if self._scaled:
             scale = self._scale[:, None]
             sources = sources * scale
