@@ -48,11 +48,12 @@ add_module_names = False
 
 html_theme = "alabaster"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_title = f"maxwellhub {release}"
 html_theme_options = {
     "description": "Meep and molecules over i-PI sockets",
     "fixed_sidebar": True,
-    "page_width": "1100px",
+    "page_width": "1240px",
     "sidebar_width": "240px",
 }
 html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]}
