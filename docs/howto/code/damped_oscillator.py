@@ -1,9 +1,9 @@
 """A damped classical dipole oscillator: the smallest useful maxwellhub model.
 
-    maxwellhub-driver --unix run1 --model damped_oscillator:DampedOscillator \
-        --param omega=0.242 --param gamma=1e-3
+    PYTHONPATH=docs/howto/code maxwellhub-driver --unix run1 \
+        --model damped_oscillator:DampedOscillator --param omega=0.242 --param gamma=1e-3
 
-(run from this directory, or put the module on PYTHONPATH). Semi-implicit Euler with an
+(the module must be importable: on PYTHONPATH, or installed). Semi-implicit Euler with an
 exact friction factor: p <- (p + dt (-omega^2 q + mu0 E)) exp(-gamma dt); q <- q + dt p.
 """
 
