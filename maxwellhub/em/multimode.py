@@ -2,7 +2,7 @@
 
 The cavity has length ``L = length_au`` along one axis (the position column
 ``axis_position``) and ``M = n_modes`` standing-wave modes k = 1..M per polarisation axis
-(``coupling_axis``, e.g. ``"z"`` or ``"xy"``; each axis has its own independent set):
+(``coupling_axis``, e.g. ``"z"`` or ``"xy"``; each axis has its own independent set)::
 
     omega_k = k pi c / L                (c = SPEED_OF_LIGHT_AU)
     f_k(x)  = sin(k pi x / L)            at each molecule's coordinate x (exactly 0
@@ -15,7 +15,7 @@ The cavity has length ``L = length_au`` along one axis (the position column
 
 with ``eps = coupling_strength``. Writing C_ik = eps_k f_k(x_i) (the (molecules x modes)
 matrix built once in :meth:`~MultimodeCavity.setup`) and mu_i the molecules' dipoles
-projected on the coupling axes, the equations integrated are
+projected on the coupling axes, the equations integrated are::
 
     q_k'' = -omega_k^2 q_k - sum_i C_ik mu_i - kappa_k q_k'
     E_i   = -sum_k C_ik q_k  - [include_dse] sum_k C_ik (1/omega_k^2) sum_j C_jk mu_j
