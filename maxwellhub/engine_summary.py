@@ -155,9 +155,14 @@ def _cavity(config, history, out_dir: Path, plot: bool) -> dict[str, Any]:
 
 def _multimode(config, history, out_dir: Path, plot: bool) -> dict[str, Any]:
     energy = history.get("engine/mode_energy_au")
-    if energy is None or not plot:
+    if energy is None:
         return {}
-    energy = np.atleast_2d(np.asarray(energy).T).T
+    energy = np.asarray(energy)
+    if energy.ndim == 3:  # (T, modes, axes): each mode's energy over its polarisations
+        energy = energy.sum(axis=2)
+    peaks = {"mode_energy_max_au": [float(f"{e:.6g}") for e in energy.max(axis=0)]}
+    if not plot:
+        return peaks
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     t = history["engine/time_au"]
@@ -171,7 +176,34 @@ def _multimode(config, history, out_dir: Path, plot: bool) -> dict[str, Any]:
     path = out_dir / "modes.png"
     fig.savefig(path)
     plt.close(fig)
-    return {"plot": str(path)}
+    return {**peaks, "plot": str(path)}
+
+
+def _resonant_cw_rabi(config) -> float | None:
+    """Omega = mu12 E0 |polarization . axis| for identical ``tls`` molecules starting in the
+    ground state under a continuous wave at their frequency, else None."""
+    from maxwellhub_drivers.models import get_model_class
+
+    from .pulses import ContinuousWave
+
+    pulse = config.em.params.get("pulse")
+    if not isinstance(pulse, dict) or pulse.get("shape") != "cw":
+        return None
+    wave = ContinuousWave(**{k: float(v) for k, v in pulse.items() if k != "shape"})
+    pol = np.asarray(config.em.params.get("polarization", (0.0, 0.0, 1.0)), dtype=float)
+    pol = pol / np.linalg.norm(pol)
+    tls = get_model_class("tls")
+    rates = set()
+    for g in config.molecules:
+        if get_model_class(g.model) is not tls:
+            return None
+        p = dict({k: q.default for k, q in tls.parameters.items()}, **g.params)
+        if any(np.ndim(p[k]) for k in ("omega", "mu12", "orientation", "pe_initial")):
+            return None
+        if float(p["pe_initial"]) != 0.0 or abs(float(p["omega"]) - wave.omega) > 1e-12:
+            return None
+        rates.add(float(p["mu12"]) * wave.e0 * abs(pol[int(p["orientation"])]))
+    return rates.pop() if len(rates) == 1 else None
 
 
 def _laser(config, history, out_dir: Path, plot: bool) -> dict[str, Any]:
@@ -200,7 +232,19 @@ def _laser(config, history, out_dir: Path, plot: bool) -> dict[str, Any]:
             else history["step"] * config.simulation.dt_au
         )
         for j in range(min(pe.shape[1], 10)):
-            ax2.plot(tt, pe[:, j], lw=1.0)
+            ax2.plot(tt, pe[:, j], lw=1.0, label="simulated" if j == 0 else None)
+        omega_rabi = _resonant_cw_rabi(config)
+        if omega_rabi is not None:  # rotating-wave result from the ground state
+            ax2.plot(
+                tt,
+                np.sin(omega_rabi * tt / 2) ** 2,
+                "--",
+                color="tab:red",
+                lw=1.2,
+                label=r"$\sin^2(\Omega t/2)$, $\Omega = \mu_{12} E_0$",
+            )
+            out["rabi_frequency_au"] = float(f"{omega_rabi:.8g}")
+        ax2.legend(fontsize=8)
     ax2.set_xlabel("time (a.u.)")
     ax2.set_ylabel("excited population $P_e$")
     ax1.set_title(f"{config.molecule_count} molecule(s) driven by a laser", fontsize=10)
