@@ -306,6 +306,7 @@ class Barrier:
         self._ep = select.epoll()
         self._bell: dict[int, int] = {}
         self._sock: dict[int, int] = {}
+        self._dead: set[int] = set()
         for i, lane in enumerate(lanes):
             self._ep.register(lane.to_hub, select.EPOLLIN)
             self._bell[lane.to_hub] = i
@@ -315,28 +316,43 @@ class Barrier:
                 self._sock[fd] = i
 
     def step(self, step: int, timeout: float = -1) -> None:
+        for i in self._dead:
+            raise PeerGone(f"lane {i}: driver closed its socket")
         for lane in self.lanes:
             lane.post(step)
         self.wait(timeout)
 
     def wait(self, timeout: float = -1) -> None:
-        """Wait for every lane's sources of its current step (checks the sequences)."""
-        pending = len(self.lanes)
+        """Wait for every lane's sources of its current step (checks the sequences).
+
+        Bells are handled before sockets of the same poll: a driver that answered and then
+        exited delivered this step; its EOF is reported at the next :meth:`step`.
+        """
+        answered: set[int] = set()
         bell, lanes = self._bell, self.lanes
-        while pending:
+        while len(answered) < len(lanes):
             events = self._ep.poll(timeout)
             if not events:
-                raise TimeoutError(f"{pending} of {len(lanes)} lanes did not answer")
+                raise TimeoutError(f"{len(lanes) - len(answered)} of {len(lanes)} lanes "
+                                   "did not answer")
+            closed = []
             for fd, _ in events:
                 i = bell.get(fd)
                 if i is None:
-                    j = self._sock[fd]
-                    try:
-                        lanes[j]._socket_event()
-                    except PeerGone as exc:
-                        raise PeerGone(f"lane {j}: {exc}") from None
-                lanes[i].take_sources()
-                pending -= 1
+                    closed.append(fd)
+                else:
+                    lanes[i].take_sources()
+                    answered.add(i)
+            for fd in closed:
+                j = self._sock[fd]
+                if j in answered:  # answered, then went away: report it next step
+                    self._ep.unregister(fd)
+                    self._dead.add(j)
+                    continue
+                try:
+                    lanes[j]._socket_event()
+                except PeerGone as exc:
+                    raise PeerGone(f"lane {j}: {exc}") from None
 
     def close(self) -> None:
         self._ep.close()
