@@ -106,8 +106,16 @@ class Lane:
     and ``extras`` are numpy views on the mapping: writing them writes the segment.
     """
 
-    def __init__(self, side: str, mm: mmap.mmap, molecules: int, extras: int,
-                 to_driver: int, to_hub: int, sock: socket.socket | None) -> None:
+    def __init__(
+        self,
+        side: str,
+        mm: mmap.mmap,
+        molecules: int,
+        extras: int,
+        to_driver: int,
+        to_hub: int,
+        sock: socket.socket | None,
+    ) -> None:
         self.side = side
         self.molecules, self.n_extras = molecules, extras
         self.to_driver, self.to_hub = to_driver, to_hub
@@ -119,7 +127,8 @@ class Lane:
         self.fields = np.frombuffer(buf, np.float64, 3 * molecules, f).reshape(molecules, 3)
         self.sources = np.frombuffer(buf, np.float64, 3 * molecules, s).reshape(molecules, 3)
         self.extras = np.frombuffer(buf, np.float64, extras * molecules, e).reshape(
-            molecules, extras)
+            molecules, extras
+        )
         #: Sequence of the last step written (hub: fields) or answered (driver: sources).
         self.step = 0
 
@@ -135,8 +144,9 @@ class Lane:
     def _check(self, at: int, expected: int, what: str) -> None:
         begin, end = self._seq(at)
         if begin != end:
-            raise LaneError(f"torn {what}: sequence begin {begin} != end {end} "
-                            f"(expected step {expected})")
+            raise LaneError(
+                f"torn {what}: sequence begin {begin} != end {end} (expected step {expected})"
+            )
         if end != expected:
             raise LaneError(f"stale {what}: sequence {end}, expected step {expected}")
 
@@ -207,14 +217,18 @@ class Lane:
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Unmap and close the bells and the socket (idempotent)."""
+        """Unmap and close the bells and the socket (idempotent). Views handed out
+        earlier keep the mapping alive until they are dropped."""
         if self._mm is None:
             return
         self.fields = self.sources = self.extras = np.empty((0, 3))
         assert self._buf is not None
-        self._buf.release()
+        try:
+            self._buf.release()
+            self._mm.close()
+        except BufferError:
+            pass  # a caller still holds a view: the mapping goes with the last view
         self._buf = None
-        self._mm.close()
         self._mm = None
         for fd in (self.to_driver, self.to_hub):
             os.close(fd)
@@ -260,8 +274,10 @@ def accept(sock: socket.socket) -> Lane:
     if len(fds) != 3 or len(msg) != _OFFER.size:
         for fd in fds:
             os.close(fd)
-        raise LaneError(f"MXHSHMLANE needs {_OFFER.size} bytes and 3 descriptors, got "
-                        f"{len(msg)} bytes and {len(fds)}")
+        raise LaneError(
+            f"MXHSHMLANE needs {_OFFER.size} bytes and 3 descriptors, got "
+            f"{len(msg)} bytes and {len(fds)}"
+        )
     seg, to_driver, to_hub = fds
     try:
         head, version, molecules, extras, size = _OFFER.unpack(msg)
@@ -333,8 +349,9 @@ class Barrier:
         while len(answered) < len(lanes):
             events = self._ep.poll(timeout)
             if not events:
-                raise TimeoutError(f"{len(lanes) - len(answered)} of {len(lanes)} lanes "
-                                   "did not answer")
+                raise TimeoutError(
+                    f"{len(lanes) - len(answered)} of {len(lanes)} lanes did not answer"
+                )
             closed = []
             for fd, _ in events:
                 i = bell.get(fd)

@@ -154,6 +154,8 @@ def test_torn_and_out_of_order_sequences_are_refused():
 
 
 def test_a_tcp_socket_stays_on_the_socket():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s, \
-            pytest.raises(LaneError, match="needs a UNIX socket"):
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s,
+        pytest.raises(LaneError, match="needs a UNIX socket"),
+    ):
         shm_lane.create(s, molecules=1)

@@ -1,0 +1,344 @@
+"""Shared-memory lane vs UNIX socket, side by side in one run (issue 13, item 3).
+
+A minimal hub loop in this process (pinned to core 0) and forked driver processes (pinned
+to core 1) answering ``sources = fields * 0.5``: the model costs ~0, so the transport is
+what is measured. Both sides of each row run in the same run, alternating.
+
+* ``unix``: the project's wire frames on a UNIX stream socket. Single-molecule drivers get
+  the 196-byte FIELDDATA+GETSOURCE block (``wire.FIELD_STEP_HEAD``, as hub.py's fast path
+  writes it) and answer ``wire.encode_source_ready``; the hub parses SOURCEREADY with the
+  fast-path checks of hub.py; the barrier is one epoll over the driver sockets. Ensemble
+  drivers get ``wire.fields_batch_parts`` + GETFORCE and answer ``wire.encode_sources_batch``,
+  both sides decoding with ``wire.Decoder``.
+* ``shm``: :mod:`maxwellhub.shm_lane` (memfd segment, eventfd doorbells, epoll barrier over
+  the bells and the companion sockets). The hub copies the fields into each lane and the
+  sources out of it every step (it would, to hand them to a solver).
+
+Hub CPU is this process's CPU time (``time.process_time``), drivers excluded. Every step's
+sources are checked against ``fields * 0.5`` bitwise on both lanes.
+
+    .venv/bin/python benchmarks/shm_lane.py                      # the full table
+    .venv/bin/python benchmarks/shm_lane.py --counts 1,8 --ensemble 0 --seconds 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import select
+import socket
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from maxwellhub import shm_lane, wire
+
+C = 0.5
+HUB_CORE, DRIVER_CORE = 0, 1
+_GETFORCE = wire.encode_header(wire.GETFORCE)
+_SR_HEADER = wire.encode_header(wire.FORCEREADY)
+_SR_ENERGY_NAT = struct.pack("<di", 0.0, 1)
+_SR_TAIL = struct.Struct("<3d72xi")
+_SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE
+_FIELD3 = struct.Struct("<3d")
+_HEAD = len(wire.FIELD_STEP_HEAD)
+TIMEOUT = 60.0
+
+
+def _pin(core: int) -> bool:
+    try:
+        os.sched_setaffinity(0, {core})
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- drivers
+def _recv_exact(sock: socket.socket, buf: memoryview) -> bool:
+    got = 0
+    while got < len(buf):
+        n = sock.recv_into(buf[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+def driver_unix_single(sock: socket.socket) -> None:
+    buf = bytearray(wire.FIELD_STEP_SIZE)
+    view = memoryview(buf)
+    while _recv_exact(sock, view):
+        ex, ey, ez = _FIELD3.unpack_from(buf, _HEAD)
+        sock.sendall(wire.encode_source_ready((ex * C, ey * C, ez * C)))
+
+
+def driver_unix_batch(sock: socket.socket, molecules: int) -> None:
+    dec = wire.Decoder("driver", wire.Limits())
+    dec.batch = molecules
+    fields = None
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return
+        for ev in dec.feed(data):
+            if isinstance(ev, wire.FieldsBatch):
+                fields = ev.fields
+            elif isinstance(ev, wire.GetForce):
+                assert fields is not None
+                sock.sendall(wire.encode_sources_batch(fields * C))
+
+
+def driver_shm(sock: socket.socket) -> None:
+    lane = shm_lane.accept(sock)
+    poller = lane.driver_poller()
+    try:
+        while True:
+            f = lane.wait_fields(poller)
+            np.multiply(f, C, out=lane.sources)
+            lane.post_sources()
+    except shm_lane.PeerGone:
+        pass
+    finally:
+        lane.close()
+
+
+def spawn(path: str, listener: socket.socket, n: int, mode: str, molecules: int) -> list[int]:
+    """Fork ``n`` drivers that connect to ``path``; the hub accepts them afterwards."""
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:  # the driver
+            code = 0
+            try:
+                listener.close()
+                _pin(DRIVER_CORE)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)
+                if mode == "shm":
+                    driver_shm(s)
+                elif molecules == 1:
+                    driver_unix_single(s)
+                else:
+                    driver_unix_batch(s, molecules)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+    return pids
+
+
+# ---------------------------------------------------------------------------- hub loops
+class UnixHub:
+    def __init__(self, socks: list[socket.socket], molecules: int) -> None:
+        self.socks, self.m = socks, molecules
+        self.ep = select.epoll()
+        self.row = {}
+        for i, s in enumerate(socks):
+            s.setblocking(False)
+            self.ep.register(s.fileno(), select.EPOLLIN)
+            self.row[s.fileno()] = i
+        self.decoders = []
+        for _ in socks:
+            d = wire.Decoder("hub", wire.Limits(max_batch=max(molecules, 1)))
+            d.batch = molecules
+            self.decoders.append(d)
+
+    def step(self, fields: np.ndarray, out: np.ndarray) -> None:
+        if self.m == 1:
+            self._step_single(fields, out)
+        else:
+            self._step_batch(fields, out)
+
+    def _step_single(self, fields: np.ndarray, out: np.ndarray) -> None:
+        fb = fields.astype("<f8").tobytes()
+        head = wire.FIELD_STEP_HEAD
+        for r, s in enumerate(self.socks):
+            s.send(b"".join((head, fb[24 * r : 24 * r + 24], _GETFORCE)))
+        pending = len(self.socks)
+        partial: dict[int, bytes] = {}
+        row, socks = self.row, self.socks
+        while pending:
+            events = self.ep.poll(TIMEOUT)
+            if not events:
+                raise TimeoutError("unix barrier")
+            for fd, _ in events:
+                r = row[fd]
+                data = partial.pop(fd, b"") + socks[r].recv(4096)
+                if not data:
+                    raise ConnectionError(f"driver {r} closed")
+                if len(data) < _SR_SIZE:
+                    partial[fd] = data
+                    continue
+                if not (data.startswith(_SR_HEADER) and data[12:24] == _SR_ENERGY_NAT):
+                    raise wire.ProtocolError(f"driver {r}: not a SOURCEREADY")
+                sx, sy, sz, m = _SR_TAIL.unpack_from(data, 24)
+                if m != len(data) - _SR_SIZE:
+                    raise wire.ProtocolError(f"driver {r}: extras length")
+                out[r] = (sx, sy, sz)
+                pending -= 1
+
+    def _step_batch(self, fields: np.ndarray, out: np.ndarray) -> None:
+        m = self.m
+        for r, s in enumerate(self.socks):
+            s.setblocking(True)
+            for part in wire.fields_batch_parts(fields[r * m : (r + 1) * m]):
+                s.sendall(part)
+            s.sendall(_GETFORCE)
+            s.setblocking(False)
+        pending = len(self.socks)
+        while pending:
+            events = self.ep.poll(TIMEOUT)
+            if not events:
+                raise TimeoutError("unix barrier")
+            for fd, _ in events:
+                r = self.row[fd]
+                data = self.socks[r].recv(1 << 20)
+                if not data:
+                    raise ConnectionError(f"driver {r} closed")
+                for ev in self.decoders[r].feed(data):
+                    assert isinstance(ev, wire.SourcesBatch)
+                    out[r * m : (r + 1) * m] = ev.sources
+                    pending -= 1
+
+    def close(self) -> None:
+        self.ep.close()
+        for s in self.socks:
+            s.close()
+
+
+class ShmHub:
+    def __init__(self, socks: list[socket.socket], molecules: int) -> None:
+        self.m = molecules
+        self.lanes = [shm_lane.create(s, molecules) for s in socks]
+        self.barrier = shm_lane.Barrier(self.lanes)
+        self.k = 0
+
+    def step(self, fields: np.ndarray, out: np.ndarray) -> None:
+        m = self.m
+        self.k += 1
+        for r, lane in enumerate(self.lanes):
+            lane.fields[...] = fields[r * m : (r + 1) * m]
+        self.barrier.step(self.k, TIMEOUT)
+        for r, lane in enumerate(self.lanes):
+            out[r * m : (r + 1) * m] = lane.sources
+
+    def close(self) -> None:
+        self.barrier.close()
+        for lane in self.lanes:
+            lane.close()
+
+
+def run_cell(mode: str, drivers: int, molecules: int, seconds: float, min_steps: int) -> dict:
+    """One row side: ``drivers`` forked drivers of ``molecules`` molecules each."""
+    with tempfile.TemporaryDirectory(prefix="mxh-shm-") as tmp:
+        path = os.path.join(tmp, "hub.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(min(drivers, 4096))
+        pids = spawn(path, listener, drivers, mode, molecules)
+        pinned = _pin(HUB_CORE)
+        socks = [listener.accept()[0] for _ in range(drivers)]
+        listener.close()
+        hub: UnixHub | ShmHub = (ShmHub if mode == "shm" else UnixHub)(socks, molecules)
+        total = drivers * molecules
+        rng = np.random.default_rng(1)
+        fields = rng.standard_normal((total, 3))
+        out = np.empty_like(fields)
+        try:
+            for _ in range(3):  # warm up
+                hub.step(fields, out)
+            steps = 0
+            c0, t0 = time.process_time(), time.perf_counter()
+            while steps < min_steps or time.perf_counter() - t0 < seconds:
+                fields[0, 0] = steps  # every step differs
+                hub.step(fields, out)
+                if not np.array_equal(out, fields * C):
+                    raise AssertionError(f"{mode}: wrong sources at step {steps}")
+                steps += 1
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            hub.close()
+            bad = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+        if bad:
+            raise RuntimeError(f"{len(bad)} {mode} drivers failed")
+    return {
+        "steps": steps,
+        "wall": wall,
+        "cpu": cpu,
+        "steps_s": steps / wall,
+        "ms_step": 1e3 * wall / steps,
+        "cpu_us_drv": 1e6 * cpu / (steps * drivers),
+        "mol_steps_s": steps * total / wall,
+        "pinned": pinned,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--counts", default="1,8,64,256,1024", help="single-molecule drivers N")
+    ap.add_argument("--ensemble", type=int, default=1_000_000, help="molecules (0: skip)")
+    ap.add_argument("--ensemble-drivers", default="1,2")
+    ap.add_argument("--seconds", type=float, default=1.5, help="per side per row")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs; best is kept")
+    args = ap.parse_args()
+    counts = [int(x) for x in args.counts.split(",") if x]
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    need = 3 * max(counts, default=0) + 64
+    if need > limit:
+        print(f"RLIMIT_NOFILE {limit} < {need}: raising the soft limit", file=sys.stderr)
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (need, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
+    rows: list[tuple[str, dict, dict]] = []
+
+    def measure(label: str, drivers: int, molecules: int, min_steps: int) -> None:
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for mode in ("unix", "shm"):
+                r = run_cell(mode, drivers, molecules, args.seconds, min_steps)
+                if mode not in best or r["steps_s"] > best[mode]["steps_s"]:
+                    best[mode] = r
+        rows.append((label, best["unix"], best["shm"]))
+        u, s = best["unix"], best["shm"]
+        print(f"  {label}: unix {u['steps_s']:.0f}/s, shm {s['steps_s']:.0f}/s", flush=True)
+
+    for n in counts:
+        measure(f"N = {n} single", n, 1, 20)
+    if args.ensemble:
+        for k in [int(x) for x in args.ensemble_drivers.split(",") if x]:
+            measure(f"{args.ensemble:,} mol / {k} drv", k, args.ensemble // k, 5)
+    pinned = all(r["pinned"] for _, u, s in rows for r in (u, s))
+    print(
+        f"\nhub on core {HUB_CORE}, drivers on core {DRIVER_CORE}: "
+        f"{'pinned' if pinned else 'NOT pinned'}; os.cpu_count() = {os.cpu_count()}; "
+        f"best of {args.repeats} alternating runs of >= {args.seconds} s per side"
+    )
+    hdr = (
+        f"| {'row':<24} | unix steps/s | shm steps/s | shm/unix | unix ms/step | "
+        f"shm ms/step | unix hub µs/drv/step | shm hub µs/drv/step | hub CPU shm/unix |"
+        f" unix Mmol-steps/s | shm Mmol-steps/s |"
+    )
+    print(hdr)
+    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
+    for label, u, s in rows:
+        print(
+            f"| {label:<24} | {u['steps_s']:12,.0f} | {s['steps_s']:11,.0f} | "
+            f"{s['steps_s'] / u['steps_s']:7.2f}x | {u['ms_step']:12.3f} | "
+            f"{s['ms_step']:11.3f} | {u['cpu_us_drv']:20.1f} | {s['cpu_us_drv']:19.1f} | "
+            f"{s['cpu_us_drv'] / u['cpu_us_drv']:15.2f}x | "
+            f"{u['mol_steps_s'] / 1e6:17.3f} | {s['mol_steps_s'] / 1e6:16.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
