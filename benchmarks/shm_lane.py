@@ -10,9 +10,10 @@ what is measured. Both sides of each row run in the same run, alternating.
   fast-path checks of hub.py; the barrier is one epoll over the driver sockets. Ensemble
   drivers get ``wire.fields_batch_parts`` + GETFORCE and answer ``wire.encode_sources_batch``,
   both sides decoding with ``wire.Decoder``.
-* ``shm``: :mod:`maxwellhub.shm_lane` (memfd segment, eventfd doorbells, epoll barrier over
-  the bells and the companion sockets). The hub copies the fields into each lane and the
-  sources out of it every step (it would, to hand them to a solver).
+* ``shm-eventfd``: :mod:`maxwellhub.shm_lane` (memfd segment, eventfd doorbells, epoll
+  barrier over the bells and the companion sockets); ``shm-sockbell``: the same segment,
+  the doorbell one byte on the companion socket (one fd per driver). The hub copies the
+  fields into each lane and the sources out of it every step (it would, for a solver).
 
 Hub CPU is this process's CPU time (``time.process_time``), drivers excluded. Every step's
 sources are checked against ``fields * 0.5`` bitwise on both lanes.
@@ -50,6 +51,7 @@ _SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE
 _FIELD3 = struct.Struct("<3d")
 _HEAD = len(wire.FIELD_STEP_HEAD)
 TIMEOUT = 60.0
+MODES = ("unix", "shm-eventfd", "shm-sockbell")
 
 
 def _pin(core: int) -> bool:
@@ -121,8 +123,8 @@ def spawn(path: str, listener: socket.socket, n: int, mode: str, molecules: int)
                 _pin(DRIVER_CORE)
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(path)
-                if mode == "shm":
-                    driver_shm(s)
+                if mode.startswith("shm"):
+                    driver_shm(s)  # the offer says which bell
                 elif molecules == 1:
                     driver_unix_single(s)
                 else:
@@ -217,9 +219,9 @@ class UnixHub:
 
 
 class ShmHub:
-    def __init__(self, socks: list[socket.socket], molecules: int) -> None:
+    def __init__(self, socks: list[socket.socket], molecules: int, bell: str) -> None:
         self.m = molecules
-        self.lanes = [shm_lane.create(s, molecules) for s in socks]
+        self.lanes = [shm_lane.create(s, molecules, bell=bell) for s in socks]
         self.barrier = shm_lane.Barrier(self.lanes)
         self.k = 0
 
@@ -249,7 +251,11 @@ def run_cell(mode: str, drivers: int, molecules: int, seconds: float, min_steps:
         pinned = _pin(HUB_CORE)
         socks = [listener.accept()[0] for _ in range(drivers)]
         listener.close()
-        hub: UnixHub | ShmHub = (ShmHub if mode == "shm" else UnixHub)(socks, molecules)
+        hub: UnixHub | ShmHub
+        if mode == "unix":
+            hub = UnixHub(socks, molecules)
+        else:
+            hub = ShmHub(socks, molecules, "socket" if mode == "shm-sockbell" else "eventfd")
         total = drivers * molecules
         rng = np.random.default_rng(1)
         fields = rng.standard_normal((total, 3))
@@ -299,45 +305,44 @@ def main() -> None:
         resource.setrlimit(
             resource.RLIMIT_NOFILE, (need, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         )
-    rows: list[tuple[str, dict, dict]] = []
+    rows: list[tuple[str, dict[str, dict]]] = []
 
     def measure(label: str, drivers: int, molecules: int, min_steps: int) -> None:
         best: dict[str, dict] = {}
         for _ in range(args.repeats):
-            for mode in ("unix", "shm"):
+            for mode in MODES:
                 r = run_cell(mode, drivers, molecules, args.seconds, min_steps)
                 if mode not in best or r["steps_s"] > best[mode]["steps_s"]:
                     best[mode] = r
-        rows.append((label, best["unix"], best["shm"]))
-        u, s = best["unix"], best["shm"]
-        print(f"  {label}: unix {u['steps_s']:.0f}/s, shm {s['steps_s']:.0f}/s", flush=True)
+        rows.append((label, best))
+        print(
+            f"  {label}: " + ", ".join(f"{m} {best[m]['steps_s']:.0f}/s" for m in MODES), flush=True
+        )
 
     for n in counts:
         measure(f"N = {n} single", n, 1, 20)
     if args.ensemble:
         for k in [int(x) for x in args.ensemble_drivers.split(",") if x]:
             measure(f"{args.ensemble:,} mol / {k} drv", k, args.ensemble // k, 5)
-    pinned = all(r["pinned"] for _, u, s in rows for r in (u, s))
+    pinned = all(r["pinned"] for _, best in rows for r in best.values())
     print(
         f"\nhub on core {HUB_CORE}, drivers on core {DRIVER_CORE}: "
         f"{'pinned' if pinned else 'NOT pinned'}; os.cpu_count() = {os.cpu_count()}; "
         f"best of {args.repeats} alternating runs of >= {args.seconds} s per side"
     )
-    hdr = (
-        f"| {'row':<24} | unix steps/s | shm steps/s | shm/unix | unix ms/step | "
-        f"shm ms/step | unix hub µs/drv/step | shm hub µs/drv/step | hub CPU shm/unix |"
-        f" unix Mmol-steps/s | shm Mmol-steps/s |"
+    print(
+        "| row | lane | steps/s | x unix | ms/step | hub CPU µs/drv/step | x unix | Mmol-steps/s |"
     )
-    print(hdr)
-    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
-    for label, u, s in rows:
-        print(
-            f"| {label:<24} | {u['steps_s']:12,.0f} | {s['steps_s']:11,.0f} | "
-            f"{s['steps_s'] / u['steps_s']:7.2f}x | {u['ms_step']:12.3f} | "
-            f"{s['ms_step']:11.3f} | {u['cpu_us_drv']:20.1f} | {s['cpu_us_drv']:19.1f} | "
-            f"{s['cpu_us_drv'] / u['cpu_us_drv']:15.2f}x | "
-            f"{u['mol_steps_s'] / 1e6:17.3f} | {s['mol_steps_s'] / 1e6:16.3f} |"
-        )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, best in rows:
+        u = best["unix"]
+        for mode in MODES:
+            r = best[mode]
+            print(
+                f"| {label} | {mode} | {r['steps_s']:,.0f} | {r['steps_s'] / u['steps_s']:.2f} "
+                f"| {r['ms_step']:.3f} | {r['cpu_us_drv']:.1f} "
+                f"| {r['cpu_us_drv'] / u['cpu_us_drv']:.2f} | {r['mol_steps_s'] / 1e6:.3f} |"
+            )
 
 
 if __name__ == "__main__":

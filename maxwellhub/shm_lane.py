@@ -19,6 +19,10 @@ One :class:`Lane` is one anonymous shared-memory segment plus two doorbells:
   EOF/HUP is in the same poll set as the bell, so a dead peer (crash, SIGKILL) is seen in
   the very poll that would have waited for its bell -- exactly as fast as on a socket
   lane. Any *byte* on it during lane mode is a protocol error (the lane is the data path).
+* the variant ``bell="socket"`` (offer flag :data:`BELL_ON_SOCKET`) passes only the segment
+  and rings with one byte on that socket each way (``F`` hub -> driver, ``S`` back): one fd
+  per driver, EOF and bell on the same descriptor, a blocking ``recv(1)`` in the driver
+  instead of poll + eventfd read. The benchmark measures both.
 
 Segment layout (little-endian, every slot 64-byte aligned)::
 
@@ -43,10 +47,11 @@ bell on every architecture Linux runs on; the begin/end pair is the check, not t
 
 Handshake (what the hub would negotiate as a versioned extension; here two helpers over a
 connected UNIX socket, no dependency on the hub): the hub sends ``MXHSHMLANE`` (12-byte
-header, then ``<iiiq`` version, M, K, segment size) with three descriptors attached
-(segment, to_driver, to_hub); the driver maps it, checks magic/version/M/K and answers
-``MXHSHMOK`` (header + ``<i`` version). A driver that cannot (not Linux, TCP, an old
-driver) never offers it and stays on the socket.
+header, then ``<iiiiq`` version, M, K, flags, segment size) with three descriptors
+attached (segment, to_driver, to_hub; only the segment with :data:`BELL_ON_SOCKET`);
+the driver maps it, checks magic/version/M/K and answers ``MXHSHMOK`` (header + ``<i``
+version). A driver that cannot (not Linux, TCP, an old driver) never offers it and stays
+on the socket.
 """
 
 from __future__ import annotations
@@ -68,7 +73,10 @@ MXHSHMLANE = b"MXHSHMLANE"
 MXHSHMOK = b"MXHSHMOK"
 _H_LANE = wire.encode_header(MXHSHMLANE)
 _H_OK = wire.encode_header(MXHSHMOK)
-_OFFER = struct.Struct("<12siiiq")
+_OFFER = struct.Struct("<12siiiiq")  # version, M, K, flags, segment size
+#: Offer flag: the doorbells are one byte on the companion socket, not eventfds.
+BELL_ON_SOCKET = 1
+_RING_DRIVER, _RING_HUB = b"F", b"S"
 _ACK = struct.Struct("<12si")
 _HEAD = struct.Struct("<8sIIII")  # magic, version, M, K, reserved
 _SEQ = struct.Struct("<qq")
@@ -115,8 +123,11 @@ class Lane:
         to_driver: int,
         to_hub: int,
         sock: socket.socket | None,
+        bell_on_socket: bool = False,
     ) -> None:
         self.side = side
+        #: True: each bell is one byte on ``sock`` (``to_driver``/``to_hub`` are -1).
+        self.bell_on_socket = bell_on_socket
         self.molecules, self.n_extras = molecules, extras
         self.to_driver, self.to_hub = to_driver, to_hub
         self.sock = sock
@@ -159,18 +170,18 @@ class Lane:
         self.fields[...] = fields
         self._set(_F_SEQ + 8, step)
         self.step = step
-        os.eventfd_write(self.to_driver, 1)
+        self._ring(self.to_driver, _RING_DRIVER)
 
     def post(self, step: int) -> None:
         """Hub: the fields view was filled in place; publish it as ``step``, ring."""
         self._set(_F_SEQ, step)
         self._set(_F_SEQ + 8, step)
         self.step = step
-        os.eventfd_write(self.to_driver, 1)
+        self._ring(self.to_driver, _RING_DRIVER)
 
     def take_sources(self) -> np.ndarray:
         """Hub, after its bell rang: check the sequence and return the sources view."""
-        os.eventfd_read(self.to_hub)
+        self._answer(self.to_hub, _RING_HUB)
         self._check(_S_SEQ, self.step, "sources")
         return self.sources
 
@@ -178,11 +189,11 @@ class Lane:
     def wait_fields(self, poller: select.poll | None = None) -> np.ndarray:
         """Driver: block until the hub rings (or raise :class:`PeerGone` when its socket
         closes), check the sequence is the next step and return the fields view."""
-        if poller is not None:
+        if poller is not None and not self.bell_on_socket:
             for fd, _ in poller.poll():
                 if fd != self.to_driver:
                     self._socket_event()
-        os.eventfd_read(self.to_driver)
+        self._answer(self.to_driver, _RING_DRIVER)
         self._check(_F_SEQ, self.step + 1, "fields")
         self.step += 1
         return self.fields
@@ -190,7 +201,8 @@ class Lane:
     def driver_poller(self) -> select.poll:
         """A poll set over this driver's bell and its companion socket."""
         p = select.poll()
-        p.register(self.to_driver, select.POLLIN)
+        if not self.bell_on_socket:
+            p.register(self.to_driver, select.POLLIN)
         if self.sock is not None:
             p.register(self.sock.fileno(), select.POLLIN | select.POLLHUP)
         return p
@@ -202,7 +214,35 @@ class Lane:
         if sources is not None:
             self.sources[...] = sources
         self._set(_S_SEQ + 8, self.step)
-        os.eventfd_write(self.to_hub, 1)
+        self._ring(self.to_hub, _RING_HUB)
+
+    def _ring(self, fd: int, byte: bytes) -> None:
+        if self.bell_on_socket:
+            assert self.sock is not None
+            try:
+                self.sock.send(byte)
+            except (BrokenPipeError, ConnectionResetError):
+                raise PeerGone(self._gone()) from None
+        else:
+            os.eventfd_write(fd, 1)
+
+    def _gone(self) -> str:
+        return f"{'driver' if self.side == 'hub' else 'hub'} closed its socket"
+
+    def _answer(self, fd: int, byte: bytes) -> None:
+        """Consume one ring of the bell ``fd`` (or the socket's ``byte``)."""
+        if not self.bell_on_socket:
+            os.eventfd_read(fd)
+            return
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(1)
+        except ConnectionError:
+            data = b""
+        if not data:
+            raise PeerGone(self._gone())
+        if data != byte:
+            raise LaneError(f"doorbell byte {data!r} on the socket, expected {byte!r}")
 
     def _socket_event(self) -> NoReturn:
         """The companion socket is readable: EOF means the peer is gone; data is an error."""
@@ -212,7 +252,7 @@ class Lane:
         except ConnectionError:
             data = b""
         if not data:
-            raise PeerGone(f"{'driver' if self.side == 'hub' else 'hub'} closed its socket")
+            raise PeerGone(self._gone())
         raise LaneError(f"unexpected byte {data!r} on the socket of a lane")
 
     # ------------------------------------------------------------------ lifecycle
@@ -231,7 +271,8 @@ class Lane:
         self._buf = None
         self._mm = None
         for fd in (self.to_driver, self.to_hub):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         if self.sock is not None:
             self.sock.close()
 
@@ -242,9 +283,13 @@ class Lane:
         self.close()
 
 
-def create(sock: socket.socket, molecules: int, extras: int = 0) -> Lane:
+def create(sock: socket.socket, molecules: int, extras: int = 0, bell: str = "eventfd") -> Lane:
     """Hub: build a lane for ``molecules`` molecules, offer it on ``sock`` (a connected
-    AF_UNIX stream socket) and wait for the driver's MXHSHMOK. Blocking; for a handshake."""
+    AF_UNIX stream socket) and wait for the driver's MXHSHMOK. Blocking; for a handshake.
+    ``bell="socket"`` rings with one byte on ``sock`` instead of two eventfds."""
+    if bell not in ("eventfd", "socket"):
+        raise ValueError(f"bell must be 'eventfd' or 'socket', not {bell!r}")
+    on_socket = bell == "socket"
     if sock.family != socket.AF_UNIX:
         raise LaneError("a shared-memory lane needs a UNIX socket (stay on the socket)")
     *_, size = layout(molecules, extras)
@@ -253,13 +298,19 @@ def create(sock: socket.socket, molecules: int, extras: int = 0) -> Lane:
         os.ftruncate(seg, size)
         mm = mmap.mmap(seg, size)
         _HEAD.pack_into(mm, 0, MAGIC, LANE_VERSION, molecules, extras, 0)
-        to_driver = os.eventfd(0, os.EFD_CLOEXEC)
-        to_hub = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        offer = _OFFER.pack(_H_LANE, LANE_VERSION, molecules, extras, size)
-        socket.send_fds(sock, [offer], [seg, to_driver, to_hub])
+        flags = BELL_ON_SOCKET if on_socket else 0
+        if on_socket:
+            to_driver = to_hub = -1
+            fds = [seg]
+        else:
+            to_driver = os.eventfd(0, os.EFD_CLOEXEC)
+            to_hub = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fds = [seg, to_driver, to_hub]
+        offer = _OFFER.pack(_H_LANE, LANE_VERSION, molecules, extras, flags, size)
+        socket.send_fds(sock, [offer], fds)
     finally:
         os.close(seg)  # the mapping (and the driver's) keeps the segment alive
-    lane = Lane("hub", mm, molecules, extras, to_driver, to_hub, sock)
+    lane = Lane("hub", mm, molecules, extras, to_driver, to_hub, sock, on_socket)
     ack = _recv_exact(sock, _ACK.size)
     head, version = _ACK.unpack(ack)
     if head != _H_OK or version != LANE_VERSION:
@@ -271,16 +322,18 @@ def create(sock: socket.socket, molecules: int, extras: int = 0) -> Lane:
 def accept(sock: socket.socket) -> Lane:
     """Driver: receive the hub's MXHSHMLANE offer on ``sock``, map it, check it, ack it."""
     msg, fds, _, _ = socket.recv_fds(sock, _OFFER.size, 3)
-    if len(fds) != 3 or len(msg) != _OFFER.size:
+    flags = _OFFER.unpack(msg)[4] if len(msg) == _OFFER.size else 0
+    want = 1 if flags & BELL_ON_SOCKET else 3
+    if len(fds) != want or len(msg) != _OFFER.size:
         for fd in fds:
             os.close(fd)
         raise LaneError(
-            f"MXHSHMLANE needs {_OFFER.size} bytes and 3 descriptors, got "
+            f"MXHSHMLANE needs {_OFFER.size} bytes and {want} descriptors, got "
             f"{len(msg)} bytes and {len(fds)}"
         )
-    seg, to_driver, to_hub = fds
+    seg, to_driver, to_hub = (*fds, -1, -1) if want == 1 else fds
     try:
-        head, version, molecules, extras, size = _OFFER.unpack(msg)
+        head, version, molecules, extras, _, size = _OFFER.unpack(msg)
         if head != _H_LANE or version != LANE_VERSION:
             raise LaneError(f"not a version-{LANE_VERSION} MXHSHMLANE offer: {msg[:16]!r}")
         if size != layout(molecules, extras)[3] or os.fstat(seg).st_size != size:
@@ -292,7 +345,7 @@ def accept(sock: socket.socket) -> Lane:
         raise
     os.close(seg)
     magic, v2, m2, k2, _ = _HEAD.unpack_from(mm, 0)
-    lane = Lane("driver", mm, molecules, extras, to_driver, to_hub, sock)
+    lane = Lane("driver", mm, molecules, extras, to_driver, to_hub, sock, want == 1)
     if (magic, v2, m2, k2) != (MAGIC, LANE_VERSION, molecules, extras):
         lane.close()
         raise LaneError(f"segment header {magic!r} v{v2} M={m2} K={k2} disagrees with the offer")
@@ -324,6 +377,12 @@ class Barrier:
         self._sock: dict[int, int] = {}
         self._dead: set[int] = set()
         for i, lane in enumerate(lanes):
+            if lane.bell_on_socket:  # the socket is the bell; its EOF is the death
+                assert lane.sock is not None
+                fd = lane.sock.fileno()
+                self._ep.register(fd, select.EPOLLIN)
+                self._bell[fd] = i
+                continue
             self._ep.register(lane.to_hub, select.EPOLLIN)
             self._bell[lane.to_hub] = i
             if lane.sock is not None:
@@ -334,8 +393,11 @@ class Barrier:
     def step(self, step: int, timeout: float = -1) -> None:
         for i in self._dead:
             raise PeerGone(f"lane {i}: driver closed its socket")
-        for lane in self.lanes:
-            lane.post(step)
+        for i, lane in enumerate(self.lanes):
+            try:
+                lane.post(step)
+            except PeerGone as exc:
+                raise PeerGone(f"lane {i}: {exc}") from None
         self.wait(timeout)
 
     def wait(self, timeout: float = -1) -> None:
@@ -358,7 +420,10 @@ class Barrier:
                 if i is None:
                     closed.append(fd)
                 else:
-                    lanes[i].take_sources()
+                    try:
+                        lanes[i].take_sources()
+                    except PeerGone as exc:
+                        raise PeerGone(f"lane {i}: {exc}") from None
                     answered.add(i)
             for fd in closed:
                 j = self._sock[fd]

@@ -19,6 +19,7 @@ from maxwellhub.shm_lane import Barrier, LaneError, PeerGone
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memfd/eventfd")
 
 CONST = 0.5
+BELLS = pytest.mark.parametrize("bell", ["eventfd", "socket"])
 
 
 def _memfds(pid: int) -> list[str]:
@@ -68,9 +69,10 @@ def _reap(pid: int) -> int:
     return os.waitpid(pid, 0)[1]
 
 
-def test_round_trip_is_bitwise_and_nothing_is_left_after_close():
+@BELLS
+def test_round_trip_is_bitwise_and_nothing_is_left_after_close(bell):
     pid, sock = _fork_driver(steps=3)
-    lane = shm_lane.create(sock, molecules=5, extras=1)
+    lane = shm_lane.create(sock, molecules=5, extras=1, bell=bell)
     rng = np.random.default_rng(7)
     barrier = Barrier([lane])
     for step in (1, 2, 3):
@@ -87,9 +89,10 @@ def test_round_trip_is_bitwise_and_nothing_is_left_after_close():
     assert _memfds(os.getpid()) == []
 
 
-def test_killed_driver_is_seen_in_the_poll_and_its_lane_is_freed():
+@BELLS
+def test_killed_driver_is_seen_in_the_poll_and_its_lane_is_freed(bell):
     pid, sock = _fork_driver(steps=1, mode="hang")
-    lane = shm_lane.create(sock, molecules=2)
+    lane = shm_lane.create(sock, molecules=2, bell=bell)
     barrier = Barrier([lane])
     barrier.step(1, timeout=5)
     assert _memfds(pid)  # the driver maps the segment
@@ -104,12 +107,13 @@ def test_killed_driver_is_seen_in_the_poll_and_its_lane_is_freed():
     assert not [n for n in os.listdir("/dev/shm") if "maxwellhub" in n]
 
 
-def test_killed_hub_is_seen_by_the_driver():
+@BELLS
+def test_killed_hub_is_seen_by_the_driver(bell):
     hub_sock, drv_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the "hub"
         drv_sock.close()
-        shm_lane.create(hub_sock, molecules=1)
+        shm_lane.create(hub_sock, molecules=1, bell=bell)
         signal.pause()
         os._exit(0)
     hub_sock.close()
@@ -121,9 +125,10 @@ def test_killed_hub_is_seen_by_the_driver():
     lane.close()
 
 
-def test_stale_sequence_is_refused():
+@BELLS
+def test_stale_sequence_is_refused(bell):
     pid, sock = _fork_driver(steps=1, mode="stale")
-    lane = shm_lane.create(sock, molecules=1)
+    lane = shm_lane.create(sock, molecules=1, bell=bell)
     barrier = Barrier([lane])
     with pytest.raises(LaneError, match="stale sources: sequence 0, expected step 1"):
         barrier.step(1, timeout=5)
