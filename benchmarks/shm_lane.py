@@ -52,6 +52,8 @@ _FIELD3 = struct.Struct("<3d")
 _HEAD = len(wire.FIELD_STEP_HEAD)
 TIMEOUT = 60.0
 MODES = ("unix", "shm-eventfd", "shm-sockbell")
+#: Ensemble rows add the socket floor: raw float64 bytes, no frames, no codec copies.
+ENSEMBLE_MODES = ("unix", "unix-raw", "shm-eventfd", "shm-sockbell")
 
 
 def _pin(core: int) -> bool:
@@ -97,6 +99,17 @@ def driver_unix_batch(sock: socket.socket, molecules: int) -> None:
                 sock.sendall(wire.encode_sources_batch(fields * C))
 
 
+def driver_unix_raw(sock: socket.socket, molecules: int) -> None:
+    """The socket floor: (M, 3) float64 in, (M, 3) out, received into a preallocated
+    array and sent from one, no header and no transposition."""
+    fields = np.empty((molecules, 3))
+    sources = np.empty((molecules, 3))
+    fview, sview = fields.data.cast("B"), sources.data.cast("B")
+    while _recv_exact(sock, fview):
+        np.multiply(fields, C, out=sources)
+        sock.sendall(sview)
+
+
 def driver_shm(sock: socket.socket) -> None:
     lane = shm_lane.accept(sock)
     poller = lane.driver_poller()
@@ -125,6 +138,8 @@ def spawn(path: str, listener: socket.socket, n: int, mode: str, molecules: int)
                 s.connect(path)
                 if mode.startswith("shm"):
                     driver_shm(s)  # the offer says which bell
+                elif mode == "unix-raw":
+                    driver_unix_raw(s, molecules)
                 elif molecules == 1:
                     driver_unix_single(s)
                 else:
@@ -218,6 +233,42 @@ class UnixHub:
             s.close()
 
 
+class RawHub:
+    """The socket floor for ensembles: raw bytes each way, received in place."""
+
+    def __init__(self, socks: list[socket.socket], molecules: int) -> None:
+        self.socks, self.m = socks, molecules
+        self.ep = select.epoll()
+        self.row = {s.fileno(): i for i, s in enumerate(socks)}
+        for s in socks:
+            self.ep.register(s.fileno(), select.EPOLLIN)
+
+    def step(self, fields: np.ndarray, out: np.ndarray) -> None:
+        m = self.m
+        for r, s in enumerate(self.socks):
+            s.sendall(fields[r * m : (r + 1) * m].data.cast("B"))
+        views = [out[r * m : (r + 1) * m].data.cast("B") for r in range(len(self.socks))]
+        got = [0] * len(self.socks)
+        pending = len(self.socks)
+        while pending:
+            events = self.ep.poll(TIMEOUT)
+            if not events:
+                raise TimeoutError("raw barrier")
+            for fd, _ in events:
+                r = self.row[fd]
+                n = self.socks[r].recv_into(views[r][got[r] :], 0, socket.MSG_DONTWAIT)
+                if n == 0:
+                    raise ConnectionError(f"driver {r} closed")
+                got[r] += n
+                if got[r] == len(views[r]):
+                    pending -= 1
+
+    def close(self) -> None:
+        self.ep.close()
+        for s in self.socks:
+            s.close()
+
+
 class ShmHub:
     def __init__(self, socks: list[socket.socket], molecules: int, bell: str) -> None:
         self.m = molecules
@@ -251,9 +302,11 @@ def run_cell(mode: str, drivers: int, molecules: int, seconds: float, min_steps:
         pinned = _pin(HUB_CORE)
         socks = [listener.accept()[0] for _ in range(drivers)]
         listener.close()
-        hub: UnixHub | ShmHub
+        hub: UnixHub | RawHub | ShmHub
         if mode == "unix":
             hub = UnixHub(socks, molecules)
+        elif mode == "unix-raw":
+            hub = RawHub(socks, molecules)
         else:
             hub = ShmHub(socks, molecules, "socket" if mode == "shm-sockbell" else "eventfd")
         total = drivers * molecules
@@ -309,14 +362,16 @@ def main() -> None:
 
     def measure(label: str, drivers: int, molecules: int, min_steps: int) -> None:
         best: dict[str, dict] = {}
+        modes = MODES if molecules == 1 else ENSEMBLE_MODES
         for _ in range(args.repeats):
-            for mode in MODES:
+            for mode in modes:
                 r = run_cell(mode, drivers, molecules, args.seconds, min_steps)
                 if mode not in best or r["steps_s"] > best[mode]["steps_s"]:
                     best[mode] = r
         rows.append((label, best))
         print(
-            f"  {label}: " + ", ".join(f"{m} {best[m]['steps_s']:.0f}/s" for m in MODES), flush=True
+            f"  {label}: " + ", ".join(f"{m} {r['steps_s']:.0f}/s" for m, r in best.items()),
+            flush=True,
         )
 
     for n in counts:
@@ -336,8 +391,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, best in rows:
         u = best["unix"]
-        for mode in MODES:
-            r = best[mode]
+        for mode, r in best.items():
             print(
                 f"| {label} | {mode} | {r['steps_s']:,.0f} | {r['steps_s'] / u['steps_s']:.2f} "
                 f"| {r['ms_step']:.3f} | {r['cpu_us_drv']:.1f} "
