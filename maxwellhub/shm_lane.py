@@ -7,7 +7,9 @@ One :class:`Lane` is one anonymous shared-memory segment plus two doorbells:
   socket the driver is already connected on (``SCM_RIGHTS``), then closes its own
   descriptor. Only processes that hold the descriptor or the mapping can reach it -- that is
   owner-only without a mode to get wrong -- and the kernel frees it when the last mapping
-  goes, so nothing is left behind at stop *or* after a SIGKILL of either side. (The
+  goes, so nothing is left behind at stop *or* after a SIGKILL of either side. The size
+  is sealed (``F_SEAL_SHRINK | F_SEAL_GROW``) before it is passed, and the driver checks
+  the seals: a peer that truncated the file would otherwise SIGBUS the other side. (The
   alternative, a 0600 file in ``/dev/shm`` unlinked once both sides mapped it, leaks the
   file if the hub dies between create and unlink and needs a name that a same-uid process
   can race for; memfd has neither problem and costs the same.)
@@ -56,6 +58,7 @@ on the socket.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import select
@@ -82,6 +85,8 @@ _HEAD = struct.Struct("<8sIIII")  # magic, version, M, K, reserved
 _SEQ = struct.Struct("<qq")
 _F_SEQ, _S_SEQ = 24, 40
 HEADER_BYTES = 64
+#: Sealed at creation: a peer that could shrink the segment would SIGBUS the other side.
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _ALIGN = 64
 
 
@@ -293,9 +298,10 @@ def create(sock: socket.socket, molecules: int, extras: int = 0, bell: str = "ev
     if sock.family != socket.AF_UNIX:
         raise LaneError("a shared-memory lane needs a UNIX socket (stay on the socket)")
     *_, size = layout(molecules, extras)
-    seg = os.memfd_create("maxwellhub-lane", os.MFD_CLOEXEC)
+    seg = os.memfd_create("maxwellhub-lane", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(seg, size)
+        fcntl.fcntl(seg, fcntl.F_ADD_SEALS, _SEALS)  # nobody can shrink it under a mapping
         mm = mmap.mmap(seg, size)
         _HEAD.pack_into(mm, 0, MAGIC, LANE_VERSION, molecules, extras, 0)
         flags = BELL_ON_SOCKET if on_socket else 0
@@ -338,6 +344,8 @@ def accept(sock: socket.socket) -> Lane:
             raise LaneError(f"not a version-{LANE_VERSION} MXHSHMLANE offer: {msg[:16]!r}")
         if size != layout(molecules, extras)[3] or os.fstat(seg).st_size != size:
             raise LaneError(f"segment size {size} does not match M = {molecules}, K = {extras}")
+        if fcntl.fcntl(seg, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
+            raise LaneError("the segment is not sealed against resizing")
         mm = mmap.mmap(seg, size)
     except BaseException:
         for fd in fds:

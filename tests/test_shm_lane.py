@@ -164,3 +164,19 @@ def test_a_tcp_socket_stays_on_the_socket():
         pytest.raises(LaneError, match="needs a UNIX socket"),
     ):
         shm_lane.create(s, molecules=1)
+
+
+def test_an_unsealed_segment_is_refused():
+    """A segment that a peer could shrink under the mapping (SIGBUS) is not accepted."""
+    hub_sock, drv_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    *_, size = shm_lane.layout(1)
+    seg = os.memfd_create("maxwellhub-lane", os.MFD_CLOEXEC)
+    os.ftruncate(seg, size)
+    offer = shm_lane._OFFER.pack(shm_lane._H_LANE, shm_lane.LANE_VERSION, 1, 0, 1, size)
+    socket.send_fds(hub_sock, [offer], [seg])
+    os.close(seg)
+    with pytest.raises(LaneError, match="not sealed"):
+        shm_lane.accept(drv_sock)
+    hub_sock.close()
+    drv_sock.close()
+    assert _memfds(os.getpid()) == []
