@@ -19,6 +19,17 @@ Hub CPU is this process's CPU time (``time.process_time``), drivers excluded. Ev
 sources are checked against ``fields * 0.5`` bitwise on every lane, outside the timed
 step (``hub.step``: send, barrier, receive into the hub's array).
 
+Measured on 2026-12-03 (2 vCPUs, shared with other sessions' runs: load average 6-250 during
+the runs, so small ratios are noise; best of 3-5 alternating runs):
+
+* ensemble of 10^6 molecules: the lane wins, 13.8x / 9.2x the project's MXHFIELDS/MXHSOURCES
+  socket path (1 / 2 drivers) and 2.4x / 1.9x the raw-bytes socket floor; hub CPU 0.07x /
+  0.11x the wire path (0.63x / 0.53x the floor), and that is with a 24 MB copy in and out.
+* single-molecule drivers, N = 1 ... 1024: no steps/s win (0.73x ... 1.84x across runs,
+  0.98x / 1.20x / 1.10x at N = 1 / 8 / 64 in the quietest run): the transport there is two
+  wake-ups per step, not bytes. eventfd bells save hub CPU (0.53x ... 0.99x per driver per
+  step: no frame to build or parse); the socket-byte bell does not (0.85x ... 1.63x).
+
     .venv/bin/python benchmarks/shm_lane.py                      # the full table
     .venv/bin/python benchmarks/shm_lane.py --counts 1,8 --ensemble 0 --seconds 0.5
 """
