@@ -1,0 +1,418 @@
+"""Shared-memory lane vs UNIX socket, side by side in one run (issue 13, item 3).
+
+A minimal hub loop in this process (pinned to core 0) and forked driver processes (pinned
+to core 1) answering ``sources = fields * 0.5``: the model costs ~0, so the transport is
+what is measured. Both sides of each row run in the same run, alternating.
+
+* ``unix``: the project's wire frames on a UNIX stream socket. Single-molecule drivers get
+  the 196-byte FIELDDATA+GETSOURCE block (``wire.FIELD_STEP_HEAD``, as hub.py's fast path
+  writes it) and answer ``wire.encode_source_ready``; the hub parses SOURCEREADY with the
+  fast-path checks of hub.py; the barrier is one epoll over the driver sockets. Ensemble
+  drivers get ``wire.fields_batch_parts`` + GETFORCE and answer ``wire.encode_sources_batch``,
+  both sides decoding with ``wire.Decoder``.
+* ``shm-eventfd``: :mod:`maxwellhub.shm_lane` (memfd segment, eventfd doorbells, epoll
+  barrier over the bells and the companion sockets); ``shm-sockbell``: the same segment,
+  the doorbell one byte on the companion socket (one fd per driver). The hub copies the
+  fields into each lane and the sources out of it every step (it would, for a solver).
+
+Hub CPU is this process's CPU time (``time.process_time``), drivers excluded. Every step's
+sources are checked against ``fields * 0.5`` bitwise on every lane, outside the timed
+step (``hub.step``: send, barrier, receive into the hub's array).
+
+Measured on 2026-12-03 (2 vCPUs, shared with other sessions' runs: load average 6-250 during
+the runs, so small ratios are noise; best of 3-5 alternating runs):
+
+* ensemble of 10^6 molecules: the lane wins, 13.8x / 9.2x the project's MXHFIELDS/MXHSOURCES
+  socket path (1 / 2 drivers) and 2.4x / 1.9x the raw-bytes socket floor; hub CPU 0.07x /
+  0.11x the wire path (0.63x / 0.53x the floor), and that is with a 24 MB copy in and out.
+* single-molecule drivers, N = 1 ... 1024: no steps/s win (0.73x ... 1.84x across runs,
+  0.98x / 1.20x / 1.10x at N = 1 / 8 / 64 in the quietest run): the transport there is two
+  wake-ups per step, not bytes. eventfd bells save hub CPU (0.53x ... 0.99x per driver per
+  step: no frame to build or parse); the socket-byte bell does not (0.85x ... 1.63x).
+
+    .venv/bin/python benchmarks/shm_lane.py                      # the full table
+    .venv/bin/python benchmarks/shm_lane.py --counts 1,8 --ensemble 0 --seconds 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import select
+import socket
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from maxwellhub import shm_lane, wire
+
+C = 0.5
+HUB_CORE, DRIVER_CORE = 0, 1
+_GETFORCE = wire.encode_header(wire.GETFORCE)
+_SR_HEADER = wire.encode_header(wire.FORCEREADY)
+_SR_ENERGY_NAT = struct.pack("<di", 0.0, 1)
+_SR_TAIL = struct.Struct("<3d72xi")
+_SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE
+_FIELD3 = struct.Struct("<3d")
+_HEAD = len(wire.FIELD_STEP_HEAD)
+TIMEOUT = 60.0
+MODES = ("unix", "shm-eventfd", "shm-sockbell")
+#: Ensemble rows add the socket floor: raw float64 bytes, no frames, no codec copies.
+ENSEMBLE_MODES = ("unix", "unix-raw", "shm-eventfd", "shm-sockbell")
+
+
+def _pin(core: int) -> bool:
+    try:
+        os.sched_setaffinity(0, {core})
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- drivers
+def _recv_exact(sock: socket.socket, buf: memoryview) -> bool:
+    got = 0
+    while got < len(buf):
+        n = sock.recv_into(buf[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+def driver_unix_single(sock: socket.socket) -> None:
+    buf = bytearray(wire.FIELD_STEP_SIZE)
+    view = memoryview(buf)
+    while _recv_exact(sock, view):
+        ex, ey, ez = _FIELD3.unpack_from(buf, _HEAD)
+        sock.sendall(wire.encode_source_ready((ex * C, ey * C, ez * C)))
+
+
+def driver_unix_batch(sock: socket.socket, molecules: int) -> None:
+    dec = wire.Decoder("driver", wire.Limits())
+    dec.batch = molecules
+    fields = None
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return
+        for ev in dec.feed(data):
+            if isinstance(ev, wire.FieldsBatch):
+                fields = ev.fields
+            elif isinstance(ev, wire.GetForce):
+                assert fields is not None
+                sock.sendall(wire.encode_sources_batch(fields * C))
+
+
+def driver_unix_raw(sock: socket.socket, molecules: int) -> None:
+    """The socket floor: (M, 3) float64 in, (M, 3) out, received into a preallocated
+    array and sent from one, no header and no transposition."""
+    fields = np.empty((molecules, 3))
+    sources = np.empty((molecules, 3))
+    fview, sview = fields.data.cast("B"), sources.data.cast("B")
+    while _recv_exact(sock, fview):
+        np.multiply(fields, C, out=sources)
+        sock.sendall(sview)
+
+
+def driver_shm(sock: socket.socket) -> None:
+    lane = shm_lane.accept(sock)
+    poller = lane.driver_poller()
+    try:
+        while True:
+            f = lane.wait_fields(poller)
+            np.multiply(f, C, out=lane.sources)
+            lane.post_sources()
+    except shm_lane.PeerGone:
+        pass
+    finally:
+        lane.close()
+
+
+def spawn(path: str, listener: socket.socket, n: int, mode: str, molecules: int) -> list[int]:
+    """Fork ``n`` drivers that connect to ``path``; the hub accepts them afterwards."""
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:  # the driver
+            code = 0
+            try:
+                listener.close()
+                _pin(DRIVER_CORE)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)
+                if mode.startswith("shm"):
+                    driver_shm(s)  # the offer says which bell
+                elif mode == "unix-raw":
+                    driver_unix_raw(s, molecules)
+                elif molecules == 1:
+                    driver_unix_single(s)
+                else:
+                    driver_unix_batch(s, molecules)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+    return pids
+
+
+# ---------------------------------------------------------------------------- hub loops
+class UnixHub:
+    def __init__(self, socks: list[socket.socket], molecules: int) -> None:
+        self.socks, self.m = socks, molecules
+        self.ep = select.epoll()
+        self.row = {}
+        for i, s in enumerate(socks):
+            s.setblocking(False)
+            self.ep.register(s.fileno(), select.EPOLLIN)
+            self.row[s.fileno()] = i
+        self.decoders = []
+        for _ in socks:
+            d = wire.Decoder("hub", wire.Limits(max_batch=max(molecules, 1)))
+            d.batch = molecules
+            self.decoders.append(d)
+
+    def step(self, fields: np.ndarray, out: np.ndarray) -> None:
+        if self.m == 1:
+            self._step_single(fields, out)
+        else:
+            self._step_batch(fields, out)
+
+    def _step_single(self, fields: np.ndarray, out: np.ndarray) -> None:
+        fb = fields.astype("<f8").tobytes()
+        head = wire.FIELD_STEP_HEAD
+        for r, s in enumerate(self.socks):
+            s.send(b"".join((head, fb[24 * r : 24 * r + 24], _GETFORCE)))
+        pending = len(self.socks)
+        partial: dict[int, bytes] = {}
+        row, socks = self.row, self.socks
+        while pending:
+            events = self.ep.poll(TIMEOUT)
+            if not events:
+                raise TimeoutError("unix barrier")
+            for fd, _ in events:
+                r = row[fd]
+                data = partial.pop(fd, b"") + socks[r].recv(4096)
+                if not data:
+                    raise ConnectionError(f"driver {r} closed")
+                if len(data) < _SR_SIZE:
+                    partial[fd] = data
+                    continue
+                if not (data.startswith(_SR_HEADER) and data[12:24] == _SR_ENERGY_NAT):
+                    raise wire.ProtocolError(f"driver {r}: not a SOURCEREADY")
+                sx, sy, sz, m = _SR_TAIL.unpack_from(data, 24)
+                if m != len(data) - _SR_SIZE:
+                    raise wire.ProtocolError(f"driver {r}: extras length")
+                out[r] = (sx, sy, sz)
+                pending -= 1
+
+    def _step_batch(self, fields: np.ndarray, out: np.ndarray) -> None:
+        m = self.m
+        for r, s in enumerate(self.socks):
+            s.setblocking(True)
+            for part in wire.fields_batch_parts(fields[r * m : (r + 1) * m]):
+                s.sendall(part)
+            s.sendall(_GETFORCE)
+            s.setblocking(False)
+        pending = len(self.socks)
+        while pending:
+            events = self.ep.poll(TIMEOUT)
+            if not events:
+                raise TimeoutError("unix barrier")
+            for fd, _ in events:
+                r = self.row[fd]
+                data = self.socks[r].recv(1 << 20)
+                if not data:
+                    raise ConnectionError(f"driver {r} closed")
+                for ev in self.decoders[r].feed(data):
+                    assert isinstance(ev, wire.SourcesBatch)
+                    out[r * m : (r + 1) * m] = ev.sources
+                    pending -= 1
+
+    def close(self) -> None:
+        self.ep.close()
+        for s in self.socks:
+            s.close()
+
+
+class RawHub:
+    """The socket floor for ensembles: raw bytes each way, received in place."""
+
+    def __init__(self, socks: list[socket.socket], molecules: int) -> None:
+        self.socks, self.m = socks, molecules
+        self.ep = select.epoll()
+        self.row = {s.fileno(): i for i, s in enumerate(socks)}
+        for s in socks:
+            self.ep.register(s.fileno(), select.EPOLLIN)
+
+    def step(self, fields: np.ndarray, out: np.ndarray) -> None:
+        m = self.m
+        for r, s in enumerate(self.socks):
+            s.sendall(fields[r * m : (r + 1) * m].data.cast("B"))
+        views = [out[r * m : (r + 1) * m].data.cast("B") for r in range(len(self.socks))]
+        got = [0] * len(self.socks)
+        pending = len(self.socks)
+        while pending:
+            events = self.ep.poll(TIMEOUT)
+            if not events:
+                raise TimeoutError("raw barrier")
+            for fd, _ in events:
+                r = self.row[fd]
+                n = self.socks[r].recv_into(views[r][got[r] :], 0, socket.MSG_DONTWAIT)
+                if n == 0:
+                    raise ConnectionError(f"driver {r} closed")
+                got[r] += n
+                if got[r] == len(views[r]):
+                    pending -= 1
+
+    def close(self) -> None:
+        self.ep.close()
+        for s in self.socks:
+            s.close()
+
+
+class ShmHub:
+    def __init__(self, socks: list[socket.socket], molecules: int, bell: str) -> None:
+        self.m = molecules
+        self.lanes = [shm_lane.create(s, molecules, bell=bell) for s in socks]
+        self.barrier = shm_lane.Barrier(self.lanes)
+        self.k = 0
+
+    def step(self, fields: np.ndarray, out: np.ndarray) -> None:
+        m = self.m
+        self.k += 1
+        for r, lane in enumerate(self.lanes):
+            lane.fields[...] = fields[r * m : (r + 1) * m]
+        self.barrier.step(self.k, TIMEOUT)
+        for r, lane in enumerate(self.lanes):
+            out[r * m : (r + 1) * m] = lane.sources
+
+    def close(self) -> None:
+        self.barrier.close()
+        for lane in self.lanes:
+            lane.close()
+
+
+def run_cell(mode: str, drivers: int, molecules: int, seconds: float, min_steps: int) -> dict:
+    """One row side: ``drivers`` forked drivers of ``molecules`` molecules each."""
+    with tempfile.TemporaryDirectory(prefix="mxh-shm-") as tmp:
+        path = os.path.join(tmp, "hub.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(min(drivers, 4096))
+        pids = spawn(path, listener, drivers, mode, molecules)
+        pinned = _pin(HUB_CORE)
+        socks = [listener.accept()[0] for _ in range(drivers)]
+        listener.close()
+        hub: UnixHub | RawHub | ShmHub
+        if mode == "unix":
+            hub = UnixHub(socks, molecules)
+        elif mode == "unix-raw":
+            hub = RawHub(socks, molecules)
+        else:
+            hub = ShmHub(socks, molecules, "socket" if mode == "shm-sockbell" else "eventfd")
+        total = drivers * molecules
+        rng = np.random.default_rng(1)
+        fields = rng.standard_normal((total, 3))
+        out = np.empty_like(fields)
+        try:
+            for _ in range(3):  # warm up
+                hub.step(fields, out)
+            steps, wall, cpu = 0, 0.0, 0.0
+            t_start = time.perf_counter()
+            while steps < min_steps or time.perf_counter() - t_start < seconds:
+                fields[0, 0] = steps  # every step differs
+                c0, t0 = time.process_time(), time.perf_counter()
+                hub.step(fields, out)
+                wall += time.perf_counter() - t0
+                cpu += time.process_time() - c0
+                # The check is outside the timed step (it costs as much as the lane at 1e6).
+                if not np.array_equal(out, fields * C):
+                    raise AssertionError(f"{mode}: wrong sources at step {steps}")
+                steps += 1
+        finally:
+            hub.close()
+            bad = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+        if bad:
+            raise RuntimeError(f"{len(bad)} {mode} drivers failed")
+    return {
+        "steps": steps,
+        "wall": wall,
+        "cpu": cpu,
+        "steps_s": steps / wall,
+        "ms_step": 1e3 * wall / steps,
+        "cpu_us_drv": 1e6 * cpu / (steps * drivers),
+        "mol_steps_s": steps * total / wall,
+        "pinned": pinned,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--counts", default="1,8,64,256,1024", help="single-molecule drivers N")
+    ap.add_argument("--ensemble", type=int, default=1_000_000, help="molecules (0: skip)")
+    ap.add_argument("--ensemble-drivers", default="1,2")
+    ap.add_argument("--seconds", type=float, default=1.5, help="per side per row")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs; best is kept")
+    args = ap.parse_args()
+    counts = [int(x) for x in args.counts.split(",") if x]
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    need = 3 * max(counts, default=0) + 64
+    if need > limit:
+        print(f"RLIMIT_NOFILE {limit} < {need}: raising the soft limit", file=sys.stderr)
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (need, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
+    rows: list[tuple[str, dict[str, dict]]] = []
+
+    def measure(label: str, drivers: int, molecules: int, min_steps: int) -> None:
+        best: dict[str, dict] = {}
+        modes = MODES if molecules == 1 else ENSEMBLE_MODES
+        for _ in range(args.repeats):
+            for mode in modes:
+                r = run_cell(mode, drivers, molecules, args.seconds, min_steps)
+                if mode not in best or r["steps_s"] > best[mode]["steps_s"]:
+                    best[mode] = r
+        rows.append((label, best))
+        print(
+            f"  {label}: " + ", ".join(f"{m} {r['steps_s']:.0f}/s" for m, r in best.items()),
+            flush=True,
+        )
+
+    for n in counts:
+        measure(f"N = {n} single", n, 1, 20)
+    if args.ensemble:
+        for k in [int(x) for x in args.ensemble_drivers.split(",") if x]:
+            measure(f"{args.ensemble:,} mol / {k} drv", k, args.ensemble // k, 5)
+    pinned = all(r["pinned"] for _, best in rows for r in best.values())
+    print(
+        f"\nhub on core {HUB_CORE}, drivers on core {DRIVER_CORE}: "
+        f"{'pinned' if pinned else 'NOT pinned'}; os.cpu_count() = {os.cpu_count()}; "
+        f"best of {args.repeats} alternating runs of >= {args.seconds} s per side"
+    )
+    print(
+        "| row | lane | steps/s | x unix | ms/step | hub CPU µs/drv/step | x unix | Mmol-steps/s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, best in rows:
+        u = best["unix"]
+        for mode, r in best.items():
+            print(
+                f"| {label} | {mode} | {r['steps_s']:,.0f} | {r['steps_s'] / u['steps_s']:.2f} "
+                f"| {r['ms_step']:.3f} | {r['cpu_us_drv']:.1f} "
+                f"| {r['cpu_us_drv'] / u['cpu_us_drv']:.2f} | {r['mol_steps_s'] / 1e6:.3f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
