@@ -173,3 +173,36 @@ def test_embedded_equals_sockets(engine, tmp_path, unix_name):
         diff = np.nanmax(np.abs(emb[key] - sock[key]))
         assert diff <= 1e-12, (key, diff)
     assert np.ptp(emb["engine/qc_au"]) > 0
+
+
+def test_cavity_through_a_relay_equals_embedded(tmp_path, unix_name):
+    """100 TLS in an ensemble driver behind a relay, in a cavity (dipole gauge with DSE):
+    the cavity's q_c and the molecules' dipoles equal the embedded run's to 1e-12."""
+    from test_relay import start_relay
+
+    from maxwellhub.launch import start_driver
+
+    n, steps = 100, 400
+    tls = dict(TLS, pe_initial=1e-3)
+    emb = EngineCoupling(_cavity(n, "dipole"), DT, record_every=50)
+    emb.add_molecules("tls", n=n, **tls)
+    emb.run(steps=steps)
+    hub = SocketHub(unixsocket=unix_name)
+    listen = f"{unix_name}_r"
+    relay, log = start_relay(tmp_path, listen, n, ["--unix", unix_name])
+    proc = start_driver(
+        "tls", tls, timeout=scaled(30), unix=listen, extra_args=["--molecules", str(n)]
+    )
+    try:
+        relayed = EngineCoupling(_cavity(n, "dipole"), DT, hub=hub, record_every=50)
+        relayed.add_socket_molecules(n=n)
+        relayed.run(steps=steps)
+    finally:
+        hub.stop()
+        codes = reap([relay, proc], scaled(10))
+    assert codes == [0, 0], log.read_text()[-2000:]
+    a, b = emb.history(), relayed.history()
+    for key in ("engine/qc_au", "engine/mu_total_au", "muz_au", "Pe"):
+        # 1e-12 relative: a sum over 100 dipoles may round in another order
+        scale = max(1.0, float(np.nanmax(np.abs(a[key]))))
+        assert np.nanmax(np.abs(a[key] - b[key])) <= 1e-12 * scale, key
