@@ -2,14 +2,16 @@
 tests, in both gauges: expected 2 g sqrt(N), measured, error, and ms per step.
 
     .venv/bin/python benchmarks/cavity_rabi.py [--counts 1000,100000] [--steps 4000]
+                                        [--where embedded,hub]
 
 N identical TLS (omega = omega_c = 0.242 a.u., mu12 = 187 a.u.) on the x axis, in their
 ground state; the mode starts with p_c = 1e-3 (far below one photon: the linear regime)
 and g sqrt(N) / omega_c = 0.05 with g = eps mu12 / sqrt(2 omega_c). The dipole gauge
 includes the dipole self-energy, so both gauges have the polaritons at
 sqrt(omega_c^2 + g^2 N) -+ g sqrt(N) exactly; the splitting is fitted to q_c,x(t) by
-:func:`maxwellhub.rabi.rabi_splitting_from_trajectory`. The stepping is the tests' one
-(field -> model step -> extras -> finish), embedded, dt = 0.5 a.u.
+:func:`maxwellhub.rabi.rabi_splitting_from_trajectory`. Stepped by ``EngineCoupling``
+(dt = 0.5 a.u.), embedded and through the hub (two ensemble drivers, the dipoles every
+step).
 """
 
 from __future__ import annotations
@@ -24,26 +26,25 @@ import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from maxwellhub import SocketHub  # noqa: E402
+from maxwellhub.em import EngineCoupling  # noqa: E402
 from maxwellhub.em.cavity import SingleModeCavity  # noqa: E402
+from maxwellhub.launch import reap, start_driver  # noqa: E402
 from maxwellhub.rabi import rabi_splitting_from_trajectory  # noqa: E402
-from maxwellhub_drivers.models import create_model  # noqa: E402
 
 WC, MU12, DT = 0.242, 187.0, 0.5
-KEYS = ("mux_au", "muy_au", "muz_au")
 
 
-def run(gauge: str, n: int, steps: int) -> tuple[float, float, float]:
-    """(expected splitting, measured splitting, ms per step) of one run."""
+def run(gauge: str, n: int, steps: int, where: str) -> tuple[float, float, float]:
+    """(expected splitting, measured splitting, ms per step) of one run, embedded or
+    through the hub (two ensemble drivers behind a UNIX socket, dipoles every step)."""
     g_sqrt_n = 0.05 * WC
     eps = g_sqrt_n / math.sqrt(n) * math.sqrt(2 * WC) / MU12
-    model = create_model("tls", n=n, omega=WC, mu12=MU12, orientation=0)
-    model.initialize(dt_au=DT, molecule_ids=list(range(n)))
     engine = SingleModeCavity(
         frequency_au=WC,
         damping_au=0.0,
@@ -53,37 +54,53 @@ def run(gauge: str, n: int, steps: int) -> tuple[float, float, float]:
         gauge=gauge,
         pc_initial=[1e-3, 0.0, 0.0],
     )
-    engine.setup(np.full((n, 3), np.nan), DT)
-    qc = np.empty(steps)
-    start = time.perf_counter()
-    for k in range(steps):
-        field = np.ascontiguousarray(np.broadcast_to(engine.field(), (n, 3)))
-        sources = model.step(field)
-        ext = model.extras()
-        engine.finish(sources, np.column_stack([ext[key] for key in KEYS]))
-        qc[k] = engine.qc[0]
-    elapsed = time.perf_counter() - start
+    tls: dict[str, Any] = {"omega": WC, "mu12": MU12, "orientation": 0}
+    hub, procs = None, []
+    try:
+        if where == "hub":
+            name = f"bench_rabi_{os.getpid()}"
+            hub = SocketHub(unixsocket=name)
+            coupling = EngineCoupling(engine, DT, hub=hub, record_every=0)
+            coupling.add_socket_molecules(n=n)
+            per = (n + 1) // 2 if n > 1 else 1
+            for first in range(0, n, per):
+                args = ["--molecules", str(min(per, n - first))]
+                procs.append(start_driver("tls", tls, unix=name, extra_args=args))
+        else:
+            coupling = EngineCoupling(engine, DT, record_every=0)
+            coupling.add_molecules("tls", n=n, **tls)
+        coupling.run(steps=1)  # set-up and binding, outside the timing
+        start = time.perf_counter()
+        coupling.run(steps=steps - 1)
+        elapsed = time.perf_counter() - start
+    finally:
+        if hub is not None:
+            hub.stop()
+        reap(procs, 10.0)
+    qc = coupling.history()["engine/qc_au"][:, 0]
     fit = rabi_splitting_from_trajectory(qc, DT)
-    return 2 * g_sqrt_n, fit.splitting, 1e3 * elapsed / steps
+    return 2 * g_sqrt_n, fit.splitting, 1e3 * elapsed / (steps - 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", default="1000,100000", help="comma-separated N")
     parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--where", default="embedded,hub", help="embedded and/or hub")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     print(f"### Vacuum Rabi splitting, {args.steps} steps of {DT} a.u.\n")
-    print("| gauge | N | expected 2g sqrt(N) | measured | error | ms/step |")
-    print("|---|---|---|---|---|---|")
+    print("| gauge | N | molecules | expected 2g sqrt(N) | measured | error | ms/step |")
+    print("|---|---|---|---|---|---|---|")
     for gauge in ("dipole", "velocity"):
         for n in counts:
-            expected, measured, ms = run(gauge, n, args.steps)
-            print(
-                f"| {gauge} | {n} | {expected:.6f} | {measured:.6f} | "
-                f"{measured / expected - 1:+.2e} | {ms:.3f} |",
-                flush=True,
-            )
+            for where in args.where.split(","):
+                expected, measured, ms = run(gauge, n, args.steps, where)
+                print(
+                    f"| {gauge} | {n} | {where} | {expected:.6f} | {measured:.6f} | "
+                    f"{measured / expected - 1:+.2e} | {ms:.3f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

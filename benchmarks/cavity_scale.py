@@ -31,6 +31,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from typing import Any
 
 import numpy as np
 from _common import machine, peer_python, pin_to
@@ -39,7 +40,7 @@ from maxwellhub import SocketHub
 from maxwellhub.em import EngineCoupling, SingleModeCavity
 from maxwellhub.launch import driver_command, driver_env, reap
 
-TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}
+TLS: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}
 CAVITY = {
     "frequency_au": 0.242,
     "damping_au": 0.0,
@@ -81,9 +82,8 @@ def engine_alone(m: int, seconds: float) -> float:
 def through_hub(m: int, k: int, seconds: float) -> float:
     name = f"bench_cav_{os.getpid()}_{m}"
     hub = SocketHub(unixsocket=name)
-    params = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    json.dump(TLS, params)
-    params.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as params:
+        json.dump(TLS, params)
     procs = []
     try:
         coupling = EngineCoupling(SingleModeCavity(**CAVITY), dt_au=0.5, hub=hub, record_every=100)

@@ -101,3 +101,14 @@ def test_meep_maxwelllink_side_by_side():
         pytest.skip(out.split("MaxwellLink not measured:", 1)[1].splitlines()[0])
     measured_row(out, "0 (plain source)")
     measured_row(out, "1")
+
+
+def test_cavity_benchmarks_print_tables():
+    """cavity_scale.py and cavity_rabi.py at tiny sizes print their tables (numbers are
+    not checked: tests never assert on wall time)."""
+    out = run("cavity_scale.py", "--counts", "20", "--mxl-counts", "", "--seconds", "0.2")
+    assert "embedded /s" in out and "targets at 10^6" in out
+    row = [line for line in out.splitlines() if line.strip().startswith("20 ")]
+    assert row and float(row[0].split()[1]) > 0
+    out = run("cavity_rabi.py", "--counts", "4", "--steps", "2000", "--where", "embedded,hub")
+    assert out.count("| 4 |") == 4  # two gauges, embedded and hub
