@@ -186,6 +186,22 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _await_hub_step(pid: int, step: int, deadline: float) -> None:
+    """Ask the run's control endpoint for its step until it reaches ``step`` (each answer
+    comes back at once: there is no event to await from outside the run's process)."""
+    from maxwellhub.control import request
+
+    address = f"/tmp/maxwellhub_control_mxh_run_{pid}"
+    while time.monotonic() < deadline:
+        try:
+            if request(address, "Status", timeout=scaled(5))["Status"]["step"] >= step:
+                return
+        except OSError:
+            pass  # the endpoint is not listening yet
+        time.sleep(0.05)
+    pytest.fail(f"the run did not reach step {step} in time")
+
+
 def test_dead_driver_ends_run_with_data_written(tmp_path):
     """A driver killed mid-run ends `maxwellhub run` with a message naming its molecule,
     and the steps recorded so far are in the HDF5 file (marked incomplete)."""
@@ -219,7 +235,7 @@ def test_dead_driver_ends_run_with_data_written(tmp_path):
             else:
                 time.sleep(0.2)  # the driver is a grandchild we cannot await
         assert driver is not None, "the run never started its driver"
-        time.sleep(1.0)  # let it step a while
+        _await_hub_step(run.pid, 20, deadline)  # the run has recorded steps to keep
         os.kill(driver, signal.SIGKILL)
         _, err = run.communicate(timeout=scaled(60))
     finally:
