@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -152,16 +153,25 @@ def plot_dipole_spectrum(
 
 
 class Progress:
-    """Logs steps done, steps/s and time left every ``every`` seconds of wall time;
-    ``sim.run(..., progress.step_function(), ...)`` (one clock read per step)."""
+    """Progress of a run: on an interactive terminal (``stream`` a TTY, default stderr) a
+    live bar redrawn in place at most 5 times a second (steps, steps/s, time left); in
+    batch jobs (no TTY) a log line every ``every`` seconds of wall time. One clock read per
+    step either way; ``sim.run(..., progress.step_function(), ...)`` or :meth:`tick`."""
 
-    def __init__(self, total_steps: int, every: float = 10.0, logger=log) -> None:
+    def __init__(
+        self, total_steps: int, every: float = 10.0, logger=log, stream=None, bar: bool = True
+    ) -> None:
         self.total = max(int(total_steps), 1)
         self.every = every
         self.log = logger
         self.start: float | None = None
         self.next_report: float | None = None
         self.steps = 0
+        self.stream = sys.stderr if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.live = bar and bool(isatty and isatty()) and os.environ.get("MAXWELLHUB_NO_BAR") != "1"
+        if self.live:
+            self.every = 0.2
 
     def step_function(self):
         """A plain function for ``sim.run`` (Meep inspects step functions' code)."""
@@ -177,9 +187,21 @@ class Progress:
             self.start, self.next_report = now, now + self.every
             return
         self.steps += 1
-        if now >= self.next_report:
+        if now >= self.next_report or (self.live and self.steps >= self.total):
             self.next_report = now + self.every
-            self.log.info("%s", self.line(now))
+            if self.live:
+                self.draw(now)
+            else:
+                self.log.info("%s", self.line(now))
+
+    def draw(self, now: float | None = None, width: int = 30) -> None:
+        """Redraw the bar on the terminal (carriage return, no newline until the end)."""
+        done = min(self.steps / self.total, 1.0)
+        filled = round(width * done)
+        bar = "#" * filled + "." * (width - filled)
+        end = "\n" if self.steps >= self.total else ""
+        self.stream.write(f"\r[{bar}] {self.line(now)}\033[K{end}")
+        self.stream.flush()
 
     def line(self, now: float | None = None) -> str:
         now = time.monotonic() if now is None else now

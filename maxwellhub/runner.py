@@ -433,7 +433,8 @@ class _Run:
                 self.hub.control_address,
             )
         start_step = self.loaded.step if self.loaded is not None else 0
-        self.progress = Progress(self.steps_total - start_step)
+        # the live bar on rank 0's terminal only (the other ranks' progress is the same)
+        self.progress = Progress(self.steps_total - start_step, bar=self.master)
         if self.ck_config is not None:
             self._make_checkpointer(self.ck_config)
 
