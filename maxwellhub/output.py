@@ -167,6 +167,7 @@ class Progress:
         self.start: float | None = None
         self.next_report: float | None = None
         self.steps = 0
+        self.last: float | None = None  # the clock at the last tick
         self.stream = sys.stderr if stream is None else stream
         isatty = getattr(self.stream, "isatty", None)
         self.live = bar and bool(isatty and isatty()) and os.environ.get("MAXWELLHUB_NO_BAR") != "1"
@@ -182,11 +183,11 @@ class Progress:
         return maxwellhub_progress
 
     def tick(self) -> None:
-        now = time.monotonic()
+        now = self.last = time.monotonic()
+        self.steps += 1
         if self.start is None or self.next_report is None:  # set together, at the first tick
             self.start, self.next_report = now, now + self.every
             return
-        self.steps += 1
         if now >= self.next_report or (self.live and self.steps >= self.total):
             self.next_report = now + self.every
             if self.live:
@@ -204,9 +205,11 @@ class Progress:
         self.stream.flush()
 
     def line(self, now: float | None = None) -> str:
-        now = time.monotonic() if now is None else now
+        """Steps, steps/s and time left, as of ``now`` (default: the last step)."""
+        if now is None:
+            now = self.last if self.last is not None else time.monotonic()
         elapsed = max(now - (self.start or now), 1e-9)
-        rate = self.steps / elapsed
+        rate = (self.steps - 1) / elapsed  # the clock starts at the end of the first step
         left = (self.total - self.steps) / rate if rate > 0 else float("inf")
         return (
             f"step {self.steps}/{self.total} ({100 * self.steps / self.total:.0f}%), "

@@ -20,7 +20,7 @@ def test_live_bar_on_a_terminal_ends_with_a_newline():
     logger = logging.getLogger("test_progress_tty")
     progress = Progress(50, stream=out, logger=logger)
     assert progress.live
-    for _ in range(51):  # the first tick starts the clock
+    for _ in range(50):
         progress.tick()
     text = out.getvalue()
     assert text.startswith("\r[") and text.endswith("\x1b[K\n")
@@ -34,7 +34,7 @@ def test_batch_job_logs_lines(caplog):
     progress = Progress(5, every=0.0, stream=out)
     assert not progress.live
     with caplog.at_level(logging.INFO, logger="maxwellhub.run"):
-        for _ in range(6):
+        for _ in range(5):
             progress.tick()
     assert out.getvalue() == ""
     assert "step 5/5 (100%)" in caplog.text
