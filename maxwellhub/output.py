@@ -210,7 +210,7 @@ class Progress:
             now = self.last if self.last is not None else time.monotonic()
         elapsed = max(now - (self.start or now), 1e-9)
         rate = (self.steps - 1) / elapsed  # the clock starts at the end of the first step
-        left = (self.total - self.steps) / rate if rate > 0 else float("inf")
+        left = max(self.total - self.steps, 0) / rate if rate > 0 else float("inf")
         return (
             f"step {self.steps}/{self.total} ({100 * self.steps / self.total:.0f}%), "
             f"{rate:.0f} steps/s, about {left:.0f} s left"

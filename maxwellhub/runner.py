@@ -434,7 +434,10 @@ class _Run:
             )
         start_step = self.loaded.step if self.loaded is not None else 0
         # the live bar on rank 0's terminal only (the other ranks' progress is the same)
-        self.progress = Progress(self.steps_total - start_step, bar=self.master)
+        # Meep calls the step functions at fields.t = start ... steps_total (both ends);
+        # the other engines do steps start_step ... steps_total - 1
+        calls = self.steps_total - start_step + (1 if self.sim is not None else 0)
+        self.progress = Progress(calls, bar=self.master)
         if self.ck_config is not None:
             self._make_checkpointer(self.ck_config)
 
