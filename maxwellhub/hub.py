@@ -58,6 +58,7 @@ from .liveness import (
     within,
 )
 from .mpi import am_master
+from .protocol.init import build_init
 
 if TYPE_CHECKING:
     from .control import ControlServer
@@ -125,14 +126,6 @@ def new_event_loop(kind: str | None = None) -> asyncio.AbstractEventLoop:
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"INIT payload value {obj!r} of type {type(obj).__name__} is not JSON")
 
 
 class _Molecule:
@@ -617,25 +610,14 @@ class _Driver(asyncio.BufferedProtocol):
     def send_init(self) -> None:
         mols = self.molecules
         first = mols[0]
-        payload = dict(first.payload or {})
-        if self.batch is not None:
-            # Compact for large ensembles: a range when the ids are consecutive (as binding
-            # makes them), per-molecule payloads only when they differ.
-            ids = [m.id for m in mols]
-            if ids == list(range(ids[0], ids[0] + len(ids))):
-                payload["molecule_id_range"] = [ids[0], len(ids)]
-            else:
-                payload["molecule_ids"] = ids
-            payloads = [m.payload or {} for m in mols]
-            if any(p != payloads[0] for p in payloads):
-                payload["payloads"] = payloads
         done, replayable = self.hub._replay_offer(first)
-        payload[wire.RESUME_KEY] = {
-            "version": wire.RESUME_VERSION,
-            "step": done,
-            "history": replayable,
-        }
-        body = json.dumps({**payload, "molecule_id": first.id}, default=_json_default).encode()
+        body = build_init(
+            [m.id for m in mols],
+            [m.payload for m in mols],
+            done,
+            replayable,
+            ensemble=self.batch is not None,
+        )
         self.state = _INIT
         self.resume_step = None
         self._init_msg = wire.encode_init(first.id, body)

@@ -53,9 +53,7 @@ line or in a log line.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import signal
 import socket
 from collections.abc import Callable, Mapping
@@ -80,6 +78,7 @@ from .liveness import (
     keepalive,
     within,
 )
+from .protocol.init import parse_ensemble_init
 
 __all__ = ["EXIT_LOCAL", "EXIT_OK", "EXIT_PROTOCOL", "EXIT_UPSTREAM", "Relay"]
 
@@ -90,10 +89,6 @@ EXIT_UPSTREAM = 1  # upstream unreachable or gone before STOP/EXIT; interrupted
 EXIT_PROTOCOL = 2  # the upstream hub sent bad bytes or an unusable INIT
 EXIT_LOCAL = 3  # local drivers did not connect, initialise or answer in time
 
-# Keys the INIT of an ensemble carries about the ensemble itself, not about a molecule.
-# "mxh_resume" is the upstream hub's replay offer to this connection; the local hub makes
-# its own offer to each local driver.
-_ENSEMBLE_KEYS = ("molecule_id_range", "molecule_ids", "payloads", "molecule_id", "mxh_resume")
 # What MXHSOURCES can carry (the upstream decoder's default Limits).
 _MAX_EXTRAS_KEYS = wire.Limits().max_extras_keys
 _MAX_KEY_BYTES = wire.Limits().max_key_bytes
@@ -185,63 +180,6 @@ def _describe_upstream(unix: str | None, host: str | None, port: int) -> str:
     if unix is not None:
         return f"unix:{unix_socket_path(unix)}"
     return f"tcp:{host or '127.0.0.1'}:{port}"
-
-
-def parse_ensemble_init(payload: bytes, molecules: int) -> tuple[list[int], list[dict]]:
-    """The molecule ids and per-molecule INIT payloads from an ensemble INIT string.
-
-    Raises :class:`ProtocolError` naming what is wrong (the upstream hub sent it)."""
-    try:
-        data = json.loads(payload.decode("utf-8") or "{}")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(
-            f"INIT: the init string is not UTF-8 JSON ({exc}): {payload[:80]!r}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"INIT: the init string is JSON {type(data).__name__}, not an object")
-    try:
-        if "molecule_id_range" in data:
-            first, count = data["molecule_id_range"]
-            ids = list(range(_as_int(first), _as_int(first) + _as_int(count)))
-        elif "molecule_ids" in data:
-            ids = [_as_int(m) for m in data["molecule_ids"]]
-        else:
-            raise ProtocolError(
-                "INIT of an ensemble needs molecule_id_range or "
-                f"molecule_ids; keys: {sorted(data)[:20]}"
-            )
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"INIT: bad molecule_id_range/molecule_ids: {exc}") from None
-    if len(ids) != molecules or len(set(ids)) != len(ids):
-        raise ProtocolError(
-            f"INIT names {len(ids)} molecule ids ({len(set(ids))} distinct); "
-            f"this relay hosts {molecules}"
-        )
-    shared = {k: v for k, v in data.items() if k not in _ENSEMBLE_KEYS}
-    each = data.get("payloads")
-    if each is None:
-        payloads = [shared] * len(ids)
-    elif (
-        not isinstance(each, list)
-        or len(each) != len(ids)
-        or not all(isinstance(p, dict) for p in each)
-    ):
-        raise ProtocolError(f"INIT: 'payloads' must be a list of {len(ids)} JSON objects")
-    else:
-        payloads = [{k: v for k, v in p.items() if k not in _ENSEMBLE_KEYS} for p in each]
-    for mid, p in zip(ids, payloads, strict=True):
-        dt = p.get("dt_au")
-        if isinstance(dt, bool) or not isinstance(dt, int | float) or not 0 < dt < math.inf:
-            raise ProtocolError(
-                f"INIT: molecule {mid}: dt_au = {dt!r}; every molecule needs a number dt_au > 0"
-            )
-    return ids, payloads
-
-
-def _as_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{value!r} is not an integer")
-    return value
 
 
 class _Upstream(asyncio.Protocol):
@@ -390,9 +328,9 @@ class _Upstream(asyncio.Protocol):
             if event.payload == self.init_payload:
                 return
             raise ProtocolError("a second INIT with other molecule ids or payloads")
-        ids, payloads = parse_ensemble_init(event.payload, self.relay.molecules)
+        init = parse_ensemble_init(event.payload, self.relay.molecules, "this relay")
+        ids, payloads, offer = init.molecule_ids, init.payloads, init.resume
         self.init_payload = event.payload
-        offer = wire.resume_offer(json.loads(event.payload.decode("utf-8") or "{}"))
         self.task = asyncio.ensure_future(self._initialize(ids, payloads, offer))
         self.task.add_done_callback(self._task_done)
 

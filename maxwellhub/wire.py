@@ -572,23 +572,6 @@ def encode(event: Event) -> bytes:
     raise TypeError(f"not a wire event: {event!r}")
 
 
-def resume_offer(data: dict) -> dict | None:
-    """The hub's resume offer in an INIT JSON object (see :data:`RESUME_KEY`), checked,
-    or None when there is none (a hub that cannot replay)."""
-    offer = data.get(RESUME_KEY)
-    if offer is None:
-        return None
-    if not isinstance(offer, dict) or offer.get("version") != RESUME_VERSION:
-        raise ProtocolError(f"INIT: {RESUME_KEY} = {offer!r}: expected an object with "
-                            f"version {RESUME_VERSION}")
-    for key in ("step", "history"):
-        value = offer.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ProtocolError(f"INIT: {RESUME_KEY}.{key} = {value!r}: expected an "
-                                "integer >= 0")
-    return offer
-
-
 # ----------------------------------------------------------------------------- decoding
 
 # Which messages each side may receive. A missing entry is a protocol error.
