@@ -38,7 +38,6 @@ import math
 import os
 import socket
 import stat
-import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -48,7 +47,7 @@ import numpy as np
 
 from . import wire
 from .addresses import DEFAULT_PORT, unix_socket_path
-from .auth import Secret, is_loopback, new_nonce
+from .auth import Secret, is_loopback
 from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
 from .liveness import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -58,7 +57,7 @@ from .liveness import (
     within,
 )
 from .mpi import am_master
-from .protocol.init import build_init
+from .protocol.connection import Connection, State
 
 if TYPE_CHECKING:
     from .control import ControlServer
@@ -67,40 +66,12 @@ __all__ = ["Hub", "SocketHub", "StepResult", "StopRequested", "new_event_loop"]
 
 log = logging.getLogger("maxwellhub.hub")
 
-# Connection states. Each names what the hub waits for on that connection.
-_AUTH = "auth"  # MXHAUTH sent (hub has a secret); expect MXHPROOF
-_PROBE = "probe"  # STATUS sent before binding; expect READY or NEEDINIT
-_UNBOUND = "unbound"  # answered; waiting for a molecule to bind to
-_BOUND = "bound"  # bound, INIT not sent yet (no payload known)
-_INIT = "init"  # INIT + STATUS sent; expect READY (MXHRESUME first, maybe)
-_REPLAY = "replay"  # a restored driver is replayed the steps it missed
-_READY = "ready"  # initialised and idle
-_BUSY = "busy"  # field sent; expect FORCEREADY
-# Stock i-PI clients (ASE's SocketClient, i-PI's driver): see _Driver._on_stock_event.
-_LEARNING = "learning"  # first field sent (not the fast path); expect FORCEREADY
-_LEARN = "learn"  # STATUS sent after its first FORCEREADY; expect READY or NEEDINIT
-_ASKED = "asked"  # STATUS (maybe INIT) sent before a step; expect READY or NEEDINIT
-_STOCK_BUSY = "stock-busy"  # field sent after that; expect FORCEREADY
-_CLOSING = "closing"  # STOP or EXIT sent; expect BYE or close
-_CLOSED = "closed"
-
-_GETFORCE_HEADER = wire.encode_header(wire.GETFORCE)
-# The SOURCEREADY of the EM profile: header, energy 0.0, nat 1 (12:24), dmu/dt (24:48),
-# a zero virial (48:120), the extras length (120:124), then the extras.
-_SR_HEADER = wire.encode_header(wire.FORCEREADY)
-_SR_ENERGY_NAT = struct.pack("<di", 0.0, 1)
-_ZERO_VIRIAL = bytes(72)
-_SR_TAIL = struct.Struct("<3d72xi")
-_SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE  # 124
-_FAST_READ = 1 << 16  # reads up to this size may be one SOURCEREADY for the fast path
-_finite = math.isfinite
-
-
-_STOP_BYTES = wire.encode_header(wire.STOP)
-_EXIT_BYTES = wire.encode_header(wire.EXIT)
-_STATUS_BYTES = wire.encode_header(wire.STATUS)
-_STOCK_STATES = frozenset((_LEARNING, _LEARN, _ASKED, _STOCK_BUSY))
-_EXIT_AFTER_STOP_S = 0.5  # EXIT to a peer that has not answered STOP by then
+# Connection states (see maxwellhub.protocol.connection.State), by their short names here.
+_UNBOUND = State.UNBOUND
+_BOUND = State.BOUND
+_READY = State.READY
+_CLOSING = State.CLOSING
+_CLOSED = State.CLOSED
 
 
 class StopRequested(MaxwellHubError):
@@ -136,7 +107,7 @@ class _Molecule:
     def __init__(self, mid: int, index: int) -> None:
         self.id = mid
         self.index = index  # registration order: its slot in Hub._counts
-        self.driver: _Driver | None = None
+        self.driver: Connection | None = None
         self.payload: dict | None = None
         self.initialized = False
 
@@ -216,7 +187,7 @@ class _Barrier:
         self.abort_on_loss = False
         self.lost: list[int] = []
         self.started = time.monotonic()  # for status(): the step's duration
-        self.last: _Driver | None = None  # the driver whose reply completed the step
+        self.last: Connection | None = None  # the driver whose reply completed the step
         self.deadline: float | None = None  # loop time the current wait gives up, if any
         # When to say who is missing (loop time), from the first wait of the step on.
         self.reports: Iterator[float] | None = None
@@ -301,12 +272,11 @@ class StepResult:
         }
 
 
-class _Driver(asyncio.BufferedProtocol):
-    """One driver connection: feeds bytes to the codec and reports events to the hub.
-
-    A plain driver hosts one molecule; a driver that negotiated batched frames
-    (MXHHELLO) hosts ``batch`` molecules and is stepped with one frame for all of them.
-    """
+class _DriverProtocol(asyncio.BufferedProtocol):
+    """The asyncio face of one driver connection: a thin adapter that feeds the bytes it
+    reads to a :class:`~maxwellhub.protocol.connection.Connection` (the protocol, sans
+    I/O) and writes the bytes the connection returns. It is the connection's
+    :class:`~maxwellhub.protocol.connection.Link`: aborting, closing, one deadline timer."""
 
     #: Set by connection_made, which the event loop calls before any other method.
     transport: asyncio.Transport
@@ -314,552 +284,110 @@ class _Driver(asyncio.BufferedProtocol):
     def __init__(self, hub: Hub, number: int) -> None:
         self.hub = hub
         self.loop = hub.loop  # made only by a started hub's listener
-        self.number = number
-        self.decoder = wire.Decoder("hub", hub.limits)
-        self.state = _PROBE
-        self.molecules: list[_Molecule] = []
-        self.batch: int | None = None
-        self.row = -1  # (first) row in the layout, -1 if absent
-        self.rows: np.ndarray | slice | None = None  # all rows of an ensemble
-        self._was_empty = True  # the decoder held nothing before this read
-        self.rows_generation = -1
-        self.peer = f"driver#{number}"
-        self.dialect = hub.dialect
-        self.bye: asyncio.Future | None = None
-        self.reported = False  # a drop was already logged for it
-        self._handshake_timer: asyncio.TimerHandle | None = None
-        self.resume_step: int | None = None  # from MXHRESUME, after INIT
-        self.claim: list[int] | None = None  # from MXHCLAIM: the ids it asks for
-        self.replay: list[np.ndarray] = []  # fields still to replay, oldest first
-        # What this connection turned out to be (learned once, see _on_stock_event):
-        self.stock = False  # a stock i-PI client: ends with EXIT, not STOP
-        self.init_needed = True  # False: it said READY before any INIT (ASE)
-        self.stock_steps = True  # send_step takes _send_stock_step (first step, or
-        self.status_each_step = False  # a client that needs STATUS/INIT before each step)
-        self.status_probes = 0  # STATUS sent after the INIT handshake (learning, steps)
-        self._init_msg = b""
-        self._init_resent = False
-
-    @property
-    def molecule(self) -> _Molecule | None:
-        return self.molecules[0] if self.molecules else None
-
-    @property
-    def size(self) -> int:
-        return self.batch or 1
-
-    # -- naming, for log lines that point at the culprit
-    def __str__(self) -> str:
-        if not self.molecules:
-            return self.peer
-        if len(self.molecules) == 1:
-            return f"{self.peer} molecule {self.molecules[0].id}"
-        return (
-            f"{self.peer} molecules {self.molecules[0].id}..{self.molecules[-1].id} "
-            f"({len(self.molecules)})"
+        self.conn = Connection(
+            hub,
+            number,
+            limits=hub.limits,
+            dialect=hub.dialect,
+            auth=hub.auth,
+            handshake_timeout=hub.handshake_timeout,
+            step_timeout=hub.timeout,
         )
+        self.conn.link = self
+        self._timer: asyncio.TimerHandle | None = None
+        self.bye: asyncio.Future | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream connection's transport (asyncio's or uvloop's) is an asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.writelines
         peer = transport.get_extra_info("peername")
         if peer:
-            self.peer = f"driver#{self.number} ({peer[0]}:{peer[1]})"
+            self.conn.peer = f"driver#{self.conn.number} ({peer[0]}:{peer[1]})"
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 keepalive(sock)  # a vanished host is noticed in LOST_HOST_SECONDS
-        self.hub._connections.add(self)
-        self.hub._handshaking.add(self)
-        self._nonce: bytes | None = None
-        if self.hub.auth is not None:
-            # Nothing but the challenge until the peer proves it holds the secret.
-            self.state = _AUTH
-            self._nonce = new_nonce()
-            self.transport.write(wire.encode_auth_challenge(self._nonce))
-        else:
-            self.transport.write(_STATUS_BYTES)
-        self._arm(self.hub.handshake_timeout)
+        self.hub._connection_made(self.conn)
+        self.write(self.conn.start())
 
     # asyncio receives straight into the decoder's buffer (BufferedProtocol): a batched
     # frame of 10^6 molecules is 48 MB, and copying it read by read cost as much again.
     def get_buffer(self, sizehint: int) -> memoryview:
-        self._was_empty = not self.decoder.buffered
-        return self.decoder.read_buffer()
+        return self.conn.read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.state == _BUSY and self._was_empty and nbytes <= _FAST_READ:
-            room = self.decoder.read_buffer(0)
-            if self._source_ready_fast(bytes(room[:nbytes])):
-                return  # consumed: nothing is left held
-        self._handle(self.decoder.received, nbytes)
+        out = self.conn.received(nbytes)
+        if out:
+            self.write(out)
 
     def data_received(self, data: bytes) -> None:
         """The same as a buffered read (for callers that hand bytes in)."""
-        if self.state == _BUSY and not self.decoder.buffered and self._source_ready_fast(data):
-            return
-        self._handle(self.decoder.feed, data)
-
-    def _handle(self, decode: Callable[[Any], list[wire.Event]], data: Any) -> None:
-        try:
-            for event in decode(data):
-                if self.reported:  # dropped by an earlier message of this read
-                    return
-                self._on_event(event)
-        except ProtocolError as exc:
-            self.fail(str(exc))
-
-    def _source_ready_fast(self, data: bytes) -> bool:
-        """Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial
-        0) in one read with nothing held; anything else goes through the full decoder."""
-        if (
-            data.startswith(_SR_HEADER)
-            and len(data) >= _SR_SIZE
-            and data[12:24] == _SR_ENERGY_NAT
-            and data[48:120] == _ZERO_VIRIAL
-        ):
-            sx, sy, sz, m = _SR_TAIL.unpack_from(data, 24)
-            if (
-                m == len(data) - _SR_SIZE
-                and m <= self.hub.limits.max_extras_bytes
-                and _finite(sx)
-                and _finite(sy)
-                and _finite(sz)
-            ):
-                self.state = _READY
-                self.hub._source_ready(self, sx, sy, sz, data[_SR_SIZE:])
-                return True
-        return False
+        out = self.conn.receive_data(data)
+        if out:
+            self.write(out)
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        previous, self.state = self.state, _CLOSED
-        if previous == _AUTH:
-            log.error(
-                "refusing %s before INIT: authentication failed: it closed the "
-                "connection without answering MXHAUTH",
-                self,
-            )
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-        if self.bye is not None and not self.bye.done():
-            self.bye.set_result(False)
-        self.hub._connection_lost(self, previous, exc)
+        self.conn.connection_lost(exc)
 
-    # -- protocol
-    def fail(self, why: str) -> None:
-        """Drop this connection for a protocol violation, with one log line naming it."""
-        if self.state == _CLOSED or self.reported:
-            return  # one line per peer, even when one read held several bad messages
-        if self.state == _AUTH:
-            self._refuse(why)
-            return
-        log.error("dropping %s: %s", self, why)
-        self.reported = True
-        if self.transport is not None:
-            self.transport.abort()
+    # -- Link
+    def abort(self) -> None:
+        self.transport.abort()
 
-    def _refuse(self, why: str) -> None:
-        """Drop a peer that failed authentication, with one log line naming it."""
-        log.error("refusing %s before INIT: authentication failed: %s", self, why)
-        self.state = _CLOSED  # no second line from connection_lost or later events
-        if self.transport is not None:
-            self.transport.abort()
+    def close(self) -> None:
+        self.transport.close()
 
-    def _authenticated(self, proof: bytes) -> None:
-        # _AUTH is entered only when the hub has a secret, with a fresh nonce.
-        auth, nonce = self.hub.auth, self._nonce
-        if auth is None or nonce is None or not auth.verify(nonce, proof):
-            self._refuse("wrong MXHPROOF (the driver's secret differs from the hub's)")
-            return
-        self._nonce = None
-        self.state = _PROBE
-        self._cancel_handshake()
-        log.debug("%s authenticated", self)
-        if self.batch is not None:  # its MXHHELLO arrived before the proof
-            self.transport.write(wire.encode_welcome(self.batch))
-        self.transport.write(_STATUS_BYTES)
-        self._arm(self.hub.handshake_timeout)
-
-    def _arm(self, seconds: float | None) -> None:
-        """Expect the answer within ``seconds`` (None: no deadline; a dead peer is then
-        noticed by its connection, see :mod:`maxwellhub.liveness`)."""
-        if seconds is not None:
-            self._handshake_timer = self.loop.call_later(seconds, self._expired, seconds)
+    def arm(self, seconds: float) -> None:
+        self.disarm()
+        self._timer = self.loop.call_later(seconds, self._expired, seconds)
 
     def _expired(self, seconds: float) -> None:
-        if self.state == _AUTH:
-            self.fail(f"no MXHPROOF within {seconds:g} s")
-        elif self.state == _PROBE:
-            self.fail(f"no answer to STATUS within {seconds:g} s")
-        elif self.state == _INIT:
-            self.fail(f"no answer to STATUS within {seconds:g} s after INIT")
-        elif self.state == _REPLAY:
-            self.fail(f"a replayed step not answered within {seconds:g} s")
+        self._timer = None
+        self.conn.expired(seconds)
 
-    def _on_event(self, event: wire.Event) -> None:
-        """Dispatch one decoded message by the state this connection is in; a message
-        the state does not expect drops the connection."""
-        handler = _BY_STATE.get(self.state)
-        if handler is None or not handler(self, event):
-            self._unexpected(event)
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def _unexpected(self, event: wire.Event) -> None:
-        name = _EVENT_NAMES.get(type(event), type(event).__name__)
-        self.fail(f"unexpected {name} while {_EXPECTING[self.state]}")
+    def later(self, seconds: float, callback: Callable[[], list]) -> None:
+        self.loop.call_later(seconds, self._send_from, callback)
 
-    # Each _on_<state> returns False for a message that state does not expect.
+    def _send_from(self, callback: Callable[[], list]) -> None:
+        out = callback()
+        if out:
+            self.write(out)
 
-    def _on_busy(self, event: wire.Event) -> bool:
-        if isinstance(event, wire.ForceReady) and self.batch is None:
-            if event.forces.shape[0] != 1:
-                self.fail(
-                    f"SOURCEREADY carries nat = {event.forces.shape[0]}, the EM profile needs 1"
-                )
-                return True
-            self.state = _READY
-            sx, sy, sz = event.forces[0].tolist()
-            self.hub._source_ready(self, sx, sy, sz, event.extras)
-        elif isinstance(event, wire.SourcesBatch) and self.batch is not None:
-            self.state = _READY
-            self.hub._sources_batch(self, event)
-        else:
-            return False
-        return True
+    def hosting(self, molecules: int) -> None:
+        keep_freed_memory(molecules)
+        widen_socket_buffers(self.transport.get_extra_info("socket"), molecules)
 
-    def _on_init(self, event: wire.Event) -> bool:
-        if isinstance(event, wire.Ready):
-            self._cancel_handshake()
-            self.hub._driver_ready(self)
-        elif isinstance(event, wire.Resume) and self.resume_step is None:
-            if event.molecules != self.size:
-                self.fail(
-                    f"MXHRESUME for {event.molecules} molecule(s); the connection hosts {self.size}"
-                )
-                return True
-            self.resume_step = event.step
-        elif isinstance(event, wire.NeedInit) and not self.init_needed:
-            return self._on_stock_event(event)
-        else:
-            return False
-        return True
+    def ended(self, said_bye: bool) -> None:
+        if self.bye is not None and not self.bye.done():
+            self.bye.set_result(said_bye)
 
-    def _on_replay(self, event: wire.Event) -> bool:
-        if not isinstance(event, wire.ForceReady | wire.SourcesBatch):
-            return False
-        if isinstance(event, wire.ForceReady) != (self.batch is None):
-            self.fail(f"{_EVENT_NAMES[type(event)]} while being replayed missed steps")
-            return True
-        self.send_replay()
-        return True
-
-    def _on_probe(self, event: wire.Event) -> bool:
-        if isinstance(event, wire.Ready | wire.NeedInit):
-            self.state = _UNBOUND
-            self._cancel_handshake()
-            if isinstance(event, wire.Ready):
-                self._ready_before_init()
-            self.hub._driver_available(self)
-        elif isinstance(event, wire.Claim) and self.claim is None:
-            if event.molecules != self.size:
-                self.fail(
-                    f"MXHCLAIM for {event.molecules} molecule(s); the connection hosts {self.size}"
-                )
-                return True
-            self.claim = list(range(event.first, event.first + event.molecules))
-        elif isinstance(event, wire.Hello) and self.batch is None:
-            self.batch = self.decoder.batch = event.molecules
-            keep_freed_memory(event.molecules)
-            widen_socket_buffers(self.transport.get_extra_info("socket"), event.molecules)
-            self.transport.write(wire.encode_welcome(event.molecules))
-        else:
-            return False
-        return True
-
-    def _on_auth(self, event: wire.Event) -> bool:
-        if isinstance(event, wire.AuthProof):
-            self._authenticated(event.proof)
-        elif isinstance(event, wire.Hello) and self.batch is None:
-            # An ensemble driver speaks first; MXHWELCOME waits for its proof.
-            self.batch = self.decoder.batch = event.molecules
-            keep_freed_memory(event.molecules)
-            widen_socket_buffers(self.transport.get_extra_info("socket"), event.molecules)
-        else:
-            return False
-        return True
-
-    def _on_closing(self, event: wire.Event) -> bool:
-        if isinstance(event, wire.Bye):
-            if self.bye is not None and not self.bye.done():
-                self.bye.set_result(True)
-            self.transport.close()
-        # A source owed for a field sent before STOP (a stop mid-step), or the answer to
-        # a STATUS sent before STOP/EXIT: nobody needs it now.
-        return isinstance(
-            event, wire.Bye | wire.ForceReady | wire.SourcesBatch | wire.Ready | wire.NeedInit
-        )
-
-    def _cancel_handshake(self) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-
-    def send_init(self) -> None:
-        mols = self.molecules
-        first = mols[0]
-        done, replayable = self.hub._replay_offer(first)
-        body = build_init(
-            [m.id for m in mols],
-            [m.payload for m in mols],
-            done,
-            replayable,
-            ensemble=self.batch is not None,
-        )
-        self.state = _INIT
-        self.resume_step = None
-        self._init_msg = wire.encode_init(first.id, body)
-        self._init_resent = False
-        self.transport.write((self._init_msg if self.init_needed else b"") + _STATUS_BYTES)
-        # The driver sets up its model before it answers (minutes for an SCF): as slow as
-        # a step, so the step deadline applies, not the handshake's.
-        self._arm(self.hub.timeout)
-
-    def send_replay(self) -> None:
-        """Send the next missed step (its answer will be discarded), or, when none is
-        left, report the driver initialised."""
-        if self.replay and self.stock:
-            log.warning(
-                "%s: a stock i-PI client is not replayed %d missed step(s)", self, len(self.replay)
-            )
-            self.replay = []
-        if not self.replay:
-            self._cancel_handshake()
-            self.state = _READY
-            self.hub._driver_initialized(self)
-            return
-        fields = self.replay.pop(0)
-        self.state = _REPLAY
-        if self.batch is None:
-            self.transport.write(
-                b"".join((wire.FIELD_STEP_HEAD, fields.astype("<f8").tobytes(), _GETFORCE_HEADER))
-            )
-        else:
-            self.transport.writelines([*wire.fields_batch_parts(fields, 0), _GETFORCE_HEADER])
-        self._cancel_handshake()
-        self._arm(self.hub.timeout)  # a replayed step is a step
-
-    def send_step(self, barrier: _Barrier) -> None:
-        """Send this driver its frozen field(s) of ``barrier`` with GETSOURCE."""
-        if self.stock_steps:  # its first step, or a client needing STATUS before each
-            self._send_stock_step(barrier)
-            return
-        self.state = _BUSY
-        if self.batch is None:
-            r = self.row
-            fb = barrier.field_bytes
-            if fb is None:
-                fb = barrier.field_bytes = barrier.fields.astype("<f8").tobytes()
-            self.transport.write(
-                b"".join((wire.FIELD_STEP_HEAD, fb[24 * r : 24 * r + 24], _GETFORCE_HEADER))
-            )
-            return
-        flags = (wire.WANT_EXTRAS if barrier.want_extras else 0) | (
-            wire.WANT_DIPOLES if barrier.want_dipoles else 0
-        )
-        self.transport.writelines(
-            [*wire.fields_batch_parts(barrier.fields[self.rows], flags), _GETFORCE_HEADER]
-        )
-
-    def place(self, layout: _Layout) -> bool:
-        """Find this driver's row(s) in ``layout`` (cached per layout); False if none of
-        its molecules is in the step. An ensemble must be stepped whole."""
-        if self.rows_generation == layout.generation:
-            return self.row >= 0
-        self.rows_generation = layout.generation
-        found = [layout.row.get(m.id, -1) for m in self.molecules]
-        inside = [r for r in found if r >= 0]
-        if inside and len(inside) != len(found):
-            raise UsageError(
-                f"{self} hosts molecules {self.molecules[0].id}.."
-                f"{self.molecules[-1].id} together: a step must include all of "
-                "them or none"
-            )
-        self.row = found[0] if inside else -1
-        self.rows = None
-        if self.batch is not None and inside:
-            first = found[0]
-            # Consecutive rows (the usual case) index as a slice: views and memcpy, no
-            # gather or scatter.
-            if found == list(range(first, first + len(found))):
-                self.rows = slice(first, first + len(found))
-            else:
-                self.rows = np.array(found, dtype=np.intp)
-        return self.row >= 0
-
-    # -- stock i-PI clients (ASE's SocketClient, i-PI's driver, ...)
-    #
-    # Learned per connection from what it answers, never by extra work per step for the
-    # drivers that keep the fast path:
-    # - READY to the connect STATUS (no INIT needed: ASE) marks a stock client; INIT is then
-    #   not sent (ASE asserts on an INIT it did not ask for) unless it later says NEEDINIT.
-    #   MaxwellLink's and maxwellhub's drivers say NEEDINIT until INIT.
-    # - The first step of every plain connection goes through the full decoder; after its
-    #   FORCEREADY the hub sends one STATUS. READY: the client stays READY, every later step
-    #   is the fused POSDATA+GETFORCE block with the fast receive path. NEEDINIT (ASE before
-    #   3.29): a stock client; every later step is STATUS, INIT + STATUS when it says
-    #   NEEDINIT, then the block once it says READY.
-    # - Extras that are not a JSON object in that first FORCEREADY ("nada", a zero byte)
-    #   also mark a stock client: MaxwellLink's and maxwellhub's drivers always send one.
-    # At the end a stock client gets EXIT. The rest get STOP (MaxwellLink's driver raises
-    # on EXIT); one that has not said BYE after _EXIT_AFTER_STOP_S gets EXIT too, which
-    # ends an i-PI client that sends JSON extras (it ignores STOP) and reaches nobody else
-    # (MaxwellLink's and our drivers stop reading after STOP).
-
-    def _ready_before_init(self) -> None:
-        self.init_needed = False
-        self._mark_stock("it answered READY before any INIT")
-
-    def _mark_stock(self, why: str) -> None:
-        if not self.stock:
-            self.stock = True
-            log.info("%s is a stock i-PI client (%s): it will get EXIT at the end", self, why)
-
-    def _send_stock_step(self, barrier: _Barrier) -> None:
-        """send_step for a connection still learning or needing STATUS before each step."""
-        if self.batch is not None:  # MXHHELLO: a maxwellhub ensemble, nothing to learn
-            self.stock_steps = False
-            self.send_step(barrier)
-        elif self.status_each_step:
-            self.state = _ASKED
-            self._init_resent = False
-            self.status_probes += 1
-            self.transport.write(_STATUS_BYTES)
-        else:  # the first step: it said READY to the last STATUS, so POSDATA is due
-            self.state = _LEARNING
-            self.transport.write(wire.encode_field_step(barrier.fields[self.row]))
-
-    def _on_stock_event(self, event: wire.Event) -> bool:
-        state = self.state
-        if isinstance(event, wire.ForceReady) and state in (_LEARNING, _STOCK_BUSY):
-            self._stock_source(event)
-        elif isinstance(event, wire.Ready | wire.NeedInit) and state == _LEARN:
-            if isinstance(event, wire.NeedInit):
-                self._mark_stock("it went back to NEEDINIT after FORCEREADY")
-                self.status_each_step = True
-                log.info("%s: STATUS (and INIT when asked) before every step", self)
-            else:
-                self.stock_steps = False
-                log.debug("%s stays READY: fused steps from now on", self)
-            self.state = _READY
-            self.hub._driver_initialized(self)  # sends the step due meanwhile, if any
-        elif isinstance(event, wire.Ready) and state == _ASKED:
-            hub, barrier = self.hub, self.hub._barrier
-            if barrier is not None and self.place(barrier.layout) and hub._pending(self, barrier):
-                self.state = _STOCK_BUSY
-                self.transport.write(wire.encode_field_step(barrier.fields[self.row]))
-            else:
-                self.state = _READY
-        elif (
-            isinstance(event, wire.NeedInit) and state in (_ASKED, _INIT) and not self._init_resent
-        ):
-            # It asks for INIT (again): the one the hub built at binding, then STATUS.
-            self._init_resent = self.init_needed = True
-            if state == _ASKED:
-                self.status_probes += 1
-            self.transport.write(self._init_msg + _STATUS_BYTES)
-        else:
-            return False
-        return True
-
-    def _stock_source(self, event: wire.ForceReady) -> None:
-        """A stock client's FORCEREADY: its source; after its first, one STATUS to learn
-        whether it stays READY."""
-        if event.forces.shape[0] != 1:
-            self.fail(
-                f"FORCEREADY carries nat = {event.forces.shape[0]}, the EM "
-                "profile needs 1 (the field is the one atom's position)"
-            )
-            return
-        if self.state == _LEARNING:
-            if not event.extras.startswith(b"{"):
-                self._mark_stock(f"its extras {event.extras[:16]!r} are not JSON")
-            self.state = _LEARN
-            self.status_probes += 1
-            self.transport.write(_STATUS_BYTES)
-        else:
-            self.state = _READY
-        sx, sy, sz = event.forces[0].tolist()
-        self.hub._source_ready(self, sx, sy, sz, event.extras)
-
-    def _exit_after_stop(self) -> None:
-        if self.state == _CLOSING and self.bye is not None and not self.bye.done():
-            log.info("%s did not answer STOP: sent EXIT", self)
-            self.transport.write(_EXIT_BYTES)
-            self.bye.set_result(True)
-
+    # -- for the hub
     def send_end(self) -> asyncio.Future:
-        """STOP (MaxwellLink dialect, answered by BYE; EXIT follows if no BYE comes) or
-        EXIT (a stock i-PI client, or ``Hub(dialect="ipi")``; no answer)."""
+        """End the session (STOP or EXIT); the future says whether it ended politely."""
         self.bye = self.loop.create_future()
-        if self.state == _CLOSED:
-            self.bye.set_result(False)
-            return self.bye
-        if self.state == _AUTH:  # never authenticated: it is told nothing, just closed
-            self.state = _CLOSED
-            self.transport.abort()
-            self.bye.set_result(False)
-            return self.bye
-        self.state = _CLOSING
-        if self.dialect == "ipi" or self.stock:
-            self.transport.write(_EXIT_BYTES)
-            self.bye.set_result(True)
-        else:
-            self.transport.write(_STOP_BYTES)
-            self.loop.call_later(_EXIT_AFTER_STOP_S, self._exit_after_stop)
+        out = self.conn.send_end()
+        if out:
+            self.write(out)
         return self.bye
 
 
-_EVENT_NAMES = {
-    wire.Ready: "READY",
-    wire.NeedInit: "NEEDINIT",
-    wire.HaveData: "HAVEDATA",
-    wire.ForceReady: "FORCEREADY",
-    wire.Bye: "BYE",
-    wire.Hello: "MXHHELLO",
-    wire.SourcesBatch: "MXHSOURCES",
-    wire.AuthProof: "MXHPROOF",
-    wire.Resume: "MXHRESUME",
-    wire.Claim: "MXHCLAIM",
-}
-_EXPECTING = {
-    _AUTH: "waiting for MXHPROOF, the answer to the hub's MXHAUTH challenge",
-    _PROBE: "waiting for the answer to STATUS",
-    _UNBOUND: "waiting for molecules to bind to (nothing was asked)",
-    _BOUND: "bound and waiting for INIT (nothing was asked)",
-    _INIT: "waiting for READY after INIT",
-    _REPLAY: "waiting for the source of a replayed step",
-    _READY: "idle (nothing was asked)",
-    _BUSY: "waiting for its source(s)",
-    _LEARNING: "waiting for its source (its first step)",
-    _LEARN: "waiting for the answer to STATUS after its first source",
-    _ASKED: "waiting for the answer to STATUS before a step",
-    _STOCK_BUSY: "waiting for its source",
-    _CLOSING: "waiting for BYE",
-    _CLOSED: "closed",
-}
-# What each state accepts (see _Driver._on_event); states not listed accept nothing.
-_BY_STATE: dict[str, Callable[[_Driver, wire.Event], bool]] = {
-    _BUSY: _Driver._on_busy,
-    _INIT: _Driver._on_init,
-    _REPLAY: _Driver._on_replay,
-    _PROBE: _Driver._on_probe,
-    _AUTH: _Driver._on_auth,
-    _CLOSING: _Driver._on_closing,
-    **dict.fromkeys(_STOCK_STATES, _Driver._on_stock_event),
-}
+def _link(conn: Connection) -> _DriverProtocol:
+    """The asyncio adapter of a hub's connection (every connection of a Hub has one)."""
+    return cast(_DriverProtocol, conn.link)
+
+
+def _send(conn: Connection, out: list) -> None:
+    if out:
+        _link(conn).write(out)
 
 
 class Hub:
@@ -873,7 +401,7 @@ class Hub:
     ``start`` publishes the address (:mod:`maxwellhub.rendezvous`; removed by ``stop``)
     for drivers started with ``maxwellhub-driver --address-file``. ``dialect``: how
     sessions end. ``"maxwelllink"`` (default) decides per connection: EXIT to stock i-PI
-    clients (ASE, i-PI), STOP to the others (see the notes above ``_Driver._on_stock_event``);
+    clients (ASE, i-PI), STOP to the others (see :mod:`maxwellhub.protocol.connection`);
     ``"ipi"`` sends EXIT to every driver.
 
     ``timeout`` (default None: no deadline) bounds each step and a driver's INIT; a
@@ -930,9 +458,9 @@ class Hub:
         self._molecules: dict[int, _Molecule] = {}
         self._driverless: set[int] = set()  # registered ids with no driver bound
         self._next_id = 0
-        self._unbound: deque[_Driver] = deque()
-        self._connections: set[_Driver] = set()
-        self._handshaking: set[_Driver] = set()  # connected, not yet answered STATUS
+        self._unbound: deque[Connection] = deque()
+        self._connections: set[Connection] = set()
+        self._handshaking: set[Connection] = set()  # connected, not yet answered STATUS
         self._accepted = 0
         self._barrier: _Barrier | None = None
         self._layout: _Layout | None = None
@@ -1036,9 +564,13 @@ class Hub:
         self._address_run_id = info.run_id
         log.info("hub address written to %s (run %s)", self.address_file, info.run_id)
 
-    def _new_driver(self) -> _Driver:
+    def _new_driver(self) -> _DriverProtocol:
         self._accepted += 1
-        return _Driver(self, self._accepted)
+        return _DriverProtocol(self, self._accepted)
+
+    def _connection_made(self, conn: Connection) -> None:
+        self._connections.add(conn)
+        self._handshaking.add(conn)
 
     def _room_for(self) -> bool:
         """Whether another connection may start its handshake (see ``max_pending``)."""
@@ -1052,7 +584,7 @@ class Hub:
         self.paused = True
         if self._server is not None:
             self._server.close()
-        byes = [d.send_end() for d in list(self._connections) if d.state != _CLOSING]
+        byes = [_link(d).send_end() for d in list(self._connections) if d.state != _CLOSING]
         if byes:
             _, pending = await asyncio.wait(byes, timeout=wait)
             if pending:
@@ -1075,9 +607,9 @@ class Hub:
         if not self.paused or any(d.state != _CLOSING for d in self._connections):
             await self.graceful_shutdown(wait=wait)
         for d in list(self._connections):
-            if d.transport is not None:
-                d._exit_after_stop()  # STOP unanswered: EXIT (an i-PI client ignores STOP)
-                d.transport.abort()
+            # STOP unanswered: EXIT (an i-PI client ignores STOP)
+            _send(d, d.exit_after_stop())
+            _link(d).abort()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -1243,7 +775,10 @@ class Hub:
 
     # ------------------------------------------------------------------ binding
 
-    def _driver_available(self, driver: _Driver) -> None:
+    # -- the connections' callbacks (maxwellhub.protocol.connection.HubCallbacks)
+
+    def driver_available(self, driver: Connection) -> None:
+        """A new connection answered STATUS: bind it when molecules are free."""
         self._handshaking.discard(driver)
         if len(self._unbound) >= self.max_spare and len(self._driverless) < driver.size:
             # Spare drivers wait for a molecule to free up; a bounded number of them.
@@ -1299,17 +834,16 @@ class Hub:
                 self._unbound.remove(driver)
                 self._bind(driver, mols)
 
-    def _bind(self, driver: _Driver, mols: list[_Molecule]) -> None:
+    def _bind(self, driver: Connection, mols: list[_Molecule]) -> None:
         for mol in mols:
             mol.driver, mol.initialized = driver, False
             self._driverless.discard(mol.id)
-        driver.molecules, driver.state = mols, _BOUND
-        driver.rows_generation = -1
+        driver.bind(mols)
         log.info("%s bound%s", driver, " (claimed)" if driver.claim else "")
         self._ensure_init(driver)
         self._notify()
 
-    def _ensure_init(self, driver: _Driver | None) -> None:
+    def _ensure_init(self, driver: Connection | None) -> None:
         """Send INIT once the payload of every molecule of ``driver`` is known (or a
         step needs it now: then a missing payload is sent as ``{}``)."""
         if driver is None or driver.state != _BOUND:
@@ -1320,7 +854,7 @@ class Hub:
                 if barrier is None or mol.id not in barrier.layout.row:
                     return
                 mol.payload = {}
-        driver.send_init()
+        _send(driver, driver.send_init())
 
     # ------------------------------------------------------------------ continuity
 
@@ -1332,6 +866,10 @@ class Hub:
             self._counts[layout.index] += layout.pending
             layout.pending = 0
 
+    def replay_offer(self, conn: Connection) -> tuple[int, int]:
+        """(steps ``conn``'s first molecule completed, how many of them can be replayed)."""
+        return self._replay_offer(conn.molecules[0])
+
     def _replay_offer(self, mol: _Molecule) -> tuple[int, int]:
         """(steps ``mol`` completed, how many of the latest of them can be replayed)."""
         self._flush_counts()
@@ -1339,7 +877,7 @@ class Hub:
         kept = sum(1 for rep in self._replays if mol.id in rep.layout.row)
         return done, min(kept, done)
 
-    def _replay_fields(self, driver: _Driver, start: int, done: int) -> list[np.ndarray] | None:
+    def _replay_fields(self, driver: Connection, start: int, done: int) -> list[np.ndarray] | None:
         """The fields of steps ``start`` .. ``done - 1`` of ``driver``'s molecules (one array
         per step, oldest first), or None if the history does not reach back that far."""
         mols = driver.molecules
@@ -1358,7 +896,7 @@ class Hub:
                 out.append(rep.fields[rows])
         return out if len(out) == done - start else None
 
-    def _driver_ready(self, driver: _Driver) -> None:
+    def driver_ready(self, driver: Connection) -> None:
         """INIT acknowledged: bring a restored driver to the molecules' current step by
         replaying the steps it missed, then serve it (see the module's continuity notes)."""
         first = driver.molecules[0]
@@ -1386,12 +924,12 @@ class Hub:
                     done - 1,
                 )
                 driver.replay = fields
-                driver.send_replay()
+                _send(driver, driver.send_replay())
                 return
         driver.state = _READY
-        self._driver_initialized(driver)
+        self.driver_initialized(driver)
 
-    def _unreplayable(self, driver: _Driver, start: int, done: int, reported: bool) -> None:
+    def _unreplayable(self, driver: Connection, start: int, done: int, reported: bool) -> None:
         """A driver's state is behind and the history does not reach back to it: the
         documented policy is to go on from that state, saying so once."""
         log.warning(
@@ -1490,27 +1028,36 @@ class Hub:
             self._replays.append(_Replay(_Layout(rids, self._generation, index), fields, before))
         self.step_index = step_index
 
-    def _driver_initialized(self, driver: _Driver) -> None:
+    def driver_initialized(self, driver: Connection) -> None:
+        """INIT (and any replay) done: a replacement gets the frozen field(s)."""
         for mol in driver.molecules:
             mol.initialized = True
         barrier = self._barrier
         if barrier is not None and driver.place(barrier.layout) and self._pending(driver, barrier):
-            driver.send_step(barrier)  # a replacement gets the frozen field(s)
+            _send(driver, driver.send_step(barrier))
         self._notify()
 
+    def pending_field(self, conn: Connection) -> np.ndarray | None:
+        """The frozen field a single-molecule connection still owes a source for."""
+        barrier = self._barrier
+        if barrier is not None and conn.place(barrier.layout) and self._pending(conn, barrier):
+            return barrier.fields[conn.row]
+        return None
+
     @staticmethod
-    def _pending(driver: _Driver, barrier: _Barrier) -> bool:
+    def _pending(driver: Connection, barrier: _Barrier) -> bool:
         """Whether ``driver`` (placed in the barrier's layout) still owes sources."""
         if driver.batch is None:
             return not barrier.done[driver.row]
         return not barrier.done[driver.rows].all()
 
-    def _connection_lost(self, driver: _Driver, previous: str, exc: Exception | None) -> None:
+    def connection_lost(self, driver: Connection, previous: State, exc: Exception | None) -> None:
+        """A connection closed: its molecules wait for a replacement."""
         self._connections.discard(driver)
         self._handshaking.discard(driver)
         mols = [m for m in driver.molecules if m.driver is driver]
         if not mols:
-            buffered = driver.decoder.buffered
+            buffered = driver.buffered
             if buffered and previous not in (_CLOSING, _CLOSED) and not driver.reported:
                 # A peer that leaves half a message behind gets its one line (a peer that
                 # merely connects and closes is not worth one).
@@ -1544,9 +1091,10 @@ class Hub:
         self._progress_binds()
         self._notify()
 
-    def _source_ready(
-        self, driver: _Driver, sx: float, sy: float, sz: float, extras: bytes
+    def source_ready(
+        self, driver: Connection, sx: float, sy: float, sz: float, extras: bytes
     ) -> None:
+        """A single molecule's source for the current step."""
         barrier = self._barrier
         r = driver.row
         if barrier is None or r < 0 or barrier.done[r]:
@@ -1561,7 +1109,8 @@ class Hub:
             barrier.last = driver
             barrier.wake("done")
 
-    def _sources_batch(self, driver: _Driver, event: wire.SourcesBatch) -> None:
+    def sources_batch(self, driver: Connection, event: wire.SourcesBatch) -> None:
+        """An ensemble's sources for the current step."""
         barrier = self._barrier
         rows = driver.rows
         if (
@@ -1631,7 +1180,7 @@ class Hub:
             state = driver.state
             if state == _READY:
                 if driver.place(layout) and self._pending(driver, barrier):
-                    driver.send_step(barrier)
+                    _send(driver, driver.send_step(barrier))
             elif state == _BOUND:
                 self._ensure_init(driver)
         if abort_on_loss:

@@ -121,12 +121,12 @@ class _LocalHub(Hub):
         """Molecules that the anonymous drivers waiting for a binding could host."""
         return sum(d.size for d in self._unbound if d.state == _hub._UNBOUND)
 
-    def _driver_available(self, driver) -> None:
-        super()._driver_available(driver)
+    def driver_available(self, driver) -> None:
+        super().driver_available(driver)
         self._notify()
 
-    def _connection_lost(self, driver, previous, exc) -> None:
-        super()._connection_lost(driver, previous, exc)
+    def connection_lost(self, driver, previous, exc) -> None:
+        super().connection_lost(driver, previous, exc)
         self._notify()
 
     #: True while the relay binds its drivers for the upstream's INIT: then a state older

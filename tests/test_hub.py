@@ -246,7 +246,7 @@ async def test_tcp_loopback_default_and_nodelay():
     assert h.address == ("127.0.0.1", h.port) and h.port > 0
     ids, _fakes = await bind(h, 2)
     for d in h._connections:
-        sock = d.transport.get_extra_info("socket")
+        sock = d.link.transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     check_results(await h.step(requests_for(ids, 0), timeout=scaled(5)), ids, 0)
     await h.stop()

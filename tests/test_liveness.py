@@ -408,7 +408,7 @@ async def test_keepalive_is_set_on_accepted_and_driver_tcp_sockets():
             sock.settimeout(scaled(10))
             assert await asyncio.to_thread(sock.recv, 12) == wire.encode_header(wire.STATUS)
             [conn] = hub._connections  # it sent STATUS: the hub has accepted it
-            accepted = conn.transport.get_extra_info("socket")
+            accepted = conn.link.transport.get_extra_info("socket")
             assert _keepalive_options(accepted) == EXPECTED_KEEPALIVE
         with socket.socket() as plain:
             assert plain.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0

@@ -168,11 +168,7 @@ def parse_single_init(ident: int, payload: bytes) -> SingleInit:
 def _ensemble_ids(data: Mapping, size: int) -> list[int]:
     if "molecule_id_range" in data:
         span = data["molecule_id_range"]
-        if (
-            not isinstance(span, list)
-            or len(span) != 2
-            or not all(_is_id(x) for x in span)
-        ):
+        if not isinstance(span, list) or len(span) != 2 or not all(_is_id(x) for x in span):
             raise ProtocolError(
                 f"INIT ({size} bytes): molecule_id_range = {span!r}: expected "
                 "[first, count], two integers >= 0"
@@ -196,9 +192,7 @@ def _ensemble_ids(data: Mapping, size: int) -> list[int]:
     )
 
 
-def parse_ensemble_init(
-    payload: bytes, molecules: int, host: str = "this driver"
-) -> EnsembleInit:
+def parse_ensemble_init(payload: bytes, molecules: int, host: str = "this driver") -> EnsembleInit:
     """The INIT of an ensemble of ``molecules`` molecules (``host`` names the receiver in
     errors): the ids, each molecule's payload (the shared keys, or its entry of
     ``payloads``) with a valid ``dt_au``, and the resume offer."""

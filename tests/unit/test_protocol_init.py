@@ -29,8 +29,7 @@ def test_single_bytes_are_stable():
     """The hub's INIT string keeps its key order (user keys, offer, molecule_id)."""
     body = build_init([4], [{"dt_au": 1}], 0, 0, ensemble=False)
     assert body == (
-        b'{"dt_au": 1, "mxh_resume": {"version": 1, "step": 0, "history": 0}, '
-        b'"molecule_id": 4}'
+        b'{"dt_au": 1, "mxh_resume": {"version": 1, "step": 0, "history": 0}, "molecule_id": 4}'
     )
 
 
@@ -70,8 +69,11 @@ def test_empty_string_is_an_empty_object():
         (0, b'{"dt_au": 0}', "dt_au = 0 is not allowed"),
         (True, b'{"dt_au": 1}', "molecule id True"),
         (-1, b'{"dt_au": 1}', "molecule id -1"),
-        (0, b'{"dt_au": 1, "mxh_resume": {"version": 1, "step": true, "history": 0}}',
-         "mxh_resume.step = True"),
+        (
+            0,
+            b'{"dt_au": 1, "mxh_resume": {"version": 1, "step": true, "history": 0}}',
+            "mxh_resume.step = True",
+        ),
         (0, b'{"dt_au": 1, "mxh_resume": {"version": 9}}', "expected an object with version 1"),
     ],
 )
@@ -95,10 +97,14 @@ def test_single_refuses(ident, payload, words):
         (b'{"molecule_id_range": [0, true], "dt_au": 0.5}', "molecule_id_range = "),
         (b'{"molecule_id_range": [0, 2]}', "molecule 0: dt_au = None"),
         (b'{"molecule_id_range": [0, 2], "dt_au": Infinity}', "molecule 0: dt_au = inf"),
-        (b'{"molecule_id_range": [0, 2], "dt_au": 1, "payloads": [{"dt_au": 1}]}',
-         "list of 2 JSON objects"),
-        (b'{"molecule_id_range": [0, 2], "dt_au": 1, "payloads": [{"dt_au": 1}, '
-         b'{"dt_au": -1}]}', "molecule 1: dt_au = -1"),
+        (
+            b'{"molecule_id_range": [0, 2], "dt_au": 1, "payloads": [{"dt_au": 1}]}',
+            "list of 2 JSON objects",
+        ),
+        (
+            b'{"molecule_id_range": [0, 2], "dt_au": 1, "payloads": [{"dt_au": 1}, {"dt_au": -1}]}',
+            "molecule 1: dt_au = -1",
+        ),
     ],
 )
 def test_ensemble_refuses(payload, words):
