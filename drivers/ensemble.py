@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
-from maxwellhub.hub import keep_freed_memory, widen_socket_buffers
+from maxwellhub.net.buffers import keep_freed_memory, widen_socket_buffers
 from maxwellhub.protocol.init import parse_ensemble_init
 
 from .client import (

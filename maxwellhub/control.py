@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .fsutil import atomic_write
+from .net.unix import clear_stale_unix_socket
 
 __all__ = [
     "AUTH_FAILED",
@@ -370,12 +371,10 @@ class ControlServer:
         return _Connection(self, self._accepted)
 
     async def start(self) -> None:
-        from .hub import _clear_stale_unix_socket
-
         self._loop = asyncio.get_running_loop()
         if isinstance(self.address, str):
             path = self.address
-            _clear_stale_unix_socket(path)
+            clear_stale_unix_socket(path)
             old_umask = os.umask(0o177)  # born owner-only (0600)
             try:
                 self._server = await self._loop.create_unix_server(

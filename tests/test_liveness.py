@@ -31,7 +31,7 @@ from _util import scaled
 from fakes import FakeDriver, fake_source
 
 from maxwellhub import Hub, SocketHub, control, liveness, wire
-from maxwellhub import hub as hub_module
+from maxwellhub.hub import core as hub_module
 from maxwellhub.addresses import connect_once
 from maxwellhub.errors import DriverLost, UsageError
 from maxwellhub.launch import reap, start_driver

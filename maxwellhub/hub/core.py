@@ -29,49 +29,56 @@ This module never converts units and never interprets the extras a driver sends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import errno
-import json
 import logging
 import math
 import os
 import socket
-import stat
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 import numpy as np
 
-from . import wire
-from .addresses import DEFAULT_PORT, unix_socket_path
-from .auth import Secret, is_loopback
-from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
-from .liveness import (
+from .. import wire
+from ..addresses import DEFAULT_PORT, unix_socket_path
+from ..auth import Secret, is_loopback
+from ..control import ControlServer
+from ..errors import BarrierTimeout, DriverLost, MaxwellHubError, UsageError
+from ..liveness import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     check_timeout,
     keepalive,
     report_delays,
     within,
 )
-from .mpi import am_master
-from .protocol.connection import Connection, State
+from ..net.buffers import keep_freed_memory, widen_socket_buffers
+from ..net.listener import Listener
+from ..net.unix import bind_owner_only, remove_if_ours
+from ..protocol.connection import Connection, State
+from .barrier import (
+    Barrier,
+    Layout,
+    StepResult,
+    as_step_arrays,
+    check_policy,
+    checked_dipoles,
+    fields_array,
+    ids_text,
+)
+from .history import History
+from .registry import Molecule, Registry
 
-if TYPE_CHECKING:
-    from .control import ControlServer
-
-__all__ = ["Hub", "SocketHub", "StepResult", "StopRequested", "new_event_loop"]
+__all__ = ["Hub", "StopRequested", "new_event_loop"]
 
 log = logging.getLogger("maxwellhub.hub")
 
 # Connection states (see maxwellhub.protocol.connection.State), by their short names here.
-_UNBOUND = State.UNBOUND
 _BOUND = State.BOUND
 _READY = State.READY
 _CLOSING = State.CLOSING
 _CLOSED = State.CLOSED
+_MIN_PENDING_CAP = 4096  # connections in the handshake before new ones are refused
 
 
 class StopRequested(MaxwellHubError):
@@ -99,179 +106,6 @@ def new_event_loop(kind: str | None = None) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-class _Molecule:
-    """A registered molecule id and the driver (if any) bound to it."""
-
-    __slots__ = ("driver", "id", "index", "initialized", "payload")
-
-    def __init__(self, mid: int, index: int) -> None:
-        self.id = mid
-        self.index = index  # registration order: its slot in Hub._counts
-        self.driver: Connection | None = None
-        self.payload: dict | None = None
-        self.initialized = False
-
-
-class _Layout:
-    """The molecule ids of a step and their row in its arrays. Kept while consecutive
-    steps ask for the same ids, so per-driver row indices are computed once."""
-
-    __slots__ = ("generation", "ids", "index", "key", "pending", "row")
-
-    def __init__(self, ids: np.ndarray, generation: int, index: np.ndarray) -> None:
-        self.ids = ids
-        self.key = ids.tobytes()  # cheap equality test for the next step's ids
-        self.row = {int(m): r for r, m in enumerate(ids.tolist())}
-        self.generation = generation
-        self.index = index  # each row's molecule slot in Hub._counts
-        self.pending = 0  # completed steps not yet added to Hub._counts
-
-
-class _Replay:
-    """A completed step kept for replay: its layout, its fields and how many steps each
-    of its molecules had completed before it."""
-
-    __slots__ = ("before", "fields", "layout")
-
-    def __init__(self, layout: _Layout, fields: np.ndarray, before: np.ndarray) -> None:
-        self.layout = layout
-        self.fields = fields
-        self.before = before
-
-
-class _Barrier:
-    """One frozen step: the fields sent and the replies received so far (by row). Per
-    step the hub touches each connection once, never each molecule in Python."""
-
-    __slots__ = (
-        "abort_on_loss",
-        "batch_extras",
-        "deadline",
-        "done",
-        "extras",
-        "field_bytes",
-        "fields",
-        "last",
-        "layout",
-        "lost",
-        "report_at",
-        "report_base",
-        "reports",
-        "single",
-        "sources",
-        "started",
-        "timer",
-        "waiter",
-        "waiting",
-        "want_dipoles",
-        "want_extras",
-    )
-
-    def __init__(
-        self, layout: _Layout, fields: np.ndarray, want_extras: bool, want_dipoles: bool = False
-    ) -> None:
-        n = len(layout.ids)
-        self.layout = layout
-        self.fields = fields
-        self.field_bytes: bytes | None = None  # 24 bytes per row, made when first needed
-        self.want_extras = want_extras
-        self.want_dipoles = want_dipoles
-        self.sources = np.zeros((n, 3))
-        self.single: dict[int, tuple[float, float, float]] = {}  # row -> single reply
-        self.done = np.zeros(n, dtype=bool)
-        self.extras: dict[int, bytes] = {}  # row -> JSON bytes
-        self.batch_extras: list[tuple[np.ndarray | slice, dict]] = []
-        self.waiting = n
-        self.waiter: asyncio.Future | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.abort_on_loss = False
-        self.lost: list[int] = []
-        self.started = time.monotonic()  # for status(): the step's duration
-        self.last: Connection | None = None  # the driver whose reply completed the step
-        self.deadline: float | None = None  # loop time the current wait gives up, if any
-        # When to say who is missing (loop time), from the first wait of the step on.
-        self.reports: Iterator[float] | None = None
-        self.report_base = 0.0
-        self.report_at = 0.0
-
-    def wake(self, why: str) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(why)
-
-    def missing(self) -> list[int]:
-        return self.layout.ids[~self.done].tolist()
-
-
-class StepResult:
-    """The outcome of one barrier step in array form (:meth:`Hub.step_arrays`).
-
-    ``ids`` (N,) and ``sources`` (N, 3) dmu/dt in a.u., row for row with the request.
-    :meth:`extras` gives the drivers' per-step data as ``{key: (N,) float64}`` (NaN where
-    a molecule does not report a key); single drivers' JSON is parsed only when asked.
-    """
-
-    __slots__ = ("_batch_extras", "_extras", "_json", "ids", "sources")
-
-    def __init__(
-        self,
-        ids: np.ndarray,
-        sources: np.ndarray,
-        json_rows: dict[int, bytes],
-        batch_extras: list[tuple[np.ndarray | slice, dict]],
-    ) -> None:
-        self.ids = ids
-        self.sources = sources
-        self._json = json_rows
-        self._batch_extras = batch_extras
-        self._extras: dict[str, np.ndarray] | None = None
-
-    def extra_bytes(self, row: int) -> bytes:
-        """The extras of one row as MaxwellLink's JSON bytes."""
-        raw = self._json.get(row)
-        if raw is not None:
-            return raw
-        values = {k: float(v[row]) for k, v in self.extras().items() if v[row] == v[row]}
-        return json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
-
-    def extras(self) -> dict[str, np.ndarray]:
-        if self._extras is None:
-            n = len(self.ids)
-            out: dict[str, np.ndarray] = {}
-            for r, raw in self._json.items():
-                if raw:
-                    try:
-                        parsed = json.loads(raw)
-                    except ValueError:
-                        continue  # extras are informational; a bad one is skipped
-                    if not isinstance(parsed, dict):
-                        continue  # JSON, but not an object of values (e.g. [1, 2])
-                    for key, value in parsed.items():
-                        if isinstance(value, (int, float)) and not isinstance(value, bool):
-                            out.setdefault(key, np.full(n, np.nan))[r] = value
-            batches = self._batch_extras
-            if not out and len(batches) == 1 and _is_all_rows(batches[0][0], n):
-                # one ensemble answered every row: its arrays (decoded copies) as they are
-                out.update(batches[0][1])
-                batches = []
-            for rows, arrays in batches:
-                for key, values in arrays.items():
-                    out.setdefault(key, np.full(n, np.nan))[rows] = values
-            self._extras = out
-        return self._extras
-
-    def as_dict(self) -> dict[int, dict]:
-        """MaxwellLink's shape: ``{molid: {"amp": ndarray(3), "extra": bytes}}``."""
-        rows = list(self.sources)  # row views, made in C
-        if self._batch_extras:
-            extras = [self.extra_bytes(r) for r in range(len(rows))]
-        else:
-            extras = [self._json.get(r, b"") for r in range(len(rows))]
-        return {
-            m: {"amp": a, "extra": e}
-            for m, a, e in zip(self.ids.tolist(), rows, extras, strict=True)
-        }
-
-
 class _DriverProtocol(asyncio.BufferedProtocol):
     """The asyncio face of one driver connection: a thin adapter that feeds the bytes it
     reads to a :class:`~maxwellhub.protocol.connection.Connection` (the protocol, sans
@@ -283,6 +117,7 @@ class _DriverProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, hub: Hub, number: int) -> None:
         self.hub = hub
+        self.number = number
         self.loop = hub.loop  # made only by a started hub's listener
         self.conn = Connection(
             hub,
@@ -453,17 +288,16 @@ class Hub:
         self.step_index = 0
         self.paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: _Listener | None = None
+        self._server: Listener | None = None
+        self._extra: list[Listener] = []  # more listeners (Hub.listen)
         self._unix_inode: tuple[int, int] | None = None
-        self._molecules: dict[int, _Molecule] = {}
-        self._driverless: set[int] = set()  # registered ids with no driver bound
-        self._next_id = 0
-        self._unbound: deque[Connection] = deque()
+        self.registry = Registry(max_spare)
+        self.continuity = History(history)
         self._connections: set[Connection] = set()
         self._handshaking: set[Connection] = set()  # connected, not yet answered STATUS
         self._accepted = 0
-        self._barrier: _Barrier | None = None
-        self._layout: _Layout | None = None
+        self._barrier: Barrier | None = None
+        self._layout: Layout | None = None
         self._generation = 0
         self._changed: asyncio.Future | None = None
         self.control = control  # where to serve maxwellhub.control, or None
@@ -474,13 +308,14 @@ class Hub:
         self._stop_reason: str | None = None
         self._step_ms: deque[float] = deque(maxlen=_STEP_TIMES)
         self._last_to_answer: Counter[int] = Counter()
-        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
-            raise UsageError(f"history must be a whole number of steps >= 0, not {history!r}")
         self.history = history
         self.max_pending = max_pending  # None: max(4096, 2 x registered molecules)
-        self.max_spare = max_spare
-        self._counts = np.zeros(64, dtype=np.int64)  # completed steps, by molecule slot
-        self._replays: deque[_Replay] = deque(maxlen=history or 1)
+
+        #: Policy for a restored driver behind the hub's count that the window cannot
+        #: replay: ``on_behind(conn, start, done)`` returning True takes its ``start`` as
+        #: its molecules' count (a relay whose upstream hub replays the rest); None or
+        #: False goes on from its state and says continuity is lost.
+        self.on_behind: Callable[[Connection, int, int], bool] | None = None
         self._watched: Iterable[Any] | Callable[[], Iterable[Any]] = ()  # watch_processes
 
     # ------------------------------------------------------------------ lifecycle
@@ -500,21 +335,16 @@ class Hub:
     async def start(self) -> None:
         """Bind and listen. A live hub already on the same UNIX path is an error."""
         self._loop = asyncio.get_running_loop()
-        server: _Listener
+        server: Listener
         if self.unixsocket:
             path = self.unixsocket
-            _clear_stale_unix_socket(path)
-            old_umask = os.umask(0o177)  # the socket file is born owner-only (0600)
-            try:
-                server = self._server = _Listener.unix(self, path)
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, 0o600)
-            st = os.stat(path)
-            self._unix_inode = (st.st_dev, st.st_ino)
+            sock, self._unix_inode = bind_owner_only(path, self.backlog)
+            server = self._server = self._listener(sock)
             log.info("hub listening on UNIX socket %s", path)
         else:
-            server = self._server = _Listener.tcp(self, self.host, self.port)
+            server = self._server = self._listener(
+                Listener.tcp_socket(self.host, self.port, self.backlog)
+            )
             self.port = server.sockets[0].getsockname()[1]
             log.info("hub listening on TCP %s:%d", self.host, self.port)
             if self.auth is None and not is_loopback(self.host):
@@ -526,8 +356,6 @@ class Hub:
                     self.port,
                 )
         if self.control is not None:
-            from .control import ControlServer  # here: maxwellhub.control imports this module
-
             control = ControlServer(self, self.control)
             try:
                 await control.start()
@@ -564,6 +392,18 @@ class Hub:
         self._address_run_id = info.run_id
         log.info("hub address written to %s (run %s)", self.address_file, info.run_id)
 
+    def _listener(self, sock: socket.socket) -> Listener:
+        return Listener(
+            self.loop, sock, self._new_driver, self._room_for, lambda: len(self._handshaking)
+        )
+
+    async def listen(self, host: str, port: int) -> int:
+        """Also accept drivers on TCP ``host:port`` (after :meth:`start`; 0 picks a free
+        port, returned), with the same admission control as the main address."""
+        sock = Listener.tcp_socket(host, port, self.backlog)
+        self._extra.append(self._listener(sock))
+        return int(sock.getsockname()[1])
+
     def _new_driver(self) -> _DriverProtocol:
         self._accepted += 1
         return _DriverProtocol(self, self._accepted)
@@ -574,7 +414,7 @@ class Hub:
 
     def _room_for(self) -> bool:
         """Whether another connection may start its handshake (see ``max_pending``)."""
-        cap = self.max_pending or max(_MIN_PENDING_CAP, 2 * len(self._molecules))
+        cap = self.max_pending or max(_MIN_PENDING_CAP, 2 * len(self.registry))
         return len(self._handshaking) < cap
 
     async def graceful_shutdown(self, reason: str | None = None, wait: float = 2.0) -> None:
@@ -582,8 +422,8 @@ class Hub:
         if reason:
             log.info("shutting down: %s", reason)
         self.paused = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._listeners():
+            server.close()
         byes = [_link(d).send_end() for d in list(self._connections) if d.state != _CLOSING]
         if byes:
             _, pending = await asyncio.wait(byes, timeout=wait)
@@ -610,67 +450,48 @@ class Hub:
             # STOP unanswered: EXIT (an i-PI client ignores STOP)
             _send(d, d.exit_after_stop())
             _link(d).abort()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        for server in self._listeners():
+            server.close()
+            await server.wait_closed()
         # Let connection_lost callbacks run so nothing refers to a dead transport.
         await asyncio.sleep(0)
         self._remove_unix_path()
         if self._barrier is not None:
             self._barrier.wake("stopped")
 
+    def _listeners(self) -> list[Listener]:
+        return ([self._server] if self._server is not None else []) + self._extra
+
     def _remove_unix_path(self) -> None:
-        if not self.unixsocket or self._unix_inode is None:
-            return
-        try:
-            st = os.stat(self.unixsocket)
-            if (st.st_dev, st.st_ino) == self._unix_inode:
-                os.unlink(self.unixsocket)
-        except FileNotFoundError:
-            pass
+        if self.unixsocket:
+            remove_if_ours(self.unixsocket, self._unix_inode)
         self._unix_inode = None
 
     # ------------------------------------------------------------------ molecules
 
     def register_molecule(self, molecule_id: int, init: Mapping | None = None) -> None:
         """Reserve a slot for ``molecule_id`` (its driver may connect later)."""
-        mid = int(molecule_id)
-        if mid in self._molecules:
-            raise ValueError(f"Molecule ID {mid} already registered!")
-        index = len(self._molecules)
-        if index == len(self._counts):
-            self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
-        mol = self._molecules[mid] = _Molecule(mid, index)
-        self._driverless.add(mid)
-        if init is not None:
-            mol.payload = dict(init)
+        mol = self.registry.register(int(molecule_id), init)
+        self.continuity.grow(mol.index + 1)
         self._progress_binds()
 
     def register_molecule_return_id(self, init: Mapping | None = None) -> int:
         """Reserve a slot with the next free id and return it."""
-        while self._next_id in self._molecules:
-            self._next_id += 1
-        mid = self._next_id
+        mid = self.registry.next_free_id()
         self.register_molecule(mid, init)
         return mid
 
+    @property
+    def _molecules(self) -> dict[int, Molecule]:
+        return self.registry.molecules
+
     def all_bound(self, molecule_ids: Iterable[int], require_init: bool = True) -> bool:
         """True when every id has a driver (that completed INIT, if ``require_init``)."""
-        for mid in molecule_ids:
-            mol = self._molecules.get(int(mid))
-            if mol is None or mol.driver is None:
-                return False
-            if require_init and not mol.initialized:
-                return False
-        return True
+        return self.registry.all_bound(molecule_ids, require_init)
 
     def missing(self, molecule_ids: Iterable[int]) -> list[int]:
         """The ids among ``molecule_ids`` that have no initialised driver."""
-        return [
-            int(m)
-            for m in molecule_ids
-            if (mol := self._molecules.get(int(m))) is None or not mol.initialized
-        ]
+        return self.registry.missing(molecule_ids)
 
     async def wait_until_bound(
         self,
@@ -729,18 +550,12 @@ class Hub:
     def _report_unbound(self, ids: list[int], require_init: bool, elapsed: float) -> None:
         """One line on who a bind wait still waits for: a WARNING while some molecule has
         no driver, INFO while the drivers are only initialising."""
-        absent, starting = [], []
-        for mid in ids:
-            mol = self._molecules[int(mid)]
-            if mol.driver is None:
-                absent.append(mid)
-            elif require_init and not mol.initialized:
-                starting.append(mid)
+        absent, starting = self.registry.unbound_report(ids, require_init)
         if not absent and not starting:
             return
-        parts = [f"no driver connected for molecule(s) {_ids_text(absent)}"] if absent else []
+        parts = [f"no driver connected for molecule(s) {ids_text(absent)}"] if absent else []
         if starting:
-            parts.append(f"the drivers of {_ids_text(starting)} are initialising")
+            parts.append(f"the drivers of {ids_text(starting)} are initialising")
         log.log(
             logging.WARNING if absent else logging.INFO,
             "still waiting after %.0f s: %s",
@@ -780,68 +595,50 @@ class Hub:
     def driver_available(self, driver: Connection) -> None:
         """A new connection answered STATUS: bind it when molecules are free."""
         self._handshaking.discard(driver)
-        if len(self._unbound) >= self.max_spare and len(self._driverless) < driver.size:
+        refusal = self.registry.offer(driver)
+        if refusal is not None:
             # Spare drivers wait for a molecule to free up; a bounded number of them.
-            driver.fail(
-                f"no free molecule for it and {len(self._unbound)} spare "
-                f"driver(s) already waiting (max_spare = {self.max_spare})"
-            )
+            driver.fail(refusal)
             return
-        self._unbound.append(driver)
         self._progress_binds()
+        self._notify()  # wait_for_drivers counts waiting connections
 
     def _progress_binds(self) -> None:
-        """Bind waiting anonymous drivers, in connection order, to free molecule ids in
-        registration order; an ensemble driver takes as many ids as it hosts. A driver
-        that claimed its molecules back (MXHCLAIM) gets them once they are registered and
-        free; if another driver holds one of them, it is bound as the others are."""
-        if any(d.claim for d in self._unbound):
-            self._bind_claims()
-        while self._unbound:
-            driver = self._unbound[0]
-            if driver.state != _UNBOUND:
-                self._unbound.popleft()
-                continue
-            if driver.claim and self._claim_pending(driver.claim):
-                self._unbound.rotate(-1)  # its molecules may still be registered
-                if all(d.claim and self._claim_pending(d.claim) for d in self._unbound):
-                    return
-                continue
-            free = []
-            for mol in self._molecules.values():
-                if mol.driver is None:
-                    free.append(mol)
-                    if len(free) == driver.size:
-                        break
-            if len(free) < driver.size:
-                return
-            self._unbound.popleft()
-            self._bind(driver, free)
+        """Bind waiting connections (see :mod:`maxwellhub.hub.registry` for the order)."""
+        if not self.registry.unbound:
+            return
+        for driver in self.registry.progress():
+            log.info("%s bound%s", driver, " (claimed)" if driver.claim else "")
+            self._ensure_init(driver)
+            self._notify()
 
-    def _claim_pending(self, claim: list[int]) -> bool:
-        """Whether a claim may still be honoured: none of its ids is held by another
-        driver, and some is not registered yet."""
-        mols = [self._molecules.get(m) for m in claim]
-        return any(m is None for m in mols) and all(m is None or m.driver is None for m in mols)
+    def waiting_molecules(self) -> int:
+        """Molecules that the connections waiting for a binding could host."""
+        return self.registry.waiting_molecules()
 
-    def _bind_claims(self) -> None:
-        for driver in list(self._unbound):
-            if driver.state != _UNBOUND or not driver.claim:
-                continue
-            found = [self._molecules.get(m) for m in driver.claim]
-            mols = [m for m in found if m is not None and m.driver is None]
-            if len(mols) == len(found):
-                self._unbound.remove(driver)
-                self._bind(driver, mols)
-
-    def _bind(self, driver: Connection, mols: list[_Molecule]) -> None:
-        for mol in mols:
-            mol.driver, mol.initialized = driver, False
-            self._driverless.discard(mol.id)
-        driver.bind(mols)
-        log.info("%s bound%s", driver, " (claimed)" if driver.claim else "")
-        self._ensure_init(driver)
-        self._notify()
+    async def wait_for_drivers(self, molecules: int, timeout: float | None) -> int:
+        """Wait until connections able to host ``molecules`` molecules wait for a binding,
+        before any molecule id is known, or until ``timeout`` s passed (None: no deadline;
+        how many came is logged on the schedule of
+        :func:`maxwellhub.liveness.report_delays`); return how many they can host."""
+        loop = self.loop
+        deadline = None if timeout is None else loop.time() + timeout
+        reports = _Reports(
+            loop,
+            lambda elapsed: log.warning(
+                "still waiting after %.0f s: drivers for %d of %d molecules connected",
+                elapsed,
+                self.waiting_molecules(),
+                molecules,
+            ),
+        )
+        try:
+            while (have := self.waiting_molecules()) < molecules:
+                if not await self._wait_change(deadline):
+                    return self.waiting_molecules()
+            return have
+        finally:
+            reports.cancel()
 
     def _ensure_init(self, driver: Connection | None) -> None:
         """Send INIT once the payload of every molecule of ``driver`` is known (or a
@@ -858,50 +655,16 @@ class Hub:
 
     # ------------------------------------------------------------------ continuity
 
-    def _flush_counts(self) -> None:
-        """Add the current layout's completed steps to the per-molecule counts (kept as
-        one integer per layout while steps run, so a step costs no array operation)."""
-        layout = self._layout
-        if layout is not None and layout.pending:
-            self._counts[layout.index] += layout.pending
-            layout.pending = 0
-
     def replay_offer(self, conn: Connection) -> tuple[int, int]:
         """(steps ``conn``'s first molecule completed, how many of them can be replayed)."""
-        return self._replay_offer(conn.molecules[0])
-
-    def _replay_offer(self, mol: _Molecule) -> tuple[int, int]:
-        """(steps ``mol`` completed, how many of the latest of them can be replayed)."""
-        self._flush_counts()
-        done = int(self._counts[mol.index])
-        kept = sum(1 for rep in self._replays if mol.id in rep.layout.row)
-        return done, min(kept, done)
-
-    def _replay_fields(self, driver: Connection, start: int, done: int) -> list[np.ndarray] | None:
-        """The fields of steps ``start`` .. ``done - 1`` of ``driver``'s molecules (one array
-        per step, oldest first), or None if the history does not reach back that far."""
-        mols = driver.molecules
-        out: list[np.ndarray] = []
-        for rep in self._replays:
-            row = rep.layout.row
-            r = row.get(mols[0].id)
-            if r is None or rep.before[r] < start:
-                continue
-            if driver.batch is None:
-                out.append(rep.fields[r : r + 1])
-            else:
-                rows = [row.get(m.id, -1) for m in mols]
-                if min(rows) < 0:
-                    return None
-                out.append(rep.fields[rows])
-        return out if len(out) == done - start else None
+        first = conn.molecules[0]
+        return self.continuity.offer(first.index, first.id)
 
     def driver_ready(self, driver: Connection) -> None:
         """INIT acknowledged: bring a restored driver to the molecules' current step by
         replaying the steps it missed, then serve it (see the module's continuity notes)."""
         first = driver.molecules[0]
-        self._flush_counts()
-        done = int(self._counts[first.index])
+        done = self.continuity.steps(first.index)
         start = driver.resume_step
         reported = start is not None
         start = start or 0
@@ -912,7 +675,8 @@ class Hub:
             )
             return
         if start < done:
-            fields = self._replay_fields(driver, start, done)
+            ids = [m.id for m in driver.molecules]
+            fields = self.continuity.fields(ids, driver.batch is not None, start, done)
             if fields is None:
                 self._unreplayable(driver, start, done, reported)
             else:
@@ -931,7 +695,11 @@ class Hub:
 
     def _unreplayable(self, driver: Connection, start: int, done: int, reported: bool) -> None:
         """A driver's state is behind and the history does not reach back to it: the
-        documented policy is to go on from that state, saying so once."""
+        documented policy is to go on from that state, saying so once (or, when
+        :attr:`on_behind` says so, to take its step as the molecules' count)."""
+        if self.on_behind is not None and self.on_behind(driver, start, done):
+            self.continuity.set_steps([m.index for m in driver.molecules], start)
+            return
         log.warning(
             "%s resumes from step %d (%s) but the hub is at step %d and keeps fields for "
             "replay only from step %d: it continues from its state of step %d, so "
@@ -944,7 +712,7 @@ class Hub:
             if reported
             else "it sent no MXHRESUME, so its initial state is assumed",
             done,
-            done - self._replay_offer(driver.molecules[0])[1],
+            done - self.replay_offer(driver)[1],
             start,
             "it" if driver.batch is None else "these molecules",
         )
@@ -952,15 +720,13 @@ class Hub:
     def set_molecule_steps(self, molecule_ids: Iterable[int], step: int) -> None:
         """Declare that the molecules have completed ``step`` steps elsewhere (a relay
         passing on its upstream hub's count): drivers binding them are offered that step."""
-        self._flush_counts()
-        for m in molecule_ids:
-            self._counts[self._molecules[int(m)].index] = int(step)
+        self.continuity.set_steps([self._molecules[int(m)].index for m in molecule_ids], step)
 
     def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
         """How many steps each molecule has completed (int64 array)."""
-        self._flush_counts()
         return np.array(
-            [self._counts[self._molecules[int(m)].index] for m in molecule_ids], dtype=np.int64
+            [self.continuity.steps(self._molecules[int(m)].index) for m in molecule_ids],
+            dtype=np.int64,
         )
 
     def snapshot(self) -> dict[str, np.ndarray]:
@@ -969,20 +735,10 @@ class Hub:
         and the replay history. Take it between steps."""
         if self._barrier is not None:
             raise UsageError("snapshot() in the middle of a step; take it between steps")
-        self._flush_counts()
         ids = np.fromiter(self._molecules, dtype=np.int64, count=len(self._molecules))
-        out = {
-            "step_index": np.array(self.step_index, dtype=np.int64),
-            "molecule_ids": ids,
-            "molecule_steps": self._counts[: len(ids)].copy(),
-            "history": np.array(self.history, dtype=np.int64),
-            "replays": np.array(len(self._replays), dtype=np.int64),
-        }
-        for j, rep in enumerate(self._replays):
-            out[f"replay{j}_ids"] = rep.layout.ids
-            out[f"replay{j}_fields"] = rep.fields
-            out[f"replay{j}_before"] = rep.before
-        return out
+        return {"step_index": np.array(self.step_index, dtype=np.int64)} | self.continuity.snapshot(
+            ids
+        )
 
     def restore(self, snapshot: Mapping[str, np.ndarray]) -> None:
         """Continue from :meth:`snapshot`: call it after registering the same molecules and
@@ -991,42 +747,16 @@ class Hub:
         if self._barrier is not None or self.step_index:
             raise UsageError("restore() must come before the first step")
         try:
-            ids = np.asarray(snapshot["molecule_ids"], dtype=np.int64)
-            steps = np.asarray(snapshot["molecule_steps"], dtype=np.int64)
-            count = int(snapshot["replays"])
             step_index = int(snapshot["step_index"])
         except KeyError as exc:
             raise UsageError(f"hub snapshot lacks {exc.args[0]!r}") from None
-        unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
-        if unknown or len(ids) != len(self._molecules) or steps.shape != ids.shape:
-            raise UsageError(
-                f"hub snapshot is of molecules {_ids_text(sorted(ids.tolist()))}; this hub "
-                f"registered {_ids_text(sorted(self._molecules))}"
-            )
-        self._flush_counts()
-        for mid, n in zip(ids.tolist(), steps.tolist(), strict=True):
-            self._counts[self._molecules[mid].index] = n
-        self._replays.clear()
-        for j in range(max(0, count - (self.history or 0)), count):
-            rids = np.asarray(snapshot[f"replay{j}_ids"], dtype=np.int64)
-            fields = np.asarray(snapshot[f"replay{j}_fields"], dtype=np.float64)
-            before = np.asarray(snapshot[f"replay{j}_before"], dtype=np.int64)
-            if (
-                fields.shape != (len(rids), 3)
-                or before.shape != rids.shape
-                or any(int(m) not in self._molecules for m in rids.tolist())
-            ):
-                raise UsageError(
-                    f"hub snapshot: replay entry {j} is inconsistent "
-                    f"(ids {rids.shape}, fields {fields.shape}, "
-                    f"before {before.shape})"
-                )
-            self._generation += 1
-            index = np.fromiter(
-                (self._molecules[m].index for m in rids.tolist()), dtype=np.intp, count=len(rids)
-            )
-            self._replays.append(_Replay(_Layout(rids, self._generation, index), fields, before))
+        slot = {m.id: m.index for m in self._molecules.values()}
+        self.continuity.restore(snapshot, slot, self._new_layout)
         self.step_index = step_index
+
+    def _new_layout(self, ids: np.ndarray, index: np.ndarray) -> Layout:
+        self._generation += 1
+        return Layout(ids, self._generation, index)
 
     def driver_initialized(self, driver: Connection) -> None:
         """INIT (and any replay) done: a replacement gets the frozen field(s)."""
@@ -1045,7 +775,7 @@ class Hub:
         return None
 
     @staticmethod
-    def _pending(driver: Connection, barrier: _Barrier) -> bool:
+    def _pending(driver: Connection, barrier: Barrier) -> bool:
         """Whether ``driver`` (placed in the barrier's layout) still owes sources."""
         if driver.batch is None:
             return not barrier.done[driver.row]
@@ -1055,7 +785,7 @@ class Hub:
         """A connection closed: its molecules wait for a replacement."""
         self._connections.discard(driver)
         self._handshaking.discard(driver)
-        mols = [m for m in driver.molecules if m.driver is driver]
+        mols = self.registry.release(driver)
         if not mols:
             buffered = driver.buffered
             if buffered and previous not in (_CLOSING, _CLOSED) and not driver.reported:
@@ -1067,10 +797,6 @@ class Hub:
                     buffered,
                 )
             return
-        for mol in mols:
-            mol.driver = None
-            mol.initialized = False
-            self._driverless.add(mol.id)
         barrier = self._barrier
         if previous != _CLOSING:
             pending: list[int] = []
@@ -1135,26 +861,25 @@ class Hub:
 
     def _freeze(
         self, ids: np.ndarray, fields: np.ndarray, want_extras: bool, want_dipoles: bool = False
-    ) -> _Barrier:
+    ) -> Barrier:
         layout = self._layout
         if layout is None or layout.key != ids.tobytes():
             unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
             if unknown:
                 raise UsageError(
                     f"molecule {unknown[0]} is not registered with this hub"
-                    + (f" (nor {_ids_text(unknown[1:])})" if len(unknown) > 1 else "")
+                    + (f" (nor {ids_text(unknown[1:])})" if len(unknown) > 1 else "")
                 )
             if len(set(ids.tolist())) != len(ids):
                 raise UsageError("a step names the same molecule twice")
-            self._flush_counts()
-            self._generation += 1
             index = np.fromiter(
                 (self._molecules[m].index for m in ids.tolist()), dtype=np.intp, count=len(ids)
             )
-            layout = self._layout = _Layout(ids.copy(), self._generation, index)
-        return _Barrier(layout, fields, want_extras, want_dipoles)
+            layout = self._layout = self._new_layout(ids.copy(), index)
+            self.continuity.follow(layout)
+        return Barrier(layout, fields, want_extras, want_dipoles)
 
-    def _begin(
+    def begin_step(
         self,
         ids: np.ndarray | None,
         fields: np.ndarray | None,
@@ -1162,9 +887,11 @@ class Hub:
         abort_on_loss: bool,
         want_extras: bool = True,
         want_dipoles: bool = False,
-    ) -> _Barrier | None:
+    ) -> Barrier | None:
         """Freeze (or continue) the step, send what is due; the barrier, or None when
-        paused. Synchronous: the caller then waits on ``barrier.waiter`` if set."""
+        paused. Synchronous: the caller then waits on ``barrier.waiter`` if set (with
+        the loop running), and calls :meth:`finish_step`; :meth:`stop_waiting` if the
+        wait is abandoned. This is the contract :class:`SocketHub` steps with."""
         if self.paused:
             return None
         barrier = self._barrier
@@ -1186,7 +913,7 @@ class Hub:
         if abort_on_loss:
             row, done = layout.row, barrier.done
             barrier.lost.extend(
-                m for m in self._driverless if (r := row.get(m)) is not None and not done[r]
+                m for m in self.registry.driverless if (r := row.get(m)) is not None and not done[r]
             )
         if barrier.waiting and not (abort_on_loss and barrier.lost):
             loop = self.loop
@@ -1201,7 +928,7 @@ class Hub:
             self._arm_step(barrier)
         return barrier
 
-    def _arm_step(self, barrier: _Barrier) -> None:
+    def _arm_step(self, barrier: Barrier) -> None:
         """One timer per waiting step: its deadline, or the next report of who is missing
         if that comes first (a step without a deadline only ever reports)."""
         if barrier.deadline is not None and barrier.deadline <= barrier.report_at:
@@ -1209,7 +936,7 @@ class Hub:
         else:
             barrier.timer = self.loop.call_at(barrier.report_at, self._report_step, barrier)
 
-    def _report_step(self, barrier: _Barrier) -> None:
+    def _report_step(self, barrier: Barrier) -> None:
         """Say which molecules a long step waits for: WARNING for those without a driver
         (a replacement is awaited), INFO when their drivers are computing."""
         missing = barrier.missing()
@@ -1220,7 +947,7 @@ class Hub:
                 "step %d: still waiting after %.0f s; no driver connected for molecule(s) %s",
                 self.step_index,
                 elapsed,
-                _ids_text(unbound),
+                ids_text(unbound),
             )
         else:
             log.info(
@@ -1228,36 +955,30 @@ class Hub:
                 "(their drivers are computing)",
                 self.step_index,
                 elapsed,
-                _ids_text(missing),
+                ids_text(missing),
             )
         if barrier.reports is not None:
             barrier.report_at = barrier.report_base + next(barrier.reports)
         self._arm_step(barrier)
 
     @staticmethod
-    def _disarm(barrier: _Barrier) -> None:
+    def stop_waiting(barrier: Barrier) -> None:
         """Stop waiting on ``barrier`` (its step stays frozen for the next call)."""
         if barrier.timer is not None:
             barrier.timer.cancel()
             barrier.timer = None
         barrier.waiter = None
 
-    def _end(self, barrier: _Barrier | None) -> StepResult | None:
+    def finish_step(self, barrier: Barrier | None) -> StepResult | None:
         """After waiting: the result when the step is complete, else None."""
         if barrier is None:
             return None
-        self._disarm(barrier)
+        self.stop_waiting(barrier)
         if barrier.waiting:
             return None
         self._barrier = None
         self.step_index += 1
-        layout = barrier.layout
-        if self.history:
-            self._flush_counts()
-            self._replays.append(
-                _Replay(layout, np.array(barrier.fields, np.float64), self._counts[layout.index])
-            )
-        layout.pending += 1  # added to _counts when they are read (see _flush_counts)
+        self.continuity.completed(barrier.layout, barrier.fields)
         self._step_ms.append((time.monotonic() - barrier.started) * 1e3)
         if barrier.last is not None and barrier.last.molecules:
             self._note_last(barrier.last.molecules[0].id)
@@ -1269,16 +990,16 @@ class Hub:
     async def _run(
         self, ids, fields, timeout, abort_on_loss, want_extras: bool = True, dipoles: bool = False
     ) -> StepResult | None:
-        barrier = self._begin(ids, fields, timeout, abort_on_loss, want_extras, dipoles)
+        barrier = self.begin_step(ids, fields, timeout, abort_on_loss, want_extras, dipoles)
         if barrier is not None and barrier.waiter is not None:
             try:
                 await barrier.waiter
             except BaseException:  # cancelled: no timer of this wait may fire into the next
-                self._disarm(barrier)
+                self.stop_waiting(barrier)
                 raise
-        return self._end(barrier)
+        return self.finish_step(barrier)
 
-    def _arrays(
+    def requests_to_arrays(
         self, requests: Mapping[int, Mapping]
     ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
         """ids and fields from MaxwellLink's request dict (and INIT payloads it carries)."""
@@ -1299,14 +1020,14 @@ class Hub:
             mol = self._molecules.get(int(mid))
             if init is not None and mol is not None and mol.payload is None:
                 mol.payload = dict(init)
-        return ids, _fields_array(ids, efields)
+        return ids, fields_array(ids, efields)
 
     async def step_barrier(
         self, requests: Mapping[int, Mapping], timeout: float | None = None
     ) -> dict[int, dict]:
         """MaxwellLink's barrier: ``{molid: {"amp": ndarray(3), "extra": bytes}}``, or ``{}``
         when paused, aborted by a lost driver, or incomplete at ``timeout``."""
-        ids, fields = self._arrays(requests)
+        ids, fields = self.requests_to_arrays(requests)
         result = await self._run(ids, fields, timeout, abort_on_loss=True)
         return result.as_dict() if result is not None else {}
 
@@ -1317,10 +1038,10 @@ class Hub:
         driver: ``"wait"`` for a replacement until ``timeout``, then raise
         :class:`BarrierTimeout` naming the missing molecules; ``"abort"`` raise
         :class:`DriverLost` at once, naming them (the frozen step is kept either way)."""
-        abort = _check_policy(on_lost)
-        ids, fields = self._arrays(requests)  # validated here, once
+        abort = check_policy(on_lost)
+        ids, fields = self.requests_to_arrays(requests)  # validated here, once
         result = await self._run(ids, fields, timeout, abort)
-        return self._outcome(result, abort, timeout).as_dict()
+        return self.outcome(result, abort, timeout).as_dict()
 
     async def step_arrays(
         self,
@@ -1342,21 +1063,23 @@ class Hub:
         were asked and a molecule's did not come (an ensemble driver older than
         WANT_DIPOLES, a model without them), the step is complete (the hub moved on) and
         :class:`ProtocolError` names the molecules."""
-        result = await self._step_arrays(ids, fields, timeout, on_lost, extras, dipoles)
-        return _checked_dipoles(result, dipoles)
+        result = await self.step_arrays_raw(ids, fields, timeout, on_lost, extras, dipoles)
+        return checked_dipoles(result, dipoles)
 
-    async def _step_arrays(
+    async def step_arrays_raw(
         self, ids, fields, timeout: float | None, on_lost: str, extras: bool, dipoles: bool
     ) -> StepResult:
         """:meth:`step_arrays` without the check that the dipoles came (a relay passes
         them upstream as they are; the upstream hub checks)."""
-        abort = _check_policy(on_lost)
+        abort = check_policy(on_lost)
         if self._barrier is None and ids is not None:
-            ids, fields = _as_step_arrays(ids, fields)
+            ids, fields = as_step_arrays(ids, fields)
         result = await self._run(ids, fields, timeout, abort, extras, dipoles)
-        return self._outcome(result, abort, timeout)
+        return self.outcome(result, abort, timeout)
 
-    def _outcome(self, result: StepResult | None, abort: bool, timeout: float | None) -> StepResult:
+    def outcome(self, result: StepResult | None, abort: bool, timeout: float | None) -> StepResult:
+        """``result``, or the error saying why there is none: stopped, a driver lost (the
+        abort policy), or no source in time (naming the molecules)."""
         if result is not None:
             return result
         barrier = self._barrier
@@ -1375,9 +1098,9 @@ class Hub:
         unbound = [m for m in missing if self._molecules[m].driver is None]
         wait = self.timeout if timeout is None else timeout
         raise BarrierTimeout(
-            f"step {self.step_index}: no source from molecule(s) {_ids_text(missing)} "
+            f"step {self.step_index}: no source from molecule(s) {ids_text(missing)} "
             f"{within(wait)}"
-            + (f"; no driver connected for {_ids_text(unbound)}" if unbound else ""),
+            + (f"; no driver connected for {ids_text(unbound)}" if unbound else ""),
             missing,
         )
 
@@ -1424,6 +1147,11 @@ class Hub:
         if len(counts) > _LAST_TO_ANSWER_CAP:  # bounded: keep the leaders
             self._last_to_answer = Counter(dict(counts.most_common(_LAST_TO_ANSWER_CAP // 4)))
 
+    @property
+    def in_step(self) -> bool:
+        """Whether a step is frozen (begun and not complete)."""
+        return self._barrier is not None
+
     # ------------------------------------------------------------------ control
 
     @property
@@ -1447,116 +1175,6 @@ class Hub:
         if self._barrier is not None:
             self._barrier.wake("stopped")
         self._notify()
-
-
-_ACCEPT_BATCH = 16  # connections accepted per event-loop wake-up
-_MIN_PENDING_CAP = 4096  # connections in the handshake before new ones are refused
-_REFUSAL_LOG_EVERY = 10.0  # seconds between summary lines about refused connections
-
-
-class _Listener:
-    """The hub's listening socket. It accepts at most ``_ACCEPT_BATCH`` connections per
-    wake-up of the event loop (asyncio's own server accepts up to ``backlog`` at once, so
-    a connect-and-close flood queued thousands of callbacks ahead of the barrier's
-    replies), and closes new connections at once while too many peers are still in the
-    handshake (``Hub.max_pending``), with one summary line per 10 s. Same ``close``,
-    ``wait_closed`` and ``sockets`` as an ``asyncio.Server``."""
-
-    def __init__(self, hub: Hub, sock: socket.socket) -> None:
-        self.hub = hub
-        self.sock = sock
-        self.sockets = [sock]
-        self._tasks: set[asyncio.Task] = set()
-        self._closed = False
-        self._refused = 0
-        self._refused_since = 0.0
-        self._paused: asyncio.TimerHandle | None = None
-        sock.setblocking(False)
-        self.loop = hub.loop
-        self.loop.add_reader(sock.fileno(), self._accept)
-
-    @classmethod
-    def unix(cls, hub: Hub, path: str) -> _Listener:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            sock.listen(hub.backlog)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(hub, sock)
-
-    @classmethod
-    def tcp(cls, hub: Hub, host: str, port: int) -> _Listener:
-        family, _, _, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(hub.backlog)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(hub, sock)
-
-    def _accept(self) -> None:
-        hub, loop = self.hub, self.loop
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:  # out of descriptors or memory: back off a little
-                log.error("accepting connections failed (%s); retrying in 0.1 s", exc)
-                loop.remove_reader(self.sock.fileno())
-                self._paused = loop.call_later(0.1, self._resume)
-                return
-            if not hub._room_for():
-                conn.close()
-                self._note_refusal()
-                continue
-            conn.setblocking(False)
-            task = loop.create_task(loop.connect_accepted_socket(hub._new_driver, conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    def _resume(self) -> None:
-        self._paused = None
-        if not self._closed:
-            self.loop.add_reader(self.sock.fileno(), self._accept)
-
-    def _note_refusal(self) -> None:
-        now = time.monotonic()
-        self._refused += 1
-        if now - self._refused_since >= _REFUSAL_LOG_EVERY:
-            log.error(
-                "refused %d connection(s): %d peers are still in the handshake (max_pending)",
-                self._refused,
-                len(self.hub._handshaking),
-            )
-            self._refused, self._refused_since = 0, now
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._paused is not None:
-            self._paused.cancel()
-        else:
-            self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-
-    async def wait_closed(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class _Reports:
@@ -1614,398 +1232,3 @@ def _resolve(fut: asyncio.Future, value: object) -> None:
     """Set ``fut``'s result unless it is done already (a timer racing another wake-up)."""
     if not fut.done():
         fut.set_result(value)
-
-
-def _ids_text(ids: list[int], most: int = 20) -> str:
-    """A list of ids for a message, shortened when long."""
-    if len(ids) <= most:
-        return str(ids)
-    return f"{ids[:most]}... ({len(ids)} in all)"
-
-
-def _check_policy(on_lost: str) -> bool:
-    if on_lost not in ("wait", "abort"):
-        raise UsageError(f"on_lost must be 'wait' or 'abort', not {on_lost!r}")
-    return on_lost == "abort"
-
-
-def _fields_array(ids: np.ndarray, efields) -> np.ndarray:
-    """(N, 3) float64 fields, refusing a wrong shape or a non-finite value by molecule."""
-    try:
-        fields = np.array(efields, dtype=np.float64)
-    except (TypeError, ValueError):
-        fields = None
-    if fields is None or fields.shape != (len(ids), 3):
-        for mid, value in zip(ids.tolist(), efields, strict=True):
-            if np.shape(value) != (3,):
-                raise UsageError(f"molecule {mid}: efield_au must be 3 numbers, got {value!r}")
-        raise UsageError(f"fields must have shape ({len(ids)}, 3)")
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = fields.sum()  # finite only if every value is: no (N, 3) temporary
-    if not np.isfinite(total) and not np.isfinite(fields).all():
-        r = int(np.flatnonzero(~np.isfinite(fields).all(axis=1))[0])
-        raise UsageError(f"molecule {int(ids[r])}: efield_au is not finite: {fields[r].tolist()}")
-    return fields
-
-
-def widen_socket_buffers(sock: socket.socket | None, molecules: int) -> None:
-    """Ask for 4 MB socket buffers (the kernel caps them at net.core.wmem_max/rmem_max)
-    on a connection exchanging frames of ``molecules`` >= 10^4 molecules: a 48 MB frame
-    then moves in a few large reads instead of hundreds of 200 kB ones."""
-    if sock is None or molecules < _KEEP_MEMORY_FROM:
-        return
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
-
-
-def _is_all_rows(rows: np.ndarray | slice, n: int) -> bool:
-    return isinstance(rows, slice) and rows == slice(0, n)
-
-
-def keep_freed_memory(molecules: int) -> None:
-    """Let glibc keep freed memory in a process that exchanges frames of ``molecules``
-    molecules, instead of handing it back to the system: every step of a large ensemble
-    allocates frames and arrays of tens of MB, and faulting their pages in again each
-    step cost more than the model (10^6 TLS molecules: 2 to 3 times slower, in the hub
-    and in the driver alike). Applied once the first ensemble of at least 10^4 molecules
-    appears; freed memory up to 1 GB then stays with the process (arrays up to 32 MB come
-    from the heap instead of fresh mappings). Nothing changes without glibc or with the
-    environment variable ``MAXWELLHUB_KEEP_MEMORY=0``."""
-    global _kept_memory
-    if _kept_memory or molecules < _KEEP_MEMORY_FROM:
-        return
-    _kept_memory = True
-    if os.environ.get("MAXWELLHUB_KEEP_MEMORY", "1") == "0":
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return  # not glibc
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    log.debug("glibc keeps freed memory (ensembles of %d molecules)", molecules)
-
-
-_kept_memory = False
-_KEEP_MEMORY_FROM = 10_000
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-def _checked_dipoles(result: StepResult, dipoles: bool) -> StepResult:
-    """``result``, when dipoles were not asked or every molecule's came; else a
-    :class:`ProtocolError` naming the molecules without them."""
-    if not dipoles:
-        return result
-    extras = result.extras()
-    missing = np.zeros(len(result.ids), dtype=bool)
-    for key in wire.DIPOLE_KEYS:
-        values = extras.get(key)
-        if values is None:
-            missing[:] = True
-            break
-        missing |= np.isnan(values)
-    if missing.any():
-        ids = result.ids[missing].tolist()
-        raise ProtocolError(
-            f"molecule {ids[0]}"
-            + (f" (and {_ids_text(ids[1:])})" if len(ids) > 1 else "")
-            + f" sent no dipole ({', '.join(wire.DIPOLE_KEYS)}) although the step asked for "
-            "it (dipoles=True): its driver ignores MXHFIELDS flag WANT_DIPOLES (a "
-            "maxwellhub ensemble driver older than it) or its model does not report them"
-        )
-    return result
-
-
-def _as_step_arrays(ids, fields) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    return ids, _fields_array(ids, fields)
-
-
-def _clear_stale_unix_socket(path: str) -> None:
-    """Remove a leftover socket file only after a probe shows nobody listens on it."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise UsageError(f"cannot probe existing socket {path}: {exc}") from exc
-        log.info("removing stale socket file %s (nobody listens)", path)
-        os.unlink(path)
-    else:
-        raise UsageError(
-            f"another hub is listening on {path}; choose another name or stop that hub first"
-        )
-    finally:
-        probe.close()
-
-
-class SocketHub:
-    """MaxwellLink's synchronous ``SocketHub`` API on top of :class:`Hub`.
-
-    Parameters
-    ----------
-    host : TCP address to bind (default ``127.0.0.1``); ignored with ``unixsocket``.
-    port : TCP port (default 31415; 0 picks a free one, see :attr:`port`).
-    unixsocket : a bare name (``/tmp/socketmxl_<name>``) or a path for a UNIX socket.
-    timeout : seconds a step may take before ``step_barrier`` returns ``{}`` (``step``
-        raises :class:`BarrierTimeout`); None (default) waits as long as the drivers
-        compute. A driver that dies is noticed by its connection at once, a vanished host
-        within 2 minutes (TCP keepalive, :mod:`maxwellhub.liveness`); a step or bind that
-        waits long logs who it waits for. ``wait_until_bound(timeout=None)`` waits until
-        the drivers come, whatever this is (as MaxwellLink's does). Every wait ends at
-        Ctrl-C (KeyboardInterrupt) and at the control endpoint's stop.
-    handshake_timeout : seconds a new connection may take to authenticate and answer its
-        first STATUS (default 60, or ``timeout`` when shorter).
-    latency : accepted for compatibility with MaxwellLink and ignored: this hub waits on
-        events, it never sleeps between polls.
-    loop : ``"asyncio"`` (default, or env MAXWELLHUB_LOOP) or ``"uvloop"``: the event loop
-        run in the calling thread during each call. uvloop re-creates its signal wake-up
-        socket pair on every ``run_until_complete`` in the main thread (measured +35 us per
-        step), which is why this facade defaults to the stdlib loop; the async
-        :class:`Hub` runs on whatever loop you run it on (``uvloop.run`` recommended).
-
-    control : a name (``/tmp/maxwellhub_control_<name>``), a path, or ``host:port``: serve
-        the control endpoint (:mod:`maxwellhub.control`: status, ping, authenticated stop).
-        It is served while a method of this object waits, i.e. during every step and bind.
-
-    address_file : a path where the hub publishes its address once listening (a
-        :mod:`maxwellhub.rendezvous` file, removed at :meth:`stop`), for drivers started
-        with ``maxwellhub-driver --address-file PATH`` (another job, an array job, MPMD).
-
-    On MPI ranks other than 0 the object is inert (no socket, ``step_barrier`` returns
-    ``{}``): only rank 0 talks to drivers. Use it as a context manager, or call
-    :meth:`stop`.
-    """
-
-    def __init__(
-        self,
-        host: str | None = None,
-        port: int | None = DEFAULT_PORT,
-        unixsocket: str | os.PathLike | None = None,
-        timeout: float | None = None,
-        latency: float = 0.01,
-        loop: str | None = None,
-        address_file: str | os.PathLike | None = None,
-        **options: Any,
-    ) -> None:
-        self.latency = latency
-        self.timeout = timeout
-        self._is_master = am_master()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.hub: Hub | None = None
-        if not self._is_master:
-            return
-        self.hub = Hub(host, port, unixsocket, timeout, address_file=address_file, **options)
-        self._loop = new_event_loop(loop or os.environ.get("MAXWELLHUB_LOOP") or "asyncio")
-        try:
-            self._run(self.hub.start())
-        except BaseException:
-            self._loop.close()
-            self._loop = None
-            raise
-
-    def _check_no_running_loop(self) -> None:
-        if asyncio._get_running_loop() is not None:
-            raise UsageError(
-                "SocketHub's synchronous methods cannot run inside a running "
-                "event loop; use maxwellhub.Hub and await its methods"
-            )
-
-    def _run(self, coro):
-        loop = self._loop
-        if loop is None:
-            coro.close()
-            raise UsageError("this SocketHub is stopped (or not on MPI rank 0)")
-        try:
-            self._check_no_running_loop()
-        except UsageError:
-            coro.close()
-            raise
-        task = loop.create_task(coro)
-        try:
-            return loop.run_until_complete(task)
-        except BaseException:
-            # Interrupted (Ctrl-C raises KeyboardInterrupt out of the loop): end the wait
-            # here, so that it does not resume inside a later call.
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    loop.run_until_complete(task)
-            raise
-
-    # -- attributes
-    @property
-    def port(self) -> int | None:
-        return self.hub.port if self.hub else None
-
-    @property
-    def address(self):
-        return self.hub.address if self.hub else None
-
-    @property
-    def step_index(self) -> int:
-        return self.hub.step_index if self.hub else 0
-
-    @property
-    def paused(self) -> bool:
-        return self.hub.paused if self.hub else True
-
-    @property
-    def stop_requested(self) -> str | None:
-        return self.hub.stop_requested if self.hub else None
-
-    @property
-    def control_address(self) -> str | None:
-        return self.hub.control_address if self.hub else None
-
-    # -- API
-    def register_molecule(self, molecule_id: int, init: Mapping | None = None) -> None:
-        if self.hub:
-            self.hub.register_molecule(molecule_id, init)
-
-    def register_molecule_return_id(self, init: Mapping | None = None) -> int:
-        if self.hub:
-            return self.hub.register_molecule_return_id(init)
-        raise UsageError("register_molecule_return_id is only available on MPI rank 0")
-
-    def all_bound(self, molecule_ids: Iterable[int], require_init: bool = True) -> bool:
-        if self.hub is None:
-            return False
-        if self._loop is not None and not self._loop.is_closed():
-            self._run(asyncio.sleep(0))  # let pending connections and replies be read
-        return self.hub.all_bound(molecule_ids, require_init)
-
-    def wait_until_bound(
-        self,
-        init_payloads,
-        require_init: bool = True,
-        timeout: float | None = None,
-    ) -> bool:
-        """See :meth:`Hub.wait_until_bound`: ``timeout`` None waits until the drivers
-        come (not the hub's ``timeout``), logging who is missing; it ends early, with
-        False, at a stop request or when a watched process exits."""
-        if self.hub is None:
-            return False
-        return self._run(self.hub.wait_until_bound(init_payloads, require_init, timeout))
-
-    def watch_processes(
-        self, processes: Iterable[Any] | Callable[[], Iterable[Any]] | None
-    ) -> None:
-        """See :meth:`Hub.watch_processes` (nothing on ranks other than 0)."""
-        if self.hub is not None:
-            self.hub.watch_processes(processes)
-
-    def _barrier(
-        self, ids, fields, timeout, abort: bool, want_extras: bool = True, dipoles: bool = False
-    ):
-        """One barrier attempt without a Task: dispatch synchronously, then run the loop
-        only until this step's waiter resolves (the hot path of Meep's step callback)."""
-        self._check_no_running_loop()
-        hub, loop = self._live()
-        barrier = hub._begin(ids, fields, timeout, abort, want_extras, dipoles)
-        if barrier is not None and barrier.waiter is not None:
-            try:
-                loop.run_until_complete(barrier.waiter)
-            except BaseException:  # Ctrl-C: the step stays frozen, its timer must not fire
-                hub._disarm(barrier)
-                raise
-        return hub._end(barrier)
-
-    def _live(self) -> tuple[Hub, asyncio.AbstractEventLoop]:
-        """The hub and its loop; a :class:`UsageError` when stopped or not on rank 0."""
-        if self.hub is None or self._loop is None:
-            raise UsageError("this SocketHub is stopped (or not on MPI rank 0)")
-        return self.hub, self._loop
-
-    def step_barrier(
-        self, requests: Mapping[int, Mapping], timeout: float | None = None
-    ) -> dict[int, dict]:
-        if self.hub is None or self._loop is None:
-            return {}  # not rank 0, or stopped: the "paused" case of the contract
-        ids, fields = self.hub._arrays(requests)
-        result = self._barrier(ids, fields, timeout, True)
-        return result.as_dict() if result is not None else {}
-
-    def step(
-        self, requests: Mapping[int, Mapping], timeout: float | None = None, on_lost: str = "wait"
-    ) -> dict[int, dict]:
-        """The barrier with a deadline; see :meth:`Hub.step` (raises instead of ``{}``)."""
-        if self.hub is None:
-            raise UsageError("step is only available on MPI rank 0")
-        abort = _check_policy(on_lost)
-        ids, fields = self.hub._arrays(requests)  # validated here, once
-        result = self._barrier(ids, fields, timeout, abort)
-        return self.hub._outcome(result, abort, timeout).as_dict()
-
-    def step_arrays(
-        self,
-        ids,
-        fields,
-        timeout: float | None = None,
-        on_lost: str = "wait",
-        extras: bool = True,
-        dipoles: bool = False,
-    ) -> StepResult:
-        """The barrier in array form; see :meth:`Hub.step_arrays` (``dipoles`` too)."""
-        if self.hub is None or self._loop is None:
-            raise UsageError("step_arrays is only available on MPI rank 0 of a running hub")
-        abort = _check_policy(on_lost)
-        if self.hub._barrier is None and ids is not None:
-            ids, fields = _as_step_arrays(ids, fields)
-        result = self._barrier(ids, fields, timeout, abort, extras, dipoles)
-        return _checked_dipoles(self.hub._outcome(result, abort, timeout), dipoles)
-
-    def status(self) -> dict:
-        return self.hub.status() if self.hub else {}
-
-    def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
-        """See :meth:`Hub.molecule_steps` (an empty array on ranks other than 0)."""
-        if self.hub is None:
-            return np.zeros(0, dtype=np.int64)
-        return self.hub.molecule_steps(molecule_ids)
-
-    def snapshot(self) -> dict[str, np.ndarray]:
-        """See :meth:`Hub.snapshot` (``{}`` on ranks other than 0)."""
-        return self.hub.snapshot() if self.hub is not None else {}
-
-    def restore(self, snapshot: Mapping[str, np.ndarray]) -> None:
-        """See :meth:`Hub.restore` (nothing on ranks other than 0)."""
-        if self.hub is not None:
-            self.hub.restore(snapshot)
-
-    def graceful_shutdown(self, reason: str | None = None, wait: float = 2.0) -> None:
-        if self.hub is not None and self._loop is not None:
-            self._run(self.hub.graceful_shutdown(reason, wait))
-
-    def stop(self) -> None:
-        """Stop accepting, end drivers (STOP/EXIT, short wait for BYE), close everything."""
-        if self.hub is None or self._loop is None:
-            return
-        loop = self._loop
-        try:
-            self._run(self.hub.stop())
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            self._loop = None
-            loop.close()
-
-    def __enter__(self) -> SocketHub:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    def __del__(self) -> None:
-        loop = getattr(self, "_loop", None)
-        if loop is not None and not loop.is_closed() and not loop.is_running():
-            # Best effort at garbage collection: an error here has nowhere to go.
-            with contextlib.suppress(Exception):
-                self.stop()
