@@ -127,9 +127,8 @@ def test_imports_point_down_the_layers():
     print(f"\n{sum(map(len, graph.values()))} imports among {len(graph)} modules; by layer:")
     for layer, label in NAMES.items():
         mods = sorted(m for m in graph if _layer(m) == layer)
-        print(
-            f"  {label:13s} {len(mods):3d}: {', '.join(m.removeprefix('maxwellhub.') for m in mods)}"
-        )
+        short = ", ".join(m.removeprefix("maxwellhub.") for m in mods)
+        print(f"  {label:13s} {len(mods):3d}: {short}")
     assert not wrong, "\n".join(wrong)
 
 
