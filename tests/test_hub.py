@@ -311,6 +311,12 @@ def test_sync_facade_runs_steps_and_cleans_up(unix_name):
             t.start()
         assert hub.wait_until_bound({m: {"dt_au": 1.0} for m in ids}, timeout=scaled(10))
         assert hub.all_bound(ids)
+        loop_ran = []
+        run = hub._run
+        hub._run = lambda coro: loop_ran.append(1) or run(coro)
+        assert hub.all_bound(ids) and not loop_ran  # bound: read directly, no loop
+        assert not hub.all_bound([*ids, 99]) and loop_ran == [1]  # not: one poll
+        hub._run = run
         for step in range(3):
             check_results(hub.step_barrier(requests_for(ids, step)), ids, step)
     for t in threads:

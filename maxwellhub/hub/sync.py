@@ -152,11 +152,19 @@ class SocketHub:
         raise UsageError("register_molecule_return_id is only available on MPI rank 0")
 
     def all_bound(self, molecule_ids: Iterable[int], require_init: bool = True) -> bool:
+        """Whether every id has a driver (that completed INIT, if ``require_init``). Read
+        from the hub's state directly when they are (the steady state, no event-loop
+        round trip); otherwise the loop runs once so that pending connections and
+        replies are read, since a caller polling this between sleeps has no other way
+        to let them in."""
         if self.hub is None:
             return False
+        ids = molecule_ids if isinstance(molecule_ids, list | tuple) else list(molecule_ids)
+        if self.hub.all_bound(ids, require_init):
+            return True
         if self._loop is not None and not self._loop.is_closed():
             self._run(asyncio.sleep(0))  # let pending connections and replies be read
-        return self.hub.all_bound(molecule_ids, require_init)
+        return self.hub.all_bound(ids, require_init)
 
     def wait_until_bound(
         self,
