@@ -56,6 +56,7 @@ from ..net.buffers import keep_freed_memory, widen_socket_buffers
 from ..net.listener import Listener
 from ..net.unix import bind_owner_only, remove_if_ours
 from ..protocol.connection import Connection, State
+from ..rendezvous import remove_address_file, write_address_file
 from .barrier import (
     Barrier,
     Layout,
@@ -378,8 +379,6 @@ class Hub:
     def _write_address_file(self) -> None:
         """Publish the address (and the secret file's location) for drivers started with
         ``--address-file``; see :mod:`maxwellhub.rendezvous`."""
-        from .rendezvous import write_address_file
-
         if self.address_file is None:
             return
         source = self.auth.source if self.auth is not None else None
@@ -437,8 +436,6 @@ class Hub:
             return
         if self._address_run_id is not None and self.address_file is not None:
             # first, so no new driver is sent here
-            from .rendezvous import remove_address_file
-
             remove_address_file(self.address_file, self._address_run_id)
             self._address_run_id = None
         if self._control is not None:
