@@ -223,7 +223,7 @@ def _link(conn: Connection) -> _DriverProtocol:
 
 def _send(conn: Connection, out: list) -> None:
     if out:
-        _link(conn).write(out)
+        conn.link.write(out)
 
 
 class Hub:

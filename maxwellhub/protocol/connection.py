@@ -155,7 +155,10 @@ class HubCallbacks(Protocol):
 
 
 class Link(Protocol):
-    """The I/O layer's actions that are not bytes."""
+    """The I/O layer: where the bytes the machine returns are written (by its caller,
+    never by the machine), and the actions that are not bytes."""
+
+    def write(self, parts: Parts) -> None: ...
 
     def abort(self) -> None: ...
     def close(self) -> None: ...
@@ -284,7 +287,7 @@ class Connection:
         if self.state is State.BUSY and self._was_empty and nbytes <= FAST_READ:
             room = self.decoder.read_buffer(0)
             if self._source_ready_fast(bytes(room[:nbytes])):
-                return self.data_to_send()  # consumed: nothing is left held
+                return self._out and self.data_to_send()  # consumed: nothing is left held
         self._handle(self.decoder.received, nbytes)
         return self.data_to_send()
 
@@ -621,9 +624,10 @@ class Connection:
             fb = step.field_bytes
             if fb is None:
                 fb = step.field_bytes = step.fields.astype("<f8").tobytes()
-            self._out.append(
-                b"".join((wire.FIELD_STEP_HEAD, fb[24 * r : 24 * r + 24], _GETFORCE_HEADER))
-            )
+            block = b"".join((wire.FIELD_STEP_HEAD, fb[24 * r : 24 * r + 24], _GETFORCE_HEADER))
+            if not self._out:  # the hot path: nothing queued before it
+                return [block]
+            self._out.append(block)
         else:
             flags = (wire.WANT_EXTRAS if step.want_extras else 0) | (
                 wire.WANT_DIPOLES if step.want_dipoles else 0
