@@ -130,6 +130,8 @@ class _DriverProtocol(asyncio.BufferedProtocol):
             step_timeout=hub.timeout,
         )
         self.conn.link = self
+        # asyncio reads straight into the decoder's buffer: no frame of ours in between
+        self.get_buffer = self.conn.read_buffer  # type: ignore[method-assign]
         self._timer: asyncio.TimerHandle | None = None
         self.bye: asyncio.Future | None = None
 
@@ -904,7 +906,9 @@ class Hub:
             state = driver.state
             if state == _READY:
                 if driver.place(layout) and self._pending(driver, barrier):
-                    _send(driver, driver.send_step(barrier))
+                    out = driver.send_step(barrier)
+                    if out:
+                        driver.link.write(out)
             elif state == _BOUND:
                 self._ensure_init(driver)
         if abort_on_loss:

@@ -67,6 +67,23 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# Module constants for the states: in Python 3.11 State.X is a descriptor lookup, and the
+# per-step path compares states several times per driver.
+_AUTH = State.AUTH
+_PROBE = State.PROBE
+_UNBOUND = State.UNBOUND
+_BOUND = State.BOUND
+_INIT = State.INIT
+_REPLAY = State.REPLAY
+_READY = State.READY
+_BUSY = State.BUSY
+_LEARNING = State.LEARNING
+_LEARN = State.LEARN
+_ASKED = State.ASKED
+_STOCK_BUSY = State.STOCK_BUSY
+_CLOSING = State.CLOSING
+_CLOSED = State.CLOSED
+
 EXPECTING = {
     State.AUTH: "waiting for MXHPROOF, the answer to the hub's MXHAUTH challenge",
     State.PROBE: "waiting for the answer to STATUS",
@@ -201,7 +218,7 @@ class Connection:
         self.number = number
         self.limits = limits
         self.decoder = wire.Decoder("hub", limits)
-        self.state = State.PROBE
+        self.state = _PROBE
         self.molecules: list[Any] = []  # MoleculeSlot objects, in binding order
         self.batch: int | None = None
         self.row = -1  # (first) row in the layout, -1 if absent
@@ -269,7 +286,7 @@ class Connection:
         """The connection is open: the first bytes (STATUS, or the MXHAUTH challenge)."""
         if self.auth is not None:
             # Nothing but the challenge until the peer proves it holds the secret.
-            self.state = State.AUTH
+            self.state = _AUTH
             self._nonce = new_nonce()
             self._emit(wire.encode_auth_challenge(self._nonce))
         else:
@@ -277,14 +294,15 @@ class Connection:
         self._arm(self.handshake_timeout)
         return self.data_to_send()
 
-    def read_buffer(self) -> memoryview:
-        """Where the next read lands (zero copy; see :meth:`received`)."""
+    def read_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next read lands (zero copy; see :meth:`received`); ``sizehint`` is
+        asyncio's and ignored."""
         self._was_empty = not self.decoder.buffered
         return self.decoder.read_buffer()
 
     def received(self, nbytes: int) -> Parts:
         """``nbytes`` were read into :meth:`read_buffer`; the bytes to send in reply."""
-        if self.state is State.BUSY and self._was_empty and nbytes <= FAST_READ:
+        if self.state is _BUSY and self._was_empty and nbytes <= FAST_READ:
             room = self.decoder.read_buffer(0)
             if self._source_ready_fast(bytes(room[:nbytes])):
                 return self._out and self.data_to_send()  # consumed: nothing is left held
@@ -293,7 +311,7 @@ class Connection:
 
     def receive_data(self, data: bytes) -> Parts:
         """Bytes from the driver; the bytes to send in reply."""
-        if self.state is State.BUSY and not self.decoder.buffered and self._source_ready_fast(data):
+        if self.state is _BUSY and not self.decoder.buffered and self._source_ready_fast(data):
             return self.data_to_send()
         self._handle(self.decoder.feed, data)
         return self.data_to_send()
@@ -301,7 +319,7 @@ class Connection:
     def _handle(self, decode: Callable[[Any], list[wire.Event]], data: Any) -> None:
         try:
             for event in decode(data):
-                if self.reported or self.state is State.CLOSED:
+                if self.reported or self.state is _CLOSED:
                     return  # dropped by an earlier message of this read
                 self.dispatch(event)
         except ProtocolError as exc:
@@ -332,15 +350,15 @@ class Connection:
                 and _finite(sy)
                 and _finite(sz)
             ):
-                self.state = State.READY
+                self.state = _READY
                 self.hub.source_ready(self, sx, sy, sz, data[_SR_SIZE:])
                 return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The I/O layer lost the connection."""
-        previous, self.state = self.state, State.CLOSED
-        if previous is State.AUTH:
+        previous, self.state = self.state, _CLOSED
+        if previous is _AUTH:
             log.error(
                 "refusing %s before INIT: authentication failed: it closed the "
                 "connection without answering MXHAUTH",
@@ -355,9 +373,9 @@ class Connection:
     # -- failures and deadlines
     def fail(self, why: str) -> None:
         """Drop this connection for a protocol violation, with one log line naming it."""
-        if self.state is State.CLOSED or self.reported:
+        if self.state is _CLOSED or self.reported:
             return  # one line per peer, even when one read held several bad messages
-        if self.state is State.AUTH:
+        if self.state is _AUTH:
             self._refuse(why)
             return
         log.error("dropping %s: %s", self, why)
@@ -367,7 +385,7 @@ class Connection:
     def _refuse(self, why: str) -> None:
         """Drop a peer that failed authentication, with one log line naming it."""
         log.error("refusing %s before INIT: authentication failed: %s", self, why)
-        self.state = State.CLOSED  # no second line from connection_lost or later events
+        self.state = _CLOSED  # no second line from connection_lost or later events
         self.link.abort()
 
     def _arm(self, seconds: float | None) -> None:
@@ -390,7 +408,7 @@ class Connection:
             self._refuse("wrong MXHPROOF (the driver's secret differs from the hub's)")
             return
         self._nonce = None
-        self.state = State.PROBE
+        self.state = _PROBE
         self.link.disarm()
         log.debug("%s authenticated", self)
         if self.batch is not None:  # its MXHHELLO arrived before the proof
@@ -403,13 +421,13 @@ class Connection:
             return False
         self.batch = self.decoder.batch = event.molecules
         self.link.hosting(event.molecules)
-        if self.state is State.PROBE:  # authenticated (or no secret): welcome it now
+        if self.state is _PROBE:  # authenticated (or no secret): welcome it now
             self._emit(wire.encode_welcome(event.molecules))
         # else an ensemble driver spoke first; MXHWELCOME waits for its proof
         return True
 
     def _on_probe_answer(self, event: wire.Ready | wire.NeedInit) -> None:
-        self.state = State.UNBOUND
+        self.state = _UNBOUND
         self.link.disarm()
         if isinstance(event, wire.Ready):
             self._ready_before_init()
@@ -458,7 +476,7 @@ class Connection:
         if event.forces.shape[0] != 1:
             self.fail(f"SOURCEREADY carries nat = {event.forces.shape[0]}, the EM profile needs 1")
             return True
-        self.state = State.READY
+        self.state = _READY
         sx, sy, sz = event.forces[0].tolist()
         self.hub.source_ready(self, sx, sy, sz, event.extras)
         return True
@@ -466,7 +484,7 @@ class Connection:
     def _on_sources(self, event: wire.SourcesBatch) -> bool:
         if self.batch is None:
             return False
-        self.state = State.READY
+        self.state = _READY
         self.hub.sources_batch(self, event)
         return True
 
@@ -518,14 +536,14 @@ class Connection:
                 "profile needs 1 (the field is the one atom's position)"
             )
             return
-        if self.state is State.LEARNING:
+        if self.state is _LEARNING:
             if not event.extras.startswith(b"{"):
                 self._mark_stock(f"its extras {event.extras[:16]!r} are not JSON")
-            self.state = State.LEARN
+            self.state = _LEARN
             self.status_probes += 1
             self._emit(STATUS_BYTES)
         else:
-            self.state = State.READY
+            self.state = _READY
         sx, sy, sz = event.forces[0].tolist()
         self.hub.source_ready(self, sx, sy, sz, event.extras)
 
@@ -537,23 +555,23 @@ class Connection:
         else:
             self.stock_steps = False
             log.debug("%s stays READY: fused steps from now on", self)
-        self.state = State.READY
+        self.state = _READY
         self.hub.driver_initialized(self)  # sends the step due meanwhile, if any
 
     def _on_asked_ready(self, _event: wire.Ready) -> None:
         field = self.hub.pending_field(self)
         if field is not None:
-            self.state = State.STOCK_BUSY
+            self.state = _STOCK_BUSY
             self._emit(wire.encode_field_step(field))
         else:
-            self.state = State.READY
+            self.state = _READY
 
     def _on_needinit_again(self, _event: wire.NeedInit) -> bool:
         """It asks for INIT (again): the one built at binding, then STATUS."""
         if self._init_resent:
             return False
         self._init_resent = self.init_needed = True
-        if self.state is State.ASKED:
+        if self.state is _ASKED:
             self.status_probes += 1
         self._emit(self._init_msg, STATUS_BYTES)
         return True
@@ -562,7 +580,7 @@ class Connection:
     def bind(self, molecules: Sequence[MoleculeSlot]) -> None:
         """Bound to ``molecules`` (one, or as many as the ensemble hosts)."""
         self.molecules = list(molecules)
-        self.state = State.BOUND
+        self.state = _BOUND
         self.rows_generation = -1
 
     def send_init(self) -> Parts:
@@ -577,7 +595,7 @@ class Connection:
             replayable,
             ensemble=self.batch is not None,
         )
-        self.state = State.INIT
+        self.state = _INIT
         self.resume_step = None
         self._init_msg = wire.encode_init(first.id, body)
         self._init_resent = False
@@ -599,11 +617,11 @@ class Connection:
             self.replay = []
         if not self.replay:
             self.link.disarm()
-            self.state = State.READY
+            self.state = _READY
             self.hub.driver_initialized(self)
             return self.data_to_send()
         fields = self.replay.pop(0)
-        self.state = State.REPLAY
+        self.state = _REPLAY
         if self.batch is None:
             self._emit(
                 b"".join((wire.FIELD_STEP_HEAD, fields.astype("<f8").tobytes(), _GETFORCE_HEADER))
@@ -618,7 +636,7 @@ class Connection:
         """This driver's frozen field(s) of ``step`` with GETSOURCE."""
         if self.stock_steps:  # its first step, or a client needing STATUS before each
             return self._stock_step(step)
-        self.state = State.BUSY
+        self.state = _BUSY
         if self.batch is None:
             r = self.row
             fb = step.field_bytes
@@ -641,12 +659,12 @@ class Connection:
             self.stock_steps = False
             return self.send_step(step)
         if self.status_each_step:
-            self.state = State.ASKED
+            self.state = _ASKED
             self._init_resent = False
             self.status_probes += 1
             self._emit(STATUS_BYTES)
         else:  # the first step: it said READY to the last STATUS, so POSDATA is due
-            self.state = State.LEARNING
+            self.state = _LEARNING
             self._emit(wire.encode_field_step(step.fields[self.row]))
         return self.data_to_send()
 
@@ -680,15 +698,15 @@ class Connection:
         """STOP (MaxwellLink dialect, answered by BYE; EXIT follows if no BYE comes) or
         EXIT (a stock i-PI client, or the "ipi" dialect; no answer). The end is settled
         through :meth:`Link.ended`."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             self._ended(False)
             return self.data_to_send()
-        if self.state is State.AUTH:  # never authenticated: it is told nothing, just closed
-            self.state = State.CLOSED
+        if self.state is _AUTH:  # never authenticated: it is told nothing, just closed
+            self.state = _CLOSED
             self.link.abort()
             self._ended(False)
             return self.data_to_send()
-        self.state = State.CLOSING
+        self.state = _CLOSING
         if self.dialect == "ipi" or self.stock:
             self._emit(EXIT_BYTES)
             self._ended(True)
@@ -700,7 +718,7 @@ class Connection:
 
     def exit_after_stop(self) -> Parts:
         """EXIT to a peer that did not answer STOP (an i-PI client ignores STOP)."""
-        if self.state is State.CLOSING and self.ending:
+        if self.state is _CLOSING and self.ending:
             log.info("%s did not answer STOP: sent EXIT", self)
             self.ending = False
             self._emit(EXIT_BYTES)
