@@ -35,7 +35,7 @@ TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.2}
 def peer_pid(hub, molecule_id: int) -> int:
     """The pid of the process serving ``molecule_id`` (SO_PEERCRED of its UNIX socket)."""
     driver = hub.hub._molecules[molecule_id].driver
-    sock = driver.transport.get_extra_info("socket")
+    sock = driver.link.transport.get_extra_info("socket")
     pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                     struct.calcsize("3i")))
     return pid

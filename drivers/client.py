@@ -36,6 +36,7 @@ from maxwellhub.liveness import (
     Reporter,
     within,
 )
+from maxwellhub.protocol.init import parse_single_init
 
 from .checkpoint import Continuity
 
@@ -319,7 +320,8 @@ class _Session:
         return False
 
     def on_init(self, event: wire.Init) -> bool:
-        dt_au, data = _parse_init(event.payload)
+        init = parse_single_init(event.ident, event.payload)
+        dt_au = init.dt_au
         if self.init is not None:
             # Stock i-PI hubs may re-send INIT; the same one changes nothing.
             if self.init == (event.ident, dt_au):
@@ -335,12 +337,11 @@ class _Session:
             raise ModelFailed(f"initialize failed: {type(exc).__name__}: {exc}") from exc
         self.init = (event.ident, dt_au)
         self.log.info("initialized molecule %d with dt_au = %r", event.ident, dt_au)
-        self.resume([event.ident], data)
+        self.resume([event.ident], init.resume)
         return False
 
-    def resume(self, ids: list[int], data: dict) -> None:
+    def resume(self, ids: list[int], offer: dict | None) -> None:
         """Pick the state to continue from; answer a resume offer with MXHRESUME."""
-        offer = wire.resume_offer(data)
         try:
             step = self.continuity.begin(self.model, ids, offer)
         except Exception as exc:
@@ -439,31 +440,3 @@ class _ExtrasJSON:
         return json.dumps(extras, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode(
             "utf-8"
         )
-
-
-def _parse_init(payload: bytes) -> tuple[float, dict]:
-    """dt_au and the whole JSON object from an INIT string: UTF-8 JSON object (empty
-    means {}) with dt_au > 0."""
-    try:
-        text = payload.decode("utf-8")
-        data = json.loads(text) if text.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(
-            f"INIT: the init string is not UTF-8 JSON ({exc}): {payload[:80]!r}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"INIT: the init string is JSON {type(data).__name__}, not an object")
-    if "dt_au" not in data:
-        raise ProtocolError(
-            f"INIT: no 'dt_au' (the time step in atomic units) in the init JSON; keys: "
-            f"{sorted(data)}"
-        )
-    dt_au = data["dt_au"]
-    if (
-        isinstance(dt_au, bool)
-        or not isinstance(dt_au, int | float)
-        or not dt_au > 0
-        or dt_au == float("inf")
-    ):
-        raise ProtocolError(f"INIT: dt_au = {dt_au!r} is not allowed; expected a number > 0")
-    return float(dt_au), data

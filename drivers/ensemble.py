@@ -14,14 +14,14 @@ clear message (use M = 1 there). This module never pickles and never converts un
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 from typing import TYPE_CHECKING
 
 from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
-from maxwellhub.hub import keep_freed_memory, widen_socket_buffers
+from maxwellhub.net.buffers import keep_freed_memory, widen_socket_buffers
+from maxwellhub.protocol.init import parse_ensemble_init
 
 from .client import (
     _HAVEDATA,
@@ -129,26 +129,8 @@ class EnsembleSession(_Session):
                 "INIT before MXHWELCOME: the hub did not accept batched "
                 "frames; ensemble drivers need a maxwellhub hub"
             )
-        try:
-            data = json.loads(event.payload.decode("utf-8") or "{}")
-            if "molecule_id_range" in data:
-                first, count = (int(x) for x in data["molecule_id_range"])
-                ids = list(range(first, first + count))
-            else:
-                ids = [int(m) for m in data["molecule_ids"]]
-            dt_au = float(data["dt_au"])
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise ProtocolError(
-                f"INIT of an ensemble needs JSON with molecule_id_range or "
-                f"molecule_ids, and "
-                f"dt_au: {exc!r}"
-            ) from None
-        if len(ids) != self.model.n or not dt_au > 0:
-            raise ProtocolError(
-                f"INIT with {len(ids)} molecule ids and dt_au {dt_au!r}; "
-                f"this driver hosts {self.model.n} molecules and needs "
-                "dt_au > 0"
-            )
+        init = parse_ensemble_init(event.payload, self.model.n)
+        ids, dt_au = init.molecule_ids, init.dt_au
         if self.ids is not None:
             if (self.ids, self.dt_au) == (ids, dt_au):
                 return False
@@ -159,7 +141,7 @@ class EnsembleSession(_Session):
             raise ModelFailed(f"initialize failed: {type(exc).__name__}: {exc}") from exc
         self.ids, self.dt_au = ids, dt_au
         self.log.info("initialized molecules %d..%d with dt_au = %r", ids[0], ids[-1], dt_au)
-        self.resume(ids, data)
+        self.resume(ids, init.resume)
         return False
 
     def on_fields(self, event: wire.FieldsBatch) -> bool:

@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .fsutil import atomic_write
+from .net.unix import bind_owner_only, remove_if_ours
 
 __all__ = [
     "AUTH_FAILED",
@@ -370,22 +371,18 @@ class ControlServer:
         return _Connection(self, self._accepted)
 
     async def start(self) -> None:
-        from .hub import _clear_stale_unix_socket
-
         self._loop = asyncio.get_running_loop()
         if isinstance(self.address, str):
-            path = self.address
-            _clear_stale_unix_socket(path)
-            old_umask = os.umask(0o177)  # born owner-only (0600)
+            # the hub's owner-only lifecycle: a stale file cleared after a probe, born 0600
+            sock, self._socket_inode = bind_owner_only(self.address, MAX_CONNECTIONS)
             try:
                 self._server = await self._loop.create_unix_server(
-                    self._new_connection, path=path, backlog=MAX_CONNECTIONS
+                    self._new_connection, sock=sock, backlog=MAX_CONNECTIONS
                 )
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, 0o600)
-            st = os.stat(path)
-            self._socket_inode = (st.st_dev, st.st_ino)
+            except BaseException:
+                sock.close()
+                remove_if_ours(self.address, self._socket_inode)
+                raise
         else:
             host, port = self.address
             self._server = await self._loop.create_server(
@@ -426,7 +423,7 @@ class ControlServer:
             await self._server.wait_closed()
             self._server = None
         if isinstance(self.address, str):
-            _unlink_if_same(self.address, self._socket_inode)
+            remove_if_ours(self.address, self._socket_inode)
             self._socket_inode = None
         if self.token_file is not None:
             _unlink_if_same(self.token_file, self._token_inode)

@@ -53,9 +53,7 @@ line or in a log line.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import signal
 import socket
 from collections.abc import Callable, Mapping
@@ -63,12 +61,12 @@ from typing import Any, ClassVar, cast
 
 import numpy as np
 
-from . import hub as _hub
 from . import wire
 from .addresses import DEFAULT_PORT, unix_socket_path
 from .auth import Secret, is_loopback
 from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
-from .hub import Hub, StopRequested
+from .hub import Hub, StepResult, StopRequested
+from .hub.barrier import ids_text
 from .liveness import (
     CONNECT_ATTEMPT,
     CONNECT_BACKOFF_FIRST,
@@ -80,6 +78,7 @@ from .liveness import (
     keepalive,
     within,
 )
+from .protocol.init import parse_ensemble_init
 
 __all__ = ["EXIT_LOCAL", "EXIT_OK", "EXIT_PROTOCOL", "EXIT_UPSTREAM", "Relay"]
 
@@ -90,10 +89,6 @@ EXIT_UPSTREAM = 1  # upstream unreachable or gone before STOP/EXIT; interrupted
 EXIT_PROTOCOL = 2  # the upstream hub sent bad bytes or an unusable INIT
 EXIT_LOCAL = 3  # local drivers did not connect, initialise or answer in time
 
-# Keys the INIT of an ensemble carries about the ensemble itself, not about a molecule.
-# "mxh_resume" is the upstream hub's replay offer to this connection; the local hub makes
-# its own offer to each local driver.
-_ENSEMBLE_KEYS = ("molecule_id_range", "molecule_ids", "payloads", "molecule_id", "mxh_resume")
 # What MXHSOURCES can carry (the upstream decoder's default Limits).
 _MAX_EXTRAS_KEYS = wire.Limits().max_extras_keys
 _MAX_KEY_BYTES = wire.Limits().max_key_bytes
@@ -114,134 +109,10 @@ class RelayFailed(MaxwellHubError):
         self.code = code
 
 
-class _LocalHub(Hub):
-    """The relay's local hub: a :class:`Hub` that can also wait until drivers for a
-    number of molecules have connected, before any molecule id is known.
-
-    (A public ``Hub.wait_for_drivers(molecules, timeout)`` would make this subclass
-    unnecessary; it hooks the two places where anonymous drivers come and go.)
-    """
-
-    def waiting_molecules(self) -> int:
-        """Molecules that the anonymous drivers waiting for a binding could host."""
-        return sum(d.size for d in self._unbound if d.state == _hub._UNBOUND)
-
-    def _driver_available(self, driver) -> None:
-        super()._driver_available(driver)
-        self._notify()
-
-    def _connection_lost(self, driver, previous, exc) -> None:
-        super()._connection_lost(driver, previous, exc)
-        self._notify()
-
-    #: True while the relay binds its drivers for the upstream's INIT: then a state older
-    #: than the upstream's step is replayed by the upstream (see _Upstream._initialize).
-    deferring = False
-
-    def _unreplayable(self, driver, start: int, done: int, reported: bool) -> None:
-        """A local driver restored a state older than the upstream's step, which this
-        relay (new, no history) cannot replay: while the relay starts, take its step as
-        the truth and let the upstream hub replay the missing steps through the relay;
-        later (a driver replaced mid-run, beyond --history) continuity is lost: say so."""
-        if not self.deferring:
-            super()._unreplayable(driver, start, done, reported)
-            return
-        for mol in driver.molecules:
-            self._counts[mol.index] = start
-        log.info(
-            "%s resumes from step %d; the upstream hub is asked to replay steps %d..%d",
-            driver,
-            start,
-            start,
-            done - 1,
-        )
-
-    async def wait_for_drivers(self, molecules: int, timeout: float | None) -> int:
-        """Wait until drivers for ``molecules`` molecules wait for a binding, or until
-        ``timeout`` s passed (None: no deadline; how many came is logged on the schedule
-        of :func:`maxwellhub.liveness.report_delays`); return how many molecules they can
-        host."""
-        loop = self.loop
-        deadline = None if timeout is None else loop.time() + timeout
-        reports = _hub._Reports(
-            loop,
-            lambda elapsed: log.warning(
-                "still waiting after %.0f s: drivers for %d of %d molecules connected",
-                elapsed,
-                self.waiting_molecules(),
-                molecules,
-            ),
-        )
-        try:
-            while (have := self.waiting_molecules()) < molecules:
-                if not await self._wait_change(deadline):
-                    return self.waiting_molecules()
-            return have
-        finally:
-            reports.cancel()
-
-
 def _describe_upstream(unix: str | None, host: str | None, port: int) -> str:
     if unix is not None:
         return f"unix:{unix_socket_path(unix)}"
     return f"tcp:{host or '127.0.0.1'}:{port}"
-
-
-def parse_ensemble_init(payload: bytes, molecules: int) -> tuple[list[int], list[dict]]:
-    """The molecule ids and per-molecule INIT payloads from an ensemble INIT string.
-
-    Raises :class:`ProtocolError` naming what is wrong (the upstream hub sent it)."""
-    try:
-        data = json.loads(payload.decode("utf-8") or "{}")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(
-            f"INIT: the init string is not UTF-8 JSON ({exc}): {payload[:80]!r}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"INIT: the init string is JSON {type(data).__name__}, not an object")
-    try:
-        if "molecule_id_range" in data:
-            first, count = data["molecule_id_range"]
-            ids = list(range(_as_int(first), _as_int(first) + _as_int(count)))
-        elif "molecule_ids" in data:
-            ids = [_as_int(m) for m in data["molecule_ids"]]
-        else:
-            raise ProtocolError(
-                "INIT of an ensemble needs molecule_id_range or "
-                f"molecule_ids; keys: {sorted(data)[:20]}"
-            )
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"INIT: bad molecule_id_range/molecule_ids: {exc}") from None
-    if len(ids) != molecules or len(set(ids)) != len(ids):
-        raise ProtocolError(
-            f"INIT names {len(ids)} molecule ids ({len(set(ids))} distinct); "
-            f"this relay hosts {molecules}"
-        )
-    shared = {k: v for k, v in data.items() if k not in _ENSEMBLE_KEYS}
-    each = data.get("payloads")
-    if each is None:
-        payloads = [shared] * len(ids)
-    elif (
-        not isinstance(each, list)
-        or len(each) != len(ids)
-        or not all(isinstance(p, dict) for p in each)
-    ):
-        raise ProtocolError(f"INIT: 'payloads' must be a list of {len(ids)} JSON objects")
-    else:
-        payloads = [{k: v for k, v in p.items() if k not in _ENSEMBLE_KEYS} for p in each]
-    for mid, p in zip(ids, payloads, strict=True):
-        dt = p.get("dt_au")
-        if isinstance(dt, bool) or not isinstance(dt, int | float) or not 0 < dt < math.inf:
-            raise ProtocolError(
-                f"INIT: molecule {mid}: dt_au = {dt!r}; every molecule needs a number dt_au > 0"
-            )
-    return ids, payloads
-
-
-def _as_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{value!r} is not an integer")
-    return value
 
 
 class _Upstream(asyncio.Protocol):
@@ -256,7 +127,7 @@ class _Upstream(asyncio.Protocol):
         if relay.local is None:
             raise UsageError("the relay connects upstream only once its local hub listens")
         self.relay = relay
-        self.local: _LocalHub = relay.local
+        self.local: Hub = relay.local
         self.where = where
         m = relay.molecules
         self.decoder = wire.Decoder(
@@ -390,9 +261,9 @@ class _Upstream(asyncio.Protocol):
             if event.payload == self.init_payload:
                 return
             raise ProtocolError("a second INIT with other molecule ids or payloads")
-        ids, payloads = parse_ensemble_init(event.payload, self.relay.molecules)
+        init = parse_ensemble_init(event.payload, self.relay.molecules, "this relay")
+        ids, payloads, offer = init.molecule_ids, init.payloads, init.resume
         self.init_payload = event.payload
-        offer = wire.resume_offer(json.loads(event.payload.decode("utf-8") or "{}"))
         self.task = asyncio.ensure_future(self._initialize(ids, payloads, offer))
         self.task.add_done_callback(self._task_done)
 
@@ -451,20 +322,20 @@ class _Upstream(asyncio.Protocol):
             local.register_molecule(mid)
         if offer is not None:  # the local drivers are offered the upstream's step
             local.set_molecule_steps(ids, offer["step"])
-        local.deferring = offer is not None
+        local.on_behind = _upstream_replays if offer is not None else None
         try:
             bound = await local.wait_until_bound(
                 dict(zip(ids, payloads, strict=True)), timeout=self.relay.timeout
             )
         finally:
-            local.deferring = False
+            local.on_behind = None
         if not bound:
             if self.ended.done():
                 return
             missing = local.missing(ids)
             self.finish(
                 EXIT_LOCAL,
-                f"local drivers of molecule(s) {_hub._ids_text(missing)} "
+                f"local drivers of molecule(s) {ids_text(missing)} "
                 f"did not initialise {within(self.relay.timeout)}",
             )
             return
@@ -537,7 +408,7 @@ class _Upstream(asyncio.Protocol):
         if not self.ended.done():
             self.transport.write(wire.encode_sources_batch(sources, None))
 
-    async def _local_step(self, ids: Any, fields: np.ndarray, flags: int) -> _hub.StepResult:
+    async def _local_step(self, ids: Any, fields: np.ndarray, flags: int) -> StepResult:
         """One local barrier step (no deadline unless the relay has a ``timeout``), asking
         the local drivers what the upstream MXHFIELDS ``flags`` ask (extras, dipoles). A
         lost local driver is waited for, up to ``replace_timeout``, and its replacement
@@ -549,14 +420,14 @@ class _Upstream(asyncio.Protocol):
             try:
                 # unchecked: missing dipoles go upstream as NaN rows; the upstream hub,
                 # which asked for them, names the molecules
-                return await local._step_arrays(
+                return await local.step_arrays_raw(
                     ids, fields, relay.timeout, "abort", extras, dipoles
                 )
             except DriverLost as exc:
                 log.warning(
                     "the local driver of molecule(s) %s is gone; waiting %s for a replacement "
                     "to connect to the relay at %s",
-                    _hub._ids_text(exc.molecules),
+                    ids_text(exc.molecules),
                     within(relay.replace_timeout),
                     relay.listening,
                 )
@@ -566,12 +437,12 @@ class _Upstream(asyncio.Protocol):
                 if not came and not local.paused:  # paused: the next try says StopRequested
                     raise BarrierTimeout(
                         f"no replacement for the local driver of molecule(s) "
-                        f"{_hub._ids_text(exc.molecules)} connected "
+                        f"{ids_text(exc.molecules)} connected "
                         f"{within(relay.replace_timeout)}",
                         exc.molecules,
                     ) from None
 
-    def _extras(self, result: _hub.StepResult, flags: int) -> dict[str, np.ndarray] | None:
+    def _extras(self, result: StepResult, flags: int) -> dict[str, np.ndarray] | None:
         """The local extras the upstream ``flags`` ask for (all: WANT_EXTRAS; the dipole
         keys only: WANT_DIPOLES; else None) as MXHSOURCES can carry them: ASCII keys of
         at most 64 bytes, at most 64 keys; other keys are dropped with one warning each."""
@@ -652,9 +523,8 @@ class Relay:
         self.local_secret = local_secret
         self.history = history
         self.upstream = _describe_upstream(upstream_unix, upstream_host, self.upstream_port)
-        self.local: _LocalHub | None = None
+        self.local: Hub | None = None
         self.listening = ""
-        self._extra_server: asyncio.AbstractServer | None = None
         #: The session's outcome once :meth:`run` returned: (exit status, message).
         self.outcome: tuple[int, str] | None = None
 
@@ -667,7 +537,7 @@ class Relay:
         interrupted: asyncio.Future = loop.create_future()
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, _hub._resolve, interrupted, sig.name)
+                loop.add_signal_handler(sig, _resolve, interrupted, sig.name)
         try:
             opening = asyncio.ensure_future(self._open(loop))
             await asyncio.wait({opening, interrupted}, return_when=asyncio.FIRST_COMPLETED)
@@ -709,7 +579,7 @@ class Relay:
         try:
             # Drivers for all M molecules wait unbound until the upstream INIT names the
             # ids, so the local hub must let that many (and spares) wait.
-            local = _LocalHub(
+            local = Hub(
                 timeout=self.timeout,
                 auth=self.local_secret,
                 history=self.history,
@@ -733,19 +603,12 @@ class Relay:
                 # Both: the same hub also accepts on TCP (drivers join the same molecules).
                 host = self.local_tcp[0]
                 try:
-                    self._extra_server = await loop.create_server(
-                        local._new_driver,
-                        host=host,
-                        port=self.local_tcp[1],
-                        backlog=local.backlog,
-                        reuse_address=True,
-                    )
+                    port = await local.listen(host, self.local_tcp[1])
                 except OSError as exc:
                     raise RelayFailed(
                         EXIT_PROTOCOL,
                         f"cannot listen for local drivers on TCP {host}:{self.local_tcp[1]}: {exc}",
                     ) from None
-                port = self._extra_server.sockets[0].getsockname()[1]
                 if self.local_secret is None and not is_loopback(host):
                     log.warning(
                         "listening on TCP %s:%d without a local secret: any "
@@ -838,13 +701,29 @@ class Relay:
                 task.cancel()
         if self.local is not None:
             await self.local.stop(wait=_LOCAL_STOP_WAIT)
-        if self._extra_server is not None:
-            self._extra_server.close()
-            await self._extra_server.wait_closed()
         if session is not None and session.transport is not None:
             if session.bye and not session.transport.is_closing():
                 session.transport.write(_BYE)
             session.transport.close()
+
+
+def _upstream_replays(driver: Any, start: int, done: int) -> bool:
+    """While the relay starts: a local driver restored a state older than the upstream's
+    step, which this relay (new, no history) cannot replay: take its step as the truth and
+    let the upstream hub replay the missing steps through the relay."""
+    log.info(
+        "%s resumes from step %d; the upstream hub is asked to replay steps %d..%d",
+        driver,
+        start,
+        start,
+        done - 1,
+    )
+    return True
+
+
+def _resolve(fut: asyncio.Future, value: object) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def run_relay(relay: Relay) -> int:

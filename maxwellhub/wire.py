@@ -178,13 +178,13 @@ DIPOLE_M_KEYS = ("mux_m_au", "muy_m_au", "muz_m_au")
 MXHAUTH = b"MXHAUTH"
 MXHPROOF = b"MXHPROOF"
 AUTH_VERSION = 1
-AUTH_NONCE_SIZE = 32          # also the size of a proof (an HMAC-SHA256 digest)
+AUTH_NONCE_SIZE = 32  # also the size of a proof (an HMAC-SHA256 digest)
 _AUTH_FRAME = struct.Struct("<12si32s")
 
 MXHRESUME = b"MXHRESUME"
 MXHCLAIM = b"MXHCLAIM"
 RESUME_VERSION = 1
-RESUME_KEY = "mxh_resume"     # the INIT JSON key that offers MXHRESUME
+RESUME_KEY = "mxh_resume"  # the INIT JSON key that offers MXHRESUME
 _RESUME_FRAME = struct.Struct("<12siiq")
 
 _I32 = struct.Struct("<i")
@@ -199,9 +199,9 @@ _SOURCE_READY = struct.Struct("<12sdi3d9di")
 SOURCE_READY_PREFIX_SIZE = _SOURCE_READY.size
 
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-_IDENTITY_CELLS = _MAT.pack(*_IDENTITY) * 2   # cell and inverse of the EM profile
+_IDENTITY_CELLS = _MAT.pack(*_IDENTITY) * 2  # cell and inverse of the EM profile
 _EYE = np.eye(3)
-_EYE.flags.writeable = False                   # shared by every FIELDDATA event
+_EYE.flags.writeable = False  # shared by every FIELDDATA event
 _ZEROS9 = (0.0,) * 9
 _MiB = 1 << 20
 
@@ -213,10 +213,30 @@ def encode_header(name: bytes) -> bytes:
     return name.ljust(HEADER_SIZE, b" ")
 
 
-_H = {name: encode_header(name) for name in
-      (STATUS, READY, NEEDINIT, HAVEDATA, INIT, POSDATA, GETFORCE, FORCEREADY, STOP, BYE, EXIT,
-       MXHHELLO, MXHWELCOME, MXHFIELDS, MXHSOURCES, MXHAUTH, MXHPROOF, MXHRESUME,
-       MXHCLAIM)}
+_H = {
+    name: encode_header(name)
+    for name in (
+        STATUS,
+        READY,
+        NEEDINIT,
+        HAVEDATA,
+        INIT,
+        POSDATA,
+        GETFORCE,
+        FORCEREADY,
+        STOP,
+        BYE,
+        EXIT,
+        MXHHELLO,
+        MXHWELCOME,
+        MXHFIELDS,
+        MXHSOURCES,
+        MXHAUTH,
+        MXHPROOF,
+        MXHRESUME,
+        MXHCLAIM,
+    )
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +246,9 @@ class Limits:
     max_nat: int = 1
     max_init_bytes: int = _MiB
     max_extras_bytes: int = _MiB
-    max_batch: int = 1 << 20        # molecules in one batched frame
-    max_extras_keys: int = 64       # extras arrays in one MXHSOURCES
-    max_key_bytes: int = 64         # length of one extras key
+    max_batch: int = 1 << 20  # molecules in one batched frame
+    max_extras_keys: int = 64  # extras arrays in one MXHSOURCES
+    max_key_bytes: int = 64  # length of one extras key
 
 
 # ----------------------------------------------------------------------------- events
@@ -382,12 +402,38 @@ class Claim:
     first: int
 
 
-Event = (Status | Ready | NeedInit | HaveData | GetForce | Stop | Bye | Exit | Init | PosData
-         | ForceReady | Hello | Welcome | FieldsBatch | SourcesBatch | AuthChallenge
-         | AuthProof | Resume | Claim)
+Event = (
+    Status
+    | Ready
+    | NeedInit
+    | HaveData
+    | GetForce
+    | Stop
+    | Bye
+    | Exit
+    | Init
+    | PosData
+    | ForceReady
+    | Hello
+    | Welcome
+    | FieldsBatch
+    | SourcesBatch
+    | AuthChallenge
+    | AuthProof
+    | Resume
+    | Claim
+)
 
-_SIMPLE = {STATUS: Status(), READY: Ready(), NEEDINIT: NeedInit(), HAVEDATA: HaveData(),
-           GETFORCE: GetForce(), STOP: Stop(), BYE: Bye(), EXIT: Exit()}
+_SIMPLE = {
+    STATUS: Status(),
+    READY: Ready(),
+    NEEDINIT: NeedInit(),
+    HAVEDATA: HaveData(),
+    GETFORCE: GetForce(),
+    STOP: Stop(),
+    BYE: Bye(),
+    EXIT: Exit(),
+}
 _SIMPLE_NAME = {type(ev): name for name, ev in _SIMPLE.items()}
 
 # ----------------------------------------------------------------------------- encoding
@@ -417,37 +463,48 @@ def encode_init(ident: int, payload: bytes = b"") -> bytes:
 def encode_posdata(cell, inverse, positions) -> bytes:
     """POSDATA; ``cell``/``inverse`` with lattice vectors as columns, positions (nat, 3)."""
     pos = _rows3("positions", positions)
-    return (_H[POSDATA] + _matrix_bytes("cell", cell) + _matrix_bytes("inverse cell", inverse)
-            + _I32.pack(pos.shape[0]) + np.ascontiguousarray(pos, dtype="<f8").tobytes())
+    return (
+        _H[POSDATA]
+        + _matrix_bytes("cell", cell)
+        + _matrix_bytes("inverse cell", inverse)
+        + _I32.pack(pos.shape[0])
+        + np.ascontiguousarray(pos, dtype="<f8").tobytes()
+    )
 
 
 def encode_forceready(energy: float, forces, virial=None, extras: bytes = b"") -> bytes:
     """FORCEREADY with forces (nat, 3), virial (3, 3) (zeros if omitted) and extras."""
     f = _rows3("forces", forces)
     vir = _matrix_bytes("virial", np.zeros((3, 3)) if virial is None else virial)
-    return (_H[FORCEREADY] + _F64.pack(float(energy)) + _I32.pack(f.shape[0])
-            + np.ascontiguousarray(f, dtype="<f8").tobytes() + vir
-            + _I32.pack(len(extras)) + bytes(extras))
+    return (
+        _H[FORCEREADY]
+        + _F64.pack(float(energy))
+        + _I32.pack(f.shape[0])
+        + np.ascontiguousarray(f, dtype="<f8").tobytes()
+        + vir
+        + _I32.pack(len(extras))
+        + bytes(extras)
+    )
 
 
 #: The constant first 160 bytes of the 196-byte FIELDDATA+GETSOURCE block: the POSDATA
 #: header, identity cell and inverse, nat = 1. Then come the field (24 bytes) and GETSOURCE.
 FIELD_STEP_HEAD = _H[POSDATA] + _IDENTITY_CELLS + _I32.pack(1)
-FIELD_STEP_SIZE = len(FIELD_STEP_HEAD) + _3F64.size + HEADER_SIZE   # 196
+FIELD_STEP_SIZE = len(FIELD_STEP_HEAD) + _3F64.size + HEADER_SIZE  # 196
 
 
 def encode_field_step(field3) -> bytes:
     """The 196-byte FIELDDATA (identity cells, nat 1, the field) + GETSOURCE block."""
     ex, ey, ez = field3
-    return b"".join((FIELD_STEP_HEAD, _3F64.pack(float(ex), float(ey), float(ez)),
-                     _H[GETFORCE]))
+    return b"".join((FIELD_STEP_HEAD, _3F64.pack(float(ex), float(ey), float(ez)), _H[GETFORCE]))
 
 
 def encode_source_ready(source3, extras: bytes = b"") -> bytes:
     """SOURCEREADY: energy 0, nat 1, dmu/dt, zero virial, then ``extras``."""
     sx, sy, sz = source3
-    return _SOURCE_READY.pack(_H[FORCEREADY], 0.0, 1, float(sx), float(sy), float(sz),
-                              *_ZEROS9, len(extras)) + bytes(extras)
+    return _SOURCE_READY.pack(
+        _H[FORCEREADY], 0.0, 1, float(sx), float(sy), float(sz), *_ZEROS9, len(extras)
+    ) + bytes(extras)
 
 
 def encode_hello(molecules: int, version: int = BATCH_VERSION, flags: int = 0) -> bytes:
@@ -500,8 +557,9 @@ def fields_batch_parts(fields, flags: int = WANT_EXTRAS) -> list:
     if a.ndim != 2 or a.shape[1] != 3:
         raise ValueError(f"fields must have shape (M, 3), got {a.shape}")
     if flags & ~FIELDS_FLAGS:
-        raise ValueError(f"MXHFIELDS flags {flags} has bits other than WANT_EXTRAS (1) "
-                         "and WANT_DIPOLES (2)")
+        raise ValueError(
+            f"MXHFIELDS flags {flags} has bits other than WANT_EXTRAS (1) and WANT_DIPOLES (2)"
+        )
     # one copy into blocks (x of every molecule, then y, then z), always a fresh array:
     # a transport may keep the view until it is sent
     blocks = np.array(a.T, dtype="<f8", order="C")
@@ -522,8 +580,7 @@ def sources_batch_parts(sources, extras=None) -> list:
         raise ValueError(f"sources must have shape (M, 3), got {a.shape}")
     m = a.shape[0]
     blocks = np.ascontiguousarray(a.T, dtype="<f8")  # x of every molecule, then y, then z
-    parts: list = [_H[MXHSOURCES], _I32.pack(m), _bytes_view(blocks),
-                   _I32.pack(len(extras or {}))]
+    parts: list = [_H[MXHSOURCES], _I32.pack(m), _bytes_view(blocks), _I32.pack(len(extras or {}))]
     for key, values in (extras or {}).items():
         name = key.encode("ascii")
         v = np.ascontiguousarray(values, dtype="<f8")
@@ -572,30 +629,24 @@ def encode(event: Event) -> bytes:
     raise TypeError(f"not a wire event: {event!r}")
 
 
-def resume_offer(data: dict) -> dict | None:
-    """The hub's resume offer in an INIT JSON object (see :data:`RESUME_KEY`), checked,
-    or None when there is none (a hub that cannot replay)."""
-    offer = data.get(RESUME_KEY)
-    if offer is None:
-        return None
-    if not isinstance(offer, dict) or offer.get("version") != RESUME_VERSION:
-        raise ProtocolError(f"INIT: {RESUME_KEY} = {offer!r}: expected an object with "
-                            f"version {RESUME_VERSION}")
-    for key in ("step", "history"):
-        value = offer.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ProtocolError(f"INIT: {RESUME_KEY}.{key} = {value!r}: expected an "
-                                "integer >= 0")
-    return offer
-
-
 # ----------------------------------------------------------------------------- decoding
 
 # Which messages each side may receive. A missing entry is a protocol error.
-_FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS,
-                       MXHAUTH})
-_FROM_DRIVER = frozenset({READY, NEEDINIT, HAVEDATA, FORCEREADY, BYE, MXHHELLO, MXHSOURCES,
-                          MXHPROOF, MXHRESUME, MXHCLAIM})
+_FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS, MXHAUTH})
+_FROM_DRIVER = frozenset(
+    {
+        READY,
+        NEEDINIT,
+        HAVEDATA,
+        FORCEREADY,
+        BYE,
+        MXHHELLO,
+        MXHSOURCES,
+        MXHPROOF,
+        MXHRESUME,
+        MXHCLAIM,
+    }
+)
 _READERS = {"driver": (_FROM_HUB, "hub"), "hub": (_FROM_DRIVER, "driver")}
 _KNOWN = {name.ljust(HEADER_SIZE, b" "): name for name in _FROM_HUB | _FROM_DRIVER}
 
@@ -685,13 +736,12 @@ class Decoder:
 
     # One parser per message; each returns (event, bytes used) or (None, 0) if incomplete.
     def _parse(self, buf: memoryview, pos: int):
-        raw = bytes(buf[pos:pos + HEADER_SIZE])
+        raw = bytes(buf[pos : pos + HEADER_SIZE])
         name = _KNOWN.get(raw)
         if name is None:
             raise ProtocolError(f"unknown message header {raw!r} from the {self._sender}")
         if name not in self._accepts:
-            raise ProtocolError(
-                f"message {name.decode()} is not valid from the {self._sender}")
+            raise ProtocolError(f"message {name.decode()} is not valid from the {self._sender}")
         simple = _SIMPLE.get(name)
         if simple is not None:
             return simple, HEADER_SIZE
@@ -715,14 +765,17 @@ class Decoder:
         _, version, m, value = _RESUME_FRAME.unpack_from(buf, pos)
         label = name.decode()
         if version != RESUME_VERSION:
-            raise ProtocolError(f"{label}: resume version {version}; this side speaks "
-                                f"version {RESUME_VERSION}")
+            raise ProtocolError(
+                f"{label}: resume version {version}; this side speaks version {RESUME_VERSION}"
+            )
         if m < 1 or m > self._limits.max_batch:
-            raise ProtocolError(f"{label}: M = {m} molecules is outside "
-                                f"1..{self._limits.max_batch} (max_batch)")
+            raise ProtocolError(
+                f"{label}: M = {m} molecules is outside 1..{self._limits.max_batch} (max_batch)"
+            )
         if value < 0:
-            raise ProtocolError(f"{label}: {'step' if name == MXHRESUME else 'first id'} "
-                                f"{value} is negative")
+            raise ProtocolError(
+                f"{label}: {'step' if name == MXHRESUME else 'first id'} {value} is negative"
+            )
         event = Resume(version, m, value) if name == MXHRESUME else Claim(version, m, value)
         return event, _RESUME_FRAME.size
 
@@ -731,8 +784,10 @@ class Decoder:
             return None, 0
         _, version, value = _AUTH_FRAME.unpack_from(buf, pos)
         if version != AUTH_VERSION:
-            raise ProtocolError(f"{name.decode()}: authentication version {version}; this "
-                                f"side speaks version {AUTH_VERSION}")
+            raise ProtocolError(
+                f"{name.decode()}: authentication version {version}; this "
+                f"side speaks version {AUTH_VERSION}"
+            )
         if name == MXHAUTH:
             return AuthChallenge(version, value), _AUTH_FRAME.size
         return AuthProof(version, value), _AUTH_FRAME.size
@@ -743,11 +798,15 @@ class Decoder:
             return None, 0
         version, m = struct.unpack_from("<ii", buf, pos + 12)
         if version != BATCH_VERSION:
-            raise ProtocolError(f"{name.decode()}: batched-frame version {version}; this "
-                                f"side speaks version {BATCH_VERSION}")
+            raise ProtocolError(
+                f"{name.decode()}: batched-frame version {version}; this "
+                f"side speaks version {BATCH_VERSION}"
+            )
         if m < 1 or m > self._limits.max_batch:
-            raise ProtocolError(f"{name.decode()}: M = {m} molecules is outside "
-                                f"1..{self._limits.max_batch} (max_batch)")
+            raise ProtocolError(
+                f"{name.decode()}: M = {m} molecules is outside "
+                f"1..{self._limits.max_batch} (max_batch)"
+            )
         if name == MXHHELLO:
             (flags,) = _I32.unpack_from(buf, pos + 20)
             return Hello(version, m, flags), size
@@ -775,18 +834,21 @@ class Decoder:
         if name == MXHFIELDS:
             (flags,) = _I32.unpack_from(buf, pos + 16)
             if flags & ~FIELDS_FLAGS:
-                raise ProtocolError(f"{label}: flags {flags} has bits other than "
-                                    "WANT_EXTRAS (1) and WANT_DIPOLES (2)")
+                raise ProtocolError(
+                    f"{label}: flags {flags} has bits other than "
+                    "WANT_EXTRAS (1) and WANT_DIPOLES (2)"
+                )
         arr = np.frombuffer(buf, "<f8", 3 * m, pos + head).reshape(3, m).T.astype(np.float64)
         if not np.isfinite(arr).all():
             bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
-            raise ProtocolError(f"{label}: value of molecule index {bad} is not finite "
-                                f"{arr[bad].tolist()!r}")
+            raise ProtocolError(
+                f"{label}: value of molecule index {bad} is not finite {arr[bad].tolist()!r}"
+            )
         if name == MXHFIELDS:
             return FieldsBatch(arr, flags), at
         extras = {}
         for offset, n in keys:
-            raw = bytes(buf[pos + offset:pos + offset + n])
+            raw = bytes(buf[pos + offset : pos + offset + n])
             try:
                 key = raw.decode("ascii")
             except UnicodeDecodeError:
@@ -795,8 +857,9 @@ class Decoder:
         at = end
         return SourcesBatch(arr, extras), at
 
-    def _extras_keys(self, buf: memoryview, pos: int, at: int, m: int, label: str,
-                     keys: list[tuple[int, int]]) -> int | None:
+    def _extras_keys(
+        self, buf: memoryview, pos: int, at: int, m: int, label: str, keys: list[tuple[int, int]]
+    ) -> int | None:
         """Walk the extras headers of the MXHSOURCES at ``pos`` (its arrays end at
         ``at``), appending (offset, length) of each key to ``keys``: the frame's length,
         or None until the whole frame is here. Nothing is decoded before, so a frame
@@ -806,16 +869,20 @@ class Decoder:
             return None
         (k,) = _I32.unpack_from(buf, pos + at)
         if k < 0 or k > self._limits.max_extras_keys:
-            raise ProtocolError(f"{label}: {k} extras arrays is outside "
-                                f"0..{self._limits.max_extras_keys} (max_extras_keys)")
+            raise ProtocolError(
+                f"{label}: {k} extras arrays is outside "
+                f"0..{self._limits.max_extras_keys} (max_extras_keys)"
+            )
         end = at + 4
         for _ in range(k):
             if avail < end + 4:
                 return None
             (n,) = _I32.unpack_from(buf, pos + end)
             if n < 1 or n > self._limits.max_key_bytes:
-                raise ProtocolError(f"{label}: extras key length {n} bytes is outside "
-                                    f"1..{self._limits.max_key_bytes} (max_key_bytes)")
+                raise ProtocolError(
+                    f"{label}: extras key length {n} bytes is outside "
+                    f"1..{self._limits.max_key_bytes} (max_key_bytes)"
+                )
             keys.append((end + 4, n))
             end += 4 + n + 8 * m
         return None if avail < end else end
@@ -824,7 +891,8 @@ class Decoder:
         (nat,) = _I32.unpack_from(buf, at)
         if nat < 0 or nat > self._limits.max_nat:
             raise ProtocolError(
-                f"{message}: nat = {nat} is outside 0..{self._limits.max_nat} (max_nat)")
+                f"{message}: nat = {nat} is outside 0..{self._limits.max_nat} (max_nat)"
+            )
         return nat
 
     def _forceready(self, buf: memoryview, pos: int):
@@ -839,7 +907,8 @@ class Decoder:
         if m < 0 or m > self._limits.max_extras_bytes:
             raise ProtocolError(
                 f"FORCEREADY: extras length {m} bytes is outside "
-                f"0..{self._limits.max_extras_bytes} (max_extras_bytes)")
+                f"0..{self._limits.max_extras_bytes} (max_extras_bytes)"
+            )
         total = m_at + 4 + m
         if avail < total:
             return None, 0
@@ -860,7 +929,7 @@ class Decoder:
         if not _all_finite(v):
             raise ProtocolError("FORCEREADY: virial is not finite")
         virial = np.array(v, dtype=np.float64).reshape(3, 3).T.copy()
-        extras = bytes(buf[pos + m_at + 4:pos + total])
+        extras = bytes(buf[pos + m_at + 4 : pos + total])
         return ForceReady(energy, forces, virial, extras), total
 
     def _posdata(self, buf: memoryview, pos: int):
@@ -871,7 +940,7 @@ class Decoder:
         total = 160 + 24 * nat
         if avail < total:
             return None, 0
-        if nat == 1 and buf[pos + 12:pos + 156] == _IDENTITY_CELLS:
+        if nat == 1 and buf[pos + 12 : pos + 156] == _IDENTITY_CELLS:
             # The EM profile's FIELDDATA: identity cells, one "position" (the field).
             f = _3F64.unpack_from(buf, pos + 160)
             if not _all_finite(f):
@@ -882,8 +951,7 @@ class Decoder:
             raise ProtocolError("POSDATA: cell or inverse cell is not finite")
         positions = np.frombuffer(buf, "<f8", 3 * nat, pos + 160).astype(np.float64)
         if not np.isfinite(positions).all():
-            raise ProtocolError(
-                f"POSDATA: field/positions are not finite {positions.tolist()!r}")
+            raise ProtocolError(f"POSDATA: field/positions are not finite {positions.tolist()!r}")
         cell = mats[:9].reshape(3, 3).T.copy()
         inverse = mats[9:].reshape(3, 3).T.copy()
         return PosData(cell, inverse, positions.reshape(nat, 3)), total
@@ -896,7 +964,8 @@ class Decoder:
         if n < 0 or n > self._limits.max_init_bytes:
             raise ProtocolError(
                 f"INIT: init string length {n} bytes is outside "
-                f"0..{self._limits.max_init_bytes} (max_init_bytes)")
+                f"0..{self._limits.max_init_bytes} (max_init_bytes)"
+            )
         if avail < 20 + n:
             return None, 0
-        return Init(ident, bytes(buf[pos + 20:pos + 20 + n])), 20 + n
+        return Init(ident, bytes(buf[pos + 20 : pos + 20 + n])), 20 + n

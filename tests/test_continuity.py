@@ -176,10 +176,10 @@ def test_driver_reconnects_and_resumes(unix_name, tmp_path):
             assert hub.wait_until_bound({m: {"dt_au": DT_AU}}, timeout=scaled(30))
         for step in range(steps):
             if step == 17:
-                hub.hub._molecules[3].driver.transport.abort()   # a network hiccup
+                hub.hub._molecules[3].driver.link.abort()   # a network hiccup
             if step == 31:   # two at once: each claims its molecule back (MXHCLAIM)
-                hub.hub._molecules[3].driver.transport.abort()
-                hub.hub._molecules[1].driver.transport.abort()
+                hub.hub._molecules[3].driver.link.abort()
+                hub.hub._molecules[1].driver.link.abort()
             res = hub.step({m: {"efield_au": fields[step, m]} for m in ids},
                            timeout=scaled(30))
             sources[step] = [res[m]["amp"] for m in ids]

@@ -172,7 +172,7 @@ async def test_spare_drivers_are_capped_with_one_line_each(unix_name, caplog):
         lines = [r.getMessage() for r in caplog.records if "max_spare" in r.getMessage()]
         assert len(lines) == 1 and "no free molecule" in lines[0], lines
         assert not any(s.closed.is_set() for s in spares)
-        hub._molecules[mid].driver.transport.abort()   # its connection goes away ...
+        hub._molecules[mid].driver.link.abort()   # its connection goes away ...
         await asyncio.wait_for(first.closed.wait(), scaled(10))
         assert await hub.wait_until_bound([mid], timeout=scaled(10))   # ... a spare binds
         res = await hub.step({mid: {"efield_au": [1.0, 2.0, 3.0]}}, timeout=scaled(10))

@@ -246,7 +246,7 @@ async def test_tcp_loopback_default_and_nodelay():
     assert h.address == ("127.0.0.1", h.port) and h.port > 0
     ids, _fakes = await bind(h, 2)
     for d in h._connections:
-        sock = d.transport.get_extra_info("socket")
+        sock = d.link.transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     check_results(await h.step(requests_for(ids, 0), timeout=scaled(5)), ids, 0)
     await h.stop()
@@ -311,6 +311,12 @@ def test_sync_facade_runs_steps_and_cleans_up(unix_name):
             t.start()
         assert hub.wait_until_bound({m: {"dt_au": 1.0} for m in ids}, timeout=scaled(10))
         assert hub.all_bound(ids)
+        loop_ran = []
+        run = hub._run
+        hub._run = lambda coro: loop_ran.append(1) or run(coro)
+        assert hub.all_bound(ids) and not loop_ran  # bound: read directly, no loop
+        assert not hub.all_bound([*ids, 99]) and loop_ran == [1]  # not: one poll
+        hub._run = run
         for step in range(3):
             check_results(hub.step_barrier(requests_for(ids, step)), ids, step)
     for t in threads:

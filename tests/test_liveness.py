@@ -31,7 +31,7 @@ from _util import scaled
 from fakes import FakeDriver, fake_source
 
 from maxwellhub import Hub, SocketHub, control, liveness, wire
-from maxwellhub import hub as hub_module
+from maxwellhub.hub import core as hub_module
 from maxwellhub.addresses import connect_once
 from maxwellhub.errors import DriverLost, UsageError
 from maxwellhub.launch import reap, start_driver
@@ -408,7 +408,7 @@ async def test_keepalive_is_set_on_accepted_and_driver_tcp_sockets():
             sock.settimeout(scaled(10))
             assert await asyncio.to_thread(sock.recv, 12) == wire.encode_header(wire.STATUS)
             [conn] = hub._connections  # it sent STATUS: the hub has accepted it
-            accepted = conn.transport.get_extra_info("socket")
+            accepted = conn.link.transport.get_extra_info("socket")
             assert _keepalive_options(accepted) == EXPECTED_KEEPALIVE
         with socket.socket() as plain:
             assert plain.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0

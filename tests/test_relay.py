@@ -25,7 +25,7 @@ from maxwellhub import SocketHub, wire
 from maxwellhub.auth import Secret, load_secret
 from maxwellhub.errors import ProtocolError
 from maxwellhub.launch import driver_env, reap, start_driver
-from maxwellhub.relay import parse_ensemble_init
+from maxwellhub.protocol.init import parse_ensemble_init
 
 DT_AU = 0.5
 TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}
@@ -101,12 +101,14 @@ def initialized_ids(logs: list[Path]) -> list[int]:
 
 def test_parse_ensemble_init():
     """The relay reads ids and per-molecule payloads from INIT, and names what is wrong."""
-    ids, payloads = parse_ensemble_init(
+    init = parse_ensemble_init(
         json.dumps({"molecule_id_range": [4, 2], "dt_au": 0.5, "molecule_id": 4, "x": 1}).encode(),
         2,
+        "this relay",
     )
+    ids, payloads = init.molecule_ids, init.payloads
     assert ids == [4, 5] and payloads == [{"dt_au": 0.5, "x": 1}] * 2
-    ids, payloads = parse_ensemble_init(
+    init = parse_ensemble_init(
         json.dumps(
             {
                 "molecule_ids": [9, 3],
@@ -115,7 +117,9 @@ def test_parse_ensemble_init():
             }
         ).encode(),
         2,
+        "this relay",
     )
+    ids, payloads = init.molecule_ids, init.payloads
     assert ids == [9, 3] and payloads == [{"dt_au": 0.5, "tag": "a"}, {"dt_au": 0.25}]
     bad = {
         b"\xff": "UTF-8 JSON",
@@ -132,7 +136,7 @@ def test_parse_ensemble_init():
     }
     for payload, words in bad.items():
         with pytest.raises(ProtocolError, match=words.replace("(", r"\(")):
-            parse_ensemble_init(payload, 2)
+            parse_ensemble_init(payload, 2, "this relay")
 
 
 def test_relays_give_the_same_results_as_direct_connections(unix_name, tmp_path):

@@ -323,7 +323,7 @@ def test_stock_clients_and_our_driver_on_one_hub(ipi_name, tmp_path, started, dr
     codes = reap(procs, scaled(20))
     assert codes == [0, 0, 0], {k: log_text(v) for k, v in logs.items()}
     # ours answered STOP with BYE (no EXIT fallback); the stock clients were told EXIT
-    assert ours.bye.result() is True and ase.bye.result() is True
+    assert ours.said_bye is True and ase.said_bye is True
     assert not any("did not answer STOP" in r.getMessage() for r in caplog.records)
     print(f"\nASE + i-PI + maxwellhub-driver sho on one hub: {rate:,.0f} steps/s")
 
@@ -466,7 +466,7 @@ def test_maxwelllink_driver_keeps_fused_path_and_gets_stop(
         conn = connection(hub, mid)
         assert (conn.status_probes, conn.stock, conn.stock_steps) == (1, False, False)
     assert reap([proc], scaled(20)) == [0], log_text(log)
-    assert conn.bye.result() is True
+    assert conn.said_bye is True
     assert not any("did not answer STOP" in r.getMessage() for r in caplog.records)
 
 

@@ -1,0 +1,244 @@
+"""One barrier step as data: the layout of a step (ids by row), the frozen step (fields
+sent, replies received), and its result. Pure numpy, no I/O; the hub's core drives them.
+
+The frozen-step contract: a step *freezes* the fields it was given; until it completes,
+every retry sends the same frozen field whatever a new request says; replies already
+received are kept when another driver fails, and a replacement gets the frozen field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .. import wire
+from ..errors import ProtocolError, UsageError
+
+__all__ = [
+    "Barrier",
+    "Layout",
+    "StepResult",
+    "as_step_arrays",
+    "check_policy",
+    "checked_dipoles",
+    "fields_array",
+    "ids_text",
+]
+
+
+class Layout:
+    """The molecule ids of a step and their row in its arrays. Kept while consecutive
+    steps ask for the same ids, so per-driver row indices are computed once."""
+
+    __slots__ = ("generation", "ids", "index", "key", "pending", "row")
+
+    def __init__(self, ids: np.ndarray, generation: int, index: np.ndarray) -> None:
+        self.ids = ids
+        self.key = ids.tobytes()  # cheap equality test for the next step's ids
+        self.row = {int(m): r for r, m in enumerate(ids.tolist())}
+        self.generation = generation
+        self.index = index  # each row's molecule slot in the history's counts
+        self.pending = 0  # completed steps not yet added to the history's counts
+
+
+class Barrier:
+    """One frozen step: the fields sent and the replies received so far (by row). Per
+    step the hub touches each connection once, never each molecule in Python."""
+
+    __slots__ = (
+        "abort_on_loss",
+        "batch_extras",
+        "deadline",
+        "done",
+        "extras",
+        "field_bytes",
+        "fields",
+        "last",
+        "layout",
+        "lost",
+        "report_at",
+        "report_base",
+        "reports",
+        "single",
+        "sources",
+        "started",
+        "timer",
+        "waiter",
+        "waiting",
+        "want_dipoles",
+        "want_extras",
+    )
+
+    def __init__(
+        self, layout: Layout, fields: np.ndarray, want_extras: bool, want_dipoles: bool = False
+    ) -> None:
+        n = len(layout.ids)
+        self.layout = layout
+        self.fields = fields
+        self.field_bytes: bytes | None = None  # 24 bytes per row, made when first needed
+        self.want_extras = want_extras
+        self.want_dipoles = want_dipoles
+        self.sources = np.zeros((n, 3))
+        self.single: dict[int, tuple[float, float, float]] = {}  # row -> single reply
+        self.done = np.zeros(n, dtype=bool)
+        self.extras: dict[int, bytes] = {}  # row -> JSON bytes
+        self.batch_extras: list[tuple[np.ndarray | slice, dict]] = []
+        self.waiting = n
+        self.waiter: Any = None  # an asyncio.Future while the core waits on the step
+        self.timer: Any = None  # the core's timer handle (deadline or report)
+        self.abort_on_loss = False
+        self.lost: list[int] = []
+        self.started = time.monotonic()  # for status(): the step's duration
+        self.last: Any = None  # the driver whose reply completed the step
+        self.deadline: float | None = None  # loop time the current wait gives up, if any
+        # When to say who is missing (loop time), from the first wait of the step on.
+        self.reports: Iterator[float] | None = None
+        self.report_base = 0.0
+        self.report_at = 0.0
+
+    def wake(self, why: str) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(why)
+
+    def missing(self) -> list[int]:
+        return self.layout.ids[~self.done].tolist()
+
+
+class StepResult:
+    """The outcome of one barrier step in array form (:meth:`Hub.step_arrays`).
+
+    ``ids`` (N,) and ``sources`` (N, 3) dmu/dt in a.u., row for row with the request.
+    :meth:`extras` gives the drivers' per-step data as ``{key: (N,) float64}`` (NaN where
+    a molecule does not report a key); single drivers' JSON is parsed only when asked.
+    """
+
+    __slots__ = ("_batch_extras", "_extras", "_json", "ids", "sources")
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        sources: np.ndarray,
+        json_rows: dict[int, bytes],
+        batch_extras: list[tuple[np.ndarray | slice, dict]],
+    ) -> None:
+        self.ids = ids
+        self.sources = sources
+        self._json = json_rows
+        self._batch_extras = batch_extras
+        self._extras: dict[str, np.ndarray] | None = None
+
+    def extra_bytes(self, row: int) -> bytes:
+        """The extras of one row as MaxwellLink's JSON bytes."""
+        raw = self._json.get(row)
+        if raw is not None:
+            return raw
+        values = {k: float(v[row]) for k, v in self.extras().items() if v[row] == v[row]}
+        return json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
+
+    def extras(self) -> dict[str, np.ndarray]:
+        if self._extras is None:
+            n = len(self.ids)
+            out: dict[str, np.ndarray] = {}
+            for r, raw in self._json.items():
+                if raw:
+                    try:
+                        parsed = json.loads(raw)
+                    except ValueError:
+                        continue  # extras are informational; a bad one is skipped
+                    if not isinstance(parsed, dict):
+                        continue  # JSON, but not an object of values (e.g. [1, 2])
+                    for key, value in parsed.items():
+                        if isinstance(value, (int, float)) and not isinstance(value, bool):
+                            out.setdefault(key, np.full(n, np.nan))[r] = value
+            batches = self._batch_extras
+            if not out and len(batches) == 1 and is_all_rows(batches[0][0], n):
+                # one ensemble answered every row: its arrays (decoded copies) as they are
+                out.update(batches[0][1])
+                batches = []
+            for rows, arrays in batches:
+                for key, values in arrays.items():
+                    out.setdefault(key, np.full(n, np.nan))[rows] = values
+            self._extras = out
+        return self._extras
+
+    def as_dict(self) -> dict[int, dict]:
+        """MaxwellLink's shape: ``{molid: {"amp": ndarray(3), "extra": bytes}}``."""
+        rows = list(self.sources)  # row views, made in C
+        if self._batch_extras:
+            extras = [self.extra_bytes(r) for r in range(len(rows))]
+        else:
+            extras = [self._json.get(r, b"") for r in range(len(rows))]
+        return {
+            m: {"amp": a, "extra": e}
+            for m, a, e in zip(self.ids.tolist(), rows, extras, strict=True)
+        }
+
+
+def ids_text(ids: list[int], most: int = 20) -> str:
+    """A list of ids for a message, shortened when long."""
+    if len(ids) <= most:
+        return str(ids)
+    return f"{ids[:most]}... ({len(ids)} in all)"
+
+
+def check_policy(on_lost: str) -> bool:
+    if on_lost not in ("wait", "abort"):
+        raise UsageError(f"on_lost must be 'wait' or 'abort', not {on_lost!r}")
+    return on_lost == "abort"
+
+
+def fields_array(ids: np.ndarray, efields) -> np.ndarray:
+    """(N, 3) float64 fields, refusing a wrong shape or a non-finite value by molecule."""
+    try:
+        fields = np.array(efields, dtype=np.float64)
+    except (TypeError, ValueError):
+        fields = None
+    if fields is None or fields.shape != (len(ids), 3):
+        for mid, value in zip(ids.tolist(), efields, strict=True):
+            if np.shape(value) != (3,):
+                raise UsageError(f"molecule {mid}: efield_au must be 3 numbers, got {value!r}")
+        raise UsageError(f"fields must have shape ({len(ids)}, 3)")
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = fields.sum()  # finite only if every value is: no (N, 3) temporary
+    if not np.isfinite(total) and not np.isfinite(fields).all():
+        r = int(np.flatnonzero(~np.isfinite(fields).all(axis=1))[0])
+        raise UsageError(f"molecule {int(ids[r])}: efield_au is not finite: {fields[r].tolist()}")
+    return fields
+
+
+def is_all_rows(rows: np.ndarray | slice, n: int) -> bool:
+    return isinstance(rows, slice) and rows == slice(0, n)
+
+
+def checked_dipoles(result: StepResult, dipoles: bool) -> StepResult:
+    """``result``, when dipoles were not asked or every molecule's came; else a
+    :class:`ProtocolError` naming the molecules without them."""
+    if not dipoles:
+        return result
+    extras = result.extras()
+    missing = np.zeros(len(result.ids), dtype=bool)
+    for key in wire.DIPOLE_KEYS:
+        values = extras.get(key)
+        if values is None:
+            missing[:] = True
+            break
+        missing |= np.isnan(values)
+    if missing.any():
+        ids = result.ids[missing].tolist()
+        raise ProtocolError(
+            f"molecule {ids[0]}"
+            + (f" (and {ids_text(ids[1:])})" if len(ids) > 1 else "")
+            + f" sent no dipole ({', '.join(wire.DIPOLE_KEYS)}) although the step asked for "
+            "it (dipoles=True): its driver ignores MXHFIELDS flag WANT_DIPOLES (a "
+            "maxwellhub ensemble driver older than it) or its model does not report them"
+        )
+    return result
+
+
+def as_step_arrays(ids, fields) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return ids, fields_array(ids, fields)

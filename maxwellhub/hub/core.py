@@ -1,0 +1,1235 @@
+"""The coupling hub: driver connections over TCP or UNIX sockets, molecule binding, and
+barrier steps (send every molecule its field, gather every molecule's source).
+
+Two faces, one implementation:
+
+- :class:`Hub` is the asyncio core. It runs on the caller's event loop; one
+  :class:`asyncio.Protocol` per connection feeds :class:`maxwellhub.wire.Decoder`.
+  ``await hub.step(requests)`` is the async barrier.
+- :class:`SocketHub` is MaxwellLink's synchronous API (``step_barrier``,
+  ``wait_until_bound``, ...) for plain functions such as Meep's step callback. It owns a
+  private event loop (uvloop when installed) and runs it *in the calling thread* only while
+  one of its methods is waiting, so there is no thread, no lock and no polling. Between
+  calls, new connections wait in the kernel's listen backlog.
+
+Barrier contract (kept from MaxwellLink, with its holes closed):
+
+- a step *freezes* the fields it was given; until the step completes, every retry sends
+  the same frozen field, whatever the new request says;
+- replies already received are kept when another driver fails; a replacement driver bound
+  to the same molecule gets the frozen field; healthy drivers are never asked twice;
+- ``step_barrier`` returns ``{}`` when paused (stopped), aborted (a driver was lost) or
+  incomplete (timeout), and the next call continues the same frozen step;
+- ``step`` waits for replacements itself and raises :class:`BarrierTimeout` naming the
+  missing molecules when its deadline passes.
+
+This module never converts units and never interprets the extras a driver sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
+
+import numpy as np
+
+from .. import wire
+from ..addresses import DEFAULT_PORT, unix_socket_path
+from ..auth import Secret, is_loopback
+from ..control import ControlServer
+from ..errors import BarrierTimeout, DriverLost, MaxwellHubError, UsageError
+from ..liveness import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    check_timeout,
+    keepalive,
+    report_delays,
+    within,
+)
+from ..net.buffers import keep_freed_memory, widen_socket_buffers
+from ..net.listener import Listener
+from ..net.unix import bind_owner_only, remove_if_ours
+from ..protocol.connection import Connection, State
+from ..rendezvous import remove_address_file, write_address_file
+from .barrier import (
+    Barrier,
+    Layout,
+    StepResult,
+    as_step_arrays,
+    check_policy,
+    checked_dipoles,
+    fields_array,
+    ids_text,
+)
+from .history import History
+from .registry import Molecule, Registry
+
+__all__ = ["Hub", "StopRequested", "new_event_loop"]
+
+log = logging.getLogger("maxwellhub.hub")
+
+# Connection states (see maxwellhub.protocol.connection.State), by their short names here.
+_BOUND = State.BOUND
+_READY = State.READY
+_CLOSING = State.CLOSING
+_CLOSED = State.CLOSED
+_MIN_PENDING_CAP = 4096  # connections in the handshake before new ones are refused
+
+
+class StopRequested(MaxwellHubError):
+    """The run was asked to stop (:meth:`Hub.request_stop`, e.g. by the control endpoint);
+    raised by ``step``/``step_arrays``, while ``step_barrier`` returns ``{}``."""
+
+
+_STEP_TIMES = 10_000  # per-step durations kept for status() (last, mean, p99)
+_LAST_TO_ANSWER_CAP = 4096  # molecule ids counted as "last to answer" before trimming
+
+
+def new_event_loop(kind: str | None = None) -> asyncio.AbstractEventLoop:
+    """A new event loop: ``"uvloop"`` (when installed), ``"asyncio"`` (the stdlib's), or
+    ``None`` for the environment variable MAXWELLHUB_LOOP, else uvloop when installed."""
+    kind = kind or os.environ.get("MAXWELLHUB_LOOP") or "uvloop"
+    if kind not in ("uvloop", "asyncio"):
+        raise UsageError(f"event loop kind {kind!r}: expected 'uvloop' or 'asyncio'")
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+class _DriverProtocol(asyncio.BufferedProtocol):
+    """The asyncio face of one driver connection: a thin adapter that feeds the bytes it
+    reads to a :class:`~maxwellhub.protocol.connection.Connection` (the protocol, sans
+    I/O) and writes the bytes the connection returns. It is the connection's
+    :class:`~maxwellhub.protocol.connection.Link`: aborting, closing, one deadline timer."""
+
+    #: Set by connection_made, which the event loop calls before any other method.
+    transport: asyncio.Transport
+
+    def __init__(self, hub: Hub, number: int) -> None:
+        self.hub = hub
+        self.number = number
+        self.loop = hub.loop  # made only by a started hub's listener
+        self.conn = Connection(
+            hub,
+            number,
+            limits=hub.limits,
+            dialect=hub.dialect,
+            auth=hub.auth,
+            handshake_timeout=hub.handshake_timeout,
+            step_timeout=hub.timeout,
+        )
+        self.conn.link = self
+        # asyncio reads straight into the decoder's buffer: no frame of ours in between
+        self.get_buffer = self.conn.read_buffer  # type: ignore[method-assign]
+        self._timer: asyncio.TimerHandle | None = None
+        self.bye: asyncio.Future | None = None
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream connection's transport (asyncio's or uvloop's) is an asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.writelines
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.conn.peer = f"driver#{self.conn.number} ({peer[0]}:{peer[1]})"
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                keepalive(sock)  # a vanished host is noticed in LOST_HOST_SECONDS
+        self.hub._connection_made(self.conn)
+        self.write(self.conn.start())
+
+    # asyncio receives straight into the decoder's buffer (BufferedProtocol): a batched
+    # frame of 10^6 molecules is 48 MB, and copying it read by read cost as much again.
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        out = self.conn.received(nbytes)
+        if out:
+            self.write(out)
+
+    def data_received(self, data: bytes) -> None:
+        """The same as a buffered read (for callers that hand bytes in)."""
+        out = self.conn.receive_data(data)
+        if out:
+            self.write(out)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
+
+    # -- Link
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def arm(self, seconds: float) -> None:
+        self.disarm()
+        self._timer = self.loop.call_later(seconds, self._expired, seconds)
+
+    def _expired(self, seconds: float) -> None:
+        self._timer = None
+        self.conn.expired(seconds)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def later(self, seconds: float, callback: Callable[[], list]) -> None:
+        self.loop.call_later(seconds, self._send_from, callback)
+
+    def _send_from(self, callback: Callable[[], list]) -> None:
+        out = callback()
+        if out:
+            self.write(out)
+
+    def hosting(self, molecules: int) -> None:
+        keep_freed_memory(molecules)
+        widen_socket_buffers(self.transport.get_extra_info("socket"), molecules)
+
+    def ended(self, said_bye: bool) -> None:
+        if self.bye is not None and not self.bye.done():
+            self.bye.set_result(said_bye)
+
+    # -- for the hub
+    def send_end(self) -> asyncio.Future:
+        """End the session (STOP or EXIT); the future says whether it ended politely."""
+        self.bye = self.loop.create_future()
+        out = self.conn.send_end()
+        if out:
+            self.write(out)
+        return self.bye
+
+
+def _link(conn: Connection) -> _DriverProtocol:
+    """The asyncio adapter of a hub's connection (every connection of a Hub has one)."""
+    return cast(_DriverProtocol, conn.link)
+
+
+def _send(conn: Connection, out: list) -> None:
+    if out:
+        conn.link.write(out)
+
+
+class Hub:
+    """The asyncio hub. Create it, ``await start()``, register molecules, ``await step()``.
+
+    Parameters mirror :class:`SocketHub`. All coroutines must run on one event loop (the
+    one ``start`` ran on). ``auth``: a :class:`maxwellhub.auth.Secret` (see
+    :func:`maxwellhub.auth.load_secret`); every driver must then prove it holds the same
+    secret (MXHAUTH/MXHPROOF) before STATUS and INIT. ``None`` (default): no
+    authentication, and the wire is exactly MaxwellLink's. ``address_file``: a path where
+    ``start`` publishes the address (:mod:`maxwellhub.rendezvous`; removed by ``stop``)
+    for drivers started with ``maxwellhub-driver --address-file``. ``dialect``: how
+    sessions end. ``"maxwelllink"`` (default) decides per connection: EXIT to stock i-PI
+    clients (ASE, i-PI), STOP to the others (see :mod:`maxwellhub.protocol.connection`);
+    ``"ipi"`` sends EXIT to every driver.
+
+    ``timeout`` (default None: no deadline) bounds each step and a driver's INIT; a
+    driver that dies is noticed by its connection, not by a deadline
+    (:mod:`maxwellhub.liveness`). ``handshake_timeout`` bounds how long a new connection
+    may take to authenticate and answer its first STATUS; by default
+    :data:`~maxwellhub.liveness.DEFAULT_HANDSHAKE_TIMEOUT` (60 s), or ``timeout`` when that
+    is shorter.
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = DEFAULT_PORT,
+        unixsocket: str | os.PathLike | None = None,
+        timeout: float | None = None,
+        *,
+        limits: wire.Limits | None = None,
+        dialect: str = "maxwelllink",
+        backlog: int = 4096,
+        auth: Secret | None = None,
+        control: str | os.PathLike | None = None,
+        history: int = 0,
+        max_pending: int | None = None,
+        max_spare: int = 256,
+        address_file: str | os.PathLike | None = None,
+        handshake_timeout: float | None = None,
+    ) -> None:
+        if dialect not in ("maxwelllink", "ipi"):
+            raise UsageError(f"dialect must be 'maxwelllink' or 'ipi', not {dialect!r}")
+        self.timeout = check_timeout(timeout)
+        handshake = check_timeout(handshake_timeout, "handshake_timeout")
+        if handshake is None:
+            handshake = min(DEFAULT_HANDSHAKE_TIMEOUT, self.timeout or math.inf)
+        #: Seconds a new connection has to authenticate and answer its first STATUS.
+        self.handshake_timeout = handshake
+        self.host = host or "127.0.0.1"
+        self.port = DEFAULT_PORT if port is None else int(port)
+        self.unixsocket = None if unixsocket is None else unix_socket_path(unixsocket)
+        self.limits = limits or wire.Limits()
+        self.dialect = dialect
+        self.backlog = backlog
+        if auth is not None and not isinstance(auth, Secret):
+            raise UsageError(
+                "auth must be a maxwellhub.auth.Secret (from load_secret), not "
+                f"{type(auth).__name__}"
+            )
+        self.auth = auth
+        self.step_index = 0
+        self.paused = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: Listener | None = None
+        self._extra: list[Listener] = []  # more listeners (Hub.listen)
+        self._unix_inode: tuple[int, int] | None = None
+        self.registry = Registry(max_spare)
+        self.continuity = History(history)
+        self._connections: set[Connection] = set()
+        self._handshaking: set[Connection] = set()  # connected, not yet answered STATUS
+        self._accepted = 0
+        self._barrier: Barrier | None = None
+        self._layout: Layout | None = None
+        self._generation = 0
+        self._changed: asyncio.Future | None = None
+        self.control = control  # where to serve maxwellhub.control, or None
+        self._control: ControlServer | None = None
+        # maxwellhub.rendezvous: written once listening, removed at stop
+        self.address_file = None if address_file is None else os.fspath(address_file)
+        self._address_run_id: str | None = None
+        self._stop_reason: str | None = None
+        self._step_ms: deque[float] = deque(maxlen=_STEP_TIMES)
+        self._last_to_answer: Counter[int] = Counter()
+        self.history = history
+        self.max_pending = max_pending  # None: max(4096, 2 x registered molecules)
+
+        #: Policy for a restored driver behind the hub's count that the window cannot
+        #: replay: ``on_behind(conn, start, done)`` returning True takes its ``start`` as
+        #: its molecules' count (a relay whose upstream hub replays the rest); None or
+        #: False goes on from its state and says continuity is lost.
+        self.on_behind: Callable[[Connection, int, int], bool] | None = None
+        self._watched: Iterable[Any] | Callable[[], Iterable[Any]] = ()  # watch_processes
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def address(self) -> str | tuple[str, int]:
+        """The UNIX socket path, or ``(host, port)`` for TCP."""
+        return self.unixsocket if self.unixsocket else (self.host, self.port)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop ``start`` ran on; a :class:`UsageError` before ``start``."""
+        if self._loop is None:
+            raise UsageError("this Hub is not started: await hub.start() first")
+        return self._loop
+
+    async def start(self) -> None:
+        """Bind and listen. A live hub already on the same UNIX path is an error."""
+        self._loop = asyncio.get_running_loop()
+        server: Listener
+        if self.unixsocket:
+            path = self.unixsocket
+            sock, self._unix_inode = bind_owner_only(path, self.backlog)
+            server = self._server = self._listener(sock)
+            log.info("hub listening on UNIX socket %s", path)
+        else:
+            server = self._server = self._listener(
+                Listener.tcp_socket(self.host, self.port, self.backlog)
+            )
+            self.port = server.sockets[0].getsockname()[1]
+            log.info("hub listening on TCP %s:%d", self.host, self.port)
+            if self.auth is None and not is_loopback(self.host):
+                log.warning(
+                    "hub listening on TCP %s:%d without authentication: any host "
+                    "that can reach it may connect (give a secret: auth=load_secret"
+                    "(...))",
+                    self.host,
+                    self.port,
+                )
+        if self.control is not None:
+            control = ControlServer(self, self.control)
+            try:
+                await control.start()
+            except BaseException:
+                server.close()
+                self._remove_unix_path()
+                raise
+            self._control = control
+        if self.address_file is not None:
+            try:
+                self._write_address_file()
+            except BaseException:
+                if self._control is not None:
+                    await self._control.close()
+                    self._control = None
+                server.close()
+                self._remove_unix_path()
+                raise
+
+    def _write_address_file(self) -> None:
+        """Publish the address (and the secret file's location) for drivers started with
+        ``--address-file``; see :mod:`maxwellhub.rendezvous`."""
+        if self.address_file is None:
+            return
+        source = self.auth.source if self.auth is not None else None
+        info = write_address_file(
+            self.address_file,
+            address=self.address,
+            auth=self.auth is not None,
+            secret_file=source if source and os.path.isfile(source) else None,
+        )
+        self._address_run_id = info.run_id
+        log.info("hub address written to %s (run %s)", self.address_file, info.run_id)
+
+    def _listener(self, sock: socket.socket) -> Listener:
+        return Listener(
+            self.loop, sock, self._new_driver, self._room_for, lambda: len(self._handshaking)
+        )
+
+    async def listen(self, host: str, port: int) -> int:
+        """Also accept drivers on TCP ``host:port`` (after :meth:`start`; 0 picks a free
+        port, returned), with the same admission control as the main address."""
+        sock = Listener.tcp_socket(host, port, self.backlog)
+        self._extra.append(self._listener(sock))
+        return int(sock.getsockname()[1])
+
+    def _new_driver(self) -> _DriverProtocol:
+        self._accepted += 1
+        return _DriverProtocol(self, self._accepted)
+
+    def _connection_made(self, conn: Connection) -> None:
+        self._connections.add(conn)
+        self._handshaking.add(conn)
+
+    def _room_for(self) -> bool:
+        """Whether another connection may start its handshake (see ``max_pending``)."""
+        cap = self.max_pending or max(_MIN_PENDING_CAP, 2 * len(self.registry))
+        return len(self._handshaking) < cap
+
+    async def graceful_shutdown(self, reason: str | None = None, wait: float = 2.0) -> None:
+        """Send STOP (or EXIT) to every driver and wait up to ``wait`` s for their BYE."""
+        if reason:
+            log.info("shutting down: %s", reason)
+        self.paused = True
+        for server in self._listeners():
+            server.close()
+        byes = [_link(d).send_end() for d in list(self._connections) if d.state != _CLOSING]
+        if byes:
+            _, pending = await asyncio.wait(byes, timeout=wait)
+            if pending:
+                names = sorted(str(d) for d in self._connections if d.state == _CLOSING)
+                log.warning("no BYE within %.1f s from: %s", wait, ", ".join(names))
+
+    async def stop(self, wait: float = 2.0) -> None:
+        """Stop accepting, end every driver politely, close every socket, remove the path."""
+        if self._loop is None:
+            return
+        if self._address_run_id is not None and self.address_file is not None:
+            # first, so no new driver is sent here
+            remove_address_file(self.address_file, self._address_run_id)
+            self._address_run_id = None
+        if self._control is not None:
+            control, self._control = self._control, None
+            await control.close()
+        if not self.paused or any(d.state != _CLOSING for d in self._connections):
+            await self.graceful_shutdown(wait=wait)
+        for d in list(self._connections):
+            # STOP unanswered: EXIT (an i-PI client ignores STOP)
+            _send(d, d.exit_after_stop())
+            _link(d).abort()
+        for server in self._listeners():
+            server.close()
+            await server.wait_closed()
+        # Let connection_lost callbacks run so nothing refers to a dead transport.
+        await asyncio.sleep(0)
+        self._remove_unix_path()
+        if self._barrier is not None:
+            self._barrier.wake("stopped")
+
+    def _listeners(self) -> list[Listener]:
+        return ([self._server] if self._server is not None else []) + self._extra
+
+    def _remove_unix_path(self) -> None:
+        if self.unixsocket:
+            remove_if_ours(self.unixsocket, self._unix_inode)
+        self._unix_inode = None
+
+    # ------------------------------------------------------------------ molecules
+
+    def register_molecule(self, molecule_id: int, init: Mapping | None = None) -> None:
+        """Reserve a slot for ``molecule_id`` (its driver may connect later)."""
+        mol = self.registry.register(int(molecule_id), init)
+        self.continuity.grow(mol.index + 1)
+        self._progress_binds()
+
+    def register_molecule_return_id(self, init: Mapping | None = None) -> int:
+        """Reserve a slot with the next free id and return it."""
+        mid = self.registry.next_free_id()
+        self.register_molecule(mid, init)
+        return mid
+
+    @property
+    def _molecules(self) -> dict[int, Molecule]:
+        return self.registry.molecules
+
+    def all_bound(self, molecule_ids: Iterable[int], require_init: bool = True) -> bool:
+        """True when every id has a driver (that completed INIT, if ``require_init``)."""
+        return self.registry.all_bound(molecule_ids, require_init)
+
+    def missing(self, molecule_ids: Iterable[int]) -> list[int]:
+        """The ids among ``molecule_ids`` that have no initialised driver."""
+        return self.registry.missing(molecule_ids)
+
+    async def wait_until_bound(
+        self,
+        init_payloads: Mapping[int, Mapping] | Iterable[int],
+        require_init: bool = True,
+        timeout: float | None = None,
+    ) -> bool:
+        """Wait until every id in ``init_payloads`` is bound (and initialised); ids not
+        registered yet are registered. True when they are; False when ``timeout`` passed,
+        a stop was requested (:meth:`request_stop`) or a process given to
+        :meth:`watch_processes` exited.
+
+        ``timeout`` None (the default, as in MaxwellLink) waits until the drivers come,
+        however long: who is missing is logged after 30 s, then at doubling intervals up
+        to 30 min."""
+        payloads = (
+            dict(init_payloads)
+            if isinstance(init_payloads, Mapping)
+            else {int(m): None for m in init_payloads}
+        )
+        timeout = check_timeout(timeout)
+        for mid, payload in payloads.items():
+            mol = self._molecules.get(int(mid))
+            if mol is None:
+                self.register_molecule(int(mid), payload)
+            elif payload is not None:
+                mol.payload = dict(payload)
+        self._progress_binds()
+        for mid in payloads:
+            self._ensure_init(self._molecules[int(mid)].driver)
+        loop = self.loop
+        deadline = None if timeout is None else loop.time() + timeout
+        ids = list(payloads)
+        reports = _Reports(loop, lambda elapsed: self._report_unbound(ids, require_init, elapsed))
+        watch = _ExitWatch(self, self._watched() if callable(self._watched) else self._watched)
+        try:
+            while not self.all_bound(ids, require_init):
+                if watch.exited() or not await self._wait_change(deadline):
+                    return self.all_bound(ids, require_init)
+            return True
+        finally:
+            reports.cancel()
+            watch.close()
+
+    def watch_processes(
+        self, processes: Iterable[Any] | Callable[[], Iterable[Any]] | None
+    ) -> None:
+        """Local driver processes (``subprocess.Popen``, or anything with ``pid`` and
+        ``poll()``) whose exit ends every bind wait at once, so a driver that dies before
+        it binds or initialises is noticed without a deadline: a collection, or a function
+        giving the ones to watch when a wait starts (say, without those already replaced);
+        None watches nothing. A process that dies after binding needs no watch: its
+        connection closes."""
+        self._watched = () if processes is None else processes
+
+    def _report_unbound(self, ids: list[int], require_init: bool, elapsed: float) -> None:
+        """One line on who a bind wait still waits for: a WARNING while some molecule has
+        no driver, INFO while the drivers are only initialising."""
+        absent, starting = self.registry.unbound_report(ids, require_init)
+        if not absent and not starting:
+            return
+        parts = [f"no driver connected for molecule(s) {ids_text(absent)}"] if absent else []
+        if starting:
+            parts.append(f"the drivers of {ids_text(starting)} are initialising")
+        log.log(
+            logging.WARNING if absent else logging.INFO,
+            "still waiting after %.0f s: %s",
+            elapsed,
+            "; ".join(parts),
+        )
+
+    async def _wait_change(self, deadline: float | None) -> bool:
+        """Wait for any binding change until ``deadline`` (loop time; None: no deadline);
+        False if the deadline passed or the hub is paused (a stop was requested)."""
+        if self.paused:
+            return False
+        loop = self.loop
+        if self._changed is None or self._changed.done():
+            self._changed = loop.create_future()
+        fut = self._changed
+        # shield: a cancelled waiter (Ctrl-C in SocketHub) must not cancel the shared future
+        if deadline is None:
+            return await asyncio.shield(fut)
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        timer = loop.call_later(remaining, _resolve, fut, False)
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            timer.cancel()
+
+    def _notify(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(True)
+
+    # ------------------------------------------------------------------ binding
+
+    # -- the connections' callbacks (maxwellhub.protocol.connection.HubCallbacks)
+
+    def driver_available(self, driver: Connection) -> None:
+        """A new connection answered STATUS: bind it when molecules are free."""
+        self._handshaking.discard(driver)
+        refusal = self.registry.offer(driver)
+        if refusal is not None:
+            # Spare drivers wait for a molecule to free up; a bounded number of them.
+            driver.fail(refusal)
+            return
+        self._progress_binds()
+        self._notify()  # wait_for_drivers counts waiting connections
+
+    def _progress_binds(self) -> None:
+        """Bind waiting connections (see :mod:`maxwellhub.hub.registry` for the order)."""
+        if not self.registry.unbound:
+            return
+        for driver in self.registry.progress():
+            log.info("%s bound%s", driver, " (claimed)" if driver.claim else "")
+            self._ensure_init(driver)
+            self._notify()
+
+    def waiting_molecules(self) -> int:
+        """Molecules that the connections waiting for a binding could host."""
+        return self.registry.waiting_molecules()
+
+    async def wait_for_drivers(self, molecules: int, timeout: float | None) -> int:
+        """Wait until connections able to host ``molecules`` molecules wait for a binding,
+        before any molecule id is known, or until ``timeout`` s passed (None: no deadline;
+        how many came is logged on the schedule of
+        :func:`maxwellhub.liveness.report_delays`); return how many they can host."""
+        loop = self.loop
+        deadline = None if timeout is None else loop.time() + timeout
+        reports = _Reports(
+            loop,
+            lambda elapsed: log.warning(
+                "still waiting after %.0f s: drivers for %d of %d molecules connected",
+                elapsed,
+                self.waiting_molecules(),
+                molecules,
+            ),
+        )
+        try:
+            while (have := self.waiting_molecules()) < molecules:
+                if not await self._wait_change(deadline):
+                    return self.waiting_molecules()
+            return have
+        finally:
+            reports.cancel()
+
+    def _ensure_init(self, driver: Connection | None) -> None:
+        """Send INIT once the payload of every molecule of ``driver`` is known (or a
+        step needs it now: then a missing payload is sent as ``{}``)."""
+        if driver is None or driver.state != _BOUND:
+            return
+        barrier = self._barrier
+        for mol in driver.molecules:
+            if mol.payload is None:
+                if barrier is None or mol.id not in barrier.layout.row:
+                    return
+                mol.payload = {}
+        _send(driver, driver.send_init())
+
+    # ------------------------------------------------------------------ continuity
+
+    def replay_offer(self, conn: Connection) -> tuple[int, int]:
+        """(steps ``conn``'s first molecule completed, how many of them can be replayed)."""
+        first = conn.molecules[0]
+        return self.continuity.offer(first.index, first.id)
+
+    def driver_ready(self, driver: Connection) -> None:
+        """INIT acknowledged: bring a restored driver to the molecules' current step by
+        replaying the steps it missed, then serve it (see the module's continuity notes)."""
+        first = driver.molecules[0]
+        done = self.continuity.steps(first.index)
+        start = driver.resume_step
+        reported = start is not None
+        start = start or 0
+        if start > done:
+            driver.fail(
+                f"MXHRESUME says its state belongs to step {start}, but the hub "
+                f"has completed only {done} step(s) of molecule {first.id}"
+            )
+            return
+        if start < done:
+            ids = [m.id for m in driver.molecules]
+            fields = self.continuity.fields(ids, driver.batch is not None, start, done)
+            if fields is None:
+                self._unreplayable(driver, start, done, reported)
+            else:
+                log.info(
+                    "%s: replaying %d missed step(s) %d..%d from the hub's history",
+                    driver,
+                    len(fields),
+                    start,
+                    done - 1,
+                )
+                driver.replay = fields
+                _send(driver, driver.send_replay())
+                return
+        driver.state = _READY
+        self.driver_initialized(driver)
+
+    def _unreplayable(self, driver: Connection, start: int, done: int, reported: bool) -> None:
+        """A driver's state is behind and the history does not reach back to it: the
+        documented policy is to go on from that state, saying so once (or, when
+        :attr:`on_behind` says so, to take its step as the molecules' count)."""
+        if self.on_behind is not None and self.on_behind(driver, start, done):
+            self.continuity.set_steps([m.index for m in driver.molecules], start)
+            return
+        log.warning(
+            "%s resumes from step %d (%s) but the hub is at step %d and keeps fields for "
+            "replay only from step %d: it continues from its state of step %d, so "
+            "continuity is lost for %s",
+            driver,
+            start,
+            "its checkpoint"
+            if reported and start
+            else "its initial state"
+            if reported
+            else "it sent no MXHRESUME, so its initial state is assumed",
+            done,
+            done - self.replay_offer(driver)[1],
+            start,
+            "it" if driver.batch is None else "these molecules",
+        )
+
+    def set_molecule_steps(self, molecule_ids: Iterable[int], step: int) -> None:
+        """Declare that the molecules have completed ``step`` steps elsewhere (a relay
+        passing on its upstream hub's count): drivers binding them are offered that step."""
+        self.continuity.set_steps([self._molecules[int(m)].index for m in molecule_ids], step)
+
+    def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
+        """How many steps each molecule has completed (int64 array)."""
+        return np.array(
+            [self.continuity.steps(self._molecules[int(m)].index) for m in molecule_ids],
+            dtype=np.int64,
+        )
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The hub's part of a run checkpoint, as plain arrays (``np.savez`` them; load
+        with ``allow_pickle=False``): the step counter, every molecule's completed steps
+        and the replay history. Take it between steps."""
+        if self._barrier is not None:
+            raise UsageError("snapshot() in the middle of a step; take it between steps")
+        ids = np.fromiter(self._molecules, dtype=np.int64, count=len(self._molecules))
+        return {"step_index": np.array(self.step_index, dtype=np.int64)} | self.continuity.snapshot(
+            ids
+        )
+
+    def restore(self, snapshot: Mapping[str, np.ndarray]) -> None:
+        """Continue from :meth:`snapshot`: call it after registering the same molecules and
+        before any step. Drivers that then bind are told each molecule's step (INIT) and
+        replayed what their checkpoints miss."""
+        if self._barrier is not None or self.step_index:
+            raise UsageError("restore() must come before the first step")
+        try:
+            step_index = int(snapshot["step_index"])
+        except KeyError as exc:
+            raise UsageError(f"hub snapshot lacks {exc.args[0]!r}") from None
+        slot = {m.id: m.index for m in self._molecules.values()}
+        self.continuity.restore(snapshot, slot, self._new_layout)
+        self.step_index = step_index
+
+    def _new_layout(self, ids: np.ndarray, index: np.ndarray) -> Layout:
+        self._generation += 1
+        return Layout(ids, self._generation, index)
+
+    def driver_initialized(self, driver: Connection) -> None:
+        """INIT (and any replay) done: a replacement gets the frozen field(s)."""
+        for mol in driver.molecules:
+            mol.initialized = True
+        barrier = self._barrier
+        if barrier is not None and driver.place(barrier.layout) and self._pending(driver, barrier):
+            _send(driver, driver.send_step(barrier))
+        self._notify()
+
+    def pending_field(self, conn: Connection) -> np.ndarray | None:
+        """The frozen field a single-molecule connection still owes a source for."""
+        barrier = self._barrier
+        if barrier is not None and conn.place(barrier.layout) and self._pending(conn, barrier):
+            return barrier.fields[conn.row]
+        return None
+
+    @staticmethod
+    def _pending(driver: Connection, barrier: Barrier) -> bool:
+        """Whether ``driver`` (placed in the barrier's layout) still owes sources."""
+        if driver.batch is None:
+            return not barrier.done[driver.row]
+        return not barrier.done[driver.rows].all()
+
+    def connection_lost(self, driver: Connection, previous: State, exc: Exception | None) -> None:
+        """A connection closed: its molecules wait for a replacement."""
+        self._connections.discard(driver)
+        self._handshaking.discard(driver)
+        mols = self.registry.release(driver)
+        if not mols:
+            buffered = driver.buffered
+            if buffered and previous not in (_CLOSING, _CLOSED) and not driver.reported:
+                # A peer that leaves half a message behind gets its one line (a peer that
+                # merely connects and closes is not worth one).
+                log.warning(
+                    "%s closed the connection in the middle of a message (%d bytes of it received)",
+                    driver,
+                    buffered,
+                )
+            return
+        barrier = self._barrier
+        if previous != _CLOSING:
+            pending: list[int] = []
+            if barrier is not None and driver.place(barrier.layout):
+                rows = driver.rows if driver.batch is not None else [driver.row]
+                ids, done = barrier.layout.ids[rows], barrier.done[rows]
+                pending = ids[~done].tolist()
+            log.warning(
+                "%s disconnected%s%s",
+                driver,
+                " in the middle of a step" if pending else "",
+                f" ({exc})" if exc else "",
+            )
+            if pending and barrier is not None:
+                barrier.lost.extend(pending)
+                if barrier.abort_on_loss:
+                    barrier.wake("lost")
+        self._progress_binds()
+        self._notify()
+
+    def source_ready(
+        self, driver: Connection, sx: float, sy: float, sz: float, extras: bytes
+    ) -> None:
+        """A single molecule's source for the current step."""
+        barrier = self._barrier
+        r = driver.row
+        if barrier is None or r < 0 or barrier.done[r]:
+            driver.fail("SOURCEREADY for a step that was not asked")
+            return
+        barrier.single[r] = (sx, sy, sz)
+        if extras:
+            barrier.extras[r] = extras
+        barrier.done[r] = True
+        barrier.waiting -= 1
+        if barrier.waiting == 0:
+            barrier.last = driver
+            barrier.wake("done")
+
+    def sources_batch(self, driver: Connection, event: wire.SourcesBatch) -> None:
+        """An ensemble's sources for the current step."""
+        barrier = self._barrier
+        rows = driver.rows
+        if (
+            barrier is None
+            or rows is None
+            or driver.rows_generation != barrier.layout.generation
+            or barrier.done[rows].all()
+        ):
+            driver.fail("MXHSOURCES for a step that was not asked")
+            return
+        fresh = int(np.count_nonzero(~barrier.done[rows]))
+        barrier.sources[rows] = event.sources
+        barrier.done[rows] = True
+        if event.extras:
+            barrier.batch_extras.append((rows, event.extras))
+        barrier.waiting -= fresh
+        if barrier.waiting == 0:
+            barrier.last = driver
+            barrier.wake("done")
+
+    # ------------------------------------------------------------------ barrier
+
+    def _freeze(
+        self, ids: np.ndarray, fields: np.ndarray, want_extras: bool, want_dipoles: bool = False
+    ) -> Barrier:
+        layout = self._layout
+        if layout is None or layout.key != ids.tobytes():
+            unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
+            if unknown:
+                raise UsageError(
+                    f"molecule {unknown[0]} is not registered with this hub"
+                    + (f" (nor {ids_text(unknown[1:])})" if len(unknown) > 1 else "")
+                )
+            if len(set(ids.tolist())) != len(ids):
+                raise UsageError("a step names the same molecule twice")
+            index = np.fromiter(
+                (self._molecules[m].index for m in ids.tolist()), dtype=np.intp, count=len(ids)
+            )
+            layout = self._layout = self._new_layout(ids.copy(), index)
+            self.continuity.follow(layout)
+        return Barrier(layout, fields, want_extras, want_dipoles)
+
+    def begin_step(
+        self,
+        ids: np.ndarray | None,
+        fields: np.ndarray | None,
+        timeout: float | None,
+        abort_on_loss: bool,
+        want_extras: bool = True,
+        want_dipoles: bool = False,
+    ) -> Barrier | None:
+        """Freeze (or continue) the step, send what is due; the barrier, or None when
+        paused. Synchronous: the caller then waits on ``barrier.waiter`` if set (with
+        the loop running), and calls :meth:`finish_step`; :meth:`stop_waiting` if the
+        wait is abandoned. This is the contract :class:`SocketHub` steps with."""
+        if self.paused:
+            return None
+        barrier = self._barrier
+        if barrier is None:
+            if ids is None or fields is None:
+                raise UsageError("no step to continue: give the molecule ids and fields")
+            barrier = self._barrier = self._freeze(ids, fields, want_extras, want_dipoles)
+        barrier.abort_on_loss = abort_on_loss
+        barrier.lost.clear()
+        self._progress_binds()
+        layout = barrier.layout
+        for driver in list(self._connections):  # per connection, not per molecule
+            state = driver.state
+            if state == _READY:
+                if driver.place(layout) and self._pending(driver, barrier):
+                    out = driver.send_step(barrier)
+                    if out:
+                        driver.link.write(out)
+            elif state == _BOUND:
+                self._ensure_init(driver)
+        if abort_on_loss:
+            row, done = layout.row, barrier.done
+            barrier.lost.extend(
+                m for m in self.registry.driverless if (r := row.get(m)) is not None and not done[r]
+            )
+        if barrier.waiting and not (abort_on_loss and barrier.lost):
+            loop = self.loop
+            barrier.waiter = loop.create_future()
+            wait = self.timeout if timeout is None else timeout
+            now = loop.time()
+            barrier.deadline = None if wait is None else now + wait
+            if barrier.reports is None:  # the first wait of this step starts the schedule
+                barrier.reports = report_delays()
+                barrier.report_base = now
+                barrier.report_at = now + next(barrier.reports)
+            self._arm_step(barrier)
+        return barrier
+
+    def _arm_step(self, barrier: Barrier) -> None:
+        """One timer per waiting step: its deadline, or the next report of who is missing
+        if that comes first (a step without a deadline only ever reports)."""
+        if barrier.deadline is not None and barrier.deadline <= barrier.report_at:
+            barrier.timer = self.loop.call_at(barrier.deadline, barrier.wake, "timeout")
+        else:
+            barrier.timer = self.loop.call_at(barrier.report_at, self._report_step, barrier)
+
+    def _report_step(self, barrier: Barrier) -> None:
+        """Say which molecules a long step waits for: WARNING for those without a driver
+        (a replacement is awaited), INFO when their drivers are computing."""
+        missing = barrier.missing()
+        unbound = [m for m in missing if self._molecules[m].driver is None]
+        elapsed = self.loop.time() - barrier.report_base
+        if unbound:
+            log.warning(
+                "step %d: still waiting after %.0f s; no driver connected for molecule(s) %s",
+                self.step_index,
+                elapsed,
+                ids_text(unbound),
+            )
+        else:
+            log.info(
+                "step %d: still waiting after %.0f s for the source of molecule(s) %s "
+                "(their drivers are computing)",
+                self.step_index,
+                elapsed,
+                ids_text(missing),
+            )
+        if barrier.reports is not None:
+            barrier.report_at = barrier.report_base + next(barrier.reports)
+        self._arm_step(barrier)
+
+    @staticmethod
+    def stop_waiting(barrier: Barrier) -> None:
+        """Stop waiting on ``barrier`` (its step stays frozen for the next call)."""
+        if barrier.timer is not None:
+            barrier.timer.cancel()
+            barrier.timer = None
+        barrier.waiter = None
+
+    def finish_step(self, barrier: Barrier | None) -> StepResult | None:
+        """After waiting: the result when the step is complete, else None."""
+        if barrier is None:
+            return None
+        self.stop_waiting(barrier)
+        if barrier.waiting:
+            return None
+        self._barrier = None
+        self.step_index += 1
+        self.continuity.completed(barrier.layout, barrier.fields)
+        self._step_ms.append((time.monotonic() - barrier.started) * 1e3)
+        if barrier.last is not None and barrier.last.molecules:
+            self._note_last(barrier.last.molecules[0].id)
+        sources = barrier.sources
+        if barrier.single:
+            sources[list(barrier.single)] = list(barrier.single.values())
+        return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
+
+    async def _run(
+        self, ids, fields, timeout, abort_on_loss, want_extras: bool = True, dipoles: bool = False
+    ) -> StepResult | None:
+        barrier = self.begin_step(ids, fields, timeout, abort_on_loss, want_extras, dipoles)
+        if barrier is not None and barrier.waiter is not None:
+            try:
+                await barrier.waiter
+            except BaseException:  # cancelled: no timer of this wait may fire into the next
+                self.stop_waiting(barrier)
+                raise
+        return self.finish_step(barrier)
+
+    def requests_to_arrays(
+        self, requests: Mapping[int, Mapping]
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+        """ids and fields from MaxwellLink's request dict (and INIT payloads it carries)."""
+        if self._barrier is not None:
+            return None, None  # a frozen step is continued; its fields stay
+        ids = np.fromiter((int(k) for k in requests), dtype=np.int64, count=len(requests))
+        try:
+            efields = [req["efield_au"] for req in requests.values()]
+        except (KeyError, TypeError):
+            bad = next(
+                k
+                for k, req in requests.items()
+                if not isinstance(req, Mapping) or "efield_au" not in req
+            )
+            raise UsageError(f"molecule {int(bad)}: request lacks 'efield_au'") from None
+        for mid, req in requests.items():
+            init = req.get("init")
+            mol = self._molecules.get(int(mid))
+            if init is not None and mol is not None and mol.payload is None:
+                mol.payload = dict(init)
+        return ids, fields_array(ids, efields)
+
+    async def step_barrier(
+        self, requests: Mapping[int, Mapping], timeout: float | None = None
+    ) -> dict[int, dict]:
+        """MaxwellLink's barrier: ``{molid: {"amp": ndarray(3), "extra": bytes}}``, or ``{}``
+        when paused, aborted by a lost driver, or incomplete at ``timeout``."""
+        ids, fields = self.requests_to_arrays(requests)
+        result = await self._run(ids, fields, timeout, abort_on_loss=True)
+        return result.as_dict() if result is not None else {}
+
+    async def step(
+        self, requests: Mapping[int, Mapping], timeout: float | None = None, on_lost: str = "wait"
+    ) -> dict[int, dict]:
+        """The barrier with a deadline. ``on_lost`` is the policy when a molecule has no
+        driver: ``"wait"`` for a replacement until ``timeout``, then raise
+        :class:`BarrierTimeout` naming the missing molecules; ``"abort"`` raise
+        :class:`DriverLost` at once, naming them (the frozen step is kept either way)."""
+        abort = check_policy(on_lost)
+        ids, fields = self.requests_to_arrays(requests)  # validated here, once
+        result = await self._run(ids, fields, timeout, abort)
+        return self.outcome(result, abort, timeout).as_dict()
+
+    async def step_arrays(
+        self,
+        ids,
+        fields,
+        timeout: float | None = None,
+        on_lost: str = "wait",
+        extras: bool = True,
+        dipoles: bool = False,
+    ) -> StepResult:
+        """The barrier in array form: ``ids`` (N,), ``fields`` (N, 3) a.u. -> a
+        :class:`StepResult` (sources row for row). Same policies as :meth:`step`.
+
+        ``extras=False`` tells ensemble drivers not to send their extras arrays;
+        ``dipoles=True`` asks them for the dipole arrays at least (``mux_au``, ``muy_au``,
+        ``muz_au``, and ``mux_m_au``... when reported; MXHFIELDS flag WANT_DIPOLES), so
+        ``extras=False, dipoles=True`` gives the dipoles alone in ``result.extras()``.
+        Single drivers send all their extras every step, dipoles included. When dipoles
+        were asked and a molecule's did not come (an ensemble driver older than
+        WANT_DIPOLES, a model without them), the step is complete (the hub moved on) and
+        :class:`ProtocolError` names the molecules."""
+        result = await self.step_arrays_raw(ids, fields, timeout, on_lost, extras, dipoles)
+        return checked_dipoles(result, dipoles)
+
+    async def step_arrays_raw(
+        self, ids, fields, timeout: float | None, on_lost: str, extras: bool, dipoles: bool
+    ) -> StepResult:
+        """:meth:`step_arrays` without the check that the dipoles came (a relay passes
+        them upstream as they are; the upstream hub checks)."""
+        abort = check_policy(on_lost)
+        if self._barrier is None and ids is not None:
+            ids, fields = as_step_arrays(ids, fields)
+        result = await self._run(ids, fields, timeout, abort, extras, dipoles)
+        return self.outcome(result, abort, timeout)
+
+    def outcome(self, result: StepResult | None, abort: bool, timeout: float | None) -> StepResult:
+        """``result``, or the error saying why there is none: stopped, a driver lost (the
+        abort policy), or no source in time (naming the molecules)."""
+        if result is not None:
+            return result
+        barrier = self._barrier
+        if self._stop_reason is not None:
+            raise StopRequested(f"step {self.step_index}: stopped {self._stop_reason}")
+        if barrier is None or self.paused:
+            raise BarrierTimeout("the hub is stopped; no step can complete")
+        if abort and barrier.lost:
+            lost = sorted(set(barrier.lost))
+            raise DriverLost(
+                f"step {self.step_index}: the driver of molecule(s) {lost} is "
+                "gone and the policy is to abort",
+                lost,
+            )
+        missing = barrier.missing()
+        unbound = [m for m in missing if self._molecules[m].driver is None]
+        wait = self.timeout if timeout is None else timeout
+        raise BarrierTimeout(
+            f"step {self.step_index}: no source from molecule(s) {ids_text(missing)} "
+            f"{within(wait)}"
+            + (f"; no driver connected for {ids_text(unbound)}" if unbound else ""),
+            missing,
+        )
+
+    def status(self, most: int | None = None) -> dict:
+        """A snapshot for humans and the control endpoint. ``most`` caps the ``bound`` and
+        ``missing`` id lists (their full lengths are in ``bound_count``/``missing_count``).
+        ``time_per_step_ms`` is over the last 10,000 completed steps (first field sent to
+        last source received); ``slowest_molecules`` are the ids whose reply most often
+        completed a step."""
+        bound = sorted(m.id for m in self._molecules.values() if m.initialized)
+        missing = sorted(m.id for m in self._molecules.values() if not m.initialized)
+        times = self._step_ms
+        timing: dict[str, float | None] = {"last": None, "mean": None, "p99": None}
+        timing["steps"] = len(times)
+        if times:
+            arr = np.fromiter(times, dtype=np.float64, count=len(times))
+            timing.update(
+                last=round(times[-1], 4),
+                mean=round(float(arr.mean()), 4),
+                p99=round(float(np.percentile(arr, 99)), 4),
+            )
+        return {
+            "step": self.step_index,
+            "molecules": len(self._molecules),
+            "bound_count": len(bound),
+            "missing_count": len(missing),
+            "bound": bound if most is None else bound[:most],
+            "missing": missing if most is None else missing[:most],
+            "connections": len(self._connections),
+            # stock i-PI clients (EXIT at the end) and those of them served with STATUS
+            # before every step instead of the fused fast path
+            "stock_clients": sum(d.stock for d in self._connections),
+            "status_each_step": sum(d.status_each_step for d in self._connections),
+            "in_step": self._barrier is not None,
+            "time_per_step_ms": timing,
+            "slowest_molecules": [
+                {"id": m, "times_last": n} for m, n in self._last_to_answer.most_common(5)
+            ],
+        }
+
+    def _note_last(self, mid: int) -> None:
+        counts = self._last_to_answer
+        counts[mid] += 1
+        if len(counts) > _LAST_TO_ANSWER_CAP:  # bounded: keep the leaders
+            self._last_to_answer = Counter(dict(counts.most_common(_LAST_TO_ANSWER_CAP // 4)))
+
+    @property
+    def in_step(self) -> bool:
+        """Whether a step is frozen (begun and not complete)."""
+        return self._barrier is not None
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def stop_requested(self) -> str | None:
+        """Why a stop was requested (:meth:`request_stop`), or None."""
+        return self._stop_reason
+
+    @property
+    def control_address(self) -> str | None:
+        """The control endpoint as ``maxwellhub status`` takes it, or None."""
+        return self._control.describe() if self._control is not None else None
+
+    def request_stop(self, reason: str = "on request") -> None:
+        """End the run politely: the current and every later barrier call ends (``step``
+        and ``step_arrays`` raise :class:`StopRequested`, ``step_barrier`` returns ``{}``,
+        ``wait_until_bound`` returns False). Drivers are left to :meth:`stop`."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            log.warning("stop requested %s at step %d", reason, self.step_index)
+        self.paused = True
+        if self._barrier is not None:
+            self._barrier.wake("stopped")
+        self._notify()
+
+
+class _Reports:
+    """Calls ``say(seconds waited)`` on the schedule of
+    :func:`maxwellhub.liveness.report_delays` until cancelled (one timer at a time)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, say: Callable[[float], None]) -> None:
+        self.loop, self.say = loop, say
+        self.start = loop.time()
+        self._delays = report_delays()
+        self._timer = loop.call_at(self.start + next(self._delays), self._fire)
+
+    def _fire(self) -> None:
+        self.say(self.loop.time() - self.start)
+        self._timer = self.loop.call_at(self.start + next(self._delays), self._fire)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class _ExitWatch:
+    """Wakes a hub's waits (:meth:`Hub._notify`) when one of ``processes`` exits: a pidfd
+    per live process, read by the event loop, so nothing polls. Where pidfds are missing
+    (not Linux >= 5.3) the exit is still seen by :meth:`exited` at the next wake-up."""
+
+    def __init__(self, hub: Hub, processes: Iterable[Any]) -> None:
+        self.hub = hub
+        self.processes = list(processes)
+        self._fds: list[int] = []
+        for proc in self.processes:
+            if proc.poll() is not None:
+                continue
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except (OSError, AttributeError):  # gone meanwhile, or no pidfd here
+                continue
+            self._fds.append(fd)
+            hub.loop.add_reader(fd, self._exited, fd)
+
+    def _exited(self, fd: int) -> None:
+        self.hub.loop.remove_reader(fd)  # a pidfd stays readable once its process exited
+        self.hub._notify()
+
+    def exited(self) -> bool:
+        return any(proc.poll() is not None for proc in self.processes)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            self.hub.loop.remove_reader(fd)
+            os.close(fd)
+        self._fds = []
+
+
+def _resolve(fut: asyncio.Future, value: object) -> None:
+    """Set ``fut``'s result unless it is done already (a timer racing another wake-up)."""
+    if not fut.done():
+        fut.set_result(value)

@@ -1,0 +1,9 @@
+"""Sans-I/O protocol layer: bytes and state, no sockets, no asyncio, no hub.
+
+- :mod:`maxwellhub.protocol.init`: the INIT JSON, built and parsed once for every party;
+- :mod:`maxwellhub.protocol.connection`: the hub side of one driver connection as a state
+  machine (bytes in, events handled by a table, bytes out).
+
+Nothing in this package may import :mod:`maxwellhub.hub`, :mod:`maxwellhub.net` or
+:mod:`asyncio` (``tests/test_layers.py`` checks it).
+"""
