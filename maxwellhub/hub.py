@@ -1002,11 +1002,22 @@ class Hub:
             os.chmod(path, 0o600)
             st = os.stat(path)
             self._unix_inode = (st.st_dev, st.st_ino)
-            log.info("hub listening on UNIX socket %s", path)
+            log.info(
+                "hub listening on UNIX socket %s (drivers on this node only; to open it to "
+                "other nodes use TCP: host='0.0.0.0' or this node's address, with "
+                "auth=load_secret(...))",
+                path,
+            )
         else:
             server = self._server = _Listener.tcp(self, self.host, self.port)
             self.port = server.sockets[0].getsockname()[1]
-            log.info("hub listening on TCP %s:%d", self.host, self.port)
+            log.info(
+                "hub listening on TCP %s:%d (a loopback address serves this node only; to "
+                "open it to other nodes bind host='0.0.0.0' or this node's address, with "
+                "auth=load_secret(...))",
+                self.host,
+                self.port,
+            )
             if self.auth is None and not is_loopback(self.host):
                 log.warning(
                     "hub listening on TCP %s:%d without authentication: any host "
@@ -2334,6 +2345,25 @@ class SocketHub:
     @property
     def control_address(self) -> str | None:
         return self.hub.control_address if self.hub else None
+
+    # --- MaxwellLink compatibility ---
+    # Attributes MaxwellLink 0.5.0's own code reads on its hub, with the same meaning.
+    @property
+    def unixsocket_path(self) -> str | None:
+        """The UNIX socket file the hub listens on (None for TCP), as MaxwellLink's."""
+        return self.hub.unixsocket if self.hub else None
+
+    @property
+    def expected(self) -> set[int]:
+        """The registered molecule ids (a copy: register with ``register_molecule``)."""
+        return set(self.hub._molecules) if self.hub else set()
+
+    @property
+    def host(self) -> str | None:
+        """The TCP address bound (None for a UNIX socket or off rank 0)."""
+        return self.hub.host if self.hub and not self.hub.unixsocket else None
+
+    # --- end MaxwellLink compatibility ---
 
     # -- API
     def register_molecule(self, molecule_id: int, init: Mapping | None = None) -> None:
