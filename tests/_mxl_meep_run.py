@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 TLS = "omega=0.242, mu12=187, orientation=2, pe_initial=1e-2"
 
@@ -59,12 +60,11 @@ def main() -> None:
     import meep as mp
 
     mp.verbosity(0)
+    hub_class: Any = mxl.SocketHub
     if args.hub == "ours":
-        from maxwellhub import SocketHub
-    else:
-        SocketHub = mxl.SocketHub  # noqa: N806
-    hub = SocketHub(unixsocket=args.unix, timeout=60.0, latency=1e-5)
-    attrs = {
+        from maxwellhub import SocketHub as hub_class
+    hub = hub_class(unixsocket=args.unix, timeout=60.0, latency=1e-5)
+    attrs: dict[str, Any] = {
         "type": f"{type(hub).__module__}.{type(hub).__qualname__}",
         "unixsocket_path": hub.unixsocket_path,
         "paused_before": hub.paused,
