@@ -14,7 +14,10 @@
 #   3. `pip install -e ".[test]"` into .venv, redone only when pyproject.toml changes.
 #   4. Best effort, for tests only: MaxwellLink in its own throwaway venv .peers/maxwelllink
 #      (no system site packages: it brings its own numpy 2 and scipy), and the stock i-PI
-#      clients ASE (SocketClient) and i-PI (i-pi-py_driver) in another, .peers/stock-ipi.
+#      clients ASE (SocketClient) and i-PI (i-pi-py_driver) in another, .peers/stock-ipi;
+#      and MaxwellLink's Meep solvers in .peers/maxwelllink-meep (--system-site-packages:
+#      Debian's Meep, numpy and scipy; maxwelllink installed --no-deps so nothing replaces
+#      Debian's numpy, plus pytest for benchmarks/maxwelllink_suite.py).
 set -euo pipefail
 
 ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -27,6 +30,7 @@ SYS_PYTHON=/usr/bin/python3
 VENV="$ROOT/.venv"
 STAMP="$VENV/.maxwellhub-stamp"
 PEER_SPEC="maxwelllink==0.5.0"
+MEEP_PEER_SPEC="$PEER_SPEC --no-deps + pytest>=8, --system-site-packages"
 # ASE 3.28 is the last release whose SocketClient goes back to NEEDINIT after every force
 # call (3.29 stays READY): the harder case for the hub, and the one the issue describes.
 STOCK_SPEC="ase==3.28.0 ipi==3.3.1"
@@ -194,9 +198,46 @@ ensure_peer_venv() {
     fi
 }
 
+# MaxwellLink's own Meep solvers (MeepSimulation, SocketMolecule) run against our SocketHub
+# in tests/test_mxl_dropin.py. Same best-effort rules as ensure_peer_venv (stamp, .failed),
+# but the venv sees Debian's Meep, and maxwelllink comes --no-deps: its declared deps
+# (numpy>=1.24, scipy>=1.10) are Debian's, the others (cmake, requests) are unused here.
+# Our package is not installed there: the tests put the repo on PYTHONPATH, so the peer
+# always runs the worktree's maxwellhub and never gets a second numpy.
+ensure_meep_peer_venv() {
+    local name=maxwelllink-meep
+    local venv="$ROOT/.peers/$name" spec="$MEEP_PEER_SPEC"
+    local stamp="$venv/.maxwellhub-stamp" failed="$ROOT/.peers/$name.failed"
+    if [[ -x "$venv/bin/mxl_driver" && -f "$stamp" && "$(<"$stamp")" == "$spec" ]]; then
+        return 0
+    fi
+    if [[ -f "$failed" ]]; then
+        return 0  # not retried on every run; rm -f it to retry
+    fi
+    say "installing test peer $spec into .peers/$name (--system-site-packages: Debian's Meep)"
+    mkdir -p "$ROOT/.peers"
+    rm -rf "$venv"
+    local log="$ROOT/.peers/$name-install.log"
+    if "$SYS_PYTHON" -m venv --system-site-packages "$venv" >"$log" 2>&1 \
+        && "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+            "$PEER_SPEC" >>"$log" 2>&1 \
+        && "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+            "pytest>=8" >>"$log" 2>&1 \
+        && "$venv/bin/python" -I -c 'import meep, maxwelllink, numpy, sys
+sys.exit(not numpy.__file__.startswith("/usr/lib/python3/dist-packages/"))' >>"$log" 2>&1 \
+        && [[ -x "$venv/bin/mxl_driver" ]]; then
+        printf '%s\n' "$spec" >"$stamp"
+        rm -f "$log"
+    else
+        date >"$failed"
+        say "warning: could not install $spec with Debian's Meep (see .peers/$name-install.log); the tests that need it will skip; rm -rf .peers/$name* to retry"
+    fi
+}
+
 ensure_peer() {
     ensure_peer_venv maxwelllink mxl_driver "$PEER_SPEC"
     ensure_peer_venv stock-ipi i-pi-py_driver "$STOCK_SPEC"
+    ensure_meep_peer_venv
 }
 
 # The pip extras the run's models need (rttddft: pyscf), asked of the config itself, so a

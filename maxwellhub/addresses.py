@@ -25,12 +25,13 @@ DEFAULT_PORT = 31415
 
 
 def unix_socket_path(name_or_path: str | os.PathLike) -> str:
-    """``/tmp/socketmxl_<name>`` for a bare name; a path (absolute, or containing a
-    separator) is used as given, made absolute."""
+    """``/tmp/socketmxl_<name>`` for any name that does not start with ``/`` (MaxwellLink's
+    rule, which its hub and ``mxl_driver --unix`` share: ``a/b`` is
+    ``/tmp/socketmxl_a/b``); an absolute path is used as given."""
     text = os.fspath(name_or_path)
     if not text:
         raise ValueError("a UNIX socket name must not be empty")
-    path = str(Path(text).absolute()) if os.sep in text else UNIX_PREFIX + text
+    path = text if text.startswith("/") else UNIX_PREFIX + text
     if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes with the terminating NUL
         raise ValueError(f"UNIX socket path {path!r} is longer than 107 bytes")
     return path

@@ -100,3 +100,40 @@ def stock_missing_reason() -> str:
         f"(./dev.sh setup installs ase==3.28.0 and ipi==3.3.1 there when it can, or set "
         f"{STOCK_VENV_ENV} to a venv with both)"
     )
+
+
+#: Environment variable holding a venv with Debian's Meep and maxwelllink==0.5.0.
+MXL_MEEP_VENV_ENV = "MAXWELLHUB_MXL_MEEP_VENV"
+
+#: The peer venv ./dev.sh setup makes when it can (--system-site-packages: Debian's Meep).
+DEFAULT_MXL_MEEP_VENV = REPO_ROOT / ".peers" / "maxwelllink-meep"
+
+
+def mxl_meep_venv() -> Path:
+    """Return the venv directory expected to hold MaxwellLink with Debian's Meep."""
+    override = os.environ.get(MXL_MEEP_VENV_ENV)
+    return Path(override) if override else DEFAULT_MXL_MEEP_VENV
+
+
+def mxl_meep_python() -> tuple[Path | None, str]:
+    """Return (the Meep peer's python, "") when that venv was built, else (None, why).
+
+    Built means its interpreter exists: dev.sh and benchmarks/meep_maxwelllink.py remove
+    a venv whose install failed. A built venv that does not work is for the test to fail
+    on, not to skip; only a venv never built (or recorded in .peers/NAME.failed) skips.
+    """
+    venv = mxl_meep_venv()
+    python = venv / "bin" / "python"
+    if os.access(python, os.X_OK):
+        return python, ""
+    failed = venv.parent / f"{venv.name}.failed"
+    log = venv.parent / f"{venv.name}-install.log"
+    if failed.exists():
+        return None, (
+            f"MaxwellLink+Meep peer could not be built (recorded in {failed}; see {log}; "
+            f"rm -rf {venv}* and rerun ./dev.sh setup to retry)"
+        )
+    return None, (
+        f"MaxwellLink+Meep peer not built: no {python} (./dev.sh setup builds it, or set "
+        f"{MXL_MEEP_VENV_ENV} to a --system-site-packages venv with maxwelllink==0.5.0)"
+    )

@@ -343,13 +343,24 @@ class Hub:
             path = self.unixsocket
             sock, self._unix_inode = bind_owner_only(path, self.backlog)
             server = self._server = self._listener(sock)
-            log.info("hub listening on UNIX socket %s", path)
+            log.info(
+                "hub listening on UNIX socket %s (drivers on this node only; to open it to "
+                "other nodes use TCP: host='0.0.0.0' or this node's address, with "
+                "auth=load_secret(...))",
+                path,
+            )
         else:
             server = self._server = self._listener(
                 Listener.tcp_socket(self.host, self.port, self.backlog)
             )
             self.port = server.sockets[0].getsockname()[1]
-            log.info("hub listening on TCP %s:%d", self.host, self.port)
+            log.info(
+                "hub listening on TCP %s:%d (a loopback address serves this node only; to "
+                "open it to other nodes bind host='0.0.0.0' or this node's address, with "
+                "auth=load_secret(...))",
+                self.host,
+                self.port,
+            )
             if self.auth is None and not is_loopback(self.host):
                 log.warning(
                     "hub listening on TCP %s:%d without authentication: any host "

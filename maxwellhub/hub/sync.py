@@ -131,7 +131,12 @@ class SocketHub:
 
     @property
     def paused(self) -> bool:
-        return self.hub.paused if self.hub else True
+        """MaxwellLink's meaning: stopped, or (once stepping has begun) some registered
+        molecule's driver is down, until a replacement binds."""
+        hub = self.hub
+        if hub is None or hub.paused:
+            return True
+        return hub.step_index > 0 and bool(hub.registry.driverless)
 
     @property
     def stop_requested(self) -> str | None:
@@ -140,6 +145,25 @@ class SocketHub:
     @property
     def control_address(self) -> str | None:
         return self.hub.control_address if self.hub else None
+
+    # --- MaxwellLink compatibility ---
+    # Attributes MaxwellLink 0.5.0's own code reads on its hub, with the same meaning.
+    @property
+    def unixsocket_path(self) -> str | None:
+        """The UNIX socket file the hub listens on (None for TCP), as MaxwellLink's."""
+        return self.hub.unixsocket if self.hub else None
+
+    @property
+    def expected(self) -> set[int]:
+        """The registered molecule ids (a copy: register with ``register_molecule``)."""
+        return set(self.hub.registry.molecules) if self.hub else set()
+
+    @property
+    def host(self) -> str | None:
+        """The TCP address bound (None for a UNIX socket or off rank 0)."""
+        return self.hub.host if self.hub and not self.hub.unixsocket else None
+
+    # --- end MaxwellLink compatibility ---
 
     # -- API
     def register_molecule(self, molecule_id: int, init: Mapping | None = None) -> None:
