@@ -3,7 +3,7 @@ embedded and through the hub with ensemble drivers, next to MaxwellLink's
 SingleModeSimulation in the same run.
 
     .venv/bin/python benchmarks/cavity_scale.py [--counts 1000,100000,1000000]
-        [--drivers 2] [--seconds 3] [--mxl-counts 10,100,1000]
+        [--drivers 1] [--seconds 3] [--mxl-counts 10,100,1000]
 
 Every run: `EngineCoupling` with `SingleModeCavity` (dipole gauge with the dipole
 self-energy, so every molecule's dipole goes to the engine every step) and TLS molecules,
@@ -12,7 +12,8 @@ and the ensemble aggregates every step.
 
 - embedded: one batched `tls` model in this process;
 - hub: a UNIX-socket `SocketHub` in this process and K `maxwellhub-driver --molecules M/K`
-  ensemble drivers (pinned to core 1 when the machine allows; the hub to core 0), each
+  ensemble drivers (all pinned to core 1 when the machine allows, so K > 1 share it;
+  the hub to core 0), each
   step asking for the dipole keys only (the MXHFIELDS dipoles flag);
 - engine alone: `field()` + `finish(sources, dipoles)` with M molecules' arrays;
 - MaxwellLink 0.5.0 (its peer venv, `.peers/maxwelllink`): `SingleModeSimulation` with M
@@ -145,7 +146,7 @@ def maxwelllink(m: int, seconds: float) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--counts", default="1000,100000,1000000")
-    ap.add_argument("--drivers", type=int, default=2)
+    ap.add_argument("--drivers", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--mxl-counts", default="10,100,1000")
     args = ap.parse_args()
