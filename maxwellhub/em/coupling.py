@@ -46,12 +46,12 @@ import numpy as np
 from ..errors import DriverLost, UsageError
 from ..mpi import rank_and_size
 from .engine import Engine
-from .molecules import Group, Molecules
+from .molecules import MoleculeCoupling, Molecules
 
 __all__ = ["EngineCoupling"]
 
 
-class EngineCoupling:
+class EngineCoupling(MoleculeCoupling):
     """Molecules coupled to ``engine`` (an :class:`~maxwellhub.em.engine.Engine`).
 
     Parameters: ``dt_au`` the time step (a.u.); ``hub`` a :class:`maxwellhub.SocketHub`
@@ -90,26 +90,6 @@ class EngineCoupling:
         self.stop_agreed = 0
 
     # ------------------------------------------------------------------ molecules
-
-    hub = property(
-        lambda self: self._molecules.hub, lambda self, v: setattr(self._molecules, "hub", v)
-    )
-    timeout = property(
-        lambda self: self._molecules.timeout, lambda self, v: setattr(self._molecules, "timeout", v)
-    )
-    on_lost = property(
-        lambda self: self._molecules.on_lost, lambda self, v: setattr(self._molecules, "on_lost", v)
-    )
-    record_every = property(lambda self: self._molecules.record_every)
-
-    @property
-    def molecule_ids(self) -> np.ndarray:
-        """Ids of all molecules in the order they were added."""
-        return self._molecules.ids
-
-    @property
-    def _groups(self) -> list[Group]:
-        return self._molecules.groups
 
     @property
     def time_au(self) -> float:
@@ -178,16 +158,6 @@ class EngineCoupling:
         self._positions.append(points)
         self._scales.append(np.array(scale))
         return ids
-
-    def set_params(self, molecule_ids: int | Sequence[int], changes: Mapping[str, Any]) -> None:
-        """Change mutable model parameters of embedded molecules at the next step
-        boundary (see :meth:`MeepCoupling.set_params`)."""
-        self._molecules.set_params(molecule_ids, changes)
-
-    def apply_kick(self, molecule_ids: int | Sequence[int], impulse: Any) -> None:
-        """Kick embedded molecules at the next step boundary (see
-        :meth:`MeepCoupling.apply_kick`)."""
-        self._molecules.apply_kick(molecule_ids, impulse)
 
     # ------------------------------------------------------------------ running
 

@@ -99,7 +99,7 @@ from ..errors import DriverLost, UsageError
 from ..mpi import comm_world, rank_and_size
 from ..units import MeepUnits
 from .kernels import KERNEL_CUTOFF_SIGMAS, group_into_boxes, kernel_samples, self_coulomb_matrices
-from .molecules import Group, Molecules
+from .molecules import MoleculeCoupling, Molecules
 
 __all__ = ["MeepCoupling"]
 
@@ -377,7 +377,7 @@ def _per_molecule(name: str, value: Any, n: int, minimum: float) -> np.ndarray:
     return arr
 
 
-class MeepCoupling:
+class MeepCoupling(MoleculeCoupling):
     """Molecules coupled to an ordinary ``mp.Simulation``, serially or under MPI.
 
     Parameters
@@ -446,27 +446,6 @@ class MeepCoupling:
 
     # ------------------------------------------------------------------ molecules
 
-    @property
-    def molecule_ids(self) -> np.ndarray:
-        """Ids of all molecules in the order they were added."""
-        return self._molecules.ids
-
-    # the molecule side's settings, readable and settable here as before
-    hub = property(
-        lambda self: self._molecules.hub, lambda self, v: setattr(self._molecules, "hub", v)
-    )
-    timeout = property(
-        lambda self: self._molecules.timeout, lambda self, v: setattr(self._molecules, "timeout", v)
-    )
-    on_lost = property(
-        lambda self: self._molecules.on_lost, lambda self, v: setattr(self._molecules, "on_lost", v)
-    )
-    record_every = property(lambda self: self._molecules.record_every)
-
-    @property
-    def _groups(self) -> list[Group]:
-        return self._molecules.groups
-
     def add_molecules(
         self,
         model: str | type,
@@ -487,28 +466,6 @@ class MeepCoupling:
         n = len(_as_points(centers))
         instance = create_model(model, n=n, **params)
         return self._add(centers, sigma, axis, rescaling, molecule_ids, model=instance)
-
-    def set_params(self, molecule_ids: int | Sequence[int], changes: Mapping[str, Any]) -> None:
-        """Change mutable model parameters of embedded molecules at the next step
-        boundary: the changes are checked now (an error names the molecule id and the
-        parameter) and applied, in the order asked, before the molecules' next step
-        (before a checkpoint written first, which then holds them).
-
-        ``changes``: parameter name -> value as the model takes it: one value for all
-        the listed molecules, or, when they all belong to one :meth:`add_molecules`
-        group, a list with one value per listed molecule. A parameter the model shares
-        by all its molecules can only change for the whole group (list all its ids).
-        Molecules behind socket drivers: not available yet (UsageError).
-        """
-        self._molecules.set_params(molecule_ids, changes)
-
-    def apply_kick(self, molecule_ids: int | Sequence[int], impulse: Any) -> None:
-        """Kick embedded molecules at the next step boundary with an impulsive field
-        ``E(t) = impulse delta(t)`` (``impulse`` = kappa e, a.u. of field times time: one
-        3-vector for all listed molecules), in order with :meth:`set_params` changes.
-        Checked now: an unknown or socket molecule, a model without kicks, or an impulse
-        that is not a finite 3-vector is a UsageError naming the molecule."""
-        self._molecules.apply_kick(molecule_ids, impulse)
 
     def _apply_param_changes(self) -> None:
         """Apply the queued parameter changes (rank 0 steps the models; elsewhere the

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import BarrierTimeout, DriverLost, UsageError
 
-__all__ = ["DIPOLE_KEYS", "NEXT_DIPOLE_KEYS", "Molecules"]
+__all__ = ["DIPOLE_KEYS", "NEXT_DIPOLE_KEYS", "MoleculeCoupling", "Molecules"]
 
 DIPOLE_KEYS = ("mux_au", "muy_au", "muz_au")
 NEXT_DIPOLE_KEYS = ("mux_m_au", "muy_m_au", "muz_m_au")
@@ -465,3 +465,53 @@ class Molecules:
                         table[t, r] = e[key]
             out[key] = table
         return out
+
+
+class MoleculeCoupling:
+    """What every coupling (Meep's and the engines') offers on its molecules, delegated
+    to its :class:`Molecules` (``self._molecules``, set by the subclass)."""
+
+    _molecules: Molecules
+
+    # the molecule side's settings, readable and settable on the coupling
+    hub = property(
+        lambda self: self._molecules.hub, lambda self, v: setattr(self._molecules, "hub", v)
+    )
+    timeout = property(
+        lambda self: self._molecules.timeout, lambda self, v: setattr(self._molecules, "timeout", v)
+    )
+    on_lost = property(
+        lambda self: self._molecules.on_lost, lambda self, v: setattr(self._molecules, "on_lost", v)
+    )
+    record_every = property(lambda self: self._molecules.record_every)
+
+    @property
+    def molecule_ids(self) -> np.ndarray:
+        """Ids of all molecules in the order they were added."""
+        return self._molecules.ids
+
+    @property
+    def _groups(self) -> list[Group]:
+        return self._molecules.groups
+
+    def set_params(self, molecule_ids: int | Sequence[int], changes: Mapping[str, Any]) -> None:
+        """Change mutable model parameters of embedded molecules at the next step
+        boundary: the changes are checked now (an error names the molecule id and the
+        parameter) and applied, in the order asked, before the molecules' next step
+        (before a checkpoint written first, which then holds them).
+
+        ``changes``: parameter name -> value as the model takes it: one value for all
+        the listed molecules, or, when they all belong to one ``add_molecules`` group,
+        a list with one value per listed molecule. A parameter the model shares by all
+        its molecules can only change for the whole group (list all its ids).
+        Molecules behind socket drivers: not available yet (UsageError).
+        """
+        self._molecules.set_params(molecule_ids, changes)
+
+    def apply_kick(self, molecule_ids: int | Sequence[int], impulse: Any) -> None:
+        """Kick embedded molecules at the next step boundary with an impulsive field
+        ``E(t) = impulse delta(t)`` (``impulse`` = kappa e, a.u. of field times time: one
+        3-vector for all listed molecules), in order with :meth:`set_params` changes.
+        Checked now: an unknown or socket molecule, a model without kicks, or an impulse
+        that is not a finite 3-vector is a UsageError naming the molecule."""
+        self._molecules.apply_kick(molecule_ids, impulse)
