@@ -3,6 +3,7 @@ behind a driver process, side by side in an ordinary 2D Meep simulation.
 
 Run: .venv/bin/python examples/meep_in_your_script.py
 """
+
 import meep as mp
 
 from maxwellhub import SocketHub
