@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -32,12 +33,26 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+#: What a build reads: copied to a temporary tree, so that setuptools' build/ and
+#: egg-info directories are never written into the repository (nor raced by two runs).
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "CITATION.cff",
+           "maxwellhub", "drivers")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    tree = tmp_path_factory.mktemp("source")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in SOURCES:
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tree / name, ignore=ignore)
+        else:
+            shutil.copy2(src, tree / name)
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--no-index", "-q", "-w", str(out), str(REPO_ROOT)],
+         "--no-index", "-q", "-w", str(out), str(tree)],
         capture_output=True, text=True, timeout=scaled(120), cwd=out, env=_clean_env(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
