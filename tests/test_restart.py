@@ -1,4 +1,4 @@
-"""Whole-run restart (issue 5, item 2): ``maxwellhub run`` killed with SIGKILL at a random
+"""Whole-run restart: ``maxwellhub run`` killed with SIGKILL at a random
 step and resumed with ``--resume`` gives bit for bit the uninterrupted run's output, with
 embedded molecules and with socket drivers; SIGTERM writes a checkpoint and exits 75; a
 resume with a config that differs where it matters is refused, naming the key.

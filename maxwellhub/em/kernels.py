@@ -30,7 +30,7 @@ def kernel_weights(
     """Weights of one molecule's kernel at grid ``points`` (P, d), normalised so that
     ``weights.sum() * spacing**d == 1`` exactly.
 
-    ``sigma > 0``: a Gaussian exp(-|r - center|^2 / (2 sigma^2)) cut at
+    ``sigma > 0``: a Gaussian ``exp(-|r - center|^2 / (2 sigma^2))`` cut at
     ``KERNEL_CUTOFF_SIGMAS * sigma``; ``sigma == 0``: the multilinear hat of a point (the
     weights of linear interpolation to ``center``). ``d`` is the number of axes the cell
     extends along (1, 2 or 3); the same code serves all.
