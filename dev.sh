@@ -215,7 +215,7 @@ ensure_peer_venv() {
 }
 
 # MaxwellLink's own Meep solvers (MeepSimulation, SocketMolecule) run against our SocketHub
-# in tests/test_mxl_dropin.py. Same best-effort rules as ensure_peer_venv (stamp, .failed),
+# in tests/integration/test_mxl_dropin.py. Same best-effort rules as ensure_peer_venv (stamp, .failed),
 # but the venv sees Debian's Meep, and maxwelllink comes --no-deps: its declared deps
 # (numpy>=1.24, scipy>=1.10) are Debian's, the others (cmake, requests) are unused here.
 # Our package is not installed there: the tests put the repo on PYTHONPATH, so the peer

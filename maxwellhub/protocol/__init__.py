@@ -5,5 +5,5 @@
   machine (bytes in, events handled by a table, bytes out).
 
 Nothing in this package may import :mod:`maxwellhub.hub`, :mod:`maxwellhub.net` or
-:mod:`asyncio` (``tests/test_layers.py`` checks it).
+:mod:`asyncio` (``tests/unit/test_layers.py`` checks it).
 """

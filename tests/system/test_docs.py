@@ -65,7 +65,7 @@ def _python_blocks(markdown: str) -> list[str]:
 
 def test_readme_examples_are_the_example_files():
     """The README's two examples are, character for character, files that the tests run
-    (examples/hub_and_two_drivers.py in tests/test_examples.py, the Meep one below)."""
+    (examples/hub_and_two_drivers.py in tests/system/test_examples.py, the Meep one below)."""
     readme = (REPO_ROOT / "README.md").read_text()
     blocks = _python_blocks(readme)
     examples = REPO_ROOT / "examples"
