@@ -5,23 +5,26 @@ replay to a replacement driver, the control request and the couplings' schedule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
 from _util import scaled
 from fakes import FakeDriver
 
-from maxwellhub import Hub, wire
+from maxwellhub import Hub, SocketHub, wire
 from maxwellhub.errors import ProtocolError, UsageError
 from maxwellhub.hub.params import ParameterRefused
 from maxwellhub.protocol import params as pp
-from maxwellhub_drivers.client import run_client
-from maxwellhub_drivers.models import create_model
+from maxwellhub_drivers.client import connect, run_client, serve
+from maxwellhub_drivers.models import create_model, get_model_class
 
 DT = 0.5
-TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}
+TLS: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}
 
 
 # ----------------------------------------------------------------------------- frames
@@ -174,3 +177,185 @@ async def test_plain_ipi_driver_never_sees_the_frame(unix_name):
     finally:
         await hub.stop()
         await asyncio.wait_for(fake.closed.wait(), scaled(10))
+
+
+class _DiesOnChange(get_model_class("tls")):  # type: ignore[misc,valid-type]
+    """A TLS whose driver dies when a change arrives, before it answers."""
+
+    def set_params(self, changes, molecules=None):
+        raise OSError("driver killed before it answered MXHPARAMS")
+
+
+def _serve_thread(model, unix: str) -> tuple[socket.socket, threading.Thread]:
+    """A driver in a thread on a socket the test can cut (as a killed process would)."""
+    sock = connect(unix=unix, timeout=scaled(10))
+
+    def session() -> None:
+        serve(sock, model)
+        with contextlib.suppress(OSError):  # the process ends: its connection closes
+            sock.shutdown(socket.SHUT_RDWR)
+
+    t = threading.Thread(target=session, daemon=True)
+    t.start()
+    return sock, t
+
+
+def test_replacement_replays_changes_at_their_steps_bitwise(unix_name, caplog):
+    """A driver dying before it answers, and one killed after changes: each replacement is
+    replayed the fields and the changes at their steps; sources equal an uninterrupted run."""
+    steps = 10
+    fields = _fields(steps)
+    changes: dict[int, list] = {3: [("set", {"omega": 0.3})], 5: [("kick", [2e-2, 0.0, 1e-2])]}
+    ref = _reference(fields, changes)
+    got = np.zeros_like(fields)
+    cut: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+    caplog.set_level("INFO", "maxwellhub.hub")
+    with SocketHub(unixsocket=unix_name, timeout=scaled(10), history=steps) as hub:
+        sock, t = _serve_thread(_DiesOnChange(n=1, **TLS), unix_name)
+        threads.append(t)
+        assert hub.wait_until_bound({0: {"dt_au": DT}}, timeout=scaled(10))
+        cut.append(sock)
+        threads.append(_driver_thread(_tls(1), unix_name))
+        assert hub.wait_until_bound({1: {"dt_au": DT}}, timeout=scaled(10))
+        for step in range(steps):
+            for kind, value in changes.get(step, []):
+                if kind == "set":
+                    hub.set_params([0, 1], value)  # molecule 0's driver dies meanwhile
+                    assert "lost before it answered a parameter change" in caplog.text
+                    sock, t = _serve_thread(_tls(1), unix_name)  # its replacement
+                    cut.append(sock)
+                    threads.append(t)
+                    assert hub.wait_until_bound([0], timeout=scaled(10))
+                else:
+                    hub.apply_kick([0, 1], value)
+            got[step] = hub.step_arrays([0, 1], fields[step]).sources
+            if step == 6:  # kill the replacement after both changes; a third one resumes
+                cut[-1].shutdown(socket.SHUT_RDWR)
+                threads.append(_driver_thread(_tls(1), unix_name))
+        assert np.array_equal(got, ref)
+        assert hub.molecule_steps([0, 1]).tolist() == [steps, steps]
+    assert "replaying 3 missed step(s) 0..2" in caplog.text
+    assert "replaying 7 missed step(s) 0..6" in caplog.text
+    for sock in cut:
+        sock.close()
+    for t in threads:
+        t.join(scaled(10))
+
+
+def _cavity_run(where: str, unix_name: str) -> tuple[dict, Any]:
+    """60 steps of 3 TLS in a cavity, a change of molecule 1 before step 15 and a kick of
+    all before step 35, scheduled through the coupling API; embedded or in drivers."""
+    from maxwellhub.em import EngineCoupling, SingleModeCavity
+
+    cavity = SingleModeCavity(
+        frequency_au=0.242, damping_au=0.0, coupling_strength=1e-3, coupling_axis="z"
+    )
+
+    def schedule(c) -> None:
+        if c.step_index == 15:
+            c.set_params([1], {"omega": 0.3})
+        if c.step_index == 35:
+            c.apply_kick([0, 1, 2], [0.0, 0.0, 2e-2])
+
+    if where == "embedded":
+        coupling = EngineCoupling(cavity, DT)
+        coupling.add_molecules("tls", n=3, **TLS)
+        coupling.run(schedule, steps=60)
+        return coupling.history(), None
+    hub = SocketHub(unixsocket=unix_name, timeout=scaled(10))
+    coupling = EngineCoupling(cavity, DT, hub=hub, timeout=scaled(10))
+    coupling.add_socket_molecules(n=3)
+    threads = [_driver_thread(_tls(2), unix_name), _driver_thread(_tls(1), unix_name)]
+    coupling.run(schedule, steps=60)
+    return coupling.history(), (hub, coupling, threads)
+
+
+def test_coupling_schedule_with_drivers_equals_embedded(unix_name, caplog):
+    """EngineCoupling.set_params/apply_kick on socket molecules (an ensemble and a single
+    driver) give the embedded run's records to 1e-12; a refusal at the step boundary is
+    logged and kept, naming molecule and parameter, and the run goes on."""
+    embedded, _ = _cavity_run("embedded", unix_name)
+    got, (hub, coupling, threads) = _cavity_run("sockets", unix_name)
+    try:
+        for key in ("engine/qc_au", "Pe", "muz_au"):
+            np.testing.assert_allclose(got[key], embedded[key], rtol=0, atol=1e-12, err_msg=key)
+        assert not np.allclose(got["Pe"][40], got["Pe"][40, 0])  # the change split them
+        coupling.set_params([2], {"omega": -1.0})  # checked by its driver, at the step
+        before = coupling.step_index
+        with caplog.at_level("ERROR", "maxwellhub.em"):
+            coupling.step()  # the run goes on
+        assert coupling.step_index == before + 1
+        (refused,) = coupling.refused_changes
+        assert "molecule 2: parameter omega refused" in refused
+        assert "molecule 2: parameter omega refused" in caplog.text
+    finally:
+        hub.stop()
+        for t in threads:
+            t.join(scaled(10))
+
+
+LASER_RUN = """
+[em]
+engine = "laser"
+
+[em.laser]
+pulse = {{ shape = "cw", e0 = 1e-4, omega = 0.242 }}
+polarization = [0.0, 0.0, 1.0]
+
+[simulation]
+dt_au = 0.2
+until = 10.0
+
+[transport]
+kind = "{kind}"
+molecules_per_driver = 3
+
+[[molecules]]
+model = "tls"
+count = 3
+[molecules.params]
+omega = 0.242
+mu12 = 187.0
+orientation = 2
+pe_initial = [0.0, 0.1, 0.3]
+
+[output]
+directory = "{out}"
+plot = false
+record_every = 1
+
+[[schedule]]
+step = 10
+molecules = [1]
+changes = {{ omega = 0.3 }}
+
+[[schedule]]
+step = 30
+kick = [0.0, 0.0, 1e-2]
+"""
+
+
+def test_run_schedule_with_socket_drivers_equals_embedded(tmp_path):
+    """``maxwellhub run`` with a ``[[schedule]]`` and an ensemble driver gives the embedded
+    run's populations and engine record to 1e-12."""
+    import h5py
+
+    from maxwellhub import runner
+    from maxwellhub.config import load_config
+
+    runs = {}
+    for kind in ("embedded", "unix", "plain"):
+        path = tmp_path / f"{kind}.toml"
+        text = LASER_RUN.format(kind=kind.replace("plain", "embedded"), out=tmp_path / kind)
+        path.write_text(text if kind != "plain" else text.split("[[schedule]]")[0])
+        summary = runner.run(runner.validate_models(load_config(path)), echo=lambda line: None)
+        assert summary["complete"] and summary["steps"] == 50
+        with h5py.File(summary["hdf5"]) as f:
+            runs[kind] = {key: f[key][()] for key in ("Pe", "muz_au")}
+    ref, got = runs["embedded"], runs["unix"]
+    plain = runs["plain"]["Pe"]
+    assert np.array_equal(ref["Pe"][:10], plain[:10])
+    assert not np.allclose(ref["Pe"][12:, 1], plain[12:, 1], rtol=0, atol=1e-9)
+    for key in ("Pe", "muz_au"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=key)

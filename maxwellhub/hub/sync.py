@@ -285,6 +285,11 @@ class SocketHub:
         if self.hub is not None:
             self._run(self.hub.apply_kick(molecule_ids, impulse))
 
+    @property
+    def requested_params(self) -> int:
+        """Changes queued through the control endpoint (``SetParams``), not applied yet."""
+        return len(self.hub.params.requested) if self.hub is not None else 0
+
     def apply_requested_params(self) -> int:
         """See :meth:`Hub.apply_requested_params` (0 on ranks other than 0)."""
         if self.hub is None or not self.hub.params.requested:
