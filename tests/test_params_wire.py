@@ -359,3 +359,78 @@ def test_run_schedule_with_socket_drivers_equals_embedded(tmp_path):
     assert not np.allclose(ref["Pe"][12:, 1], plain[12:, 1], rtol=0, atol=1e-9)
     for key in ("Pe", "muz_au"):
         np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+async def test_relay_forwards_changes_to_its_local_drivers(unix_name):
+    """A relay accepts the upstream's offer, applies each MXHPARAMS through its local hub
+    and answers upstream; results equal in-process models, a refusal names the molecule."""
+    from maxwellhub.relay import Relay
+
+    fields = _fields(6, 2)
+    changes: dict[int, list] = {2: [("set", {"omega": 0.3})], 4: [("kick", [1e-2, 0.0, 3e-2])]}
+    hub = Hub(unixsocket=unix_name, timeout=scaled(10))
+    await hub.start()
+    local = f"{unix_name}_relay"
+    relay = Relay(2, upstream_unix=unix_name, local_unix=local, timeout=scaled(10))
+    running = asyncio.ensure_future(relay.run())
+    threads = []
+    try:
+        threads = [_driver_thread(_tls(1), local), _driver_thread(_tls(1), local)]
+        assert await hub.wait_until_bound({0: {"dt_au": DT}, 1: {"dt_au": DT}}, timeout=scaled(10))
+        got = np.zeros_like(fields)
+        for step in range(len(fields)):
+            for kind, value in changes.get(step, []):
+                if kind == "set":
+                    await hub.set_params([0, 1], value)
+                else:
+                    await hub.apply_kick([0, 1], value)
+            got[step] = (await hub.step_arrays([0, 1], fields[step])).sources
+        assert np.array_equal(got, _reference(fields, changes, 2))
+        with pytest.raises(ParameterRefused, match=r"molecule 1: parameter omega refused"):
+            await hub.set_params([1], {"omega": -1.0})
+        await hub.step_arrays([0, 1], fields[0])  # the run goes on
+    finally:
+        await hub.stop()
+        await asyncio.wait_for(running, scaled(10))
+        for t in threads:
+            t.join(scaled(10))
+
+
+async def test_control_set_params_needs_the_token_and_is_applied_at_the_boundary(unix_name):
+    """SetParams on the control endpoint: refused without the token or with bad
+    arguments (naming them), queued with it, and sent to the driver between steps."""
+    from maxwellhub import control
+
+    fields = _fields(4, 1)
+    hub = Hub(unixsocket=unix_name, timeout=scaled(10), control=f"{unix_name}_ctl")
+    await hub.start()
+    threads = [_driver_thread(_tls(1), unix_name)]
+    try:
+        assert await hub.wait_until_bound({0: {"dt_au": DT}}, timeout=scaled(10))
+        address = control.control_address(hub.control_address or "")
+        token = control.read_token(address)
+
+        async def ask(req: dict) -> dict:
+            return await asyncio.to_thread(control.request, address, req, scaled(5))
+
+        wrong = await ask({"SetParams": {"token": "0", "molecules": [0], "changes": {}}})
+        assert wrong["code"] == control.AUTH_FAILED and "SetParams" in wrong["message"]
+        bad = await ask({"SetParams": {"token": token, "molecules": [7], "changes": {"a": 1}}})
+        assert bad["code"] == control.BAD_ARGUMENT and "molecule 7" in bad["message"]
+        both = await ask({"SetParams": {"token": token, "molecules": [0], "kick": [0, 0, 1]}})
+        assert both == {"Queued": {"requested": 1, "step": 0}}
+        hub.params.requested.clear()
+        got = np.zeros_like(fields)
+        got[0] = (await hub.step_arrays([0], fields[0])).sources
+        ok = {"SetParams": {"token": token, "molecules": [0], "changes": {"omega": 0.3}}}
+        assert await ask(ok) == {"Queued": {"requested": 1, "step": 1}}
+        assert hub.params.log == []  # queued, not applied during the request
+        assert await hub.apply_requested_params() == 1
+        for step in range(1, len(fields)):
+            got[step] = (await hub.step_arrays([0], fields[step])).sources
+        ref = _reference(fields, {1: [("set", {"omega": 0.3})]}, 1)
+        assert np.array_equal(got, ref)
+    finally:
+        await hub.stop()
+        for t in threads:
+            t.join(scaled(10))

@@ -96,7 +96,8 @@ class ParamChanges:
         unknown = self.hub.registry.unknown(ids)
         if unknown:
             raise UsageError(
-                f"{what}: molecule {ids_text(unknown)} is not registered with this hub"
+                f"{what}: molecule {unknown[0]} is not registered with this hub"
+                + (f" (nor {ids_text(unknown[1:])})" if len(unknown) > 1 else "")
             )
         return ids
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "SetParams",
     "accepts",
     "answer",
+    "answer_async",
     "build_payload",
     "id_ranges",
     "model_applier",
@@ -256,6 +257,19 @@ def answer(
             return _error(seq, str(exc), exc.molecule, exc.parameter)
         except ValueError as exc:
             return _error(seq, f"molecule(s) {id_ranges(op.molecules)}: {exc}", None, None)
+    return wire.encode_params_ack(seq, _OK)
+
+
+async def answer_async(event: wire.Params, apply: Callable[[Op], Awaitable[None]]) -> bytes:
+    """:func:`answer` for a party that applies ops by awaiting (a relay: its local hub's
+    drivers): ``await apply(op)`` per op, in order; an exception (a refusal, a local
+    driver that does not speak the extension, a timeout) answers its text."""
+    seq, ops = parse_payload(event.payload)
+    for op in ops:
+        try:
+            await apply(op)
+        except Exception as exc:
+            return _error(seq, str(exc), None, None)
     return wire.encode_params_ack(seq, _OK)
 
 
