@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import threading
 from typing import Any
@@ -18,8 +19,9 @@ from fakes import FakeDriver
 
 from maxwellhub import Hub, SocketHub, wire
 from maxwellhub.errors import ProtocolError, UsageError
-from maxwellhub.hub.params import ParameterRefused
+from maxwellhub.hub.params import Change, ParameterRefused
 from maxwellhub.protocol import params as pp
+from maxwellhub.protocol.connection import State
 from maxwellhub_drivers.client import connect, run_client, serve
 from maxwellhub_drivers.models import create_model, get_model_class
 
@@ -434,3 +436,85 @@ async def test_control_set_params_needs_the_token_and_is_applied_at_the_boundary
         await hub.stop()
         for t in threads:
             t.join(scaled(10))
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def _machine():
+    """A sans-I/O connection (tests/unit helpers) bound to molecule 3, after INIT."""
+    from unit.test_protocol_connection import ready_single
+
+    conn, hub, link = ready_single()
+    hub.answers = []
+    hub.params_answered = lambda c, seq, error: hub.answers.append((seq, error))
+    return conn, hub, link
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+def test_machine_accept_send_and_answer(how):
+    """Accept after INIT, then MXHPARAMS out, MXHPARAMSOK in: PARAMS -> READY, the
+    answer reported, any split of the bytes."""
+    from unit.test_protocol_connection import READY, feed
+
+    conn, hub, _ = _machine()
+    assert pp.offer(wire.Limits()) == {"version": 1, "max_bytes": 65536}
+    assert pp.accepts(json.loads(conn._init_msg[20:]))
+    feed(conn, pp.ACCEPT + READY, how)
+    assert conn.params and hub.calls[-1] == ("ready",)
+    conn.state = State.READY
+    out = b"".join(bytes(p) for p in conn.send_params(4, [pp.Kick((3,), (1.0, 0.0, 0.0))]))
+    (ev,) = wire.Decoder("driver").feed(out)
+    assert isinstance(ev, wire.Params) and ev.step == 4 and conn.state is State.PARAMS
+    assert pp.parse_payload(ev.payload)[0] == 1
+    feed(conn, wire.encode_params_ack(1, b'{"error": "molecule 3: parameter kick"}'), how)
+    assert conn.state is State.READY and hub.answers == [(1, "molecule 3: parameter kick")]
+    assert hub.calls[-1] == ("initialized",)  # a step begun meanwhile would be sent now
+
+
+@pytest.mark.parametrize(
+    ("prepare", "frame", "why"),
+    [
+        ("ready", wire.encode_params_ack(1, b'{"ok":true}'), "unexpected MXHPARAMSOK while idle"),
+        ("params", wire.encode_params_ack(2, b'{"ok":true}'), "while waiting for MXHPARAMSOK"),
+        ("params", wire.encode_params_ack(1, b"[]"), r"JSON list, not an object"),
+        ("init", wire.encode_params_ack(3, b'{"ok":true}'), "MXHPARAMSOK while waiting for READY"),
+    ],
+)
+def test_machine_refuses_answers_out_of_turn(prepare, frame, why, caplog):
+    """An answer nobody asked for, a wrong sequence number or bad JSON drops the driver."""
+    conn, _, link = _machine()
+    if prepare != "init":
+        conn.params, conn.state = True, State.READY
+    if prepare == "params":
+        conn.send_params(0, [pp.SetParams((3,), {"omega": 0.3})])
+    with caplog.at_level("ERROR", "maxwellhub.hub"):
+        conn.receive_data(frame)
+    assert link.aborted
+    assert re.search(why, caplog.text), caplog.text
+
+
+def test_machine_refuses_to_send_to_a_peer_that_did_not_accept():
+    """send_params to a connection that never accepted is a UsageError naming it."""
+    conn, _, _ = _machine()
+    conn.state = State.READY
+    with pytest.raises(UsageError, match="driver#1 molecule 3 does not speak"):
+        conn.send_params(0, [pp.Kick((3,), (1.0, 0.0, 0.0))])
+
+
+def test_the_log_travels_in_the_hub_snapshot():
+    """Hub.snapshot holds the change log (plain arrays); restore brings it back."""
+    hub = Hub(unixsocket=None)
+    for m in range(3):
+        hub.register_molecule(m)
+    hub.params.log = [
+        Change(pp.SetParams((0, 1), {"omega": 0.3}), {0: 2, 1: 2}),
+        Change(pp.Kick((2,), (0.0, 0.0, 1e-3)), {2: 5}),
+    ]
+    snap = hub.snapshot()
+    assert snap["params_log"].dtype.kind == "U"
+    again = Hub(unixsocket=None)
+    for m in range(3):
+        again.register_molecule(m)
+    again.restore(snap)
+    assert again.params.log == hub.params.log

@@ -752,8 +752,10 @@ class Hub:
         if self._barrier is not None:
             raise UsageError("snapshot() in the middle of a step; take it between steps")
         ids = np.fromiter(self._molecules, dtype=np.int64, count=len(self._molecules))
-        return {"step_index": np.array(self.step_index, dtype=np.int64)} | self.continuity.snapshot(
-            ids
+        return (
+            {"step_index": np.array(self.step_index, dtype=np.int64)}
+            | self.continuity.snapshot(ids)
+            | self.params.snapshot()
         )
 
     def restore(self, snapshot: Mapping[str, np.ndarray]) -> None:
@@ -768,6 +770,7 @@ class Hub:
             raise UsageError(f"hub snapshot lacks {exc.args[0]!r}") from None
         slot = {m.id: m.index for m in self._molecules.values()}
         self.continuity.restore(snapshot, slot, self._new_layout)
+        self.params.restore(snapshot)
         self.step_index = step_index
 
     def _new_layout(self, ids: np.ndarray, index: np.ndarray) -> Layout:

@@ -17,6 +17,7 @@ This module never touches a socket (the connections' links write) and never conv
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 from ..errors import BarrierTimeout, UsageError
 from ..liveness import within
 from ..protocol.connection import Connection, State
-from ..protocol.params import Kick, Op, SetParams
+from ..protocol.params import Kick, Op, SetParams, parse_payload
 from .barrier import ids_text
 from .registry import Registry
 
@@ -246,6 +247,29 @@ class ParamChanges:
                 items.append(fields[j])
         items.extend((step, [c.op.restricted(ids)]) for step, c in due[at:])
         return items
+
+    # -- run checkpoints
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The log as one JSON string array (``params_log``) for the hub's snapshot."""
+        entries = [
+            {"op": c.op.to_json(), "steps": [[m, s] for m, s in c.steps.items()]} for c in self.log
+        ]
+        return {"params_log": np.array(json.dumps(entries))}
+
+    def restore(self, snapshot: Mapping[str, Any]) -> None:
+        """The log from :meth:`snapshot` (absent in older snapshots: empty)."""
+        raw = snapshot.get("params_log")
+        self.log = []
+        if raw is None:
+            return
+        try:
+            entries = json.loads(str(np.asarray(raw)))
+            for entry in entries:
+                body = json.dumps({"sequence": 1, "ops": [entry["op"]]}).encode()
+                (op,) = parse_payload(body)[1]
+                self.log.append(Change(op, {int(m): int(s) for m, s in entry["steps"]}))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"hub snapshot: params_log is not a parameter log: {exc}") from None
 
     # -- the control endpoint's requests
     def request(self, op: Op) -> int:
