@@ -18,7 +18,7 @@ from _util import scaled
 from fakes import FakeDriver
 
 from maxwellhub import Hub, SocketHub, wire
-from maxwellhub.errors import ProtocolError, UsageError
+from maxwellhub.errors import BarrierTimeout, ProtocolError, UsageError
 from maxwellhub.hub.params import Change, ParameterRefused
 from maxwellhub.protocol import params as pp
 from maxwellhub.protocol.connection import State
@@ -518,3 +518,34 @@ def test_the_log_travels_in_the_hub_snapshot():
         again.register_molecule(m)
     again.restore(snap)
     assert again.params.log == hub.params.log
+
+
+async def test_unanswered_change_times_out_naming_the_molecule(unix_name):
+    """A driver that does not answer: BarrierTimeout naming its molecule after the hub's
+    timeout (the change stays logged); a further change to it is refused meanwhile."""
+    hub = Hub(unixsocket=unix_name, timeout=scaled(0.3))
+    await hub.start()
+    model = _tls(1)
+    answered = threading.Event()
+    slow = model.set_params
+
+    def late(changes, molecules=None):
+        answered.wait(scaled(10))  # the driver hangs until the test lets it go
+        slow(changes, molecules)
+
+    model.set_params = late  # type: ignore[method-assign]
+    thread = _driver_thread(model, unix_name)
+    try:
+        assert await hub.wait_until_bound({4: {"dt_au": DT}}, timeout=scaled(10))
+        with pytest.raises(BarrierTimeout, match=r"molecule\(s\) \[4\]"):
+            await hub.set_params([4], {"omega": 0.3})
+        assert len(hub.params.log) == 1
+        with pytest.raises(UsageError, match="molecule 4: .* not answered an earlier"):
+            await hub.set_params([4], {"omega": 0.31})
+        answered.set()
+        await hub.step_arrays([4], [[1e-3, 0.0, 0.0]])  # sent once the late answer came
+        assert model.params["omega"].tolist() == [0.3]
+    finally:
+        answered.set()
+        await hub.stop()
+        thread.join(scaled(10))

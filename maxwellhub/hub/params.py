@@ -140,6 +140,11 @@ class ParamChanges:
                     "parameter frames (a plain i-PI or MaxwellLink driver): parameter "
                     "changes and kicks cannot reach it"
                 )
+            if driver.state is State.PARAMS:  # an earlier change timed out unanswered
+                raise UsageError(
+                    f"molecule {mid}: its driver ({driver.peer}) has not answered an earlier "
+                    "parameter change yet"
+                )
             by.setdefault(driver, []).append(mid)
         return by
 
