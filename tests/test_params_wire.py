@@ -540,7 +540,7 @@ async def test_unanswered_change_times_out_naming_the_molecule(unix_name):
         with pytest.raises(BarrierTimeout, match=r"molecule\(s\) \[4\]"):
             await hub.set_params([4], {"omega": 0.3})
         assert len(hub.params.log) == 1
-        with pytest.raises(UsageError, match="molecule 4: .* not answered an earlier"):
+        with pytest.raises(UsageError, match=r"molecule 4: .* not answered an earlier"):
             await hub.set_params([4], {"omega": 0.31})
         answered.set()
         await hub.step_arrays([4], [[1e-3, 0.0, 0.0]])  # sent once the late answer came
