@@ -36,6 +36,7 @@ from maxwellhub.liveness import (
     Reporter,
     within,
 )
+from maxwellhub.protocol import params as params_frames
 from maxwellhub.protocol.init import parse_single_init
 
 from .checkpoint import Continuity
@@ -272,6 +273,7 @@ class _Session:
             wire.Stop: self.on_stop,
             wire.Exit: self.on_exit,
             wire.AuthChallenge: self.on_auth,
+            wire.Params: self.on_params,
         }
 
     def who(self) -> str:
@@ -338,7 +340,25 @@ class _Session:
         self.init = (event.ident, dt_au)
         self.log.info("initialized molecule %d with dt_au = %r", event.ident, dt_au)
         self.resume([event.ident], init.resume)
+        self.accept_params(init.data)
         return False
+
+    def accept_params(self, init_data: dict) -> None:
+        """Accept the hub's offer of parameter frames (MXHPARAMSOK 0), if it made one."""
+        if params_frames.accepts(init_data):
+            self.sock.sendall(params_frames.ACCEPT)
+
+    def on_params(self, event: wire.Params) -> bool:
+        """MXHPARAMS: apply the changes and kicks to the model, answer MXHPARAMSOK."""
+        ids = self.molecule_ids()
+        if ids is None:
+            raise ProtocolError("MXHPARAMS before INIT")
+        apply = params_frames.model_applier(self.model, ids)
+        self.sock.sendall(params_frames.answer(event, ids, apply))
+        return False
+
+    def molecule_ids(self) -> list[int] | None:
+        return None if self.init is None else [self.init[0]]
 
     def resume(self, ids: list[int], offer: dict | None) -> None:
         """Pick the state to continue from; answer a resume offer with MXHRESUME."""

@@ -75,6 +75,7 @@ class EnsembleSession(_Session):
             wire.Stop: self.on_stop,
             wire.Exit: self.on_exit,
             wire.AuthChallenge: self.on_auth,
+            wire.Params: self.on_params,
         }
 
     def who(self) -> str:
@@ -142,7 +143,11 @@ class EnsembleSession(_Session):
         self.ids, self.dt_au = ids, dt_au
         self.log.info("initialized molecules %d..%d with dt_au = %r", ids[0], ids[-1], dt_au)
         self.resume(ids, init.resume)
+        self.accept_params(init.data)
         return False
+
+    def molecule_ids(self) -> list[int] | None:
+        return self.ids
 
     def on_fields(self, event: wire.FieldsBatch) -> bool:
         if self.ids is None:

@@ -78,6 +78,7 @@ from .liveness import (
     keepalive,
     within,
 )
+from .protocol import params as params_frames
 from .protocol.init import parse_ensemble_init
 
 __all__ = ["EXIT_LOCAL", "EXIT_OK", "EXIT_PROTOCOL", "EXIT_UPSTREAM", "Relay"]
@@ -152,6 +153,7 @@ class _Upstream(asyncio.Protocol):
         self.resume_to = 0
         self.local_steps: np.ndarray | None = None
         self.at = 0
+        self.params_offered = False  # the upstream offered parameter frames (INIT)
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -264,6 +266,7 @@ class _Upstream(asyncio.Protocol):
         init = parse_ensemble_init(event.payload, self.relay.molecules, "this relay")
         ids, payloads, offer = init.molecule_ids, init.payloads, init.resume
         self.init_payload = event.payload
+        self.params_offered = params_frames.accepts(init.data)
         self.task = asyncio.ensure_future(self._initialize(ids, payloads, offer))
         self.task.add_done_callback(self._task_done)
 
@@ -287,6 +290,21 @@ class _Upstream(asyncio.Protocol):
         self.task = asyncio.ensure_future(self._step(fields, self.flags))
         self.task.add_done_callback(self._task_done)
 
+    def on_params(self, event: wire.Params) -> None:
+        """MXHPARAMS: the local hub applies it to the local drivers; the answer goes up."""
+        if self.ids is None or self.stepping:
+            raise ProtocolError(
+                "MXHPARAMS "
+                + ("during a step" if self.ids is not None else "before INIT completed")
+            )
+        self.task = asyncio.ensure_future(self._params(event))
+        self.task.add_done_callback(self._task_done)
+
+    async def _params(self, event: wire.Params) -> None:
+        ack = await params_frames.answer_async(event, self.local.params.apply)
+        if not self.ended.done():
+            self.transport.write(ack)
+
     def on_stop(self, _event) -> None:
         self.finish(EXIT_OK, f"STOP from the upstream hub after {self.steps} steps", bye=True)
 
@@ -303,6 +321,7 @@ class _Upstream(asyncio.Protocol):
         wire.GetForce: on_getforce,
         wire.Stop: on_stop,
         wire.Exit: on_exit,
+        wire.Params: on_params,
     }
 
     # -- the local side
@@ -361,6 +380,8 @@ class _Upstream(asyncio.Protocol):
                     done,
                 )
             self.transport.write(wire.encode_resume(start, len(ids)))
+        if self.params_offered:  # before READY, as a driver accepts it
+            self.transport.write(params_frames.ACCEPT)
         for _ in range(self.deferred_status):
             self.transport.write(_STATUS_REPLY[wire.READY])
         self.deferred_status = 0
