@@ -115,8 +115,8 @@ for name, where in want.items():
         sys.exit(3)
 if purpose != "test":
     sys.exit(0)
-for name in ("uvloop", "pytest", "pytest_asyncio", "pytest_timeout", "hypothesis", "pyscf",
-             "qutip", "ase", "ruff", "mypy"):
+for name in ("uvloop", "pytest", "pytest_asyncio", "pytest_timeout", "pytest_cov",
+             "hypothesis", "pyscf", "qutip", "ase", "ruff", "mypy"):
     if find_spec(name) is None:
         sys.exit(3)
 EOF
