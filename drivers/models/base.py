@@ -233,8 +233,9 @@ class Model:
         puts the generator back after :meth:`stage` (so staging stays pure and idempotent),
         advances it on :meth:`commit`, and carries its state in :meth:`get_state`.
     12. ``example_params``: small, fast parameters for the conformance test
-        (``tests/integration/test_model_conformance.py``), run at n = 1 and n = 3; ``conformance_rtol``:
-        how far n batched molecules may differ from n single ones (0: bit for bit).
+        (``tests/integration/test_model_conformance.py``), run at n = 1 and n = 3;
+        ``conformance_rtol``: how far n batched molecules may differ from n single ones
+        (0: bit for bit).
     13. ``_kick_impl(self, state, impulses) -> new_state`` (optional): the committed state
         after an impulsive field ``E(t) = impulse delta(t)`` now, ``impulses`` (n, 3) in
         a.u. of field times time (rows of zeros: that molecule is not kicked). Pure, same
