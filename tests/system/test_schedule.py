@@ -92,7 +92,7 @@ def test_bad_entries_are_refused_naming_the_key(tmp_path, schedule, message):
 
 def test_socket_runs_take_a_schedule(tmp_path):
     """Parameter changes reach socket molecules over the wire, so a socket run with a
-    schedule is accepted (tests/test_params_wire.py runs one)."""
+    schedule is accepted (tests/integration/test_params_wire.py runs one)."""
     config = load_config(write(tmp_path, "[[schedule]]\nstep = 5\nkick = [0, 0, 1e-3]\n", "unix"))
     assert config.schedule[0].kick == (0.0, 0.0, 1e-3)
 
