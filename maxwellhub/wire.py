@@ -91,6 +91,27 @@ MXHCLAIM    d -> hub   int32 version, int32 M (molecules), int64 first id     28
 ``c - h <= s <= c``. The hub then replays the fields of steps s .. c-1 (FIELDDATA or
 MXHFIELDS + GETFORCE each, the answers discarded) before the step in flight. A driver
 that sends no MXHRESUME is taken to start from its initial state.
+
+maxwellhub's shared-memory lane (version 1, see :mod:`maxwellhub.shm_lane`), for an
+ensemble driver on the same node as the hub, over a UNIX socket only. The driver offers
+it in its MXHHELLO flags: bit 0 (:data:`HELLO_SHM_LANE`), with bits 8..15 the number K of
+extras arrays per molecule it may answer (:data:`HELLO_EXTRAS_SHIFT`). The hub answers,
+right after MXHWELCOME, with one MXHSHMLANE: ``size > 0`` passes the segment and its two
+doorbells as three descriptors (``SCM_RIGHTS``, attached to the frame's first byte);
+``size == 0`` (no descriptors) means the hub declines (TCP, or its option off). The driver
+maps the segment and answers MXHSHMOK, or MXHSHMNO and stays on batched frames:
+
+==========  =========  ====================================================  ===========
+MXHSHMLANE  hub -> d   int32 version, int32 M, int32 K, int32 flags (0),     36
+                       int64 segment size (0: declined)
+MXHSHMOK    d -> hub   int32 version                                         16
+MXHSHMNO    d -> hub   int32 version                                         16
+==========  =========  ====================================================  ===========
+
+Once accepted, a step's fields, sources and extras go through the segment and its
+doorbells; the socket stays open for everything else (STOP, EXIT, replayed steps) and its
+EOF is how either side learns the other died. A plain i-PI or MaxwellLink peer, or an
+ensemble driver that does not set bit 0, never sees any of it.
 """
 
 from __future__ import annotations
@@ -187,6 +208,16 @@ RESUME_VERSION = 1
 RESUME_KEY = "mxh_resume"  # the INIT JSON key that offers MXHRESUME
 _RESUME_FRAME = struct.Struct("<12siiq")
 
+MXHSHMLANE = b"MXHSHMLANE"
+MXHSHMOK = b"MXHSHMOK"
+MXHSHMNO = b"MXHSHMNO"
+SHM_VERSION = 1
+HELLO_SHM_LANE = 1  # MXHHELLO flags bit 0: the driver offers the shared-memory lane
+HELLO_EXTRAS_SHIFT = 8  # MXHHELLO flags bits 8..15: extras arrays it may answer (K)
+SHM_MAX_EXTRAS = 255
+_SHM_OFFER = struct.Struct("<12siiiiq")  # version, M, K, flags, segment size
+_SHM_ANSWER = struct.Struct("<12si")
+
 _I32 = struct.Struct("<i")
 _MIN_BUFFER = 1 << 16
 _F64 = struct.Struct("<d")
@@ -235,6 +266,9 @@ _H = {
         MXHPROOF,
         MXHRESUME,
         MXHCLAIM,
+        MXHSHMLANE,
+        MXHSHMOK,
+        MXHSHMNO,
     )
 }
 
@@ -394,6 +428,26 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class ShmLane:
+    """MXHSHMLANE: the hub's answer to a lane offer; ``size == 0`` declines it, else the
+    segment for ``molecules`` molecules and ``extras`` arrays came with the frame."""
+
+    version: int
+    molecules: int
+    extras: int
+    flags: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShmAnswer:
+    """MXHSHMOK (``accepted``) or MXHSHMNO: the driver's answer to MXHSHMLANE."""
+
+    version: int
+    accepted: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     """MXHCLAIM: a reconnecting driver asks for molecules ``first .. first+molecules-1``."""
 
@@ -422,6 +476,8 @@ Event = (
     | AuthProof
     | Resume
     | Claim
+    | ShmLane
+    | ShmAnswer
 )
 
 _SIMPLE = {
@@ -538,6 +594,25 @@ def encode_claim(first: int, molecules: int = 1, version: int = RESUME_VERSION) 
     return _RESUME_FRAME.pack(_H[MXHCLAIM], version, molecules, first)
 
 
+def encode_shm_lane(
+    molecules: int, extras: int, size: int, flags: int = 0, version: int = SHM_VERSION
+) -> bytes:
+    """MXHSHMLANE (``size == 0``: the hub declines the lane; send no descriptors)."""
+    return _SHM_OFFER.pack(_H[MXHSHMLANE], version, molecules, extras, flags, size)
+
+
+def encode_shm_answer(accepted: bool, version: int = SHM_VERSION) -> bytes:
+    """MXHSHMOK (``accepted``) or MXHSHMNO."""
+    return _SHM_ANSWER.pack(_H[MXHSHMOK if accepted else MXHSHMNO], version)
+
+
+def hello_lane_flags(extras: int) -> int:
+    """MXHHELLO flags offering the lane, with ``extras`` arrays per molecule."""
+    if not 0 <= extras <= SHM_MAX_EXTRAS:
+        raise ValueError(f"a lane carries 0..{SHM_MAX_EXTRAS} extras arrays, not {extras}")
+    return HELLO_SHM_LANE | extras << HELLO_EXTRAS_SHIFT
+
+
 def encode_auth_proof(proof: bytes, version: int = AUTH_VERSION) -> bytes:
     """MXHPROOF with a 32-byte ``proof``."""
     return _auth_frame(MXHPROOF, proof, version)
@@ -626,13 +701,21 @@ def encode(event: Event) -> bytes:
         return encode_resume(event.step, event.molecules, event.version)
     if isinstance(event, Claim):
         return encode_claim(event.first, event.molecules, event.version)
+    if isinstance(event, ShmLane):
+        return encode_shm_lane(
+            event.molecules, event.extras, event.size, event.flags, event.version
+        )
+    if isinstance(event, ShmAnswer):
+        return encode_shm_answer(event.accepted, event.version)
     raise TypeError(f"not a wire event: {event!r}")
 
 
 # ----------------------------------------------------------------------------- decoding
 
 # Which messages each side may receive. A missing entry is a protocol error.
-_FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS, MXHAUTH})
+_FROM_HUB = frozenset(
+    {STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS, MXHAUTH, MXHSHMLANE}
+)
 _FROM_DRIVER = frozenset(
     {
         READY,
@@ -645,6 +728,8 @@ _FROM_DRIVER = frozenset(
         MXHPROOF,
         MXHRESUME,
         MXHCLAIM,
+        MXHSHMOK,
+        MXHSHMNO,
     }
 )
 _READERS = {"driver": (_FROM_HUB, "hub"), "hub": (_FROM_DRIVER, "driver")}
@@ -757,6 +842,8 @@ class Decoder:
             return self._auth(buf, pos, name)
         if name in (MXHRESUME, MXHCLAIM):
             return self._resume(buf, pos, name)
+        if name in (MXHSHMLANE, MXHSHMOK, MXHSHMNO):
+            return self._shm(buf, pos, name)
         return self._batch(buf, pos, name)
 
     def _resume(self, buf: memoryview, pos: int, name: bytes):
@@ -778,6 +865,21 @@ class Decoder:
             )
         event = Resume(version, m, value) if name == MXHRESUME else Claim(version, m, value)
         return event, _RESUME_FRAME.size
+
+    def _shm(self, buf: memoryview, pos: int, name: bytes):
+        frame = _SHM_OFFER if name == MXHSHMLANE else _SHM_ANSWER
+        if len(buf) - pos < frame.size:
+            return None, 0
+        _, version, *rest = frame.unpack_from(buf, pos)
+        label = name.decode()
+        if version != SHM_VERSION:
+            raise ProtocolError(f"{label}: lane version {version}; this side speaks {SHM_VERSION}")
+        if name != MXHSHMLANE:
+            return ShmAnswer(version, name == MXHSHMOK), frame.size
+        m, k, flags, size = rest
+        if m < 1 or m > self._limits.max_batch or not 0 <= k <= SHM_MAX_EXTRAS or size < 0:
+            raise ProtocolError(f"{label}: M = {m}, K = {k}, size {size} out of range")
+        return ShmLane(version, m, k, flags, size), frame.size
 
     def _auth(self, buf: memoryview, pos: int, name: bytes):
         if len(buf) - pos < _AUTH_FRAME.size:

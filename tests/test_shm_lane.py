@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from maxwellhub import shm_lane
+from maxwellhub import shm_lane, wire
 from maxwellhub.shm_lane import Barrier, LaneError, PeerGone
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memfd/eventfd")
@@ -172,7 +172,7 @@ def test_an_unsealed_segment_is_refused():
     *_, size = shm_lane.layout(1)
     seg = os.memfd_create("maxwellhub-lane", os.MFD_CLOEXEC)
     os.ftruncate(seg, size)
-    offer = shm_lane._OFFER.pack(shm_lane._H_LANE, shm_lane.LANE_VERSION, 1, 0, 1, size)
+    offer = wire.encode_shm_lane(1, 0, size, flags=shm_lane.BELL_ON_SOCKET)
     socket.send_fds(hub_sock, [offer], [seg])
     os.close(seg)
     with pytest.raises(LaneError, match="not sealed"):
