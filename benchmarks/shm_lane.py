@@ -10,7 +10,7 @@ what is measured. Both sides of each row run in the same run, alternating.
   fast-path checks of hub.py; the barrier is one epoll over the driver sockets. Ensemble
   drivers get ``wire.fields_batch_parts`` + GETFORCE and answer ``wire.encode_sources_batch``,
   both sides decoding with ``wire.Decoder``.
-* ``shm-eventfd``: :mod:`maxwellhub.shm_lane` (memfd segment, eventfd doorbells, epoll
+* ``shm-eventfd``: :mod:`maxwellhub.net.shm_lane` (memfd segment, eventfd doorbells, epoll
   barrier over the bells and the companion sockets); ``shm-sockbell``: the same segment,
   the doorbell one byte on the companion socket (one fd per driver). The hub copies the
   fields into each lane and the sources out of it every step (it would, for a solver).
@@ -51,7 +51,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from maxwellhub import shm_lane, wire
+from maxwellhub import wire
+from maxwellhub.net import shm_lane
 
 C = 0.5
 HUB_CORE, DRIVER_CORE = 0, 1

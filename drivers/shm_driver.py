@@ -1,4 +1,4 @@
-"""The driver side of the shared-memory lane (:mod:`maxwellhub.shm_lane`) for an ensemble.
+"""The driver side of the shared-memory lane (:mod:`maxwellhub.net.shm_lane`) for an ensemble.
 
 An ensemble session on a UNIX socket offers the lane in its MXHHELLO flags
 (:meth:`DriverLane.hello_flags`). Until the hub answered (MXHSHMLANE, right after
@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from maxwellhub import shm_lane, wire
+from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
+from maxwellhub.net import shm_lane
 
 if TYPE_CHECKING:
     from .ensemble import EnsembleSession

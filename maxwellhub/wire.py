@@ -92,7 +92,7 @@ MXHCLAIM    d -> hub   int32 version, int32 M (molecules), int64 first id     28
 MXHFIELDS + GETFORCE each, the answers discarded) before the step in flight. A driver
 that sends no MXHRESUME is taken to start from its initial state.
 
-maxwellhub's shared-memory lane (version 1, see :mod:`maxwellhub.shm_lane`), for an
+maxwellhub's shared-memory lane (version 1, see :mod:`maxwellhub.net.shm_lane`), for an
 ensemble driver on the same node as the hub, over a UNIX socket only. The driver offers
 it in its MXHHELLO flags: bit 0 (:data:`HELLO_SHM_LANE`), with bits 8..15 the number K of
 extras arrays per molecule it may answer (:data:`HELLO_EXTRAS_SHIFT`). The hub answers,

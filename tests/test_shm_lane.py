@@ -1,4 +1,4 @@
-"""The shared-memory lane (maxwellhub.shm_lane): bitwise round trip across a forked
+"""The shared-memory lane (maxwellhub.net.shm_lane): bitwise round trip across a forked
 driver, dead peers seen in the poll, nothing left after close or SIGKILL, stale and torn
 sequences refused. No timing is asserted."""
 
@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from maxwellhub import shm_lane, wire
-from maxwellhub.shm_lane import Barrier, LaneError, PeerGone
+from maxwellhub import wire
+from maxwellhub.net import shm_lane
+from maxwellhub.net.shm_lane import Barrier, LaneError, PeerGone
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memfd/eventfd")
 

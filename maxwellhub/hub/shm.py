@@ -1,4 +1,4 @@
-"""The hub side of the shared-memory lane (:mod:`maxwellhub.shm_lane`) on a live connection.
+"""The hub side of the shared-memory lane (:mod:`maxwellhub.net.shm_lane`) on a live connection.
 
 An ensemble driver on a UNIX socket offers the lane in its MXHHELLO flags
 (:data:`maxwellhub.wire.HELLO_SHM_LANE`). The connection machine asks its I/O layer to
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import shm_lane, wire
+from .. import wire
+from ..net import shm_lane
 
 if TYPE_CHECKING:
     import asyncio

@@ -71,7 +71,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import wire
+from .. import wire
 
 LANE_VERSION = 1
 MAGIC = b"MXHSHM\x00\x01"
