@@ -358,6 +358,128 @@ def run_cell(mode: str, drivers: int, molecules: int, seconds: float, min_steps:
     }
 
 
+# ---------------------------------------------------------------------------- real path
+# The negotiated lane as a run uses it: SocketHub.step_arrays (what an EM callback calls)
+# and forked ensemble driver sessions (drivers.client.serve with a model of the driver
+# API), the lane offered in MXHHELLO and passed in the handshake, against the same hub
+# and drivers on batched frames (Hub(shm_lane=False)).
+
+
+def _echo_model(molecules: int):
+    from maxwellhub_drivers.models import Model
+
+    class Echo(Model):
+        """sources = fields * 0.5 through the driver model API (checks, time, commit)."""
+
+        name = "bench_echo"
+
+        def _initial_state(self) -> dict:
+            return {"q": np.zeros(self.n)}
+
+        def _stage_impl(self, state: dict, fields: np.ndarray) -> tuple[dict, np.ndarray]:
+            return state, fields * C
+
+        def _extras_impl(self, state: dict) -> dict:
+            return {}
+
+    return Echo(n=molecules)
+
+
+def _fork_real_driver(path: str, molecules: int, lane: bool) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0  # the driver
+    try:
+        _pin(DRIVER_CORE)
+        os.environ["MAXWELLHUB_SHM_LANE"] = "1" if lane else "0"
+        from maxwellhub_drivers.client import EXIT_OK, connect, serve
+
+        sock = connect(unix=path, timeout=TIMEOUT)
+        code = 0 if serve(sock, _echo_model(molecules)) == EXIT_OK else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    os._exit(code)
+
+
+def real_cell(lane: bool, drivers: int, molecules: int, seconds: float, min_steps: int) -> dict:
+    """SocketHub + ``drivers`` forked ensemble sessions of ``molecules`` each."""
+    from maxwellhub import SocketHub
+
+    with tempfile.TemporaryDirectory(prefix="mxh-shm-") as tmp:
+        path = os.path.join(tmp, "hub.sock")
+        pids = [_fork_real_driver(path, molecules, lane) for _ in range(drivers)]
+        pinned = _pin(HUB_CORE)
+        total = drivers * molecules
+        hub = SocketHub(unixsocket=path, timeout=TIMEOUT, shm_lane=None if lane else False)
+        try:
+            with hub:
+                ids = np.array([hub.register_molecule_return_id() for _ in range(total)])
+                if not hub.wait_until_bound({int(m): {"dt_au": 0.1} for m in ids}, TIMEOUT):
+                    raise TimeoutError("drivers did not bind")
+                on_lane = sum(
+                    1 for c in hub.hub._connections if c.lane is not None and c.lane.active
+                )
+                if on_lane != (drivers if lane else 0):
+                    raise AssertionError(f"{on_lane} of {drivers} drivers on the lane")
+                fields = np.random.default_rng(1).standard_normal((total, 3))
+                for _ in range(3):  # warm up
+                    hub.step_arrays(ids, fields, timeout=TIMEOUT, extras=False)
+                steps, wall, cpu = 0, 0.0, 0.0
+                t_start = time.perf_counter()
+                while steps < min_steps or time.perf_counter() - t_start < seconds:
+                    fields[0, 0] = steps  # every step differs
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    res = hub.step_arrays(ids, fields, timeout=TIMEOUT, extras=False)
+                    wall += time.perf_counter() - t0
+                    cpu += time.process_time() - c0
+                    if res.sources.tobytes() != (fields * C).tobytes():
+                        raise AssertionError(f"lane={lane}: wrong sources at step {steps}")
+                    steps += 1
+                hub.graceful_shutdown(wait=10)
+        finally:
+            bad = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+        if bad:
+            raise RuntimeError(f"{len(bad)} drivers failed (lane={lane})")
+    return {
+        "steps": steps,
+        "steps_s": steps / wall,
+        "ms_step": 1e3 * wall / steps,
+        "cpu_ms_step": 1e3 * cpu / steps,
+        "mol_steps_s": steps * total / wall,
+        "pinned": pinned,
+    }
+
+
+def real_table(sizes: list[int], drivers: int, seconds: float, repeats: int) -> None:
+    print(
+        f"\nnegotiated lane, the real path: SocketHub.step_arrays (extras off) and {drivers} "
+        "forked ensemble driver session(s) (drivers.client.serve, a model of the driver API "
+        "answering fields * 0.5); best of alternating runs"
+    )
+    print("| molecules | path | steps/s | ms/step | hub CPU ms/step | lane / socket steps/s |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for total in sizes:
+        best: dict[str, dict] = {}
+        for _ in range(repeats):
+            for lane in (True, False):
+                r = real_cell(lane, drivers, total // drivers, seconds, 5)
+                key = "lane" if lane else "socket"
+                if key not in best or r["steps_s"] > best[key]["steps_s"]:
+                    best[key] = r
+        ratio = best["lane"]["steps_s"] / best["socket"]["steps_s"]
+        for key in ("socket", "lane"):
+            r = best[key]
+            print(
+                f"| {total:,} | {key} | {r['steps_s']:,.1f} | {r['ms_step']:.2f} "
+                f"| {r['cpu_ms_step']:.2f} | {f'{ratio:.2f}x' if key == 'lane' else ''} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--counts", default="1,8,64,256,1024", help="single-molecule drivers N")
@@ -365,7 +487,18 @@ def main() -> None:
     ap.add_argument("--ensemble-drivers", default="1,2")
     ap.add_argument("--seconds", type=float, default=1.5, help="per side per row")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs; best is kept")
+    ap.add_argument(
+        "--real",
+        default="10000,100000,1000000",
+        help="molecules of the negotiated-lane table (SocketHub + ensemble sessions; '' skips)",
+    )
+    ap.add_argument("--real-drivers", type=int, default=1)
+    ap.add_argument("--real-only", action="store_true", help="only the negotiated-lane table")
     args = ap.parse_args()
+    real = [int(x) for x in args.real.split(",") if x]
+    if args.real_only:
+        real_table(real, args.real_drivers, args.seconds, args.repeats)
+        return
     counts = [int(x) for x in args.counts.split(",") if x]
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     need = 3 * max(counts, default=0) + 64
@@ -413,6 +546,8 @@ def main() -> None:
                 f"| {r['ms_step']:.3f} | {r['cpu_us_drv']:.1f} "
                 f"| {r['cpu_us_drv'] / u['cpu_us_drv']:.2f} | {r['mol_steps_s'] / 1e6:.3f} |"
             )
+    if real:
+        real_table(real, args.real_drivers, args.seconds, args.repeats)
 
 
 if __name__ == "__main__":
