@@ -418,11 +418,11 @@ def real_cell(lane: bool, drivers: int, molecules: int, seconds: float, min_step
         try:
             with hub:
                 ids = np.array([hub.register_molecule_return_id() for _ in range(total)])
-                if not hub.wait_until_bound({int(m): {"dt_au": 0.1} for m in ids}, TIMEOUT):
+                init = {int(m): {"dt_au": 0.1} for m in ids}
+                if not hub.wait_until_bound(init, timeout=TIMEOUT):
                     raise TimeoutError("drivers did not bind")
-                on_lane = sum(
-                    1 for c in hub.hub._connections if c.lane is not None and c.lane.active
-                )
+                assert hub.hub is not None
+                on_lane = sum(c.lane is not None and c.lane.active for c in hub.hub._connections)
                 if on_lane != (drivers if lane else 0):
                     raise AssertionError(f"{on_lane} of {drivers} drivers on the lane")
                 fields = np.random.default_rng(1).standard_normal((total, 3))

@@ -33,7 +33,7 @@ from .client import (
     _Session,
 )
 from .models import Model
-from .shm_driver import for_session
+from .shm_driver import DriverLane, for_session
 
 if TYPE_CHECKING:
     from maxwellhub.auth import Secret
@@ -94,7 +94,7 @@ class EnsembleSession(_Session):
             if lane is not None:
                 lane.close()
 
-    def _run(self, lane) -> None:
+    def _run(self, lane: DriverLane | None) -> None:
         flags = 0 if lane is None else lane.hello_flags()
         self.sock.sendall(wire.encode_hello(self.model.n, flags=flags))
         decoder = self.decoder

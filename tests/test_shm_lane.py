@@ -326,7 +326,8 @@ async def _hello_answers(address, flags: int) -> list:
     else:
         reader, writer = await asyncio.open_unix_connection(address)
     writer.write(wire.encode_hello(2, flags=flags))
-    dec, events = wire.Decoder("driver"), []
+    dec = wire.Decoder("driver")
+    events: list = []
     try:
         while not any(isinstance(e, wire.Welcome) for e in events) or (
             flags and not any(isinstance(e, wire.ShmLane) for e in events)
@@ -444,6 +445,29 @@ def test_a_driver_that_declines_stays_on_the_socket(unix_name, monkeypatch, capl
     """A driver whose segment does not check out answers MXHSHMNO and is stepped with
     batched frames; its answers equal those of a driver that never offered the lane."""
     import logging
+
+    def refuse(offer, fds, sock):
+        for fd in fds:
+            os.close(fd)
+        raise LaneError("refused by the test")
+
+    monkeypatch.setattr(shm_lane, "map_offer", refuse)
+    caplog.set_level(logging.INFO)
+    declined, on_lane = _run_in_thread(unix_name, monkeypatch, "1")
+    assert on_lane == 0
+    assert any(
+        "declining the shared-memory lane: refused by the test" in r.getMessage()
+        for r in caplog.records
+    )
+    assert any("declined the shared-memory lane" in r.getMessage() for r in caplog.records)
+    never, _ = _run_in_thread(unix_name, monkeypatch, "0")
+    assert declined.tobytes() == never.tobytes()
+
+
+def _run_in_thread(unix_name, monkeypatch, env: str, secret=None) -> tuple[np.ndarray, int]:
+    """An ensemble session of 2 molecules in a thread of this process (environment
+    MAXWELLHUB_SHM_LANE=``env``), stepped 6 times: the sources, and whether it was on
+    a lane at the end."""
     import threading
 
     from _util import scaled
@@ -452,41 +476,55 @@ def test_a_driver_that_declines_stays_on_the_socket(unix_name, monkeypatch, capl
     from maxwellhub_drivers.client import EXIT_OK, serve
     from maxwellhub_drivers.models import create_model
 
-    def refuse(offer, fds, sock):
-        for fd in fds:
-            os.close(fd)
-        raise LaneError("refused by the test")
+    monkeypatch.setenv("MAXWELLHUB_SHM_LANE", env)
+    fields = 2e-3 * np.random.default_rng(2).standard_normal((6, 2, 3))
+    status: list[int] = []
+    out = []
+    with SocketHub(unixsocket=unix_name, timeout=scaled(30), auth=secret) as hub:
+        ids = [hub.register_molecule_return_id() for _ in range(2)]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(hub.address))
+        model = create_model("tls", n=2, **TLS)
+        thread = threading.Thread(target=lambda: status.append(serve(sock, model, secret=secret)))
+        thread.start()
+        assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(30))
+        for step in range(6):
+            out.append(hub.step_arrays(ids, fields[step], timeout=scaled(30)).sources)
+        on_lane = len(_lane_connections(hub))
+        hub.graceful_shutdown(wait=scaled(5))
+        thread.join(scaled(10))
+        sock.close()
+    assert status == [EXIT_OK]
+    return np.array(out), on_lane
 
-    def run(env: str) -> tuple[np.ndarray, int]:
-        monkeypatch.setenv("MAXWELLHUB_SHM_LANE", env)
-        fields = 2e-3 * np.random.default_rng(2).standard_normal((6, 2, 3))
-        status: list[int] = []
-        out = []
-        with SocketHub(unixsocket=unix_name, timeout=scaled(30)) as hub:
-            ids = [hub.register_molecule_return_id() for _ in range(2)]
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(str(hub.address))
-            model = create_model("tls", n=2, **TLS)
-            thread = threading.Thread(target=lambda: status.append(serve(sock, model)))
-            thread.start()
-            assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(30))
-            for step in range(6):
-                out.append(hub.step_arrays(ids, fields[step], timeout=scaled(30)).sources)
-            on_lane = len(_lane_connections(hub))
-            hub.graceful_shutdown(wait=scaled(5))
-            thread.join(scaled(10))
-            sock.close()
-        assert status == [EXIT_OK]
-        return np.array(out), on_lane
 
-    monkeypatch.setattr(shm_lane, "map_offer", refuse)
-    caplog.set_level(logging.INFO)
-    declined, on_lane = run("1")
-    assert on_lane == 0
-    assert any(
-        "declining the shared-memory lane: refused by the test" in r.getMessage()
-        for r in caplog.records
-    )
-    assert any("declined the shared-memory lane" in r.getMessage() for r in caplog.records)
-    never, _ = run("0")
-    assert declined.tobytes() == never.tobytes()
+def test_with_a_secret_the_lane_is_offered_after_the_proof(unix_name, monkeypatch):
+    """A hub with a secret: the ensemble's MXHHELLO comes before its MXHPROOF, the lane is
+    passed only after the proof, and the steps through it equal the socket's."""
+    from maxwellhub.auth import Secret
+
+    secret = Secret(b"k" * 32)
+    lane, on_lane = _run_in_thread(unix_name, monkeypatch, "1", secret)
+    assert on_lane == 1
+    sock, _ = _run_in_thread(unix_name, monkeypatch, "0", secret)
+    assert lane.tobytes() == sock.tobytes()
+
+
+def test_a_driver_offers_the_lane_only_on_a_unix_socket(monkeypatch):
+    """An ensemble session offers the lane on a UNIX socket, never on TCP, and not when
+    MAXWELLHUB_SHM_LANE=0; the offer's K covers the model's extras and the dipoles."""
+    from types import SimpleNamespace
+
+    from maxwellhub_drivers.shm_driver import for_session
+
+    model = SimpleNamespace(extras_keys=("Pe", "mux_au"), n=2)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix,
+    ):
+        assert for_session(SimpleNamespace(sock=tcp, model=model, log=None)) is None
+        lane = for_session(SimpleNamespace(sock=unix, model=model, log=None))
+        assert lane is not None
+        assert lane.hello_flags() == wire.HELLO_SHM_LANE | 4 << wire.HELLO_EXTRAS_SHIFT
+        monkeypatch.setenv("MAXWELLHUB_SHM_LANE", "0")
+        assert for_session(SimpleNamespace(sock=unix, model=model, log=None)) is None
