@@ -415,17 +415,16 @@ def _same(a, b) -> None:
             assert x[key].tobytes() == y[key].tobytes(), key
 
 
-@pytest.mark.parametrize("dipoles", [False, True])
-def test_ensembles_over_the_lane_equal_the_socket_bitwise(unix_name, dipoles):
-    """Hub.step_arrays with two ensemble drivers: through the negotiated lane (every step of
-    both drivers) the sources and extras (all, or the dipoles only) equal the socket
-    run's bit for bit; nothing of the lanes is left in the hub's process after stop."""
-    on = _run_ensembles(unix_name, 12, lane=None, dipoles=dipoles)
-    off = _run_ensembles(unix_name, 12, lane=False, dipoles=dipoles)
+def test_ensembles_over_the_lane_equal_the_socket_bitwise(unix_name):
+    """Hub.step_arrays with two ensemble drivers asking the dipoles only: through the
+    negotiated lane (every step of both drivers) the sources and dipoles equal the socket
+    run's bit for bit (all extras: the next test); nothing of the lanes is left in the
+    hub's process after stop."""
+    on = _run_ensembles(unix_name, 12, lane=None, dipoles=True)
+    off = _run_ensembles(unix_name, 12, lane=False, dipoles=True)
     assert on[2] == 2 * 12 and off[2] == 0
     _same(on, off)
-    if dipoles:
-        assert sorted(on[1][0]) == sorted(wire.DIPOLE_KEYS)
+    assert sorted(on[1][0]) == sorted(wire.DIPOLE_KEYS)
     assert _memfds(os.getpid()) == []
 
 
@@ -433,7 +432,7 @@ def test_a_killed_lane_driver_is_replaced_with_exact_continuity(unix_name, tmp_p
     """An ensemble driver on the lane, killed at step 27 (checkpoints every 4 steps): the
     hub sees its socket close, its replacement restores step 24, is replayed 24..26 with
     MXHFIELDS on the socket, then steps on a new lane; everything equals the
-    uninterrupted socket run bit for bit."""
+    uninterrupted socket run bit for bit, every extras array included."""
     want = _run_ensembles(unix_name, 40, lane=False, ckpt=tmp_path / "a")
     got = _run_ensembles(unix_name, 40, lane=None, ckpt=tmp_path / "b", kill_at=27)
     _same(got, want)
@@ -528,3 +527,55 @@ def test_a_driver_offers_the_lane_only_on_a_unix_socket(monkeypatch):
         assert lane.hello_flags() == wire.HELLO_SHM_LANE | 4 << wire.HELLO_EXTRAS_SHIFT
         monkeypatch.setenv("MAXWELLHUB_SHM_LANE", "0")
         assert for_session(SimpleNamespace(sock=unix, model=model, log=None)) is None
+
+
+def test_a_cavity_run_over_the_lane_equals_the_socket_bitwise(unix_name, tmp_path):
+    """EngineCoupling with a driven single-mode cavity (dipole gauge, DSE: the engine needs
+    every molecule's dipole each step) and one ensemble driver of 4 TLS: 100 steps through
+    the lane give the socket run's records bit for bit."""
+    import json
+    import math
+    import subprocess
+
+    from _util import scaled
+
+    from maxwellhub import SocketHub
+    from maxwellhub.em import EngineCoupling, SingleModeCavity
+    from maxwellhub.launch import driver_command, driver_env, reap
+
+    params = tmp_path / "tls.json"
+    params.write_text(json.dumps(dict(TLS, pe_initial=0.05)))
+    runs = []
+    for lane in (None, False):
+        hub = SocketHub(unixsocket=unix_name, shm_lane=lane)
+        procs = []
+        try:
+            cavity = SingleModeCavity(
+                frequency_au=0.242,
+                damping_au=1e-4,
+                coupling_strength=2e-4,
+                coupling_axis="z",
+                include_dse=True,
+                drive=lambda t: 1e-3 * math.sin(0.2 * t),
+            )
+            coupling = EngineCoupling(cavity, DT_AU, hub=hub, record_every=5)
+            coupling.add_socket_molecules(positions=np.linspace(100.0, 400.0, 4))
+            for mid in range(4):
+                hub.register_molecule(mid)
+            cmd = driver_command(
+                "tls", None, unix=unix_name, timeout=60,
+                extra_args=["--molecules", "4", "--params-file", str(params)],
+            )  # fmt: skip
+            procs = [subprocess.Popen(cmd, env=driver_env())]
+            assert hub.wait_until_bound(list(range(4)), require_init=False, timeout=scaled(60))
+            coupling.run(steps=100)
+            assert len(_lane_connections(hub)) == (1 if lane is None else 0)
+            runs.append(coupling.history())
+        finally:
+            hub.stop()
+            reap(procs, scaled(10))
+    on, off = runs
+    assert sorted(on) == sorted(off)
+    for key in on:
+        assert np.asarray(on[key]).tobytes() == np.asarray(off[key]).tobytes(), key
+    assert np.ptp(on["engine/qc_au"]) > 0
