@@ -1,4 +1,4 @@
-"""A shared-memory lane for a driver on the same node (issue 13, item 3): an experiment.
+"""A shared-memory lane for an ensemble driver on the same node as the hub.
 
 One :class:`Lane` is one anonymous shared-memory segment plus two doorbells:
 
