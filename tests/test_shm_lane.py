@@ -429,14 +429,14 @@ def test_ensembles_over_the_lane_equal_the_socket_bitwise(unix_name):
 
 
 def test_a_killed_lane_driver_is_replaced_with_exact_continuity(unix_name, tmp_path):
-    """An ensemble driver on the lane, killed at step 27 (checkpoints every 4 steps): the
-    hub sees its socket close, its replacement restores step 24, is replayed 24..26 with
+    """An ensemble driver on the lane, killed at step 11 (checkpoints every 4 steps): the
+    hub sees its socket close, its replacement restores step 8, is replayed 8..10 with
     MXHFIELDS on the socket, then steps on a new lane; everything equals the
     uninterrupted socket run bit for bit, every extras array included."""
-    want = _run_ensembles(unix_name, 40, lane=False, ckpt=tmp_path / "a")
-    got = _run_ensembles(unix_name, 40, lane=None, ckpt=tmp_path / "b", kill_at=27)
+    want = _run_ensembles(unix_name, 16, lane=False, ckpt=tmp_path / "a")
+    got = _run_ensembles(unix_name, 16, lane=None, ckpt=tmp_path / "b", kill_at=11)
     _same(got, want)
-    assert got[2] == 2 * 40  # after every step both drivers are on a lane, the new one too
+    assert got[2] == 2 * 16  # after every step both drivers are on a lane, the new one too
     assert _memfds(os.getpid()) == []
 
 
