@@ -33,6 +33,7 @@ from .client import (
     _Session,
 )
 from .models import Model
+from .shm_driver import DriverLane, for_session
 
 if TYPE_CHECKING:
     from maxwellhub.auth import Secret
@@ -76,7 +77,10 @@ class EnsembleSession(_Session):
             wire.Exit: self.on_exit,
             wire.AuthChallenge: self.on_auth,
             wire.Params: self.on_params,
+            wire.ShmLane: self.on_lane,
         }
+        # The shared-memory lane (drivers.shm_driver), offered on a UNIX socket.
+        self.lane = for_session(self)
 
     def who(self) -> str:
         if self.ids is None:
@@ -84,11 +88,21 @@ class EnsembleSession(_Session):
         return f" (molecules {self.ids[0]}..{self.ids[-1]})"
 
     def run(self) -> None:
-        self.sock.sendall(wire.encode_hello(self.model.n))
+        lane = self.lane
+        try:
+            self._run(lane)
+        finally:
+            if lane is not None:
+                lane.close()
+
+    def _run(self, lane: DriverLane | None) -> None:
+        flags = 0 if lane is None else lane.hello_flags()
+        self.sock.sendall(wire.encode_hello(self.model.n, flags=flags))
         decoder = self.decoder
+        recv_into = self.sock.recv_into if lane is None else lane.receive
         while True:
             # straight into the decoder's buffer: a frame of 10^6 fields is 24 MB
-            n = self.sock.recv_into(decoder.read_buffer(1 << 20))
+            n = recv_into(decoder.read_buffer(1 << 20))
             if n == 0:
                 if self.proof_sent:
                     raise HubClosed(REFUSED)
@@ -149,6 +163,12 @@ class EnsembleSession(_Session):
     def molecule_ids(self) -> list[int] | None:
         return self.ids
 
+    def on_lane(self, event: wire.ShmLane) -> bool:
+        if self.lane is None:
+            raise ProtocolError("MXHSHMLANE, but this driver offered no shared-memory lane")
+        self.lane.on_offer(event)
+        return False
+
     def on_fields(self, event: wire.FieldsBatch) -> bool:
         if self.ids is None:
             raise ProtocolError("MXHFIELDS before INIT")
@@ -172,7 +192,8 @@ class EnsembleSession(_Session):
         except Exception as exc:
             raise ModelFailed(f"commit failed: {type(exc).__name__}: {exc}") from exc
         self.steps += 1
-        _send_parts(self.sock, wire.sources_batch_parts(sources, extras))
+        if self.lane is None or not self.lane.answer(sources, extras):
+            _send_parts(self.sock, wire.sources_batch_parts(sources, extras))
         continuity.committed(self.model, before)  # after the answer left
         return False
 

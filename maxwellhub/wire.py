@@ -107,13 +107,36 @@ MXHPARAMSOK  d -> hub   int32 version, int64 sequence, int32 n, n bytes JSON  28
 ===========  =========  ===================================================  ===========
 
 ``n`` is at most :attr:`Limits.max_params_bytes` (64 KiB by default); the JSON is UTF-8.
+
+maxwellhub's shared-memory lane (version 1, see :mod:`maxwellhub.net.shm_lane`), for an
+ensemble driver on the same node as the hub, over a UNIX socket only. The driver offers
+it in its MXHHELLO flags: bit 0 (:data:`HELLO_SHM_LANE`), with bits 8..15 the number K of
+extras arrays per molecule it may answer (:data:`HELLO_EXTRAS_SHIFT`). The hub answers,
+right after MXHWELCOME, with one MXHSHMLANE: ``size > 0`` passes the segment and its two
+doorbells as three descriptors (``SCM_RIGHTS``, attached to the frame's first byte);
+``size == 0`` (no descriptors) means the hub declines (TCP, or its option off). The driver
+maps the segment and answers MXHSHMOK, or MXHSHMNO and stays on batched frames:
+
+==========  =========  ====================================================  ===========
+MXHSHMLANE  hub -> d   int32 version, int32 M, int32 K, int32 flags (0),     36
+                       int64 segment size (0: declined)
+MXHSHMOK    d -> hub   int32 version                                         16
+MXHSHMNO    d -> hub   int32 version                                         16
+==========  =========  ====================================================  ===========
+
+Once accepted, a step's fields, sources and extras go through the segment and its
+doorbells; the socket stays open for everything else (STOP, EXIT, replayed steps) and its
+EOF is how either side learns the other died. A plain i-PI or MaxwellLink peer, or an
+ensemble driver that does not set bit 0, never sees any of it.
 """
 
 from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -208,6 +231,15 @@ MXHPARAMSOK = b"MXHPARAMSOK"
 PARAMS_VERSION = 1
 PARAMS_KEY = "mxh_params"  # the INIT JSON key that offers MXHPARAMS
 _PARAMS_HEAD = struct.Struct("<12siqi")
+MXHSHMLANE = b"MXHSHMLANE"
+MXHSHMOK = b"MXHSHMOK"
+MXHSHMNO = b"MXHSHMNO"
+SHM_VERSION = 1
+HELLO_SHM_LANE = 1  # MXHHELLO flags bit 0: the driver offers the shared-memory lane
+HELLO_EXTRAS_SHIFT = 8  # MXHHELLO flags bits 8..15: extras arrays it may answer (K)
+SHM_MAX_EXTRAS = 255
+_SHM_OFFER = struct.Struct("<12siiiiq")  # version, M, K, flags, segment size
+_SHM_ANSWER = struct.Struct("<12si")
 
 _I32 = struct.Struct("<i")
 _MIN_BUFFER = 1 << 16
@@ -259,6 +291,9 @@ _H = {
         MXHCLAIM,
         MXHPARAMS,
         MXHPARAMSOK,
+        MXHSHMLANE,
+        MXHSHMOK,
+        MXHSHMNO,
     )
 }
 
@@ -419,6 +454,26 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class ShmLane:
+    """MXHSHMLANE: the hub's answer to a lane offer; ``size == 0`` declines it, else the
+    segment for ``molecules`` molecules and ``extras`` arrays came with the frame."""
+
+    version: int
+    molecules: int
+    extras: int
+    flags: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShmAnswer:
+    """MXHSHMOK (``accepted``) or MXHSHMNO: the driver's answer to MXHSHMLANE."""
+
+    version: int
+    accepted: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     """MXHCLAIM: a reconnecting driver asks for molecules ``first .. first+molecules-1``."""
 
@@ -470,6 +525,8 @@ Event = (
     | Claim
     | Params
     | ParamsAck
+    | ShmLane
+    | ShmAnswer
 )
 
 _SIMPLE = {
@@ -601,6 +658,25 @@ def encode_params_ack(sequence: int, payload: bytes, version: int = PARAMS_VERSI
     return _params_frame(MXHPARAMSOK, sequence, payload, version)
 
 
+def encode_shm_lane(
+    molecules: int, extras: int, size: int, flags: int = 0, version: int = SHM_VERSION
+) -> bytes:
+    """MXHSHMLANE (``size == 0``: the hub declines the lane; send no descriptors)."""
+    return _SHM_OFFER.pack(_H[MXHSHMLANE], version, molecules, extras, flags, size)
+
+
+def encode_shm_answer(accepted: bool, version: int = SHM_VERSION) -> bytes:
+    """MXHSHMOK (``accepted``) or MXHSHMNO."""
+    return _SHM_ANSWER.pack(_H[MXHSHMOK if accepted else MXHSHMNO], version)
+
+
+def hello_lane_flags(extras: int) -> int:
+    """MXHHELLO flags offering the lane, with ``extras`` arrays per molecule."""
+    if not 0 <= extras <= SHM_MAX_EXTRAS:
+        raise ValueError(f"a lane carries 0..{SHM_MAX_EXTRAS} extras arrays, not {extras}")
+    return HELLO_SHM_LANE | extras << HELLO_EXTRAS_SHIFT
+
+
 def encode_auth_proof(proof: bytes, version: int = AUTH_VERSION) -> bytes:
     """MXHPROOF with a 32-byte ``proof``."""
     return _auth_frame(MXHPROOF, proof, version)
@@ -662,45 +738,54 @@ def encode_sources_batch(sources, extras=None) -> bytes:
     return b"".join(sources_batch_parts(sources, extras))
 
 
+# Each event with a payload -> its encoder (the events without one are in _SIMPLE_NAME).
+_ENCODERS: dict[type, Callable[[Any], bytes]] = {
+    Init: lambda e: encode_init(e.ident, e.payload),
+    PosData: lambda e: encode_posdata(e.cell, e.inverse, e.positions),
+    ForceReady: lambda e: encode_forceready(e.energy, e.forces, e.virial, e.extras),
+    Hello: lambda e: encode_hello(e.molecules, e.version, e.flags),
+    Welcome: lambda e: encode_welcome(e.molecules, e.version),
+    FieldsBatch: lambda e: encode_fields_batch(e.fields, e.flags),
+    SourcesBatch: lambda e: encode_sources_batch(e.sources, e.extras),
+    AuthChallenge: lambda e: encode_auth_challenge(e.nonce, e.version),
+    AuthProof: lambda e: encode_auth_proof(e.proof, e.version),
+    Resume: lambda e: encode_resume(e.step, e.molecules, e.version),
+    Claim: lambda e: encode_claim(e.first, e.molecules, e.version),
+    Params: lambda e: encode_params(e.step, e.payload, e.version),
+    ParamsAck: lambda e: encode_params_ack(e.sequence, e.payload, e.version),
+    ShmLane: lambda e: encode_shm_lane(e.molecules, e.extras, e.size, e.flags, e.version),
+    ShmAnswer: lambda e: encode_shm_answer(e.accepted, e.version),
+}
+
+
 def encode(event: Event) -> bytes:
     """Bytes of any event."""
     name = _SIMPLE_NAME.get(type(event))
     if name is not None:
         return _H[name]
-    if isinstance(event, Init):
-        return encode_init(event.ident, event.payload)
-    if isinstance(event, PosData):
-        return encode_posdata(event.cell, event.inverse, event.positions)
-    if isinstance(event, ForceReady):
-        return encode_forceready(event.energy, event.forces, event.virial, event.extras)
-    if isinstance(event, Hello):
-        return encode_hello(event.molecules, event.version, event.flags)
-    if isinstance(event, Welcome):
-        return encode_welcome(event.molecules, event.version)
-    if isinstance(event, FieldsBatch):
-        return encode_fields_batch(event.fields, event.flags)
-    if isinstance(event, SourcesBatch):
-        return encode_sources_batch(event.sources, event.extras)
-    if isinstance(event, AuthChallenge):
-        return encode_auth_challenge(event.nonce, event.version)
-    if isinstance(event, AuthProof):
-        return encode_auth_proof(event.proof, event.version)
-    if isinstance(event, Resume):
-        return encode_resume(event.step, event.molecules, event.version)
-    if isinstance(event, Claim):
-        return encode_claim(event.first, event.molecules, event.version)
-    if isinstance(event, Params):
-        return encode_params(event.step, event.payload, event.version)
-    if isinstance(event, ParamsAck):
-        return encode_params_ack(event.sequence, event.payload, event.version)
-    raise TypeError(f"not a wire event: {event!r}")
+    encoder = _ENCODERS.get(type(event))
+    if encoder is None:
+        raise TypeError(f"not a wire event: {event!r}")
+    return encoder(event)
 
 
 # ----------------------------------------------------------------------------- decoding
 
 # Which messages each side may receive. A missing entry is a protocol error.
 _FROM_HUB = frozenset(
-    {STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS, MXHAUTH, MXHPARAMS}
+    {
+        STATUS,
+        INIT,
+        POSDATA,
+        GETFORCE,
+        STOP,
+        EXIT,
+        MXHWELCOME,
+        MXHFIELDS,
+        MXHAUTH,
+        MXHPARAMS,
+        MXHSHMLANE,
+    }
 )
 _FROM_DRIVER = frozenset(
     {
@@ -715,6 +800,8 @@ _FROM_DRIVER = frozenset(
         MXHRESUME,
         MXHCLAIM,
         MXHPARAMSOK,
+        MXHSHMOK,
+        MXHSHMNO,
     }
 )
 _READERS = {"driver": (_FROM_HUB, "hub"), "hub": (_FROM_DRIVER, "driver")}
@@ -829,6 +916,8 @@ class Decoder:
             return self._resume(buf, pos, name)
         if name in (MXHPARAMS, MXHPARAMSOK):
             return self._params(buf, pos, name)
+        if name in (MXHSHMLANE, MXHSHMOK, MXHSHMNO):
+            return self._shm(buf, pos, name)
         return self._batch(buf, pos, name)
 
     def _params(self, buf: memoryview, pos: int, name: bytes):
@@ -876,6 +965,21 @@ class Decoder:
             )
         event = Resume(version, m, value) if name == MXHRESUME else Claim(version, m, value)
         return event, _RESUME_FRAME.size
+
+    def _shm(self, buf: memoryview, pos: int, name: bytes):
+        frame = _SHM_OFFER if name == MXHSHMLANE else _SHM_ANSWER
+        if len(buf) - pos < frame.size:
+            return None, 0
+        _, version, *rest = frame.unpack_from(buf, pos)
+        label = name.decode()
+        if version != SHM_VERSION:
+            raise ProtocolError(f"{label}: lane version {version}; this side speaks {SHM_VERSION}")
+        if name != MXHSHMLANE:
+            return ShmAnswer(version, name == MXHSHMOK), frame.size
+        m, k, flags, size = rest
+        if m < 1 or m > self._limits.max_batch or not 0 <= k <= SHM_MAX_EXTRAS or size < 0:
+            raise ProtocolError(f"{label}: M = {m}, K = {k}, size {size} out of range")
+        return ShmLane(version, m, k, flags, size), frame.size
 
     def _auth(self, buf: memoryview, pos: int, name: bytes):
         if len(buf) - pos < _AUTH_FRAME.size:

@@ -57,6 +57,7 @@ from ..net.listener import Listener
 from ..net.unix import bind_owner_only, remove_if_ours
 from ..protocol.connection import Connection, State
 from ..rendezvous import remove_address_file, write_address_file
+from . import shm
 from .barrier import (
     Barrier,
     Layout,
@@ -209,6 +210,9 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         if self.bye is not None and not self.bye.done():
             self.bye.set_result(said_bye)
 
+    def offer_lane(self, parts: list, extras: int) -> shm.HubLane | None:
+        return shm.offer(self.conn, self.transport, self.loop, self.hub.shm_lane, parts, extras)
+
     # -- for the hub
     def send_end(self) -> asyncio.Future:
         """End the session (STOP or EXIT); the future says whether it ended politely."""
@@ -248,7 +252,9 @@ class Hub:
     (:mod:`maxwellhub.liveness`). ``handshake_timeout`` bounds how long a new connection
     may take to authenticate and answer its first STATUS; by default
     :data:`~maxwellhub.liveness.DEFAULT_HANDSHAKE_TIMEOUT` (60 s), or ``timeout`` when that
-    is shorter.
+    is shorter. ``shm_lane``: ensemble drivers on the same node that offer it are stepped
+    through shared memory (:mod:`maxwellhub.hub.shm`); None (default): on a UNIX socket,
+    False: never (TCP never has it).
     """
 
     def __init__(
@@ -268,6 +274,7 @@ class Hub:
         max_spare: int = 256,
         address_file: str | os.PathLike | None = None,
         handshake_timeout: float | None = None,
+        shm_lane: bool | None = None,
     ) -> None:
         if dialect not in ("maxwelllink", "ipi"):
             raise UsageError(f"dialect must be 'maxwelllink' or 'ipi', not {dialect!r}")
@@ -289,6 +296,9 @@ class Hub:
                 f"{type(auth).__name__}"
             )
         self.auth = auth
+        #: Ensemble drivers that offer it are stepped through shared memory
+        #: (:mod:`maxwellhub.hub.shm`): None (default) on a UNIX socket, False never.
+        self.shm_lane = shm_lane
         self.step_index = 0
         self.paused = False
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -116,6 +116,7 @@ EVENT_NAMES = {
     wire.Resume: "MXHRESUME",
     wire.Claim: "MXHCLAIM",
     wire.ParamsAck: "MXHPARAMSOK",
+    wire.ShmAnswer: "MXHSHMOK/MXHSHMNO",
 }
 
 _GETFORCE_HEADER = wire.encode_header(wire.GETFORCE)
@@ -198,6 +199,20 @@ class Link(Protocol):
     def ended(self, said_bye: bool) -> None:
         """The session's end is settled (BYE, EXIT sent, or the connection closed)."""
 
+    def offer_lane(self, parts: Parts, extras: int) -> Lane | None:
+        """Write ``parts``, then answer the driver's shared-memory lane offer (MXHSHMLANE,
+        with the segment's descriptors when the hub wants a lane); the lane, or None."""
+
+
+class Lane(Protocol):
+    """A shared-memory lane as the connection steps it (:mod:`maxwellhub.hub.shm`)."""
+
+    active: bool
+
+    def settle(self, accepted: bool) -> None: ...
+    def post(self, fields: np.ndarray, flags: int) -> None: ...
+    def close(self) -> None: ...
+
 
 # ----------------------------------------------------------------------------- machine
 
@@ -256,6 +271,10 @@ class Connection:
         self._init_resent = False
         self._was_empty = True  # the decoder held nothing before this read
         self._out: Parts = []
+        # The shared-memory lane (maxwellhub.hub.shm): the extras count the driver's
+        # MXHHELLO offered it with (None: not offered), and the lane once offered.
+        self.lane_extras: int | None = None
+        self.lane: Lane | None = None
 
     @property
     def size(self) -> int:
@@ -375,6 +394,8 @@ class Connection:
                 self,
             )
         self.link.disarm()
+        if self.lane is not None:
+            self.lane.close()
         if self.ending:
             self.ending = False
             self._ended(False)
@@ -423,6 +444,7 @@ class Connection:
         log.debug("%s authenticated", self)
         if self.batch is not None:  # its MXHHELLO arrived before the proof
             self._emit(wire.encode_welcome(self.batch))
+            self._offer_lane()
         self._emit(STATUS_BYTES)
         self._arm(self.handshake_timeout)
 
@@ -431,9 +453,25 @@ class Connection:
             return False
         self.batch = self.decoder.batch = event.molecules
         self.link.hosting(event.molecules)
+        if event.flags & wire.HELLO_SHM_LANE:
+            self.lane_extras = (event.flags >> wire.HELLO_EXTRAS_SHIFT) & wire.SHM_MAX_EXTRAS
         if self.state is _PROBE:  # authenticated (or no secret): welcome it now
             self._emit(wire.encode_welcome(event.molecules))
+            self._offer_lane()
         # else an ensemble driver spoke first; MXHWELCOME waits for its proof
+        return True
+
+    def _offer_lane(self) -> None:
+        """Right after MXHWELCOME: answer a lane offer (the I/O layer passes the segment's
+        descriptors, so it writes what is queued first, in order)."""
+        if self.lane_extras is not None:
+            self.lane = self.link.offer_lane(self.data_to_send(), self.lane_extras)
+
+    def _on_lane_answer(self, event: wire.ShmAnswer) -> bool:
+        lane = self.lane
+        if lane is None or lane.active:  # no lane was passed, or it was answered already
+            return False
+        lane.settle(event.accepted)
         return True
 
     def _on_probe_answer(self, event: wire.Ready | wire.NeedInit) -> None:
@@ -732,6 +770,10 @@ class Connection:
             flags = (wire.WANT_EXTRAS if step.want_extras else 0) | (
                 wire.WANT_DIPOLES if step.want_dipoles else 0
             )
+            lane = self.lane
+            if lane is not None and lane.active:  # fields and sources through shared memory
+                lane.post(step.fields[self.rows], flags)
+                return self.data_to_send()
             self._emit(*wire.fields_batch_parts(step.fields[self.rows], flags), _GETFORCE_HEADER)
         return self.data_to_send()
 
@@ -842,6 +884,11 @@ TRANSITIONS: dict[tuple[State, type], _Handler] = {
     (_S.LEARN, wire.NeedInit): Connection._on_learned,
     (_S.ASKED, wire.Ready): Connection._on_asked_ready,
     (_S.ASKED, wire.NeedInit): Connection._on_needinit_again,
+    (_S.PROBE, wire.ShmAnswer): Connection._on_lane_answer,
+    (_S.UNBOUND, wire.ShmAnswer): Connection._on_lane_answer,
+    (_S.BOUND, wire.ShmAnswer): Connection._on_lane_answer,
+    (_S.INIT, wire.ShmAnswer): Connection._on_lane_answer,
+    (_S.CLOSING, wire.ShmAnswer): Connection._ignore,
     (_S.CLOSING, wire.Bye): Connection._on_bye,
     (_S.CLOSING, wire.ForceReady): Connection._ignore,
     (_S.CLOSING, wire.SourcesBatch): Connection._ignore,

@@ -426,7 +426,9 @@ def test_run_client_serves_a_batched_model_as_an_ensemble(listen_unix, unix_name
         while len(hello) < 24:
             hello += conn.recv(24 - len(hello))
     thread.join(scaled(20))
-    assert hello == wire.encode_hello(3)
+    # on a UNIX socket the ensemble also offers the shared-memory lane (flags bit 0)
+    assert hello[:20] == wire.encode_hello(3)[:20]
+    assert wire.Decoder("hub").feed(hello)[0].flags & ~0xFF00 == wire.HELLO_SHM_LANE
     assert done["code"] == EXIT_CONNECTION
 
 

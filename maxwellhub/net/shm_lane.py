@@ -1,4 +1,4 @@
-"""A shared-memory lane for a driver on the same node (issue 13, item 3): an experiment.
+"""A shared-memory lane for an ensemble driver on the same node as the hub.
 
 One :class:`Lane` is one anonymous shared-memory segment plus two doorbells:
 
@@ -32,14 +32,16 @@ Segment layout (little-endian, every slot 64-byte aligned)::
     8   version  u32  LANE_VERSION
     12  M        u32  molecules
     16  K        u32  extras arrays per molecule (0 = no extras slot)
-    20  -        u32  reserved
+    20  flags    u32  the step's MXHFIELDS flags (WANT_EXTRAS, WANT_DIPOLES), by the hub
     24  f_begin  i64  field sequence: written by the hub before the fields
     32  f_end    i64  field sequence: written by the hub after the fields
     40  s_begin  i64  source sequence: written by the driver before the sources
     48  s_end    i64  source sequence: written by the driver after the sources
+    56  nkeys    i32  extras arrays in this step's answer (0..K), by the driver
     64  fields   (M, 3) float64
     ..  sources  (M, 3) float64
-    ..  extras   (M, K) float64
+    ..  keys     K x 64 bytes: the extras names, ASCII, zero-padded
+    ..  extras   (K, M) float64: one contiguous array per name
 
 The sequence of step ``k`` is ``k``. A reader checks ``begin == end == expected``: an old
 sequence (a peer answering a previous step, or replaying) and a torn one (a writer died or
@@ -47,13 +49,14 @@ wrote out of turn mid-slot) both raise :class:`LaneError` naming the numbers. Th
 write/read pair is a system call on each side, which orders the slot stores before the
 bell on every architecture Linux runs on; the begin/end pair is the check, not the fence.
 
-Handshake (what the hub would negotiate as a versioned extension; here two helpers over a
-connected UNIX socket, no dependency on the hub): the hub sends ``MXHSHMLANE`` (12-byte
-header, then ``<iiiiq`` version, M, K, flags, segment size) with three descriptors
-attached (segment, to_driver, to_hub; only the segment with :data:`BELL_ON_SOCKET`);
-the driver maps it, checks magic/version/M/K and answers ``MXHSHMOK`` (header + ``<i``
-version). A driver that cannot (not Linux, TCP, an old driver) never offers it and stays
-on the socket.
+Handshake: the hub sends ``MXHSHMLANE`` (:func:`maxwellhub.wire.encode_shm_lane`) with
+three descriptors attached (segment, to_driver, to_hub; only the segment with
+:data:`BELL_ON_SOCKET`); the driver maps it (:func:`map_offer`), checks magic, version,
+M, K and the seals, and answers ``MXHSHMOK``. The hub negotiates it inside the maxwellhub
+handshake (:mod:`maxwellhub.hub.shm`, :mod:`drivers.shm_driver`); :func:`create` and
+:func:`accept` here are the same exchange as blocking helpers over a connected UNIX socket
+(benchmarks, tests). A driver that cannot (not Linux, TCP, an old driver) never offers it
+and stays on the socket.
 """
 
 from __future__ import annotations
@@ -68,22 +71,22 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import wire
+from .. import wire
 
 LANE_VERSION = 1
 MAGIC = b"MXHSHM\x00\x01"
-MXHSHMLANE = b"MXHSHMLANE"
-MXHSHMOK = b"MXHSHMOK"
-_H_LANE = wire.encode_header(MXHSHMLANE)
-_H_OK = wire.encode_header(MXHSHMOK)
-_OFFER = struct.Struct("<12siiiiq")  # version, M, K, flags, segment size
+_OFFER = struct.Struct("<12siiiiq")  # MXHSHMLANE: version, M, K, flags, segment size
 #: Offer flag: the doorbells are one byte on the companion socket, not eventfds.
 BELL_ON_SOCKET = 1
 _RING_DRIVER, _RING_HUB = b"F", b"S"
 _ACK = struct.Struct("<12si")
-_HEAD = struct.Struct("<8sIIII")  # magic, version, M, K, reserved
+_H_OK = wire.encode_header(wire.MXHSHMOK)
+_HEAD = struct.Struct("<8sIIII")  # magic, version, M, K, flags
 _SEQ = struct.Struct("<qq")
-_F_SEQ, _S_SEQ = 24, 40
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_FLAGS, _F_SEQ, _S_SEQ, _NKEYS = 20, 24, 40, 56
+KEY_BYTES = 64  # one extras name, zero-padded
 HEADER_BYTES = 64
 #: Sealed at creation: a peer that could shrink the segment would SIGBUS the other side.
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -102,14 +105,18 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def layout(molecules: int, extras: int = 0) -> tuple[int, int, int, int]:
-    """Offsets of fields, sources and extras and the total segment size in bytes."""
-    if molecules < 1 or extras < 0:
-        raise ValueError(f"a lane needs M >= 1 and K >= 0, not M = {molecules}, K = {extras}")
+def layout(molecules: int, extras: int = 0) -> tuple[int, int, int, int, int]:
+    """Offsets of fields, sources, extras names and extras, and the segment size."""
+    if molecules < 1 or not 0 <= extras <= wire.SHM_MAX_EXTRAS:
+        raise ValueError(
+            f"a lane needs M >= 1 and 0 <= K <= {wire.SHM_MAX_EXTRAS}, not M = {molecules}, "
+            f"K = {extras}"
+        )
     f = HEADER_BYTES
     s = f + _align(24 * molecules)
-    e = s + _align(24 * molecules)
-    return f, s, e, max(e + _align(8 * molecules * extras), mmap.PAGESIZE)
+    k = s + _align(24 * molecules)
+    e = k + _align(KEY_BYTES * extras)
+    return f, s, k, e, max(e + _align(8 * molecules * extras), mmap.PAGESIZE)
 
 
 class Lane:
@@ -137,14 +144,17 @@ class Lane:
         self.to_driver, self.to_hub = to_driver, to_hub
         self.sock = sock
         self._mm: mmap.mmap | None = mm
-        f, s, e, _ = layout(molecules, extras)
+        f, s, k, e, _ = layout(molecules, extras)
+        self._keys_at = k
         buf = memoryview(mm)
         self._buf: memoryview | None = buf
         self.fields = np.frombuffer(buf, np.float64, 3 * molecules, f).reshape(molecules, 3)
         self.sources = np.frombuffer(buf, np.float64, 3 * molecules, s).reshape(molecules, 3)
-        self.extras = np.frombuffer(buf, np.float64, extras * molecules, e).reshape(
-            molecules, extras
+        #: (M, K): column j is the contiguous array of the j-th extras name.
+        self.extras = (
+            np.frombuffer(buf, np.float64, extras * molecules, e).reshape(extras, molecules).T
         )
+        self._names: list[bytes] = []  # driver: the names last written to the table
         #: Sequence of the last step written (hub: fields) or answered (driver: sources).
         self.step = 0
 
@@ -165,6 +175,72 @@ class Lane:
             )
         if end != expected:
             raise LaneError(f"stale {what}: sequence {end}, expected step {expected}")
+
+    # ------------------------------------------------------------------ flags, extras
+    @property
+    def flags(self) -> int:
+        """The step's MXHFIELDS flags (hub writes them before :meth:`post`)."""
+        assert self._mm is not None, "lane closed"
+        return int(_U32.unpack_from(self._mm, _FLAGS)[0])
+
+    @flags.setter
+    def flags(self, value: int) -> None:
+        assert self._mm is not None, "lane closed"
+        _U32.pack_into(self._mm, _FLAGS, value)
+
+    def write_extras(self, extras: dict | None) -> bool:
+        """Driver: put ``{name: (M,) array}`` in the extras slot; False (nothing written)
+        when they do not fit (more than K arrays, or a name that is not short ASCII):
+        the caller answers that step with a batched frame instead."""
+        mm = self._mm
+        assert mm is not None, "lane closed"
+        extras = extras or {}
+        if len(extras) > self.n_extras:
+            return False
+        names = []
+        for key in extras:
+            try:
+                name = key.encode("ascii")
+            except UnicodeEncodeError:
+                return False
+            if not name or len(name) >= KEY_BYTES or b"\0" in name:
+                return False
+            names.append(name)
+        m = self.molecules
+        for j, (key, values) in enumerate(extras.items()):
+            v = np.asarray(values, dtype=np.float64)
+            if v.shape != (m,):
+                raise ValueError(f"extras {key!r} must have shape ({m},), got {v.shape}")
+            self.extras[:, j] = v
+        if names != self._names:
+            for j, name in enumerate(names):
+                mm[self._keys_at + KEY_BYTES * j : self._keys_at + KEY_BYTES * (j + 1)] = (
+                    name.ljust(KEY_BYTES, b"\0")
+                )
+            self._names = names
+        _I32.pack_into(mm, _NKEYS, len(names))
+        return True
+
+    def read_extras(self) -> dict[str, np.ndarray]:
+        """Hub: the extras the driver answered with, as copies keyed by name (a bad count
+        or name is a :class:`LaneError`)."""
+        mm = self._mm
+        assert mm is not None, "lane closed"
+        (n,) = _I32.unpack_from(mm, _NKEYS)
+        if not 0 <= n <= self.n_extras:
+            raise LaneError(f"{n} extras arrays in the lane, which holds 0..{self.n_extras}")
+        out = {}
+        for j in range(n):
+            at = self._keys_at + KEY_BYTES * j
+            raw = bytes(mm[at : at + KEY_BYTES]).rstrip(b"\0")
+            try:
+                key = raw.decode("ascii")
+            except UnicodeDecodeError:
+                key = ""
+            if not key or key in out:
+                raise LaneError(f"extras name {raw!r} in the lane is empty, repeated or not ASCII")
+            out[key] = self.extras[:, j].copy()
+        return out
 
     # ------------------------------------------------------------------ hub side
     def write_fields(self, fields: Any, step: int) -> None:
@@ -217,7 +293,7 @@ class Lane:
         current step and ring the hub."""
         self._set(_S_SEQ, self.step)
         if sources is not None:
-            self.sources[...] = sources
+            _copy_rows(self.sources, sources)
         self._set(_S_SEQ + 8, self.step)
         self._ring(self.to_hub, _RING_HUB)
 
@@ -288,6 +364,34 @@ class Lane:
         self.close()
 
 
+def _copy_rows(out: np.ndarray, rows: Any) -> None:
+    """``out[...] = rows`` for (M, 3) arrays; a column-major ``rows`` (what a model fed
+    the fields of an MXHFIELDS frame returns) column by column, 3x faster than numpy's
+    strided copy of the whole at 10^6 molecules."""
+    a = np.asarray(rows, dtype=np.float64)
+    if a.ndim == 2 and a.shape == out.shape and a.flags.f_contiguous and not a.flags.c_contiguous:
+        for k in range(a.shape[1]):
+            out[:, k] = a[:, k]
+    else:
+        out[...] = a
+
+
+def new_segment(molecules: int, extras: int = 0) -> tuple[int, mmap.mmap, int]:
+    """A sealed memfd segment for the lane, mapped, header written: (fd, mapping, size).
+    The caller passes the fd on and closes it (the mapping keeps the segment)."""
+    *_, size = layout(molecules, extras)
+    seg = os.memfd_create("maxwellhub-lane", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(seg, size)
+        fcntl.fcntl(seg, fcntl.F_ADD_SEALS, _SEALS)  # nobody can shrink it under a mapping
+        mm = mmap.mmap(seg, size)
+    except BaseException:
+        os.close(seg)
+        raise
+    _HEAD.pack_into(mm, 0, MAGIC, LANE_VERSION, molecules, extras, 0)
+    return seg, mm, size
+
+
 def create(sock: socket.socket, molecules: int, extras: int = 0, bell: str = "eventfd") -> Lane:
     """Hub: build a lane for ``molecules`` molecules, offer it on ``sock`` (a connected
     AF_UNIX stream socket) and wait for the driver's MXHSHMOK. Blocking; for a handshake.
@@ -297,13 +401,8 @@ def create(sock: socket.socket, molecules: int, extras: int = 0, bell: str = "ev
     on_socket = bell == "socket"
     if sock.family != socket.AF_UNIX:
         raise LaneError("a shared-memory lane needs a UNIX socket (stay on the socket)")
-    *_, size = layout(molecules, extras)
-    seg = os.memfd_create("maxwellhub-lane", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    seg, mm, size = new_segment(molecules, extras)
     try:
-        os.ftruncate(seg, size)
-        fcntl.fcntl(seg, fcntl.F_ADD_SEALS, _SEALS)  # nobody can shrink it under a mapping
-        mm = mmap.mmap(seg, size)
-        _HEAD.pack_into(mm, 0, MAGIC, LANE_VERSION, molecules, extras, 0)
         flags = BELL_ON_SOCKET if on_socket else 0
         if on_socket:
             to_driver = to_hub = -1
@@ -312,7 +411,7 @@ def create(sock: socket.socket, molecules: int, extras: int = 0, bell: str = "ev
             to_driver = os.eventfd(0, os.EFD_CLOEXEC)
             to_hub = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             fds = [seg, to_driver, to_hub]
-        offer = _OFFER.pack(_H_LANE, LANE_VERSION, molecules, extras, flags, size)
+        offer = wire.encode_shm_lane(molecules, extras, size, flags, LANE_VERSION)
         socket.send_fds(sock, [offer], fds)
     finally:
         os.close(seg)  # the mapping (and the driver's) keeps the segment alive
@@ -328,21 +427,35 @@ def create(sock: socket.socket, molecules: int, extras: int = 0, bell: str = "ev
 def accept(sock: socket.socket) -> Lane:
     """Driver: receive the hub's MXHSHMLANE offer on ``sock``, map it, check it, ack it."""
     msg, fds, _, _ = socket.recv_fds(sock, _OFFER.size, 3)
-    flags = _OFFER.unpack(msg)[4] if len(msg) == _OFFER.size else 0
-    want = 1 if flags & BELL_ON_SOCKET else 3
-    if len(fds) != want or len(msg) != _OFFER.size:
+    if len(msg) != _OFFER.size:
         for fd in fds:
             os.close(fd)
-        raise LaneError(
-            f"MXHSHMLANE needs {_OFFER.size} bytes and {want} descriptors, got "
-            f"{len(msg)} bytes and {len(fds)}"
-        )
+        raise LaneError(f"MXHSHMLANE needs {_OFFER.size} bytes, got {len(msg)}")
+    head, version, molecules, extras, flags, size = _OFFER.unpack(msg)
+    if head != wire.encode_header(wire.MXHSHMLANE) or version != LANE_VERSION:
+        for fd in fds:
+            os.close(fd)
+        raise LaneError(f"not a version-{LANE_VERSION} MXHSHMLANE offer: {msg[:16]!r}")
+    lane = map_offer(wire.ShmLane(version, molecules, extras, flags, size), fds, sock)
+    sock.sendall(_ACK.pack(_H_OK, LANE_VERSION))
+    return lane
+
+
+def map_offer(offer: wire.ShmLane, fds: list[int], sock: socket.socket | None) -> Lane:
+    """Driver: map the segment of ``offer`` from the descriptors that came with it and
+    check it (magic, version, M, K, size, seals). The descriptors are consumed (closed,
+    or owned by the lane) whatever happens; a bad offer is a :class:`LaneError`."""
+    want = 1 if offer.flags & BELL_ON_SOCKET else 3
+    if len(fds) != want:
+        for fd in fds:
+            os.close(fd)
+        raise LaneError(f"MXHSHMLANE needs {want} descriptors, got {len(fds)}")
     seg, to_driver, to_hub = (*fds, -1, -1) if want == 1 else fds
+    molecules, extras, size = offer.molecules, offer.extras, offer.size
     try:
-        head, version, molecules, extras, _, size = _OFFER.unpack(msg)
-        if head != _H_LANE or version != LANE_VERSION:
-            raise LaneError(f"not a version-{LANE_VERSION} MXHSHMLANE offer: {msg[:16]!r}")
-        if size != layout(molecules, extras)[3] or os.fstat(seg).st_size != size:
+        if offer.version != LANE_VERSION:
+            raise LaneError(f"lane version {offer.version}; this side speaks {LANE_VERSION}")
+        if size != layout(molecules, extras)[-1] or os.fstat(seg).st_size != size:
             raise LaneError(f"segment size {size} does not match M = {molecules}, K = {extras}")
         if fcntl.fcntl(seg, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
             raise LaneError("the segment is not sealed against resizing")
@@ -355,9 +468,9 @@ def accept(sock: socket.socket) -> Lane:
     magic, v2, m2, k2, _ = _HEAD.unpack_from(mm, 0)
     lane = Lane("driver", mm, molecules, extras, to_driver, to_hub, sock, want == 1)
     if (magic, v2, m2, k2) != (MAGIC, LANE_VERSION, molecules, extras):
+        lane.sock = None  # the caller's socket is not the lane's to close
         lane.close()
         raise LaneError(f"segment header {magic!r} v{v2} M={m2} K={k2} disagrees with the offer")
-    sock.sendall(_ACK.pack(_H_OK, LANE_VERSION))
     return lane
 
 
