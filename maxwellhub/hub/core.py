@@ -414,7 +414,12 @@ class Hub:
 
     def _listener(self, sock: socket.socket) -> Listener:
         return Listener(
-            self.loop, sock, self._new_driver, self._room_for, lambda: len(self._handshaking)
+            self.loop,
+            sock,
+            self._new_driver,
+            self._room_for,
+            lambda: len(self._handshaking),
+            backlog=self.backlog,
         )
 
     async def listen(self, host: str, port: int) -> int:

@@ -13,6 +13,10 @@ the barrier's replies (the healthy barrier kept 8-17 % of its quiet rate). Here:
   rest. Bound drivers' reads never wait behind more than one round;
 - a peer that already closed (a connect-and-close loop) is closed at once, before any
   transport, protocol or log line is made for it;
+- while such a flood lasts (paced, most peers gone before being accepted) the listen
+  backlog shrinks to :data:`FLOOD_BACKLOG`, so a real driver that gets into the queue
+  waits behind tens of attackers, not thousands (clients waiting in ``connect`` are woken
+  as room appears; the configured backlog is restored once the queue drains);
 - a new connection is admitted only when ``admit()`` says so (the hub makes room by
   evicting the connection longest in its handshake, see :class:`Pending`); one refused is
   closed at once and counted, with one summary line per 10 s.
@@ -29,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["ACCEPT_BATCH", "ACCEPT_BUDGET", "ACCEPT_PACE", "Listener", "Pending"]
+__all__ = ["ACCEPT_BATCH", "ACCEPT_BUDGET", "ACCEPT_PACE", "FLOOD_BACKLOG", "Listener", "Pending"]
 
 log = logging.getLogger("maxwellhub.hub")
 
@@ -39,6 +43,8 @@ ACCEPT_BATCH = 8
 ACCEPT_BUDGET = 0.0002
 #: Seconds between rounds while connections keep waiting (a flood).
 ACCEPT_PACE = 0.002
+#: The listen backlog during a connect-and-close flood (see the module notes).
+FLOOD_BACKLOG = 64
 _REFUSAL_LOG_EVERY = 10.0  # seconds between summary lines about refused connections
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
@@ -79,8 +85,10 @@ class Listener:
 
     ``factory`` makes the protocol of an accepted connection; ``admit()`` says whether one
     more may start its handshake; ``pending()`` counts those in the handshake (for the
-    summary line). :attr:`counts` holds what it did: connections accepted, found already
-    closed, refused, admitted, and the rounds that left a queue behind."""
+    summary line); ``backlog``, the socket's listen backlog, lets it shrink the backlog
+    during a connect-and-close flood. :attr:`counts` holds what it did: connections
+    accepted, found already closed, refused, admitted, the rounds that left a queue
+    behind, and the times the backlog was shrunk."""
 
     def __init__(
         self,
@@ -93,13 +101,17 @@ class Listener:
         budget: float = ACCEPT_BUDGET,
         batch: int = ACCEPT_BATCH,
         pace: float = ACCEPT_PACE,
+        backlog: int | None = None,
     ) -> None:
         self.factory, self.admit, self.pending = factory, admit, pending
         self.budget, self.batch, self.pace = budget, batch, pace
+        self.backlog = backlog  # the configured listen backlog (None: never shrunk)
+        self._shrunk = False
         self.sock = sock
         self.sockets = [sock]
         self.counts = {"accepted": 0, "closed_already": 0, "refused": 0, "admitted": 0}
         self.counts["paced_rounds"] = 0
+        self.counts["backlog_shrunk"] = 0
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self._refused = 0
@@ -137,7 +149,7 @@ class Listener:
         """Accept until the queue is empty, the time budget is spent or a batch is
         admitted; then wait for the socket (drained) or for the next round (not)."""
         start = time.perf_counter()
-        counts, admitted = self.counts, 0
+        counts, admitted, gone = self.counts, 0, 0
         while True:
             try:
                 conn, _ = self.sock.accept()
@@ -153,6 +165,7 @@ class Listener:
             counts["accepted"] += 1
             if _closed_already(conn):
                 counts["closed_already"] += 1
+                gone += 1
                 conn.close()
             elif not self.admit():
                 conn.close()
@@ -162,6 +175,8 @@ class Listener:
                 self._serve(conn)
             if admitted >= self.batch or time.perf_counter() - start >= self.budget:
                 counts["paced_rounds"] += 1
+                if gone > admitted:
+                    self._shrink()
                 self._pause(self.pace)
                 return
 
@@ -185,8 +200,17 @@ class Listener:
         if not self._closed:
             self._round()
 
+    def _shrink(self) -> None:
+        if self.backlog is not None and not self._shrunk and self.backlog > FLOOD_BACKLOG:
+            self.sock.listen(FLOOD_BACKLOG)  # Linux applies a new backlog to a listening socket
+            self._shrunk = True
+            self.counts["backlog_shrunk"] += 1
+
     def _drained(self) -> None:
-        """The queue is empty: wait for the socket again."""
+        """The queue is empty: wait for the socket again (with the configured backlog)."""
+        if self._shrunk and not self._closed and self.backlog is not None:
+            self.sock.listen(self.backlog)
+            self._shrunk = False
         if not self._watching and not self._closed:
             self.loop.add_reader(self.sock.fileno(), self._round)
             self._watching = True
