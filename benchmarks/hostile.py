@@ -44,6 +44,7 @@ import random
 import re
 import resource
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -575,11 +576,9 @@ def attacker_roles(args) -> dict[str, list[str]]:
     }
 
 
-async def _rate(state: dict, seconds: float) -> float:
-    """Barrier steps per second over the next ``seconds``."""
-    s0, t0 = state["steps"], time.monotonic()
-    await asyncio.sleep(seconds)
-    return (state["steps"] - s0) / (time.monotonic() - t0)
+async def _at(t: float) -> None:
+    """Sleep until monotonic time ``t``."""
+    await asyncio.sleep(max(0.0, t - time.monotonic()))
 
 
 async def _read(proc: subprocess.Popen, wait: float) -> dict:
@@ -588,6 +587,70 @@ async def _read(proc: subprocess.Popen, wait: float) -> dict:
 
 
 _SUMMARY_RE = re.compile(r"^([\d,]+) more line\(s\) about peers were not logged")
+SETTLE = 0.15  # seconds after pausing the attackers before a quiet window (queues drain)
+
+
+class Flood:
+    """The attacker processes, paused (SIGSTOP) and resumed (SIGCONT) window by window, so
+    that quiet and attacked windows interleave and a shared machine's drifting load falls
+    on both alike. Only the processes this benchmark started, by their own handles."""
+
+    def __init__(self, procs: dict[str, subprocess.Popen]) -> None:
+        self.procs = procs
+
+    def _signal(self, sig: int) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def pause(self) -> None:
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+
+class Windows:
+    """Steps, seconds and the hub process's CPU seconds of the quiet and the attacked
+    windows, in order."""
+
+    def __init__(self) -> None:
+        self.quiet: list[tuple[int, float, float]] = []
+        self.attacked: list[tuple[int, float, float]] = []
+
+    @staticmethod
+    def rate(windows: list[tuple[int, float, float]]) -> float:
+        """Steps per second."""
+        return sum(w[0] for w in windows) / sum(w[1] for w in windows)
+
+    @staticmethod
+    def cpu_per_step(windows: list[tuple[int, float, float]]) -> float:
+        """The hub process's CPU seconds per step."""
+        return sum(w[2] for w in windows) / max(sum(w[0] for w in windows), 1)
+
+    def fractions(self) -> list[float]:
+        """Each attacked window's rate over the quiet window right after it."""
+        return [
+            (a[0] / a[1]) / (q[0] / q[1]) for a, q in zip(self.attacked, self.quiet, strict=True)
+        ]
+
+
+async def _window(state: dict, until: float) -> tuple[int, float, float]:
+    s0, t0, c0 = state["steps"], time.monotonic(), time.process_time()
+    await _at(until)
+    return state["steps"] - s0, time.monotonic() - t0, time.process_time() - c0
+
+
+async def _replace(hub: Hub, replacement: subprocess.Popen, made_at: dict, out: dict) -> None:
+    """A replacement driver (a child waiting for "go") connects; time until bound."""
+    out["mid"] = mid = hub.register_molecule_return_id({"dt_au": 0.5})
+    t_go = time.monotonic()
+    assert replacement.stdin is not None
+    replacement.stdin.write(b"go\n")
+    replacement.stdin.flush()
+    out["bound"] = await hub.wait_until_bound([mid], timeout=60)
+    out["bound_s"] = time.monotonic() - t_go
+    out["admitted_s"] = made_at.get("replacement", math.nan) - t_go
 
 
 async def bench(args) -> None:
@@ -610,33 +673,44 @@ async def bench(args) -> None:
     state = {"stop": False, "steps": 0, "bad": 0}
     task = asyncio.create_task(stepper(hub, ids, state))
     rss_start = vm_rss_kib()
-    base = max(2.0, min(10.0, args.seconds / 4))
-    quiet_before = await _rate(state, base)
+    await asyncio.sleep(1.0)  # warm up
 
-    # The flood: every attacker in its own process, unpinned, at full speed.
-    procs = {kind: _spawn(role, path, args) for kind, role in attacker_roles(args).items()}
+    # The flood: every attacker in its own process, unpinned, at full speed; paused and
+    # resumed so that attacked and quiet windows alternate.
+    window = args.window
+    rounds = max(2, math.ceil(args.seconds / window))
+    period = 2 * window + SETTLE
+    t0 = time.monotonic() + 2.0  # the attackers' start-up (imports) comes first
+    until = t0 + (rounds - 1) * period + window  # the end of the last attacked window
+    procs = {
+        kind: _spawn([*role, "--until", repr(until)], path, args)
+        for kind, role in attacker_roles(args).items()
+    }
     for kind, p in procs.items():
         kind_of_pid[p.pid] = kind
-    await asyncio.sleep(min(1.0, args.seconds / 8))  # their start-up (imports)
-    window = args.seconds * 0.6
-    s0, t0 = state["steps"], time.monotonic()
+    flood, windows = Flood(procs), Windows()
+    repl_out: dict = {}
     rss_max = rss_start
-    # Halfway through, a replacement driver connects as maxwellhub-driver does.
-    await asyncio.sleep(window / 2)
-    mid = hub.register_molecule_return_id({"dt_au": 0.5})
-    t_go = time.monotonic()
-    assert replacement.stdin is not None
-    replacement.stdin.write(b"go\n")
-    replacement.stdin.flush()
-    bound = await hub.wait_until_bound([mid], timeout=max(window, 30))
-    replace_s = time.monotonic() - t_go
-    admitted_s = made_at.get("replacement", math.nan) - t_go
-    while (left := t0 + window - time.monotonic()) > 0:
+    replacing = None
+    for r in range(rounds):
+        start = t0 + r * period
+        await _at(start)
+        flood.resume()
+        if r == rounds // 2:  # a replacement driver connects as maxwellhub-driver does
+            replacing = asyncio.create_task(_replace(hub, replacement, made_at, repl_out))
+        windows.attacked.append(await _window(state, start + window))
+        flood.pause()
         rss_max = max(rss_max, vm_rss_kib())
-        await asyncio.sleep(min(0.25, left))
-    attacked = (state["steps"] - s0) / (time.monotonic() - t0)
+        await _at(start + window + SETTLE)
+        windows.quiet.append(await _window(state, start + period))
+    flood.resume()
+    assert replacing is not None
+    await replacing
+    bound = repl_out["bound"]
+    mid = repl_out["mid"]
     attack_lines = len(lines.records)
-    results = {kind: await _read(p, args.seconds + 60) for kind, p in procs.items()}
+    results = {kind: await _read(p, 60) for kind, p in procs.items()}
+    attackers_cpu = sum(r.get("cpu_s", 0.0) for r in results.values())
     for p in procs.values():
         stop_process(p)
     # Silent peers still open (if any) are dropped at the handshake deadline.
@@ -644,7 +718,6 @@ async def bench(args) -> None:
     while len(hub._connections) > 9 and time.monotonic() < end:
         await asyncio.sleep(0.1)
     conns_after = len(hub._connections)
-    quiet_after = await _rate(state, base)
     rss_end = vm_rss_kib()
     rss_max = max(rss_max, rss_end)
     state["stop"] = True
@@ -673,57 +746,51 @@ async def bench(args) -> None:
     )
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    # Log lines: the ones naming a peer, and the summaries' counts of those held back.
-    peer_log = status["peer_lines"]
-    summarised = sum(
-        int(m.group(1).replace(",", ""))
-        for _, msg in lines.records
-        if (m := _SUMMARY_RE.match(msg))
-    )
-    by_driver = lines_by_driver(lines.records)
-    per_kind: dict[str, Counter] = defaultdict(Counter)
-    for number, kind in kinds.items():
-        per_kind[kind]["admitted"] += 1
-        per_kind[kind]["lines"] += len(by_driver.get(number, []))
-    listener = status["listeners"][0]
-    quiet = (quiet_before + quiet_after) / 2
-
     print(f"# Hostile input against a live hub: a flood from the same node\n\n{machine()}\n")
     print(
-        f"Load average at the end {os.getloadavg()[0]:.2f} (the machine is shared: quiet "
-        f"and attacked rates are measured back to back in this one run).\n"
+        f"Load average at the end {os.getloadavg()[0]:.2f}: the machine is shared, so quiet "
+        f"and attacked windows of {window:g} s alternate in this one run ({rounds} of each: "
+        f"the attackers are paused with SIGSTOP for each quiet window, after {SETTLE:g} s "
+        f"for the queues to drain).\n"
     )
     print(
         f"Hub (this process, asyncio) on a UNIX socket, timeout {timeout:g} s, backlog "
         f"{args.backlog}; 8 healthy molecules in one child process, every step's sources "
-        f"checked; {len(procs)} attacker processes, unpinned, at full speed for "
-        f"{args.seconds:g} s; rates over {window:.1f} s of the flood.\n"
+        f"checked; {len(procs)} attacker processes, unpinned, at full speed.\n"
     )
+    fractions = sorted(windows.fractions())
+    quiet, attacked = Windows.rate(windows.quiet), Windows.rate(windows.attacked)
+    listener = status["listeners"][0]
     print("| figure | value |\n|---|---|")
-    print(
-        f"| quiet steps/s before / after the flood ({base:g} s each) | "
-        f"{fmt(quiet_before)} / {fmt(quiet_after)} |"
-    )
+    print(f"| quiet steps/s | {fmt(quiet)} |")
     print(f"| attacked steps/s | {fmt(attacked)} |")
+    cpu_q, cpu_a = Windows.cpu_per_step(windows.quiet), Windows.cpu_per_step(windows.attacked)
     print(
-        f"| **fraction of the quiet rate kept** (vs before / after) | "
-        f"**{attacked / quiet:.0%}** ({attacked / quiet_before:.0%} / "
-        f"{attacked / quiet_after:.0%}) |"
+        f"| hub process CPU per step, quiet / attacked (what a loaded machine disturbs "
+        f"least) | {cpu_q * 1e6:.0f} / {cpu_a * 1e6:.0f} µs (quiet/attacked "
+        f"{cpu_q / cpu_a:.0%}) |"
+    )
+    print(f"| attackers' CPU seconds in all | {attackers_cpu:.1f} |")
+    print(
+        f"| **fraction of the quiet rate kept** (per window pair: min / median / max) | "
+        f"**{attacked / quiet:.0%}** ({fractions[0]:.0%} / "
+        f"{fractions[len(fractions) // 2]:.0%} / {fractions[-1]:.0%}) |"
     )
     print(
-        f"| attacks made (connections opened by attackers) | "
+        f"| attacks made (connections the attackers opened) | "
         f"{sum(r.get('connections', 0) for r in results.values()):,} |"
     )
     print(
-        f"| new connections: accepted / closed already / admitted / paced rounds | "
-        f"{listener['accepted']:,} / {listener['closed_already']:,} / "
-        f"{listener['admitted']:,} / {listener['paced_rounds']:,} |"
+        f"| new connections: accepted / closed already / admitted / paced rounds / "
+        f"backlog shrunk | {listener['accepted']:,} / {listener['closed_already']:,} / "
+        f"{listener['admitted']:,} / {listener['paced_rounds']:,} / "
+        f"{listener['backlog_shrunk']:,} |"
     )
     print(
         f"| replacement driver bound during the flood (maxwellhub_drivers.client.connect) | "
-        f"{'yes' if bound else 'NO'}, {replace_s * 1e3:.0f} ms after it began connecting "
-        f"(connected after {repl.get('connect_s', math.nan) * 1e3:.0f} ms, admitted by the "
-        f"hub after {admitted_s * 1e3:.0f} ms) |"
+        f"{'yes' if bound else 'NO'}, {repl_out['bound_s'] * 1e3:.0f} ms after it began "
+        f"connecting (connected after {repl.get('connect_s', math.nan) * 1e3:.0f} ms, "
+        f"admitted by the hub after {repl_out['admitted_s'] * 1e3:.0f} ms) |"
     )
     print(
         f"| steps in all; every healthy molecule stepped once per step, sources and extras "
@@ -736,18 +803,33 @@ async def bench(args) -> None:
         f"{maxrss / 1024:.1f} MiB |"
     )
     print(f"| connections after the flood (healthy 8 + replacement) | {conns_after} |")
+    report_lines(lines, attack_lines, status["peer_lines"], kinds, results)
+
+
+def report_lines(lines: Lines, attack_lines: int, peer_log: dict, kinds, results) -> None:
+    """The log lines: logged in all, about peers (one by one and summarised), per kind."""
+    summarised = sum(
+        int(m.group(1).replace(",", ""))
+        for _, msg in lines.records
+        if (m := _SUMMARY_RE.match(msg))
+    )
     print(
         f"| WARNING/ERROR lines logged (during the flood / in all) | {attack_lines:,} / "
         f"{len(lines.records):,} |"
     )
     print(
-        f"| lines about peers: seen / logged one by one / held back (counted in summaries) | "
-        f"{peer_log['seen']:,} / {peer_log['logged']:,} / "
+        f"| lines about peers: seen / logged one by one / held back (the summaries' "
+        f"counts) | {peer_log['seen']:,} / {peer_log['logged']:,} / "
         f"{sum(peer_log['held_back'].values()):,} ({summarised:,}) |"
     )
+    by_driver = lines_by_driver(lines.records)
+    per_kind: dict[str, Counter] = defaultdict(Counter)
+    for number, kind in kinds.items():
+        per_kind[kind]["admitted"] += 1
+        per_kind[kind]["lines"] += len(by_driver.get(number, []))
     print("\n| attacker | attacker says | admitted by the hub | lines naming them |")
     print("|---|---|---|---|")
-    for kind in (*attacker_roles(args), "healthy", "replacement", "?"):
+    for kind in (*KINDS, "healthy", "replacement", "?"):
         if kind not in per_kind and kind not in results:
             continue
         c = per_kind[kind]
@@ -756,17 +838,14 @@ async def bench(args) -> None:
             for k, v in results.get(kind, {}).items()
         )
         print(f"| {kind} | {says} | {c['admitted']:,} | {c['lines']:,} |")
-    print(
-        "\nHeld back, by kind: "
-        + "; ".join(
-            f"{n:,} x {k}" for k, n in sorted(peer_log["held_back"].items(), key=lambda kv: -kv[1])
-        )
-    )
+    held = sorted(peer_log["held_back"].items(), key=lambda kv: -kv[1])
+    print("\nHeld back, by kind: " + "; ".join(f"{n:,} x {k}" for k, n in held))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=20.0, help="how long the flood lasts")
+    ap.add_argument("--seconds", type=float, default=10.0, help="attacked seconds in all")
+    ap.add_argument("--window", type=float, default=1.0, help="seconds per window")
     ap.add_argument("--frames", type=int, default=10**9, help="fuzz frames at most")
     ap.add_argument("--per-conn", type=int, default=200, help="fuzz frames per connection")
     ap.add_argument("--idle", type=int, default=500, help="silent connections held open")
@@ -782,20 +861,22 @@ def main(argv=None) -> None:
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--until", type=float, help=argparse.SUPPRESS)  # a monotonic time
     args = ap.parse_args(argv)
     if args.healthy:
         asyncio.run(_healthy_main(args.path, args.healthy))
     elif args.replacement:
         _replacement_main(args.path)
     elif args.attack:
-        emit(**attack(args))
+        emit(**attack(args), cpu_s=round(time.process_time(), 2))
     else:
         asyncio.run(bench(args))
 
 
 def attack(args) -> dict:
     """Run the attacker ``args.attack`` (a child role) and return what it says."""
-    path, seconds, seed = args.path, args.seconds, args.seed
+    path, seed = args.path, args.seed
+    seconds = args.seconds if args.until is None else args.until - time.monotonic()
     if args.attack == "fuzz":
         return attack_fuzz(path, args.frames, args.per_conn, seed, seconds)
     if args.attack == "truncated":
