@@ -760,7 +760,8 @@ async def bench(args) -> None:
     )
     fractions = sorted(windows.fractions())
     quiet, attacked = Windows.rate(windows.quiet), Windows.rate(windows.attacked)
-    listener = status["listeners"][0]
+    # (a hub from before the paced listener and the log summary lacks these counts)
+    listener: dict = Counter(status.get("listeners", [{}])[0])
     print("| figure | value |\n|---|---|")
     print(f"| quiet steps/s | {fmt(quiet)} |")
     print(f"| attacked steps/s | {fmt(attacked)} |")
@@ -803,7 +804,13 @@ async def bench(args) -> None:
         f"{maxrss / 1024:.1f} MiB |"
     )
     print(f"| connections after the flood (healthy 8 + replacement) | {conns_after} |")
-    report_lines(lines, attack_lines, status["peer_lines"], kinds, results)
+    report_lines(
+        lines,
+        attack_lines,
+        status.get("peer_lines") or {"seen": 0, "logged": 0, "held_back": {}},
+        kinds,
+        results,
+    )
 
 
 def report_lines(lines: Lines, attack_lines: int, peer_log: dict, kinds, results) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import sys
 import threading
 
@@ -20,6 +21,7 @@ from _util import REPO_ROOT, scaled
 from fakes import FakeDriver, fake_source
 
 from maxwellhub import Hub, wire
+from maxwellhub.net.listener import Listener
 from maxwellhub.net.logsummary import PeerLog
 from maxwellhub_drivers.client import connect
 
@@ -405,3 +407,38 @@ async def test_several_bad_messages_in_one_read_give_one_line(unix_name, caplog)
         writer.close()
     finally:
         await hub.stop(wait=scaled(2))
+
+
+async def test_listener_closes_departed_peers_in_paced_rounds(tmp_path):
+    """Peers that connected and left are closed by the listener with no protocol made; a
+    flood of them puts the listener on its timer (one connection per round with no time
+    budget), shrinks the backlog, and a live peer is still served afterwards."""
+    made: list[asyncio.Protocol] = []
+
+    def factory() -> asyncio.Protocol:
+        made.append(asyncio.Protocol())
+        return made[-1]
+
+    path = str(tmp_path / "listener.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(128)
+    loop = asyncio.get_running_loop()
+    listener = Listener(
+        loop, sock, factory, lambda: True, lambda: 0, budget=0.0, pace=0.001, backlog=128
+    )
+    try:
+        for _ in range(20):  # queued and gone before the listener runs
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+                peer.connect(path)
+        await until(lambda: listener.counts["accepted"] == 20, scaled(10), "20 accepts")
+        assert listener.counts["closed_already"] == 20 and made == []
+        assert listener.counts["paced_rounds"] >= 19  # one per round: budget 0
+        assert listener.counts["backlog_shrunk"] == 1
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+            peer.connect(path)
+            await until(lambda: len(made) == 1, scaled(10), "the live peer served")
+        assert listener.counts["admitted"] == 1 and not listener.paced
+    finally:
+        listener.close()
+        await listener.wait_closed()

@@ -38,9 +38,9 @@ __all__ = ["ACCEPT_BATCH", "ACCEPT_BUDGET", "ACCEPT_PACE", "FLOOD_BACKLOG", "Lis
 log = logging.getLogger("maxwellhub.hub")
 
 #: Connections admitted (given a transport) per round at most.
-ACCEPT_BATCH = 8
+ACCEPT_BATCH = 4
 #: Seconds one round of accepting may take (checked after each connection).
-ACCEPT_BUDGET = 0.0002
+ACCEPT_BUDGET = 0.00015
 #: Seconds between rounds while connections keep waiting (a flood).
 ACCEPT_PACE = 0.002
 #: The listen backlog during a connect-and-close flood (see the module notes).
