@@ -238,7 +238,7 @@ async def test_handshake_cap_evicts_the_peer_waiting_longest(unix_name, caplog):
         lines = [r.getMessage() for r in caplog.records if "max_pending" in r.getMessage()]
         assert len(lines) == 1 and "evicted before answering STATUS" in lines[0], lines
         assert "driver#1" in lines[0]  # the first silent peer, the one waiting longest
-        writer.close()
+        silent.append((reader, writer))  # silent too from now on: 3 in the handshake
         FakeDriver(hub.address).start()  # evicts the second silent peer, then binds
         assert await hub.wait_until_bound([mid], timeout=scaled(10))
         assert await asyncio.wait_for(silent[1][0].read(100), scaled(10)) == b""

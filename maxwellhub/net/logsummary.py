@@ -8,9 +8,10 @@ then logs one summary line per interval with the exact count of every kind of li
 back. Lines about anything else (bound drivers, steps, the hub itself) always pass.
 
 Which records are "about a peer" is the owner's call (``is_peer``, given the record's first
-argument), so this module knows nothing of connections or hubs; the summary is logged when
-the interval ends (``later`` schedules that, e.g. ``loop.call_later``) or at :meth:`flush`.
-It must never drop a count: every held-back line is in :attr:`held` and in a summary.
+argument; only WARNING and above are limited), so this module knows nothing of connections
+or hubs; the summary (at the highest level it holds back) is logged when the interval ends
+(``later`` schedules that, e.g. ``loop.call_later``) or at :meth:`flush`. It must never
+drop a count: every held-back line is in :attr:`held` and in a summary.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class PeerLog(logging.Filter):
         self._window_end = -1.0
         self._window_logged = 0
         self._window_held: Counter[str] = Counter()
+        self._window_level = logging.WARNING  # the summary's level: the highest held back
         self._scheduled = False
         self._summarising = False
 
@@ -88,7 +90,12 @@ class PeerLog(logging.Filter):
         return {"seen": self.seen, "logged": self.logged, "held_back": dict(self.held)}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._summarising or not record.args or not isinstance(record.args, tuple):
+        if (
+            record.levelno < logging.WARNING
+            or self._summarising
+            or not record.args
+            or not isinstance(record.args, tuple)
+        ):
             return True
         if not self.is_peer(record.args[0]):
             return True
@@ -105,6 +112,7 @@ class PeerLog(logging.Filter):
             kind = OTHER
         self._window_held[kind] += 1
         self.held[kind] += 1
+        self._window_level = max(self._window_level, record.levelno)
         if not self._scheduled and self.later is not None:
             self._scheduled = True
             self.later(max(self._window_end - now, 0.0), self._interval_ended)
@@ -122,6 +130,7 @@ class PeerLog(logging.Filter):
         """Log one summary line for the lines held back so far (if any); a new interval
         starts with the next line about a peer."""
         held, self._window_held = self._window_held, Counter()
+        level, self._window_level = self._window_level, logging.WARNING
         self._window_logged = 0
         self._window_end = -1.0
         if not held:
@@ -134,7 +143,8 @@ class PeerLog(logging.Filter):
             kinds += f"; {rest:,} x {len(held) - len(top)} other kind(s)"
         self._summarising = True
         try:
-            self.logger.error(
+            self.logger.log(
+                level,
                 "%s more line(s) about peers were not logged (at most %d per %g s): %s",
                 f"{total:,}",
                 self.burst,
