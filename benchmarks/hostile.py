@@ -61,6 +61,7 @@ from _common import JsonLines, emit, fmt, machine, raise_nofile, stop_process  #
 from fakes import fake_source  # noqa: E402
 
 from maxwellhub import Hub, wire  # noqa: E402
+from maxwellhub.hub import new_event_loop  # noqa: E402
 
 KINDS = ("connect-close", "random", "oversize", "fuzz", "truncated", "idle", "slowloris")
 _DRIVER_RE = re.compile(r"driver#(\d+)")
@@ -754,7 +755,8 @@ async def bench(args) -> None:
         f"for the queues to drain).\n"
     )
     print(
-        f"Hub (this process, asyncio) on a UNIX socket, timeout {timeout:g} s, backlog "
+        f"Hub (this process, {type(asyncio.get_running_loop()).__module__.split('.')[0]} "
+        f"loop) on a UNIX socket, timeout {timeout:g} s, backlog "
         f"{args.backlog}; 8 healthy molecules in one child process, every step's sources "
         f"checked; {len(procs)} attacker processes, unpinned, at full speed.\n"
     )
@@ -861,6 +863,9 @@ def main(argv=None) -> None:
     ap.add_argument("--interval", type=float, default=2.0, help="slowloris byte interval")
     ap.add_argument("--hub-timeout", type=float, default=5.0)
     ap.add_argument("--backlog", type=int, default=4096, help="the hub's listen backlog")
+    ap.add_argument(
+        "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the hub's event loop"
+    )
     # internal: the child roles
     ap.add_argument("--attack", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--healthy", type=int, help=argparse.SUPPRESS)
@@ -877,7 +882,8 @@ def main(argv=None) -> None:
     elif args.attack:
         emit(**attack(args), cpu_s=round(time.process_time(), 2))
     else:
-        asyncio.run(bench(args))
+        with asyncio.Runner(loop_factory=lambda: new_event_loop(args.loop)) as runner:
+            runner.run(bench(args))
 
 
 def attack(args) -> dict:
