@@ -686,6 +686,7 @@ async def bench(args) -> None:
     procs = {
         kind: _spawn([*role, "--until", repr(until)], path, args)
         for kind, role in attacker_roles(args).items()
+        if kind in args.kinds.split(",")
     }
     for kind, p in procs.items():
         kind_of_pid[p.pid] = kind
@@ -863,6 +864,7 @@ def main(argv=None) -> None:
     ap.add_argument("--interval", type=float, default=2.0, help="slowloris byte interval")
     ap.add_argument("--hub-timeout", type=float, default=5.0)
     ap.add_argument("--backlog", type=int, default=4096, help="the hub's listen backlog")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="attackers to run (a,b,...)")
     ap.add_argument(
         "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the hub's event loop"
     )
