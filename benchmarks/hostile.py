@@ -785,9 +785,10 @@ async def bench(args) -> None:
         f"{sum(r.get('connections', 0) for r in results.values()):,} |"
     )
     print(
-        f"| new connections: accepted / closed already / admitted / paced rounds / "
-        f"backlog shrunk | {listener['accepted']:,} / {listener['closed_already']:,} / "
-        f"{listener['admitted']:,} / {listener['paced_rounds']:,} / "
+        f"| new connections: accepted / closed already / admitted (paced as hostile) / "
+        f"paced rounds / backlog shrunk | {listener['accepted']:,} / "
+        f"{listener['closed_already']:,} / {listener['admitted']:,} "
+        f"({listener['hostile_paced']:,}) / {listener['paced_rounds']:,} / "
         f"{listener['backlog_shrunk']:,} |"
     )
     print(

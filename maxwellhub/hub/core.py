@@ -420,6 +420,7 @@ class Hub:
             self._room_for,
             lambda: len(self._handshaking),
             backlog=self.backlog,
+            failures=self._strangers_dropped,
         )
 
     async def listen(self, host: str, port: int) -> int:
@@ -448,6 +449,10 @@ class Hub:
                 "(max_pending); the one waiting longest makes room"
             )
         return True
+
+    def _strangers_dropped(self) -> int:
+        """WARNING/ERROR lines so far about connections hosting no molecule (drops)."""
+        return self.peer_log.seen if self.peer_log is not None else 0
 
     def _is_stranger(self, arg: object) -> bool:
         """Whether a log record's first argument is a connection of this hub hosting no

@@ -13,10 +13,15 @@ the barrier's replies (the healthy barrier kept 8-17 % of its quiet rate). Here:
   rest. Bound drivers' reads never wait behind more than one round;
 - a peer that already closed (a connect-and-close loop) is closed at once, before any
   transport, protocol or log line is made for it;
-- while such a flood lasts (paced, most peers gone before being accepted) the listen
-  backlog shrinks to :data:`FLOOD_BACKLOG`, so a real driver that gets into the queue
-  waits behind tens of attackers, not thousands (clients waiting in ``connect`` are woken
-  as room appears; the configured backlog is restored once the queue drains);
+- while peers that host nothing are being dropped (``failures()`` grew within the last
+  :data:`HOSTILE_HOLD` seconds: random bytes, oversize lengths, silent peers), each costs
+  the hub far more than an accept (a transport, STATUS, a read, the drop), so at most one
+  connection is admitted per :data:`HOSTILE_PACE` seconds; a real driver's handshake
+  costs no more than that slot;
+- while such a flood lasts (paced, most peers gone before being accepted, or hostile) the
+  listen backlog shrinks to :data:`FLOOD_BACKLOG`, so a real driver that gets into the
+  queue waits behind tens of attackers, not thousands (clients waiting in ``connect`` are
+  woken as room appears; the configured backlog is restored once the queue drains);
 - a new connection is admitted only when ``admit()`` says so (the hub makes room by
   evicting the connection longest in its handshake, see :class:`Pending`); one refused is
   closed at once and counted, with one summary line per 10 s.
@@ -28,12 +33,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["ACCEPT_BATCH", "ACCEPT_BUDGET", "ACCEPT_PACE", "FLOOD_BACKLOG", "Listener", "Pending"]
+__all__ = [
+    "ACCEPT_BATCH",
+    "ACCEPT_BUDGET",
+    "ACCEPT_PACE",
+    "FLOOD_BACKLOG",
+    "HOSTILE_HOLD",
+    "HOSTILE_PACE",
+    "Listener",
+    "Pending",
+]
 
 log = logging.getLogger("maxwellhub.hub")
 
@@ -43,8 +58,12 @@ ACCEPT_BATCH = 4
 ACCEPT_BUDGET = 0.00015
 #: Seconds between rounds while connections keep waiting (a flood).
 ACCEPT_PACE = 0.002
-#: The listen backlog during a connect-and-close flood (see the module notes).
-FLOOD_BACKLOG = 64
+#: The listen backlog during a flood (see the module notes).
+FLOOD_BACKLOG = 32
+#: Seconds between admissions while peers that host nothing are being dropped.
+HOSTILE_PACE = 0.003
+#: Seconds that admissions stay paced after the last such drop.
+HOSTILE_HOLD = 1.0
 _REFUSAL_LOG_EVERY = 10.0  # seconds between summary lines about refused connections
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
@@ -86,9 +105,10 @@ class Listener:
     ``factory`` makes the protocol of an accepted connection; ``admit()`` says whether one
     more may start its handshake; ``pending()`` counts those in the handshake (for the
     summary line); ``backlog``, the socket's listen backlog, lets it shrink the backlog
-    during a connect-and-close flood. :attr:`counts` holds what it did: connections
+    during a flood; ``failures()`` counts the peers hosting nothing that were dropped so
+    far (its growth paces admissions). :attr:`counts` holds what it did: connections
     accepted, found already closed, refused, admitted, the rounds that left a queue
-    behind, and the times the backlog was shrunk."""
+    behind, the admissions paced as hostile, and the times the backlog was shrunk."""
 
     def __init__(
         self,
@@ -102,16 +122,22 @@ class Listener:
         batch: int = ACCEPT_BATCH,
         pace: float = ACCEPT_PACE,
         backlog: int | None = None,
+        failures: Callable[[], int] | None = None,
     ) -> None:
         self.factory, self.admit, self.pending = factory, admit, pending
         self.budget, self.batch, self.pace = budget, batch, pace
         self.backlog = backlog  # the configured listen backlog (None: never shrunk)
         self._shrunk = False
+        self.failures = failures
+        self._failures_seen = 0
+        self._hostile_until = -math.inf
+        self._hostile = False  # in the current round
         self.sock = sock
         self.sockets = [sock]
         self.counts = {"accepted": 0, "closed_already": 0, "refused": 0, "admitted": 0}
         self.counts["paced_rounds"] = 0
         self.counts["backlog_shrunk"] = 0
+        self.counts["hostile_paced"] = 0
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self._refused = 0
@@ -150,6 +176,7 @@ class Listener:
         admitted; then wait for the socket (drained) or for the next round (not)."""
         start = time.perf_counter()
         counts, admitted, gone = self.counts, 0, 0
+        self._hostile = hostile = self._under_attack()
         while True:
             try:
                 conn, _ = self.sock.accept()
@@ -173,6 +200,11 @@ class Listener:
             else:
                 admitted += 1
                 self._serve(conn)
+                if hostile:  # one admission per HOSTILE_PACE
+                    counts["hostile_paced"] += 1
+                    self._shrink()
+                    self._pause(HOSTILE_PACE)
+                    return
             if admitted >= self.batch or time.perf_counter() - start >= self.budget:
                 counts["paced_rounds"] += 1
                 if gone > admitted:
@@ -200,6 +232,17 @@ class Listener:
         if not self._closed:
             self._round()
 
+    def _under_attack(self) -> bool:
+        """Whether peers hosting nothing were dropped within the last HOSTILE_HOLD s."""
+        if self.failures is None:
+            return False
+        now = time.monotonic()
+        seen = self.failures()
+        if seen != self._failures_seen:
+            self._failures_seen = seen
+            self._hostile_until = now + HOSTILE_HOLD
+        return now < self._hostile_until
+
     def _shrink(self) -> None:
         if self.backlog is not None and not self._shrunk and self.backlog > FLOOD_BACKLOG:
             self.sock.listen(FLOOD_BACKLOG)  # Linux applies a new backlog to a listening socket
@@ -208,7 +251,7 @@ class Listener:
 
     def _drained(self) -> None:
         """The queue is empty: wait for the socket again (with the configured backlog)."""
-        if self._shrunk and not self._closed and self.backlog is not None:
+        if self._shrunk and not self._hostile and not self._closed and self.backlog is not None:
             self.sock.listen(self.backlog)
             self._shrunk = False
         if not self._watching and not self._closed:
