@@ -442,3 +442,38 @@ async def test_listener_closes_departed_peers_in_paced_rounds(tmp_path):
     finally:
         listener.close()
         await listener.wait_closed()
+
+
+async def test_listener_admits_one_at_a_time_while_bad_peers_are_dropped(tmp_path):
+    """While ``failures()`` keeps growing (peers hosting nothing being dropped), each round
+    admits one connection and waits: five live peers queued at once are all served, one
+    per round, and the backlog is shrunk meanwhile."""
+    made: list[asyncio.Protocol] = []
+    dropped = iter(range(1, 10**6))
+
+    def factory() -> asyncio.Protocol:
+        made.append(asyncio.Protocol())
+        return made[-1]
+
+    path = str(tmp_path / "listener.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(128)
+    loop = asyncio.get_running_loop()
+    listener = Listener(
+        loop, sock, factory, lambda: True, lambda: 0, backlog=128, failures=lambda: next(dropped)
+    )
+    peers = []
+    try:
+        for _ in range(5):  # all queued before the listener runs
+            peers.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            peers[-1].connect(path)
+        await until(lambda: len(made) == 5, scaled(10), "the five peers served")
+        assert listener.counts["hostile_paced"] == 5
+        assert listener.counts["admitted"] == 5
+        assert listener.counts["backlog_shrunk"] == 1
+    finally:
+        for p in peers:
+            p.close()
+        listener.close()
+        await listener.wait_closed()
