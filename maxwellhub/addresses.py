@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from pathlib import Path
 
 from .liveness import keepalive
@@ -47,8 +48,18 @@ def connect_once(
     if unix is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(limit)
+            # A blocking connect bounded by SO_SNDTIMEO: while the hub's listen backlog is
+            # full (a flood of connections) the kernel queues this connect and wakes it as
+            # room appears (EAGAIN only after `limit`). A timeout socket would get EAGAIN
+            # at once and back off, losing every race to the flood.
+            sec = max(limit, 0.001)
+            sock.setsockopt(
+                socket.SOL_SOCKET,
+                socket.SO_SNDTIMEO,
+                struct.pack("ll", int(sec), int(sec % 1 * 1e6)),
+            )
             sock.connect(unix)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
         except BaseException:
             sock.close()
             raise

@@ -53,7 +53,8 @@ from ..liveness import (
     within,
 )
 from ..net.buffers import keep_freed_memory, widen_socket_buffers
-from ..net.listener import Listener
+from ..net.listener import Listener, Pending
+from ..net.logsummary import PeerLog
 from ..net.unix import bind_owner_only, remove_if_ours
 from ..protocol.connection import Connection, State
 from ..rendezvous import remove_address_file, write_address_file
@@ -308,7 +309,11 @@ class Hub:
         self.registry = Registry(max_spare)
         self.continuity = History(history)
         self._connections: set[Connection] = set()
-        self._handshaking: set[Connection] = set()  # connected, not yet answered STATUS
+        # connected, not yet answered STATUS; oldest first (evicted first at max_pending)
+        self._handshaking = Pending()
+        #: Rate-limits log lines about peers that host no molecule into summaries with
+        #: exact counts (:mod:`maxwellhub.net.logsummary`); installed by ``start``.
+        self.peer_log: PeerLog | None = None
         self._accepted = 0
         self._barrier: Barrier | None = None
         self._layout: Layout | None = None
@@ -351,6 +356,9 @@ class Hub:
     async def start(self) -> None:
         """Bind and listen. A live hub already on the same UNIX path is an error."""
         self._loop = asyncio.get_running_loop()
+        if self.peer_log is None:
+            self.peer_log = PeerLog(log, self._is_stranger, later=self._loop.call_later)
+        self.peer_log.install()
         server: Listener
         if self.unixsocket:
             path = self.unixsocket
@@ -419,7 +427,13 @@ class Hub:
 
     def _listener(self, sock: socket.socket) -> Listener:
         return Listener(
-            self.loop, sock, self._new_driver, self._room_for, lambda: len(self._handshaking)
+            self.loop,
+            sock,
+            self._new_driver,
+            self._room_for,
+            lambda: len(self._handshaking),
+            backlog=self.backlog,
+            failures=self._strangers_dropped,
         )
 
     async def listen(self, host: str, port: int) -> int:
@@ -438,9 +452,25 @@ class Hub:
         self._handshaking.add(conn)
 
     def _room_for(self) -> bool:
-        """Whether another connection may start its handshake (see ``max_pending``)."""
+        """Make room for another connection's handshake (see ``max_pending``): evict the
+        connection longest in its handshake when the cap is reached."""
         cap = self.max_pending or max(_MIN_PENDING_CAP, 2 * len(self.registry))
-        return len(self._handshaking) < cap
+        while len(self._handshaking) >= cap:
+            oldest: Connection = self._handshaking.pop_oldest()
+            oldest.fail(
+                f"evicted before answering STATUS: {cap} connections are in the handshake "
+                "(max_pending); the one waiting longest makes room"
+            )
+        return True
+
+    def _strangers_dropped(self) -> int:
+        """WARNING/ERROR lines so far about connections hosting no molecule (drops)."""
+        return self.peer_log.seen if self.peer_log is not None else 0
+
+    def _is_stranger(self, arg: object) -> bool:
+        """Whether a log record's first argument is a connection of this hub hosting no
+        molecule (its lines are rate-limited by :attr:`peer_log`)."""
+        return isinstance(arg, Connection) and arg.hub is self and not arg.molecules
 
     async def graceful_shutdown(self, reason: str | None = None, wait: float = 2.0) -> None:
         """Send STOP (or EXIT) to every driver and wait up to ``wait`` s for their BYE."""
@@ -478,6 +508,8 @@ class Hub:
             await server.wait_closed()
         # Let connection_lost callbacks run so nothing refers to a dead transport.
         await asyncio.sleep(0)
+        if self.peer_log is not None:
+            self.peer_log.remove()  # its last summary; the counts stay for status()
         self._remove_unix_path()
         if self._barrier is not None:
             self._barrier.wake("stopped")
@@ -1193,6 +1225,9 @@ class Hub:
             "slowest_molecules": [
                 {"id": m, "times_last": n} for m, n in self._last_to_answer.most_common(5)
             ],
+            # new connections (maxwellhub.net.listener) and log lines about peers
+            "listeners": [dict(server.counts) for server in self._listeners()],
+            "peer_lines": self.peer_log.counts() if self.peer_log is not None else None,
         }
 
     def _note_last(self, mid: int) -> None:

@@ -45,6 +45,7 @@ __all__ = [
 log = logging.getLogger("maxwellhub.hub")
 
 Parts = list[Any]  # buffers (bytes, memoryview, arrays) to write in order
+_UNBOUND_READ = 4096  # read room for a connection hosting no molecule (it grows if needed)
 
 
 class State(enum.Enum):
@@ -327,6 +328,11 @@ class Connection:
         """Where the next read lands (zero copy; see :meth:`received`); ``sizehint`` is
         asyncio's and ignored."""
         self._was_empty = not self.decoder.buffered
+        if not self.molecules:
+            # A peer hosting nothing yet sends only small messages; the default room
+            # (256 KiB, then doubled with a byte held) made a flood of peers that send a
+            # byte each cost the hub half a megabyte apiece.
+            return self.decoder.read_buffer(_UNBOUND_READ)
         return self.decoder.read_buffer()
 
     def received(self, nbytes: int) -> Parts:
