@@ -116,6 +116,8 @@ class JsonLines:
     output, so a stuck child cannot hang the benchmark."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
+        if proc.stdout is None:
+            raise ValueError("JsonLines reads a child started with stdout=subprocess.PIPE")
         self.proc = proc
         self.fd = proc.stdout.fileno()
         self.buf = b""

@@ -38,9 +38,8 @@ def measure(m: int, k: int, seconds: float, repeats: int, extras: bool) -> dict:
         hub.register_molecule(mid)
     per = m // k
     procs = []
-    params = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    json.dump({"omega": 0.242, "mu12": 187.0, "pe_initial": 0.1}, params)
-    params.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as params:
+        json.dump({"omega": 0.242, "mu12": 187.0, "pe_initial": 0.1}, params)
     try:
         for _ in range(k):
             argv = driver_command("tls", None, unix=name, timeout=60,

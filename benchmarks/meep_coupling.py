@@ -18,6 +18,7 @@ import argparse
 import math
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def time_run(n: int, steps: int, sigma: float, repeat: int,
         sim = mp.Simulation(cell_size=mp.Vector3(16, 16), resolution=10, sources=sources)
         coupling = hub = None
         step_funcs, drivers = [], []
-        tls = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}
+        tls: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}
         if n and socket:
             name = f"bench_meep_{os.getpid()}"
             hub = SocketHub(unixsocket=name, timeout=60)

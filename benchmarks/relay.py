@@ -121,6 +121,7 @@ def run_setup(relays: int, args, workdir: Path) -> dict:
                             "--deadline", str(args.deadline)],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
                            env=child_env(), preexec_fn=pin_to(HUB_CORE))
+    assert hub.stdin is not None  # stdin=PIPE above
     others: list[subprocess.Popen] = []
     relay_procs: list[subprocess.Popen] = []
     try:
@@ -224,7 +225,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print("pinning: " + (f"hub on core {HUB_CORE}; loadgens and relays on core {CLIENT_CORE}"
                          if can_pin() else "not possible here (fewer than 2 usable cores)"))
-    results = {}
+    results: dict[int, dict | str] = {}  # a setup's figures, or why it was skipped
     with tempfile.TemporaryDirectory(prefix="mxhrelay-") as tmp:
         for relays in (0, args.relays):
             t0 = time.monotonic()

@@ -25,6 +25,7 @@ difference (and whether every HDF5 dataset is bitwise equal) against run 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -104,10 +105,8 @@ def _kill(run: subprocess.Popen) -> None:
             if int(stat.rsplit(")", 1)[1].split()[3]) == run.pid:
                 pids.append(int(entry))
     for pid in sorted(pids, key=lambda p: p == run.pid):  # the ranks, then mpirun
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _summary(stdout: str) -> dict:
@@ -137,9 +136,11 @@ def _kill_at_random_step(config: Path, target: int) -> dict:
     try:
         end = time.monotonic() + 120
         address = None
+        stderr = run.stderr
+        assert stderr is not None  # stderr=PIPE above
         while address is None:  # the run names its control endpoint when its hub is up
-            ready, _, _ = select.select([run.stderr], [], [], max(0.0, end - time.monotonic()))
-            line = run.stderr.readline() if ready else ""
+            ready, _, _ = select.select([stderr], [], [], max(0.0, end - time.monotonic()))
+            line = stderr.readline() if ready else ""
             if not line:
                 sys.exit("the checkpointed run did not start its hub in time")
             if "control endpoint:" in line:

@@ -20,7 +20,7 @@ import time
 
 from _common import HERE, child_env, machine
 
-FULL = {
+FULL: dict[str, list[str]] = {
     "hub_throughput.py": [],
     "drivers.py": [],
     "ensemble.py": [],

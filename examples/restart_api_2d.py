@@ -7,6 +7,7 @@ populations, bit for bit, as a run never interrupted.
 """
 import argparse
 import sys
+from typing import Any
 
 import meep as mp
 
@@ -19,7 +20,7 @@ parser.add_argument("--dir", default="restart_api_2d", help="checkpoint director
 parser.add_argument("--every", type=int, default=200, help="steps between checkpoints")
 args = parser.parse_args()
 
-tls = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}   # a.u.
+tls: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}   # a.u.
 sim = mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(3.0)])
 coupling = MeepCoupling(sim, time_units_fs=0.1)
 coupling.add_molecules("tls", centers=[(0, 0)], sigma=0.1, axis="z", **tls)

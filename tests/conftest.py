@@ -7,6 +7,7 @@ number, so MAXWELLHUB_TEST_TIMEOUT_FACTOR scales them all.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import select
@@ -220,10 +221,8 @@ def no_process_left_behind() -> Iterator[None]:
         return
     described = [_describe(pid) for pid in sorted(leftover)]
     for pid in leftover:  # do not let one leaky test leave drivers running on the machine
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
     pytest.fail(
         "processes started by the tests are still alive at session end (now killed):\n  "
         + "\n  ".join(described),

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+from typing import ClassVar
 
 from docutils import nodes
 from docutils.parsers.rst import directives
 from sphinx.util.docutils import SphinxDirective
+from sphinx.util.typing import OptionSpec
 
 
 def _build(spec: str) -> argparse.ArgumentParser:
@@ -47,7 +49,7 @@ def _help(parser: argparse.ArgumentParser) -> str:
 
 class CliHelp(SphinxDirective):
     required_arguments = 1
-    option_spec = {"prog": directives.unchanged}
+    option_spec: ClassVar[OptionSpec] = {"prog": directives.unchanged}
 
     def run(self) -> list[nodes.Node]:
         parser = _build(self.arguments[0])

@@ -10,6 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from _events import one
 from _util import scaled
 from fakes import FakeDriver, fake_source
 
@@ -92,7 +93,7 @@ def test_secret_file_owner_only_and_trimmed(tmp_path):
     path.write_bytes(b"correct horse battery staple\n")
     path.chmod(0o600)
     secret = load_secret(path)
-    assert secret.proof(NONCE) == PROOF
+    assert secret is not None and secret.proof(NONCE) == PROOF
     assert "horse" not in repr(secret) and str(path) in repr(secret)
     with pytest.raises(TypeError):
         pickle.dumps(secret)
@@ -111,11 +112,13 @@ def test_secret_file_readable_by_others_refused(tmp_path, mode):
 def test_secret_from_environment(monkeypatch, tmp_path):
     """MAXWELLHUB_SECRET is used when no file is given; a file wins; empty means none."""
     monkeypatch.setenv(SECRET_ENV, "correct horse battery staple")
-    assert load_secret().proof(NONCE) == PROOF
+    from_env = load_secret()
+    assert from_env is not None and from_env.proof(NONCE) == PROOF
     path = tmp_path / "other"
     path.write_bytes(b"other")
     path.chmod(0o600)
-    assert load_secret(path).proof(NONCE) != PROOF
+    from_file = load_secret(path)
+    assert from_file is not None and from_file.proof(NONCE) != PROOF
     monkeypatch.setenv(SECRET_ENV, "")
     assert load_secret() is None
     with pytest.raises(UsageError, match="empty"):
@@ -130,8 +133,9 @@ def test_loopback_detection():
 
 def test_hub_auth_must_be_a_secret():
     """Hub(auth=...) takes a Secret, not a string that might be the secret itself."""
-    with pytest.raises(UsageError, match="maxwellhub.auth.Secret"):
-        Hub(port=0, auth="s3cret")
+    with pytest.raises(UsageError, match=r"maxwellhub\.auth\.Secret"):
+        # A deliberately wrong type: the run-time check is what is under test.
+        Hub(port=0, auth="s3cret")  # type: ignore[arg-type]
 
 
 def test_driver_cli_refuses_readable_secret_file(tmp_path, capsys):
@@ -161,7 +165,8 @@ class AuthFake(FakeDriver):
     async def _open(self):
         reader, writer = await super()._open()
         self.sockname = writer.get_extra_info("sockname")
-        (challenge,) = wire.Decoder("driver").feed(await reader.readexactly(48))
+        challenge = one(wire.Decoder("driver").feed(await reader.readexactly(48)),
+                        wire.AuthChallenge)
         writer.write(wire.encode_auth_proof(self.secret.proof(challenge.nonce)))
         return reader, writer
 
@@ -222,6 +227,7 @@ async def test_wrong_secret_refused_before_init(caplog):
         assert bad.messages == []  # not even STATUS, let alone INIT
         (line,) = refusals(caplog)
         assert line.levelno == logging.ERROR
+        assert bad.sockname is not None
         assert f"127.0.0.1:{bad.sockname[1]}" in line.getMessage()
         assert "wrong MXHPROOF" in line.getMessage()
     finally:
@@ -289,16 +295,18 @@ def test_real_drivers_with_secret_match_the_model():
     """Real single and ensemble drivers get the secret via the environment (never argv),
     authenticate over TCP and step exactly like the model run in-process."""
     hub = SocketHub(port=0, timeout=scaled(30), auth=SECRET)
-    where = {"host": "127.0.0.1", "port": hub.port}
     procs = []
     with hub:
         ids = [hub.register_molecule_return_id() for _ in range(3)]
-        procs.append(start_driver("tls", TLS, timeout=scaled(30), secret=SECRET, **where))
+        procs.append(start_driver("tls", TLS, timeout=scaled(30), secret=SECRET,
+                                  host="127.0.0.1", port=hub.port))
         assert hub.wait_until_bound({ids[0]: {"dt_au": DT_AU}}, timeout=scaled(30))
-        procs.append(start_driver("tls", TLS, timeout=scaled(30), secret=SECRET, **where,
+        procs.append(start_driver("tls", TLS, timeout=scaled(30), secret=SECRET,
+                                  host="127.0.0.1", port=hub.port,
                                   extra_args=["--molecules", "2"]))
         assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(30))
         for p in procs:
+            assert isinstance(p.args, list)
             argv = " ".join(p.args)
             with open(f"/proc/{p.pid}/cmdline", "rb") as f:
                 cmdline = f.read()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,7 +37,8 @@ def _cavity(n: int, gauge: str) -> SingleModeCavity:
     )
 
 
-TLS = {"omega": OMEGA, "mu12": MU12, "orientation": 2, "pe_initial": 1e-6}
+# Model parameters, as add_molecules(**params: Any) takes them.
+TLS: dict[str, Any] = {"omega": OMEGA, "mu12": MU12, "orientation": 2, "pe_initial": 1e-6}
 
 
 def _drivers(name: str, n: int, per: int, params_file) -> list[subprocess.Popen]:
@@ -128,7 +130,7 @@ def test_embedded_equals_sockets(engine, tmp_path, unix_name):
         )
 
     tls = dict(TLS, pe_initial=0.05)
-    sho = {"omega": 0.2, "mu0": 1.5, "orientation": 2, "q_initial": 0.3}
+    sho: dict[str, Any] = {"omega": 0.2, "mu0": 1.5, "orientation": 2, "q_initial": 0.3}
     xs = np.linspace(100.0, 1900.0, 7)
     runs = []
     for socket in (False, True):
@@ -136,7 +138,7 @@ def test_embedded_equals_sockets(engine, tmp_path, unix_name):
         procs = []
         try:
             coupling = EngineCoupling(make(), DT, hub=hub, record_every=10)
-            if socket:
+            if hub is not None:
                 coupling.add_socket_molecules(positions=xs[:5])
                 coupling.add_socket_molecules(positions=xs[5:])
                 (tmp_path / "tls.json").write_text(json.dumps(tls))

@@ -187,6 +187,7 @@ async def test_socket_and_token_are_owner_only_and_removed(unix_name):
     h = Hub(unixsocket=unix_name, timeout=scaled(10), control=unix_name)
     await h.start()
     path = h.control_address
+    assert path is not None
     token = control.token_path(path)
     try:
         assert stat.S_ISSOCK(os.stat(path).st_mode)
@@ -303,6 +304,7 @@ async def test_cli_exit_codes(hub, tmp_path, capsys):
 def _wait_for_stderr(proc: subprocess.Popen, needle: str, seconds: float) -> str:
     """Read the process's stderr until a line containing ``needle``."""
     with selectors.DefaultSelector() as selector:
+        assert proc.stderr is not None
         selector.register(proc.stderr, selectors.EVENT_READ)
         while True:
             if not selector.select(timeout=seconds):
@@ -336,7 +338,8 @@ def test_run_status_and_stop_by_control(tmp_path):
     try:
         _wait_for_stderr(run, "control endpoint", scaled(60))
         address = control.control_address(f"mxh_run_{run.pid}")
-        steps = []
+        assert isinstance(address, str)  # a name, so a UNIX socket path
+        steps: list[int] = []
         deadline = time.monotonic() + scaled(60)
         while len(steps) < 2 or steps[-1] <= steps[0]:  # a remote process: ask again
             assert time.monotonic() < deadline, f"steps did not advance: {steps}"

@@ -87,13 +87,14 @@ def test_thousand_steps_sixteen_drivers(transport, unix_name):
     """Acceptance: 1,000 barrier steps with 16 drivers, every source checked."""
     hub, where = open_hub(transport, unix_name)
     n, steps = 16, 1000
-    params = dict(TLS, pe_initial=[0.01 * (k + 1) for k in range(n)])
+    pe_initial = [0.01 * (k + 1) for k in range(n)]
+    params = dict(TLS, pe_initial=pe_initial)
     procs = []
     with hub:
         ids = [hub.register_molecule_return_id() for _ in range(n)]
         for k, m in enumerate(ids):
             # One at a time, so that driver k (with its own pe_initial) binds to ids[k].
-            procs.append(start_driver("tls", dict(TLS, pe_initial=params["pe_initial"][k]),
+            procs.append(start_driver("tls", dict(TLS, pe_initial=pe_initial[k]),
                                       timeout=scaled(30), **where))
             assert hub.wait_until_bound({m: {"dt_au": DT_AU}}, timeout=scaled(30))
         fields = [np.tile(f, (n, 1)) for f in field_sequence(steps, seed=7)]
@@ -135,6 +136,7 @@ def test_killed_driver_replaced_mid_run(unix_name):
             assert len(healthy) >= n - 1, (step, times)
             if step < victim_step:
                 assert len(healthy) == n
+        assert killer is not None  # the victim was killed during the run
         killer.join(scaled(10))
         assert len(procs) == n + 1
     codes = reap(procs, scaled(10))

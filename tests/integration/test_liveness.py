@@ -408,6 +408,7 @@ async def test_keepalive_is_set_on_accepted_and_driver_tcp_sockets():
             sock.settimeout(scaled(10))
             assert await asyncio.to_thread(sock.recv, 12) == wire.encode_header(wire.STATUS)
             [conn] = hub._connections  # it sent STATUS: the hub has accepted it
+            assert isinstance(conn.link, hub_module._DriverProtocol)
             accepted = conn.link.transport.get_extra_info("socket")
             assert _keepalive_options(accepted) == EXPECTED_KEEPALIVE
         with socket.socket() as plain:

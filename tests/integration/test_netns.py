@@ -127,6 +127,7 @@ def _run(tmp: Path, host: str, hub_ns: str | None, driver_ns: list[str | None],
             except subprocess.TimeoutExpired:
                 d.kill()
                 d.wait()
+            assert d.stderr is not None
             logs.append(d.stderr.read())
     assert hub.returncode == 0, hub.stderr[-3000:]
     assert [d.returncode for d in drivers] == [0, 0], logs

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _connection_fakes import READY, feed, ready_single
 from _util import scaled
 from fakes import FakeDriver
 
@@ -441,23 +442,11 @@ async def test_control_set_params_needs_the_token_and_is_applied_at_the_boundary
 # ----------------------------------------------------------------------------- the machine
 
 
-def _machine():
-    """A sans-I/O connection (tests/unit helpers) bound to molecule 3, after INIT."""
-    from unit.test_protocol_connection import ready_single
-
-    conn, hub, link = ready_single()
-    hub.answers = []
-    hub.params_answered = lambda c, seq, error: hub.answers.append((seq, error))
-    return conn, hub, link
-
-
 @pytest.mark.parametrize("how", ["whole", "bytewise"])
 def test_machine_accept_send_and_answer(how):
     """Accept after INIT, then MXHPARAMS out, MXHPARAMSOK in: PARAMS -> READY, the
     answer reported, any split of the bytes."""
-    from unit.test_protocol_connection import READY, feed
-
-    conn, hub, _ = _machine()
+    conn, hub, _ = ready_single()
     assert pp.offer(wire.Limits()) == {"version": 1, "max_bytes": 65536}
     assert pp.accepts(json.loads(conn._init_msg[20:]))
     feed(conn, pp.ACCEPT + READY, how)
@@ -483,7 +472,7 @@ def test_machine_accept_send_and_answer(how):
 )
 def test_machine_refuses_answers_out_of_turn(prepare, frame, why, caplog):
     """An answer nobody asked for, a wrong sequence number or bad JSON drops the driver."""
-    conn, _, link = _machine()
+    conn, _, link = ready_single()
     if prepare != "init":
         conn.params, conn.state = True, State.READY
     if prepare == "params":
@@ -496,7 +485,7 @@ def test_machine_refuses_answers_out_of_turn(prepare, frame, why, caplog):
 
 def test_machine_refuses_to_send_to_a_peer_that_did_not_accept():
     """send_params to a connection that never accepted is a UsageError naming it."""
-    conn, _, _ = _machine()
+    conn, _, _ = ready_single()
     conn.state = State.READY
     with pytest.raises(UsageError, match="driver#1 molecule 3 does not speak"):
         conn.send_params(0, [pp.Kick((3,), (1.0, 0.0, 0.0))])

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,13 @@ def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def _stale(path) -> str:
+    """Why the address file at ``path`` is stale (asserted to be)."""
+    reason = stale_reason(read_address_file(path))
+    assert reason is not None, f"{path} is not stale"
+    return reason
 
 
 def _rewrite(path, **changes) -> None:
@@ -110,13 +118,15 @@ def test_leftovers_are_recognised(tmp_path):
     path = tmp_path / "hub.addr"
     write_address_file(path, address=("127.0.0.1", 4242))
     _rewrite(path, pid=_dead_pid())
-    assert "is not running" in stale_reason(read_address_file(path))
+    assert "is not running" in _stale(path)
     write_address_file(path, address=("127.0.0.1", 4242))
-    _rewrite(path, pid_start=read_address_file(path).pid_start + 1)
-    assert "is now another process" in stale_reason(read_address_file(path))
+    pid_start = read_address_file(path).pid_start
+    assert pid_start is not None
+    _rewrite(path, pid_start=pid_start + 1)
+    assert "is now another process" in _stale(path)
     write_address_file(path, address=("127.0.0.1", 4242))
     _rewrite(path, boot_id="00000000-0000-0000-0000-000000000000")
-    assert "last booted" in stale_reason(read_address_file(path))
+    assert "last booted" in _stale(path)
     _rewrite(path, hostname="elsewhere.invalid", pid=_dead_pid())
     assert stale_reason(read_address_file(path)) is None   # only a connection can tell
 
@@ -127,7 +137,7 @@ def test_hub_refuses_a_live_hubs_file_and_replaces_a_dead_ones(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         write_address_file(path, address=("127.0.0.1", 4242))
-        start = open(f"/proc/{other.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+        start = Path(f"/proc/{other.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
         _rewrite(path, pid=other.pid, pid_start=int(start))
         with pytest.raises(UsageError, match=f"live hub \\(pid {other.pid}"):
             write_address_file(path, address=("127.0.0.1", 1))
@@ -240,6 +250,7 @@ def test_driver_uses_the_secret_file_named_in_the_address_file(tmp_path, driver_
         assert np.isfinite(hub.step({0: {"efield_au": FIELD}})[0]["amp"]).all()
     assert good.wait(timeout=deadline(20)) == 0
     assert bad.wait(timeout=deadline(20)) != 0
+    assert bad.stderr is not None
     assert "refused the secret" in bad.stderr.read()
 
 
@@ -251,6 +262,7 @@ def test_driver_rejects_a_killed_hubs_file(tmp_path, driver_exe, deadline):
             f"hub = SocketHub(port=0, address_file={str(path)!r})\n"
             "print('up', flush=True)\ntime.sleep(60)\n")
     hub = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert hub.stdout is not None
     try:
         assert hub.stdout.readline().strip() == "up"
     finally:

@@ -253,6 +253,7 @@ def test_engine_example_runs(name, tmp_path):
     """Each engine example, shortened to 600 steps: complete, its plot, the engine's
     records in the HDF5 file."""
     config = load_config(ENGINE_EXAMPLES / name)
+    assert config.simulation.dt_au is not None  # set for every non-Meep engine
     short = load_config(
         ENGINE_EXAMPLES / name,
         {"simulation.until": 600 * config.simulation.dt_au, "output.directory": str(tmp_path)},

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ from maxwellhub.em import MeepCoupling  # noqa: E402  (needs meep)
 
 pytestmark = pytest.mark.meep
 UNITS = MeepUnits(0.1)
-TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}
+# Model parameters, as add_molecules(**params: Any) takes them.
+TLS: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}
 
 
 def _sim():

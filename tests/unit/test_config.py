@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _util import REPO_ROOT, scaled
@@ -19,7 +20,7 @@ BASE = tomllib.loads((EXAMPLES / "relax_2d.toml").read_text())
 
 def with_change(path: str, value):
     data = copy.deepcopy(BASE)
-    node = data
+    node: Any = data  # a walk through the TOML tree: tables and arrays
     *parents, last = path.split(".")
     for p in parents:
         node = node[int(p)] if p.isdigit() else node[p]

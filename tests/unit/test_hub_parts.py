@@ -8,6 +8,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from _events import as_kind
 
 from maxwellhub import wire
 from maxwellhub.errors import UsageError
@@ -152,7 +153,7 @@ def test_history_depth_must_be_a_whole_number():
     """A depth of True or -1 is a usage error."""
     for bad in (True, -1, 1.5):
         with pytest.raises(UsageError):
-            History(bad)
+            History(bad)  # type: ignore[arg-type]  # 1.5 on purpose: the run-time check
 
 
 # ---------------------------------------------------------------- the frozen step
@@ -213,7 +214,7 @@ def connect(hub: Hub, number: int) -> tuple[Connection, Link]:
 
 
 def field_sent(data: bytes) -> list[float]:
-    return wire.Decoder("driver").feed(data)[0].positions[0].tolist()
+    return as_kind(wire.Decoder("driver").feed(data)[0], wire.PosData).positions[0].tolist()
 
 
 def test_frozen_step_survives_a_lost_driver_and_a_new_request(hub):

@@ -6,128 +6,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _connection_fakes import (
+    BYE,
+    NEEDINIT,
+    READY,
+    STATUS,
+    Layout,
+    Mol,
+    Step,
+    feed,
+    make,
+    ready_single,
+)
+from _events import one
 
 from maxwellhub import wire
 from maxwellhub.auth import Secret
-from maxwellhub.protocol.connection import TRANSITIONS, Connection, State
+from maxwellhub.protocol.connection import TRANSITIONS, State
 from maxwellhub.protocol.init import parse_single_init
-
-STATUS = wire.encode_header(wire.STATUS)
-READY = wire.encode_header(wire.READY)
-NEEDINIT = wire.encode_header(wire.NEEDINIT)
-BYE = wire.encode_header(wire.BYE)
-
-
-class Mol:
-    def __init__(self, mid: int, payload: dict | None = None) -> None:
-        self.id, self.payload = mid, payload
-
-
-class Layout:
-    def __init__(self, ids: list[int], generation: int = 1) -> None:
-        self.generation = generation
-        self.row = {m: r for r, m in enumerate(ids)}
-
-
-class Step:
-    def __init__(self, fields) -> None:
-        self.fields = np.asarray(fields, dtype=np.float64)
-        self.field_bytes = None
-        self.want_extras = True
-        self.want_dipoles = False
-
-
-class FakeHub:
-    """Records the callbacks; binds on request."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-        self.field: np.ndarray | None = None
-
-    def source_ready(self, conn, sx, sy, sz, extras):
-        self.calls.append(("source", (sx, sy, sz), extras))
-
-    def sources_batch(self, conn, event):
-        self.calls.append(("sources", event.sources.copy()))
-
-    def driver_available(self, conn):
-        self.calls.append(("available",))
-
-    def driver_ready(self, conn):
-        self.calls.append(("ready",))
-
-    def driver_initialized(self, conn):
-        self.calls.append(("initialized",))
-
-    def replay_offer(self, conn):
-        return 0, 0
-
-    def pending_field(self, conn):
-        return self.field
-
-    def connection_lost(self, conn, previous, exc):
-        self.calls.append(("lost", previous))
-
-
-class FakeLink:
-    def __init__(self) -> None:
-        self.aborted = self.closed = False
-        self.armed: float | None = None
-        self.ends: list[bool] = []
-        self.hosting_n: int | None = None
-        self.later_calls: list = []
-
-    def abort(self):
-        self.aborted = True
-
-    def close(self):
-        self.closed = True
-
-    def arm(self, seconds):
-        self.armed = seconds
-
-    def disarm(self):
-        self.armed = None
-
-    def later(self, seconds, callback):
-        self.later_calls.append((seconds, callback))
-
-    def hosting(self, molecules):
-        self.hosting_n = molecules
-
-    def ended(self, said_bye):
-        self.ends.append(said_bye)
-
-
-def make(auth: Secret | None = None, handshake: float | None = 5.0):
-    hub, link = FakeHub(), FakeLink()
-    conn = Connection(hub, 1, limits=wire.Limits(), auth=auth, handshake_timeout=handshake)
-    conn.link = link
-    return conn, hub, link
-
-
-def feed(conn: Connection, data: bytes, how: str) -> bytes:
-    """Feed ``data`` whole or byte by byte; the bytes the machine answered."""
-    chunks = [data] if how == "whole" else [data[i : i + 1] for i in range(len(data))]
-    out = []
-    for chunk in chunks:
-        out += conn.receive_data(chunk)
-    return b"".join(bytes(p) for p in out)
-
-
-def ready_single(how: str = "whole"):
-    """A single-molecule connection bound to molecule 3, initialised and idle."""
-    conn, hub, link = make()
-    assert b"".join(conn.start()) == STATUS and link.armed == 5.0
-    assert feed(conn, NEEDINIT, how) == b""
-    assert conn.state is State.UNBOUND and hub.calls == [("available",)] and link.armed is None
-    conn.bind([Mol(3, {"dt_au": 0.5})])
-    out = b"".join(conn.send_init())
-    head = wire.encode_init(3, b"")[:12]
-    assert out.startswith(head) and out.endswith(STATUS)
-    assert conn.state is State.INIT
-    return conn, hub, link
-
 
 HOW = ["whole", "bytewise"]
 
@@ -137,8 +33,8 @@ def test_handshake_init_bytes_parse_back(how):
     """STATUS, NEEDINIT, INIT (which a driver's parser reads back), READY."""
     conn, hub, _ = ready_single(how)
     decoder = wire.Decoder("driver")
-    events = decoder.feed(conn._init_msg)
-    init = parse_single_init(events[0].ident, events[0].payload)
+    event = one(decoder.feed(conn._init_msg), wire.Init)
+    init = parse_single_init(event.ident, event.payload)
     assert init.molecule_id == 3 and init.dt_au == 0.5
     feed(conn, READY, how)
     assert hub.calls[-1] == ("ready",)
@@ -210,7 +106,7 @@ def test_authentication(how):
     secret = Secret(b"k" * 32, "test")
     conn, _, _ = make(auth=secret)
     challenge = b"".join(conn.start())
-    event = wire.Decoder("driver").feed(challenge)[0]
+    event = one(wire.Decoder("driver").feed(challenge), wire.AuthChallenge)
     proof = wire.encode_auth_proof(secret.proof(event.nonce))
     assert feed(conn, proof, how) == STATUS and conn.state is State.PROBE
     bad, _, bad_link = make(auth=secret)

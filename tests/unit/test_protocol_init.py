@@ -48,7 +48,8 @@ def test_ensemble_ids_list_and_shared_payload():
     body = build_init([9, 3], [{"dt_au": 0.25}, {"dt_au": 0.25}], 1, 1, ensemble=True)
     init = parse_ensemble_init(body, 2)
     assert init.molecule_ids == [9, 3] and "payloads" not in init.data
-    assert init.payloads == [{"dt_au": 0.25}] * 2 and init.resume["step"] == 1
+    assert init.payloads == [{"dt_au": 0.25}] * 2
+    assert init.resume is not None and init.resume["step"] == 1
 
 
 def test_empty_string_is_an_empty_object():

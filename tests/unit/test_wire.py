@@ -13,6 +13,7 @@ import struct
 
 import numpy as np
 import pytest
+from _events import as_kind, one
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -253,7 +254,7 @@ def test_init_golden(ident, payload):
 def test_init_json_payload_parses():
     """The JSON init string arrives byte for byte and parses back to the dict."""
     payload = b'{"molecule_id": 3, "dt_au": 0.5}'
-    (event,) = Decoder("driver").feed(init_bytes(3, payload))
+    event = one(Decoder("driver").feed(init_bytes(3, payload)), Init)
     assert event.ident == 3
     assert json.loads(event.payload) == {"molecule_id": 3, "dt_au": 0.5}
 
@@ -269,7 +270,7 @@ def test_posdata_non_symmetric_cell(nat):
     event = PosData(CELL, INVERSE, POSITIONS[:nat])
     assert wire.encode(event) == data
     assert wire.encode_posdata(CELL, INVERSE, POSITIONS[:nat]) == data
-    (got,) = Decoder("driver", Limits(max_nat=3)).feed(data)
+    got = one(Decoder("driver", Limits(max_nat=3)).feed(data), PosData)
     assert np.array_equal(got.cell, CELL)
     assert np.array_equal(got.inverse, INVERSE)
     assert got.cell[0, 1] == 2.0 and got.cell[1, 0] == 4.0
@@ -283,7 +284,7 @@ def test_forceready_non_symmetric_virial(nat):
     assert len(data) == 100 + 24 * nat + 3
     event = ForceReady(-1.25, FORCES[:nat], VIRIAL, b"xyz")
     assert wire.encode(event) == data
-    (got,) = Decoder("hub", Limits(max_nat=3)).feed(data)
+    got = one(Decoder("hub", Limits(max_nat=3)).feed(data), ForceReady)
     assert np.array_equal(got.virial, VIRIAL)
     assert got.virial[0, 1] == 0.2 and got.virial[1, 0] == -0.4
     assert np.array_equal(got.forces, FORCES[:nat])
@@ -389,7 +390,7 @@ def test_little_endian_integers_and_reals():
     assert data[12:16] == b"\x04\x03\x02\x01"
     posdata = wire.encode_field_step((1.0, 0.0, 0.0))
     assert posdata[160:168] == b"\x00\x00\x00\x00\x00\x00\xf0\x3f"
-    (event,) = Decoder("driver").feed(data)
+    event = one(Decoder("driver").feed(data), Init)
     assert event.ident == 0x01020304
 
 
@@ -404,7 +405,7 @@ def test_big_endian_field_decodes_differently():
     """A field written big-endian does not decode to the same values."""
     data = FIELD_BLOCK[:160] + struct.pack(">3d", *FIELD) + FIELD_BLOCK[184:]
     (posdata, _) = Decoder("driver").feed(data)
-    assert tuple(posdata.field) != FIELD
+    assert tuple(as_kind(posdata, PosData).field) != FIELD
 
 
 # ----------------------------------------------------------------------------- limits
@@ -444,7 +445,7 @@ def test_extras_at_cap_accepted_and_one_over_refused():
     """Extras of exactly max_extras_bytes decode; one byte more is refused on the prefix."""
     limits = Limits(max_extras_bytes=16)
     ok = SOURCE_PREFIX[:120] + struct.pack("<i", 16) + b"x" * 16
-    (event,) = Decoder("hub", limits).feed(ok)
+    event = one(Decoder("hub", limits).feed(ok), ForceReady)
     assert event.extras == b"x" * 16
     over = SOURCE_PREFIX[:120] + struct.pack("<i", 17)
     with pytest.raises(ProtocolError, match=r"extras length 17.*16"):
@@ -470,7 +471,7 @@ def test_negative_lengths(reader, data, what):
 def test_init_string_over_cap():
     """An INIT string over max_init_bytes is refused on its length field, naming both numbers."""
     limits = Limits(max_init_bytes=16)
-    (event,) = Decoder("driver", limits).feed(init_bytes(1, b"y" * 16))
+    event = one(Decoder("driver", limits).feed(init_bytes(1, b"y" * 16)), Init)
     assert event.payload == b"y" * 16
     with pytest.raises(ProtocolError, match=r"init string length 17.*16"):
         Decoder("driver", limits).feed(b"INIT        " + struct.pack("<ii", 1, 17))
@@ -585,7 +586,7 @@ finite = st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)
 matrix = st.lists(finite, min_size=9, max_size=9).map(lambda v: np.array(v).reshape(3, 3))
 rows = st.integers(0, LIMITS.max_nat).flatmap(
     lambda nat: st.lists(finite, min_size=3 * nat, max_size=3 * nat)
-    .map(lambda v, nat=nat: np.array(v, dtype=np.float64).reshape(nat, 3)))
+    .map(lambda v: np.array(v, dtype=np.float64).reshape(nat, 3)))
 int32 = st.integers(-(2**31), 2**31 - 1)
 
 hub_events = st.one_of(
