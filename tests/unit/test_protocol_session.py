@@ -5,6 +5,7 @@ trailing data; every (state, message) pair missing from the tables is a protocol
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -267,7 +268,7 @@ def test_welcome_for_another_size_is_an_error():
         feed(Session(FakeModel(), 2), wire.encode_welcome(3), "whole")
 
 
-EVENTS = {
+EVENTS: dict[type, Any] = {
     wire.Status: wire.Status(),
     wire.Init: wire.Init(0, b'{"dt_au": 1}'),
     wire.PosData: wire.PosData(np.eye(3), np.eye(3), np.zeros((1, 3))),
