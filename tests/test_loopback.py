@@ -47,7 +47,7 @@ async def test_hub_and_drivers_over_loopback(transport, unix_name):
         assert await hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(10))
         if transport == "tcp":
             for conn in hub._connections:
-                sock = conn.link.transport.get_extra_info("socket")
+                sock = conn.link.transport.get_extra_info("socket")  # type: ignore[attr-defined]
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         reference = create_model("tls", n=3, **TLS)
         reference.initialize(dt_au=DT_AU, molecule_ids=ids)
