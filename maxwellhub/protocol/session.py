@@ -165,6 +165,10 @@ _GETFORCE_HEADER = wire.encode_header(wire.GETFORCE)
 _STEP_SIZE = wire.FIELD_STEP_SIZE  # 196
 _REPLY = struct.Struct("<12sdi3d9di")  # SOURCEREADY up to its extras length
 _SOURCE_HEAD = wire.encode_header(wire.SOURCEREADY)
+_SOURCE_AT = 24  # header, energy, nat
+_EXTRAS_LEN_AT = _REPLY.size - 4
+_I32 = struct.Struct("<i")
+_ZEROS9 = (0.0,) * 9
 
 
 class Session:
@@ -205,7 +209,7 @@ class Session:
         self._extras_json = ExtrasJSON()
         self._out: Parts = []
         # The fused FIELDDATA+GETSOURCE reply, packed in place every step.
-        self._reply = bytearray(_REPLY.size)
+        self._reply = bytearray(_REPLY.pack(_SOURCE_HEAD, 0.0, 1, 0.0, 0.0, 0.0, *_ZEROS9, 0))
         self._was_empty = True
 
     # -- output
@@ -313,10 +317,13 @@ class Session:
         return self._source_ready(result)
 
     def _source_ready(self, result: Any) -> Parts:
+        """SOURCEREADY in the preallocated reply (its constant fields written once): the
+        source and the extras length packed in place, the extras text after it."""
         (sx, sy, sz), extras = result
         text = self._extras_json(extras)
         reply = self._reply
-        _REPLY.pack_into(reply, 0, _SOURCE_HEAD, 0.0, 1, sx, sy, sz, *_ZEROS9, len(text))
+        _F3.pack_into(reply, _SOURCE_AT, sx, sy, sz)
+        _I32.pack_into(reply, _EXTRAS_LEN_AT, len(text))
         return [reply, text] if text else [reply]
 
     # -- deferred answers
@@ -459,8 +466,6 @@ class Session:
         self.state = _S.ENDED
 
 
-_ZEROS9 = (0.0,) * 9
-
 Handler = Callable[[Session, Any], None]
 _LIVE = (_S.OPENING, _S.PROVING, _S.UNBOUND, _S.INITIALISING, _S.READY, _S.STAGED, _S.STEPPING)
 _INITIALISED = (_S.READY, _S.STAGED, _S.STEPPING)
@@ -517,6 +522,15 @@ class ExtrasJSON:
         self._template = "{}"
 
     def __call__(self, extras: dict[str, float]) -> bytes:
+        order = self._order
+        if len(extras) == len(order):
+            # the steady state: the same keys as last time, all finite floats
+            try:
+                values = tuple(map(extras.__getitem__, order))
+                if math.isfinite(sum(values)):
+                    return (self._template % tuple(map(float.__repr__, values))).encode("utf-8")
+            except (KeyError, TypeError):  # other keys, or not all floats
+                pass
         keys = tuple(extras)
         if keys != self._keys:
             self._keys, self._order = keys, sorted(keys)
@@ -528,7 +542,7 @@ class ExtrasJSON:
                 )
                 + "}"
             )
-        values = [extras[key] for key in self._order]
+        values = tuple(extras[key] for key in self._order)
         try:
             if math.isfinite(sum(values)):
                 return (self._template % tuple(map(float.__repr__, values))).encode("utf-8")
