@@ -121,12 +121,14 @@ _STATUS_REPLY = {
 @dataclass(frozen=True, slots=True)
 class Binding:
     """What an INIT bound this connection to: the molecule ids, the time step, each
-    molecule's INIT object and the hub's resume offer (None: it made none)."""
+    molecule's INIT object, the hub's resume offer (None: it made none) and the whole INIT
+    JSON object (where the hub offers extensions)."""
 
     molecule_ids: list[int]
     dt_au: float
     payloads: list[dict]
     resume: dict | None
+    data: dict
 
 
 class SessionModel(Protocol):
@@ -400,11 +402,11 @@ class Session:
     def _on_init(self, event: wire.Init) -> None:
         if self.batched:
             init = parse_ensemble_init(event.payload, self.molecules, self.host)
-            binding = Binding(init.molecule_ids, init.dt_au, init.payloads, init.resume)
+            binding = Binding(init.molecule_ids, init.dt_au, init.payloads, init.resume, init.data)
             key: Any = (init.molecule_ids, init.dt_au, init.payloads)
         else:
             one = parse_single_init(event.ident, event.payload)
-            binding = Binding([event.ident], one.dt_au, [one.data], one.resume)
+            binding = Binding([event.ident], one.dt_au, [one.data], one.resume, one.data)
             key = (event.ident, one.dt_au)
         if self._key is not None:
             # Stock i-PI hubs may re-send INIT; the same one changes nothing.
