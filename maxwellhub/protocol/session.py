@@ -252,6 +252,8 @@ class Session:
 
     def received(self, nbytes: int) -> Parts:
         """``nbytes`` were written into :meth:`read_buffer`'s room; the bytes to send."""
+        if self.state is _ENDED:
+            return []  # the session is over: nothing more is read
         if (
             nbytes == _STEP_SIZE
             and self.state is _READY_STATE

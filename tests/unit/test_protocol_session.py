@@ -143,6 +143,8 @@ def test_single_trailing_data_is_held_then_ignored_after_stop():
     assert feed(session, rest, "whole") == READY
     assert session.state is SessionState.ENDED
     assert session.receive_data(b"GARBAGE!!!!!") == []
+    session.read_buffer(12)[:12] = b"GARBAGE!!!!!"
+    assert session.received(12) == []
 
 
 def test_fused_block_with_trailing_bytes_takes_the_decoder():
