@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import (
     CLIENT_CORE,
@@ -67,7 +68,7 @@ class MinimalHub:
             self.path = str(path)
             self.listener = socket.socket(socket.AF_UNIX)
             self.listener.bind(self.path)
-            self.where = {"unix": self.path}
+            self.where: dict[str, Any] = {"unix": self.path}
         else:
             self.listener = socket.socket()
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -81,25 +82,31 @@ class MinimalHub:
         self.view = memoryview(self.reply)
 
     def accept(self) -> None:
-        self.conn, _ = self.listener.accept()
-        self.conn.settimeout(60)
-        if self.conn.family == socket.AF_INET:
-            self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn.sendall(header("STATUS"))
+        conn, _ = self.listener.accept()
+        self.conn = conn
+        conn.settimeout(60)
+        if conn.family == socket.AF_INET:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(header("STATUS"))
         self._read(12)
         body = json.dumps({"molecule_id": 0, "dt_au": DT_AU}).encode()
-        self.conn.sendall(header("INIT") + struct.pack("<ii", 0, len(body)) + body)
+        conn.sendall(header("INIT") + struct.pack("<ii", 0, len(body)) + body)
+
+    def _conn(self) -> socket.socket:
+        if self.conn is None:
+            raise Skip("no driver connected")
+        return self.conn
 
     def _read(self, n: int, at: int = 0) -> None:
         while n:
-            k = self.conn.recv_into(self.view[at:], n)
+            k = self._conn().recv_into(self.view[at:], n)
             if k == 0:
                 raise Skip("the driver closed the connection")
             at += k
             n -= k
 
     def step(self, ez: float) -> None:
-        self.conn.sendall(
+        self._conn().sendall(
             _BLOCK.pack(
                 header("POSDATA"), *_IDENTITY, *_IDENTITY, 1, 0.0, 0.0, ez, header("GETFORCE")
             )
@@ -189,13 +196,15 @@ def measure(kind: str, model: str, args, workdir: Path) -> dict:
             runs.append((steps / wall, 1e6 * (cpu_seconds(proc.pid) - c0) / steps))
     except (OSError, Skip) as exc:
         proc.kill()
-        err = proc.stderr.read().decode(errors="replace").strip().splitlines()[-2:]
+        raw = proc.stderr.read() if proc.stderr is not None else b""
+        err = raw.decode(errors="replace").strip().splitlines()[-2:]
         raise Skip(f"failed: {exc}: {' / '.join(err)}") from None
     finally:
         os.sched_setaffinity(0, affinity)
         hub.close()
         stop_process(proc)
-        proc.stderr.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
     return {
         "steps_s": median(r[0] for r in runs),
         "cpu_us": median(r[1] for r in runs),
@@ -232,7 +241,7 @@ def main() -> None:
         args.seconds = min(args.seconds, 0.25)
 
     print(f"machine: {machine()}", flush=True)
-    results = {}
+    results: dict[str, dict | str] = {}
     with tempfile.TemporaryDirectory(prefix="mxhdrv-") as tmp:
         for kind, model, name in ROWS:
             if kind not in args.drivers.split(","):
