@@ -328,7 +328,7 @@ class Session:
         reply = self._reply
         _F3.pack_into(reply, _SOURCE_AT, sx, sy, sz)
         _I32.pack_into(reply, _EXTRAS_LEN_AT, len(text))
-        return [reply, text] if text else [reply]
+        return [reply + text]  # one buffer: one plain send, no gather list to build
 
     # -- deferred answers
     def initialized(self, step: int | None) -> Parts:
@@ -359,7 +359,7 @@ class Session:
     def _encode(self, sources: Any, extras: Any) -> Parts:
         if self.batched:
             return wire.sources_batch_parts(sources, extras)
-        return [bytes(b) for b in self._source_ready((sources, extras))]
+        return [bytes(self._source_ready((sources, extras))[0])]
 
     def _ready(self, step: int | None) -> None:
         self.state = _S.READY
