@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # One entry point for working on maxwellhub:
 #
-#   ./dev.sh setup            install what is missing, nothing else
-#   ./dev.sh run [ARGS...]    set up (and the extras the config's models need, such as
-#                             pyscf for rttddft), then run the main job (maxwellhub run ARGS...)
-#   ./dev.sh test [ARGS...]   set up, then run pytest (default: -q)
+#   ./dev.sh run [ARGS...]    set up what the main job needs (steps 1-3 below, and the
+#                             extras the config's models need, such as pyscf for rttddft),
+#                             then run it (maxwellhub run ARGS...)
+#   ./dev.sh test [ARGS...]   set up everything (steps 1-4, test extras and test peers),
+#                             then run pytest (default: -q)
+#   ./dev.sh setup            set up everything the tests need, run nothing
 #
 # Set-up is idempotent and takes about a second when everything is in place:
 #   1. Debian packages (Meep with MPI, mpi4py, OpenMPI, venv, h5py, matplotlib), via apt
 #      when we are root or have passwordless sudo; otherwise prints the command and stops.
 #   2. .venv made by Debian's /usr/bin/python3 with --system-site-packages, so it sees
 #      Debian's Meep and numpy (Meep is built against that numpy; it must never be upgraded).
-#   3. `pip install -e ".[test]"` into .venv, redone only when pyproject.toml changes.
-#   4. Best effort, for tests only: MaxwellLink in its own throwaway venv .peers/maxwelllink
+#   3. `pip install -e .` into .venv for run, `pip install -e ".[test]"` for test and setup;
+#      redone only when pyproject.toml changes (or test needs what run did not install).
+#   4. Test and setup only, best effort: MaxwellLink in its own throwaway venv .peers/maxwelllink
 #      (no system site packages: it brings its own numpy 2 and scipy), and the stock i-PI
 #      clients ASE (SocketClient) and i-PI (i-pi-py_driver) in another, .peers/stock-ipi;
 #      and MaxwellLink's Meep solvers in .peers/maxwelllink-meep (--system-site-packages:
@@ -48,10 +51,12 @@ die() { say "error: $*"; exit 1; }
 
 usage() {
     cat >&2 <<'EOF'
-usage: ./dev.sh setup | run [ARGS...] | test [PYTEST ARGS...]
-  setup   install what is missing (Debian packages, .venv, editable install, test peer)
-  run     set up, then run the main job: .venv/bin/maxwellhub run ARGS...
-  test    set up, then run the tests: .venv/bin/python -m pytest ARGS... (default: -q)
+usage: ./dev.sh run [ARGS...] | test [PYTEST ARGS...] | setup
+  run     install what the main job needs (Debian packages, .venv, editable install),
+          then run it: .venv/bin/maxwellhub run ARGS...
+  test    install that, the test extras and the test peers (.peers/), then run the tests:
+          .venv/bin/python -m pytest ARGS... (default: -q)
+  setup   install what test needs, run nothing
 EOF
 }
 
@@ -86,15 +91,16 @@ ensure_debian_packages() {
 }
 
 # Exit status of one quick probe of .venv (one interpreter start, ~0.8 s for Meep):
-#   0 all good, 2 Meep does not import, 3 project or test deps not installed here,
-#   4 numpy is not Debian's. Uses find_spec, not import, so a half-written module in
-#   the tree does not make set-up reinstall.
+#   0 all good, 2 Meep does not import, 3 project (or, for test, test deps) not installed
+#   here, 4 numpy is not Debian's. Uses find_spec, not import, so a half-written module in
+#   the tree does not make set-up reinstall. Usage: venv_probe run|test
 venv_probe() {
-    "$VENV/bin/python" -I - "$ROOT" >/dev/null 2>&1 <<'EOF'
+    "$VENV/bin/python" -I - "$ROOT" "$1" >/dev/null 2>&1 <<'EOF'
 import os
 import sys
 from importlib.util import find_spec
 root = os.path.realpath(sys.argv[1])
+purpose = sys.argv[2]
 try:
     import meep  # noqa: F401  (prints MPI chatter; the caller discards it)
 except Exception:
@@ -107,8 +113,10 @@ for name, where in want.items():
     spec = find_spec(name)
     if spec is None or not os.path.realpath(spec.origin or "").startswith(where):
         sys.exit(3)
-for name in ("uvloop", "pytest", "pytest_asyncio", "pytest_timeout", "hypothesis", "pyscf",
-             "qutip", "ase", "ruff", "mypy"):
+if purpose != "test":
+    sys.exit(0)
+for name in ("uvloop", "pytest", "pytest_asyncio", "pytest_timeout", "pytest_cov",
+             "hypothesis", "pyscf", "qutip", "ase", "ruff", "mypy"):
     if find_spec(name) is None:
         sys.exit(3)
 EOF
@@ -140,10 +148,12 @@ check_debian_numpy() {
     fi
 }
 
+# Usage: ensure_venv_and_project run|test. The stamp records pyproject.toml's hash and what
+# was installed: "HASH test" satisfies both, "HASH run" only run.
 ensure_venv_and_project() {
-    local rc=0
+    local purpose="$1" rc=0
     if [[ -x "$VENV/bin/python" ]]; then
-        venv_probe || rc=$?
+        venv_probe "$purpose" || rc=$?
     else
         rc=2
     fi
@@ -155,16 +165,22 @@ ensure_venv_and_project() {
         die ".venv's numpy does not come from Debian; rm -rf .venv && ./dev.sh setup"
     fi
 
-    local want
-    want="$(project_hash)"
-    if ((rc == 0)) && [[ -f "$STAMP" && "$(<"$STAMP")" == "$want" ]] \
+    local hash have=""
+    hash="$(project_hash)"
+    [[ -f "$STAMP" ]] && have="$(<"$STAMP")"
+    if ((rc == 0)) && [[ "$have" == "$hash test" || "$have" == "$hash $purpose" ]] \
         && [[ -x "$VENV/bin/maxwellhub" && -x "$VENV/bin/maxwellhub-driver" ]]; then
         return 0
     fi
-    say "installing maxwellhub editable with test extras into .venv"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+    if [[ "$purpose" == test ]]; then
+        say "installing maxwellhub editable with test extras into .venv"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+    else
+        say "installing maxwellhub editable into .venv (what the main job needs)"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e .
+    fi
     check_debian_numpy
-    printf '%s\n' "$want" >"$STAMP"
+    printf '%s %s\n' "$hash" "$purpose" >"$STAMP"
 }
 
 # A test peer in its own throwaway venv .peers/NAME, best effort: a failure is recorded in
@@ -199,7 +215,7 @@ ensure_peer_venv() {
 }
 
 # MaxwellLink's own Meep solvers (MeepSimulation, SocketMolecule) run against our SocketHub
-# in tests/test_mxl_dropin.py. Same best-effort rules as ensure_peer_venv (stamp, .failed),
+# in tests/integration/test_mxl_dropin.py. Same best-effort rules as ensure_peer_venv (stamp, .failed),
 # but the venv sees Debian's Meep, and maxwelllink comes --no-deps: its declared deps
 # (numpy>=1.24, scipy>=1.10) are Debian's, the others (cmake, requests) are unused here.
 # Our package is not installed there: the tests put the repo on PYTHONPATH, so the peer
@@ -253,9 +269,16 @@ ensure_run_extras() {
     check_debian_numpy
 }
 
-setup() {
+# The main job's set-up: Debian packages and the editable install, no test extras or peers.
+setup_run() {
     ensure_debian_packages
-    ensure_venv_and_project
+    ensure_venv_and_project run
+}
+
+# The tests' set-up: everything, test peers included.
+setup_test() {
+    ensure_debian_packages
+    ensure_venv_and_project test
     ensure_peer
 }
 
@@ -263,15 +286,15 @@ cmd="${1:-}"
 (($#)) && shift
 case "$cmd" in
     setup)
-        setup
+        setup_test
         ;;
     run)
-        setup
+        setup_run
         ensure_run_extras "$@"
         exec "$VENV/bin/maxwellhub" run "$@"
         ;;
     test)
-        setup
+        setup_test
         (($#)) || set -- -q
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

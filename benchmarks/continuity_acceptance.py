@@ -1,4 +1,4 @@
-"""Acceptance of exact continuity (issue 5, item 1): a 2D Meep run with TLS molecules
+"""Acceptance of exact continuity: a 2D Meep run with TLS molecules
 behind socket drivers, one driver SIGKILLed at a random step and replaced by a new
 process that restores its checkpoint; the hub replays the steps the checkpoint misses.
 

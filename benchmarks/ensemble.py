@@ -8,7 +8,7 @@ UNIX socket), stepped by `SocketHub.step_arrays` with extras off (what a Meep ru
 between recorded steps) and, in a second row, with every step's extras arrays. The hub
 runs in this process pinned to core 0, the drivers on core 1. Reports molecule-steps/s,
 ms per step, and CPU ms per step of the hub and of the drivers (medians of --repeats).
-Target (issue 4): at least 1e7 molecule-steps/s on this 2-core machine.
+Target: at least 1e7 molecule-steps/s on this 2-core machine.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ still binds at the end.
 
     .venv/bin/python benchmarks/hostile.py [--frames 100000] [--idle 1000] [--seconds 60]
 
-The attacker functions are plain blocking-socket code, also used by tests/test_hostile.py.
+The attacker functions are plain blocking-socket code, also used by tests/integration/test_hostile.py.
 """
 
 from __future__ import annotations

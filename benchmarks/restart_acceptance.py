@@ -1,4 +1,4 @@
-"""Acceptance of whole-run restart (issue 5, item 2): the EM process killed and resumed.
+"""Acceptance of whole-run restart: the EM process killed and resumed.
 
 The 2,000-step 2D TLS run (8 x 8 cell, PML 3, resolution 10, tau = 0.1 fs, until 100) with
 8 TLS molecules (a 4 x 2 grid, P0 = 0.01), each behind its own ``maxwellhub-driver`` over a

@@ -31,6 +31,7 @@ from maxwellhub.addresses import DEFAULT_PORT, connect_once, unix_socket_path
 from maxwellhub.errors import ProtocolError
 from maxwellhub.liveness import CONNECT_RETRY_ERRNOS, within
 from maxwellhub.net.backoff import Backoff
+from maxwellhub.protocol import params as params_frames
 from maxwellhub.protocol.session import (
     BYE,
     Binding,
@@ -370,3 +371,8 @@ class DriverSide:
     def answered(self) -> None:
         # after the answer left: a checkpoint never runs ahead of the hub
         self.continuity.committed(self.model, self._before)
+
+    def apply_params(self, event: wire.Params, molecule_ids: list[int]) -> bytes:
+        """MXHPARAMS: the changes and kicks applied to the model; MXHPARAMSOK."""
+        apply = params_frames.model_applier(self.model, molecule_ids)
+        return params_frames.answer(event, molecule_ids, apply)

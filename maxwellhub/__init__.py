@@ -14,7 +14,17 @@ from .mpi import am_master, mpi_bcast_from_master
 __version__ = "0.1.0"
 
 __all__ = [
-    "Hub", "SocketHub", "new_event_loop", "am_master", "mpi_bcast_from_master",
-    "get_available_host_port", "unix_socket_path", "MaxwellHubError", "ProtocolError",
-    "UsageError", "BarrierTimeout", "DriverLost", "__version__",
+    "BarrierTimeout",
+    "DriverLost",
+    "Hub",
+    "MaxwellHubError",
+    "ProtocolError",
+    "SocketHub",
+    "UsageError",
+    "__version__",
+    "am_master",
+    "get_available_host_port",
+    "mpi_bcast_from_master",
+    "new_event_loop",
+    "unix_socket_path",
 ]

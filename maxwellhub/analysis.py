@@ -60,7 +60,7 @@ def golden_rule_rate(dimensions: int, omega: float, mu: float, sigma: float = 0.
     mu^2 omega^3 / (3 pi) (3D).
 
     ``sigma > 0`` gives the rate of a Gaussian source of that width instead of a point:
-    the radiated power carries the form factor |w(k = omega)|^2 = exp(-omega^2 sigma^2)
+    the radiated power carries the form factor ``|w(k = omega)|^2 = exp(-omega^2 sigma^2)``
     (1% at omega = 1, sigma = 0.1; 4% at omega = 2).
     """
     rates = {1: mu**2 * omega, 2: mu**2 * omega**2 / 2, 3: mu**2 * omega**3 / (3 * math.pi)}

@@ -30,7 +30,7 @@ import stat
 from .errors import UsageError
 from .wire import AUTH_NONCE_SIZE
 
-__all__ = ["SECRET_ENV", "Secret", "load_secret", "new_nonce", "is_loopback"]
+__all__ = ["SECRET_ENV", "Secret", "is_loopback", "load_secret", "new_nonce"]
 
 #: The environment variable a secret may come from (hub and drivers).
 SECRET_ENV = "MAXWELLHUB_SECRET"

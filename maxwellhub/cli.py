@@ -21,7 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a coupled Meep + molecules job from a TOML config")
     run.add_argument(
-        "config", nargs="?", default=None, help="TOML file (default: examples/relax_2d.toml)"
+        "config",
+        nargs="?",
+        default=None,
+        help="TOML file (default: the packaged relax_2d.toml, as examples/relax_2d.toml)",
     )
     run.add_argument(
         "--set",

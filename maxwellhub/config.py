@@ -308,11 +308,7 @@ def _schedule(raw: Any, transport: Transport) -> tuple[ScheduledChange, ...]:
     :func:`maxwellhub.runner.validate_models` checks them against the models)."""
     if not isinstance(raw, list):
         raise ConfigError("schedule must be an array of tables ([[schedule]])")
-    if raw and transport.kind != "embedded":
-        raise ConfigError(
-            "schedule: parameter changes and kicks reach embedded molecules only (over the "
-            "wire they are not available yet); use transport.kind = 'embedded'"
-        )
+    del transport  # embedded and socket molecules alike (socket ones over the wire)
     entries = []
     for i, item in enumerate(raw):
         where = f"schedule[{i}]"

@@ -15,6 +15,13 @@ request                                answer
 ``{"Stop": {"token": "..."}}``         ``{"Stopping": true}``; the current and every later
                                        barrier call ends (:meth:`Hub.request_stop`), the
                                        run writes its output and stops its drivers
+``{"SetParams": {"token": "...",``     ``{"Queued": {"requested": k, "step": s}}``: a
+``"molecules": [ids], "changes":``     parameter change (or a kick: ``"kick": [x, y, z]``
+``{name: value}}}``                    in a.u. instead of ``"changes"``) of socket
+                                       molecules, queued for the next step boundary, where
+                                       the coupling (``maxwellhub run``) sends it to their
+                                       drivers (:meth:`Hub.apply_requested_params`); a
+                                       refusal is logged naming molecule and parameter
 =====================================  ==================================================
 
 Errors are ``{"type": "Error", "code": N, "message": "..."}``:
@@ -23,7 +30,7 @@ Errors are ``{"type": "Error", "code": N, "message": "..."}``:
 1000  malformed request: not UTF-8, not JSON, or not an object / request name
 1100  unknown request (the message names it)
 1200  bad argument (the message names the request and the argument)
-1300  authentication failed: the Stop token is missing or wrong
+1300  authentication failed: the Stop token (also SetParams') is missing or wrong
 1400  line longer than 64 KiB; the connection is closed after this answer
 ====  ============================================================================
 
@@ -224,19 +231,60 @@ class Handler:
         status["stop_requested"] = self.hub.stop_requested
         return {"Status": status}
 
-    def _stop(self, argument: Any) -> dict:
+    def _authenticate(self, name: str, argument: Any) -> dict:
         if not isinstance(argument, dict):
-            raise ControlError(BAD_ARGUMENT, 'Stop: argument must be {"token": "..."}')
+            raise ControlError(
+                BAD_ARGUMENT, f'{name}: argument must be {{"token": "...", ...}} (an object)'
+            )
         token = argument.get("token")
         if not isinstance(token, str) or not hmac.compare_digest(
             token.encode("utf-8", "surrogatepass"), self._token
         ):
-            raise ControlError(AUTH_FAILED, "Stop: authentication failed (missing or wrong token)")
+            raise ControlError(
+                AUTH_FAILED, f"{name}: authentication failed (missing or wrong token)"
+            )
+        return argument
+
+    def _stop(self, argument: Any) -> dict:
+        self._authenticate("Stop", argument)
         self.hub.request_stop("by control request")
         return {"Stopping": True}
 
+    def _set_params(self, argument: Any) -> dict:
+        argument = self._authenticate("SetParams", argument)
+        unknown = sorted(set(argument) - {"token", "molecules", "changes", "kick"})
+        ids = argument.get("molecules")
+        if unknown or ("changes" in argument) == ("kick" in argument):
+            raise ControlError(
+                BAD_ARGUMENT,
+                'SetParams: give "token", "molecules" and exactly one of "changes" or "kick"'
+                + (f"; unknown key {unknown[0][:50]!r}" if unknown else ""),
+            )
+        if not isinstance(ids, list) or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in ids
+        ):
+            raise ControlError(
+                BAD_ARGUMENT, "SetParams: molecules must be a list of molecule ids (integers >= 0)"
+            )
+        params = self.hub.params
+        try:
+            if "kick" in argument:
+                op = params.kick_op(ids, argument["kick"])
+            else:
+                op = params.set_params_op(ids, argument["changes"])
+        except (ValueError, TypeError) as exc:  # UsageError naming the culprit
+            raise ControlError(BAD_ARGUMENT, f"SetParams: {exc}"[:500]) from None
+        queued = params.request(op)
+        log.info("SetParams by control request queued for step %d: %s", self.hub.step_index, op)
+        return {"Queued": {"requested": queued, "step": self.hub.step_index}}
 
-_REQUESTS = {"Ping": Handler._ping, "Status": Handler._status, "Stop": Handler._stop}
+
+_REQUESTS = {
+    "Ping": Handler._ping,
+    "Status": Handler._status,
+    "Stop": Handler._stop,
+    "SetParams": Handler._set_params,
+}
 
 
 # ---------------------------------------------------------------- the server

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ def run_demo(molecules: int = 2, steps: int = 5, transport: str = "unix",
     if transport == "unix":
         name = f"demo_{os.getpid()}"
         hub = SocketHub(unixsocket=name, timeout=30)
-        where = {"unix": name}
+        where: dict[str, Any] = {"unix": name}
     elif transport == "tcp":
         hub = SocketHub(host="127.0.0.1", port=0, timeout=30)
         where = {"host": "127.0.0.1", "port": hub.port}

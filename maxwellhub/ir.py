@@ -2,12 +2,12 @@
 
 For a dipole trajectory ``mu(t_k)``, ``t_k = k dt`` (k = 0 .. N-1; (N,) or (N, 3)), let
 ``x_k = w_k (mu_k - <mu>)`` (the fluctuation, times a window ``w``). The spectrum is the
-windowed periodogram, summed over the components:
+windowed periodogram, summed over the components::
 
     P(omega) = |dt sum_k x_k exp(-i omega t_k)|^2 / T_w,    T_w = dt sum_k w_k^2
 
 which is the cosine transform of the (biased, windowed) autocorrelation
-``C(t_k) = sum_j x_j . x_(j+k) / (sum_j w_j^2)`` of :func:`dipole_autocorrelation`,
+``C(t_k) = sum_j x_j . x_(j+k) / (sum_j w_j^2)`` of :func:`dipole_autocorrelation`, ::
 
     P(omega) = dt [C(0) + 2 sum_(k>=1) C(t_k) cos(omega t_k)]
 
@@ -19,7 +19,7 @@ the estimate of ``integral C(t) exp(-i omega t) dt`` (Wiener-Khinchin); with no 
 signal; no finite difference is taken): the classical absorption line shape. The
 absorption coefficient times the refractive index is then (Gaussian = atomic units,
 isotropic sample of volume ``V`` at inverse temperature ``beta``; e.g. Ramirez et al.,
-J. Chem. Phys. 121, 3973 (2004))
+J. Chem. Phys. 121, 3973 (2004)) ::
 
     n(omega) alpha(omega) = (2 pi beta / (3 c V)) omega^2 P(omega)
 

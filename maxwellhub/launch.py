@@ -7,6 +7,7 @@ never join the EM side's MPI world by accident), and every process reaped with a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,12 +16,12 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .auth import Secret
 
-__all__ = ["driver_command", "driver_env", "start_driver", "reap"]
+__all__ = ["driver_command", "driver_env", "reap", "start_driver"]
 
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                 "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -42,9 +43,9 @@ def driver_command(model: str, params: Mapping[str, object] | None = None, *,
                    extra_args: Sequence[str] = ()) -> list[str]:
     """The argv of ``maxwellhub-driver`` for one molecule."""
     exe = Path(sys.executable).with_name("maxwellhub-driver")
+    found = shutil.which("maxwellhub-driver")
     argv = [str(exe)] if exe.exists() else (
-        [shutil.which("maxwellhub-driver")] if shutil.which("maxwellhub-driver")
-        else [sys.executable, "-m", "maxwellhub_drivers.cli"])
+        [found] if found else [sys.executable, "-m", "maxwellhub_drivers.cli"])
     if unix is not None:
         argv += ["--unix", unix]
     else:
@@ -65,15 +66,12 @@ def start_driver(model: str, params: Mapping[str, object] | None = None, *,
     ``new_session``: in its own session, so a Ctrl-C at the terminal reaches only the
     parent (which then stops the driver itself)."""
     env = driver_env(secret.environ() if secret is not None else None)
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    try:
+    with contextlib.ExitStack() as files:
+        out: Any = files.enter_context(open(log_path, "ab")) if log_path else subprocess.DEVNULL
         return subprocess.Popen(driver_command(model, params, **where), env=env,
                                 stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT if log_path else None,
                                 start_new_session=new_session)
-    finally:
-        if log_path:
-            out.close()
 
 
 def reap(processes: Sequence[subprocess.Popen], timeout: float = 5.0) -> list[int | None]:
@@ -87,10 +85,8 @@ def reap(processes: Sequence[subprocess.Popen], timeout: float = 5.0) -> list[in
             if p.poll() is None and sig is not None:
                 p.send_signal(sig)
         for p in processes:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         if all(p.poll() is not None for p in processes):
             break
         deadline = time.monotonic() + 2.0

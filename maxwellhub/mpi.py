@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["comm_world", "am_master", "rank_and_size", "mpi_bcast_from_master", "any_rank"]
+__all__ = ["am_master", "any_rank", "comm_world", "mpi_bcast_from_master", "rank_and_size"]
 
 
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
@@ -73,7 +73,7 @@ def am_master() -> bool:
 
 # Kinds of broadcast payload: a header of three int64 says kind, dtype code and length.
 _KIND_JSON, _KIND_ARRAY, _KIND_BYTES = 0, 1, 2
-_DTYPES = [np.dtype("<f8"), np.dtype("<i8"), np.dtype("<c16"), np.dtype("<f4"),
+_DTYPES: list[np.dtype] = [np.dtype("<f8"), np.dtype("<i8"), np.dtype("<c16"), np.dtype("<f4"),
            np.dtype("<i4"), np.dtype("u1"), np.dtype("?")]
 
 
@@ -94,7 +94,7 @@ def mpi_bcast_from_master(value: Any) -> Any:
         return value
     root = comm.Get_rank() == 0
     header = np.zeros(4, dtype=np.int64)
-    payload = None
+    payload: np.ndarray = np.empty(0, dtype=np.uint8)  # filled on the root only
     if root:
         if isinstance(value, np.ndarray):
             arr = np.ascontiguousarray(value)

@@ -74,6 +74,7 @@ from .liveness import (
     within,
 )
 from .net.backoff import Backoff
+from .protocol import params as params_frames
 from .protocol.session import PENDING, Binding, Session, SessionState, _Pending
 
 __all__ = ["EXIT_LOCAL", "EXIT_OK", "EXIT_PROTOCOL", "EXIT_UPSTREAM", "Relay"]
@@ -253,6 +254,15 @@ class _Upstream(asyncio.Protocol):
 
     def answered(self) -> None:
         return  # the relay keeps no checkpoints of its own
+
+    def apply_params(self, event: wire.Params, molecule_ids: list[int]) -> _Pending:
+        """MXHPARAMS: the local hub applies it to the local drivers; the answer goes up."""
+        self._start(self._params(event))
+        return PENDING
+
+    async def _params(self, event: wire.Params) -> None:
+        ack = await params_frames.answer_async(event, self.local.params.apply)
+        self._write(self.session.params_answered(ack))
 
     # -- the local side
     def _start(self, coro: Any) -> None:

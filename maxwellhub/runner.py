@@ -53,7 +53,10 @@ __all__ = ["DEFAULT_CONFIG", "main", "run", "validate_models"]
 
 log = logging.getLogger("maxwellhub.run")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "relax_2d.toml"
+# The default main job ships inside the package (maxwellhub/data/), so `maxwellhub run`
+# without a config works from a wheel as from the source tree; examples/relax_2d.toml is
+# the same file for readers of the repository (tests/system/test_packaging.py keeps them equal).
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "data" / "relax_2d.toml"
 
 
 def _center(dims: int, position: tuple[float, ...]) -> tuple[float, float, float]:

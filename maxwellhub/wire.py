@@ -91,6 +91,22 @@ MXHCLAIM    d -> hub   int32 version, int32 M (molecules), int64 first id     28
 ``c - h <= s <= c``. The hub then replays the fields of steps s .. c-1 (FIELDDATA or
 MXHFIELDS + GETFORCE each, the answers discarded) before the step in flight. A driver
 that sends no MXHRESUME is taken to start from its initial state.
+
+maxwellhub's parameter frames (version 1), for model parameter changes and kicks between
+steps (see :mod:`maxwellhub.protocol.params` for the JSON). A maxwellhub hub offers them
+with ``"mxh_params": {"version": 1, "max_bytes": b}`` in the INIT JSON; a driver that
+speaks them answers, after INIT and before READY, MXHPARAMSOK with sequence number 0 and
+``{"ok": true}``. Only then does the hub send MXHPARAMS; every MXHPARAMS is answered by
+one MXHPARAMSOK with its sequence number:
+
+===========  =========  ===================================================  ===========
+message      direction  payload after the header                             bytes
+===========  =========  ===================================================  ===========
+MXHPARAMS    hub -> d   int32 version, int64 step, int32 n, n bytes JSON     28 + n
+MXHPARAMSOK  d -> hub   int32 version, int64 sequence, int32 n, n bytes JSON  28 + n
+===========  =========  ===================================================  ===========
+
+``n`` is at most :attr:`Limits.max_params_bytes` (64 KiB by default); the JSON is UTF-8.
 """
 
 from __future__ import annotations
@@ -187,6 +203,12 @@ RESUME_VERSION = 1
 RESUME_KEY = "mxh_resume"  # the INIT JSON key that offers MXHRESUME
 _RESUME_FRAME = struct.Struct("<12siiq")
 
+MXHPARAMS = b"MXHPARAMS"
+MXHPARAMSOK = b"MXHPARAMSOK"
+PARAMS_VERSION = 1
+PARAMS_KEY = "mxh_params"  # the INIT JSON key that offers MXHPARAMS
+_PARAMS_HEAD = struct.Struct("<12siqi")
+
 _I32 = struct.Struct("<i")
 _MIN_BUFFER = 1 << 16
 _F64 = struct.Struct("<d")
@@ -235,6 +257,8 @@ _H = {
         MXHPROOF,
         MXHRESUME,
         MXHCLAIM,
+        MXHPARAMS,
+        MXHPARAMSOK,
     )
 }
 
@@ -249,6 +273,7 @@ class Limits:
     max_batch: int = 1 << 20  # molecules in one batched frame
     max_extras_keys: int = 64  # extras arrays in one MXHSOURCES
     max_key_bytes: int = 64  # length of one extras key
+    max_params_bytes: int = 1 << 16  # JSON of one MXHPARAMS / MXHPARAMSOK
 
 
 # ----------------------------------------------------------------------------- events
@@ -402,6 +427,27 @@ class Claim:
     first: int
 
 
+@dataclass(frozen=True, slots=True)
+class Params:
+    """MXHPARAMS: parameter changes and kicks (UTF-8 JSON, see
+    :mod:`maxwellhub.protocol.params`) to apply after ``step`` completed steps."""
+
+    version: int
+    step: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ParamsAck:
+    """MXHPARAMSOK: the answer to the MXHPARAMS numbered ``sequence`` (0: the driver
+    accepts the hub's offer of parameter frames), JSON ``{"ok": true}`` or
+    ``{"error": "..."}``."""
+
+    version: int
+    sequence: int
+    payload: bytes
+
+
 Event = (
     Status
     | Ready
@@ -422,6 +468,8 @@ Event = (
     | AuthProof
     | Resume
     | Claim
+    | Params
+    | ParamsAck
 )
 
 _SIMPLE = {
@@ -538,6 +586,21 @@ def encode_claim(first: int, molecules: int = 1, version: int = RESUME_VERSION) 
     return _RESUME_FRAME.pack(_H[MXHCLAIM], version, molecules, first)
 
 
+def _params_frame(name: bytes, number: int, payload: bytes, version: int) -> bytes:
+    payload = bytes(payload)
+    return _PARAMS_HEAD.pack(_H[name], version, number, len(payload)) + payload
+
+
+def encode_params(step: int, payload: bytes, version: int = PARAMS_VERSION) -> bytes:
+    """MXHPARAMS: the JSON ``payload`` (changes and kicks) to apply after ``step`` steps."""
+    return _params_frame(MXHPARAMS, step, payload, version)
+
+
+def encode_params_ack(sequence: int, payload: bytes, version: int = PARAMS_VERSION) -> bytes:
+    """MXHPARAMSOK: the answer (JSON) to the MXHPARAMS numbered ``sequence``."""
+    return _params_frame(MXHPARAMSOK, sequence, payload, version)
+
+
 def encode_auth_proof(proof: bytes, version: int = AUTH_VERSION) -> bytes:
     """MXHPROOF with a 32-byte ``proof``."""
     return _auth_frame(MXHPROOF, proof, version)
@@ -626,13 +689,19 @@ def encode(event: Event) -> bytes:
         return encode_resume(event.step, event.molecules, event.version)
     if isinstance(event, Claim):
         return encode_claim(event.first, event.molecules, event.version)
+    if isinstance(event, Params):
+        return encode_params(event.step, event.payload, event.version)
+    if isinstance(event, ParamsAck):
+        return encode_params_ack(event.sequence, event.payload, event.version)
     raise TypeError(f"not a wire event: {event!r}")
 
 
 # ----------------------------------------------------------------------------- decoding
 
 # Which messages each side may receive. A missing entry is a protocol error.
-_FROM_HUB = frozenset({STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS, MXHAUTH})
+_FROM_HUB = frozenset(
+    {STATUS, INIT, POSDATA, GETFORCE, STOP, EXIT, MXHWELCOME, MXHFIELDS, MXHAUTH, MXHPARAMS}
+)
 _FROM_DRIVER = frozenset(
     {
         READY,
@@ -645,6 +714,7 @@ _FROM_DRIVER = frozenset(
         MXHPROOF,
         MXHRESUME,
         MXHCLAIM,
+        MXHPARAMSOK,
     }
 )
 _READERS = {"driver": (_FROM_HUB, "hub"), "hub": (_FROM_DRIVER, "driver")}
@@ -757,7 +827,35 @@ class Decoder:
             return self._auth(buf, pos, name)
         if name in (MXHRESUME, MXHCLAIM):
             return self._resume(buf, pos, name)
+        if name in (MXHPARAMS, MXHPARAMSOK):
+            return self._params(buf, pos, name)
         return self._batch(buf, pos, name)
+
+    def _params(self, buf: memoryview, pos: int, name: bytes):
+        if len(buf) - pos < _PARAMS_HEAD.size:
+            return None, 0
+        _, version, number, n = _PARAMS_HEAD.unpack_from(buf, pos)
+        label = name.decode()
+        if version != PARAMS_VERSION:
+            raise ProtocolError(
+                f"{label}: parameter-frame version {version}; this side speaks version "
+                f"{PARAMS_VERSION}"
+            )
+        cap = self._limits.max_params_bytes
+        if n < 0 or n > cap:
+            raise ProtocolError(
+                f"{label}: JSON length {n} bytes is outside 0..{cap} (max_params_bytes)"
+            )
+        if number < 0:
+            what = "step" if name == MXHPARAMS else "sequence number"
+            raise ProtocolError(f"{label}: {what} {number} is negative")
+        total = _PARAMS_HEAD.size + n
+        if len(buf) - pos < total:
+            return None, 0
+        payload = bytes(buf[pos + _PARAMS_HEAD.size : pos + total])
+        if name == MXHPARAMS:
+            return Params(version, number, payload), total
+        return ParamsAck(version, number, payload), total
 
     def _resume(self, buf: memoryview, pos: int, name: bytes):
         if len(buf) - pos < _RESUME_FRAME.size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import select
+import shutil
 import signal
 import socket
 import time
@@ -59,7 +60,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `meep`, `peer` and `stock` tests, with the reason, when what they need is
+    """Skip `meep`, `peer`, `stock` and `mpi` tests, with the reason, when what they need is
     missing."""
     skip_meep = pytest.mark.skip(reason="Meep not importable (Debian's python3-meep-mpi-default)")
     skip_peer = pytest.mark.skip(reason=mxl_missing_reason())
@@ -67,7 +68,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     have_peer = mxl_driver_executable() is not None
     skip_stock = pytest.mark.skip(reason=stock_missing_reason())
     have_stock = stock_clients() is not None
+    skip_mpi = pytest.mark.skip(reason="mpirun (Open MPI) not installed")
+    have_mpi = shutil.which("mpirun") is not None
     for item in items:
+        if "mpi" in item.keywords and not have_mpi:
+            item.add_marker(skip_mpi)
         if "meep" in item.keywords and not have_meep:
             item.add_marker(skip_meep)
         if "peer" in item.keywords and not have_peer:

@@ -7,7 +7,7 @@ orthonormal basis as dense (N², N²) matrices for J and K, basis functions and 
 gradients on PySCF's DFT grid) and per build does matrix products plus one libxc call on
 the grid points of all molecules: HF, LDA, GGA and global hybrids. ``PySCFFock`` calls
 PySCF's own J/K and numint: any functional (meta-GGA, range-separated hybrids) and any
-size. Both agree with PySCF's ``get_fock`` to 1e-12 (tests/test_rttddft.py).
+size. Both agree with PySCF's ``get_fock`` to 1e-12 (tests/integration/test_rttddft.py).
 
 Every product is done molecule by molecule (``_rows``), so a molecule gets the same bits
 in an ensemble as alone. Never: an elementwise product of two complex arrays (numpy's SIMD

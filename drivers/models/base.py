@@ -222,19 +222,20 @@ class Model:
        ``__init__`` after ``super().__init__()``: the base class reads it only after the
        constructor. Keys must not change with a mutable parameter (peers record them).
     10. ``_stage_one(self, state, field) -> (new_state, source)`` and
-       ``_extras_one(self, state) -> dict[str, float]`` (optional, together): 7 and 8 for
-       one molecule (used when n = 1) on Python floats, ``field`` and ``source`` being
-       3 floats, ``state`` the usual arrays. A driver process steps one molecule, and
-       numpy's per-call cost on (1, 3) arrays would be most of its step. They must give
-       bit for bit what 7 and 8 give (share the formulas; test it).
+        ``_extras_one(self, state) -> dict[str, float]`` (optional, together): 7 and 8 for
+        one molecule (used when n = 1) on Python floats, ``field`` and ``source`` being
+        3 floats, ``state`` the usual arrays. A driver process steps one molecule, and
+        numpy's per-call cost on (1, 3) arrays would be most of its step. They must give
+        bit for bit what 7 and 8 give (share the formulas; test it).
     11. Randomness: a model that draws random numbers keeps one ``numpy.random.Generator``
-       in ``self._rng``, made once in ``__init__`` after ``super().__init__()`` (say from a
-       shared int ``seed`` parameter), and draws only from it in 7 and 10. The base class
-       puts the generator back after :meth:`stage` (so staging stays pure and idempotent),
-       advances it on :meth:`commit`, and carries its state in :meth:`get_state`.
+        in ``self._rng``, made once in ``__init__`` after ``super().__init__()`` (say from a
+        shared int ``seed`` parameter), and draws only from it in 7 and 10. The base class
+        puts the generator back after :meth:`stage` (so staging stays pure and idempotent),
+        advances it on :meth:`commit`, and carries its state in :meth:`get_state`.
     12. ``example_params``: small, fast parameters for the conformance test
-       (``tests/test_model_conformance.py``), run at n = 1 and n = 3; ``conformance_rtol``:
-       how far n batched molecules may differ from n single ones (0: bit for bit).
+        (``tests/integration/test_model_conformance.py``), run at n = 1 and n = 3;
+        ``conformance_rtol``: how far n batched molecules may differ from n single ones
+        (0: bit for bit).
     13. ``_kick_impl(self, state, impulses) -> new_state`` (optional): the committed state
         after an impulsive field ``E(t) = impulse delta(t)`` now, ``impulses`` (n, 3) in
         a.u. of field times time (rows of zeros: that molecule is not kicked). Pure, same

@@ -13,10 +13,10 @@ from ..errors import UsageError
 
 __all__ = [
     "KERNEL_CUTOFF_SIGMAS",
-    "kernel_weights",
-    "kernel_samples",
-    "self_coulomb_matrices",
     "group_into_boxes",
+    "kernel_samples",
+    "kernel_weights",
+    "self_coulomb_matrices",
 ]
 
 #: A Gaussian kernel is cut at this many sigma (1.1% of its peak); the discrete
@@ -30,7 +30,7 @@ def kernel_weights(
     """Weights of one molecule's kernel at grid ``points`` (P, d), normalised so that
     ``weights.sum() * spacing**d == 1`` exactly.
 
-    ``sigma > 0``: a Gaussian exp(-|r - center|^2 / (2 sigma^2)) cut at
+    ``sigma > 0``: a Gaussian ``exp(-|r - center|^2 / (2 sigma^2))`` cut at
     ``KERNEL_CUTOFF_SIGMAS * sigma``; ``sigma == 0``: the multilinear hat of a point (the
     weights of linear interpolation to ``center``). ``d`` is the number of axes the cell
     extends along (1, 2 or 3); the same code serves all.
@@ -89,7 +89,7 @@ def _coulomb_window(frac, sigma, coupled, active, dx) -> np.ndarray:
     while n < 4 * (2 * reach + 2):
         n *= 2
     idx = np.stack(np.meshgrid(*[np.arange(n) - n // 2] * d, indexing="ij"), axis=-1)
-    k = 2 * np.pi * np.fft.fftfreq(n)
+    k = 2 * np.pi * np.fft.fftfreq(n, 1.0)
     kgrid = np.meshgrid(*[k] * d, indexing="ij")
     shift = np.eye(3)[:, active]
     g = np.zeros((3,) + (n,) * d, dtype=np.complex128)

@@ -25,7 +25,7 @@ so sampling at the midpoint is second order in dt; sampling at t_n (MaxwellLink'
 LaserDrivenSimulation) delays the drive by dt/2, a first-order error. Measured on a
 resonant TLS (omega 0.25, Omega/omega 0.04, 150 a.u., against dt = 0.025): the largest Pe error
 9.8e-7 at dt 0.1 and 4.1e-6 at dt 0.2 with the midpoint, 5.0e-4 and 9.9e-4 at t_n
-(tests/test_em_modes.py). The fitted Rabi frequency is insensitive to either (a delay
+(tests/integration/test_em_modes.py). The fitted Rabi frequency is insensitive to either (a delay
 is only a carrier phase).
 
 ``record()`` gives ``efield_au``: the (3,) field at the time reached (t_{n+1}) at the

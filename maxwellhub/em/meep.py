@@ -380,36 +380,36 @@ def _per_molecule(name: str, value: Any, n: int, minimum: float) -> np.ndarray:
 class MeepCoupling(MoleculeCoupling):
     """Molecules coupled to an ordinary ``mp.Simulation``, serially or under MPI.
 
-    Parameters
-    ----------
-    sim : the Meep simulation (not yet run, or run without molecules so far). Courant
-        factor 0.5 is assumed only through ``sim.fields.dt``; no symmetries, real fields.
-    time_units_fs : the Meep time unit in fs (see :mod:`maxwellhub.units`).
-    hub : a :class:`maxwellhub.SocketHub` for socket molecules (None on ranks > 0 is
-        fine).
-    record_every : record every molecule's extras every this many steps (rank 0);
-        0 records nothing (what the benchmarks do).
-    timeout : seconds to wait for drivers to bind and for each barrier; None (default):
-        no deadline, as long as the drivers compute (a dead driver is noticed by its
-        connection, see :mod:`maxwellhub.liveness`; a long wait logs who is missing).
-    on_lost : what a barrier does when a socket molecule's driver is gone: ``"wait"`` for
-        a replacement until ``timeout``, ``"abort"`` the run at once (DriverLost), or a
-        function ``f(exc: DriverLost) -> bool`` called at once (say, to start a
-        replacement): True waits for the replacement (the frozen step goes on, until
-        ``timeout``), False aborts.
-    subtract_self_coulomb : remove from each molecule's field its own longitudinal
-        (Coulomb) field, which a kernel with a divergence (any in-plane or 3D component)
-        feels as a huge instantaneous self-interaction ~ mu/sigma^3; the molecular
-        Hamiltonian already contains it. Coulomb fields between molecules are kept.
-        Exact on Meep's lattice where the molecule sits in vacuum (see
-        ``_self_coulomb_matrices``); no effect on Ez in 2D or on 1D cells.
-
     Molecules are added with :meth:`add_molecules` (embedded model) and
     :meth:`add_socket_molecules` (drivers through the hub) before the run starts; each
     call returns the molecule ids. ``axis`` is "x", "y", "z" or any combination such as
     "xyz": the field components the molecule reads and emits. In a 1D Meep cell (along
     z) the components are x and y. ``sigma`` is the Gaussian width in Meep length units
     (0: point kernel); ``rescaling`` multiplies the molecule's emitted dmu/dt.
+
+    :param sim: the Meep simulation (not yet run, or run without molecules so far).
+        Courant factor 0.5 is assumed only through ``sim.fields.dt``; no symmetries, real
+        fields.
+    :param time_units_fs: the Meep time unit in fs (see :mod:`maxwellhub.units`).
+    :param hub: a :class:`maxwellhub.SocketHub` for socket molecules (None on ranks > 0 is
+        fine).
+    :param record_every: record every molecule's extras every this many steps (rank 0);
+        0 records nothing (what the benchmarks do).
+    :param timeout: seconds to wait for drivers to bind and for each barrier; None
+        (default): no deadline, as long as the drivers compute (a dead driver is noticed by
+        its connection, see :mod:`maxwellhub.liveness`; a long wait logs who is missing).
+    :param on_lost: what a barrier does when a socket molecule's driver is gone:
+        ``"wait"`` for a replacement until ``timeout``, ``"abort"`` the run at once
+        (DriverLost), or a function ``f(exc: DriverLost) -> bool`` called at once (say, to
+        start a replacement): True waits for the replacement (the frozen step goes on,
+        until ``timeout``), False aborts.
+    :param subtract_self_coulomb: remove from each molecule's field its own longitudinal
+        (Coulomb) field, which a kernel with a divergence (any in-plane or 3D component)
+        feels as a huge instantaneous self-interaction ~ mu/sigma^3; the molecular
+        Hamiltonian already contains it. Coulomb fields between molecules are kept. Exact
+        on Meep's lattice where the molecule sits in vacuum (see
+        ``self_coulomb_matrices`` in ``maxwellhub/em/kernels.py``); no effect on Ez in 2D
+        or on 1D cells.
     """
 
     def __init__(

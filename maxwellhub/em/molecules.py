@@ -25,6 +25,7 @@ Python calls per step, none per molecule.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ import numpy as np
 from ..errors import BarrierTimeout, DriverLost, UsageError
 
 __all__ = ["DIPOLE_KEYS", "NEXT_DIPOLE_KEYS", "MoleculeCoupling", "Molecules"]
+
+log = logging.getLogger("maxwellhub.em")
 
 DIPOLE_KEYS = ("mux_au", "muy_au", "muz_au")
 NEXT_DIPOLE_KEYS = ("mux_m_au", "muy_m_au", "muz_m_au")
@@ -94,6 +97,9 @@ class Molecules:
         # parameters the changes lead to (later changes are checked against them)
         self.pending: list[Callable[[], None]] = []
         self._pending_params: dict[int, dict[str, Any]] = {}
+        #: Changes of socket molecules their drivers refused at the step boundary, each
+        #: naming molecule and parameter (also logged; the run goes on).
+        self.refused: list[str] = []
 
     # ------------------------------------------------------------------ building
 
@@ -163,7 +169,7 @@ class Molecules:
         """Check now, queue for the next step boundary (see ``MeepCoupling.set_params``)."""
         from maxwellhub_drivers.models import ParameterError
 
-        by_group = self._embedded_rows("set_params", molecule_ids)
+        by_group, socket_ids = self._rows("set_params", molecule_ids)
         planned = []
         for g, rows in by_group.items():
             group = self.groups[g]
@@ -185,6 +191,9 @@ class Molecules:
         for g, change, picked, new in planned:  # all checked: queue them
             self.pending.append(functools.partial(self.groups[g].model.set_params, change, picked))
             self._pending_params[g] = new
+        if socket_ids:  # checked by their drivers when applied (a refusal names them)
+            call = functools.partial(self._hub().set_params, socket_ids, dict(changes))
+            self.pending.append(functools.partial(self._over_the_wire, call))
 
     def apply_kick(self, molecule_ids: int | Sequence[int], impulse: Any) -> None:
         """Check now, queue for the next step boundary (see ``MeepCoupling.apply_kick``)."""
@@ -193,7 +202,8 @@ class Molecules:
             raise UsageError(
                 f"apply_kick: impulse = {impulse!r}; expected a finite 3-vector (a.u.)"
             )
-        for g, rows in self._embedded_rows("apply_kick", molecule_ids).items():
+        by_group, socket_ids = self._rows("apply_kick", molecule_ids)
+        for g, rows in by_group.items():
             group = self.groups[g]
             if not group.model.takes_kicks():
                 raise UsageError(
@@ -202,10 +212,35 @@ class Molecules:
                 )
             picked = None if rows == list(range(len(group.ids))) else rows
             self.pending.append(functools.partial(group.model.apply_kick, vector.copy(), picked))
+        if socket_ids:
+            call = functools.partial(self._hub().apply_kick, socket_ids, vector.copy())
+            self.pending.append(functools.partial(self._over_the_wire, call))
 
-    def _embedded_rows(self, what: str, molecule_ids: int | Sequence[int]) -> dict[int, list[int]]:
-        """Group index -> rows of the listed embedded molecules (UsageError naming an
-        unknown, repeated or socket molecule)."""
+    def _over_the_wire(self, call: Callable[[], None]) -> None:
+        """Send a queued change to socket drivers; a refusal is logged and kept in
+        :attr:`refused` (raising here would leave the engine in the middle of its step)."""
+        from ..hub.params import ParameterRefused
+
+        try:
+            call()
+        except ParameterRefused as exc:
+            log.error("%s; the run goes on without it", exc)
+            self.refused.append(str(exc))
+
+    def _requested(self) -> bool:
+        """Whether the hub's control endpoint queued changes (``SetParams``)."""
+        return self.hub is not None and bool(getattr(self.hub, "requested_params", 0))
+
+    def _hub(self):
+        if self.hub is None:
+            raise UsageError("socket molecules need a hub (hub=...)")
+        return self.hub
+
+    def _rows(
+        self, what: str, molecule_ids: int | Sequence[int]
+    ) -> tuple[dict[int, list[int]], list[int]]:
+        """Group index -> rows of the listed embedded molecules, and the listed socket
+        molecules' ids (UsageError naming an unknown or repeated molecule)."""
         ids = [int(m) for m in np.atleast_1d(np.asarray(molecule_ids)).tolist()]
         if len(ids) != len(set(ids)):
             raise UsageError(f"{what}: molecule ids {ids} repeat an id")
@@ -215,18 +250,16 @@ class Molecules:
             for row, mid in enumerate(group.ids.tolist())
         }
         by_group: dict[int, list[int]] = {}
+        socket_ids: list[int] = []
         for mid in ids:
             if mid not in where:
                 raise UsageError(f"{what}: no molecule with id {mid}")
             g, row = where[mid]
             if self.groups[g].model is None:
-                raise UsageError(
-                    f"{what}: molecule {mid} runs in a socket driver; parameter changes and "
-                    "kicks over the wire are not available yet (only embedded molecules, "
-                    "add_molecules, take them)"
-                )
-            by_group.setdefault(g, []).append(row)
-        return by_group
+                socket_ids.append(mid)
+            else:
+                by_group.setdefault(g, []).append(row)
+        return by_group, socket_ids
 
     def apply_pending(self, run: bool = True) -> None:
         """Apply the queued changes (``run=False``: drop them, on MPI ranks whose models
@@ -236,6 +269,10 @@ class Molecules:
         if run:
             for apply in changes:
                 apply()
+            if self.hub is not None:  # SetParams asked through the hub's control endpoint
+                requested = getattr(self.hub, "apply_requested_params", None)
+                if requested is not None:
+                    requested()
 
     # ------------------------------------------------------------------ stepping
 
@@ -253,7 +290,7 @@ class Molecules:
             nexts = self.step(fields, step, sources, dipoles)
             return sources, dipoles, nexts
         if self.groups[0].model is None:  # all socket molecules: the barrier's arrays
-            if self.pending:
+            if self.pending or self._requested():
                 self.apply_pending()
             record = bool(self.record_every) and step % self.record_every == 0
             result = self._socket_step(fields, record, dipoles is not None)
@@ -263,7 +300,7 @@ class Molecules:
                 return result.sources, None, None
             mu, mu_m = self._socket_dipoles(result, step)
             return result.sources, mu, None if mu_m is None else 2.0 * mu - mu_m
-        if self.pending:
+        if self.pending or self._requested():
             self.apply_pending()
         group = self.groups[0]
         model = group.model
@@ -292,7 +329,7 @@ class Molecules:
         ``sources`` (M, 3) and, when ``dipoles`` (M, 3) is given, their dipoles into it.
         Returns the dipoles at the next force time (``2 mu - mu_m``, (M, 3)) when every
         molecule reports them and dipoles were asked, else None."""
-        if self.pending:
+        if self.pending or self._requested():
             self.apply_pending()
         record = bool(self.record_every) and step % self.record_every == 0
         extras: list[dict[str, np.ndarray]] = []
@@ -486,6 +523,12 @@ class MoleculeCoupling:
     record_every = property(lambda self: self._molecules.record_every)
 
     @property
+    def refused_changes(self) -> list[str]:
+        """Changes of socket molecules their drivers refused (each naming molecule and
+        parameter), in order."""
+        return self._molecules.refused
+
+    @property
     def molecule_ids(self) -> np.ndarray:
         """Ids of all molecules in the order they were added."""
         return self._molecules.ids
@@ -495,7 +538,7 @@ class MoleculeCoupling:
         return self._molecules.groups
 
     def set_params(self, molecule_ids: int | Sequence[int], changes: Mapping[str, Any]) -> None:
-        """Change mutable model parameters of embedded molecules at the next step
+        """Change mutable model parameters of molecules at the next step
         boundary: the changes are checked now (an error names the molecule id and the
         parameter) and applied, in the order asked, before the molecules' next step
         (before a checkpoint written first, which then holds them).
@@ -504,7 +547,10 @@ class MoleculeCoupling:
         the listed molecules, or, when they all belong to one ``add_molecules`` group,
         a list with one value per listed molecule. A parameter the model shares by all
         its molecules can only change for the whole group (list all its ids).
-        Molecules behind socket drivers: not available yet (UsageError).
+        Molecules behind socket drivers get the change over the wire at the same
+        boundary (``hub.set_params``): their drivers check it then, and a refusal is
+        logged naming molecule and parameter and kept in ``refused_changes`` while the
+        run goes on; one value for all of them.
         """
         self._molecules.set_params(molecule_ids, changes)
 
@@ -512,6 +558,7 @@ class MoleculeCoupling:
         """Kick embedded molecules at the next step boundary with an impulsive field
         ``E(t) = impulse delta(t)`` (``impulse`` = kappa e, a.u. of field times time: one
         3-vector for all listed molecules), in order with :meth:`set_params` changes.
-        Checked now: an unknown or socket molecule, a model without kicks, or an impulse
-        that is not a finite 3-vector is a UsageError naming the molecule."""
+        Checked now: an unknown molecule, an embedded model without kicks, or an impulse
+        that is not a finite 3-vector is a UsageError naming the molecule; socket
+        molecules are kicked over the wire (``hub.apply_kick``), their drivers checking."""
         self._molecules.apply_kick(molecule_ids, impulse)

@@ -68,6 +68,7 @@ from .barrier import (
     ids_text,
 )
 from .history import History
+from .params import ParamChanges
 from .registry import Molecule, Registry
 
 __all__ = ["Hub", "StopRequested", "new_event_loop"]
@@ -320,6 +321,8 @@ class Hub:
         #: False goes on from its state and says continuity is lost.
         self.on_behind: Callable[[Connection, int, int], bool] | None = None
         self._watched: Iterable[Any] | Callable[[], Iterable[Any]] = ()  # watch_processes
+        #: Parameter changes and kicks sent to drivers, logged for replay (hub/params.py).
+        self.params = ParamChanges(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -684,6 +687,7 @@ class Hub:
                 f"has completed only {done} step(s) of molecule {first.id}"
             )
             return
+        fields: list[np.ndarray] | None = []
         if start < done:
             ids = [m.id for m in driver.molecules]
             fields = self.continuity.fields(ids, driver.batch is not None, start, done)
@@ -697,9 +701,11 @@ class Hub:
                     start,
                     done - 1,
                 )
-                driver.replay = fields
-                _send(driver, driver.send_replay())
-                return
+        # the logged parameter changes go in at their steps (hub/params.py)
+        driver.replay = self.params.replay(driver, start, done, fields)
+        if driver.replay:
+            _send(driver, driver.send_replay())
+            return
         driver.state = _READY
         self.driver_initialized(driver)
 
@@ -746,8 +752,10 @@ class Hub:
         if self._barrier is not None:
             raise UsageError("snapshot() in the middle of a step; take it between steps")
         ids = np.fromiter(self._molecules, dtype=np.int64, count=len(self._molecules))
-        return {"step_index": np.array(self.step_index, dtype=np.int64)} | self.continuity.snapshot(
-            ids
+        return (
+            {"step_index": np.array(self.step_index, dtype=np.int64)}
+            | self.continuity.snapshot(ids)
+            | self.params.snapshot()
         )
 
     def restore(self, snapshot: Mapping[str, np.ndarray]) -> None:
@@ -762,6 +770,7 @@ class Hub:
             raise UsageError(f"hub snapshot lacks {exc.args[0]!r}") from None
         slot = {m.id: m.index for m in self._molecules.values()}
         self.continuity.restore(snapshot, slot, self._new_layout)
+        self.params.restore(snapshot)
         self.step_index = step_index
 
     def _new_layout(self, ids: np.ndarray, index: np.ndarray) -> Layout:
@@ -793,6 +802,7 @@ class Hub:
 
     def connection_lost(self, driver: Connection, previous: State, exc: Exception | None) -> None:
         """A connection closed: its molecules wait for a replacement."""
+        self.params.lost(driver)
         self._connections.discard(driver)
         self._handshaking.discard(driver)
         mols = self.registry.release(driver)
@@ -826,6 +836,28 @@ class Hub:
                     barrier.wake("lost")
         self._progress_binds()
         self._notify()
+
+    def params_answered(self, driver: Connection, sequence: int, error: str | None) -> None:
+        """A driver answered a parameter change (see :mod:`maxwellhub.hub.params`)."""
+        self.params.answered(driver, sequence, error)
+
+    async def set_params(self, molecule_ids: int | Iterable[int], changes: Mapping) -> None:
+        """Change model parameters of socket molecules between steps: MXHPARAMS to their
+        drivers, every answer awaited (the hub's ``timeout``). Logged with the step and
+        replayed to a replacement driver. :class:`~maxwellhub.hub.params.ParameterRefused`
+        names the molecule and parameter a driver refused; a :class:`UsageError` names a
+        molecule whose driver does not speak the extension (plain i-PI, MaxwellLink)."""
+        await self.params.apply(self.params.set_params_op(molecule_ids, changes))
+
+    async def apply_kick(self, molecule_ids: int | Iterable[int], impulse: Any) -> None:
+        """Kick socket molecules between steps with ``impulse`` delta(t) (a 3-vector,
+        a.u.); as :meth:`set_params`."""
+        await self.params.apply(self.params.kick_op(molecule_ids, impulse))
+
+    async def apply_requested_params(self) -> int:
+        """Apply the changes asked through the control endpoint (``SetParams``), in order,
+        between steps; how many. Couplings call it at every step boundary."""
+        return await self.params.apply_requested()
 
     def source_ready(
         self, driver: Connection, sx: float, sy: float, sz: float, extras: bytes

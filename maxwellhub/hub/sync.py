@@ -273,6 +273,29 @@ class SocketHub:
     def status(self) -> dict:
         return self.hub.status() if self.hub else {}
 
+    # -- parameter changes and kicks over the wire (maxwellhub.hub.params)
+    def set_params(self, molecule_ids: int | Iterable[int], changes: Mapping) -> None:
+        """See :meth:`Hub.set_params`: sent between steps, every answer awaited (nothing
+        on ranks other than 0)."""
+        if self.hub is not None:
+            self._run(self.hub.set_params(molecule_ids, changes))
+
+    def apply_kick(self, molecule_ids: int | Iterable[int], impulse: Any) -> None:
+        """See :meth:`Hub.apply_kick` (nothing on ranks other than 0)."""
+        if self.hub is not None:
+            self._run(self.hub.apply_kick(molecule_ids, impulse))
+
+    @property
+    def requested_params(self) -> int:
+        """Changes queued through the control endpoint (``SetParams``), not applied yet."""
+        return len(self.hub.params.requested) if self.hub is not None else 0
+
+    def apply_requested_params(self) -> int:
+        """See :meth:`Hub.apply_requested_params` (0 on ranks other than 0)."""
+        if self.hub is None or not self.hub.params.requested:
+            return 0
+        return int(self._run(self.hub.apply_requested_params()))
+
     def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
         """See :meth:`Hub.molecule_steps` (an empty array on ranks other than 0)."""
         if self.hub is None:

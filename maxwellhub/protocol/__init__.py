@@ -7,5 +7,5 @@
   and for an ensemble, under the blocking driver and the relay's upstream connection.
 
 Nothing in this package may import :mod:`maxwellhub.hub`, :mod:`maxwellhub.net` or
-:mod:`asyncio` (``tests/test_layers.py`` checks it).
+:mod:`asyncio` (``tests/unit/test_layers.py`` checks it).
 """

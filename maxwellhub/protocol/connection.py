@@ -30,6 +30,7 @@ import numpy as np
 from .. import wire
 from ..auth import Secret, new_nonce
 from ..errors import ProtocolError, UsageError
+from . import params as params_json
 from .init import build_init
 
 __all__ = [
@@ -57,6 +58,7 @@ class State(enum.Enum):
     REPLAY = "replay"  # a restored driver is replayed the steps it missed
     READY = "ready"  # initialised and idle
     BUSY = "busy"  # field sent; expect FORCEREADY
+    PARAMS = "params"  # MXHPARAMS sent between steps; expect MXHPARAMSOK
     # Stock i-PI clients (ASE's SocketClient, i-PI's driver): see the notes above
     # Connection._ready_before_init.
     LEARNING = "learning"  # first field sent (not the fast path); expect FORCEREADY
@@ -77,6 +79,7 @@ _INIT = State.INIT
 _REPLAY = State.REPLAY
 _READY = State.READY
 _BUSY = State.BUSY
+_PARAMS = State.PARAMS
 _LEARNING = State.LEARNING
 _LEARN = State.LEARN
 _ASKED = State.ASKED
@@ -93,6 +96,7 @@ EXPECTING = {
     State.REPLAY: "waiting for the source of a replayed step",
     State.READY: "idle (nothing was asked)",
     State.BUSY: "waiting for its source(s)",
+    State.PARAMS: "waiting for MXHPARAMSOK, the answer to a parameter change",
     State.LEARNING: "waiting for its source (its first step)",
     State.LEARN: "waiting for the answer to STATUS after its first source",
     State.ASKED: "waiting for the answer to STATUS before a step",
@@ -111,6 +115,7 @@ EVENT_NAMES = {
     wire.AuthProof: "MXHPROOF",
     wire.Resume: "MXHRESUME",
     wire.Claim: "MXHCLAIM",
+    wire.ParamsAck: "MXHPARAMSOK",
 }
 
 _GETFORCE_HEADER = wire.encode_header(wire.GETFORCE)
@@ -169,6 +174,7 @@ class HubCallbacks(Protocol):
     def replay_offer(self, conn: Connection) -> tuple[int, int]: ...
     def pending_field(self, conn: Connection) -> np.ndarray | None: ...
     def connection_lost(self, conn: Connection, previous: State, exc: Exception | None) -> None: ...
+    def params_answered(self, conn: Connection, sequence: int, error: str | None) -> None: ...
 
 
 class Link(Protocol):
@@ -232,7 +238,11 @@ class Connection:
         self.reported = False  # a drop was already logged for it
         self.resume_step: int | None = None  # from MXHRESUME, after INIT
         self.claim: list[int] | None = None  # from MXHCLAIM: the ids it asks for
-        self.replay: list[np.ndarray] = []  # fields still to replay, oldest first
+        # still to replay, oldest first: a step's fields, or parameter ops (step, ops)
+        self.replay: list[Any] = []
+        self.params = False  # it accepted the parameter frames (MXHPARAMSOK 0 after INIT)
+        self.params_sent = 0  # sequence number of the last MXHPARAMS sent
+        self.params_due: int | None = None  # the MXHPARAMSOK awaited, if any
         # What this connection turned out to be (learned once, see _ready_before_init):
         self.stock = False  # a stock i-PI client: ends with EXIT, not STOP
         self.init_needed = True  # False: it said READY before any INIT (ASE)
@@ -465,10 +475,50 @@ class Connection:
         return self._on_needinit_again(event)
 
     def _on_replayed(self, event: wire.ForceReady | wire.SourcesBatch) -> None:
+        if self.params_due is not None:
+            self.fail(f"{EVENT_NAMES[type(event)]} while a replayed parameter change is unanswered")
+            return
         if isinstance(event, wire.ForceReady) != (self.batch is None):
             self.fail(f"{EVENT_NAMES[type(event)]} while being replayed missed steps")
             return
         self._emit(*self.send_replay())
+
+    def _on_params_accept(self, event: wire.ParamsAck) -> bool:
+        if self.params or event.sequence != 0:
+            return False
+        error = params_json.parse_ack(event)
+        if error is not None:
+            log.info("%s declined parameter frames: %s", self, error)
+        else:
+            self.params = True
+        return True
+
+    def _params_answer(self, event: wire.ParamsAck) -> str | bool | None:
+        """The error text of the awaited MXHPARAMSOK (None: ok); False if not awaited."""
+        if self.params_due is None or event.sequence != self.params_due:
+            return False
+        self.params_due = None
+        return params_json.parse_ack(event)
+
+    def _on_params_ack(self, event: wire.ParamsAck) -> bool:
+        error = self._params_answer(event)
+        if error is False:
+            return False
+        self.state = _READY
+        self.link.disarm()
+        self.hub.params_answered(self, event.sequence, error if isinstance(error, str) else None)
+        if self.state is _READY:
+            self.hub.driver_initialized(self)  # a step begun meanwhile is sent now
+        return True
+
+    def _on_replayed_params(self, event: wire.ParamsAck) -> bool:
+        error = self._params_answer(event)
+        if error is False:
+            return False
+        if error:
+            log.warning("%s refused a replayed parameter change: %s", self, error)
+        self._emit(*self.send_replay())
+        return True
 
     def _on_source(self, event: wire.ForceReady) -> bool:
         if self.batch is not None:
@@ -594,6 +644,7 @@ class Connection:
             done,
             replayable,
             ensemble=self.batch is not None,
+            params=params_json.offer(self.limits),
         )
         self.state = _INIT
         self.resume_step = None
@@ -622,6 +673,19 @@ class Connection:
             return self.data_to_send()
         fields = self.replay.pop(0)
         self.state = _REPLAY
+        if isinstance(fields, tuple):  # (step, ops): parameter changes at that step
+            if not self.params:
+                log.warning(
+                    "%s does not speak parameter frames: a change made at step %d is not "
+                    "replayed to it, so continuity is lost",
+                    self,
+                    fields[0],
+                )
+                return self.send_replay()
+            self._emit(self._params_frame(*fields))
+            self.link.disarm()
+            self._arm(self.step_timeout)
+            return self.data_to_send()
         if self.batch is None:
             self._emit(
                 b"".join((wire.FIELD_STEP_HEAD, fields.astype("<f8").tobytes(), _GETFORCE_HEADER))
@@ -630,6 +694,24 @@ class Connection:
             self._emit(*wire.fields_batch_parts(fields, 0), _GETFORCE_HEADER)
         self.link.disarm()
         self._arm(self.step_timeout)  # a replayed step is a step
+        return self.data_to_send()
+
+    def _params_frame(self, step: int, ops: Sequence[params_json.Op]) -> bytes:
+        self.params_sent += 1
+        self.params_due = self.params_sent
+        body = params_json.build_payload(self.params_sent, ops, self.limits.max_params_bytes)
+        return wire.encode_params(step, body)
+
+    def send_params(self, step: int, ops: Sequence[params_json.Op]) -> Parts:
+        """MXHPARAMS with ``ops`` at ``step`` (between steps, to a driver that accepted
+        parameter frames); :meth:`HubCallbacks.params_answered` gets the answer."""
+        if not self.params:
+            raise UsageError(f"{self} does not speak maxwellhub's parameter frames")
+        if self.state is not _READY:
+            raise UsageError(f"{self} is not idle (state {self.state.name}); change between steps")
+        frame = self._params_frame(step, ops)
+        self.state = _PARAMS
+        self._emit(frame)
         return self.data_to_send()
 
     def send_step(self, step: FrozenStep) -> Parts:
@@ -747,6 +829,9 @@ TRANSITIONS: dict[tuple[State, type], _Handler] = {
     (_S.INIT, wire.Ready): Connection._on_init_ready,
     (_S.INIT, wire.Resume): Connection._on_resume,
     (_S.INIT, wire.NeedInit): Connection._on_init_needinit,
+    (_S.INIT, wire.ParamsAck): Connection._on_params_accept,
+    (_S.PARAMS, wire.ParamsAck): Connection._on_params_ack,
+    (_S.REPLAY, wire.ParamsAck): Connection._on_replayed_params,
     (_S.REPLAY, wire.ForceReady): Connection._on_replayed,
     (_S.REPLAY, wire.SourcesBatch): Connection._on_replayed,
     (_S.BUSY, wire.ForceReady): Connection._on_source,
@@ -762,4 +847,5 @@ TRANSITIONS: dict[tuple[State, type], _Handler] = {
     (_S.CLOSING, wire.SourcesBatch): Connection._ignore,
     (_S.CLOSING, wire.Ready): Connection._ignore,
     (_S.CLOSING, wire.NeedInit): Connection._ignore,
+    (_S.CLOSING, wire.ParamsAck): Connection._ignore,
 }

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProtocolError
-from ..wire import RESUME_KEY, RESUME_VERSION
+from ..wire import PARAMS_KEY, RESUME_KEY, RESUME_VERSION
 
 __all__ = [
     "ENSEMBLE_KEYS",
@@ -36,7 +36,14 @@ __all__ = [
 ]
 
 #: Keys an ensemble INIT carries about the ensemble itself, not about one molecule.
-ENSEMBLE_KEYS = ("molecule_id_range", "molecule_ids", "payloads", "molecule_id", RESUME_KEY)
+ENSEMBLE_KEYS = (
+    "molecule_id_range",
+    "molecule_ids",
+    "payloads",
+    "molecule_id",
+    RESUME_KEY,
+    PARAMS_KEY,
+)
 
 
 @dataclass(frozen=True)
@@ -78,10 +85,12 @@ def build_init(
     replayable: int,
     *,
     ensemble: bool,
+    params: Mapping | None = None,
 ) -> bytes:
     """The INIT JSON (UTF-8 bytes) the hub sends a connection hosting molecules ``ids``
     (their user ``payloads``, None meaning ``{}``), offering to resume after ``done``
-    completed steps of which the last ``replayable`` can be replayed."""
+    completed steps of which the last ``replayable`` can be replayed, and the parameter
+    frames when ``params`` (see :func:`maxwellhub.protocol.params.offer`) is given."""
     first = ids[0]
     payload = dict(payloads[0] or {})
     if ensemble:
@@ -96,6 +105,8 @@ def build_init(
         if any(p != each[0] for p in each):
             payload["payloads"] = each
     payload[RESUME_KEY] = {"version": RESUME_VERSION, "step": done, "history": replayable}
+    if params is not None:
+        payload[PARAMS_KEY] = dict(params)
     return json.dumps({**payload, "molecule_id": first}, default=_json_default).encode()
 
 

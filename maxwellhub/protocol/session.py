@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import wire
 from ..errors import ProtocolError
+from . import params as params_frames
 from .init import parse_ensemble_init, parse_single_init
 
 __all__ = [
@@ -92,6 +94,7 @@ LABELS: dict[type, str] = {
     wire.Welcome: "MXHWELCOME",
     wire.FieldsBatch: "MXHFIELDS",
     wire.AuthChallenge: "MXHAUTH",
+    wire.Params: "MXHPARAMS",
 }
 
 
@@ -126,9 +129,9 @@ class Binding:
 
     molecule_ids: list[int]
     dt_au: float
-    payloads: list[dict]
-    resume: dict | None
-    data: dict
+    payloads: list[dict[str, Any]]
+    resume: dict[str, Any] | None
+    data: dict[str, Any]
 
 
 class SessionModel(Protocol):
@@ -149,15 +152,19 @@ class SessionModel(Protocol):
        staged (answered with a zero source).
     7. ``answered()``: a committed step's answer was sent (the I/O layer says so through
        :meth:`Session.sent`): checkpoints never run ahead of the hub.
+    8. ``apply_params(event, molecule_ids)``: apply an MXHPARAMS (see
+       :mod:`maxwellhub.protocol.params`) to the bound molecules; return the MXHPARAMSOK
+       bytes, or :data:`PENDING` (then :meth:`Session.params_answered` with them).
     """
 
     def answer_challenge(self, nonce: bytes) -> bytes: ...
     def claim(self) -> bytes: ...
     def initialize(self, binding: Binding) -> int | _Pending | None: ...
-    def stage(self, fields: np.ndarray, flags: int) -> None: ...
+    def stage(self, fields: npt.NDArray[np.float64], flags: int) -> None: ...
     def commit(self) -> tuple[Any, Any] | _Pending: ...
     def unstaged(self) -> dict[str, float]: ...
     def answered(self) -> None: ...
+    def apply_params(self, event: wire.Params, molecule_ids: list[int]) -> bytes | _Pending: ...
 
 
 _F3 = struct.Struct("<3d")
@@ -356,6 +363,10 @@ class Session:
         self._emit(*self._encode(sources, extras))
         return self.data_to_send()
 
+    def params_answered(self, ack: bytes) -> Parts:
+        """A deferred :meth:`SessionModel.apply_params` finished with MXHPARAMSOK ``ack``."""
+        return [] if self.state is _ENDED else [ack]
+
     def _encode(self, sources: Any, extras: Any) -> Parts:
         if self.batched:
             return wire.sources_batch_parts(sources, extras)
@@ -363,8 +374,13 @@ class Session:
 
     def _ready(self, step: int | None) -> None:
         self.state = _S.READY
+        binding = self.binding
+        if binding is None:  # _ready follows INIT, which sets it
+            raise RuntimeError("ready before INIT")
         if step is not None:
-            self._emit(wire.encode_resume(step, len(self.binding.molecule_ids)))  # type: ignore[union-attr]
+            self._emit(wire.encode_resume(step, len(binding.molecule_ids)))
+        if params_frames.accepts(binding.data):  # after MXHRESUME, before READY
+            self._emit(params_frames.ACCEPT)
         self._emit(*[_STATUS_REPLY[_S.READY]] * self._deferred_status)
         self._deferred_status = 0
 
@@ -465,6 +481,13 @@ class Session:
     def _on_getforce_unstaged_batch(self, _event: wire.GetForce) -> None:
         raise ProtocolError("GETFORCE without MXHFIELDS since the last step")
 
+    def _on_params(self, event: wire.Params) -> None:
+        if self.binding is None:  # the tables admit MXHPARAMS only once initialised
+            raise ProtocolError("MXHPARAMS before INIT")
+        ack = self.model.apply_params(event, self.binding.molecule_ids)
+        if not isinstance(ack, _Pending):
+            self._emit(ack)
+
     def _on_end(self, event: wire.Stop | wire.Exit) -> None:
         self.end = type(event)
         self.state = _S.ENDED
@@ -485,6 +508,8 @@ def _common() -> dict[tuple[SessionState, type], Handler]:
         table[state, wire.Status] = Session._on_status
     for state in (_S.UNBOUND, _S.INITIALISING, *_INITIALISED):
         table[state, wire.Init] = Session._on_init  # the first, or a repeat
+    for state in (_S.READY, _S.STAGED):  # not during a deferred step: its answer is owed
+        table[state, wire.Params] = Session._on_params
     return table
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
+from maxwellhub.protocol import params as params_frames
 from maxwellhub.protocol.session import (
     BATCHED,
     LABELS,
@@ -72,6 +73,10 @@ class FakeModel:
     def answered(self):
         self.calls.append(("answered",))
 
+    def apply_params(self, event, molecule_ids):
+        self.calls.append(("params", event.payload, molecule_ids))
+        return PENDING if self.deferred else wire.encode_params_ack(7, b'{"ok":true}')
+
 
 def feed(session: Session, data: bytes, how: str) -> bytes:
     """Feed ``data`` whole, one byte at a time, or through the zero-copy pair; return
@@ -92,7 +97,7 @@ def feed(session: Session, data: bytes, how: str) -> bytes:
     return b"".join(bytes(p) for p in out)
 
 
-def init_single(mid: int, dt: float = 0.5, **extra) -> bytes:
+def init_single(mid: int, *, dt: float = 0.5, **extra: Any) -> bytes:
     return wire.encode_init(mid, json.dumps({"dt_au": dt, **extra}).encode())
 
 
@@ -280,6 +285,7 @@ EVENTS: dict[type, Any] = {
     wire.Welcome: wire.Welcome(1, 2),
     wire.FieldsBatch: wire.FieldsBatch(np.zeros((2, 3))),
     wire.AuthChallenge: wire.AuthChallenge(1, bytes(32)),
+    wire.Params: wire.Params(1, 0, b'{"sequence": 1, "ops": []}'),
 }
 
 
@@ -304,3 +310,26 @@ def test_every_missing_transition_is_a_protocol_error(batched):
             assert session.state is state
             missing += 1
     assert missing > 20  # the tables are sparse: most pairs are errors
+
+
+def test_parameter_frames_offered_accepted_and_answered():
+    """An INIT offering parameter frames is accepted (after MXHRESUME, before READY);
+    MXHPARAMS then reaches the model, whose MXHPARAMSOK is sent, at once or later."""
+    offer: dict[str, Any] = {wire.PARAMS_KEY: params_frames.offer(wire.Limits())}
+    resume = {"version": 1, "step": 3, "history": 0}
+    for deferred in (False, True):
+        model = FakeModel(deferred=deferred)
+        session = Session(model, 1)
+        out = feed(session, STATUS + init_single(6, mxh_resume=resume, **offer) + STATUS, "whole")
+        if deferred:
+            assert out == NEEDINIT
+            out += b"".join(bytes(p) for p in session.initialized(3))
+        assert out == NEEDINIT + wire.encode_resume(3, 1) + params_frames.ACCEPT + READY
+        frame = wire.encode_params(0, b'{"sequence": 7, "ops": []}')
+        got = feed(session, frame, "bytewise")
+        assert ("params", b'{"sequence": 7, "ops": []}', [6]) in model.calls
+        ack = wire.encode_params_ack(7, b'{"ok":true}')
+        if deferred:
+            assert got == b""
+            got = b"".join(bytes(p) for p in session.params_answered(ack))
+        assert got == ack

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from _util import REPO_ROOT
 
 from maxwellhub import runner
 from maxwellhub.config import ConfigError, load_config
@@ -84,9 +85,9 @@ def test_bad_engine_config_names_the_key(tmp_path, change, message):
 
 def test_meep_keys_in_em_meep_are_the_old_simulation_keys(tmp_path):
     """[em.meep] holds Meep's keys as [simulation] did; giving one in both is refused."""
-    base = load_config(Path(__file__).resolve().parent.parent / "examples" / "relax_2d.toml")
+    base = load_config(REPO_ROOT / "examples" / "relax_2d.toml")
     moved = load_config(
-        Path(__file__).resolve().parent.parent / "examples" / "relax_2d.toml",
+        REPO_ROOT / "examples" / "relax_2d.toml",
         {
             "simulation": {"until": 90},
             "em.meep": {
@@ -102,7 +103,7 @@ def test_meep_keys_in_em_meep_are_the_old_simulation_keys(tmp_path):
     assert moved.em.engine == "meep"
     with pytest.raises(ConfigError, match=r"simulation\.resolution and em\.meep\.resolution"):
         load_config(
-            Path(__file__).resolve().parent.parent / "examples" / "relax_2d.toml",
+            REPO_ROOT / "examples" / "relax_2d.toml",
             {"em.meep.resolution": 20},
         )
 
@@ -244,7 +245,7 @@ def test_cavity_run_with_thermostat_killed_and_resumed_is_bitwise(tmp_path, kind
     _kill_and_resume(killed, kind, name, ref / "out" / "molecules.h5", template=CAVITY)
 
 
-ENGINE_EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "engines"
+ENGINE_EXAMPLES = REPO_ROOT / "examples" / "engines"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in ENGINE_EXAMPLES.glob("*.toml")))

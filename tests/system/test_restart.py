@@ -1,4 +1,4 @@
-"""Whole-run restart (issue 5, item 2): ``maxwellhub run`` killed with SIGKILL at a random
+"""Whole-run restart: ``maxwellhub run`` killed with SIGKILL at a random
 step and resumed with ``--resume`` gives bit for bit the uninterrupted run's output, with
 embedded molecules and with socket drivers; SIGTERM writes a checkpoint and exits 75; a
 resume with a config that differs where it matters is refused, naming the key.
@@ -573,7 +573,6 @@ def test_run_restarts_a_dead_driver_from_its_checkpoint(tmp_path, unix_name, ref
 
 MPIRUN = shutil.which("mpirun")
 MPI_FLAGS = (["--allow-run-as-root"] if os.geteuid() == 0 else []) + ["--oversubscribe"]
-needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun (Open MPI) not installed")
 #: the signal tests' runs: long enough (6,000 steps) that the run is still stepping when
 #: Open MPI's mpirun passes SIGTERM on, a second or more after it got it
 LONG_UNTIL = "300"
@@ -678,8 +677,7 @@ def _mpi_run_and_signal(
 def mpi_references(tmp_path_factory) -> dict[str, Path]:
     """The uninterrupted `mpirun -np 2` runs (no [checkpoint] table): embedded and over
     UNIX sockets, 600 steps, and over UNIX sockets with until = LONG_UNTIL."""
-    if MPIRUN is None:
-        pytest.skip("mpirun (Open MPI) not installed")
+    assert MPIRUN is not None, "only mpi-marked tests use this (skipped without mpirun)"
     base = tmp_path_factory.mktemp("mpi_reference")
     out = {}
     for key, kind, until in (
@@ -699,7 +697,7 @@ def mpi_references(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.meep
-@needs_mpirun
+@pytest.mark.mpi
 def test_mpirun_embedded_run_killed_and_resumed_is_bitwise(tmp_path, mpi_references):
     """`mpirun -np 2`, embedded molecules: the whole job (mpirun and both ranks) SIGKILLed
     at a random step and resumed under `mpirun -np 2` gives every HDF5 dataset bit for bit
@@ -709,7 +707,7 @@ def test_mpirun_embedded_run_killed_and_resumed_is_bitwise(tmp_path, mpi_referen
 
 
 @pytest.mark.meep
-@needs_mpirun
+@pytest.mark.mpi
 def test_mpirun_socket_run_killed_and_resumed_is_bitwise(tmp_path, unix_name, mpi_references):
     """`mpirun -np 2` with two socket drivers (started by rank 0, checkpoints every 10
     steps): the whole job SIGKILLed at a random step, resumed under `mpirun -np 2`
@@ -720,7 +718,7 @@ def test_mpirun_socket_run_killed_and_resumed_is_bitwise(tmp_path, unix_name, mp
 
 
 @pytest.mark.meep
-@needs_mpirun
+@pytest.mark.mpi
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
 def test_mpirun_signal_writes_checkpoint(tmp_path, unix_name, mpi_references, sig):
     """A signal to mpirun under `mpirun -np 2` (socket drivers): both ranks stop at the
@@ -769,7 +767,7 @@ def test_mpirun_signal_writes_checkpoint(tmp_path, unix_name, mpi_references, si
 
 
 @pytest.mark.meep
-@needs_mpirun
+@pytest.mark.mpi
 def test_resume_with_a_different_number_of_ranks_is_refused(tmp_path):
     """A checkpoint written by `mpirun -np 2` is refused by a serial resume and by
     `mpirun -np 3` (exit status 2, naming both counts; Meep's field dump is per chunk and

@@ -4,17 +4,17 @@ own solver and closed forms; MaxwellLink's build_model files and parameters."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _util import REPO_ROOT
 
 from maxwellhub_drivers.cli import _text_keys, parse_params
 from maxwellhub_drivers.models import ParameterError, create_model, get_model_class
 
 qt = pytest.importorskip("qutip")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 BUILD_TLS = ROOT / "examples" / "models" / "build_tls.py"
 PEER_BUILD_TLS = (
     ROOT / ".peers/maxwelllink/lib/python3.11/site-packages/maxwelllink/_workspace_payload"

@@ -458,7 +458,7 @@ def test_maxwelllink_driver_keeps_fused_path_and_gets_stop(
     with SocketHub(unixsocket=unix_name, timeout=scaled(30)) as hub:
         mid, proc = bind_one(hub, start, log, started)
         f = fields(STEPS, seed=51) * 1e-1
-        # MaxwellLink's TLS and ours agree to 1e-10 (tests/test_live.py), not to 1e-12
+        # MaxwellLink's TLS and ours agree to 1e-10 (tests/integration/test_live.py), not to 1e-12
         for step in range(STEPS):
             got = hub.step({mid: {"efield_au": f[step]}})[mid]["amp"]
             want = ref.step(f[step].reshape(1, 3))[0]

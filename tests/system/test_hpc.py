@@ -155,11 +155,10 @@ def serial(tmp_path_factory, deadline) -> Path:
     return run / "populations.npz"
 
 
+@pytest.mark.mpi
 def test_mpirun_two_ranks_separate_drivers_equal_serial(serial, tmp_path, deadline):
     """Acceptance: mpirun_job.sh, Meep on 2 ranks, 8 drivers as a separate process group
     through the rendezvous file: the serial populations, and the file is gone after."""
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not found")
     env = _env(NP="2", NDRIVERS=str(NDRIVERS), UNTIL=UNTIL, RUN_DIR=str(tmp_path))
     done = _run_group(["bash", str(HPC / "mpirun_job.sh"), "separate"], env, deadline(180))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -171,11 +170,10 @@ def test_mpirun_two_ranks_separate_drivers_equal_serial(serial, tmp_path, deadli
     assert not (tmp_path / "hub.addr").exists()
 
 
+@pytest.mark.mpi
 def test_mpmd_keeps_drivers_out_of_the_em_world(serial, tmp_path, deadline):
     """mpirun -np 2 EM : -np 8 drivers (through python -m maxwellhub.mpmd): MPI's world
     has 10 ranks, Meep and the hub use 2, and the populations equal the serial run's."""
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not found")
     env = _env(NP="2", NDRIVERS=str(NDRIVERS), UNTIL=UNTIL, RUN_DIR=str(tmp_path))
     done = _run_group(["bash", str(HPC / "mpirun_job.sh"), "mpmd"], env, deadline(180))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -202,11 +200,10 @@ os.write(1, f"DRIVER {found} {'mpi4py' in sys.modules}\\n".encode())
 """
 
 
+@pytest.mark.mpi
 def test_mpmd_driver_side_has_no_mpi_environment(tmp_path, deadline):
     """Under python -m maxwellhub.mpmd the driver process sees no MPI variable and no
     mpi4py; the EM side's communicator has K ranks of the K + M world."""
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not found")
     (tmp_path / "em.py").write_text(PROBE_EM)
     (tmp_path / "drv.py").write_text(PROBE_DRIVER)
     done = _run_group(
@@ -235,14 +232,13 @@ def test_mpmd_driver_side_has_no_mpi_environment(tmp_path, deadline):
     assert lines.count("DRIVER [] False") == 2, done.stdout
 
 
+@pytest.mark.mpi
 def test_plain_mpmd_with_a_non_mpi_driver_is_refused_by_open_mpi(tmp_path, deadline):
     """What happens without the wrapper (documented in maxwellhub/mpmd.py): the EM side
     stays inside MPI_Init while the driver lives, and when the driver exits mpirun says it
     'did not call "init"' and aborts the job -- or, as that very message warns, leaves the
     EM side hanging in MPI_Init (Open MPI does either, by timing). Never does the EM side
     initialise."""
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not found")
     em = [
         "-np",
         "1",
@@ -323,12 +319,11 @@ echo "Submitted batch job 1002"
 """
 
 
+@pytest.mark.mpi
 def test_slurm_scripts_run_with_slurm_variables_by_hand(serial, tmp_path, deadline):
     """slurm_main.sbatch (2 tasks, no srun here: its mpirun fallback, sbatch a recording
     shim) and slurm_drivers.sbatch as array tasks 0-7 with SLURM variables set by hand:
     authenticated TCP, the serial populations."""
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not found")
     if shutil.which("srun"):
         pytest.skip("srun exists here: these scripts would submit real job steps")
     shims = tmp_path / "bin"

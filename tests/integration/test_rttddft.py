@@ -10,11 +10,9 @@ is in test_spectrum.py.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from _util import mxl_venv
+from _util import REPO_ROOT, mxl_venv
 from pyscf import dft, scf  # a test dependency (pyproject's test extra)
 
 from maxwellhub_drivers.cli import _text_keys, parse_params
@@ -24,7 +22,7 @@ from maxwellhub_drivers.models.rttddft import RTTDDFTModel
 
 TEXT_KEYS = _text_keys(RTTDDFTModel)  # how the driver's --param reads text parameters
 
-MOLECULES = Path(__file__).resolve().parent.parent / "examples" / "molecules"
+MOLECULES = REPO_ROOT / "examples" / "molecules"
 WATER = str(MOLECULES / "water.xyz")
 HCN = str(MOLECULES / "hcn.xyz")
 # H2O+ (a doublet: UHF/UKS), same geometry

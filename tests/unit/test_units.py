@@ -1,4 +1,5 @@
-"""Meep <-> atomic-unit conversions against the numbers in physics.md."""
+"""Meep <-> atomic-unit conversions against the reference numbers of docs/reference/units.md
+(tau = 0.1 fs)."""
 
 from __future__ import annotations
 

@@ -254,7 +254,7 @@ def test_driver_checkpoints_carry_changed_params_and_refuse_other_models(tmp_pat
 @pytest.mark.meep
 def test_embedded_set_params_errors_name_the_molecule_and_key():
     """MeepCoupling.set_params checks at once: errors name the molecule id and the key,
-    also against changes already queued; socket molecules refuse it clearly."""
+    also against changes already queued; socket molecules without a hub refuse it clearly."""
     mp = pytest.importorskip("meep")
     from maxwellhub.em import MeepCoupling
     from maxwellhub.errors import UsageError
@@ -269,8 +269,7 @@ def test_embedded_set_params_errors_name_the_molecule_and_key():
         (
             [2],
             {"omega": 0.3},
-            "molecule 2 runs in a socket driver; parameter changes and kicks over "
-            "the wire are not available yet",
+            r"socket molecules need a hub \(hub=...\)",  # with one: over the wire
         ),
         ([9], {"omega": 0.3}, "no molecule with id 9"),
         (

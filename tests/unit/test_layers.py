@@ -7,7 +7,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "maxwellhub"
+from _util import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "maxwellhub"
 
 # Layer of each module (by dotted name prefix; the longest prefix wins). Higher layers may
 # import lower or equal ones, never higher ones.

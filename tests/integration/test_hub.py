@@ -66,12 +66,14 @@ async def test_binding_in_connection_order_with_init_payload(hub):
         assert await hub.wait_until_bound({m: {"dt_au": 0.25, "user": "x"}}, timeout=scaled(5))
     for m, fake in zip(ids, fakes, strict=True):
         assert fake.molecule_id == m
-        # The resume offer (wire.RESUME_KEY) rides along: nothing completed, no history.
+        # The resume offer (wire.RESUME_KEY) rides along: nothing completed, no history;
+        # so does the offer of parameter frames (wire.PARAMS_KEY).
         assert fake.init_json == {
             "dt_au": 0.25,
             "user": "x",
             "molecule_id": m,
             "mxh_resume": {"version": 1, "step": 0, "history": 0},
+            "mxh_params": {"version": 1, "max_bytes": 65536},
         }
         assert fake.messages[:2] == ["Status", "Init"]  # probed before binding
 

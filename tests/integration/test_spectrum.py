@@ -3,16 +3,15 @@ on rttddft trajectories against PySCF's full linear-response TDHF/TDDFT (not TDA
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from _util import REPO_ROOT
 from pyscf import tdscf
 
 from maxwellhub.spectrum import HARTREE_EV, absorption_spectrum, fit_peaks
 from maxwellhub_drivers.models.rttddft import RTTDDFTModel
 
-WATER = str(Path(__file__).resolve().parent.parent / "examples" / "molecules" / "water.xyz")
+WATER = str(REPO_ROOT / "examples" / "molecules" / "water.xyz")
 
 
 def _response(t, energies, strengths):

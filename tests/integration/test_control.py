@@ -120,7 +120,7 @@ async def test_status_while_stepping_shows_steps_and_timing(hub):
     assert s2["bound_count"] == 3 and s2["missing_count"] == 0
     timing = s2["time_per_step_ms"]
     assert timing["steps"] >= s2["step"] - 1
-    assert 0 < timing["last"] and 0 < timing["mean"] <= timing["p99"]
+    assert timing["last"] > 0 and 0 < timing["mean"] <= timing["p99"]
     slow = s2["slowest_molecules"]
     assert slow and {e["id"] for e in slow} <= set(ids)
     assert sum(e["times_last"] for e in slow) >= s1["step"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from _util import scaled
+from _util import REPO_ROOT, scaled
 
 from maxwellhub.launch import driver_command, driver_env, reap
 
 h5py = pytest.importorskip("h5py")
 pytestmark = pytest.mark.meep
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = REPO_ROOT / "examples"
 BIN = Path(sys.executable).parent
 TLS = {"omega": 0.242, "mu12": 187, "pe_initial": 1e-4}
 
@@ -136,7 +135,7 @@ def test_tcp_drivers_started_by_hand(tcp_port, tmp_path):
     assert reap(drivers, scaled(10)) == [0, 0]
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (OpenMPI) not installed")
+@pytest.mark.mpi
 def test_mpi_example(tmp_path):
     """The mpirun example: 2 ranks, hub on rank 0, same result as run serially."""
     base = [sys.executable, str(EXAMPLES / "mpi_relax_2d.py"), "--until", "3"]

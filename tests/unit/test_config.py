@@ -9,11 +9,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from _util import scaled
+from _util import REPO_ROOT, scaled
 
 from maxwellhub.config import ConfigError, load_config, parse_config
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = REPO_ROOT / "examples"
 BASE = tomllib.loads((EXAMPLES / "relax_2d.toml").read_text())
 
 

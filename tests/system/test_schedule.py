@@ -90,11 +90,11 @@ def test_bad_entries_are_refused_naming_the_key(tmp_path, schedule, message):
     assert message in str(info.value), str(info.value)
 
 
-def test_socket_runs_refuse_a_schedule_for_now(tmp_path):
-    """Parameter changes reach embedded molecules only; a socket run with a schedule is
-    refused before anything starts, saying so."""
-    with pytest.raises(ConfigError, match=r"use transport\.kind = 'embedded'"):
-        load_config(write(tmp_path, "[[schedule]]\nstep = 5\nkick = [0, 0, 1e-3]\n", "unix"))
+def test_socket_runs_take_a_schedule(tmp_path):
+    """Parameter changes reach socket molecules over the wire, so a socket run with a
+    schedule is accepted (tests/test_params_wire.py runs one)."""
+    config = load_config(write(tmp_path, "[[schedule]]\nstep = 5\nkick = [0, 0, 1e-3]\n", "unix"))
+    assert config.schedule[0].kick == (0.0, 0.0, 1e-3)
 
 
 @pytest.mark.meep

@@ -1,7 +1,8 @@
 """Molecules in real Meep: field reads, spontaneous emission in 1D/2D/3D, superradiance,
 energy conservation (embedded models; socket and MPI runs are in test_meep_transport.py).
 
-Reference numbers are physics.md's (tau = 0.1 fs, resolution 10, Gaussian sigma 0.1).
+Reference numbers: the physics table of docs/performance.md (tau = 0.1 fs, resolution 10,
+Gaussian sigma 0.1).
 Every run prints its measured errors (pytest -s shows them).
 """
 

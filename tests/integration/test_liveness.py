@@ -31,9 +31,9 @@ from _util import scaled
 from fakes import FakeDriver, fake_source
 
 from maxwellhub import Hub, SocketHub, control, liveness, wire
-from maxwellhub.hub import core as hub_module
 from maxwellhub.addresses import connect_once
 from maxwellhub.errors import DriverLost, UsageError
+from maxwellhub.hub import core as hub_module
 from maxwellhub.launch import reap, start_driver
 
 TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}
