@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import (
     CLIENT_CORE,
@@ -51,7 +52,7 @@ DT_AU = 0.5
 
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _BLOCK = struct.Struct("<12s9d9di3d12s")  # FIELDDATA + GETSOURCE, 196 bytes
-_FIXED = 124                              # SOURCEREADY without its extras
+_FIXED = 124  # SOURCEREADY without its extras
 
 
 def header(name: str) -> bytes:
@@ -67,7 +68,7 @@ class MinimalHub:
             self.path = str(path)
             self.listener = socket.socket(socket.AF_UNIX)
             self.listener.bind(self.path)
-            self.where = {"unix": self.path}
+            self.where: dict[str, Any] = {"unix": self.path}
         else:
             self.listener = socket.socket()
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -81,26 +82,35 @@ class MinimalHub:
         self.view = memoryview(self.reply)
 
     def accept(self) -> None:
-        self.conn, _ = self.listener.accept()
-        self.conn.settimeout(60)
-        if self.conn.family == socket.AF_INET:
-            self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn.sendall(header("STATUS"))
+        conn, _ = self.listener.accept()
+        self.conn = conn
+        conn.settimeout(60)
+        if conn.family == socket.AF_INET:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(header("STATUS"))
         self._read(12)
         body = json.dumps({"molecule_id": 0, "dt_au": DT_AU}).encode()
-        self.conn.sendall(header("INIT") + struct.pack("<ii", 0, len(body)) + body)
+        conn.sendall(header("INIT") + struct.pack("<ii", 0, len(body)) + body)
+
+    def _conn(self) -> socket.socket:
+        if self.conn is None:
+            raise Skip("no driver connected")
+        return self.conn
 
     def _read(self, n: int, at: int = 0) -> None:
         while n:
-            k = self.conn.recv_into(self.view[at:], n)
+            k = self._conn().recv_into(self.view[at:], n)
             if k == 0:
                 raise Skip("the driver closed the connection")
             at += k
             n -= k
 
     def step(self, ez: float) -> None:
-        self.conn.sendall(_BLOCK.pack(header("POSDATA"), *_IDENTITY, *_IDENTITY, 1,
-                                      0.0, 0.0, ez, header("GETFORCE")))
+        self._conn().sendall(
+            _BLOCK.pack(
+                header("POSDATA"), *_IDENTITY, *_IDENTITY, 1, 0.0, 0.0, ez, header("GETFORCE")
+            )
+        )
         self._read(_FIXED)
         (m,) = struct.unpack_from("<i", self.reply, 120)
         self._read(m, _FIXED)
@@ -120,8 +130,11 @@ class MinimalHub:
 
 def driver_argv(kind: str, model: str, where: dict) -> list[str]:
     if kind == "loadgen":
-        address = (["--unix", where["unix"]] if "unix" in where
-                   else ["--host", "127.0.0.1", "--port", str(where["port"])])
+        address = (
+            ["--unix", where["unix"]]
+            if "unix" in where
+            else ["--host", "127.0.0.1", "--port", str(where["port"])]
+        )
         return [str(build("loadgen")), *address, "-n", "1"]
     params = TLS if model == "tls" else SHO
     if kind == "maxwellhub":
@@ -148,9 +161,14 @@ def driver_argv(kind: str, model: str, where: dict) -> list[str]:
 def measure(kind: str, model: str, args, workdir: Path) -> dict:
     """Run one driver behind the minimal hub; medians of steps/s and driver CPU per step."""
     hub = MinimalHub(args.transport, workdir / f"{kind}-{model}.sock")
-    proc = subprocess.Popen(driver_argv(kind, model, hub.where), env=child_env(),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, preexec_fn=pin_to(CLIENT_CORE))
+    proc = subprocess.Popen(
+        driver_argv(kind, model, hub.where),
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=pin_to(CLIENT_CORE),
+    )
     affinity = os.sched_getaffinity(0)
     if can_pin():
         os.sched_setaffinity(0, {HUB_CORE})
@@ -178,25 +196,32 @@ def measure(kind: str, model: str, args, workdir: Path) -> dict:
             runs.append((steps / wall, 1e6 * (cpu_seconds(proc.pid) - c0) / steps))
     except (OSError, Skip) as exc:
         proc.kill()
-        err = proc.stderr.read().decode(errors="replace").strip().splitlines()[-2:]
+        raw = proc.stderr.read() if proc.stderr is not None else b""
+        err = raw.decode(errors="replace").strip().splitlines()[-2:]
         raise Skip(f"failed: {exc}: {' / '.join(err)}") from None
     finally:
         os.sched_setaffinity(0, affinity)
         hub.close()
         stop_process(proc)
-        proc.stderr.close()
-    return {"steps_s": median(r[0] for r in runs), "cpu_us": median(r[1] for r in runs),
-            "steps": steps}
+        if proc.stderr is not None:
+            proc.stderr.close()
+    return {
+        "steps_s": median(r[0] for r in runs),
+        "cpu_us": median(r[1] for r in runs),
+        "steps": steps,
+    }
 
 
 OUR_TLS = "maxwellhub-driver --model tls"
 FLOOR = "C loadgen, no physics (the I/O floor)"
 THEIR_TLS = "MaxwellLink mxl_driver -m tls"
-ROWS = (("maxwellhub", "tls", OUR_TLS),
-        ("maxwellhub", "sho", "maxwellhub-driver --model sho"),
-        ("loadgen", "-", FLOOR),
-        ("maxwelllink", "tls", THEIR_TLS),
-        ("maxwelllink", "sho", "MaxwellLink mxl_driver -m sho"))
+ROWS = (
+    ("maxwellhub", "tls", OUR_TLS),
+    ("maxwellhub", "sho", "maxwellhub-driver --model sho"),
+    ("loadgen", "-", FLOOR),
+    ("maxwelllink", "tls", THEIR_TLS),
+    ("maxwelllink", "sho", "MaxwellLink mxl_driver -m sho"),
+)
 
 
 def main() -> None:
@@ -205,15 +230,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="per timed run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-steps", type=int, default=20)
-    parser.add_argument("--drivers", default="maxwellhub,loadgen,maxwelllink",
-                        help="which drivers to measure (default all three kinds)")
+    parser.add_argument(
+        "--drivers",
+        default="maxwellhub,loadgen,maxwelllink",
+        help="which drivers to measure (default all three kinds)",
+    )
     parser.add_argument("--quick", action="store_true", help="0.25 s per run")
     args = parser.parse_args()
     if args.quick:
         args.seconds = min(args.seconds, 0.25)
 
     print(f"machine: {machine()}", flush=True)
-    results = {}
+    results: dict[str, dict | str] = {}
     with tempfile.TemporaryDirectory(prefix="mxhdrv-") as tmp:
         for kind, model, name in ROWS:
             if kind not in args.drivers.split(","):
@@ -222,8 +250,10 @@ def main() -> None:
                 results[name] = measure(kind, model, args, Path(tmp))
             except Skip as why:
                 results[name] = str(why)
-    print(f"\n### Real drivers, one each, {args.transport.upper()} "
-          f"(minimal hub; {args.seconds:g} s per run, medians of {args.repeats})\n")
+    print(
+        f"\n### Real drivers, one each, {args.transport.upper()} "
+        f"(minimal hub; {args.seconds:g} s per run, medians of {args.repeats})\n"
+    )
     print("| driver | steps/s | driver CPU µs/step |")
     print("|---|---:|---:|")
     for name, r in results.items():
@@ -232,20 +262,41 @@ def main() -> None:
         else:
             print(f"| {name} | {fmt(r['steps_s'])} | {r['cpu_us']:.1f} |")
     print("\n### Target (same run)\n")
-    ours = results.get(OUR_TLS, "not asked for")
-    theirs = results.get(THEIR_TLS)
-    if isinstance(ours, dict):
-        versus = (f"; MaxwellLink's tls: {theirs['cpu_us']:.1f} µs, "
-                  f"{theirs['cpu_us'] / ours['cpu_us']:.1f}x ours"
-                  if isinstance(theirs, dict) else "")
-        verdict = "met" if ours["cpu_us"] <= 20 else "NOT met"
-        floor = results.get(FLOOR)
-        if isinstance(floor, dict):
-            versus += f"; socket I/O floor (C loadgen): {floor['cpu_us']:.1f} µs"
-        print(f"- tls driver CPU per step: {ours['cpu_us']:.1f} µs (ratio to the 20 µs "
-              f"target: {ours['cpu_us'] / 20:.2f}){versus}; target <= 20 µs: {verdict}")
-    else:
-        print(f"- tls driver: not measured ({ours})")
+    print(
+        target_line(
+            results.get(OUR_TLS, "not asked for"), results.get(THEIR_TLS), results.get(FLOOR)
+        )
+    )
+
+
+#: The tls driver's CPU per step may exceed the C load generator's (the socket floor,
+#: measured in the same run) by at most this many µs.
+TARGET_OVER_FLOOR_US = 5.0
+
+
+def target_line(ours, theirs, floor) -> str:
+    """The tls driver's CPU per step against the socket floor of the same run."""
+    if not isinstance(ours, dict):
+        return f"- tls driver: not measured ({ours})"
+    versus = (
+        f"; MaxwellLink's tls: {theirs['cpu_us']:.1f} µs, "
+        f"{theirs['cpu_us'] / ours['cpu_us']:.1f}x ours"
+        if isinstance(theirs, dict)
+        else ""
+    )
+    if not isinstance(floor, dict):
+        return (
+            f"- tls driver CPU per step: {ours['cpu_us']:.1f} µs{versus}; the C load "
+            f"generator's floor was not measured, so the target is not judged"
+        )
+    over = ours["cpu_us"] - floor["cpu_us"]
+    verdict = "met" if over <= TARGET_OVER_FLOOR_US else "NOT met"
+    return (
+        f"- tls driver CPU per step: {ours['cpu_us']:.1f} µs; socket I/O floor (C "
+        f"loadgen): {floor['cpu_us']:.1f} µs; over the floor: {over:.1f} µs (ratio "
+        f"{ours['cpu_us'] / floor['cpu_us']:.2f}){versus}; target: at most "
+        f"{TARGET_OVER_FLOOR_US:g} µs over the floor: {verdict}"
+    )
 
 
 if __name__ == "__main__":

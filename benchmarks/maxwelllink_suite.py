@@ -174,6 +174,21 @@ def apply_patches(root: Path) -> None:
         path.write_text(text)
 
 
+def console_scripts(tmp: Path) -> Path:
+    """A directory of wrappers that run the peer venv's ``mxl_driver`` (and ``mxl``) with
+    the peer's python, whatever interpreter their shebang names (a venv built in another
+    checkout and reached through a symlink keeps that checkout's path there)."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("mxl_driver", "mxl"):
+        script = PEER / "bin" / name
+        if script.exists():
+            wrapper = bin_dir / name
+            wrapper.write_text(f'#!/bin/sh\nexec "{PEER / "bin" / "python"}" "{script}" "$@"\n')
+            wrapper.chmod(0o755)
+    return bin_dir
+
+
 def run(root: Path, hub: str, tmp: Path, select: str | None, timeout: float) -> dict:
     """Run the selected tests on ``hub``; return {test id: outcome, calls, sha256}."""
     junit, record = tmp / f"{hub}.xml", tmp / f"{hub}.json"
@@ -182,7 +197,7 @@ def run(root: Path, hub: str, tmp: Path, select: str | None, timeout: float) -> 
         MXH_SWAP=hub,
         MXH_RECORD=str(record),
         PYTHONPATH=f"{tmp}{os.pathsep}{REPO}",
-        PATH=f"{PEER / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        PATH=f"{console_scripts(tmp)}{os.pathsep}{PEER / 'bin'}{os.pathsep}{env.get('PATH', '')}",
         PYTHONNOUSERSITE="1",
         OMPI_MCA_ess_singleton_isolated="1",
         OPENBLAS_NUM_THREADS="1",

@@ -13,9 +13,10 @@ without a lane. A step whose extras do not fit the lane is answered with MXHSOUR
 
 The hook into :class:`drivers.ensemble.EnsembleSession` is small on purpose: the session
 asks :func:`for_session` for a lane, sends its hello flags, reads through
-:meth:`DriverLane.receive`, hands MXHSHMLANE to :meth:`DriverLane.on_offer` and lets
-:meth:`DriverLane.answer` take its sources. This module never pickles and never converts
-units.
+:meth:`DriverLane.receive`, and hands MXHSHMLANE to :meth:`DriverLane.on_offer`; a lane
+step goes through the session machine
+(:meth:`maxwellhub.protocol.session.Session.lane_step`). This module never pickles and
+never converts units.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import numpy as np
 from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
 from maxwellhub.net import shm_lane
+
+from .client import send_parts
 
 if TYPE_CHECKING:
     from .ensemble import EnsembleSession
@@ -70,7 +73,6 @@ class DriverLane:
         self.lane: shm_lane.Lane | None = None
         self._poller: select.poll | None = None
         self._bell = -1
-        self._in_step = False  # the step being answered came by the lane
 
     def hello_flags(self) -> int:
         return wire.hello_lane_flags(self.n_extras)
@@ -144,11 +146,11 @@ class DriverLane:
 
     # -- a step
     def step(self) -> None:
-        """The hub rang: stage the fields from the segment, commit, answer."""
-        session, lane = self.session, self.lane
+        """The hub rang: the fields from the segment through the session machine (as
+        MXHFIELDS + GETFORCE), the answer into the segment and the hub's bell, or on the
+        socket when its extras do not fit the lane."""
+        driver, lane = self.session, self.lane
         assert lane is not None
-        if session.ids is None:
-            raise ProtocolError("a step on the shared-memory lane before INIT")
         try:
             fields = lane.wait_fields()
         except shm_lane.LaneError as exc:
@@ -165,24 +167,13 @@ class DriverLane:
         staged[...] = fields
         if not np.isfinite(staged).all():
             raise ProtocolError("shared-memory lane: the fields are not all finite")
-        session.on_fields(wire.FieldsBatch(staged, flags))
-        self._in_step = True
-        try:
-            session.on_getforce(wire.GetForce())
-        finally:
-            self._in_step = False
-
-    def answer(self, sources: np.ndarray, extras: dict | None) -> bool:
-        """The session's answer to a lane step, into the segment and the hub's bell;
-        False (the caller sends MXHSOURCES) for a step that came on the socket (a replay)
-        or whose extras do not fit the lane."""
-        lane = self.lane
-        if not self._in_step or lane is None:
-            return False
-        if not lane.write_extras(extras):
-            return False
-        lane.post_sources(sources)
-        return True
+        machine = driver.session
+        sources, extras = machine.lane_step(staged, flags)
+        if lane.write_extras(extras):
+            lane.post_sources(sources)
+        else:  # extras that do not fit the lane: this answer goes on the socket
+            send_parts(self.sock, machine.encode_answer(sources, extras))
+        machine.sent()  # after the answer left: continuity files never run ahead
 
     def close(self) -> None:
         self._close_fds()

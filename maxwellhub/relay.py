@@ -56,8 +56,7 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -68,18 +67,15 @@ from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, 
 from .hub import Hub, StepResult, StopRequested
 from .hub.barrier import ids_text
 from .liveness import (
-    CONNECT_ATTEMPT,
-    CONNECT_BACKOFF_FIRST,
-    CONNECT_BACKOFF_MAX,
     CONNECT_RETRY_ERRNOS,
     DEFAULT_REPLACE_TIMEOUT,
-    Reporter,
     check_timeout,
     keepalive,
     within,
 )
+from .net.backoff import Backoff
 from .protocol import params as params_frames
-from .protocol.init import parse_ensemble_init
+from .protocol.session import PENDING, Binding, Session, SessionState, _Pending
 
 __all__ = ["EXIT_LOCAL", "EXIT_OK", "EXIT_PROTOCOL", "EXIT_UPSTREAM", "Relay"]
 
@@ -96,9 +92,6 @@ _MAX_KEY_BYTES = wire.Limits().max_key_bytes
 _SPARES = 256  # local drivers beyond M allowed to wait as replacements
 _LOCAL_STOP_WAIT = 1.0  # s for local BYEs, shorter than the upstream's wait for ours
 
-_STATUS_REPLY = {
-    name: wire.encode_header(name) for name in (wire.NEEDINIT, wire.READY, wire.HAVEDATA)
-}
 _BYE = wire.encode_header(wire.BYE)
 
 
@@ -117,8 +110,10 @@ def _describe_upstream(unix: str | None, host: str | None, port: int) -> str:
 
 
 class _Upstream(asyncio.Protocol):
-    """The relay's connection to the upstream hub: an ensemble driver's state machine whose
-    model is the local hub. Every way the session ends resolves :attr:`ended` with
+    """The relay's connection to the upstream hub: the driver-side machine
+    (:class:`~maxwellhub.protocol.session.Session`, batched) in an asyncio adapter whose
+    model is the local hub; the local INIT and each local step run as tasks and answer
+    the machine later. Every way the session ends resolves :attr:`ended` with
     ``(exit status, message)``."""
 
     #: Set by connection_made, which the event loop calls before any other method.
@@ -131,21 +126,19 @@ class _Upstream(asyncio.Protocol):
         self.local: Hub = relay.local
         self.where = where
         m = relay.molecules
-        self.decoder = wire.Decoder(
-            "driver", wire.Limits(max_init_bytes=(1 << 20) + 512 * m, max_batch=m)
+        self.session = Session(
+            self,
+            m,
+            batched=True,
+            limits=wire.Limits(max_init_bytes=(1 << 20) + 512 * m, max_batch=m),
+            host="this relay",
         )
         self.ended: asyncio.Future = asyncio.get_running_loop().create_future()
         self.bye = False
-        self.welcomed = False
-        self.proof_sent = False
-        self.init_payload: bytes | None = None  # the accepted (or pending) INIT string
         self.ids: np.ndarray | None = None  # set once local drivers are initialised
-        self.deferred_status = 0  # STATUS received while initialising
         self.fields: np.ndarray | None = None  # staged by MXHFIELDS
         self.flags = wire.WANT_EXTRAS  # of the last MXHFIELDS
         self.task: asyncio.Task | None = None  # local INIT or local step in flight
-        self.stepping = False
-        self.steps = 0
         self._dropped_keys: set[str] = set()
         # Continuity (MXHRESUME): the upstream's step count when it bound this relay, the
         # step each local molecule's state belongs to, and the upstream step the next
@@ -153,7 +146,15 @@ class _Upstream(asyncio.Protocol):
         self.resume_to = 0
         self.local_steps: np.ndarray | None = None
         self.at = 0
-        self.params_offered = False  # the upstream offered parameter frames (INIT)
+
+    @property
+    def steps(self) -> int:
+        """Upstream steps answered (or, during a step, that step's number)."""
+        return self.session.steps
+
+    @property
+    def stepping(self) -> bool:
+        return self.session.state is SessionState.STEPPING
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,34 +164,39 @@ class _Upstream(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             keepalive(sock)  # a vanished hub host is noticed in LOST_HOST_SECONDS
-        self.transport.write(wire.encode_hello(self.relay.molecules))
+        self._write(self.session.start())
+
+    def _write(self, parts: list) -> None:
+        if parts and not self.ended.done():
+            self.transport.writelines(parts)
+            self.session.sent()
 
     def data_received(self, data: bytes) -> None:
         if self.ended.done():
             return
+        session = self.session
         try:
-            for event in self.decoder.feed(data):
-                handler = self._HANDLERS.get(type(event))
-                if handler is None:
-                    raise ProtocolError(f"unexpected message {type(event).__name__}")
-                handler(self, event)
-                if self.ended.done():
-                    return
+            self._write(session.receive_data(data))
         except ProtocolError as exc:
             self.finish(
                 EXIT_PROTOCOL,
                 f"protocol error from the upstream hub at {self.where}{self._when()}: {exc}",
             )
+            return
+        if session.end is wire.Stop:
+            self.finish(EXIT_OK, f"STOP from the upstream hub after {self.steps} steps", bye=True)
+        elif session.end is wire.Exit:
+            self.finish(EXIT_OK, f"EXIT from the upstream hub after {self.steps} steps")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.ended.done():
             return
-        if self.proof_sent:
+        if self.session.state is SessionState.PROVING:
             why = (
                 "closed the connection after our MXHPROOF: it refused the secret (is "
                 "--secret-file the hub's?)"
             )
-        elif not self.welcomed:
+        elif not self.session.welcomed:
             why = (
                 "closed the connection without answering MXHHELLO (a relay needs a "
                 "maxwellhub hub that speaks batched frames)"
@@ -204,7 +210,7 @@ class _Upstream(asyncio.Protocol):
 
     def _when(self) -> str:
         if self.stepping:
-            return f" during step {self.steps + 1}"
+            return f" during step {self.steps}"
         return f" after {self.steps} steps" if self.ids is not None else ""
 
     def finish(self, code: int, message: str, bye: bool = False) -> None:
@@ -216,115 +222,57 @@ class _Upstream(asyncio.Protocol):
         if self.stepping:
             self.local.request_stop("because the relay's session ended")
 
-    # -- events from the upstream hub
-    def on_auth(self, event: wire.AuthChallenge) -> None:
+    # -- SessionModel: the local hub
+    def answer_challenge(self, nonce: bytes) -> bytes:
         secret = self.relay.secret
         if secret is None:
-            self.finish(
-                EXIT_PROTOCOL,
-                f"the upstream hub at {self.where} requires "
-                "authentication (MXHAUTH); give the relay "
-                "--secret-file or MAXWELLHUB_SECRET",
-            )
-            return
-        self.transport.write(wire.encode_auth_proof(secret.proof(event.nonce)))
-        self.proof_sent = True
-
-    def on_welcome(self, event: wire.Welcome) -> None:
-        self.proof_sent = False
-        if self.welcomed or event.molecules != self.relay.molecules:
             raise ProtocolError(
-                f"MXHWELCOME for {event.molecules} molecules"
-                + (" again" if self.welcomed else f"; this relay hosts {self.relay.molecules}")
+                "it requires authentication (MXHAUTH); give the relay --secret-file or "
+                "MAXWELLHUB_SECRET"
             )
-        self.welcomed = True
-        self.decoder.batch = event.molecules
+        return secret.proof(nonce)
 
-    def on_status(self, _event) -> None:
-        self.proof_sent = False
-        if self.init_payload is not None and self.ids is None:
-            self.deferred_status += 1  # answered READY once the local drivers are ready
-            return
-        if self.ids is None:
-            reply = wire.NEEDINIT
-        elif self.stepping or self.fields is not None:
-            reply = wire.HAVEDATA
-        else:
-            reply = wire.READY
-        self.transport.write(_STATUS_REPLY[reply])
+    def claim(self) -> bytes:
+        return b""  # a relay is new: it holds no molecules to claim back
 
-    def on_init(self, event: wire.Init) -> None:
-        if not self.welcomed:
-            raise ProtocolError(
-                "INIT before MXHWELCOME: the upstream hub did not accept "
-                "batched frames (a relay needs a maxwellhub hub)"
-            )
-        if self.init_payload is not None:
-            if event.payload == self.init_payload:
-                return
-            raise ProtocolError("a second INIT with other molecule ids or payloads")
-        init = parse_ensemble_init(event.payload, self.relay.molecules, "this relay")
-        ids, payloads, offer = init.molecule_ids, init.payloads, init.resume
-        self.init_payload = event.payload
-        self.params_offered = params_frames.accepts(init.data)
-        self.task = asyncio.ensure_future(self._initialize(ids, payloads, offer))
-        self.task.add_done_callback(self._task_done)
+    def initialize(self, binding: Binding) -> _Pending:
+        self._start(self._initialize(binding.molecule_ids, binding.payloads, binding.resume))
+        return PENDING
 
-    def on_fields(self, event: wire.FieldsBatch) -> None:
-        if self.ids is None:
-            raise ProtocolError("MXHFIELDS before INIT completed")
-        if self.stepping:
-            raise ProtocolError(f"MXHFIELDS during step {self.steps + 1}, before its MXHSOURCES")
-        self.fields = event.fields
-        self.flags = event.flags
+    def stage(self, fields: np.ndarray, flags: int) -> None:
+        self.fields, self.flags = fields, flags
 
-    def on_getforce(self, _event) -> None:
-        if self.ids is None:
-            raise ProtocolError("GETFORCE before INIT completed")
-        if self.stepping:
-            raise ProtocolError(f"GETFORCE again during step {self.steps + 1}")
-        if self.fields is None:
-            raise ProtocolError("GETFORCE without MXHFIELDS since the last step")
+    def commit(self) -> _Pending:
         fields, self.fields = self.fields, None
-        self.stepping = True
-        self.task = asyncio.ensure_future(self._step(fields, self.flags))
-        self.task.add_done_callback(self._task_done)
+        if fields is None:  # the session stages before it commits
+            raise ProtocolError("GETFORCE without MXHFIELDS since the last step")
+        self._start(self._step(fields, self.flags))
+        return PENDING
 
-    def on_params(self, event: wire.Params) -> None:
+    def unstaged(self) -> dict[str, float]:
+        raise ProtocolError("GETFORCE without MXHFIELDS since the last step")
+
+    def answered(self) -> None:
+        return  # the relay keeps no checkpoints of its own
+
+    def apply_params(self, event: wire.Params, molecule_ids: list[int]) -> _Pending:
         """MXHPARAMS: the local hub applies it to the local drivers; the answer goes up."""
-        if self.ids is None or self.stepping:
-            raise ProtocolError(
-                "MXHPARAMS "
-                + ("during a step" if self.ids is not None else "before INIT completed")
-            )
-        self.task = asyncio.ensure_future(self._params(event))
-        self.task.add_done_callback(self._task_done)
+        self._start(self._params(event))
+        return PENDING
+
+    def lane_offer(self, event: wire.ShmLane) -> None:
+        # The relay's MXHHELLO offers no lane (the session refuses the frame before this).
+        raise ProtocolError("MXHSHMLANE to a relay, which offered no shared-memory lane")
 
     async def _params(self, event: wire.Params) -> None:
         ack = await params_frames.answer_async(event, self.local.params.apply)
-        if not self.ended.done():
-            self.transport.write(ack)
-
-    def on_stop(self, _event) -> None:
-        self.finish(EXIT_OK, f"STOP from the upstream hub after {self.steps} steps", bye=True)
-
-    def on_exit(self, _event) -> None:
-        self.finish(EXIT_OK, f"EXIT from the upstream hub after {self.steps} steps")
-
-    # Each handler takes the message of its key's type (the decoder admits only these).
-    _HANDLERS: ClassVar[Mapping[type, Callable[[_Upstream, Any], None]]] = {
-        wire.AuthChallenge: on_auth,
-        wire.Welcome: on_welcome,
-        wire.Status: on_status,
-        wire.Init: on_init,
-        wire.FieldsBatch: on_fields,
-        wire.GetForce: on_getforce,
-        wire.Stop: on_stop,
-        wire.Exit: on_exit,
-        wire.Params: on_params,
-    }
+        self._write(self.session.params_answered(ack))
 
     # -- the local side
+    def _start(self, coro: Any) -> None:
+        self.task = asyncio.ensure_future(coro)
+        self.task.add_done_callback(self._task_done)
+
     def _task_done(self, task: asyncio.Task) -> None:
         """A local INIT or step that failed unexpectedly ends the session, with the
         reason, instead of leaving the upstream step waiting forever."""
@@ -362,6 +310,7 @@ class _Upstream(asyncio.Protocol):
             return
         self.ids = np.asarray(ids, dtype=np.int64)
         log.info("molecules %d..%d initialised behind the relay", ids[0], ids[-1])
+        start = 0
         if offer is not None:
             # The oldest local state decides what the upstream must replay; molecules
             # further on sit those replayed steps out (see _step).
@@ -379,12 +328,7 @@ class _Upstream(asyncio.Protocol):
                     offer["history"],
                     done,
                 )
-            self.transport.write(wire.encode_resume(start, len(ids)))
-        if self.params_offered:  # before READY, as a driver accepts it
-            self.transport.write(params_frames.ACCEPT)
-        for _ in range(self.deferred_status):
-            self.transport.write(_STATUS_REPLY[wire.READY])
-        self.deferred_status = 0
+        self._write(self.session.initialized(start if offer is not None else None))
 
     async def _step(self, fields: np.ndarray, flags: int) -> None:
         if self.at < self.resume_to:  # a replayed step: only the molecules behind take it
@@ -396,15 +340,10 @@ class _Upstream(asyncio.Protocol):
         except StopRequested:
             return  # the session ended while the step waited; finish() said why
         except MaxwellHubError as exc:  # BarrierTimeout above all
-            self.finish(EXIT_LOCAL, f"step {self.steps + 1} behind the relay: {exc}")
+            self.finish(EXIT_LOCAL, f"step {self.steps} behind the relay: {exc}")
             return
-        finally:
-            self.stepping = False
         extras = self._extras(result, flags)
-        if self.ended.done():
-            return
-        self.steps += 1
-        self.transport.write(wire.encode_sources_batch(result.sources, extras))
+        self._write(self.session.answered(result.sources, extras))
 
     async def _replayed_step(self, fields: np.ndarray) -> None:
         """Upstream step ``self.at`` replayed: step the molecules whose state is at or
@@ -421,13 +360,10 @@ class _Upstream(asyncio.Protocol):
         except MaxwellHubError as exc:
             self.finish(EXIT_LOCAL, f"replayed step {self.at} behind the relay: {exc}")
             return
-        finally:
-            self.stepping = False
         sources[behind] = result.sources
         steps[behind] += 1
         self.at += 1
-        if not self.ended.done():
-            self.transport.write(wire.encode_sources_batch(sources, None))
+        self._write(self.session.answered(sources, None, counted=False))
 
     async def _local_step(self, ids: Any, fields: np.ndarray, flags: int) -> StepResult:
         """One local barrier step (no deadline unless the relay has a ``timeout``), asking
@@ -661,14 +597,10 @@ class Relay:
         """Connect upstream, retrying with backoff (0.05 s doubling to 1 s) until
         ``timeout`` (None: until it answers, saying so on a growing schedule): the upstream
         hub may start later than the relay, in another batch job."""
-        deadline = None if self.timeout is None else loop.time() + self.timeout
-        reporter = Reporter(loop.time())
-        delay, tries = CONNECT_BACKOFF_FIRST, 0
+        backoff = Backoff(self.timeout, clock=loop.time)
         while True:
-            tries += 1
-            left = CONNECT_ATTEMPT if deadline is None else deadline - loop.time()
             try:
-                return await asyncio.wait_for(self._connect_once(loop), max(left, 0.01))
+                return await asyncio.wait_for(self._connect_once(loop), backoff.attempt_timeout())
             except OSError as exc:  # TimeoutError included
                 if (
                     not isinstance(exc, TimeoutError)
@@ -680,24 +612,24 @@ class Relay:
                         f"cannot connect to the upstream hub at {self.upstream}: {exc}",
                     ) from None
                 why = getattr(exc, "strerror", None) or exc
-                if deadline is not None and (left := deadline - loop.time()) <= 0:
+                delay = backoff.next_delay()
+                if delay is None:
                     raise RelayFailed(
                         EXIT_UPSTREAM,
                         f"could not connect to the upstream hub "
                         f"at {self.upstream} {within(self.timeout)} "
-                        f"({tries} attempts; last error: {why})",
+                        f"({backoff.tries} attempts; last error: {why})",
                     ) from None
-                if reporter.due(loop.time()):
+                if backoff.report_due():
                     log.warning(
                         "still cannot reach the upstream hub at %s after %.0f s (%d attempts; "
                         "last error: %s); retrying",
                         self.upstream,
-                        loop.time() - reporter.start,
-                        tries,
+                        backoff.waited,
+                        backoff.tries,
                         why,
                     )
-                await asyncio.sleep(delay if deadline is None else min(delay, left))
-                delay = min(2 * delay, CONNECT_BACKOFF_MAX)
+                await asyncio.sleep(delay)  # nothing to await before the hub exists
 
     async def _connect_once(self, loop: asyncio.AbstractEventLoop) -> _Upstream:
         if self.upstream_unix is not None:

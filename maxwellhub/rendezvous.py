@@ -47,7 +47,8 @@ from typing import Any
 from .addresses import connect_once
 from .errors import MaxwellHubError, UsageError
 from .fsutil import atomic_write
-from .liveness import Reporter, within
+from .liveness import within
+from .net.backoff import Backoff
 
 __all__ = [
     "FORMAT",
@@ -442,16 +443,13 @@ def wait_and_connect(
     """
     log = logger or _LOG
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    reporter = Reporter(time.monotonic())
-    delay = _POLL_FIRST
+    backoff = Backoff(timeout, first=_POLL_FIRST, cap=_POLL_MAX, growth=_POLL_GROWTH)
     rejected: tuple | None = None  # signature of the file version we gave up on
     last_problem = "it never appeared"
     while True:
         sig = _signature(path)
         if sig is not None and sig != rejected:
-            left = 5.0 if deadline is None else deadline - time.monotonic()
-            connected, problem, transient = _try_file(path, max(0.01, min(5.0, left)))
+            connected, problem, transient = _try_file(path, backoff.attempt_timeout(5.0))
             if connected is not None:
                 log.info(
                     "connected to %s (run %s, from %s)",
@@ -466,16 +464,14 @@ def wait_and_connect(
             if problem is not None:
                 log.warning("%s; waiting for a new one", problem)
                 rejected, last_problem = sig, problem
-        now = time.monotonic()
-        remaining = _POLL_MAX if deadline is None else deadline - now
-        if remaining <= 0:
+        delay = backoff.next_delay()
+        if delay is None:
             raise TimeoutError(f"no usable address file {path} {within(timeout)} ({last_problem})")
-        if reporter.due(now):
+        if backoff.report_due():
             log.warning(
                 "still waiting for a usable address file %s after %.0f s (%s)",
                 path,
-                now - reporter.start,
+                backoff.waited,
                 last_problem,
             )
-        time.sleep(min(delay, remaining))
-        delay = min(delay * _POLL_GROWTH, _POLL_MAX)
+        time.sleep(delay)  # a file on a shared file system: nothing to await (see Backoff)

@@ -110,7 +110,7 @@ class TLSModel(Model):
         "e_phase_initial": Parameter(0.0, "initial phase of the excited amplitude (rad)"),
     }
     extras_keys = ("energy_au", "mux_au", "muy_au", "muz_au", "Pe", "Pg", "Pge_real", "Pge_imag")
-    scratch_attributes = ("_scratch",)
+    scratch_attributes = ("_scratch", "_last_one")  # work space; the last state made, as floats
     example_params: ClassVar[dict[str, Any]] = {
         "pe_initial": 0.2,
         "e_phase_initial": 0.5,
@@ -215,13 +215,24 @@ class TLSModel(Model):
 
     def _stage_one(self, state, field):
         axis, angle_per_field, turn_cos, turn_sin, source_per_y = self._one_consts
-        x, y, z = state["bloch"].tolist()[0]
+        x, y, z = self._floats(state["bloch"])
         x, y, z = _bloch_step(
             x, y, z, angle_per_field * field[axis], turn_cos, turn_sin, _cos, _sin
         )
         source = [0.0, 0.0, 0.0]
         source[axis] = source_per_y * y
-        return {"bloch": np.array(((x, y, z),))}, source
+        bloch = np.array(((x, y, z),))
+        self._last_one = (bloch, (x, y, z))
+        return {"bloch": bloch}, source
+
+    def _floats(self, bloch: np.ndarray) -> tuple[float, float, float]:
+        """The one molecule's Bloch vector as floats: those of the array this model made
+        last (a state array is never written in place), else read from ``bloch``."""
+        last = self.__dict__.get("_last_one")
+        if last is not None and last[0] is bloch:
+            return last[1]
+        x, y, z = bloch.tolist()[0]
+        return x, y, z
 
     def _kick_impl(self, state, impulses):
         # exp(+i kappa mu12 sigma_x), the field factor of a step with dt E -> kappa: it
@@ -254,7 +265,7 @@ class TLSModel(Model):
         return out
 
     def _extras_one(self, state):
-        x, y, z = state["bloch"].tolist()[0]
+        x, y, z = self._floats(state["bloch"])
         axis, omega, mu12 = self._one_params
         dipole, out = _reported(x, y, z, omega, mu12)
         for k, key in enumerate(_AXES):

@@ -2,7 +2,9 @@
 
 - :mod:`maxwellhub.protocol.init`: the INIT JSON, built and parsed once for every party;
 - :mod:`maxwellhub.protocol.connection`: the hub side of one driver connection as a state
-  machine (bytes in, events handled by a table, bytes out).
+  machine (bytes in, events handled by a table, bytes out);
+- :mod:`maxwellhub.protocol.session`: the driver side, one machine for a single molecule
+  and for an ensemble, under the blocking driver and the relay's upstream connection.
 
 Nothing in this package may import :mod:`maxwellhub.hub`, :mod:`maxwellhub.net` or
 :mod:`asyncio` (``tests/unit/test_layers.py`` checks it).

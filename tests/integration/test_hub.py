@@ -205,19 +205,6 @@ async def test_unexpected_message_is_a_protocol_error(hub, caplog):
     assert "unexpected FORCEREADY" in caplog.text
 
 
-async def test_unix_socket_is_owner_only_and_removed(unix_name):
-    """The socket file is 0600, a live one is refused by name, and stop removes it."""
-    path = unix_socket_path(unix_name)
-    h = Hub(unixsocket=unix_name, timeout=scaled(5))
-    await h.start()
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    other = Hub(unixsocket=unix_name)
-    with pytest.raises(UsageError, match=path):
-        await other.start()
-    await h.stop()
-    assert not os.path.exists(path)
-
-
 async def test_stale_unix_socket_is_replaced(unix_name):
     """A leftover socket file nobody listens on is removed after a probe."""
     path = unix_socket_path(unix_name)
@@ -237,19 +224,6 @@ async def test_absolute_unix_path_used_as_given(tmp_path):
     await h.start()
     assert h.address == path and stat.S_ISSOCK(os.stat(path).st_mode)
     ids, _fakes = await bind(h, 2)
-    check_results(await h.step(requests_for(ids, 0), timeout=scaled(5)), ids, 0)
-    await h.stop()
-
-
-async def test_tcp_loopback_default_and_nodelay():
-    """TCP binds 127.0.0.1 by default and sets TCP_NODELAY on driver connections."""
-    h = Hub(port=0, timeout=scaled(5))
-    await h.start()
-    assert h.address == ("127.0.0.1", h.port) and h.port > 0
-    ids, _fakes = await bind(h, 2)
-    for d in h._connections:
-        sock = d.link.transport.get_extra_info("socket")
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     check_results(await h.step(requests_for(ids, 0), timeout=scaled(5)), ids, 0)
     await h.stop()
 
