@@ -10,10 +10,11 @@ molecule of the layout when a count is read or the layout changes.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import UsageError
 from .barrier import Layout, ids_text
@@ -27,7 +28,7 @@ class Replay:
 
     __slots__ = ("before", "fields", "layout")
 
-    def __init__(self, layout: Layout, fields: np.ndarray, before: np.ndarray) -> None:
+    def __init__(self, layout: Layout, fields: npt.NDArray[Any], before: npt.NDArray[Any]) -> None:
         self.layout = layout
         self.fields = fields
         self.before = before
@@ -61,7 +62,7 @@ class History:
             self.counts[layout.index] += layout.pending
             layout.pending = 0
 
-    def completed(self, layout: Layout, fields: np.ndarray) -> None:
+    def completed(self, layout: Layout, fields: npt.NDArray[Any]) -> None:
         """A step of ``layout`` with ``fields`` completed."""
         if self.depth:
             self.flush()
@@ -87,10 +88,10 @@ class History:
 
     def fields(
         self, ids: Sequence[int], ensemble: bool, start: int, done: int
-    ) -> list[np.ndarray] | None:
+    ) -> list[npt.NDArray[Any]] | None:
         """The fields of steps ``start`` .. ``done - 1`` of molecules ``ids`` (one array
         per step, oldest first), or None if the window does not reach back that far."""
-        out: list[np.ndarray] = []
+        out: list[npt.NDArray[Any]] = []
         for rep in self.replays:
             row = rep.layout.row
             r = row.get(ids[0])
@@ -106,7 +107,7 @@ class History:
         return out if len(out) == done - start else None
 
     # -- run checkpoints
-    def snapshot(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def snapshot(self, ids: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
         self.flush()
         out = {
             "molecule_ids": ids,
@@ -120,7 +121,12 @@ class History:
             out[f"replay{j}_before"] = rep.before
         return out
 
-    def restore(self, snapshot: Mapping[str, Any], slot: Mapping[int, int], new_layout) -> None:
+    def restore(
+        self,
+        snapshot: Mapping[str, Any],
+        slot: Mapping[int, int],
+        new_layout: Callable[..., Any],
+    ) -> None:
         """Counts and window from :meth:`snapshot`; ``slot`` maps every registered id to
         its slot, ``new_layout(ids, index)`` makes a layout."""
         try:

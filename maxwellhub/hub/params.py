@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import BarrierTimeout, UsageError
 from ..liveness import within
@@ -51,7 +52,7 @@ class HubView(Protocol):
     def loop(self) -> asyncio.AbstractEventLoop: ...
     @property
     def in_step(self) -> bool: ...
-    def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray: ...
+    def molecule_steps(self, molecule_ids: Iterable[int]) -> npt.NDArray[Any]: ...
 
 
 class ParameterRefused(UsageError):
@@ -74,7 +75,7 @@ class Change:
 @dataclass
 class _Wait:
     sequence: int
-    future: asyncio.Future
+    future: asyncio.Future[Any]
 
 
 class ParamChanges:
@@ -102,7 +103,9 @@ class ParamChanges:
             )
         return ids
 
-    def set_params_op(self, molecule_ids: int | Iterable[int], changes: Mapping) -> SetParams:
+    def set_params_op(
+        self, molecule_ids: int | Iterable[int], changes: Mapping[str, Any]
+    ) -> SetParams:
         if not isinstance(changes, Mapping) or not changes:
             raise UsageError(f"set_params: changes = {changes!r}; expected a non-empty mapping")
         return SetParams(self._ids("set_params", molecule_ids), dict(changes))
@@ -158,7 +161,7 @@ class ParamChanges:
         steps = hub.molecule_steps(op.molecules).tolist()
         change = Change(op, dict(zip(op.molecules, steps, strict=True)))
         self.log.append(change)
-        waits: dict[Connection, asyncio.Future] = {}
+        waits: dict[Connection, asyncio.Future[Any]] = {}
         for driver, mids in by.items():
             part = op.restricted(mids)
             step = change.steps[mids[0]]
@@ -174,7 +177,7 @@ class ParamChanges:
         if waits:
             await self._await(change, waits)
 
-    async def _await(self, change: Change, waits: dict[Connection, asyncio.Future]) -> None:
+    async def _await(self, change: Change, waits: dict[Connection, asyncio.Future[Any]]) -> None:
         timeout = self.hub.timeout
         done, pending = await asyncio.wait(list(waits.values()), timeout=timeout)
         refused: list[str] = []
@@ -228,7 +231,7 @@ class ParamChanges:
 
     # -- replay
     def replay(
-        self, conn: Connection, start: int, done: int, fields: list[np.ndarray] | None
+        self, conn: Connection, start: int, done: int, fields: list[npt.NDArray[Any]] | None
     ) -> list[Any]:
         """The replay of a driver restored at step ``start`` (the molecules completed
         ``done``): the missed steps' ``fields`` (None: the window did not reach back;
@@ -254,7 +257,7 @@ class ParamChanges:
         return items
 
     # -- run checkpoints
-    def snapshot(self) -> dict[str, np.ndarray]:
+    def snapshot(self) -> dict[str, npt.NDArray[Any]]:
         """The log as one JSON string array (``params_log``) for the hub's snapshot."""
         entries = [
             {"op": c.op.to_json(), "steps": [[m, s] for m, s in c.steps.items()]} for c in self.log

@@ -28,7 +28,7 @@ class Molecule:
         self.id = mid
         self.index = index  # registration order: its slot in the history's counts
         self.driver: Any = None  # a maxwellhub.protocol.connection.Connection
-        self.payload: dict | None = None
+        self.payload: dict[str, Any] | None = None
         self.initialized = False
 
 
@@ -52,7 +52,7 @@ class Registry:
         return self.molecules.get(mid)
 
     # -- registration
-    def register(self, mid: int, init: Mapping | None = None) -> Molecule:
+    def register(self, mid: int, init: Mapping[str, Any] | None = None) -> Molecule:
         """Reserve a slot for ``mid``; a :class:`ValueError` if it is registered."""
         if mid in self.molecules:
             raise ValueError(f"Molecule ID {mid} already registered!")
@@ -91,7 +91,7 @@ class Registry:
         """Molecules that the connections waiting for a binding could host."""
         return sum(d.size for d in self.unbound if d.state is State.UNBOUND)
 
-    def unbound_report(self, ids: Iterable[int], require_init: bool) -> tuple[list, list]:
+    def unbound_report(self, ids: Iterable[int], require_init: bool) -> tuple[list[Any], list[Any]]:
         """(ids with no driver, ids whose driver is still initialising)."""
         absent, starting = [], []
         for mid in ids:

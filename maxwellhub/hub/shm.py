@@ -28,6 +28,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import wire
 from ..net import shm_lane
@@ -85,7 +86,7 @@ class HubLane:
             self.lane.n_extras,
         )
 
-    def post(self, fields: np.ndarray, flags: int) -> None:
+    def post(self, fields: npt.NDArray[Any], flags: int) -> None:
         """Write one step's (M, 3) fields and MXHFIELDS flags, ring the driver."""
         lane = self.lane
         lane.flags = flags
@@ -130,7 +131,7 @@ def offer(
     transport: asyncio.Transport,
     loop: asyncio.AbstractEventLoop,
     option: bool | None,
-    parts: list,
+    parts: list[Any],
     extras: int,
 ) -> HubLane | None:
     """Write ``parts`` (what the connection queued before, MXHWELCOME at least), then

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import wire
 from ..auth import Secret, new_nonce
@@ -144,7 +145,7 @@ class MoleculeSlot(Protocol):
     """A registered molecule as the connection sees it."""
 
     id: int
-    payload: dict | None
+    payload: dict[str, Any] | None
 
 
 class StepLayout(Protocol):
@@ -157,7 +158,7 @@ class StepLayout(Protocol):
 class FrozenStep(Protocol):
     """A frozen barrier step: the fields to send."""
 
-    fields: np.ndarray
+    fields: npt.NDArray[Any]
     field_bytes: bytes | None
     want_extras: bool
     want_dipoles: bool
@@ -174,7 +175,7 @@ class HubCallbacks(Protocol):
     def driver_ready(self, conn: Connection) -> None: ...
     def driver_initialized(self, conn: Connection) -> None: ...
     def replay_offer(self, conn: Connection) -> tuple[int, int]: ...
-    def pending_field(self, conn: Connection) -> np.ndarray | None: ...
+    def pending_field(self, conn: Connection) -> npt.NDArray[Any] | None: ...
     def connection_lost(self, conn: Connection, previous: State, exc: Exception | None) -> None: ...
     def params_answered(self, conn: Connection, sequence: int, error: str | None) -> None: ...
 
@@ -211,7 +212,7 @@ class Lane(Protocol):
     active: bool
 
     def settle(self, accepted: bool) -> None: ...
-    def post(self, fields: np.ndarray, flags: int) -> None: ...
+    def post(self, fields: npt.NDArray[Any], flags: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -244,7 +245,7 @@ class Connection:
         self.molecules: list[Any] = []  # MoleculeSlot objects, in binding order
         self.batch: int | None = None
         self.row = -1  # (first) row in the layout, -1 if absent
-        self.rows: np.ndarray | slice | None = None  # all rows of an ensemble
+        self.rows: npt.NDArray[Any] | slice | None = None  # all rows of an ensemble
         self.rows_generation = -1
         self.peer = f"driver#{number}"
         self.dialect = dialect

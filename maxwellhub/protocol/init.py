@@ -52,8 +52,8 @@ class SingleInit:
 
     molecule_id: int
     dt_au: float
-    data: dict  # the whole JSON object, the user's keys included
-    resume: dict | None  # the hub's resume offer, checked, or None
+    data: dict[str, Any]  # the whole JSON object, the user's keys included
+    resume: dict[str, Any] | None  # the hub's resume offer, checked, or None
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ class EnsembleInit:
 
     molecule_ids: list[int]
     dt_au: float  # the ensemble's time step (top-level dt_au, else the first molecule's)
-    payloads: list[dict]  # per molecule, without ENSEMBLE_KEYS
-    data: dict
-    resume: dict | None
+    payloads: list[dict[str, Any]]  # per molecule, without ENSEMBLE_KEYS
+    data: dict[str, Any]
+    resume: dict[str, Any] | None
 
 
 # ----------------------------------------------------------------------------- building
@@ -80,12 +80,12 @@ def _json_default(obj: Any) -> Any:
 
 def build_init(
     ids: Sequence[int],
-    payloads: Sequence[Mapping | None],
+    payloads: Sequence[Mapping[str, Any] | None],
     done: int,
     replayable: int,
     *,
     ensemble: bool,
-    params: Mapping | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The INIT JSON (UTF-8 bytes) the hub sends a connection hosting molecules ``ids``
     (their user ``payloads``, None meaning ``{}``), offering to resume after ``done``
@@ -113,7 +113,7 @@ def build_init(
 # ----------------------------------------------------------------------------- parsing
 
 
-def _load(payload: bytes) -> dict:
+def _load(payload: bytes) -> dict[str, Any]:
     try:
         text = payload.decode("utf-8")
         data = json.loads(text) if text.strip() else {}
@@ -134,7 +134,7 @@ def _is_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _dt_au(data: Mapping, where: str, size: int) -> float:
+def _dt_au(data: Mapping[str, Any], where: str, size: int) -> float:
     if "dt_au" not in data:
         raise ProtocolError(
             f"INIT ({size} bytes): {where}dt_au = None: no 'dt_au' (the time step in atomic "
@@ -149,7 +149,7 @@ def _dt_au(data: Mapping, where: str, size: int) -> float:
     return float(dt)
 
 
-def _resume(data: Mapping, size: int) -> dict | None:
+def _resume(data: Mapping[str, Any], size: int) -> dict[str, Any] | None:
     offer = data.get(RESUME_KEY)
     if offer is None:
         return None
@@ -176,7 +176,7 @@ def parse_single_init(ident: int, payload: bytes) -> SingleInit:
     return SingleInit(ident, _dt_au(data, "", size), data, _resume(data, size))
 
 
-def _ensemble_ids(data: Mapping, size: int) -> list[int]:
+def _ensemble_ids(data: Mapping[str, Any], size: int) -> list[int]:
     if "molecule_id_range" in data:
         span = data["molecule_id_range"]
         if not isinstance(span, list) or len(span) != 2 or not all(_is_id(x) for x in span):

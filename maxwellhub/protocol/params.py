@@ -56,13 +56,13 @@ class SetParams:
     """Change model parameters of ``molecules`` (ids) from the next step on."""
 
     molecules: tuple[int, ...]
-    changes: dict
+    changes: dict[str, Any]
 
     def restricted(self, keep: Iterable[int]) -> SetParams:
         kept = set(keep)
         return SetParams(tuple(m for m in self.molecules if m in kept), self.changes)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"op": "set_params", "molecules": id_ranges(self.molecules), "changes": self.changes}
 
 
@@ -77,19 +77,19 @@ class Kick:
         kept = set(keep)
         return Kick(tuple(m for m in self.molecules if m in kept), self.impulse)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"op": "kick", "molecules": id_ranges(self.molecules), "impulse": list(self.impulse)}
 
 
 Op = SetParams | Kick
 
 
-def offer(limits: wire.Limits) -> dict:
+def offer(limits: wire.Limits) -> dict[str, Any]:
     """The value of :data:`maxwellhub.wire.PARAMS_KEY` in the hub's INIT JSON."""
     return {"version": wire.PARAMS_VERSION, "max_bytes": limits.max_params_bytes}
 
 
-def accepts(init_data: Mapping) -> bool:
+def accepts(init_data: Mapping[str, Any]) -> bool:
     """Whether an INIT JSON object offers a version of the parameter frames this side
     speaks (a driver then sends :data:`ACCEPT`)."""
     got = init_data.get(wire.PARAMS_KEY)
@@ -132,7 +132,7 @@ def build_payload(sequence: int, ops: Sequence[Op], max_bytes: int) -> bytes:
     return raw
 
 
-def _load(payload: bytes, what: str) -> dict:
+def _load(payload: bytes, what: str) -> dict[str, Any]:
     try:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:

@@ -286,6 +286,7 @@ EVENTS: dict[type, Any] = {
     wire.FieldsBatch: wire.FieldsBatch(np.zeros((2, 3))),
     wire.AuthChallenge: wire.AuthChallenge(1, bytes(32)),
     wire.Params: wire.Params(1, 0, b'{"sequence": 1, "ops": []}'),
+    wire.ShmLane: wire.ShmLane(1, 2, 0, 0, 0),
 }
 
 
