@@ -57,6 +57,7 @@ from ..net.listener import Listener
 from ..net.unix import bind_owner_only, remove_if_ours
 from ..protocol.connection import Connection, State
 from ..rendezvous import remove_address_file, write_address_file
+from .fastpath import Lane
 from .barrier import (
     Barrier,
     Layout,
@@ -170,13 +171,21 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_lane()
         self.conn.connection_lost(exc)
+
+    def _leave_lane(self) -> None:
+        lane = self.hub.lane
+        if lane is not None:
+            lane.forget(self)
 
     # -- Link
     def abort(self) -> None:
+        self._leave_lane()
         self.transport.abort()
 
     def close(self) -> None:
+        self._leave_lane()
         self.transport.close()
 
     def arm(self, seconds: float) -> None:
@@ -248,6 +257,10 @@ class Hub:
     may take to authenticate and answer its first STATUS; by default
     :data:`~maxwellhub.liveness.DEFAULT_HANDSHAKE_TIMEOUT` (60 s), or ``timeout`` when that
     is shorter.
+
+    ``fast_path`` (default True): initialised drivers' sockets leave the event loop's
+    reader set for one epoll set read by a single callback
+    (:mod:`maxwellhub.hub.fastpath`); False reads every driver through the loop.
     """
 
     def __init__(
@@ -267,6 +280,7 @@ class Hub:
         max_spare: int = 256,
         address_file: str | os.PathLike | None = None,
         handshake_timeout: float | None = None,
+        fast_path: bool = True,
     ) -> None:
         if dialect not in ("maxwelllink", "ipi"):
             raise UsageError(f"dialect must be 'maxwelllink' or 'ipi', not {dialect!r}")
@@ -291,6 +305,10 @@ class Hub:
         self.step_index = 0
         self.paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The steady drivers' sockets (:mod:`maxwellhub.hub.fastpath`), once started;
+        #: None with ``fast_path=False`` (every read through the event loop).
+        self.lane: Lane | None = None
+        self.fast_path = fast_path
         self._server: Listener | None = None
         self._extra: list[Listener] = []  # more listeners (Hub.listen)
         self._unix_inode: tuple[int, int] | None = None
@@ -338,6 +356,8 @@ class Hub:
     async def start(self) -> None:
         """Bind and listen. A live hub already on the same UNIX path is an error."""
         self._loop = asyncio.get_running_loop()
+        if self.fast_path and self.lane is None:
+            self.lane = Lane(self._loop)
         server: Listener
         if self.unixsocket:
             path = self.unixsocket
@@ -465,6 +485,9 @@ class Hub:
             await server.wait_closed()
         # Let connection_lost callbacks run so nothing refers to a dead transport.
         await asyncio.sleep(0)
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
         self._remove_unix_path()
         if self._barrier is not None:
             self._barrier.wake("stopped")
@@ -772,6 +795,8 @@ class Hub:
         """INIT (and any replay) done: a replacement gets the frozen field(s)."""
         for mol in driver.molecules:
             mol.initialized = True
+        if self.lane is not None and isinstance(driver.link, _DriverProtocol):
+            self.lane.claim(driver.link)  # steady now: its reads leave the event loop
         barrier = self._barrier
         if barrier is not None and driver.place(barrier.layout) and self._pending(driver, barrier):
             _send(driver, driver.send_step(barrier))

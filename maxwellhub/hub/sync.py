@@ -18,6 +18,7 @@ from ..errors import UsageError
 from ..mpi import am_master
 from .barrier import StepResult, as_step_arrays, check_policy, checked_dipoles
 from .core import Hub, new_event_loop
+from .fastpath import can_wait_detached
 
 __all__ = ["SocketHub"]
 
@@ -60,6 +61,8 @@ class SocketHub:
     :meth:`stop`.
     """
 
+    _detached = False
+
     def __init__(
         self,
         host: str | None = None,
@@ -86,6 +89,18 @@ class SocketHub:
             self._loop.close()
             self._loop = None
             raise
+        # Steps wait on the lane directly (no loop iteration per step) when this loop
+        # allows it; between calls the lane is detached (see _run).
+        self._detached = self.hub.lane is not None and can_wait_detached(self._loop)
+        self._detach()
+
+    def _detach(self) -> None:
+        if self._detached and self.hub is not None and self.hub.lane is not None:
+            self.hub.lane.detach()
+
+    def _attach(self) -> None:
+        if self.hub is not None and self.hub.lane is not None:
+            self.hub.lane.attach()
 
     def _check_no_running_loop(self) -> None:
         if asyncio._get_running_loop() is not None:
@@ -105,6 +120,7 @@ class SocketHub:
             coro.close()
             raise
         task = loop.create_task(coro)
+        self._attach()  # the loop serves the lane while it runs a coroutine
         try:
             return loop.run_until_complete(task)
         except BaseException:
@@ -115,6 +131,8 @@ class SocketHub:
                 with contextlib.suppress(asyncio.CancelledError):
                     loop.run_until_complete(task)
             raise
+        finally:
+            self._detach()
 
     # -- attributes
     @property
@@ -220,7 +238,10 @@ class SocketHub:
         barrier = hub.begin_step(ids, fields, timeout, abort, want_extras, dipoles)
         if barrier is not None and barrier.waiter is not None:
             try:
-                loop.run_until_complete(barrier.waiter)
+                if self._detached and hub.lane is not None:
+                    hub.lane.wait(barrier.waiter.done)
+                else:
+                    loop.run_until_complete(barrier.waiter)
             except BaseException:  # Ctrl-C: the step stays frozen, its timer must not fire
                 hub.stop_waiting(barrier)
                 raise

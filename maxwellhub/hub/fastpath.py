@@ -1,0 +1,189 @@
+"""The steady-state data path: the sockets of initialised drivers in one epoll set.
+
+Once a driver is bound and initialised its connection leaves the event loop's reader set
+and joins a :class:`Lane`: one ``select.epoll`` holding every steady driver socket. A
+read on it lands in the connection's decoder buffer and goes through the same protocol
+adapter as a read by the loop (so partial frames, unexpected messages and the SOURCEREADY
+fast path behave alike); only the per-driver cost of the loop (a selector key, a Handle,
+a transport callback per ready socket) is gone. The loop stays the control plane:
+handshakes, new connections, timers, the control endpoint, and every driver that reached
+end of file or an error, which the lane hands back to its transport at once so the loop
+sees the close as it always did.
+
+Two ways to service the lane:
+
+- *attached* (the async :class:`~maxwellhub.hub.Hub`, and the synchronous hub while it
+  runs the loop for anything but a step): the lane's epoll fd is one reader of the loop;
+  one callback reads every driver that is ready;
+- *detached* (:meth:`Lane.wait`, the synchronous hub's step): the calling thread waits on
+  the lane's epoll, which then also holds the loop's own selector fd. Driver answers are
+  read without any event-loop iteration; the loop runs one iteration only when one of its
+  own descriptors is ready (a new connection, a handshake, the control endpoint) or one
+  of its timers is due (a step deadline, a handshake deadline).
+
+This module must never parse bytes itself or decide hub policy: it only moves bytes
+between sockets and the connection adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+from typing import Any, Protocol
+
+__all__ = ["Lane", "can_wait_detached"]
+
+_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_LOOP = -1  # the marker of the loop's selector fd in a detached lane's epoll
+
+
+class Steady(Protocol):
+    """A driver connection's asyncio adapter as the lane sees it."""
+
+    transport: asyncio.Transport
+
+    def get_buffer(self, sizehint: int) -> memoryview: ...
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+
+def can_wait_detached(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether :meth:`Lane.wait` can wait for ``loop`` (the stdlib's selector loop, whose
+    selector fd and timer heap it reads); other loops (uvloop) keep the lane attached."""
+    return isinstance(loop, asyncio.SelectorEventLoop) and hasattr(loop, "_selector")
+
+
+class Lane:
+    """Steady driver sockets in one epoll set (see the module notes)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.fd = self.epoll.fileno()
+        self.drivers: dict[int, Steady] = {}
+        self._fd_of: dict[Steady, int] = {}
+        self._handed_back = False  # a driver went back to the loop during a detached wait
+        self._attached = False
+        self._loop_fd = -1
+        self.attach()
+
+    def __len__(self) -> int:
+        return len(self.drivers)
+
+    # -- membership
+    def claim(self, proto: Steady) -> None:
+        """Read ``proto``'s socket here instead of in the loop (idempotent)."""
+        transport = proto.transport
+        if transport.is_closing():
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return  # not a socket transport: the loop keeps it
+        fd = sock.fileno()
+        if fd in self.drivers or fd < 0:
+            return
+        transport.pause_reading()
+        self.epoll.register(fd, _READ)
+        self.drivers[fd] = proto
+        self._fd_of[proto] = fd
+
+    def forget(self, proto: Steady, *, resume: bool = False) -> None:
+        """Stop reading ``proto``'s socket here; ``resume`` gives it back to the loop."""
+        fd = self._fd_of.pop(proto, None)
+        if fd is None:
+            return
+        del self.drivers[fd]
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(fd)
+        if resume:
+            proto.transport.resume_reading()
+            self._handed_back = True
+
+    # -- servicing
+    def attach(self) -> None:
+        """Let the loop service the lane (one reader for every steady driver)."""
+        if self._attached or self.epoll.closed:
+            return
+        if self._loop_fd >= 0:
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(self._loop_fd)
+            self._loop_fd = -1
+        self.loop.add_reader(self.fd, self.drain)
+        self._attached = True
+
+    def detach(self) -> None:
+        """Service the lane from :meth:`wait` (the loop's selector joins the epoll)."""
+        if not self._attached or self.epoll.closed:
+            return
+        self.loop.remove_reader(self.fd)
+        self._attached = False
+        self._loop_fd = self.loop._selector.fileno()  # type: ignore[attr-defined]
+        self.epoll.register(self._loop_fd, select.EPOLLIN)
+
+    def drain(self) -> None:
+        """Read every ready driver once (the loop's reader callback)."""
+        self._read(self.epoll.poll(0, len(self.drivers) + 2))
+
+    def _read(self, ready: list[tuple[int, int]]) -> bool:
+        """Read the ready drivers; True when the loop's own selector was among them."""
+        drivers = self.drivers
+        loop_ready = False
+        for fd, _events in ready:
+            proto = drivers.get(fd)
+            if proto is None:
+                loop_ready = loop_ready or fd == self._loop_fd
+                continue
+            try:
+                n = os.readv(fd, [proto.get_buffer(-1)])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                n = 0  # the loop's own read meets the error (or EOF) and closes it
+            if n:
+                proto.buffer_updated(n)
+            else:
+                self.forget(proto, resume=True)
+        return loop_ready
+
+    def wait(self, done: Any) -> None:
+        """Serve the lane and the loop until ``done()`` (detached; see the module notes).
+
+        Each pass waits once on the epoll set, with the loop's next timer as deadline,
+        so no deadline of the loop (step, handshake, report) is ever late; nothing else
+        bounds the wait, as a step without a deadline may last as long as the drivers
+        compute."""
+        loop = self.loop
+        poll = self.epoll.poll
+        ready_callbacks = loop._ready  # type: ignore[attr-defined]
+        timers = loop._scheduled  # type: ignore[attr-defined]
+        while not done():
+            if ready_callbacks or self._handed_back:
+                timeout = 0.0
+            elif timers:
+                timeout = max(0.0, timers[0].when() - loop.time())
+            else:
+                timeout = -1.0
+            events = poll(timeout, len(self.drivers) + 2)
+            if (self._read(events) or not events or self._handed_back) and not done():
+                self._handed_back = False
+                self._run_loop_once()
+
+    def _run_loop_once(self) -> None:
+        loop = self.loop
+        stop = loop.call_soon(loop.stop)
+        try:
+            loop.run_forever()
+        finally:  # interrupted (Ctrl-C from a callback): no stop left for a later run
+            stop.cancel()
+
+    def close(self) -> None:
+        """Give every driver back to the loop and close the epoll set."""
+        if self.epoll.closed:
+            return
+        for proto in list(self.drivers.values()):
+            self.forget(proto, resume=True)
+        if self._attached:
+            self.loop.remove_reader(self.fd)
+            self._attached = False
+        self.epoll.close()
