@@ -135,6 +135,7 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         self.get_buffer = self.conn.read_buffer  # type: ignore[method-assign]
         self._timer: asyncio.TimerHandle | None = None
         self.bye: asyncio.Future | None = None
+        self._fd = -1  # the socket's fd while the lane reads it
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -178,6 +179,41 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         lane = self.hub.lane
         if lane is not None:
             lane.forget(self)
+
+    # -- the lane (maxwellhub.hub.fastpath)
+    @property
+    def small_frames(self) -> bool:
+        return self.conn.batch is None
+
+    def joined(self, fd: int) -> None:
+        self._fd = fd
+        self.write = self._write_direct
+
+    def left(self) -> None:
+        self.write = self.transport.writelines
+
+    def _write_direct(self, parts: list) -> None:
+        """Write one buffer straight to the socket when the transport holds nothing
+        (the step's field: no copy, no transport bookkeeping); the rest, and whatever
+        the socket does not take, through the transport, which keeps the order."""
+        transport = self.transport
+        data = parts[0] if len(parts) == 1 else None
+        if (
+            type(data) is not bytes
+            or transport.get_write_buffer_size()
+            or transport.is_closing()
+        ):
+            transport.writelines(parts)
+            return
+        try:
+            sent = os.write(self._fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # the transport meets the error too and closes the connection
+            transport.writelines(parts)
+            return
+        if sent < len(data):
+            transport.write(memoryview(data)[sent:])
 
     # -- Link
     def abort(self) -> None:
@@ -922,11 +958,17 @@ class Hub:
         abort_on_loss: bool,
         want_extras: bool = True,
         want_dipoles: bool = False,
+        timers: bool = True,
     ) -> Barrier | None:
         """Freeze (or continue) the step, send what is due; the barrier, or None when
         paused. Synchronous: the caller then waits on ``barrier.waiter`` if set (with
         the loop running), and calls :meth:`finish_step`; :meth:`stop_waiting` if the
-        wait is abandoned. This is the contract :class:`SocketHub` steps with."""
+        wait is abandoned. This is the contract :class:`SocketHub` steps with.
+
+        ``timers=False``: no loop timer for the step's deadline and reports; the caller
+        waits until :meth:`step_due_at` itself and then calls :meth:`step_due` (a wait
+        that does not run the loop each step, :meth:`maxwellhub.hub.fastpath.Lane.wait`,
+        would otherwise leave a cancelled timer in the loop's heap per step)."""
         if self.paused:
             return None
         barrier = self._barrier
@@ -938,14 +980,23 @@ class Hub:
         barrier.lost.clear()
         self._progress_binds()
         layout = barrier.layout
+        generation = layout.generation
+        done = barrier.done
+        fresh = barrier.waiting == len(done)  # nothing answered yet: all are pending
         for driver in list(self._connections):  # per connection, not per molecule
             state = driver.state
-            if state == _READY:
-                if driver.place(layout) and self._pending(driver, barrier):
+            if state is _READY:
+                # driver.place(layout), inlined while its rows are known (the steady state)
+                if driver.rows_generation != generation:
+                    if not driver.place(layout):
+                        continue
+                elif driver.row < 0:
+                    continue
+                if fresh or self._pending(driver, barrier):
                     out = driver.send_step(barrier)
                     if out:
                         driver.link.write(out)
-            elif state == _BOUND:
+            elif state is _BOUND:
                 self._ensure_init(driver)
         if abort_on_loss:
             row, done = layout.row, barrier.done
@@ -962,16 +1013,31 @@ class Hub:
                 barrier.reports = report_delays()
                 barrier.report_base = now
                 barrier.report_at = now + next(barrier.reports)
-            self._arm_step(barrier)
+            if timers:
+                self._arm_step(barrier)
         return barrier
 
-    def _arm_step(self, barrier: Barrier) -> None:
-        """One timer per waiting step: its deadline, or the next report of who is missing
-        if that comes first (a step without a deadline only ever reports)."""
-        if barrier.deadline is not None and barrier.deadline <= barrier.report_at:
-            barrier.timer = self.loop.call_at(barrier.deadline, barrier.wake, "timeout")
+    @staticmethod
+    def step_due_at(barrier: Barrier) -> float:
+        """Loop time of the step's next alarm: its deadline, or the next report of who is
+        missing if that comes first (a step without a deadline only ever reports)."""
+        deadline = barrier.deadline
+        if deadline is not None and deadline <= barrier.report_at:
+            return deadline
+        return barrier.report_at
+
+    def step_due(self, barrier: Barrier) -> None:
+        """The step's alarm (:meth:`step_due_at`) went off: wake the wait at the deadline,
+        else say who is missing."""
+        deadline = barrier.deadline
+        if deadline is not None and deadline <= barrier.report_at:
+            barrier.wake("timeout")
         else:
-            barrier.timer = self.loop.call_at(barrier.report_at, self._report_step, barrier)
+            self._report_step(barrier)
+
+    def _arm_step(self, barrier: Barrier) -> None:
+        """One loop timer per waiting step, at :meth:`step_due_at`."""
+        barrier.timer = self.loop.call_at(self.step_due_at(barrier), self.step_due, barrier)
 
     def _report_step(self, barrier: Barrier) -> None:
         """Say which molecules a long step waits for: WARNING for those without a driver
@@ -996,7 +1062,8 @@ class Hub:
             )
         if barrier.reports is not None:
             barrier.report_at = barrier.report_base + next(barrier.reports)
-        self._arm_step(barrier)
+        if barrier.timer is not None:  # a loop timer called: the next one
+            self._arm_step(barrier)
 
     @staticmethod
     def stop_waiting(barrier: Barrier) -> None:
@@ -1020,8 +1087,12 @@ class Hub:
         if barrier.last is not None and barrier.last.molecules:
             self._note_last(barrier.last.molecules[0].id)
         sources = barrier.sources
-        if barrier.single:
-            sources[list(barrier.single)] = list(barrier.single.values())
+        single = barrier.single
+        if len(single) == 1:
+            for r, source in single.items():
+                sources[r] = source
+        elif single:
+            sources[list(single)] = list(single.values())
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
 
     async def _run(

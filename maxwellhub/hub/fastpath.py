@@ -31,12 +31,13 @@ import asyncio
 import contextlib
 import os
 import select
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 __all__ = ["Lane", "can_wait_detached"]
 
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-_LOOP = -1  # the marker of the loop's selector fd in a detached lane's epoll
+_SMALL_READ = 1 << 16  # a read of a single-molecule driver (SOURCEREADY is 124 B + extras)
 
 
 class Steady(Protocol):
@@ -44,8 +45,18 @@ class Steady(Protocol):
 
     transport: asyncio.Transport
 
+    #: Whether its frames are small (one molecule): read as bytes; else (an ensemble's
+    #: frames of up to tens of MB) straight into the decoder's buffer.
+    small_frames: bool
+
     def get_buffer(self, sizehint: int) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def joined(self, fd: int) -> None:
+        """Its socket ``fd`` is read by the lane now (it may write to it directly)."""
+
+    def left(self) -> None:
+        """It is no longer read by the lane."""
 
 
 def can_wait_detached(loop: asyncio.AbstractEventLoop) -> bool:
@@ -62,6 +73,7 @@ class Lane:
         self.epoll = select.epoll()
         self.fd = self.epoll.fileno()
         self.drivers: dict[int, Steady] = {}
+        self._small: set[int] = set()  # fds of drivers with small frames
         self._fd_of: dict[Steady, int] = {}
         self._handed_back = False  # a driver went back to the loop during a detached wait
         self._attached = False
@@ -87,6 +99,9 @@ class Lane:
         self.epoll.register(fd, _READ)
         self.drivers[fd] = proto
         self._fd_of[proto] = fd
+        if proto.small_frames:
+            self._small.add(fd)
+        proto.joined(fd)
 
     def forget(self, proto: Steady, *, resume: bool = False) -> None:
         """Stop reading ``proto``'s socket here; ``resume`` gives it back to the loop."""
@@ -94,6 +109,8 @@ class Lane:
         if fd is None:
             return
         del self.drivers[fd]
+        self._small.discard(fd)
+        proto.left()
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(fd)
         if resume:
@@ -128,6 +145,8 @@ class Lane:
     def _read(self, ready: list[tuple[int, int]]) -> bool:
         """Read the ready drivers; True when the loop's own selector was among them."""
         drivers = self.drivers
+        small = self._small
+        read = os.read
         loop_ready = False
         for fd, _events in ready:
             proto = drivers.get(fd)
@@ -135,37 +154,51 @@ class Lane:
                 loop_ready = loop_ready or fd == self._loop_fd
                 continue
             try:
-                n = os.readv(fd, [proto.get_buffer(-1)])
+                if fd in small:  # one SOURCEREADY: bytes for the connection's fast path
+                    data = read(fd, _SMALL_READ)
+                    if data:
+                        proto.data_received(data)
+                        continue
+                else:
+                    n = os.readv(fd, [proto.get_buffer(-1)])
+                    if n:
+                        proto.buffer_updated(n)
+                        continue
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
-                n = 0  # the loop's own read meets the error (or EOF) and closes it
-            if n:
-                proto.buffer_updated(n)
-            else:
-                self.forget(proto, resume=True)
+                pass  # the loop's own read meets the error (or end of file) and closes it
+            self.forget(proto, resume=True)
         return loop_ready
 
-    def wait(self, done: Any) -> None:
-        """Serve the lane and the loop until ``done()`` (detached; see the module notes).
+    def wait(
+        self, done: Callable[[], bool], due_at: Callable[[], float], due: Callable[[], None]
+    ) -> None:
+        """Serve the lane and the loop until ``done()`` (detached; see the module notes);
+        ``due()`` is called when the loop time passes ``due_at()`` (the step's alarm).
 
-        Each pass waits once on the epoll set, with the loop's next timer as deadline,
-        so no deadline of the loop (step, handshake, report) is ever late; nothing else
-        bounds the wait, as a step without a deadline may last as long as the drivers
-        compute."""
+        Each pass waits once on the epoll set, until the earlier of the alarm and the
+        loop's next timer, so no deadline (step, handshake, report) is ever late; nothing
+        else bounds the wait, as a step without a deadline may last as long as the
+        drivers compute."""
         loop = self.loop
         poll = self.epoll.poll
         ready_callbacks = loop._ready  # type: ignore[attr-defined]
         timers = loop._scheduled  # type: ignore[attr-defined]
         while not done():
-            if ready_callbacks or self._handed_back:
+            alarm = due_at()
+            if timers:
+                alarm = min(alarm, timers[0].when())
+            timeout = alarm - loop.time()
+            if ready_callbacks or self._handed_back or timeout <= 0:
                 timeout = 0.0
-            elif timers:
-                timeout = max(0.0, timers[0].when() - loop.time())
-            else:
-                timeout = -1.0
             events = poll(timeout, len(self.drivers) + 2)
-            if (self._read(events) or not events or self._handed_back) and not done():
+            run_loop = self._read(events) or self._handed_back or bool(ready_callbacks)
+            if not events:
+                if due_at() <= loop.time():
+                    due()
+                run_loop = True  # a loop timer may be due
+            if run_loop and not done():
                 self._handed_back = False
                 self._run_loop_once()
 

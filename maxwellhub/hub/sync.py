@@ -235,11 +235,18 @@ class SocketHub:
         only until this step's waiter resolves (the hot path of Meep's step callback)."""
         self._check_no_running_loop()
         hub, loop = self._live()
-        barrier = hub.begin_step(ids, fields, timeout, abort, want_extras, dipoles)
+        lane = hub.lane if self._detached else None
+        barrier = hub.begin_step(
+            ids, fields, timeout, abort, want_extras, dipoles, timers=lane is None
+        )
         if barrier is not None and barrier.waiter is not None:
             try:
-                if self._detached and hub.lane is not None:
-                    hub.lane.wait(barrier.waiter.done)
+                if lane is not None:
+                    lane.wait(
+                        barrier.waiter.done,
+                        lambda: hub.step_due_at(barrier),
+                        lambda: hub.step_due(barrier),
+                    )
                 else:
                     loop.run_until_complete(barrier.waiter)
             except BaseException:  # Ctrl-C: the step stays frozen, its timer must not fire
