@@ -57,7 +57,6 @@ from ..net.listener import Listener
 from ..net.unix import bind_owner_only, remove_if_ours
 from ..protocol.connection import Connection, State
 from ..rendezvous import remove_address_file, write_address_file
-from .fastpath import Lane
 from .barrier import (
     Barrier,
     Layout,
@@ -68,6 +67,7 @@ from .barrier import (
     fields_array,
     ids_text,
 )
+from .fastpath import Lane
 from .history import History
 from .registry import Molecule, Registry
 
@@ -116,6 +116,7 @@ class _DriverProtocol(asyncio.BufferedProtocol):
 
     #: Set by connection_made, which the event loop calls before any other method.
     transport: asyncio.Transport
+    write: Callable[[Any], None]  # the transport's writelines, or _write_direct in a lane
 
     def __init__(self, hub: Hub, number: int) -> None:
         self.hub = hub
@@ -198,11 +199,7 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         the socket does not take, through the transport, which keeps the order."""
         transport = self.transport
         data = parts[0] if len(parts) == 1 else None
-        if (
-            type(data) is not bytes
-            or transport.get_write_buffer_size()
-            or transport.is_closing()
-        ):
+        if type(data) is not bytes or transport.get_write_buffer_size() or transport.is_closing():
             transport.writelines(parts)
             return
         try:
@@ -979,6 +976,30 @@ class Hub:
         barrier.abort_on_loss = abort_on_loss
         barrier.lost.clear()
         self._progress_binds()
+        self._send_due(barrier)
+        layout = barrier.layout
+        if abort_on_loss:
+            row, done = layout.row, barrier.done
+            barrier.lost.extend(
+                m for m in self.registry.driverless if (r := row.get(m)) is not None and not done[r]
+            )
+        if barrier.waiting and not (abort_on_loss and barrier.lost):
+            loop = self.loop
+            barrier.waiter = loop.create_future()
+            wait = self.timeout if timeout is None else timeout
+            now = loop.time()
+            barrier.deadline = None if wait is None else now + wait
+            if barrier.reports is None:  # the first wait of this step starts the schedule
+                barrier.reports = report_delays()
+                barrier.report_base = now
+                barrier.report_at = now + next(barrier.reports)
+            if timers:
+                self._arm_step(barrier)
+        return barrier
+
+    def _send_due(self, barrier: Barrier) -> None:
+        """Send the frozen field to every idle driver that owes a source (per connection,
+        not per molecule); INIT to bound drivers whose step needs them now."""
         layout = barrier.layout
         generation = layout.generation
         done = barrier.done
@@ -998,24 +1019,6 @@ class Hub:
                         driver.link.write(out)
             elif state is _BOUND:
                 self._ensure_init(driver)
-        if abort_on_loss:
-            row, done = layout.row, barrier.done
-            barrier.lost.extend(
-                m for m in self.registry.driverless if (r := row.get(m)) is not None and not done[r]
-            )
-        if barrier.waiting and not (abort_on_loss and barrier.lost):
-            loop = self.loop
-            barrier.waiter = loop.create_future()
-            wait = self.timeout if timeout is None else timeout
-            now = loop.time()
-            barrier.deadline = None if wait is None else now + wait
-            if barrier.reports is None:  # the first wait of this step starts the schedule
-                barrier.reports = report_delays()
-                barrier.report_base = now
-                barrier.report_at = now + next(barrier.reports)
-            if timers:
-                self._arm_step(barrier)
-        return barrier
 
     @staticmethod
     def step_due_at(barrier: Barrier) -> float:

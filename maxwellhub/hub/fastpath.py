@@ -45,9 +45,10 @@ class Steady(Protocol):
 
     transport: asyncio.Transport
 
-    #: Whether its frames are small (one molecule): read as bytes; else (an ensemble's
-    #: frames of up to tens of MB) straight into the decoder's buffer.
-    small_frames: bool
+    @property
+    def small_frames(self) -> bool:
+        """Whether its frames are small (one molecule): read as bytes; else (an
+        ensemble's frames of up to tens of MB) straight into the decoder's buffer."""
 
     def get_buffer(self, sizehint: int) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> None: ...

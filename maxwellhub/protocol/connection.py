@@ -337,11 +337,7 @@ class Connection:
     def _source_ready_fast(self, data: bytes) -> bool:
         """Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial
         0) in one read with nothing held; anything else goes through the full decoder."""
-        if (
-            data[:24] == _SR_PREFIX
-            and len(data) >= _SR_SIZE
-            and data[48:120] == _ZERO_VIRIAL
-        ):
+        if data[:24] == _SR_PREFIX and len(data) >= _SR_SIZE and data[48:120] == _ZERO_VIRIAL:
             sx, sy, sz, m = _SR_TAIL.unpack_from(data, 24)
             if (
                 m == len(data) - _SR_SIZE
