@@ -346,6 +346,7 @@ class Hub:
         self._extra: list[Listener] = []  # more listeners (Hub.listen)
         self._unix_inode: tuple[int, int] | None = None
         self.registry = Registry(max_spare)
+        self._payloads_known = False  # every registered molecule has its INIT payload
         self.continuity = History(history)
         self._connections: set[Connection] = set()
         self._handshaking: set[Connection] = set()  # connected, not yet answered STATUS
@@ -538,6 +539,7 @@ class Hub:
     def register_molecule(self, molecule_id: int, init: Mapping | None = None) -> None:
         """Reserve a slot for ``molecule_id`` (its driver may connect later)."""
         mol = self.registry.register(int(molecule_id), init)
+        self._payloads_known = False
         self.continuity.grow(mol.index + 1)
         self._progress_binds()
 
@@ -1126,11 +1128,13 @@ class Hub:
                 if not isinstance(req, Mapping) or "efield_au" not in req
             )
             raise UsageError(f"molecule {int(bad)}: request lacks 'efield_au'") from None
-        for mid, req in requests.items():
-            init = req.get("init")
-            mol = self._molecules.get(int(mid))
-            if init is not None and mol is not None and mol.payload is None:
-                mol.payload = dict(init)
+        if not self._payloads_known:  # else no INIT payload is needed any more
+            for mid, req in requests.items():
+                init = req.get("init")
+                mol = self._molecules.get(int(mid))
+                if init is not None and mol is not None and mol.payload is None:
+                    mol.payload = dict(init)
+            self._payloads_known = all(m.payload is not None for m in self._molecules.values())
         return ids, fields_array(ids, efields)
 
     async def step_barrier(
