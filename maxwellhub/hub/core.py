@@ -352,6 +352,7 @@ class Hub:
         self._handshaking: set[Connection] = set()  # connected, not yet answered STATUS
         self._accepted = 0
         self._barrier: Barrier | None = None
+        self._watchdog: asyncio.TimerHandle | None = None  # the step timer (_arm_step)
         self._layout: Layout | None = None
         self._generation = 0
         self._changed: asyncio.Future | None = None
@@ -522,6 +523,9 @@ class Hub:
         if self.lane is not None:
             self.lane.close()
             self.lane = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._remove_unix_path()
         if self._barrier is not None:
             self._barrier.wake("stopped")
@@ -1041,8 +1045,27 @@ class Hub:
             self._report_step(barrier)
 
     def _arm_step(self, barrier: Barrier) -> None:
-        """One loop timer per waiting step, at :meth:`step_due_at`."""
-        barrier.timer = self.loop.call_at(self.step_due_at(barrier), self.step_due, barrier)
+        """Make sure the hub's one step timer fires by :meth:`step_due_at`. It is kept
+        across steps (a timer made and cancelled per step cost microseconds, and most
+        steps end long before any deadline or report): when it fires it looks at the step
+        waiting then, acts if that step is due, and re-arms for it."""
+        due = self.step_due_at(barrier)
+        dog = self._watchdog
+        if dog is not None:
+            if dog.when() <= due:
+                return  # fires in time, and then checks this step
+            dog.cancel()
+        self._watchdog = self.loop.call_at(due, self._watch)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        barrier = self._barrier
+        if barrier is None or barrier.waiter is None or barrier.waiter.done():
+            return  # nobody waits on a step (an abandoned wait is not woken)
+        if self.step_due_at(barrier) <= self.loop.time():
+            self.step_due(barrier)
+        if barrier.waiter is not None and not barrier.waiter.done():
+            self._arm_step(barrier)
 
     def _report_step(self, barrier: Barrier) -> None:
         """Say which molecules a long step waits for: WARNING for those without a driver
@@ -1067,8 +1090,6 @@ class Hub:
             )
         if barrier.reports is not None:
             barrier.report_at = barrier.report_base + next(barrier.reports)
-        if barrier.timer is not None:  # a loop timer called: the next one
-            self._arm_step(barrier)
 
     @staticmethod
     def stop_waiting(barrier: Barrier) -> None:
