@@ -4,13 +4,17 @@ barrier steps (send every molecule its field, gather every molecule's source).
 Two faces, one implementation:
 
 - :class:`Hub` is the asyncio core. It runs on the caller's event loop; one
-  :class:`asyncio.Protocol` per connection feeds :class:`maxwellhub.wire.Decoder`.
-  ``await hub.step(requests)`` is the async barrier.
+  :class:`asyncio.Protocol` per connection feeds a sans-I/O
+  :class:`~maxwellhub.protocol.connection.Connection`. Once a driver is initialised its
+  socket is read from one epoll set, the lane of :mod:`maxwellhub.hub.fastpath`, by the
+  same adapter (the loop stays the control plane: handshakes, new connections, timers,
+  faults). ``await hub.step(requests)`` is the async barrier.
 - :class:`SocketHub` is MaxwellLink's synchronous API (``step_barrier``,
   ``wait_until_bound``, ...) for plain functions such as Meep's step callback. It owns a
-  private event loop (uvloop when installed) and runs it *in the calling thread* only while
-  one of its methods is waiting, so there is no thread, no lock and no polling. Between
-  calls, new connections wait in the kernel's listen backlog.
+  private event loop and runs it *in the calling thread* only while one of its methods is
+  waiting, so there is no thread, no lock and no polling; a step waits on the lane itself
+  and runs the loop only when the loop has work. Between calls, new connections wait in
+  the kernel's listen backlog.
 
 Barrier contract (kept from MaxwellLink, with its holes closed):
 

@@ -1,7 +1,10 @@
 """The synchronous face of the hub: MaxwellLink's ``SocketHub`` API for plain functions
 such as Meep's step callback, on the public step contract of :class:`maxwellhub.hub.Hub`
 (``begin_step`` / ``finish_step``). It owns a private event loop and runs it *in the
-calling thread* only while one of its methods waits: no thread, no lock, no polling."""
+calling thread* only while one of its methods waits: no thread, no lock, no polling. A
+step waits on the steady drivers' sockets directly (:meth:`maxwellhub.hub.fastpath.Lane.wait`,
+one epoll wait per wake-up) and runs one loop iteration only when the loop has work: a
+new connection, a handshake, the control endpoint, a timer."""
 
 from __future__ import annotations
 
