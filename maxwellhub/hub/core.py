@@ -40,6 +40,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
 from typing import Any, cast
 
 import numpy as np
@@ -1121,8 +1122,10 @@ class Hub:
         if len(single) == 1:
             for r, source in single.items():
                 sources[r] = source
-        elif single:
-            sources[list(single)] = list(single.values())
+        elif single:  # numpy's array from a list of tuples cost 0.8 us a row; this 0.3
+            rows = np.fromiter(single, np.intp, len(single))
+            flat = np.fromiter(chain.from_iterable(single.values()), np.float64, 3 * len(single))
+            sources[rows] = flat.reshape(-1, 3)
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
 
     async def _run(

@@ -74,7 +74,8 @@ class Lane:
         self.epoll = select.epoll()
         self.fd = self.epoll.fileno()
         self.drivers: dict[int, Steady] = {}
-        self._small: set[int] = set()  # fds of drivers with small frames
+        # fds of drivers with small frames -> the protocol's data_received
+        self._small: dict[int, Callable[[bytes], None]] = {}
         self._fd_of: dict[Steady, int] = {}
         self._handed_back = False  # a driver went back to the loop during a detached wait
         self._attached = False
@@ -101,7 +102,7 @@ class Lane:
         self.drivers[fd] = proto
         self._fd_of[proto] = fd
         if proto.small_frames:
-            self._small.add(fd)
+            self._small[fd] = proto.data_received
         proto.joined(fd)
 
     def forget(self, proto: Steady, *, resume: bool = False) -> None:
@@ -110,7 +111,7 @@ class Lane:
         if fd is None:
             return
         del self.drivers[fd]
-        self._small.discard(fd)
+        self._small.pop(fd, None)
         proto.left()
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(fd)
@@ -146,21 +147,22 @@ class Lane:
     def _read(self, ready: list[tuple[int, int]]) -> bool:
         """Read the ready drivers; True when the loop's own selector was among them."""
         drivers = self.drivers
-        small = self._small
+        small = self._small.get
         read = os.read
         loop_ready = False
         for fd, _events in ready:
-            proto = drivers.get(fd)
-            if proto is None:
-                loop_ready = loop_ready or fd == self._loop_fd
-                continue
+            received = small(fd)
             try:
-                if fd in small:  # one SOURCEREADY: bytes for the connection's fast path
+                if received is not None:  # one SOURCEREADY: bytes for the fast path
                     data = read(fd, _SMALL_READ)
                     if data:
-                        proto.data_received(data)
+                        received(data)
                         continue
                 else:
+                    proto = drivers.get(fd)
+                    if proto is None:
+                        loop_ready = loop_ready or fd == self._loop_fd
+                        continue
                     n = os.readv(fd, [proto.get_buffer(-1)])
                     if n:
                         proto.buffer_updated(n)
@@ -169,7 +171,9 @@ class Lane:
                 continue
             except OSError:
                 pass  # the loop's own read meets the error (or end of file) and closes it
-            self.forget(proto, resume=True)
+            gone = drivers.get(fd)
+            if gone is not None:
+                self.forget(gone, resume=True)
         return loop_ready
 
     def wait(
