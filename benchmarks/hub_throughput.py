@@ -14,6 +14,9 @@ dmu/dt = the field), pinned to core 1. The hubs:
 - ``maxwelllink``: MaxwellLink's ``SocketHub.step_barrier`` (latency 1e-4), run by the
   Python of its own venv (``.peers/maxwelllink`` or $MAXWELLHUB_MXL_PYTHON) when present;
 - ``c-epoll``: ``benchmarks/c/epoll_hub.c``, a minimal epoll hub: the kernel's limit.
+- on request (``--hubs``), ``maxwellhub-async-loop`` and ``maxwellhub-sync-loop``: the same
+  two with ``fast_path=False`` (every driver read through the event loop), to see what the
+  lane of :mod:`maxwellhub.hub.fastpath` gives in the same run.
 
 The Python hubs run in a child of this script (``--serve HUB``), so their CPU time is their
 own. Each step changes every molecule's field (one numpy write into the arrays the requests
@@ -55,8 +58,12 @@ from _common import (
 )
 
 HUBS = ("maxwellhub-async", "maxwellhub-sync", "maxwelllink", "c-epoll")
+# the same two with every read through the event loop (fast_path=False), on request
+LOOP_HUBS = ("maxwellhub-async-loop", "maxwellhub-sync-loop")
 LABELS = {"maxwellhub-async": "maxwellhub Hub.step (async)",
           "maxwellhub-sync": "maxwellhub SocketHub.step (sync)",
+          "maxwellhub-async-loop": "maxwellhub Hub.step (async, fast_path=False)",
+          "maxwellhub-sync-loop": "maxwellhub SocketHub.step (sync, fast_path=False)",
           "maxwelllink": "MaxwellLink {version} SocketHub.step_barrier",
           "c-epoll": "minimal C hub with epoll (the limit)"}
 TRANSPORTS = ("unix", "tcp")
@@ -115,17 +122,17 @@ class Workload:
             raise SystemExit("the hub returned sources that are not the fields sent")
 
 
-def serve_maxwellhub(args, sync: bool) -> None:
+def serve_maxwellhub(args, sync: bool, fast_path: bool = True) -> None:
     from maxwellhub import Hub, SocketHub, new_event_loop
 
     where = ({"unixsocket": args.unix} if args.unix
              else {"host": "127.0.0.1", "port": args.port})
     if sync:
-        hub = SocketHub(timeout=120, **where)
+        hub = SocketHub(timeout=120, fast_path=fast_path, **where)
         run = None
     else:
         loop = new_event_loop()
-        hub = Hub(timeout=120, **where)
+        hub = Hub(timeout=120, fast_path=fast_path, **where)
         run = loop.run_until_complete
         run(hub.start())
     emit(listening=True)
@@ -376,7 +383,7 @@ def main() -> None:
                         help="N in 1, 8, 64, 256; 0.25 s per run (numbers are rough)")
     # hub side, in the child process
     parser.add_argument("--serve", choices=("maxwellhub-async", "maxwellhub-sync",
-                                            "maxwelllink"), help=argparse.SUPPRESS)
+                                            "maxwelllink", *LOOP_HUBS), help=argparse.SUPPRESS)
     parser.add_argument("--unix", help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -386,14 +393,16 @@ def main() -> None:
     if args.serve == "maxwelllink":
         return serve_maxwelllink(args)
     if args.serve:
-        return serve_maxwellhub(args, sync=args.serve == "maxwellhub-sync")
+        return serve_maxwellhub(args, sync=args.serve.startswith("maxwellhub-sync"),
+                                fast_path=not args.serve.endswith("-loop"))
 
     if args.quick:
         args.counts, args.seconds = "1,8,64,256", min(args.seconds, 0.25)
     hubs = [h for h in args.hubs.split(",") if h]
     transports = [t for t in args.transports.split(",") if t]
     counts = [int(c) for c in args.counts.split(",") if c]
-    for name, values, allowed in (("hub", hubs, HUBS), ("transport", transports, TRANSPORTS)):
+    for name, values, allowed in (("hub", hubs, HUBS + LOOP_HUBS),
+                                  ("transport", transports, TRANSPORTS)):
         bad = set(values) - set(allowed)
         if bad:
             parser.error(f"unknown {name} {sorted(bad)}; allowed: {', '.join(allowed)}")
@@ -404,9 +413,11 @@ def main() -> None:
     print(f"timing: {args.seconds:g} s per run, {args.repeats} runs, medians", flush=True)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="mxhbench-") as tmp:
+        # the hubs of one N run one after the other, so that a change of load on a shared
+        # machine hits the cells that are compared less
         for transport in transports:
-            for hub in hubs:
-                for n in counts:
+            for n in counts:
+                for hub in hubs:
                     t0 = time.monotonic()
                     try:
                         results[(hub, transport, n)] = r = run_cell(
