@@ -368,6 +368,12 @@ def target_lines(results: dict, transports, counts) -> list[str]:
             each = ", ".join(f"N={n}: {r:.2f}" for n, r in ratios)
             lines.append(f"- {t}: steps/s, sync / async ({each}): worst {worst:.2f}, target "
                          f">= 0.9 at every N (within 10%): {verdict[worst >= 0.9]}")
+        sync, asyn = (_cell(results, h, transport, 1) for h in ("maxwellhub-sync",
+                                                                 "maxwellhub-async"))
+        if sync and asyn:
+            extra = 1e3 * (sync["mean_ms"] - asyn["mean_ms"])
+            lines.append(f"- {t}: N = 1, sync minus async: {extra:+.1f} µs per step "
+                         f"({100 * extra / (1e3 * asyn['mean_ms']):+.0f}%)")
     return lines
 
 
