@@ -28,7 +28,8 @@ logged and the lines about peers held back into summaries (with their exact coun
 
     .venv/bin/python benchmarks/hostile.py [--seconds 20] [--idle 500] [--backlog 4096]
 
-The attacker functions are plain blocking-socket code, also used by tests/integration/test_hostile.py.
+The attacker functions are plain blocking-socket code, also used by
+tests/integration/test_hostile.py.
 """
 
 from __future__ import annotations

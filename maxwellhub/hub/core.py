@@ -4,13 +4,17 @@ barrier steps (send every molecule its field, gather every molecule's source).
 Two faces, one implementation:
 
 - :class:`Hub` is the asyncio core. It runs on the caller's event loop; one
-  :class:`asyncio.Protocol` per connection feeds :class:`maxwellhub.wire.Decoder`.
-  ``await hub.step(requests)`` is the async barrier.
+  :class:`asyncio.Protocol` per connection feeds a sans-I/O
+  :class:`~maxwellhub.protocol.connection.Connection`. Once a driver is initialised its
+  socket is read from one epoll set, the steady reader of :mod:`maxwellhub.hub.fastpath`, by the
+  same adapter (the loop stays the control plane: handshakes, new connections, timers,
+  faults). ``await hub.step(requests)`` is the async barrier.
 - :class:`SocketHub` is MaxwellLink's synchronous API (``step_barrier``,
   ``wait_until_bound``, ...) for plain functions such as Meep's step callback. It owns a
-  private event loop (uvloop when installed) and runs it *in the calling thread* only while
-  one of its methods is waiting, so there is no thread, no lock and no polling. Between
-  calls, new connections wait in the kernel's listen backlog.
+  private event loop and runs it *in the calling thread* only while one of its methods is
+  waiting, so there is no thread, no lock and no polling; a step waits on the steady reader itself
+  and runs the loop only when the loop has work. Between calls, new connections wait in
+  the kernel's listen backlog.
 
 Barrier contract (kept from MaxwellLink, with its holes closed):
 
@@ -36,6 +40,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
 from typing import Any, cast
 
 import numpy as np
@@ -69,6 +74,7 @@ from .barrier import (
     fields_array,
     ids_text,
 )
+from .fastpath import SteadyReader
 from .history import History
 from .params import ParamChanges
 from .registry import Molecule, Registry
@@ -118,6 +124,7 @@ class _DriverProtocol(asyncio.BufferedProtocol):
 
     #: Set by connection_made, which the event loop calls before any other method.
     transport: asyncio.Transport
+    write: Callable[[Any], None]  # the transport's writelines, or _write_direct when steady
 
     def __init__(self, hub: Hub, number: int) -> None:
         self.hub = hub
@@ -137,6 +144,7 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         self.get_buffer = self.conn.read_buffer  # type: ignore[method-assign]
         self._timer: asyncio.TimerHandle | None = None
         self.bye: asyncio.Future | None = None
+        self._fd = -1  # the socket's fd while the steady reader reads it
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -173,13 +181,52 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_steady()
         self.conn.connection_lost(exc)
+
+    def _leave_steady(self) -> None:
+        steady = self.hub.steady
+        if steady is not None:
+            steady.forget(self)
+
+    # -- the steady reader (maxwellhub.hub.fastpath)
+    @property
+    def small_frames(self) -> bool:
+        return self.conn.batch is None
+
+    def joined(self, fd: int) -> None:
+        self._fd = fd
+        self.write = self._write_direct
+
+    def left(self) -> None:
+        self.write = self.transport.writelines
+
+    def _write_direct(self, parts: list) -> None:
+        """Write one buffer straight to the socket when the transport holds nothing
+        (the step's field: no copy, no transport bookkeeping); the rest, and whatever
+        the socket does not take, through the transport, which keeps the order."""
+        transport = self.transport
+        data = parts[0] if len(parts) == 1 else None
+        if type(data) is not bytes or transport.get_write_buffer_size() or transport.is_closing():
+            transport.writelines(parts)
+            return
+        try:
+            sent = os.write(self._fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # the transport meets the error too and closes the connection
+            transport.writelines(parts)
+            return
+        if sent < len(data):
+            transport.write(memoryview(data)[sent:])
 
     # -- Link
     def abort(self) -> None:
+        self._leave_steady()
         self.transport.abort()
 
     def close(self) -> None:
+        self._leave_steady()
         self.transport.close()
 
     def arm(self, seconds: float) -> None:
@@ -256,6 +303,10 @@ class Hub:
     is shorter. ``shm_lane``: ensemble drivers on the same node that offer it are stepped
     through shared memory (:mod:`maxwellhub.hub.shm`); None (default): on a UNIX socket,
     False: never (TCP never has it).
+
+    ``fast_path`` (default True): initialised drivers' sockets leave the event loop's
+    reader set for one epoll set read by a single callback
+    (:mod:`maxwellhub.hub.fastpath`); False reads every driver through the loop.
     """
 
     def __init__(
@@ -276,6 +327,7 @@ class Hub:
         address_file: str | os.PathLike | None = None,
         handshake_timeout: float | None = None,
         shm_lane: bool | None = None,
+        fast_path: bool = True,
     ) -> None:
         if dialect not in ("maxwelllink", "ipi"):
             raise UsageError(f"dialect must be 'maxwelllink' or 'ipi', not {dialect!r}")
@@ -303,10 +355,15 @@ class Hub:
         self.step_index = 0
         self.paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The steady drivers' sockets (:mod:`maxwellhub.hub.fastpath`), once started;
+        #: None with ``fast_path=False`` (every read through the event loop).
+        self.steady: SteadyReader | None = None
+        self.fast_path = fast_path
         self._server: Listener | None = None
         self._extra: list[Listener] = []  # more listeners (Hub.listen)
         self._unix_inode: tuple[int, int] | None = None
         self.registry = Registry(max_spare)
+        self._payloads_known = False  # every registered molecule has its INIT payload
         self.continuity = History(history)
         self._connections: set[Connection] = set()
         # connected, not yet answered STATUS; oldest first (evicted first at max_pending)
@@ -316,6 +373,7 @@ class Hub:
         self.peer_log: PeerLog | None = None
         self._accepted = 0
         self._barrier: Barrier | None = None
+        self._watchdog: asyncio.TimerHandle | None = None  # the step timer (_arm_step)
         self._layout: Layout | None = None
         self._generation = 0
         self._changed: asyncio.Future | None = None
@@ -359,6 +417,8 @@ class Hub:
         if self.peer_log is None:
             self.peer_log = PeerLog(log, self._is_stranger, later=self._loop.call_later)
         self.peer_log.install()
+        if self.fast_path and self.steady is None:
+            self.steady = SteadyReader(self._loop)
         server: Listener
         if self.unixsocket:
             path = self.unixsocket
@@ -510,6 +570,12 @@ class Hub:
         await asyncio.sleep(0)
         if self.peer_log is not None:
             self.peer_log.remove()  # its last summary; the counts stay for status()
+        if self.steady is not None:
+            self.steady.close()
+            self.steady = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._remove_unix_path()
         if self._barrier is not None:
             self._barrier.wake("stopped")
@@ -527,6 +593,7 @@ class Hub:
     def register_molecule(self, molecule_id: int, init: Mapping | None = None) -> None:
         """Reserve a slot for ``molecule_id`` (its driver may connect later)."""
         mol = self.registry.register(int(molecule_id), init)
+        self._payloads_known = False
         self.continuity.grow(mol.index + 1)
         self._progress_binds()
 
@@ -823,6 +890,8 @@ class Hub:
         """INIT (and any replay) done: a replacement gets the frozen field(s)."""
         for mol in driver.molecules:
             mol.initialized = True
+        if self.steady is not None and isinstance(driver.link, _DriverProtocol):
+            self.steady.claim(driver.link)  # steady now: its reads leave the event loop
         barrier = self._barrier
         if barrier is not None and driver.place(barrier.layout) and self._pending(driver, barrier):
             _send(driver, driver.send_step(barrier))
@@ -971,11 +1040,17 @@ class Hub:
         abort_on_loss: bool,
         want_extras: bool = True,
         want_dipoles: bool = False,
+        timers: bool = True,
     ) -> Barrier | None:
         """Freeze (or continue) the step, send what is due; the barrier, or None when
         paused. Synchronous: the caller then waits on ``barrier.waiter`` if set (with
         the loop running), and calls :meth:`finish_step`; :meth:`stop_waiting` if the
-        wait is abandoned. This is the contract :class:`SocketHub` steps with."""
+        wait is abandoned. This is the contract :class:`SocketHub` steps with.
+
+        ``timers=False``: no loop timer for the step's deadline and reports; the caller
+        waits until :meth:`step_due_at` itself and then calls :meth:`step_due` (a wait
+        that does not run the loop each step, :meth:`maxwellhub.hub.fastpath.SteadyReader.wait`,
+        would otherwise leave a cancelled timer in the loop's heap per step)."""
         if self.paused:
             return None
         barrier = self._barrier
@@ -986,16 +1061,8 @@ class Hub:
         barrier.abort_on_loss = abort_on_loss
         barrier.lost.clear()
         self._progress_binds()
+        self._send_due(barrier)
         layout = barrier.layout
-        for driver in list(self._connections):  # per connection, not per molecule
-            state = driver.state
-            if state == _READY:
-                if driver.place(layout) and self._pending(driver, barrier):
-                    out = driver.send_step(barrier)
-                    if out:
-                        driver.link.write(out)
-            elif state == _BOUND:
-                self._ensure_init(driver)
         if abort_on_loss:
             row, done = layout.row, barrier.done
             barrier.lost.extend(
@@ -1011,16 +1078,73 @@ class Hub:
                 barrier.reports = report_delays()
                 barrier.report_base = now
                 barrier.report_at = now + next(barrier.reports)
-            self._arm_step(barrier)
+            if timers:
+                self._arm_step(barrier)
         return barrier
 
-    def _arm_step(self, barrier: Barrier) -> None:
-        """One timer per waiting step: its deadline, or the next report of who is missing
-        if that comes first (a step without a deadline only ever reports)."""
-        if barrier.deadline is not None and barrier.deadline <= barrier.report_at:
-            barrier.timer = self.loop.call_at(barrier.deadline, barrier.wake, "timeout")
+    def _send_due(self, barrier: Barrier) -> None:
+        """Send the frozen field to every idle driver that owes a source (per connection,
+        not per molecule); INIT to bound drivers whose step needs them now."""
+        layout = barrier.layout
+        generation = layout.generation
+        done = barrier.done
+        fresh = barrier.waiting == len(done)  # nothing answered yet: all are pending
+        for driver in list(self._connections):  # per connection, not per molecule
+            state = driver.state
+            if state is _READY:
+                # driver.place(layout), inlined while its rows are known (the steady state)
+                if driver.rows_generation != generation:
+                    if not driver.place(layout):
+                        continue
+                elif driver.row < 0:
+                    continue
+                if fresh or self._pending(driver, barrier):
+                    out = driver.send_step(barrier)
+                    if out:
+                        driver.link.write(out)
+            elif state is _BOUND:
+                self._ensure_init(driver)
+
+    @staticmethod
+    def step_due_at(barrier: Barrier) -> float:
+        """Loop time of the step's next alarm: its deadline, or the next report of who is
+        missing if that comes first (a step without a deadline only ever reports)."""
+        deadline = barrier.deadline
+        if deadline is not None and deadline <= barrier.report_at:
+            return deadline
+        return barrier.report_at
+
+    def step_due(self, barrier: Barrier) -> None:
+        """The step's alarm (:meth:`step_due_at`) went off: wake the wait at the deadline,
+        else say who is missing."""
+        deadline = barrier.deadline
+        if deadline is not None and deadline <= barrier.report_at:
+            barrier.wake("timeout")
         else:
-            barrier.timer = self.loop.call_at(barrier.report_at, self._report_step, barrier)
+            self._report_step(barrier)
+
+    def _arm_step(self, barrier: Barrier) -> None:
+        """Make sure the hub's one step timer fires by :meth:`step_due_at`. It is kept
+        across steps (a timer made and cancelled per step cost microseconds, and most
+        steps end long before any deadline or report): when it fires it looks at the step
+        waiting then, acts if that step is due, and re-arms for it."""
+        due = self.step_due_at(barrier)
+        dog = self._watchdog
+        if dog is not None:
+            if dog.when() <= due:
+                return  # fires in time, and then checks this step
+            dog.cancel()
+        self._watchdog = self.loop.call_at(due, self._watch)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        barrier = self._barrier
+        if barrier is None or barrier.waiter is None or barrier.waiter.done():
+            return  # nobody waits on a step (an abandoned wait is not woken)
+        if self.step_due_at(barrier) <= self.loop.time():
+            self.step_due(barrier)
+        if barrier.waiter is not None and not barrier.waiter.done():
+            self._arm_step(barrier)
 
     def _report_step(self, barrier: Barrier) -> None:
         """Say which molecules a long step waits for: WARNING for those without a driver
@@ -1045,7 +1169,6 @@ class Hub:
             )
         if barrier.reports is not None:
             barrier.report_at = barrier.report_base + next(barrier.reports)
-        self._arm_step(barrier)
 
     @staticmethod
     def stop_waiting(barrier: Barrier) -> None:
@@ -1069,8 +1192,14 @@ class Hub:
         if barrier.last is not None and barrier.last.molecules:
             self._note_last(barrier.last.molecules[0].id)
         sources = barrier.sources
-        if barrier.single:
-            sources[list(barrier.single)] = list(barrier.single.values())
+        single = barrier.single
+        if len(single) == 1:
+            for r, source in single.items():
+                sources[r] = source
+        elif single:  # numpy's array from a list of tuples cost 0.8 us a row; this 0.3
+            rows = np.fromiter(single, np.intp, len(single))
+            flat = np.fromiter(chain.from_iterable(single.values()), np.float64, 3 * len(single))
+            sources[rows] = flat.reshape(-1, 3)
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
 
     async def _run(
@@ -1101,11 +1230,13 @@ class Hub:
                 if not isinstance(req, Mapping) or "efield_au" not in req
             )
             raise UsageError(f"molecule {int(bad)}: request lacks 'efield_au'") from None
-        for mid, req in requests.items():
-            init = req.get("init")
-            mol = self._molecules.get(int(mid))
-            if init is not None and mol is not None and mol.payload is None:
-                mol.payload = dict(init)
+        if not self._payloads_known:  # else no INIT payload is needed any more
+            for mid, req in requests.items():
+                init = req.get("init")
+                mol = self._molecules.get(int(mid))
+                if init is not None and mol is not None and mol.payload is None:
+                    mol.payload = dict(init)
+            self._payloads_known = all(m.payload is not None for m in self._molecules.values())
         return ids, fields_array(ids, efields)
 
     async def step_barrier(

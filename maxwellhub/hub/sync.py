@@ -1,7 +1,11 @@
 """The synchronous face of the hub: MaxwellLink's ``SocketHub`` API for plain functions
 such as Meep's step callback, on the public step contract of :class:`maxwellhub.hub.Hub`
 (``begin_step`` / ``finish_step``). It owns a private event loop and runs it *in the
-calling thread* only while one of its methods waits: no thread, no lock, no polling."""
+calling thread* only while one of its methods waits: no thread, no lock, no polling. A
+step waits on the steady drivers' sockets directly
+(:meth:`maxwellhub.hub.fastpath.SteadyReader.wait`, one epoll wait per wake-up) and
+runs one loop iteration only when the loop has work: a new connection, a handshake, the
+control endpoint, a timer."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from ..errors import UsageError
 from ..mpi import am_master
 from .barrier import StepResult, as_step_arrays, check_policy, checked_dipoles
 from .core import Hub, new_event_loop
+from .fastpath import can_wait_detached
 
 __all__ = ["SocketHub"]
 
@@ -60,6 +65,8 @@ class SocketHub:
     :meth:`stop`.
     """
 
+    _detached = False
+
     def __init__(
         self,
         host: str | None = None,
@@ -86,6 +93,18 @@ class SocketHub:
             self._loop.close()
             self._loop = None
             raise
+        # Steps wait on the steady reader directly (no loop iteration per step) when this loop
+        # allows it; between calls the steady reader is detached (see _run).
+        self._detached = self.hub.steady is not None and can_wait_detached(self._loop)
+        self._detach()
+
+    def _detach(self) -> None:
+        if self._detached and self.hub is not None and self.hub.steady is not None:
+            self.hub.steady.detach()
+
+    def _attach(self) -> None:
+        if self.hub is not None and self.hub.steady is not None:
+            self.hub.steady.attach()
 
     def _check_no_running_loop(self) -> None:
         if asyncio._get_running_loop() is not None:
@@ -105,6 +124,7 @@ class SocketHub:
             coro.close()
             raise
         task = loop.create_task(coro)
+        self._attach()  # the loop serves the steady reader while it runs a coroutine
         try:
             return loop.run_until_complete(task)
         except BaseException:
@@ -115,6 +135,8 @@ class SocketHub:
                 with contextlib.suppress(asyncio.CancelledError):
                     loop.run_until_complete(task)
             raise
+        finally:
+            self._detach()
 
     # -- attributes
     @property
@@ -217,10 +239,20 @@ class SocketHub:
         only until this step's waiter resolves (the hot path of Meep's step callback)."""
         self._check_no_running_loop()
         hub, loop = self._live()
-        barrier = hub.begin_step(ids, fields, timeout, abort, want_extras, dipoles)
+        steady = hub.steady if self._detached else None
+        barrier = hub.begin_step(
+            ids, fields, timeout, abort, want_extras, dipoles, timers=steady is None
+        )
         if barrier is not None and barrier.waiter is not None:
             try:
-                loop.run_until_complete(barrier.waiter)
+                if steady is not None:
+                    steady.wait(
+                        barrier.waiter.done,
+                        lambda: hub.step_due_at(barrier),
+                        lambda: hub.step_due(barrier),
+                    )
+                else:
+                    loop.run_until_complete(barrier.waiter)
             except BaseException:  # Ctrl-C: the step stays frozen, its timer must not fire
                 hub.stop_waiting(barrier)
                 raise

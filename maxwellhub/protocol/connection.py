@@ -127,6 +127,7 @@ _GETFORCE_HEADER = wire.encode_header(wire.GETFORCE)
 _SR_HEADER = wire.encode_header(wire.FORCEREADY)
 _SR_ENERGY_NAT = struct.pack("<di", 0.0, 1)
 _ZERO_VIRIAL = bytes(72)
+_SR_PREFIX = _SR_HEADER + _SR_ENERGY_NAT  # header, energy 0.0, nat 1: one comparison
 _SR_TAIL = struct.Struct("<3d72xi")
 _SR_SIZE = wire.SOURCE_READY_PREFIX_SIZE  # 124
 FAST_READ = 1 << 16  # reads up to this size may be one SOURCEREADY for the fast path
@@ -372,12 +373,7 @@ class Connection:
     def _source_ready_fast(self, data: bytes) -> bool:
         """Fast path: exactly one SOURCEREADY of the EM profile (energy 0, nat 1, virial
         0) in one read with nothing held; anything else goes through the full decoder."""
-        if (
-            data.startswith(_SR_HEADER)
-            and len(data) >= _SR_SIZE
-            and data[12:24] == _SR_ENERGY_NAT
-            and data[48:120] == _ZERO_VIRIAL
-        ):
+        if data[:24] == _SR_PREFIX and len(data) >= _SR_SIZE and data[48:120] == _ZERO_VIRIAL:
             sx, sy, sz, m = _SR_TAIL.unpack_from(data, 24)
             if (
                 m == len(data) - _SR_SIZE

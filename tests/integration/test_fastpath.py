@@ -1,0 +1,225 @@
+"""The steady-state data path (maxwellhub.hub.fastpath): the same answers as the event-loop
+path, and every fallback (a driver's death mid-step with replay, deadlines, a stop, a
+new driver connecting while the synchronous hub steps) still works."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+from _util import scaled
+from fakes import FakeDriver, FakeEnsemble, fake_source
+
+from maxwellhub import BarrierTimeout, Hub, SocketHub, wire
+from maxwellhub.addresses import unix_socket_path
+from maxwellhub.hub.core import StopRequested
+
+
+def requests_for(ids, step):
+    return {
+        m: {"efield_au": np.array([0.1 * step + 1e-17, 0.01 * m, 1.0 / (3 + step)])} for m in ids
+    }
+
+
+class ThreadDriver:
+    """A blocking driver in a thread (the synchronous hub cannot host asyncio fakes):
+    answers fake_source; ``close_after`` fields: closes on the next one (mid-step);
+    ``silent``: never answers a GETSOURCE."""
+
+    def __init__(self, path, close_after: int | None = None, silent: bool = False) -> None:
+        self.path = path
+        self.close_after = close_after
+        self.silent = silent
+        self.fields: list[tuple[float, ...]] = []
+        self.molecule_id: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> ThreadDriver:
+        self.thread.start()
+        return self
+
+    def join(self) -> None:
+        self.thread.join(scaled(10))
+        assert not self.thread.is_alive()
+
+    def _run(self) -> None:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(self.path))
+        dec = wire.Decoder("driver")
+        field = None
+        with s:
+            while True:
+                try:
+                    data = s.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                for ev in dec.feed(data):
+                    if isinstance(ev, wire.Status):
+                        ready = self.molecule_id is not None
+                        s.sendall(wire.encode_header(wire.READY if ready else wire.NEEDINIT))
+                    elif isinstance(ev, wire.Init):
+                        self.molecule_id = ev.ident
+                    elif isinstance(ev, wire.PosData):
+                        if self.close_after is not None and len(self.fields) >= self.close_after:
+                            return
+                        field = tuple(float(x) for x in ev.field)
+                        self.fields.append(field)
+                    elif isinstance(ev, wire.GetForce):
+                        if not self.silent:
+                            assert self.molecule_id is not None and field is not None
+                            src = fake_source(self.molecule_id, field)
+                            s.sendall(wire.encode_source_ready(src, b'{"k":1}'))
+                    elif isinstance(ev, wire.Stop):
+                        s.sendall(wire.encode_header(wire.BYE))
+                        return
+                    elif isinstance(ev, wire.Exit):
+                        return
+
+
+def _expected(ids, step):
+    return {m: fake_source(m, r["efield_au"]) for m, r in requests_for(ids, step).items()}
+
+
+def _run_sync(unix_name, fast: bool, steps: int) -> list[dict]:
+    path = unix_socket_path(unix_name)
+    with SocketHub(unixsocket=unix_name, timeout=scaled(10), fast_path=fast) as hub:
+        ids = [hub.register_molecule_return_id() for _ in range(3)]
+        drivers = [ThreadDriver(path).start() for _ in ids]
+        assert hub.wait_until_bound({m: {"dt_au": 0.5} for m in ids}, timeout=scaled(10))
+        assert hub.hub is not None
+        steady = hub.hub.steady
+        loop_runs: list[int] = []
+        if steady is not None:
+            assert len(steady) == len(ids)  # every initialised driver is read by the steady reader
+            run_once = steady._run_loop_once
+
+            def counted() -> None:
+                loop_runs.append(1)
+                run_once()
+
+            steady._run_loop_once = counted  # type: ignore[method-assign]
+        results = [hub.step(requests_for(ids, k)) for k in range(steps)]
+        assert not loop_runs  # steady steps: not one event-loop iteration
+    for d in drivers:
+        d.join()
+    return results
+
+
+def test_sync_lane_answers_bitwise_as_the_loop_path(unix_name):
+    """SocketHub with the steady reader gives the same sources and extras, bit for bit, as
+    with every read through the event loop, without running the loop in a step."""
+    fast = _run_sync(unix_name, True, 4)
+    slow = _run_sync(unix_name + "b", False, 4)
+    for k, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert sorted(a) == sorted(b) == [0, 1, 2]
+        for m in a:
+            assert a[m]["amp"].tobytes() == b[m]["amp"].tobytes()
+            assert tuple(a[m]["amp"]) == _expected([0, 1, 2], k)[m]
+            assert a[m]["extra"] == b[m]["extra"] == b'{"k":1}'
+
+
+def test_sync_driver_death_mid_step_replays_to_a_replacement(unix_name):
+    """A driver that dies mid-step is handed back to the loop; a waiting replacement
+    is replayed the steps it missed, gets the frozen field, and the step completes."""
+    path = unix_socket_path(unix_name)
+    with SocketHub(unixsocket=unix_name, timeout=scaled(10), history=8) as hub:
+        ids = [hub.register_molecule_return_id() for _ in range(2)]
+        dying = ThreadDriver(path, close_after=2).start()
+        steady = ThreadDriver(path).start()
+        assert hub.wait_until_bound({m: {"dt_au": 0.5} for m in ids}, timeout=scaled(10))
+        for k in range(2):
+            res = hub.step(requests_for(ids, k))
+            assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
+        spare = ThreadDriver(path).start()  # waits unbound until a molecule frees up
+        res = hub.step(requests_for(ids, 2), on_lost="wait")
+        assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, 2)
+        lost = dying.molecule_id
+        assert lost is not None and spare.molecule_id == lost
+        # replayed steps 0 and 1, then the frozen field of step 2: bitwise the same
+        sent = [tuple(requests_for(ids, k)[lost]["efield_au"].tolist()) for k in range(3)]
+        assert spare.fields == sent
+        assert len(steady.fields) == 3  # the healthy driver was asked once per step
+        assert hub.molecule_steps(ids).tolist() == [3, 3]
+        assert hub.hub is not None and hub.hub.steady is not None
+        assert len(hub.hub.steady) == 2  # the replacement joined the steady reader
+    for d in (dying, steady, spare):
+        d.join()
+
+
+def test_sync_hub_accepts_a_driver_while_stepping(unix_name):
+    """A driver that connects while the synchronous hub steps is accepted, bound and
+    initialised by the loop runs between the steady reader's waits, with no other call."""
+    path = unix_socket_path(unix_name)
+    with SocketHub(unixsocket=unix_name, timeout=scaled(10)) as hub:
+        assert hub.hub is not None
+        ids = [hub.register_molecule_return_id()]
+        first = ThreadDriver(path).start()
+        assert hub.wait_until_bound({ids[0]: {"dt_au": 0.5}}, timeout=scaled(10))
+        ids.append(hub.register_molecule_return_id({"dt_au": 0.5}))
+        late = ThreadDriver(path).start()
+        deadline = hub.hub.loop.time() + scaled(10)
+        k = 0
+        while not hub.hub.all_bound([ids[1]]) and hub.hub.loop.time() < deadline:
+            res = hub.step(requests_for(ids[:1], k))
+            assert tuple(res[ids[0]]["amp"]) == _expected(ids[:1], k)[ids[0]]
+            k += 1
+        assert hub.hub.all_bound([ids[1]]) and k >= 1  # bound by the steps' loop runs
+        res = hub.step(requests_for(ids, k))
+        assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
+    first.join()
+    late.join()
+
+
+def test_sync_lane_deadline_and_stop(unix_name):
+    """In the steady reader's wait the step deadline fires (BarrierTimeout, the step stays
+    frozen) and a stop requested by a loop callback ends the step."""
+    path = unix_socket_path(unix_name)
+    with SocketHub(unixsocket=unix_name) as hub:
+        assert hub.hub is not None and hub._loop is not None
+        mid = hub.register_molecule_return_id()
+        mute = ThreadDriver(path, silent=True).start()
+        assert hub.wait_until_bound({mid: {}}, timeout=scaled(10))
+        with pytest.raises(BarrierTimeout, match=str(mid)):
+            hub.step(requests_for([mid], 0), timeout=scaled(0.2))
+        assert hub.hub.in_step
+        hub._loop.call_later(scaled(0.1), hub.hub.request_stop, "by the test")
+        with pytest.raises(StopRequested, match="by the test"):
+            hub.step(requests_for([mid], 1), timeout=scaled(10))
+        assert len(mute.fields) == 1  # the frozen field was sent once
+    mute.join()
+
+
+async def test_async_lane_with_ensembles_matches_the_loop_path(unix_name):
+    """The async Hub with the steady reader (ensemble frames read into the decoder, single
+    drivers as bytes) returns bit for bit what the loop path returns."""
+    out = []
+    for fast in (True, False):
+        hub = Hub(unixsocket=f"{unix_name}{int(fast)}", timeout=scaled(10), fast_path=fast)
+        await hub.start()
+        try:
+            ens = FakeEnsemble(hub.address, 4).start()
+            single = FakeDriver(hub.address).start()
+            ids = list(range(5))
+            for m in ids:
+                hub.register_molecule(m)
+            assert await hub.wait_until_bound({m: {"dt_au": 0.5} for m in ids}, timeout=scaled(10))
+            if fast:
+                assert hub.steady is not None and len(hub.steady) == 2
+            else:
+                assert hub.steady is None
+            fields = np.array([[0.1 * m, -0.2, 1 / 3 + m] for m in ids])
+            res = await hub.step_arrays(ids, fields)
+            out.append((res.sources.copy(), res.extras()))
+        finally:
+            await hub.stop(wait=scaled(2))
+        assert ens.steps and single.fields
+    (a, ea), (b, eb) = out
+    assert a.tobytes() == b.tobytes()
+    assert a.tolist() == [list(fake_source(m, f)) for m, f in zip(ids, fields, strict=True)]
+    assert sorted(ea) == sorted(eb)
+    for key in ea:
+        assert np.array_equal(ea[key], eb[key], equal_nan=True)
