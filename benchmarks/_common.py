@@ -56,8 +56,9 @@ def build(name: str) -> Path:
         raise Skip("no C compiler (cc) on PATH")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{name}.{os.getpid()}")
-    done = subprocess.run([cc, "-O2", "-o", str(tmp), str(source), "-lm"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [cc, "-O2", "-o", str(tmp), str(source), "-lm"], capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise Skip(f"cc failed on {source.name}: {done.stderr.strip()[-300:]}")
     os.replace(tmp, out)
@@ -127,7 +128,7 @@ class JsonLines:
         while True:
             line = self._line(deadline)
             if line is None or line.startswith(PREFIX):
-                return None if line is None else json.loads(line[len(PREFIX):])
+                return None if line is None else json.loads(line[len(PREFIX) :])
 
     def _line(self, deadline: float) -> bytes | None:
         while b"\n" not in self.buf:
@@ -194,8 +195,10 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return (f"{model}, {os.cpu_count()} cores, Linux {platform.release()}, "
-            f"Python {platform.python_version()} ({sys.executable})")
+    return (
+        f"{model}, {os.cpu_count()} cores, Linux {platform.release()}, "
+        f"Python {platform.python_version()} ({sys.executable})"
+    )
 
 
 def peer_python() -> Path | None:

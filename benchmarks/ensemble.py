@@ -42,9 +42,13 @@ def measure(m: int, k: int, seconds: float, repeats: int, extras: bool) -> dict:
         json.dump({"omega": 0.242, "mu12": 187.0, "pe_initial": 0.1}, params)
     try:
         for _ in range(k):
-            argv = driver_command("tls", None, unix=name, timeout=60,
-                                  extra_args=["--molecules", str(per),
-                                              "--params-file", params.name])
+            argv = driver_command(
+                "tls",
+                None,
+                unix=name,
+                timeout=60,
+                extra_args=["--molecules", str(per), "--params-file", params.name],
+            )
             procs.append(subprocess.Popen(argv, env=driver_env(), preexec_fn=pin_to(1)))
         if not hub.wait_until_bound({int(i): {"dt_au": 0.5} for i in ids}, timeout=120):
             raise SystemExit(f"ensemble drivers for M = {m} did not bind")
@@ -72,8 +76,12 @@ def measure(m: int, k: int, seconds: float, repeats: int, extras: bool) -> dict:
         hub.stop()
         reap(procs, 10)
         os.unlink(params.name)
-    return {"rate": median(rates), "wall": median(walls), "hub": median(hub_cpu),
-            "drivers": median(drv_cpu)}
+    return {
+        "rate": median(rates),
+        "wall": median(walls),
+        "hub": median(hub_cpu),
+        "drivers": median(drv_cpu),
+    }
 
 
 def main() -> None:
@@ -88,8 +96,10 @@ def main() -> None:
         args.counts, args.drivers, args.seconds, args.repeats = "1000,100000", "1", 0.3, 1
     if can_pin():
         os.sched_setaffinity(0, {0})  # the hub on core 0, the drivers on core 1
-    print("| M molecules | drivers | extras | molecule-steps/s | ms/step | hub CPU ms/step "
-          "| drivers CPU ms/step |")
+    print(
+        "| M molecules | drivers | extras | molecule-steps/s | ms/step | hub CPU ms/step "
+        "| drivers CPU ms/step |"
+    )
     print("|---:|---:|---|---:|---:|---:|---:|")
     best = 0.0
     for m in [int(c) for c in args.counts.split(",")]:
@@ -97,12 +107,17 @@ def main() -> None:
             for extras in (False, True):
                 r = measure(m, k, args.seconds, args.repeats, extras)
                 best = max(best, r["rate"])
-                print(f"| {m:,} | {k} | {'every step' if extras else 'off'} | "
-                      f"{r['rate']:.3g} | {r['wall']:.3f} | {r['hub']:.3f} | "
-                      f"{r['drivers']:.3f} |", flush=True)
+                print(
+                    f"| {m:,} | {k} | {'every step' if extras else 'off'} | "
+                    f"{r['rate']:.3g} | {r['wall']:.3f} | {r['hub']:.3f} | "
+                    f"{r['drivers']:.3f} |",
+                    flush=True,
+                )
     verdict = "met" if best >= TARGET else "NOT met"
-    print(f"\n- best throughput {best:.3g} molecule-steps/s, target >= {TARGET:.0e}: "
-          f"{verdict} (ratio {best / TARGET:.2f})")
+    print(
+        f"\n- best throughput {best:.3g} molecule-steps/s, target >= {TARGET:.0e}: "
+        f"{verdict} (ratio {best / TARGET:.2f})"
+    )
 
 
 if __name__ == "__main__":

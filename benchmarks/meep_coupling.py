@@ -31,8 +31,9 @@ def lattice(n: int, extent: float = 14.0) -> np.ndarray:
     return (ij - (side - 1) / 2) * spacing + 0.013  # off the grid, as molecules are
 
 
-def time_run(n: int, steps: int, sigma: float, repeat: int,
-             socket: bool = False, ensembles: int = 0) -> tuple[float, float]:
+def time_run(
+    n: int, steps: int, sigma: float, repeat: int, socket: bool = False, ensembles: int = 0
+) -> tuple[float, float]:
     import os
 
     import meep as mp
@@ -44,8 +45,13 @@ def time_run(n: int, steps: int, sigma: float, repeat: int,
     mp.verbosity(0)
     samples, setup = [], 0.0
     for _ in range(repeat + 1):
-        sources = [] if n else [mp.Source(mp.ContinuousSource(frequency=0.16),
-                                          component=mp.Ez, center=mp.Vector3())]
+        sources = (
+            []
+            if n
+            else [
+                mp.Source(mp.ContinuousSource(frequency=0.16), component=mp.Ez, center=mp.Vector3())
+            ]
+        )
         sim = mp.Simulation(cell_size=mp.Vector3(16, 16), resolution=10, sources=sources)
         coupling = hub = None
         step_funcs, drivers = [], []
@@ -57,8 +63,9 @@ def time_run(n: int, steps: int, sigma: float, repeat: int,
             coupling.add_socket_molecules(centers=lattice(n), sigma=sigma, axis="z")
             if ensembles:
                 per = ["--molecules", str(n // ensembles)]
-                drivers = [start_driver("tls", tls, unix=name, extra_args=per)
-                           for _ in range(ensembles)]
+                drivers = [
+                    start_driver("tls", tls, unix=name, extra_args=per) for _ in range(ensembles)
+                ]
             else:
                 drivers = [start_driver("tls", tls, unix=name) for _ in range(n)]
             step_funcs = [coupling.step_function()]
@@ -67,7 +74,7 @@ def time_run(n: int, steps: int, sigma: float, repeat: int,
             coupling.add_molecules("tls", centers=lattice(n), sigma=sigma, axis="z", **tls)
             step_funcs = [coupling.step_function()]
         t0 = time.perf_counter()
-        sim.run(*step_funcs, until=0.05)          # init, set-up, first step
+        sim.run(*step_funcs, until=0.05)  # init, set-up, first step
         setup = time.perf_counter() - t0
         dt = sim.fields.dt
         t0 = time.perf_counter()
@@ -100,16 +107,22 @@ def main() -> None:
         for sigma in sigmas:
             ms, setup = time_run(n, args.steps, sigma, args.repeat)
             kernel = f"gauss {sigma:g}" if sigma > 0 else "point"
-            print(f"| {n} | embedded | {kernel} | {ms:.3f} | {ms / bare:.2f} | {setup:.2f} |",
-                  flush=True)
+            print(
+                f"| {n} | embedded | {kernel} | {ms:.3f} | {ms / bare:.2f} | {setup:.2f} |",
+                flush=True,
+            )
     for n in [int(c) for c in args.socket_counts.split(",") if c]:
         ms, setup = time_run(n, args.steps, 0.1, args.repeat, socket=True)
-        print(f"| {n} | socket (UNIX) | gauss 0.1 | {ms:.3f} | {ms / bare:.2f} | {setup:.2f} |",
-              flush=True)
+        print(
+            f"| {n} | socket (UNIX) | gauss 0.1 | {ms:.3f} | {ms / bare:.2f} | {setup:.2f} |",
+            flush=True,
+        )
     for n in [int(c) for c in args.ensemble_counts.split(",") if c]:
         ms, setup = time_run(n, args.steps, 0.1, args.repeat, socket=True, ensembles=2)
-        print(f"| {n} | 2 ensemble drivers | gauss 0.1 | {ms:.3f} | {ms / bare:.2f} | "
-              f"{setup:.2f} |", flush=True)
+        print(
+            f"| {n} | 2 ensemble drivers | gauss 0.1 | {ms:.3f} | {ms / bare:.2f} | {setup:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

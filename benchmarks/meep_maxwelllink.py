@@ -52,16 +52,34 @@ def time_maxwelllink(n: int, steps: int, sigma: float, repeat: int) -> float:
     mp.verbosity(0)
     samples = []
     for _ in range(repeat + 1):
-        sources = [] if n else [mp.Source(mp.ContinuousSource(frequency=0.16),
-                                          component=mp.Ez, center=mp.Vector3())]
+        sources = (
+            []
+            if n
+            else [
+                mp.Source(mp.ContinuousSource(frequency=0.16), component=mp.Ez, center=mp.Vector3())
+            ]
+        )
         with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per molecule
-            molecules = [mxl.Molecule(driver="tls", driver_kwargs=TLS, center=mp.Vector3(x, y),
-                                      size=mp.Vector3(1, 1, 1), sigma=sigma, dimensions=2,
-                                      store_additional_data=False)
-                         for x, y in (lattice(n) if n else [])]
-            sim = mxl.MeepSimulation(molecules=molecules, time_units_fs=0.1, sources=sources,
-                                     cell_size=mp.Vector3(16, 16), resolution=10)
-            sim.run(until=0.05)                   # init, set-up, first step
+            molecules = [
+                mxl.Molecule(
+                    driver="tls",
+                    driver_kwargs=TLS,
+                    center=mp.Vector3(x, y),
+                    size=mp.Vector3(1, 1, 1),
+                    sigma=sigma,
+                    dimensions=2,
+                    store_additional_data=False,
+                )
+                for x, y in (lattice(n) if n else [])
+            ]
+            sim = mxl.MeepSimulation(
+                molecules=molecules,
+                time_units_fs=0.1,
+                sources=sources,
+                cell_size=mp.Vector3(16, 16),
+                resolution=10,
+            )
+            sim.run(until=0.05)  # init, set-up, first step
             dt = sim.fields.dt
             t0 = time.perf_counter()
             sim.run(until=steps * dt)
@@ -79,11 +97,14 @@ def serve(args: argparse.Namespace) -> None:
     for n in args.counts:
         steps = args.steps
         if last_n:
-            per_step = last_ms * n / last_n * 1e-3          # estimated seconds per step
+            per_step = last_ms * n / last_n * 1e-3  # estimated seconds per step
             steps = min(steps, int(args.budget / ((args.repeat + 1) * per_step)))
             if steps < 20:
-                emit(n=n, skipped=f"estimated {20 * (args.repeat + 1) * per_step:.0f} s "
-                                  f"for 20 steps > --budget {args.budget:g} s")
+                emit(
+                    n=n,
+                    skipped=f"estimated {20 * (args.repeat + 1) * per_step:.0f} s "
+                    f"for 20 steps > --budget {args.budget:g} s",
+                )
                 continue
         ms = time_maxwelllink(n, steps, 0.1, args.repeat)
         emit(n=n, ms=ms, steps=steps)
@@ -98,10 +119,15 @@ def ensure_peer() -> str | None:
     python = PEER / "bin" / "python"
     if python.exists():
         return None
-    print(f"creating {PEER.relative_to(REPO)}: /usr/bin/python3 -m venv --system-site-packages,"
-          f" pip install --no-deps {PEER_SPEC}", flush=True)
-    for cmd in (["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(PEER)],
-                [str(python), "-m", "pip", "install", "-q", "--no-deps", PEER_SPEC]):
+    print(
+        f"creating {PEER.relative_to(REPO)}: /usr/bin/python3 -m venv --system-site-packages,"
+        f" pip install --no-deps {PEER_SPEC}",
+        flush=True,
+    )
+    for cmd in (
+        ["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(PEER)],
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", PEER_SPEC],
+    ):
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -118,16 +144,29 @@ def run_peer(args: argparse.Namespace) -> tuple[dict[int, dict], str]:
     reason = ensure_peer()
     if reason:
         return {}, f"MaxwellLink not measured: {reason}"
-    cmd = [str(PEER / "bin" / "python"), __file__, "--serve",
-           "--counts", ",".join(map(str, args.counts)), "--steps", str(args.steps),
-           "--repeat", str(args.repeat), "--budget", str(args.budget)]
+    cmd = [
+        str(PEER / "bin" / "python"),
+        __file__,
+        "--serve",
+        "--counts",
+        ",".join(map(str, args.counts)),
+        "--steps",
+        str(args.steps),
+        "--repeat",
+        str(args.repeat),
+        "--budget",
+        str(args.budget),
+    ]
     timeout = 600 + args.budget * len(args.counts)
     try:
         done = subprocess.run(cmd, capture_output=True, env=child_env(), timeout=timeout)
     except subprocess.TimeoutExpired:
         return {}, f"MaxwellLink not measured: no result within {timeout:g} s"
-    reports = [json.loads(line[len(PREFIX):]) for line in done.stdout.splitlines()
-               if line.startswith(PREFIX)]
+    reports = [
+        json.loads(line[len(PREFIX) :])
+        for line in done.stdout.splitlines()
+        if line.startswith(PREFIX)
+    ]
     rows = {r["n"]: r for r in reports if "n" in r}
     version = next((r["version"] for r in reports if "version" in r), "?")
     if done.returncode != 0 or 0 not in rows:
@@ -141,8 +180,9 @@ def main() -> None:
     parser.add_argument("--counts", default="1,10,100,1000")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=60.0,
-                        help="seconds a MaxwellLink row may take (default 60)")
+    parser.add_argument(
+        "--budget", type=float, default=60.0, help="seconds a MaxwellLink row may take (default 60)"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.counts = [int(c) for c in args.counts.split(",") if int(c) > 0]
@@ -162,14 +202,17 @@ def main() -> None:
         ms = row["ms"]
         return f"{ms:.3f} | {ms / mxl_bare:.2f} | {ms / (ours[n] if n else bare):.2f}"
 
-    print("| molecules | maxwellhub ms/step | x bare | MaxwellLink ms/step | x bare "
-          "| ratio MaxwellLink/maxwellhub |")
+    print(
+        "| molecules | maxwellhub ms/step | x bare | MaxwellLink ms/step | x bare "
+        "| ratio MaxwellLink/maxwellhub |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     print(f"| 0 (plain source) | {bare:.3f} | 1.00 | {mxl_cells(0)} |")
     for n in args.counts:
         print(f"| {n} | {ours[n]:.3f} | {ours[n] / bare:.2f} | {mxl_cells(n)} |")
-    print(f"\n{note}; {args.steps} steps per timed run, median of {args.repeat} after a "
-          "warm-up run.")
+    print(
+        f"\n{note}; {args.steps} steps per timed run, median of {args.repeat} after a warm-up run."
+    )
     for n, row in theirs.items():
         if "skipped" in row:
             print(f"- MaxwellLink N = {n} skipped: {row['skipped']}.")

@@ -56,21 +56,22 @@ DT_AU = 0.5
 
 # --------------------------------------------------------------------------- hub side
 
+
 async def serve(args) -> None:
     import numpy as np
 
     from maxwellhub import Hub
 
-    where = ({"unixsocket": args.unix} if args.unix
-             else {"host": "127.0.0.1", "port": args.port})
+    where = {"unixsocket": args.unix} if args.unix else {"host": "127.0.0.1", "port": args.port}
     hub = Hub(timeout=args.deadline, **where)
     await hub.start()
     emit(listening=True)
-    watched = json.loads(sys.stdin.readline())   # the relays' pids (none when direct)
+    watched = json.loads(sys.stdin.readline())  # the relays' pids (none when direct)
     n = args.n
     ids = np.arange(n)
-    if not await hub.wait_until_bound({int(m): {"dt_au": DT_AU} for m in ids},
-                                      timeout=args.deadline):
+    if not await hub.wait_until_bound(
+        {int(m): {"dt_au": DT_AU} for m in ids}, timeout=args.deadline
+    ):
         raise SystemExit(f"drivers for {n} molecules did not bind within {args.deadline} s")
     fields = np.zeros((n, 3))
     fields[:, 1] = 1e-9 * np.arange(n)
@@ -95,14 +96,19 @@ async def serve(args) -> None:
     cpu = time.process_time() - cpu0
     relays = sum(cpu_seconds(p) for p in watched) - relays0
     durations.sort()
-    emit(steps=args.steps, median_ms=1e3 * durations[len(durations) // 2],
-         p99_ms=1e3 * durations[math.ceil(0.99 * len(durations)) - 1],
-         hub_cpu_ms=1e3 * cpu / args.steps, relay_cpu_ms=1e3 * relays / args.steps)
+    emit(
+        steps=args.steps,
+        median_ms=1e3 * durations[len(durations) // 2],
+        p99_ms=1e3 * durations[math.ceil(0.99 * len(durations)) - 1],
+        hub_cpu_ms=1e3 * cpu / args.steps,
+        relay_cpu_ms=1e3 * relays / args.steps,
+    )
     await hub.stop()
     emit(done=True)
 
 
 # --------------------------------------------------------------------------- one setup
+
 
 def run_setup(relays: int, args, workdir: Path) -> dict:
     """N loadgen drivers direct (relays = 0) or behind `relays` relays; the hub's report."""
@@ -116,11 +122,27 @@ def run_setup(relays: int, args, workdir: Path) -> dict:
     loadgen = build("loadgen")
     deadline = time.monotonic() + args.deadline + 60 + args.steps
     errors = open(workdir / f"stderr-{relays}.txt", "w+b")  # noqa: SIM115
-    hub = subprocess.Popen([sys.executable, __file__, "--serve", *upstream, "-n", str(n),
-                            "--steps", str(args.steps), "--warmup", str(args.warmup),
-                            "--deadline", str(args.deadline)],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
-                           env=child_env(), preexec_fn=pin_to(HUB_CORE))
+    hub = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            *upstream,
+            "-n",
+            str(n),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--deadline",
+            str(args.deadline),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=errors,
+        env=child_env(),
+        preexec_fn=pin_to(HUB_CORE),
+    )
     assert hub.stdin is not None  # stdin=PIPE above
     others: list[subprocess.Popen] = []
     relay_procs: list[subprocess.Popen] = []
@@ -132,19 +154,47 @@ def run_setup(relays: int, args, workdir: Path) -> dict:
         relay_exe = Path(sys.executable).with_name("maxwellhub")
         for r in range(relays):
             local = str(workdir / f"relay-{r}.sock")
-            relay_procs.append(subprocess.Popen(
-                [str(relay_exe), "relay", "--molecules", str(n // relays), *upstream,
-                 "--listen-unix", local, "--timeout", str(args.deadline)],
-                stdin=subprocess.DEVNULL, stderr=errors, env=child_env(),
-                preexec_fn=pin_to(CLIENT_CORE)))
+            relay_procs.append(
+                subprocess.Popen(
+                    [
+                        str(relay_exe),
+                        "relay",
+                        "--molecules",
+                        str(n // relays),
+                        *upstream,
+                        "--listen-unix",
+                        local,
+                        "--timeout",
+                        str(args.deadline),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stderr=errors,
+                    env=child_env(),
+                    preexec_fn=pin_to(CLIENT_CORE),
+                )
+            )
         hub.stdin.write((json.dumps([p.pid for p in relay_procs]) + "\n").encode())
         hub.stdin.flush()
-        targets = ([["--unix", str(workdir / f"relay-{r}.sock")] for r in range(relays)]
-                   if relays else [upstream])
+        targets = (
+            [["--unix", str(workdir / f"relay-{r}.sock")] for r in range(relays)]
+            if relays
+            else [upstream]
+        )
         for where in targets:
-            others.append(subprocess.Popen(
-                [str(loadgen), *where, "-n", str(n // len(targets)), "--timeout",
-                 str(args.deadline)], stderr=errors, preexec_fn=pin_to(CLIENT_CORE)))
+            others.append(
+                subprocess.Popen(
+                    [
+                        str(loadgen),
+                        *where,
+                        "-n",
+                        str(n // len(targets)),
+                        "--timeout",
+                        str(args.deadline),
+                    ],
+                    stderr=errors,
+                    preexec_fn=pin_to(CLIENT_CORE),
+                )
+            )
         report = lines.next(deadline)
         if not report or "median_ms" not in report:
             raise RuntimeError("the hub ended early")
@@ -168,28 +218,38 @@ def run_setup(relays: int, args, workdir: Path) -> dict:
 
 # --------------------------------------------------------------------------- report
 
+
 def print_table(args, direct, relayed) -> None:
     r = args.relays
-    print(f"\n### {args.drivers:,} drivers: direct vs behind {r} relays "
-          f"(upstream {args.transport.upper()}; median of {args.steps} steps)\n")
-    print("| setup | hub connections | median ms/step | p99 ms/step | hub CPU ms/step "
-          "| relays' CPU ms/step (all) |")
+    print(
+        f"\n### {args.drivers:,} drivers: direct vs behind {r} relays "
+        f"(upstream {args.transport.upper()}; median of {args.steps} steps)\n"
+    )
+    print(
+        "| setup | hub connections | median ms/step | p99 ms/step | hub CPU ms/step "
+        "| relays' CPU ms/step (all) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
-    rows = ((f"{args.drivers:,} direct connections", args.drivers, direct),
-            (f"{args.drivers:,} drivers behind {r} relays ({args.drivers // r:,} each)",
-             r, relayed))
+    rows = (
+        (f"{args.drivers:,} direct connections", args.drivers, direct),
+        (f"{args.drivers:,} drivers behind {r} relays ({args.drivers // r:,} each)", r, relayed),
+    )
     for name, conns, x in rows:
         if isinstance(x, str):
             print(f"| {name} | {conns:,} | - | - | - | not measured: {x} |")
             continue
         relay_cpu = f"{x['relay_cpu_ms']:.2f}" if x is relayed else "-"
-        print(f"| {name} | {conns:,} | {x['median_ms']:.3f} | {x['p99_ms']:.3f} "
-              f"| {x['hub_cpu_ms']:.3f} | {relay_cpu} |")
+        print(
+            f"| {name} | {conns:,} | {x['median_ms']:.3f} | {x['p99_ms']:.3f} "
+            f"| {x['hub_cpu_ms']:.3f} | {relay_cpu} |"
+        )
     if isinstance(direct, dict) and isinstance(relayed, dict):
-        print(f"| ratio relays / direct | {r / args.drivers:.4f} "
-              f"| {relayed['median_ms'] / direct['median_ms']:.3f} "
-              f"| {relayed['p99_ms'] / direct['p99_ms']:.3f} "
-              f"| {relayed['hub_cpu_ms'] / direct['hub_cpu_ms']:.3f} | - |")
+        print(
+            f"| ratio relays / direct | {r / args.drivers:.4f} "
+            f"| {relayed['median_ms'] / direct['median_ms']:.3f} "
+            f"| {relayed['p99_ms'] / direct['p99_ms']:.3f} "
+            f"| {relayed['hub_cpu_ms'] / direct['hub_cpu_ms']:.3f} | - |"
+        )
 
 
 def main() -> None:
@@ -198,12 +258,21 @@ def main() -> None:
     parser.add_argument("--relays", type=int, default=4)
     parser.add_argument("--steps", type=int, default=300, help="timed steps")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")
-    parser.add_argument("--transport", choices=("tcp", "unix"), default="tcp",
-                        help="between the hub and its drivers or relays (default tcp)")
-    parser.add_argument("--deadline", type=float, default=180.0,
-                        help="seconds for binding and for any one step (default 180)")
-    parser.add_argument("--quick", action="store_true",
-                        help="1,024 drivers, 100 steps (rough numbers)")
+    parser.add_argument(
+        "--transport",
+        choices=("tcp", "unix"),
+        default="tcp",
+        help="between the hub and its drivers or relays (default tcp)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=180.0,
+        help="seconds for binding and for any one step (default 180)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1,024 drivers, 100 steps (rough numbers)"
+    )
     # hub side, in the child process
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--unix", help=argparse.SUPPRESS)
@@ -223,8 +292,14 @@ def main() -> None:
         parser.error(f"--drivers {args.drivers} must be a multiple of --relays {args.relays}")
 
     print(f"machine: {machine()}")
-    print("pinning: " + (f"hub on core {HUB_CORE}; loadgens and relays on core {CLIENT_CORE}"
-                         if can_pin() else "not possible here (fewer than 2 usable cores)"))
+    print(
+        "pinning: "
+        + (
+            f"hub on core {HUB_CORE}; loadgens and relays on core {CLIENT_CORE}"
+            if can_pin()
+            else "not possible here (fewer than 2 usable cores)"
+        )
+    )
     results: dict[int, dict | str] = {}  # a setup's figures, or why it was skipped
     with tempfile.TemporaryDirectory(prefix="mxhrelay-") as tmp:
         for relays in (0, args.relays):
@@ -234,8 +309,12 @@ def main() -> None:
                 said = f"{r['median_ms']:.3f} ms/step"
             except Skip as why:
                 results[relays] = said = str(why)
-            print(f"  {'direct' if relays == 0 else f'{relays} relays'}: {said} "
-                  f"({time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
+            print(
+                f"  {'direct' if relays == 0 else f'{relays} relays'}: {said} "
+                f"({time.monotonic() - t0:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     print_table(args, results[0], results[args.relays])
     if any(isinstance(r, str) for r in results.values()):
         sys.exit(1)

@@ -85,8 +85,15 @@ def _env() -> dict[str, str]:
 def _command(args: list[str]) -> list[str]:
     if NP > 1:
         root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-        return [shutil.which("mpirun") or "mpirun", *root, "--oversubscribe", "-np", str(NP),
-                str(BIN / "maxwellhub"), *args]
+        return [
+            shutil.which("mpirun") or "mpirun",
+            *root,
+            "--oversubscribe",
+            "-np",
+            str(NP),
+            str(BIN / "maxwellhub"),
+            *args,
+        ]
     return [str(BIN / "maxwellhub"), *args]
 
 
@@ -115,11 +122,16 @@ def _summary(stdout: str) -> dict:
 
 def _run(args: list[str]) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    done = subprocess.run(_command(args), capture_output=True, text=True, env=_env(),
-                          timeout=600, start_new_session=True)
+    done = subprocess.run(
+        _command(args),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+        start_new_session=True,
+    )
     if done.returncode != 0:
-        sys.exit(f"maxwellhub {' '.join(args)} failed ({done.returncode}):\n"
-                 f"{done.stderr[-3000:]}")
+        sys.exit(f"maxwellhub {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return _summary(done.stdout), time.perf_counter() - t0
 
 
@@ -130,9 +142,14 @@ def _kill_at_random_step(config: Path, target: int) -> dict:
     asked every 10 ms: nothing outside the run can await its step."""
     from maxwellhub import control
 
-    run = subprocess.Popen(_command(["run", str(config)]), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=_env(),
-                           start_new_session=True)
+    run = subprocess.Popen(
+        _command(["run", str(config)]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     try:
         end = time.monotonic() + 120
         address = None
@@ -162,15 +179,24 @@ def _kill_at_random_step(config: Path, target: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--every", type=int, default=100, help="run checkpoint every N steps")
-    parser.add_argument("--driver-every", type=int, default=10,
-                        help="driver checkpoints every K steps (N %% K == 0)")
+    parser.add_argument(
+        "--driver-every",
+        type=int,
+        default=10,
+        help="driver checkpoints every K steps (N %% K == 0)",
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--np", type=int, default=1,
-                        help="MPI ranks: every run under mpirun -np K (default 1: no mpirun)")
+    parser.add_argument(
+        "--np",
+        type=int,
+        default=1,
+        help="MPI ranks: every run under mpirun -np K (default 1: no mpirun)",
+    )
     args = parser.parse_args()
     global NP
     NP = args.np
@@ -185,25 +211,34 @@ def main() -> int:
         ref_cfg.write_text(CONFIG.format(name=name, out=work / "reference"))
         ref, ref_wall = _run(["run", str(ref_cfg)])
         cfg = work / "restart.toml"
-        cfg.write_text(CONFIG.format(name=name, out=work / "restart")
-                       + f'\n[checkpoint]\ndir = "{work / "ck"}"\nevery = {args.every}\n'
-                         f"driver_every = {args.driver_every}\n")
+        cfg.write_text(
+            CONFIG.format(name=name, out=work / "restart")
+            + f'\n[checkpoint]\ndir = "{work / "ck"}"\nevery = {args.every}\n'
+            f"driver_every = {args.driver_every}\n"
+        )
         killed = _kill_at_random_step(cfg, rng.randrange(args.every + 1, ref["steps"] - 1))
         resumed, resume_wall = _run(["run", str(cfg), "--resume", str(work / "ck")])
-        with h5py.File(work / "reference" / "molecules.h5") as a, \
-                h5py.File(work / "restart" / "molecules.h5") as b:
+        with (
+            h5py.File(work / "reference" / "molecules.h5") as a,
+            h5py.File(work / "restart" / "molecules.h5") as b,
+        ):
             bitwise = sorted(a) == sorted(b) and all(
-                np.array_equal(a[k][()], b[k][()], equal_nan=True) for k in a)
+                np.array_equal(a[k][()], b[k][()], equal_nan=True) for k in a
+            )
             dpe = float(np.max(np.abs(a["Pe"][()] - b["Pe"][()])))
             pe_final = b["Pe"][-1].tolist()
         report = {
-            "seed": seed, "mpi_ranks": resumed.get("mpi_ranks"), "steps": resumed["steps"],
+            "seed": seed,
+            "mpi_ranks": resumed.get("mpi_ranks"),
+            "steps": resumed["steps"],
             "molecules": resumed["molecules"],
-            "checkpoint_every": args.every, "driver_every": args.driver_every,
+            "checkpoint_every": args.every,
+            "driver_every": args.driver_every,
             "killed_returncode": killed["returncode"],
             "killed_at_step_about": killed["step_before_kill"],
             "resumed_at_step": resumed["resumed_at_step"],
-            "max_abs_Pe_difference": dpe, "all_datasets_bitwise_equal": bitwise,
+            "max_abs_Pe_difference": dpe,
+            "all_datasets_bitwise_equal": bitwise,
             "final_Pe_mean": float(np.mean(pe_final)),
             "uninterrupted_wall_s": round(ref_wall, 2),
             "resumed_run_wall_s": round(resume_wall, 2),

@@ -33,9 +33,20 @@ QUICK = {
     "drivers.py": ["--quick"],
     "ensemble.py": ["--quick"],
     "relay.py": ["--quick"],
-    "meep_coupling.py": ["--counts", "0,1,100", "--sigmas", "0.1", "--socket-counts", "1",
-                         "--ensemble-counts", "1000",
-                         "--steps", "100", "--repeat", "1"],
+    "meep_coupling.py": [
+        "--counts",
+        "0,1,100",
+        "--sigmas",
+        "0.1",
+        "--socket-counts",
+        "1",
+        "--ensemble-counts",
+        "1000",
+        "--steps",
+        "100",
+        "--repeat",
+        "1",
+    ],
     "meep_maxwelllink.py": ["--counts", "1,10", "--steps", "50", "--repeat", "1"],
 }
 
@@ -48,8 +59,10 @@ def main() -> None:
     print(f"# maxwellhub benchmarks{' (--quick)' if args.quick else ''}\n")
     print(f"- machine: {machine()}")
     print(f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    print(f"- command: {sys.executable} benchmarks/run_all.py"
-          f"{' --quick' if args.quick else ''}", flush=True)
+    print(
+        f"- command: {sys.executable} benchmarks/run_all.py{' --quick' if args.quick else ''}",
+        flush=True,
+    )
     failed = []
     for script, extra in parts.items():
         print(f"\n## {script} {' '.join(extra)}\n", flush=True)

@@ -13,8 +13,14 @@ oversubscribe it. It must run before numpy is imported, so nothing above imports
 import os
 
 #: Thread-count variables of the BLAS/OpenMP runtimes numpy may load.
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                   "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 for _var in THREAD_ENV_VARS:
     os.environ.setdefault(_var, "1")

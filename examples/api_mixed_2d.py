@@ -3,6 +3,7 @@ an ordinary Meep simulation. Both start excited; they relax together.
 
     .venv/bin/python examples/api_mixed_2d.py [--until 90]
 """
+
 import argparse
 from typing import Any
 
@@ -16,7 +17,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--until", type=float, default=90.0)
 args = parser.parse_args()
 
-tls: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}   # a.u.
+tls: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}  # a.u.
 sim = mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(3.0)])
 with SocketHub(unixsocket="api_mixed_2d", timeout=60) as hub:
     coupling = MeepCoupling(sim, time_units_fs=0.1, hub=hub)

@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python examples/hub_and_two_drivers.py
 """
+
 import json
 import subprocess
 
@@ -9,16 +10,28 @@ import numpy as np
 
 from maxwellhub import SocketHub
 
-with SocketHub(unixsocket="readme_example", timeout=30) as hub:   # /tmp/socketmxl_readme_example
-    ids = [hub.register_molecule_return_id() for _ in range(2)]   # molecules 0 and 1
-    drivers = [subprocess.Popen(["maxwellhub-driver", "--unix", "readme_example", "--model", m,
-                                 "--param", "omega=0.242"]) for m in ("tls", "sho")]
-    hub.wait_until_bound({m: {"dt_au": 0.5} for m in ids})        # INIT carries dt_au and the id
+with SocketHub(unixsocket="readme_example", timeout=30) as hub:  # /tmp/socketmxl_readme_example
+    ids = [hub.register_molecule_return_id() for _ in range(2)]  # molecules 0 and 1
+    drivers = [
+        subprocess.Popen(
+            [
+                "maxwellhub-driver",
+                "--unix",
+                "readme_example",
+                "--model",
+                m,
+                "--param",
+                "omega=0.242",
+            ]
+        )
+        for m in ("tls", "sho")
+    ]
+    hub.wait_until_bound({m: {"dt_au": 0.5} for m in ids})  # INIT carries dt_au and the id
     for step in range(3):
-        field = np.array([0.0, 0.0, 1e-3 * np.sin(0.242 * 0.5 * step)])   # E at each molecule, a.u.
-        results = hub.step({m: {"efield_au": field} for m in ids})         # one barrier step
+        field = np.array([0.0, 0.0, 1e-3 * np.sin(0.242 * 0.5 * step)])  # E at each molecule, a.u.
+        results = hub.step({m: {"efield_au": field} for m in ids})  # one barrier step
         for m in ids:
             extras = json.loads(results[m]["extra"])
             print(step, m, "dmu/dt =", results[m]["amp"], "time_au =", extras["time_au"])
 for d in drivers:
-    d.wait(timeout=10)                                             # drivers exit 0 after STOP
+    d.wait(timeout=10)  # drivers exit 0 after STOP

@@ -7,6 +7,7 @@ Only rank 0 creates a listening socket and talks to drivers (SocketHub is inert 
 ranks); the sources reach every rank by an MPI broadcast of plain float arrays. The
 drivers are started without the MPI environment, so they never join Meep's MPI world.
 """
+
 import argparse
 
 import meep as mp
@@ -21,7 +22,7 @@ args = parser.parse_args()
 
 tls = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}
 sim = mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(3.0)])
-hub = SocketHub(unixsocket="mpi_relax_2d", timeout=60)       # listens on rank 0 only
+hub = SocketHub(unixsocket="mpi_relax_2d", timeout=60)  # listens on rank 0 only
 coupling = MeepCoupling(sim, time_units_fs=0.1, hub=hub)
 coupling.add_socket_molecules(centers=[(0, 0)], sigma=0.1, axis="z")
 drivers = [start_driver("tls", tls, unix="mpi_relax_2d")] if am_master() else []

@@ -8,6 +8,7 @@
 
 It waits up to --wait seconds for the drivers, then runs the 2D relaxation with them.
 """
+
 import argparse
 
 import meep as mp
@@ -25,10 +26,12 @@ args = parser.parse_args()
 
 sim = mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(3.0)])
 with SocketHub(host=args.host, port=args.port, timeout=args.wait) as hub:
-    print(f"hub listening on {args.host}:{hub.port}; start {args.molecules} drivers:",
-          flush=True)
-    print(f"  maxwellhub-driver --host {args.host} --port {hub.port} --model tls "
-          "--param omega=0.242 --param mu12=187 --param pe_initial=1e-4", flush=True)
+    print(f"hub listening on {args.host}:{hub.port}; start {args.molecules} drivers:", flush=True)
+    print(
+        f"  maxwellhub-driver --host {args.host} --port {hub.port} --model tls "
+        "--param omega=0.242 --param mu12=187 --param pe_initial=1e-4",
+        flush=True,
+    )
     coupling = MeepCoupling(sim, time_units_fs=0.1, hub=hub, timeout=args.wait)
     # Two molecules at one point, each carrying half the dipole strength.
     coupling.add_socket_molecules(centers=[(0, 0)] * args.molecules, sigma=0.1, axis="z")

@@ -35,7 +35,7 @@ __all__ = ["SECRET_ENV", "Secret", "is_loopback", "load_secret", "new_nonce"]
 #: The environment variable a secret may come from (hub and drivers).
 SECRET_ENV = "MAXWELLHUB_SECRET"
 
-_CONTEXT = b"maxwellhub-auth-v1"   # binds a proof to this protocol and version
+_CONTEXT = b"maxwellhub-auth-v1"  # binds a proof to this protocol and version
 _MAX_FILE_BYTES = 1 << 16
 
 
@@ -66,11 +66,11 @@ class Secret:
                 if mode & 0o077:
                     raise UsageError(
                         f"secret file {path} has mode {stat.S_IMODE(mode):04o}: it must not "
-                        f"be readable or writable by group or others; run chmod 600 {path}")
+                        f"be readable or writable by group or others; run chmod 600 {path}"
+                    )
                 key = f.read(_MAX_FILE_BYTES + 1)
         except OSError as exc:
-            raise UsageError(f"cannot read secret file {path}: {exc.strerror or exc}") \
-                from None
+            raise UsageError(f"cannot read secret file {path}: {exc.strerror or exc}") from None
         if len(key) > _MAX_FILE_BYTES:
             raise UsageError(f"secret file {path} is larger than {_MAX_FILE_BYTES} bytes")
         return cls(key.rstrip(b"\r\n"), source=path)
@@ -100,8 +100,9 @@ class Secret:
         raise TypeError("a Secret is not picklable")
 
 
-def load_secret(secret_file: str | os.PathLike | None = None, *,
-                env: str | None = SECRET_ENV) -> Secret | None:
+def load_secret(
+    secret_file: str | os.PathLike | None = None, *, env: str | None = SECRET_ENV
+) -> Secret | None:
     """The secret from ``secret_file`` if given, else from environment variable ``env``
     (default ``MAXWELLHUB_SECRET``; None to ignore the environment); None when neither
     holds one. A bad file raises :class:`~maxwellhub.errors.UsageError`."""

@@ -41,8 +41,9 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], *,
-                 mode: int = 0o600) -> Path:
+def atomic_write(
+    path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], *, mode: int = 0o600
+) -> Path:
     """Replace ``path`` atomically with ``data`` (bytes, or a function writing to a binary
     file object), file mode ``mode``; returns the path."""
     path = Path(path)

@@ -23,8 +23,13 @@ if TYPE_CHECKING:
 
 __all__ = ["driver_command", "driver_env", "reap", "start_driver"]
 
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+_THREAD_VARS = (
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
 _MPI_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "MPI_LOCALRANKID", "HYDRA_", "I_MPI_")
 
 
@@ -37,15 +42,24 @@ def driver_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def driver_command(model: str, params: Mapping[str, object] | None = None, *,
-                   unix: str | None = None, host: str | None = None,
-                   port: int | None = None, timeout: float | None = None,
-                   extra_args: Sequence[str] = ()) -> list[str]:
+def driver_command(
+    model: str,
+    params: Mapping[str, object] | None = None,
+    *,
+    unix: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    timeout: float | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
     """The argv of ``maxwellhub-driver`` for one molecule."""
     exe = Path(sys.executable).with_name("maxwellhub-driver")
     found = shutil.which("maxwellhub-driver")
-    argv = [str(exe)] if exe.exists() else (
-        [found] if found else [sys.executable, "-m", "maxwellhub_drivers.cli"])
+    argv = (
+        [str(exe)]
+        if exe.exists()
+        else ([found] if found else [sys.executable, "-m", "maxwellhub_drivers.cli"])
+    )
     if unix is not None:
         argv += ["--unix", unix]
     else:
@@ -58,9 +72,15 @@ def driver_command(model: str, params: Mapping[str, object] | None = None, *,
     return argv + list(extra_args)
 
 
-def start_driver(model: str, params: Mapping[str, object] | None = None, *,
-                 log_path: str | os.PathLike | None = None, secret: Secret | None = None,
-                 new_session: bool = False, **where) -> subprocess.Popen:
+def start_driver(
+    model: str,
+    params: Mapping[str, object] | None = None,
+    *,
+    log_path: str | os.PathLike | None = None,
+    secret: Secret | None = None,
+    new_session: bool = False,
+    **where,
+) -> subprocess.Popen:
     """Start one driver subprocess (arguments as :func:`driver_command`). ``secret`` is
     handed over in the environment (MAXWELLHUB_SECRET), never on the command line.
     ``new_session``: in its own session, so a Ctrl-C at the terminal reaches only the
@@ -68,10 +88,14 @@ def start_driver(model: str, params: Mapping[str, object] | None = None, *,
     env = driver_env(secret.environ() if secret is not None else None)
     with contextlib.ExitStack() as files:
         out: Any = files.enter_context(open(log_path, "ab")) if log_path else subprocess.DEVNULL
-        return subprocess.Popen(driver_command(model, params, **where), env=env,
-                                stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT if log_path else None,
-                                start_new_session=new_session)
+        return subprocess.Popen(
+            driver_command(model, params, **where),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if log_path else None,
+            start_new_session=new_session,
+        )
 
 
 def reap(processes: Sequence[subprocess.Popen], timeout: float = 5.0) -> list[int | None]:

@@ -17,8 +17,13 @@ import numpy as np
 __all__ = ["am_master", "any_rank", "comm_world", "mpi_bcast_from_master", "rank_and_size"]
 
 
-_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
-                  "SLURM_STEP_NUM_TASKS")
+_LAUNCHER_VARS = (
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_RANK",
+    "MPI_LOCALNRANKS",
+    "SLURM_STEP_NUM_TASKS",
+)
 
 
 # The communicator of this program's own ranks once maxwellhub.mpmd.split_world() ran in
@@ -54,7 +59,8 @@ def _world():
             f"this process is one of {MPI.COMM_WORLD.Get_size()} in an MPMD job of {apps} "
             "programs: MPI.COMM_WORLD includes the other programs' ranks (the drivers'), "
             "so call maxwellhub.mpmd.split_world() at the top of the EM script, before "
-            "creating the Meep simulation (see examples/hpc/README.md)")
+            "creating the Meep simulation (see examples/hpc/README.md)"
+        )
     return MPI.COMM_WORLD
 
 
@@ -73,8 +79,15 @@ def am_master() -> bool:
 
 # Kinds of broadcast payload: a header of three int64 says kind, dtype code and length.
 _KIND_JSON, _KIND_ARRAY, _KIND_BYTES = 0, 1, 2
-_DTYPES: list[np.dtype] = [np.dtype("<f8"), np.dtype("<i8"), np.dtype("<c16"), np.dtype("<f4"),
-           np.dtype("<i4"), np.dtype("u1"), np.dtype("?")]
+_DTYPES: list[np.dtype] = [
+    np.dtype("<f8"),
+    np.dtype("<i8"),
+    np.dtype("<c16"),
+    np.dtype("<f4"),
+    np.dtype("<i4"),
+    np.dtype("u1"),
+    np.dtype("?"),
+]
 
 
 def _bcast_buffer(comm, buf: np.ndarray) -> np.ndarray:
@@ -98,8 +111,14 @@ def mpi_bcast_from_master(value: Any) -> Any:
     if root:
         if isinstance(value, np.ndarray):
             arr = np.ascontiguousarray(value)
-            code = next((i for i, d in enumerate(_DTYPES) if d == arr.dtype.newbyteorder("<")
-                         or d == arr.dtype), None)
+            code = next(
+                (
+                    i
+                    for i, d in enumerate(_DTYPES)
+                    if d == arr.dtype.newbyteorder("<") or d == arr.dtype
+                ),
+                None,
+            )
             if code is None:
                 raise TypeError(f"cannot broadcast arrays of dtype {arr.dtype}")
             arr = arr.astype(_DTYPES[code], copy=False)

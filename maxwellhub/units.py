@@ -24,16 +24,16 @@ __all__ = ["AU_TIME_FS", "MeepUnits"]
 
 # CODATA 2018 (exact where the SI defines them).
 _HBAR = 6.62607015e-34 / (2 * math.pi)  # J s (h is exact)
-_EPSILON0 = 8.8541878128e-12     # F/m
-_C = 299792458.0                 # m/s
-_E_CHARGE = 1.602176634e-19      # C
-_BOHR = 5.29177210903e-11        # m
-_HARTREE = 4.3597447222071e-18   # J
+_EPSILON0 = 8.8541878128e-12  # F/m
+_C = 299792458.0  # m/s
+_E_CHARGE = 1.602176634e-19  # C
+_BOHR = 5.29177210903e-11  # m
+_HARTREE = 4.3597447222071e-18  # J
 
 #: One atomic unit of time (hbar / E_h) in femtoseconds.
 AU_TIME_FS = _HBAR / _HARTREE * 1e15
 
-_AU_DIPOLE = _E_CHARGE * _BOHR   # C m
+_AU_DIPOLE = _E_CHARGE * _BOHR  # C m
 _AU_FIELD = _HARTREE / _AU_DIPOLE  # V/m
 
 
@@ -63,10 +63,16 @@ class MeepUnits:
 
     def __post_init__(self) -> None:
         tau_fs = self.time_units_fs
-        if isinstance(tau_fs, bool) or not isinstance(tau_fs, int | float) \
-                or not math.isfinite(tau_fs) or tau_fs <= 0:
-            raise ValueError(f"time_units_fs = {tau_fs!r} is not allowed; expected a "
-                             "finite number of femtoseconds > 0")
+        if (
+            isinstance(tau_fs, bool)
+            or not isinstance(tau_fs, int | float)
+            or not math.isfinite(tau_fs)
+            or tau_fs <= 0
+        ):
+            raise ValueError(
+                f"time_units_fs = {tau_fs!r} is not allowed; expected a "
+                "finite number of femtoseconds > 0"
+            )
         tau = tau_fs * 1e-15
         dipole_si = _C * tau * math.sqrt(_HBAR * _EPSILON0 * _C)
         set_ = object.__setattr__  # frozen dataclass: derived fields are set once, here

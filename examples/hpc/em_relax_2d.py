@@ -15,6 +15,7 @@ then the file names this node's host name) with a secret if --secret-file is giv
 address file names the secret file's path, never the secret). Rank 0 writes the
 populations to --out (.npz) and prints one JSON line.
 """
+
 import argparse
 import json
 import os
@@ -47,24 +48,34 @@ args = parser.parse_args()
 mp.verbosity(0)
 sim = mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(3.0)])
 where = {"unixsocket": args.unix} if args.unix else {"host": args.host, "port": args.port}
-hub = SocketHub(timeout=args.wait, address_file=args.address_file,
-                auth=load_secret(args.secret_file, env=None) if args.secret_file else None,
-                **where)
+hub = SocketHub(
+    timeout=args.wait,
+    address_file=args.address_file,
+    auth=load_secret(args.secret_file, env=None) if args.secret_file else None,
+    **where,
+)
 coupling = MeepCoupling(sim, time_units_fs=0.1, hub=hub, timeout=args.wait)
 # N molecules on a line through the centre, 0.4 apart: they see each other's fields.
 xs = 0.4 * (np.arange(args.molecules) - (args.molecules - 1) / 2)
 coupling.add_socket_molecules(centers=[(x, 0) for x in xs], sigma=0.1, axis="z")
 start = time.perf_counter()
 sim.run(coupling.step_function(), until=args.until)
-hub.stop()   # STOP to every driver; the address file is removed
+hub.stop()  # STOP to every driver; the address file is removed
 if am_master():
     history = coupling.history()
     if args.out:
         np.savez(args.out, **history)
-    print(json.dumps({
-        "molecules": args.molecules, "steps": int(history["Pe"].shape[0]),
-        "em_ranks": em_comm.Get_size() if em_comm is not None else 1,
-        "meep_ranks": mp.count_processors(),
-        "world_ranks": int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")),
-        "final_Pe": history["Pe"][-1].tolist(),
-        "wall_time_s": round(time.perf_counter() - start, 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "molecules": args.molecules,
+                "steps": int(history["Pe"].shape[0]),
+                "em_ranks": em_comm.Get_size() if em_comm is not None else 1,
+                "meep_ranks": mp.count_processors(),
+                "world_ranks": int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")),
+                "final_Pe": history["Pe"][-1].tolist(),
+                "wall_time_s": round(time.perf_counter() - start, 3),
+            }
+        ),
+        flush=True,
+    )

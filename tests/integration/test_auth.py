@@ -47,14 +47,16 @@ def test_proof_golden_bytes():
 @pytest.mark.parametrize("split", ["whole", "bytewise", "trailing"])
 def test_auth_frames_decode_at_any_split(split):
     """Both frames decode whole, one byte at a time, and with a message after them."""
-    cases = [("driver", wire.encode_auth_challenge(NONCE), wire.AuthChallenge(1, NONCE)),
-             ("hub", wire.encode_auth_proof(PROOF), wire.AuthProof(1, PROOF))]
+    cases = [
+        ("driver", wire.encode_auth_challenge(NONCE), wire.AuthChallenge(1, NONCE)),
+        ("hub", wire.encode_auth_proof(PROOF), wire.AuthProof(1, PROOF)),
+    ]
     for reader, data, expected in cases:
         dec = wire.Decoder(reader)
         if split == "whole":
             events = dec.feed(data)
         elif split == "bytewise":
-            events = [ev for i in range(len(data)) for ev in dec.feed(data[i:i + 1])]
+            events = [ev for i in range(len(data)) for ev in dec.feed(data[i : i + 1])]
         else:
             extra = wire.encode_header(wire.STATUS if reader == "driver" else wire.NEEDINIT)
             events = dec.feed(data + extra)[:1]
@@ -165,8 +167,9 @@ class AuthFake(FakeDriver):
     async def _open(self):
         reader, writer = await super()._open()
         self.sockname = writer.get_extra_info("sockname")
-        challenge = one(wire.Decoder("driver").feed(await reader.readexactly(48)),
-                        wire.AuthChallenge)
+        challenge = one(
+            wire.Decoder("driver").feed(await reader.readexactly(48)), wire.AuthChallenge
+        )
         writer.write(wire.encode_auth_proof(self.secret.proof(challenge.nonce)))
         return reader, writer
 
@@ -274,8 +277,10 @@ async def test_silent_peer_dropped_at_the_timeout(caplog):
         await hub.stop(wait=scaled(2))
 
 
-@pytest.mark.parametrize(("host", "auth", "warned"), [
-    ("0.0.0.0", None, True), ("0.0.0.0", SECRET, False), ("127.0.0.1", None, False)])
+@pytest.mark.parametrize(
+    ("host", "auth", "warned"),
+    [("0.0.0.0", None, True), ("0.0.0.0", SECRET, False), ("127.0.0.1", None, False)],
+)
 async def test_warning_for_exposed_address_without_auth(caplog, host, auth, warned):
     """Binding a non-loopback address without a secret warns once, naming the address."""
     caplog.set_level(logging.WARNING, logger="maxwellhub.hub")
@@ -298,12 +303,23 @@ def test_real_drivers_with_secret_match_the_model():
     procs = []
     with hub:
         ids = [hub.register_molecule_return_id() for _ in range(3)]
-        procs.append(start_driver("tls", TLS, timeout=scaled(30), secret=SECRET,
-                                  host="127.0.0.1", port=hub.port))
+        procs.append(
+            start_driver(
+                "tls", TLS, timeout=scaled(30), secret=SECRET, host="127.0.0.1", port=hub.port
+            )
+        )
         assert hub.wait_until_bound({ids[0]: {"dt_au": DT_AU}}, timeout=scaled(30))
-        procs.append(start_driver("tls", TLS, timeout=scaled(30), secret=SECRET,
-                                  host="127.0.0.1", port=hub.port,
-                                  extra_args=["--molecules", "2"]))
+        procs.append(
+            start_driver(
+                "tls",
+                TLS,
+                timeout=scaled(30),
+                secret=SECRET,
+                host="127.0.0.1",
+                port=hub.port,
+                extra_args=["--molecules", "2"],
+            )
+        )
         assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(30))
         for p in procs:
             assert isinstance(p.args, list)
@@ -317,25 +333,32 @@ def test_real_drivers_with_secret_match_the_model():
         for _ in range(10):
             fields = 1e-3 * rng.standard_normal((3, 3))
             result = hub.step_arrays(ids, fields)
-            np.testing.assert_allclose(result.sources, ref.step(fields), rtol=1e-12,
-                                       atol=1e-300)
+            np.testing.assert_allclose(result.sources, ref.step(fields), rtol=1e-12, atol=1e-300)
     assert reap(procs, scaled(10)) == [0, 0]
 
 
-@pytest.mark.parametrize(("secret", "code", "message"), [
-    (None, 2, NO_SECRET), (Secret(b"wrong"), 1, "refused the secret")])
+@pytest.mark.parametrize(
+    ("secret", "code", "message"),
+    [(None, 2, NO_SECRET), (Secret(b"wrong"), 1, "refused the secret")],
+)
 async def test_real_driver_without_the_secret_is_refused(caplog, secret, code, message):
     """A real driver without the secret exits 2 naming the remedy; with a wrong one exits 1;
     the hub logs one refusal either way."""
     caplog.set_level(logging.INFO, logger="maxwellhub.hub")
     hub = await started_hub(timeout=scaled(30))
-    env = {k: v for k, v in driver_env(secret.environ() if secret else None).items()
-           if secret or k != SECRET_ENV}
+    env = {
+        k: v
+        for k, v in driver_env(secret.environ() if secret else None).items()
+        if secret or k != SECRET_ENV
+    }
     try:
         proc = await asyncio.create_subprocess_exec(
             *driver_command("tls", TLS, host="127.0.0.1", port=hub.port, timeout=scaled(30)),
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), scaled(30))
         finally:

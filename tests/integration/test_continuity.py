@@ -50,23 +50,35 @@ def reference(fields: np.ndarray) -> tuple[np.ndarray, list[list[dict]]]:
     for step in range(fields.shape[0]):
         row = []
         for m, model in enumerate(models):
-            model.stage(fields[step, m:m + 1])
+            model.stage(fields[step, m : m + 1])
             sources[step, m] = model.commit()[0]
             row.append(model.extras_of(0))
         extras.append(row)
     return sources, extras
 
 
-def run(unix_name, tmp_path, *, steps, every, kill_at=None, victim=1, mid_step=False,
-        driver_args=(), history=None, caplog=None):
+def run(
+    unix_name,
+    tmp_path,
+    *,
+    steps,
+    every,
+    kill_at=None,
+    victim=1,
+    mid_step=False,
+    driver_args=(),
+    history=None,
+    caplog=None,
+):
     """Step N TLS drivers through ``fields_for(steps)``; at ``kill_at`` SIGKILL the driver
     of molecule ``victim`` and start a replacement with the same checkpoint directory.
     Returns (sources, extras) as :func:`reference`."""
     fields = fields_for(steps)
     ckpt = tmp_path / "ckpt"
     args = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", str(every), *driver_args]
-    hub = SocketHub(unixsocket=unix_name, timeout=scaled(30),
-                    history=every + 1 if history is None else history)
+    hub = SocketHub(
+        unixsocket=unix_name, timeout=scaled(30), history=every + 1 if history is None else history
+    )
     procs = []
     sources = np.zeros(fields.shape)
     extras = []
@@ -74,46 +86,54 @@ def run(unix_name, tmp_path, *, steps, every, kill_at=None, victim=1, mid_step=F
         ids = [hub.register_molecule_return_id() for _ in range(N)]
         # One at a time, so driver k is bound to molecule k.
         for m in ids:
-            procs.append(start_driver("tls", TLS, unix=unix_name, timeout=scaled(30),
-                                      extra_args=args))
+            procs.append(
+                start_driver("tls", TLS, unix=unix_name, timeout=scaled(30), extra_args=args)
+            )
             assert hub.wait_until_bound({m: {"dt_au": DT_AU}}, timeout=scaled(30))
         try:
             for step in range(steps):
                 if step == kill_at:
+
                     def kill_and_replace(proc=procs[victim]):
                         proc.kill()
                         proc.wait(timeout=scaled(10))
-                        procs.append(start_driver("tls", TLS, unix=unix_name,
-                                                  timeout=scaled(30), extra_args=args))
+                        procs.append(
+                            start_driver(
+                                "tls", TLS, unix=unix_name, timeout=scaled(30), extra_args=args
+                            )
+                        )
 
-                    if mid_step:   # frozen (SIGSTOP) so it cannot answer; killed in the step
+                    if mid_step:  # frozen (SIGSTOP) so it cannot answer; killed in the step
                         os.kill(procs[victim].pid, signal.SIGSTOP)
                         killer = threading.Timer(scaled(0.2), kill_and_replace)
                         killer.start()
                     else:
                         kill_and_replace()
-                res = hub.step({m: {"efield_au": fields[step, m]} for m in ids},
-                               timeout=scaled(30))
+                res = hub.step({m: {"efield_au": fields[step, m]} for m in ids}, timeout=scaled(30))
                 sources[step] = [res[m]["amp"] for m in ids]
                 extras.append([json.loads(res[m]["extra"]) for m in ids])
         finally:
             hub.graceful_shutdown(wait=scaled(5))
             codes = reap(procs, timeout=scaled(10))
-    assert codes[:victim] + codes[victim + 1:] == [0] * (len(codes) - 1) if kill_at \
-        is not None else codes == [0] * len(codes), codes
+    assert (
+        codes[:victim] + codes[victim + 1 :] == [0] * (len(codes) - 1)
+        if kill_at is not None
+        else codes == [0] * len(codes)
+    ), codes
     return sources, extras
 
 
 def assert_same(got, want, label):
     (gs, ge), (ws, we) = got, want
     assert np.array_equal(gs, ws), (
-        f"{label}: sources differ, max |diff| {np.abs(gs - ws).max():.3e}")
+        f"{label}: sources differ, max |diff| {np.abs(gs - ws).max():.3e}"
+    )
     for step, (grow, wrow) in enumerate(zip(ge, we, strict=True)):
         for m in range(N):
             for key in ("time_au", "Pe", "Pg", "Pge_real", "Pge_imag"):
                 assert grow[m][key] == wrow[m][key], (
-                    f"{label}: step {step} molecule {m} {key} {grow[m][key]!r} != "
-                    f"{wrow[m][key]!r}")
+                    f"{label}: step {step} molecule {m} {key} {grow[m][key]!r} != {wrow[m][key]!r}"
+                )
 
 
 @pytest.mark.parametrize("every", [1, 10])
@@ -146,14 +166,20 @@ def test_killed_mid_step(unix_name, tmp_path):
     assert_same(got, reference(fields_for(steps)), "mid-step")
 
 
-def test_without_checkpoint_history_continuity_is_lost_and_said(unix_name, tmp_path,
-                                                                  caplog):
+def test_without_checkpoint_history_continuity_is_lost_and_said(unix_name, tmp_path, caplog):
     """The documented policy without a usable checkpoint: the replacement starts from the
     initial state, the run goes on, and a WARNING names the molecule and the steps."""
     steps = 40
     caplog.set_level(logging.WARNING, logger="maxwellhub.hub")
-    got_sources, _ = run(unix_name, tmp_path, steps=steps, every=1, kill_at=25, history=0,
-                         driver_args=["--checkpoint-every", "1000"])
+    got_sources, _ = run(
+        unix_name,
+        tmp_path,
+        steps=steps,
+        every=1,
+        kill_at=25,
+        history=0,
+        driver_args=["--checkpoint-every", "1000"],
+    )
     ref_sources, _ = reference(fields_for(steps))
     assert np.array_equal(got_sources[:25], ref_sources[:25])
     assert not np.array_equal(got_sources[25:, 1], ref_sources[25:, 1])  # state was lost
@@ -171,17 +197,19 @@ def test_driver_reconnects_and_resumes(unix_name, tmp_path):
     with hub:
         ids = [hub.register_molecule_return_id() for _ in range(N)]
         for m in ids:
-            procs.append(start_driver("tls", TLS, unix=unix_name, timeout=scaled(30),
-                                      extra_args=["--reconnect"]))
+            procs.append(
+                start_driver(
+                    "tls", TLS, unix=unix_name, timeout=scaled(30), extra_args=["--reconnect"]
+                )
+            )
             assert hub.wait_until_bound({m: {"dt_au": DT_AU}}, timeout=scaled(30))
         for step in range(steps):
             if step == 17:
-                hub.hub._molecules[3].driver.link.abort()   # a network hiccup
-            if step == 31:   # two at once: each claims its molecule back (MXHCLAIM)
+                hub.hub._molecules[3].driver.link.abort()  # a network hiccup
+            if step == 31:  # two at once: each claims its molecule back (MXHCLAIM)
                 hub.hub._molecules[3].driver.link.abort()
                 hub.hub._molecules[1].driver.link.abort()
-            res = hub.step({m: {"efield_au": fields[step, m]} for m in ids},
-                           timeout=scaled(30))
+            res = hub.step({m: {"efield_au": fields[step, m]} for m in ids}, timeout=scaled(30))
             sources[step] = [res[m]["amp"] for m in ids]
             extras.append([json.loads(res[m]["extra"]) for m in ids])
         hub.graceful_shutdown(wait=scaled(5))
@@ -228,7 +256,7 @@ def test_keep_every_keeps_run_checkpoint_steps(tmp_path):
     cont.begin(model, [7], {"version": 1, "step": 0, "history": 0})
     _advance(model, cont, 15)
     steps = sorted(int(p.name.split("step_")[1][:12]) for p in tmp_path.glob("*.npz"))
-    assert steps == [8, 12, 14], steps   # newest two (14, 12) + multiples of 4 (12, 8)
+    assert steps == [8, 12, 14], steps  # newest two (14, 12) + multiples of 4 (12, 8)
 
 
 def test_torn_or_foreign_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
@@ -237,19 +265,20 @@ def test_torn_or_foreign_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
     cont.begin(model, [7], {"version": 1, "step": 0, "history": 0})
     _advance(model, cont, 4)
     newest = tmp_path / f"{checkpoint_key([7])}.step_{4:012d}.npz"
-    newest.write_bytes(newest.read_bytes()[:100])          # torn
+    newest.write_bytes(newest.read_bytes()[:100])  # torn
     (tmp_path / f"{checkpoint_key([7])}.step_{9:012d}.npz").write_bytes(b"junk")  # too new
     caplog.set_level(logging.WARNING)
     fresh = _model()
     step = Continuity(tmp_path).begin(fresh, [7], {"version": 1, "step": 4, "history": 4})
     assert step == 3
-    assert any("skipping checkpoint" in r.getMessage() and "step_000000000004" in
-               r.getMessage() for r in caplog.records)
+    assert any(
+        "skipping checkpoint" in r.getMessage() and "step_000000000004" in r.getMessage()
+        for r in caplog.records
+    )
     # Another molecule's driver finds nothing: initial state.
     other = create_model("tls", n=1, **TLS)
     other.initialize(dt_au=DT_AU, molecule_ids=[8])
-    assert Continuity(tmp_path).begin(other, [8], {"version": 1, "step": 4,
-                                                   "history": 4}) == 0
+    assert Continuity(tmp_path).begin(other, [8], {"version": 1, "step": 4, "history": 4}) == 0
 
 
 async def test_resume_frame_on_the_wire_and_bad_resume_rejected(unix_name, caplog):
@@ -274,15 +303,17 @@ async def test_resume_frame_on_the_wire_and_bad_resume_rejected(unix_name, caplo
             await until(wire.Status)
             writer.write(wire.encode_header(wire.NEEDINIT))
             init = await until(wire.Init)
-            assert json.loads(init.payload)["mxh_resume"] == {"version": 1, "step": 0,
-                                                              "history": 0}
+            assert json.loads(init.payload)["mxh_resume"] == {"version": 1, "step": 0, "history": 0}
             writer.write(wire.encode_resume(claim) + wire.encode_header(wire.READY))
             bound = await hub.wait_until_bound([0], timeout=scaled(2) if ok else 0.5)
             assert bound is ok
             if not ok:
                 assert await asyncio.wait_for(reader.read(4096), scaled(10)) == b""
-                assert any("MXHRESUME says its state belongs to step 5" in r.getMessage()
-                           and "molecule 0" in r.getMessage() for r in caplog.records)
+                assert any(
+                    "MXHRESUME says its state belongs to step 5" in r.getMessage()
+                    and "molecule 0" in r.getMessage()
+                    for r in caplog.records
+                )
             writer.close()
     finally:
         await hub.stop()
@@ -297,16 +328,17 @@ def run_ensembles(unix_name, ckpt, steps, kill_at=None):
     with hub:
         ids = [hub.register_molecule_return_id() for _ in range(N)]
         for pair in (ids[:2], ids[2:]):
-            procs.append(start_driver("tls", TLS, unix=unix_name, timeout=scaled(30),
-                                      extra_args=args))
-            assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in pair},
-                                        timeout=scaled(30))
+            procs.append(
+                start_driver("tls", TLS, unix=unix_name, timeout=scaled(30), extra_args=args)
+            )
+            assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in pair}, timeout=scaled(30))
         for step in range(steps):
             if step == kill_at:
                 procs[1].kill()
                 procs[1].wait(timeout=scaled(10))
-                procs.append(start_driver("tls", TLS, unix=unix_name, timeout=scaled(30),
-                                          extra_args=args))
+                procs.append(
+                    start_driver("tls", TLS, unix=unix_name, timeout=scaled(30), extra_args=args)
+                )
             res = hub.step_arrays(ids, fields[step], timeout=scaled(30))
             pe[step] = res.extras()["Pe"]
         hub.graceful_shutdown(wait=scaled(5))
@@ -321,5 +353,4 @@ def test_killed_ensemble_driver_is_replayed_with_batched_frames(unix_name, tmp_p
     want = run_ensembles(unix_name, tmp_path / "a", 40)
     got = run_ensembles(unix_name, tmp_path / "b", 40, kill_at=27)
     assert np.array_equal(got, want), np.abs(got - want).max()
-    assert sorted(p.name for p in (tmp_path / "b").iterdir())[-1].startswith(
-        "molecules_2+2.step_")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir())[-1].startswith("molecules_2+2.step_")

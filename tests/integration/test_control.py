@@ -41,8 +41,7 @@ async def ask(address: str, *lines: bytes) -> list[dict]:
     reader, writer = await asyncio.open_unix_connection(address)
     try:
         writer.write(b"".join(lines))
-        return [json.loads(await asyncio.wait_for(reader.readline(), scaled(5)))
-                for _ in lines]
+        return [json.loads(await asyncio.wait_for(reader.readline(), scaled(5))) for _ in lines]
     finally:
         writer.close()
 
@@ -98,8 +97,12 @@ def test_control_address_forms():
 
 async def test_ping_pong(hub):
     """{"Ping": n} answers {"Pong": n} for integers and floats, many per connection."""
-    answers = await ask(hub.control_address, b'{"Ping": 7}\n', b'{"Ping": -2.5}\r\n',
-                        b'{ "Ping" : 12345678901234567890 }\n')
+    answers = await ask(
+        hub.control_address,
+        b'{"Ping": 7}\n',
+        b'{"Ping": -2.5}\r\n',
+        b'{ "Ping" : 12345678901234567890 }\n',
+    )
     assert answers == [{"Pong": 7}, {"Pong": -2.5}, {"Pong": 12345678901234567890}]
 
 
@@ -137,23 +140,26 @@ async def test_status_lists_are_capped_for_many_molecules(hub):
     assert status["bound_count"] == 0 and status["bound"] == []
 
 
-@pytest.mark.parametrize("line, code, names", [
-    (b"{nope", 1000, "malformed"),
-    (b"[1, 2]", 1000, "object"),
-    (b"\xff\xfe", 1000, "UTF-8"),
-    (b'{"Ping": NaN}', 1000, "NaN"),
-    (b'{"Ping": 1, "Status": null}', 1000, "exactly one"),
-    (b"[" * 50_000, 1000, "malformed"),
-    (b'{"Fly": 1}', 1100, "Fly"),
-    (b'"Launch"', 1100, "Launch"),
-    (b'{"Ping": "x"}', 1200, "Ping"),
-    (b'{"Ping": true}', 1200, "Ping"),
-    (b'{"Status": 5}', 1200, "Status"),
-    (b'{"Stop": 5}', 1200, "Stop"),
-    (b'{"Stop": {}}', 1300, "authentication"),
-    (b'{"Stop": {"token": "0"}}', 1300, "authentication"),
-    (b'{"Stop": {"token": 5}}', 1300, "authentication"),
-])
+@pytest.mark.parametrize(
+    "line, code, names",
+    [
+        (b"{nope", 1000, "malformed"),
+        (b"[1, 2]", 1000, "object"),
+        (b"\xff\xfe", 1000, "UTF-8"),
+        (b'{"Ping": NaN}', 1000, "NaN"),
+        (b'{"Ping": 1, "Status": null}', 1000, "exactly one"),
+        (b"[" * 50_000, 1000, "malformed"),
+        (b'{"Fly": 1}', 1100, "Fly"),
+        (b'"Launch"', 1100, "Launch"),
+        (b'{"Ping": "x"}', 1200, "Ping"),
+        (b'{"Ping": true}', 1200, "Ping"),
+        (b'{"Status": 5}', 1200, "Status"),
+        (b'{"Stop": 5}', 1200, "Stop"),
+        (b'{"Stop": {}}', 1300, "authentication"),
+        (b'{"Stop": {"token": "0"}}', 1300, "authentication"),
+        (b'{"Stop": {"token": 5}}', 1300, "authentication"),
+    ],
+)
 async def test_error_codes_answered_and_connection_kept(hub, caplog, line, code, names):
     """Each bad request gets its error code naming the problem; the connection still works
     and the peer is named in one log line."""
@@ -169,7 +175,7 @@ async def test_error_codes_answered_and_connection_kept(hub, caplog, line, code,
 
 async def test_line_too_long_is_refused_and_closed(hub):
     """A line over 64 KiB gets error 1400 and the connection is closed; 64 KiB is fine."""
-    ok, = await ask(hub.control_address, b"x" * control.MAX_LINE + b"\n")
+    (ok,) = await ask(hub.control_address, b"x" * control.MAX_LINE + b"\n")
     assert ok["code"] == 1000
     reader, writer = await asyncio.open_unix_connection(hub.control_address)
     try:
@@ -202,14 +208,15 @@ async def test_socket_and_token_are_owner_only_and_removed(unix_name):
 async def test_connections_over_the_cap_are_refused(hub, caplog):
     """At most 64 control connections are served; the 65th is closed, the others answer."""
     caplog.set_level(logging.WARNING, logger="maxwellhub.control")
-    pairs = [await asyncio.open_unix_connection(hub.control_address)
-             for _ in range(control.MAX_CONNECTIONS)]
+    pairs = [
+        await asyncio.open_unix_connection(hub.control_address)
+        for _ in range(control.MAX_CONNECTIONS)
+    ]
     try:
         for _, writer in pairs:
             writer.write(b'{"Ping": 1}\n')
         for reader, _ in pairs:
-            assert json.loads(await asyncio.wait_for(reader.readline(), scaled(5))) == \
-                {"Pong": 1}
+            assert json.loads(await asyncio.wait_for(reader.readline(), scaled(5))) == {"Pong": 1}
         reader, writer = await asyncio.open_unix_connection(hub.control_address)
         assert await asyncio.wait_for(reader.read(), scaled(5)) == b""
         writer.close()
@@ -225,8 +232,7 @@ async def test_wrong_token_refused_and_run_continues(hub):
     stepper = Stepper(hub, ids)
     try:
         await stepper.reached(3)
-        (answer,) = await ask(hub.control_address, b'{"Stop": {"token": "%s"}}\n' %
-                              (b"0" * 64))
+        (answer,) = await ask(hub.control_address, b'{"Stop": {"token": "%s"}}\n' % (b"0" * 64))
         assert answer["code"] == 1300
         await stepper.reached(hub.step_index + 3)
     finally:
@@ -241,8 +247,9 @@ async def test_right_token_stops_the_barrier(hub):
     stepper = Stepper(hub, ids)
     await stepper.reached(3)
     token = control.read_token(hub.control_address)
-    (answer,) = await ask(hub.control_address,
-                          json.dumps({"Stop": {"token": token}}).encode() + b"\n")
+    (answer,) = await ask(
+        hub.control_address, json.dumps({"Stop": {"token": token}}).encode() + b"\n"
+    )
     assert answer == {"Stopping": True}
     await asyncio.wait_for(stepper.task, scaled(5))
     assert isinstance(stepper.error, StopRequested)
@@ -262,8 +269,7 @@ def test_sync_facade_serves_control_while_waiting(unix_name):
         answers.append(control.request(address, {"Ping": 5}, timeout=scaled(10)))
         answers.append(control.request(address, "Status", timeout=scaled(10)))
         token = control.read_token(address)
-        answers.append(control.request(address, {"Stop": {"token": token}},
-                                       timeout=scaled(10)))
+        answers.append(control.request(address, {"Stop": {"token": token}}, timeout=scaled(10)))
 
     with SocketHub(unixsocket=unix_name, timeout=scaled(10), control=unix_name) as hub:
         hub.register_molecule(0)
@@ -294,8 +300,7 @@ async def test_cli_exit_codes(hub, tmp_path, capsys):
     assert await asyncio.to_thread(cli.main, ["stop", name, "--token-file", str(wrong)]) == 1
     assert json.loads(capsys.readouterr().out)["code"] == 1300
     missing = str(tmp_path / "no_such_control")
-    assert await asyncio.to_thread(cli.main, ["status", missing, "--timeout",
-                                              str(scaled(2))]) == 2
+    assert await asyncio.to_thread(cli.main, ["status", missing, "--timeout", str(scaled(2))]) == 2
     assert "no answer" in capsys.readouterr().err
     assert await asyncio.to_thread(cli.main, ["stop", name]) == 0
     assert json.loads(capsys.readouterr().out) == {"Stopping": True}
@@ -317,8 +322,12 @@ def _wait_for_stderr(proc: subprocess.Popen, needle: str, seconds: float) -> str
 
 
 def _maxwellhub(*args: str) -> tuple[int, dict]:
-    done = subprocess.run([sys.executable, "-m", "maxwellhub.cli", *args],
-                          capture_output=True, text=True, timeout=scaled(60))
+    done = subprocess.run(
+        [sys.executable, "-m", "maxwellhub.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
     return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {}
 
 
@@ -329,12 +338,23 @@ def test_run_status_and_stop_by_control(tmp_path):
     `maxwellhub stop` ends it with exit 0, drivers stopped and the HDF5 written."""
     import h5py
 
-    run = subprocess.Popen([sys.executable, "-m", "maxwellhub.cli", "run",
-                            str(REPO_ROOT / "examples" / "relax_2d.toml"),
-                            "--set", "simulation.until=100000",
-                            "--set", f'output.directory="{tmp_path}"'],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=tmp_path)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "maxwellhub.cli",
+            "run",
+            str(REPO_ROOT / "examples" / "relax_2d.toml"),
+            "--set",
+            "simulation.until=100000",
+            "--set",
+            f'output.directory="{tmp_path}"',
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         _wait_for_stderr(run, "control endpoint", scaled(60))
         address = control.control_address(f"mxh_run_{run.pid}")

@@ -47,8 +47,7 @@ def posdata(field) -> bytes:
 
 def canonical_extras(extras: dict) -> bytes:
     """Extras JSON the way MaxwellLink's driver writes it."""
-    return json.dumps(extras, ensure_ascii=False, separators=(",", ":"),
-                      sort_keys=True).encode()
+    return json.dumps(extras, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
 
 
 def model_extras(model) -> dict:
@@ -132,9 +131,13 @@ def start_driver(driver_exe) -> Iterator[Callable[..., subprocess.Popen]]:
     procs: list[subprocess.Popen] = []
 
     def start(*args: str, timeout: float = 20.0) -> subprocess.Popen:
-        proc = subprocess.Popen([str(driver_exe), *args, "--timeout", str(scaled(timeout))],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [str(driver_exe), *args, "--timeout", str(scaled(timeout))],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         procs.append(proc)
         return proc
 
@@ -172,9 +175,16 @@ def test_session_over_unix_matches_the_model(start_driver, unix_name, listen_uni
     """Over a UNIX socket: NEEDINIT, INIT, steps whose sources and extras match the model
     run in-process, an idempotent re-sent field, a zero source without a field, STOP/BYE."""
     listener = listen_unix(str(unix_socket_path(unix_name)))
-    proc = start_driver("--unix", unix_name, "--model", "tls",
-                        "--param", "pe_initial=0.1, e_phase_initial=0.3",
-                        "--param", "orientation=1")
+    proc = start_driver(
+        "--unix",
+        unix_name,
+        "--model",
+        "tls",
+        "--param",
+        "pe_initial=0.1, e_phase_initial=0.3",
+        "--param",
+        "orientation=1",
+    )
     hub = accept(listener)
     reference = create_model("tls", pe_initial=0.1, e_phase_initial=0.3, orientation=1)
     reference.initialize(dt_au=DT, molecule_ids=[7])
@@ -186,8 +196,7 @@ def test_session_over_unix_matches_the_model(start_driver, unix_name, listen_uni
     fields = np.random.default_rng(0).normal(scale=1e-3, size=(12, 3))
     for field in fields[:10]:
         reply = hub.step(field)
-        np.testing.assert_allclose(reply.source, reference.step([field])[0], rtol=1e-14,
-                                   atol=0)
+        np.testing.assert_allclose(reply.source, reference.step([field])[0], rtol=1e-14, atol=0)
         extras = json.loads(reply.extras)
         assert reply.extras == canonical_extras(extras)
         assert extras == pytest.approx(model_extras(reference), rel=1e-14, abs=0)
@@ -198,8 +207,7 @@ def test_session_over_unix_matches_the_model(start_driver, unix_name, listen_uni
     hub.ask(wire.encode_header(wire.STATUS), wire.HaveData)
     hub.send(posdata(fields[10]))
     reply = hub.ask(wire.encode_header(wire.GETFORCE), wire.ForceReady)
-    np.testing.assert_allclose(reply.source, reference.step([fields[10]])[0], rtol=1e-14,
-                               atol=0)
+    np.testing.assert_allclose(reply.source, reference.step([fields[10]])[0], rtol=1e-14, atol=0)
     hub.ask(wire.encode_header(wire.STATUS), wire.Ready)
 
     # GETSOURCE without a field: zero source, extras of the unchanged state.
@@ -221,8 +229,18 @@ def test_session_over_tcp_with_params_file_and_exit(start_driver, tmp_path):
     params_file.write_text(json.dumps(params))
     with listen_tcp() as listener:
         port = listener.getsockname()[1]
-        proc = start_driver("--host", "127.0.0.1", "--port", str(port), "--model", "sho",
-                            "--params-file", str(params_file), "--param", "mu0=120.0")
+        proc = start_driver(
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--model",
+            "sho",
+            "--params-file",
+            str(params_file),
+            "--param",
+            "mu0=120.0",
+        )
         hub = accept(listener)
     reference = create_model("sho", **{**params, "mu0": 120.0})
     reference.initialize(dt_au=DT, molecule_ids=[0])
@@ -230,10 +248,8 @@ def test_session_over_tcp_with_params_file_and_exit(start_driver, tmp_path):
     fields = np.random.default_rng(1).normal(scale=1e-3, size=(5, 3))
     for field in fields:
         reply = hub.step(field)
-        np.testing.assert_allclose(reply.source, reference.step([field])[0], rtol=1e-14,
-                                   atol=0)
-        assert json.loads(reply.extras) == pytest.approx(model_extras(reference), rel=1e-14,
-                                                         abs=0)
+        np.testing.assert_allclose(reply.source, reference.step([field])[0], rtol=1e-14, atol=0)
+        assert json.loads(reply.extras) == pytest.approx(model_extras(reference), rel=1e-14, abs=0)
     hub.send(wire.encode_header(wire.EXIT))
     status, err = finish(proc)
     assert status == EXIT_OK, err
@@ -242,8 +258,9 @@ def test_session_over_tcp_with_params_file_and_exit(start_driver, tmp_path):
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_driver_retries_until_the_hub_listens(start_driver, listen_unix, tmp_path, tcp_port,
-                                              transport):
+def test_driver_retries_until_the_hub_listens(
+    start_driver, listen_unix, tmp_path, tcp_port, transport
+):
     """A driver started before the hub keeps retrying and connects once the hub listens."""
     path = str(tmp_path / "hub.sock")
     where = ["--unix", path] if transport == "unix" else ["--port", str(tcp_port)]
@@ -285,11 +302,20 @@ def test_driver_gives_up_at_its_deadline(start_driver, unix_name):
         ([init_message(0), init_message(1)], "INIT again with molecule id 1"),
         ([init_message(0), posdata([np.nan, 0.0, 0.0])], "not finite"),
     ],
-    ids=["garbage", "driver-message", "field-before-init", "no-dt", "bad-dt", "not-json",
-         "second-init", "nan-field"],
+    ids=[
+        "garbage",
+        "driver-message",
+        "field-before-init",
+        "no-dt",
+        "bad-dt",
+        "not-json",
+        "second-init",
+        "nan-field",
+    ],
 )
-def test_protocol_errors_exit_2_with_one_line(start_driver, unix_name, listen_unix, messages,
-                                              complaint):
+def test_protocol_errors_exit_2_with_one_line(
+    start_driver, unix_name, listen_unix, messages, complaint
+):
     """Bad bytes or a message out of turn: exit status 2 and one clear stderr line."""
     listener = listen_unix(str(unix_socket_path(unix_name)))
     proc = start_driver("--unix", unix_name)
@@ -332,8 +358,7 @@ def test_hub_closing_right_after_stop_exits_0(start_driver, unix_name, listen_un
 
 def run_in_thread(target, *args, **kwargs) -> tuple[threading.Thread, list]:
     result: list = []
-    thread = threading.Thread(target=lambda: result.append(target(*args, **kwargs)),
-                              daemon=True)
+    thread = threading.Thread(target=lambda: result.append(target(*args, **kwargs)), daemon=True)
     thread.start()
     return thread, result
 
@@ -348,10 +373,13 @@ def test_serve_handles_a_whole_session_in_one_read():
         reference.initialize(dt_au=DT, molecule_ids=[2])
         fields = [[0.0, 0.0, 1e-3], [0.0, 0.0, -2e-3]]
         hub = FakeHub(hub_sock)
-        hub.send(wire.encode_header(wire.STATUS) + init_message(2)
-                 + wire.encode_header(wire.STATUS)
-                 + b"".join(wire.encode_field_step(f) for f in fields)
-                 + wire.encode_header(wire.STOP))
+        hub.send(
+            wire.encode_header(wire.STATUS)
+            + init_message(2)
+            + wire.encode_header(wire.STATUS)
+            + b"".join(wire.encode_field_step(f) for f in fields)
+            + wire.encode_header(wire.STOP)
+        )
         assert isinstance(hub.receive(), wire.NeedInit)
         assert isinstance(hub.receive(), wire.Ready)
         for field in fields:
@@ -373,8 +401,7 @@ def test_serve_accepts_a_step_split_at_every_byte():
             hub.send(bytes([byte]))
         reference = create_model("sho")
         reference.initialize(dt_au=DT)
-        np.testing.assert_array_equal(hub.receive().source,
-                                      reference.step([[0.0, 0.0, 1e-3]])[0])
+        np.testing.assert_array_equal(hub.receive().source, reference.step([[0.0, 0.0, 1e-3]])[0])
         hub.send(wire.encode_header(wire.EXIT))
         thread.join(scaled(20))
         assert result == [EXIT_OK]
@@ -384,8 +411,7 @@ def test_run_client_connects_by_absolute_unix_path(tmp_path, listen_unix):
     """run_client() from Python connects to an absolute UNIX path and ends on STOP."""
     path = str(tmp_path / "hub.sock")
     listener = listen_unix(path)
-    thread, result = run_in_thread(run_client, create_model("tls"), unix=path,
-                                   timeout=scaled(20))
+    thread, result = run_in_thread(run_client, create_model("tls"), unix=path, timeout=scaled(20))
     hub = accept(listener)
     hub.send(init_message(4))
     hub.step([1e-3, 0.0, 0.0])
@@ -395,13 +421,16 @@ def test_run_client_connects_by_absolute_unix_path(tmp_path, listen_unix):
     hub.conn.close()
 
 
-@pytest.mark.parametrize("extras", [
-    {"time_au": 0.5, "Pe": 0.1, "Pg": 0.9, "energy_au": -1.5e-300, "muz_au": 1e300},
-    {"b": 1.0, "a": 2.0, "%s": 3.0, "caf\u00e9": 0.1},
-    {"x": float("nan"), "y": float("inf"), "z": -float("inf")},
-    {"n": 1, "flag": True, "s": 2.0},
-    {},
-])
+@pytest.mark.parametrize(
+    "extras",
+    [
+        {"time_au": 0.5, "Pe": 0.1, "Pg": 0.9, "energy_au": -1.5e-300, "muz_au": 1e300},
+        {"b": 1.0, "a": 2.0, "%s": 3.0, "caf\u00e9": 0.1},
+        {"x": float("nan"), "y": float("inf"), "z": -float("inf")},
+        {"n": 1, "flag": True, "s": 2.0},
+        {},
+    ],
+)
 def test_extras_json_is_json_dumps(extras):
     """The cached extras encoder writes exactly what MaxwellLink's json.dumps writes, for
     floats, odd keys, non-finite values and non-float values, also after a key change."""
@@ -415,8 +444,11 @@ def test_run_client_serves_a_batched_model_as_an_ensemble(listen_unix, unix_name
     molecules, and a hub that does not answer it ends the session with a clear error."""
     listener = listen_unix(str(unix_socket_path(unix_name)))
     done = {}
-    thread = threading.Thread(target=lambda: done.setdefault(
-        "code", run_client(create_model("tls", n=3), unix=unix_name, timeout=scaled(20))))
+    thread = threading.Thread(
+        target=lambda: done.setdefault(
+            "code", run_client(create_model("tls", n=3), unix=unix_name, timeout=scaled(20))
+        )
+    )
     thread.start()
     listener.settimeout(scaled(20))
     conn, _ = listener.accept()
@@ -445,8 +477,17 @@ def test_unix_socket_names():
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("3", 3), ("-2", -2), ("0.5", 0.5), ("1e-4", 1e-4), ("true", True), ("False", False),
-     ("[0.1, 0, 1]", [0.1, 0, 1]), ("x", "x"), (" spaced ", "spaced")],
+    [
+        ("3", 3),
+        ("-2", -2),
+        ("0.5", 0.5),
+        ("1e-4", 1e-4),
+        ("true", True),
+        ("False", False),
+        ("[0.1, 0, 1]", [0.1, 0, 1]),
+        ("x", "x"),
+        (" spaced ", "spaced"),
+    ],
 )
 def test_param_values_parse(text, value):
     """--param values parse as int, float, bool or JSON list, else stay strings."""
@@ -458,9 +499,12 @@ def test_params_merge_file_and_pairs(tmp_path):
     """--params-file is read first, --param pairs (comma lists allowed) override it."""
     params_file = tmp_path / "p.json"
     params_file.write_text('{"omega": 0.1, "mu12": 10}')
-    assert parse_params(["omega=0.3, pe_initial=[0.1,0.2]", "orientation=0"],
-                        str(params_file)) == {"omega": 0.3, "mu12": 10,
-                                              "pe_initial": [0.1, 0.2], "orientation": 0}
+    assert parse_params(["omega=0.3, pe_initial=[0.1,0.2]", "orientation=0"], str(params_file)) == {
+        "omega": 0.3,
+        "mu12": 10,
+        "pe_initial": [0.1, 0.2],
+        "orientation": 0,
+    }
     with pytest.raises(ValueError, match="expected key=value"):
         parse_params(["omega"])
     with pytest.raises(ValueError, match="looks like JSON"):
@@ -491,14 +535,28 @@ def test_bad_arguments_exit_2(argv, message, capsys):
 def test_threads_pinned_before_numpy_loads():
     """The CLI pins BLAS/OpenMP threads to 1 before numpy is imported; the package only
     sets them when unset, so an embedding process keeps its own choice."""
-    code = ("import os, sys; import maxwellhub_drivers.cli; "
-            "print(os.environ['OMP_NUM_THREADS'], os.environ['OPENBLAS_NUM_THREADS'], "
-            "'numpy' in sys.modules)")
+    code = (
+        "import os, sys; import maxwellhub_drivers.cli; "
+        "print(os.environ['OMP_NUM_THREADS'], os.environ['OPENBLAS_NUM_THREADS'], "
+        "'numpy' in sys.modules)"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "4"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=scaled(30), check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+        check=True,
+    ).stdout
     assert out.split() == ["1", "1", "False"]
     code = "import os; import maxwellhub_drivers; print(os.environ['OMP_NUM_THREADS'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=scaled(30), check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+        check=True,
+    ).stdout
     assert out.split() == ["4"]

@@ -52,8 +52,9 @@ def run_steps(hub, ids, fields_per_step, expected, extras_check=None):
     for step, fields in enumerate(fields_per_step):
         results = hub.step({m: {"efield_au": fields[i]} for i, m in enumerate(ids)})
         got = np.array([results[m]["amp"] for m in ids])
-        np.testing.assert_allclose(got, expected[step], rtol=1e-12, atol=1e-300,
-                                   err_msg=f"step {step}")
+        np.testing.assert_allclose(
+            got, expected[step], rtol=1e-12, atol=1e-300, err_msg=f"step {step}"
+        )
         if extras_check:
             extras_check(step, {m: json.loads(results[m]["extra"]) for m in ids})
 
@@ -68,15 +69,14 @@ def test_our_drivers_several_molecules(transport, unix_name):
         for _ in ids:
             procs.append(start_driver("tls", TLS, timeout=scaled(30), **where))
         assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(30))
-        fields = [np.tile(f, (4, 1)) * np.array([[1], [2], [3], [4]])
-                  for f in field_sequence(20)]
+        fields = [np.tile(f, (4, 1)) * np.array([[1], [2], [3], [4]]) for f in field_sequence(20)]
         expected = expected_sources("tls", TLS, 4, fields)
 
         def check(step, extras):
             for m in ids:
                 assert extras[m]["time_au"] == pytest.approx((step + 1) * DT_AU, rel=1e-12)
-                assert {"Pe", "Pg", "Pge_real", "Pge_imag", "muz_au", "energy_au"} <= set(
-                    extras[m])
+                assert {"Pe", "Pg", "Pge_real", "Pge_imag", "muz_au", "energy_au"} <= set(extras[m])
+
         run_steps(hub, ids, fields, expected, check)
     assert reap(procs, scaled(10)) == [0, 0, 0, 0]
 
@@ -94,8 +94,11 @@ def test_thousand_steps_sixteen_drivers(transport, unix_name):
         ids = [hub.register_molecule_return_id() for _ in range(n)]
         for k, m in enumerate(ids):
             # One at a time, so that driver k (with its own pe_initial) binds to ids[k].
-            procs.append(start_driver("tls", dict(TLS, pe_initial=pe_initial[k]),
-                                      timeout=scaled(30), **where))
+            procs.append(
+                start_driver(
+                    "tls", dict(TLS, pe_initial=pe_initial[k]), timeout=scaled(30), **where
+                )
+            )
             assert hub.wait_until_bound({m: {"dt_au": DT_AU}}, timeout=scaled(30))
         fields = [np.tile(f, (n, 1)) for f in field_sequence(steps, seed=7)]
         expected = expected_sources("tls", params, n, fields)
@@ -155,9 +158,22 @@ def test_maxwelllink_driver_matches_ours(mxl_driver, unix_name):
     procs = []
     with hub:
         theirs, ours = hub.register_molecule_return_id(), hub.register_molecule_return_id()
-        procs.append(subprocess.Popen(
-            [str(mxl_driver), "--model", "tls", "--unix", "--address", unix_name,
-             "--param", params], env=driver_env(), stdout=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(mxl_driver),
+                    "--model",
+                    "tls",
+                    "--unix",
+                    "--address",
+                    unix_name,
+                    "--param",
+                    params,
+                ],
+                env=driver_env(),
+                stdout=subprocess.DEVNULL,
+            )
+        )
         assert hub.wait_until_bound({theirs: {"dt_au": DT_AU}}, timeout=scaled(60))
         procs.append(start_driver("tls", TLS, timeout=scaled(30), unix=unix_name))
         assert hub.wait_until_bound({ours: {"dt_au": DT_AU}}, timeout=scaled(30))
@@ -208,8 +224,12 @@ def test_our_driver_against_maxwelllink_hub(mxl_driver, driver_exe, unix_name):
     python = mxl_venv() / "bin" / "python"
     proc = subprocess.run(
         [str(python), "-c", _MXL_HUB_SCRIPT, unix_name, str(driver_exe), str(steps)],
-        input=json.dumps(fields.tolist()), capture_output=True, text=True,
-        timeout=scaled(120), env=driver_env())
+        input=json.dumps(fields.tolist()),
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
+        env=driver_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = expected_sources("tls", TLS, 1, [f[None, :] for f in fields])
@@ -220,8 +240,9 @@ def test_our_driver_against_maxwelllink_hub(mxl_driver, driver_exe, unix_name):
 def test_demo_command_runs(deadline):
     """`maxwellhub demo` starts a hub and two drivers and prints the exchanged values."""
     exe = os.path.join(os.path.dirname(sys.executable), "maxwellhub")
-    proc = subprocess.run([exe, "demo", "--steps", "3"], capture_output=True, text=True,
-                          timeout=deadline(60))
+    proc = subprocess.run(
+        [exe, "demo", "--steps", "3"], capture_output=True, text=True, timeout=deadline(60)
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["driver_exit_codes"] == [0, 0] and summary["steps"] == 3
@@ -240,24 +261,32 @@ def test_ensemble_driver_equals_single_drivers(transport, unix_name, tmp_path):
     with hub:
         singles = [hub.register_molecule_return_id() for _ in range(m)]
         for k, mid in enumerate(singles):  # one at a time: driver k binds to singles[k]
-            procs.append(start_driver("tls", dict(TLS, pe_initial=pe[k]),
-                                      timeout=scaled(30), **where))
+            procs.append(
+                start_driver("tls", dict(TLS, pe_initial=pe[k]), timeout=scaled(30), **where)
+            )
             assert hub.wait_until_bound({mid: {"dt_au": DT_AU}}, timeout=scaled(30))
         ensemble = [hub.register_molecule_return_id() for _ in range(m)]
-        procs.append(start_driver("tls", None, timeout=scaled(30), **where,
-                                  extra_args=["--molecules", str(m),
-                                              "--params-file", str(params_file)]))
-        assert hub.wait_until_bound({mid: {"dt_au": DT_AU} for mid in ensemble},
-                                    timeout=scaled(30))
+        procs.append(
+            start_driver(
+                "tls",
+                None,
+                timeout=scaled(30),
+                **where,
+                extra_args=["--molecules", str(m), "--params-file", str(params_file)],
+            )
+        )
+        assert hub.wait_until_bound({mid: {"dt_au": DT_AU} for mid in ensemble}, timeout=scaled(30))
         ids = np.array(singles + ensemble)
         for f in field_sequence(steps, seed=3):
             scale = np.r_[np.arange(1, m + 1), np.arange(1, m + 1)][:, None]
             fields = np.tile(f, (2 * m, 1)) * scale
             result = hub.step_arrays(ids, fields)
-            np.testing.assert_allclose(result.sources[m:], result.sources[:m], rtol=1e-12,
-                                       atol=1e-300)
+            np.testing.assert_allclose(
+                result.sources[m:], result.sources[:m], rtol=1e-12, atol=1e-300
+            )
         extras = result.extras()
         for key in ("Pe", "Pg", "Pge_real", "Pge_imag", "muz_au", "energy_au", "time_au"):
-            np.testing.assert_allclose(extras[key][m:], extras[key][:m], rtol=1e-12,
-                                       atol=1e-15, err_msg=key)
+            np.testing.assert_allclose(
+                extras[key][m:], extras[key][:m], rtol=1e-12, atol=1e-15, err_msg=key
+            )
     assert reap(procs, scaled(10)) == [0] * (m + 1)

@@ -30,25 +30,50 @@ def setup_module() -> None:
 
 def _cell(kind: str):
     """(simulation, axis, TLS orientation, dimensions of the golden rule) for a case."""
-    if kind == "1d":      # MaxwellLink's 1D: a 2D cell without y extent, Ez
-        return mp.Simulation(cell_size=mp.Vector3(8, 0), resolution=10,
-                             boundary_layers=[mp.PML(3.0)]), "z", 2, 1
-    if kind == "1d-z":    # Meep's own 1D cell along z, Ex
-        return mp.Simulation(cell_size=mp.Vector3(0, 0, 8), dimensions=1, resolution=10,
-                             boundary_layers=[mp.PML(3.0)]), "x", 0, 1
+    if kind == "1d":  # MaxwellLink's 1D: a 2D cell without y extent, Ez
+        return (
+            mp.Simulation(cell_size=mp.Vector3(8, 0), resolution=10, boundary_layers=[mp.PML(3.0)]),
+            "z",
+            2,
+            1,
+        )
+    if kind == "1d-z":  # Meep's own 1D cell along z, Ex
+        return (
+            mp.Simulation(
+                cell_size=mp.Vector3(0, 0, 8),
+                dimensions=1,
+                resolution=10,
+                boundary_layers=[mp.PML(3.0)],
+            ),
+            "x",
+            0,
+            1,
+        )
     if kind == "2d":
-        return mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10,
-                             boundary_layers=[mp.PML(3.0)]), "z", 2, 2
+        return (
+            mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(3.0)]),
+            "z",
+            2,
+            2,
+        )
     raise ValueError(kind)
 
 
-def _relax(sim, axis, orientation, *, p0, until, n=1, mu_au=MU_AU, omega_au=OMEGA_AU,
-           sigma=0.1, **options):
+def _relax(
+    sim, axis, orientation, *, p0, until, n=1, mu_au=MU_AU, omega_au=OMEGA_AU, sigma=0.1, **options
+):
     """Run n identical TLS at the origin; return (time in Meep units, Pe (T, n))."""
     coupling = MeepCoupling(sim, time_units_fs=0.1, **options)
-    coupling.add_molecules("tls", centers=[(0, 0, 0)] * n, sigma=sigma, axis=axis,
-                           omega=omega_au, mu12=mu_au, orientation=orientation,
-                           pe_initial=p0)
+    coupling.add_molecules(
+        "tls",
+        centers=[(0, 0, 0)] * n,
+        sigma=sigma,
+        axis=axis,
+        omega=omega_au,
+        mu12=mu_au,
+        orientation=orientation,
+        pe_initial=p0,
+    )
     sim.run(coupling.step_function(), until=until)
     history = coupling.history()
     return UNITS.time_au_to_meep(history["time_au"][:, 0]), history["Pe"]
@@ -61,9 +86,11 @@ def _report(label, t, pe, dims, omega_au=OMEGA_AU, mu_au=MU_AU, sigma=0.1):
     errors = compare_to_curve(t, pe, gamma)
     fitted = fit_decay_rate(t, pe)
     kernel_gamma = golden_rule_rate(dims, omega, mu, sigma=sigma)
-    print(f"\n{label}: std {errors['std']:.2e} max {errors['max']:.2e} | fitted gamma "
-          f"{fitted:.5g} golden rule {gamma:.5g} ({fitted / gamma - 1:+.2%}), with the "
-          f"kernel's form factor {kernel_gamma:.5g} ({fitted / kernel_gamma - 1:+.2%})")
+    print(
+        f"\n{label}: std {errors['std']:.2e} max {errors['max']:.2e} | fitted gamma "
+        f"{fitted:.5g} golden rule {gamma:.5g} ({fitted / gamma - 1:+.2%}), with the "
+        f"kernel's form factor {kernel_gamma:.5g} ({fitted / kernel_gamma - 1:+.2%})"
+    )
     return errors, fitted, kernel_gamma
 
 
@@ -75,12 +102,20 @@ def test_point_kernel_reads_meeps_interpolated_field(dims, axis):
     """A point-kernel molecule reads exactly Meep's get_field_point at its centre (the
     DFT-buffer view, the site decoding and the time alignment are right)."""
     cell = {1: mp.Vector3(0, 0, 4), 2: mp.Vector3(4, 4), 3: mp.Vector3(2, 2, 2)}[dims]
-    center = {1: mp.Vector3(0, 0, 0.137), 2: mp.Vector3(0.137, -0.211),
-              3: mp.Vector3(0.137, -0.211, 0.06)}[dims]
+    center = {
+        1: mp.Vector3(0, 0, 0.137),
+        2: mp.Vector3(0.137, -0.211),
+        3: mp.Vector3(0.137, -0.211, 0.06),
+    }[dims]
     components = [{"x": mp.Ex, "y": mp.Ey, "z": mp.Ez}[a] for a in axis]
-    sources = [mp.Source(mp.ContinuousSource(frequency=0.4, width=0.5), component=c,
-                         center=mp.Vector3(0, 0, -0.5) if dims == 1 else mp.Vector3(-0.4, 0.3))
-               for c in components]
+    sources = [
+        mp.Source(
+            mp.ContinuousSource(frequency=0.4, width=0.5),
+            component=c,
+            center=mp.Vector3(0, 0, -0.5) if dims == 1 else mp.Vector3(-0.4, 0.3),
+        )
+        for c in components
+    ]
     sim = mp.Simulation(cell_size=cell, dimensions=dims, resolution=10, sources=sources)
     coupling = MeepCoupling(sim, time_units_fs=0.1)
     coupling.add_molecules("tls", centers=[center], sigma=0, axis=axis, mu12=0.0)
@@ -115,8 +150,7 @@ def test_spontaneous_emission_1d_2d(kind, p0):
 def test_ten_molecules_at_one_point_reproduce_one():
     """10 TLS at one point with mu/sqrt(10) each relax like one TLS with mu (2D)."""
     sim, axis, orientation, dims = _cell("2d")
-    t, pe = _relax(sim, axis, orientation, p0=1e-4, until=90, n=10,
-                   mu_au=MU_AU / np.sqrt(10))
+    t, pe = _relax(sim, axis, orientation, p0=1e-4, until=90, n=10, mu_au=MU_AU / np.sqrt(10))
     sim1, *_ = _cell("2d")
     _, single = _relax(sim1, axis, orientation, p0=1e-4, until=90)
     errors, _, _ = _report("2d, 10 at one point", t, pe[:, 0], dims)
@@ -128,19 +162,34 @@ def test_spontaneous_emission_3d():
     """3D (cell 3, PML 1, omega 0.484 a.u., mu 0.1 Meep along x, P0 0.1, until 40):
     std < 1e-2 and max < 3e-2 -- because each molecule's own Coulomb field is removed;
     with it the error is MaxwellLink's (std ~ 0.08, max ~ 0.2)."""
+
     def run(subtract):
-        sim = mp.Simulation(cell_size=mp.Vector3(3, 3, 3), resolution=10,
-                            boundary_layers=[mp.PML(1.0)])
-        return _relax(sim, "x", 0, p0=0.1, until=40, omega_au=0.484,
-                      mu_au=UNITS.dipole_meep_to_au(0.1), subtract_self_coulomb=subtract)
+        sim = mp.Simulation(
+            cell_size=mp.Vector3(3, 3, 3), resolution=10, boundary_layers=[mp.PML(1.0)]
+        )
+        return _relax(
+            sim,
+            "x",
+            0,
+            p0=0.1,
+            until=40,
+            omega_au=0.484,
+            mu_au=UNITS.dipole_meep_to_au(0.1),
+            subtract_self_coulomb=subtract,
+        )
 
     t, pe = run(True)
-    errors, _, _ = _report("3d", t, pe[:, 0], 3, omega_au=0.484,
-                           mu_au=UNITS.dipole_meep_to_au(0.1))
+    errors, _, _ = _report("3d", t, pe[:, 0], 3, omega_au=0.484, mu_au=UNITS.dipole_meep_to_au(0.1))
     assert errors["std"] < 1e-2 and errors["max"] < 3e-2
     t, pe = run(False)
-    raw, _, _ = _report("3d with the self Coulomb field", t, pe[:, 0], 3, omega_au=0.484,
-                        mu_au=UNITS.dipole_meep_to_au(0.1))
+    raw, _, _ = _report(
+        "3d with the self Coulomb field",
+        t,
+        pe[:, 0],
+        3,
+        omega_au=0.484,
+        mu_au=UNITS.dipole_meep_to_au(0.1),
+    )
     assert raw["std"] > 3e-2
 
 
@@ -155,8 +204,16 @@ def test_sho_and_field_conserve_energy():
     over the two records around t_n), not a loss."""
     sim = mp.Simulation(cell_size=mp.Vector3(2, 2), resolution=10)
     coupling = MeepCoupling(sim, time_units_fs=0.1)
-    coupling.add_molecules("sho", centers=[(0.03, -0.02)], sigma=0.1, axis="z",
-                           omega=0.242, mu0=187.0, orientation=2, p_initial=1.0)
+    coupling.add_molecules(
+        "sho",
+        centers=[(0.03, -0.02)],
+        sigma=0.1,
+        axis="z",
+        omega=0.242,
+        mu0=187.0,
+        orientation=2,
+        p_initial=1.0,
+    )
     energies = []
 
     def field_energy(sim):
@@ -171,8 +228,10 @@ def test_sho_and_field_conserve_energy():
     deviation = np.abs(e - e[0]) / e[0]
     tenth = len(e) // 10
     drift = abs(e[-tenth:].mean() - e[:tenth].mean()) / e[0]
-    print(f"\nSHO: field share {field.max() / e[0]:.3f}, max |E - E0| / E0 "
-          f"{deviation.max():.2e}, drift of the mean {drift:.1e}")
+    print(
+        f"\nSHO: field share {field.max() / e[0]:.3f}, max |E - E0| / E0 "
+        f"{deviation.max():.2e}, drift of the mean {drift:.1e}"
+    )
     assert field.max() > 0.05 * e[0]  # the oscillator really exchanges energy
     assert deviation.max() < 2.5e-3
     assert drift < 2e-4
@@ -197,10 +256,15 @@ def test_sparse_products_match_scipy(kernels, monkeypatch):
     out_read, out_emit = np.full(30, np.nan), np.full(50, np.nan)
     out_read[:10] = out_read[20:] = 0.0
     rows = slice(10, 20)
-    np.testing.assert_allclose(adaptor._matvec(matrix, x, out_read, rows), matrix @ x,
-                               rtol=1e-14, atol=1e-14)
-    np.testing.assert_allclose(adaptor._matvec(matrix, y, out_emit, rows, transposed=True),
-                               matrix.T @ y, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(
+        adaptor._matvec(matrix, x, out_read, rows), matrix @ x, rtol=1e-14, atol=1e-14
+    )
+    np.testing.assert_allclose(
+        adaptor._matvec(matrix, y, out_emit, rows, transposed=True),
+        matrix.T @ y,
+        rtol=1e-14,
+        atol=1e-14,
+    )
 
 
 def test_misuse_is_refused():

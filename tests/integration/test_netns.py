@@ -29,9 +29,19 @@ pytestmark = [pytest.mark.meep, pytest.mark.slow]
 EM = REPO_ROOT / "examples" / "hpc" / "em_relax_2d.py"
 DRIVER = Path(sys.executable).parent / "maxwellhub-driver"
 HUB_IP = "10.213.1.1"
-UNTIL = "15"   # 301 steps
-TLS = ["--model", "tls", "--param", "omega=0.242", "--param", "mu12=187",
-       "--param", "orientation=2", "--param", "pe_initial=1e-4"]
+UNTIL = "15"  # 301 steps
+TLS = [
+    "--model",
+    "tls",
+    "--param",
+    "omega=0.242",
+    "--param",
+    "mu12=187",
+    "--param",
+    "orientation=2",
+    "--param",
+    "pe_initial=1e-4",
+]
 
 
 def _ip(*args: str) -> None:
@@ -60,7 +70,7 @@ def namespaces():
     reason = _netns_unavailable()
     if reason:
         pytest.skip(reason)
-    prefix = f"mx{secrets.token_hex(3)}"        # veth names must stay under 16 bytes
+    prefix = f"mx{secrets.token_hex(3)}"  # veth names must stay under 16 bytes
     hub, d1, d2 = f"{prefix}h", f"{prefix}d1", f"{prefix}d2"
     made: list[str] = []
     try:
@@ -69,8 +79,20 @@ def namespaces():
             made.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
         for i, drv in ((1, d1), (2, d2)):
-            _ip("link", "add", f"{prefix}h{i}", "netns", hub, "type", "veth",
-                "peer", "name", f"{prefix}v{i}", "netns", drv)
+            _ip(
+                "link",
+                "add",
+                f"{prefix}h{i}",
+                "netns",
+                hub,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"{prefix}v{i}",
+                "netns",
+                drv,
+            )
             _ip("-n", hub, "addr", "add", f"10.213.{i}.1/24", "dev", f"{prefix}h{i}")
             _ip("-n", drv, "addr", "add", f"10.213.{i}.2/24", "dev", f"{prefix}v{i}")
             _ip("-n", hub, "link", "set", f"{prefix}h{i}", "up")
@@ -78,13 +100,16 @@ def namespaces():
             _ip("-n", drv, "route", "add", "default", "via", f"10.213.{i}.1")
         yield {"hub": hub, "drivers": [d1, d2], "veths": [f"{prefix}v1", f"{prefix}v2"]}
     finally:
-        for ns in made:   # deleting a namespace deletes its veth ends too
+        for ns in made:  # deleting a namespace deletes its veth ends too
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OMPI_", "PMIX_")) and k != "MAXWELLHUB_SECRET"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OMPI_", "PMIX_")) and k != "MAXWELLHUB_SECRET"
+    }
     env.update(OMPI_MCA_ess_singleton_isolated="1", OPENBLAS_NUM_THREADS="1")
     return env
 
@@ -94,13 +119,19 @@ def _in(ns: str | None, argv: list[str]) -> list[str]:
 
 
 def _tx_bytes(ns: str, dev: str) -> int:
-    done = subprocess.run(_in(ns, ["cat", f"/sys/class/net/{dev}/statistics/tx_bytes"]),
-                          capture_output=True, text=True, timeout=30, check=True)
+    done = subprocess.run(
+        _in(ns, ["cat", f"/sys/class/net/{dev}/statistics/tx_bytes"]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return int(done.stdout)
 
 
-def _run(tmp: Path, host: str, hub_ns: str | None, driver_ns: list[str | None],
-         deadline) -> tuple[dict, np.lib.npyio.NpzFile, list[str]]:
+def _run(
+    tmp: Path, host: str, hub_ns: str | None, driver_ns: list[str | None], deadline
+) -> tuple[dict, np.lib.npyio.NpzFile, list[str]]:
     """The 2D relaxation of two molecules, hub in hub_ns bound to host, one driver in each
     of driver_ns, authenticated, through an address file."""
     tmp.mkdir()
@@ -109,16 +140,56 @@ def _run(tmp: Path, host: str, hub_ns: str | None, driver_ns: list[str | None],
     secret.chmod(0o600)
     addr = tmp / "hub.addr"
     env = _env()
-    drivers = [subprocess.Popen(_in(ns, [str(DRIVER), "--address-file", str(addr),
-                                         "--timeout", str(deadline(60)), "-v", *TLS]),
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True) for ns in driver_ns]
+    drivers = [
+        subprocess.Popen(
+            _in(
+                ns,
+                [
+                    str(DRIVER),
+                    "--address-file",
+                    str(addr),
+                    "--timeout",
+                    str(deadline(60)),
+                    "-v",
+                    *TLS,
+                ],
+            ),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for ns in driver_ns
+    ]
     try:
         hub = subprocess.run(
-            _in(hub_ns, [sys.executable, str(EM), "--host", host, "--secret-file", str(secret),
-                         "--address-file", str(addr), "--molecules", "2", "--until", UNTIL,
-                         "--wait", str(deadline(60)), "--out", str(tmp / "out.npz")]),
-            env=env, capture_output=True, text=True, timeout=deadline(120))
+            _in(
+                hub_ns,
+                [
+                    sys.executable,
+                    str(EM),
+                    "--host",
+                    host,
+                    "--secret-file",
+                    str(secret),
+                    "--address-file",
+                    str(addr),
+                    "--molecules",
+                    "2",
+                    "--until",
+                    UNTIL,
+                    "--wait",
+                    str(deadline(60)),
+                    "--out",
+                    str(tmp / "out.npz"),
+                ],
+            ),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=deadline(120),
+        )
     finally:
         logs = []
         for d in drivers:
@@ -139,23 +210,24 @@ def test_hub_and_drivers_in_three_namespaces_equal_loopback(namespaces, tmp_path
     """Authenticated TCP across veth links gives the loopback run's populations exactly;
     the drivers connected to the hub's veth address and their veth links carried the session."""
     began = time.monotonic()
-    loop_summary, loop, _ = _run(tmp_path / "loopback", "127.0.0.1", None, [None, None],
-                                 deadline)
+    loop_summary, loop, _ = _run(tmp_path / "loopback", "127.0.0.1", None, [None, None], deadline)
     links = list(zip(namespaces["drivers"], namespaces["veths"], strict=True))
     before = [_tx_bytes(ns, dev) for ns, dev in links]
-    summary, ns_run, logs = _run(tmp_path / "netns", HUB_IP, namespaces["hub"],
-                              namespaces["drivers"], deadline)
+    summary, ns_run, logs = _run(
+        tmp_path / "netns", HUB_IP, namespaces["hub"], namespaces["drivers"], deadline
+    )
     after = [_tx_bytes(ns, dev) for ns, dev in links]
     elapsed = time.monotonic() - began
     steps = summary["steps"]
     assert steps == loop_summary["steps"] == 301
-    worst = max(float(np.abs(ns_run[k] - loop[k]).max()) for k in ("Pe", "Pge_real",
-                                                                  "Pge_imag"))
+    worst = max(float(np.abs(ns_run[k] - loop[k]).max()) for k in ("Pe", "Pge_real", "Pge_imag"))
     sent = [a - b for a, b in zip(after, before, strict=True)]
-    print(f"\nnamespaces vs loopback: max difference {worst:.1e}; driver veth tx bytes "
-          f"{sent}; both runs {elapsed:.1f} s")
+    print(
+        f"\nnamespaces vs loopback: max difference {worst:.1e}; driver veth tx bytes "
+        f"{sent}; both runs {elapsed:.1f} s"
+    )
     assert worst < 1e-12
-    assert np.all(ns_run["Pe"][-1] < 0.9 * ns_run["Pe"][0])   # the molecules did relax
+    assert np.all(ns_run["Pe"][-1] < 0.9 * ns_run["Pe"][0])  # the molecules did relax
     # Each driver answered every step over its own veth: a SOURCEREADY is >= 124 bytes.
     assert all(s > 124 * steps for s in sent), sent
     # Both drivers connected to the hub's veth address, the one it alone was bound to.

@@ -63,8 +63,9 @@ def test_write_then_read_round_trip(tmp_path):
     through a temporary file (none left behind) and never contains the secret."""
     secret = _secret_file(tmp_path)
     before = time.time()
-    info = write_address_file(tmp_path / "hub.addr", address=("127.0.0.1", 4242),
-                              secret_file=secret, auth=True)
+    info = write_address_file(
+        tmp_path / "hub.addr", address=("127.0.0.1", 4242), secret_file=secret, auth=True
+    )
     back = read_address_file(tmp_path / "hub.addr")
     assert back == info
     assert (back.transport, back.host, back.port, back.unix) == ("tcp", "127.0.0.1", 4242, None)
@@ -82,13 +83,22 @@ def test_wildcard_bind_advertises_the_host_name(tmp_path):
     assert info.host == socket.gethostname()
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"port": "31415"}, "'port'"), ({"port": True}, "'port'"), ({"port": 0}, "'port'"),
-    ({"transport": "udp"}, "'transport'"), ({"version": 2}, "'version'"),
-    ({"format": "other"}, "'format'"), ({"unix": "rel/path", "transport": "unix"}, "'unix'"),
-    ({"secret_file": "hub.secret"}, "'secret_file'"), ({"pid": -1}, "'pid'"),
-    ({"run_id": ""}, "'run_id'"), ({"auth": "yes"}, "'auth'"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"port": "31415"}, "'port'"),
+        ({"port": True}, "'port'"),
+        ({"port": 0}, "'port'"),
+        ({"transport": "udp"}, "'transport'"),
+        ({"version": 2}, "'version'"),
+        ({"format": "other"}, "'format'"),
+        ({"unix": "rel/path", "transport": "unix"}, "'unix'"),
+        ({"secret_file": "hub.secret"}, "'secret_file'"),
+        ({"pid": -1}, "'pid'"),
+        ({"run_id": ""}, "'run_id'"),
+        ({"auth": "yes"}, "'auth'"),
+    ],
+)
 def test_bad_fields_are_named(tmp_path, change, field):
     """Each malformed field is refused with the file and the field in the message."""
     path = tmp_path / "hub.addr"
@@ -128,7 +138,7 @@ def test_leftovers_are_recognised(tmp_path):
     _rewrite(path, boot_id="00000000-0000-0000-0000-000000000000")
     assert "last booted" in _stale(path)
     _rewrite(path, hostname="elsewhere.invalid", pid=_dead_pid())
-    assert stale_reason(read_address_file(path)) is None   # only a connection can tell
+    assert stale_reason(read_address_file(path)) is None  # only a connection can tell
 
 
 def test_hub_refuses_a_live_hubs_file_and_replaces_a_dead_ones(tmp_path):
@@ -161,8 +171,9 @@ def test_wait_for_a_file_written_later(tmp_path, deadline):
     """wait_and_connect picks up a file that appears after it started waiting."""
     server = socket.create_server(("127.0.0.1", 0))
     path = tmp_path / "hub.addr"
-    timer = threading.Timer(0.3, write_address_file, args=(path,),
-                            kwargs={"address": server.getsockname()})
+    timer = threading.Timer(
+        0.3, write_address_file, args=(path,), kwargs={"address": server.getsockname()}
+    )
     timer.start()
     try:
         sock, info = wait_and_connect(path, deadline(10))
@@ -180,8 +191,12 @@ def test_leftover_rejected_then_fresh_file_used(tmp_path, deadline, caplog):
     path = tmp_path / "hub.addr"
     write_address_file(path, address=server.getsockname())
     _rewrite(path, pid=_dead_pid())
-    timer = threading.Timer(0.5, write_address_file, args=(path,),
-                            kwargs={"address": server.getsockname(), "run_id": "fresh"})
+    timer = threading.Timer(
+        0.5,
+        write_address_file,
+        args=(path,),
+        kwargs={"address": server.getsockname(), "run_id": "fresh"},
+    )
     caplog.set_level(logging.WARNING, "maxwellhub.rendezvous")
     timer.start()
     try:
@@ -200,7 +215,7 @@ def test_refused_address_is_a_leftover_and_the_wait_has_a_deadline(tmp_path):
     file the wait ends at its deadline, naming the file and the reason."""
     probe = socket.create_server(("127.0.0.1", 0))
     address = probe.getsockname()
-    probe.close()   # nothing listens there now
+    probe.close()  # nothing listens there now
     path = tmp_path / "hub.addr"
     write_address_file(path, address=address)
     began = time.monotonic()
@@ -228,24 +243,36 @@ async def test_hub_writes_its_file_at_start_and_removes_it_at_stop(tmp_path):
     assert not path.exists()
 
 
-def test_driver_uses_the_secret_file_named_in_the_address_file(tmp_path, driver_exe,
-                                                                deadline):
+def test_driver_uses_the_secret_file_named_in_the_address_file(tmp_path, driver_exe, deadline):
     """Authenticated TCP with no --secret-file: the driver reads the address file's
     secret_file; a --secret-file given on the command line wins (a wrong one here: refused)."""
     secret = _secret_file(tmp_path)
     wrong = _secret_file(tmp_path, "other", "wrong.secret")
     path = tmp_path / "hub.addr"
     env = {k: v for k, v in os.environ.items() if k != "MAXWELLHUB_SECRET"}
-    with SocketHub(port=0, timeout=deadline(20), address_file=path,
-                   auth=load_secret(secret)) as hub:
+    with SocketHub(
+        port=0, timeout=deadline(20), address_file=path, auth=load_secret(secret)
+    ) as hub:
         hub.register_molecule(0)
-        bad = subprocess.Popen([str(driver_exe), "--address-file", str(path), "--secret-file",
-                                str(wrong), "--timeout", str(deadline(20))], env=env,
-                               stderr=subprocess.PIPE, text=True)
+        bad = subprocess.Popen(
+            [
+                str(driver_exe),
+                "--address-file",
+                str(path),
+                "--secret-file",
+                str(wrong),
+                "--timeout",
+                str(deadline(20)),
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # The hub serves connections only while it waits: the wrong secret never binds.
         assert not hub.wait_until_bound({0: {"dt_au": 0.5}}, timeout=deadline(1.5))
-        good = subprocess.Popen([str(driver_exe), "--address-file", str(path), "--timeout",
-                                 str(deadline(20))], env=env)
+        good = subprocess.Popen(
+            [str(driver_exe), "--address-file", str(path), "--timeout", str(deadline(20))], env=env
+        )
         assert hub.wait_until_bound({0: {"dt_au": 0.5}})
         assert np.isfinite(hub.step({0: {"efield_au": FIELD}})[0]["amp"]).all()
     assert good.wait(timeout=deadline(20)) == 0
@@ -258,9 +285,11 @@ def test_driver_rejects_a_killed_hubs_file(tmp_path, driver_exe, deadline):
     """A hub process killed with SIGKILL leaves its file; a driver started afterwards
     rejects it (the pid is dead), keeps waiting, and exits 1 at its deadline naming it."""
     path = tmp_path / "hub.addr"
-    code = ("import sys, time\nfrom maxwellhub import SocketHub\n"
-            f"hub = SocketHub(port=0, address_file={str(path)!r})\n"
-            "print('up', flush=True)\ntime.sleep(60)\n")
+    code = (
+        "import sys, time\nfrom maxwellhub import SocketHub\n"
+        f"hub = SocketHub(port=0, address_file={str(path)!r})\n"
+        "print('up', flush=True)\ntime.sleep(60)\n"
+    )
     hub = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert hub.stdout is not None
     try:
@@ -269,8 +298,12 @@ def test_driver_rejects_a_killed_hubs_file(tmp_path, driver_exe, deadline):
         hub.send_signal(signal.SIGKILL)
         hub.wait()
     assert path.exists()
-    driver = subprocess.run([str(driver_exe), "--address-file", str(path), "--timeout", "1"],
-                            capture_output=True, text=True, timeout=deadline(20))
+    driver = subprocess.run(
+        [str(driver_exe), "--address-file", str(path), "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=deadline(20),
+    )
     assert driver.returncode == 1
     assert str(path) in driver.stderr and f"pid {hub.pid}" in driver.stderr
     assert "is not running" in driver.stderr
@@ -278,6 +311,10 @@ def test_driver_rejects_a_killed_hubs_file(tmp_path, driver_exe, deadline):
 
 def test_address_file_excludes_host_and_unix(driver_exe, tmp_path):
     """--address-file with --host is a usage error (exit 2) naming both options."""
-    done = subprocess.run([str(driver_exe), "--address-file", str(tmp_path / "a"), "--host",
-                           "x"], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [str(driver_exe), "--address-file", str(tmp_path / "a"), "--host", "x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 2 and "--address-file" in done.stderr

@@ -13,14 +13,20 @@ from _util import REPO_ROOT, scaled
 BENCH = REPO_ROOT / "benchmarks"
 TINY = ["--seconds", "0.02", "--repeats", "1", "--min-steps", "5"]
 
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                              reason="no C compiler for the benchmarks' C programs")
+needs_cc = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="no C compiler for the benchmarks' C programs",
+)
 
 
 def run(script: str, *args: str, timeout: float = 120) -> str:
     """Run a benchmark script with this Python; return its stdout, failing on exit != 0."""
-    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
-                          text=True, timeout=scaled(timeout))
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=scaled(timeout),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -37,12 +43,23 @@ def measured_row(out: str, label: str, n: int | None = None) -> str:
 @needs_cc
 def test_hub_throughput_prints_tables_and_targets():
     """hub_throughput.py with N = 1, 2 over UNIX and TCP prints both tables and the targets."""
-    out = run("hub_throughput.py", "--hubs", "maxwellhub-async,maxwellhub-sync,c-epoll",
-              "--transports", "unix,tcp", "--counts", "1,2", *TINY)
+    out = run(
+        "hub_throughput.py",
+        "--hubs",
+        "maxwellhub-async,maxwellhub-sync,c-epoll",
+        "--transports",
+        "unix,tcp",
+        "--counts",
+        "1,2",
+        *TINY,
+    )
     for transport in ("UNIX", "TCP"):
         assert f"### Hub barrier throughput, {transport}" in out
-    for label in ("maxwellhub Hub.step (async)", "maxwellhub SocketHub.step (sync)",
-                  "minimal C hub with epoll (the limit)"):
+    for label in (
+        "maxwellhub Hub.step (async)",
+        "maxwellhub SocketHub.step (sync)",
+        "minimal C hub with epoll (the limit)",
+    ):
         for n in (1, 2):
             measured_row(out, label, n)
     assert "### Targets" in out
@@ -53,8 +70,16 @@ def test_hub_throughput_prints_tables_and_targets():
 @pytest.mark.peer
 def test_hub_throughput_measures_maxwelllink():
     """MaxwellLink's SocketHub gets a row and a ratio line when its venv is present."""
-    out = run("hub_throughput.py", "--hubs", "maxwellhub-sync,maxwelllink",
-              "--transports", "unix", "--counts", "1", *TINY)
+    out = run(
+        "hub_throughput.py",
+        "--hubs",
+        "maxwellhub-sync,maxwelllink",
+        "--transports",
+        "unix",
+        "--counts",
+        "1",
+        *TINY,
+    )
     measured_row(out, "MaxwellLink 0.5.0 SocketHub.step_barrier", 1)
     assert "maxwellhub-sync / MaxwellLink" in out
 

@@ -30,8 +30,7 @@ TLS: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_init
 
 def _sim():
     mp.verbosity(0)
-    return mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10,
-                         boundary_layers=[mp.PML(3.0)])
+    return mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(3.0)])
 
 
 def _embedded(n: int = 1, until: float = 90) -> dict:
@@ -65,14 +64,14 @@ def test_socket_and_embedded_trajectories_are_identical(unix_name, deadline):
     socket = _socket(unix_name, 1, deadline)
     embedded = _embedded()
     for key in ("Pe", "Pg", "Pge_real", "Pge_imag", "muz_au", "energy_au", "time_au"):
-        np.testing.assert_allclose(socket[key], embedded[key], rtol=0, atol=1e-12,
-                                   err_msg=key)
+        np.testing.assert_allclose(socket[key], embedded[key], rtol=0, atol=1e-12, err_msg=key)
     t = UNITS.time_au_to_meep(socket["time_au"][:, 0])
-    gamma = golden_rule_rate(2, UNITS.frequency_au_to_meep(0.242),
-                             UNITS.dipole_au_to_meep(187.0))
+    gamma = golden_rule_rate(2, UNITS.frequency_au_to_meep(0.242), UNITS.dipole_au_to_meep(187.0))
     errors = compare_to_curve(t, socket["Pe"][:, 0], gamma)
-    print(f"\n2d via socket: std {errors['std']:.2e} max {errors['max']:.2e}, "
-          f"max |socket - embedded| {np.abs(socket['Pe'] - embedded['Pe']).max():.1e}")
+    print(
+        f"\n2d via socket: std {errors['std']:.2e} max {errors['max']:.2e}, "
+        f"max |socket - embedded| {np.abs(socket['Pe'] - embedded['Pe']).max():.1e}"
+    )
     assert errors["std"] < 3e-3 and errors["max"] < 8e-3
 
 
@@ -80,8 +79,7 @@ def test_two_socket_drivers_at_one_point_reproduce_one(unix_name, deadline):
     """Two socket TLS at one point with mu/sqrt(2) each relax like one with mu."""
     pair = _socket(unix_name, 2, deadline)
     single = _embedded()
-    np.testing.assert_allclose(pair["Pe"], np.repeat(single["Pe"], 2, axis=1), rtol=0,
-                               atol=1e-12)
+    np.testing.assert_allclose(pair["Pe"], np.repeat(single["Pe"], 2, axis=1), rtol=0, atol=1e-12)
 
 
 def test_mixed_socket_and_embedded(unix_name, deadline):
@@ -139,13 +137,30 @@ def test_mpirun_equals_serial(tmp_path, deadline):
     script.write_text(MPI_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMPI_")}
     env["OPENBLAS_NUM_THREADS"] = "1"
-    serial = subprocess.run([sys.executable, str(script), str(tmp_path / "serial.npz")],
-                            env=env, capture_output=True, text=True, timeout=deadline(120))
+    serial = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "serial.npz")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=deadline(120),
+    )
     assert serial.returncode == 0, serial.stderr[-2000:]
     parallel = subprocess.run(
-        [mpirun, "-np", "2", "--allow-run-as-root", "--oversubscribe", sys.executable,
-         str(script), str(tmp_path / "mpi.npz")],
-        env=env, capture_output=True, text=True, timeout=deadline(240))
+        [
+            mpirun,
+            "-np",
+            "2",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            sys.executable,
+            str(script),
+            str(tmp_path / "mpi.npz"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=deadline(240),
+    )
     assert parallel.returncode == 0, parallel.stderr[-2000:]
     ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("mpi.npz.rank*.json"))]
     assert sorted(r["rank"] for r in ranks) == [0, 1]

@@ -40,24 +40,30 @@ def test_examples_parse():
         assert cfg.molecule_count >= 1, path
 
 
-@pytest.mark.parametrize("path,value,message", [
-    ("simulation.dimensions", 4, "simulation.dimensions = 4; allowed: 1, 2, 3"),
-    ("simulation.cell", [8.0], "simulation.cell = [8.0]; expected a list of 2 numbers"),
-    ("simulation.resolution", 0, "simulation.resolution = 0; expected a number > 0"),
-    ("simulation.resolution", "ten", "simulation.resolution = 'ten'; expected a number"),
-    ("simulation.pml", 4.0, "simulation.pml = 4 leaves no interior"),
-    ("simulation.until", ..., "missing key simulation.until"),
-    ("simulation.colour", 1, "unknown key simulation.colour; allowed keys in simulation"),
-    ("transport.kind", "carrier pigeon", "transport.kind = 'carrier pigeon'; allowed: unix, "
-                                         "tcp, embedded"),
-    ("transport.port", 70000, "transport.port = 70000; expected 0..65535"),
-    ("molecules.0.axis", "w", "molecules[0].axis = 'w'; allowed: x, y, z"),
-    ("molecules.0.sigma", -1, "molecules[0].sigma = -1; expected a number >= 0"),
-    ("molecules.0.position", [0.0], "molecules[0].position = [0.0]; expected a list of 2"),
-    ("molecules.0.count", 0, "molecules[0].count = 0; expected an integer >= 1"),
-    ("molecules.0.model", 3, "molecules[0].model = 3; expected a model name"),
-    ("output.plot", "yes", "output.plot = 'yes'; expected true or false"),
-])
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        ("simulation.dimensions", 4, "simulation.dimensions = 4; allowed: 1, 2, 3"),
+        ("simulation.cell", [8.0], "simulation.cell = [8.0]; expected a list of 2 numbers"),
+        ("simulation.resolution", 0, "simulation.resolution = 0; expected a number > 0"),
+        ("simulation.resolution", "ten", "simulation.resolution = 'ten'; expected a number"),
+        ("simulation.pml", 4.0, "simulation.pml = 4 leaves no interior"),
+        ("simulation.until", ..., "missing key simulation.until"),
+        ("simulation.colour", 1, "unknown key simulation.colour; allowed keys in simulation"),
+        (
+            "transport.kind",
+            "carrier pigeon",
+            "transport.kind = 'carrier pigeon'; allowed: unix, tcp, embedded",
+        ),
+        ("transport.port", 70000, "transport.port = 70000; expected 0..65535"),
+        ("molecules.0.axis", "w", "molecules[0].axis = 'w'; allowed: x, y, z"),
+        ("molecules.0.sigma", -1, "molecules[0].sigma = -1; expected a number >= 0"),
+        ("molecules.0.position", [0.0], "molecules[0].position = [0.0]; expected a list of 2"),
+        ("molecules.0.count", 0, "molecules[0].count = 0; expected an integer >= 1"),
+        ("molecules.0.model", 3, "molecules[0].model = 3; expected a model name"),
+        ("output.plot", "yes", "output.plot = 'yes'; expected true or false"),
+    ],
+)
 def test_bad_values_name_the_key(path, value, message):
     """A bad value is refused with the dotted key and what is allowed."""
     with pytest.raises(ConfigError) as info:
@@ -75,12 +81,12 @@ def test_position_and_positions_are_exclusive():
 def test_cli_refuses_bad_config_before_starting(tmp_path):
     """`maxwellhub run` exits 2 with the key named, without starting anything."""
     bad = tmp_path / "bad.toml"
-    text = (EXAMPLES / "relax_2d.toml").read_text().replace("pe_initial = 1e-4",
-                                                            "pe_initial = 1.5")
+    text = (EXAMPLES / "relax_2d.toml").read_text().replace("pe_initial = 1e-4", "pe_initial = 1.5")
     bad.write_text(text)
     exe = Path(sys.executable).with_name("maxwellhub")
-    proc = subprocess.run([str(exe), "run", str(bad)], capture_output=True, text=True,
-                          timeout=scaled(60))
+    proc = subprocess.run(
+        [str(exe), "run", str(bad)], capture_output=True, text=True, timeout=scaled(60)
+    )
     assert proc.returncode == 2
     assert "molecules[0]" in proc.stderr and "pe_initial" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -87,11 +87,18 @@ def test_self_coulomb_vanishes_for_divergence_free_kernels():
     offsets = np.array([[0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5]])  # Ex, Ey, Ez Yee shifts
     centers = np.array([[0.013, -0.02, 0.03]])
     sigma = np.array([0.1])
-    ez_2d = self_coulomb_matrices(centers, sigma, np.array([[False, False, True]]),
-                                  offsets * [1, 1, 0], np.array([True, True, False]), 0.1)
+    ez_2d = self_coulomb_matrices(
+        centers,
+        sigma,
+        np.array([[False, False, True]]),
+        offsets * [1, 1, 0],
+        np.array([True, True, False]),
+        0.1,
+    )
     assert np.abs(ez_2d).max() == 0.0
-    x_3d = self_coulomb_matrices(centers, sigma, np.array([[True, False, False]]), offsets,
-                                 np.array([True, True, True]), 0.1)[0]
-    continuum = 1 / (3 * (2 * math.pi) ** 1.5 * 0.1**3 * 2 ** 1.5)  # <w, Pi_L w>, Gaussian
+    x_3d = self_coulomb_matrices(
+        centers, sigma, np.array([[True, False, False]]), offsets, np.array([True, True, True]), 0.1
+    )[0]
+    continuum = 1 / (3 * (2 * math.pi) ** 1.5 * 0.1**3 * 2**1.5)  # <w, Pi_L w>, Gaussian
     assert x_3d[0, 0] == pytest.approx(continuum, rel=0.15)
     assert np.abs(x_3d[1:, :]).max() == 0.0 and np.abs(x_3d[:, 1:]).max() == 0.0

@@ -15,14 +15,14 @@ from maxwellhub.units import AU_TIME_FS, MeepUnits
 def test_field_factor_matches_reference(tau):
     """E_au = E_meep * 1.2929541569381223e-6 / tau**2 (to CODATA differences, 1e-8)."""
     assert MeepUnits(tau).efield_meep_to_au(1.0) == pytest.approx(
-        1.2929541569381223e-6 / tau**2, rel=1e-8)
+        1.2929541569381223e-6 / tau**2, rel=1e-8
+    )
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.5, 1.0, 2.5])
 def test_source_factor_is_independent_of_tau(tau):
     """(dmu/dt)_meep = (dmu/dt)_au * 0.002209799779149953 whatever tau is."""
-    assert MeepUnits(tau).source_au_to_meep(1.0) == pytest.approx(0.002209799779149953,
-                                                                   rel=1e-8)
+    assert MeepUnits(tau).source_au_to_meep(1.0) == pytest.approx(0.002209799779149953, rel=1e-8)
 
 
 def test_frequency_and_dipole_at_tenth_of_femtosecond():
@@ -45,8 +45,7 @@ def test_time_and_source_units_agree():
     """dmu/dt converts as dipole / time, and the time unit is tau fs."""
     units = MeepUnits(0.2)
     assert units.time_meep_to_au(1.0) == pytest.approx(0.2 / 0.024188843265857, rel=1e-12)
-    assert units.source_meep_to_au(1.0) == pytest.approx(
-        units.dipole_au / units.time_au, rel=1e-14)
+    assert units.source_meep_to_au(1.0) == pytest.approx(units.dipole_au / units.time_au, rel=1e-14)
 
 
 def test_round_trips_and_arrays():

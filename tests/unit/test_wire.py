@@ -42,17 +42,38 @@ ZEROS9 = (0.0,) * 9
 FIELD = (0.125, -2.5, 3.0e-7)
 SOURCE = (-1.5e-3, 4.25, 0.0625)
 EXTRAS = json.dumps(
-    {"time_au": 0.5, "energy_au": -0.25, "mux_au": 0.1, "muy_au": 0.0, "muz_au": -0.2,
-     "Pe": 0.3, "Pg": 0.7, "Pge_real": 0.01, "Pge_imag": -0.02}).encode()
+    {
+        "time_au": 0.5,
+        "energy_au": -0.25,
+        "mux_au": 0.1,
+        "muy_au": 0.0,
+        "muz_au": -0.2,
+        "Pe": 0.3,
+        "Pg": 0.7,
+        "Pge_real": 0.01,
+        "Pge_imag": -0.02,
+    }
+).encode()
 
 # The fused FIELDDATA + GETSOURCE block of MaxwellLink's hub (wire.md, session step 3).
-FIELD_BLOCK = (b"POSDATA     " + struct.pack("<9d", *IDENTITY) + struct.pack("<9d", *IDENTITY)
-               + struct.pack("<i", 1) + struct.pack("<3d", *FIELD) + b"GETFORCE    ")
+FIELD_BLOCK = (
+    b"POSDATA     "
+    + struct.pack("<9d", *IDENTITY)
+    + struct.pack("<9d", *IDENTITY)
+    + struct.pack("<i", 1)
+    + struct.pack("<3d", *FIELD)
+    + b"GETFORCE    "
+)
 
 # SOURCEREADY: FORCEREADY with energy 0, nat 1, dmu/dt, zero virial, then the extras.
-SOURCE_PREFIX = (b"FORCEREADY  " + struct.pack("<d", 0.0) + struct.pack("<i", 1)
-                 + struct.pack("<3d", *SOURCE) + struct.pack("<9d", *ZEROS9)
-                 + struct.pack("<i", len(EXTRAS)))
+SOURCE_PREFIX = (
+    b"FORCEREADY  "
+    + struct.pack("<d", 0.0)
+    + struct.pack("<i", 1)
+    + struct.pack("<3d", *SOURCE)
+    + struct.pack("<9d", *ZEROS9)
+    + struct.pack("<i", len(EXTRAS))
+)
 SOURCE_MSG = SOURCE_PREFIX + EXTRAS
 
 # A non-symmetric cell h (lattice vectors as columns) and what the wire holds: h.T
@@ -84,16 +105,27 @@ SMALL = Limits(max_nat=3, max_init_bytes=64, max_extras_bytes=64)
 def posdata_bytes(cell_wire, inverse_wire, positions) -> bytes:
     """POSDATA written by hand: header, cell, inverse, nat, positions."""
     flat = [x for row in positions for x in row]
-    return (b"POSDATA     " + struct.pack("<9d", *cell_wire) + struct.pack("<9d", *inverse_wire)
-            + struct.pack("<i", len(positions)) + struct.pack(f"<{len(flat)}d", *flat))
+    return (
+        b"POSDATA     "
+        + struct.pack("<9d", *cell_wire)
+        + struct.pack("<9d", *inverse_wire)
+        + struct.pack("<i", len(positions))
+        + struct.pack(f"<{len(flat)}d", *flat)
+    )
 
 
 def forceready_bytes(energy, forces, virial_wire, extras: bytes) -> bytes:
     """FORCEREADY written by hand: header, energy, nat, forces, virial, m, extras."""
     flat = [x for row in forces for x in row]
-    return (b"FORCEREADY  " + struct.pack("<d", energy) + struct.pack("<i", len(forces))
-            + struct.pack(f"<{len(flat)}d", *flat) + struct.pack("<9d", *virial_wire)
-            + struct.pack("<i", len(extras)) + extras)
+    return (
+        b"FORCEREADY  "
+        + struct.pack("<d", energy)
+        + struct.pack("<i", len(forces))
+        + struct.pack(f"<{len(flat)}d", *flat)
+        + struct.pack("<9d", *virial_wire)
+        + struct.pack("<i", len(extras))
+        + extras
+    )
 
 
 def init_bytes(ident: int, payload: bytes) -> bytes:
@@ -109,11 +141,18 @@ def same_event(a, b) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, PosData):
-        return (np.array_equal(a.cell, b.cell) and np.array_equal(a.inverse, b.inverse)
-                and np.array_equal(a.positions, b.positions))
+        return (
+            np.array_equal(a.cell, b.cell)
+            and np.array_equal(a.inverse, b.inverse)
+            and np.array_equal(a.positions, b.positions)
+        )
     if isinstance(a, ForceReady):
-        return (a.energy == b.energy and np.array_equal(a.forces, b.forces)
-                and np.array_equal(a.virial, b.virial) and a.extras == b.extras)
+        return (
+            a.energy == b.energy
+            and np.array_equal(a.forces, b.forces)
+            and np.array_equal(a.virial, b.virial)
+            and a.extras == b.extras
+        )
     return a == b
 
 
@@ -136,7 +175,8 @@ def check_every_split(reader: str, data: bytes, expected, limits: Limits | None 
     """Decode ``data`` whole, byte by byte, split at every index, and with trailing data."""
     assert_same_events(feed_chunks(reader, [data], limits), expected)
     assert_same_events(
-        feed_chunks(reader, [data[i:i + 1] for i in range(len(data))], limits), expected)
+        feed_chunks(reader, [data[i : i + 1] for i in range(len(data))], limits), expected
+    )
     for i in range(len(data) + 1):
         assert_same_events(feed_chunks(reader, [data[:i], data[i:]], limits), expected)
     # A complete stream followed by a partial copy of itself: the partial part stays
@@ -294,8 +334,9 @@ def test_forceready_non_symmetric_virial(nat):
 # ----------------------------------------------------------------------------- simple messages
 
 
-@pytest.mark.parametrize(("header", "event", "sender"), SIMPLE,
-                         ids=[h.strip().decode() for h, _, _ in SIMPLE])
+@pytest.mark.parametrize(
+    ("header", "event", "sender"), SIMPLE, ids=[h.strip().decode() for h, _, _ in SIMPLE]
+)
 def test_simple_message(header, event, sender):
     """Each bodiless message is 12 space-padded bytes, read only by the side it is sent to."""
     assert len(header) == 12
@@ -308,9 +349,7 @@ def test_simple_message(header, event, sender):
 
 @pytest.mark.parametrize(
     ("reader", "data"),
-    [("hub", init_bytes(1, b"{}")),
-     ("hub", FIELD_BLOCK[:184]),
-     ("driver", SOURCE_MSG)],
+    [("hub", init_bytes(1, b"{}")), ("hub", FIELD_BLOCK[:184]), ("driver", SOURCE_MSG)],
     ids=["INIT-to-hub", "POSDATA-to-hub", "FORCEREADY-to-driver"],
 )
 def test_payload_message_from_wrong_side(reader, data):
@@ -322,29 +361,64 @@ def test_payload_message_from_wrong_side(reader, data):
 # ----------------------------------------------------------------------------- streams
 
 
-DRIVER_STREAM = (b"STATUS      " + init_bytes(3, b'{"molecule_id": 3, "dt_au": 0.5}')
-                 + b"STATUS      " + FIELD_BLOCK + b"STOP        " + b"EXIT        ")
-DRIVER_EVENTS = [Status(), Init(3, b'{"molecule_id": 3, "dt_au": 0.5}'), Status(),
-                 PosData(np.eye(3), np.eye(3), np.array([FIELD])), GetForce(), Stop(), Exit()]
-HUB_STREAM = (b"NEEDINIT    " + b"READY       " + b"HAVEDATA    " + SOURCE_MSG
-              + b"READY       " + SOURCE_PREFIX[:120] + struct.pack("<i", 0) + b"BYE         ")
-HUB_EVENTS = [NeedInit(), Ready(), HaveData(),
-              ForceReady(0.0, np.array([SOURCE]), np.zeros((3, 3)), EXTRAS), Ready(),
-              ForceReady(0.0, np.array([SOURCE]), np.zeros((3, 3))), Bye()]
+DRIVER_STREAM = (
+    b"STATUS      "
+    + init_bytes(3, b'{"molecule_id": 3, "dt_au": 0.5}')
+    + b"STATUS      "
+    + FIELD_BLOCK
+    + b"STOP        "
+    + b"EXIT        "
+)
+DRIVER_EVENTS = [
+    Status(),
+    Init(3, b'{"molecule_id": 3, "dt_au": 0.5}'),
+    Status(),
+    PosData(np.eye(3), np.eye(3), np.array([FIELD])),
+    GetForce(),
+    Stop(),
+    Exit(),
+]
+HUB_STREAM = (
+    b"NEEDINIT    "
+    + b"READY       "
+    + b"HAVEDATA    "
+    + SOURCE_MSG
+    + b"READY       "
+    + SOURCE_PREFIX[:120]
+    + struct.pack("<i", 0)
+    + b"BYE         "
+)
+HUB_EVENTS = [
+    NeedInit(),
+    Ready(),
+    HaveData(),
+    ForceReady(0.0, np.array([SOURCE]), np.zeros((3, 3)), EXTRAS),
+    Ready(),
+    ForceReady(0.0, np.array([SOURCE]), np.zeros((3, 3))),
+    Bye(),
+]
 
 
-@pytest.mark.parametrize(("reader", "data", "expected"),
-                         [("driver", DRIVER_STREAM, DRIVER_EVENTS),
-                          ("hub", HUB_STREAM, HUB_EVENTS)], ids=["driver", "hub"])
+@pytest.mark.parametrize(
+    ("reader", "data", "expected"),
+    [("driver", DRIVER_STREAM, DRIVER_EVENTS), ("hub", HUB_STREAM, HUB_EVENTS)],
+    ids=["driver", "hub"],
+)
 def test_several_messages_in_one_feed(reader, data, expected):
     """A whole session's stream decodes the same in one feed, byte by byte and split anywhere."""
     check_every_split(reader, data, expected)
 
 
-@pytest.mark.parametrize(("reader", "message"),
-                         [("driver", FIELD_BLOCK[:184]), ("driver", init_bytes(9, b"abc")),
-                          ("hub", SOURCE_MSG), ("hub", b"READY       ")],
-                         ids=["posdata", "init", "forceready", "ready"])
+@pytest.mark.parametrize(
+    ("reader", "message"),
+    [
+        ("driver", FIELD_BLOCK[:184]),
+        ("driver", init_bytes(9, b"abc")),
+        ("hub", SOURCE_MSG),
+        ("hub", b"READY       "),
+    ],
+    ids=["posdata", "init", "forceready", "ready"],
+)
 def test_trailing_partial_stays_buffered(reader, message):
     """A partial message after a whole one stays buffered, exactly, and completes later."""
     for i in range(1, len(message)):
@@ -454,11 +528,13 @@ def test_extras_at_cap_accepted_and_one_over_refused():
 
 @pytest.mark.parametrize(
     ("reader", "data", "what"),
-    [("hub", SOURCE_PREFIX[:120] + struct.pack("<i", -1), "extras length"),
-     ("driver", b"INIT        " + struct.pack("<ii", 0, -1), "init string length"),
-     ("driver", FIELD_BLOCK[:156] + struct.pack("<i", -1), "nat"),
-     ("hub", SOURCE_PREFIX[:20] + struct.pack("<i", -5), "nat"),
-     ("hub", SOURCE_PREFIX[:120] + struct.pack("<i", -(2**31)), "extras length")],
+    [
+        ("hub", SOURCE_PREFIX[:120] + struct.pack("<i", -1), "extras length"),
+        ("driver", b"INIT        " + struct.pack("<ii", 0, -1), "init string length"),
+        ("driver", FIELD_BLOCK[:156] + struct.pack("<i", -1), "nat"),
+        ("hub", SOURCE_PREFIX[:20] + struct.pack("<i", -5), "nat"),
+        ("hub", SOURCE_PREFIX[:120] + struct.pack("<i", -(2**31)), "extras length"),
+    ],
     ids=["extras", "init", "posdata-nat", "forceready-nat", "extras-min-int"],
 )
 def test_negative_lengths(reader, data, what):
@@ -543,18 +619,23 @@ def test_unknown_header(reader):
         decoder.feed(b"   ")
 
 
-@pytest.mark.parametrize("header", [b"status      ", b"STATUS\x00\x00\x00\x00\x00\x00",
-                                    b"  STATUS    ", b"STATUSX     "])
+@pytest.mark.parametrize(
+    "header", [b"status      ", b"STATUS\x00\x00\x00\x00\x00\x00", b"  STATUS    ", b"STATUSX     "]
+)
 def test_header_must_be_exact(header):
     """Lower case, NUL padding, leading spaces and suffixes are not the STATUS header."""
     with pytest.raises(ProtocolError, match="unknown"):
         Decoder("driver").feed(header)
 
 
-@pytest.mark.parametrize(("reader", "bad", "good"),
-                         [("driver", b"HELLO       ", b"STATUS      "),
-                          ("hub", SOURCE_PREFIX[:120] + struct.pack("<i", 2**31 - 1),
-                           b"READY       ")], ids=["driver", "hub"])
+@pytest.mark.parametrize(
+    ("reader", "bad", "good"),
+    [
+        ("driver", b"HELLO       ", b"STATUS      "),
+        ("hub", SOURCE_PREFIX[:120] + struct.pack("<i", 2**31 - 1), b"READY       "),
+    ],
+    ids=["driver", "hub"],
+)
 def test_decoder_refuses_input_after_error(reader, bad, good):
     """After a protocol error every further feed raises, even of valid bytes."""
     decoder = Decoder(reader)
@@ -578,15 +659,20 @@ def test_error_after_good_messages_in_one_feed_raises():
 LIMITS = Limits(max_nat=3, max_init_bytes=64, max_extras_bytes=64)
 # The largest legal message under LIMITS: a complete message is never left buffered, so
 # what stays buffered after a feed is always shorter than this.
-LARGEST = max(20 + LIMITS.max_init_bytes, 160 + 24 * LIMITS.max_nat,
-              100 + 24 * LIMITS.max_nat + LIMITS.max_extras_bytes)
+LARGEST = max(
+    20 + LIMITS.max_init_bytes,
+    160 + 24 * LIMITS.max_nat,
+    100 + 24 * LIMITS.max_nat + LIMITS.max_extras_bytes,
+)
 
 # No subnormals: once Meep is imported (other tests), the process flushes them to zero.
 finite = st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)
 matrix = st.lists(finite, min_size=9, max_size=9).map(lambda v: np.array(v).reshape(3, 3))
 rows = st.integers(0, LIMITS.max_nat).flatmap(
-    lambda nat: st.lists(finite, min_size=3 * nat, max_size=3 * nat)
-    .map(lambda v: np.array(v, dtype=np.float64).reshape(nat, 3)))
+    lambda nat: st.lists(finite, min_size=3 * nat, max_size=3 * nat).map(
+        lambda v: np.array(v, dtype=np.float64).reshape(nat, 3)
+    )
+)
 int32 = st.integers(-(2**31), 2**31 - 1)
 
 hub_events = st.one_of(
@@ -597,10 +683,18 @@ hub_events = st.one_of(
 driver_events = st.one_of(
     st.sampled_from([Ready(), NeedInit(), HaveData(), Bye()]),
     st.builds(ForceReady, finite, rows, matrix, st.binary(max_size=LIMITS.max_extras_bytes)),
-    st.builds(wire.Resume, st.just(wire.RESUME_VERSION), st.integers(1, LIMITS.max_batch),
-              st.integers(0, 2**63 - 1)),
-    st.builds(wire.Claim, st.just(wire.RESUME_VERSION), st.integers(1, LIMITS.max_batch),
-              st.integers(0, 2**63 - 1)),
+    st.builds(
+        wire.Resume,
+        st.just(wire.RESUME_VERSION),
+        st.integers(1, LIMITS.max_batch),
+        st.integers(0, 2**63 - 1),
+    ),
+    st.builds(
+        wire.Claim,
+        st.just(wire.RESUME_VERSION),
+        st.integers(1, LIMITS.max_batch),
+        st.integers(0, 2**63 - 1),
+    ),
 )
 # (reader, events sent to it)
 sessions = st.one_of(
@@ -631,16 +725,31 @@ def test_round_trip(session, cuts):
     assert b"".join(wire.encode(e) for e in got) == data
 
 
-HEADERS = [b"STATUS      ", b"READY       ", b"NEEDINIT    ", b"HAVEDATA    ",
-           b"INIT        ", b"POSDATA     ", b"GETFORCE    ", b"FORCEREADY  ",
-           b"STOP        ", b"BYE         ", b"EXIT        ", b"MXHRESUME   ",
-           b"MXHHELLO    ", b"MXHAUTH     ", b"MXHPROOF    ", b"MXHCLAIM    "]
+HEADERS = [
+    b"STATUS      ",
+    b"READY       ",
+    b"NEEDINIT    ",
+    b"HAVEDATA    ",
+    b"INIT        ",
+    b"POSDATA     ",
+    b"GETFORCE    ",
+    b"FORCEREADY  ",
+    b"STOP        ",
+    b"BYE         ",
+    b"EXIT        ",
+    b"MXHRESUME   ",
+    b"MXHHELLO    ",
+    b"MXHAUTH     ",
+    b"MXHPROOF    ",
+    b"MXHCLAIM    ",
+]
 
 noise = st.one_of(
     st.binary(max_size=400),
     # A valid header followed by random bytes reaches the length checks.
-    st.lists(st.tuples(st.sampled_from(HEADERS), st.binary(max_size=300)), max_size=4)
-    .map(lambda parts: b"".join(h + body for h, body in parts)),
+    st.lists(st.tuples(st.sampled_from(HEADERS), st.binary(max_size=300)), max_size=4).map(
+        lambda parts: b"".join(h + body for h, body in parts)
+    ),
 )
 
 
@@ -656,8 +765,11 @@ def mutated_frames(draw):
 
 
 @settings(deadline=None, max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(noise, mutated_frames()), st.lists(st.integers(0, 10**6), max_size=30),
-       st.sampled_from(["hub", "driver"]))
+@given(
+    st.one_of(noise, mutated_frames()),
+    st.lists(st.integers(0, 10**6), max_size=30),
+    st.sampled_from(["hub", "driver"]),
+)
 def test_fuzz_only_protocol_errors_and_bounded_buffer(data, cuts, reader):
     """Garbage fed in random chunks raises only ProtocolError and never buffers a whole message."""
     decoder = Decoder(reader, LIMITS)
@@ -673,16 +785,20 @@ def test_fuzz_only_protocol_errors_and_bounded_buffer(data, cuts, reader):
 
 
 @settings(deadline=None, max_examples=100)
-@given(st.sampled_from(["hub", "driver"]), st.sampled_from(HEADERS),
-       st.integers(-(2**31), 2**31 - 1), st.integers(0, 200))
+@given(
+    st.sampled_from(["hub", "driver"]),
+    st.sampled_from(HEADERS),
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(0, 200),
+)
 def test_fuzz_length_fields_never_buffer_past_caps(reader, header, value, at):
     """Any int32 in any length position is checked before its payload is buffered."""
     body = bytearray(b"\x00" * 200)
-    body[at % 197:at % 197 + 4] = struct.pack("<i", value)
+    body[at % 197 : at % 197 + 4] = struct.pack("<i", value)
     decoder = Decoder(reader, LIMITS)
     try:
         for i in range(0, len(body), 7):
-            decoder.feed(header + bytes(body[i:i + 7]) if i == 0 else bytes(body[i:i + 7]))
+            decoder.feed(header + bytes(body[i : i + 7]) if i == 0 else bytes(body[i : i + 7]))
             assert decoder.buffered < LARGEST
     except ProtocolError:
         assert decoder.buffered == 0
@@ -705,6 +821,7 @@ def test_batched_frames_golden_bytes():
         encode_sources_batch,
         encode_welcome,
     )
+
     assert encode_hello(5) == b"MXHHELLO    " + _s.pack("<iii", 1, 5, 0)
     assert encode_welcome(5) == b"MXHWELCOME  " + _s.pack("<ii", 1, 5)
     fields = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -712,8 +829,13 @@ def test_batched_frames_golden_bytes():
     assert encode_fields_batch(fields) == golden
     src = -fields
     extras = {"Pe": np.array([0.25, 0.5])}
-    golden_src = (b"MXHSOURCES  " + _s.pack("<i6d", 2, -1.0, -4.0, -2.0, -5.0, -3.0, -6.0)
-                  + _s.pack("<ii", 1, 2) + b"Pe" + _s.pack("<2d", 0.25, 0.5))
+    golden_src = (
+        b"MXHSOURCES  "
+        + _s.pack("<i6d", 2, -1.0, -4.0, -2.0, -5.0, -3.0, -6.0)
+        + _s.pack("<ii", 1, 2)
+        + b"Pe"
+        + _s.pack("<2d", 0.25, 0.5)
+    )
     assert encode_sources_batch(src, extras) == golden_src
     hub_side, driver_side = Decoder("hub"), Decoder("driver")
     assert hub_side.feed(encode_hello(2)) == [Hello(1, 2, 0)]
@@ -767,13 +889,15 @@ def test_resume_frame_golden_bytes_and_checks():
     assert len(frame) == 28
     dec = Decoder("hub")
     assert dec.feed(frame[:13]) == [] and dec.feed(frame[13:]) == [wire.Resume(1, 3, 2**40 + 5)]
-    for bad, why in ((b"MXHRESUME   " + struct.pack("<iiq", 2, 1, 0), "version 2"),
-                     (b"MXHRESUME   " + struct.pack("<iiq", 1, 0, 0), "M = 0"),
-                     (b"MXHRESUME   " + struct.pack("<iiq", 1, 1, -1), "step -1")):
+    for bad, why in (
+        (b"MXHRESUME   " + struct.pack("<iiq", 2, 1, 0), "version 2"),
+        (b"MXHRESUME   " + struct.pack("<iiq", 1, 0, 0), "M = 0"),
+        (b"MXHRESUME   " + struct.pack("<iiq", 1, 1, -1), "step -1"),
+    ):
         with pytest.raises(ProtocolError, match=why):
             Decoder("hub").feed(bad)
     with pytest.raises(ProtocolError, match="not valid from the hub"):
-        Decoder("driver").feed(frame)   # only drivers send it
+        Decoder("driver").feed(frame)  # only drivers send it
 
 
 def test_claim_frame_golden_bytes():
