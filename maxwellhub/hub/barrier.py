@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import wire
 from ..errors import ProtocolError, UsageError
@@ -39,7 +40,7 @@ class Layout:
 
     __slots__ = ("generation", "ids", "index", "key", "pending", "row")
 
-    def __init__(self, ids: np.ndarray, generation: int, index: np.ndarray) -> None:
+    def __init__(self, ids: npt.NDArray[Any], generation: int, index: npt.NDArray[Any]) -> None:
         self.ids = ids
         self.key = ids.tobytes()  # cheap equality test for the next step's ids
         self.row = {int(m): r for r, m in enumerate(ids.tolist())}
@@ -77,7 +78,11 @@ class Barrier:
     )
 
     def __init__(
-        self, layout: Layout, fields: np.ndarray, want_extras: bool, want_dipoles: bool = False
+        self,
+        layout: Layout,
+        fields: npt.NDArray[Any],
+        want_extras: bool,
+        want_dipoles: bool = False,
     ) -> None:
         n = len(layout.ids)
         self.layout = layout
@@ -89,7 +94,7 @@ class Barrier:
         self.single: dict[int, tuple[float, float, float]] = {}  # row -> single reply
         self.done = np.zeros(n, dtype=bool)
         self.extras: dict[int, bytes] = {}  # row -> JSON bytes
-        self.batch_extras: list[tuple[np.ndarray | slice, dict]] = []
+        self.batch_extras: list[tuple[npt.NDArray[Any] | slice, dict[str, Any]]] = []
         self.waiting = n
         self.waiter: Any = None  # an asyncio.Future while the core waits on the step
         self.timer: Any = None  # the core's timer handle (deadline or report)
@@ -108,7 +113,8 @@ class Barrier:
             self.waiter.set_result(why)
 
     def missing(self) -> list[int]:
-        return self.layout.ids[~self.done].tolist()
+        missing: list[int] = self.layout.ids[~self.done].tolist()
+        return missing
 
 
 class StepResult:
@@ -123,16 +129,16 @@ class StepResult:
 
     def __init__(
         self,
-        ids: np.ndarray,
-        sources: np.ndarray,
+        ids: npt.NDArray[Any],
+        sources: npt.NDArray[Any],
         json_rows: dict[int, bytes],
-        batch_extras: list[tuple[np.ndarray | slice, dict]],
+        batch_extras: list[tuple[npt.NDArray[Any] | slice, dict[str, Any]]],
     ) -> None:
         self.ids = ids
         self.sources = sources
         self._json = json_rows
         self._batch_extras = batch_extras
-        self._extras: dict[str, np.ndarray] | None = None
+        self._extras: dict[str, npt.NDArray[Any]] | None = None
 
     def extra_bytes(self, row: int) -> bytes:
         """The extras of one row as MaxwellLink's JSON bytes."""
@@ -142,10 +148,10 @@ class StepResult:
         values = {k: float(v[row]) for k, v in self.extras().items() if v[row] == v[row]}
         return json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
 
-    def extras(self) -> dict[str, np.ndarray]:
+    def extras(self) -> dict[str, npt.NDArray[Any]]:
         if self._extras is None:
             n = len(self.ids)
-            out: dict[str, np.ndarray] = {}
+            out: dict[str, npt.NDArray[Any]] = {}
             for r, raw in self._json.items():
                 if raw:
                     try:
@@ -168,7 +174,7 @@ class StepResult:
             self._extras = out
         return self._extras
 
-    def as_dict(self) -> dict[int, dict]:
+    def as_dict(self) -> dict[int, dict[str, Any]]:
         """MaxwellLink's shape: ``{molid: {"amp": ndarray(3), "extra": bytes}}``."""
         rows = list(self.sources)  # row views, made in C
         if self._batch_extras:
@@ -194,7 +200,7 @@ def check_policy(on_lost: str) -> bool:
     return on_lost == "abort"
 
 
-def fields_array(ids: np.ndarray, efields) -> np.ndarray:
+def fields_array(ids: npt.NDArray[Any], efields: Any) -> npt.NDArray[Any]:
     """(N, 3) float64 fields, refusing a wrong shape or a non-finite value by molecule."""
     fields = _rows_of_vectors(efields)
     if fields is None:
@@ -213,7 +219,7 @@ def fields_array(ids: np.ndarray, efields) -> np.ndarray:
     return fields
 
 
-def _rows_of_vectors(efields) -> np.ndarray | None:
+def _rows_of_vectors(efields: Any) -> npt.NDArray[Any] | None:
     """The common case, fast: every field a float64 array of 3 (a view of the caller's
     array, say), joined as bytes (numpy's array-from-sequence cost 1 us a row, this
     0.3 us); None for anything else (lists, other dtypes or shapes)."""
@@ -232,7 +238,7 @@ def _rows_of_vectors(efields) -> np.ndarray | None:
 _F8 = np.dtype(np.float64)
 
 
-def _all_finite(values: np.ndarray) -> bool:
+def _all_finite(values: npt.NDArray[Any]) -> bool:
     """Whether no value is NaN or infinite. Small arrays in Python (a numpy reduction
     costs microseconds per call); large ones by min and max, which propagate NaN and show
     an infinity with no temporary array and no floating-point warning state to switch
@@ -248,7 +254,7 @@ _SMALL = 96  # values (32 molecules) checked in Python
 _LARGE = 1 << 18  # values checked with a temporary array of booleans
 
 
-def is_all_rows(rows: np.ndarray | slice, n: int) -> bool:
+def is_all_rows(rows: npt.NDArray[Any] | slice, n: int) -> bool:
     return isinstance(rows, slice) and rows == slice(0, n)
 
 
@@ -277,6 +283,6 @@ def checked_dipoles(result: StepResult, dipoles: bool) -> StepResult:
     return result
 
 
-def as_step_arrays(ids, fields) -> tuple[np.ndarray, np.ndarray]:
+def as_step_arrays(ids: Any, fields: Any) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     return ids, fields_array(ids, fields)

@@ -44,6 +44,7 @@ from itertools import chain
 from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import wire
 from ..addresses import DEFAULT_PORT, unix_socket_path
@@ -143,7 +144,7 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         # asyncio reads straight into the decoder's buffer: no frame of ours in between
         self.get_buffer = self.conn.read_buffer  # type: ignore[method-assign]
         self._timer: asyncio.TimerHandle | None = None
-        self.bye: asyncio.Future | None = None
+        self.bye: asyncio.Future[Any] | None = None
         self._fd = -1  # the socket's fd while the steady reader reads it
 
     # -- asyncio.Protocol
@@ -201,7 +202,7 @@ class _DriverProtocol(asyncio.BufferedProtocol):
     def left(self) -> None:
         self.write = self.transport.writelines
 
-    def _write_direct(self, parts: list) -> None:
+    def _write_direct(self, parts: list[Any]) -> None:
         """Write one buffer straight to the socket when the transport holds nothing
         (the step's field: no copy, no transport bookkeeping); the rest, and whatever
         the socket does not take, through the transport, which keeps the order."""
@@ -242,10 +243,10 @@ class _DriverProtocol(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
 
-    def later(self, seconds: float, callback: Callable[[], list]) -> None:
+    def later(self, seconds: float, callback: Callable[[], list[Any]]) -> None:
         self.loop.call_later(seconds, self._send_from, callback)
 
-    def _send_from(self, callback: Callable[[], list]) -> None:
+    def _send_from(self, callback: Callable[[], list[Any]]) -> None:
         out = callback()
         if out:
             self.write(out)
@@ -258,11 +259,11 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         if self.bye is not None and not self.bye.done():
             self.bye.set_result(said_bye)
 
-    def offer_lane(self, parts: list, extras: int) -> shm.HubLane | None:
+    def offer_lane(self, parts: list[Any], extras: int) -> shm.HubLane | None:
         return shm.offer(self.conn, self.transport, self.loop, self.hub.shm_lane, parts, extras)
 
     # -- for the hub
-    def send_end(self) -> asyncio.Future:
+    def send_end(self) -> asyncio.Future[Any]:
         """End the session (STOP or EXIT); the future says whether it ended politely."""
         self.bye = self.loop.create_future()
         out = self.conn.send_end()
@@ -276,7 +277,7 @@ def _link(conn: Connection) -> _DriverProtocol:
     return cast(_DriverProtocol, conn.link)
 
 
-def _send(conn: Connection, out: list) -> None:
+def _send(conn: Connection, out: list[Any]) -> None:
     if out:
         conn.link.write(out)
 
@@ -313,18 +314,18 @@ class Hub:
         self,
         host: str | None = None,
         port: int | None = DEFAULT_PORT,
-        unixsocket: str | os.PathLike | None = None,
+        unixsocket: str | os.PathLike[str] | None = None,
         timeout: float | None = None,
         *,
         limits: wire.Limits | None = None,
         dialect: str = "maxwelllink",
         backlog: int = 4096,
         auth: Secret | None = None,
-        control: str | os.PathLike | None = None,
+        control: str | os.PathLike[str] | None = None,
         history: int = 0,
         max_pending: int | None = None,
         max_spare: int = 256,
-        address_file: str | os.PathLike | None = None,
+        address_file: str | os.PathLike[str] | None = None,
         handshake_timeout: float | None = None,
         shm_lane: bool | None = None,
         fast_path: bool = True,
@@ -376,7 +377,7 @@ class Hub:
         self._watchdog: asyncio.TimerHandle | None = None  # the step timer (_arm_step)
         self._layout: Layout | None = None
         self._generation = 0
-        self._changed: asyncio.Future | None = None
+        self._changed: asyncio.Future[Any] | None = None
         self.control = control  # where to serve maxwellhub.control, or None
         self._control: ControlServer | None = None
         # maxwellhub.rendezvous: written once listening, removed at stop
@@ -590,14 +591,14 @@ class Hub:
 
     # ------------------------------------------------------------------ molecules
 
-    def register_molecule(self, molecule_id: int, init: Mapping | None = None) -> None:
+    def register_molecule(self, molecule_id: int, init: Mapping[str, Any] | None = None) -> None:
         """Reserve a slot for ``molecule_id`` (its driver may connect later)."""
         mol = self.registry.register(int(molecule_id), init)
         self._payloads_known = False
         self.continuity.grow(mol.index + 1)
         self._progress_binds()
 
-    def register_molecule_return_id(self, init: Mapping | None = None) -> int:
+    def register_molecule_return_id(self, init: Mapping[str, Any] | None = None) -> int:
         """Reserve a slot with the next free id and return it."""
         mid = self.registry.next_free_id()
         self.register_molecule(mid, init)
@@ -617,7 +618,7 @@ class Hub:
 
     async def wait_until_bound(
         self,
-        init_payloads: Mapping[int, Mapping] | Iterable[int],
+        init_payloads: Mapping[int, Mapping[str, Any]] | Iterable[int],
         require_init: bool = True,
         timeout: float | None = None,
     ) -> bool:
@@ -796,7 +797,7 @@ class Hub:
                 f"has completed only {done} step(s) of molecule {first.id}"
             )
             return
-        fields: list[np.ndarray] | None = []
+        fields: list[npt.NDArray[Any]] | None = []
         if start < done:
             ids = [m.id for m in driver.molecules]
             fields = self.continuity.fields(ids, driver.batch is not None, start, done)
@@ -847,14 +848,14 @@ class Hub:
         passing on its upstream hub's count): drivers binding them are offered that step."""
         self.continuity.set_steps([self._molecules[int(m)].index for m in molecule_ids], step)
 
-    def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
+    def molecule_steps(self, molecule_ids: Iterable[int]) -> npt.NDArray[Any]:
         """How many steps each molecule has completed (int64 array)."""
         return np.array(
             [self.continuity.steps(self._molecules[int(m)].index) for m in molecule_ids],
             dtype=np.int64,
         )
 
-    def snapshot(self) -> dict[str, np.ndarray]:
+    def snapshot(self) -> dict[str, npt.NDArray[Any]]:
         """The hub's part of a run checkpoint, as plain arrays (``np.savez`` them; load
         with ``allow_pickle=False``): the step counter, every molecule's completed steps
         and the replay history. Take it between steps."""
@@ -867,7 +868,7 @@ class Hub:
             | self.params.snapshot()
         )
 
-    def restore(self, snapshot: Mapping[str, np.ndarray]) -> None:
+    def restore(self, snapshot: Mapping[str, npt.NDArray[Any]]) -> None:
         """Continue from :meth:`snapshot`: call it after registering the same molecules and
         before any step. Drivers that then bind are told each molecule's step (INIT) and
         replayed what their checkpoints miss."""
@@ -882,7 +883,7 @@ class Hub:
         self.params.restore(snapshot)
         self.step_index = step_index
 
-    def _new_layout(self, ids: np.ndarray, index: np.ndarray) -> Layout:
+    def _new_layout(self, ids: npt.NDArray[Any], index: npt.NDArray[Any]) -> Layout:
         self._generation += 1
         return Layout(ids, self._generation, index)
 
@@ -897,11 +898,12 @@ class Hub:
             _send(driver, driver.send_step(barrier))
         self._notify()
 
-    def pending_field(self, conn: Connection) -> np.ndarray | None:
+    def pending_field(self, conn: Connection) -> npt.NDArray[Any] | None:
         """The frozen field a single-molecule connection still owes a source for."""
         barrier = self._barrier
         if barrier is not None and conn.place(barrier.layout) and self._pending(conn, barrier):
-            return barrier.fields[conn.row]
+            row: npt.NDArray[Any] = barrier.fields[conn.row]
+            return row
         return None
 
     @staticmethod
@@ -952,7 +954,9 @@ class Hub:
         """A driver answered a parameter change (see :mod:`maxwellhub.hub.params`)."""
         self.params.answered(driver, sequence, error)
 
-    async def set_params(self, molecule_ids: int | Iterable[int], changes: Mapping) -> None:
+    async def set_params(
+        self, molecule_ids: int | Iterable[int], changes: Mapping[str, Any]
+    ) -> None:
         """Change model parameters of socket molecules between steps: MXHPARAMS to their
         drivers, every answer awaited (the hub's ``timeout``). Logged with the step and
         replayed to a replacement driver. :class:`~maxwellhub.hub.params.ParameterRefused`
@@ -1013,7 +1017,11 @@ class Hub:
     # ------------------------------------------------------------------ barrier
 
     def _freeze(
-        self, ids: np.ndarray, fields: np.ndarray, want_extras: bool, want_dipoles: bool = False
+        self,
+        ids: npt.NDArray[Any],
+        fields: npt.NDArray[Any],
+        want_extras: bool,
+        want_dipoles: bool = False,
     ) -> Barrier:
         layout = self._layout
         if layout is None or layout.key != ids.tobytes():
@@ -1034,8 +1042,8 @@ class Hub:
 
     def begin_step(
         self,
-        ids: np.ndarray | None,
-        fields: np.ndarray | None,
+        ids: npt.NDArray[Any] | None,
+        fields: npt.NDArray[Any] | None,
         timeout: float | None,
         abort_on_loss: bool,
         want_extras: bool = True,
@@ -1203,7 +1211,13 @@ class Hub:
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
 
     async def _run(
-        self, ids, fields, timeout, abort_on_loss, want_extras: bool = True, dipoles: bool = False
+        self,
+        ids: Any,
+        fields: Any,
+        timeout: float | None,
+        abort_on_loss: bool,
+        want_extras: bool = True,
+        dipoles: bool = False,
     ) -> StepResult | None:
         barrier = self.begin_step(ids, fields, timeout, abort_on_loss, want_extras, dipoles)
         if barrier is not None and barrier.waiter is not None:
@@ -1215,8 +1229,8 @@ class Hub:
         return self.finish_step(barrier)
 
     def requests_to_arrays(
-        self, requests: Mapping[int, Mapping]
-    ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+        self, requests: Mapping[int, Mapping[str, Any]]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]] | tuple[None, None]:
         """ids and fields from MaxwellLink's request dict (and INIT payloads it carries)."""
         if self._barrier is not None:
             return None, None  # a frozen step is continued; its fields stay
@@ -1240,8 +1254,8 @@ class Hub:
         return ids, fields_array(ids, efields)
 
     async def step_barrier(
-        self, requests: Mapping[int, Mapping], timeout: float | None = None
-    ) -> dict[int, dict]:
+        self, requests: Mapping[int, Mapping[str, Any]], timeout: float | None = None
+    ) -> dict[int, dict[str, Any]]:
         """MaxwellLink's barrier: ``{molid: {"amp": ndarray(3), "extra": bytes}}``, or ``{}``
         when paused, aborted by a lost driver, or incomplete at ``timeout``."""
         ids, fields = self.requests_to_arrays(requests)
@@ -1249,8 +1263,11 @@ class Hub:
         return result.as_dict() if result is not None else {}
 
     async def step(
-        self, requests: Mapping[int, Mapping], timeout: float | None = None, on_lost: str = "wait"
-    ) -> dict[int, dict]:
+        self,
+        requests: Mapping[int, Mapping[str, Any]],
+        timeout: float | None = None,
+        on_lost: str = "wait",
+    ) -> dict[int, dict[str, Any]]:
         """The barrier with a deadline. ``on_lost`` is the policy when a molecule has no
         driver: ``"wait"`` for a replacement until ``timeout``, then raise
         :class:`BarrierTimeout` naming the missing molecules; ``"abort"`` raise
@@ -1262,8 +1279,8 @@ class Hub:
 
     async def step_arrays(
         self,
-        ids,
-        fields,
+        ids: Any,
+        fields: Any,
         timeout: float | None = None,
         on_lost: str = "wait",
         extras: bool = True,
@@ -1284,7 +1301,13 @@ class Hub:
         return checked_dipoles(result, dipoles)
 
     async def step_arrays_raw(
-        self, ids, fields, timeout: float | None, on_lost: str, extras: bool, dipoles: bool
+        self,
+        ids: Any,
+        fields: Any,
+        timeout: float | None,
+        on_lost: str,
+        extras: bool,
+        dipoles: bool,
     ) -> StepResult:
         """:meth:`step_arrays` without the check that the dipoles came (a relay passes
         them upstream as they are; the upstream hub checks)."""
@@ -1321,7 +1344,7 @@ class Hub:
             missing,
         )
 
-    def status(self, most: int | None = None) -> dict:
+    def status(self, most: int | None = None) -> dict[str, Any]:
         """A snapshot for humans and the control endpoint. ``most`` caps the ``bound`` and
         ``missing`` id lists (their full lengths are in ``bound_count``/``missing_count``).
         ``time_per_step_ms`` is over the last 10,000 completed steps (first field sent to
@@ -1448,7 +1471,7 @@ class _ExitWatch:
         self._fds = []
 
 
-def _resolve(fut: asyncio.Future, value: object) -> None:
+def _resolve(fut: asyncio.Future[Any], value: object) -> None:
     """Set ``fut``'s result unless it is done already (a timer racing another wake-up)."""
     if not fut.done():
         fut.set_result(value)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from ..addresses import DEFAULT_PORT
 from ..errors import UsageError
@@ -25,6 +26,9 @@ from .core import Hub, new_event_loop
 from .fastpath import can_wait_detached
 
 __all__ = ["SocketHub"]
+
+
+_T = TypeVar("_T")
 
 
 class SocketHub:
@@ -71,11 +75,11 @@ class SocketHub:
         self,
         host: str | None = None,
         port: int | None = DEFAULT_PORT,
-        unixsocket: str | os.PathLike | None = None,
+        unixsocket: str | os.PathLike[str] | None = None,
         timeout: float | None = None,
         latency: float = 0.01,
         loop: str | None = None,
-        address_file: str | os.PathLike | None = None,
+        address_file: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> None:
         self.latency = latency
@@ -113,7 +117,7 @@ class SocketHub:
                 "event loop; use maxwellhub.Hub and await its methods"
             )
 
-    def _run(self, coro):
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         loop = self._loop
         if loop is None:
             coro.close()
@@ -144,7 +148,7 @@ class SocketHub:
         return self.hub.port if self.hub else None
 
     @property
-    def address(self):
+    def address(self) -> str | tuple[str, int] | None:
         return self.hub.address if self.hub else None
 
     @property
@@ -188,11 +192,11 @@ class SocketHub:
     # --- end MaxwellLink compatibility ---
 
     # -- API
-    def register_molecule(self, molecule_id: int, init: Mapping | None = None) -> None:
+    def register_molecule(self, molecule_id: int, init: Mapping[str, Any] | None = None) -> None:
         if self.hub:
             self.hub.register_molecule(molecule_id, init)
 
-    def register_molecule_return_id(self, init: Mapping | None = None) -> int:
+    def register_molecule_return_id(self, init: Mapping[str, Any] | None = None) -> int:
         if self.hub:
             return self.hub.register_molecule_return_id(init)
         raise UsageError("register_molecule_return_id is only available on MPI rank 0")
@@ -214,7 +218,7 @@ class SocketHub:
 
     def wait_until_bound(
         self,
-        init_payloads,
+        init_payloads: Any,
         require_init: bool = True,
         timeout: float | None = None,
     ) -> bool:
@@ -223,7 +227,7 @@ class SocketHub:
         False, at a stop request or when a watched process exits."""
         if self.hub is None:
             return False
-        return self._run(self.hub.wait_until_bound(init_payloads, require_init, timeout))
+        return bool(self._run(self.hub.wait_until_bound(init_payloads, require_init, timeout)))
 
     def watch_processes(
         self, processes: Iterable[Any] | Callable[[], Iterable[Any]] | None
@@ -233,8 +237,14 @@ class SocketHub:
             self.hub.watch_processes(processes)
 
     def _barrier(
-        self, ids, fields, timeout, abort: bool, want_extras: bool = True, dipoles: bool = False
-    ):
+        self,
+        ids: Any,
+        fields: Any,
+        timeout: float | None,
+        abort: bool,
+        want_extras: bool = True,
+        dipoles: bool = False,
+    ) -> StepResult | None:
         """One barrier attempt without a Task: dispatch synchronously, then run the loop
         only until this step's waiter resolves (the hot path of Meep's step callback)."""
         self._check_no_running_loop()
@@ -265,8 +275,8 @@ class SocketHub:
         return self.hub, self._loop
 
     def step_barrier(
-        self, requests: Mapping[int, Mapping], timeout: float | None = None
-    ) -> dict[int, dict]:
+        self, requests: Mapping[int, Mapping[str, Any]], timeout: float | None = None
+    ) -> dict[int, dict[str, Any]]:
         if self.hub is None or self._loop is None:
             return {}  # not rank 0, or stopped: the "paused" case of the contract
         ids, fields = self.hub.requests_to_arrays(requests)
@@ -274,8 +284,11 @@ class SocketHub:
         return result.as_dict() if result is not None else {}
 
     def step(
-        self, requests: Mapping[int, Mapping], timeout: float | None = None, on_lost: str = "wait"
-    ) -> dict[int, dict]:
+        self,
+        requests: Mapping[int, Mapping[str, Any]],
+        timeout: float | None = None,
+        on_lost: str = "wait",
+    ) -> dict[int, dict[str, Any]]:
         """The barrier with a deadline; see :meth:`Hub.step` (raises instead of ``{}``)."""
         if self.hub is None:
             raise UsageError("step is only available on MPI rank 0")
@@ -286,8 +299,8 @@ class SocketHub:
 
     def step_arrays(
         self,
-        ids,
-        fields,
+        ids: Any,
+        fields: Any,
         timeout: float | None = None,
         on_lost: str = "wait",
         extras: bool = True,
@@ -302,11 +315,11 @@ class SocketHub:
         result = self._barrier(ids, fields, timeout, abort, extras, dipoles)
         return checked_dipoles(self.hub.outcome(result, abort, timeout), dipoles)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return self.hub.status() if self.hub else {}
 
     # -- parameter changes and kicks over the wire (maxwellhub.hub.params)
-    def set_params(self, molecule_ids: int | Iterable[int], changes: Mapping) -> None:
+    def set_params(self, molecule_ids: int | Iterable[int], changes: Mapping[str, Any]) -> None:
         """See :meth:`Hub.set_params`: sent between steps, every answer awaited (nothing
         on ranks other than 0)."""
         if self.hub is not None:
@@ -328,17 +341,17 @@ class SocketHub:
             return 0
         return int(self._run(self.hub.apply_requested_params()))
 
-    def molecule_steps(self, molecule_ids: Iterable[int]) -> np.ndarray:
+    def molecule_steps(self, molecule_ids: Iterable[int]) -> npt.NDArray[Any]:
         """See :meth:`Hub.molecule_steps` (an empty array on ranks other than 0)."""
         if self.hub is None:
             return np.zeros(0, dtype=np.int64)
         return self.hub.molecule_steps(molecule_ids)
 
-    def snapshot(self) -> dict[str, np.ndarray]:
+    def snapshot(self) -> dict[str, npt.NDArray[Any]]:
         """See :meth:`Hub.snapshot` (``{}`` on ranks other than 0)."""
         return self.hub.snapshot() if self.hub is not None else {}
 
-    def restore(self, snapshot: Mapping[str, np.ndarray]) -> None:
+    def restore(self, snapshot: Mapping[str, npt.NDArray[Any]]) -> None:
         """See :meth:`Hub.restore` (nothing on ranks other than 0)."""
         if self.hub is not None:
             self.hub.restore(snapshot)
@@ -362,7 +375,7 @@ class SocketHub:
     def __enter__(self) -> SocketHub:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def __del__(self) -> None:
