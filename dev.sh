@@ -108,7 +108,8 @@ except Exception:
 import numpy
 if not numpy.__file__.startswith("/usr/lib/python3/dist-packages/"):
     sys.exit(4)
-want = {"maxwellhub": root + "/maxwellhub/", "maxwellhub_drivers": root + "/drivers/"}
+want = {"maxwellhub": root + "/src/maxwellhub/",
+        "maxwellhub_drivers": root + "/src/maxwellhub_drivers/"}
 for name, where in want.items():
     spec = find_spec(name)
     if spec is None or not os.path.realpath(spec.origin or "").startswith(where):
@@ -218,7 +219,7 @@ ensure_peer_venv() {
 # in tests/integration/test_mxl_dropin.py. Same best-effort rules as ensure_peer_venv (stamp, .failed),
 # but the venv sees Debian's Meep, and maxwelllink comes --no-deps: its declared deps
 # (numpy>=1.24, scipy>=1.10) are Debian's, the others (cmake, requests) are unused here.
-# Our package is not installed there: the tests put the repo on PYTHONPATH, so the peer
+# Our package is not installed there: the tests put the repo's src/ on PYTHONPATH, so the peer
 # always runs the worktree's maxwellhub and never gets a second numpy.
 ensure_meep_peer_venv() {
     local name=maxwelllink-meep

@@ -29,7 +29,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
 from maxwellhub import SocketHub  # noqa: E402
 from maxwellhub.em import EngineCoupling  # noqa: E402

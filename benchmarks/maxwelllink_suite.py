@@ -8,7 +8,7 @@ socket tests of its ``tests/`` directory (the hub's public API, the TLS relaxati
 2D and 3D Meep, the single-mode cavity socket-vs-embedded TLS, QuTiP when importable;
 psi4, LAMMPS and agent tests are out of scope) with pytest in the peer venv
 ``.peers/maxwelllink-meep`` (``./dev.sh setup`` builds it: Debian's Meep and numpy,
-maxwelllink==0.5.0, pytest), its ``mxl_driver`` on PATH and this repository on PYTHONPATH.
+maxwelllink==0.5.0, pytest), its ``mxl_driver`` on PATH and this repository's src/ on PYTHONPATH.
 
 Run twice: once as shipped (``theirs``) and once with a pytest plugin that makes every
 ``SocketHub`` name in MaxwellLink's modules (``maxwelllink.SocketHub``,
@@ -196,7 +196,7 @@ def run(root: Path, hub: str, tmp: Path, select: str | None, timeout: float) -> 
     env.update(
         MXH_SWAP=hub,
         MXH_RECORD=str(record),
-        PYTHONPATH=f"{tmp}{os.pathsep}{REPO}",
+        PYTHONPATH=f"{tmp}{os.pathsep}{REPO / 'src'}",
         PATH=f"{console_scripts(tmp)}{os.pathsep}{PEER / 'bin'}{os.pathsep}{env.get('PATH', '')}",
         PYTHONNOUSERSITE="1",
         OMPI_MCA_ess_singleton_isolated="1",

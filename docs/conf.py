@@ -63,7 +63,7 @@ html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "sear
 # fixed: the docstrings belong to modules being rebuilt, and the build treats warnings as
 # errors. Each entry says where the problem is.
 DOCSTRINGS_LEFT_OUT = {
-    # maxwellhub/hub/sync.py, class SocketHub: its "Parameters" list ("name : text" terms,
+    # src/maxwellhub/hub/sync.py, class SocketHub: its "Parameters" list ("name : text" terms,
     # some without an indented definition) is not valid reStructuredText; the hub is being
     # rebuilt in parallel, so its text is fixed there, then this entry goes.
     "maxwellhub.SocketHub",

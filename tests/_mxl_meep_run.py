@@ -1,7 +1,7 @@
 """Run MaxwellLink 0.5.0's Meep solver with one socket TLS on a chosen hub; print JSON.
 
 Runs inside the peer venv .peers/maxwelllink-meep (Debian's Meep, maxwelllink==0.5.0),
-with the repository on PYTHONPATH so that ``--hub ours`` imports this worktree's
+with the repository's src/ on PYTHONPATH so that ``--hub ours`` imports this worktree's
 maxwellhub. Usage:
 
     python tests/_mxl_meep_run.py --hub ours|theirs --unix NAME [--until 3]

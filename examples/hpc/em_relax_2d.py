@@ -6,7 +6,7 @@ a SLURM array job, or the same mpirun (MPMD). They find the hub through a rendez
     maxwellhub-driver --address-file run/hub.addr --model tls \\
         --param omega=0.242 --param mu12=187 --param orientation=2 --param pe_initial=1e-4
 
-    # MPMD: the drivers in the same mpirun (see maxwellhub/mpmd.py for why the wrapper)
+    # MPMD: the drivers in the same mpirun (see src/maxwellhub/mpmd.py for why the wrapper)
     mpirun -np 2 python examples/hpc/em_relax_2d.py --address-file run/hub.addr : \\
         -np 8 python -m maxwellhub.mpmd maxwellhub-driver --address-file run/hub.addr ...
 

@@ -22,7 +22,7 @@ def _run_in_peer(python, hub: str, name: str) -> dict:
     """Run tests/_mxl_meep_run.py in the Meep peer venv on one hub; return its RESULT."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMPI_")}
     env.update(
-        PYTHONPATH=str(REPO_ROOT),  # this worktree's maxwellhub, on the peer's Debian numpy
+        PYTHONPATH=str(REPO_ROOT / "src"),  # this worktree's maxwellhub, on the peer's Debian numpy
         OMPI_MCA_ess_singleton_isolated="1",
         OPENBLAS_NUM_THREADS="1",
         PYTHONNOUSERSITE="1",

@@ -1,5 +1,5 @@
-"""The ``qutip`` model (drivers/models/open_quantum.py) against the ``tls`` model, QuTiP's
-own solver and closed forms; MaxwellLink's build_model files and parameters."""
+"""The ``qutip`` model (src/maxwellhub_drivers/models/open_quantum.py) against the ``tls``
+model, QuTiP's own solver and closed forms; MaxwellLink's build_model files and parameters."""
 
 from __future__ import annotations
 

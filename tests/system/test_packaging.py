@@ -35,8 +35,7 @@ def _clean_env() -> dict[str, str]:
 
 #: What a build reads: copied to a temporary tree, so that setuptools' build/ and
 #: egg-info directories are never written into the repository (nor raced by two runs).
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "CITATION.cff",
-           "maxwellhub", "drivers")  # fmt: skip
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "CITATION.cff", "src")
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +80,9 @@ def installed(wheel, tmp_path_factory) -> Path:
 
 
 def _packages_in_tree() -> set[str]:
-    """Import names of every package in the tree (drivers/ is maxwellhub_drivers)."""
-    names = set()
-    for top, name in (("maxwellhub", "maxwellhub"), ("drivers", "maxwellhub_drivers")):
-        for init in (REPO_ROOT / top).rglob("__init__.py"):
-            rel = init.parent.relative_to(REPO_ROOT / top)
-            names.add(".".join((name, *rel.parts)))
-    return names
+    """Import names of every package under src/ (each directory is its package's name)."""
+    src = REPO_ROOT / "src"
+    return {".".join(init.parent.relative_to(src).parts) for init in src.rglob("__init__.py")}
 
 
 def test_wheel_contents(wheel):
@@ -112,7 +107,7 @@ def test_packaged_default_config_is_the_example():
     """Users read examples/relax_2d.toml; `maxwellhub run` reads the packaged copy."""
     from maxwellhub.runner import DEFAULT_CONFIG
 
-    assert DEFAULT_CONFIG == REPO_ROOT / "maxwellhub" / "data" / "relax_2d.toml"
+    assert DEFAULT_CONFIG == REPO_ROOT / "src" / "maxwellhub" / "data" / "relax_2d.toml"
     assert DEFAULT_CONFIG.read_bytes() == (REPO_ROOT / "examples" / "relax_2d.toml").read_bytes()
 
 

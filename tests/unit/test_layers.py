@@ -9,7 +9,7 @@ from pathlib import Path
 
 from _util import REPO_ROOT
 
-PACKAGE = REPO_ROOT / "maxwellhub"
+PACKAGE = REPO_ROOT / "src" / "maxwellhub"
 
 # Layer of each module (by dotted name prefix; the longest prefix wins). Higher layers may
 # import lower or equal ones, never higher ones.

@@ -408,7 +408,7 @@ class MeepCoupling(MoleculeCoupling):
         feels as a huge instantaneous self-interaction ~ mu/sigma^3; the molecular
         Hamiltonian already contains it. Coulomb fields between molecules are kept. Exact
         on Meep's lattice where the molecule sits in vacuum (see
-        ``self_coulomb_matrices`` in ``maxwellhub/em/kernels.py``); no effect on Ez in 2D
+        ``self_coulomb_matrices`` in ``src/maxwellhub/em/kernels.py``); no effect on Ez in 2D
         or on 1D cells.
     """
 

@@ -53,7 +53,7 @@ __all__ = ["DEFAULT_CONFIG", "main", "run", "validate_models"]
 
 log = logging.getLogger("maxwellhub.run")
 
-# The default main job ships inside the package (maxwellhub/data/), so `maxwellhub run`
+# The default main job ships inside the package (src/maxwellhub/data/), so `maxwellhub run`
 # without a config works from a wheel as from the source tree; examples/relax_2d.toml is
 # the same file for readers of the repository (tests/system/test_packaging.py keeps them equal).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "data" / "relax_2d.toml"
