@@ -42,7 +42,7 @@ MOLECULES = REPO / "examples" / "molecules"
 HCN = str(MOLECULES / "hcn.xyz")
 WATER = str(MOLECULES / "water.xyz")
 WATER_CATION = "O 0 0 0.1173; H 0 0.7572 -0.4692; H 0 -0.7572 -0.4692"
-MODEL = "maxwellhub_drivers.models.rttddft:RTTDDFTModel"
+MODEL = "maxwellhub.models.rttddft:RTTDDFTModel"
 
 
 def _timed_builds(model: Any) -> list[float]:
@@ -63,7 +63,7 @@ def _timed_builds(model: Any) -> list[float]:
 def bench_fock(quick: bool) -> None:
     import numpy as np
 
-    from maxwellhub_drivers.models.rttddft import RTTDDFTModel
+    from maxwellhub.models.rttddft import RTTDDFTModel
 
     steps = 5 if quick else 40
     print("### HCN/6-31G PBE, grids.level 3: microseconds per sub-step (embedded model)\n")
@@ -116,7 +116,7 @@ def bench_socket(quick: bool) -> None:
 
     from maxwellhub import SocketHub
     from maxwellhub.launch import driver_command, driver_env
-    from maxwellhub_drivers.models.rttddft import RTTDDFTModel
+    from maxwellhub.models.rttddft import RTTDDFTModel
 
     steps = 5 if quick else 30
     params = {
@@ -179,7 +179,7 @@ def bench_socket(quick: bool) -> None:
 def bench_ensemble(quick: bool) -> None:
     import numpy as np
 
-    from maxwellhub_drivers.models.rttddft import RTTDDFTModel
+    from maxwellhub.models.rttddft import RTTDDFTModel
 
     counts = (1, 100, 1000) if quick else (1, 100, 10_000)
     print("### Ensemble: HeH+/STO-3G (HF, N = 2), EM step 0.1 a.u. = 2 sub-steps (pc)\n")
@@ -220,8 +220,8 @@ def bench_ensemble(quick: bool) -> None:
 def _kick_run(model_params: dict, dt: float, t_end: float, kappa: float = 1e-4):
     import numpy as np
 
+    from maxwellhub.models.rttddft import RTTDDFTModel
     from maxwellhub.spectrum import absorption_spectrum, fit_peaks
-    from maxwellhub_drivers.models.rttddft import RTTDDFTModel
 
     e = np.ones(3) / np.sqrt(3.0)
     model = RTTDDFTModel(kick_au=kappa, kick_direction=e, dt_substep_au=dt, **model_params)

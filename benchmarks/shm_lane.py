@@ -384,7 +384,7 @@ def run_cell(mode: str, drivers: int, molecules: int, seconds: float, min_steps:
 
 
 def _echo_model(molecules: int):
-    from maxwellhub_drivers.models import Model
+    from maxwellhub.models import Model
 
     class Echo(Model):
         """sources = fields * 0.5 through the driver model API (checks, time, commit)."""

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from maxwellhub.hub import keep_freed_memory
-from maxwellhub_drivers.models import create_model
+from maxwellhub.models import create_model
 
 
 def _timed(call, seconds: float) -> float:

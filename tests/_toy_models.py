@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from maxwellhub_drivers.models import Model, Parameter, ParameterError
+from maxwellhub.models import Model, Parameter, ParameterError
 
 _AXES = {"x": [1.0, 0.0, 0.0], "y": [0.0, 1.0, 0.0], "z": [0.0, 0.0, 1.0]}
 

@@ -30,8 +30,8 @@ import _tutorial as tut
 
 from maxwellhub.em import EngineCoupling, SingleModeCavity
 from maxwellhub.ir import ir_spectrum
+from maxwellhub.models._water import FlexibleWater, water_geometry
 from maxwellhub.rabi import rabi_splitting_from_trajectory
-from maxwellhub_drivers.models._water import FlexibleWater, water_geometry
 
 NAME = "mxl_water_vsc"
 DT = 0.5 * 1e-15 / units._aut  # 0.5 fs in a.u.

@@ -39,7 +39,7 @@ def expected_cavity_splitting(config) -> float | None:
     """2 g sqrt(N) for N identical molecules on resonance with the cavity and on its
     coupled axis (rescaling 1): ``tls`` (g = eps mu12 / sqrt(2 omega_c)) or ``sho``
     (transition dipole mu0 / sqrt(2 omega_0), so g = eps mu0 / (2 omega_c)); else None."""
-    from maxwellhub_drivers.models import get_model_class
+    from maxwellhub.models import get_model_class
 
     params = config.em.params
     axes = str(params.get("coupling_axis", "xy")).lower()
@@ -182,7 +182,7 @@ def _multimode(config, history, out_dir: Path, plot: bool) -> dict[str, Any]:
 def _resonant_cw_rabi(config) -> float | None:
     """Omega = mu12 E0 |polarization . axis| for identical ``tls`` molecules starting in the
     ground state under a continuous wave at their frequency, else None."""
-    from maxwellhub_drivers.models import get_model_class
+    from maxwellhub.models import get_model_class
 
     from .pulses import ContinuousWave
 

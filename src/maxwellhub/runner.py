@@ -87,7 +87,7 @@ def build_simulation(config: Config):
 def analytic_reference(config: Config, units) -> dict | None:
     """Golden-rule rate and P0 when every molecule is an identical TLS at one point with
     rescaling 1 (single-molecule relaxation or superradiance); else None."""
-    from maxwellhub_drivers.models import get_model_class
+    from maxwellhub.models import get_model_class
 
     from .analysis import golden_rule_rate
 
@@ -139,7 +139,7 @@ def validate_models(config: Config) -> Config:
     config with each group's parameters as the model validated them (canonical spellings,
     paths made absolute against ``config.base_dir``), which drivers and embedded models
     then receive. A bad one is a ConfigError naming ``molecules[i].params.<key>``."""
-    from maxwellhub_drivers.models import ParameterError, get_model_class
+    from maxwellhub.models import ParameterError, get_model_class
 
     base_dir = config.base_dir or Path.cwd()
     groups = []
@@ -182,7 +182,7 @@ def _checked_change(config: Config, classes: list, i: int, entry: ScheduledChang
     """``schedule[i]`` checked against the models of the molecules it names (ids, the
     step, mutability and values, kicks): the entry with canonical parameter values, or a
     ConfigError naming ``schedule[i]`` and the key."""
-    from maxwellhub_drivers.models import ParameterError
+    from maxwellhub.models import ParameterError
 
     where = f"schedule[{i}]"
     total = config.molecule_count
@@ -222,7 +222,7 @@ def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
     3-vector given for all, stay whole: the model class says which); ensembles are
     started one at a time so that each binds to exactly its ids.
     """
-    from maxwellhub_drivers.models import get_model_class
+    from maxwellhub.models import get_model_class
 
     per = config.transport.molecules_per_driver
     batches: list[tuple[list[int], str, dict]] = []
@@ -1035,7 +1035,7 @@ def main(
         else:
             config = load_config(path, overrides)
         if missing_extras:
-            from maxwellhub_drivers.models import missing_extra
+            from maxwellhub.models import missing_extra
 
             needed = {missing_extra(g.model) for g in config.molecules} - {None}
             for extra in sorted(str(e) for e in needed):

@@ -1,7 +1,9 @@
 """maxwellhub_drivers: the driver process and its molecular models.
 
-- :mod:`maxwellhub_drivers.models`: the model interface, the built-in ``tls`` and ``sho``
-  models and the registry (usable embedded, without any socket);
+- the models live in :mod:`maxwellhub.models` (the model interface, the built-in ``tls``
+  and ``sho`` models and the registry, usable embedded, without any socket);
+  ``maxwellhub_drivers.models`` and its modules stay importable as the same modules
+  (:mod:`maxwellhub_drivers._aliases`);
 - :mod:`maxwellhub_drivers.client`: the blocking client loop, :func:`run_client`;
 - :mod:`maxwellhub_drivers.cli`: the ``maxwellhub-driver`` console script.
 
@@ -25,3 +27,5 @@ THREAD_ENV_VARS = (
 for _var in THREAD_ENV_VARS:
     os.environ.setdefault(_var, "1")
 del _var
+
+from . import _aliases  # noqa: E402, F401  (the old maxwellhub_drivers.models paths)

@@ -37,8 +37,7 @@ import numpy as np
 
 from maxwellhub import wire
 from maxwellhub.fsutil import atomic_write
-
-from .models.base import Model
+from maxwellhub.models.base import Model
 
 __all__ = ["Continuity", "checkpoint_key"]
 

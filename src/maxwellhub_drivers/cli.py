@@ -268,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("maxwellhub.driver")
 
     from maxwellhub.auth import load_secret
+    from maxwellhub.models import get_model_class
 
     from .checkpoint import Continuity
     from .client import run_client, unix_socket_path
-    from .models import get_model_class
 
     try:
         secret = load_secret(args.secret_file)

@@ -11,7 +11,7 @@ instead of STATUS; the driver answers MXHPROOF (see :mod:`maxwellhub.auth`) when
 given the secret and stops with exit status 2 otherwise.
 
 This module is the machine's socket loop and its model side (the driver's
-:class:`~maxwellhub_drivers.models.Model` and its continuity files). It never prints: it
+:class:`~maxwellhub.models.Model` and its continuity files). It never prints: it
 logs, and :func:`run_client` returns an exit status.
 """
 
@@ -45,8 +45,7 @@ from .checkpoint import Continuity
 
 if TYPE_CHECKING:
     from maxwellhub.auth import Secret
-
-    from .models import Model
+    from maxwellhub.models import Model
 
 __all__ = [
     "DEFAULT_PORT",

@@ -22,8 +22,9 @@ from maxwellhub.rendezvous import wait_and_connect
 from .client import EXIT_CONNECTION, EXIT_PROTOCOL, serve
 
 if TYPE_CHECKING:
+    from maxwellhub.models import Model
+
     from .checkpoint import Continuity
-    from .models import Model
 
 __all__ = ["run_via_address_file"]
 

@@ -10,9 +10,9 @@ import pytest
 from ase import Atoms, units
 from ase.io import write
 
-from maxwellhub_drivers.models import ParameterError, create_model
-from maxwellhub_drivers.models._water import FlexibleWater, water_geometry
-from maxwellhub_drivers.models.ase_md import (
+from maxwellhub.models import ParameterError, create_model
+from maxwellhub.models._water import FlexibleWater, water_geometry
+from maxwellhub.models.ase_md import (
     AU_PER_FS,
     BOHR_PER_ANG,
     HARTREE_PER_EV,
@@ -288,7 +288,7 @@ def test_callable_calculator_and_alias_follow_the_builtin(tmp_path):
     fields = np.random.default_rng(3).normal(scale=1e-3, size=(5, 1, 3))
     builtin = create_model("ase", calculator="water", geometry=str(path))
     dotted = create_model(
-        "ase", calculator="maxwellhub_drivers.models._water:FlexibleWater", atoms=str(path)
+        "ase", calculator="maxwellhub.models._water:FlexibleWater", atoms=str(path)
     )
     for model in (builtin, dotted):
         model.initialize(dt_au=8.0)

@@ -17,8 +17,8 @@ from fakes import FakeDriver, fake_source
 from maxwellhub import Hub, ProtocolError, SocketHub, UsageError, wire
 from maxwellhub.auth import SECRET_ENV, Secret, is_loopback, load_secret
 from maxwellhub.launch import driver_command, driver_env, reap, start_driver
+from maxwellhub.models import create_model
 from maxwellhub_drivers.client import NO_SECRET
-from maxwellhub_drivers.models import create_model
 
 SECRET = Secret(b"correct horse battery staple", source="test")
 NONCE = bytes(range(32))

@@ -17,8 +17,8 @@ from _util import mxl_meep_python
 
 from maxwellhub.em.cavity import SingleModeCavity
 from maxwellhub.errors import UsageError
+from maxwellhub.models import create_model
 from maxwellhub.rabi import rabi_splitting_from_trajectory
-from maxwellhub_drivers.models import create_model
 
 _DIPOLE_KEYS = ("mux_au", "muy_au", "muz_au")
 _NEXT_KEYS = ("mux_m_au", "muy_m_au", "muz_m_au")

@@ -21,8 +21,8 @@ from _util import scaled
 
 from maxwellhub import Hub, SocketHub, wire
 from maxwellhub.launch import reap, start_driver
+from maxwellhub.models import create_model
 from maxwellhub_drivers.checkpoint import Continuity, checkpoint_key
-from maxwellhub_drivers.models import create_model
 
 DT_AU = 0.5
 TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}

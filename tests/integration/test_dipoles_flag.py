@@ -15,9 +15,9 @@ from test_relay import start_relay
 from maxwellhub import SocketHub, wire
 from maxwellhub.errors import ProtocolError
 from maxwellhub.launch import reap, start_driver
+from maxwellhub.models import create_model
 from maxwellhub_drivers.client import run_client
 from maxwellhub_drivers.ensemble import EnsembleSession
-from maxwellhub_drivers.models import create_model
 
 DT_AU = 0.5
 TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}

@@ -19,6 +19,7 @@ from _util import scaled, unix_socket_path
 
 from maxwellhub import wire
 from maxwellhub.addresses import unix_socket_path as driver_unix_path
+from maxwellhub.models import create_model
 from maxwellhub_drivers.cli import main, parse_params, parse_value
 from maxwellhub_drivers.client import (
     EXIT_CONNECTION,
@@ -28,7 +29,6 @@ from maxwellhub_drivers.client import (
     run_client,
     serve,
 )
-from maxwellhub_drivers.models import create_model
 
 DT = 0.5
 EYE = np.eye(3)

@@ -20,8 +20,8 @@ from maxwellhub.em.engine import Engine
 from maxwellhub.em.laser import LaserField, load_field_table
 from maxwellhub.em.multimode import SPEED_OF_LIGHT_AU, MultimodeCavity
 from maxwellhub.errors import UsageError
+from maxwellhub.models import create_model
 from maxwellhub.pulses import ContinuousWave, GaussianPulse, envelope_area, scaled_to_area
-from maxwellhub_drivers.models import create_model
 
 _DIPOLES = ("mux_au", "muy_au", "muz_au")
 _DIPOLES_M = ("mux_m_au", "muy_m_au", "muz_m_au")

@@ -468,7 +468,7 @@ async def test_explicit_step_deadline_still_bounds_a_silent_driver(unix_name):
 
 BROKEN_MODEL = '''
 """A TLS whose set-up fails in the driver: INIT kills the driver (exit 3)."""
-from maxwellhub_drivers.models import get_model_class
+from maxwellhub.models import get_model_class
 
 
 class Broken(get_model_class("tls")):

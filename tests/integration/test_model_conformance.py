@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 from _toy_models import ToyKicked
 
-import maxwellhub_drivers.models as models
-from maxwellhub_drivers.models import LazyModel, ParameterError, available_models
+import maxwellhub.models as models
+from maxwellhub.models import LazyModel, ParameterError, available_models
 
 DT = 0.5
 STEPS = 6

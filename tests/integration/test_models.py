@@ -19,8 +19,8 @@ import scipy.linalg
 from _toy_models import ToyKicked
 from _util import mxl_venv, scaled
 
-import maxwellhub_drivers.models as models
-from maxwellhub_drivers.models import (
+import maxwellhub.models as models
+from maxwellhub.models import (
     REQUIRED,
     LazyModel,
     Model,
@@ -918,14 +918,14 @@ def test_registry_by_name_and_dotted_path():
     """Models are found by registered name and by 'package.module:ClassName'."""
     assert get_model_class("tls") is TLSModel
     assert get_model_class("sho") is SHOModel
-    assert get_model_class("maxwellhub_drivers.models.tls:TLSModel") is TLSModel
-    assert isinstance(create_model("maxwellhub_drivers.models.sho:SHOModel", n=2), SHOModel)
+    assert get_model_class("maxwellhub.models.tls:TLSModel") is TLSModel
+    assert isinstance(create_model("maxwellhub.models.sho:SHOModel", n=2), SHOModel)
     with pytest.raises(ValueError, match=r"unknown model 'nope'; known: .*sho.*tls"):
         get_model_class("nope")
     with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
         get_model_class("no_such_module_xyz:Model")
     with pytest.raises(ValueError, match="has no attribute 'Nope'"):
-        get_model_class("maxwellhub_drivers.models.tls:Nope")
+        get_model_class("maxwellhub.models.tls:Nope")
     with pytest.raises(ValueError, match="not a subclass"):
         get_model_class("json:dumps")
 
@@ -935,7 +935,7 @@ def write_user_model(directory: Path) -> None:
     (directory / "user_models_for_test.py").write_text(
         textwrap.dedent("""
         import numpy as np
-        from maxwellhub_drivers.models import Model, Parameter
+        from maxwellhub.models import Model, Parameter
 
         class Echo(Model):
             name = "echo"
@@ -996,9 +996,9 @@ def test_lazy_builtin_imports_on_demand_and_names_the_missing_package(tmp_path, 
     assert "rttddft" in models.available_models()
     entry = models._registry["rttddft"]
     assert isinstance(entry, LazyModel)
-    assert entry.target == "maxwellhub_drivers.models.rttddft:RTTDDFTModel"
+    assert entry.target == "maxwellhub.models.rttddft:RTTDDFTModel"
     (tmp_path / "needs_pyscf_for_test.py").write_text(
-        "import pyscf\nfrom maxwellhub_drivers.models import TLSModel as Model\n"
+        "import pyscf\nfrom maxwellhub.models import TLSModel as Model\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(models, "_registry", dict(models._registry))
@@ -1011,12 +1011,12 @@ def test_lazy_builtin_imports_on_demand_and_names_the_missing_package(tmp_path, 
         with pytest.raises(ValueError) as info:
             get_model_class("needs_pyscf")
         assert str(info.value) == "model 'needs_pyscf' needs PySCF: pip install 'maxwellhub[pyscf]'"
-        hidden.delitem(sys.modules, "maxwellhub_drivers.models.rttddft", raising=False)
+        hidden.delitem(sys.modules, "maxwellhub.models.rttddft", raising=False)
         with pytest.raises(ValueError) as info:
             get_model_class("rttddft")
         assert str(info.value) in (
             "model 'rttddft' needs PySCF: pip install 'maxwellhub[pyscf]'",
-            "model 'rttddft': its module maxwellhub_drivers.models.rttddft is not part of "
+            "model 'rttddft': its module maxwellhub.models.rttddft is not part of "
             "this installation",
         ), "rttddft must import pyscf when its module loads, so a missing PySCF is named"
     pytest.importorskip("pyscf")
@@ -1119,7 +1119,7 @@ def test_parameters_in_the_units_chemists_use():
     (omega_eV, mu12_debye, dt_substep_fs for dt_substep_au) and stores atomic units: the
     model equals one built from the converted values bitwise; lists convert element-wise;
     giving both names, or a suffix the parameter does not declare, is refused naming it."""
-    from maxwellhub_drivers.models import UNIT_SUFFIXES, get_model_class
+    from maxwellhub.models import UNIT_SUFFIXES, get_model_class
 
     hartree_ev, debye_au = 27.211386245988, 0.393430307
     tls = get_model_class("tls")

@@ -21,10 +21,10 @@ from fakes import FakeDriver
 from maxwellhub import Hub, SocketHub, wire
 from maxwellhub.errors import BarrierTimeout, ProtocolError, UsageError
 from maxwellhub.hub.params import Change, ParameterRefused
+from maxwellhub.models import create_model, get_model_class
 from maxwellhub.protocol import params as pp
 from maxwellhub.protocol.connection import State
 from maxwellhub_drivers.client import connect, run_client, serve
-from maxwellhub_drivers.models import create_model, get_model_class
 
 DT = 0.5
 TLS: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}

@@ -1,4 +1,4 @@
-"""The ``qutip`` model (src/maxwellhub_drivers/models/open_quantum.py) against the ``tls``
+"""The ``qutip`` model (src/maxwellhub/models/open_quantum.py) against the ``tls``
 model, QuTiP's own solver and closed forms; MaxwellLink's build_model files and parameters."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from _util import REPO_ROOT
 
+from maxwellhub.models import ParameterError, create_model, get_model_class
 from maxwellhub_drivers.cli import _text_keys, parse_params
-from maxwellhub_drivers.models import ParameterError, create_model, get_model_class
 
 qt = pytest.importorskip("qutip")
 
@@ -57,7 +57,7 @@ def test_tls_preset_follows_the_tls_model(orientation):
 
 def _qutip_reference(model_params, field, dt, steps):
     """QuTiP's mesolve for the same system under a constant field (tight tolerances)."""
-    from maxwellhub_drivers.models.open_quantum import build_nlevel
+    from maxwellhub.models.open_quantum import build_nlevel
 
     cfg = build_nlevel(
         **{k: v for k, v in model_params.items() if k not in ("preset",)},
@@ -166,7 +166,7 @@ def test_analytic_source_is_the_liouvillian_derivative():
     params = dict(NLEVEL, pe_initial=0.3, gamma_relax=0.02, gamma_dephase=0.01)
     model = create_model("qutip", **params)
     model.initialize(dt_au=0.3)
-    from maxwellhub_drivers.models.open_quantum import build_nlevel
+    from maxwellhub.models.open_quantum import build_nlevel
 
     cfg = build_nlevel(**{k: v for k, v in params.items() if k != "preset"})
     mus = [qt.Qobj(cfg["mu_ops"][a]) for a in "xyz"]
@@ -275,7 +275,7 @@ def test_without_qutip_the_error_names_the_extra(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "qutip", None)  # as if QuTiP were not installed
-    monkeypatch.delitem(sys.modules, "maxwellhub_drivers.models.open_quantum", raising=False)
+    monkeypatch.delitem(sys.modules, "maxwellhub.models.open_quantum", raising=False)
     with pytest.raises(ValueError) as info:
         get_model_class("qutip")
     assert str(info.value) == "model 'qutip' needs QuTiP: pip install 'maxwellhub[qutip]'"

@@ -491,7 +491,7 @@ def test_relay_with_unreachable_upstream_exits_1(unix_name, tmp_path):
 
 def _reference_pe(n: int, steps: int) -> np.ndarray:
     """Pe of n TLS molecules stepped in-process by the same code path as a driver."""
-    from maxwellhub_drivers.models import create_model
+    from maxwellhub.models import create_model
 
     models = []
     for m in range(n):

@@ -15,10 +15,10 @@ import pytest
 from _util import REPO_ROOT, mxl_venv
 from pyscf import dft, scf  # a test dependency (pyproject's test extra)
 
+from maxwellhub.models import ParameterError
+from maxwellhub.models._rt_fock import NumpyFock, PySCFFock
+from maxwellhub.models.rttddft import RTTDDFTModel
 from maxwellhub_drivers.cli import _text_keys, parse_params
-from maxwellhub_drivers.models import ParameterError
-from maxwellhub_drivers.models._rt_fock import NumpyFock, PySCFFock
-from maxwellhub_drivers.models.rttddft import RTTDDFTModel
 
 TEXT_KEYS = _text_keys(RTTDDFTModel)  # how the driver's --param reads text parameters
 

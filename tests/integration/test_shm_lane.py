@@ -472,8 +472,8 @@ def _run_in_thread(unix_name, monkeypatch, env: str, secret=None) -> tuple[np.nd
     from _util import scaled
 
     from maxwellhub import SocketHub
+    from maxwellhub.models import create_model
     from maxwellhub_drivers.client import EXIT_OK, serve
-    from maxwellhub_drivers.models import create_model
 
     monkeypatch.setenv("MAXWELLHUB_SHM_LANE", env)
     fields = 2e-3 * np.random.default_rng(2).standard_normal((6, 2, 3))

@@ -8,8 +8,8 @@ import pytest
 from _util import REPO_ROOT
 from pyscf import tdscf
 
+from maxwellhub.models.rttddft import RTTDDFTModel
 from maxwellhub.spectrum import HARTREE_EV, absorption_spectrum, fit_peaks
-from maxwellhub_drivers.models.rttddft import RTTDDFTModel
 
 WATER = str(REPO_ROOT / "examples" / "molecules" / "water.xyz")
 

@@ -26,7 +26,7 @@ from _util import scaled, stock_clients
 
 from maxwellhub import SocketHub, wire
 from maxwellhub.launch import reap, start_driver
-from maxwellhub_drivers.models import create_model
+from maxwellhub.models import create_model
 
 STEPS = 100
 DT_AU = 0.5

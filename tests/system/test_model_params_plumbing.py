@@ -20,9 +20,9 @@ import pytest
 
 from maxwellhub import runner
 from maxwellhub.config import ConfigError, load_config
+from maxwellhub.models import create_model
 from maxwellhub_drivers import cli
 from maxwellhub_drivers.checkpoint import Continuity
-from maxwellhub_drivers.models import create_model
 
 TOY = "_toy_models:ToyKicked"  # tests/ is on sys.path
 
@@ -375,7 +375,7 @@ def test_missing_extras_name_the_pip_extra_of_a_missing_package(tmp_path, capsys
     """`maxwellhub run --missing-extras` (what ./dev.sh run asks before a run) prints the
     extra of a lazily registered model whose package is absent, and nothing when it is
     installed; without PySCF, validating an rttddft config is one line naming the extra."""
-    import maxwellhub_drivers.models as models
+    import maxwellhub.models as models
 
     path = write_config(tmp_path, "", model="rttddft", count=1)
     assert runner.main(str(path), missing_extras=True) == 0
@@ -384,7 +384,7 @@ def test_missing_extras_name_the_pip_extra_of_a_missing_package(tmp_path, capsys
     assert runner.main(str(path), missing_extras=True) == 0
     assert capsys.readouterr().out == "pyscf\n"
     assert models.missing_extra("tls") is None
-    monkeypatch.delitem(sys.modules, "maxwellhub_drivers.models.rttddft", raising=False)
+    monkeypatch.delitem(sys.modules, "maxwellhub.models.rttddft", raising=False)
     monkeypatch.setitem(sys.modules, "pyscf", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"needs PySCF: pip install 'maxwellhub\[pyscf\]'"):
         runner.validate_models(load_config(path))

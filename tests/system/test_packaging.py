@@ -89,7 +89,7 @@ def test_wheel_contents(wheel):
     """Every package of the tree, the default config, py.typed, licence and citation."""
     files = set(zipfile.ZipFile(wheel).namelist())
     packages = _packages_in_tree()
-    assert {"maxwellhub", "maxwellhub.hub", "maxwellhub_drivers.models"} <= packages
+    assert {"maxwellhub", "maxwellhub.hub", "maxwellhub.models"} <= packages
     for package in packages:
         assert f"{package.replace('.', '/')}/__init__.py" in files, f"{package} not in wheel"
     for path in ("maxwellhub/data/relax_2d.toml", "maxwellhub/py.typed",

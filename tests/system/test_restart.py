@@ -518,7 +518,7 @@ the marker file it creates keeps its replacement alive."""
 import os
 import signal
 
-from maxwellhub_drivers.models.tls import TLSModel
+from maxwellhub.models.tls import TLSModel
 
 
 class DyingTLS(TLSModel):

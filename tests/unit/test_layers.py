@@ -21,6 +21,7 @@ LAYERS = {
     "maxwellhub.fsutil": BASE,
     "maxwellhub.liveness": BASE,
     "maxwellhub.mpi": BASE,
+    "maxwellhub.models": BASE,  # the molecule models: numpy (and optional packages) only
     # bytes and state; sockets
     "maxwellhub.wire": NET_PROTOCOL,
     "maxwellhub.auth": NET_PROTOCOL,

@@ -99,7 +99,7 @@ def test_scaled_to_area_and_bad_parameters():
 
 
 def _drive_tls(pulse, omega, mu12, dt, t_end):
-    from maxwellhub_drivers.models import create_model
+    from maxwellhub.models import create_model
 
     model = create_model("tls", n=1, omega=omega, mu12=mu12, orientation=2)
     model.initialize(dt_au=dt)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from maxwellhub_drivers.models import Model, Parameter
+from maxwellhub.models import Model, Parameter
 
 
 class DampedOscillator(Model):

@@ -109,7 +109,7 @@ class EngineCoupling(MoleculeCoupling):
         """``n`` molecules (or one per row of ``positions``) propagated in this process
         by one batched ``model``; ``params`` are the model's (each a scalar or one per
         molecule). Returns their ids."""
-        from maxwellhub_drivers.models import create_model
+        from maxwellhub.models import create_model
 
         count, points = self._count(n, positions)
         instance = create_model(model, n=count, **params)

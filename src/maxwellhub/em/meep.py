@@ -461,7 +461,7 @@ class MeepCoupling(MoleculeCoupling):
 
         ``params`` are the model's parameters (a.u.), each a scalar or one per molecule.
         """
-        from maxwellhub_drivers.models import create_model
+        from maxwellhub.models import create_model
 
         n = len(_as_points(centers))
         instance = create_model(model, n=n, **params)

@@ -167,7 +167,7 @@ class Molecules:
 
     def set_params(self, molecule_ids: int | Sequence[int], changes: Mapping[str, Any]) -> None:
         """Check now, queue for the next step boundary (see ``MeepCoupling.set_params``)."""
-        from maxwellhub_drivers.models import ParameterError
+        from maxwellhub.models import ParameterError
 
         by_group, socket_ids = self._rows("set_params", molecule_ids)
         planned = []

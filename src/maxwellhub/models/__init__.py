@@ -1,6 +1,6 @@
 """Molecular models for maxwellhub drivers, and the registry that finds them by name.
 
-    from maxwellhub_drivers.models import create_model
+    from maxwellhub.models import create_model
 
     model = create_model("tls", n=3, omega=0.242, mu12=187.0, pe_initial=[1e-4, 0, 0])
     model.initialize(dt_au=0.5, molecule_ids=[0, 1, 2])
@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from importlib.util import find_spec
 from typing import Any
+
+# As before the models moved here from maxwellhub_drivers.models: using a model limits
+# BLAS/OpenMP to one thread per process unless the environment says otherwise (the
+# driver package's import does it; it also keeps the old import paths working).
+import maxwellhub_drivers  # noqa: F401
 
 from .base import KINDS, REQUIRED, UNIT_SUFFIXES, Model, Parameter, ParameterError
 from .sho import SHOModel
@@ -88,20 +93,18 @@ _registry: dict[str, type[Model] | LazyModel] = {
     "tls": TLSModel,
     "sho": SHOModel,
     "rttddft": LazyModel(
-        "maxwellhub_drivers.models.rttddft:RTTDDFTModel",
+        "maxwellhub.models.rttddft:RTTDDFTModel",
         needs="pyscf",
         label="PySCF",
         extra="pyscf",
     ),
     "qutip": LazyModel(
-        "maxwellhub_drivers.models.open_quantum:QuTiPModel",
+        "maxwellhub.models.open_quantum:QuTiPModel",
         needs="qutip",
         label="QuTiP",
         extra="qutip",
     ),
-    "ase": LazyModel(
-        "maxwellhub_drivers.models.ase_md:ASEModel", needs="ase", label="ASE", extra="ase"
-    ),
+    "ase": LazyModel("maxwellhub.models.ase_md:ASEModel", needs="ase", label="ASE", extra="ase"),
 }
 
 
@@ -197,7 +200,5 @@ def _load_dotted(spec: str) -> Any:
 
 def _check_model_class(obj: Any, spec: str) -> type[Model]:
     if not (isinstance(obj, type) and issubclass(obj, Model)):
-        raise ValueError(
-            f"model {spec}: {obj!r} is not a subclass of maxwellhub_drivers.models.Model"
-        )
+        raise ValueError(f"model {spec}: {obj!r} is not a subclass of maxwellhub.models.Model")
     return obj

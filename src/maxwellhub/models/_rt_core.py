@@ -1,7 +1,7 @@
 """Physics core of the ``rttddft`` model: real-time TDHF/TDDFT of one molecule on PySCF.
 
 Everything here is in atomic units (Hartree, bohr, a.u. of time and field). The public face
-is :mod:`maxwellhub_drivers.models.rttddft`; this module holds the molecule set-up (XYZ
+is :mod:`maxwellhub.models.rttddft`; this module holds the molecule set-up (XYZ
 parsing, SCF) and the propagators, for ``n`` copies of one molecule at once (arrays with
 a leading molecule axis); the Fock builders are in :mod:`._rt_fock`.
 
