@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from maxwellhub import SocketHub  # noqa: E402
 from maxwellhub.em import EngineCoupling  # noqa: E402
 from maxwellhub.em.cavity import SingleModeCavity  # noqa: E402
-from maxwellhub.launch import reap, start_driver  # noqa: E402
 from maxwellhub.rabi import rabi_splitting_from_trajectory  # noqa: E402
+from maxwellhub.run.launch import reap, start_driver  # noqa: E402
 
 WC, MU12, DT = 0.242, 187.0, 0.5
 

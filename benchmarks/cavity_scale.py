@@ -39,7 +39,7 @@ from _common import machine, peer_python, pin_to
 
 from maxwellhub import SocketHub
 from maxwellhub.em import EngineCoupling, SingleModeCavity
-from maxwellhub.launch import driver_command, driver_env, reap
+from maxwellhub.run.launch import driver_command, driver_env, reap
 
 TLS: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}
 CAVITY = {

@@ -49,7 +49,7 @@ def run_once(
 
     from maxwellhub import SocketHub
     from maxwellhub.em import MeepCoupling
-    from maxwellhub.launch import reap, start_driver
+    from maxwellhub.run.launch import reap, start_driver
 
     mp.verbosity(0)
     sim = mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(2.0)])

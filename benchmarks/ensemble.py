@@ -23,7 +23,7 @@ import numpy as np
 from _common import can_pin, cpu_seconds, median, pin_to
 
 from maxwellhub import SocketHub
-from maxwellhub.launch import driver_command, driver_env, reap
+from maxwellhub.run.launch import driver_command, driver_env, reap
 
 TARGET = 1e7
 

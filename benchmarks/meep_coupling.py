@@ -40,7 +40,7 @@ def time_run(
 
     from maxwellhub import SocketHub
     from maxwellhub.em import MeepCoupling
-    from maxwellhub.launch import reap, start_driver
+    from maxwellhub.run.launch import reap, start_driver
 
     mp.verbosity(0)
     samples, setup = [], 0.0

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from maxwellhub import SocketHub  # noqa: E402
-from maxwellhub.launch import reap, start_driver  # noqa: E402
 from maxwellhub.models import create_model  # noqa: E402
+from maxwellhub.run.launch import reap, start_driver  # noqa: E402
 
 H2O = "O 0 0 0.1173; H 0 0.7572 -0.4692; H 0 -0.7572 -0.4692"
 BUILD_TLS = str(ROOT / "examples" / "models" / "build_tls.py")

@@ -140,7 +140,7 @@ def _kill_at_random_step(config: Path, target: int) -> dict:
     at random after the first checkpoint: killed earlier there is nothing to resume);
     returns its step from the control endpoint just before the kill. The endpoint is
     asked every 10 ms: nothing outside the run can await its step."""
-    from maxwellhub import control
+    from maxwellhub.services import control
 
     run = subprocess.Popen(
         _command(["run", str(config)]),

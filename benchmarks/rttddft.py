@@ -115,8 +115,8 @@ def bench_socket(quick: bool) -> None:
     import numpy as np
 
     from maxwellhub import SocketHub
-    from maxwellhub.launch import driver_command, driver_env
     from maxwellhub.models.rttddft import RTTDDFTModel
+    from maxwellhub.run.launch import driver_command, driver_env
 
     steps = 5 if quick else 30
     params = {

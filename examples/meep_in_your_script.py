@@ -8,7 +8,7 @@ import meep as mp
 
 from maxwellhub import SocketHub
 from maxwellhub.em import MeepCoupling
-from maxwellhub.launch import reap, start_driver
+from maxwellhub.run.launch import reap, start_driver
 
 tls = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}  # a.u.
 sim = mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(3.0)])

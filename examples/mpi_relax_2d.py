@@ -14,7 +14,7 @@ import meep as mp
 
 from maxwellhub import SocketHub, am_master
 from maxwellhub.em import MeepCoupling
-from maxwellhub.launch import reap, start_driver
+from maxwellhub.run.launch import reap, start_driver
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--until", type=float, default=90.0)

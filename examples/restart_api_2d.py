@@ -12,8 +12,8 @@ from typing import Any
 
 import meep as mp
 
-from maxwellhub.checkpoint import STOPPED_BY_SIGNAL, RunCheckpointer, RunInterrupted
 from maxwellhub.em import MeepCoupling
+from maxwellhub.run.checkpoint import STOPPED_BY_SIGNAL, RunCheckpointer, RunInterrupted
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--until", type=float, default=90.0)

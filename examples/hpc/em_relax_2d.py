@@ -6,7 +6,7 @@ a SLURM array job, or the same mpirun (MPMD). They find the hub through a rendez
     maxwellhub-driver --address-file run/hub.addr --model tls \\
         --param omega=0.242 --param mu12=187 --param orientation=2 --param pe_initial=1e-4
 
-    # MPMD: the drivers in the same mpirun (see src/maxwellhub/mpmd.py for why the wrapper)
+    # MPMD: the drivers in the same mpirun (see src/maxwellhub/parallel/mpmd.py for why the wrapper)
     mpirun -np 2 python examples/hpc/em_relax_2d.py --address-file run/hub.addr : \\
         -np 8 python -m maxwellhub.mpmd maxwellhub-driver --address-file run/hub.addr ...
 
@@ -27,7 +27,7 @@ import numpy as np
 from maxwellhub import SocketHub, am_master
 from maxwellhub.auth import load_secret
 from maxwellhub.em import MeepCoupling
-from maxwellhub.mpmd import split_world
+from maxwellhub.parallel.mpmd import split_world
 
 # Before the simulation exists: in an MPMD job keep Meep and the hub to this program's
 # ranks (outside MPMD a no-op costing one Allgather).

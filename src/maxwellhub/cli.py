@@ -200,7 +200,7 @@ def _relay(args) -> int:
 def _control_client(args) -> int:
     """One request to a control endpoint; print the answer. 0 ok, 1 error answer, 2 no
     answer (cannot connect, timeout, no token)."""
-    from . import control
+    from .services import control
 
     try:
         address = control.control_address(args.control)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.molecules, args.steps, args.transport)
         return 0
     if args.command == "run":
-        from .runner import main as run_main
+        from .run.runner import main as run_main
 
         overrides = {}
         for item in args.set:

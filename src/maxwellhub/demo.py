@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .hub import SocketHub
-from .launch import reap, start_driver
+from .run.launch import reap, start_driver
 
 __all__ = ["run_demo"]
 

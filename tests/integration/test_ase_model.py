@@ -242,7 +242,7 @@ def test_meep_socket_equals_embedded(tmp_path, unix_name, deadline):
     mp = pytest.importorskip("meep")
     from maxwellhub import SocketHub
     from maxwellhub.em import MeepCoupling
-    from maxwellhub.launch import reap, start_driver
+    from maxwellhub.run.launch import reap, start_driver
 
     params: dict[str, Any] = {
         "geometry": co_file(tmp_path, 0.02),

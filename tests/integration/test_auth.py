@@ -16,8 +16,8 @@ from fakes import FakeDriver, fake_source
 
 from maxwellhub import Hub, ProtocolError, SocketHub, UsageError, wire
 from maxwellhub.auth import SECRET_ENV, Secret, is_loopback, load_secret
-from maxwellhub.launch import driver_command, driver_env, reap, start_driver
 from maxwellhub.models import create_model
+from maxwellhub.run.launch import driver_command, driver_env, reap, start_driver
 from maxwellhub_drivers.client import NO_SECRET
 
 SECRET = Secret(b"correct horse battery staple", source="test")

@@ -14,8 +14,8 @@ from _util import scaled
 
 from maxwellhub import SocketHub
 from maxwellhub.em import EngineCoupling, MultimodeCavity, SingleModeCavity
-from maxwellhub.launch import driver_command, driver_env, reap
 from maxwellhub.rabi import rabi_splitting_from_trajectory
+from maxwellhub.run.launch import driver_command, driver_env, reap
 
 OMEGA, MU12, DT, STEPS = 0.242, 187.0, 0.5, 4000
 RATIO = 0.05  # g sqrt(N) / omega_c
@@ -182,7 +182,7 @@ def test_cavity_through_a_relay_equals_embedded(tmp_path, unix_name):
     the cavity's q_c and the molecules' dipoles equal the embedded run's to 1e-12."""
     from test_relay import start_relay
 
-    from maxwellhub.launch import start_driver
+    from maxwellhub.run.launch import start_driver
 
     n, steps = 100, 400
     tls = dict(TLS, pe_initial=1e-3)

@@ -20,8 +20,8 @@ import pytest
 from _util import scaled
 
 from maxwellhub import Hub, SocketHub, wire
-from maxwellhub.launch import reap, start_driver
 from maxwellhub.models import create_model
+from maxwellhub.run.launch import reap, start_driver
 from maxwellhub_drivers.checkpoint import Continuity, checkpoint_key
 
 DT_AU = 0.5

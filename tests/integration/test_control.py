@@ -1,4 +1,4 @@
-"""The control endpoint (maxwellhub.control) and its command-line clients."""
+"""The control endpoint (maxwellhub.services.control) and its command-line clients."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import pytest
 from _util import REPO_ROOT, scaled
 from fakes import FakeDriver
 
-from maxwellhub import Hub, SocketHub, cli, control
+from maxwellhub import Hub, SocketHub, cli
 from maxwellhub.hub import StopRequested
+from maxwellhub.services import control
 
 
 @pytest.fixture

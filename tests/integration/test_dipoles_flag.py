@@ -14,8 +14,8 @@ from test_relay import start_relay
 
 from maxwellhub import SocketHub, wire
 from maxwellhub.errors import ProtocolError
-from maxwellhub.launch import reap, start_driver
 from maxwellhub.models import create_model
+from maxwellhub.run.launch import reap, start_driver
 from maxwellhub_drivers.client import run_client
 from maxwellhub_drivers.ensemble import EnsembleSession
 

@@ -18,8 +18,8 @@ import pytest
 from _util import mxl_venv, scaled
 
 from maxwellhub import SocketHub
-from maxwellhub.launch import driver_env, reap, start_driver
 from maxwellhub.models import create_model
+from maxwellhub.run.launch import driver_env, reap, start_driver
 
 DT_AU = 0.5
 TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}

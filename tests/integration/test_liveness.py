@@ -30,11 +30,12 @@ import pytest
 from _util import scaled
 from fakes import FakeDriver, fake_source
 
-from maxwellhub import Hub, SocketHub, control, liveness, wire
+from maxwellhub import Hub, SocketHub, liveness, wire
 from maxwellhub.addresses import connect_once
 from maxwellhub.errors import DriverLost, UsageError
 from maxwellhub.hub import core as hub_module
-from maxwellhub.launch import reap, start_driver
+from maxwellhub.run.launch import reap, start_driver
+from maxwellhub.services import control
 
 TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}
 

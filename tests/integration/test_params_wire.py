@@ -344,8 +344,8 @@ def test_run_schedule_with_socket_drivers_equals_embedded(tmp_path):
     run's populations and engine record to 1e-12."""
     import h5py
 
-    from maxwellhub import runner
-    from maxwellhub.config import load_config
+    from maxwellhub.run import runner
+    from maxwellhub.run.config import load_config
 
     runs = {}
     for kind in ("embedded", "unix", "plain"):
@@ -402,7 +402,7 @@ async def test_relay_forwards_changes_to_its_local_drivers(unix_name):
 async def test_control_set_params_needs_the_token_and_is_applied_at_the_boundary(unix_name):
     """SetParams on the control endpoint: refused without the token or with bad
     arguments (naming them), queued with it, and sent to the driver between steps."""
-    from maxwellhub import control
+    from maxwellhub.services import control
 
     fields = _fields(4, 1)
     hub = Hub(unixsocket=unix_name, timeout=scaled(10), control=f"{unix_name}_ctl")

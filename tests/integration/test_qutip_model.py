@@ -332,7 +332,7 @@ def test_maxwelllink_build_file_behind_a_socket_driver(unix_name, deadline):
     from maxwellhub import SocketHub
     from maxwellhub.analysis import compare_to_curve, golden_rule_rate
     from maxwellhub.em import MeepCoupling
-    from maxwellhub.launch import reap, start_driver
+    from maxwellhub.run.launch import reap, start_driver
     from maxwellhub.units import MeepUnits
 
     gamma_relax = 1e-3

@@ -24,8 +24,8 @@ from _util import scaled, unix_socket_path
 from maxwellhub import SocketHub, wire
 from maxwellhub.auth import Secret, load_secret
 from maxwellhub.errors import ProtocolError
-from maxwellhub.launch import driver_env, reap, start_driver
 from maxwellhub.protocol.init import parse_ensemble_init
+from maxwellhub.run.launch import driver_env, reap, start_driver
 
 DT_AU = 0.5
 TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}

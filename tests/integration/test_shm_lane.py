@@ -371,7 +371,7 @@ def _run_ensembles(unix_name, steps, *, lane, kill_at=None, ckpt=None, dipoles=F
     from _util import scaled
 
     from maxwellhub import SocketHub
-    from maxwellhub.launch import reap, start_driver
+    from maxwellhub.run.launch import reap, start_driver
 
     rng = np.random.default_rng(5)
     fields = 2e-3 * rng.standard_normal((steps, 4, 3))
@@ -541,7 +541,7 @@ def test_a_cavity_run_over_the_lane_equals_the_socket_bitwise(unix_name, tmp_pat
 
     from maxwellhub import SocketHub
     from maxwellhub.em import EngineCoupling, SingleModeCavity
-    from maxwellhub.launch import driver_command, driver_env, reap
+    from maxwellhub.run.launch import driver_command, driver_env, reap
 
     params = tmp_path / "tls.json"
     params.write_text(json.dumps(dict(TLS, pe_initial=0.05)))

@@ -25,8 +25,8 @@ import pytest
 from _util import scaled, stock_clients
 
 from maxwellhub import SocketHub, wire
-from maxwellhub.launch import reap, start_driver
 from maxwellhub.models import create_model
+from maxwellhub.run.launch import reap, start_driver
 
 STEPS = 100
 DT_AU = 0.5

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from _util import REPO_ROOT
 
-from maxwellhub import runner
-from maxwellhub.config import ConfigError, load_config
 from maxwellhub.em import EngineCoupling, LaserField
 from maxwellhub.errors import UsageError
 from maxwellhub.pulses import ContinuousWave
+from maxwellhub.run import runner
+from maxwellhub.run.config import ConfigError, load_config
 
 LASER = """
 [em]

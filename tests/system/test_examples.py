@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from _util import REPO_ROOT, scaled
 
-from maxwellhub.launch import driver_command, driver_env, reap
+from maxwellhub.run.launch import driver_command, driver_env, reap
 
 h5py = pytest.importorskip("h5py")
 pytestmark = pytest.mark.meep
@@ -188,7 +188,7 @@ def _children(pid: int) -> list[int]:
 def _await_hub_step(pid: int, step: int, deadline: float) -> None:
     """Ask the run's control endpoint for its step until it reaches ``step`` (each answer
     comes back at once: there is no event to await from outside the run's process)."""
-    from maxwellhub.control import request
+    from maxwellhub.services.control import request
 
     address = f"/tmp/maxwellhub_control_mxh_run_{pid}"
     while time.monotonic() < deadline:

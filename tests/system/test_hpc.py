@@ -186,7 +186,7 @@ def test_mpmd_keeps_drivers_out_of_the_em_world(serial, tmp_path, deadline):
 
 
 PROBE_EM = """
-from maxwellhub.mpmd import split_world
+from maxwellhub.parallel.mpmd import split_world
 from mpi4py import MPI
 comm = split_world()
 print(f"EM {MPI.COMM_WORLD.Get_size()} {comm.Get_size()}", flush=True)
@@ -234,7 +234,7 @@ def test_mpmd_driver_side_has_no_mpi_environment(tmp_path, deadline):
 
 @pytest.mark.mpi
 def test_plain_mpmd_with_a_non_mpi_driver_is_refused_by_open_mpi(tmp_path, deadline):
-    """What happens without the wrapper (documented in src/maxwellhub/mpmd.py): the EM side
+    """What happens without the wrapper (documented in src/maxwellhub/parallel/mpmd.py): the EM side
     stays inside MPI_Init while the driver lives, and when the driver exits mpirun says it
     'did not call "init"' and aborts the job -- or, as that very message warns, leaves the
     EM side hanging in MPI_Init (Open MPI does either, by timing). Never does the EM side

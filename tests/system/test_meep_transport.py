@@ -16,7 +16,7 @@ import pytest
 
 from maxwellhub import SocketHub
 from maxwellhub.analysis import compare_to_curve, golden_rule_rate
-from maxwellhub.launch import reap, start_driver
+from maxwellhub.run.launch import reap, start_driver
 from maxwellhub.units import MeepUnits
 
 mp = pytest.importorskip("meep")

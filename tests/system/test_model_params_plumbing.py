@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from maxwellhub import runner
-from maxwellhub.config import ConfigError, load_config
 from maxwellhub.models import create_model
+from maxwellhub.run import runner
+from maxwellhub.run.config import ConfigError, load_config
 from maxwellhub_drivers import cli
 from maxwellhub_drivers.checkpoint import Continuity
 

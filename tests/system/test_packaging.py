@@ -105,7 +105,7 @@ def test_wheel_contents(wheel):
 
 def test_packaged_default_config_is_the_example():
     """Users read examples/relax_2d.toml; `maxwellhub run` reads the packaged copy."""
-    from maxwellhub.runner import DEFAULT_CONFIG
+    from maxwellhub.run.runner import DEFAULT_CONFIG
 
     assert DEFAULT_CONFIG == REPO_ROOT / "src" / "maxwellhub" / "data" / "relax_2d.toml"
     assert DEFAULT_CONFIG.read_bytes() == (REPO_ROOT / "examples" / "relax_2d.toml").read_bytes()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from _util import scaled
 
-from maxwellhub.config import ConfigError, parse_config_text
+from maxwellhub.run.config import ConfigError, parse_config_text
 
 BIN = Path(sys.executable).parent
 STOPPED_BY_SIGNAL = 75
@@ -454,8 +454,8 @@ def test_api_resume_beyond_float32_step_counts(tmp_path):
     step is put back); the continued history is bitwise the uninterrupted one's."""
     import meep as mp
 
-    from maxwellhub.checkpoint import RunCheckpointer, load_checkpoint
     from maxwellhub.em import MeepCoupling
+    from maxwellhub.run.checkpoint import RunCheckpointer, load_checkpoint
 
     mp.verbosity(0)
     start = 2**24 + 2  # the checkpoint at start + 25 is odd: float32 cannot hold it
@@ -499,8 +499,8 @@ def test_checkpoint_directory_is_locked(tmp_path):
     """A second checkpointer on the same directory is refused while the first holds it."""
     import meep as mp
 
-    from maxwellhub.checkpoint import CheckpointError, RunCheckpointer
     from maxwellhub.em import MeepCoupling
+    from maxwellhub.run.checkpoint import CheckpointError, RunCheckpointer
 
     sim = mp.Simulation(cell_size=mp.Vector3(4, 4), resolution=10)
     coupling = MeepCoupling(sim)

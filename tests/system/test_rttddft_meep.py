@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from maxwellhub import SocketHub
-from maxwellhub.launch import reap, start_driver
+from maxwellhub.run.launch import reap, start_driver
 
 mp = pytest.importorskip("meep")
 pytest.importorskip("pyscf")

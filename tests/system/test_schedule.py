@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maxwellhub import runner
-from maxwellhub.config import ConfigError, load_config
+from maxwellhub.run import runner
+from maxwellhub.run.config import ConfigError, load_config
 
 CONFIG = """
 [simulation]

@@ -1,5 +1,7 @@
 """Old import paths that users and their scripts name stay importable, as the same module
-objects as the new paths (not copies): ``maxwellhub_drivers.models`` -> ``maxwellhub.models``."""
+objects as the new paths (not copies): ``maxwellhub_drivers.models`` -> ``maxwellhub.models``,
+and the job, MPI and MPMD modules that moved into ``maxwellhub.run`` and
+``maxwellhub.parallel``."""
 
 from __future__ import annotations
 
@@ -66,3 +68,40 @@ def test_old_path_first_in_a_fresh_interpreter():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(60)
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
+
+
+#: Old module path -> new one, for the moved modules that docs and scripts import.
+MOVED = {
+    "maxwellhub.runner": "maxwellhub.run.runner",
+    "maxwellhub.config": "maxwellhub.run.config",
+    "maxwellhub.checkpoint": "maxwellhub.run.checkpoint",
+    "maxwellhub.launch": "maxwellhub.run.launch",
+    "maxwellhub.mpi": "maxwellhub.parallel.mpi",
+    "maxwellhub.mpmd": "maxwellhub.parallel.mpmd",
+}
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_moved_modules_keep_their_old_path(old):
+    new = importlib.import_module(MOVED[old])
+    assert importlib.import_module(old) is new
+    assert sys.modules[old] is new and new.__name__ == MOVED[old]
+
+
+def test_old_names_are_the_same_objects():
+    from maxwellhub.launch import start_driver
+    from maxwellhub.mpi import comm_world
+    from maxwellhub.parallel.mpi import comm_world as new_comm_world
+    from maxwellhub.run.launch import start_driver as new_start_driver
+
+    assert start_driver is new_start_driver and comm_world is new_comm_world
+
+
+def test_python_m_old_mpmd_path_still_runs_the_placeholder():
+    """`python -m maxwellhub.mpmd` is the documented MPMD driver-side command."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "maxwellhub.mpmd", "--help"],
+        capture_output=True, text=True, timeout=scaled(60),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "usage: python -m maxwellhub.mpmd COMMAND" in proc.stderr

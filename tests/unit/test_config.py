@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from _util import REPO_ROOT, scaled
 
-from maxwellhub.config import ConfigError, load_config, parse_config
+from maxwellhub.run.config import ConfigError, load_config, parse_config
 
 EXAMPLES = REPO_ROOT / "examples"
 BASE = tomllib.loads((EXAMPLES / "relax_2d.toml").read_text())

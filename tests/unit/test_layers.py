@@ -20,7 +20,8 @@ LAYERS = {
     "maxwellhub.units": BASE,
     "maxwellhub.fsutil": BASE,
     "maxwellhub.liveness": BASE,
-    "maxwellhub.mpi": BASE,
+    "maxwellhub.parallel.mpi": BASE,  # serial is MPI with one rank
+    "maxwellhub.mpi": BASE,  # its old path (an alias module)
     "maxwellhub.models": BASE,  # the molecule models: numpy (and optional packages) only
     # bytes and state; sockets
     "maxwellhub.wire": NET_PROTOCOL,
@@ -30,11 +31,14 @@ LAYERS = {
     "maxwellhub.net": NET_PROTOCOL,
     "maxwellhub.rendezvous": NET_PROTOCOL,
     # the control endpoint is served by the hub and never imports it
-    "maxwellhub.control": NET_PROTOCOL,
+    "maxwellhub.services": NET_PROTOCOL,
     "maxwellhub.hub": HUB_EM,
     "maxwellhub.em": HUB_EM,
     "maxwellhub.pulses": HUB_EM,  # pulse shapes of the EM side
-    "maxwellhub": RUN,  # everything else: runner, relay, cli, config, analysis ...
+    # job orchestration (maxwellhub.run: config, runner, launch, checkpoint ...), MPMD
+    # (maxwellhub.parallel.mpmd), relay, cli, analysis and the old paths' alias modules
+    "maxwellhub.run": RUN,
+    "maxwellhub": RUN,
 }
 NAMES = {ERRORS: "errors", BASE: "base", NET_PROTOCOL: "net/protocol", HUB_EM: "hub/em", RUN: "run"}
 

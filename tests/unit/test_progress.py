@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from maxwellhub.output import Progress
+from maxwellhub.run.output import Progress
 
 
 class _Terminal(io.StringIO):

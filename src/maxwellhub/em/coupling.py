@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DriverLost, UsageError
-from ..mpi import rank_and_size
+from ..parallel.mpi import rank_and_size
 from .engine import Engine
 from .molecules import MoleculeCoupling, Molecules
 

@@ -96,7 +96,7 @@ except ImportError:  # pragma: no cover - a scipy that moved its private kernels
     _csc_matvec = _csr_matvec = None
 
 from ..errors import DriverLost, UsageError
-from ..mpi import comm_world, rank_and_size
+from ..parallel.mpi import comm_world, rank_and_size
 from ..units import MeepUnits
 from .kernels import KERNEL_CUTOFF_SIGMAS, group_into_boxes, kernel_samples, self_coulomb_matrices
 from .molecules import MoleculeCoupling, Molecules

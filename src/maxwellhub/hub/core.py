@@ -49,7 +49,6 @@ import numpy.typing as npt
 from .. import wire
 from ..addresses import DEFAULT_PORT, unix_socket_path
 from ..auth import Secret, is_loopback
-from ..control import ControlServer
 from ..errors import BarrierTimeout, DriverLost, MaxwellHubError, UsageError
 from ..liveness import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -64,6 +63,7 @@ from ..net.logsummary import PeerLog
 from ..net.unix import bind_owner_only, remove_if_ours
 from ..protocol.connection import Connection, State
 from ..rendezvous import remove_address_file, write_address_file
+from ..services.control import ControlServer
 from . import shm
 from .barrier import (
     Barrier,

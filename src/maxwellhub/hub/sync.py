@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from ..addresses import DEFAULT_PORT
 from ..errors import UsageError
-from ..mpi import am_master
+from ..parallel.mpi import am_master
 from .barrier import StepResult, as_step_arrays, check_policy, checked_dipoles
 from .core import Hub, new_event_loop
 from .fastpath import can_wait_detached

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..spectrum import absorption_spectrum, fit_peaks
 from .config import Config
-from .spectrum import absorption_spectrum, fit_peaks
 
 __all__ = ["ir_response", "kick_response", "plot_ir", "plot_kick_spectrum"]
 
@@ -143,7 +143,7 @@ def plot_ir(path: str | os.PathLike, response: tuple[Any, ...], title: str) -> d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .ir import ir_spectrum
+    from ..ir import ir_spectrum
 
     dt, dipoles = response
     spectrum = ir_spectrum(dipoles, dt)

@@ -69,8 +69,8 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from .fsutil import atomic_write
-from .net.unix import bind_owner_only, remove_if_ours
+from ..fsutil import atomic_write
+from ..net.unix import bind_owner_only, remove_if_ours
 
 __all__ = [
     "AUTH_FAILED",

@@ -82,8 +82,8 @@ def engine_summary(config, history: dict[str, np.ndarray], out_dir: Path, plot: 
 
 
 def _cavity(config, history, out_dir: Path, plot: bool) -> dict[str, Any]:
-    from .ir import ir_spectrum
-    from .rabi import rabi_splitting_from_trajectory
+    from ..ir import ir_spectrum
+    from ..rabi import rabi_splitting_from_trajectory
 
     qc = history.get("engine/qc_au")
     if qc is None or len(qc) < 64:
@@ -184,7 +184,7 @@ def _resonant_cw_rabi(config) -> float | None:
     ground state under a continuous wave at their frequency, else None."""
     from maxwellhub.models import get_model_class
 
-    from .pulses import ContinuousWave
+    from ..pulses import ContinuousWave
 
     pulse = config.em.params.get("pulse")
     if not isinstance(pulse, dict) or pulse.get("shape") != "cw":

@@ -1,0 +1,13 @@
+"""Job orchestration: what ``maxwellhub run`` does with a config, on top of the hub and
+the EM side.
+
+- :mod:`~maxwellhub.run.config`: the TOML config, parsed and validated before anything
+  starts;
+- :mod:`~maxwellhub.run.runner`: the main job (plan, start, run, summarise);
+- :mod:`~maxwellhub.run.launch`: starting and reaping local driver processes;
+- :mod:`~maxwellhub.run.checkpoint`: whole-run checkpoints and ``--resume``;
+- :mod:`~maxwellhub.run.output`, :mod:`~maxwellhub.run.engine_summary`,
+  :mod:`~maxwellhub.run.kick_spectrum`: what a run writes and prints at its end.
+
+Nothing below this package imports it (tests/unit/test_layers.py).
+"""
