@@ -394,11 +394,19 @@ async def test_batched_frame_with_wrong_count_is_dropped(hub, caplog):
     events: list[wire.Event] = []
     while not any(isinstance(e, wire.Welcome) for e in events):
         events += dec.feed(await asyncio.wait_for(reader.read(1 << 16), scaled(5)))
+    dec.batch = 3  # batched frames from here on, as a driver's decoder after MXHWELCOME
+
+    async def until(kind: type) -> None:
+        # the hub's next message of this kind: each answer goes out after what it answers
+        got: list[wire.Event] = []
+        while not any(isinstance(e, kind) for e in got):
+            got += dec.feed(await asyncio.wait_for(reader.read(1 << 16), scaled(5)))
+
     writer.write(wire.encode_header(wire.NEEDINIT))
     task = asyncio.create_task(hub.step_barrier(requests_for(ids, 0), timeout=scaled(5)))
-    await asyncio.sleep(0.05)
+    await until(wire.Init)
     writer.write(wire.encode_header(wire.READY))
-    await asyncio.sleep(0.05)
+    await until(wire.FieldsBatch)
     writer.write(wire.encode_sources_batch(np.zeros((2, 3))))
     assert await asyncio.wait_for(task, scaled(10)) == {}
     assert "M = 2 molecules, negotiated 3" in caplog.text
