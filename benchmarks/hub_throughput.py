@@ -131,29 +131,27 @@ class Workload:
 
 
 def serve_maxwellhub(args, sync: bool, fast_path: bool = True) -> None:
-    from maxwellhub import Hub, SocketHub, new_event_loop
-
     where = {"unixsocket": args.unix} if args.unix else {"host": "127.0.0.1", "port": args.port}
     if sync:
-        hub = SocketHub(timeout=120, fast_path=fast_path, **where)
-        run = None
+        _serve_socket_hub(args, where, fast_path)
     else:
-        loop = new_event_loop()
-        hub = Hub(timeout=120, fast_path=fast_path, **where)
-        run = loop.run_until_complete
-        run(hub.start())
+        _serve_async_hub(args, where, fast_path)
+    emit(done=True)
+
+
+def _serve_socket_hub(args, where: dict, fast_path: bool) -> None:
+    """The synchronous facade (SocketHub), stepped from plain calls."""
+    from maxwellhub import SocketHub
+
+    hub = SocketHub(timeout=120, fast_path=fast_path, **where)
     emit(listening=True)
     ids = [hub.register_molecule_return_id() for _ in range(args.n)]
-    payloads = {m: {"dt_au": DT_AU} for m in ids}
-    bound = hub.wait_until_bound(payloads, timeout=120)
-    if run is not None:
-        bound = run(bound)
-    if not bound:
+    if not hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=120):
         raise SystemExit("drivers did not bind within 120 s")
     work = Workload(ids)
     perf_counter = time.perf_counter
 
-    def run_sync(k: int) -> list[float]:
+    def run_steps(k: int) -> list[float]:
         durations, last = [], perf_counter()
         for _ in range(k):
             work.next_fields()
@@ -162,6 +160,25 @@ def serve_maxwellhub(args, sync: bool, fast_path: bool = True) -> None:
             durations.append(t - last)
             last = t
         return durations
+
+    timed_runs(run_steps, args.seconds, args.repeats, args.min_steps, work.check)
+    hub.stop()
+
+
+def _serve_async_hub(args, where: dict, fast_path: bool) -> None:
+    """The asyncio Hub, stepped from a coroutine on its own event loop."""
+    from maxwellhub import Hub, new_event_loop
+
+    loop = new_event_loop()
+    hub = Hub(timeout=120, fast_path=fast_path, **where)
+    loop.run_until_complete(hub.start())
+    emit(listening=True)
+    ids = [hub.register_molecule_return_id() for _ in range(args.n)]
+    bound = hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=120)
+    if not loop.run_until_complete(bound):
+        raise SystemExit("drivers did not bind within 120 s")
+    work = Workload(ids)
+    perf_counter = time.perf_counter
 
     async def run_async(k: int) -> list[float]:
         durations, last = [], perf_counter()
@@ -173,14 +190,12 @@ def serve_maxwellhub(args, sync: bool, fast_path: bool = True) -> None:
             last = t
         return durations
 
-    run_steps = run_sync if sync else (lambda k: run(run_async(k)))
+    def run_steps(k: int) -> list[float]:
+        return loop.run_until_complete(run_async(k))
+
     timed_runs(run_steps, args.seconds, args.repeats, args.min_steps, work.check)
-    if sync:
-        hub.stop()
-    else:
-        run(hub.stop())
-        loop.close()
-    emit(done=True)
+    loop.run_until_complete(hub.stop())
+    loop.close()
 
 
 def serve_maxwelllink(args) -> None:
@@ -231,10 +246,11 @@ def hub_command(hub: str, where: list[str], n: int, args) -> list[str]:
         return [str(build("epoll_hub")), *where, "-n", str(n), *timing]
     python = sys.executable
     if hub == "maxwelllink":
-        python = peer_python()
-        if python is None:
+        peer = peer_python()
+        if peer is None:
             raise Skip("MaxwellLink not installed (.peers/maxwelllink or $MAXWELLHUB_MXL_PYTHON)")
-    return [str(python), __file__, "--serve", hub, *where, "-n", str(n), *timing]
+        python = str(peer)
+    return [python, __file__, "--serve", hub, *where, "-n", str(n), *timing]
 
 
 def run_cell(hub: str, transport: str, n: int, args, workdir: Path) -> dict:
@@ -364,6 +380,10 @@ def target_lines(results: dict, transports, counts) -> list[str]:
         a, b = _cell(results, ours, transport, n), _cell(results, other, transport, n)
         return None if a is None or b is None else a["steps_s"] / b["steps_s"]
 
+    def cpu_ratio(ours, transport, n):
+        a, b = _cell(results, ours, transport, n), _cell(results, "c-epoll", transport, n)
+        return None if a is None or b is None else a["cpu_us"] / b["cpu_us"]
+
     for transport in transports:
         t = transport.upper()
         for n, least in ((1, 0.9), (8, 0.75)):
@@ -375,17 +395,8 @@ def target_lines(results: dict, transports, counts) -> list[str]:
                         f"target >= {least}: {verdict[ratio >= least]}"
                     )
         for ours in OURS:
-            ratios = [
-                (
-                    n,
-                    _cell(results, ours, transport, n)["cpu_us"]
-                    / _cell(results, "c-epoll", transport, n)["cpu_us"],
-                )
-                for n in counts
-                if n >= 64
-                and _cell(results, ours, transport, n)
-                and _cell(results, "c-epoll", transport, n)
-            ]
+            cpu = [(n, cpu_ratio(ours, transport, n)) for n in counts if n >= 64]
+            ratios = [(n, r) for n, r in cpu if r is not None]
             if ratios:
                 worst = max(r for _, r in ratios)
                 each = ", ".join(f"N={n}: {r:.2f}" for n, r in ratios)

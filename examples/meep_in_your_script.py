@@ -10,7 +10,7 @@ from maxwellhub import SocketHub
 from maxwellhub.em import MeepCoupling
 from maxwellhub.run.launch import reap, start_driver
 
-tls = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}  # a.u.
+tls: dict = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 1e-4}  # a.u.
 sim = mp.Simulation(cell_size=mp.Vector3(8, 8), resolution=10, boundary_layers=[mp.PML(3.0)])
 with SocketHub(unixsocket="readme_meep", timeout=60) as hub:  # /tmp/socketmxl_readme_meep
     coupling = MeepCoupling(sim, time_units_fs=0.1, hub=hub)

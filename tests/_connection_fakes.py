@@ -4,11 +4,13 @@ connection brought to INIT. Shared by the unit tests and the parameter-change te
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from maxwellhub import wire
 from maxwellhub.auth import Secret
-from maxwellhub.protocol.connection import Connection, State
+from maxwellhub.protocol.connection import Connection, Lane, Parts, State
 
 STATUS = wire.encode_header(wire.STATUS)
 READY = wire.encode_header(wire.READY)
@@ -72,37 +74,45 @@ class FakeHub:
 
 
 class FakeLink:
+    """Records the connection's actions; declines every shared-memory lane offer."""
+
     def __init__(self) -> None:
         self.aborted = self.closed = False
         self.armed: float | None = None
         self.ends: list[bool] = []
         self.hosting_n: int | None = None
-        self.later_calls: list = []
-        self.written: list = []
+        self.later_calls: list[tuple[float, Callable[[], Parts]]] = []
+        self.lane_offers: list[int] = []
+        self.written: list[Parts] = []
 
-    def write(self, parts):
+    def write(self, parts: Parts) -> None:
         self.written.append(parts)
 
-    def abort(self):
+    def abort(self) -> None:
         self.aborted = True
 
-    def close(self):
+    def close(self) -> None:
         self.closed = True
 
-    def arm(self, seconds):
+    def arm(self, seconds: float) -> None:
         self.armed = seconds
 
-    def disarm(self):
+    def disarm(self) -> None:
         self.armed = None
 
-    def later(self, seconds, callback):
+    def later(self, seconds: float, callback: Callable[[], Parts]) -> None:
         self.later_calls.append((seconds, callback))
 
-    def hosting(self, molecules):
+    def hosting(self, molecules: int) -> None:
         self.hosting_n = molecules
 
-    def ended(self, said_bye):
+    def ended(self, said_bye: bool) -> None:
         self.ends.append(said_bye)
+
+    def offer_lane(self, parts: Parts, extras: int) -> Lane | None:
+        self.write(parts)
+        self.lane_offers.append(extras)
+        return None  # no lane: the connection keeps stepping over the socket
 
 
 def make(auth: Secret | None = None, handshake: float | None = 5.0):

@@ -195,6 +195,8 @@ def test_driver_reconnects_and_resumes(unix_name, tmp_path):
     hub = SocketHub(unixsocket=unix_name, timeout=scaled(30), history=2)
     procs, sources, extras = [], np.zeros(fields.shape), []
     with hub:
+        inner = hub.hub
+        assert inner is not None  # a single-rank run: this rank is the master
         ids = [hub.register_molecule_return_id() for _ in range(N)]
         for m in ids:
             procs.append(
@@ -205,10 +207,10 @@ def test_driver_reconnects_and_resumes(unix_name, tmp_path):
             assert hub.wait_until_bound({m: {"dt_au": DT_AU}}, timeout=scaled(30))
         for step in range(steps):
             if step == 17:
-                hub.hub._molecules[3].driver.link.abort()  # a network hiccup
+                inner._molecules[3].driver.link.abort()  # a network hiccup
             if step == 31:  # two at once: each claims its molecule back (MXHCLAIM)
-                hub.hub._molecules[3].driver.link.abort()
-                hub.hub._molecules[1].driver.link.abort()
+                inner._molecules[3].driver.link.abort()
+                inner._molecules[1].driver.link.abort()
             res = hub.step({m: {"efield_au": fields[step, m]} for m in ids}, timeout=scaled(30))
             sources[step] = [res[m]["amp"] for m in ids]
             extras.append([json.loads(res[m]["extra"]) for m in ids])
@@ -288,8 +290,10 @@ async def test_resume_frame_on_the_wire_and_bad_resume_rejected(unix_name, caplo
     await hub.start()
     try:
         hub.register_molecule(0, {"dt_au": DT_AU})
+        path = hub.address
+        assert isinstance(path, str)  # a UNIX socket's path, not a TCP (host, port)
         for claim, ok in ((5, False), (0, True)):
-            reader, writer = await asyncio.open_unix_connection(hub.address)
+            reader, writer = await asyncio.open_unix_connection(path)
             dec = wire.Decoder("driver")
             events: list = []
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _events import one
 from _util import scaled, unix_socket_path
 
 from maxwellhub import wire
@@ -156,12 +157,14 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 def wait_for_stderr_line(proc: subprocess.Popen, needle: str) -> str:
     """Read the driver's stderr until a line containing ``needle`` arrives."""
+    stderr = proc.stderr
+    assert stderr is not None, "the driver was started without stderr=PIPE"
     with selectors.DefaultSelector() as selector:
-        selector.register(proc.stderr, selectors.EVENT_READ)
+        selector.register(stderr, selectors.EVENT_READ)
         while True:
             if not selector.select(timeout=scaled(20)):
                 raise TimeoutError(f"no stderr line with {needle!r}")
-            line = proc.stderr.readline()
+            line = stderr.readline()
             if not line:
                 raise EOFError(f"driver exited (status {proc.wait()}) before {needle!r}")
             if needle in line:
@@ -443,7 +446,7 @@ def test_run_client_serves_a_batched_model_as_an_ensemble(listen_unix, unix_name
     """A model with n > 1 is served as an ensemble: the driver opens with MXHHELLO for n
     molecules, and a hub that does not answer it ends the session with a clear error."""
     listener = listen_unix(str(unix_socket_path(unix_name)))
-    done = {}
+    done: dict[str, int] = {}
     thread = threading.Thread(
         target=lambda: done.setdefault(
             "code", run_client(create_model("tls", n=3), unix=unix_name, timeout=scaled(20))
@@ -460,7 +463,8 @@ def test_run_client_serves_a_batched_model_as_an_ensemble(listen_unix, unix_name
     thread.join(scaled(20))
     # on a UNIX socket the ensemble also offers the shared-memory lane (flags bit 0)
     assert hello[:20] == wire.encode_hello(3)[:20]
-    assert wire.Decoder("hub").feed(hello)[0].flags & ~0xFF00 == wire.HELLO_SHM_LANE
+    flags = one(wire.Decoder("hub").feed(hello), wire.Hello).flags
+    assert flags & ~0xFF00 == wire.HELLO_SHM_LANE
     assert done["code"] == EXIT_CONNECTION
 
 

@@ -10,6 +10,8 @@ import socket
 import stat
 import struct
 import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -27,6 +29,8 @@ from maxwellhub import (
     wire,
 )
 from maxwellhub.addresses import unix_socket_path
+
+_T = TypeVar("_T")
 
 
 @pytest.fixture
@@ -287,12 +291,17 @@ def test_sync_facade_runs_steps_and_cleans_up(unix_name):
             t.start()
         assert hub.wait_until_bound({m: {"dt_au": 1.0} for m in ids}, timeout=scaled(10))
         assert hub.all_bound(ids)
-        loop_ran = []
+        loop_ran: list[int] = []
         run = hub._run
-        hub._run = lambda coro: loop_ran.append(1) or run(coro)
-        assert hub.all_bound(ids) and not loop_ran  # bound: read directly, no loop
-        assert not hub.all_bound([*ids, 99]) and loop_ran == [1]  # not: one poll
-        hub._run = run
+
+        def counted_run(coro: Coroutine[Any, Any, _T]) -> _T:
+            loop_ran.append(1)
+            return run(coro)
+
+        with pytest.MonkeyPatch.context() as patch:  # count the loop's iterations
+            patch.setattr(hub, "_run", counted_run)
+            assert hub.all_bound(ids) and not loop_ran  # bound: read directly, no loop
+            assert not hub.all_bound([*ids, 99]) and loop_ran == [1]  # not: one poll
         for step in range(3):
             check_results(hub.step_barrier(requests_for(ids, step)), ids, step)
     for t in threads:
@@ -394,11 +403,19 @@ async def test_batched_frame_with_wrong_count_is_dropped(hub, caplog):
     events: list[wire.Event] = []
     while not any(isinstance(e, wire.Welcome) for e in events):
         events += dec.feed(await asyncio.wait_for(reader.read(1 << 16), scaled(5)))
+    dec.batch = 3  # batched frames from here on, as a driver's decoder after MXHWELCOME
+
+    async def until(kind: type) -> None:
+        # the hub's next message of this kind: each answer goes out after what it answers
+        got: list[wire.Event] = []
+        while not any(isinstance(e, kind) for e in got):
+            got += dec.feed(await asyncio.wait_for(reader.read(1 << 16), scaled(5)))
+
     writer.write(wire.encode_header(wire.NEEDINIT))
     task = asyncio.create_task(hub.step_barrier(requests_for(ids, 0), timeout=scaled(5)))
-    await asyncio.sleep(0.05)
+    await until(wire.Init)
     writer.write(wire.encode_header(wire.READY))
-    await asyncio.sleep(0.05)
+    await until(wire.FieldsBatch)
     writer.write(wire.encode_sources_batch(np.zeros((2, 3))))
     assert await asyncio.wait_for(task, scaled(10)) == {}
     assert "M = 2 molecules, negotiated 3" in caplog.text

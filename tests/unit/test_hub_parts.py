@@ -5,6 +5,7 @@ connections)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from maxwellhub.hub import Hub
 from maxwellhub.hub.barrier import Layout
 from maxwellhub.hub.history import History
 from maxwellhub.hub.registry import Registry
-from maxwellhub.protocol.connection import Connection, State
+from maxwellhub.protocol.connection import Connection, Lane, Parts, State
 
 STATUS = wire.encode_header(wire.STATUS)
 READY = wire.encode_header(wire.READY)
@@ -160,13 +161,14 @@ def test_history_depth_must_be_a_whole_number():
 
 
 class Link:
-    """A connection's I/O layer that records what the hub writes."""
+    """A connection's I/O layer that records what the hub writes; it declines every
+    shared-memory lane offer."""
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
         self.aborted = False
 
-    def write(self, parts) -> None:
+    def write(self, parts: Parts) -> None:
         if parts:
             self.sent.append(b"".join(bytes(p) for p in parts))
 
@@ -176,20 +178,24 @@ class Link:
     def close(self) -> None:
         pass
 
-    def arm(self, seconds) -> None:
+    def arm(self, seconds: float) -> None:
         pass
 
     def disarm(self) -> None:
         pass
 
-    def later(self, seconds, callback) -> None:
+    def later(self, seconds: float, callback: Callable[[], Parts]) -> None:
         pass
 
-    def hosting(self, molecules) -> None:
+    def hosting(self, molecules: int) -> None:
         pass
 
-    def ended(self, said_bye) -> None:
+    def ended(self, said_bye: bool) -> None:
         pass
+
+    def offer_lane(self, parts: Parts, extras: int) -> Lane | None:
+        self.write(parts)
+        return None  # no lane: steps go over the socket
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from maxwellhub import wire
@@ -18,8 +19,10 @@ from maxwellhub.protocol.session import (
     LABELS,
     PENDING,
     SINGLE,
+    Binding,
     Session,
     SessionState,
+    _Pending,
 )
 
 STATUS = wire.encode_header(wire.STATUS)
@@ -47,17 +50,17 @@ class FakeModel:
     def claim(self) -> bytes:
         return b""
 
-    def initialize(self, binding):
+    def initialize(self, binding: Binding) -> int | _Pending | None:
         self.calls.append(("init", binding.molecule_ids, binding.dt_au))
         if self.deferred:
             return PENDING
         return None if binding.resume is None else binding.resume["step"]
 
-    def stage(self, fields, flags):
+    def stage(self, fields: npt.NDArray[np.float64], flags: int) -> None:
         self.staged = np.array(fields, dtype=np.float64)
         self.calls.append(("stage", self.staged.tolist(), flags))
 
-    def commit(self):
+    def commit(self) -> tuple[Any, Any] | _Pending:
         fields, self.staged = self.staged, None
         self.calls.append(("commit",))
         if self.deferred:
@@ -67,15 +70,18 @@ class FakeModel:
             return (2 * fields[0]).tolist(), {"e": float(fields[0, 2])}
         return 2 * fields, {"e": fields[:, 2].copy()}
 
-    def unstaged(self):
+    def unstaged(self) -> dict[str, float]:
         return {"e": 0.0}
 
-    def answered(self):
+    def answered(self) -> None:
         self.calls.append(("answered",))
 
-    def apply_params(self, event, molecule_ids):
+    def apply_params(self, event: wire.Params, molecule_ids: list[int]) -> bytes | _Pending:
         self.calls.append(("params", event.payload, molecule_ids))
         return PENDING if self.deferred else wire.encode_params_ack(7, b'{"ok":true}')
+
+    def lane_offer(self, event: wire.ShmLane) -> None:
+        self.calls.append(("lane", event.size))
 
 
 def feed(session: Session, data: bytes, how: str) -> bytes:

@@ -224,6 +224,8 @@ def _rows_of_vectors(efields: Any) -> npt.NDArray[Any] | None:
     array, say), joined as bytes (numpy's array-from-sequence cost 1 us a row, this
     0.3 us); None for anything else (lists, other dtypes or shapes)."""
     f8, ndarray = _F8, np.ndarray
+    if isinstance(efields, ndarray):
+        return None  # one array already (step_arrays): np.array copies it in one go
     try:
         if not all(type(e) is ndarray and e.dtype is f8 and e.ndim == 1 for e in efields):
             return None
