@@ -119,7 +119,7 @@ def bench_socket(quick: bool) -> None:
     from maxwellhub.run.launch import driver_command, driver_env
 
     steps = 5 if quick else 30
-    params = {
+    params: dict[str, Any] = {
         "xyz": HCN,
         "basis": "6-31g",
         "xc": "pbe",

@@ -210,10 +210,10 @@ def test_pyscf_h2_energy_conservation():
 
 def test_charges_and_refusals(tmp_path):
     """Charges from the calculator (water) or given as text or list; clear refusals."""
-    water = create_model("ase", calculator="water")
+    water: Any = create_model("ase", calculator="water")  # reads the private charges
     np.testing.assert_allclose(water._q, [-0.82, 0.41, 0.41])
-    text = create_model("ase", charges="[0.2, -0.2]")
-    listed = create_model("ase", charges=[0.2, -0.2])
+    text: Any = create_model("ase", charges="[0.2, -0.2]")
+    listed: Any = create_model("ase", charges=[0.2, -0.2])
     assert text._q.tolist() == listed._q.tolist() == [0.2, -0.2]
     with pytest.raises(ParameterError, match="charges") as err:
         create_model("ase", calculator="morse")

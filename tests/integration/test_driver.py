@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -227,7 +228,7 @@ def test_session_over_unix_matches_the_model(start_driver, unix_name, listen_uni
 
 def test_session_over_tcp_with_params_file_and_exit(start_driver, tmp_path):
     """Over TCP with an sho from a params file: steps match the model; EXIT ends with 0."""
-    params = {"omega": 0.3, "mu0": 150.0, "orientation": 0, "p_initial": 0.01}
+    params: dict[str, Any] = {"omega": 0.3, "mu0": 150.0, "orientation": 0, "p_initial": 0.01}
     params_file = tmp_path / "sho.json"
     params_file.write_text(json.dumps(params))
     with listen_tcp() as listener:

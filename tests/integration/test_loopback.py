@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import stat
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from maxwellhub.addresses import unix_socket_path
 from maxwellhub.models import create_model
 from maxwellhub_drivers.client import EXIT_OK, run_client
 
-TLS = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}
+TLS: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}
 DT_AU = 0.5
 
 

@@ -372,7 +372,8 @@ def test_usage_errors_are_clear():
         model.stage(np.zeros((2, 3)))
     with pytest.raises(RuntimeError, match="nothing staged"):
         model.commit()
-    for dt in (0.0, -1.0, float("nan"), float("inf"), "x"):
+    bad_dts: tuple[Any, ...] = (0.0, -1.0, float("nan"), float("inf"), "x")
+    for dt in bad_dts:
         with pytest.raises(ValueError, match="dt_au"):
             model.initialize(dt_au=dt)
     with pytest.raises(ValueError, match="molecule_ids"):
@@ -743,7 +744,7 @@ def test_set_params_for_some_molecules_and_its_errors():
     assert model.params["mu12"].tolist() == [MU12, 10.0, MU12]
     before = (model.get_state(), dict(model.params))
     model.stage(np.zeros((3, 3)))
-    cases = [
+    cases: list[tuple[dict[str, Any], list[int] | None, str]] = [
         ({"omega": [1.0, -1.0]}, [0, 2], r"omega = -1.0 \(molecule index 2\) is not allowed"),
         ({"omega": [1.0, 2.0]}, [0], r"omega = \[1.0, 2.0\] has 2 entries for 1 molecules"),
         ({"orientation": 0}, None, r"orientation cannot be changed .*; mutable: omega, mu12"),
@@ -886,9 +887,9 @@ def trajectory_digest(name: str, n: int, params: dict, steps: int = 400) -> str:
             h.update(key.encode())
             h.update(np.ascontiguousarray(value).tobytes())
         if n == 1:
-            for key, value in sorted(model.extras_of(0).items()):
+            for key, one in sorted(model.extras_of(0).items()):
                 h.update(key.encode())
-                h.update(np.float64(value).tobytes())
+                h.update(np.float64(one).tobytes())
     for key, value in sorted(model.get_state().items()):
         if not key.startswith(("param.", "rng.")):
             h.update(key.encode())
@@ -1173,7 +1174,7 @@ def test_an_rttddft_kick_now_equals_the_kick_parameter_at_zero():
     """rttddft.apply_kick at t = 0 gives bit for bit the state of a model built with the
     kick_au/kick_direction parameters, and both then step identically."""
     pytest.importorskip("pyscf")
-    base = {"atoms": "H 0 0 0; H 0 0 0.74", "dt_substep_au": 0.1}
+    base: dict[str, Any] = {"atoms": "H 0 0 0; H 0 0 0.74", "dt_substep_au": 0.1}
     direction = [0.3, -0.2, 1.0]
     built = create_model("rttddft", kick_au=1e-2, kick_direction=direction, **base)
     kicked = create_model("rttddft", **base)

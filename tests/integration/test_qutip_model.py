@@ -4,6 +4,7 @@ model, QuTiP's own solver and closed forms; MaxwellLink's build_model files and 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,9 +21,14 @@ PEER_BUILD_TLS = (
     ROOT / ".peers/maxwelllink/lib/python3.11/site-packages/maxwelllink/_workspace_payload"
     "/tests/test_qutip/build_tls.py"
 )
-TLS = {"omega": 0.24188843, "mu12": 187.0819866, "pe_initial": 0.2, "e_phase_initial": 0.5}
+TLS: dict[str, Any] = {
+    "omega": 0.24188843,
+    "mu12": 187.0819866,
+    "pe_initial": 0.2,
+    "e_phase_initial": 0.5,
+}
 KEYS = ("Pe", "Pg", "Pge_real", "Pge_imag", "energy_au", "mux_au", "muy_au", "muz_au")
-NLEVEL = {
+NLEVEL: dict[str, Any] = {
     "preset": "nlevel",
     "energies": [0.30, 0.42, 0.55],
     "dipoles": [[0.0, 0.4, 1.1], [0.9, 0.0, 0.2], [0.3, 0.7, 0.0]],
@@ -81,7 +87,7 @@ def test_nlevel_against_qutip_mesolve():
     """A 4-level system with decay and dephasing under a constant field: populations and
     rho follow qutip.mesolve with the split's O(dt^2) error (halving dt divides the error
     by 4 within 10%), and they move by far more than the error."""
-    params = dict(
+    params: dict[str, Any] = dict(
         NLEVEL, pe_initial=0.3, e_phase_initial=0.2, gamma_relax=0.01, gamma_dephase=0.004
     )
     field = np.array([0.01, -0.02, 0.03])
@@ -111,10 +117,11 @@ def test_dephasing_decays_the_coherence_at_two_gamma():
     exactly 2 gamma; the N-level preset's coherences all at 2 gamma too; populations stay."""
     gamma, dt, steps = 3e-3, 0.5, 400
     t = dt * np.arange(1, steps + 1)
-    for params in (
+    cases: tuple[dict[str, Any], ...] = (
         {"pe_initial": 0.3, "gamma_dephase": gamma},
         {"preset": "custom", "module": str(BUILD_TLS), "pe_initial": 0.3, "gamma_dephase": gamma},
-    ):
+    )
+    for params in cases:
         _, ext = _run(create_model("qutip", **params), np.zeros((steps, 1, 3)), dt)
         coherence = np.hypot(ext["Pge_real"][:, 0], ext["Pge_imag"][:, 0])
         expected = np.sqrt(0.3 * 0.7) * np.exp(-2 * gamma * t)

@@ -10,6 +10,8 @@ is in test_spectrum.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from _util import REPO_ROOT, mxl_venv
@@ -303,7 +305,7 @@ def test_maxwelllink_names_give_our_trajectory():
         ],
         text_keys=TEXT_KEYS,
     )
-    ours = dict(
+    ours: dict[str, Any] = dict(
         xyz=WATER,
         xc="hf",
         basis="sto-3g",

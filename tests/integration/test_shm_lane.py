@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -517,16 +518,17 @@ def test_a_driver_offers_the_lane_only_on_a_unix_socket(monkeypatch):
     from maxwellhub_drivers.shm_driver import for_session
 
     model = SimpleNamespace(extras_keys=("Pe", "mux_au"), n=2)
+    fake: Any = SimpleNamespace  # stands in for an EnsembleSession (sock, model, log)
     with (
         socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
         socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix,
     ):
-        assert for_session(SimpleNamespace(sock=tcp, model=model, log=None)) is None
-        lane = for_session(SimpleNamespace(sock=unix, model=model, log=None))
+        assert for_session(fake(sock=tcp, model=model, log=None)) is None
+        lane = for_session(fake(sock=unix, model=model, log=None))
         assert lane is not None
         assert lane.hello_flags() == wire.HELLO_SHM_LANE | 4 << wire.HELLO_EXTRAS_SHIFT
         monkeypatch.setenv("MAXWELLHUB_SHM_LANE", "0")
-        assert for_session(SimpleNamespace(sock=unix, model=model, log=None)) is None
+        assert for_session(fake(sock=unix, model=model, log=None)) is None
 
 
 def test_a_cavity_run_over_the_lane_equals_the_socket_bitwise(unix_name, tmp_path):
