@@ -62,7 +62,9 @@ def main() -> None:
     mp.verbosity(0)
     hub_class: Any = mxl.SocketHub
     if args.hub == "ours":
-        from maxwellhub import SocketHub as hub_class
+        from maxwellhub import SocketHub
+
+        hub_class = SocketHub
     hub = hub_class(unixsocket=args.unix, timeout=60.0, latency=1e-5)
     attrs: dict[str, Any] = {
         "type": f"{type(hub).__module__}.{type(hub).__qualname__}",
