@@ -244,7 +244,7 @@ def test_sho_and_field_conserve_energy():
 def test_sparse_products_match_scipy(kernels, monkeypatch):
     """The adaptor's sparse products (scipy's C kernels called directly, or scipy's @ when
     they cannot be imported) equal scipy's, with rows restricted to the coupled blocks."""
-    from maxwellhub.em import meep as adaptor
+    from maxwellhub.em.meep import sites as adaptor
 
     if not kernels:
         monkeypatch.setattr(adaptor, "_csr_matvec", None)
