@@ -16,7 +16,13 @@ from _util import REPO_ROOT, mxl_missing_reason, mxl_venv, scaled
 SCRIPTS = REPO_ROOT / "examples" / "tutorials"
 COMMITTED = REPO_ROOT / "docs" / "tutorials" / "outputs"
 IMAGES = REPO_ROOT / "docs" / "images"
-NAMES = ("mxl_tls_rabi", "mxl_hcn_esc", "mxl_hcn_qutip_mixed", "mxl_water_vsc")
+NAMES = (
+    "mxl_tls_rabi",
+    "mxl_hcn_esc",
+    "mxl_hcn_qutip_mixed",
+    "mxl_water_vsc",
+    "many_molecules",
+)
 
 
 def run_short(name: str, out: Path) -> dict:
@@ -42,7 +48,7 @@ def run_short(name: str, out: Path) -> dict:
 def test_committed_outputs_are_complete():
     """Every tutorial script has its committed full-run JSON and figure, and no stray
     output lingers without a script."""
-    scripts = {p.stem for p in SCRIPTS.glob("mxl_*.py")}
+    scripts = {p.stem for p in SCRIPTS.glob("*.py")} - {"_tutorial"}
     assert scripts == set(NAMES)
     assert {p.stem for p in COMMITTED.glob("*.json")} == set(NAMES)
     for name in NAMES:
@@ -104,3 +110,16 @@ def test_water_vsc(tmp_path):
     assert abs(s["rabi_splitting_cm1"] / s["expected_splitting_cm1"] - 1) < 0.03
     for got, want in zip(s["polaritons_cm1"], s["expected_polaritons_cm1"], strict=True):
         assert abs(got - want) < 30, (got, want)
+
+
+def test_many_molecules(tmp_path):
+    """1,000 resonant TLS in a cavity mode embedded, in two ensemble drivers and behind a
+    relay: the three q_c(t) agree to 1e-12 and each fitted splitting is 2 g sqrt(N) to 1e-3."""
+    s = run_short("many_molecules", tmp_path)
+    assert s["molecules"] == 1000
+    assert s["max_qc_relative_difference"] <= 1e-12
+    for way in ("embedded", "ensembles", "relay"):
+        assert abs(s[way]["relative_error_vs_expected"]) < 1e-3, way
+        assert abs(s[way]["rabi_splitting_au"] / s["expected_splitting_au"] - 1) < 1e-3, way
+        low, up = s[way]["polaritons_au"]
+        assert low < 0.242 < up
