@@ -5,7 +5,7 @@ into bytes. This module never touches a socket, never converts units and never t
 length field: every count read off the wire is checked against :class:`Limits` *before*
 any payload is buffered, so a peer cannot make us allocate more than the caps.
 
-Layouts (all little-endian, ``<i4`` integers and ``<f8`` reals; see shared/reference/wire.md):
+Layouts (all little-endian, ``<i4`` integers and ``<f8`` reals; see docs/reference/wire.md):
 
 =============  ==================================================================  ============
 message        payload after the 12-byte space-padded header                       bytes

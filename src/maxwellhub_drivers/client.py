@@ -1,7 +1,7 @@
 """The driver's blocking client loop: connect to a hub, then answer it with one model.
 
 The session is the driver-side machine :class:`maxwellhub.protocol.session.Session` (the
-i-PI client state machine in the EM profile, see shared/reference/wire.md, and the
+i-PI client state machine in the EM profile, see docs/reference/wire.md, and the
 batched frames of an ensemble): STATUS is answered NEEDINIT before INIT, HAVEDATA between
 POSDATA and GETFORCE and READY otherwise; INIT carries the molecule id and UTF-8 JSON with
 ``dt_au``; POSDATA stages a step (the field is the single position), GETFORCE commits it and

@@ -1,6 +1,6 @@
 """Tests of the sans-I/O codec, :mod:`maxwellhub.wire`.
 
-Golden bytes are written by hand from shared/reference/wire.md with ``struct.pack`` and
+Golden bytes are written by hand from docs/reference/wire.md with ``struct.pack`` and
 literal headers, never with the functions under test. Every decoder is fed whole, one byte
 at a time, split at every index, and with trailing partial data.
 """
