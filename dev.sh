@@ -9,12 +9,14 @@
 #   ./dev.sh setup            set up everything the tests need, run nothing
 #
 # Set-up is idempotent and takes about a second when everything is in place:
-#   1. Debian packages (Meep with MPI, mpi4py, OpenMPI, venv, h5py, matplotlib), via apt
+#   1. Debian packages (Meep with MPI, mpi4py, OpenMPI, venv, h5py, matplotlib, and gcc with
+#      Python's headers for the C speedups), via apt
 #      when we are root or have passwordless sudo; otherwise prints the command and stops.
 #   2. .venv made by Debian's /usr/bin/python3 with --system-site-packages, so it sees
 #      Debian's Meep and numpy (Meep is built against that numpy; it must never be upgraded).
-#   3. `pip install -e .` into .venv for run, `pip install -e ".[test]"` for test and setup;
-#      redone only when pyproject.toml changes (or test needs what run did not install).
+#   3. `pip install -e .` into .venv for run, `pip install -e ".[test]"` for test and setup
+#      (this compiles the C speedups in place); redone only when pyproject.toml, setup.py
+#      or a C source changes (or test needs what run did not install).
 #   4. Test and setup only, best effort: MaxwellLink in its own throwaway venv .peers/maxwelllink
 #      (no system site packages: it brings its own numpy 2 and scipy), and the stock i-PI
 #      clients ASE (SocketClient) and i-PI (i-pi-py_driver) in another, .peers/stock-ipi;
@@ -44,6 +46,8 @@ DEB_PACKAGES=(
     python3-venv
     python3-h5py
     python3-matplotlib
+    gcc
+    python3-dev
 )
 
 say() { printf 'dev.sh: %s\n' "$*" >&2; }
@@ -133,8 +137,11 @@ make_venv() {
     "$SYS_PYTHON" -m venv --system-site-packages "$VENV"
 }
 
+# What the editable install depends on: the project's metadata and the C speedups it
+# compiles (an edited .c file must be rebuilt, as pip install -e does).
 project_hash() {
-    sha256sum pyproject.toml | cut -d' ' -f1
+    cat pyproject.toml setup.py src/maxwellhub/net/_steadyc.c \
+        $(ls src/maxwellhub_drivers/*.c 2>/dev/null) | sha256sum | cut -d' ' -f1
 }
 
 check_debian_numpy() {

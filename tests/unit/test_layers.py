@@ -18,6 +18,7 @@ LAYERS = {
     "maxwellhub.errors": ERRORS,
     # leaf helpers with no sockets of their own that any layer may use
     "maxwellhub.units": BASE,
+    "maxwellhub.speedups": BASE,  # loads the optional C extensions
     "maxwellhub.fsutil": BASE,
     "maxwellhub.liveness": BASE,
     "maxwellhub.parallel.mpi": BASE,  # serial is MPI with one rank
