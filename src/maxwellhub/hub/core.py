@@ -52,6 +52,7 @@ from ..auth import Secret, is_loopback
 from ..errors import BarrierTimeout, DriverLost, MaxwellHubError, UsageError
 from ..liveness import (
     DEFAULT_HANDSHAKE_TIMEOUT,
+    REPORT_FIRST,
     check_timeout,
     keepalive,
     report_delays,
@@ -75,7 +76,7 @@ from .barrier import (
     fields_array,
     ids_text,
 )
-from .fastpath import SteadyReader
+from .fastpath import DirectStep, SteadyReader, can_wait_detached
 from .history import History
 from .params import ParamChanges
 from .registry import Molecule, Registry
@@ -209,17 +210,25 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         data = parts[0] if len(parts) == 1 else None
         if type(data) is not bytes or transport.get_write_buffer_size() or transport.is_closing():
-            transport.writelines(parts)
+            self._queue(parts)
             return
         try:
             sent = os.write(self._fd, data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:  # the transport meets the error too and closes the connection
-            transport.writelines(parts)
+            self._queue(parts)
             return
         if sent < len(data):
-            transport.write(memoryview(data)[sent:])
+            self._queue([memoryview(data)[sent:]])
+
+    def _queue(self, parts: list[Any]) -> None:
+        """Write through the transport (it keeps what the socket does not take, in order);
+        the steady step then must not write to this socket directly until it is empty."""
+        steady = self.hub.steady
+        if steady is not None:
+            steady.queued()
+        self.transport.writelines(parts)
 
     # -- Link
     def abort(self) -> None:
@@ -1082,10 +1091,9 @@ class Hub:
             wait = self.timeout if timeout is None else timeout
             now = loop.time()
             barrier.deadline = None if wait is None else now + wait
-            if barrier.reports is None:  # the first wait of this step starts the schedule
-                barrier.reports = report_delays()
+            if not barrier.report_at:  # the first wait of this step starts the schedule
                 barrier.report_base = now
-                barrier.report_at = now + next(barrier.reports)
+                barrier.report_at = now + REPORT_FIRST  # the first of report_delays()
             if timers:
                 self._arm_step(barrier)
         return barrier
@@ -1097,6 +1105,9 @@ class Hub:
         generation = layout.generation
         done = barrier.done
         fresh = barrier.waiting == len(done)  # nothing answered yet: all are pending
+        direct = self._direct_step(barrier)
+        if direct is not None and fresh and direct.reuse(len(self._connections), barrier.fields):
+            return  # the steady state: the same drivers as the last step, sent as then
         for driver in list(self._connections):  # per connection, not per molecule
             state = driver.state
             if state is _READY:
@@ -1107,11 +1118,29 @@ class Hub:
                 elif driver.row < 0:
                     continue
                 if fresh or self._pending(driver, barrier):
+                    if direct is not None:
+                        link = _link(driver)
+                        if link._fd >= 0 and direct.add(link, link._fd, driver.row):
+                            continue
                     out = driver.send_step(barrier)
                     if out:
                         driver.link.write(out)
             elif state is _BOUND:
                 self._ensure_init(driver)
+        if direct is not None:
+            direct.flush(barrier.fields)
+
+    def _direct_step(self, barrier: Barrier) -> DirectStep | None:
+        """The step's batched send and read (:class:`~maxwellhub.hub.fastpath.DirectStep`)
+        when the hub has a steady reader and it holds single-molecule drivers."""
+        steady = self.steady
+        if steady is None or not steady.small:
+            return None
+        direct = steady.direct
+        if direct is None or direct.barrier is not barrier:
+            direct = DirectStep(barrier, self.limits.max_extras_bytes, steady.plan)
+            steady.direct = direct
+        return direct
 
     @staticmethod
     def step_due_at(barrier: Barrier) -> float:
@@ -1175,8 +1204,10 @@ class Hub:
                 elapsed,
                 ids_text(missing),
             )
-        if barrier.reports is not None:
-            barrier.report_at = barrier.report_base + next(barrier.reports)
+        if barrier.reports is None:  # made at the first report: most steps never get one
+            barrier.reports = report_delays()
+            next(barrier.reports)  # REPORT_FIRST, this report's
+        barrier.report_at = barrier.report_base + next(barrier.reports)
 
     @staticmethod
     def stop_waiting(barrier: Barrier) -> None:
@@ -1194,6 +1225,10 @@ class Hub:
         if barrier.waiting:
             return None
         self._barrier = None
+        steady = self.steady
+        if steady is not None and steady.direct is not None:
+            steady.plan = steady.direct.plan  # for the next step, if it has the same drivers
+            steady.direct = None
         self.step_index += 1
         self.continuity.completed(barrier.layout, barrier.fields)
         self._step_ms.append((time.monotonic() - barrier.started) * 1e3)
@@ -1221,6 +1256,7 @@ class Hub:
     ) -> StepResult | None:
         barrier = self.begin_step(ids, fields, timeout, abort_on_loss, want_extras, dipoles)
         if barrier is not None and barrier.waiter is not None:
+            self._wait_inline(barrier)
             try:
                 await barrier.waiter
             except BaseException:  # cancelled: no timer of this wait may fire into the next
@@ -1228,13 +1264,33 @@ class Hub:
                 raise
         return self.finish_step(barrier)
 
+    def _wait_inline(self, barrier: Barrier) -> None:
+        """Wait for the step's replies without leaving the coroutine when nothing else is
+        due: the batched read (:meth:`SteadyReader.wait_inline`) watches the loop's
+        selector beside the drivers and stops as soon as the loop has work (a new
+        connection, a handshake, the control endpoint, a timer or a ready callback);
+        the wait then goes on in the loop as usual. Only with the stdlib's selector
+        loop (uvloop exposes no selector to watch)."""
+        steady = self.steady
+        loop = self.loop
+        if steady is None or steady.direct is None or not can_wait_detached(loop):
+            return
+        if loop._ready:  # type: ignore[attr-defined]  # other callbacks are due now
+            return
+        deadline = self.step_due_at(barrier)
+        timers = loop._scheduled  # type: ignore[attr-defined]
+        if timers:
+            deadline = min(deadline, timers[0].when())
+        selector = loop._selector.fileno()  # type: ignore[attr-defined]
+        steady.wait_inline(selector, deadline)
+
     def requests_to_arrays(
         self, requests: Mapping[int, Mapping[str, Any]]
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]] | tuple[None, None]:
         """ids and fields from MaxwellLink's request dict (and INIT payloads it carries)."""
         if self._barrier is not None:
             return None, None  # a frozen step is continued; its fields stay
-        ids = np.fromiter((int(k) for k in requests), dtype=np.int64, count=len(requests))
+        ids = np.fromiter(map(int, requests), dtype=np.int64, count=len(requests))
         try:
             efields = [req["efield_au"] for req in requests.values()]
         except (KeyError, TypeError):

@@ -22,7 +22,7 @@ import enum
 import logging
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -780,6 +780,28 @@ class Connection:
             self._emit(*wire.fields_batch_parts(step.fields[self.rows], flags), _GETFORCE_HEADER)
         return self.data_to_send()
 
+    def direct_ready(self) -> bool:
+        """Whether :meth:`send_step_direct` would take this step (nothing changes)."""
+        return (
+            self.state is _READY and self.batch is None and not self.stock_steps and not self._out
+        )
+
+    def send_step_direct(self) -> bool:
+        """Whether this step's block may be written by the steady step's batched send
+        (:mod:`maxwellhub.net.steadyio`) instead of :meth:`send_step`: a single molecule
+        past its first step, with nothing queued before it. Then the connection is
+        BUSY, as after :meth:`send_step`; its reply comes through :meth:`receive_data`
+        or, taken whole by the batched read, through :meth:`answered_direct`."""
+        if not self.direct_ready():
+            return False
+        self.state = _BUSY
+        return True
+
+    def answered_direct(self) -> None:
+        """The batched read took this connection's SOURCEREADY (the fast path's shape)
+        and gave the source to the hub: READY again."""
+        self.state = _READY
+
     def _stock_step(self, step: FrozenStep) -> Parts:
         """send_step for a connection still learning or needing STATUS before each step."""
         if self.batch is not None:  # MXHHELLO: a maxwellhub ensemble, nothing to learn
@@ -899,3 +921,24 @@ TRANSITIONS: dict[tuple[State, type], _Handler] = {
     (_S.CLOSING, wire.NeedInit): Connection._ignore,
     (_S.CLOSING, wire.ParamsAck): Connection._ignore,
 }
+
+
+def all_direct_ready(conns: Sequence[Connection]) -> bool:
+    """:meth:`Connection.direct_ready` for every one of ``conns`` (the steady step checks a
+    whole step's drivers at once; one loop here, no method call per driver)."""
+    for c in conns:
+        if c.state is not _READY or c.batch is not None or c.stock_steps or c._out:
+            return False
+    return True
+
+
+def mark_sent_direct(conns: Sequence[Connection]) -> None:
+    """Every one of ``conns`` (all :meth:`~Connection.direct_ready`) got its step's block."""
+    for c in conns:
+        c.state = _BUSY
+
+
+def mark_answered_direct(conns: Sequence[Connection], which: Iterable[int]) -> None:
+    """:meth:`Connection.answered_direct` for ``conns[k]``, k in ``which``."""
+    for k in which:
+        conns[k].state = _READY
