@@ -132,11 +132,28 @@ def within(timeout: float | None) -> str:
 def report_delays() -> Iterator[float]:
     """Seconds from the start of a wait to each report: 30, 90, 210, ... (the interval
     doubling from 30 s up to 30 min), forever."""
-    interval, at = REPORT_FIRST, REPORT_FIRST
-    while True:
-        yield at
-        interval = min(2 * interval, REPORT_MAX)
-        at += interval
+    return _Delays()
+
+
+class _Delays:
+    """The iterator of :func:`report_delays` (a class, not a generator: a hub step makes
+    one and most are dropped unfinished, which costs a generator a GeneratorExit)."""
+
+    __slots__ = ("at", "interval")
+
+    def __init__(self) -> None:
+        self.interval, self.at = 0.0, 0.0
+
+    def __iter__(self) -> _Delays:
+        return self
+
+    def __next__(self) -> float:
+        if not self.interval:
+            self.interval = self.at = REPORT_FIRST
+        else:
+            self.interval = min(2 * self.interval, REPORT_MAX)
+            self.at += self.interval
+        return self.at
 
 
 class Reporter:

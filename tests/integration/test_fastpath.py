@@ -226,3 +226,99 @@ async def test_async_lane_with_ensembles_matches_the_loop_path(unix_name):
     assert sorted(ea) == sorted(eb)
     for key in ea:
         assert np.array_equal(ea[key], eb[key], equal_nan=True)
+
+
+def test_sync_steps_are_direct_and_reuse_their_plan(unix_name):
+    """Steady steps of single drivers go through the batched send and read
+    (maxwellhub.net.steadyio): every reply lands without the protocol machine, and a step
+    with the same drivers as the last reuses its arrays; a driver that joins drops it."""
+    path = unix_socket_path(unix_name)
+    with SocketHub(unixsocket=unix_name, timeout=scaled(10)) as hub:
+        assert hub.hub is not None and hub.hub.steady is not None
+        steady = hub.hub.steady
+        ids = [hub.register_molecule_return_id() for _ in range(3)]
+        drivers = [ThreadDriver(path).start() for _ in ids]
+        assert hub.wait_until_bound({m: {"dt_au": 0.5} for m in ids}, timeout=scaled(10))
+        # The first step is each driver's learning step (STATUS after its first reply,
+        # answered during the second): through the machine, as for every peer.
+        for k in range(2):
+            hub.step(requests_for(ids, k))
+        machine_replies: list[int] = []
+        for conn in hub.hub._connections:  # a reply through the machine would call this
+            conn.hub = _Spy(conn.hub, machine_replies)  # type: ignore[assignment]
+        plans = []
+        for k in range(2, 6):
+            res = hub.step(requests_for(ids, k))
+            assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
+            assert {r["extra"] for r in res.values()} == {b'{"k":1}'}
+            plans.append(steady.plan)
+        assert machine_replies == []  # every reply was taken by the batched read
+        assert plans[0] is not None and all(p is plans[0] for p in plans)
+        assert sorted(plans[0].rows) == [0, 1, 2]
+        ids.append(hub.register_molecule_return_id({"dt_au": 0.5}))
+        drivers.append(ThreadDriver(path).start())
+        assert hub.wait_until_bound({m: {"dt_au": 0.5} for m in ids}, timeout=scaled(10))
+        for k in range(6, 9):  # its learning steps, then a new plan with all four
+            res = hub.step(requests_for(ids, k))
+            assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
+        assert steady.plan is not None and steady.plan is not plans[0]
+        assert len(steady.plan.fds) == 4
+    for d in drivers:
+        d.join()
+
+
+class _Spy:
+    """A hub facade that counts source_ready calls (the protocol machine's reply path)."""
+
+    def __init__(self, hub, calls: list[int]) -> None:
+        self._hub = hub
+        self._calls = calls
+
+    def source_ready(self, *args):
+        self._calls.append(1)
+        return self._hub.source_ready(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._hub, name)
+
+
+async def test_async_steps_wait_inline_on_the_stdlib_loop(unix_name):
+    """With the stdlib's selector loop and drivers in other threads, the async Hub completes
+    a steady step inside the coroutine (the batched read, watching the loop's selector),
+    and the loop still serves what comes meanwhile (a driver that connects)."""
+    path = unix_socket_path(unix_name)
+    hub = Hub(unixsocket=unix_name, timeout=scaled(10))
+    await hub.start()
+    drivers = []
+    try:
+        assert hub.steady is not None
+        ids = [hub.register_molecule_return_id() for _ in range(2)]
+        drivers = [ThreadDriver(path).start() for _ in ids]
+        assert await hub.wait_until_bound({m: {"dt_au": 0.5} for m in ids}, timeout=scaled(10))
+        inline: list[bool] = []
+        wait_inline = hub.steady.wait_inline
+
+        def counted(outer_fd: int, deadline: float) -> bool:
+            inline.append(wait_inline(outer_fd, deadline))
+            return inline[-1]
+
+        hub.steady.wait_inline = counted  # type: ignore[method-assign]
+        for k in range(6):
+            res = await hub.step(requests_for(ids, k))
+            assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
+        assert len(inline) == 6 and inline.count(True) >= 5  # one may meet a late callback
+        ids.append(hub.register_molecule_return_id({"dt_au": 0.5}))
+        drivers.append(ThreadDriver(path).start())
+        k = 6
+        deadline = hub.loop.time() + scaled(10)
+        while not hub.all_bound([ids[-1]]) and hub.loop.time() < deadline:
+            res = await hub.step(requests_for(ids[:2], k))
+            assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids[:2], k)
+            k += 1
+        assert hub.all_bound([ids[-1]])
+        res = await hub.step(requests_for(ids, k))
+        assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
+    finally:
+        await hub.stop(wait=scaled(2))
+    for d in drivers:
+        d.join()

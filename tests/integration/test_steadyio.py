@@ -23,7 +23,7 @@ MAX_EXTRAS = 1 << 20
 
 
 def _twins() -> list[Any]:
-    c = speedups.load("maxwellhub.net._steadyc")
+    c = steadyio.compiled()  # tested whenever it is built, MAXWELLHUB_PURE_PYTHON or not
     return [
         pytest.param((c.send, c.collect) if c else None, id="C"),
         pytest.param((steadyio.python_send, steadyio.python_collect), id="python"),
@@ -32,13 +32,11 @@ def _twins() -> list[Any]:
 
 def test_the_extension_is_built_where_a_compiler_is() -> None:
     """CI must not lose the compiled path silently: with a C compiler present (./dev.sh setup
-    installs gcc and the Python headers) the extension is built and is the one in use."""
-    if speedups.pure_python():
-        assert steadyio.IMPL == "python"
-        return
+    installs gcc and the Python headers) the extension is built, and it is the one in use
+    unless MAXWELLHUB_PURE_PYTHON asks for the Python twin."""
     assert shutil.which("cc") or shutil.which("gcc"), "no C compiler: ./dev.sh setup installs gcc"
-    assert speedups.load("maxwellhub.net._steadyc") is not None, "pip install -e . did not build it"
-    assert steadyio.IMPL == "C"
+    assert steadyio.compiled() is not None, "pip install -e . did not build maxwellhub.net._steadyc"
+    assert ("python" if speedups.pure_python() else "C") == steadyio.IMPL
 
 
 class Pairs:
@@ -213,3 +211,27 @@ def test_collect_end_of_file_foreign_loop_and_timeout(twin: Any, pairs: Pairs) -
     pairs.drv[1].close()
     status, _, _, who, _ = pairs.collect(twin, 4, seconds=math.inf)
     assert (status, who) == (steadyio.GONE, 1)
+
+
+@pytest.mark.parametrize("twin", _twins())
+def test_collect_outer_selector_ready_for_our_set_alone_is_no_loop_work(twin: Any) -> None:
+    """The async hub's loop selector holds the drivers' epoll set: a reply makes both
+    ready, which is no work for the loop; anything else in the selector is."""
+    if twin is None:
+        pytest.fail("the C extension is not built")
+    p = Pairs(2)
+    outer = select.epoll()
+    outer.register(p.epoll.fileno(), select.EPOLLIN)
+    r, w = os.pipe()
+    try:
+        p.drv[0].sendall(wire.encode_source_ready((1.0, 2.0, 3.0)))
+        status, waiting, *_ = p.collect(twin, 2, seconds=0.05, outer_fd=outer.fileno())
+        assert (status, waiting) == (steadyio.TIMEOUT, 1)  # not LOOP: only our set was ready
+        outer.register(r, select.EPOLLIN)
+        os.write(w, b"!")
+        assert p.collect(twin, 1, outer_fd=outer.fileno())[0] == steadyio.LOOP
+    finally:
+        os.close(r)
+        os.close(w)
+        outer.close()
+        p.close()

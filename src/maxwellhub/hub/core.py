@@ -52,7 +52,6 @@ from ..auth import Secret, is_loopback
 from ..errors import BarrierTimeout, DriverLost, MaxwellHubError, UsageError
 from ..liveness import (
     DEFAULT_HANDSHAKE_TIMEOUT,
-    REPORT_FIRST,
     check_timeout,
     keepalive,
     report_delays,
@@ -1091,9 +1090,10 @@ class Hub:
             wait = self.timeout if timeout is None else timeout
             now = loop.time()
             barrier.deadline = None if wait is None else now + wait
-            if not barrier.report_at:  # the first wait of this step starts the schedule
+            if barrier.reports is None:  # the first wait of this step starts the schedule
+                barrier.reports = report_delays()
                 barrier.report_base = now
-                barrier.report_at = now + REPORT_FIRST  # the first of report_delays()
+                barrier.report_at = now + next(barrier.reports)
             if timers:
                 self._arm_step(barrier)
         return barrier
@@ -1204,10 +1204,8 @@ class Hub:
                 elapsed,
                 ids_text(missing),
             )
-        if barrier.reports is None:  # made at the first report: most steps never get one
-            barrier.reports = report_delays()
-            next(barrier.reports)  # REPORT_FIRST, this report's
-        barrier.report_at = barrier.report_base + next(barrier.reports)
+        if barrier.reports is not None:
+            barrier.report_at = barrier.report_base + next(barrier.reports)
 
     @staticmethod
     def stop_waiting(barrier: Barrier) -> None:

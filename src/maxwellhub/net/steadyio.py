@@ -24,7 +24,8 @@ max_extras, extras, answered)``
     ``sources[row]`` set, ``done[row]`` set, ``waiting`` decremented, ``extras[row] =
     bytes`` when non-empty, k appended to ``answered``. Returns ``(status, waiting, last,
     who, data)`` as soon as ``waiting`` is 0 (DONE) or Python is needed: LOOP (``loop_fd``
-    in the set, or ``outer_fd`` watched beside it, is readable), TIMEOUT, DATA (driver
+    in the set is readable, or ``outer_fd``, an epoll watched beside the set, is ready
+    for anything but the set itself), TIMEOUT, DATA (driver
     ``who``'s read is ``data`` for its protocol machine), GONE (driver ``who`` reached end
     of file or an error), FOREIGN (``who`` is a descriptor not in ``table``; nothing was
     read from it). ``last`` is the last driver that answered (-1: none).
@@ -32,6 +33,7 @@ max_extras, extras, answered)``
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import select
@@ -46,13 +48,17 @@ __all__ = [
     "DONE",
     "FOREIGN",
     "GONE",
+    "BUSY_POLL_ENV",
+    "BUSY_POLL_US",
     "IMPL",
     "LOOP",
     "TIMEOUT",
     "collect",
+    "compiled",
     "python_collect",
     "python_send",
     "send",
+    "set_busy_poll",
 ]
 
 DONE, LOOP, TIMEOUT, DATA, GONE, FOREIGN = range(6)
@@ -111,9 +117,24 @@ def _wait(
     p = select.poll()
     p.register(epoll.fileno(), select.POLLIN)
     p.register(outer_fd, select.POLLIN)
-    ready = dict(p.poll(None if timeout < 0 else math.ceil(timeout * 1e3)))
-    events = epoll.poll(0.0, _MAX_EVENTS) if ready.get(epoll.fileno()) else []
-    return events, bool(ready.get(outer_fd))
+    while True:
+        ready = dict(p.poll(None if timeout < 0 else math.ceil(timeout * 1e3)))
+        events = epoll.poll(0.0, _MAX_EVENTS) if ready.get(epoll.fileno()) else []
+        outer = bool(ready.get(outer_fd)) and _ready_beside(outer_fd, epoll.fileno())
+        if events or outer or not ready:
+            return events, outer
+        timeout = -1.0 if deadline == math.inf else max(0.0, deadline - time.monotonic())
+
+
+def _ready_beside(outer_fd: int, ours: int) -> bool:
+    """Whether the epoll ``outer_fd`` (the loop's selector) is ready for anything but our
+    own set ``ours`` (registered in it while the loop serves the steady reader). Its
+    registrations are level-triggered, so looking consumes nothing."""
+    try:
+        with select.epoll.fromfd(os.dup(outer_fd)) as outer:
+            return any(fd != ours for fd, _ in outer.poll(0.0, 64))
+    except OSError:  # not an epoll: let the loop look
+        return True
 
 
 def python_collect(
@@ -169,9 +190,50 @@ def python_collect(
     return DONE, waiting, last, -1, None
 
 
-_c = speedups.load("maxwellhub.net._steadyc")
+def compiled() -> Any:
+    """The C extension, configured with this module's frame constants, whether or not
+    MAXWELLHUB_PURE_PYTHON is set (the tests hold both twins to one contract); None when
+    it is not built."""
+    try:
+        c = importlib.import_module("maxwellhub.net._steadyc")
+    except ImportError:
+        return None
+    c.configure(HEAD, TAIL, REPLY_PREFIX, REPLY_SIZE)
+    return c
+
+
+#: Environment variable: microseconds the compiled wait busy-polls before it sleeps.
+BUSY_POLL_ENV = "MAXWELLHUB_BUSY_POLL_US"
+#: The default: a reply within 50 us is caught without a sleep and a wake-up (on a virtual
+#: machine those are most of a small step's round trip; measured in benchmarks/).
+BUSY_POLL_US = 50.0
+
+
+def set_busy_poll(microseconds: float) -> None:
+    """How long the compiled wait polls (yielding the core each turn) before it sleeps; 0
+    turns it off. It only polls while replies have been coming that fast (a driver that
+    computes for milliseconds costs no polling), and never past a deadline. The Python
+    twin never polls."""
+    if _c is not None:
+        _c.set_spin(float(microseconds))
+
+
+def _busy_poll_from_env() -> float:
+    raw = os.environ.get(BUSY_POLL_ENV, "").strip()
+    if not raw:
+        return BUSY_POLL_US
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{BUSY_POLL_ENV}={raw!r} is not a number of microseconds") from None
+    if not value >= 0:
+        raise ValueError(f"{BUSY_POLL_ENV}={raw!r} must be >= 0")
+    return value
+
+
+_c = None if speedups.pure_python() else compiled()
+set_busy_poll(_busy_poll_from_env())
 if _c is not None:
-    _c.configure(HEAD, TAIL, REPLY_PREFIX, REPLY_SIZE)
     send = _c.send
     collect = _c.collect
     IMPL = "C"
