@@ -1,0 +1,455 @@
+/*
+ * maxwellhub_drivers._driverc: the single-molecule driver's steady step loop in C.
+ *
+ * maxwellhub_drivers.fastloop hands this module the driver's connected socket and the
+ * state of its model once the session is READY (bound, nothing staged, nothing buffered);
+ * tls_loop() then answers steady steps until anything else arrives:
+ *
+ *   read one block; it must be exactly one fused FIELDDATA (identity cells, nat 1) +
+ *   GETSOURCE block of 196 bytes with a finite field; step the two-level system as
+ *   maxwellhub.models.tls does for one molecule (same operations in the same order, the
+ *   same numpy cos and sin); write SOURCEREADY (124 bytes) and the extras JSON that
+ *   maxwellhub.protocol.session.ExtrasJSON writes (keys sorted, floats as repr());
+ *   repeat.
+ *
+ * It returns the bytes it read but did not handle (a partial or merged read, any other
+ * message, a step whose source or extras are not finite), or b"" at EOF; the session
+ * machine in Python takes it from there. The state buffer (x, y, z, time, steps
+ * committed, steps sent) is updated after every step, so it is current even when the
+ * loop ends by an exception (a signal handler raising, a failed send).
+ *
+ * The GIL is released while blocked in recv() and poll(); EINTR runs the Python signal
+ * handlers (PyErr_CheckSignals) and goes on unless one raised. Every wait has no deadline
+ * on purpose, as the Python driver's: the hub may compute its step for as long as it
+ * needs, and its death ends the wait by the connection (EOF, reset, keepalive).
+ *
+ * Floating point: the arithmetic must not be contracted into fused multiply-adds, or the
+ * numbers would differ from Python's in the last bit. ISO C mode (-std=c11, as setup.py
+ * builds it) already means -ffp-contract=off for GCC; the pragmas make sure elsewhere.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__) && !defined(__STRICT_ANSI__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#define HEAD_SIZE 160    /* POSDATA header, two identity cells, nat = 1 */
+#define FIELD_AT 160     /* three f64 of the field */
+#define TAIL_AT 184      /* GETFORCE header */
+#define STEP_SIZE 196    /* the fused block */
+#define REPLY_FIXED 124  /* SOURCEREADY up to and with its extras length */
+#define SOURCE_AT 24     /* header 12, energy 8, nat 4 */
+#define EXTRAS_LEN_AT 120
+#define READ_SIZE 4096   /* a steady read is 196 bytes; anything longer is handed back */
+#define REPLY_ROOM 1024  /* 124 + nine keys and nine reprs of at most 24 characters */
+
+/* the state buffer: doubles */
+enum { ST_X, ST_Y, ST_Z, ST_TIME, ST_COMMITTED, ST_SENT, ST_SIZE };
+
+/* the constants tuple */
+enum {
+    C_AXIS,
+    C_ANGLE_PER_FIELD,
+    C_TURN_COS,
+    C_TURN_SIN,
+    C_SOURCE_PER_Y,
+    C_OMEGA,
+    C_MU12,
+    C_DT,
+    C_SIZE
+};
+
+static double
+load_f64(const unsigned char *p)
+{
+    uint64_t u = 0;
+    for (int i = 7; i >= 0; i--) {
+        u = (u << 8) | p[i];
+    }
+    double d;
+    memcpy(&d, &u, sizeof d);
+    return d;
+}
+
+static void
+store_f64(unsigned char *p, double d)
+{
+    uint64_t u;
+    memcpy(&u, &d, sizeof u);
+    for (int i = 0; i < 8; i++) {
+        p[i] = (unsigned char)(u >> (8 * i));
+    }
+}
+
+static void
+store_i32(unsigned char *p, int32_t v)
+{
+    uint32_t u = (uint32_t)v;
+    for (int i = 0; i < 4; i++) {
+        p[i] = (unsigned char)(u >> (8 * i));
+    }
+}
+
+/* Wait until fd is readable or writable (POLLIN / POLLOUT) with the GIL released:
+   0, or -1 with a Python exception set. */
+static int
+wait_fd(int fd, short events)
+{
+    for (;;) {
+        struct pollfd pfd = {.fd = fd, .events = events, .revents = 0};
+        int rc, err;
+        Py_BEGIN_ALLOW_THREADS
+        rc = poll(&pfd, 1, -1); /* no deadline: see the file's comment */
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc >= 0) {
+            return 0;
+        }
+        if (err != EINTR) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return -1;
+        }
+    }
+}
+
+/* One read of up to cap bytes: the count (0 at EOF), or -1 with an exception set. */
+static Py_ssize_t
+read_some(int fd, unsigned char *buf, size_t cap)
+{
+    for (;;) {
+        ssize_t n;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        n = recv(fd, buf, cap, 0);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (n >= 0) {
+            return (Py_ssize_t)n;
+        }
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0) {
+                return -1;
+            }
+        }
+        else if (err == EAGAIN || err == EWOULDBLOCK) {
+            if (wait_fd(fd, POLLIN) < 0) {
+                return -1;
+            }
+        }
+        else {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+}
+
+/* Send all of buf: first without blocking and with the GIL held (the reply fits the
+   socket buffer almost always), else wait for room with the GIL released. */
+static int
+send_all(int fd, const unsigned char *buf, size_t len)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t k = send(fd, buf + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k >= 0) {
+            done += (size_t)k;
+            continue;
+        }
+        int err = errno;
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0) {
+                return -1;
+            }
+        }
+        else if (err == EAGAIN || err == EWOULDBLOCK) {
+            if (wait_fd(fd, POLLOUT) < 0) {
+                return -1;
+            }
+        }
+        else {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Append repr(v) (what float.__repr__ and json.dumps print for a finite float). */
+static int
+put_repr(unsigned char **at, const unsigned char *end, double v)
+{
+    char *text = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL) {
+        return -1;
+    }
+    size_t k = strlen(text);
+    if (k > (size_t)(end - *at)) {
+        PyMem_Free(text);
+        PyErr_SetString(PyExc_RuntimeError, "_driverc: extras JSON longer than its buffer");
+        return -1;
+    }
+    memcpy(*at, text, k);
+    *at += k;
+    PyMem_Free(text);
+    return 0;
+}
+
+static int
+put_text(unsigned char **at, const unsigned char *end, const char *text)
+{
+    size_t k = strlen(text);
+    if (k > (size_t)(end - *at)) {
+        PyErr_SetString(PyExc_RuntimeError, "_driverc: extras JSON longer than its buffer");
+        return -1;
+    }
+    memcpy(*at, text, k);
+    *at += k;
+    return 0;
+}
+
+/* numpy's cos or sin of the angle: ufunc(angle_array, out_array), both 1-element float64
+   arrays whose memory the caller holds; the same loop (and value) as the Python model's
+   np.cos(angle) on a float. */
+static int
+call_trig(PyObject *ufunc, PyObject *const *args)
+{
+    PyObject *res = PyObject_Vectorcall(ufunc, args, 2, NULL);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    return 0;
+}
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} Held;
+
+static int
+hold(Held *h, PyObject *obj, Py_ssize_t doubles, const char *what)
+{
+    if (PyObject_GetBuffer(obj, &h->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        return -1;
+    }
+    h->held = 1;
+    if (h->view.len != doubles * (Py_ssize_t)sizeof(double)) {
+        PyErr_Format(PyExc_ValueError, "_driverc.tls_loop: %s must hold %zd float64 values",
+                     what, doubles);
+        return -1;
+    }
+    return 0;
+}
+
+static void
+release(Held *h)
+{
+    if (h->held) {
+        PyBuffer_Release(&h->view);
+        h->held = 0;
+    }
+}
+
+PyDoc_STRVAR(tls_loop_doc,
+"tls_loop(fd, head, tail, answer, constants, state, trig) -> bytes\n"
+"\n"
+"Answer steady FIELDDATA+GETSOURCE steps of one two-level system on the blocking\n"
+"socket fd until anything else arrives; return the bytes read and not handled, or b''\n"
+"at EOF. head: the 160 bytes a step block starts with; tail: its 12-byte GETSOURCE\n"
+"header; answer: SOURCEREADY's 12-byte header. constants: (axis, angle_per_field,\n"
+"turn_cos, turn_sin, source_per_y, omega, mu12, dt). state: a writable buffer of 6\n"
+"float64 (x, y, z, time, steps committed, steps sent), updated after every step. trig: (cos, sin, angle, cos_out, sin_out):\n"
+"numpy's ufuncs and three 1-element float64 arrays.");
+
+static PyObject *
+tls_loop(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int fd;
+    Py_buffer head = {0}, tail = {0}, answer = {0};
+    PyObject *consts, *state_obj, *trig;
+    if (!PyArg_ParseTuple(args, "iy*y*y*O!OO!:tls_loop", &fd, &head, &tail, &answer,
+                          &PyTuple_Type, &consts, &state_obj, &PyTuple_Type, &trig)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Held st = {.held = 0}, ang = {.held = 0}, co = {.held = 0}, si = {.held = 0};
+    unsigned char *buf = NULL;
+    double k[C_SIZE];
+
+    if (head.len != HEAD_SIZE || tail.len != STEP_SIZE - TAIL_AT || answer.len != 12) {
+        PyErr_SetString(PyExc_ValueError,
+                        "_driverc.tls_loop: head must be 160 bytes, tail and answer 12");
+        goto done;
+    }
+    if (PyTuple_GET_SIZE(consts) != C_SIZE || PyTuple_GET_SIZE(trig) != 5) {
+        PyErr_SetString(PyExc_ValueError,
+                        "_driverc.tls_loop: constants must be 8 numbers, trig 5 objects");
+        goto done;
+    }
+    for (int i = 0; i < C_SIZE; i++) {
+        k[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(consts, i));
+        if (k[i] == -1.0 && PyErr_Occurred()) {
+            goto done;
+        }
+    }
+    const int axis = (int)k[C_AXIS];
+    if (k[C_AXIS] != (double)axis || axis < 0 || axis > 2) {
+        PyErr_SetString(PyExc_ValueError, "_driverc.tls_loop: axis must be 0, 1 or 2");
+        goto done;
+    }
+    if (hold(&st, state_obj, ST_SIZE, "state") < 0 ||
+        hold(&ang, PyTuple_GET_ITEM(trig, 2), 1, "the angle array") < 0 ||
+        hold(&co, PyTuple_GET_ITEM(trig, 3), 1, "the cos array") < 0 ||
+        hold(&si, PyTuple_GET_ITEM(trig, 4), 1, "the sin array") < 0) {
+        goto done;
+    }
+    buf = PyMem_Malloc(READ_SIZE + REPLY_ROOM);
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    double *s = st.view.buf;
+    double *angle_at = ang.view.buf, *cos_at = co.view.buf, *sin_at = si.view.buf;
+    PyObject *const cos_args[2] = {PyTuple_GET_ITEM(trig, 2), PyTuple_GET_ITEM(trig, 3)};
+    PyObject *const sin_args[2] = {PyTuple_GET_ITEM(trig, 2), PyTuple_GET_ITEM(trig, 4)};
+    PyObject *const cos_fn = PyTuple_GET_ITEM(trig, 0), *const sin_fn = PyTuple_GET_ITEM(trig, 1);
+    const double angle_per_field = k[C_ANGLE_PER_FIELD], tc = k[C_TURN_COS], ts = k[C_TURN_SIN];
+    const double source_per_y = k[C_SOURCE_PER_Y], omega = k[C_OMEGA], mu12 = k[C_MU12];
+    const double dt = k[C_DT];
+    static const char *const keys[9] = {
+        "{\"Pe\":",       ",\"Pg\":",     ",\"Pge_imag\":", ",\"Pge_real\":", ",\"energy_au\":",
+        ",\"mux_au\":",   ",\"muy_au\":", ",\"muz_au\":",   ",\"time_au\":",
+    };
+    unsigned char *in = buf, *reply = buf + READ_SIZE;
+    memcpy(reply, answer.buf, 12);
+    store_f64(reply + 12, 0.0); /* energy */
+    store_i32(reply + 20, 1);   /* nat */
+    memset(reply + SOURCE_AT, 0, REPLY_FIXED - SOURCE_AT);
+
+    for (;;) {
+        Py_ssize_t n = read_some(fd, in, READ_SIZE);
+        if (n < 0) {
+            goto done;
+        }
+        if (n != STEP_SIZE || memcmp(in, head.buf, HEAD_SIZE) != 0 ||
+            memcmp(in + TAIL_AT, tail.buf, STEP_SIZE - TAIL_AT) != 0) {
+            result = PyBytes_FromStringAndSize((const char *)in, n);
+            goto done;
+        }
+        double field[3] = {load_f64(in + FIELD_AT), load_f64(in + FIELD_AT + 8),
+                           load_f64(in + FIELD_AT + 16)};
+        if (!(isfinite(field[0]) && isfinite(field[1]) && isfinite(field[2]))) {
+            result = PyBytes_FromStringAndSize((const char *)in, n); /* Python names it */
+            goto done;
+        }
+        /* tls._bloch_step, operation for operation */
+        double x = s[ST_X], y = s[ST_Y], z = s[ST_Z];
+        *angle_at = angle_per_field * field[axis];
+        if (call_trig(cos_fn, cos_args) < 0 || call_trig(sin_fn, sin_args) < 0) {
+            goto done;
+        }
+        const double c = *cos_at, sn = *sin_at;
+        double x1 = x * tc - y * ts;
+        double y1 = x * ts + y * tc;
+        double z2 = c * z + sn * y1;
+        double y2 = c * y1 - sn * z;
+        double x3 = x1 * tc - y2 * ts;
+        double y3 = x1 * ts + y2 * tc;
+        double source = source_per_y * y3;
+        double time = s[ST_TIME] + dt;
+        /* tls._reported and TLSModel._extras_one */
+        double pe = 0.5 * (1.0 - z2);
+        double values[9];
+        double dipole = mu12 * x3;
+        values[0] = pe;
+        values[1] = 0.5 * (1.0 + z2);
+        values[2] = 0.5 * y3;
+        values[3] = 0.5 * x3;
+        values[4] = omega * pe;
+        values[5] = axis == 0 ? dipole : 0.0;
+        values[6] = axis == 1 ? dipole : 0.0;
+        values[7] = axis == 2 ? dipole : 0.0;
+        values[8] = time;
+        int finite = isfinite(source);
+        for (int i = 0; i < 9; i++) {
+            finite = finite && isfinite(values[i]);
+        }
+        if (!finite) {
+            /* Python raises (a source) or writes json's NaN (extras): let it */
+            result = PyBytes_FromStringAndSize((const char *)in, n);
+            goto done;
+        }
+        unsigned char *at = reply + REPLY_FIXED;
+        const unsigned char *end = reply + REPLY_ROOM;
+        for (int i = 0; i < 9; i++) {
+            if (put_text(&at, end, keys[i]) < 0 || put_repr(&at, end, values[i]) < 0) {
+                goto done;
+            }
+        }
+        if (put_text(&at, end, "}") < 0) {
+            goto done;
+        }
+        store_f64(reply + SOURCE_AT, axis == 0 ? source : 0.0);
+        store_f64(reply + SOURCE_AT + 8, axis == 1 ? source : 0.0);
+        store_f64(reply + SOURCE_AT + 16, axis == 2 ? source : 0.0);
+        store_i32(reply + EXTRAS_LEN_AT, (int32_t)(at - reply - REPLY_FIXED));
+        /* committed, as the model's commit() before the answer is sent */
+        s[ST_X] = x3;
+        s[ST_Y] = y3;
+        s[ST_Z] = z2;
+        s[ST_TIME] = time;
+        s[ST_COMMITTED] += 1.0;
+        if (send_all(fd, reply, (size_t)(at - reply)) < 0) {
+            goto done;
+        }
+        s[ST_SENT] += 1.0;
+    }
+
+done:
+    PyMem_Free(buf);
+    release(&si);
+    release(&co);
+    release(&ang);
+    release(&st);
+    PyBuffer_Release(&answer);
+    PyBuffer_Release(&tail);
+    PyBuffer_Release(&head);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"tls_loop", tls_loop, METH_VARARGS, tls_loop_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "maxwellhub_drivers._driverc",
+    .m_doc = "The single-molecule driver's steady step loop (see maxwellhub_drivers.fastloop).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC
+PyInit__driverc(void)
+{
+    return PyModule_Create(&module);
+}
