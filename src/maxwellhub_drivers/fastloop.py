@@ -13,10 +13,11 @@ MXHPARAMS and their kicks, STOP, EXIT, errors) goes through
 :class:`~maxwellhub.protocol.session.Session` unchanged.
 
 The C loop computes exactly what the Python path computes: the same operations in the
-same order, numpy's own ``cos`` and ``sin`` (called on one-element arrays: the loop, and
-the value, of the model's ``np.cos(angle)``), and the floats of the extras printed by
-``PyOS_double_to_string`` in repr mode, as ``float.__repr__`` and ``json.dumps`` print
-them. tests/integration/test_driver_fastloop.py checks the reply bytes of both paths.
+same order, numpy's own ``cos`` and ``sin`` (called on 0-d arrays: the loop, and the
+value, of the model's ``np.cos(angle)``), and the floats of the extras printed as
+``float.__repr__`` and ``json.dumps`` print them (a fast shortest-decimal printer that
+leaves every value it cannot prove to ``PyOS_double_to_string``, Python's own).
+tests/integration/test_driver_fastloop.py checks the reply bytes of both paths.
 
 When the extension is not built (no C compiler at install time), or
 ``MAXWELLHUB_PURE_PYTHON=1``, :meth:`FastLoop.for_side` returns None and the driver runs
@@ -71,8 +72,9 @@ class FastLoop:
         self.model: TLSModel = side.model  # type: ignore[assignment]
         self._loop = module.tls_loop
         self._state = np.zeros(6)
-        # numpy's cos and sin, called by the C loop on these one-element arrays
-        self._trig = (np.cos, np.sin, np.zeros(1), np.zeros(1), np.zeros(1))
+        # numpy's cos and sin, called by the C loop on these 0-d arrays (as the model's
+        # np.cos(angle) is on the 0-d array numpy makes of the float)
+        self._trig = (np.cos, np.sin, np.zeros(()), np.zeros(()), np.zeros(()))
 
     @classmethod
     def for_side(cls, side: DriverSide) -> FastLoop | None:

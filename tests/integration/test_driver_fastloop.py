@@ -320,3 +320,33 @@ def test_the_loop_is_not_used_where_it_does_not_apply(monkeypatch):
         side = DriverSide(sock_a, create_model("tls"), log, continuity=Continuity(memory=True))
         loop = side.fast_loop()
         assert loop is None or not loop.usable()
+
+
+def sample_floats(count: int, seed: int = 2) -> list[float]:
+    """Floats as the extras hold them (probabilities, Bloch components, energies, times
+    k dt) and over every magnitude and bit pattern."""
+    rng = np.random.default_rng(seed)
+    out = [
+        *rng.uniform(-1.0, 1.0, count).tolist(),
+        *(rng.uniform(0.0, 1.0, count) * 10.0 ** rng.integers(-30, 20, count)).tolist(),
+        *(0.5 * rng.integers(0, 10**7, count)).tolist(),
+        *np.round(rng.uniform(0, 1000, count), rng.integers(0, 15)).tolist(),
+        *rng.integers(0, 2**64, count, dtype=np.uint64).view(np.float64).tolist(),
+        *[0.0, -0.0, 0.5, 1.0, 1e-5, 1e16, 1.5e16, 1e17, 0.1 + 0.2, 5e-324, 2.0**-1022],
+        *[1234567890123456.0, 12345678901234567.0, 0.0001, 0.00012345, 9.999999999999999e-5],
+    ]
+    return [v for v in out if math.isfinite(v)]
+
+
+@needs_compiled
+def test_the_loops_float_printing_is_repr():
+    """The loop's own shortest-decimal printer prints what repr() prints, or leaves the
+    value to Python's (it declines near a tie or an edge, and outside 1e-28 .. 1e17)."""
+    module = fastloop.compiled()
+    assert module is not None
+    values = sample_floats(40_000)
+    printed = [module.format_repr(v) for v in values]
+    mismatches = [(v, p) for v, p in zip(values, printed, strict=True) if p not in (None, repr(v))]
+    assert mismatches == []
+    in_range = [p for v, p in zip(values, printed, strict=True) if 1e-27 < abs(v) < 1e16]
+    assert sum(p is None for p in in_range) < 0.05 * len(in_range)  # the fast path is used
