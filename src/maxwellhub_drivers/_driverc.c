@@ -3,19 +3,20 @@
  *
  * maxwellhub_drivers.fastloop hands this module the driver's connected socket and the
  * state of its model once the session is READY (bound, nothing staged, nothing buffered);
- * tls_loop() then answers steady steps until anything else arrives:
+ * tls_loop() (a two-level system) or sho_loop() (a harmonic oscillator) then answers
+ * steady steps until anything else arrives:
  *
  *   read one block; it must be exactly one fused FIELDDATA (identity cells, nat 1) +
- *   GETSOURCE block of 196 bytes with a finite field; step the two-level system as
- *   maxwellhub.models.tls does for one molecule (same operations in the same order, the
- *   same numpy cos and sin); write SOURCEREADY (124 bytes) and the extras JSON that
- *   maxwellhub.protocol.session.ExtrasJSON writes (keys sorted, floats as repr());
- *   repeat.
+ *   GETSOURCE block of 196 bytes with a finite field; step the molecule as
+ *   maxwellhub.models.tls / .sho do for one molecule (the same operations in the same
+ *   order; for the TLS the same numpy cos and sin); write SOURCEREADY (124 bytes) and the
+ *   extras JSON that maxwellhub.protocol.session.ExtrasJSON writes (keys sorted, floats
+ *   as repr()); repeat.
  *
  * It returns the bytes it read but did not handle (a partial or merged read, any other
  * message, a step whose source or extras are not finite), or b"" at EOF; the session
- * machine in Python takes it from there. The state buffer (x, y, z, time, steps
- * committed, steps sent) is updated after every step, so it is current even when the
+ * machine in Python takes it from there. The state buffer (the model's three numbers,
+ * the time, steps committed, steps sent) is updated after every step, so it is current even when the
  * loop ends by an exception (a signal handler raising, a failed send).
  *
  * The GIL is released while blocked in recv() and poll(); EINTR runs the Python signal
@@ -57,22 +58,6 @@
 #define EXTRAS_LEN_AT 120
 #define READ_SIZE 4096   /* a steady read is 196 bytes; anything longer is handed back */
 #define REPLY_ROOM 1024  /* 124 + nine keys and nine reprs of at most 24 characters */
-
-/* the state buffer: doubles */
-enum { ST_X, ST_Y, ST_Z, ST_TIME, ST_COMMITTED, ST_SENT, ST_SIZE };
-
-/* the constants tuple */
-enum {
-    C_AXIS,
-    C_ANGLE_PER_FIELD,
-    C_TURN_COS,
-    C_TURN_SIN,
-    C_SOURCE_PER_Y,
-    C_OMEGA,
-    C_MU12,
-    C_DT,
-    C_SIZE
-};
 
 static double
 load_f64(const unsigned char *p)
@@ -131,10 +116,15 @@ wait_fd(int fd, short events)
     }
 }
 
-/* One read of up to cap bytes: the count (0 at EOF), or -1 with an exception set. */
+/* One read of up to cap bytes: the count (0 at EOF), or -1 with an exception set. A
+   signal that came while the loop computed is handled first (it found no recv() to
+   interrupt). */
 static Py_ssize_t
 read_some(int fd, unsigned char *buf, size_t cap)
 {
+    if (PyErr_CheckSignals() < 0) {
+        return -1;
+    }
     for (;;) {
         ssize_t n;
         int err;
@@ -440,8 +430,8 @@ hold(Held *h, PyObject *obj, Py_ssize_t doubles, const char *what)
     }
     h->held = 1;
     if (h->view.len != doubles * (Py_ssize_t)sizeof(double)) {
-        PyErr_Format(PyExc_ValueError, "_driverc.tls_loop: %s must hold %zd float64 values",
-                     what, doubles);
+        PyErr_Format(PyExc_ValueError, "_driverc: %s must hold %zd float64 values", what,
+                     doubles);
         return -1;
     }
     return 0;
@@ -456,79 +446,129 @@ release(Held *h)
     }
 }
 
-PyDoc_STRVAR(tls_loop_doc,
-"tls_loop(fd, head, tail, answer, constants, state, trig) -> bytes\n"
-"\n"
-"Answer steady FIELDDATA+GETSOURCE steps of one two-level system on the blocking\n"
-"socket fd until anything else arrives; return the bytes read and not handled, or b''\n"
-"at EOF. head: the 160 bytes a step block starts with; tail: its 12-byte GETSOURCE\n"
-"header; answer: SOURCEREADY's 12-byte header. constants: (axis, angle_per_field,\n"
-"turn_cos, turn_sin, source_per_y, omega, mu12, dt). state: a writable buffer of 6\n"
-"float64 (x, y, z, time, steps committed, steps sent), updated after every step. trig: (cos, sin, angle, cos_out, sin_out):\n"
-"numpy's ufuncs and three 0-d float64 arrays.");
+/* One model's step for one molecule. The state buffer: the model's NSTATE doubles, the
+   time last, then the steps committed and the steps sent. */
+#define NSTATE 4
+#define MAX_VALUES 10
+enum { ST_TIME = NSTATE - 1, ST_COMMITTED = NSTATE, ST_SENT, ST_SIZE };
 
-static PyObject *
-tls_loop(PyObject *Py_UNUSED(module), PyObject *args)
+typedef struct Stepper Stepper;
+struct Stepper {
+    int axis;
+    int nconst;
+    double k[8];
+    double *s;
+    int nvalues;
+    const char *const *keys; /* each value's JSON prefix, keys sorted */
+    /* the next state, the source on the axis and the extras values; -1 with an exception */
+    int (*step)(Stepper *m, const double field[3], double next[NSTATE], double *source,
+                double *values);
+    /* the TLS's numpy cos and sin (see call_trig) */
+    PyObject *cos_fn, *sin_fn, *cos_args[2], *sin_args[2];
+    double *angle_at, *cos_at, *sin_at;
+};
+
+/* maxwellhub.models.tls: constants (axis, angle_per_field, turn_cos, turn_sin,
+   source_per_y, omega, mu12, dt), state (x, y, z, time) */
+enum { T_AXIS, T_ANGLE_PER_FIELD, T_TURN_COS, T_TURN_SIN, T_SOURCE_PER_Y, T_OMEGA, T_MU12, T_DT };
+static const char *const tls_keys[9] = {
+    "{\"Pe\":",     ",\"Pg\":",     ",\"Pge_imag\":", ",\"Pge_real\":", ",\"energy_au\":",
+    ",\"mux_au\":", ",\"muy_au\":", ",\"muz_au\":",   ",\"time_au\":",
+};
+
+static int
+tls_step(Stepper *m, const double field[3], double next[NSTATE], double *source,
+         double *values)
 {
-    int fd;
-    Py_buffer head = {0}, tail = {0}, answer = {0};
-    PyObject *consts, *state_obj, *trig;
-    if (!PyArg_ParseTuple(args, "iy*y*y*O!OO!:tls_loop", &fd, &head, &tail, &answer,
-                          &PyTuple_Type, &consts, &state_obj, &PyTuple_Type, &trig)) {
-        return NULL;
+    const double *k = m->k;
+    const double tc = k[T_TURN_COS], ts = k[T_TURN_SIN];
+    const double x = m->s[0], y = m->s[1], z = m->s[2];
+    /* tls._bloch_step, operation for operation */
+    *m->angle_at = k[T_ANGLE_PER_FIELD] * field[m->axis];
+    if (call_trig(m->cos_fn, m->cos_args) < 0 || call_trig(m->sin_fn, m->sin_args) < 0) {
+        return -1;
+    }
+    const double c = *m->cos_at, sn = *m->sin_at;
+    const double x1 = x * tc - y * ts;
+    const double y1 = x * ts + y * tc;
+    const double z2 = c * z + sn * y1;
+    const double y2 = c * y1 - sn * z;
+    const double x3 = x1 * tc - y2 * ts;
+    const double y3 = x1 * ts + y2 * tc;
+    *source = k[T_SOURCE_PER_Y] * y3;
+    const double time = m->s[ST_TIME] + k[T_DT];
+    /* tls._reported and TLSModel._extras_one */
+    const double pe = 0.5 * (1.0 - z2);
+    const double dipole = k[T_MU12] * x3;
+    values[0] = pe;
+    values[1] = 0.5 * (1.0 + z2);
+    values[2] = 0.5 * y3;
+    values[3] = 0.5 * x3;
+    values[4] = k[T_OMEGA] * pe;
+    values[5] = m->axis == 0 ? dipole : 0.0;
+    values[6] = m->axis == 1 ? dipole : 0.0;
+    values[7] = m->axis == 2 ? dipole : 0.0;
+    values[8] = time;
+    next[0] = x3;
+    next[1] = y3;
+    next[2] = z2;
+    next[3] = time;
+    return 0;
+}
+
+/* maxwellhub.models.sho: constants (axis, omega2, mu0, dt), state (p, q, a, time) */
+enum { S_AXIS, S_OMEGA2, S_MU0, S_DT };
+static const char *const sho_keys[10] = {
+    "{\"energy_au\":", ",\"mux_au\":", ",\"mux_m_au\":", ",\"muy_au\":", ",\"muy_m_au\":",
+    ",\"muz_au\":",    ",\"muz_m_au\":", ",\"p_au\":",   ",\"q_au\":",   ",\"time_au\":",
+};
+
+static int
+sho_step(Stepper *m, const double field[3], double next[NSTATE], double *source,
+         double *values)
+{
+    const double omega2 = m->k[S_OMEGA2], mu0 = m->k[S_MU0], dt = m->k[S_DT];
+    double p = m->s[0], q = m->s[1], a = m->s[2];
+    /* sho._verlet_step and sho._half_step_ahead, operation for operation */
+    p = p + 0.5 * a * dt;
+    q = q + p * dt;
+    a = -omega2 * q + field[m->axis] * mu0;
+    p = p + 0.5 * a * dt;
+    const double p_half = p + 0.5 * a * dt;
+    *source = p_half * mu0;
+    const double time = m->s[ST_TIME] + dt;
+    /* SHOModel._extras_one */
+    const double q_half = q + 0.5 * p_half * dt;
+    const double dipole = mu0 * q_half, dipole_m = mu0 * q;
+    values[0] = 0.5 * omega2 * (q_half * q_half) + 0.5 * (p_half * p_half);
+    for (int axis = 0; axis < 3; axis++) {
+        values[1 + 2 * axis] = m->axis == axis ? dipole : 0.0;
+        values[2 + 2 * axis] = m->axis == axis ? dipole_m : 0.0;
+    }
+    values[7] = p;
+    values[8] = q;
+    values[9] = time;
+    next[0] = p;
+    next[1] = q;
+    next[2] = a;
+    next[3] = time;
+    return 0;
+}
+
+/* The loop itself (see the file's comment); the model's state buffer is m->s. */
+static PyObject *
+run_loop(int fd, const Py_buffer *head, const Py_buffer *tail, const Py_buffer *answer,
+         Stepper *m)
+{
+    unsigned char *buf = PyMem_Malloc(READ_SIZE + REPLY_ROOM);
+    if (buf == NULL) {
+        return PyErr_NoMemory();
     }
     PyObject *result = NULL;
-    Held st = {.held = 0}, ang = {.held = 0}, co = {.held = 0}, si = {.held = 0};
-    unsigned char *buf = NULL;
-    double k[C_SIZE];
-
-    if (head.len != HEAD_SIZE || tail.len != STEP_SIZE - TAIL_AT || answer.len != 12) {
-        PyErr_SetString(PyExc_ValueError,
-                        "_driverc.tls_loop: head must be 160 bytes, tail and answer 12");
-        goto done;
-    }
-    if (PyTuple_GET_SIZE(consts) != C_SIZE || PyTuple_GET_SIZE(trig) != 5) {
-        PyErr_SetString(PyExc_ValueError,
-                        "_driverc.tls_loop: constants must be 8 numbers, trig 5 objects");
-        goto done;
-    }
-    for (int i = 0; i < C_SIZE; i++) {
-        k[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(consts, i));
-        if (k[i] == -1.0 && PyErr_Occurred()) {
-            goto done;
-        }
-    }
-    const int axis = (int)k[C_AXIS];
-    if (k[C_AXIS] != (double)axis || axis < 0 || axis > 2) {
-        PyErr_SetString(PyExc_ValueError, "_driverc.tls_loop: axis must be 0, 1 or 2");
-        goto done;
-    }
-    if (hold(&st, state_obj, ST_SIZE, "state") < 0 ||
-        hold(&ang, PyTuple_GET_ITEM(trig, 2), 1, "the angle array") < 0 ||
-        hold(&co, PyTuple_GET_ITEM(trig, 3), 1, "the cos array") < 0 ||
-        hold(&si, PyTuple_GET_ITEM(trig, 4), 1, "the sin array") < 0) {
-        goto done;
-    }
-    buf = PyMem_Malloc(READ_SIZE + REPLY_ROOM);
-    if (buf == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-
-    double *s = st.view.buf;
-    double *angle_at = ang.view.buf, *cos_at = co.view.buf, *sin_at = si.view.buf;
-    PyObject *const cos_args[2] = {PyTuple_GET_ITEM(trig, 2), PyTuple_GET_ITEM(trig, 3)};
-    PyObject *const sin_args[2] = {PyTuple_GET_ITEM(trig, 2), PyTuple_GET_ITEM(trig, 4)};
-    PyObject *const cos_fn = PyTuple_GET_ITEM(trig, 0), *const sin_fn = PyTuple_GET_ITEM(trig, 1);
-    const double angle_per_field = k[C_ANGLE_PER_FIELD], tc = k[C_TURN_COS], ts = k[C_TURN_SIN];
-    const double source_per_y = k[C_SOURCE_PER_Y], omega = k[C_OMEGA], mu12 = k[C_MU12];
-    const double dt = k[C_DT];
-    static const char *const keys[9] = {
-        "{\"Pe\":",       ",\"Pg\":",     ",\"Pge_imag\":", ",\"Pge_real\":", ",\"energy_au\":",
-        ",\"mux_au\":",   ",\"muy_au\":", ",\"muz_au\":",   ",\"time_au\":",
-    };
+    double *s = m->s;
     unsigned char *in = buf, *reply = buf + READ_SIZE;
-    memcpy(reply, answer.buf, 12);
+    const unsigned char *end = reply + REPLY_ROOM;
+    memcpy(reply, answer->buf, 12);
     store_f64(reply + 12, 0.0); /* energy */
     store_i32(reply + 20, 1);   /* nat */
     memset(reply + SOURCE_AT, 0, REPLY_FIXED - SOURCE_AT);
@@ -536,91 +576,180 @@ tls_loop(PyObject *Py_UNUSED(module), PyObject *args)
     for (;;) {
         Py_ssize_t n = read_some(fd, in, READ_SIZE);
         if (n < 0) {
-            goto done;
+            break;
         }
-        if (n != STEP_SIZE || memcmp(in, head.buf, HEAD_SIZE) != 0 ||
-            memcmp(in + TAIL_AT, tail.buf, STEP_SIZE - TAIL_AT) != 0) {
+        if (n != STEP_SIZE || memcmp(in, head->buf, HEAD_SIZE) != 0 ||
+            memcmp(in + TAIL_AT, tail->buf, STEP_SIZE - TAIL_AT) != 0) {
             result = PyBytes_FromStringAndSize((const char *)in, n);
-            goto done;
+            break;
         }
-        double field[3] = {load_f64(in + FIELD_AT), load_f64(in + FIELD_AT + 8),
-                           load_f64(in + FIELD_AT + 16)};
+        const double field[3] = {load_f64(in + FIELD_AT), load_f64(in + FIELD_AT + 8),
+                                 load_f64(in + FIELD_AT + 16)};
         if (!(isfinite(field[0]) && isfinite(field[1]) && isfinite(field[2]))) {
             result = PyBytes_FromStringAndSize((const char *)in, n); /* Python names it */
-            goto done;
+            break;
         }
-        /* tls._bloch_step, operation for operation */
-        double x = s[ST_X], y = s[ST_Y], z = s[ST_Z];
-        *angle_at = angle_per_field * field[axis];
-        if (call_trig(cos_fn, cos_args) < 0 || call_trig(sin_fn, sin_args) < 0) {
-            goto done;
+        double next[NSTATE], source, values[MAX_VALUES];
+        if (m->step(m, field, next, &source, values) < 0) {
+            break;
         }
-        const double c = *cos_at, sn = *sin_at;
-        double x1 = x * tc - y * ts;
-        double y1 = x * ts + y * tc;
-        double z2 = c * z + sn * y1;
-        double y2 = c * y1 - sn * z;
-        double x3 = x1 * tc - y2 * ts;
-        double y3 = x1 * ts + y2 * tc;
-        double source = source_per_y * y3;
-        double time = s[ST_TIME] + dt;
-        /* tls._reported and TLSModel._extras_one */
-        double pe = 0.5 * (1.0 - z2);
-        double values[9];
-        double dipole = mu12 * x3;
-        values[0] = pe;
-        values[1] = 0.5 * (1.0 + z2);
-        values[2] = 0.5 * y3;
-        values[3] = 0.5 * x3;
-        values[4] = omega * pe;
-        values[5] = axis == 0 ? dipole : 0.0;
-        values[6] = axis == 1 ? dipole : 0.0;
-        values[7] = axis == 2 ? dipole : 0.0;
-        values[8] = time;
         int finite = isfinite(source);
-        for (int i = 0; i < 9; i++) {
+        for (int i = 0; i < m->nvalues; i++) {
             finite = finite && isfinite(values[i]);
         }
         if (!finite) {
             /* Python raises (a source) or writes json's NaN (extras): let it */
             result = PyBytes_FromStringAndSize((const char *)in, n);
-            goto done;
+            break;
         }
         unsigned char *at = reply + REPLY_FIXED;
-        const unsigned char *end = reply + REPLY_ROOM;
-        for (int i = 0; i < 9; i++) {
-            if (put_text(&at, end, keys[i]) < 0 || put_repr(&at, end, values[i]) < 0) {
-                goto done;
-            }
+        int failed = 0;
+        for (int i = 0; i < m->nvalues && !failed; i++) {
+            failed = put_text(&at, end, m->keys[i]) < 0 || put_repr(&at, end, values[i]) < 0;
         }
-        if (put_text(&at, end, "}") < 0) {
-            goto done;
+        if (failed || put_text(&at, end, "}") < 0) {
+            break;
         }
-        store_f64(reply + SOURCE_AT, axis == 0 ? source : 0.0);
-        store_f64(reply + SOURCE_AT + 8, axis == 1 ? source : 0.0);
-        store_f64(reply + SOURCE_AT + 16, axis == 2 ? source : 0.0);
+        for (int axis = 0; axis < 3; axis++) {
+            store_f64(reply + SOURCE_AT + 8 * axis, axis == m->axis ? source : 0.0);
+        }
         store_i32(reply + EXTRAS_LEN_AT, (int32_t)(at - reply - REPLY_FIXED));
         /* committed, as the model's commit() before the answer is sent */
-        s[ST_X] = x3;
-        s[ST_Y] = y3;
-        s[ST_Z] = z2;
-        s[ST_TIME] = time;
+        memcpy(s, next, sizeof next);
         s[ST_COMMITTED] += 1.0;
         if (send_all(fd, reply, (size_t)(at - reply)) < 0) {
-            goto done;
+            break;
         }
         s[ST_SENT] += 1.0;
     }
-
-done:
     PyMem_Free(buf);
+    return result;
+}
+
+/* The arguments both loops share: fd, head, tail, answer, constants, state. */
+typedef struct {
+    int fd;
+    Py_buffer head, tail, answer;
+    Held state;
+} Common;
+
+static int
+common_args(Common *c, Stepper *m, PyObject *consts, PyObject *state_obj, const char *name)
+{
+    if (c->head.len != HEAD_SIZE || c->tail.len != STEP_SIZE - TAIL_AT || c->answer.len != 12) {
+        PyErr_Format(PyExc_ValueError, "_driverc.%s: head must be 160 bytes, tail and answer 12",
+                     name);
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(consts) != m->nconst) {
+        PyErr_Format(PyExc_ValueError, "_driverc.%s: constants must be %d numbers", name,
+                     m->nconst);
+        return -1;
+    }
+    for (int i = 0; i < m->nconst; i++) {
+        m->k[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(consts, i));
+        if (m->k[i] == -1.0 && PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    m->axis = (int)m->k[0];
+    if (m->k[0] != (double)m->axis || m->axis < 0 || m->axis > 2) {
+        PyErr_Format(PyExc_ValueError, "_driverc.%s: the axis must be 0, 1 or 2", name);
+        return -1;
+    }
+    if (hold(&c->state, state_obj, ST_SIZE, "the state") < 0) {
+        return -1;
+    }
+    m->s = c->state.view.buf;
+    return 0;
+}
+
+static void
+common_release(Common *c)
+{
+    release(&c->state);
+    PyBuffer_Release(&c->answer);
+    PyBuffer_Release(&c->tail);
+    PyBuffer_Release(&c->head);
+}
+
+#define LOOP_DOC                                                                           \
+    "Answer steady FIELDDATA+GETSOURCE steps of one molecule on the blocking socket fd\n"  \
+    "until anything else arrives; return the bytes read and not handled, or b'' at EOF.\n" \
+    "head: the 160 bytes a step block starts with; tail: its 12-byte GETSOURCE header;\n"  \
+    "answer: SOURCEREADY's 12-byte header. state: a writable buffer of 6 float64 (the\n"   \
+    "model's 3, the time, steps committed, steps sent), updated after every step.\n"
+
+PyDoc_STRVAR(tls_loop_doc,
+"tls_loop(fd, head, tail, answer, constants, state, trig) -> bytes\n"
+"\n"
+LOOP_DOC
+"A two-level system: constants (axis, angle_per_field, turn_cos, turn_sin,\n"
+"source_per_y, omega, mu12, dt), state (x, y, z, time, ...); trig: (cos, sin, angle,\n"
+"cos_out, sin_out), numpy's ufuncs and three 0-d float64 arrays.");
+
+static PyObject *
+tls_loop(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Common c = {.state = {.held = 0}};
+    PyObject *consts, *state_obj, *trig;
+    if (!PyArg_ParseTuple(args, "iy*y*y*O!OO!:tls_loop", &c.fd, &c.head, &c.tail, &c.answer,
+                          &PyTuple_Type, &consts, &state_obj, &PyTuple_Type, &trig)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Held ang = {.held = 0}, co = {.held = 0}, si = {.held = 0};
+    Stepper m = {.nconst = 8, .nvalues = 9, .keys = tls_keys, .step = tls_step};
+    if (common_args(&c, &m, consts, state_obj, "tls_loop") < 0) {
+        goto done;
+    }
+    if (PyTuple_GET_SIZE(trig) != 5) {
+        PyErr_SetString(PyExc_ValueError, "_driverc.tls_loop: trig must be 5 objects");
+        goto done;
+    }
+    if (hold(&ang, PyTuple_GET_ITEM(trig, 2), 1, "the angle array") < 0 ||
+        hold(&co, PyTuple_GET_ITEM(trig, 3), 1, "the cos array") < 0 ||
+        hold(&si, PyTuple_GET_ITEM(trig, 4), 1, "the sin array") < 0) {
+        goto done;
+    }
+    m.cos_fn = PyTuple_GET_ITEM(trig, 0);
+    m.sin_fn = PyTuple_GET_ITEM(trig, 1);
+    m.cos_args[0] = m.sin_args[0] = PyTuple_GET_ITEM(trig, 2);
+    m.cos_args[1] = PyTuple_GET_ITEM(trig, 3);
+    m.sin_args[1] = PyTuple_GET_ITEM(trig, 4);
+    m.angle_at = ang.view.buf;
+    m.cos_at = co.view.buf;
+    m.sin_at = si.view.buf;
+    result = run_loop(c.fd, &c.head, &c.tail, &c.answer, &m);
+done:
     release(&si);
     release(&co);
     release(&ang);
-    release(&st);
-    PyBuffer_Release(&answer);
-    PyBuffer_Release(&tail);
-    PyBuffer_Release(&head);
+    common_release(&c);
+    return result;
+}
+
+PyDoc_STRVAR(sho_loop_doc,
+"sho_loop(fd, head, tail, answer, constants, state) -> bytes\n"
+"\n"
+LOOP_DOC
+"A harmonic oscillator: constants (axis, omega2, mu0, dt), state (p, q, a, time, ...).");
+
+static PyObject *
+sho_loop(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Common c = {.state = {.held = 0}};
+    PyObject *consts, *state_obj;
+    if (!PyArg_ParseTuple(args, "iy*y*y*O!O:sho_loop", &c.fd, &c.head, &c.tail, &c.answer,
+                          &PyTuple_Type, &consts, &state_obj)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Stepper m = {.nconst = 4, .nvalues = 10, .keys = sho_keys, .step = sho_step};
+    if (common_args(&c, &m, consts, state_obj, "sho_loop") == 0) {
+        result = run_loop(c.fd, &c.head, &c.tail, &c.answer, &m);
+    }
+    common_release(&c);
     return result;
 }
 
@@ -647,6 +776,7 @@ format_repr(PyObject *Py_UNUSED(module), PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"tls_loop", tls_loop, METH_VARARGS, tls_loop_doc},
+    {"sho_loop", sho_loop, METH_VARARGS, sho_loop_doc},
     {"format_repr", format_repr, METH_O, format_repr_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -1,8 +1,9 @@
 """The single-molecule driver's steady step loop, in C when it is built.
 
 Once a driver's session is READY (bound, nothing staged, nothing buffered) and its model
-is a plain :class:`~maxwellhub.models.tls.TLSModel` of one molecule, the driver hands its
-socket and the model's state to ``maxwellhub_drivers._driverc.tls_loop``, which answers
+is a plain :class:`~maxwellhub.models.tls.TLSModel` or
+:class:`~maxwellhub.models.sho.SHOModel` of one molecule, the driver hands its socket and
+the model's state to ``maxwellhub_drivers._driverc.tls_loop`` (``sho_loop``), which answers
 the steady steps (one fused FIELDDATA + GETSOURCE block of 196 bytes in, one SOURCEREADY
 with the extras JSON out) without returning to Python. It returns the bytes it read and
 did not handle (any other message, a partial or merged read, a field or source that is not
@@ -24,7 +25,8 @@ When the extension is not built (no C compiler at install time), or
 its pure-Python path, the session machine's own fast step.
 
 What the loop does not cover, so it is not entered (the Python path serves those steps):
-a model other than exactly ``TLSModel`` (a subclass may step otherwise), n > 1, a model
+a model other than exactly ``TLSModel`` or ``SHOModel`` (a subclass may step otherwise),
+n > 1, a model
 with a random generator, checkpoints or a kept previous state (``--checkpoint-dir``,
 ``--reconnect``: both act per step), DEBUG logging (it logs every field), a socket with a
 timeout, a driver class that overrides how it reads (:meth:`DriverSide.receiver`).
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from maxwellhub import speedups, wire
+from maxwellhub.models.sho import SHOModel
 from maxwellhub.models.tls import TLSModel
 from maxwellhub.protocol.session import SessionState
 
@@ -55,8 +58,10 @@ _HEAD = wire.FIELD_STEP_HEAD  # the 160 bytes a steady block starts with
 _TAIL = wire.encode_header(wire.GETFORCE)
 _ANSWER = wire.encode_header(wire.SOURCEREADY)
 _READY = SessionState.READY
-# the state buffer's slots (see _driverc.c)
-_X, _Y, _Z, _TIME, _COMMITTED, _SENT = range(6)
+# the state buffer: the model's three numbers and the time, steps committed, steps sent
+_COMMITTED, _SENT = 4, 5
+#: The models the compiled loop steps: exactly these classes, and their loop's name.
+LOOPS: dict[type, str] = {TLSModel: "tls_loop", SHOModel: "sho_loop"}
 
 
 def compiled() -> ModuleType | None:
@@ -69,12 +74,14 @@ class FastLoop:
 
     def __init__(self, side: DriverSide, module: ModuleType) -> None:
         self.side = side
-        self.model: TLSModel = side.model  # type: ignore[assignment]
-        self._loop = module.tls_loop
+        self.model: TLSModel | SHOModel = side.model  # type: ignore[assignment]
+        self._loop = getattr(module, LOOPS[type(side.model)])
         self._state = np.zeros(6)
-        # numpy's cos and sin, called by the C loop on these 0-d arrays (as the model's
-        # np.cos(angle) is on the 0-d array numpy makes of the float)
-        self._trig = (np.cos, np.sin, np.zeros(()), np.zeros(()), np.zeros(()))
+        self._extra: tuple = ()
+        if isinstance(self.model, TLSModel):
+            # numpy's cos and sin, called by the C loop on these 0-d arrays (as the
+            # model's np.cos(angle) is on the 0-d array numpy makes of the float)
+            self._extra = ((np.cos, np.sin, np.zeros(()), np.zeros(()), np.zeros(())),)
 
     @classmethod
     def for_side(cls, side: DriverSide) -> FastLoop | None:
@@ -85,7 +92,7 @@ class FastLoop:
         module = compiled()
         if (
             module is None
-            or type(side.model) is not TLSModel
+            or type(side.model) not in LOOPS
             or side.model.n != 1
             or type(side).receiver is not DriverSide.receiver
             or not isinstance(side.sock, socket.socket)
@@ -118,12 +125,12 @@ class FastLoop:
         inputs = self.model.scalar_loop_inputs()
         if inputs is None:
             return None
-        constants, (x, y, z, time_au) = inputs
+        constants, values = inputs
         state = self._state
-        state[:] = (x, y, z, time_au, 0.0, 0.0)
+        state[:] = (*values, 0.0, 0.0)
         try:
             fd = self.side.sock.fileno()
-            return self._loop(fd, _HEAD, _TAIL, _ANSWER, constants, state, self._trig)
+            return self._loop(fd, _HEAD, _TAIL, _ANSWER, constants, state, *self._extra)
         finally:
             self._done(state)
 
@@ -131,6 +138,6 @@ class FastLoop:
         committed, sent = int(state[_COMMITTED]), int(state[_SENT])
         if not committed:
             return
-        x, y, z, time_au = state[:4].tolist()
-        self.model.scalar_loop_done(x, y, z, time_au)
+        a, b, c, time_au = state[:4].tolist()
+        self.model.scalar_loop_done(a, b, c, time_au)
         self.side.fast_steps(committed, sent)

@@ -32,7 +32,14 @@ from maxwellhub_drivers.client import (
 )
 
 DT = 0.5
-PARAMS: dict[str, Any] = {"pe_initial": 0.2, "e_phase_initial": 0.5, "orientation": 1}
+#: The models the loop covers: their parameters and a change of mutable ones.
+MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "tls": (
+        {"pe_initial": 0.2, "e_phase_initial": 0.5, "orientation": 1},
+        {"omega": 0.3, "mu12": 150.0},
+    ),
+    "sho": ({"p_initial": 0.05, "q_initial": 0.1, "orientation": 1}, {"omega": 0.3, "mu0": 150.0}),
+}
 COMPILED = fastloop.compiled() is not None
 needs_compiled = pytest.mark.skipif(
     not COMPILED, reason="maxwellhub_drivers._driverc is not built (or MAXWELLHUB_PURE_PYTHON=1)"
@@ -109,7 +116,26 @@ class Counted:
         monkeypatch.setattr(DriverSide, "fast_steps", fast_steps)
 
 
-def run_session(monkeypatch, pure: bool, script, model=None):
+@pytest.fixture(params=sorted(MODELS))
+def kind(request) -> str:
+    """Each model the compiled loop steps."""
+    return request.param
+
+
+def make(kind: str):
+    return create_model(kind, **MODELS[kind][0])
+
+
+def stepped_alone(kind: str, steps) -> Any:
+    """The model stepped in process, no socket: what both paths must leave."""
+    model = make(kind)
+    model.initialize(dt_au=DT, molecule_ids=[3])
+    for field in steps:
+        model.step([field])
+    return model
+
+
+def run_session(monkeypatch, pure: bool, script, kind: str):
     """Run ``script(hub)`` against ``serve`` in a thread, on the compiled or the pure path;
     (every byte the driver sent, the exit status, the model, steps answered in C)."""
     with monkeypatch.context() as patch:
@@ -118,7 +144,7 @@ def run_session(monkeypatch, pure: bool, script, model=None):
         else:
             patch.delenv(speedups.ENV, raising=False)
         counted = Counted(patch)
-        model = model or create_model("tls", **PARAMS)
+        model = make(kind)
         hub_sock, driver_sock = socket.socketpair()
         result: list = []
         thread = threading.Thread(
@@ -133,10 +159,10 @@ def run_session(monkeypatch, pure: bool, script, model=None):
         return bytes(hub.raw), result, model, counted.committed
 
 
-def both(monkeypatch, script, **kwargs):
+def both(monkeypatch, script, kind: str):
     """The session on both paths; the compiled one must have answered steps in C."""
-    pure = run_session(monkeypatch, True, script, **kwargs)
-    fast = run_session(monkeypatch, False, script, **kwargs)
+    pure = run_session(monkeypatch, True, script, kind)
+    fast = run_session(monkeypatch, False, script, kind)
     assert pure[3] == 0
     assert fast[3] > 0
     return pure, fast
@@ -159,7 +185,7 @@ def open_session(hub: Hub, params: bool = False) -> None:
 
 
 @needs_compiled
-def test_two_thousand_steps_are_byte_equal(monkeypatch):
+def test_two_thousand_steps_are_byte_equal(monkeypatch, kind):
     """2000 steps under a varying field: every reply byte (sources, extras JSON) and the
     model's final state are the same on both paths, and equal a model stepped alone."""
     steps = fields(2000)
@@ -170,25 +196,21 @@ def test_two_thousand_steps_are_byte_equal(monkeypatch):
             hub.ask(wire.encode_field_step(field))
         hub.ask(wire.encode_header(wire.STOP))
 
-    (raw_p, res_p, model_p, _), (raw_f, res_f, model_f, in_c) = both(monkeypatch, script)
+    (raw_p, res_p, model_p, _), (raw_f, res_f, model_f, in_c) = both(monkeypatch, script, kind)
     assert res_p == res_f == [EXIT_OK]
     assert raw_p == raw_f
     assert in_c == len(steps)
     same_model(model_p, model_f)
-    alone = create_model("tls", **PARAMS)
-    alone.initialize(dt_au=DT, molecule_ids=[3])
-    for field in steps:
-        alone.step([field])
-    same_model(alone, model_f)
+    same_model(stepped_alone(kind, steps), model_f)
 
 
 @needs_compiled
-def test_hand_back_on_other_messages_mid_run(monkeypatch):
+def test_hand_back_on_other_messages_mid_run(monkeypatch, kind):
     """STATUS, MXHPARAMS (a change and a kick), a merged read of two steps and a step split
     in two reads, between runs of steady steps, then STOP: byte-equal on both paths."""
     steps = fields(60, seed=3)
     change = params_frames.build_payload(
-        1, [params_frames.SetParams((3,), {"omega": 0.3, "mu12": 150.0})], 1 << 16
+        1, [params_frames.SetParams((3,), MODELS[kind][1])], 1 << 16
     )
     kick = params_frames.build_payload(2, [params_frames.Kick((3,), (0.0, 2e-3, 0.0))], 1 << 16)
 
@@ -213,7 +235,7 @@ def test_hand_back_on_other_messages_mid_run(monkeypatch):
             hub.ask(wire.encode_field_step(field))
         hub.ask(wire.encode_header(wire.STOP))
 
-    (raw_p, res_p, model_p, _), (raw_f, res_f, model_f, in_c) = both(monkeypatch, script)
+    (raw_p, res_p, model_p, _), (raw_f, res_f, model_f, in_c) = both(monkeypatch, script, kind)
     assert res_p == res_f == [EXIT_OK]
     assert raw_p == raw_f
     assert in_c >= 40
@@ -222,7 +244,7 @@ def test_hand_back_on_other_messages_mid_run(monkeypatch):
 
 
 @needs_compiled
-def test_eof_mid_run_keeps_every_committed_step(monkeypatch):
+def test_eof_mid_run_keeps_every_committed_step(monkeypatch, kind):
     """The hub closes after 25 steps: both paths end with EXIT_CONNECTION and the model
     holds the 25 steps."""
     steps = fields(25, seed=5)
@@ -233,7 +255,7 @@ def test_eof_mid_run_keeps_every_committed_step(monkeypatch):
             hub.ask(wire.encode_field_step(field))
         hub.sock.shutdown(socket.SHUT_WR)
 
-    (raw_p, res_p, model_p, _), (raw_f, res_f, model_f, in_c) = both(monkeypatch, script)
+    (raw_p, res_p, model_p, _), (raw_f, res_f, model_f, in_c) = both(monkeypatch, script, kind)
     assert res_p == res_f == [EXIT_CONNECTION]
     assert raw_p == raw_f
     assert in_c == 25
@@ -242,7 +264,7 @@ def test_eof_mid_run_keeps_every_committed_step(monkeypatch):
 
 
 @needs_compiled
-def test_a_field_that_is_not_finite_is_named_by_the_session(monkeypatch):
+def test_a_field_that_is_not_finite_is_named_by_the_session(monkeypatch, kind):
     """The loop hands a NaN field back; the session machine refuses it as before."""
 
     def script(hub: Hub) -> None:
@@ -253,7 +275,7 @@ def test_a_field_that_is_not_finite_is_named_by_the_session(monkeypatch):
         block[160 + 8 : 168 + 8] = np.array([math.nan]).tobytes()
         hub.sock.sendall(block)  # then serve returns EXIT_PROTOCOL
 
-    (raw_p, res_p, model_p, _), (raw_f, res_f, model_f, _) = both(monkeypatch, script)
+    (raw_p, res_p, model_p, _), (raw_f, res_f, model_f, _) = both(monkeypatch, script, kind)
     assert res_p == res_f == [EXIT_PROTOCOL]
     assert raw_p == raw_f
     same_model(model_p, model_f)
@@ -270,7 +292,7 @@ def test_a_signal_handler_raising_ends_the_loop_with_the_state_kept(monkeypatch)
     exception leaves the loop, and the model holds every step answered."""
     monkeypatch.delenv(speedups.ENV, raising=False)
     steps = fields(30, seed=11)
-    model = create_model("tls", **PARAMS)
+    model = make("tls")
     hub_sock, driver_sock = socket.socketpair()
     done = threading.Event()
 
@@ -299,16 +321,17 @@ def test_a_signal_handler_raising_ends_the_loop_with_the_state_kept(monkeypatch)
     finally:
         done.set()
         signal.signal(signal.SIGUSR1, previous)
-    alone = create_model("tls", **PARAMS)
-    alone.initialize(dt_au=DT, molecule_ids=[3])
-    for field in steps:
-        alone.step([field])
-    same_model(alone, model)
+    same_model(stepped_alone("tls", steps), model)
 
 
 def test_the_loop_is_not_used_where_it_does_not_apply(monkeypatch):
-    """Pure-Python asked for, another model, or per-step checkpoints: no compiled loop."""
+    """Pure-Python asked for, another model (a subclass may step otherwise), n > 1, or a
+    state kept per step: no compiled loop."""
+    from maxwellhub.models.tls import TLSModel
     from maxwellhub_drivers.checkpoint import Continuity
+
+    class Tuned(TLSModel):
+        pass
 
     sock_a, sock_b = socket.socketpair()
     log = logging.getLogger("test")
@@ -316,7 +339,8 @@ def test_the_loop_is_not_used_where_it_does_not_apply(monkeypatch):
         monkeypatch.setenv(speedups.ENV, "1")
         assert DriverSide(sock_a, create_model("tls"), log).fast_loop() is None
         monkeypatch.delenv(speedups.ENV)
-        assert DriverSide(sock_a, create_model("sho"), log).fast_loop() is None
+        assert DriverSide(sock_a, Tuned(), log).fast_loop() is None
+        assert DriverSide(sock_a, create_model("tls", n=2), log).fast_loop() is None
         side = DriverSide(sock_a, create_model("tls"), log, continuity=Continuity(memory=True))
         loop = side.fast_loop()
         assert loop is None or not loop.usable()
