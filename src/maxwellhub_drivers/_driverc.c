@@ -417,6 +417,88 @@ call_trig(PyObject *ufunc, PyObject *const *args)
     return 0;
 }
 
+/*
+ * The same loop without the ufunc call (about 0.6 us each): numpy >= 1.24 hands out the
+ * strided loop a call would run, ufunc._resolve_dtypes_and_context and
+ * ufunc._get_strided_loop (documented there as unstable), in a capsule of this layout.
+ * fastloop.py asks for the loop of np.cos(float): a 0-d input and a fresh 0-d output, so
+ * strides (0, 8) and one element, as numpy's trivial-loop path calls it, and uses it only
+ * after checking it against np.cos on thousands of angles; otherwise call_trig.
+ */
+#define CALL_INFO_NAME "numpy_1.24_ufunc_call_info"
+typedef int (*strided_loop_fn)(void *context, char *const *data, const Py_ssize_t *dimensions,
+                               const Py_ssize_t *strides, void *auxdata);
+typedef struct {
+    strided_loop_fn strided_loop;
+    void *context;
+    void *auxdata;
+    unsigned char requires_pyapi;
+    unsigned char no_floatingpoint_errors;
+} ufunc_call_info;
+
+static const Py_ssize_t trig_strides[2] = {0, sizeof(double)};
+static const Py_ssize_t trig_count = 1;
+
+/* The call info in a capsule (None: NULL without an error), or NULL with an error. */
+static ufunc_call_info *
+call_info(PyObject *capsule, int *failed)
+{
+    *failed = 0;
+    if (capsule == Py_None) {
+        return NULL;
+    }
+    ufunc_call_info *info = PyCapsule_GetPointer(capsule, CALL_INFO_NAME);
+    if (info == NULL || info->strided_loop == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "_driverc: the ufunc call info has no loop");
+        }
+        *failed = 1;
+        return NULL;
+    }
+    return info;
+}
+
+static int
+direct_trig(const ufunc_call_info *info, double angle, double *out)
+{
+    char *data[2] = {(char *)&angle, (char *)out};
+    if (info->strided_loop(info->context, data, &trig_count, trig_strides, info->auxdata) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "_driverc: numpy's cos or sin loop failed");
+        }
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(trig_loop_doc,
+"trig_loop(call_info, angle) -> float\n"
+"\n"
+"numpy's strided loop in call_info (ufunc._get_strided_loop's capsule) on angle, as\n"
+"the compiled loop calls it (fastloop.py compares it with the ufunc before use).");
+
+static PyObject *
+trig_loop(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *capsule;
+    double angle, out = 0.0;
+    int failed;
+    if (!PyArg_ParseTuple(args, "Od:trig_loop", &capsule, &angle)) {
+        return NULL;
+    }
+    ufunc_call_info *info = call_info(capsule, &failed);
+    if (info == NULL) {
+        if (!failed) {
+            PyErr_SetString(PyExc_ValueError, "_driverc.trig_loop: call_info is None");
+        }
+        return NULL;
+    }
+    if (direct_trig(info, angle, &out) < 0) {
+        return NULL;
+    }
+    return PyFloat_FromDouble(out);
+}
+
 typedef struct {
     Py_buffer view;
     int held;
@@ -460,10 +542,12 @@ struct Stepper {
     double *s;
     int nvalues;
     const char *const *keys; /* each value's JSON prefix, keys sorted */
-    /* the next state, the source on the axis and the extras values; -1 with an exception */
+    /* the next state, the source on the axis and the extras values: 0; 1 to hand the step
+       back to Python; -1 with an exception */
     int (*step)(Stepper *m, const double field[3], double next[NSTATE], double *source,
                 double *values);
-    /* the TLS's numpy cos and sin (see call_trig) */
+    /* the TLS's numpy cos and sin: their loops (direct_trig), else ufunc calls (call_trig) */
+    const ufunc_call_info *cos_info, *sin_info;
     PyObject *cos_fn, *sin_fn, *cos_args[2], *sin_args[2];
     double *angle_at, *cos_at, *sin_at;
 };
@@ -484,11 +568,24 @@ tls_step(Stepper *m, const double field[3], double next[NSTATE], double *source,
     const double tc = k[T_TURN_COS], ts = k[T_TURN_SIN];
     const double x = m->s[0], y = m->s[1], z = m->s[2];
     /* tls._bloch_step, operation for operation */
-    *m->angle_at = k[T_ANGLE_PER_FIELD] * field[m->axis];
-    if (call_trig(m->cos_fn, m->cos_args) < 0 || call_trig(m->sin_fn, m->sin_args) < 0) {
-        return -1;
+    const double angle = k[T_ANGLE_PER_FIELD] * field[m->axis];
+    if (!isfinite(angle)) {
+        return 1; /* numpy warns, the source is not finite: the Python path says so */
     }
-    const double c = *m->cos_at, sn = *m->sin_at;
+    double c, sn;
+    if (m->cos_info != NULL) {
+        if (direct_trig(m->cos_info, angle, &c) < 0 || direct_trig(m->sin_info, angle, &sn) < 0) {
+            return -1;
+        }
+    }
+    else {
+        *m->angle_at = angle;
+        if (call_trig(m->cos_fn, m->cos_args) < 0 || call_trig(m->sin_fn, m->sin_args) < 0) {
+            return -1;
+        }
+        c = *m->cos_at;
+        sn = *m->sin_at;
+    }
     const double x1 = x * tc - y * ts;
     const double y1 = x * ts + y * tc;
     const double z2 = c * z + sn * y1;
@@ -590,10 +687,11 @@ run_loop(int fd, const Py_buffer *head, const Py_buffer *tail, const Py_buffer *
             break;
         }
         double next[NSTATE], source, values[MAX_VALUES];
-        if (m->step(m, field, next, &source, values) < 0) {
+        const int stepped = m->step(m, field, next, &source, values);
+        if (stepped < 0) {
             break;
         }
-        int finite = isfinite(source);
+        int finite = stepped == 0 && isfinite(source);
         for (int i = 0; i < m->nvalues; i++) {
             finite = finite && isfinite(values[i]);
         }
@@ -686,7 +784,8 @@ PyDoc_STRVAR(tls_loop_doc,
 LOOP_DOC
 "A two-level system: constants (axis, angle_per_field, turn_cos, turn_sin,\n"
 "source_per_y, omega, mu12, dt), state (x, y, z, time, ...); trig: (cos, sin, angle,\n"
-"cos_out, sin_out), numpy's ufuncs and three 0-d float64 arrays.");
+"cos_out, sin_out, cos_info, sin_info): numpy's ufuncs, three 0-d float64 arrays and\n"
+"the ufuncs' loops (ufunc._get_strided_loop's capsules; None: call the ufuncs).");
 
 static PyObject *
 tls_loop(PyObject *Py_UNUSED(module), PyObject *args)
@@ -703,8 +802,18 @@ tls_loop(PyObject *Py_UNUSED(module), PyObject *args)
     if (common_args(&c, &m, consts, state_obj, "tls_loop") < 0) {
         goto done;
     }
-    if (PyTuple_GET_SIZE(trig) != 5) {
-        PyErr_SetString(PyExc_ValueError, "_driverc.tls_loop: trig must be 5 objects");
+    if (PyTuple_GET_SIZE(trig) != 7) {
+        PyErr_SetString(PyExc_ValueError, "_driverc.tls_loop: trig must be 7 objects");
+        goto done;
+    }
+    int failed_cos, failed_sin;
+    m.cos_info = call_info(PyTuple_GET_ITEM(trig, 5), &failed_cos);
+    m.sin_info = call_info(PyTuple_GET_ITEM(trig, 6), &failed_sin);
+    if (failed_cos || failed_sin) {
+        goto done;
+    }
+    if ((m.cos_info == NULL) != (m.sin_info == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "_driverc.tls_loop: give both loops or neither");
         goto done;
     }
     if (hold(&ang, PyTuple_GET_ITEM(trig, 2), 1, "the angle array") < 0 ||
@@ -778,6 +887,7 @@ static PyMethodDef methods[] = {
     {"tls_loop", tls_loop, METH_VARARGS, tls_loop_doc},
     {"sho_loop", sho_loop, METH_VARARGS, sho_loop_doc},
     {"format_repr", format_repr, METH_O, format_repr_doc},
+    {"trig_loop", trig_loop, METH_VARARGS, trig_loop_doc},
     {NULL, NULL, 0, NULL},
 };
 

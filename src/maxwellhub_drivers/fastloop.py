@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import socket
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -69,6 +69,40 @@ def compiled() -> ModuleType | None:
     return speedups.load(EXTENSION)
 
 
+_TRIG_LOOPS: list[tuple[Any, Any]] = []  # the checked loops of np.cos and np.sin, once
+
+
+def trig_loops(module: ModuleType) -> tuple[Any, Any]:
+    """Capsules with the loops ``np.cos(angle)`` and ``np.sin(angle)`` run for a float
+    angle (``ufunc._get_strided_loop``, numpy >= 1.24, documented as unstable), for the
+    compiled loop to call without the ufunc call's cost; checked first to give exactly
+    the ufuncs' numbers on 4096 angles (a different implementation, such as libm's
+    against numpy's SIMD one, differs on about half of all angles). ``(None, None)``:
+    the loop calls the ufuncs."""
+    if not _TRIG_LOOPS:
+        _TRIG_LOOPS.append(_checked_trig_loops(module))
+    return _TRIG_LOOPS[0]
+
+
+def _checked_trig_loops(module: ModuleType) -> tuple[Any, Any]:
+    angles = np.random.default_rng(0).uniform(-4.0, 4.0, 4096)
+    angles[:64] *= 1e-6
+    angles[64:128] *= 1e3
+    infos = []
+    ufuncs: tuple[Any, ...] = (np.cos, np.sin)  # their private methods are not typed
+    for ufunc in ufuncs:
+        try:
+            _, info = ufunc._resolve_dtypes_and_context((np.dtype(np.float64), None))
+            ufunc._get_strided_loop(info, fixed_strides=(0, 8))  # a 0-d in, a 0-d out
+            direct = module.trig_loop
+            if any(direct(info, a) != float(ufunc(a)) for a in angles.tolist()):
+                return None, None
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return None, None
+        infos.append(info)
+    return infos[0], infos[1]
+
+
 class FastLoop:
     """The compiled steady loop of one :class:`~maxwellhub_drivers.client.DriverSide`."""
 
@@ -80,8 +114,10 @@ class FastLoop:
         self._extra: tuple = ()
         if isinstance(self.model, TLSModel):
             # numpy's cos and sin, called by the C loop on these 0-d arrays (as the
-            # model's np.cos(angle) is on the 0-d array numpy makes of the float)
-            self._extra = ((np.cos, np.sin, np.zeros(()), np.zeros(()), np.zeros(())),)
+            # model's np.cos(angle) is on the 0-d array numpy makes of the float), or
+            # their loops called directly when they proved to give the same numbers
+            zeros = (np.zeros(()), np.zeros(()), np.zeros(()))
+            self._extra = ((np.cos, np.sin, *zeros, *trig_loops(module)),)
 
     @classmethod
     def for_side(cls, side: DriverSide) -> FastLoop | None:

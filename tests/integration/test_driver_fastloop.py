@@ -205,6 +205,35 @@ def test_two_thousand_steps_are_byte_equal(monkeypatch, kind):
 
 
 @needs_compiled
+def test_the_ufunc_calls_and_the_direct_loops_give_the_same_bytes(monkeypatch):
+    """The TLS loop calls numpy's cos and sin loops directly when they checked out, else
+    the ufuncs: 500 strong-field steps give the same bytes either way, and the pure path's."""
+    steps = fields(500, seed=9)
+
+    def script(hub: Hub) -> None:
+        open_session(hub)
+        for field in steps:
+            hub.ask(wire.encode_field_step(field))
+        hub.ask(wire.encode_header(wire.STOP))
+
+    module = fastloop.compiled()
+    assert module is not None
+    loops = fastloop.trig_loops(module)
+    ufuncs: tuple[Any, ...] = (np.cos, np.sin)
+    for info, ufunc in zip(loops, ufuncs, strict=True):
+        if info is not None:  # numpy >= 1.24 whose loop checked out
+            assert [module.trig_loop(info, a) for a in (0.0, 0.5, -3.0)] == [
+                float(ufunc(a)) for a in (0.0, 0.5, -3.0)
+            ]
+    pure = run_session(monkeypatch, True, script, "tls")
+    direct = run_session(monkeypatch, False, script, "tls")
+    monkeypatch.setattr(fastloop, "_TRIG_LOOPS", [(None, None)])
+    called = run_session(monkeypatch, False, script, "tls")
+    assert pure[0] == direct[0] == called[0]
+    assert direct[3] == called[3] == len(steps)
+
+
+@needs_compiled
 def test_hand_back_on_other_messages_mid_run(monkeypatch, kind):
     """STATUS, MXHPARAMS (a change and a kick), a merged read of two steps and a step split
     in two reads, between runs of steady steps, then STOP: byte-equal on both paths."""
