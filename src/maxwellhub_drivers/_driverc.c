@@ -9,9 +9,9 @@
  *   read one block; it must be exactly one fused FIELDDATA (identity cells, nat 1) +
  *   GETSOURCE block of 196 bytes with a finite field; step the molecule as
  *   maxwellhub.models.tls / .sho do for one molecule (the same operations in the same
- *   order; for the TLS the same numpy cos and sin); write SOURCEREADY (124 bytes) and the
- *   extras JSON that maxwellhub.protocol.session.ExtrasJSON writes (keys sorted, floats
- *   as repr()); repeat.
+ *   order; for the TLS the same numpy cos and sin, see direct_trig); write SOURCEREADY
+ *   (124 bytes) and the extras JSON that maxwellhub.protocol.session.ExtrasJSON writes
+ *   (keys sorted, floats as repr(), see repr_fast); repeat.
  *
  * It returns the bytes it read but did not handle (a partial or merged read, any other
  * message, a step whose source or extras are not finite), or b"" at EOF; the session
@@ -42,6 +42,10 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* macOS: Python ignores SIGPIPE, so a send to a closed peer is EPIPE */
+#endif
 
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
