@@ -15,7 +15,8 @@ MXHPARAMS and their kicks, STOP, EXIT, errors) goes through
 
 The C loop computes exactly what the Python path computes: the same operations in the
 same order, numpy's own ``cos`` and ``sin`` (called on 0-d arrays: the loop, and the
-value, of the model's ``np.cos(angle)``), and the floats of the extras printed as
+value, of the model's ``np.cos(angle)``; or those loops called directly, see
+:func:`trig_loops`), and the floats of the extras printed as
 ``float.__repr__`` and ``json.dumps`` print them (a fast shortest-decimal printer that
 leaves every value it cannot prove to ``PyOS_double_to_string``, Python's own).
 tests/integration/test_driver_fastloop.py checks the reply bytes of both paths.
@@ -26,10 +27,10 @@ its pure-Python path, the session machine's own fast step.
 
 What the loop does not cover, so it is not entered (the Python path serves those steps):
 a model other than exactly ``TLSModel`` or ``SHOModel`` (a subclass may step otherwise),
-n > 1, a model
-with a random generator, checkpoints or a kept previous state (``--checkpoint-dir``,
-``--reconnect``: both act per step), DEBUG logging (it logs every field), a socket with a
-timeout, a driver class that overrides how it reads (:meth:`DriverSide.receiver`).
+n > 1, a model with a random generator, checkpoints or a kept previous state
+(``--checkpoint-dir``, ``--reconnect``: both act per step), DEBUG logging (it logs every
+field), a socket with a timeout, a driver class that overrides how it reads
+(:meth:`DriverSide.receiver`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from maxwellhub.protocol.session import SessionState
 if TYPE_CHECKING:
     from .client import DriverSide
 
-__all__ = ["EXTENSION", "FastLoop", "compiled"]
+__all__ = ["EXTENSION", "LOOPS", "FastLoop", "compiled", "trig_loops"]
 
 #: The compiled module's name (see setup.py and :mod:`maxwellhub.speedups`).
 EXTENSION = "maxwellhub_drivers._driverc"
