@@ -12,7 +12,9 @@ given the secret and stops with exit status 2 otherwise.
 
 This module is the machine's socket loop and its model side (the driver's
 :class:`~maxwellhub.models.Model` and its continuity files). It never prints: it
-logs, and :func:`run_client` returns an exit status.
+logs, and :func:`run_client` returns an exit status. The steady steps of a single tls or
+sho molecule run in a compiled loop when it is built (:mod:`maxwellhub_drivers.fastloop`),
+which hands every other message back to the machine.
 """
 
 from __future__ import annotations
