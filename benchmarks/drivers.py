@@ -4,9 +4,11 @@
         [--transport unix|tcp]
 
 Each row is one driver process, pinned to core 1: our ``maxwellhub-driver --model tls``
-and ``--model sho``; ``benchmarks/c/loadgen.c`` with one connection, which does no physics
-(what a driver's socket I/O alone costs); MaxwellLink's ``mxl_driver -m tls`` / ``-m sho``
-when its venv is present (``.peers/maxwelllink`` or $MAXWELLHUB_MXL_PYTHON). The hub is a
+and ``--model sho`` (with their compiled steady loop when it is built, and the tls one
+again with MAXWELLHUB_PURE_PYTHON=1: the pure-Python path, same run);
+``benchmarks/c/loadgen.c`` with one connection, which does no physics (what a driver's
+socket I/O alone costs); MaxwellLink's ``mxl_driver -m tls`` / ``-m sho`` when its venv
+is present (``.peers/maxwelllink`` or $MAXWELLHUB_MXL_PYTHON). The hub is a
 minimal blocking one in this process, pinned to core 0: STATUS, INIT, then per step one
 FIELDDATA+GETSOURCE block (a weak oscillating field on z) and one SOURCEREADY read with
 its extras. The driver's CPU time (all its threads, from /proc/<pid>/task/*/schedstat)
@@ -137,7 +139,7 @@ def driver_argv(kind: str, model: str, where: dict) -> list[str]:
         )
         return [str(build("loadgen")), *address, "-n", "1"]
     params = TLS if model == "tls" else SHO
-    if kind == "maxwellhub":
+    if kind in ("maxwellhub", "maxwellhub-pure"):
         exe = Path(sys.executable).with_name("maxwellhub-driver")
         argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "maxwellhub_drivers.cli"]
         argv += ["--unix", where["unix"]] if "unix" in where else ["--port", str(where["port"])]
@@ -161,9 +163,12 @@ def driver_argv(kind: str, model: str, where: dict) -> list[str]:
 def measure(kind: str, model: str, args, workdir: Path) -> dict:
     """Run one driver behind the minimal hub; medians of steps/s and driver CPU per step."""
     hub = MinimalHub(args.transport, workdir / f"{kind}-{model}.sock")
+    env = child_env()
+    if kind == "maxwellhub-pure":
+        env["MAXWELLHUB_PURE_PYTHON"] = "1"
     proc = subprocess.Popen(
         driver_argv(kind, model, hub.where),
-        env=child_env(),
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -217,6 +222,7 @@ FLOOR = "C loadgen, no physics (the I/O floor)"
 THEIR_TLS = "MaxwellLink mxl_driver -m tls"
 ROWS = (
     ("maxwellhub", "tls", OUR_TLS),
+    ("maxwellhub-pure", "tls", "maxwellhub-driver --model tls, pure Python"),
     ("maxwellhub", "sho", "maxwellhub-driver --model sho"),
     ("loadgen", "-", FLOOR),
     ("maxwelllink", "tls", THEIR_TLS),
@@ -244,7 +250,7 @@ def main() -> None:
     results: dict[str, dict | str] = {}
     with tempfile.TemporaryDirectory(prefix="mxhdrv-") as tmp:
         for kind, model, name in ROWS:
-            if kind not in args.drivers.split(","):
+            if kind.split("-")[0] not in args.drivers.split(","):
                 continue
             try:
                 results[name] = measure(kind, model, args, Path(tmp))

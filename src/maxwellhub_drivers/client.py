@@ -12,7 +12,9 @@ given the secret and stops with exit status 2 otherwise.
 
 This module is the machine's socket loop and its model side (the driver's
 :class:`~maxwellhub.models.Model` and its continuity files). It never prints: it
-logs, and :func:`run_client` returns an exit status.
+logs, and :func:`run_client` returns an exit status. The steady steps of a single tls or
+sho molecule run in a compiled loop when it is built (:mod:`maxwellhub_drivers.fastloop`),
+which hands every other message back to the machine.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from maxwellhub.protocol.session import (
 )
 
 from .checkpoint import Continuity
+from .fastloop import FastLoop
 
 if TYPE_CHECKING:
     from maxwellhub.auth import Secret
@@ -291,7 +294,21 @@ class DriverSide:
             send_parts(sock, out)
         recv_into, read_buffer, received = self.receiver(), session.read_buffer, session.received
         size = self.recv_size
+        fast = self.fast_loop()
         while True:
+            if fast is not None and fast.usable():
+                # steady steps in C until anything else comes, which it hands back
+                data = fast.run()
+                if data is not None:
+                    if not data:
+                        raise self.closed()
+                    out = session.receive_data(data)
+                    if out:
+                        send_parts(sock, out)
+                        session.sent()
+                    if session.state is SessionState.ENDED:
+                        break
+                    continue
             n = recv_into(read_buffer(size))
             if n == 0:
                 raise self.closed()
@@ -302,6 +319,19 @@ class DriverSide:
             if session.state is SessionState.ENDED:
                 break
         self.ended(session)
+
+    def fast_loop(self) -> FastLoop | None:
+        """The compiled steady loop for this session, or None (see
+        :mod:`maxwellhub_drivers.fastloop`)."""
+        return FastLoop.for_side(self)
+
+    def fast_steps(self, committed: int, sent: int) -> None:
+        """The compiled loop committed ``committed`` steps and sent the answers of ``sent``
+        of them (one fewer when a send failed): counted as the session machine and
+        :meth:`answered` count them. The loop runs only with no checkpoints and no kept
+        state, where :meth:`Continuity.committed` just counts."""
+        self.session.steps += committed
+        self.continuity.step += sent
 
     def receiver(self) -> Callable[[memoryview], int]:
         """What ``run`` reads with: ``recv_into`` of the socket."""

@@ -123,6 +123,28 @@ class SHOModel(Model):
         sources[self._pick] = p_half * mu0
         return {"p": p, "q": q, "acceleration": a}, sources
 
+    # -- the compiled driver loop (maxwellhub_drivers.fastloop) steps one molecule in C
+    def scalar_loop_inputs(
+        self,
+    ) -> tuple[tuple[float, ...], tuple[float, float, float, float]] | None:
+        """What a compiled step loop needs to step this one molecule as :meth:`stage` and
+        :meth:`commit` would: the constants ``(axis, omega2, mu0, dt)`` and the committed
+        ``(p, q, acceleration, time)``. None when that loop does not apply: n > 1, not
+        initialised, a step staged."""
+        if self.n != 1 or self.dt_au is None or self.staged:
+            return None
+        axis, omega2, mu0 = self._one_params
+        state = self._state
+        p, q, a = state["p"].item(), state["q"].item(), state["acceleration"].item()
+        return (float(axis), omega2, mu0, self.dt_au), (p, q, a, self.time_au)
+
+    def scalar_loop_done(self, p: float, q: float, a: float, time_au: float) -> None:
+        """The compiled loop committed steps up to ``(p, q, acceleration)`` at ``time_au``:
+        the model as the last :meth:`commit` of :meth:`stage` would leave it."""
+        self._state = {"p": np.array((p,)), "q": np.array((q,)), "acceleration": np.array((a,))}
+        self._time = time_au
+        self._staged = None
+
     def _kick_impl(self, state, impulses):
         # the force mu0 E integrated over the delta: the momentum jumps by mu0 kappa_axis
         new = {key: value.copy() for key, value in state.items()}

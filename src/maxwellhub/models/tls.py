@@ -234,6 +234,31 @@ class TLSModel(Model):
         x, y, z = bloch.tolist()[0]
         return x, y, z
 
+    # -- the compiled driver loop (maxwellhub_drivers.fastloop) steps one molecule in C
+    def scalar_loop_inputs(
+        self,
+    ) -> tuple[tuple[float, ...], tuple[float, float, float, float]] | None:
+        """What a compiled step loop needs to step this one molecule as :meth:`stage` and
+        :meth:`commit` would: the constants ``(axis, angle_per_field, turn_cos, turn_sin,
+        source_per_y, omega, mu12, dt)`` and the committed ``(x, y, z, time)``. None when
+        that loop does not apply: n > 1, not initialised, a step staged."""
+        if self.n != 1 or self.dt_au is None or self.staged:
+            return None
+        axis, angle_per_field, turn_cos, turn_sin, source_per_y = self._one_consts
+        _, omega, mu12 = self._one_params
+        x, y, z = self._floats(self._state["bloch"])
+        constants = (float(axis), angle_per_field, turn_cos, turn_sin, source_per_y)
+        return (*constants, omega, mu12, self.dt_au), (x, y, z, self.time_au)
+
+    def scalar_loop_done(self, x: float, y: float, z: float, time_au: float) -> None:
+        """The compiled loop committed steps up to the Bloch vector ``(x, y, z)`` at
+        ``time_au``: the model as the last :meth:`commit` of :meth:`stage` would leave it."""
+        bloch = np.array(((x, y, z),))
+        self._last_one = (bloch, (x, y, z))
+        self._state = {"bloch": bloch}
+        self._time = time_au
+        self._staged = None
+
     def _kick_impl(self, state, impulses):
         # exp(+i kappa mu12 sigma_x), the field factor of a step with dt E -> kappa: it
         # turns (z, y) by 2 kappa mu12, as _bloch_step does for a field held over dt
