@@ -44,12 +44,12 @@ from typing import Any
 from maxwellhub import speedups, wire
 
 __all__ = [
+    "BUSY_POLL_ENV",
+    "BUSY_POLL_US",
     "DATA",
     "DONE",
     "FOREIGN",
     "GONE",
-    "BUSY_POLL_ENV",
-    "BUSY_POLL_US",
     "IMPL",
     "LOOP",
     "TIMEOUT",
