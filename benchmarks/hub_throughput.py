@@ -16,7 +16,9 @@ dmu/dt = the field), pinned to core 1. The hubs:
 - ``c-epoll``: ``benchmarks/c/epoll_hub.c``, a minimal epoll hub: the kernel's limit.
 - on request (``--hubs``), ``maxwellhub-async-loop`` and ``maxwellhub-sync-loop``: the same
   two with ``fast_path=False`` (every driver read through the event loop), to see what the
-  steady reader of :mod:`maxwellhub.hub.fastpath` gives in the same run.
+  steady reader of :mod:`maxwellhub.hub.fastpath` gives in the same run; and
+  ``maxwellhub-async-py`` and ``maxwellhub-sync-py``: the same two with the compiled
+  speedups off (MAXWELLHUB_PURE_PYTHON=1), to see what the C steady step gives.
 
 The Python hubs run in a child of this script (``--serve HUB``), so their CPU time is their
 own. Each step changes every molecule's field (one numpy write into the arrays the requests
@@ -60,11 +62,15 @@ from _common import (
 HUBS = ("maxwellhub-async", "maxwellhub-sync", "maxwelllink", "c-epoll")
 # the same two with every read through the event loop (fast_path=False), on request
 LOOP_HUBS = ("maxwellhub-async-loop", "maxwellhub-sync-loop")
+# and with the compiled speedups off (MAXWELLHUB_PURE_PYTHON=1), on request
+PY_HUBS = ("maxwellhub-async-py", "maxwellhub-sync-py")
 LABELS = {
     "maxwellhub-async": "maxwellhub Hub.step (async)",
     "maxwellhub-sync": "maxwellhub SocketHub.step (sync)",
     "maxwellhub-async-loop": "maxwellhub Hub.step (async, fast_path=False)",
     "maxwellhub-sync-loop": "maxwellhub SocketHub.step (sync, fast_path=False)",
+    "maxwellhub-async-py": "maxwellhub Hub.step (async, pure Python)",
+    "maxwellhub-sync-py": "maxwellhub SocketHub.step (sync, pure Python)",
     "maxwelllink": "MaxwellLink {version} SocketHub.step_barrier",
     "c-epoll": "minimal C hub with epoll (the limit)",
 }
@@ -265,8 +271,11 @@ def run_cell(hub: str, transport: str, n: int, args, workdir: Path) -> dict:
     loadgen = build("loadgen")
     deadline = time.monotonic() + 120 + 5 * args.repeats * args.seconds + n * 0.05
     errors = open(workdir / "stderr.txt", "w+b")  # noqa: SIM115
+    env = child_env()
+    if hub.endswith("-py"):
+        env["MAXWELLHUB_PURE_PYTHON"] = "1"
     hub_proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=errors, env=child_env(), preexec_fn=pin_to(HUB_CORE)
+        argv, stdout=subprocess.PIPE, stderr=errors, env=env, preexec_fn=pin_to(HUB_CORE)
     )
     clients = None
     try:
@@ -458,7 +467,7 @@ def main() -> None:
     # hub side, in the child process
     parser.add_argument(
         "--serve",
-        choices=("maxwellhub-async", "maxwellhub-sync", "maxwelllink", *LOOP_HUBS),
+        choices=("maxwellhub-async", "maxwellhub-sync", "maxwelllink", *LOOP_HUBS, *PY_HUBS),
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--unix", help=argparse.SUPPRESS)
@@ -482,7 +491,7 @@ def main() -> None:
     transports = [t for t in args.transports.split(",") if t]
     counts = [int(c) for c in args.counts.split(",") if c]
     for name, values, allowed in (
-        ("hub", hubs, HUBS + LOOP_HUBS),
+        ("hub", hubs, HUBS + LOOP_HUBS + PY_HUBS),
         ("transport", transports, TRANSPORTS),
     ):
         bad = set(values) - set(allowed)
