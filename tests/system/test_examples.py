@@ -164,17 +164,23 @@ def test_mpi_example(tmp_path):
 
 
 def test_readme_hub_example(tmp_path):
-    """The README's hub-and-two-drivers example runs and both drivers exit 0."""
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "hub_and_two_drivers.py")],
-        capture_output=True,
-        text=True,
-        timeout=scaled(60),
-        cwd=tmp_path,
-        env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("dmu/dt") == 6
+    """The README's hub-and-two-drivers example runs and both drivers exit 0; run again
+    with the compiled speedups off (hub and drivers: MAXWELLHUB_PURE_PYTHON=1), it prints
+    the same numbers, so both paths run end to end in every test run."""
+    outputs = []
+    for pure in ("0", "1"):
+        proc = subprocess.run(
+            [sys.executable, str(EXAMPLES / "hub_and_two_drivers.py")],
+            capture_output=True,
+            text=True,
+            timeout=scaled(60),
+            cwd=tmp_path,
+            env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", MAXWELLHUB_PURE_PYTHON=pure),
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("dmu/dt") == 6
+        outputs.append(proc.stdout)
+    assert outputs[0] == outputs[1]
 
 
 def _children(pid: int) -> list[int]:
