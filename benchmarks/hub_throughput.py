@@ -8,7 +8,8 @@ Every cell (hub x transport x N) runs two processes: the hub, pinned to core 0, 
 ``benchmarks/c/loadgen.c`` (N connections in one epoll process, answering SOURCEREADY with
 dmu/dt = the field), pinned to core 1. The hubs:
 
-- ``maxwellhub-async``: ``await maxwellhub.Hub.step(requests)`` in one coroutine (uvloop);
+- ``maxwellhub-async``: ``await maxwellhub.Hub.step(requests)`` in one coroutine, on
+  ``maxwellhub.new_event_loop()`` (the stdlib's loop, or $MAXWELLHUB_LOOP);
 - ``maxwellhub-sync``: ``maxwellhub.SocketHub.step(requests)``, what Meep's step callback
   calls;
 - ``maxwelllink``: MaxwellLink's ``SocketHub.step_barrier`` (latency 1e-4), run by the

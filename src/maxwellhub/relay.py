@@ -680,7 +680,7 @@ def _resolve(fut: asyncio.Future, value: object) -> None:
 
 
 def run_relay(relay: Relay) -> int:
-    """Run ``relay`` on a new event loop (uvloop when installed, or $MAXWELLHUB_LOOP);
+    """Run ``relay`` on a new event loop (the stdlib's, or $MAXWELLHUB_LOOP);
     return its exit status."""
     from .hub import new_event_loop
 

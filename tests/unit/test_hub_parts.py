@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -248,3 +249,69 @@ def test_frozen_step_survives_a_lost_driver_and_a_new_request(hub):
     result = hub.finish_step(barrier)
     assert result is not None and result.sources[:, 0].tolist() == [10.0, 20.0]
     assert hub.step_index == 1 and not hub.in_step and hub.molecule_steps([0, 1]).tolist() == [1, 1]
+
+
+def test_new_event_loop_is_the_stdlib_selector_loop_by_default(monkeypatch) -> None:
+    """The default loop lets a steady step wait inside the coroutine (it has a selector to
+    watch); uvloop only when asked, by argument or MAXWELLHUB_LOOP."""
+    from maxwellhub import new_event_loop
+    from maxwellhub.hub.fastpath import can_wait_detached
+
+    monkeypatch.delenv("MAXWELLHUB_LOOP", raising=False)
+    loop = new_event_loop()
+    try:
+        assert isinstance(loop, asyncio.SelectorEventLoop) and can_wait_detached(loop)
+    finally:
+        loop.close()
+    import uvloop
+
+    monkeypatch.setenv("MAXWELLHUB_LOOP", "uvloop")
+    loop = new_event_loop()
+    try:
+        assert isinstance(loop, uvloop.Loop) and not can_wait_detached(loop)
+    finally:
+        loop.close()
+    with pytest.raises(UsageError, match="event loop kind"):
+        new_event_loop("trio")
+
+
+class _Transport:
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def send_step_direct(self) -> bool:
+        self.sent += 1
+        return True
+
+
+class _Proto:
+    def __init__(self) -> None:
+        self.transport = _Transport()
+        self.conn = _Conn()
+
+
+def test_a_direct_step_takes_only_sockets_the_steady_reader_holds() -> None:
+    """A driver the steady reader gave back to the loop (its socket may be closed and the
+    number reused by the next connection) never enters a step's batched send, even while
+    its machine still looks idle; one the reader holds does."""
+    from maxwellhub.hub.barrier import Barrier
+    from maxwellhub.hub.fastpath import DirectStep
+
+    ids = np.array([7, 8])
+    barrier = Barrier(Layout(ids, 1, np.arange(2, dtype=np.intp)), np.zeros((2, 3)), True)
+    held, given_back = _Proto(), _Proto()
+    members: dict[int, Any] = {5: held}
+    direct = DirectStep(barrier, 1 << 20, None, members)
+    assert not direct.add(cast(Any, given_back), 6, 1)
+    assert not direct.add(cast(Any, given_back), 5, 1)  # fd 5 is another driver's
+    assert given_back.conn.sent == 0  # its machine was not touched
+    assert direct.add(cast(Any, held), 5, 0)
+    assert direct.fds == [5] and direct.rows == [0] and held.conn.sent == 1

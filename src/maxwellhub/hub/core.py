@@ -102,9 +102,12 @@ _LAST_TO_ANSWER_CAP = 4096  # molecule ids counted as "last to answer" before tr
 
 
 def new_event_loop(kind: str | None = None) -> asyncio.AbstractEventLoop:
-    """A new event loop: ``"uvloop"`` (when installed), ``"asyncio"`` (the stdlib's), or
-    ``None`` for the environment variable MAXWELLHUB_LOOP, else uvloop when installed."""
-    kind = kind or os.environ.get("MAXWELLHUB_LOOP") or "uvloop"
+    """A new event loop: ``"asyncio"`` (the stdlib's), ``"uvloop"`` (when installed), or
+    ``None`` for the environment variable MAXWELLHUB_LOOP, else the stdlib's. The stdlib's
+    is the default because a steady step can then wait inside the coroutine, watching
+    the loop's selector (:meth:`Hub._wait_inline`); uvloop exposes no selector, so with it
+    every step waits in the loop (measured in ``benchmarks/hub_throughput.py``)."""
+    kind = kind or os.environ.get("MAXWELLHUB_LOOP") or "asyncio"
     if kind not in ("uvloop", "asyncio"):
         raise UsageError(f"event loop kind {kind!r}: expected 'uvloop' or 'asyncio'")
     if kind == "uvloop":
@@ -200,6 +203,7 @@ class _DriverProtocol(asyncio.BufferedProtocol):
         self.write = self._write_direct
 
     def left(self) -> None:
+        self._fd = -1  # given back: the socket may close and its number be reused
         self.write = self.transport.writelines
 
     def _write_direct(self, parts: list[Any]) -> None:
@@ -1138,7 +1142,7 @@ class Hub:
             return None
         direct = steady.direct
         if direct is None or direct.barrier is not barrier:
-            direct = DirectStep(barrier, self.limits.max_extras_bytes, steady.plan)
+            direct = DirectStep(barrier, self.limits.max_extras_bytes, steady.plan, steady.drivers)
             steady.direct = direct
         return direct
 

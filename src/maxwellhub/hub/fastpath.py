@@ -134,8 +134,11 @@ class DirectStep:
     replies :func:`steadyio.collect` reads (see the module notes). Index k is the order they
     were added in; ``rows[k]`` is the barrier row of driver k."""
 
-    def __init__(self, barrier: Barrier, max_extras: int, plan: _Plan | None) -> None:
+    def __init__(
+        self, barrier: Barrier, max_extras: int, plan: _Plan | None, members: dict[int, Steady]
+    ) -> None:
         self.barrier = barrier
+        self.members = members  # the steady reader's drivers by fd
         self.plan = plan  # the last step's arrays, reused when its drivers are the same
         self.max_extras = max_extras
         self.protos: list[Steady] = []
@@ -150,8 +153,12 @@ class DirectStep:
         self.done: npt.NDArray[Any] = barrier.done.view(np.uint8)
 
     def add(self, proto: Steady, fd: int, row: int) -> bool:
-        """Take ``proto``'s block into the batched send when it may be (its transport holds
-        nothing and its machine agrees; the machine is then BUSY)."""
+        """Take ``proto``'s block into the batched send when it may be (the steady reader
+        reads its socket ``fd``, its transport holds nothing and its machine agrees; the
+        machine is then BUSY). A socket the steady reader gave back may be closed and its
+        number reused by the next connection: it never enters a step's table."""
+        if self.members.get(fd) is not proto:
+            return False
         transport = proto.transport
         if transport.get_write_buffer_size() or transport.is_closing():
             return False
