@@ -89,6 +89,11 @@ def can_wait_detached(loop: asyncio.AbstractEventLoop) -> bool:
     return isinstance(loop, asyncio.SelectorEventLoop) and hasattr(loop, "_selector")
 
 
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_RAW = np.zeros(0, dtype=np.uint8)
+_NO_TABLE = np.zeros(0, dtype=np.int32)
+
+
 class _Plan:
     """The arrays of a :class:`DirectStep`, kept for the next step with the same drivers."""
 
@@ -146,9 +151,10 @@ class DirectStep:
         self.fds: list[int] = []
         self.rows: list[int] = []
         self.sent = 0  # how many of them were written so far
-        self._rows = np.zeros(0, dtype=np.int64)
-        self.raw = np.zeros(0, dtype=np.uint8)  # k -> its reads go to its protocol machine
-        self.table = np.full(0, -1, dtype=np.int32)  # fd -> k
+        # made by the first flush (empty until then; shared, never written)
+        self._rows = _NO_ROWS
+        self.raw = _NO_RAW  # k -> its reads go to its protocol machine
+        self.table = _NO_TABLE  # fd -> k
         self.answered: list[int] = []
         self.done: npt.NDArray[Any] = barrier.done.view(np.uint8)
 
