@@ -11,7 +11,9 @@ Two faces, one implementation:
 
 The pure parts, unit-tested without sockets: :mod:`~maxwellhub.hub.registry` (molecules
 and binding order), :mod:`~maxwellhub.hub.barrier` (the frozen step and its result),
-:mod:`~maxwellhub.hub.history` (completed steps and the replay window).
+:mod:`~maxwellhub.hub.history` (completed steps and the replay window). The step machinery
+the Hub composes (freezing, sending, gathering replies, the step timer) is
+:mod:`~maxwellhub.hub.stepping`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ Two faces, one implementation:
   :class:`~maxwellhub.protocol.connection.Connection`. Once a driver is initialised its
   socket is read from one epoll set, the steady reader of :mod:`maxwellhub.hub.fastpath`, by the
   same adapter (the loop stays the control plane: handshakes, new connections, timers,
-  faults). ``await hub.step(requests)`` is the async barrier.
+  faults). ``await hub.step(requests)`` is the async barrier. The hub itself listens,
+  admits and binds drivers, reports status and takes snapshots; the steps are driven by
+  its :class:`~maxwellhub.hub.stepping.Stepper` (``hub.stepper``).
 - :class:`SocketHub` is MaxwellLink's synchronous API (``step_barrier``,
   ``wait_until_bound``, ...) for plain functions such as Meep's step callback. It owns a
   private event loop and runs it *in the calling thread* only while one of its methods is
@@ -37,10 +39,7 @@ import logging
 import math
 import os
 import socket
-import time
-from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from itertools import chain
 from typing import Any, cast
 
 import numpy as np
@@ -49,13 +48,12 @@ import numpy.typing as npt
 from .. import wire
 from ..addresses import DEFAULT_PORT, unix_socket_path
 from ..auth import Secret, is_loopback
-from ..errors import BarrierTimeout, DriverLost, MaxwellHubError, UsageError
+from ..errors import UsageError
 from ..liveness import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     check_timeout,
     keepalive,
     report_delays,
-    within,
 )
 from ..net.buffers import keep_freed_memory, widen_socket_buffers
 from ..net.listener import Listener, Pending
@@ -65,20 +63,12 @@ from ..protocol.connection import Connection, State
 from ..rendezvous import remove_address_file, write_address_file
 from ..services.control import ControlServer
 from . import shm
-from .barrier import (
-    Barrier,
-    Layout,
-    StepResult,
-    as_step_arrays,
-    check_policy,
-    checked_dipoles,
-    fields_array,
-    ids_text,
-)
-from .fastpath import DirectStep, SteadyReader, can_wait_detached
+from .barrier import Barrier, StepResult, as_step_arrays, check_policy, checked_dipoles, ids_text
+from .fastpath import SteadyReader
 from .history import History
 from .params import ParamChanges
 from .registry import Molecule, Registry
+from .stepping import Stepper, StopRequested
 
 __all__ = ["Hub", "StopRequested", "new_event_loop"]
 
@@ -92,20 +82,11 @@ _CLOSED = State.CLOSED
 _MIN_PENDING_CAP = 4096  # connections in the handshake before new ones are refused
 
 
-class StopRequested(MaxwellHubError):
-    """The run was asked to stop (:meth:`Hub.request_stop`, e.g. by the control endpoint);
-    raised by ``step``/``step_arrays``, while ``step_barrier`` returns ``{}``."""
-
-
-_STEP_TIMES = 10_000  # per-step durations kept for status() (last, mean, p99)
-_LAST_TO_ANSWER_CAP = 4096  # molecule ids counted as "last to answer" before trimming
-
-
 def new_event_loop(kind: str | None = None) -> asyncio.AbstractEventLoop:
     """A new event loop: ``"asyncio"`` (the stdlib's), ``"uvloop"`` (when installed), or
     ``None`` for the environment variable MAXWELLHUB_LOOP, else the stdlib's. The stdlib's
     is the default because a steady step can then wait inside the coroutine, watching
-    the loop's selector (:meth:`Hub._wait_inline`); uvloop exposes no selector, so with it
+    the loop's selector (:meth:`Stepper._wait_inline`); uvloop exposes no selector, so with it
     every step waits in the loop (measured in ``benchmarks/hub_throughput.py``)."""
     kind = kind or os.environ.get("MAXWELLHUB_LOOP") or "asyncio"
     if kind not in ("uvloop", "asyncio"):
@@ -320,6 +301,12 @@ class Hub:
     ``fast_path`` (default True): initialised drivers' sockets leave the event loop's
     reader set for one epoll set read by a single callback
     (:mod:`maxwellhub.hub.fastpath`); False reads every driver through the loop.
+
+    The step contract :class:`SocketHub` drives its steps with (``begin_step``,
+    ``finish_step``, ``stop_waiting``, ``step_due_at``, ``step_due``, ``outcome``,
+    ``requests_to_arrays``) and the connections' reply callbacks (``source_ready``,
+    ``sources_batch``, ``pending_field``) are the methods of the hub's
+    :class:`~maxwellhub.hub.stepping.Stepper` (``hub.stepper``), bound on the hub.
     """
 
     def __init__(
@@ -376,7 +363,6 @@ class Hub:
         self._extra: list[Listener] = []  # more listeners (Hub.listen)
         self._unix_inode: tuple[int, int] | None = None
         self.registry = Registry(max_spare)
-        self._payloads_known = False  # every registered molecule has its INIT payload
         self.continuity = History(history)
         self._connections: set[Connection] = set()
         # connected, not yet answered STATUS; oldest first (evicted first at max_pending)
@@ -385,10 +371,6 @@ class Hub:
         #: exact counts (:mod:`maxwellhub.net.logsummary`); installed by ``start``.
         self.peer_log: PeerLog | None = None
         self._accepted = 0
-        self._barrier: Barrier | None = None
-        self._watchdog: asyncio.TimerHandle | None = None  # the step timer (_arm_step)
-        self._layout: Layout | None = None
-        self._generation = 0
         self._changed: asyncio.Future[Any] | None = None
         self.control = control  # where to serve maxwellhub.control, or None
         self._control: ControlServer | None = None
@@ -396,8 +378,6 @@ class Hub:
         self.address_file = None if address_file is None else os.fspath(address_file)
         self._address_run_id: str | None = None
         self._stop_reason: str | None = None
-        self._step_ms: deque[float] = deque(maxlen=_STEP_TIMES)
-        self._last_to_answer: Counter[int] = Counter()
         self.history = history
         self.max_pending = max_pending  # None: max(4096, 2 x registered molecules)
 
@@ -409,6 +389,19 @@ class Hub:
         self._watched: Iterable[Any] | Callable[[], Iterable[Any]] = ()  # watch_processes
         #: Parameter changes and kicks sent to drivers, logged for replay (hub/params.py).
         self.params = ParamChanges(self)
+        #: The step machinery (:mod:`maxwellhub.hub.stepping`). Its own bound methods are
+        #: the hub's step contract and the connections' reply callbacks: no call in between.
+        stepper = self.stepper = Stepper(self, report_delays)
+        self.begin_step = stepper.begin_step
+        self.finish_step = stepper.finish_step
+        self.stop_waiting = stepper.stop_waiting
+        self.step_due_at = stepper.step_due_at
+        self.step_due = stepper.step_due
+        self.outcome = stepper.outcome
+        self.requests_to_arrays = stepper.requests_to_arrays
+        self.source_ready = stepper.source_ready
+        self.sources_batch = stepper.sources_batch
+        self.pending_field = stepper.pending_field
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -586,12 +579,9 @@ class Hub:
         if self.steady is not None:
             self.steady.close()
             self.steady = None
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        self.stepper.disarm()
         self._remove_unix_path()
-        if self._barrier is not None:
-            self._barrier.wake("stopped")
+        self.stepper.wake("stopped")
 
     def _listeners(self) -> list[Listener]:
         return ([self._server] if self._server is not None else []) + self._extra
@@ -606,7 +596,7 @@ class Hub:
     def register_molecule(self, molecule_id: int, init: Mapping[str, Any] | None = None) -> None:
         """Reserve a slot for ``molecule_id`` (its driver may connect later)."""
         mol = self.registry.register(int(molecule_id), init)
-        self._payloads_known = False
+        self.stepper.payloads_known = False
         self.continuity.grow(mol.index + 1)
         self._progress_binds()
 
@@ -780,7 +770,7 @@ class Hub:
         step needs it now: then a missing payload is sent as ``{}``)."""
         if driver is None or driver.state != _BOUND:
             return
-        barrier = self._barrier
+        barrier = self.stepper.barrier
         for mol in driver.molecules:
             if mol.payload is None:
                 if barrier is None or mol.id not in barrier.layout.row:
@@ -871,7 +861,7 @@ class Hub:
         """The hub's part of a run checkpoint, as plain arrays (``np.savez`` them; load
         with ``allow_pickle=False``): the step counter, every molecule's completed steps
         and the replay history. Take it between steps."""
-        if self._barrier is not None:
+        if self.stepper.barrier is not None:
             raise UsageError("snapshot() in the middle of a step; take it between steps")
         ids = np.fromiter(self._molecules, dtype=np.int64, count=len(self._molecules))
         return (
@@ -884,20 +874,16 @@ class Hub:
         """Continue from :meth:`snapshot`: call it after registering the same molecules and
         before any step. Drivers that then bind are told each molecule's step (INIT) and
         replayed what their checkpoints miss."""
-        if self._barrier is not None or self.step_index:
+        if self.stepper.barrier is not None or self.step_index:
             raise UsageError("restore() must come before the first step")
         try:
             step_index = int(snapshot["step_index"])
         except KeyError as exc:
             raise UsageError(f"hub snapshot lacks {exc.args[0]!r}") from None
         slot = {m.id: m.index for m in self._molecules.values()}
-        self.continuity.restore(snapshot, slot, self._new_layout)
+        self.continuity.restore(snapshot, slot, self.stepper.new_layout)
         self.params.restore(snapshot)
         self.step_index = step_index
-
-    def _new_layout(self, ids: npt.NDArray[Any], index: npt.NDArray[Any]) -> Layout:
-        self._generation += 1
-        return Layout(ids, self._generation, index)
 
     def driver_initialized(self, driver: Connection) -> None:
         """INIT (and any replay) done: a replacement gets the frozen field(s)."""
@@ -905,25 +891,8 @@ class Hub:
             mol.initialized = True
         if self.steady is not None and isinstance(driver.link, _DriverProtocol):
             self.steady.claim(driver.link)  # steady now: its reads leave the event loop
-        barrier = self._barrier
-        if barrier is not None and driver.place(barrier.layout) and self._pending(driver, barrier):
-            _send(driver, driver.send_step(barrier))
+        self.stepper.serve(driver)
         self._notify()
-
-    def pending_field(self, conn: Connection) -> npt.NDArray[Any] | None:
-        """The frozen field a single-molecule connection still owes a source for."""
-        barrier = self._barrier
-        if barrier is not None and conn.place(barrier.layout) and self._pending(conn, barrier):
-            row: npt.NDArray[Any] = barrier.fields[conn.row]
-            return row
-        return None
-
-    @staticmethod
-    def _pending(driver: Connection, barrier: Barrier) -> bool:
-        """Whether ``driver`` (placed in the barrier's layout) still owes sources."""
-        if driver.batch is None:
-            return not barrier.done[driver.row]
-        return not barrier.done[driver.rows].all()
 
     def connection_lost(self, driver: Connection, previous: State, exc: Exception | None) -> None:
         """A connection closed: its molecules wait for a replacement."""
@@ -942,7 +911,7 @@ class Hub:
                     buffered,
                 )
             return
-        barrier = self._barrier
+        barrier = self.stepper.barrier
         if previous != _CLOSING:
             pending: list[int] = []
             if barrier is not None and driver.place(barrier.layout):
@@ -986,338 +955,13 @@ class Hub:
         between steps; how many. Couplings call it at every step boundary."""
         return await self.params.apply_requested()
 
-    def source_ready(
-        self, driver: Connection, sx: float, sy: float, sz: float, extras: bytes
-    ) -> None:
-        """A single molecule's source for the current step."""
-        barrier = self._barrier
-        r = driver.row
-        if barrier is None or r < 0 or barrier.done[r]:
-            driver.fail("SOURCEREADY for a step that was not asked")
-            return
-        barrier.single[r] = (sx, sy, sz)
-        if extras:
-            barrier.extras[r] = extras
-        barrier.done[r] = True
-        barrier.waiting -= 1
-        if barrier.waiting == 0:
-            barrier.last = driver
-            barrier.wake("done")
-
-    def sources_batch(self, driver: Connection, event: wire.SourcesBatch) -> None:
-        """An ensemble's sources for the current step."""
-        barrier = self._barrier
-        rows = driver.rows
-        if (
-            barrier is None
-            or rows is None
-            or driver.rows_generation != barrier.layout.generation
-            or barrier.done[rows].all()
-        ):
-            driver.fail("MXHSOURCES for a step that was not asked")
-            return
-        fresh = int(np.count_nonzero(~barrier.done[rows]))
-        barrier.sources[rows] = event.sources
-        barrier.done[rows] = True
-        if event.extras:
-            barrier.batch_extras.append((rows, event.extras))
-        barrier.waiting -= fresh
-        if barrier.waiting == 0:
-            barrier.last = driver
-            barrier.wake("done")
-
-    # ------------------------------------------------------------------ barrier
-
-    def _freeze(
-        self,
-        ids: npt.NDArray[Any],
-        fields: npt.NDArray[Any],
-        want_extras: bool,
-        want_dipoles: bool = False,
-    ) -> Barrier:
-        layout = self._layout
-        if layout is None or layout.key != ids.tobytes():
-            unknown = [int(m) for m in ids.tolist() if int(m) not in self._molecules]
-            if unknown:
-                raise UsageError(
-                    f"molecule {unknown[0]} is not registered with this hub"
-                    + (f" (nor {ids_text(unknown[1:])})" if len(unknown) > 1 else "")
-                )
-            if len(set(ids.tolist())) != len(ids):
-                raise UsageError("a step names the same molecule twice")
-            index = np.fromiter(
-                (self._molecules[m].index for m in ids.tolist()), dtype=np.intp, count=len(ids)
-            )
-            layout = self._layout = self._new_layout(ids.copy(), index)
-            self.continuity.follow(layout)
-        return Barrier(layout, fields, want_extras, want_dipoles)
-
-    def begin_step(
-        self,
-        ids: npt.NDArray[Any] | None,
-        fields: npt.NDArray[Any] | None,
-        timeout: float | None,
-        abort_on_loss: bool,
-        want_extras: bool = True,
-        want_dipoles: bool = False,
-        timers: bool = True,
-    ) -> Barrier | None:
-        """Freeze (or continue) the step, send what is due; the barrier, or None when
-        paused. Synchronous: the caller then waits on ``barrier.waiter`` if set (with
-        the loop running), and calls :meth:`finish_step`; :meth:`stop_waiting` if the
-        wait is abandoned. This is the contract :class:`SocketHub` steps with.
-
-        ``timers=False``: no loop timer for the step's deadline and reports; the caller
-        waits until :meth:`step_due_at` itself and then calls :meth:`step_due` (a wait
-        that does not run the loop each step, :meth:`maxwellhub.hub.fastpath.SteadyReader.wait`,
-        would otherwise leave a cancelled timer in the loop's heap per step)."""
-        if self.paused:
-            return None
-        barrier = self._barrier
-        if barrier is None:
-            if ids is None or fields is None:
-                raise UsageError("no step to continue: give the molecule ids and fields")
-            barrier = self._barrier = self._freeze(ids, fields, want_extras, want_dipoles)
-        barrier.abort_on_loss = abort_on_loss
-        barrier.lost.clear()
-        self._progress_binds()
-        self._send_due(barrier)
-        layout = barrier.layout
-        if abort_on_loss:
-            row, done = layout.row, barrier.done
-            barrier.lost.extend(
-                m for m in self.registry.driverless if (r := row.get(m)) is not None and not done[r]
-            )
-        if barrier.waiting and not (abort_on_loss and barrier.lost):
-            loop = self.loop
-            barrier.waiter = loop.create_future()
-            wait = self.timeout if timeout is None else timeout
-            now = loop.time()
-            barrier.deadline = None if wait is None else now + wait
-            if barrier.reports is None:  # the first wait of this step starts the schedule
-                barrier.reports = report_delays()
-                barrier.report_base = now
-                barrier.report_at = now + next(barrier.reports)
-            if timers:
-                self._arm_step(barrier)
-        return barrier
-
-    def _send_due(self, barrier: Barrier) -> None:
-        """Send the frozen field to every idle driver that owes a source (per connection,
-        not per molecule); INIT to bound drivers whose step needs them now."""
-        layout = barrier.layout
-        generation = layout.generation
-        done = barrier.done
-        fresh = barrier.waiting == len(done)  # nothing answered yet: all are pending
-        direct = self._direct_step(barrier)
-        if direct is not None and fresh and direct.reuse(len(self._connections), barrier.fields):
-            return  # the steady state: the same drivers as the last step, sent as then
-        for driver in list(self._connections):  # per connection, not per molecule
-            state = driver.state
-            if state is _READY:
-                # driver.place(layout), inlined while its rows are known (the steady state)
-                if driver.rows_generation != generation:
-                    if not driver.place(layout):
-                        continue
-                elif driver.row < 0:
-                    continue
-                if fresh or self._pending(driver, barrier):
-                    if direct is not None:
-                        link = _link(driver)
-                        if link._fd >= 0 and direct.add(link, link._fd, driver.row):
-                            continue
-                    out = driver.send_step(barrier)
-                    if out:
-                        driver.link.write(out)
-            elif state is _BOUND:
-                self._ensure_init(driver)
-        if direct is not None:
-            direct.flush(barrier.fields)
-
-    def _direct_step(self, barrier: Barrier) -> DirectStep | None:
-        """The step's batched send and read (:class:`~maxwellhub.hub.fastpath.DirectStep`)
-        when the hub has a steady reader and it holds single-molecule drivers."""
-        steady = self.steady
-        if steady is None or not steady.small:
-            return None
-        direct = steady.direct
-        if direct is None or direct.barrier is not barrier:
-            direct = DirectStep(barrier, self.limits.max_extras_bytes, steady.plan, steady.drivers)
-            steady.direct = direct
-        return direct
-
-    @staticmethod
-    def step_due_at(barrier: Barrier) -> float:
-        """Loop time of the step's next alarm: its deadline, or the next report of who is
-        missing if that comes first (a step without a deadline only ever reports)."""
-        deadline = barrier.deadline
-        if deadline is not None and deadline <= barrier.report_at:
-            return deadline
-        return barrier.report_at
-
-    def step_due(self, barrier: Barrier) -> None:
-        """The step's alarm (:meth:`step_due_at`) went off: wake the wait at the deadline,
-        else say who is missing."""
-        deadline = barrier.deadline
-        if deadline is not None and deadline <= barrier.report_at:
-            barrier.wake("timeout")
-        else:
-            self._report_step(barrier)
-
-    def _arm_step(self, barrier: Barrier) -> None:
-        """Make sure the hub's one step timer fires by :meth:`step_due_at`. It is kept
-        across steps (a timer made and cancelled per step cost microseconds, and most
-        steps end long before any deadline or report): when it fires it looks at the step
-        waiting then, acts if that step is due, and re-arms for it."""
-        due = self.step_due_at(barrier)
-        dog = self._watchdog
-        if dog is not None:
-            if dog.when() <= due:
-                return  # fires in time, and then checks this step
-            dog.cancel()
-        self._watchdog = self.loop.call_at(due, self._watch)
-
-    def _watch(self) -> None:
-        self._watchdog = None
-        barrier = self._barrier
-        if barrier is None or barrier.waiter is None or barrier.waiter.done():
-            return  # nobody waits on a step (an abandoned wait is not woken)
-        if self.step_due_at(barrier) <= self.loop.time():
-            self.step_due(barrier)
-        if barrier.waiter is not None and not barrier.waiter.done():
-            self._arm_step(barrier)
-
-    def _report_step(self, barrier: Barrier) -> None:
-        """Say which molecules a long step waits for: WARNING for those without a driver
-        (a replacement is awaited), INFO when their drivers are computing."""
-        missing = barrier.missing()
-        unbound = [m for m in missing if self._molecules[m].driver is None]
-        elapsed = self.loop.time() - barrier.report_base
-        if unbound:
-            log.warning(
-                "step %d: still waiting after %.0f s; no driver connected for molecule(s) %s",
-                self.step_index,
-                elapsed,
-                ids_text(unbound),
-            )
-        else:
-            log.info(
-                "step %d: still waiting after %.0f s for the source of molecule(s) %s "
-                "(their drivers are computing)",
-                self.step_index,
-                elapsed,
-                ids_text(missing),
-            )
-        if barrier.reports is not None:
-            barrier.report_at = barrier.report_base + next(barrier.reports)
-
-    @staticmethod
-    def stop_waiting(barrier: Barrier) -> None:
-        """Stop waiting on ``barrier`` (its step stays frozen for the next call)."""
-        if barrier.timer is not None:
-            barrier.timer.cancel()
-            barrier.timer = None
-        barrier.waiter = None
-
-    def finish_step(self, barrier: Barrier | None) -> StepResult | None:
-        """After waiting: the result when the step is complete, else None."""
-        if barrier is None:
-            return None
-        self.stop_waiting(barrier)
-        if barrier.waiting:
-            return None
-        self._barrier = None
-        steady = self.steady
-        if steady is not None and steady.direct is not None:
-            steady.plan = steady.direct.plan  # for the next step, if it has the same drivers
-            steady.direct = None
-        self.step_index += 1
-        self.continuity.completed(barrier.layout, barrier.fields)
-        self._step_ms.append((time.monotonic() - barrier.started) * 1e3)
-        if barrier.last is not None and barrier.last.molecules:
-            self._note_last(barrier.last.molecules[0].id)
-        sources = barrier.sources
-        single = barrier.single
-        if len(single) == 1:
-            for r, source in single.items():
-                sources[r] = source
-        elif single:  # numpy's array from a list of tuples cost 0.8 us a row; this 0.3
-            rows = np.fromiter(single, np.intp, len(single))
-            flat = np.fromiter(chain.from_iterable(single.values()), np.float64, 3 * len(single))
-            sources[rows] = flat.reshape(-1, 3)
-        return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
-
-    async def _run(
-        self,
-        ids: Any,
-        fields: Any,
-        timeout: float | None,
-        abort_on_loss: bool,
-        want_extras: bool = True,
-        dipoles: bool = False,
-    ) -> StepResult | None:
-        barrier = self.begin_step(ids, fields, timeout, abort_on_loss, want_extras, dipoles)
-        if barrier is not None and barrier.waiter is not None:
-            self._wait_inline(barrier)
-            try:
-                await barrier.waiter
-            except BaseException:  # cancelled: no timer of this wait may fire into the next
-                self.stop_waiting(barrier)
-                raise
-        return self.finish_step(barrier)
-
-    def _wait_inline(self, barrier: Barrier) -> None:
-        """Wait for the step's replies without leaving the coroutine when nothing else is
-        due: the batched read (:meth:`SteadyReader.wait_inline`) watches the loop's
-        selector beside the drivers and stops as soon as the loop has work (a new
-        connection, a handshake, the control endpoint, a timer or a ready callback);
-        the wait then goes on in the loop as usual. Only with the stdlib's selector
-        loop (uvloop exposes no selector to watch)."""
-        steady = self.steady
-        loop = self.loop
-        if steady is None or steady.direct is None or not can_wait_detached(loop):
-            return
-        if loop._ready:  # type: ignore[attr-defined]  # other callbacks are due now
-            return
-        deadline = self.step_due_at(barrier)
-        timers = loop._scheduled  # type: ignore[attr-defined]
-        if timers:
-            deadline = min(deadline, timers[0].when())
-        selector = loop._selector.fileno()  # type: ignore[attr-defined]
-        steady.wait_inline(selector, deadline)
-
-    def requests_to_arrays(
-        self, requests: Mapping[int, Mapping[str, Any]]
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]] | tuple[None, None]:
-        """ids and fields from MaxwellLink's request dict (and INIT payloads it carries)."""
-        if self._barrier is not None:
-            return None, None  # a frozen step is continued; its fields stay
-        ids = np.fromiter(map(int, requests), dtype=np.int64, count=len(requests))
-        try:
-            efields = [req["efield_au"] for req in requests.values()]
-        except (KeyError, TypeError):
-            bad = next(
-                k
-                for k, req in requests.items()
-                if not isinstance(req, Mapping) or "efield_au" not in req
-            )
-            raise UsageError(f"molecule {int(bad)}: request lacks 'efield_au'") from None
-        if not self._payloads_known:  # else no INIT payload is needed any more
-            for mid, req in requests.items():
-                init = req.get("init")
-                mol = self._molecules.get(int(mid))
-                if init is not None and mol is not None and mol.payload is None:
-                    mol.payload = dict(init)
-            self._payloads_known = all(m.payload is not None for m in self._molecules.values())
-        return ids, fields_array(ids, efields)
-
     async def step_barrier(
         self, requests: Mapping[int, Mapping[str, Any]], timeout: float | None = None
     ) -> dict[int, dict[str, Any]]:
         """MaxwellLink's barrier: ``{molid: {"amp": ndarray(3), "extra": bytes}}``, or ``{}``
         when paused, aborted by a lost driver, or incomplete at ``timeout``."""
         ids, fields = self.requests_to_arrays(requests)
-        result = await self._run(ids, fields, timeout, abort_on_loss=True)
+        result = await self.stepper.run(ids, fields, timeout, abort_on_loss=True)
         return result.as_dict() if result is not None else {}
 
     async def step(
@@ -1332,7 +976,7 @@ class Hub:
         :class:`DriverLost` at once, naming them (the frozen step is kept either way)."""
         abort = check_policy(on_lost)
         ids, fields = self.requests_to_arrays(requests)  # validated here, once
-        result = await self._run(ids, fields, timeout, abort)
+        result = await self.stepper.run(ids, fields, timeout, abort)
         return self.outcome(result, abort, timeout).as_dict()
 
     async def step_arrays(
@@ -1370,37 +1014,10 @@ class Hub:
         """:meth:`step_arrays` without the check that the dipoles came (a relay passes
         them upstream as they are; the upstream hub checks)."""
         abort = check_policy(on_lost)
-        if self._barrier is None and ids is not None:
+        if self.stepper.barrier is None and ids is not None:
             ids, fields = as_step_arrays(ids, fields)
-        result = await self._run(ids, fields, timeout, abort, extras, dipoles)
+        result = await self.stepper.run(ids, fields, timeout, abort, extras, dipoles)
         return self.outcome(result, abort, timeout)
-
-    def outcome(self, result: StepResult | None, abort: bool, timeout: float | None) -> StepResult:
-        """``result``, or the error saying why there is none: stopped, a driver lost (the
-        abort policy), or no source in time (naming the molecules)."""
-        if result is not None:
-            return result
-        barrier = self._barrier
-        if self._stop_reason is not None:
-            raise StopRequested(f"step {self.step_index}: stopped {self._stop_reason}")
-        if barrier is None or self.paused:
-            raise BarrierTimeout("the hub is stopped; no step can complete")
-        if abort and barrier.lost:
-            lost = sorted(set(barrier.lost))
-            raise DriverLost(
-                f"step {self.step_index}: the driver of molecule(s) {lost} is "
-                "gone and the policy is to abort",
-                lost,
-            )
-        missing = barrier.missing()
-        unbound = [m for m in missing if self._molecules[m].driver is None]
-        wait = self.timeout if timeout is None else timeout
-        raise BarrierTimeout(
-            f"step {self.step_index}: no source from molecule(s) {ids_text(missing)} "
-            f"{within(wait)}"
-            + (f"; no driver connected for {ids_text(unbound)}" if unbound else ""),
-            missing,
-        )
 
     def status(self, most: int | None = None) -> dict[str, Any]:
         """A snapshot for humans and the control endpoint. ``most`` caps the ``bound`` and
@@ -1410,7 +1027,7 @@ class Hub:
         completed a step."""
         bound = sorted(m.id for m in self._molecules.values() if m.initialized)
         missing = sorted(m.id for m in self._molecules.values() if not m.initialized)
-        times = self._step_ms
+        times = self.stepper.step_ms
         timing: dict[str, float | None] = {"last": None, "mean": None, "p99": None}
         timing["steps"] = len(times)
         if times:
@@ -1432,26 +1049,25 @@ class Hub:
             # before every step instead of the fused fast path
             "stock_clients": sum(d.stock for d in self._connections),
             "status_each_step": sum(d.status_each_step for d in self._connections),
-            "in_step": self._barrier is not None,
+            "in_step": self.stepper.barrier is not None,
             "time_per_step_ms": timing,
             "slowest_molecules": [
-                {"id": m, "times_last": n} for m, n in self._last_to_answer.most_common(5)
+                {"id": m, "times_last": n} for m, n in self.stepper.last_to_answer.most_common(5)
             ],
             # new connections (maxwellhub.net.listener) and log lines about peers
             "listeners": [dict(server.counts) for server in self._listeners()],
             "peer_lines": self.peer_log.counts() if self.peer_log is not None else None,
         }
 
-    def _note_last(self, mid: int) -> None:
-        counts = self._last_to_answer
-        counts[mid] += 1
-        if len(counts) > _LAST_TO_ANSWER_CAP:  # bounded: keep the leaders
-            self._last_to_answer = Counter(dict(counts.most_common(_LAST_TO_ANSWER_CAP // 4)))
-
     @property
     def in_step(self) -> bool:
         """Whether a step is frozen (begun and not complete)."""
-        return self._barrier is not None
+        return self.stepper.barrier is not None
+
+    @property
+    def _barrier(self) -> Barrier | None:
+        """The frozen step, or None (:attr:`Stepper.barrier`)."""
+        return self.stepper.barrier
 
     # ------------------------------------------------------------------ control
 
@@ -1473,8 +1089,7 @@ class Hub:
             self._stop_reason = reason
             log.warning("stop requested %s at step %d", reason, self.step_index)
         self.paused = True
-        if self._barrier is not None:
-            self._barrier.wake("stopped")
+        self.stepper.wake("stopped")
         self._notify()
 
 
