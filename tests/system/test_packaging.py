@@ -35,13 +35,17 @@ def _clean_env() -> dict[str, str]:
 
 #: What a build reads: copied to a temporary tree, so that setuptools' build/ and
 #: egg-info directories are never written into the repository (nor raced by two runs).
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "CITATION.cff", "src")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "CITATION.cff", "src")
+
+#: The compiled speedups the wheel must carry (built by setup.py from src/'s C sources).
+EXTENSIONS = ("maxwellhub/net/_steadyc", "maxwellhub_drivers/_driverc")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     tree = tmp_path_factory.mktemp("source")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    # not the editable install's in-place builds: the wheel's build compiles its own
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")
     for name in SOURCES:
         src = REPO_ROOT / name
         if src.is_dir():
@@ -95,6 +99,8 @@ def test_wheel_contents(wheel):
     for path in ("maxwellhub/data/relax_2d.toml", "maxwellhub/py.typed",
                  "maxwellhub_drivers/py.typed"):  # fmt: skip
         assert path in files
+    for ext in EXTENSIONS:  # compiled by the wheel's build (a C compiler is set up here)
+        assert any(f.startswith(f"{ext}.") and f.endswith(".so") for f in files), ext
     dist_info = {Path(f).name for f in files if ".dist-info/" in f}
     assert {"LICENSE", "CITATION.cff", "entry_points.txt"} <= dist_info
     entry_points = next(f for f in files if f.endswith(".dist-info/entry_points.txt"))
@@ -128,6 +134,13 @@ def test_installed_wheel_runs_default_job_from_empty_directory(installed, tmp_pa
     )  # fmt: skip
     assert where.returncode == 0, where.stderr[-2000:]
     assert "site-packages" in where.stdout and str(REPO_ROOT) not in where.stdout
+    impl = subprocess.run(
+        [str(installed / "python"), "-c",
+         "from maxwellhub.net import steadyio; from maxwellhub_drivers import fastloop;"
+         "print(steadyio.IMPL, fastloop.compiled() is not None)"],
+        capture_output=True, text=True, timeout=scaled(60), cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert impl.stdout.split() == ["C", "True"], impl.stderr[-2000:]  # the speedups run
     proc = subprocess.run(
         [str(installed / "maxwellhub"), "run"],
         capture_output=True, text=True, timeout=scaled(120), cwd=tmp_path, env=env,
