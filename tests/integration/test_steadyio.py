@@ -235,3 +235,63 @@ def test_collect_outer_selector_ready_for_our_set_alone_is_no_loop_work(twin: An
         os.close(w)
         outer.close()
         p.close()
+
+
+def test_request_fields_takes_the_plain_shape_and_declines_the_rest() -> None:
+    """The compiled reading of MaxwellLink's request dict gives the arrays the Python path
+    gives, and declines (False, nothing raised) whatever the Python path must read itself:
+    other key types, lists, other dtypes or shapes, a missing field, a non-finite value."""
+    c = steadyio.compiled()
+    assert c is not None
+    f = np.arange(12.0).reshape(4, 3) - 5.5
+
+    def read(requests: dict) -> tuple[bool, Any, Any]:
+        ids, fields = np.empty(len(requests), np.int64), np.empty((len(requests), 3))
+        return c.request_fields(requests, ids, fields), ids, fields
+
+    ok, ids, fields = read({7: {"efield_au": f[0]}, 3: {"efield_au": f[1], "init": {}}})
+    assert ok and ids.tolist() == [7, 3] and fields.tobytes() == f[:2].tobytes()
+    view = f[:, 1]  # a strided view: not contiguous
+    declined: list[dict[Any, Any]] = [
+        {np.int64(7): {"efield_au": f[0]}},  # a numpy int key
+        {True: {"efield_au": f[0]}},  # a bool is not an id here
+        {7: {"efield_au": [1.0, 2.0, 3.0]}},  # a list
+        {7: {"efield_au": f[0].astype(np.float32)}},
+        {7: {"efield_au": f[:2].ravel()[:4]}},  # 4 values
+        {7: {"efield_au": f[:1]}},  # shape (1, 3)
+        {7: {"efield_au": view[:3]}},
+        {7: {"field": f[0]}},
+        {7: [f[0]]},
+        {7: {"efield_au": np.array([0.0, np.inf, 0.0])}},
+        {7: {"efield_au": np.array([np.nan, 0.0, 0.0])}},
+    ]
+    for requests in declined:
+        assert read(requests)[0] is False, requests
+
+
+def test_result_dict_is_maxwelllinks_shape() -> None:
+    """The compiled result dict equals the Python one: the ids as ints, each amp the
+    sources' own row view, the extras bytes or b""."""
+    from maxwellhub.hub.barrier import StepResult
+
+    c = steadyio.compiled()
+    assert c is not None
+    ids = np.array([4, 9, 2], dtype=np.int64)
+    sources = np.arange(9.0).reshape(3, 3)
+    extras = {1: b'{"Pe": 0.25}'}
+    out = c.result_dict(ids, sources, extras)
+    assert list(out) == [4, 9, 2] and all(type(k) is int for k in out)
+    assert [e["extra"] for e in out.values()] == [b"", b'{"Pe": 0.25}', b""]
+    for r, entry in enumerate(out.values()):
+        assert np.shares_memory(entry["amp"], sources[r])  # a view, as list(sources) gives
+        assert entry["amp"].tolist() == sources[r].tolist()
+    python = StepResult(ids, sources, extras, [])
+    slow = {
+        m: {"amp": a, "extra": e}
+        for m, a, e in zip(ids.tolist(), sources, [b"", extras[1], b""], strict=True)
+    }
+    fast = python.as_dict()
+    assert list(fast) == list(slow)
+    for m in slow:
+        assert fast[m]["extra"] == slow[m]["extra"]
+        assert fast[m]["amp"].tobytes() == slow[m]["amp"].tobytes()

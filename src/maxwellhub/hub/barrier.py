@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from .. import wire
 from ..errors import ProtocolError, UsageError
+from ..net import steadyio
 
 _finite = math.isfinite
 
@@ -176,6 +177,16 @@ class StepResult:
 
     def as_dict(self) -> dict[int, dict[str, Any]]:
         """MaxwellLink's shape: ``{molid: {"amp": ndarray(3), "extra": bytes}}``."""
+        if (
+            not self._batch_extras
+            and steadyio.result_dict is not None
+            and self.ids.dtype == np.int64
+            and self.ids.flags.c_contiguous
+        ):
+            result: dict[int, dict[str, Any]] = steadyio.result_dict(
+                self.ids, self.sources, self._json
+            )
+            return result
         rows = list(self.sources)  # row views, made in C
         if self._batch_extras:
             extras = [self.extra_bytes(r) for r in range(len(rows))]

@@ -44,6 +44,7 @@ import numpy.typing as npt
 from .. import wire
 from ..errors import BarrierTimeout, DriverLost, MaxwellHubError, UsageError
 from ..liveness import within
+from ..net import steadyio
 from ..protocol.connection import Connection, State
 from .barrier import Barrier, Layout, StepResult, fields_array, ids_text
 from .fastpath import DirectStep, Steady, SteadyReader, can_wait_detached
@@ -474,6 +475,12 @@ class Stepper:
         """ids and fields from MaxwellLink's request dict (and INIT payloads it carries)."""
         if self.barrier is not None:
             return None, None  # a frozen step is continued; its fields stay
+        fast = steadyio.request_fields
+        if fast is not None and self.payloads_known and type(requests) is dict:
+            n = len(requests)
+            ids, fields = np.empty(n, dtype=np.int64), np.empty((n, 3))
+            if fast(requests, ids, fields):  # the plain shape, in C; else read below
+                return ids, fields
         ids = np.fromiter(map(int, requests), dtype=np.int64, count=len(requests))
         try:
             efields = [req["efield_au"] for req in requests.values()]

@@ -412,9 +412,125 @@ fail:
     return NULL;
 }
 
+/* request_fields(requests, ids, fields) -> bool: MaxwellLink's request dict
+ * {int id: {"efield_au": 3 float64, ...}} into ids (int64, n) and fields (float64, n x 3),
+ * when every key is an int and every field a contiguous buffer of 3 doubles with finite
+ * values; False for anything else (nothing is raised: the Python path then reads the dict
+ * and names what is wrong). */
+static PyObject *request_fields(PyObject *self, PyObject *args) {
+    PyObject *requests, *ids_o, *fields_o;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!OO", &PyDict_Type, &requests, &ids_o, &fields_o)) return NULL;
+    Py_buffer ids, fields;
+    if (get_array(ids_o, &ids, 8, 1, "ids") < 0) return NULL;
+    if (get_array(fields_o, &fields, 24, 1, "fields") < 0) {
+        PyBuffer_Release(&ids);
+        return NULL;
+    }
+    static PyObject *key_name = NULL;
+    if (key_name == NULL && (key_name = PyUnicode_InternFromString("efield_au")) == NULL) {
+        PyBuffer_Release(&ids);
+        PyBuffer_Release(&fields);
+        return NULL;
+    }
+    Py_ssize_t n = PyDict_GET_SIZE(requests), pos = 0, i = 0;
+    int ok = ids.len / 8 == n && fields.len / 24 == n;
+    PyObject *key, *value;
+    int64_t *id = (int64_t *)ids.buf;
+    double *f = (double *)fields.buf;
+    while (ok && PyDict_Next(requests, &pos, &key, &value)) {
+        if (!PyLong_CheckExact(key) || !PyDict_CheckExact(value)) {
+            ok = 0;
+            break;
+        }
+        int overflow = 0;
+        long long k = PyLong_AsLongLongAndOverflow(key, &overflow);
+        if (overflow || (k == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            ok = 0;
+            break;
+        }
+        PyObject *field = PyDict_GetItemWithError(value, key_name); /* borrowed */
+        if (field == NULL) {
+            PyErr_Clear();
+            ok = 0;
+            break;
+        }
+        Py_buffer b;
+        if (PyObject_GetBuffer(field, &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+            PyErr_Clear();
+            ok = 0;
+            break;
+        }
+        const char *fmt = b.format ? b.format : "B";
+        if (fmt[0] == '<' || fmt[0] == '=' || fmt[0] == '@') fmt++;
+        ok = b.len == 24 && b.itemsize == 8 && b.ndim == 1 && strcmp(fmt, "d") == 0;
+        if (ok) {
+            memcpy(f + 3 * i, b.buf, 24);
+            ok = finite3(f + 3 * i);
+            id[i] = k;
+        }
+        PyBuffer_Release(&b);
+        i++;
+    }
+    ok = ok && i == n;
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&fields);
+    return PyBool_FromLong(ok);
+}
+
+/* result_dict(ids, sources, extras) -> {id: {"amp": sources[r], "extra": extras.get(r, b"")}}
+ * (MaxwellLink's result shape; sources[r] is the array's own row view). */
+static PyObject *result_dict(PyObject *self, PyObject *args) {
+    PyObject *ids_o, *sources, *extras;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOO!", &ids_o, &sources, &PyDict_Type, &extras)) return NULL;
+    static PyObject *amp_name = NULL, *extra_name = NULL, *empty = NULL;
+    if (amp_name == NULL) {
+        amp_name = PyUnicode_InternFromString("amp");
+        extra_name = PyUnicode_InternFromString("extra");
+        empty = PyBytes_FromStringAndSize("", 0);
+        if (amp_name == NULL || extra_name == NULL || empty == NULL) return NULL;
+    }
+    Py_buffer ids;
+    if (get_array(ids_o, &ids, 8, 0, "ids") < 0) return NULL;
+    Py_ssize_t n = ids.len / 8;
+    const int64_t *id = (const int64_t *)ids.buf;
+    PyObject *out = PyDict_New();
+    if (out == NULL) goto fail;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        PyObject *row = PyLong_FromSsize_t(r);
+        PyObject *extra = row ? PyDict_GetItemWithError(extras, row) : NULL; /* borrowed */
+        Py_XDECREF(row);
+        if (extra == NULL) {
+            if (PyErr_Occurred()) goto fail;
+            extra = empty;
+        }
+        PyObject *amp = PySequence_GetItem(sources, r);
+        PyObject *entry = PyDict_New();
+        PyObject *key = PyLong_FromLongLong(id[r]);
+        int bad = amp == NULL || entry == NULL || key == NULL ||
+                  PyDict_SetItem(entry, amp_name, amp) < 0 ||
+                  PyDict_SetItem(entry, extra_name, extra) < 0 ||
+                  PyDict_SetItem(out, key, entry) < 0;
+        Py_XDECREF(amp);
+        Py_XDECREF(entry);
+        Py_XDECREF(key);
+        if (bad) goto fail;
+    }
+    PyBuffer_Release(&ids);
+    return out;
+fail:
+    Py_XDECREF(out);
+    PyBuffer_Release(&ids);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "Set the frame constants (from maxwellhub.wire)."},
     {"send", send_fields, METH_VARARGS, "Write each row's field block to its socket."},
+    {"request_fields", request_fields, METH_VARARGS, "A request dict into ids and fields."},
+    {"result_dict", result_dict, METH_VARARGS, "MaxwellLink's result dict from the arrays."},
     {"set_spin", set_spin, METH_O, "Busy-poll this many microseconds before blocking."},
     {"collect", collect, METH_VARARGS, "Read SOURCEREADY replies until done or Python is needed."},
     {NULL, NULL, 0, NULL},

@@ -57,6 +57,8 @@ __all__ = [
     "compiled",
     "python_collect",
     "python_send",
+    "request_fields",
+    "result_dict",
     "send",
     "set_busy_poll",
 ]
@@ -233,6 +235,15 @@ def _busy_poll_from_env() -> float:
 
 _c = None if speedups.pure_python() else compiled()
 set_busy_poll(_busy_poll_from_env())
+
+#: ``request_fields(requests, ids, fields) -> bool``: MaxwellLink's request dict into the
+#: step's arrays when it is the plain shape (int keys, dicts with "efield_au" a contiguous
+#: float64 vector of 3, finite); False for anything else, which the caller then reads in
+#: Python (and names what is wrong). None without the extension.
+request_fields: Any = None if _c is None else _c.request_fields
+#: ``result_dict(ids, sources, extras) -> dict``: ``{id: {"amp": sources[r], "extra":
+#: extras.get(r, b"")}}``, MaxwellLink's result shape. None without the extension.
+result_dict: Any = None if _c is None else _c.result_dict
 if _c is not None:
     send = _c.send
     collect = _c.collect
