@@ -286,6 +286,7 @@ class _Transport:
 class _Conn:
     def __init__(self) -> None:
         self.sent = 0
+        self.buffered = 0
 
     def send_step_direct(self) -> bool:
         self.sent += 1
@@ -315,3 +316,27 @@ def test_a_direct_step_takes_only_sockets_the_steady_reader_holds() -> None:
     assert given_back.conn.sent == 0  # its machine was not touched
     assert direct.add(cast(Any, held), 5, 0)
     assert direct.fds == [5] and direct.rows == [0] and held.conn.sent == 1
+
+
+def test_a_reused_plan_starts_each_step_with_every_driver_on_the_batched_read() -> None:
+    """A driver whose read went to its protocol machine mid-frame is read by it for the
+    rest of that step only: the plan's flags are cleared before the plan is reused."""
+    from maxwellhub.hub.barrier import Barrier
+    from maxwellhub.hub.fastpath import DirectStep, _Plan
+
+    class Split(_Proto):  # its machine now holds part of a frame
+        def data_received(self, data: bytes) -> None:
+            self.conn.buffered = len(data)
+
+    ids = np.array([7, 8])
+    barrier = Barrier(Layout(ids, 1, np.arange(2, dtype=np.intp)), np.zeros((2, 3)), True)
+    raw = np.zeros(2, dtype=np.uint8)
+    protos: list[Any] = [_Proto(), Split()]
+    plan = _Plan(1, protos, [p.conn for p in protos], [5, 6], [0, 1],
+                 np.array([5, 6], np.int32), np.array([0, 1], np.int64),
+                 np.array([-1] * 5 + [0, 1], np.int32), raw)  # fmt: skip
+    direct = DirectStep(barrier, 1 << 20, plan, {})
+    direct.protos, direct.raw = protos, plan.raw
+    direct.hand_over(1, b"FORCEREADY  ")
+    assert raw.tolist() == [0, 1] and plan.dirty
+    assert plan.clean_raw().tolist() == [0, 0] and not plan.dirty

@@ -302,6 +302,8 @@ class DirectStep:
         proto.data_received(data)
         if proto.conn.buffered:
             self.raw[k] = 1
+            if self.plan is not None:  # the plan's array: cleared before it is reused
+                self.plan.dirty = True
 
 
 class SteadyReader:
