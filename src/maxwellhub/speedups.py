@@ -12,7 +12,7 @@ import importlib
 import os
 from types import ModuleType
 
-__all__ = ["ENV", "load", "pure_python"]
+__all__ = ["ENV", "built", "load", "pure_python"]
 
 #: Set to 1 to run the pure-Python paths even when the extensions are built.
 ENV = "MAXWELLHUB_PURE_PYTHON"
@@ -25,8 +25,12 @@ def pure_python() -> bool:
 
 def load(name: str) -> ModuleType | None:
     """The compiled module ``name`` (dotted), or None when it is not built or turned off."""
-    if pure_python():
-        return None
+    return None if pure_python() else built(name)
+
+
+def built(name: str) -> ModuleType | None:
+    """The compiled module ``name`` whether or not it is turned off (the tests hold it to
+    its pure-Python twin in either mode), or None when it is not built."""
     try:
         return importlib.import_module(name)
     except ImportError:

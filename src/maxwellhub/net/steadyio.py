@@ -33,7 +33,6 @@ max_extras, extras, answered)``
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import select
@@ -196,11 +195,9 @@ def compiled() -> Any:
     """The C extension, configured with this module's frame constants, whether or not
     MAXWELLHUB_PURE_PYTHON is set (the tests hold both twins to one contract); None when
     it is not built."""
-    try:
-        c = importlib.import_module("maxwellhub.net._steadyc")
-    except ImportError:
-        return None
-    c.configure(HEAD, TAIL, REPLY_PREFIX, REPLY_SIZE)
+    c = speedups.built("maxwellhub.net._steadyc")
+    if c is not None:
+        c.configure(HEAD, TAIL, REPLY_PREFIX, REPLY_SIZE)
     return c
 
 
