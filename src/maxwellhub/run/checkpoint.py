@@ -369,22 +369,10 @@ class RunCheckpointer:
 
     def tick(self, sim=None) -> None:
         n = self.boundary_step()
-        if self._size > 1:
-            # under MPI only the stop every rank agreed on at this step counts (a signal
-            # reaches the ranks at different moments)
-            signum = self.coupling.stop_agreed
-            if signum:
-                path = (
-                    self.last_path
-                    if n == self.last_written and self.last_path
-                    else self.write("signal")
-                )
-                raise RunInterrupted(signum, n, path)
-            if self.every and n % self.every == 0 and n > 0 and n != self.last_written:
-                self.write("every")
-            return
-        if self.requested is not None:
-            signum = self.requested
+        # under MPI only the stop every rank agreed on at this step counts (a signal
+        # reaches the ranks at different moments); serially, the signal this rank got
+        signum = self.coupling.stop_agreed if self._size > 1 else self.requested
+        if signum:
             path = (
                 self.last_path
                 if n == self.last_written and self.last_path
