@@ -4,8 +4,10 @@ new driver connecting while the synchronous hub steps) still works."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from fakes import FakeDriver, FakeEnsemble, fake_source
 from maxwellhub import BarrierTimeout, Hub, SocketHub, wire
 from maxwellhub.addresses import unix_socket_path
 from maxwellhub.hub.core import StopRequested
+from maxwellhub.hub.lane import Resume, SteadyLane
+from maxwellhub.net import steadyio
 
 
 def requests_for(ids, step):
@@ -26,12 +30,23 @@ def requests_for(ids, step):
 class ThreadDriver:
     """A blocking driver in a thread (the synchronous hub cannot host asyncio fakes):
     answers fake_source; ``close_after`` fields: closes on the next one (mid-step);
-    ``silent``: never answers a GETSOURCE."""
+    ``silent``: never answers a GETSOURCE (``silent_after`` fields: from then on);
+    ``split_at``: that step's reply (0-based) is written in two parts, the second once
+    the hub has had time to read the first."""
 
-    def __init__(self, path, close_after: int | None = None, silent: bool = False) -> None:
+    def __init__(
+        self,
+        path,
+        close_after: int | None = None,
+        silent: bool = False,
+        silent_after: int | None = None,
+        split_at: int | None = None,
+    ) -> None:
         self.path = path
         self.close_after = close_after
         self.silent = silent
+        self.silent_after = silent_after
+        self.split_at = split_at
         self.fields: list[tuple[float, ...]] = []
         self.molecule_id: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -69,15 +84,27 @@ class ThreadDriver:
                         field = tuple(float(x) for x in ev.field)
                         self.fields.append(field)
                     elif isinstance(ev, wire.GetForce):
-                        if not self.silent:
+                        if not self._mute():
                             assert self.molecule_id is not None and field is not None
                             src = fake_source(self.molecule_id, field)
-                            s.sendall(wire.encode_source_ready(src, b'{"k":1}'))
+                            self._reply(s, wire.encode_source_ready(src, b'{"k":1}'))
                     elif isinstance(ev, wire.Stop):
                         s.sendall(wire.encode_header(wire.BYE))
                         return
                     elif isinstance(ev, wire.Exit):
                         return
+
+    def _mute(self) -> bool:
+        after = self.silent_after
+        return self.silent or (after is not None and len(self.fields) > after)
+
+    def _reply(self, s: socket.socket, reply: bytes) -> None:
+        if self.split_at is None or len(self.fields) != self.split_at + 1:
+            s.sendall(reply)
+            return
+        s.sendall(reply[:40])
+        time.sleep(scaled(0.05))  # not a wait: the hub must see the first part alone
+        s.sendall(reply[40:])
 
 
 def _expected(ids, step):
@@ -282,7 +309,7 @@ class _Spy:
         return getattr(self._hub, name)
 
 
-async def test_async_steps_wait_inline_on_the_stdlib_loop(unix_name):
+async def test_async_steps_wait_inline_on_the_stdlib_loop(unix_name, monkeypatch):
     """With the stdlib's selector loop and drivers in other threads, the async Hub completes
     a steady step inside the coroutine (the batched read, watching the loop's selector),
     and the loop still serves what comes meanwhile (a driver that connects)."""
@@ -303,10 +330,22 @@ async def test_async_steps_wait_inline_on_the_stdlib_loop(unix_name):
             return inline[-1]
 
         hub.steady.wait_inline = counted  # type: ignore[method-assign]
+        lane: list[bool] = []  # steps the lane took whole (maxwellhub.hub.lane)
+        lane_step = SteadyLane.step
+
+        def counted_lane(self, requests, timeout):
+            out = lane_step(self, requests, timeout)
+            lane.append(type(out) is dict)
+            return out
+
+        monkeypatch.setattr(SteadyLane, "step", counted_lane)
         for k in range(6):
             res = await hub.step(requests_for(ids, k))
             assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
-        assert len(inline) == 6 and inline.count(True) >= 5  # one may meet a late callback
+        # each step waited inline or went whole through the lane; one may meet a late callback
+        assert len(inline) + lane.count(True) == 6
+        assert inline.count(True) + lane.count(True) >= 5
+        assert lane.count(True) >= 3  # once the drivers are steady, the lane takes the steps
         ids.append(hub.register_molecule_return_id({"dt_au": 0.5}))
         drivers.append(ThreadDriver(path).start())
         k = 6
@@ -320,5 +359,182 @@ async def test_async_steps_wait_inline_on_the_stdlib_loop(unix_name):
         assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
     finally:
         await hub.stop(wait=scaled(2))
+    for d in drivers:
+        d.join()
+
+
+# ---------------------------------------------------------------- the steady lane
+
+
+def _lane_spy(monkeypatch) -> list[str]:
+    """What each SteadyLane step (dict or array form) returned: "whole", "resumed" or
+    "declined"."""
+    seen: list[str] = []
+
+    def spied(name):
+        real = getattr(SteadyLane, name)
+
+        def spy(self, *args):
+            out = real(self, *args)
+            kind = "declined" if out is None else "resumed" if isinstance(out, Resume) else "whole"
+            seen.append(kind)
+            return out
+
+        monkeypatch.setattr(SteadyLane, name, spy)
+
+    spied("step")
+    spied("step_arrays")
+    return seen
+
+
+def _bound_hub(unix_name, drivers_args, **hub_kw):
+    """A SocketHub (context manager), its molecule ids and ThreadDrivers, all bound."""
+    path = unix_socket_path(unix_name)
+    hub = SocketHub(unixsocket=unix_name, timeout=scaled(10), **hub_kw)
+    ids = [hub.register_molecule_return_id() for _ in drivers_args]
+    drivers = [ThreadDriver(path, **kw).start() for kw in drivers_args]
+    assert hub.wait_until_bound({m: {"dt_au": 0.5} for m in ids}, timeout=scaled(10))
+    return hub, ids, drivers
+
+
+def test_steady_steps_go_whole_through_the_lane(unix_name, monkeypatch):
+    """Once the drivers are steady, a step (dict or array form) goes out and back in one
+    pass of the lane (no barrier object, no loop): the same sources and extras, the step
+    counted, its time kept, the replay history fed."""
+    seen = _lane_spy(monkeypatch)
+    hub, ids, drivers = _bound_hub(unix_name, [{}, {}, {}], history=4)
+    with hub:
+        assert hub.hub is not None
+        for k in range(10):
+            requests = requests_for(ids, k)
+            if k % 3 == 2:  # the array form: ids and fields as arrays, a StepResult back
+                fields = np.array([requests[m]["efield_au"] for m in ids])
+                out = hub.step_arrays(ids, fields)
+                res = {
+                    m: {"amp": out.sources[r], "extra": out.extra_bytes(r)}
+                    for r, m in enumerate(out.ids.tolist())
+                }
+            else:
+                res = hub.step(requests) if k % 3 else hub.step_barrier(requests)
+            assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
+            assert {r["extra"] for r in res.values()} == {b'{"k":1}'}
+        assert seen.count("whole") >= 6 and "resumed" not in seen
+        assert hub.hub.step_index == 10 and len(hub.hub.stepper.step_ms) == 10
+        assert hub.molecule_steps(ids).tolist() == [10, 10, 10]
+        assert hub.hub.stepper.barrier is None
+        assert sum(hub.hub.stepper.last_to_answer.values()) == 10
+    for d in drivers:
+        d.join()
+
+
+def test_driver_death_in_a_lane_step_hands_the_step_over(unix_name, monkeypatch):
+    """A driver that dies in a lane step: the step is handed over frozen, a replacement
+    is replayed what it missed and the frozen field, and the step completes."""
+    seen = _lane_spy(monkeypatch)
+    hub, ids, drivers = _bound_hub(unix_name, [{"close_after": 6}, {}], history=8)
+    with hub:
+        path = unix_socket_path(unix_name)
+        for k in range(6):
+            res = hub.step(requests_for(ids, k))
+            assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
+        assert seen[-1] == "whole"
+        spare = ThreadDriver(path).start()  # waits unbound until a molecule frees up
+        res = hub.step(requests_for(ids, 6))
+        assert seen[-1] == "resumed"
+        assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, 6)
+        lost = drivers[0].molecule_id
+        assert lost is not None and spare.molecule_id == lost
+        sent = [tuple(requests_for(ids, k)[lost]["efield_au"].tolist()) for k in range(7)]
+        assert spare.fields == sent  # replayed 0..5, then the frozen field of step 6
+        assert hub.molecule_steps(ids).tolist() == [7, 7]
+    for d in [*drivers, spare]:
+        d.join()
+
+
+def test_split_reply_in_a_lane_step_goes_to_the_machine(unix_name, monkeypatch):
+    """A reply that arrives in two reads is handed to the driver's protocol machine; the
+    step completes with the right source and later steps take the lane again."""
+    seen = _lane_spy(monkeypatch)
+    hub, ids, drivers = _bound_hub(unix_name, [{"split_at": 5}, {}])
+    with hub:
+        for k in range(9):
+            res = hub.step(requests_for(ids, k))
+            assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
+            assert {r["extra"] for r in res.values()} == {b'{"k":1}'}
+        assert seen.count("resumed") == 1 and seen[-1] == "whole"
+    for d in drivers:
+        d.join()
+
+
+def test_deadline_in_a_lane_step_keeps_the_step_frozen(unix_name, monkeypatch):
+    """A driver that stops answering: the lane's wait ends at the step's deadline, the
+    step raises BarrierTimeout naming the molecule and stays frozen."""
+    seen = _lane_spy(monkeypatch)
+    hub, ids, drivers = _bound_hub(unix_name, [{"silent_after": 5}, {}])
+    with hub:
+        assert hub.hub is not None
+        for k in range(5):
+            hub.step(requests_for(ids, k))
+        mute = drivers[0].molecule_id
+        with pytest.raises(BarrierTimeout, match=rf"molecule\(s\) \[{mute}\] within"):
+            hub.step(requests_for(ids, 5), timeout=scaled(0.2))
+        assert seen[-1] == "resumed" and hub.hub.in_step
+        assert len(drivers[0].fields) == 6
+    for d in drivers:
+        d.join()
+
+
+def test_interrupt_in_a_lane_step_keeps_the_step_frozen(unix_name, monkeypatch):
+    """Ctrl-C in the lane's wait: the step stays frozen, and the next call completes it
+    with the fields first sent, not the new ones."""
+    seen = _lane_spy(monkeypatch)
+    hub, ids, drivers = _bound_hub(unix_name, [{}, {}])
+    with hub:
+        for k in range(5):
+            hub.step(requests_for(ids, k))
+        collect = steadyio.collect
+
+        def interrupted(*args):
+            monkeypatch.setattr(steadyio, "collect", collect)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(steadyio, "collect", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            hub.step(requests_for(ids, 5))
+        assert hub.hub is not None and hub.hub.in_step
+        res = hub.step(requests_for(ids, 99))  # continues the frozen step 5
+        assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, 5)
+        res = hub.step(requests_for(ids, 6))
+        assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, 6)
+        assert seen[-1] == "whole" and hub.molecule_steps(ids).tolist() == [7, 7]
+    for d in drivers:
+        d.join()
+
+
+def test_short_write_in_a_lane_step_is_queued(unix_name, monkeypatch):
+    """A block a socket took only part of is queued on its transport (which keeps the
+    order), and the step completes."""
+    seen = _lane_spy(monkeypatch)
+    hub, ids, drivers = _bound_hub(unix_name, [{}, {}])
+    with hub:
+        for k in range(5):
+            hub.step(requests_for(ids, k))
+        send = steadyio.send
+
+        def short(fds, rows, fields):
+            monkeypatch.setattr(steadyio, "send", send)
+            rest = send(fds[1:], rows[1:], fields)
+            block = wire.encode_field_step(fields[rows[0]])
+            os.write(int(fds[0]), block[:50])
+            return [(0, 50)] + [(k + 1, n) for k, n in rest]
+
+        monkeypatch.setattr(steadyio, "send", short)
+        res = hub.step(requests_for(ids, 5))
+        assert seen[-1] == "resumed"
+        assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, 5)
+        for k in range(6, 9):
+            res = hub.step(requests_for(ids, k))
+            assert {m: tuple(r["amp"]) for m, r in res.items()} == _expected(ids, k)
+        assert seen[-1] == "whole"
     for d in drivers:
         d.join()

@@ -66,6 +66,7 @@ from . import shm
 from .barrier import Barrier, StepResult, as_step_arrays, check_policy, checked_dipoles, ids_text
 from .fastpath import SteadyReader
 from .history import History
+from .lane import Resume
 from .params import ParamChanges
 from .registry import Molecule, Registry
 from .stepping import Stepper, StopRequested
@@ -960,6 +961,14 @@ class Hub:
     ) -> dict[int, dict[str, Any]]:
         """MaxwellLink's barrier: ``{molid: {"amp": ndarray(3), "extra": bytes}}``, or ``{}``
         when paused, aborted by a lost driver, or incomplete at ``timeout``."""
+        lane = self.stepper.lane
+        if lane is not None:
+            out = lane.step(requests, timeout)
+            if type(out) is dict:
+                return out
+            if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
+                result = await self.stepper.run(None, None, out.timeout, abort_on_loss=True)
+                return result.as_dict() if result is not None else {}
         ids, fields = self.requests_to_arrays(requests)
         result = await self.stepper.run(ids, fields, timeout, abort_on_loss=True)
         return result.as_dict() if result is not None else {}
@@ -975,6 +984,14 @@ class Hub:
         :class:`BarrierTimeout` naming the missing molecules; ``"abort"`` raise
         :class:`DriverLost` at once, naming them (the frozen step is kept either way)."""
         abort = check_policy(on_lost)
+        lane = self.stepper.lane
+        if lane is not None:
+            out = lane.step(requests, timeout)
+            if type(out) is dict:
+                return out
+            if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
+                result = await self.stepper.run(None, None, out.timeout, abort)
+                return self.outcome(result, abort, timeout).as_dict()
         ids, fields = self.requests_to_arrays(requests)  # validated here, once
         result = await self.stepper.run(ids, fields, timeout, abort)
         return self.outcome(result, abort, timeout).as_dict()
@@ -1014,6 +1031,14 @@ class Hub:
         """:meth:`step_arrays` without the check that the dipoles came (a relay passes
         them upstream as they are; the upstream hub checks)."""
         abort = check_policy(on_lost)
+        lane = self.stepper.lane
+        if lane is not None and ids is not None:
+            out = lane.step_arrays(ids, fields, timeout, extras, dipoles)
+            if isinstance(out, StepResult):
+                return out
+            if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
+                result = await self.stepper.run(None, None, out.timeout, abort, extras, dipoles)
+                return self.outcome(result, abort, timeout)
         if self.stepper.barrier is None and ids is not None:
             ids, fields = as_step_arrays(ids, fields)
         result = await self.stepper.run(ids, fields, timeout, abort, extras, dipoles)

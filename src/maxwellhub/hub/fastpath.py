@@ -220,7 +220,27 @@ class DirectStep:
         else:
             self._extend(first, fds)
         if short:
-            self.plan = None  # their transports hold the rest now
+            self.queue_rest(short, first, fields, rows)
+
+    def adopt(self, plan: _Plan) -> None:
+        """The state right after ``plan``'s drivers were all sent their blocks (by the
+        caller, as :meth:`reuse` would: :class:`~maxwellhub.hub.lane.SteadyLane`)."""
+        self.protos, self.conns = list(plan.protos), list(plan.conns)
+        self.fds, self.rows = list(plan.fds), list(plan.rows)
+        self.sent = len(self.fds)
+        self._rows, self.table = plan.row_array, plan.table
+        self.raw = plan.clean_raw()
+
+    def queue_rest(
+        self,
+        short: list[tuple[int, int]],
+        first: int,
+        fields: npt.NDArray[Any],
+        rows: npt.NDArray[Any],
+    ) -> None:
+        """Queue on their transports what the sockets of drivers ``first + k`` did not
+        take of their blocks (``short`` from :func:`steadyio.send`)."""
+        self.plan = None  # their transports hold the rest now
         for k, sent in short:
             proto = self.protos[first + k]
             block = wire.encode_field_step(fields[rows[k]])
@@ -287,13 +307,22 @@ class DirectStep:
             self.answered,
         )
         if self.answered:
-            mark_answered_direct(self.conns, self.answered)
+            self.absorb(self.answered, waiting, last)
             self.answered.clear()
-            barrier.waiting = waiting
-            if waiting == 0:
-                barrier.last = self.conns[last]
-                barrier.wake("done")
         return status, who, data
+
+    def absorb(self, answered: list[int], waiting: int, last: int) -> None:
+        """After a collect that took the replies of drivers ``answered`` (``waiting``
+        rows left, ``last`` the last to answer): their machines are READY again and the
+        barrier is woken when complete."""
+        if not answered:
+            return
+        barrier = self.barrier
+        mark_answered_direct(self.conns, answered)
+        barrier.waiting = waiting
+        if waiting == 0:
+            barrier.last = self.conns[last]
+            barrier.wake("done")
 
     def hand_over(self, k: int, data: bytes) -> None:
         """Driver k's read is not the clean reply: its protocol machine takes it (and,
@@ -411,16 +440,24 @@ class SteadyReader:
         the loop is needed; the last status (DONE, LOOP, TIMEOUT or GONE)."""
         while True:
             status, who, data = direct.collect(self.epoll, loop_fd, outer_fd, deadline)
-            if status == steadyio.DATA and data is not None:
-                direct.hand_over(who, data)
-            elif status == steadyio.FOREIGN:
-                self._read([(who, 0)])
-            else:
-                if status == steadyio.GONE:
-                    self.forget(direct.protos[who], resume=True)
+            if not self.absorb(direct, status, who, data):
                 return int(status)
             if not direct.barrier.waiting:
                 return steadyio.DONE
+
+    def absorb(self, direct: DirectStep, status: int, who: int, data: bytes | None) -> bool:
+        """Act on a collect's ``status``: a read for a driver's machine or a socket not in
+        the step is read on (True: collect again); a driver's end gives it back to the
+        loop (False, as for DONE, LOOP and TIMEOUT: the wait decides)."""
+        if status == steadyio.DATA and data is not None:
+            direct.hand_over(who, data)
+            return True
+        if status == steadyio.FOREIGN:
+            self._read([(who, 0)])
+            return True
+        if status == steadyio.GONE:
+            self.forget(direct.protos[who], resume=True)
+        return False
 
     def wait_inline(self, outer_fd: int, deadline: float) -> bool:
         """The async hub's step, without leaving the coroutine: batched reads until the

@@ -47,8 +47,9 @@ from ..liveness import within
 from ..net import steadyio
 from ..protocol.connection import Connection, State
 from .barrier import Barrier, Layout, StepResult, fields_array, ids_text
-from .fastpath import DirectStep, Steady, SteadyReader, can_wait_detached
+from .fastpath import DirectStep, Steady, SteadyReader, _Plan, can_wait_detached
 from .history import History
+from .lane import SteadyLane
 from .registry import Registry
 
 __all__ = ["HubView", "Stepper", "StopRequested"]
@@ -119,6 +120,8 @@ class Stepper:
         self.step_ms: deque[float] = deque(maxlen=_STEP_TIMES)
         #: How often each molecule's reply completed a step (bounded).
         self.last_to_answer: Counter[int] = Counter()
+        #: The steady step in one pass, when the last step allows it (see its module).
+        self.lane: SteadyLane | None = None
 
     # ------------------------------------------------------------------ for the hub
 
@@ -410,8 +413,11 @@ class Stepper:
         self.barrier = None
         steady = self.hub.steady
         if steady is not None and steady.direct is not None:
-            steady.plan = steady.direct.plan  # for the next step, if it has the same drivers
+            plan = steady.plan = steady.direct.plan  # for the next step with the same drivers
             steady.direct = None
+            self._keep_lane(barrier.layout, plan)
+        else:
+            self.lane = None
         self.hub.step_index += 1
         self.hub.continuity.completed(barrier.layout, barrier.fields)
         self.step_ms.append((time.monotonic() - barrier.started) * 1e3)
@@ -427,6 +433,17 @@ class Stepper:
             flat = np.fromiter(chain.from_iterable(single.values()), np.float64, 3 * len(single))
             sources[rows] = flat.reshape(-1, 3)
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
+
+    def _keep_lane(self, layout: Layout, plan: _Plan | None) -> None:
+        """Keep a :class:`~maxwellhub.hub.lane.SteadyLane` for the next steps when this one
+        went out and came back whole through the batched path."""
+        lane = self.lane
+        if lane is not None and lane.plan is plan and lane.layout is layout:
+            return
+        if SteadyLane.usable(layout, plan):
+            self.lane = SteadyLane(self, layout, cast(_Plan, plan), next(self._reports()))
+        else:
+            self.lane = None
 
     async def run(
         self,

@@ -24,6 +24,7 @@ from ..parallel.mpi import am_master
 from .barrier import StepResult, as_step_arrays, check_policy, checked_dipoles
 from .core import Hub, new_event_loop
 from .fastpath import can_wait_detached
+from .lane import Resume, SteadyLane
 
 __all__ = ["SocketHub"]
 
@@ -279,9 +280,26 @@ class SocketHub:
     ) -> dict[int, dict[str, Any]]:
         if self.hub is None or self._loop is None:
             return {}  # not rank 0, or stopped: the "paused" case of the contract
+        lane = self._lane()
+        if lane is not None:
+            out = lane.step(requests, timeout)
+            if type(out) is dict:
+                return out
+            if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
+                result = self._barrier(None, None, out.timeout, True)
+                return result.as_dict() if result is not None else {}
         ids, fields = self.hub.requests_to_arrays(requests)
         result = self._barrier(ids, fields, timeout, True)
         return result.as_dict() if result is not None else {}
+
+    def _lane(self) -> SteadyLane | None:
+        """The stepper's steady lane when this hub waits detached (see
+        :mod:`maxwellhub.hub.lane`), else None."""
+        hub = self.hub
+        if hub is None or not self._detached or hub.stepper.lane is None:
+            return None
+        self._check_no_running_loop()
+        return hub.stepper.lane
 
     def step(
         self,
@@ -293,6 +311,14 @@ class SocketHub:
         if self.hub is None:
             raise UsageError("step is only available on MPI rank 0")
         abort = check_policy(on_lost)
+        lane = self._lane()
+        if lane is not None:
+            out = lane.step(requests, timeout)
+            if type(out) is dict:
+                return out
+            if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
+                result = self._barrier(None, None, out.timeout, abort)
+                return self.hub.outcome(result, abort, timeout).as_dict()
         ids, fields = self.hub.requests_to_arrays(requests)  # validated here, once
         result = self._barrier(ids, fields, timeout, abort)
         return self.hub.outcome(result, abort, timeout).as_dict()
@@ -310,6 +336,14 @@ class SocketHub:
         if self.hub is None or self._loop is None:
             raise UsageError("step_arrays is only available on MPI rank 0 of a running hub")
         abort = check_policy(on_lost)
+        lane = self._lane()
+        if lane is not None and ids is not None:
+            out = lane.step_arrays(ids, fields, timeout, extras, dipoles)
+            if isinstance(out, StepResult):
+                return checked_dipoles(out, dipoles)
+            if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
+                result = self._barrier(None, None, out.timeout, abort, extras, dipoles)
+                return checked_dipoles(self.hub.outcome(result, abort, timeout), dipoles)
         if not self.hub.in_step and ids is not None:
             ids, fields = as_step_arrays(ids, fields)
         result = self._barrier(ids, fields, timeout, abort, extras, dipoles)
