@@ -961,17 +961,10 @@ class Hub:
     ) -> dict[int, dict[str, Any]]:
         """MaxwellLink's barrier: ``{molid: {"amp": ndarray(3), "extra": bytes}}``, or ``{}``
         when paused, aborted by a lost driver, or incomplete at ``timeout``."""
-        lane = self.stepper.lane
-        if lane is not None:
-            out = lane.step(requests, timeout)
-            if type(out) is dict:
-                return out
-            if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
-                result = await self.stepper.run(None, None, out.timeout, abort_on_loss=True)
-                return result.as_dict() if result is not None else {}
-        ids, fields = self.requests_to_arrays(requests)
-        result = await self.stepper.run(ids, fields, timeout, abort_on_loss=True)
-        return result.as_dict() if result is not None else {}
+        out = await self._dict_step(requests, timeout, True)
+        if isinstance(out, dict):
+            return out
+        return out.as_dict() if out is not None else {}
 
     async def step(
         self,
@@ -984,17 +977,24 @@ class Hub:
         :class:`BarrierTimeout` naming the missing molecules; ``"abort"`` raise
         :class:`DriverLost` at once, naming them (the frozen step is kept either way)."""
         abort = check_policy(on_lost)
+        out = await self._dict_step(requests, timeout, abort)
+        if type(out) is dict:
+            return out
+        return self.outcome(cast("StepResult | None", out), abort, timeout).as_dict()
+
+    async def _dict_step(
+        self, requests: Mapping[int, Mapping[str, Any]], timeout: float | None, abort: bool
+    ) -> dict[int, dict[str, Any]] | StepResult | None:
+        """A step of MaxwellLink's request dict: the result dict when the steady lane made
+        the step whole, else the barrier's result (None: incomplete, see ``outcome``)."""
         lane = self.stepper.lane
-        if lane is not None:
-            out = lane.step(requests, timeout)
-            if type(out) is dict:
-                return out
-            if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
-                result = await self.stepper.run(None, None, out.timeout, abort)
-                return self.outcome(result, abort, timeout).as_dict()
+        out = lane.step(requests, timeout) if lane is not None else None
+        if type(out) is dict:
+            return out
+        if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
+            return await self.stepper.run(None, None, out.timeout, abort)
         ids, fields = self.requests_to_arrays(requests)  # validated here, once
-        result = await self.stepper.run(ids, fields, timeout, abort)
-        return self.outcome(result, abort, timeout).as_dict()
+        return await self.stepper.run(ids, fields, timeout, abort)
 
     async def step_arrays(
         self,

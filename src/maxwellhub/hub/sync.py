@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -280,17 +280,25 @@ class SocketHub:
     ) -> dict[int, dict[str, Any]]:
         if self.hub is None or self._loop is None:
             return {}  # not rank 0, or stopped: the "paused" case of the contract
+        out = self._dict_step(requests, timeout, True)
+        if isinstance(out, dict):
+            return out
+        return out.as_dict() if out is not None else {}
+
+    def _dict_step(
+        self, requests: Mapping[int, Mapping[str, Any]], timeout: float | None, abort: bool
+    ) -> dict[int, dict[str, Any]] | StepResult | None:
+        """A step of MaxwellLink's request dict: the result dict when the steady lane made
+        the step whole, else the barrier's result (None: incomplete, see ``outcome``)."""
         lane = self._lane()
-        if lane is not None:
-            out = lane.step(requests, timeout)
-            if type(out) is dict:
-                return out
-            if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
-                result = self._barrier(None, None, out.timeout, True)
-                return result.as_dict() if result is not None else {}
-        ids, fields = self.hub.requests_to_arrays(requests)
-        result = self._barrier(ids, fields, timeout, True)
-        return result.as_dict() if result is not None else {}
+        out = lane.step(requests, timeout) if lane is not None else None
+        if type(out) is dict:
+            return out
+        if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
+            return self._barrier(None, None, out.timeout, abort)
+        hub, _ = self._live()
+        ids, fields = hub.requests_to_arrays(requests)  # validated here, once
+        return self._barrier(ids, fields, timeout, abort)
 
     def _lane(self) -> SteadyLane | None:
         """The stepper's steady lane when this hub waits detached (see
@@ -311,17 +319,10 @@ class SocketHub:
         if self.hub is None:
             raise UsageError("step is only available on MPI rank 0")
         abort = check_policy(on_lost)
-        lane = self._lane()
-        if lane is not None:
-            out = lane.step(requests, timeout)
-            if type(out) is dict:
-                return out
-            if isinstance(out, Resume):  # written, then handed over: the frozen step goes on
-                result = self._barrier(None, None, out.timeout, abort)
-                return self.hub.outcome(result, abort, timeout).as_dict()
-        ids, fields = self.hub.requests_to_arrays(requests)  # validated here, once
-        result = self._barrier(ids, fields, timeout, abort)
-        return self.hub.outcome(result, abort, timeout).as_dict()
+        out = self._dict_step(requests, timeout, abort)
+        if type(out) is dict:
+            return out
+        return self.hub.outcome(cast("StepResult | None", out), abort, timeout).as_dict()
 
     def step_arrays(
         self,
