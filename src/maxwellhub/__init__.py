@@ -1,7 +1,7 @@
 """maxwellhub: the coupling hub between an FDTD solver (Meep) and molecular drivers.
 
 Public API: :class:`SocketHub` (synchronous, MaxwellLink-compatible), :class:`Hub`
-(asyncio), the MPI helpers and the errors. The wire codec is :mod:`maxwellhub.wire`.
+(asyncio), the MPI helpers and the errors. The wire codec is :mod:`maxwellhub.protocol.wire`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import secrets
 import stat
 
 from .errors import UsageError
-from .wire import AUTH_NONCE_SIZE
+from .protocol.frames import AUTH_NONCE_SIZE
 
 __all__ = ["SECRET_ENV", "Secret", "is_loopback", "load_secret", "new_nonce"]
 

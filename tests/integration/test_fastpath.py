@@ -12,9 +12,10 @@ import pytest
 from _util import scaled
 from fakes import FakeDriver, FakeEnsemble, fake_source
 
-from maxwellhub import BarrierTimeout, Hub, SocketHub, wire
+from maxwellhub import BarrierTimeout, Hub, SocketHub
 from maxwellhub.addresses import unix_socket_path
 from maxwellhub.hub.core import StopRequested
+from maxwellhub.protocol import wire
 
 
 def requests_for(ids, step):

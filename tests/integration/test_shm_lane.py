@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from maxwellhub import wire
 from maxwellhub.net import shm_lane
 from maxwellhub.net.shm_lane import Barrier, LaneError, PeerGone
+from maxwellhub.protocol import wire
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memfd/eventfd")
 

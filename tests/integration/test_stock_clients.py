@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from _util import scaled, stock_clients
 
-from maxwellhub import SocketHub, wire
+from maxwellhub import SocketHub
 from maxwellhub.models import create_model
+from maxwellhub.protocol import wire
 from maxwellhub.run.launch import reap, start_driver
 
 STEPS = 100

@@ -25,7 +25,7 @@ LAYERS = {
     "maxwellhub.mpi": BASE,  # its old path (an alias module)
     "maxwellhub.models": BASE,  # the molecule models: numpy (and optional packages) only
     # bytes and state; sockets
-    "maxwellhub.wire": NET_PROTOCOL,
+    "maxwellhub.wire": NET_PROTOCOL,  # old path of protocol.wire (an alias module)
     "maxwellhub.auth": NET_PROTOCOL,
     "maxwellhub.protocol": NET_PROTOCOL,
     "maxwellhub.addresses": NET_PROTOCOL,
