@@ -44,10 +44,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .addresses import connect_once
 from .errors import MaxwellHubError, UsageError
 from .fsutil import atomic_write
 from .liveness import within
+from .net.addresses import connect_once
 from .net.backoff import Backoff
 
 __all__ = [

@@ -13,8 +13,8 @@ from _util import scaled
 from fakes import FakeDriver, FakeEnsemble, fake_source
 
 from maxwellhub import BarrierTimeout, Hub, SocketHub
-from maxwellhub.addresses import unix_socket_path
 from maxwellhub.hub.core import StopRequested
+from maxwellhub.net.addresses import unix_socket_path
 from maxwellhub.protocol import wire
 
 

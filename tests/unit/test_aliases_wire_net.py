@@ -5,9 +5,11 @@ whose names are those of ``protocol.frames``, ``protocol.encoder`` and
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
+import pytest
 from _util import scaled
 
 from maxwellhub.errors import ProtocolError
@@ -118,3 +120,25 @@ def test_old_wire_path_first_in_a_fresh_interpreter():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(60)
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
+
+
+#: Old module path -> new one, for the modules that moved into the protocol and net layers.
+MOVED = {
+    "maxwellhub.addresses": "maxwellhub.net.addresses",
+}
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_moved_modules_keep_their_old_path(old):
+    new = importlib.import_module(MOVED[old])
+    assert importlib.import_module(old) is new
+    assert sys.modules[old] is new and new.__name__ == MOVED[old]
+    assert getattr(importlib.import_module("maxwellhub"), old.rpartition(".")[2]) is new
+
+
+def test_old_network_names_are_the_same_objects():
+    from maxwellhub.addresses import connect_once, unix_socket_path
+    from maxwellhub.net import addresses
+
+    assert connect_once is addresses.connect_once
+    assert unix_socket_path is addresses.unix_socket_path

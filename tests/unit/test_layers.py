@@ -28,7 +28,7 @@ LAYERS = {
     "maxwellhub.wire": NET_PROTOCOL,  # old path of protocol.wire (an alias module)
     "maxwellhub.auth": NET_PROTOCOL,
     "maxwellhub.protocol": NET_PROTOCOL,
-    "maxwellhub.addresses": NET_PROTOCOL,
+    "maxwellhub.addresses": NET_PROTOCOL,  # old path of net.addresses (an alias module)
     "maxwellhub.net": NET_PROTOCOL,
     "maxwellhub.rendezvous": NET_PROTOCOL,
     # the control endpoint is served by the hub and never imports it
