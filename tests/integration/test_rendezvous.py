@@ -20,7 +20,7 @@ import pytest
 from maxwellhub import Hub, SocketHub
 from maxwellhub.auth import load_secret
 from maxwellhub.errors import UsageError
-from maxwellhub.rendezvous import (
+from maxwellhub.net.rendezvous import (
     RendezvousError,
     read_address_file,
     remove_address_file,

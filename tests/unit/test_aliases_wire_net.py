@@ -125,6 +125,7 @@ def test_old_wire_path_first_in_a_fresh_interpreter():
 #: Old module path -> new one, for the modules that moved into the protocol and net layers.
 MOVED = {
     "maxwellhub.addresses": "maxwellhub.net.addresses",
+    "maxwellhub.rendezvous": "maxwellhub.net.rendezvous",
 }
 
 
@@ -138,7 +139,10 @@ def test_moved_modules_keep_their_old_path(old):
 
 def test_old_network_names_are_the_same_objects():
     from maxwellhub.addresses import connect_once, unix_socket_path
-    from maxwellhub.net import addresses
+    from maxwellhub.net import addresses, rendezvous
+    from maxwellhub.rendezvous import RendezvousError, wait_and_connect
 
     assert connect_once is addresses.connect_once
     assert unix_socket_path is addresses.unix_socket_path
+    assert RendezvousError is rendezvous.RendezvousError
+    assert wait_and_connect is rendezvous.wait_and_connect

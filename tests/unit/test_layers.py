@@ -30,7 +30,7 @@ LAYERS = {
     "maxwellhub.protocol": NET_PROTOCOL,
     "maxwellhub.addresses": NET_PROTOCOL,  # old path of net.addresses (an alias module)
     "maxwellhub.net": NET_PROTOCOL,
-    "maxwellhub.rendezvous": NET_PROTOCOL,
+    "maxwellhub.rendezvous": NET_PROTOCOL,  # old path of net.rendezvous (an alias module)
     # the control endpoint is served by the hub and never imports it
     "maxwellhub.services": NET_PROTOCOL,
     "maxwellhub.hub": HUB_EM,
