@@ -1,4 +1,4 @@
-"""The old paths of the wire codec and the network modules stay importable, as the same
+"""The old paths of the wire codec, auth and the network modules stay importable, as the same
 objects as the new ones (not copies): ``maxwellhub.wire`` is ``maxwellhub.protocol.wire``,
 whose names are those of ``protocol.frames``, ``protocol.encoder`` and
 ``protocol.decoder``."""
@@ -125,6 +125,7 @@ def test_old_wire_path_first_in_a_fresh_interpreter():
 #: Old module path -> new one, for the modules that moved into the protocol and net layers.
 MOVED = {
     "maxwellhub.addresses": "maxwellhub.net.addresses",
+    "maxwellhub.auth": "maxwellhub.protocol.auth",
     "maxwellhub.rendezvous": "maxwellhub.net.rendezvous",
 }
 
@@ -139,10 +140,13 @@ def test_moved_modules_keep_their_old_path(old):
 
 def test_old_network_names_are_the_same_objects():
     from maxwellhub.addresses import connect_once, unix_socket_path
+    from maxwellhub.auth import Secret, load_secret
     from maxwellhub.net import addresses, rendezvous
+    from maxwellhub.protocol import auth
     from maxwellhub.rendezvous import RendezvousError, wait_and_connect
 
     assert connect_once is addresses.connect_once
     assert unix_socket_path is addresses.unix_socket_path
     assert RendezvousError is rendezvous.RendezvousError
     assert wait_and_connect is rendezvous.wait_and_connect
+    assert Secret is auth.Secret and load_secret is auth.load_secret

@@ -26,7 +26,7 @@ LAYERS = {
     "maxwellhub.models": BASE,  # the molecule models: numpy (and optional packages) only
     # bytes and state; sockets
     "maxwellhub.wire": NET_PROTOCOL,  # old path of protocol.wire (an alias module)
-    "maxwellhub.auth": NET_PROTOCOL,
+    "maxwellhub.auth": NET_PROTOCOL,  # old path of protocol.auth (an alias module)
     "maxwellhub.protocol": NET_PROTOCOL,
     "maxwellhub.addresses": NET_PROTOCOL,  # old path of net.addresses (an alias module)
     "maxwellhub.net": NET_PROTOCOL,

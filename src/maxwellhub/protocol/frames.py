@@ -60,7 +60,7 @@ An ensemble driver older than WANT_DIPOLES ignores bit 1 and answers K = 0 (or a
 extras); the hub then names the molecules whose dipoles did not come (see
 :meth:`maxwellhub.hub.Hub.step_arrays`).
 
-maxwellhub's authentication frames (version 1, see :mod:`maxwellhub.auth`). Only a hub
+maxwellhub's authentication frames (version 1, see :mod:`maxwellhub.protocol.auth`). Only a hub
 given a secret sends MXHAUTH, as its first message instead of STATUS; nothing else is
 exchanged until the driver's MXHPROOF checks out:
 
@@ -482,7 +482,7 @@ class AuthChallenge:
 
 @dataclass(frozen=True, slots=True)
 class AuthProof:
-    """MXHPROOF: the driver's HMAC-SHA256 of the challenge (see :mod:`maxwellhub.auth`)."""
+    """MXHPROOF: the driver's HMAC-SHA256 of the challenge (see :mod:`maxwellhub.protocol.auth`)."""
 
     version: int
     proof: bytes
