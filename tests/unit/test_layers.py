@@ -20,7 +20,7 @@ LAYERS = {
     "maxwellhub.units": BASE,
     "maxwellhub.speedups": BASE,  # loads the optional C extensions
     "maxwellhub.fsutil": BASE,
-    "maxwellhub.liveness": BASE,
+    "maxwellhub.liveness": BASE,  # deadlines and keepalive numbers: opens no socket
     "maxwellhub.parallel.mpi": BASE,  # serial is MPI with one rank
     "maxwellhub.mpi": BASE,  # its old path (an alias module)
     "maxwellhub.models": BASE,  # the molecule models: numpy (and optional packages) only
