@@ -5,8 +5,8 @@ byte layouts, the caps on what a peer may make us read (:class:`Limits`) and the
 :mod:`maxwellhub.protocol.decoder` turns bytes into these events and
 :mod:`maxwellhub.protocol.encoder` events into bytes; :mod:`maxwellhub.protocol.wire` gathers
 the three in one namespace (``maxwellhub.wire`` is its old path). The C extensions get the
-constants they need from here through Python (:mod:`maxwellhub.net.steadyio` passes them),
-so a layout is written down once.
+constants they need from here through Python (:mod:`maxwellhub.net.steadyio` and the
+driver's fast loop pass them), so a layout is written down once.
 
 This module only defines: it never touches a socket, never converts units and never parses
 or encodes a payload (the one helper, :func:`encode_header`, pads a name).
