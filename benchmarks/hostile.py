@@ -61,8 +61,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from _common import JsonLines, emit, fmt, machine, raise_nofile, stop_process  # noqa: E402
 from fakes import fake_source  # noqa: E402
 
-from maxwellhub import Hub, wire  # noqa: E402
+from maxwellhub import Hub  # noqa: E402
 from maxwellhub.hub import new_event_loop  # noqa: E402
+from maxwellhub.protocol import wire  # noqa: E402
 
 KINDS = ("connect-close", "random", "oversize", "fuzz", "truncated", "idle", "slowloris")
 _DRIVER_RE = re.compile(r"driver#(\d+)")

@@ -69,8 +69,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from maxwellhub import wire
 from maxwellhub.net import shm_lane
+from maxwellhub.protocol import wire
 
 C = 0.5
 HUB_CORE, DRIVER_CORE = 0, 1

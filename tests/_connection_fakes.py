@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from maxwellhub import wire
-from maxwellhub.auth import Secret
+from maxwellhub.protocol import wire
+from maxwellhub.protocol.auth import Secret
 from maxwellhub.protocol.connection import Connection, Lane, Parts, State
 
 STATUS = wire.encode_header(wire.STATUS)

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from maxwellhub import addresses
+from maxwellhub.net import addresses
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

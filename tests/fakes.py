@@ -10,7 +10,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from maxwellhub import wire
+from maxwellhub.protocol import wire
 
 _RUNNING: set[asyncio.Task] = set()
 

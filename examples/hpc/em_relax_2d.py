@@ -25,9 +25,9 @@ import meep as mp
 import numpy as np
 
 from maxwellhub import SocketHub, am_master
-from maxwellhub.auth import load_secret
 from maxwellhub.em import MeepCoupling
 from maxwellhub.parallel.mpmd import split_world
+from maxwellhub.protocol.auth import load_secret
 
 # Before the simulation exists: in an MPMD job keep Meep and the hub to this program's
 # ranks (outside MPMD a no-op costing one Allgather).

@@ -158,8 +158,8 @@ def _relay_parser(sub) -> None:
 
 
 def _relay(args) -> int:
-    from .auth import load_secret
     from .errors import UsageError
+    from .protocol.auth import load_secret
     from .relay import Relay, run_relay
 
     def usage(message: str) -> int:

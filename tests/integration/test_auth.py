@@ -14,9 +14,10 @@ from _events import one
 from _util import scaled
 from fakes import FakeDriver, fake_source
 
-from maxwellhub import Hub, ProtocolError, SocketHub, UsageError, wire
-from maxwellhub.auth import SECRET_ENV, Secret, is_loopback, load_secret
+from maxwellhub import Hub, ProtocolError, SocketHub, UsageError
 from maxwellhub.models import create_model
+from maxwellhub.protocol import wire
+from maxwellhub.protocol.auth import SECRET_ENV, Secret, is_loopback, load_secret
 from maxwellhub.run.launch import driver_command, driver_env, reap, start_driver
 from maxwellhub_drivers.client import NO_SECRET
 

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from _util import scaled
 
-from maxwellhub import Hub, SocketHub, wire
+from maxwellhub import Hub, SocketHub
 from maxwellhub.models import create_model
+from maxwellhub.protocol import wire
 from maxwellhub.run.launch import reap, start_driver
 from maxwellhub_drivers.checkpoint import Continuity, checkpoint_key
 

@@ -12,9 +12,10 @@ import pytest
 from _util import scaled
 from test_relay import start_relay
 
-from maxwellhub import SocketHub, wire
+from maxwellhub import SocketHub
 from maxwellhub.errors import ProtocolError
 from maxwellhub.models import create_model
+from maxwellhub.protocol import wire
 from maxwellhub.run.launch import reap, start_driver
 from maxwellhub_drivers.client import run_client
 from maxwellhub_drivers.ensemble import EnsembleSession

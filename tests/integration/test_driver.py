@@ -19,9 +19,9 @@ import pytest
 from _events import one
 from _util import scaled, unix_socket_path
 
-from maxwellhub import wire
-from maxwellhub.addresses import unix_socket_path as driver_unix_path
 from maxwellhub.models import create_model
+from maxwellhub.net.addresses import unix_socket_path as driver_unix_path
+from maxwellhub.protocol import wire
 from maxwellhub_drivers.cli import main, parse_params, parse_value
 from maxwellhub_drivers.client import (
     EXIT_CONNECTION,

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from _util import scaled
 
-from maxwellhub import speedups, wire
+from maxwellhub import speedups
 from maxwellhub.models import create_model
 from maxwellhub.protocol import params as params_frames
+from maxwellhub.protocol import wire
 from maxwellhub_drivers import fastloop
 from maxwellhub_drivers.client import (
     EXIT_CONNECTION,

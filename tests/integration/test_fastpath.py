@@ -14,11 +14,12 @@ import pytest
 from _util import scaled
 from fakes import FakeDriver, FakeEnsemble, fake_source
 
-from maxwellhub import BarrierTimeout, Hub, SocketHub, wire
-from maxwellhub.addresses import unix_socket_path
+from maxwellhub import BarrierTimeout, Hub, SocketHub
 from maxwellhub.hub.core import StopRequested
 from maxwellhub.hub.lane import Resume, SteadyLane
 from maxwellhub.net import steadyio
+from maxwellhub.net.addresses import unix_socket_path
+from maxwellhub.protocol import wire
 
 
 def requests_for(ids, step):

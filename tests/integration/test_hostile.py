@@ -20,9 +20,10 @@ import pytest
 from _util import REPO_ROOT, scaled
 from fakes import FakeDriver, fake_source
 
-from maxwellhub import Hub, wire
+from maxwellhub import Hub
 from maxwellhub.net.listener import Listener
 from maxwellhub.net.logsummary import PeerLog
+from maxwellhub.protocol import wire
 from maxwellhub_drivers.client import connect
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))

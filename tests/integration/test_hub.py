@@ -28,7 +28,7 @@ from maxwellhub import (
     mpi_bcast_from_master,
     wire,
 )
-from maxwellhub.addresses import unix_socket_path
+from maxwellhub.net.addresses import unix_socket_path
 
 _T = TypeVar("_T")
 

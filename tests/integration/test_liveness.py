@@ -30,10 +30,11 @@ import pytest
 from _util import scaled
 from fakes import FakeDriver, fake_source
 
-from maxwellhub import Hub, SocketHub, liveness, wire
-from maxwellhub.addresses import connect_once
+from maxwellhub import Hub, SocketHub, liveness
 from maxwellhub.errors import DriverLost, UsageError
 from maxwellhub.hub import core as hub_module
+from maxwellhub.net.addresses import connect_once
+from maxwellhub.protocol import wire
 from maxwellhub.run.launch import reap, start_driver
 from maxwellhub.services import control
 

@@ -14,8 +14,8 @@ import pytest
 from _util import scaled
 
 from maxwellhub import Hub, UsageError
-from maxwellhub.addresses import unix_socket_path
 from maxwellhub.models import create_model
+from maxwellhub.net.addresses import unix_socket_path
 from maxwellhub_drivers.client import EXIT_OK, run_client
 
 TLS: dict[str, Any] = {"omega": 0.242, "mu12": 187.0, "orientation": 2, "pe_initial": 0.1}

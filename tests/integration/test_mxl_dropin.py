@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from _util import REPO_ROOT, mxl_meep_python, scaled, unix_socket_path
 
-from maxwellhub import SocketHub, wire
+from maxwellhub import SocketHub
+from maxwellhub.protocol import wire
 
 RUNNER = REPO_ROOT / "tests" / "_mxl_meep_run.py"
 

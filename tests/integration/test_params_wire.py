@@ -18,11 +18,12 @@ from _connection_fakes import READY, feed, ready_single
 from _util import scaled
 from fakes import FakeDriver
 
-from maxwellhub import Hub, SocketHub, wire
+from maxwellhub import Hub, SocketHub
 from maxwellhub.errors import BarrierTimeout, ProtocolError, UsageError
 from maxwellhub.hub.params import Change, ParameterRefused
 from maxwellhub.models import create_model, get_model_class
 from maxwellhub.protocol import params as pp
+from maxwellhub.protocol import wire
 from maxwellhub.protocol.connection import State
 from maxwellhub_drivers.client import connect, run_client, serve
 

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from _util import scaled, unix_socket_path
 
-from maxwellhub import SocketHub, wire
-from maxwellhub.auth import Secret, load_secret
+from maxwellhub import SocketHub
 from maxwellhub.errors import ProtocolError
+from maxwellhub.protocol import wire
+from maxwellhub.protocol.auth import Secret, load_secret
 from maxwellhub.protocol.init import parse_ensemble_init
 from maxwellhub.run.launch import driver_env, reap, start_driver
 

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from maxwellhub import Hub, SocketHub
-from maxwellhub.auth import load_secret
 from maxwellhub.errors import UsageError
-from maxwellhub.rendezvous import (
+from maxwellhub.net.rendezvous import (
     RendezvousError,
     read_address_file,
     remove_address_file,
@@ -28,6 +27,7 @@ from maxwellhub.rendezvous import (
     wait_and_connect,
     write_address_file,
 )
+from maxwellhub.protocol.auth import load_secret
 
 FIELD = np.array([0.0, 0.0, 1e-3])
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from maxwellhub import wire
 from maxwellhub.net import shm_lane
 from maxwellhub.net.shm_lane import Barrier, LaneError, PeerGone
+from maxwellhub.protocol import wire
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memfd/eventfd")
 
@@ -501,7 +501,7 @@ def _run_in_thread(unix_name, monkeypatch, env: str, secret=None) -> tuple[np.nd
 def test_with_a_secret_the_lane_is_offered_after_the_proof(unix_name, monkeypatch):
     """A hub with a secret: the ensemble's MXHHELLO comes before its MXHPROOF, the lane is
     passed only after the proof, and the steps through it equal the socket's."""
-    from maxwellhub.auth import Secret
+    from maxwellhub.protocol.auth import Secret
 
     secret = Secret(b"k" * 32)
     lane, on_lane = _run_in_thread(unix_name, monkeypatch, "1", secret)

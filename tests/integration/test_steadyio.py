@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from _util import scaled
 
-from maxwellhub import speedups, wire
+from maxwellhub import speedups
 from maxwellhub.net import steadyio
+from maxwellhub.protocol import wire
 
 MAX_EXTRAS = 1 << 20
 

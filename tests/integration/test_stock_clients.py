@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from _util import scaled, stock_clients
 
-from maxwellhub import SocketHub, wire
+from maxwellhub import SocketHub
 from maxwellhub.models import create_model
+from maxwellhub.protocol import wire
 from maxwellhub.run.launch import reap, start_driver
 
 STEPS = 100
@@ -477,7 +478,7 @@ def test_stock_clients_behind_a_relay_reach_an_authenticating_hub(ipi_name, tmp_
     proves the secret to a TCP hub, and every step's values are right; all exit 0."""
     import sys
 
-    from maxwellhub.auth import load_secret
+    from maxwellhub.protocol.auth import load_secret
 
     secret_file = tmp_path / "hub.secret"
     secret_file.write_text("relay-test-secret\n")

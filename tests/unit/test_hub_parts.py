@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from _events import as_kind
 
-from maxwellhub import wire
 from maxwellhub.errors import UsageError
 from maxwellhub.hub import Hub
 from maxwellhub.hub.barrier import Layout
 from maxwellhub.hub.history import History
 from maxwellhub.hub.registry import Registry
+from maxwellhub.protocol import wire
 from maxwellhub.protocol.connection import Connection, Lane, Parts, State
 
 STATUS = wire.encode_header(wire.STATUS)

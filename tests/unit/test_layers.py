@@ -20,17 +20,17 @@ LAYERS = {
     "maxwellhub.units": BASE,
     "maxwellhub.speedups": BASE,  # loads the optional C extensions
     "maxwellhub.fsutil": BASE,
-    "maxwellhub.liveness": BASE,
+    "maxwellhub.liveness": BASE,  # deadlines and keepalive numbers: opens no socket
     "maxwellhub.parallel.mpi": BASE,  # serial is MPI with one rank
     "maxwellhub.mpi": BASE,  # its old path (an alias module)
     "maxwellhub.models": BASE,  # the molecule models: numpy (and optional packages) only
     # bytes and state; sockets
-    "maxwellhub.wire": NET_PROTOCOL,
-    "maxwellhub.auth": NET_PROTOCOL,
+    "maxwellhub.wire": NET_PROTOCOL,  # old path of protocol.wire (an alias module)
+    "maxwellhub.auth": NET_PROTOCOL,  # old path of protocol.auth (an alias module)
     "maxwellhub.protocol": NET_PROTOCOL,
-    "maxwellhub.addresses": NET_PROTOCOL,
+    "maxwellhub.addresses": NET_PROTOCOL,  # old path of net.addresses (an alias module)
     "maxwellhub.net": NET_PROTOCOL,
-    "maxwellhub.rendezvous": NET_PROTOCOL,
+    "maxwellhub.rendezvous": NET_PROTOCOL,  # old path of net.rendezvous (an alias module)
     # the control endpoint is served by the hub and never imports it
     "maxwellhub.services": NET_PROTOCOL,
     "maxwellhub.hub": HUB_EM,

@@ -20,8 +20,8 @@ from _connection_fakes import (
 )
 from _events import one
 
-from maxwellhub import wire
-from maxwellhub.auth import Secret
+from maxwellhub.protocol import wire
+from maxwellhub.protocol.auth import Secret
 from maxwellhub.protocol.connection import TRANSITIONS, State
 from maxwellhub.protocol.init import parse_single_init
 

@@ -13,7 +13,7 @@ from maxwellhub.protocol.init import (
     parse_ensemble_init,
     parse_single_init,
 )
-from maxwellhub.wire import RESUME_KEY
+from maxwellhub.protocol.wire import RESUME_KEY
 
 
 def test_single_round_trip():

@@ -11,9 +11,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
 from maxwellhub.protocol import params as params_frames
+from maxwellhub.protocol import wire
 from maxwellhub.protocol.session import (
     BATCHED,
     LABELS,

@@ -1,4 +1,4 @@
-"""Tests of the sans-I/O codec, :mod:`maxwellhub.wire`.
+"""Tests of the sans-I/O codec, :mod:`maxwellhub.protocol.wire`.
 
 Golden bytes are written by hand from docs/reference/wire.md with ``struct.pack`` and
 literal headers, never with the functions under test. Every decoder is fed whole, one byte
@@ -17,9 +17,9 @@ from _events import as_kind, one
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
-from maxwellhub.wire import (
+from maxwellhub.protocol import wire
+from maxwellhub.protocol.wire import (
     Bye,
     Decoder,
     Exit,
@@ -808,10 +808,10 @@ def test_fuzz_length_fields_never_buffer_past_caps(reader, header, value, at):
 
 
 def test_batched_frames_golden_bytes():
-    """MXHHELLO/MXHWELCOME/MXHFIELDS/MXHSOURCES match the layout in wire.py, by hand."""
+    """MXHHELLO/MXHWELCOME/MXHFIELDS/MXHSOURCES match the layout in protocol/frames.py, by hand."""
     import struct as _s
 
-    from maxwellhub.wire import (
+    from maxwellhub.protocol.wire import (
         FieldsBatch,
         Hello,
         SourcesBatch,
@@ -857,7 +857,7 @@ def test_batched_frames_golden_bytes():
 def test_batched_frames_are_checked():
     """Batched frames before negotiation, with the wrong M, a NaN, or too many or too
     long extras keys are protocol errors naming the field."""
-    from maxwellhub.wire import encode_fields_batch, encode_hello, encode_sources_batch
+    from maxwellhub.protocol.wire import encode_fields_batch, encode_hello, encode_sources_batch
 
     with pytest.raises(ProtocolError, match="before batched frames were negotiated"):
         Decoder("driver").feed(encode_fields_batch(np.zeros((2, 3))))

@@ -40,7 +40,8 @@ import struct
 import time
 from typing import Any
 
-from maxwellhub import speedups, wire
+from maxwellhub import speedups
+from maxwellhub.protocol import wire
 
 __all__ = [
     "BUSY_POLL_ENV",

@@ -28,10 +28,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .. import wire
-from ..auth import Secret, new_nonce
 from ..errors import ProtocolError, UsageError
 from . import params as params_json
+from . import wire
+from .auth import Secret, new_nonce
 from .init import build_init
 
 __all__ = [

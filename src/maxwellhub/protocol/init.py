@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProtocolError
-from ..wire import PARAMS_KEY, RESUME_KEY, RESUME_VERSION
+from .frames import PARAMS_KEY, RESUME_KEY, RESUME_VERSION
 
 __all__ = [
     "ENSEMBLE_KEYS",

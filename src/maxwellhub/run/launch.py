@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..auth import Secret
+    from ..protocol.auth import Secret
 
 __all__ = ["driver_command", "driver_env", "reap", "start_driver"]
 

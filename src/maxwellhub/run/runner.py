@@ -45,8 +45,8 @@ from .launch import reap, start_driver
 from .output import Progress, plot_populations, write_history
 
 if TYPE_CHECKING:
-    from ..auth import Secret
     from ..hub import SocketHub
+    from ..protocol.auth import Secret
     from .checkpoint import LoadedCheckpoint, RunCheckpointer, RunInterrupted
 
 __all__ = ["DEFAULT_CONFIG", "main", "run", "validate_models"]
@@ -474,7 +474,7 @@ class _Run:
             )
             hub_kw["history"] = max(k + 1, saved)
         if transport.kind != "embedded" and transport.secret_file is not None:
-            from ..auth import load_secret
+            from ..protocol.auth import load_secret
 
             self.secret = load_secret(transport.secret_file)  # a bad file: UsageError naming it
             hub_kw["auth"] = self.secret
