@@ -260,10 +260,6 @@ class _Upstream(asyncio.Protocol):
         self._start(self._params(event))
         return PENDING
 
-    def lane_offer(self, event: wire.ShmLane) -> None:
-        # The relay's MXHHELLO offers no lane (the session refuses the frame before this).
-        raise ProtocolError("MXHSHMLANE to a relay, which offered no shared-memory lane")
-
     async def _params(self, event: wire.Params) -> None:
         async def apply(op: params_frames.Op) -> None:
             part = self._due(op, event.step)

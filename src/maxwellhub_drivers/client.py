@@ -406,9 +406,6 @@ class DriverSide:
         # after the answer left: a checkpoint never runs ahead of the hub
         self.continuity.committed(self.model, self._before)
 
-    def lane_offer(self, event: wire.ShmLane) -> None:
-        raise ProtocolError("MXHSHMLANE, but this driver offered no shared-memory lane")
-
     def apply_params(self, event: wire.Params, molecule_ids: list[int]) -> bytes:
         """MXHPARAMS: the changes and kicks applied to the model; MXHPARAMSOK."""
         apply = params_frames.model_applier(self.model, molecule_ids)
