@@ -558,6 +558,8 @@ class Relay:
             )
         except (ValueError, TypeError) as exc:  # UsageError is a ValueError
             raise RelayFailed(EXIT_PROTOCOL, f"cannot make the local hub: {exc}") from None
+        # Those drivers keep their shared-memory lanes unbound as long, too.
+        local.lanes.limit += self.molecules
         try:
             await local.start()
         except (UsageError, OSError) as exc:
