@@ -408,5 +408,6 @@ class DriverSide:
 
     def apply_params(self, event: wire.Params, molecule_ids: list[int]) -> bytes:
         """MXHPARAMS: the changes and kicks applied to the model; MXHPARAMSOK."""
+        self.continuity.changing(self.model)
         apply = params_frames.model_applier(self.model, molecule_ids)
         return params_frames.answer(event, molecule_ids, apply)

@@ -415,6 +415,38 @@ async def test_change_right_after_a_first_step_waits_for_the_drivers_ready(unix_
         t.join(scaled(10))
 
 
+@pytest.mark.parametrize("drop_after", [0, 1])
+async def test_reconnected_driver_takes_a_kick_of_its_live_step_once(unix_name, drop_after):
+    """A driver with --reconnect is kicked after step 2, and its connection drops before
+    step 3 (or after it): it resumes from its live state (or the previous step's), as it
+    was before the kick, and the hub replays the kick once; the sources equal in-process
+    models kicked once."""
+    fields = _fields(6, 1)
+    kick = [0.0, 0.0, 2e-2]
+    hub = Hub(unixsocket=unix_name, timeout=scaled(10), history=5)
+    await hub.start()
+    t = threading.Thread(
+        target=run_client,
+        args=(_PythonTLS(n=1, **TLS),),
+        kwargs={"unix": unix_name, "timeout": scaled(10), "reconnect": True},
+        daemon=True,
+    )
+    t.start()
+    try:
+        assert await hub.wait_until_bound({0: {"dt_au": DT}}, timeout=scaled(10))
+        got = np.zeros_like(fields)
+        for step in range(len(fields)):
+            if step == 2:
+                await hub.apply_kick([0], kick)
+            if step == 2 + drop_after:
+                hub.registry.molecules[0].driver.link.abort()  # a network hiccup
+            got[step] = (await hub.step_arrays([0], fields[step])).sources
+        assert np.array_equal(got, _reference(fields, {2: [("kick", kick)]}, 1))
+    finally:
+        await hub.stop()
+        t.join(scaled(10))
+
+
 async def test_relay_forwards_changes_to_its_local_drivers(unix_name):
     """A relay accepts the upstream's offer, applies each MXHPARAMS through its local hub
     and answers upstream; results equal in-process models, a refusal names the molecule."""
