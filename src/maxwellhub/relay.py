@@ -260,13 +260,25 @@ class _Upstream(asyncio.Protocol):
         self._start(self._params(event))
         return PENDING
 
-    def lane_offer(self, event: wire.ShmLane) -> None:
-        # The relay's MXHHELLO offers no lane (the session refuses the frame before this).
-        raise ProtocolError("MXHSHMLANE to a relay, which offered no shared-memory lane")
-
     async def _params(self, event: wire.Params) -> None:
-        ack = await params_frames.answer_async(event, self.local.params.apply)
+        async def apply(op: params_frames.Op) -> None:
+            part = self._due(op, event.step)
+            if part.molecules:
+                await self.local.params.apply(part)
+
+        ack = await params_frames.answer_async(event, apply)
         self._write(self.session.params_answered(ack))
+
+    def _due(self, op: params_frames.Op, step: int) -> params_frames.Op:
+        """``op``, made at upstream ``step``, for the local molecules whose state is at
+        or before that step. While the upstream replays steps to this relay (MXHRESUME),
+        the molecules further on already took that change (their state is after it): a
+        replayed kick must not reach them twice. Otherwise every molecule is at the
+        relay's step, and all of them take it."""
+        ids, steps = self.ids, self.local_steps
+        if ids is None or steps is None:  # not resumed: every molecule is at the step
+            return op
+        return op.restricted(ids[steps <= step].tolist())
 
     # -- the local side
     def _start(self, coro: Any) -> None:
@@ -546,6 +558,8 @@ class Relay:
             )
         except (ValueError, TypeError) as exc:  # UsageError is a ValueError
             raise RelayFailed(EXIT_PROTOCOL, f"cannot make the local hub: {exc}") from None
+        # Those drivers keep their shared-memory lanes unbound as long, too.
+        local.lanes.limit += self.molecules
         try:
             await local.start()
         except (UsageError, OSError) as exc:

@@ -91,6 +91,10 @@ class Continuity:
         self.ids: tuple[int, ...] | None = None  # molecules the state belongs to
         self._initial: dict[str, np.ndarray] | None = None
         self._previous: tuple[int, dict[str, np.ndarray]] | None = None
+        # the state of ``step`` before the parameter changes made at that step, once one
+        # came (memory only): what a resumed session restores, since the hub replays the
+        # changes of the step it resumes from
+        self._unchanged: dict[str, np.ndarray] | None = None
         self.refused = False  # the last session was refused by auth
         self.offered = False  # a hub offered MXHRESUME (it speaks it)
 
@@ -116,7 +120,7 @@ class Continuity:
         target = offer["step"]
         candidates: list[tuple[int, str, dict[str, np.ndarray] | None]] = []
         if same and self.step <= target:
-            candidates.append((self.step, "its live state", None))
+            candidates.append((self.step, "its live state", self._unchanged))
         if same and self._previous is not None and self._previous[0] <= target:
             candidates.append(
                 (self._previous[0], "the previous step kept in memory", self._previous[1])
@@ -140,7 +144,7 @@ class Continuity:
         step, what, state = max(candidates, key=lambda c: c[0])
         model.set_state(state if state is not None else model.get_state())
         self.step, self.ids = step, ids
-        self._previous = None
+        self._previous = self._unchanged = None
         if step or target:
             self.log.info(
                 "molecule(s) %s: resuming from %s (step %d; the hub is at step %d)",
@@ -163,7 +167,7 @@ class Continuity:
         if self._initial is None:  # begin() takes it before any reset
             raise RuntimeError("Continuity: no initial state to reset to")
         model.set_state(self._initial)
-        self.step, self.ids, self._previous = 0, ids, None
+        self.step, self.ids, self._previous, self._unchanged = 0, ids, None, None
 
     # ------------------------------------------------------------ each step
 
@@ -171,10 +175,22 @@ class Continuity:
         """One more step committed (its source already sent): count it, keep the previous
         state if asked, write a checkpoint when due."""
         if self.memory and state_before is not None:
-            self._previous = (self.step, state_before)
+            # (state_before holds the changes made at this step; the hub would replay them)
+            kept = state_before if self._unchanged is None else self._unchanged
+            self._previous = (self.step, kept)
+        self._unchanged = None
         self.step += 1
         if self.directory is not None and self.step % self.every == 0:
             self._write(model, self.directory)
+
+    def changing(self, model: Model) -> None:
+        """A parameter change or kick is about to apply to the committed state of
+        :attr:`step`: keep that state as it was before the first one (with ``memory``),
+        so a resumed session restores it and takes the hub's replay of the changes once.
+        Checkpoints need nothing: one is written right after a step's answer, before any
+        change of that step."""
+        if self.memory and self._unchanged is None:
+            self._unchanged = model.get_state()
 
     def _write(self, model: Model, directory: Path) -> None:
         ids = self.ids or ()

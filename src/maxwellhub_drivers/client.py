@@ -406,10 +406,8 @@ class DriverSide:
         # after the answer left: a checkpoint never runs ahead of the hub
         self.continuity.committed(self.model, self._before)
 
-    def lane_offer(self, event: wire.ShmLane) -> None:
-        raise ProtocolError("MXHSHMLANE, but this driver offered no shared-memory lane")
-
     def apply_params(self, event: wire.Params, molecule_ids: list[int]) -> bytes:
         """MXHPARAMS: the changes and kicks applied to the model; MXHPARAMSOK."""
+        self.continuity.changing(self.model)
         apply = params_frames.model_applier(self.model, molecule_ids)
         return params_frames.answer(event, molecule_ids, apply)

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from maxwellhub import wire
-from maxwellhub.errors import ProtocolError
 from maxwellhub.net.buffers import keep_freed_memory, widen_socket_buffers
 from maxwellhub.protocol.session import Session, SessionState
 
@@ -47,8 +46,16 @@ class EnsembleSession(DriverSide):
         limits = wire.Limits(max_init_bytes=(1 << 20) + 24 * n, max_batch=max(n, 1))
         # The shared-memory lane (drivers.shm_driver), offered on a UNIX socket.
         self.lane = lane = for_session(self)
-        flags = 0 if lane is None else lane.hello_flags()
-        return Session(self, n, batched=True, limits=limits, hello_flags=flags)
+        if lane is None:
+            return Session(self, n, batched=True, limits=limits)
+        return Session(
+            self,
+            n,
+            batched=True,
+            limits=limits,
+            hello_flags=lane.hello_flags(),
+            lane_offer=lane.on_offer,
+        )
 
     def run(self) -> None:
         try:
@@ -60,11 +67,6 @@ class EnsembleSession(DriverSide):
     def receiver(self) -> Callable[[memoryview], int]:
         # With a lane, reads serve lane steps until the socket has bytes.
         return self.sock.recv_into if self.lane is None else self.lane.receive
-
-    def lane_offer(self, event: wire.ShmLane) -> None:
-        if self.lane is None:
-            raise ProtocolError("MXHSHMLANE, but this driver offered no shared-memory lane")
-        self.lane.on_offer(event)
 
     def who(self) -> str:
         binding = self.session.binding

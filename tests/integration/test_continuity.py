@@ -253,6 +253,30 @@ def test_checkpoints_are_pruned_and_chosen_at_or_before_the_hub_step(tmp_path):
     assert again.begin(_model(), [7], {"version": 1, "step": 20, "history": 5}) == 0
 
 
+@pytest.mark.parametrize("stepped_on", [False, True], ids=["live", "previous"])
+def test_memory_resumes_from_the_state_before_a_kick_of_its_step(stepped_on):
+    """With memory (--reconnect), a kick after step 3 is kept out of the state a resumed
+    session restores, for the live state (hub at step 3) and for the previous step's
+    (the driver stepped to 4 after the kick; the hub is at 3 and replays the kick):
+    either way the state is the kick-free one of step 3."""
+    cont = Continuity(memory=True)
+    model = _model()
+    cont.begin(model, [7], {"version": 1, "step": 0, "history": 0})
+    _advance(model, cont, 3)
+    before = model.get_state()
+    cont.changing(model)
+    model.apply_kick([0.0, 0.0, 2e-2])
+    if stepped_on:  # one more step, its answer lost: the hub is still at step 3
+        state_before = model.get_state()
+        model.stage([[1e-3, 0.0, 2e-3]])
+        model.commit()
+        cont.committed(model, state_before)
+    assert cont.begin(model, [7], {"version": 1, "step": 3, "history": 3}) == 3
+    got = model.get_state()
+    assert sorted(got) == sorted(before)
+    assert all(np.array_equal(got[k], before[k]) for k in before)
+
+
 def test_keep_every_keeps_run_checkpoint_steps(tmp_path):
     cont = Continuity(tmp_path, every=2, keep_every=4)
     model = _model()

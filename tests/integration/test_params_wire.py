@@ -25,6 +25,7 @@ from maxwellhub.models import create_model, get_model_class
 from maxwellhub.protocol import params as pp
 from maxwellhub.protocol import wire
 from maxwellhub.protocol.connection import State
+from maxwellhub_drivers.checkpoint import Continuity
 from maxwellhub_drivers.client import connect, run_client, serve
 
 DT = 0.5
@@ -363,6 +364,88 @@ def test_run_schedule_with_socket_drivers_equals_embedded(tmp_path):
     assert not np.allclose(ref["Pe"][12:, 1], plain[12:, 1], rtol=0, atol=1e-9)
     for key in ("Pe", "muz_au"):
         np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+class _Held(Continuity):
+    """Holds its driver after the first step's answer until ``go`` is set, so the hub's
+    STATUS after that first step stays unanswered meanwhile."""
+
+    def __init__(self, go: threading.Event) -> None:
+        super().__init__()
+        self.go = go
+
+    def committed(self, model, state_before) -> None:
+        super().committed(model, state_before)
+        if self.step == 1:
+            assert self.go.wait(scaled(10))
+
+
+class _PythonTLS(get_model_class("tls")):  # type: ignore[misc,valid-type]
+    """A TLS whose steps the compiled driver loop does not take (so _Held sees each)."""
+
+
+async def test_change_right_after_a_first_step_waits_for_the_drivers_ready(unix_name):
+    """A kick asked right after a driver's first step, while the hub's STATUS after that
+    step is unanswered, reaches the driver once it says READY (it used to be logged and
+    never sent): the sources equal in-process models kicked at the same step."""
+    fields = _fields(4, 1)
+    kick = [0.0, 0.0, 2e-2]
+    go = threading.Event()
+    hub = Hub(unixsocket=unix_name, timeout=scaled(10))
+    await hub.start()
+    t = threading.Thread(
+        target=run_client,
+        args=(_PythonTLS(n=1, **TLS),),
+        kwargs={"unix": unix_name, "timeout": scaled(10), "continuity": _Held(go)},
+        daemon=True,
+    )
+    t.start()
+    try:
+        assert await hub.wait_until_bound({0: {"dt_au": DT}}, timeout=scaled(10))
+        got = np.zeros_like(fields)
+        got[0] = (await hub.step_arrays([0], fields[0])).sources
+        assert hub.registry.molecules[0].driver.state is State.LEARN
+        hub.loop.call_soon(go.set)  # runs once apply_kick found the driver still learning
+        await hub.apply_kick([0], kick)
+        for step in range(1, len(fields)):
+            got[step] = (await hub.step_arrays([0], fields[step])).sources
+        assert np.array_equal(got, _reference(fields, {1: [("kick", kick)]}, 1))
+    finally:
+        go.set()
+        await hub.stop()
+        t.join(scaled(10))
+
+
+@pytest.mark.parametrize("drop_after", [0, 1])
+async def test_reconnected_driver_takes_a_kick_of_its_live_step_once(unix_name, drop_after):
+    """A driver with --reconnect is kicked after step 2, and its connection drops before
+    step 3 (or after it): it resumes from its live state (or the previous step's), as it
+    was before the kick, and the hub replays the kick once; the sources equal in-process
+    models kicked once."""
+    fields = _fields(6, 1)
+    kick = [0.0, 0.0, 2e-2]
+    hub = Hub(unixsocket=unix_name, timeout=scaled(10), history=5)
+    await hub.start()
+    t = threading.Thread(
+        target=run_client,
+        args=(_PythonTLS(n=1, **TLS),),
+        kwargs={"unix": unix_name, "timeout": scaled(10), "reconnect": True},
+        daemon=True,
+    )
+    t.start()
+    try:
+        assert await hub.wait_until_bound({0: {"dt_au": DT}}, timeout=scaled(10))
+        got = np.zeros_like(fields)
+        for step in range(len(fields)):
+            if step == 2:
+                await hub.apply_kick([0], kick)
+            if step == 2 + drop_after:
+                hub.registry.molecules[0].driver.link.abort()  # a network hiccup
+            got[step] = (await hub.step_arrays([0], fields[step])).sources
+        assert np.array_equal(got, _reference(fields, {2: [("kick", kick)]}, 1))
+    finally:
+        await hub.stop()
+        t.join(scaled(10))
 
 
 async def test_relay_forwards_changes_to_its_local_drivers(unix_name):

@@ -490,8 +490,9 @@ def test_relay_with_unreachable_upstream_exits_1(unix_name, tmp_path):
     assert reap([driver], scaled(10)) == [0]
 
 
-def _reference_pe(n: int, steps: int) -> np.ndarray:
-    """Pe of n TLS molecules stepped in-process by the same code path as a driver."""
+def _reference_pe(n: int, steps: int, kicks: dict[int, list[float]] | None = None) -> np.ndarray:
+    """Pe of n TLS molecules stepped in-process by the same code path as a driver, every
+    molecule kicked with ``kicks[k]`` after k steps."""
     from maxwellhub.models import create_model
 
     models = []
@@ -503,6 +504,8 @@ def _reference_pe(n: int, steps: int) -> np.ndarray:
     for step in range(steps):
         fields = fields_at(step, n)
         for m, model in enumerate(models):
+            if kicks and step in kicks:
+                model.apply_kick(kicks[step])
             model.stage(fields[m : m + 1])
             model.commit()
             pe[step, m] = model.extras_of(0)["Pe"]
@@ -558,3 +561,64 @@ def test_dead_relay_replaced_with_exact_continuity(how, unix_name, tmp_path):
     text = relay_log.read_text()
     if how == "checkpoints":  # checkpoints at 24: steps 24 and 25 are replayed
         assert "asked to replay steps 24..24" in text or "24..25" in text, text[-2000:]
+
+
+def test_replayed_kick_reaches_only_the_molecules_behind_the_relay(unix_name, tmp_path):
+    """Kick all molecules after step 9, SIGKILL the relay at step 10. Molecules 0 and 1
+    checkpoint every step (states of step 10, kick included), molecule 2 every 4 (state of
+    step 8). The new relay resumes from step 8: the hub replays steps 8 and 9 with the
+    kick between them, and the relay passes the kick only to molecule 2, the one behind.
+    Every population equals the uninterrupted in-process run with one kick."""
+    n, steps, kick_at, kill_at = 3, 14, 9, 10
+    kick = [0.0, 0.0, 2e-2]
+    ckpt = tmp_path / "ckpt"
+
+    hub = SocketHub(unixsocket=unix_name, timeout=scaled(30), history=10)
+    listen = f"{unix_name}_r"
+    procs: list[subprocess.Popen] = []
+    pe = np.zeros((steps, n))
+    with hub:
+        ids = [hub.register_molecule_return_id() for _ in range(n)]
+        relay, _ = start_relay(tmp_path, listen, n, ["--unix", unix_name])
+        relays = [relay]
+        # one directory, a file per molecule: whichever driver hosts which molecule, two
+        # molecules have a checkpoint of step 10 and one of step 8
+        procs += [
+            start_driver(
+                "tls",
+                TLS,
+                timeout=scaled(30),
+                unix=listen,
+                extra_args=["--checkpoint-dir", str(ckpt), "--checkpoint-every", str(every)],
+            )
+            for every in (1, 1, 4)
+        ]
+        assert hub.wait_until_bound({m: {"dt_au": DT_AU} for m in ids}, timeout=scaled(30))
+        for step in range(steps):
+            if step == kick_at:
+                hub.apply_kick(ids, kick)
+            if step == kill_at:
+                relay.kill()
+                relay.wait(scaled(10))
+                assert reap(procs, scaled(10)) == [1] * n  # they lost their relay
+                relay, relay_log = start_relay(tmp_path, listen, n, ["--unix", unix_name])
+                relays.append(relay)
+                procs += [  # each new driver restores its molecule's newest checkpoint
+                    start_driver(
+                        "tls",
+                        TLS,
+                        timeout=scaled(30),
+                        unix=listen,
+                        extra_args=["--checkpoint-dir", str(ckpt)],
+                    )
+                    for _ in ids
+                ]
+            pe[step] = hub.step_arrays(ids, fields_at(step, n)).extras()["Pe"]
+        hub.graceful_shutdown(wait=scaled(5))
+    assert reap(relays, scaled(10))[1:] == [0], relay_log.read_text()[-2000:]
+    assert reap(procs, scaled(10))[-n:] == [0] * n
+    text = relay_log.read_text()
+    assert "asked to replay steps 8..9" in text, text[-2000:]
+    want = _reference_pe(n, steps, {kick_at: kick})
+    assert not np.array_equal(want, _reference_pe(n, steps))  # the kick shows
+    assert np.array_equal(pe, want), np.abs(pe - want)[kill_at:].tolist()

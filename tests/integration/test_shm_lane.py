@@ -362,6 +362,99 @@ async def test_tcp_or_an_unwilling_hub_declines_with_size_zero(where, unix_name,
         await hub.stop()
 
 
+async def _until(predicate, seconds: float, what: str) -> None:
+    """Wait until ``predicate()`` holds (the hub's side of closed connections has no event
+    to await), failing after ``seconds``."""
+    import asyncio
+
+    end = asyncio.get_running_loop().time() + seconds
+    while not predicate():
+        assert asyncio.get_running_loop().time() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def _segments() -> int:
+    """The lane segments this process (the hub) has mapped."""
+    return sum(" rw-s " in line for line in _memfds(os.getpid()))
+
+
+def _ensemble_thread(address: str):
+    import threading
+
+    from _util import scaled
+
+    from maxwellhub.models import create_model
+    from maxwellhub_drivers.client import run_client
+
+    model = create_model("tls", n=2, **TLS)
+    t = threading.Thread(
+        target=run_client, args=(model,), kwargs={"unix": address, "timeout": scaled(10)}
+    )
+    t.start()
+    return t
+
+
+async def test_a_hello_flood_gets_at_most_the_cap_of_lanes_and_drivers_still_step(unix_name):
+    """Connections that only say MXHHELLO offering the lane get at most MAX_PENDING_LANES
+    segments; the rest are answered MXHSHMLANE of size 0, each counted in the hub's
+    rate-limited peer lines. A real ensemble driver arriving meanwhile steps on its
+    socket; once the flood is gone, the next one gets its lane."""
+    import asyncio
+
+    from _util import scaled
+
+    from maxwellhub import Hub
+    from maxwellhub.hub.shm import MAX_PENDING_LANES
+
+    flood = MAX_PENDING_LANES + 16
+    hub = Hub(unixsocket=unix_name, timeout=scaled(10))
+    await hub.start()
+    address = hub.address
+    assert isinstance(address, str)
+    mapped = _segments()
+    writers, lanes, threads = [], [], []
+    try:
+        for _ in range(flood):
+            reader, writer = await asyncio.open_unix_connection(address)
+            writers.append(writer)
+            writer.write(wire.encode_hello(2, flags=wire.HELLO_SHM_LANE))
+            dec, events = wire.Decoder("driver"), list[wire.Event]()
+            while not any(isinstance(e, wire.ShmLane) for e in events):
+                data = await asyncio.wait_for(reader.read(4096), scaled(10))
+                assert data, "the hub closed a flood connection"
+                events += dec.feed(data)  # the descriptors are dropped by the kernel
+            lanes += [e.size for e in events if isinstance(e, wire.ShmLane)]
+        assert sum(size > 0 for size in lanes) == MAX_PENDING_LANES
+        assert _segments() - mapped == MAX_PENDING_LANES
+        assert hub.lanes.refused == flood - MAX_PENDING_LANES
+        assert hub.peer_log is not None and hub.peer_log.seen >= flood - MAX_PENDING_LANES
+        assert any("no shared-memory lane" in kind for kind in hub.peer_log.held)
+
+        threads.append(_ensemble_thread(address))  # while the flood holds the lanes
+        pair = {0: {"dt_au": DT_AU}, 1: {"dt_au": DT_AU}}
+        assert await hub.wait_until_bound(pair, timeout=scaled(10))
+        assert hub.lanes.refused == flood - MAX_PENDING_LANES + 1
+        for writer in writers:
+            writer.close()
+        await _until(lambda: len(hub._connections) == 1, scaled(10), "the flood's end")
+        assert _segments() == mapped  # every flood lane was released
+
+        threads.append(_ensemble_thread(address))
+        pair = {2: {"dt_au": DT_AU}, 3: {"dt_au": DT_AU}}
+        assert await hub.wait_until_bound(pair, timeout=scaled(10))
+        fields = 1e-3 * np.arange(12.0).reshape(4, 3)
+        res = await hub.step_arrays([0, 1, 2, 3], fields)
+        assert np.isfinite(res.sources).all()
+        on_lane = [c for c in hub._connections if c.lane is not None and c.lane.active]
+        assert [[m.id for m in c.molecules] for c in on_lane] == [[2, 3]]
+    finally:
+        for writer in writers:
+            writer.close()
+        await hub.stop()
+        for t in threads:
+            t.join(scaled(10))
+
+
 def _lane_connections(hub) -> list:
     return [c for c in hub.hub._connections if c.lane is not None and c.lane.active]
 

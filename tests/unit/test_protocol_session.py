@@ -80,9 +80,6 @@ class FakeModel:
         self.calls.append(("params", event.payload, molecule_ids))
         return PENDING if self.deferred else wire.encode_params_ack(7, b'{"ok":true}')
 
-    def lane_offer(self, event: wire.ShmLane) -> None:
-        self.calls.append(("lane", event.size))
-
 
 def feed(session: Session, data: bytes, how: str) -> bytes:
     """Feed ``data`` whole, one byte at a time, or through the zero-copy pair; return
@@ -279,6 +276,27 @@ def test_welcome_for_another_size_is_an_error():
     """MXHWELCOME for another number of molecules than the session hosts."""
     with pytest.raises(ProtocolError, match="MXHWELCOME for 3 molecules; this driver hosts 2"):
         feed(Session(FakeModel(), 2), wire.encode_welcome(3), "whole")
+
+
+@pytest.mark.parametrize("host", ["this driver", "this relay"])
+def test_only_a_session_that_offered_the_lane_takes_mxhshmlane(host):
+    """MXHSHMLANE after MXHWELCOME goes to the lane handler of a session whose MXHHELLO
+    offered the lane; every other session refuses it naming itself (the one check, for
+    drivers, ensembles and relays alike); flags and handler come together."""
+    frames = wire.encode_welcome(2) + wire.encode_shm_lane(2, 0, 0)
+    plain = Session(FakeModel(), 2, host=host)
+    with pytest.raises(ProtocolError, match=f"MXHSHMLANE, but {host} offered no shared-memory"):
+        feed(plain, frames, "bytewise")
+    offers: list[wire.ShmLane] = []
+    offered = Session(
+        FakeModel(), 2, host=host, hello_flags=wire.hello_lane_flags(3), lane_offer=offers.append
+    )
+    assert feed(offered, frames, "bytewise") == b""
+    assert offers == [wire.ShmLane(wire.SHM_VERSION, 2, 0, 0, 0)]
+    assert offered.state is SessionState.UNBOUND
+    for bad in ({"hello_flags": wire.HELLO_SHM_LANE}, {"lane_offer": offers.append}):
+        with pytest.raises(ValueError, match="lane_offer"):
+            Session(FakeModel(), 2, **bad)  # type: ignore[arg-type]
 
 
 EVENTS: dict[type, Any] = {

@@ -254,7 +254,10 @@ class _DriverProtocol(asyncio.BufferedProtocol):
             self.bye.set_result(said_bye)
 
     def offer_lane(self, parts: list[Any], extras: int) -> shm.HubLane | None:
-        return shm.offer(self.conn, self.transport, self.loop, self.hub.shm_lane, parts, extras)
+        hub = self.hub
+        return shm.offer(
+            self.conn, self.transport, self.loop, hub.shm_lane, parts, extras, hub.lanes
+        )
 
     # -- for the hub
     def send_end(self) -> asyncio.Future[Any]:
@@ -353,6 +356,8 @@ class Hub:
         #: Ensemble drivers that offer it are stepped through shared memory
         #: (:mod:`maxwellhub.hub.shm`): None (default) on a UNIX socket, False never.
         self.shm_lane = shm_lane
+        #: The lanes offered to connections not bound yet, capped (hub/shm.py).
+        self.lanes = shm.PendingLanes()
         self.step_index = 0
         self.paused = False
         self._loop: asyncio.AbstractEventLoop | None = None

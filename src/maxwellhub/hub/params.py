@@ -40,19 +40,26 @@ log = logging.getLogger("maxwellhub.hub")
 # A driver in these states has not said yet whether it speaks the parameter frames: the
 # change is logged and reaches it with its replay (see ParamChanges.replay).
 _NOT_YET = (State.BOUND, State.INIT)
+# A driver that answered its first step is sent one STATUS; its answer (READY) comes a
+# round trip later, and the change waits for it (the hub may finish the step before).
+_LEARN = State.LEARN
 
 
 class HubView(Protocol):
-    """What this module needs of :class:`maxwellhub.hub.Hub` (no import of it: no cycle)."""
+    """What this module needs of :class:`maxwellhub.hub.Hub` (no import of it: no cycle).
+    ``_wait_change`` is the hub's own wait for a connection to change state, shared with
+    this module only."""
 
     registry: Registry
     timeout: float | None
+    paused: bool
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
     @property
     def in_step(self) -> bool: ...
     def molecule_steps(self, molecule_ids: Iterable[int]) -> npt.NDArray[Any]: ...
+    async def _wait_change(self, deadline: float | None) -> bool: ...
 
 
 class ParameterRefused(UsageError):
@@ -151,13 +158,34 @@ class ParamChanges:
             by.setdefault(driver, []).append(mid)
         return by
 
+    async def _targets(self, op: Op) -> dict[Connection, list[int]]:
+        """:meth:`_drivers` once none of them is still to say READY after its first
+        step (else that driver would miss the change); :class:`BarrierTimeout` after the
+        hub's ``timeout``."""
+        hub = self.hub
+        deadline = None if hub.timeout is None else hub.loop.time() + hub.timeout
+        while True:
+            if hub.in_step:
+                raise UsageError(
+                    "parameter changes go between steps; a step is frozen (complete it first)"
+                )
+            by = self._drivers(op)
+            learning = sorted(m for d, mids in by.items() if d.state is _LEARN for m in mids)
+            if not learning:
+                return by
+            if not await hub._wait_change(deadline):
+                if hub.paused:
+                    raise UsageError("the hub is shutting down: no parameter change is sent")
+                raise BarrierTimeout(
+                    f"molecule(s) {ids_text(learning)}: their driver did not answer the "
+                    f"STATUS after its first step {within(hub.timeout)}, so no parameter "
+                    "change was sent",
+                    learning,
+                )
+
     async def _apply(self, op: Op) -> None:
         hub = self.hub
-        if hub.in_step:
-            raise UsageError(
-                "parameter changes go between steps; a step is frozen (complete it first)"
-            )
-        by = self._drivers(op)
+        by = await self._targets(op)
         steps = hub.molecule_steps(op.molecules).tolist()
         change = Change(op, dict(zip(op.molecules, steps, strict=True)))
         self.log.append(change)

@@ -12,6 +12,11 @@ sources and extras to the connection machine as the MXHSOURCES event a socket wo
 delivered, so the barrier, the replay history and every check downstream are the socket
 path's, bit for bit.
 
+A hub keeps at most :data:`MAX_PENDING_LANES` lanes offered to connections that are not
+bound to molecules yet (:class:`PendingLanes`): a flood of MXHHELLO-only connections cannot
+make it map a segment and open two eventfds for each. An offer beyond that is answered
+MXHSHMLANE of size 0, so that driver steps on its socket, as the protocol allows.
+
 The socket stays the connection: STOP, EXIT, replayed steps and the driver's death (EOF)
 travel on it as without a lane. Nothing of the lane has a name in the file system (a memfd
 and two eventfds): the kernel frees it with the last descriptor or mapping, at stop or
@@ -38,9 +43,13 @@ if TYPE_CHECKING:
 
     from ..protocol.connection import Connection
 
-__all__ = ["HubLane", "offer", "wanted"]
+__all__ = ["MAX_PENDING_LANES", "HubLane", "PendingLanes", "offer", "wanted"]
 
 log = logging.getLogger("maxwellhub.hub")
+
+#: Lanes one hub keeps offered to connections not bound to molecules yet, at most: far
+#: more than drivers start at once (each is bound one round trip after its MXHHELLO).
+MAX_PENDING_LANES = 64
 
 
 def wanted(option: bool | None, transport: asyncio.BaseTransport) -> bool:
@@ -70,6 +79,7 @@ class HubLane:
         self.loop = loop
         self.write = write  # the transport's writelines
         self.active = False
+        self.closed = False
 
     def settle(self, accepted: bool) -> None:
         """The driver's MXHSHMOK (True) or MXHSHMNO (False)."""
@@ -118,12 +128,42 @@ class HubLane:
 
     def close(self) -> None:
         """Stop listening to the bell and release the segment (idempotent)."""
+        self.closed = True
         if self.active:
             self.active = False
             self.loop.remove_reader(self.lane.to_hub)
         self.lane.close()
         if self.conn.lane is self:
             self.conn.lane = None
+
+
+class PendingLanes:
+    """The lanes one hub offered to connections not bound to molecules yet: at most
+    ``limit`` of them. A lane leaves the count when its connection is bound or the lane
+    is closed (its connection ended, or the driver declined it); :attr:`refused` counts
+    the offers answered with size 0 because the count was full."""
+
+    def __init__(self, limit: int = MAX_PENDING_LANES) -> None:
+        self.limit = limit
+        self.lanes: list[HubLane] = []
+        self.refused = 0
+
+    def room(self) -> bool:
+        """Whether one more lane may be offered (the count is brought up to date first:
+        at most ``limit`` lanes to look at)."""
+        self.lanes = [lane for lane in self.lanes if not lane.closed and not lane.conn.molecules]
+        return len(self.lanes) < self.limit
+
+    def refuse(self, conn: Connection) -> None:
+        self.refused += 1
+        # a WARNING whose first argument is a connection hosting no molecule: the hub's
+        # PeerLog rate-limits these lines into summaries that keep the count
+        log.warning(
+            "%s: no shared-memory lane: %d lanes offered to connections not bound yet is "
+            "the cap; it steps on its socket",
+            conn,
+            self.limit,
+        )
 
 
 def offer(
@@ -133,14 +173,20 @@ def offer(
     option: bool | None,
     parts: list[Any],
     extras: int,
+    pending: PendingLanes | None = None,
 ) -> HubLane | None:
     """Write ``parts`` (what the connection queued before, MXHWELCOME at least), then
     answer the driver's lane offer: MXHSHMLANE with the segment and doorbells attached
-    when the hub wants a lane here, else MXHSHMLANE of size 0. The lane to step with once
-    the driver accepts it, or None."""
+    when the hub wants a lane here and ``pending`` (the hub's lanes not bound yet) has
+    room, else MXHSHMLANE of size 0. The lane to step with once the driver accepts it,
+    or None."""
     molecules = conn.size
     if not wanted(option, transport) or transport.get_write_buffer_size():
         # (bytes still queued in the transport would follow the descriptors' frame)
+        transport.writelines([*parts, wire.encode_shm_lane(molecules, extras, 0)])
+        return None
+    if pending is not None and not pending.room():
+        pending.refuse(conn)
         transport.writelines([*parts, wire.encode_shm_lane(molecules, extras, 0)])
         return None
     seg, mm, size = shm_lane.new_segment(molecules, extras)
@@ -173,7 +219,10 @@ def offer(
             return None
         conn.fail(f"the lane offer was cut short ({sent} of {len(data)} bytes written)")
         return None
-    return HubLane(conn, lane, loop, transport.writelines)
+    hub_lane = HubLane(conn, lane, loop, transport.writelines)
+    if pending is not None:
+        pending.lanes.append(hub_lane)
+    return hub_lane
 
 
 def _fds(seg: int, lane: shm_lane.Lane) -> bytes:

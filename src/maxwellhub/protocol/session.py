@@ -156,8 +156,9 @@ class SessionModel(Protocol):
     8. ``apply_params(event, molecule_ids)``: apply an MXHPARAMS (see
        :mod:`maxwellhub.protocol.params`) to the bound molecules; return the MXHPARAMSOK
        bytes, or :data:`PENDING` (then :meth:`Session.params_answered` with them).
-    9. ``lane_offer(event)``: the hub's MXHSHMLANE (only to a session whose MXHHELLO
-       flags offered the shared-memory lane): map it and answer it (the lane's own I/O).
+
+    The shared-memory lane is not the model's: a session that offers it is given the
+    lane's handler of MXHSHMLANE (``Session(lane_offer=...)``).
     """
 
     def answer_challenge(self, nonce: bytes) -> bytes: ...
@@ -168,7 +169,6 @@ class SessionModel(Protocol):
     def unstaged(self) -> dict[str, float]: ...
     def answered(self) -> None: ...
     def apply_params(self, event: wire.Params, molecule_ids: list[int]) -> bytes | _Pending: ...
-    def lane_offer(self, event: wire.ShmLane) -> None: ...
 
 
 _F3 = struct.Struct("<3d")
@@ -189,8 +189,11 @@ class Session:
 
     ``model``: the :class:`SessionModel`. ``molecules``: M. ``batched``: speak batched
     frames (MXHHELLO) even for M = 1 (the relay does); default: M > 1. ``limits``: the
-    decoder's caps. ``host``: how INIT errors name this side ("this driver", "this
-    relay"). ``hello_flags``: the MXHHELLO flags word, passed through as given.
+    decoder's caps. ``host``: how errors name this side ("this driver", "this relay").
+    ``hello_flags``: the MXHHELLO flags word, passed through as given; when it offers the
+    shared-memory lane (:data:`~maxwellhub.wire.HELLO_SHM_LANE`), ``lane_offer`` takes
+    the hub's MXHSHMLANE (maps the lane and answers it, the lane's own I/O). Without that
+    offer MXHSHMLANE is a :class:`ProtocolError`, whatever the model.
     """
 
     def __init__(
@@ -202,8 +205,15 @@ class Session:
         limits: wire.Limits | None = None,
         host: str = "this driver",
         hello_flags: int = 0,
+        lane_offer: Callable[[wire.ShmLane], None] | None = None,
     ) -> None:
+        if bool(hello_flags & wire.HELLO_SHM_LANE) != (lane_offer is not None):
+            raise ValueError(
+                "a session offering the shared-memory lane (hello_flags bit 0) needs its "
+                "lane_offer handler, and only such a session takes one"
+            )
         self.model = model
+        self.lane_offer = lane_offer
         self.molecules = molecules
         self.batched = molecules > 1 if batched is None else batched
         self.host = host
@@ -515,9 +525,10 @@ class Session:
             self._emit(ack)
 
     def _on_lane(self, event: wire.ShmLane) -> None:
-        if not self.hello_flags & wire.HELLO_SHM_LANE:
-            raise ProtocolError("MXHSHMLANE, but this driver offered no shared-memory lane")
-        self.model.lane_offer(event)
+        # the one refusal of an unoffered lane (drivers, ensembles and relays alike)
+        if self.lane_offer is None:  # __init__ ties it to the HELLO flags' lane bit
+            raise ProtocolError(f"MXHSHMLANE, but {self.host} offered no shared-memory lane")
+        self.lane_offer(event)
 
     def _on_end(self, event: wire.Stop | wire.Exit) -> None:
         self.end = type(event)
