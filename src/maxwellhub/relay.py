@@ -5,7 +5,7 @@ listening on a UNIX socket (and/or TCP) for ordinary drivers (``maxwellhub-drive
 MaxwellLink's ``mxl_driver``, ensembles); its upstream side is ONE connection to the
 run's hub on which the relay behaves as an ensemble driver hosting M molecules
 (MXHHELLO, MXHWELCOME, MXHFIELDS + GETFORCE answered by MXHSOURCES; see
-:mod:`maxwellhub.wire`). The hub's per-step work then grows with the number of relays,
+:mod:`maxwellhub.protocol.wire`). The hub's per-step work then grows with the number of relays,
 not with the number of molecules. The two-layer idea is MaxwellLink's bridge and
 ChAR0N's router; the frames are maxwellhub's own.
 
@@ -60,9 +60,6 @@ from typing import Any, cast
 
 import numpy as np
 
-from . import wire
-from .addresses import DEFAULT_PORT, unix_socket_path
-from .auth import Secret, is_loopback
 from .errors import BarrierTimeout, DriverLost, MaxwellHubError, ProtocolError, UsageError
 from .hub import Hub, StepResult, StopRequested
 from .hub.barrier import ids_text
@@ -73,8 +70,11 @@ from .liveness import (
     keepalive,
     within,
 )
+from .net.addresses import DEFAULT_PORT, unix_socket_path
 from .net.backoff import Backoff
 from .protocol import params as params_frames
+from .protocol import wire
+from .protocol.auth import Secret, is_loopback
 from .protocol.session import PENDING, Binding, Session, SessionState, _Pending
 
 __all__ = ["EXIT_LOCAL", "EXIT_OK", "EXIT_PROTOCOL", "EXIT_UPSTREAM", "Relay"]

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from maxwellhub import wire
 from maxwellhub.fsutil import atomic_write
 from maxwellhub.models.base import Model
+from maxwellhub.protocol import wire
 
 __all__ = ["Continuity", "checkpoint_key"]
 

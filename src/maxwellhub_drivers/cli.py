@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = logging.getLogger("maxwellhub.driver")
 
-    from maxwellhub.auth import load_secret
     from maxwellhub.models import get_model_class
+    from maxwellhub.protocol.auth import load_secret
 
     from .checkpoint import Continuity
     from .client import run_client, unix_socket_path

@@ -7,7 +7,7 @@ POSDATA and GETFORCE and READY otherwise; INIT carries the molecule id and UTF-8
 ``dt_au``; POSDATA stages a step (the field is the single position), GETFORCE commits it and
 answers SOURCEREADY, so a step re-sent before GETFORCE is idempotent; STOP is answered BYE
 and EXIT ends the session silently. A hub holding a shared secret opens with MXHAUTH
-instead of STATUS; the driver answers MXHPROOF (see :mod:`maxwellhub.auth`) when it was
+instead of STATUS; the driver answers MXHPROOF (see :mod:`maxwellhub.protocol.auth`) when it was
 given the secret and stops with exit status 2 otherwise.
 
 This module is the machine's socket loop and its model side (the driver's
@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from maxwellhub import wire
-from maxwellhub.addresses import DEFAULT_PORT, connect_once, unix_socket_path
 from maxwellhub.errors import ProtocolError
 from maxwellhub.liveness import CONNECT_RETRY_ERRNOS, within
+from maxwellhub.net.addresses import DEFAULT_PORT, connect_once, unix_socket_path
 from maxwellhub.net.backoff import Backoff
 from maxwellhub.protocol import params as params_frames
+from maxwellhub.protocol import wire
 from maxwellhub.protocol.session import (
     BYE,
     Binding,
@@ -47,8 +47,8 @@ from .checkpoint import Continuity
 from .fastloop import FastLoop
 
 if TYPE_CHECKING:
-    from maxwellhub.auth import Secret
     from maxwellhub.models import Model
+    from maxwellhub.protocol.auth import Secret
 
 __all__ = [
     "DEFAULT_PORT",

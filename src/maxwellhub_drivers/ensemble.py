@@ -1,7 +1,7 @@
 """Ensemble drivers: one process hosting M molecules, stepped with one batched frame.
 
 ``maxwellhub-driver --molecules M ...`` opens with MXHHELLO (maxwellhub's batched frames,
-version 1, see :mod:`maxwellhub.wire`), is bound by the hub to M molecule ids at once,
+version 1, see :mod:`maxwellhub.protocol.wire`), is bound by the hub to M molecule ids at once,
 and every step receives all M fields in one MXHFIELDS frame and answers all M sources
 and per-molecule extras arrays in one MXHSOURCES frame (all of them, the dipoles only, or
 none, as the frame's flags ask). The model is the same batched
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from maxwellhub import wire
 from maxwellhub.net.buffers import keep_freed_memory, widen_socket_buffers
+from maxwellhub.protocol import wire
 from maxwellhub.protocol.session import Session, SessionState
 
 from .client import REFUSED, DriverSide, HubClosed, ModelFailed

@@ -1,7 +1,7 @@
 """``maxwellhub-driver --address-file PATH``: find the hub through its rendezvous file.
 
 The file format, its atomic writing and the rules that reject a leftover of a dead run are
-in :mod:`maxwellhub.rendezvous`; this module only waits, picks the secret and serves.
+in :mod:`maxwellhub.net.rendezvous`; this module only waits, picks the secret and serves.
 
 Secret: ``--secret-file`` wins; otherwise the file the address file names
 (``secret_file``); otherwise ``MAXWELLHUB_SECRET``. With ``--reconnect`` a lost connection
@@ -15,9 +15,9 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from maxwellhub.auth import Secret
 from maxwellhub.errors import UsageError
-from maxwellhub.rendezvous import wait_and_connect
+from maxwellhub.net.rendezvous import wait_and_connect
+from maxwellhub.protocol.auth import Secret
 
 from .client import EXIT_CONNECTION, EXIT_PROTOCOL, serve
 

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from maxwellhub import wire
 from maxwellhub.errors import ProtocolError
 from maxwellhub.net import shm_lane
+from maxwellhub.protocol import wire
 
 from .client import send_parts
 

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import wire
 from ..errors import ProtocolError, UsageError
 from ..net import steadyio
+from ..protocol import wire
 
 _finite = math.isfinite
 

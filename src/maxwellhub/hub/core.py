@@ -45,9 +45,6 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from .. import wire
-from ..addresses import DEFAULT_PORT, unix_socket_path
-from ..auth import Secret, is_loopback
 from ..errors import UsageError
 from ..liveness import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -55,12 +52,15 @@ from ..liveness import (
     keepalive,
     report_delays,
 )
+from ..net.addresses import DEFAULT_PORT, unix_socket_path
 from ..net.buffers import keep_freed_memory, widen_socket_buffers
 from ..net.listener import Listener, Pending
 from ..net.logsummary import PeerLog
+from ..net.rendezvous import remove_address_file, write_address_file
 from ..net.unix import bind_owner_only, remove_if_ours
+from ..protocol import wire
+from ..protocol.auth import Secret, is_loopback
 from ..protocol.connection import Connection, State
-from ..rendezvous import remove_address_file, write_address_file
 from ..services.control import ControlServer
 from . import shm
 from .barrier import Barrier, StepResult, as_step_arrays, check_policy, checked_dipoles, ids_text
@@ -283,11 +283,11 @@ class Hub:
     """The asyncio hub. Create it, ``await start()``, register molecules, ``await step()``.
 
     Parameters mirror :class:`SocketHub`. All coroutines must run on one event loop (the
-    one ``start`` ran on). ``auth``: a :class:`maxwellhub.auth.Secret` (see
-    :func:`maxwellhub.auth.load_secret`); every driver must then prove it holds the same
+    one ``start`` ran on). ``auth``: a :class:`maxwellhub.protocol.auth.Secret` (see
+    :func:`maxwellhub.protocol.auth.load_secret`); every driver must then prove it holds the same
     secret (MXHAUTH/MXHPROOF) before STATUS and INIT. ``None`` (default): no
     authentication, and the wire is exactly MaxwellLink's. ``address_file``: a path where
-    ``start`` publishes the address (:mod:`maxwellhub.rendezvous`; removed by ``stop``)
+    ``start`` publishes the address (:mod:`maxwellhub.net.rendezvous`; removed by ``stop``)
     for drivers started with ``maxwellhub-driver --address-file``. ``dialect``: how
     sessions end. ``"maxwelllink"`` (default) decides per connection: EXIT to stock i-PI
     clients (ASE, i-PI), STOP to the others (see :mod:`maxwellhub.protocol.connection`);
@@ -349,7 +349,7 @@ class Hub:
         self.backlog = backlog
         if auth is not None and not isinstance(auth, Secret):
             raise UsageError(
-                "auth must be a maxwellhub.auth.Secret (from load_secret), not "
+                "auth must be a maxwellhub.protocol.auth.Secret (from load_secret), not "
                 f"{type(auth).__name__}"
             )
         self.auth = auth
@@ -380,7 +380,7 @@ class Hub:
         self._changed: asyncio.Future[Any] | None = None
         self.control = control  # where to serve maxwellhub.control, or None
         self._control: ControlServer | None = None
-        # maxwellhub.rendezvous: written once listening, removed at stop
+        # maxwellhub.net.rendezvous: written once listening, removed at stop
         self.address_file = None if address_file is None else os.fspath(address_file)
         self._address_run_id: str | None = None
         self._stop_reason: str | None = None
@@ -484,7 +484,7 @@ class Hub:
 
     def _write_address_file(self) -> None:
         """Publish the address (and the secret file's location) for drivers started with
-        ``--address-file``; see :mod:`maxwellhub.rendezvous`."""
+        ``--address-file``; see :mod:`maxwellhub.net.rendezvous`."""
         if self.address_file is None:
             return
         source = self.auth.source if self.auth is not None else None

@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .. import wire
 from ..net import steadyio
+from ..protocol import wire
 from ..protocol.connection import all_direct_ready, mark_answered_direct, mark_sent_direct
 
 if TYPE_CHECKING:

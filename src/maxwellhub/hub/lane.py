@@ -36,8 +36,8 @@ from typing import Any, Protocol, cast
 import numpy as np
 import numpy.typing as npt
 
-from .. import wire
 from ..net import steadyio
+from ..protocol import wire
 from ..protocol.connection import (
     Connection,
     all_direct_ready,

@@ -1,7 +1,7 @@
 """The hub side of the shared-memory lane (:mod:`maxwellhub.net.shm_lane`) on a live connection.
 
 An ensemble driver on a UNIX socket offers the lane in its MXHHELLO flags
-(:data:`maxwellhub.wire.HELLO_SHM_LANE`). The connection machine asks its I/O layer to
+(:data:`maxwellhub.protocol.wire.HELLO_SHM_LANE`). The connection machine asks its I/O layer to
 answer that offer (:func:`offer`, called by ``Link.offer_lane``); when the hub wants the
 lane (``Hub(shm_lane=...)``: by default on for a UNIX socket, never on TCP) the answer is
 MXHSHMLANE with the segment and its doorbells passed as descriptors (``SCM_RIGHTS``) on
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import wire
 from ..net import shm_lane
+from ..protocol import wire
 
 if TYPE_CHECKING:
     import asyncio

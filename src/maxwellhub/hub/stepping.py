@@ -41,10 +41,10 @@ from typing import Any, Protocol, cast
 import numpy as np
 import numpy.typing as npt
 
-from .. import wire
 from ..errors import BarrierTimeout, DriverLost, MaxwellHubError, UsageError
 from ..liveness import within
 from ..net import steadyio
+from ..protocol import wire
 from ..protocol.connection import Connection, State
 from .barrier import Barrier, Layout, StepResult, fields_array, ids_text
 from .fastpath import DirectStep, Steady, SteadyReader, _Plan, can_wait_detached

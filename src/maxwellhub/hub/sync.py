@@ -18,8 +18,8 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
-from ..addresses import DEFAULT_PORT
 from ..errors import UsageError
+from ..net.addresses import DEFAULT_PORT
 from ..parallel.mpi import am_master
 from .barrier import StepResult, as_step_arrays, check_policy, checked_dipoles
 from .core import Hub, new_event_loop
@@ -62,7 +62,7 @@ class SocketHub:
         It is served while a method of this object waits, i.e. during every step and bind.
 
     address_file : a path where the hub publishes its address once listening (a
-        :mod:`maxwellhub.rendezvous` file, removed at :meth:`stop`), for drivers started
+        :mod:`maxwellhub.net.rendezvous` file, removed at :meth:`stop`), for drivers started
         with ``maxwellhub-driver --address-file PATH`` (another job, an array job, MPMD).
 
     On MPI ranks other than 0 the object is inert (no socket, ``step_barrier`` returns

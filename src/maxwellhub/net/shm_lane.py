@@ -49,7 +49,7 @@ wrote out of turn mid-slot) both raise :class:`LaneError` naming the numbers. Th
 write/read pair is a system call on each side, which orders the slot stores before the
 bell on every architecture Linux runs on; the begin/end pair is the check, not the fence.
 
-Handshake: the hub sends ``MXHSHMLANE`` (:func:`maxwellhub.wire.encode_shm_lane`) with
+Handshake: the hub sends ``MXHSHMLANE`` (:func:`maxwellhub.protocol.wire.encode_shm_lane`) with
 three descriptors attached (segment, to_driver, to_hub; only the segment with
 :data:`BELL_ON_SOCKET`); the driver maps it (:func:`map_offer`), checks magic, version,
 M, K and the seals, and answers ``MXHSHMOK``. The hub negotiates it inside the maxwellhub
@@ -71,7 +71,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .. import wire
+from ..protocol import wire
 
 LANE_VERSION = 1
 MAGIC = b"MXHSHM\x00\x01"

@@ -3,7 +3,7 @@ single driver, the ensemble driver, a relay's upstream connection), here and now
 
 An INIT string is a UTF-8 JSON object (an empty string means ``{}``). The hub writes the
 molecule's user payload (``dt_au`` and the model's keys), ``molecule_id``, its resume offer
-(:data:`maxwellhub.wire.RESUME_KEY`) and, for an ensemble, ``molecule_id_range``
+(:data:`maxwellhub.protocol.wire.RESUME_KEY`) and, for an ensemble, ``molecule_id_range``
 ``[first, count]`` or ``molecule_ids``, plus ``payloads`` (one object per molecule) when the
 molecules' payloads differ.
 

@@ -2,7 +2,7 @@
 and parsed here for every party (the hub, the single and ensemble drivers, a relay's
 upstream connection), and the driver's handling of one frame as a plain function.
 
-MXHPARAMS carries (after the step it applies at, see :mod:`maxwellhub.wire`) a UTF-8 JSON
+MXHPARAMS carries (after the step it applies at, see :mod:`maxwellhub.protocol.wire`) a UTF-8 JSON
 object ``{"sequence": k, "ops": [...]}``; each op is one of
 
 - ``{"op": "set_params", "molecules": [[first, count], ...], "changes": {name: value}}``
@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import wire
 from ..errors import ProtocolError, UsageError
+from . import wire
 
 __all__ = [
     "ACCEPT",
@@ -85,7 +85,7 @@ Op = SetParams | Kick
 
 
 def offer(limits: wire.Limits) -> dict[str, Any]:
-    """The value of :data:`maxwellhub.wire.PARAMS_KEY` in the hub's INIT JSON."""
+    """The value of :data:`maxwellhub.protocol.wire.PARAMS_KEY` in the hub's INIT JSON."""
     return {"version": wire.PARAMS_VERSION, "max_bytes": limits.max_params_bytes}
 
 

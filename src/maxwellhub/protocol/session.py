@@ -34,9 +34,9 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .. import wire
 from ..errors import ProtocolError
 from . import params as params_frames
+from . import wire
 from .init import parse_ensemble_init, parse_single_init
 
 __all__ = [
@@ -191,7 +191,7 @@ class Session:
     frames (MXHHELLO) even for M = 1 (the relay does); default: M > 1. ``limits``: the
     decoder's caps. ``host``: how errors name this side ("this driver", "this relay").
     ``hello_flags``: the MXHHELLO flags word, passed through as given; when it offers the
-    shared-memory lane (:data:`~maxwellhub.wire.HELLO_SHM_LANE`), ``lane_offer`` takes
+    shared-memory lane (:data:`~maxwellhub.protocol.wire.HELLO_SHM_LANE`), ``lane_offer`` takes
     the hub's MXHSHMLANE (maps the lane and answers it, the lane's own I/O). Without that
     offer MXHSHMLANE is a :class:`ProtocolError`, whatever the model.
     """
