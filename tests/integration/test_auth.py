@@ -136,7 +136,7 @@ def test_loopback_detection():
 
 def test_hub_auth_must_be_a_secret():
     """Hub(auth=...) takes a Secret, not a string that might be the secret itself."""
-    with pytest.raises(UsageError, match=r"maxwellhub\.auth\.Secret"):
+    with pytest.raises(UsageError, match=r"maxwellhub\.protocol\.auth\.Secret"):
         # A deliberately wrong type: the run-time check is what is under test.
         Hub(port=0, auth="s3cret")  # type: ignore[arg-type]
 
