@@ -33,6 +33,7 @@ from fakes import FakeDriver, fake_source
 from maxwellhub import Hub, SocketHub, liveness
 from maxwellhub.errors import DriverLost, UsageError
 from maxwellhub.hub import core as hub_module
+from maxwellhub.hub.adapter import DriverProtocol
 from maxwellhub.net.addresses import connect_once
 from maxwellhub.protocol import wire
 from maxwellhub.run.launch import reap, start_driver
@@ -410,7 +411,7 @@ async def test_keepalive_is_set_on_accepted_and_driver_tcp_sockets():
             sock.settimeout(scaled(10))
             assert await asyncio.to_thread(sock.recv, 12) == wire.encode_header(wire.STATUS)
             [conn] = hub._connections  # it sent STATUS: the hub has accepted it
-            assert isinstance(conn.link, hub_module._DriverProtocol)
+            assert isinstance(conn.link, DriverProtocol)
             accepted = conn.link.transport.get_extra_info("socket")
             assert _keepalive_options(accepted) == EXPECTED_KEEPALIVE
         with socket.socket() as plain:

@@ -5,7 +5,8 @@ Two faces, one implementation:
 
 - :class:`Hub` (:mod:`~maxwellhub.hub.core`) is the asyncio core. It runs on the caller's
   event loop; each connection is a sans-I/O :class:`~maxwellhub.protocol.connection.
-  Connection` behind a thin asyncio adapter. ``await hub.step(requests)`` is the barrier.
+  Connection` behind a thin asyncio adapter (:mod:`~maxwellhub.hub.adapter`).
+  ``await hub.step(requests)`` is the barrier.
 - :class:`SocketHub` (:mod:`~maxwellhub.hub.sync`) is MaxwellLink's synchronous API for
   plain functions such as Meep's step callback, on the Hub's public step contract.
 

@@ -4,8 +4,8 @@ barrier steps (send every molecule its field, gather every molecule's source).
 Two faces, one implementation:
 
 - :class:`Hub` is the asyncio core. It runs on the caller's event loop; one
-  :class:`asyncio.Protocol` per connection feeds a sans-I/O
-  :class:`~maxwellhub.protocol.connection.Connection`. Once a driver is initialised its
+  asyncio adapter per connection (:class:`~maxwellhub.hub.adapter.DriverProtocol`) feeds
+  a sans-I/O :class:`~maxwellhub.protocol.connection.Connection`. Once a driver is initialised its
   socket is read from one epoll set, the steady reader of :mod:`maxwellhub.hub.fastpath`, by the
   same adapter (the loop stays the control plane: handshakes, new connections, timers,
   faults). ``await hub.step(requests)`` is the async barrier. The hub itself listens,
@@ -49,11 +49,9 @@ from ..errors import UsageError
 from ..liveness import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     check_timeout,
-    keepalive,
     report_delays,
 )
 from ..net.addresses import DEFAULT_PORT, unix_socket_path
-from ..net.buffers import keep_freed_memory, widen_socket_buffers
 from ..net.listener import Listener, Pending
 from ..net.logsummary import PeerLog
 from ..net.rendezvous import remove_address_file, write_address_file
@@ -63,6 +61,7 @@ from ..protocol.auth import Secret, is_loopback
 from ..protocol.connection import Connection, State
 from ..services.control import ControlServer
 from . import shm
+from .adapter import DriverProtocol, adapter_of
 from .barrier import Barrier, StepResult, as_step_arrays, check_policy, checked_dipoles, ids_text
 from .fastpath import SteadyReader
 from .history import History
@@ -100,178 +99,6 @@ def new_event_loop(kind: str | None = None) -> asyncio.AbstractEventLoop:
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
-
-
-class _DriverProtocol(asyncio.BufferedProtocol):
-    """The asyncio face of one driver connection: a thin adapter that feeds the bytes it
-    reads to a :class:`~maxwellhub.protocol.connection.Connection` (the protocol, sans
-    I/O) and writes the bytes the connection returns. It is the connection's
-    :class:`~maxwellhub.protocol.connection.Link`: aborting, closing, one deadline timer."""
-
-    #: Set by connection_made, which the event loop calls before any other method.
-    transport: asyncio.Transport
-    write: Callable[[Any], None]  # the transport's writelines, or _write_direct when steady
-
-    def __init__(self, hub: Hub, number: int) -> None:
-        self.hub = hub
-        self.number = number
-        self.loop = hub.loop  # made only by a started hub's listener
-        self.conn = Connection(
-            hub,
-            number,
-            limits=hub.limits,
-            dialect=hub.dialect,
-            auth=hub.auth,
-            handshake_timeout=hub.handshake_timeout,
-            step_timeout=hub.timeout,
-        )
-        self.conn.link = self
-        # asyncio reads straight into the decoder's buffer: no frame of ours in between
-        self.get_buffer = self.conn.read_buffer  # type: ignore[method-assign]
-        self._timer: asyncio.TimerHandle | None = None
-        self.bye: asyncio.Future[Any] | None = None
-        self._fd = -1  # the socket's fd while the steady reader reads it
-
-    # -- asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream connection's transport (asyncio's or uvloop's) is an asyncio.Transport.
-        self.transport = cast(asyncio.Transport, transport)
-        self.write = self.transport.writelines
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.conn.peer = f"driver#{self.conn.number} ({peer[0]}:{peer[1]})"
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                keepalive(sock)  # a vanished host is noticed in LOST_HOST_SECONDS
-        self.hub._connection_made(self.conn)
-        self.write(self.conn.start())
-
-    # asyncio receives straight into the decoder's buffer (BufferedProtocol): a batched
-    # frame of 10^6 molecules is 48 MB, and copying it read by read cost as much again.
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.conn.read_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        out = self.conn.received(nbytes)
-        if out:
-            self.write(out)
-
-    def data_received(self, data: bytes) -> None:
-        """The same as a buffered read (for callers that hand bytes in)."""
-        out = self.conn.receive_data(data)
-        if out:
-            self.write(out)
-
-    def eof_received(self) -> bool:
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._leave_steady()
-        self.conn.connection_lost(exc)
-
-    def _leave_steady(self) -> None:
-        steady = self.hub.steady
-        if steady is not None:
-            steady.forget(self)
-
-    # -- the steady reader (maxwellhub.hub.fastpath)
-    @property
-    def small_frames(self) -> bool:
-        return self.conn.batch is None
-
-    def joined(self, fd: int) -> None:
-        self._fd = fd
-        self.write = self._write_direct
-
-    def left(self) -> None:
-        self._fd = -1  # given back: the socket may close and its number be reused
-        self.write = self.transport.writelines
-
-    def _write_direct(self, parts: list[Any]) -> None:
-        """Write one buffer straight to the socket when the transport holds nothing
-        (the step's field: no copy, no transport bookkeeping); the rest, and whatever
-        the socket does not take, through the transport, which keeps the order."""
-        transport = self.transport
-        data = parts[0] if len(parts) == 1 else None
-        if type(data) is not bytes or transport.get_write_buffer_size() or transport.is_closing():
-            self._queue(parts)
-            return
-        try:
-            sent = os.write(self._fd, data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:  # the transport meets the error too and closes the connection
-            self._queue(parts)
-            return
-        if sent < len(data):
-            self._queue([memoryview(data)[sent:]])
-
-    def _queue(self, parts: list[Any]) -> None:
-        """Write through the transport (it keeps what the socket does not take, in order);
-        the steady step then must not write to this socket directly until it is empty."""
-        steady = self.hub.steady
-        if steady is not None:
-            steady.queued()
-        self.transport.writelines(parts)
-
-    # -- Link
-    def abort(self) -> None:
-        self._leave_steady()
-        self.transport.abort()
-
-    def close(self) -> None:
-        self._leave_steady()
-        self.transport.close()
-
-    def arm(self, seconds: float) -> None:
-        self.disarm()
-        self._timer = self.loop.call_later(seconds, self._expired, seconds)
-
-    def _expired(self, seconds: float) -> None:
-        self._timer = None
-        self.conn.expired(seconds)
-
-    def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def later(self, seconds: float, callback: Callable[[], list[Any]]) -> None:
-        self.loop.call_later(seconds, self._send_from, callback)
-
-    def _send_from(self, callback: Callable[[], list[Any]]) -> None:
-        out = callback()
-        if out:
-            self.write(out)
-
-    def hosting(self, molecules: int) -> None:
-        keep_freed_memory(molecules)
-        widen_socket_buffers(self.transport.get_extra_info("socket"), molecules)
-
-    def ended(self, said_bye: bool) -> None:
-        if self.bye is not None and not self.bye.done():
-            self.bye.set_result(said_bye)
-
-    def offer_lane(self, parts: list[Any], extras: int) -> shm.HubLane | None:
-        hub = self.hub
-        return shm.offer(
-            self.conn, self.transport, self.loop, hub.shm_lane, parts, extras, hub.lanes
-        )
-
-    # -- for the hub
-    def send_end(self) -> asyncio.Future[Any]:
-        """End the session (STOP or EXIT); the future says whether it ended politely."""
-        self.bye = self.loop.create_future()
-        out = self.conn.send_end()
-        if out:
-            self.write(out)
-        return self.bye
-
-
-def _link(conn: Connection) -> _DriverProtocol:
-    """The asyncio adapter of a hub's connection (every connection of a Hub has one)."""
-    return cast(_DriverProtocol, conn.link)
 
 
 def _send(conn: Connection, out: list[Any]) -> None:
@@ -515,9 +342,9 @@ class Hub:
         self._extra.append(self._listener(sock))
         return int(sock.getsockname()[1])
 
-    def _new_driver(self) -> _DriverProtocol:
+    def _new_driver(self) -> DriverProtocol:
         self._accepted += 1
-        return _DriverProtocol(self, self._accepted)
+        return DriverProtocol(self, self._accepted)
 
     def _connection_made(self, conn: Connection) -> None:
         self._connections.add(conn)
@@ -551,7 +378,7 @@ class Hub:
         self.paused = True
         for server in self._listeners():
             server.close()
-        byes = [_link(d).send_end() for d in list(self._connections) if d.state != _CLOSING]
+        byes = [adapter_of(d).send_end() for d in list(self._connections) if d.state != _CLOSING]
         if byes:
             _, pending = await asyncio.wait(byes, timeout=wait)
             if pending:
@@ -574,7 +401,7 @@ class Hub:
         for d in list(self._connections):
             # STOP unanswered: EXIT (an i-PI client ignores STOP)
             _send(d, d.exit_after_stop())
-            _link(d).abort()
+            adapter_of(d).abort()
         for server in self._listeners():
             server.close()
             await server.wait_closed()
@@ -895,7 +722,7 @@ class Hub:
         """INIT (and any replay) done: a replacement gets the frozen field(s)."""
         for mol in driver.molecules:
             mol.initialized = True
-        if self.steady is not None and isinstance(driver.link, _DriverProtocol):
+        if self.steady is not None and isinstance(driver.link, DriverProtocol):
             self.steady.claim(driver.link)  # steady now: its reads leave the event loop
         self.stepper.serve(driver)
         self._notify()

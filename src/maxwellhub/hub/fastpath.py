@@ -60,7 +60,8 @@ _SMALL_READ = 1 << 16  # a read of a single-molecule driver (SOURCEREADY is 124 
 
 
 class Steady(Protocol):
-    """A driver connection's asyncio adapter as the steady reader sees it."""
+    """A driver connection's asyncio adapter (:class:`~maxwellhub.hub.adapter.DriverProtocol`)
+    as the steady reader sees it."""
 
     transport: asyncio.Transport
 

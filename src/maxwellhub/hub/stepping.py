@@ -90,7 +90,7 @@ class HubView(Protocol):
 
 
 class _SteadyLink(Steady, Protocol):
-    """A connection's asyncio adapter (``maxwellhub.hub.core._DriverProtocol``) as a
+    """A connection's asyncio adapter (:class:`~maxwellhub.hub.adapter.DriverProtocol`) as a
     direct step sends through it."""
 
     _fd: int  # the socket's fd while the steady reader reads it, else -1
