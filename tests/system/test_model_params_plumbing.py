@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from maxwellhub.models import create_model
-from maxwellhub.run import runner
+from maxwellhub.run import fleet, runner
 from maxwellhub.run.config import ConfigError, load_config
 from maxwellhub_drivers import cli
 from maxwellhub_drivers.checkpoint import Continuity
@@ -112,7 +112,7 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path, monkeypat
     assert params == {"geometry": str(tmp_path / "cfg" / "in" / "h2.xyz"), "scheme": "Euler"}
     assert config.base_dir == tmp_path / "cfg"
     assert runner.validate_models(config) == config  # idempotent: run() validates again
-    batches = runner._driver_batches(config, [np.arange(3)])
+    batches = fleet.driver_batches(config, [np.arange(3)])
     assert batches == [([0, 1, 2], TOY, params)]  # identical parameters: one batch
 
 
@@ -126,7 +126,7 @@ def test_shared_vectors_stay_whole_and_per_molecule_lists_are_sliced(tmp_path):
         omega = 0.5
     """
     config = runner.validate_models(load_config(write_config(tmp_path / "one", params)))
-    batches = runner._driver_batches(config, [np.arange(3)])
+    batches = fleet.driver_batches(config, [np.arange(3)])
     assert [b[0] for b in batches] == [[0], [1], [2]]
     assert batches[1][2] == {
         "kick": [0.0, 0.0, 1.0],
@@ -135,7 +135,7 @@ def test_shared_vectors_stay_whole_and_per_molecule_lists_are_sliced(tmp_path):
         "omega": 0.5,
     }
     config = runner.validate_models(load_config(write_config(tmp_path / "ens", params, per=2)))
-    batches = runner._driver_batches(config, [np.arange(3)])
+    batches = fleet.driver_batches(config, [np.arange(3)])
     assert [b[0] for b in batches] == [[0, 1], [2]]
     assert batches[0][2] == {
         "kick": [0.0, 0.0, 1.0],
@@ -157,9 +157,9 @@ def test_drivers_receive_typed_params_in_a_file(tmp_path, monkeypatch):
         started.append((model, params, kw["extra_args"]))
         return object()
 
-    monkeypatch.setattr(runner, "start_driver", fake_start)
+    monkeypatch.setattr(fleet, "start_driver", fake_start)
     params = {"label": "1e-3", "geometry": "/data/a,b.xyz", "kick": [0.0, 0.0, 1.0]}
-    runner._start_batch([4, 5], TOY, params, 1, tmp_path, {"unix": "x"}, 1.0)
+    fleet.start_batch([4, 5], TOY, params, 1, tmp_path, {"unix": "x"}, 1.0)
     assert [s[0] for s in started] == [TOY, TOY] and started[0][1] is None
     extra = started[0][2]
     assert extra[0] == "--params-file"

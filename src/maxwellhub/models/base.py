@@ -1,12 +1,14 @@
-"""The model interface every maxwellhub driver model implements.
+"""The model interface every maxwellhub driver model implements: what an implementer reads.
 
 A model holds ``n`` molecules of one kind that are propagated together with numpy (``n = 1``
 for a plain driver process, ``n = M`` for an ensemble driver or when embedded in the EM
 process). The public methods here do the checking and the bookkeeping; a model only writes
-a few private, side-effect-free functions (see :class:`Model`).
+a few private, side-effect-free functions (the numbered rules of :class:`Model`) and
+declares its parameters (:class:`Parameter`). How values are normalised, spread over
+molecules and carried in states is plain functions in ``maxwellhub.models._params``.
 
-This module never touches a socket, never converts units (everything is atomic units) and
-never imports scipy.
+This module never touches a socket, never converts units (everything is atomic units but
+the :data:`UNIT_SUFFIXES` a caller may use) and never imports scipy.
 """
 
 from __future__ import annotations
@@ -21,6 +23,30 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ._params import (
+    PARAM_PREFIX,
+    RNG_KEY,
+    TEXT_KINDS,
+    ParameterError,
+    State,
+    all_finite,
+    canonical_keys,
+    check_n,
+    checked_arrays,
+    checked_generator_state,
+    current_values,
+    first_bad_row,
+    is_per_molecule,
+    jsonable,
+    molecule_rows,
+    normalise,
+    params_of_state,
+    schema_of,
+    spread,
+    to_array,
+    to_atomic_units,
+)
+
 __all__ = [
     "DIPOLE_KEYS",
     "KINDS",
@@ -31,11 +57,8 @@ __all__ = [
     "ParameterError",
 ]
 
-State = dict[str, np.ndarray]
-
 #: The kinds of :class:`Parameter`: numbers, flags, text, file paths and 3-vectors.
 KINDS: tuple[Any, ...] = (float, int, bool, str, "path", "vector")
-_TEXT_KINDS: tuple[Any, ...] = (str, "path")
 
 #: The units chemists think in, accepted in place of atomic units: a parameter ``omega``
 #: (or ``dt_substep_au``) that declares ``unit="energy"`` (``"time"``) may be given as
@@ -56,9 +79,6 @@ _DEFAULT_ALLOWED: dict[Any, str] = {
     "path": "the path of an existing file",
     "vector": "a 3-vector [x, y, z] of finite numbers",
 }
-# get_state() keys: "param.<name>" for each parameter, "rng.state" for a model's _rng
-_PARAM_PREFIX = "param."
-_RNG_KEY = "rng.state"
 #: The extras keys of the dipole (a.u.) that every model reports, x, y, z.
 DIPOLE_KEYS = ("mux_au", "muy_au", "muz_au")
 # names the constructor and validate_params take themselves
@@ -72,17 +92,6 @@ class _Required:
 
 #: The default of a parameter that has none: leaving it out is an error.
 REQUIRED: Any = _Required()
-
-
-class ParameterError(ValueError):
-    """A parameter value is refused. ``key``: the parameter as the caller named it (an
-    alias stays an alias), None for a check across parameters; ``molecule``: the molecule
-    index (0..n-1) the error is about, or None."""
-
-    def __init__(self, message: str, key: str | None = None, molecule: int | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-        self.molecule = molecule
 
 
 @dataclass(frozen=True)
@@ -137,7 +146,7 @@ class Parameter:
                 f"one of {', '.join(self.choices)}" if self.choices else _DEFAULT_ALLOWED[self.kind]
             )
             object.__setattr__(self, "allowed", text)
-        if self.default is None and not (self.shared and self.kind in _TEXT_KINDS):
+        if self.default is None and not (self.shared and self.kind in TEXT_KINDS):
             raise ValueError(
                 "a Parameter default of None (unset) is only for shared str and 'path' parameters"
             )
@@ -271,7 +280,7 @@ class Model:
                 )
 
     def __init__(self, n: int = 1, **params: Any) -> None:
-        self._n = _check_n(type(self)._label(), n)
+        self._n = check_n(type(self)._label(), n)
         self.params: dict[str, Any] = self._checked_params(self._n, None, params)[0]
         self._param_state = self._params_as_arrays()  # get_state's param.* arrays
         self._dt: float | None = None
@@ -281,7 +290,7 @@ class Model:
         self._one = self._n == 1 and type(self)._stage_one is not Model._stage_one
         self._configure()
         state = self._initial_state()
-        self._schema = self._schema_of(state)
+        self._schema = schema_of(self._label(), self._n, state)
         self._state = state
 
     # ---------------------------------------------------------------- parameters
@@ -300,7 +309,7 @@ class Model:
         ``maxwellhub run`` hands to drivers. Raises :class:`ParameterError` naming the
         model, the key, the molecule index where it is per molecule, and what is allowed.
         """
-        return cls._checked_params(_check_n(cls._label(), n), base_dir, params)[1]
+        return cls._checked_params(check_n(cls._label(), n), base_dir, params)[1]
 
     @classmethod
     def slice_params(cls, params: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
@@ -311,7 +320,7 @@ class Model:
         out = {}
         for key, value in params.items():
             spec = cls.parameters.get(key)
-            if spec is not None and not spec.shared and _is_per_molecule(spec, value):
+            if spec is not None and not spec.shared and is_per_molecule(spec, value):
                 part = list(value)[start:stop]
                 value = part[0] if stop - start == 1 else part
             out[key] = value
@@ -342,7 +351,7 @@ class Model:
         out = {}
         for key, (name, value) in cls._canonical_keys(changes).items():
             spec = cls._mutable_spec(key, name)
-            out[key] = _normalise(label, name, spec, value, 1 if spec.shared else n, None)[1]
+            out[key] = normalise(label, name, spec, value, 1 if spec.shared else n, None)[1]
         return out
 
     @classmethod
@@ -375,7 +384,7 @@ class Model:
         ones (for a change queued behind others)."""
         label = self._label()
         base = dict(self.params if params is None else params)
-        rows = self._molecule_rows(molecules)
+        rows = molecule_rows(self._label(), self._n, molecules)
         for key, (name, value) in self._canonical_keys(changes).items():
             spec = self._mutable_spec(key, name)
             if spec.shared:
@@ -385,16 +394,16 @@ class Model:
                         "for all of them (molecules=None)",
                         name,
                     )
-                base[key] = _normalise(label, name, spec, value, self._n, None)[0]
+                base[key] = normalise(label, name, spec, value, self._n, None)[0]
                 continue
-            full = _current_values(spec, base[key])
+            full = current_values(spec, base[key])
             if rows is None:
                 full = value
             else:
-                given = _spread(label, name, spec, value, len(rows))
+                given = spread(label, name, spec, value, len(rows))
                 for row, item in zip(rows, given, strict=True):
                     full[row] = item
-            base[key] = _normalise(label, name, spec, full, self._n, None)[0]
+            base[key] = normalise(label, name, spec, full, self._n, None)[0]
         self._cross_check(base, self._n)
         return base
 
@@ -426,7 +435,7 @@ class Model:
         for key, spec in cls.parameters.items():
             if key in given:
                 name, value = given[key]
-                stored[key], canonical[key] = _normalise(label, name, spec, value, n, base_dir)
+                stored[key], canonical[key] = normalise(label, name, spec, value, n, base_dir)
             elif spec.default is REQUIRED:
                 raise ParameterError(
                     f"{label}: parameter {key} is required ({spec.doc}); expected {spec.allowed}",
@@ -435,7 +444,7 @@ class Model:
             elif spec.default is None:
                 stored[key] = None
             else:
-                stored[key] = _normalise(label, key, spec, spec.default, n, base_dir)[0]
+                stored[key] = normalise(label, key, spec, spec.default, n, base_dir)[0]
         cls._cross_check(stored, n)
         return stored, canonical
 
@@ -451,43 +460,7 @@ class Model:
     @classmethod
     def _canonical_keys(cls, params: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
         """name -> (the name or alias given, the value, converted) for ``params``."""
-        label = cls._label()
-        unknown = sorted(
-            k
-            for k in params
-            if k not in cls.parameters and k not in cls.aliases and cls._unit_key(k) is None
-        )
-        if unknown:
-            aliases = "".join(f"; {a} for {t}" for a, (t, _) in cls.aliases.items())
-            raise ParameterError(
-                f"{label}: unknown parameter(s) {', '.join(unknown)}; allowed: "
-                f"{', '.join(cls.parameters) or '(none)'}{aliases}",
-                unknown[0],
-            )
-        out: dict[str, tuple[str, Any]] = {}
-        for name, value in params.items():
-            if name in cls.parameters:
-                key, convert = name, None
-            elif name in cls.aliases:
-                key, convert = cls.aliases[name]
-            else:
-                key, convert = cls._unit_key(name) or (name, None)
-            if key in out:
-                raise ParameterError(
-                    f"{label}: parameters {out[key][0]} and {name} both set "
-                    f"{key}; give one of them",
-                    name,
-                )
-            if convert is not None:
-                try:
-                    value = convert(value)
-                except (TypeError, ValueError) as exc:
-                    raise ParameterError(
-                        f"{label}: parameter {name} = {value!r} does not convert to {key}: {exc}",
-                        name,
-                    ) from None
-            out[key] = (name, value)
-        return out
+        return canonical_keys(cls._label(), cls.parameters, cls.aliases, cls._unit_key, params)
 
     @classmethod
     def _unit_key(cls, name: str) -> tuple[str, Callable[[Any], Any]] | None:
@@ -500,26 +473,8 @@ class Model:
             for key in (stem, f"{stem}_au"):
                 spec = cls.parameters.get(key)
                 if spec is not None and spec.unit == quantity:
-                    return key, functools.partial(_to_atomic_units, factor=factor)
+                    return key, functools.partial(to_atomic_units, factor=factor)
         return None
-
-    def _molecule_rows(self, molecules: Sequence[int] | None) -> list[int] | None:
-        if molecules is None:
-            return None
-        rows = list(molecules) if not isinstance(molecules, int | np.integer) else None
-        if (
-            not rows
-            or any(
-                isinstance(r, bool) or not isinstance(r, int | np.integer) or not 0 <= r < self._n
-                for r in rows
-            )
-            or len(set(rows)) != len(rows)
-        ):
-            raise ParameterError(
-                f"{self._label()}: molecules = {molecules!r} is not allowed; "
-                f"expected distinct indices 0..{self._n - 1}, or None for all"
-            )
-        return [int(r) for r in rows]
 
     # ---------------------------------------------------------------- public API
 
@@ -595,8 +550,8 @@ class Model:
             )
         if self._one:
             return self._stage_scalar(f.tolist()[0], self._dt)
-        if not _all_finite(f):
-            bad = _first_bad_row(f)
+        if not all_finite(f):
+            bad = first_bad_row(f)
             raise ValueError(
                 f"{self._label()}: field of molecule {self._ids[bad]} is not finite: "
                 f"{f[bad].tolist()}"
@@ -613,8 +568,8 @@ class Model:
                 f"{self._label()}: _stage_impl returned sources of shape {sources.shape}, "
                 f"expected ({self._n}, 3)"
             )
-        if not _all_finite(sources):
-            bad = _first_bad_row(sources)
+        if not all_finite(sources):
+            bad = first_bad_row(sources)
             self._raise_bad_source(bad, sources[bad])
         self._staged = (new_state, sources, self._time + self._dt, drawn)
         return sources
@@ -680,7 +635,7 @@ class Model:
         label = self._label()
         if not self.takes_kicks():
             raise ParameterError(f"{label}: this model takes no kicks", "kick")
-        rows = self._molecule_rows(molecules)
+        rows = molecule_rows(self._label(), self._n, molecules)
         count = self._n if rows is None else len(rows)
         try:
             given = np.broadcast_to(np.asarray(impulse, dtype=np.float64), (count, 3))
@@ -747,7 +702,7 @@ class Model:
             state[key] = value.copy()
         rng = self._generator()
         if rng is not None:
-            state[_RNG_KEY] = np.array(json.dumps(rng.bit_generator.state, default=_jsonable))
+            state[RNG_KEY] = np.array(json.dumps(rng.bit_generator.state, default=jsonable))
         return state
 
     def set_state(self, state: Mapping[str, Any]) -> None:
@@ -778,73 +733,19 @@ class Model:
     ) -> tuple[State, float, dict[str, Any] | None, dict | None]:
         label = self._label()
         rng = self._generator()
-        expected = (
-            set(self._schema) | {"time_au"} | {_PARAM_PREFIX + key for key in self.parameters}
-        )
+        expected = set(self._schema) | {"time_au"} | {PARAM_PREFIX + key for key in self.parameters}
         if rng is not None:
-            expected.add(_RNG_KEY)
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(
-                f"{label}: state keys {sorted(state)} do not match the model's "
-                f"{sorted(expected)} (missing: {', '.join(missing) or 'none'}; unexpected: "
-                f"{', '.join(extra) or 'none'})"
-            )
-        new: State = {}
-        for key, (shape, dtype) in self._schema.items():
-            value = np.array(state[key], dtype=dtype, copy=True)
-            if value.shape != shape:
-                raise ValueError(
-                    f"{label}: state[{key!r}] has shape {value.shape}, expected {shape}"
-                )
-            if value.dtype.kind in "fc" and not np.isfinite(value).all():
-                raise ValueError(f"{label}: state[{key!r}] is not finite")
-            new[key] = value
-        time = np.asarray(state["time_au"], dtype=np.float64)
-        if time.shape != () or not math.isfinite(float(time)):
-            raise ValueError(
-                f"{label}: state['time_au'] = {state['time_au']!r} is not allowed; "
-                "expected a finite scalar"
-            )
+            expected.add(RNG_KEY)
+        new, time = checked_arrays(label, self._schema, state, expected)
+        params = params_of_state(label, self.parameters, self.params, self._n, state)
+        if params is not None:
+            self._cross_check(params, self._n)
         return (
             new,
-            float(time),
-            self._params_of_state(state),
-            None if rng is None else _checked_generator_state(label, rng, state[_RNG_KEY]),
+            time,
+            params,
+            None if rng is None else checked_generator_state(label, rng, state[RNG_KEY]),
         )
-
-    def _params_of_state(self, state: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The parameters a state carries, checked; None when they are this model's."""
-        label = self._label()
-        params = dict(self.params)
-        changed = False
-        for key, spec in self.parameters.items():
-            where = f"state[{_PARAM_PREFIX + key!r}]"
-            array = state[_PARAM_PREFIX + key]
-            try:
-                value = (
-                    None
-                    if _is_unset(spec, array)
-                    else _normalise(
-                        label, key, spec, _from_array(spec, array, self._n), self._n, None
-                    )[0]
-                )
-            except (ParameterError, TypeError) as exc:
-                raise ValueError(f"{label}: {where} is not allowed: {exc}") from None
-            if _same(value, self.params[key]):
-                continue
-            if not spec.mutable:
-                raise ValueError(
-                    f"{label}: {where} = {_brief(value)} differs from this model's {key} = "
-                    f"{_brief(self.params[key])}, which cannot change: make the model with "
-                    f"{key} = {_brief(value)} to continue this state"
-                )
-            params[key] = value
-            changed = True
-        if not changed:
-            return None
-        self._cross_check(params, self._n)
-        return params
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} n={self._n} dt_au={self._dt} time_au={self._time}>"
@@ -892,390 +793,10 @@ class Model:
 
     def _params_as_arrays(self) -> dict[str, np.ndarray]:
         return {
-            _PARAM_PREFIX + key: _to_array(spec, self.params[key])
+            PARAM_PREFIX + key: to_array(spec, self.params[key])
             for key, spec in self.parameters.items()
         }
 
     def _generator(self) -> np.random.Generator | None:
         rng = self.__dict__.get("_rng")
         return rng if isinstance(rng, np.random.Generator) else None
-
-    def _schema_of(self, state: State) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        if "time_au" in state or any(k.startswith(("param.", "rng.")) for k in state):
-            raise RuntimeError(
-                f"{self._label()}: state keys 'time_au', 'param.*' and 'rng.*' are reserved"
-            )
-        schema = {}
-        for key, value in state.items():
-            if not isinstance(value, np.ndarray) or value.ndim < 1 or value.shape[0] != self._n:
-                raise RuntimeError(
-                    f"{self._label()}: _initial_state()[{key!r}] must be an ndarray with "
-                    f"leading dimension n = {self._n}"
-                )
-            schema[key] = (value.shape, value.dtype)
-        return schema
-
-
-# -------------------------------------------------------------------- parameter values
-
-
-def _check_n(label: str, n: Any) -> int:
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        raise ValueError(f"{label}: n = {n!r} is not allowed; expected an int >= 1")
-    return int(n)
-
-
-def _all_finite(a: np.ndarray) -> bool:
-    """Whether every value of an (n, 3) array is finite, without an (n, 3) temporary: a
-    finite sum proves it (any NaN or inf makes the sum NaN or inf); only a sum that is not
-    finite (one bad value, or an overflow) is checked value by value. Rows broadcast from
-    one (stride 0) are that one row."""
-    if a.ndim == 2 and a.strides[0] == 0:
-        return bool(np.isfinite(a[0]).all())
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = a.sum()
-    return bool(np.isfinite(total)) or bool(np.isfinite(a).all())
-
-
-def _first_bad_row(a: np.ndarray) -> int:
-    return int(np.flatnonzero(~np.isfinite(a).all(axis=1))[0])
-
-
-def _is_list(value: Any) -> bool:
-    return isinstance(value, list | tuple | np.ndarray) and np.ndim(value) > 0
-
-
-def _is_per_molecule(spec: Parameter, value: Any) -> bool:
-    """Whether a canonical value lists one entry per molecule (rather than one for all)."""
-    if not _is_list(value):
-        return False
-    return spec.kind != "vector" or _is_list(next(iter(value)))
-
-
-def _has_bool(value: Any) -> bool:
-    if isinstance(value, bool | np.bool_):
-        return True
-    if isinstance(value, np.ndarray):
-        return value.dtype == np.bool_
-    return isinstance(value, list | tuple) and any(_has_bool(v) for v in value)
-
-
-def _item(value: Any, index: int | None) -> Any:
-    if index is None or not _is_list(value):
-        return value
-    return (value.tolist() if isinstance(value, np.ndarray) else list(value))[index]
-
-
-def _show(value: Any, index: int | None) -> str:
-    """``value`` as an error shows it: the offending molecule's entry of a list."""
-    if index is None or not _is_list(value):
-        return repr(value.tolist() if isinstance(value, np.ndarray) else value)
-    return f"{_item(value, index)!r} (molecule index {index})"
-
-
-def _brief(value: Any) -> str:
-    return repr(value.tolist() if isinstance(value, np.ndarray) else value)
-
-
-def _mask(spec: Parameter, values: np.ndarray) -> np.ndarray:
-    """``spec.valid`` of ``values`` (one row per molecule) as one bool per row."""
-    if spec.valid is None:
-        return np.ones(len(values), dtype=bool)
-    ok = np.asarray(spec.valid(values), dtype=bool)
-    if ok.ndim == 2:
-        ok = ok.all(axis=1)
-    return np.broadcast_to(ok, (len(values),))
-
-
-def _refused(
-    label: str,
-    key: str,
-    spec: Parameter,
-    value: Any,
-    index: int | None,
-    problem: str = "is not allowed",
-) -> ParameterError:
-    return ParameterError(
-        f"{label}: parameter {key} = {_show(value, index)} {problem}; expected {spec.allowed}",
-        key,
-        index,
-    )
-
-
-def _normalise(
-    label: str, key: str, spec: Parameter, value: Any, n: int, base_dir: str | os.PathLike | None
-) -> tuple[Any, Any]:
-    """(the value as stored in ``params``, its canonical JSON-able form) of ``value`` for
-    the parameter ``spec`` named ``key`` by the caller, for ``n`` molecules."""
-    if value is None and spec.default is None:
-        return None, None  # a shared text parameter left unset
-    if spec.kind in (float, int):
-        return _numbers(label, key, spec, value, n)
-    if spec.kind == "vector":
-        return _vectors(label, key, spec, value, n)
-    if spec.shared and _is_list(value):
-        raise ParameterError(
-            f"{label}: parameter {key} = {_show(value, None)} is a list, but {key} is shared "
-            f"by all molecules: give one value ({spec.allowed})",
-            key,
-        )
-    single = not _is_list(value)
-    if not single and len(value) != n:
-        raise ParameterError(
-            f"{label}: parameter {key} = {_show(value, None)} has {len(value)} entries; "
-            f"expected one value or a list of n = {n}",
-            key,
-        )
-    items = [value] if single else list(value)
-    if spec.kind is bool:
-        out: list[Any] = []
-        for i, item in enumerate(items):
-            flag = _to_bool(item)
-            if flag is None:
-                raise _refused(label, key, spec, value, None if single else i, "is not a flag")
-            out.append(flag)
-        values = np.array(out, dtype=bool)
-    else:
-        out = [
-            _text(label, key, spec, value, None if single else i, item, base_dir)
-            for i, item in enumerate(items)
-        ]
-        values = np.array(out, dtype=str)
-    ok = _mask(spec, values)
-    if not ok.all():
-        raise _refused(label, key, spec, value, None if single else int(np.flatnonzero(~ok)[0]))
-    canonical = out[0] if single else list(out)
-    if spec.shared:
-        return out[0], canonical
-    if spec.kind is bool:
-        stored = np.full(n, out[0]) if single else values
-        stored.setflags(write=False)
-        return stored, canonical
-    return (tuple(out) * n if single else tuple(out)), canonical
-
-
-def _numbers(label: str, key: str, spec: Parameter, value: Any, n: int) -> tuple[Any, Any]:
-    if _has_bool(value):
-        raise _refused(label, key, spec, value, None, "is a flag, not a number")
-    try:
-        raw = np.array(value, dtype=np.float64)  # a copy: the caller's array stays writable
-    except (TypeError, ValueError):
-        raise ParameterError(
-            f"{label}: parameter {key} = {value!r} is not a number; expected {spec.allowed}", key
-        ) from None
-    if raw.ndim == 0:
-        single = True
-        raw = np.full(1 if spec.shared else n, float(raw))
-    elif spec.shared:
-        raise ParameterError(
-            f"{label}: parameter {key} = {_show(value, None)} is a list, but {key} is shared "
-            f"by all molecules: give one value ({spec.allowed})",
-            key,
-        )
-    elif raw.shape != (n,):
-        raise ParameterError(
-            f"{label}: parameter {key} = {value!r} has shape {raw.shape}; expected a "
-            f"scalar or a sequence of length n = {n}",
-            key,
-        )
-    else:
-        single = False
-    if spec.kind is int:
-        integral = np.isfinite(raw) & (raw == np.round(raw))
-        if not integral.all():
-            bad = int(np.flatnonzero(~integral)[0])
-            raise _refused(label, key, spec, value, None if single else bad, "is not an integer")
-        arr: np.ndarray = raw.astype(np.int64)
-    else:
-        arr = raw
-    ok = _mask(spec, arr) & np.isfinite(raw)
-    if not ok.all():
-        raise _refused(label, key, spec, value, None if single else int(np.flatnonzero(~ok)[0]))
-    canonical = arr[0].item() if single else arr.tolist()
-    if spec.shared:
-        return canonical, canonical
-    arr.setflags(write=False)
-    return arr, canonical
-
-
-def _vectors(label: str, key: str, spec: Parameter, value: Any, n: int) -> tuple[Any, Any]:
-    if _has_bool(value):
-        raise _refused(label, key, spec, value, None, "holds a flag, not numbers")
-    try:
-        raw = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise _refused(label, key, spec, value, None, "is not numbers") from None
-    single = raw.shape == (3,)
-    if not single and (spec.shared or raw.shape != (n, 3)):
-        more = "" if spec.shared else f", or n = {n} of them (one per molecule)"
-        raise ParameterError(
-            f"{label}: parameter {key} = {_show(value, None)} has shape "
-            f"{raw.shape}; expected a 3-vector [x, y, z]{more}",
-            key,
-        )
-    rows = raw.reshape(-1, 3)
-    ok = _mask(spec, rows) & np.isfinite(rows).all(axis=1)
-    if not ok.all():
-        raise _refused(label, key, spec, value, None if single else int(np.flatnonzero(~ok)[0]))
-    stored = raw if spec.shared or not single else np.tile(raw, (n, 1))
-    stored.setflags(write=False)
-    return stored, raw.tolist()
-
-
-def _to_bool(item: Any) -> bool | None:
-    if isinstance(item, bool | np.bool_):
-        return bool(item)
-    if isinstance(item, int | np.integer) and item in (0, 1):
-        return bool(item)
-    if isinstance(item, str) and item.strip().lower() in ("true", "false"):
-        return item.strip().lower() == "true"
-    return None
-
-
-def _text(
-    label: str,
-    key: str,
-    spec: Parameter,
-    value: Any,
-    index: int | None,
-    item: Any,
-    base_dir: str | os.PathLike | None,
-) -> str:
-    """One str or path entry, checked (choices; a path resolved and existing)."""
-    if isinstance(item, str):
-        text = str(item)
-    elif isinstance(item, int | np.integer) and not isinstance(item, bool | np.bool_):
-        text = str(int(item))  # unambiguous: 1 can only have been "1"
-    elif isinstance(item, float | np.floating):
-        raise _refused(
-            label,
-            key,
-            spec,
-            value,
-            index,
-            "is a number, not text (1e-3 and 0.001 read alike: give text that "
-            "looks like a number as a quoted string)",
-        )
-    else:
-        raise _refused(label, key, spec, value, index, "is not text")
-    if spec.choices is not None:
-        spelling = {c.lower(): c for c in spec.choices}.get(text.lower())
-        if spelling is None:
-            raise _refused(label, key, spec, value, index)
-        return spelling
-    if spec.kind != "path":
-        return text
-    if not text:
-        raise _refused(label, key, spec, value, index, "is empty")
-    base = os.fspath(base_dir) if base_dir is not None else os.getcwd()
-    resolved = os.path.abspath(os.path.join(base, os.path.expanduser(text)))
-    if not os.path.exists(resolved):
-        where = "" if resolved == text else f" (resolved against {base} to {resolved})"
-        raise _refused(label, key, spec, value, index, f"does not exist{where}")
-    return resolved
-
-
-def _spread(label: str, key: str, spec: Parameter, value: Any, count: int) -> list[Any]:
-    """``value`` for ``count`` listed molecules: one value each, or one for all."""
-    one = np.ndim(value) <= 1 if spec.kind == "vector" else not _is_list(value)
-    if one:
-        return [value] * count
-    items = value.tolist() if isinstance(value, np.ndarray) else list(value)
-    if len(items) != count:
-        raise ParameterError(
-            f"{label}: parameter {key} = {_show(value, None)} has "
-            f"{len(items)} entries for {count} molecules; expected one "
-            "value or one per molecule listed",
-            key,
-        )
-    return items
-
-
-def _current_values(spec: Parameter, stored: Any) -> list[Any]:
-    """A per-molecule parameter's stored values as a list to edit."""
-    return stored.tolist() if isinstance(stored, np.ndarray) else list(stored)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (
-            isinstance(a, np.ndarray)
-            and isinstance(b, np.ndarray)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and bool(np.array_equal(a, b))
-        )
-    return type(a) is type(b) and a == b
-
-
-def _to_array(spec: Parameter, stored: Any) -> np.ndarray:
-    """A stored parameter value as get_state's array (text as numpy unicode)."""
-    if spec.kind in _TEXT_KINDS:
-        if stored is None:
-            return np.zeros(0, dtype="<U1")  # a shared text parameter left unset
-        return np.array(stored if spec.shared else list(stored), dtype=str)
-    if spec.shared and spec.kind in (float, int, bool):
-        return np.array(stored, dtype={float: np.float64, int: np.int64, bool: np.bool_}[spec.kind])
-    return np.array(stored)
-
-
-def _is_unset(spec: Parameter, array: Any) -> bool:
-    return spec.shared and spec.kind in _TEXT_KINDS and np.shape(array) == (0,)
-
-
-def _from_array(spec: Parameter, array: Any, n: int) -> Any:
-    """get_state's array of a parameter as a value for :func:`_normalise`."""
-    arr = np.asarray(array)
-    if spec.kind in _TEXT_KINDS and arr.dtype.kind != "U":
-        raise TypeError(f"expected text (a numpy unicode array), got dtype {arr.dtype}")
-    if spec.kind not in _TEXT_KINDS and arr.dtype.kind not in "biuf":
-        raise TypeError(f"expected numbers, got dtype {arr.dtype}")
-    expected = (
-        (3,)
-        if spec.kind == "vector" and spec.shared
-        else ()
-        if spec.shared
-        else (n, 3)
-        if spec.kind == "vector"
-        else (n,)
-    )
-    if arr.shape != expected:
-        raise TypeError(f"has shape {arr.shape}, expected {expected}")
-    return arr.tolist()
-
-
-def _jsonable(obj: Any) -> Any:
-    """JSON for what a bit generator's state holds besides ints (MT19937's key array)."""
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": obj.tolist(), "dtype": obj.dtype.str}
-    if isinstance(obj, np.integer):
-        return int(obj)
-    raise TypeError(f"{type(obj).__name__} in a generator state")
-
-
-def _from_json(obj: dict) -> Any:
-    if "__ndarray__" in obj:
-        return np.array(obj["__ndarray__"], dtype=obj["dtype"])
-    return obj
-
-
-def _checked_generator_state(label: str, rng: np.random.Generator, array: Any) -> dict:
-    """``state['rng.state']`` decoded and tried on a spare generator of the same kind."""
-    try:
-        decoded = json.loads(str(np.asarray(array)[()]), object_hook=_from_json)
-        type(rng.bit_generator)().state = decoded
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ValueError(
-            f"{label}: state['rng.state'] is not a state of this model's "
-            f"{type(rng.bit_generator).__name__} generator: {exc}"
-        ) from None
-    return decoded
-
-
-def _to_atomic_units(value: Any, factor: float) -> Any:
-    """A number, or a (nested) list of numbers, times ``factor``; the same structure back
-    (JSON-able). Anything else is refused (the caller names the key)."""
-    if isinstance(value, bool | str):
-        raise ValueError("expected a number or a list of numbers")
-    array = np.asarray(value, dtype=np.float64) * factor
-    return array.tolist() if array.ndim else float(array)

@@ -7,30 +7,32 @@ output paths. A bad config is refused before anything starts; a driver that dies
 the run with a message naming it, and the data recorded until then is written. With a
 ``[checkpoint]`` table the whole coupled state is checkpointed every N steps and on
 SIGTERM/SIGINT, and ``--resume DIR`` continues bit for bit (:mod:`maxwellhub.checkpoint`).
+
+This module is the order of things (:func:`run`, :func:`main`); the parts live beside
+it: the config checked against the models in :mod:`~maxwellhub.run.validate`, the driver
+processes in :mod:`~maxwellhub.run.fleet`, the output and the summary in
+:mod:`~maxwellhub.run.summary`. It never parses a config (:mod:`~maxwellhub.run.config`
+does), never builds a model (the couplings do) and never talks to a driver (the hub does).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
 import os
-import re
-import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DriverLost, MaxwellHubError, UsageError
+from ..errors import MaxwellHubError, UsageError
 from ..parallel.mpi import am_master, rank_and_size
 from .config import (
     Checkpoint,
@@ -41,8 +43,19 @@ from .config import (
     load_config,
     parse_config_text,
 )
-from .launch import reap, start_driver
-from .output import Progress, plot_populations, write_history
+from .fleet import (
+    Supervisor,
+    await_external_drivers,
+    dead_drivers_message,
+    driver_batches,
+    start_batch,
+    within,
+)
+from .launch import reap
+from .output import Progress
+from .summary import analytic_reference as analytic_reference  # its old home
+from .summary import finish
+from .validate import validate_models
 
 if TYPE_CHECKING:
     from ..hub import SocketHub
@@ -84,292 +97,6 @@ def build_simulation(config: Config):
     )
 
 
-def analytic_reference(config: Config, units) -> dict | None:
-    """Golden-rule rate and P0 when every molecule is an identical TLS at one point with
-    rescaling 1 (single-molecule relaxation or superradiance); else None."""
-    from maxwellhub.models import get_model_class
-
-    from ..analysis import golden_rule_rate
-
-    groups = config.molecules
-    points = {p for g in groups for p in g.positions}
-    if len(points) != 1 or any(g.rescaling != 1.0 or len(g.axis) != 1 for g in groups):
-        return None
-    try:
-        classes = [get_model_class(g.model) for g in groups]
-    except Exception:
-        return None
-    params = []
-    for cls, g in zip(classes, groups, strict=True):
-        p = dict({k: q.default for k, q in cls.parameters.items()}, **g.params)
-        # QuTiP's TLS preset without Lindblad rates is the tls model's system exactly
-        plain_qutip = (
-            cls.name == "qutip"
-            and p["preset"] == "tls"
-            and p["module"] is None
-            and not p["gamma_relax"]
-            and not p["gamma_dephase"]
-        )
-        if cls.name != "tls" and not plain_qutip:
-            return None
-        params.append(p)
-    keys = ("omega", "mu12", "pe_initial")
-    if any(not all(np.ndim(p[k]) == 0 for k in keys) for p in params):
-        return None
-    first = params[0]
-    if any(any(p[k] != first[k] for k in keys) for p in params[1:]):
-        return None
-    if len({g.sigma for g in groups}) != 1:
-        return None
-    n = config.molecule_count
-    omega = units.frequency_au_to_meep(first["omega"])
-    mu = units.dipole_au_to_meep(first["mu12"])
-    dims = config.simulation.dimensions
-    return {
-        "gamma": n * golden_rule_rate(dims, omega, mu),
-        "gamma_kernel": n * golden_rule_rate(dims, omega, mu, sigma=groups[0].sigma),
-        "p0": float(first["pe_initial"]),
-        "molecules": n,
-    }
-
-
-def validate_models(config: Config) -> Config:
-    """Check every group's model parameters without building a model (a model such as
-    rttddft would run its SCF here, in the EM process, before any driver starts): the
-    config with each group's parameters as the model validated them (canonical spellings,
-    paths made absolute against ``config.base_dir``), which drivers and embedded models
-    then receive. A bad one is a ConfigError naming ``molecules[i].params.<key>``."""
-    from maxwellhub.models import ParameterError, get_model_class
-
-    base_dir = config.base_dir or Path.cwd()
-    groups = []
-    for i, g in enumerate(config.molecules):
-        try:
-            cls = get_model_class(g.model)
-        except (ValueError, ImportError, LookupError) as exc:
-            raise ConfigError(f"molecules[{i}].model: {exc}") from None
-        try:
-            params = cls.validate_params(len(g.positions), base_dir=base_dir, **g.params)
-        except ParameterError as exc:
-            where = f"molecules[{i}].params" + (f".{exc.key}" if exc.key else "")
-            raise ConfigError(f"{where}: {exc}") from None
-        except (ValueError, TypeError, OSError) as exc:  # a model's own cross check
-            raise ConfigError(f"molecules[{i}].params: {exc}") from None
-        groups.append(dataclasses.replace(g, params=params))
-    if config.em.engine != "meep":
-        from ..em.engines import build_engine
-
-        try:  # cheap: an engine is a few arrays until the run sets it up
-            build_engine(config.em.engine, config.em.params, base_dir)
-        except UsageError as exc:
-            raise ConfigError(_em_message(config.em.engine, str(exc))) from None
-    classes = [get_model_class(g.model) for g in config.molecules]
-    schedule = tuple(
-        _checked_change(config, classes, i, entry) for i, entry in enumerate(config.schedule)
-    )
-    return dataclasses.replace(
-        config, molecules=tuple(groups), base_dir=base_dir, schedule=schedule
-    )
-
-
-def _em_message(engine: str, message: str) -> str:
-    """An engine's error as the config names its keys: ``laser.pulse`` -> ``em.laser.pulse``."""
-    named = re.sub(rf"(?<![\w.]){engine}\.", f"em.{engine}.", message)
-    return named if named != message else f"em.{engine}: {message}"
-
-
-def _checked_change(config: Config, classes: list, i: int, entry: ScheduledChange):
-    """``schedule[i]`` checked against the models of the molecules it names (ids, the
-    step, mutability and values, kicks): the entry with canonical parameter values, or a
-    ConfigError naming ``schedule[i]`` and the key."""
-    from maxwellhub.models import ParameterError
-
-    where = f"schedule[{i}]"
-    total = config.molecule_count
-    steps = config.steps_total
-    if entry.step > steps:
-        raise ConfigError(f"{where}.step = {entry.step}: the run ends at step {steps}")
-    ids = range(total) if entry.molecules is None else entry.molecules
-    bad = [m for m in ids if m >= total]
-    if bad:
-        raise ConfigError(
-            f"{where}.molecules: no molecule with id {bad[0]} (the run has ids 0..{total - 1})"
-        )
-    first, changes = 0, {}
-    for g, cls in zip(config.molecules, classes, strict=True):
-        rows = [m - first for m in ids if first <= m < first + len(g.positions)]
-        first += len(g.positions)
-        if not rows:
-            continue
-        if entry.kick is not None and not cls.takes_kicks():
-            raise ConfigError(f"{where}.kick: model {g.model!r} takes no kicks")
-        try:
-            changes = cls.check_changes(entry.changes, len(rows))
-        except ParameterError as exc:
-            raise ConfigError(f"{where}.changes.{exc.key}: {exc}") from None
-    if entry.kick is not None:
-        return entry
-    return dataclasses.replace(entry, changes=changes)
-
-
-def _driver_batches(config: Config, ids_by_group: list[np.ndarray]):
-    """(ids, model, params) per batch of drivers to start together, in id order.
-
-    With ``transport.molecules_per_driver`` = 1 a batch is a run of molecules with the
-    same parameters (one driver each; they may bind in any order among themselves).
-    With K > 1 each batch is one ensemble driver hosting up to K consecutive molecules of
-    a group, its per-molecule list parameters sliced to them (shared ones, and a single
-    3-vector given for all, stay whole: the model class says which); ensembles are
-    started one at a time so that each binds to exactly its ids.
-    """
-    from maxwellhub.models import get_model_class
-
-    per = config.transport.molecules_per_driver
-    batches: list[tuple[list[int], str, dict]] = []
-    for group, ids in zip(config.molecules, ids_by_group, strict=True):
-        cls = get_model_class(group.model)
-        ids = ids.tolist()
-        if per > 1:
-            for lo in range(0, len(ids), per):
-                params = cls.slice_params(group.params, lo, min(lo + per, len(ids)))
-                batches.append((ids[lo : lo + per], group.model, params))
-            continue
-        for k, mid in enumerate(ids):
-            params = cls.slice_params(group.params, k, k + 1)
-            if batches and batches[-1][1] == group.model and batches[-1][2] == params:
-                batches[-1][0].append(mid)
-            else:
-                batches.append(([mid], group.model, params))
-    return batches
-
-
-def _start_batch(
-    ids: list[int],
-    model: str,
-    params: dict,
-    per: int,
-    logs: Path,
-    where: dict,
-    timeout: float | None,
-    extra: Sequence[str] = (),
-    new_session: bool = False,
-    secret=None,
-) -> list:
-    """Start the driver(s) of one batch; returns [(first molecule id, process)].
-    ``extra``: more driver options (checkpoints); ``new_session``: see start_driver.
-    The parameters travel in a JSON file (--params-file), typed as validated: a string
-    that looks like a number, a path with a comma or a 3-vector arrive as they are."""
-    if per == 1:
-        params_file = logs / f"params_{ids[0]}.json"
-        params_file.write_text(json.dumps(params))
-        return [
-            (
-                mid,
-                start_driver(
-                    model,
-                    None,
-                    timeout=timeout,
-                    log_path=logs / f"molecule_{mid}.log",
-                    extra_args=["--params-file", str(params_file), *extra],
-                    new_session=new_session,
-                    secret=secret,
-                    **where,
-                ),
-            )
-            for mid in ids
-        ]
-    params_file = logs / f"ensemble_{ids[0]}.json"
-    params_file.write_text(json.dumps(params))
-    proc = start_driver(
-        model,
-        None,
-        timeout=timeout,
-        log_path=logs / f"molecule_{ids[0]}.log",
-        extra_args=["--molecules", str(len(ids)), "--params-file", str(params_file), *extra],
-        new_session=new_session,
-        secret=secret,
-        **where,
-    )
-    return [(ids[0], proc)]
-
-
-class _Supervisor:
-    """Restarts the socket drivers that die during a run with checkpoints: the new process
-    restores the molecule's newest checkpoint and the hub replays the steps it misses, so
-    the run goes on exactly (``MeepCoupling(on_lost=supervisor)``). At most ``limit``
-    restarts in a run; after that, or if a driver's connection is lost while its process
-    lives on, the run ends as without checkpoints."""
-
-    def __init__(self, procs: list, limit: int, grace: float = 5.0) -> None:
-        self.procs = procs  # [(first molecule id, Popen)], shared with run()
-        self.limit = limit
-        self.grace = grace
-        self.restarts = 0
-        self._replaced: set = set()  # (mid, Popen) already restarted
-        self._relaunch: dict[int, Callable[[], list]] = {}
-
-    def track(self, entries: list, ids: list[int], relaunch: Callable[[list[int]], list]) -> None:
-        for mid, _ in entries:
-            sub = [mid] if len(entries) > 1 or len(ids) == 1 else ids
-            self._relaunch[mid] = functools.partial(relaunch, sub)
-
-    def __call__(self, exc: DriverLost) -> bool:
-        # Drivers started together bind in any order, so the process that died is not
-        # necessarily the one started "for" the lost molecule: restart the processes that
-        # died (each with its own command line; it binds to the molecule left free).
-        dead = self._dead()
-        if not dead:  # the connection went first; the process follows within moments
-            self._await_an_exit(self.grace)
-            dead = self._dead()
-        if not dead:
-            log.error(
-                "molecule(s) %s lost their driver's connection but every driver "
-                "process lives on; not restarting any",
-                exc.molecules,
-            )
-            return False
-        if self.restarts + len(dead) > self.limit:
-            log.error("driver restarts exhausted (checkpoint.restart_drivers = %d)", self.limit)
-            return False
-        for mid, proc in dead:
-            self.restarts += 1
-            self._replaced.add((mid, proc))
-            log.warning(
-                "a driver process (pid %d) exited with code %s, molecule(s) %s left "
-                "without a driver; restarting it from its checkpoint (restart %d of "
-                "at most %d)",
-                proc.pid,
-                proc.returncode,
-                exc.molecules,
-                self.restarts,
-                self.limit,
-            )
-            self.procs.extend(self._relaunch[mid]())
-        return True
-
-    def _dead(self) -> list:
-        return [
-            (mid, p)
-            for mid, p in self.procs
-            if p.poll() is not None and p.returncode != 0 and (mid, p) not in self._replaced
-        ]
-
-    def _await_an_exit(self, timeout: float) -> None:
-        """Wait until one of the live driver processes exits, at most ``timeout`` s (a
-        pidfd per process, awaited with one select)."""
-        fds = []
-        try:
-            for _, p in self.procs:
-                if p.poll() is None:
-                    with contextlib.suppress(OSError):
-                        fds.append(os.pidfd_open(p.pid))
-            if fds:
-                select.select(fds, [], [], timeout)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-
 def run(config: Config, echo=print, resume: str | os.PathLike | None = None) -> dict:
     """Run the job; returns the summary (also printed as one JSON line on rank 0).
 
@@ -404,7 +131,7 @@ class _Run:
         self.secret: Secret | None = None
         self.procs: list[tuple[int, subprocess.Popen]] = []  # (first molecule id, process)
         self.checkpointer: RunCheckpointer | None = None
-        self.supervisor: _Supervisor | None = None
+        self.supervisor: Supervisor | None = None
         # a MeepCoupling, or an EngineCoupling for the other engines (same molecule API)
         self.coupling: Any = None
 
@@ -636,7 +363,7 @@ class _Run:
             and ck_config.restart_drivers
             and local
         ):
-            self.supervisor = _Supervisor(self.procs, ck_config.restart_drivers)
+            self.supervisor = Supervisor(self.procs, ck_config.restart_drivers)
             self.coupling.on_lost = self.supervisor
         if local:
             # Every wait for drivers to bind or initialise (here and in the coupling)
@@ -644,7 +371,7 @@ class _Run:
             # with no deadline needed. Replaced ones are not watched.
             hub.watch_processes(self._watched_processes)
         if self.transport.drivers == "external":
-            _await_external_drivers(hub, np.concatenate(self.ids_by_group).tolist(), self.transport)
+            await_external_drivers(hub, np.concatenate(self.ids_by_group).tolist(), self.transport)
         if local:
             self._launch_local_drivers(hub, logs, driver_args)
 
@@ -657,9 +384,9 @@ class _Run:
     def _launch_local_drivers(self, hub: SocketHub, logs: Path, driver_args: list[str]) -> None:
         """Start the local drivers batch by batch, each bound before the next starts."""
         transport = self.transport
-        for ids, model, params in _driver_batches(self.config, self.ids_by_group):
+        for ids, model, params in driver_batches(self.config, self.ids_by_group):
             launch = functools.partial(
-                _start_batch,
+                start_batch,
                 model=model,
                 params=params,
                 per=transport.molecules_per_driver,
@@ -676,8 +403,8 @@ class _Run:
                 self.supervisor.track(entries, ids, launch)
             if not hub.wait_until_bound(ids, require_init=False, timeout=transport.timeout):
                 raise MaxwellHubError(
-                    _dead_drivers_message(self.procs, logs)
-                    or f"drivers for molecules {ids} did not connect " + _within(transport.timeout)
+                    dead_drivers_message(self.procs, logs)
+                    or f"drivers for molecules {ids} did not connect " + within(transport.timeout)
                 )
 
     def _resume(self) -> None:
@@ -759,9 +486,9 @@ class _Run:
     def _summary(
         self, failure: BaseException | None, interrupted: RunInterrupted | None, stopped
     ) -> dict:
-        """Rank 0: write the output (:func:`_finish`) and complete its summary;
+        """Rank 0: write the output (:func:`finish`) and complete its summary;
         ``stopped``: the hub's stop request, as it was when the run ended."""
-        summary = _finish(
+        summary = finish(
             self.config, self.coupling, failure, self.procs, self.t_start, self.progress
         )
         hub, loaded, checkpointer = self.hub, self.loaded, self.checkpointer
@@ -809,7 +536,7 @@ class _Run:
             summary["stopped_by_signal"] = signal.Signals(interrupted.signum).name
         if failure is not None and not stopped and interrupted is None:
             if self.master:
-                dead = _dead_drivers_message(self.procs, self.out_dir / "drivers")
+                dead = dead_drivers_message(self.procs, self.out_dir / "drivers")
                 raise MaxwellHubError(
                     f"run failed: {failure}"
                     + (f"; {dead}" if dead else "")
@@ -819,36 +546,6 @@ class _Run:
         if self.master:
             echo(json.dumps(summary))
         return summary
-
-
-def _await_external_drivers(hub, ids: list[int], transport) -> None:
-    """``transport.drivers = "external"``: the user starts the drivers (another job, other
-    nodes; ``maxwellhub-driver --address-file``); wait for all of them."""
-    where = (
-        f"the address file {transport.address_file}" if transport.address_file else f"{hub.address}"
-    )
-    log.warning(
-        "waiting %s for %d external driver(s) to connect through %s",
-        "without a deadline" if transport.timeout is None else f"up to {transport.timeout:g} s",
-        len(ids),
-        where,
-    )
-    if not hub.wait_until_bound(ids, require_init=False, timeout=transport.timeout):
-        missing = [m for m in ids if not hub.all_bound([m], require_init=False)]
-        raise MaxwellHubError(
-            f"no external driver connected for molecule(s) "
-            f"{missing[:20]}{' ...' if len(missing) > 20 else ''} "
-            + _within(transport.timeout, "transport.timeout = ")
-            + " (start them with maxwellhub-driver --address-file or the "
-            "hub's address)"
-        )
-
-
-def _within(timeout: float | None, what: str = "") -> str:
-    """How long a wait for drivers lasted, for its error message."""
-    if timeout is None:  # no deadline: only an exited driver or a stop ends such a wait
-        return "(a driver process exited, or a stop was requested)"
-    return f"within {what}{timeout:g} s"
 
 
 def _add_engine_group(coupling, group: MoleculeGroup, socket: bool) -> np.ndarray:
@@ -872,131 +569,6 @@ def _add_group(coupling, config: Config, group: MoleculeGroup, socket: bool) -> 
     if socket:
         return coupling.add_socket_molecules(centers, **kw)
     return coupling.add_molecules(group.model, centers, **kw, **group.params)
-
-
-def _dead_drivers_message(procs, logs: Path) -> str:
-    dead = [(mid, p.poll()) for mid, p in procs if p.poll() not in (None, 0)]
-    if not dead:
-        return ""
-    mid, code = dead[0]
-    tail = ""
-    log_file = logs / f"molecule_{mid}.log"
-    with contextlib.suppress(OSError):
-        lines = log_file.read_text(errors="replace").strip().splitlines()
-        tail = f": {lines[-1]}" if lines else ""
-    return f"the driver of molecule {mid} exited with code {code}{tail} (log {log_file})" + (
-        f"; {len(dead) - 1} more drivers died" if len(dead) > 1 else ""
-    )
-
-
-def _finish(config: Config, coupling, failure, procs, t_start: float, progress: Progress) -> dict:
-    """Write HDF5 (always, with what exists), then the plot and the summary."""
-    from ..analysis import compare_to_curve, fit_decay_rate, relaxation_curve
-    from .kick_spectrum import ir_response, kick_response, plot_ir, plot_kick_spectrum
-
-    if config.em.engine != "meep":
-        return _finish_engine(config, coupling, failure, t_start, progress)
-    out_dir = config.output.directory
-    history = coupling.history()
-    units = coupling.units
-    records = len(history["step"])
-    steps_done = int(history["step"][-1]) + 1 if records else 0
-    if "time_au" in history:  # the molecules' own clock, the one the analytic curve uses
-        time_meep = units.time_au_to_meep(np.nanmax(history["time_au"], axis=1))
-        history["time_meep"] = time_meep
-    ref = analytic_reference(config, units)
-    summary: dict = {
-        "complete": failure is None,
-        "steps": steps_done,
-        "molecules": config.molecule_count,
-        "transport": config.transport.kind,
-        "dimensions": config.simulation.dimensions,
-        "mpi_ranks": rank_and_size()[1],
-        "fitted_rate": None,
-        "golden_rule_rate": None,
-        "relative_error": None,
-    }
-    pe = history.get("Pe")
-    analytic = None
-    if ref is not None and pe is not None and records > 2:
-        mean_pe = np.nanmean(pe, axis=1)
-        fitted = fit_decay_rate(time_meep, mean_pe)
-        errors = compare_to_curve(time_meep, mean_pe, ref["gamma"])
-        analytic = relaxation_curve(time_meep, ref["gamma"], float(mean_pe[0]))
-        summary.update(
-            fitted_rate=round(fitted, 8),
-            golden_rule_rate=round(ref["gamma"], 8),
-            relative_error=round(abs(fitted - ref["gamma"]) / ref["gamma"], 6),
-            golden_rule_rate_kernel=round(ref["gamma_kernel"], 8),
-            relative_error_kernel=round(abs(fitted - ref["gamma_kernel"]) / ref["gamma_kernel"], 6),
-            curve_std_over_p0=float(f"{errors['std']:.3e}"),
-            curve_max_over_p0=float(f"{errors['max']:.3e}"),
-        )
-    summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
-    attrs = {
-        "complete": failure is None,
-        "time_units_fs": config.simulation.time_units_fs,
-        "config": config.text or (config.source.read_text() if config.source else ""),
-        "summary": json.dumps(summary),
-    }
-    hdf5 = write_history(out_dir / "molecules.h5", history, attrs)
-    summary["hdf5"] = str(hdf5)
-    if config.output.plot and pe is not None and records and failure is None:
-        title = (
-            f"{config.simulation.dimensions}D, {config.molecule_count} molecule(s), "
-            f"{config.transport.kind} transport"
-        )
-        summary["plot"] = str(
-            plot_populations(out_dir / "populations.png", time_meep, pe, analytic, title)
-        )
-    response = kick_response(config, history) if config.output.plot and failure is None else None
-    if response is not None:  # a kicked real molecule: its dipole and absorption spectrum
-        title = (
-            f"{config.simulation.dimensions}D Meep, {config.molecule_count} molecule(s), "
-            f"{config.transport.kind} transport"
-        )
-        summary.update(plot_kick_spectrum(out_dir / "spectrum.png", response, title))
-    motion = ir_response(config, history) if config.output.plot and failure is None else None
-    if motion is not None:  # molecular dynamics: the IR spectrum of the total dipole
-        title = (
-            f"{config.simulation.dimensions}D Meep, {config.molecule_count} molecule(s), "
-            f"{config.transport.kind} transport"
-        )
-        summary.update(plot_ir(out_dir / "ir.png", motion, title))
-    if failure is None:
-        log.info("%s", progress.line())
-    return summary
-
-
-def _finish_engine(config: Config, coupling, failure, t_start: float, progress: Progress) -> dict:
-    """A non-Meep engine's run: HDF5 (per-molecule records and ``engine/*`` every step),
-    the engine's plot and numbers (:mod:`maxwellhub.engine_summary`), the summary."""
-    from .engine_summary import engine_summary
-
-    out_dir = config.output.directory
-    history = coupling.history()
-    summary: dict = {
-        "complete": failure is None,
-        "engine": config.em.engine,
-        "steps": int(coupling.step_index),
-        "time_au": round(float(coupling.time_au), 9),
-        "molecules": config.molecule_count,
-        "transport": config.transport.kind,
-    }
-    if failure is None:
-        summary.update(engine_summary(config, history, out_dir, config.output.plot))
-    summary["wall_time_s"] = round(time.perf_counter() - t_start, 3)
-    attrs = {
-        "complete": failure is None,
-        "engine": config.em.engine,
-        "dt_au": float(config.simulation.dt_au or 0.0),
-        "config": config.text or (config.source.read_text() if config.source else ""),
-        "summary": json.dumps(summary),
-    }
-    summary["hdf5"] = str(write_history(out_dir / "molecules.h5", history, attrs))
-    if failure is None:
-        log.info("%s", progress.line())
-    return summary
 
 
 def main(
