@@ -220,7 +220,10 @@ static int wait_events(int epfd, int outer_fd, double deadline, struct epoll_eve
             }
             if (r == 0) return 0; /* the deadline */
             if (ms != 0) recent_wait = monotonic() - start;
-            if (p[1].revents) { /* the loop's selector: ready for more than our own set? */
+            /* The loop's selector, looked into only when our set has nothing: it holds our
+             * set, so it is ready whenever we are, and the replies come first (the loop's
+             * work waits at most until the ready ones are read). */
+            if (p[1].revents && !p[0].revents) {
                 struct epoll_event o[64];
                 int no = epoll_wait(outer_fd, o, 64, 0); /* level-triggered: consumes nothing */
                 for (int i = 0; i < no; i++)

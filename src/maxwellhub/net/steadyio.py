@@ -122,7 +122,8 @@ def _wait(
     while True:
         ready = dict(p.poll(None if timeout < 0 else math.ceil(timeout * 1e3)))
         events = epoll.poll(0.0, _MAX_EVENTS) if ready.get(epoll.fileno()) else []
-        outer = bool(ready.get(outer_fd)) and _ready_beside(outer_fd, epoll.fileno())
+        # the loop's selector holds our set: looked into only when our set has nothing
+        outer = not events and bool(ready.get(outer_fd)) and _ready_beside(outer_fd, epoll.fileno())
         if events or outer or not ready:
             return events, outer
         timeout = -1.0 if deadline == math.inf else max(0.0, deadline - time.monotonic())
