@@ -204,6 +204,18 @@ static int wait_events(int epfd, int outer_fd, double deadline, struct epoll_eve
         if (outer_fd >= 0) {
             struct pollfd p[2] = {{epfd, POLLIN, 0}, {outer_fd, POLLIN, 0}};
             int r;
+            if (ms == 0) { /* something is ready (or it is the deadline): our replies first */
+                nev = epoll_wait(epfd, events, MAX_EVENTS, 0);
+                if (nev > 0) return nev;
+                if (nev < 0) {
+                    if (errno == EINTR) {
+                        if (PyErr_CheckSignals() < 0) return -1;
+                        continue;
+                    }
+                    PyErr_SetFromErrno(PyExc_OSError);
+                    return -1;
+                }
+            }
             if (ms != 0) {
                 Py_BEGIN_ALLOW_THREADS r = poll(p, 2, ms);
                 Py_END_ALLOW_THREADS
