@@ -331,6 +331,16 @@ def test_bind_wait_without_deadline_ends_at_sigint(unix_name, seen, quick_report
     """SIGINT during wait_until_bound(timeout=None) raises KeyboardInterrupt out of it;
     the interrupted wait is cancelled (nothing of it is left on the hub's loop) and the
     hub keeps working: a later wait with a deadline returns False at that deadline."""
+    # Python's own SIGINT handler for the test: a process started in the background by a
+    # shell without job control inherits SIGINT ignored, and Python then leaves it so.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _bind_wait_ends_at_sigint(unix_name, seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _bind_wait_ends_at_sigint(unix_name, seen) -> None:
     report = seen("no driver connected for molecule(s) [0]")
     main = threading.main_thread().ident
     assert main is not None and threading.current_thread().ident == main
