@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, cast
 
@@ -46,7 +45,6 @@ from ..protocol.connection import (
 )
 from .barrier import Barrier, Layout, StepResult, as_step_arrays
 from .fastpath import DirectStep, SteadyReader, _Plan, can_wait_detached
-from .history import History
 from .registry import Registry
 
 __all__ = ["Resume", "SteadyLane"]
@@ -54,8 +52,6 @@ __all__ = ["Resume", "SteadyLane"]
 
 class _Hub(Protocol):
     """What the lane reads of the hub (the stepper's ``HubView``)."""
-
-    step_index: int
 
     @property
     def paused(self) -> bool: ...
@@ -65,8 +61,6 @@ class _Hub(Protocol):
     def limits(self) -> wire.Limits: ...
     @property
     def registry(self) -> Registry: ...
-    @property
-    def continuity(self) -> History: ...
     @property
     def steady(self) -> SteadyReader | None: ...
     @property
@@ -88,10 +82,14 @@ class _Stepper(Protocol):
     @property
     def payloads_known(self) -> bool: ...
     @property
-    def step_ms(self) -> deque[float]: ...
-    @property
     def _reports(self) -> Callable[[], Iterator[float]]: ...
-    def _note_last(self, mid: int) -> None: ...
+    def count_step(
+        self,
+        layout: Layout,
+        fields: npt.NDArray[Any],
+        started: float,
+        last: Connection | None,
+    ) -> None: ...
 
 
 class Resume:
@@ -263,16 +261,9 @@ class SteadyLane:
         self, fields: npt.NDArray[Any], answered: list[int], last: int, started: float
     ) -> None:
         """What ``finish_step`` does for a complete step."""
-        st = self.stepper
-        hub = st.hub
         conns = self.plan.conns
         mark_answered_direct(conns, answered)
-        hub.step_index += 1
-        hub.continuity.completed(self.layout, fields)
-        st.step_ms.append((time.monotonic() - started) * 1e3)
-        molecules = conns[last].molecules
-        if molecules:
-            st._note_last(molecules[0].id)
+        self.stepper.count_step(self.layout, fields, started, conns[last])
 
     def _hand_over(
         self,

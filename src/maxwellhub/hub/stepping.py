@@ -418,11 +418,7 @@ class Stepper:
             self._keep_lane(barrier.layout, plan)
         else:
             self.lane = None
-        self.hub.step_index += 1
-        self.hub.continuity.completed(barrier.layout, barrier.fields)
-        self.step_ms.append((time.monotonic() - barrier.started) * 1e3)
-        if barrier.last is not None and barrier.last.molecules:
-            self._note_last(barrier.last.molecules[0].id)
+        self.count_step(barrier.layout, barrier.fields, barrier.started, barrier.last)
         sources = barrier.sources
         single = barrier.single
         if len(single) == 1:
@@ -433,6 +429,21 @@ class Stepper:
             flat = np.fromiter(chain.from_iterable(single.values()), np.float64, 3 * len(single))
             sources[rows] = flat.reshape(-1, 3)
         return StepResult(barrier.layout.ids, sources, barrier.extras, barrier.batch_extras)
+
+    def count_step(
+        self,
+        layout: Layout,
+        fields: npt.NDArray[Any],
+        started: float,
+        last: Connection | None,
+    ) -> None:
+        """The bookkeeping of a completed step (here and in the steady lane): the step
+        count, the replay history, the step's time, who answered last."""
+        self.hub.step_index += 1
+        self.hub.continuity.completed(layout, fields)
+        self.step_ms.append((time.monotonic() - started) * 1e3)
+        if last is not None and last.molecules:
+            self._note_last(last.molecules[0].id)
 
     def _keep_lane(self, layout: Layout, plan: _Plan | None) -> None:
         """Keep a :class:`~maxwellhub.hub.lane.SteadyLane` for the next steps when this one
